@@ -1,0 +1,24 @@
+//! # dz-format
+//!
+//! The on-disk format of one compressed fine-tune delta (DeltaZip, arXiv 2312.05215, section 4: the
+//! compressed delta that the serving system loads). Pure Rust: no candle, no CUDA, no devices.
+//!
+//! A delta file is a safetensors file whose metadata carries a JSON manifest (SPEC.md beside this crate
+//! describes every byte). This crate owns:
+//! - the manifest types and their validation ([`Manifest`], [`TensorEntry`], [`Codec`]);
+//! - the kernel-facing part layouts ([`layout`]);
+//! - reference pack/unpack/dequantize for every codec ([`codec`]);
+//! - a memory-mapped, lazily verifying reader ([`DeltaFile`]) and a streaming, atomic writer ([`DeltaWriter`]);
+//! - the base-model fingerprint that binds a delta to its base ([`fingerprint`]).
+#![deny(missing_docs)]
+
+pub mod codec;
+mod error;
+pub mod layout;
+mod manifest;
+
+pub use error::{Error, Result};
+pub use manifest::{
+    matrix_dims, BaseFingerprint, Codec, Compression, Dtype, FormatVersion, Manifest,
+    PartEntry, QuantParams, Recipe, Role, TensorEntry, FORMAT_VERSION, MAX_DIMS,
+};
