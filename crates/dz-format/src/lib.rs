@@ -14,11 +14,19 @@
 
 pub mod codec;
 mod error;
+pub mod fingerprint;
 pub mod layout;
 mod manifest;
+mod reader;
+mod writer;
 
 pub use error::{Error, Result};
 pub use manifest::{
     matrix_dims, BaseFingerprint, Codec, Compression, Dtype, FormatVersion, Manifest,
     PartEntry, QuantParams, Recipe, Role, TensorEntry, FORMAT_VERSION, MAX_DIMS,
 };
+pub use reader::{
+    part_key, DecodedTensor, DeltaFile, TensorData, FORMAT_MAGIC, MAX_HEADER_LEN, META_FORMAT,
+    META_MANIFEST, META_VERSION,
+};
+pub use writer::{encode_part, DeltaWriter, EncodedPart, EncodedTensor, Lossless, WriteSummary};

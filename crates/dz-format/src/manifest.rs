@@ -428,13 +428,27 @@ impl TensorEntry {
             if spec.name != part.name {
                 return Err(bad(format!("expected part {:?} here", spec.name)));
             }
-            if let PartLen::Exact(len) = spec.len {
-                if part.raw_len != len as u64 {
+            match spec.len {
+                PartLen::Exact(len) if part.raw_len != len as u64 => {
                     return Err(bad(format!(
                         "raw_len is {} but the layout needs {len}",
                         part.raw_len
                     )));
                 }
+                PartLen::FromRowPtr => {
+                    // At most every entry stored: bounds what a reader may allocate for it.
+                    let bits = self.codec.quant_params().map_or(8, |p| p.bits);
+                    let max = crate::layout::stride(k, bits)
+                        .and_then(|s| s.checked_mul(n))
+                        .ok_or_else(|| overflow(&self.name))?;
+                    if part.raw_len > max as u64 {
+                        return Err(bad(format!(
+                            "raw_len {} exceeds {max}, the size with every entry stored",
+                            part.raw_len
+                        )));
+                    }
+                }
+                PartLen::Exact(_) => {}
             }
             if part.compression == Compression::None && part.len != part.raw_len {
                 return Err(bad(format!(
