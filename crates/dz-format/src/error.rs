@@ -52,7 +52,9 @@ pub enum Error {
     #[error("invalid format version {0:?} (expected MAJOR.MINOR)")]
     InvalidVersion(String),
     /// The file's major version differs from the one this reader implements.
-    #[error("unsupported format version {found}: this reader implements major version {supported}")]
+    #[error(
+        "unsupported format version {found}: this reader implements major version {supported}"
+    )]
     UnsupportedMajor {
         /// The file's version.
         found: String,

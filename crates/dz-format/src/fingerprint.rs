@@ -99,7 +99,12 @@ mod tests {
         BaseFingerprint::from_tensor_hashes(
             pairs
                 .iter()
-                .map(|(n, b)| (n.to_string(), tensor_hash(n, "f32", &[b.len() as u64 / 4], b)))
+                .map(|(n, b)| {
+                    (
+                        n.to_string(),
+                        tensor_hash(n, "f32", &[b.len() as u64 / 4], b),
+                    )
+                })
                 .collect(),
         )
     }

@@ -55,7 +55,8 @@ pub fn part_layout(
         name,
         len: PartLen::Exact(len),
     };
-    let rows_stride = |vals: usize, bits: u8| -> Result<usize> { mul(n, stride(vals, bits).ok_or_else(of)?) };
+    let rows_stride =
+        |vals: usize, bits: u8| -> Result<usize> { mul(n, stride(vals, bits).ok_or_else(of)?) };
     let grid = |p: &QuantParams, parts: &mut Vec<PartSpec>| -> Result<()> {
         let g = mul(n, p.n_groups(k))?;
         parts.push(exact("scales", mul(g, 2)?));

@@ -22,8 +22,8 @@ mod writer;
 
 pub use error::{Error, Result};
 pub use manifest::{
-    matrix_dims, BaseFingerprint, Codec, Compression, Dtype, FormatVersion, Manifest,
-    PartEntry, QuantParams, Recipe, Role, TensorEntry, FORMAT_VERSION, MAX_DIMS,
+    matrix_dims, BaseFingerprint, Codec, Compression, Dtype, FormatVersion, Manifest, PartEntry,
+    QuantParams, Recipe, Role, TensorEntry, FORMAT_VERSION, MAX_DIMS,
 };
 pub use reader::{
     part_key, DecodedTensor, DeltaFile, TensorData, FORMAT_MAGIC, MAX_HEADER_LEN, META_FORMAT,

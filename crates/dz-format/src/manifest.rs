@@ -216,7 +216,7 @@ impl QuantParams {
         if !matches!(self.bits, 2 | 3 | 4 | 8) {
             return Err(format!("bits must be 2, 3, 4 or 8, got {}", self.bits));
         }
-        if self.group_size != 0 && (self.group_size < 4 || self.group_size % 4 != 0) {
+        if self.group_size != 0 && (self.group_size < 4 || !self.group_size.is_multiple_of(4)) {
             return Err(format!(
                 "group_size must be 0 or a multiple of 4 that is at least 4, got {}",
                 self.group_size
@@ -395,7 +395,9 @@ impl TensorEntry {
         }
         if let Some(r) = self.rows {
             if self.role == Role::Full {
-                return Err(bad_codec("a `full` tensor cannot store a row subset".into()));
+                return Err(bad_codec(
+                    "a `full` tensor cannot store a row subset".into(),
+                ));
             }
             if r == 0 || r > n_total as u64 {
                 return Err(Error::InvalidShape {
@@ -409,7 +411,11 @@ impl TensorEntry {
         if layout.len() != self.parts.len() {
             return Err(Error::InvalidPart {
                 tensor: self.name.clone(),
-                part: self.parts.get(layout.len()).map_or("", |p| &p.name).to_string(),
+                part: self
+                    .parts
+                    .get(layout.len())
+                    .map_or("", |p| &p.name)
+                    .to_string(),
                 reason: format!(
                     "codec {} has {} parts ({}), the manifest lists {}",
                     self.codec.kind(),
@@ -546,13 +552,18 @@ mod tests {
             FormatVersion::parse("1.0").unwrap(),
             FormatVersion { major: 1, minor: 0 }
         );
-        for bad in ["", "1", "1.", ".1", "01.0", "1.00", "a.b", "-1.0", "1.0.0", "1.+1"] {
+        for bad in [
+            "", "1", "1.", ".1", "01.0", "1.00", "a.b", "-1.0", "1.0.0", "1.+1",
+        ] {
             assert!(
                 matches!(FormatVersion::parse(bad), Err(Error::InvalidVersion(_))),
                 "{bad:?} should not parse"
             );
         }
-        assert!(FormatVersion::parse("1.0").unwrap().check_supported().is_ok());
+        assert!(FormatVersion::parse("1.0")
+            .unwrap()
+            .check_supported()
+            .is_ok());
         assert!(matches!(
             FormatVersion::parse("2.0").unwrap().check_supported(),
             Err(Error::UnsupportedMajor { .. })
@@ -586,8 +597,14 @@ mod tests {
         assert_eq!(matrix_dims("t", &[7]).unwrap(), (1, 7));
         assert_eq!(matrix_dims("t", &[3, 5]).unwrap(), (3, 5));
         assert_eq!(matrix_dims("t", &[2, 3, 5]).unwrap(), (6, 5));
-        assert!(matches!(matrix_dims("t", &[]), Err(Error::InvalidShape { .. })));
-        assert!(matches!(matrix_dims("t", &[3, 0]), Err(Error::InvalidShape { .. })));
+        assert!(matches!(
+            matrix_dims("t", &[]),
+            Err(Error::InvalidShape { .. })
+        ));
+        assert!(matches!(
+            matrix_dims("t", &[3, 0]),
+            Err(Error::InvalidShape { .. })
+        ));
         assert!(matches!(
             matrix_dims("t", &[u64::MAX, 2]),
             Err(Error::Overflow(_))

@@ -150,19 +150,19 @@ impl<S: AsRef<[u8]>> DeltaFile<S> {
                 )))
             }
         }
-        let version = meta
-            .get(META_VERSION)
-            .ok_or_else(|| Error::NotADeltaFile(format!("__metadata__ has no {META_VERSION:?} key")))?;
+        let version = meta.get(META_VERSION).ok_or_else(|| {
+            Error::NotADeltaFile(format!("__metadata__ has no {META_VERSION:?} key"))
+        })?;
         let version = FormatVersion::parse(version)?;
         version.check_supported()?;
-        let manifest = meta
-            .get(META_MANIFEST)
-            .ok_or_else(|| Error::InvalidManifest(format!("__metadata__ has no {META_MANIFEST:?} key")))?;
+        let manifest = meta.get(META_MANIFEST).ok_or_else(|| {
+            Error::InvalidManifest(format!("__metadata__ has no {META_MANIFEST:?} key"))
+        })?;
         let manifest: Manifest =
             serde_json::from_str(manifest).map_err(|e| Error::InvalidManifest(e.to_string()))?;
         manifest.validate()?;
 
-        if data_start % crate::layout::PART_ALIGN != 0 {
+        if !data_start.is_multiple_of(crate::layout::PART_ALIGN) {
             return Err(Error::Misaligned {
                 offset: data_start as u64,
             });
@@ -299,13 +299,13 @@ impl<S: AsRef<[u8]>> DeltaFile<S> {
                 match p.compression {
                     Compression::None => Ok(Cow::Borrowed(stored)),
                     Compression::Zstd => {
-                        decompress(stored, p.raw_len).map(Cow::Owned).map_err(|reason| {
-                            Error::Decompress {
+                        decompress(stored, p.raw_len)
+                            .map(Cow::Owned)
+                            .map_err(|reason| Error::Decompress {
                                 tensor: entry.name.clone(),
                                 part: p.name.clone(),
                                 reason,
-                            }
-                        })
+                            })
                     }
                 }
             })

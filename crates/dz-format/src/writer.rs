@@ -105,13 +105,8 @@ impl EncodedTensor {
         let n = shape.len();
         let codec = payload.codec();
         let k = shape.last().copied().unwrap_or(0) as usize;
-        let layout = crate::layout::part_layout(
-            name,
-            &codec,
-            payload.dims().0,
-            k,
-            row_index.is_some(),
-        )?;
+        let layout =
+            crate::layout::part_layout(name, &codec, payload.dims().0, k, row_index.is_some())?;
         if n == 0 || layout.len() != raw.len() {
             return Err(Error::Writer(format!(
                 "tensor {name:?}: payload does not match shape {shape:?}"
@@ -219,7 +214,9 @@ impl DeltaWriter {
         for p in &t.parts {
             self.data.write_all(&p.bytes).map_err(io)?;
             let pad = padded(p.bytes.len() as u64).unwrap_or(0) - p.bytes.len() as u64;
-            self.data.write_all(&[0u8; PART_ALIGN][..pad as usize]).map_err(io)?;
+            self.data
+                .write_all(&[0u8; PART_ALIGN][..pad as usize])
+                .map_err(io)?;
             self.data_len += p.bytes.len() as u64 + pad;
         }
         self.names.insert(entry.name.clone());
@@ -252,7 +249,8 @@ impl DeltaWriter {
             .tempfile_in(&dir)
             .map_err(|e| Error::io(&dir, e))?;
         let mut w = BufWriter::with_capacity(1 << 20, out);
-        w.write_all(&(header.len() as u64).to_le_bytes()).map_err(io)?;
+        w.write_all(&(header.len() as u64).to_le_bytes())
+            .map_err(io)?;
         w.write_all(&header).map_err(io)?;
         let copied = std::io::copy(data.as_file_mut(), &mut w).map_err(io)?;
         if copied != self.data_len {
@@ -261,7 +259,17 @@ impl DeltaWriter {
                 self.data_len
             )));
         }
-        let out = w.into_inner().map_err(|e| Error::io(&path, e.into_error()))?;
+        let out = w
+            .into_inner()
+            .map_err(|e| Error::io(&path, e.into_error()))?;
+        // Temporary files are created 0600; a delta is an ordinary artifact that others may read.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            out.as_file()
+                .set_permissions(std::fs::Permissions::from_mode(0o644))
+                .map_err(io)?;
+        }
         out.as_file().sync_all().map_err(io)?;
         let file_len = 8 + header.len() as u64 + self.data_len;
         out.persist(&path).map_err(|e| Error::io(&path, e.error))?;
@@ -275,14 +283,17 @@ impl DeltaWriter {
 
 /// Builds the safetensors header for `manifest`, padded with spaces so that `8 + len` is 64-aligned.
 pub(crate) fn build_header(manifest: &Manifest) -> Result<Vec<u8>> {
-    let manifest_json =
-        serde_json::to_string(manifest).map_err(|e| Error::Writer(format!("manifest JSON: {e}")))?;
+    let manifest_json = serde_json::to_string(manifest)
+        .map_err(|e| Error::Writer(format!("manifest JSON: {e}")))?;
     let mut meta = BTreeMap::new();
     meta.insert(META_FORMAT, FORMAT_MAGIC.to_string());
     meta.insert(META_VERSION, FORMAT_VERSION.to_string());
     meta.insert(META_MANIFEST, manifest_json);
     let mut header = serde_json::Map::new();
-    header.insert("__metadata__".into(), serde_json::to_value(meta).map_err(json_err)?);
+    header.insert(
+        "__metadata__".into(),
+        serde_json::to_value(meta).map_err(json_err)?,
+    );
     let mut offset = 0u64;
     for t in &manifest.tensors {
         for p in &t.parts {

@@ -46,7 +46,9 @@ fn grid(p: QuantParams, rows: usize, cols: usize) -> impl Strategy<Value = Grid>
     let zeros = if p.symmetric {
         Just(None).boxed()
     } else {
-        prop::collection::vec(finite_f16(), n).prop_map(Some).boxed()
+        prop::collection::vec(finite_f16(), n)
+            .prop_map(Some)
+            .boxed()
     };
     (prop::collection::vec(finite_f16(), n), zeros).prop_map(move |(scales, zeros)| Grid {
         params: p,
@@ -118,8 +120,12 @@ fn sparse() -> impl Strategy<Value = Payload> {
 }
 
 fn sign1() -> impl Strategy<Value = Payload> {
-    (1usize..9, 1usize..150, prop::sample::select(vec![1.0f32, 2e-4, 0.3])).prop_flat_map(
-        |(rows, cols, global_scale)| {
+    (
+        1usize..9,
+        1usize..150,
+        prop::sample::select(vec![1.0f32, 2e-4, 0.3]),
+    )
+        .prop_flat_map(|(rows, cols, global_scale)| {
             (
                 prop::collection::vec(any::<bool>(), rows * cols),
                 prop::collection::vec(finite_f16(), rows),
@@ -133,8 +139,7 @@ fn sign1() -> impl Strategy<Value = Payload> {
                         scales,
                     })
                 })
-        },
-    )
+        })
 }
 
 fn dense() -> impl Strategy<Value = Payload> {
@@ -308,7 +313,12 @@ fn one_scale_per_row(rows: usize) -> Grid {
     }
 }
 
-fn unpack(codec: &Codec, rows: usize, cols: usize, parts: &[Vec<u8>]) -> dz_format::Result<Payload> {
+fn unpack(
+    codec: &Codec,
+    rows: usize,
+    cols: usize,
+    parts: &[Vec<u8>],
+) -> dz_format::Result<Payload> {
     Payload::unpack("t", codec, rows, cols, &as_refs(parts))
 }
 

@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use dz_format::codec::{Dense, Grid, Payload, Quant, Sign1, Sparse, Sparse24};
 use dz_format::fingerprint::tensor_hash;
 use dz_format::{
-    BaseFingerprint, DeltaFile, DeltaWriter, Dtype, EncodedTensor, Error, Lossless,
-    QuantParams, Recipe, Role,
+    BaseFingerprint, DeltaFile, DeltaWriter, Dtype, EncodedTensor, Error, Lossless, QuantParams,
+    Recipe, Role,
 };
 use half::f16;
 use rand::rngs::StdRng;
@@ -27,7 +27,9 @@ fn grid(rng: &mut StdRng, p: QuantParams, rows: usize, cols: usize) -> Grid {
     let g = rows * p.n_groups(cols);
     Grid {
         params: p,
-        scales: (0..g).map(|_| f16::from_f32(rng.gen_range(0.1..2.0))).collect(),
+        scales: (0..g)
+            .map(|_| f16::from_f32(rng.gen_range(0.1..2.0)))
+            .collect(),
         zeros: (!p.symmetric).then(|| {
             (0..g)
                 .map(|_| f16::from_f32(rng.gen_range(0.0..(1 << p.bits) as f32)))
@@ -38,7 +40,10 @@ fn grid(rng: &mut StdRng, p: QuantParams, rows: usize, cols: usize) -> Grid {
 
 fn base() -> BaseFingerprint {
     let mut t = BTreeMap::new();
-    for name in ["model.embed_tokens.weight", "model.layers.0.mlp.up_proj.weight"] {
+    for name in [
+        "model.embed_tokens.weight",
+        "model.layers.0.mlp.up_proj.weight",
+    ] {
         t.insert(name.to_string(), tensor_hash(name, "f32", &[4], &[7u8; 16]));
     }
     BaseFingerprint::from_tensor_hashes(t)
@@ -56,7 +61,14 @@ fn sample_tensors(seed: u64) -> Vec<EncodedTensor> {
         grid: grid(&mut rng, p, r, c),
         codes: (0..r * c).map(|_| rng.gen_range(0..16)).collect(),
     });
-    out.push(("model.layers.0.self_attn.q_proj.weight", Role::Linear, vec![r as u64, c as u64], None, quant, Lossless::Zstd(3)));
+    out.push((
+        "model.layers.0.self_attn.q_proj.weight",
+        Role::Linear,
+        vec![r as u64, c as u64],
+        None,
+        quant,
+        Lossless::Zstd(3),
+    ));
 
     let p = params(2, 8, false);
     let positions = (0..r * c / 4)
@@ -73,7 +85,14 @@ fn sample_tensors(seed: u64) -> Vec<EncodedTensor> {
         codes: (0..r * c / 2).map(|_| rng.gen_range(0..4)).collect(),
         positions,
     });
-    out.push(("model.layers.0.mlp.up_proj.weight", Role::Linear, vec![r as u64, c as u64], None, s24, Lossless::None));
+    out.push((
+        "model.layers.0.mlp.up_proj.weight",
+        Role::Linear,
+        vec![r as u64, c as u64],
+        None,
+        s24,
+        Lossless::None,
+    ));
 
     let p = params(3, 0, true);
     let mask: Vec<bool> = (0..r * c).map(|_| rng.gen_bool(0.3)).collect();
@@ -85,16 +104,32 @@ fn sample_tensors(seed: u64) -> Vec<EncodedTensor> {
         mask,
         codes: (0..nnz).map(|_| rng.gen_range(0..8)).collect(),
     });
-    out.push(("model.layers.0.mlp.down_proj.weight", Role::Linear, vec![r as u64, c as u64], None, sparse, Lossless::Zstd(1)));
+    out.push((
+        "model.layers.0.mlp.down_proj.weight",
+        Role::Linear,
+        vec![r as u64, c as u64],
+        None,
+        sparse,
+        Lossless::Zstd(1),
+    ));
 
     let sign = Payload::Sign1(Sign1 {
         rows: r,
         cols: c,
         global_scale: 0.001,
         signs: (0..r * c).map(|_| rng.gen()).collect(),
-        scales: (0..r).map(|_| f16::from_f32(rng.gen_range(0.5..1.5))).collect(),
+        scales: (0..r)
+            .map(|_| f16::from_f32(rng.gen_range(0.5..1.5)))
+            .collect(),
     });
-    out.push(("lm_head.weight", Role::LmHead, vec![r as u64, c as u64], None, sign, Lossless::None));
+    out.push((
+        "lm_head.weight",
+        Role::LmHead,
+        vec![r as u64, c as u64],
+        None,
+        sign,
+        Lossless::None,
+    ));
 
     // An embedding delta storing 3 of its 10 rows.
     let p = params(8, 0, true);
@@ -104,16 +139,38 @@ fn sample_tensors(seed: u64) -> Vec<EncodedTensor> {
         grid: grid(&mut rng, p, 3, c),
         codes: (0..3 * c).map(|_| rng.gen()).collect(),
     });
-    out.push(("model.embed_tokens.weight", Role::Embedding, vec![10, c as u64], Some(vec![1u32, 4, 9]), emb, Lossless::Zstd(3)));
+    out.push((
+        "model.embed_tokens.weight",
+        Role::Embedding,
+        vec![10, c as u64],
+        Some(vec![1u32, 4, 9]),
+        emb,
+        Lossless::Zstd(3),
+    ));
 
     let vals: Vec<f32> = (0..c).map(|_| rng.gen_range(-0.01..0.01)).collect();
     let norm = Payload::Dense(Dense::from_f32(1, c, Dtype::Bf16, &vals));
-    out.push(("model.norm.weight", Role::DenseDelta, vec![c as u64], None, norm, Lossless::Zstd(3)));
+    out.push((
+        "model.norm.weight",
+        Role::DenseDelta,
+        vec![c as u64],
+        None,
+        norm,
+        Lossless::Zstd(3),
+    ));
 
     out.into_iter()
         .map(|(name, role, shape, rows, payload, lossless)| {
-            EncodedTensor::from_payload(name, role, &shape, Dtype::Bf16, rows.as_deref(), &payload, lossless)
-                .unwrap()
+            EncodedTensor::from_payload(
+                name,
+                role,
+                &shape,
+                Dtype::Bf16,
+                rows.as_deref(),
+                &payload,
+                lossless,
+            )
+            .unwrap()
         })
         .collect()
 }
@@ -128,7 +185,14 @@ fn recipe() -> Recipe {
 
 fn write_sample(dir: &std::path::Path) -> std::path::PathBuf {
     let path = dir.join("sample.dz");
-    let mut w = DeltaWriter::create(&path, "sample", json!({"model_type": "llama"}), base(), recipe()).unwrap();
+    let mut w = DeltaWriter::create(
+        &path,
+        "sample",
+        json!({"model_type": "llama"}),
+        base(),
+        recipe(),
+    )
+    .unwrap();
     for t in sample_tensors(7) {
         w.add(t).unwrap();
     }
@@ -146,7 +210,10 @@ fn round_trip_every_codec() {
     let dir = tempfile::tempdir().unwrap();
     let path = write_sample(dir.path());
     // Nothing but the delta is left in the directory: temporaries are gone.
-    let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let names: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
     assert_eq!(names, ["sample.dz"]);
 
     let f = DeltaFile::open(&path).unwrap();
@@ -156,7 +223,9 @@ fn round_trip_every_codec() {
     assert_eq!(f.file_len() % 64, 0);
     // Zstd was kept only where it saved bytes, and used at least once.
     let parts: Vec<_> = f.manifest().tensors.iter().flat_map(|t| &t.parts).collect();
-    assert!(parts.iter().any(|p| p.compression == dz_format::Compression::Zstd));
+    assert!(parts
+        .iter()
+        .any(|p| p.compression == dz_format::Compression::Zstd));
     assert!(parts.iter().all(|p| p.len <= p.raw_len));
 
     // Every tensor decodes to exactly the payload that was written.
@@ -168,9 +237,17 @@ fn round_trip_every_codec() {
         for (got, want) in data.parts.iter().zip(&expected.parts) {
             let want_raw = match want.compression {
                 dz_format::Compression::None => want.bytes.clone(),
-                dz_format::Compression::Zstd => zstd::bulk::decompress(&want.bytes, want.raw_len as usize).unwrap(),
+                dz_format::Compression::Zstd => {
+                    zstd::bulk::decompress(&want.bytes, want.raw_len as usize).unwrap()
+                }
             };
-            assert_eq!(got.as_ref(), want_raw.as_slice(), "{} {}", t.name, t.parts.len());
+            assert_eq!(
+                got.as_ref(),
+                want_raw.as_slice(),
+                "{} {}",
+                t.name,
+                t.parts.len()
+            );
         }
         let dec = data.decode().unwrap();
         let (n_total, k) = t.matrix_dims().unwrap();
@@ -179,7 +256,10 @@ fn round_trip_every_codec() {
     let emb = f.decode("model.embed_tokens.weight").unwrap();
     assert_eq!(emb.row_index.as_deref(), Some(&[1u32, 4, 9][..]));
     let full = emb.to_f32(10);
-    assert!(full[..40].iter().all(|&v| v == 0.0), "row 0 is not stored, so zero");
+    assert!(
+        full[..40].iter().all(|&v| v == 0.0),
+        "row 0 is not stored, so zero"
+    );
     assert!(full[40..80].iter().any(|&v| v != 0.0));
     assert!(matches!(f.read("nope"), Err(Error::UnknownTensor(_))));
 }
@@ -189,7 +269,7 @@ fn standard_safetensors_tooling_lists_the_parts() {
     let bytes = sample_bytes();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let names = st.names();
-    assert!(names.iter().any(|n| *n == "model.layers.0.mlp.up_proj.weight:meta"));
+    assert!(names.contains(&"model.layers.0.mlp.up_proj.weight:meta"));
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
     let meta = meta.metadata().as_ref().unwrap();
     assert_eq!(meta["format"], "deltazip");
@@ -208,7 +288,10 @@ fn dropped_writer_leaves_nothing() {
         let mut w = DeltaWriter::create(&path, "x", json!({}), base(), recipe()).unwrap();
         w.add(sample_tensors(1).remove(0)).unwrap();
         // Adding the same name twice is refused and leaves the writer usable.
-        assert!(matches!(w.add(sample_tensors(1).remove(0)), Err(Error::DuplicateTensor(_))));
+        assert!(matches!(
+            w.add(sample_tensors(1).remove(0)),
+            Err(Error::DuplicateTensor(_))
+        ));
     }
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
 }
@@ -254,8 +337,12 @@ fn split(bytes: &[u8]) -> (Value, Vec<u8>) {
 /// Rebuilds a valid file after `edit` changes its manifest (the safetensors entries stay as they were).
 fn edit_manifest(bytes: &[u8], edit: impl FnOnce(&mut Value)) -> Vec<u8> {
     let (mut header, data) = split(bytes);
-    let mut manifest: Value =
-        serde_json::from_str(header["__metadata__"]["deltazip_manifest"].as_str().unwrap()).unwrap();
+    let mut manifest: Value = serde_json::from_str(
+        header["__metadata__"]["deltazip_manifest"]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap();
     edit(&mut manifest);
     header["__metadata__"]["deltazip_manifest"] = Value::String(manifest.to_string());
     with_header(&header.to_string(), &data)
@@ -279,7 +366,10 @@ fn part_offset(bytes: &[u8], key: &str) -> usize {
 
 #[test]
 fn err_too_short() {
-    assert!(matches!(open(b"\x01\x00\x00".to_vec()), Err(Error::TooShort { len: 3 })));
+    assert!(matches!(
+        open(b"\x01\x00\x00".to_vec()),
+        Err(Error::TooShort { len: 3 })
+    ));
 }
 
 #[test]
@@ -293,7 +383,10 @@ fn err_header_too_large() {
 fn err_truncated_file() {
     // Cut inside the header...
     let full = sample_bytes();
-    assert!(matches!(open(full[..100].to_vec()), Err(Error::HeaderOutOfBounds { .. })));
+    assert!(matches!(
+        open(full[..100].to_vec()),
+        Err(Error::HeaderOutOfBounds { .. })
+    ));
     // ...and inside the data section.
     let e = open(full[..full.len() - 10].to_vec()).unwrap_err();
     assert!(matches!(e, Error::DataLength { .. }), "{e}");
@@ -309,7 +402,10 @@ fn err_trailing_bytes() {
 
 #[test]
 fn err_invalid_header() {
-    assert!(matches!(open(with_header("{not json", b"")), Err(Error::InvalidHeader(_))));
+    assert!(matches!(
+        open(with_header("{not json", b"")),
+        Err(Error::InvalidHeader(_))
+    ));
     let mut b = 4u64.to_le_bytes().to_vec();
     b.extend([0xff, 0xfe, b'{', b'}']);
     assert!(matches!(open(b), Err(Error::InvalidHeader(_))));
@@ -322,7 +418,10 @@ fn err_invalid_header() {
 #[test]
 fn err_not_a_delta_file() {
     // A plain safetensors file, as any tool writes it.
-    let plain = with_header(r#"{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#, &[0, 0, 128, 63]);
+    let plain = with_header(
+        r#"{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#,
+        &[0, 0, 128, 63],
+    );
     assert!(matches!(open(plain), Err(Error::NotADeltaFile(_))));
     assert!(matches!(
         open(with_header(&meta_header("pytorch", "1.0", "{}"), b"")),
@@ -337,7 +436,10 @@ fn err_versions() {
         Err(Error::InvalidVersion(_))
     ));
     let e = open(with_header(&meta_header("deltazip", "2.0", "{}"), b"")).unwrap_err();
-    assert!(matches!(e, Error::UnsupportedMajor { supported: 1, .. }), "{e}");
+    assert!(
+        matches!(e, Error::UnsupportedMajor { supported: 1, .. }),
+        "{e}"
+    );
     let e = open(with_header(&meta_header("deltazip", "1.3", "{}"), b"")).unwrap_err();
     assert!(matches!(e, Error::NewerMinor { .. }));
     assert!(e.to_string().contains("upgrade deltazip"), "{e}");
@@ -345,7 +447,10 @@ fn err_versions() {
     let full = sample_bytes();
     let (mut header, data) = split(&full);
     header["__metadata__"]["deltazip_version"] = json!("3.0");
-    assert!(matches!(open(with_header(&header.to_string(), &data)), Err(Error::UnsupportedMajor { .. })));
+    assert!(matches!(
+        open(with_header(&header.to_string(), &data)),
+        Err(Error::UnsupportedMajor { .. })
+    ));
 }
 
 #[test]
@@ -378,10 +483,15 @@ fn err_invalid_shape_codec_part_overflow() {
     let b = edit_manifest(&full, |m| m["tensors"][0]["codec"]["bits"] = json!(5));
     assert!(matches!(open(b), Err(Error::InvalidCodec { .. })));
     let b = edit_manifest(&full, |m| m["tensors"][1]["shape"] = json!([6, 42]));
-    assert!(matches!(open(b), Err(Error::InvalidCodec { .. })), "2:4 needs K % 4 == 0");
+    assert!(
+        matches!(open(b), Err(Error::InvalidCodec { .. })),
+        "2:4 needs K % 4 == 0"
+    );
     let b = edit_manifest(&full, |m| m["tensors"][0]["shape"] = json!([7, 40]));
     assert!(matches!(open(b), Err(Error::InvalidPart { .. })));
-    let b = edit_manifest(&full, |m| m["tensors"][0]["shape"] = json!([1u64 << 62, 1u64 << 62]));
+    let b = edit_manifest(&full, |m| {
+        m["tensors"][0]["shape"] = json!([1u64 << 62, 1u64 << 62])
+    });
     assert!(matches!(open(b), Err(Error::Overflow(_))));
 }
 
@@ -391,10 +501,16 @@ fn err_header_mismatch() {
     let (mut header, data) = split(&full);
     let key = "model.layers.0.mlp.up_proj.weight:meta";
     header[key]["dtype"] = json!("F32");
-    assert!(matches!(open(with_header(&header.to_string(), &data)), Err(Error::HeaderMismatch(_))));
+    assert!(matches!(
+        open(with_header(&header.to_string(), &data)),
+        Err(Error::HeaderMismatch(_))
+    ));
     let (mut header, data) = split(&full);
     header["extra:part"] = json!({"dtype": "U8", "shape": [0], "data_offsets": [0, 0]});
-    assert!(matches!(open(with_header(&header.to_string(), &data)), Err(Error::HeaderMismatch(_))));
+    assert!(matches!(
+        open(with_header(&header.to_string(), &data)),
+        Err(Error::HeaderMismatch(_))
+    ));
 }
 
 #[test]
@@ -405,7 +521,7 @@ fn err_misaligned() {
     let mut b = (h.len() as u64 + 1).to_le_bytes().to_vec();
     b.extend(h.as_bytes());
     b.push(b' ');
-    if (b.len()) % 64 == 0 {
+    if b.len().is_multiple_of(64) {
         b.push(b' ');
         let n = (b.len() - 8) as u64;
         b[..8].copy_from_slice(&n.to_le_bytes());
@@ -462,9 +578,19 @@ fn err_decompress() {
         .tensors
         .iter()
         .enumerate()
-        .find(|(_, t)| t.parts.iter().any(|p| p.compression == dz_format::Compression::Zstd))
+        .find(|(_, t)| {
+            t.parts
+                .iter()
+                .any(|p| p.compression == dz_format::Compression::Zstd)
+        })
         .unwrap();
-    let part = t.parts.iter().find(|p| p.compression == dz_format::Compression::Zstd).unwrap().name.clone();
+    let part = t
+        .parts
+        .iter()
+        .find(|p| p.compression == dz_format::Compression::Zstd)
+        .unwrap()
+        .name
+        .clone();
     let b = replace_part(&full, ti, &part, |s| {
         let n = s.len();
         s[n / 2..].iter_mut().for_each(|x| *x = 0xA5)
@@ -481,14 +607,20 @@ fn err_invalid_payload() {
     assert!(matches!(e, Error::InvalidPayload { .. }), "{e}");
     // tensor 2 is unstructured sparse: a row pointer that disagrees with the mask.
     let b = replace_part(&full, 2, "row_ptr", |s| s[4] ^= 0x10);
-    assert!(matches!(open_and_verify(b), Err(Error::InvalidPayload { .. })));
+    assert!(matches!(
+        open_and_verify(b),
+        Err(Error::InvalidPayload { .. })
+    ));
 }
 
 #[test]
 fn err_delta_for_another_base() {
     let f = open(sample_bytes()).unwrap();
     let mut other = BTreeMap::new();
-    for name in ["model.embed_tokens.weight", "model.layers.0.mlp.up_proj.weight"] {
+    for name in [
+        "model.embed_tokens.weight",
+        "model.layers.0.mlp.up_proj.weight",
+    ] {
         other.insert(name.to_string(), tensor_hash(name, "f32", &[4], &[8u8; 16]));
     }
     let other = BaseFingerprint::from_tensor_hashes(other);
@@ -510,9 +642,18 @@ fn writer_refuses_a_payload_that_does_not_fit() {
     let mut t = sample_tensors(3).remove(0);
     t.parts.pop();
     let dir = tempfile::tempdir().unwrap();
-    let mut w = DeltaWriter::create(dir.path().join("z.dz"), "z", json!({}), base(), recipe()).unwrap();
+    let mut w =
+        DeltaWriter::create(dir.path().join("z.dz"), "z", json!({}), base(), recipe()).unwrap();
     assert!(matches!(w.add(t), Err(Error::InvalidPart { .. })));
     let payload = Payload::Dense(Dense::from_f32(1, 2, Dtype::F32, &[1.0, 2.0]));
-    let e = EncodedTensor::from_payload("e", Role::Full, &[], Dtype::F32, None, &payload, Lossless::None);
+    let e = EncodedTensor::from_payload(
+        "e",
+        Role::Full,
+        &[],
+        Dtype::F32,
+        None,
+        &payload,
+        Lossless::None,
+    );
     assert!(matches!(e, Err(Error::Writer(_))));
 }

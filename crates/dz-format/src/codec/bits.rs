@@ -52,7 +52,10 @@ pub fn pack_row(values: &[u8], bits: u8, out: &mut [u8]) {
     let b = bits as usize;
     let max = max_value(bits);
     for (j, &v) in values.iter().enumerate() {
-        assert!(v <= max, "value {v} at index {j} does not fit in {bits} bits");
+        assert!(
+            v <= max,
+            "value {v} at index {j} does not fit in {bits} bits"
+        );
         let bit = j * b;
         let (byte, shift) = (bit / 8, bit % 8);
         // shift <= 7 and b <= 8: the value spans at most two bytes.
@@ -79,7 +82,11 @@ pub fn unpack_row(src: &[u8], n: usize, bits: u8, out: &mut [u8]) {
         "{n} values of {bits} bits need {need} bytes, the source has {}",
         src.len()
     );
-    assert!(out.len() >= n, "output holds {} values, asked for {n}", out.len());
+    assert!(
+        out.len() >= n,
+        "output holds {} values, asked for {n}",
+        out.len()
+    );
     let b = bits as usize;
     let max = max_value(bits);
     for (j, o) in out[..n].iter_mut().enumerate() {
@@ -99,7 +106,9 @@ pub fn unpack_row(src: &[u8], n: usize, bits: u8, out: &mut [u8]) {
 /// If `bits` is not one of [`SUPPORTED_BITS`] or `src` is shorter than [`packed_len(n, bits)`](packed_len).
 pub fn padding_is_zero(src: &[u8], n: usize, bits: u8) -> bool {
     check_bits(bits);
-    let used = n.checked_mul(bits as usize).expect("bit stream length overflows usize");
+    let used = n
+        .checked_mul(bits as usize)
+        .expect("bit stream length overflows usize");
     let need = used.div_ceil(8);
     assert!(
         src.len() >= need,

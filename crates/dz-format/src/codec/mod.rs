@@ -287,7 +287,7 @@ fn check_codec(tensor: &str, codec: &Codec, cols: usize) -> Result<()> {
         Codec::Quant(p) | Codec::Sparse(p) => p.validate().map_err(bad)?,
         Codec::Sparse24(p) => {
             p.validate().map_err(bad)?;
-            if cols % 4 != 0 {
+            if !cols.is_multiple_of(4) {
                 return Err(bad(format!(
                     "2:4 sparsity needs the column count to be a multiple of 4, got {cols}"
                 )));
@@ -357,11 +357,20 @@ fn check_codes(tensor: &str, part: &str, codes: &[u8], per_row: usize, bits: u8)
 }
 
 /// Packs `rows` bit-stream rows of `per_row` values each (`values` row-major) into `rows * stride` bytes.
-fn pack_rows(tensor: &str, values: &[u8], rows: usize, per_row: usize, bits: u8) -> Result<Vec<u8>> {
+fn pack_rows(
+    tensor: &str,
+    values: &[u8],
+    rows: usize,
+    per_row: usize,
+    bits: u8,
+) -> Result<Vec<u8>> {
     let row_bytes = stride(per_row, bits).ok_or_else(|| overflow(tensor, "a row stride"))?;
     let mut out = vec![0u8; checked_mul(tensor, "a bit-stream part", rows, row_bytes)?];
     if row_bytes > 0 {
-        for (dst, src) in out.chunks_exact_mut(row_bytes).zip(values.chunks(per_row.max(1))) {
+        for (dst, src) in out
+            .chunks_exact_mut(row_bytes)
+            .zip(values.chunks(per_row.max(1)))
+        {
             bits::pack_row(src, bits, dst);
         }
     }
@@ -465,7 +474,10 @@ mod tests {
         let parts = p.pack().unwrap();
         let refs: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
         let (rows, cols) = p.dims();
-        assert_eq!(&Payload::unpack("t", &p.codec(), rows, cols, &refs).unwrap(), p);
+        assert_eq!(
+            &Payload::unpack("t", &p.codec(), rows, cols, &refs).unwrap(),
+            p
+        );
         parts
     }
 
@@ -508,10 +520,7 @@ mod tests {
         assert_eq!(parts[1], row16(&[0x8D]));
         assert_eq!(parts[2], [0x00, 0x3C]);
         // Symmetric 4-bit: z = 8.
-        assert_eq!(
-            p.dequantize(),
-            [0.0, -7.0, 0.0, -6.0, -5.0, 0.0, -4.0, 0.0]
-        );
+        assert_eq!(p.dequantize(), [0.0, -7.0, 0.0, -6.0, -5.0, 0.0, -4.0, 0.0]);
     }
 
     #[test]

@@ -8,7 +8,13 @@ impl Quant {
     pub(super) fn validate(&self, tensor: &str) -> Result<()> {
         let n = checked_mul(tensor, "codes", self.rows, self.cols)?;
         check_len(tensor, "codes", self.codes.len(), n)?;
-        check_codes(tensor, "codes", &self.codes, self.cols, self.grid.params.bits)?;
+        check_codes(
+            tensor,
+            "codes",
+            &self.codes,
+            self.cols,
+            self.grid.params.bits,
+        )?;
         self.grid.validate(tensor, self.rows, self.cols)
     }
 

@@ -12,14 +12,11 @@ pub fn pack_row_index(rows: &[u32]) -> Vec<u8> {
 /// Decodes and checks a `row_index` part: a whole number of `u32`, at least one, strictly increasing,
 /// each `< n_total`.
 pub fn unpack_row_index(tensor: &str, bytes: &[u8], n_total: usize) -> Result<Vec<u32>> {
-    if bytes.is_empty() || bytes.len() % 4 != 0 {
+    if bytes.is_empty() || !bytes.len().is_multiple_of(4) {
         return Err(invalid_part(
             tensor,
             "row_index",
-            format!(
-                "is {} bytes; must be a non-zero multiple of 4",
-                bytes.len()
-            ),
+            format!("is {} bytes; must be a non-zero multiple of 4", bytes.len()),
         ));
     }
     let rows: Vec<u32> = bytes

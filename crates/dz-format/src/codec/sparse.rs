@@ -3,8 +3,8 @@
 //! row, of that row's kept codes), `scales`, [`zeros`].
 
 use super::{
-    bits, check_len, checked_mul, invalid_part, invalid_payload, nonzero_padding,
-    overflow, pack_rows, unpack_rows, Grid, Sparse,
+    bits, check_len, checked_mul, invalid_part, invalid_payload, nonzero_padding, overflow,
+    pack_rows, unpack_rows, Grid, Sparse,
 };
 use crate::error::Result;
 use crate::layout::stride;
@@ -32,7 +32,12 @@ impl Sparse {
         let n = checked_mul(tensor, "mask", self.rows, self.cols)?;
         check_len(tensor, "mask", self.mask.len(), n)?;
         let kept = self.mask.iter().filter(|&&m| m).count();
-        check_len(tensor, "codes (one per set mask bit)", self.codes.len(), kept)?;
+        check_len(
+            tensor,
+            "codes (one per set mask bit)",
+            self.codes.len(),
+            kept,
+        )?;
         let bits = self.grid.params.bits;
         if let Some(i) = self.codes.iter().position(|&q| u16::from(q) >= 1 << bits) {
             return Err(invalid_payload(
@@ -131,7 +136,9 @@ impl Sparse {
         let mut out = vec![0.0f32; self.mask.len()];
         for (i, (o, &kept)) in out.iter_mut().zip(&self.mask).enumerate() {
             if kept {
-                let q = *codes.next().expect("a valid payload has one code per set mask bit");
+                let q = *codes
+                    .next()
+                    .expect("a valid payload has one code per set mask bit");
                 *o = self.grid.decode(i / cols, i % cols, cols, q);
             }
         }

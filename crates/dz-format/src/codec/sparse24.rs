@@ -25,7 +25,13 @@ impl Sparse24 {
         let n = checked_mul(tensor, "codes", self.rows, self.cols / 2)?;
         check_len(tensor, "codes", self.codes.len(), n)?;
         check_len(tensor, "positions", self.positions.len(), n)?;
-        check_codes(tensor, "codes", &self.codes, self.cols / 2, self.grid.params.bits)?;
+        check_codes(
+            tensor,
+            "codes",
+            &self.codes,
+            self.cols / 2,
+            self.grid.params.bits,
+        )?;
         let runs = self.cols / 4;
         for (i, pair) in self.positions.chunks_exact(2).enumerate() {
             if !(pair[0] < pair[1] && pair[1] < 4) {
