@@ -4,7 +4,8 @@ use faer::linalg::matmul::matmul;
 use faer::{Accum, Mat, Par};
 
 /// Everything that can go wrong while compressing one matrix.
-#[derive(Debug, thiserror::Error, PartialEq)]
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// A buffer's length does not match the dimensions given with it.
     #[error("{what}: expected {expected} values, got {got}")]
@@ -48,6 +49,27 @@ pub enum Error {
     /// A configuration that no codec can store or no method can run.
     #[error("invalid configuration: {0}")]
     InvalidConfig(String),
+    /// A model directory, its config.json or its weights are unusable (the message names the file or tensor).
+    #[error("{0}")]
+    InvalidModel(String),
+    /// Base and fine-tune do not match (architecture, tensor set, shapes).
+    #[error("base and fine-tune do not match: {0}")]
+    Mismatch(String),
+    /// The calibration data cannot be used (too short, not tokenizable).
+    #[error("calibration: {0}")]
+    Calibration(String),
+    /// An I/O error on a named file.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// An error from the delta format (writing or reading a delta).
+    #[error(transparent)]
+    Format(#[from] dz_format::Error),
 }
 
 /// The crate's result type.
@@ -110,7 +132,14 @@ pub fn calibrated_error(
     });
     let hm = Mat::<f64>::from_fn(cols, cols, |i, j| f64::from(h[i * cols + j]));
     let mut eh = Mat::<f64>::zeros(rows, cols);
-    matmul(eh.as_mut(), Accum::Replace, e.as_ref(), hm.as_ref(), 1.0, Par::rayon(0));
+    matmul(
+        eh.as_mut(),
+        Accum::Replace,
+        e.as_ref(),
+        hm.as_ref(),
+        1.0,
+        Par::rayon(0),
+    );
     let mut total = 0.0;
     for c in 0..cols {
         let (a, b) = (eh.col(c), e.col(c));
