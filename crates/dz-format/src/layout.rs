@@ -93,6 +93,7 @@ pub fn part_layout(
             parts.push(exact("signs", rows_stride(k, 1)?));
             parts.push(exact("scales", mul(n, 2)?));
         }
+        Codec::Zero => {}
     }
     Ok(parts)
 }

@@ -252,6 +252,8 @@ pub enum Codec {
         /// Multiplies every row scale; finite and > 0.
         global_scale: f32,
     },
+    /// An exactly zero delta: the fine-tune left this tensor as the base has it. No parts.
+    Zero,
 }
 
 impl Codec {
@@ -263,6 +265,7 @@ impl Codec {
             Codec::Sparse24(_) => "sparse24",
             Codec::Sparse(_) => "sparse",
             Codec::Sign1 { .. } => "sign1",
+            Codec::Zero => "zero",
         }
     }
 
@@ -270,7 +273,7 @@ impl Codec {
     pub fn quant_params(&self) -> Option<&QuantParams> {
         match self {
             Codec::Quant(p) | Codec::Sparse24(p) | Codec::Sparse(p) => Some(p),
-            Codec::Dense { .. } | Codec::Sign1 { .. } => None,
+            Codec::Dense { .. } | Codec::Sign1 { .. } | Codec::Zero => None,
         }
     }
 
@@ -279,6 +282,7 @@ impl Codec {
         match self {
             Codec::Dense { dtype } => format!("dense {}", dtype.as_str()),
             Codec::Sign1 { .. } => "sign1".to_string(),
+            Codec::Zero => "zero".to_string(),
             Codec::Quant(p) | Codec::Sparse24(p) | Codec::Sparse(p) => {
                 let g = if p.group_size == 0 {
                     "row".to_string()
@@ -376,6 +380,16 @@ impl TensorEntry {
         };
         match &self.codec {
             Codec::Dense { .. } => {}
+            Codec::Zero => {
+                if self.role == Role::Full {
+                    return Err(bad_codec(
+                        "a `full` tensor holds values, it cannot be `zero`".into(),
+                    ));
+                }
+                if self.rows.is_some() {
+                    return Err(bad_codec("a `zero` tensor stores no rows".into()));
+                }
+            }
             Codec::Quant(p) | Codec::Sparse(p) => p.validate().map_err(bad_codec)?,
             Codec::Sparse24(p) => {
                 p.validate().map_err(bad_codec)?;

@@ -159,6 +159,16 @@ fn sample_tensors(seed: u64) -> Vec<EncodedTensor> {
         Lossless::Zstd(3),
     ));
 
+    // A tensor the fine-tune left untouched.
+    out.push((
+        "model.layers.0.self_attn.k_proj.weight",
+        Role::Linear,
+        vec![r as u64, c as u64],
+        None,
+        Payload::Zero { rows: r, cols: c },
+        Lossless::None,
+    ));
+
     out.into_iter()
         .map(|(name, role, shape, rows, payload, lossless)| {
             EncodedTensor::from_payload(
@@ -262,6 +272,9 @@ fn round_trip_every_codec() {
     );
     assert!(full[40..80].iter().any(|&v| v != 0.0));
     assert!(matches!(f.read("nope"), Err(Error::UnknownTensor(_))));
+    let zero = f.decode("model.layers.0.self_attn.k_proj.weight").unwrap();
+    assert_eq!(zero.to_f32(6), vec![0.0; 6 * 40]);
+    assert!(f.manifest().tensors.last().unwrap().parts.is_empty());
 }
 
 #[test]

@@ -105,6 +105,13 @@ pub enum Payload {
     Sparse(Sparse),
     /// `sign1`.
     Sign1(Sign1),
+    /// `zero`: an exactly zero delta of `rows x cols`.
+    Zero {
+        /// Rows.
+        rows: usize,
+        /// Columns.
+        cols: usize,
+    },
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -140,6 +147,7 @@ impl Payload {
             Payload::Sign1(s) => Codec::Sign1 {
                 global_scale: s.global_scale,
             },
+            Payload::Zero { .. } => Codec::Zero,
         }
     }
 
@@ -151,6 +159,7 @@ impl Payload {
             Payload::Sparse24(s) => (s.rows, s.cols),
             Payload::Sparse(s) => (s.rows, s.cols),
             Payload::Sign1(s) => (s.rows, s.cols),
+            Payload::Zero { rows, cols } => (*rows, *cols),
         }
     }
 
@@ -168,6 +177,7 @@ impl Payload {
             Payload::Sparse24(s) => s.validate(tensor),
             Payload::Sparse(s) => s.validate(tensor),
             Payload::Sign1(s) => s.validate(tensor),
+            Payload::Zero { .. } => Ok(()),
         }
     }
 
@@ -188,6 +198,7 @@ impl Payload {
             Payload::Sparse24(s) => s.pack(tensor),
             Payload::Sparse(s) => s.pack(tensor),
             Payload::Sign1(s) => s.pack(tensor),
+            Payload::Zero { .. } => Ok(Vec::new()),
         }
     }
 
@@ -243,6 +254,7 @@ impl Payload {
             Codec::Sign1 { global_scale } => {
                 Payload::Sign1(Sign1::unpack(tensor, *global_scale, rows, cols, parts)?)
             }
+            Codec::Zero => Payload::Zero { rows, cols },
         })
     }
 
@@ -259,6 +271,7 @@ impl Payload {
             Payload::Sparse24(s) => s.dequantize(),
             Payload::Sparse(s) => s.dequantize(),
             Payload::Sign1(s) => s.dequantize(),
+            Payload::Zero { rows, cols } => vec![0.0; rows * cols],
         }
     }
 }
@@ -283,7 +296,7 @@ fn check_codec(tensor: &str, codec: &Codec, cols: usize) -> Result<()> {
         reason,
     };
     match codec {
-        Codec::Dense { .. } => {}
+        Codec::Dense { .. } | Codec::Zero => {}
         Codec::Quant(p) | Codec::Sparse(p) => p.validate().map_err(bad)?,
         Codec::Sparse24(p) => {
             p.validate().map_err(bad)?;
