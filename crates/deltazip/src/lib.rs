@@ -1,6 +1,12 @@
 //! # deltazip
 //!
-//! The facade over the deltazip crates and the `deltazip` binary's library half.
+//! The facade over the deltazip crates, and the library half of the `deltazip` binary (each subcommand is
+//! a module here, so integration tests drive the same code the binary runs).
 #![deny(missing_docs)]
 
+pub use dz_compress as compressor;
 pub use dz_format as format;
+
+pub mod compress;
+pub mod demo;
+pub mod inspect;

@@ -92,7 +92,7 @@ impl ArchConfig {
         {
             return Err(bad("sizes must be >= 1"));
         }
-        if num_kv_heads == 0 || raw.num_attention_heads % num_kv_heads != 0 {
+        if num_kv_heads == 0 || !raw.num_attention_heads.is_multiple_of(num_kv_heads) {
             return Err(bad(
                 "num_attention_heads must be a multiple of num_key_value_heads",
             ));
@@ -100,13 +100,13 @@ impl ArchConfig {
         let head_dim = match raw.head_dim {
             Some(h) => h,
             None => {
-                if raw.hidden_size % raw.num_attention_heads != 0 {
+                if !raw.hidden_size.is_multiple_of(raw.num_attention_heads) {
                     return Err(bad("hidden_size must be a multiple of num_attention_heads"));
                 }
                 raw.hidden_size / raw.num_attention_heads
             }
         };
-        if head_dim == 0 || head_dim % 2 != 0 {
+        if head_dim == 0 || !head_dim.is_multiple_of(2) {
             return Err(bad("head_dim must be even and >= 2"));
         }
         Ok(Self {

@@ -70,6 +70,9 @@ pub enum Error {
     /// An error from the delta format (writing or reading a delta).
     #[error(transparent)]
     Format(#[from] dz_format::Error),
+    /// An error from candle (a tensor op, a device).
+    #[error("candle: {0}")]
+    Candle(#[from] candle_core::Error),
 }
 
 /// The crate's result type.

@@ -20,10 +20,17 @@
 
 pub mod arch;
 mod assemble;
+pub mod calib_data;
+pub mod calibrate;
 mod config;
 mod error;
+pub mod fixtures;
 pub mod grid;
+pub mod hf;
+pub mod merge;
+pub mod model;
 pub mod obs;
+pub mod pipeline;
 pub mod rtn;
 
 pub use config::{QuantConfig, Sparsity};

@@ -1,0 +1,1128 @@
+//! The whole of ΔCompress for one fine-tune (DeltaZip, arXiv 2312.05215, section 4.1): (base, fine-tune)
+//! directories in, one dz-format delta file out.
+//!
+//! 1. Both models are opened and checked against each other (architecture, tensor set, shapes).
+//! 2. The base is fingerprinted, so the delta is bound to it.
+//! 3. Linear deltas `D = W_ft - W_base`: with [`Method::Obs`], the fine-tune runs layer by layer on
+//!    calibration text ([`crate::calibrate`]); each group's input Hessian drives OBS pruning + quantization
+//!    and the *compressed* weights feed the next group. [`Method::Rtn`] and [`Method::Sign`] are the
+//!    calibration-free baselines.
+//! 4. Embedding and lm_head deltas are compressed too: only rows the fine-tune moved are stored (a row
+//!    subset); the output head (or a tied embedding) uses OBS under the Hessian of the final hidden states.
+//! 5. Norms and biases become dense f32 deltas (exact); untouched tensors become `zero` tensors.
+//! 6. With a size budget (`target_ratio`), a first calibration pass measures every linear tensor's error
+//!    under each candidate recipe, and a Lagrangian allocation picks one recipe per tensor.
+//! 7. The lossless stage (zstd, only where it saves bytes) runs in parallel across a group's tensors, and
+//!    the file is written atomically.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use dz_format::codec::Payload;
+use dz_format::{Codec, DeltaWriter, Dtype, EncodedTensor, Lossless, Recipe, Role, WriteSummary};
+use rayon::prelude::*;
+
+use crate::calibrate::{self, HessianAccumulator};
+use crate::error::{Error, Result};
+use crate::hf::HfModel;
+use crate::model::LlamaModel;
+use crate::{obs, rtn, sign1, ObsConfig, QuantConfig, Sparsity};
+
+/// How linear deltas are compressed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    /// Second-order pruning + quantization with error feedback under calibrated Hessians (ours).
+    Obs,
+    /// Round-to-nearest quantization after magnitude pruning: the calibration-free baseline.
+    Rtn,
+    /// One sign bit per entry and one scale per row (BitDelta).
+    Sign,
+}
+
+impl Method {
+    /// The name used in recipes and on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Method::Obs => "obs",
+            Method::Rtn => "rtn",
+            Method::Sign => "sign",
+        }
+    }
+}
+
+/// Everything `compress` can be told.
+#[derive(Debug, Clone)]
+pub struct CompressOptions {
+    /// The fine-tune's name in the manifest (default: the fine-tune directory's name).
+    pub name: Option<String>,
+    /// How linear deltas are compressed.
+    pub method: Method,
+    /// Bits, group size, symmetry and sparsity of linear deltas (without `target_ratio`).
+    pub quant: QuantConfig,
+    /// Bits of embedding and lm_head deltas (dense, never pruned: every stored row is kept whole).
+    pub embed_bits: u8,
+    /// Choose per-tensor recipes so the file is this many times smaller than the bf16 fine-tune.
+    pub target_ratio: Option<f64>,
+    /// Calibration text (default: the built-in mixed English/Python text).
+    pub calib_text: Option<PathBuf>,
+    /// Calibration windows.
+    pub samples: usize,
+    /// Tokens per calibration window.
+    pub seq_len: usize,
+    /// Windows per forward batch.
+    pub batch_size: usize,
+    /// OBS block size (columns per lazy batch update).
+    pub block_size: usize,
+    /// OBS damping, relative to the mean of the Hessian's diagonal.
+    pub damp: f32,
+    /// The lossless stage.
+    pub lossless: Lossless,
+    /// Where activations and Hessians are computed.
+    pub device: Device,
+}
+
+impl Default for CompressOptions {
+    fn default() -> Self {
+        Self {
+            name: None,
+            method: Method::Obs,
+            quant: QuantConfig {
+                bits: 4,
+                group_size: 128,
+                symmetric: true,
+                sparsity: Sparsity::TwoFour,
+            },
+            embed_bits: 4,
+            target_ratio: None,
+            calib_text: None,
+            samples: 128,
+            seq_len: 512,
+            batch_size: calibrate::DEFAULT_BATCH_SIZE,
+            block_size: 128,
+            damp: 0.01,
+            lossless: Lossless::default(),
+            device: Device::Cpu,
+        }
+    }
+}
+
+/// What happened to one tensor.
+#[derive(Debug, Clone)]
+pub struct TensorReport {
+    /// The tensor's name.
+    pub name: String,
+    /// Its role in the delta.
+    pub role: Role,
+    /// The codec, described (`sparse24 4b g128 sym`, `zero`, ...).
+    pub codec: String,
+    /// Bits per code, for quantized codecs.
+    pub bits: Option<u8>,
+    /// Stored bytes (after the lossless stage).
+    pub stored_bytes: u64,
+    /// Bytes of the fine-tune's tensor in bf16.
+    pub bf16_bytes: u64,
+    /// Calibrated relative error `||(D - D^) X||^2 / ||D X||^2`, where a Hessian was used.
+    pub calibrated_error: Option<f64>,
+    /// Relative Frobenius error `||D - D^|| / ||D||` (0 for exact codecs and zero deltas).
+    pub frobenius_error: f64,
+}
+
+/// The outcome of [`compress`].
+#[derive(Debug, Clone)]
+pub struct CompressReport {
+    /// The file written (or that would be written, for a dry run).
+    pub path: PathBuf,
+    /// Bytes of the file (estimated for a dry run).
+    pub file_bytes: u64,
+    /// Bytes of the whole fine-tune in bf16.
+    pub bf16_bytes: u64,
+    /// Per tensor, in file order.
+    pub tensors: Vec<TensorReport>,
+    /// Wall time.
+    pub seconds: f64,
+    /// Calibration windows actually used (0 without calibration).
+    pub calib_windows: usize,
+}
+
+impl CompressReport {
+    /// How many times smaller than the bf16 fine-tune.
+    pub fn ratio(&self) -> f64 {
+        self.bf16_bytes as f64 / self.file_bytes.max(1) as f64
+    }
+}
+
+/// Progress events, for a CLI to draw bars from. All methods have empty defaults.
+pub trait Progress {
+    /// A phase starts with `total` steps (`"fingerprint"`, `"calibrate"`, `"measure"`, ...).
+    fn phase(&mut self, _name: &str, _total: usize) {}
+    /// One step of the current phase is done.
+    fn step(&mut self, _msg: &str) {}
+    /// A tensor has been compressed.
+    fn tensor(&mut self, _report: &TensorReport) {}
+    /// A message worth showing (a warning, a choice made).
+    fn note(&mut self, _msg: &str) {}
+}
+
+/// A [`Progress`] that shows nothing.
+pub struct Quiet;
+impl Progress for Quiet {}
+
+/// Names of the tensors in each role class, checked to cover every tensor of the fine-tune.
+struct Plan {
+    linear: BTreeSet<String>,
+    embedding: String,
+    lm_head: Option<String>,
+    tied: bool,
+    other: Vec<String>,
+}
+
+/// Opens both models and checks that they can be diffed: same architecture, same tensors, same shapes.
+pub fn open_pair(base: &Path, finetuned: &Path) -> Result<(HfModel, HfModel)> {
+    let b = HfModel::open(base)?;
+    let f = HfModel::open(finetuned)?;
+    check_pair(&b, &f)?;
+    Ok((b, f))
+}
+
+fn check_pair(b: &HfModel, f: &HfModel) -> Result<()> {
+    if b.arch() != f.arch() {
+        return Err(Error::Mismatch(format!(
+            "architectures differ: base {} has {:?}, fine-tune {} has {:?}",
+            b.dir().display(),
+            b.arch(),
+            f.dir().display(),
+            f.arch()
+        )));
+    }
+    b.check_matches_arch()?;
+    f.check_matches_arch()?;
+    let bn: BTreeSet<&str> = b.names().collect();
+    let fnames: BTreeSet<&str> = f.names().collect();
+    if let Some(n) = fnames.difference(&bn).next() {
+        return Err(Error::Mismatch(format!(
+            "the fine-tune has tensor {n:?}, which the base lacks"
+        )));
+    }
+    if let Some(n) = bn.difference(&fnames).next() {
+        return Err(Error::Mismatch(format!(
+            "the base has tensor {n:?}, which the fine-tune lacks"
+        )));
+    }
+    for n in &fnames {
+        let (bi, fi) = (b.info(n), f.info(n));
+        let (bi, fi) = (bi.as_ref(), fi.as_ref());
+        if bi.map(|i| &i.shape) != fi.map(|i| &i.shape) {
+            return Err(Error::Mismatch(format!(
+                "tensor {n:?} has shape {:?} in the base and {:?} in the fine-tune",
+                bi.map(|i| &i.shape),
+                fi.map(|i| &i.shape)
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn plan(f: &HfModel) -> Plan {
+    let arch = f.arch();
+    let mut linear = BTreeSet::new();
+    for i in 0..arch.num_layers {
+        for g in arch.linear_groups(i) {
+            linear.extend(g);
+        }
+    }
+    let tied = arch.tie_word_embeddings || f.info("lm_head.weight").is_none();
+    let embedding = "model.embed_tokens.weight".to_string();
+    let lm_head = (!tied).then(|| "lm_head.weight".to_string());
+    let other = f
+        .names()
+        .filter(|n| !linear.contains(*n) && **n != *embedding && Some(*n) != lm_head.as_deref())
+        .map(str::to_string)
+        .collect();
+    Plan {
+        linear,
+        embedding,
+        lm_head,
+        tied,
+        other,
+    }
+}
+
+/// The fine-tune's tensor minus the base's, and the fine-tune's dtype.
+fn delta_of(base: &HfModel, ft: &HfModel, name: &str) -> Result<(Vec<f32>, Vec<f32>, Dtype)> {
+    let w0 = base.to_f32(name)?;
+    let w1 = ft.to_f32(name)?;
+    let dtype = ft
+        .info(name)
+        .map(|i| i.dtype)
+        .ok_or_else(|| Error::InvalidModel(format!("no tensor {name}")))?;
+    let d = w1.iter().zip(&w0).map(|(a, b)| a - b).collect();
+    Ok((w0, d, dtype))
+}
+
+fn shape_of(m: &HfModel, name: &str) -> Result<Vec<usize>> {
+    m.info(name)
+        .map(|i| i.shape)
+        .ok_or_else(|| Error::InvalidModel(format!("no tensor {name}")))
+}
+
+fn matrix(shape: &[usize]) -> (usize, usize) {
+    let k = shape.last().copied().unwrap_or(1);
+    (shape.iter().product::<usize>() / k.max(1), k)
+}
+
+fn frob_rel(d: &[f32], d_hat: &[f32]) -> f64 {
+    let (mut num, mut den) = (0f64, 0f64);
+    for (a, b) in d.iter().zip(d_hat) {
+        num += ((a - b) as f64).powi(2);
+        den += (*a as f64).powi(2);
+    }
+    if den == 0.0 {
+        0.0
+    } else {
+        (num / den).sqrt()
+    }
+}
+
+/// `trace(D H D^T)`: the calibrated energy of the delta itself, the denominator of relative errors.
+fn energy(d: &[f32], h: &[f32], rows: usize, cols: usize) -> Result<f64> {
+    crate::calibrated_error(d, &vec![0.0; d.len()], h, rows, cols)
+}
+
+/// A compressed tensor, ready for the writer.
+struct Done {
+    encoded: EncodedTensor,
+    report: TensorReport,
+    /// `base + D^` in f32, when a model needs it installed.
+    merged: Option<Vec<f32>>,
+}
+
+/// Builds the encoded tensor and its report from a payload.
+#[allow(clippy::too_many_arguments)]
+fn finish_tensor(
+    name: &str,
+    role: Role,
+    shape: &[usize],
+    dtype: Dtype,
+    row_index: Option<&[u32]>,
+    payload: &Payload,
+    d: &[f32],
+    d_hat_full: &[f32],
+    calibrated_error: Option<f64>,
+    lossless: Lossless,
+) -> Result<(EncodedTensor, TensorReport)> {
+    let shape64: Vec<u64> = shape.iter().map(|&s| s as u64).collect();
+    let encoded =
+        EncodedTensor::from_payload(name, role, &shape64, dtype, row_index, payload, lossless)?;
+    let report = TensorReport {
+        name: name.to_string(),
+        role,
+        codec: encoded.codec.describe()
+            + &row_index
+                .map(|r| format!(" {}r", r.len()))
+                .unwrap_or_default(),
+        bits: encoded.codec.quant_params().map(|p| p.bits),
+        stored_bytes: encoded.parts.iter().map(|p| p.bytes.len() as u64).sum(),
+        bf16_bytes: shape.iter().product::<usize>() as u64 * 2,
+        calibrated_error,
+        frobenius_error: frob_rel(d, d_hat_full),
+    };
+    Ok((encoded, report))
+}
+
+/// Compresses one linear delta with the chosen method (OBS needs `h`).
+#[allow(clippy::too_many_arguments)]
+fn compress_linear(
+    name: &str,
+    role: Role,
+    base: &HfModel,
+    ft: &HfModel,
+    method: Method,
+    quant: &QuantConfig,
+    h: Option<&[f32]>,
+    opts: &CompressOptions,
+) -> Result<Done> {
+    let shape = shape_of(ft, name)?;
+    let (rows, cols) = matrix(&shape);
+    let (w0, d, dtype) = delta_of(base, ft, name)?;
+    if d.iter().all(|&v| v == 0.0) {
+        let payload = Payload::Zero { rows, cols };
+        let (encoded, report) = finish_tensor(
+            name,
+            role,
+            &shape,
+            dtype,
+            None,
+            &payload,
+            &d,
+            &d,
+            None,
+            opts.lossless,
+        )?;
+        return Ok(Done {
+            encoded,
+            report,
+            merged: Some(w0),
+        });
+    }
+    let (payload, cal) = match (method, h) {
+        (Method::Obs, Some(h)) => {
+            let cfg = ObsConfig {
+                quant: *quant,
+                block_size: opts.block_size,
+                damp: opts.damp,
+            };
+            let out = obs(&d, rows, cols, h, &cfg)?;
+            let e = energy(&d, h, rows, cols)?;
+            let rel = if e > 0.0 { out.error / e } else { 0.0 };
+            (out.payload, Some(rel))
+        }
+        (Method::Obs, None) => {
+            return Err(Error::InvalidConfig(format!(
+                "{name}: OBS needs a calibration Hessian"
+            )))
+        }
+        (Method::Rtn, _) => (rtn(&d, rows, cols, quant)?, None),
+        (Method::Sign, _) => (sign1(&d, rows, cols)?, None),
+    };
+    let d_hat = payload.dequantize();
+    let cal = match (cal, h) {
+        (Some(c), _) => Some(c),
+        (None, Some(h)) => {
+            let e = energy(&d, h, rows, cols)?;
+            let err = crate::calibrated_error(&d, &d_hat, h, rows, cols)?;
+            Some(if e > 0.0 { err / e } else { 0.0 })
+        }
+        (None, None) => None,
+    };
+    let (encoded, report) = finish_tensor(
+        name,
+        role,
+        &shape,
+        dtype,
+        None,
+        &payload,
+        &d,
+        &d_hat,
+        cal,
+        opts.lossless,
+    )?;
+    let merged = w0.iter().zip(&d_hat).map(|(a, b)| a + b).collect();
+    Ok(Done {
+        encoded,
+        report,
+        merged: Some(merged),
+    })
+}
+
+/// Compresses an embedding or output-head delta: only moved rows are stored; with a Hessian (output
+/// side) OBS, else RTN. Never pruned.
+#[allow(clippy::too_many_arguments)]
+fn compress_table(
+    name: &str,
+    role: Role,
+    base: &HfModel,
+    ft: &HfModel,
+    method: Method,
+    h: Option<&[f32]>,
+    opts: &CompressOptions,
+) -> Result<Done> {
+    let shape = shape_of(ft, name)?;
+    let (rows, cols) = matrix(&shape);
+    let (w0, d, dtype) = delta_of(base, ft, name)?;
+    let moved: Vec<u32> = (0..rows)
+        .filter(|&r| d[r * cols..(r + 1) * cols].iter().any(|&v| v != 0.0))
+        .map(|r| r as u32)
+        .collect();
+    if moved.is_empty() {
+        let payload = Payload::Zero { rows, cols };
+        let (encoded, report) = finish_tensor(
+            name,
+            role,
+            &shape,
+            dtype,
+            None,
+            &payload,
+            &d,
+            &d,
+            None,
+            opts.lossless,
+        )?;
+        return Ok(Done {
+            encoded,
+            report,
+            merged: None,
+        });
+    }
+    let subset = moved.len() < rows;
+    let sub: Vec<f32> = if subset {
+        moved
+            .iter()
+            .flat_map(|&r| {
+                d[r as usize * cols..(r as usize + 1) * cols]
+                    .iter()
+                    .copied()
+            })
+            .collect()
+    } else {
+        d.clone()
+    };
+    let n = moved.len();
+    let quant = QuantConfig {
+        bits: opts.embed_bits,
+        group_size: opts.quant.group_size,
+        symmetric: opts.quant.symmetric,
+        sparsity: Sparsity::None,
+    };
+    let (payload, cal) = match (method, h) {
+        (Method::Obs, Some(h)) => {
+            let cfg = ObsConfig {
+                quant,
+                block_size: opts.block_size,
+                damp: opts.damp,
+            };
+            let out = obs(&sub, n, cols, h, &cfg)?;
+            let e = energy(&sub, h, n, cols)?;
+            (out.payload, Some(if e > 0.0 { out.error / e } else { 0.0 }))
+        }
+        _ => (rtn(&sub, n, cols, &quant)?, None),
+    };
+    let sub_hat = payload.dequantize();
+    let mut d_hat = vec![0f32; rows * cols];
+    for (i, &r) in moved.iter().enumerate() {
+        d_hat[r as usize * cols..(r as usize + 1) * cols]
+            .copy_from_slice(&sub_hat[i * cols..(i + 1) * cols]);
+    }
+    let (encoded, report) = finish_tensor(
+        name,
+        role,
+        &shape,
+        dtype,
+        subset.then_some(moved.as_slice()),
+        &payload,
+        &d,
+        &d_hat,
+        cal,
+        opts.lossless,
+    )?;
+    let merged = w0.iter().zip(&d_hat).map(|(a, b)| a + b).collect();
+    Ok(Done {
+        encoded,
+        report,
+        merged: Some(merged),
+    })
+}
+
+/// Norms, biases and anything else: an exact dense f32 delta, or `zero`.
+fn compress_other(name: &str, base: &HfModel, ft: &HfModel, lossless: Lossless) -> Result<Done> {
+    let shape = shape_of(ft, name)?;
+    let (rows, cols) = matrix(&shape);
+    let (_, d, dtype) = delta_of(base, ft, name)?;
+    let payload = if d.iter().all(|&v| v == 0.0) {
+        Payload::Zero { rows, cols }
+    } else {
+        Payload::Dense(dz_format::codec::Dense::from_f32(
+            rows,
+            cols,
+            Dtype::F32,
+            &d,
+        ))
+    };
+    let (encoded, report) = finish_tensor(
+        name,
+        Role::DenseDelta,
+        &shape,
+        dtype,
+        None,
+        &payload,
+        &d,
+        &d,
+        None,
+        lossless,
+    )?;
+    Ok(Done {
+        encoded,
+        report,
+        merged: None,
+    })
+}
+
+/// Compresses `finetuned` against `base` into `out`.
+pub fn compress(
+    base: &Path,
+    finetuned: &Path,
+    out: &Path,
+    opts: &CompressOptions,
+    progress: &mut dyn Progress,
+) -> Result<CompressReport> {
+    let t0 = Instant::now();
+    // Column counts are checked per tensor; 4 columns passes every column check.
+    opts.quant.validate(4)?;
+    if !matches!(opts.embed_bits, 2 | 3 | 4 | 8) {
+        return Err(Error::InvalidConfig(format!(
+            "embedding bits must be 2, 3, 4 or 8, got {}",
+            opts.embed_bits
+        )));
+    }
+    if let Some(r) = opts.target_ratio {
+        if !(r.is_finite() && r > 1.0) {
+            return Err(Error::InvalidConfig(format!(
+                "target ratio must be a number > 1, got {r}"
+            )));
+        }
+        if opts.method != Method::Obs {
+            return Err(Error::InvalidConfig(
+                "--target-ratio measures calibrated errors, so it needs --method obs".into(),
+            ));
+        }
+    }
+    let (bm, fm) = open_pair(base, finetuned)?;
+    let plan = plan(&fm);
+
+    progress.phase("fingerprint", 1);
+    let fingerprint = bm.fingerprint()?;
+    progress.step("base fingerprinted");
+
+    let name = opts.name.clone().unwrap_or_else(|| {
+        finetuned
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "finetune".into())
+    });
+    let mut recipe = Recipe {
+        tool: format!("deltazip {}", env!("CARGO_PKG_VERSION")),
+        method: opts.method.as_str().to_string(),
+        bits: Some(opts.quant.bits),
+        sparsity: Some(sparsity_str(opts.quant.sparsity)),
+        group_size: Some(opts.quant.group_size),
+        symmetric: Some(opts.quant.symmetric),
+        target_ratio: opts.target_ratio,
+        extra: BTreeMap::new(),
+    };
+    recipe
+        .extra
+        .insert("embed_bits".into(), opts.embed_bits.into());
+    if opts.method == Method::Sign {
+        recipe.bits = Some(1);
+        recipe.sparsity = None;
+        recipe.group_size = None;
+        recipe.symmetric = None;
+    }
+
+    let bf16_bytes: u64 = fm
+        .names()
+        .filter_map(|n| fm.info(n))
+        .map(|i| i.numel() as u64 * 2)
+        .sum();
+    let samples = match opts.method {
+        Method::Obs => calibration_samples(&fm, &bm, opts)?,
+        Method::Rtn | Method::Sign => Vec::new(),
+    };
+    let choice = match opts.target_ratio {
+        Some(r) => {
+            let (choice, mix) = allocate(&bm, &fm, &plan, &samples, opts, r, bf16_bytes, progress)?;
+            recipe.method = "obs-mixed".into();
+            recipe.bits = None;
+            recipe.sparsity = None;
+            recipe.extra.insert("allocation".into(), mix.into());
+            Some(choice)
+        }
+        None => None,
+    };
+    let mut writer =
+        DeltaWriter::create(out, &name, fm.config_json().clone(), fingerprint, recipe)?;
+    let mut reports = Vec::new();
+    let calib_windows = samples.len();
+
+    match opts.method {
+        Method::Obs => {
+            let mut model = load_model(&fm, &opts.device)?;
+            let arch = fm.arch().clone();
+            progress.phase("compress", 4 * arch.num_layers + 2);
+            let mut dones: Vec<Done> = Vec::new();
+            let final_h = calibrate::calibrate(
+                &mut model,
+                &samples,
+                opts.batch_size,
+                |_layer, names, h, _cols| {
+                    let done: Vec<Done> = names
+                        .par_iter()
+                        .map(|n| {
+                            let q = choice
+                                .as_ref()
+                                .and_then(|c| c.get(n))
+                                .copied()
+                                .unwrap_or(opts.quant);
+                            compress_linear(
+                                n,
+                                Role::Linear,
+                                &bm,
+                                &fm,
+                                Method::Obs,
+                                &q,
+                                Some(h),
+                                opts,
+                            )
+                        })
+                        .collect::<Result<_>>()?;
+                    let mut installs = Vec::with_capacity(done.len());
+                    for mut d in done {
+                        if let Some(w) = d.merged.take() {
+                            installs.push((d.report.name.clone(), w));
+                        }
+                        dones.push(d);
+                    }
+                    Ok(installs)
+                },
+                |p| progress.step(&format!("layer {} group {}/4", p.layer, p.group + 1)),
+            )?;
+            for d in dones {
+                progress.tensor(&d.report);
+                reports.push(d.report);
+                writer.add(d.encoded)?;
+            }
+            // The output head sees the final hidden states: its Hessian drives OBS for lm_head, or for the
+            // tied embedding (which is the output head too).
+            let h_head = head_hessian(&model, &final_h)?;
+            let head = plan.lm_head.as_deref().unwrap_or(&plan.embedding);
+            let head_role = if plan.tied {
+                Role::Embedding
+            } else {
+                Role::LmHead
+            };
+            let d = compress_table(head, head_role, &bm, &fm, Method::Obs, Some(&h_head), opts)?;
+            progress.step("output head");
+            progress.tensor(&d.report);
+            reports.push(d.report);
+            writer.add(d.encoded)?;
+            if !plan.tied {
+                let d = compress_table(
+                    &plan.embedding,
+                    Role::Embedding,
+                    &bm,
+                    &fm,
+                    Method::Rtn,
+                    None,
+                    opts,
+                )?;
+                progress.tensor(&d.report);
+                reports.push(d.report);
+                writer.add(d.encoded)?;
+            }
+            progress.step("embeddings");
+        }
+        Method::Rtn | Method::Sign => {
+            progress.phase("compress", plan.linear.len() + 2);
+            let names: Vec<&String> = plan.linear.iter().collect();
+            // Parallel across tensors, written in order, a chunk at a time to bound memory.
+            for chunk in names.chunks(rayon::current_num_threads().max(1) * 2) {
+                let done: Vec<Done> = chunk
+                    .par_iter()
+                    .map(|n| {
+                        compress_linear(
+                            n,
+                            Role::Linear,
+                            &bm,
+                            &fm,
+                            opts.method,
+                            &opts.quant,
+                            None,
+                            opts,
+                        )
+                    })
+                    .collect::<Result<_>>()?;
+                for d in done {
+                    progress.step(&d.report.name);
+                    progress.tensor(&d.report);
+                    reports.push(d.report);
+                    writer.add(d.encoded)?;
+                }
+            }
+            let mut tables = vec![(plan.embedding.clone(), Role::Embedding)];
+            if let Some(h) = &plan.lm_head {
+                tables.push((h.clone(), Role::LmHead));
+            }
+            for (n, role) in tables {
+                let d = compress_table(&n, role, &bm, &fm, Method::Rtn, None, opts)?;
+                progress.step(&n);
+                progress.tensor(&d.report);
+                reports.push(d.report);
+                writer.add(d.encoded)?;
+            }
+        }
+    }
+    for n in &plan.other {
+        let d = compress_other(n, &bm, &fm, opts.lossless)?;
+        progress.tensor(&d.report);
+        reports.push(d.report);
+        writer.add(d.encoded)?;
+    }
+    // Nothing of the fine-tune may be dropped silently.
+    let written: BTreeSet<&str> = reports.iter().map(|r| r.name.as_str()).collect();
+    if let Some(missing) = fm.names().find(|n| !written.contains(n)) {
+        return Err(Error::InvalidModel(format!(
+            "internal: tensor {missing:?} of the fine-tune was not compressed"
+        )));
+    }
+    let WriteSummary { path, file_len, .. } = writer.finish()?;
+    Ok(CompressReport {
+        path,
+        file_bytes: file_len,
+        bf16_bytes,
+        tensors: reports,
+        seconds: t0.elapsed().as_secs_f64(),
+        calib_windows,
+    })
+}
+
+fn sparsity_str(s: Sparsity) -> String {
+    match s {
+        Sparsity::None => "none".into(),
+        Sparsity::TwoFour => "2:4".into(),
+        Sparsity::Unstructured { density } => format!("{}", 1.0 - density),
+    }
+}
+
+/// The fine-tune's model on the calibration device.
+fn load_model(fm: &HfModel, device: &Device) -> Result<LlamaModel> {
+    LlamaModel::load(fm.arch(), device, |n| fm.to_f32(n))
+}
+
+/// Calibration windows from the given text (or the built-in one), tokenized with the fine-tune's (else
+/// the base's) tokenizer.
+fn calibration_samples(
+    fm: &HfModel,
+    bm: &HfModel,
+    opts: &CompressOptions,
+) -> Result<Vec<Vec<u32>>> {
+    let tok_path = fm
+        .tokenizer_path()
+        .or_else(|| bm.tokenizer_path())
+        .ok_or_else(|| {
+            Error::Calibration(format!(
+            "neither {} nor {} has a tokenizer.json, which calibration needs (or use --method rtn)",
+            fm.dir().display(),
+            bm.dir().display()
+        ))
+        })?;
+    let tok = crate::calib_data::load_tokenizer(&tok_path)?;
+    let text = match &opts.calib_text {
+        Some(p) => std::fs::read_to_string(p).map_err(|e| Error::Io {
+            path: p.clone(),
+            source: e,
+        })?,
+        None => crate::calib_data::default_calib_text().to_string(),
+    };
+    crate::calib_data::token_samples(&tok, &text, opts.samples, opts.seq_len).map_err(|e| {
+        match (e, &opts.calib_text) {
+            (Error::Calibration(m), Some(p)) => Error::Calibration(format!("{}: {m}", p.display())),
+            (e, _) => e,
+        }
+    })
+}
+
+/// `H = 2/n sum x x^T` over the final normed hidden states (the output head's input).
+fn head_hessian(model: &LlamaModel, final_h: &Tensor) -> Result<Vec<f32>> {
+    let x = model.final_norm(final_h)?;
+    let mut acc = HessianAccumulator::new(model.arch().hidden_size);
+    acc.add(&x)?;
+    acc.finish()
+}
+
+/// Candidate recipes for `--target-ratio`, from smallest to largest.
+fn candidates(base: &QuantConfig) -> Vec<QuantConfig> {
+    let mk = |bits, sparsity| QuantConfig {
+        bits,
+        group_size: base.group_size,
+        symmetric: base.symmetric,
+        sparsity,
+    };
+    vec![
+        mk(2, Sparsity::TwoFour),
+        mk(3, Sparsity::TwoFour),
+        mk(2, Sparsity::None),
+        mk(4, Sparsity::TwoFour),
+        mk(3, Sparsity::None),
+        mk(8, Sparsity::TwoFour),
+        mk(4, Sparsity::None),
+        mk(8, Sparsity::None),
+    ]
+}
+
+/// Packed bytes of a recipe for a `rows x cols` tensor (before zstd): the layout formulas.
+fn recipe_bytes(q: &QuantConfig, rows: usize, cols: usize) -> Result<u64> {
+    let p = q.params(1.0);
+    let codec = match q.sparsity {
+        Sparsity::TwoFour => Codec::Sparse24(p),
+        Sparsity::None => Codec::Quant(p),
+        Sparsity::Unstructured { .. } => {
+            return Err(Error::InvalidConfig(
+                "unstructured sparsity is not a --target-ratio candidate".into(),
+            ))
+        }
+    };
+    let layout = dz_format::layout::part_layout("", &codec, rows, cols, false)?;
+    Ok(layout
+        .iter()
+        .map(|p| match p.len {
+            dz_format::layout::PartLen::Exact(n) => n as u64,
+            dz_format::layout::PartLen::FromRowPtr => 0,
+        })
+        .sum())
+}
+
+/// The size budget: measures each linear tensor's calibrated error under every candidate recipe (on the
+/// fine-tune's own activations), then picks one recipe per tensor minimising the summed error under the
+/// byte budget left after the embeddings, norms and file overhead.
+#[allow(clippy::too_many_arguments)]
+fn allocate(
+    bm: &HfModel,
+    fm: &HfModel,
+    plan: &Plan,
+    samples: &[Vec<u32>],
+    opts: &CompressOptions,
+    ratio: f64,
+    bf16_bytes: u64,
+    progress: &mut dyn Progress,
+) -> Result<(BTreeMap<String, QuantConfig>, String)> {
+    let cands = candidates(&opts.quant);
+    // Fixed costs, estimated: tables at embed_bits over all rows, dense f32 norms, 1 KiB per tensor.
+    let mut fixed: u64 = 0;
+    let tables: Vec<&String> = std::iter::once(&plan.embedding)
+        .chain(plan.lm_head.as_ref())
+        .collect();
+    for t in tables {
+        let (r, c) = matrix(&shape_of(fm, t)?);
+        let q = QuantConfig {
+            bits: opts.embed_bits,
+            group_size: opts.quant.group_size,
+            symmetric: opts.quant.symmetric,
+            sparsity: Sparsity::None,
+        };
+        fixed += recipe_bytes(&q, r, c)?;
+    }
+    for n in &plan.other {
+        fixed += shape_of(fm, n)?.iter().product::<usize>() as u64 * 4;
+    }
+    fixed += 1024 * fm.len() as u64;
+    let budget = (bf16_bytes as f64 / ratio) as u64;
+    let linear_budget = budget.saturating_sub(fixed);
+
+    let mut model = load_model(fm, &opts.device)?;
+    let arch = fm.arch().clone();
+    progress.phase("measure", 4 * arch.num_layers);
+    // Per tensor: (bytes, error) per candidate.
+    let mut table: BTreeMap<String, Vec<(u64, f64)>> = BTreeMap::new();
+    calibrate::calibrate(
+        &mut model,
+        samples,
+        opts.batch_size,
+        |_layer, names, h, _cols| {
+            let rows: Vec<(String, Vec<(u64, f64)>)> = names
+                .par_iter()
+                .map(|n| {
+                    let shape = shape_of(fm, n)?;
+                    let (rows, cols) = matrix(&shape);
+                    let (_, d, _) = delta_of(bm, fm, n)?;
+                    let zero = d.iter().all(|&v| v == 0.0);
+                    let per = cands
+                        .iter()
+                        .map(|q| {
+                            let bytes = recipe_bytes(q, rows, cols)?;
+                            if zero || (q.sparsity == Sparsity::TwoFour && cols % 4 != 0) {
+                                return Ok((bytes, if zero { 0.0 } else { f64::INFINITY }));
+                            }
+                            let cfg = ObsConfig {
+                                quant: *q,
+                                block_size: opts.block_size,
+                                damp: opts.damp,
+                            };
+                            // Absolute calibrated errors are output-space errors, comparable across
+                            // the layers of one model; relative ones would weigh every layer alike.
+                            Ok((bytes, obs(&d, rows, cols, h, &cfg)?.error))
+                        })
+                        .collect::<Result<Vec<_>>>()?;
+                    Ok((n.clone(), per))
+                })
+                .collect::<Result<_>>()?;
+            table.extend(rows);
+            Ok(Vec::new()) // measure only: the fine-tune's own weights stay
+        },
+        |p| progress.step(&format!("layer {} group {}/4", p.layer, p.group + 1)),
+    )?;
+
+    let min_total: u64 = table
+        .values()
+        .map(|c| c.iter().map(|x| x.0).min().unwrap_or(0))
+        .sum();
+    if min_total > linear_budget {
+        let best = bf16_bytes as f64 / (min_total + fixed) as f64;
+        return Err(Error::InvalidConfig(format!(
+            "target ratio {ratio} is out of reach: even the smallest candidate recipes give about \
+             {best:.1}x (embeddings and norms alone take {} bytes); lower --target-ratio or --embed-bits",
+            fixed
+        )));
+    }
+    // Lagrangian allocation: each tensor picks argmin(error + lambda * bytes); bisect lambda (in log
+    // space) for the smallest total error whose bytes fit the budget.
+    let pick = |lambda: f64| -> (u64, BTreeMap<String, usize>) {
+        let mut total = 0;
+        let mut choice = BTreeMap::new();
+        for (n, c) in &table {
+            let (i, (b, _)) = c
+                .iter()
+                .enumerate()
+                .min_by(|(_, x), (_, y)| {
+                    (x.1 + lambda * x.0 as f64).total_cmp(&(y.1 + lambda * y.0 as f64))
+                })
+                .expect("candidates are never empty");
+            total += b;
+            choice.insert(n.clone(), i);
+        }
+        (total, choice)
+    };
+    // At the upper end lambda is so large that every tensor takes its smallest recipe, which fits.
+    let (mut lo, mut hi) = (-60f64, 10f64); // log10(lambda)
+    let (mut best_bytes, mut best) = pick(10f64.powf(hi));
+    for _ in 0..80 {
+        let mid = 0.5 * (lo + hi);
+        let (bytes, choice) = pick(10f64.powf(mid));
+        if bytes <= linear_budget {
+            hi = mid;
+            best = choice;
+            best_bytes = bytes;
+        } else {
+            lo = mid;
+        }
+    }
+    let mut mix: BTreeMap<String, usize> = BTreeMap::new();
+    let out: BTreeMap<String, QuantConfig> = best
+        .iter()
+        .map(|(n, &i)| {
+            *mix.entry(describe_q(&cands[i])).or_default() += 1;
+            (n.clone(), cands[i])
+        })
+        .collect();
+    let mix = mix
+        .iter()
+        .map(|(k, v)| format!("{v} x {k}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    progress.note(&format!(
+        "target {ratio}x: linear budget {linear_budget} bytes, chosen {best_bytes}; recipes: {mix}"
+    ));
+    Ok((out, mix))
+}
+
+fn describe_q(q: &QuantConfig) -> String {
+    match q.sparsity {
+        Sparsity::TwoFour => format!("{}b 2:4", q.bits),
+        Sparsity::None => format!("{}b dense", q.bits),
+        Sparsity::Unstructured { density } => format!("{}b {:.0}%", q.bits, density * 100.0),
+    }
+}
+
+/// A size estimate made without compressing anything (`--dry-run`).
+#[derive(Debug, Clone)]
+pub struct Estimate {
+    /// Bytes of the whole fine-tune in bf16.
+    pub bf16_bytes: u64,
+    /// Estimated delta file bytes before the lossless stage (an upper bound: every embedding row counted,
+    /// no zstd).
+    pub delta_bytes: u64,
+    /// Per tensor class: (class, tensors, estimated bytes).
+    pub classes: Vec<(String, usize, u64)>,
+}
+
+impl Estimate {
+    /// How many times smaller than the bf16 fine-tune.
+    pub fn ratio(&self) -> f64 {
+        self.bf16_bytes as f64 / self.delta_bytes.max(1) as f64
+    }
+}
+
+/// Estimates the delta's size for `opts` from the layout formulas alone (checks the pair too). With a
+/// target ratio the budget itself is the estimate.
+pub fn estimate(base: &Path, finetuned: &Path, opts: &CompressOptions) -> Result<Estimate> {
+    opts.quant.validate(4)?;
+    let (_, fm) = open_pair(base, finetuned)?;
+    let plan = plan(&fm);
+    let bf16_bytes: u64 = fm
+        .names()
+        .filter_map(|n| fm.info(n))
+        .map(|i| i.numel() as u64 * 2)
+        .sum();
+    let mut linear = 0u64;
+    for n in &plan.linear {
+        let (r, c) = matrix(&shape_of(&fm, n)?);
+        linear += match opts.method {
+            Method::Sign => {
+                let l = dz_format::layout::part_layout(
+                    n,
+                    &Codec::Sign1 { global_scale: 1.0 },
+                    r,
+                    c,
+                    false,
+                )?;
+                l.iter()
+                    .map(|p| match p.len {
+                        dz_format::layout::PartLen::Exact(n) => n as u64,
+                        dz_format::layout::PartLen::FromRowPtr => 0,
+                    })
+                    .sum()
+            }
+            _ => match opts.quant.sparsity {
+                Sparsity::Unstructured { density } => {
+                    // mask + row_ptr + kept codes + scales.
+                    let kept = (density as f64 * (r * c) as f64) as u64;
+                    let q = QuantConfig {
+                        sparsity: Sparsity::None,
+                        ..opts.quant
+                    };
+                    let grid = recipe_bytes(&q, r, c)? - (r * c * q.bits as usize / 8) as u64;
+                    (r * c / 8) as u64 + 4 * (r as u64 + 1) + kept * q.bits as u64 / 8 + grid
+                }
+                _ => recipe_bytes(&opts.quant, r, c)?,
+            },
+        };
+    }
+    let mut tables = 0u64;
+    for t in std::iter::once(&plan.embedding).chain(plan.lm_head.as_ref()) {
+        let (r, c) = matrix(&shape_of(&fm, t)?);
+        let q = QuantConfig {
+            bits: opts.embed_bits,
+            group_size: opts.quant.group_size,
+            symmetric: opts.quant.symmetric,
+            sparsity: Sparsity::None,
+        };
+        tables += recipe_bytes(&q, r, c)?;
+    }
+    let other: u64 = plan
+        .other
+        .iter()
+        .map(|n| shape_of(&fm, n).map(|s| s.iter().product::<usize>() as u64 * 4))
+        .sum::<Result<u64>>()?;
+    let overhead = 1024 * fm.len() as u64;
+    let (linear, delta_bytes) = match opts.target_ratio {
+        Some(r) => {
+            let total = (bf16_bytes as f64 / r) as u64;
+            (total.saturating_sub(tables + other + overhead), total)
+        }
+        None => (linear, linear + tables + other + overhead),
+    };
+    Ok(Estimate {
+        bf16_bytes,
+        delta_bytes,
+        classes: vec![
+            ("linear".into(), plan.linear.len(), linear),
+            (
+                "embedding/lm_head".into(),
+                1 + plan.lm_head.is_some() as usize,
+                tables,
+            ),
+            ("norms/biases".into(), plan.other.len(), other),
+            ("header (est.)".into(), 0, overhead),
+        ],
+    })
+}
