@@ -49,10 +49,10 @@ pub struct TensorInfo {
 }
 
 impl TensorInfo {
-    /// Number of elements (the product of the dimensions; 1 for a scalar).
+    /// Number of elements (the product of the dimensions; 1 for a scalar). Saturates at `usize::MAX`,
+    /// which no tensor [`HfModel::info`] returns can reach: their shapes were checked against their bytes.
     pub fn numel(&self) -> usize {
-        // Cannot overflow: the shape was checked against the shard's byte range when it was indexed.
-        self.shape.iter().product()
+        self.shape.iter().fold(1usize, |a, &d| a.saturating_mul(d))
     }
 }
 

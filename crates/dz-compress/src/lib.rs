@@ -16,6 +16,10 @@
 //!
 //! Every method returns the logical payload of a dz-format codec ([`dz_format::codec::Payload`]): `Quant`,
 //! `Sparse24`, `Sparse` or `Sign1`, whose dequantization is exactly what the method measured.
+//!
+//! Around it, on a whole model: [`mod@model`] is a Llama-family forward pass in candle (f32, any device) with a
+//! staged per-layer API, perplexity and KL helpers; [`mod@calibrate`] runs sequential layer-by-layer calibration
+//! over it, handing each linear group's input Hessian to a compressor and installing what it returns.
 #![deny(missing_docs)]
 
 pub mod arch;
