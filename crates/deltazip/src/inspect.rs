@@ -151,16 +151,21 @@ fn text_report<S: AsRef<[u8]>>(
         if z {
             codec.push_str(" +z");
         }
+        let r = if e.stored_bytes() == 0 {
+            "-".to_string()
+        } else {
+            format!("{:.1}x", ratio(e.dense_bytes(), e.stored_bytes()))
+        };
         let _ = writeln!(
             s,
-            "{:<48} {:<11} {:>14} {:<22} {:>11} {:>11} {:>6.1}x",
+            "{:<48} {:<11} {:>14} {:<22} {:>11} {:>11} {:>7}",
             truncate(&e.name, 48),
             e.role.as_str(),
             shape,
             codec,
             human(e.stored_bytes()),
             human(e.dense_bytes()),
-            ratio(e.dense_bytes(), e.stored_bytes()),
+            r,
         );
     }
     if m.tensors.len() > limit {
@@ -185,10 +190,11 @@ fn text_report<S: AsRef<[u8]>>(
         human(t.dense),
         human(t.dense_bf16)
     );
+    let r = ratio(t.dense_bf16, t.file);
     let _ = writeln!(
         s,
-        "ratio      {:.2}x smaller than the bf16 fine-tune (whole file, embeddings and lm_head included)",
-        ratio(t.dense_bf16, t.file)
+        "ratio      {r:.2}x {} than the bf16 fine-tune (whole file, embeddings and lm_head included)",
+        if r >= 1.0 { "smaller" } else { "LARGER" }
     );
     match verified {
         Some(n) => {

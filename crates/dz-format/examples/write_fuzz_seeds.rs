@@ -129,6 +129,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         w.finish()?;
         all.push(t);
     }
+    // A tensor the fine-tune left untouched.
+    all.push(EncodedTensor::from_payload(
+        "untouched",
+        Role::Linear,
+        &[r as u64, c as u64],
+        Dtype::F16,
+        None,
+        &Payload::Zero { rows: r, cols: c },
+        Lossless::None,
+    )?);
     // A row subset of an embedding.
     let emb = Payload::Quant(Quant {
         rows: 2,

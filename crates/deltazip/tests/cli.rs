@@ -1,0 +1,248 @@
+//! The `deltazip` binary as a user runs it: the demo, compress/inspect/merge/eval on a tiny family, and
+//! one-line errors with a non-zero exit code.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use dz_compress::fixtures::{self, TinySpec};
+
+fn deltazip(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_deltazip"))
+        .args(args)
+        .output()
+        .expect("run deltazip")
+}
+
+fn ok(o: &Output) -> String {
+    assert!(
+        o.status.success(),
+        "deltazip failed: {}\n{}",
+        String::from_utf8_lossy(&o.stderr),
+        String::from_utf8_lossy(&o.stdout)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// A failure: non-zero exit, and stderr is exactly one line starting with `error:`.
+fn one_line_error(o: &Output) -> String {
+    assert!(!o.status.success(), "expected a failure");
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(err.starts_with("error: "), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
+    err
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn demo_runs_and_obs_keeps_more_than_rtn() {
+    let rows = deltazip::demo::run_rows(
+        &deltazip::demo::DemoArgs {
+            out: None,
+            seed: 42,
+            finetunes: 2,
+            verbose: false,
+        },
+        true,
+    )
+    .unwrap();
+    assert_eq!(rows.len(), 3, "ft-0 with obs and rtn, ft-1 with obs");
+    let obs = rows.iter().find(|r| r.method == "obs").unwrap();
+    let rtn = rows.iter().find(|r| r.method == "rtn").unwrap();
+    assert!(
+        obs.kept() > 0.85,
+        "OBS keeps {:.3} of the fine-tune's divergence",
+        obs.kept()
+    );
+    assert!(
+        obs.kept() > rtn.kept(),
+        "OBS {:.3} vs RTN {:.3}",
+        obs.kept(),
+        rtn.kept()
+    );
+    assert!(rows.iter().all(|r| r.ratio > 1.5));
+}
+
+#[test]
+fn compress_inspect_merge_eval() {
+    let dir = tempfile::tempdir().unwrap();
+    let fam = fixtures::write_family(&dir.path().join("fam"), &TinySpec::llama(), 1).unwrap();
+    let delta = dir.path().join("ft.dz");
+    let report = dir.path().join("report.json");
+    let out = ok(&deltazip(&[
+        "compress",
+        "--base",
+        s(&fam.base),
+        "--finetuned",
+        s(&fam.finetunes[0]),
+        "--out",
+        s(&delta),
+        "--calib",
+        s(&fam.calib_text),
+        "--samples",
+        "8",
+        "--seq-len",
+        "64",
+        "--group",
+        "32",
+        "--report",
+        s(&report),
+    ]));
+    assert!(out.contains("smaller than the bf16 fine-tune"), "{out}");
+    assert!(
+        out.contains("layer   0") && out.contains("layer   1"),
+        "{out}"
+    );
+    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    assert!(json["ratio"].as_f64().unwrap() > 1.0);
+
+    let dry = ok(&deltazip(&[
+        "compress",
+        "--base",
+        s(&fam.base),
+        "--finetuned",
+        s(&fam.finetunes[0]),
+        "--out",
+        s(&dir.path().join("never.dz")),
+        "--dry-run",
+    ]));
+    assert!(dry.contains("dry run, nothing written"), "{dry}");
+    assert!(!dir.path().join("never.dz").exists());
+
+    let inspect = ok(&deltazip(&["inspect", s(&delta), "--verify"]));
+    for want in [
+        "format     1.0",
+        "sparse24 4b g32 sym",
+        "checksums  OK",
+        "model.layers.0.mlp.down_proj.weight",
+    ] {
+        assert!(inspect.contains(want), "missing {want:?} in\n{inspect}");
+    }
+    let j: serde_json::Value =
+        serde_json::from_str(&ok(&deltazip(&["inspect", s(&delta), "--json"]))).unwrap();
+    assert_eq!(j["manifest"]["name"], "ft-0");
+
+    let merged = dir.path().join("merged");
+    ok(&deltazip(&[
+        "merge",
+        "--base",
+        s(&fam.base),
+        "--delta",
+        s(&delta),
+        "--out",
+        s(&merged),
+    ]));
+    let e_ft = ok(&deltazip(&[
+        "eval",
+        "--model",
+        s(&fam.finetunes[0]),
+        "--text",
+        s(&fam.calib_text),
+        "--seq-len",
+        "64",
+        "--json",
+    ]));
+    let e_bd = ok(&deltazip(&[
+        "eval",
+        "--base",
+        s(&fam.base),
+        "--delta",
+        s(&delta),
+        "--text",
+        s(&fam.calib_text),
+        "--seq-len",
+        "64",
+        "--json",
+    ]));
+    let e_m = ok(&deltazip(&[
+        "eval",
+        "--model",
+        s(&merged),
+        "--text",
+        s(&fam.calib_text),
+        "--seq-len",
+        "64",
+        "--json",
+    ]));
+    let ppl = |t: &str| {
+        serde_json::from_str::<serde_json::Value>(t).unwrap()["ppl"]
+            .as_f64()
+            .unwrap()
+    };
+    // base + delta in memory and the merged directory are the same model (f32 family: bit-equal weights).
+    assert!((ppl(&e_bd) - ppl(&e_m)).abs() < 1e-6 * ppl(&e_m));
+    // And close to the fine-tune itself.
+    assert!(
+        (ppl(&e_bd) / ppl(&e_ft) - 1.0).abs() < 0.05,
+        "{e_bd} vs {e_ft}"
+    );
+
+    // Refusing to merge over a non-empty directory, in one line.
+    let e = one_line_error(&deltazip(&[
+        "merge",
+        "--base",
+        s(&fam.base),
+        "--delta",
+        s(&delta),
+        "--out",
+        s(&merged),
+    ]));
+    assert!(e.contains("not empty"), "{e}");
+}
+
+#[test]
+fn bad_files_give_one_line_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = one_line_error(&deltazip(&["inspect", s(&dir.path().join("missing.dz"))]));
+    assert!(e.contains("missing.dz"), "{e}");
+
+    let junk = dir.path().join("junk.dz");
+    std::fs::write(&junk, b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":1}").unwrap();
+    let e = one_line_error(&deltazip(&["inspect", s(&junk)]));
+    assert!(e.contains("junk.dz"), "{e}");
+
+    // A flipped payload byte is caught by --verify, naming the tensor.
+    let fam = fixtures::write_family(&dir.path().join("fam"), &TinySpec::llama(), 1).unwrap();
+    let delta = dir.path().join("d.dz");
+    ok(&deltazip(&[
+        "compress",
+        "--method",
+        "rtn",
+        "--base",
+        s(&fam.base),
+        "--finetuned",
+        s(&fam.finetunes[0]),
+        "--out",
+        s(&delta),
+        "--zstd-level",
+        "0",
+    ]));
+    let mut bytes = std::fs::read(&delta).unwrap();
+    let n = bytes.len();
+    bytes[n - 100] ^= 0x55;
+    std::fs::write(&delta, &bytes).unwrap();
+    ok(&deltazip(&["inspect", s(&delta)]));
+    let e = one_line_error(&deltazip(&["inspect", s(&delta), "--verify"]));
+    assert!(
+        e.contains("checksum mismatch") || e.contains("padding"),
+        "{e}"
+    );
+
+    // Bad arguments: clap's usage error, non-zero exit.
+    let o = deltazip(&["compress", "--bits", "4"]);
+    assert!(!o.status.success());
+    let o = deltazip(&[
+        "compress",
+        "--base",
+        "a",
+        "--finetuned",
+        "b",
+        "--out",
+        "c",
+        "--sparsity",
+        "1.5",
+    ]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("sparsity"));
+}
