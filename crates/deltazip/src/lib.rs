@@ -7,6 +7,7 @@
 pub use dz_compress as compressor;
 pub use dz_format as format;
 
+pub mod bench;
 pub mod compress;
 pub mod demo;
 pub mod inspect;

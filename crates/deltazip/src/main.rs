@@ -31,6 +31,9 @@ enum Command {
     Inspect(deltazip::inspect::InspectArgs),
     /// Run the whole pipeline on a seeded tiny model family generated on the spot (no downloads).
     Demo(deltazip::demo::DemoArgs),
+    /// Benchmarks whose results go to bench/results/.
+    #[command(subcommand)]
+    Bench(deltazip::bench::BenchCommand),
 }
 
 fn main() -> ExitCode {
@@ -47,6 +50,9 @@ fn main() -> ExitCode {
         Command::Eval(args) => deltazip::compress::run_eval(&args).map(|s| print!("{s}")),
         Command::Inspect(args) => deltazip::inspect::run(&args).map(|s| print!("{s}")),
         Command::Demo(args) => deltazip::demo::run(&args),
+        Command::Bench(deltazip::bench::BenchCommand::Compress(args)) => {
+            deltazip::bench::run_compress(&args).map(|s| print!("{s}"))
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
