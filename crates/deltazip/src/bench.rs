@@ -21,6 +21,62 @@ use crate::compress::{parse_device, parse_sparsity, Bars};
 pub enum BenchCommand {
     /// Time ΔCompress on a model pair, or on a generated layer stack of a given shape.
     Compress(BenchCompressArgs),
+    /// How much of each fine-tune survives compression: size, perplexity, gain kept, KL, per recipe.
+    Quality(BenchQualityArgs),
+}
+
+/// Options of `deltazip bench quality`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchQualityArgs {
+    /// The base model directory.
+    #[arg(long)]
+    pub base: PathBuf,
+    /// Fine-tuned model directories, each `NAME=DIR` or `DIR`; repeat the flag for several.
+    #[arg(long, required = true)]
+    pub finetuned: Vec<String>,
+    /// Per fine-tune, its domain text (`NAME=FILE`, or one FILE for all); the last 10% is held out.
+    #[arg(long, required = true)]
+    pub domain_text: Vec<String>,
+    /// General text for forgetting (the last 10% is used).
+    #[arg(long)]
+    pub general_text: PathBuf,
+    /// Recipes: 8b, 4b24, 2b24, 2b50 (2-bit, 50% unstructured), 4b, 2b, sign, t10 (target ratio 10), t16.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "8b,4b24,2b24,2b50,sign,t10,t16"
+    )]
+    pub recipes: Vec<String>,
+    /// Methods to run each recipe with: obs (ours) and rtn (baseline); sign and target ratios run once.
+    #[arg(long, value_delimiter = ',', default_value = "obs,rtn")]
+    pub methods: Vec<String>,
+    /// Calibration windows.
+    #[arg(long, default_value_t = 128)]
+    pub samples: usize,
+    /// Tokens per calibration window.
+    #[arg(long, default_value_t = 512)]
+    pub seq_len: usize,
+    /// Calibration text (default: the built-in text).
+    #[arg(long)]
+    pub calib: Option<PathBuf>,
+    /// Evaluation windows per text.
+    #[arg(long, default_value_t = 16)]
+    pub eval_windows: usize,
+    /// Tokens per evaluation window.
+    #[arg(long, default_value_t = 512)]
+    pub eval_seq_len: usize,
+    /// `cpu`, `cuda` or `cuda:N`.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Where deltas are written (default: a temporary directory).
+    #[arg(long)]
+    pub workdir: Option<PathBuf>,
+    /// Write `<stem>.md` and `<stem>.json` with the results.
+    #[arg(long, value_name = "STEM")]
+    pub results: Option<PathBuf>,
+    /// The commit measured (default: `git rev-parse HEAD`).
+    #[arg(long)]
+    pub commit: Option<String>,
 }
 
 /// Options of `deltazip bench compress`.
@@ -284,6 +340,272 @@ pub fn run_compress(args: &BenchCompressArgs) -> Result<String> {
         args.bits,
         args.sparsity
     );
+    if let Some(stem) = &args.results {
+        std::fs::write(stem.with_extension("md"), &md)?;
+        std::fs::write(
+            stem.with_extension("json"),
+            serde_json::to_string_pretty(&json)?,
+        )?;
+    }
+    Ok(md)
+}
+
+/// A recipe of `bench quality`, applied with a method.
+fn recipe_options(
+    recipe: &str,
+    method: &str,
+    base: &pipeline::CompressOptions,
+) -> Result<Option<pipeline::CompressOptions>> {
+    use dz_compress::pipeline::Method;
+    use dz_compress::Sparsity;
+    let mut o = base.clone();
+    o.method = match method {
+        "obs" => Method::Obs,
+        "rtn" => Method::Rtn,
+        _ => bail!("unknown method {method:?} (obs, rtn)"),
+    };
+    let (bits, sparsity) = match recipe {
+        "8b" => (8, Sparsity::None),
+        "4b" => (4, Sparsity::None),
+        "2b" => (2, Sparsity::None),
+        "4b24" => (4, Sparsity::TwoFour),
+        "2b24" => (2, Sparsity::TwoFour),
+        "2b50" => (2, Sparsity::Unstructured { density: 0.5 }),
+        "sign" => {
+            // No calibration in BitDelta's 1 bit: run it once, under the `obs` pass.
+            if method != "obs" {
+                return Ok(None);
+            }
+            o.method = Method::Sign;
+            (4, Sparsity::None)
+        }
+        t if t.starts_with('t') => {
+            if method != "obs" {
+                return Ok(None);
+            }
+            let r: f64 = t[1..]
+                .parse()
+                .with_context(|| format!("bad target-ratio recipe {t:?}"))?;
+            o.target_ratio = Some(r);
+            (4, Sparsity::TwoFour)
+        }
+        _ => bail!("unknown recipe {recipe:?}"),
+    };
+    o.quant.bits = bits;
+    o.quant.sparsity = sparsity;
+    Ok(Some(o))
+}
+
+/// `NAME=VALUE` or `VALUE` (named after the value's last path component).
+fn named(s: &str) -> (String, PathBuf) {
+    match s.split_once('=') {
+        Some((n, v)) => (n.to_string(), PathBuf::from(v)),
+        None => {
+            let p = PathBuf::from(s);
+            let n = p
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| s.to_string());
+            (n, p)
+        }
+    }
+}
+
+/// The last 10% of a text's tokens, at most `windows * seq_len` of them.
+fn held_out(
+    tok: &std::path::Path,
+    text: &std::path::Path,
+    windows: usize,
+    seq_len: usize,
+) -> Result<Vec<u32>> {
+    let t = dz_compress::calib_data::tokenize_file(tok, text)?;
+    let start = t.len() - t.len() / 10;
+    let held = &t[start..];
+    Ok(held[..held.len().min(windows * seq_len)].to_vec())
+}
+
+/// Runs `deltazip bench quality`; returns the table to print.
+pub fn run_quality(args: &BenchQualityArgs) -> Result<String> {
+    use dz_compress::hf::HfModel;
+    use dz_compress::model::{kl_divergence, LlamaModel};
+    let device = parse_device(&args.device)?;
+    let tmp;
+    let work = match &args.workdir {
+        Some(w) => {
+            std::fs::create_dir_all(w)?;
+            w.clone()
+        }
+        None => {
+            tmp = tempfile::tempdir()?;
+            tmp.path().to_path_buf()
+        }
+    };
+    let base_hf = HfModel::open(&args.base)?;
+    let tok = base_hf
+        .tokenizer_path()
+        .context("the base has no tokenizer.json")?;
+    let base_model = LlamaModel::load(base_hf.arch(), &device, |n| base_hf.to_f32(n))?;
+    let general = held_out(
+        &tok,
+        &args.general_text,
+        args.eval_windows,
+        args.eval_seq_len,
+    )?;
+    let texts: Vec<(String, PathBuf)> = args.domain_text.iter().map(|s| named(s)).collect();
+    let bf16_bytes: u64 = base_hf
+        .names()
+        .filter_map(|n| base_hf.info(n))
+        .map(|i| i.numel() as u64 * 2)
+        .sum();
+    let common = pipeline::CompressOptions {
+        device: device.clone(),
+        samples: args.samples,
+        seq_len: args.seq_len,
+        calib_text: args.calib.clone(),
+        ..Default::default()
+    };
+    let ppl = |m: &LlamaModel, t: &[u32]| -> Result<f64> {
+        Ok(m.perplexity(t, args.eval_seq_len, None)?.ppl)
+    };
+    let mut rows = Vec::new();
+    for ft in &args.finetuned {
+        let (name, dir) = named(ft);
+        let text = texts
+            .iter()
+            .find(|(n, _)| *n == name)
+            .or(if texts.len() == 1 {
+                texts.first()
+            } else {
+                None
+            })
+            .with_context(|| format!("no --domain-text for fine-tune {name:?}"))?
+            .1
+            .clone();
+        let domain = held_out(&tok, &text, args.eval_windows, args.eval_seq_len)?;
+        let ft_hf = HfModel::open(&dir)?;
+        let ft_model = LlamaModel::load(ft_hf.arch(), &device, |n| ft_hf.to_f32(n))?;
+        let (pb_d, pb_g) = (ppl(&base_model, &domain)?, ppl(&base_model, &general)?);
+        let (pf_d, pf_g) = (ppl(&ft_model, &domain)?, ppl(&ft_model, &general)?);
+        let kl_base = kl_divergence(&ft_model, &base_model, &domain, args.eval_seq_len, None)?;
+        eprintln!(
+            "{name}: base ppl {pb_d:.3} (general {pb_g:.3}), fine-tune {pf_d:.3} (general {pf_g:.3}), \
+             drop {:.1}%",
+            100.0 * (1.0 - pf_d / pb_d)
+        );
+        rows.push(serde_json::json!({
+            "finetune": name, "recipe": "finetune", "method": "-", "ratio": 1.0,
+            "ppl_domain": pf_d, "ppl_general": pf_g, "gain_kept": 1.0, "kl": 0.0,
+            "kl_base": kl_base, "ppl_base_domain": pb_d, "ppl_base_general": pb_g, "compress_s": 0.0,
+        }));
+        for recipe in &args.recipes {
+            for method in &args.methods {
+                let Some(o) = recipe_options(recipe, method, &common)? else {
+                    continue;
+                };
+                let out = work.join(format!("{name}-{recipe}-{method}.dz"));
+                let t0 = Instant::now();
+                let report = match pipeline::compress(
+                    &args.base,
+                    &dir,
+                    &out,
+                    &o,
+                    &mut Bars::quiet(),
+                ) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        eprintln!("{name} {recipe} {method}: {e}");
+                        rows.push(serde_json::json!({
+                            "finetune": name, "recipe": recipe, "method": method, "error": e.to_string(),
+                        }));
+                        continue;
+                    }
+                };
+                let secs = t0.elapsed().as_secs_f64();
+                let m = dz_compress::merge::Applied::open(&args.base, &out)?.model(&device)?;
+                let (pc_d, pc_g) = (ppl(&m, &domain)?, ppl(&m, &general)?);
+                let kl = kl_divergence(&ft_model, &m, &domain, args.eval_seq_len, None)?;
+                let kept = (pb_d - pc_d) / (pb_d - pf_d);
+                eprintln!(
+                    "{name} {recipe:>5} {method}: {:.2}x, ppl {pc_d:.3} (general {pc_g:.3}), kept {:.1}%, \
+                     KL {kl:.2e}, {secs:.0}s",
+                    report.ratio(),
+                    100.0 * kept
+                );
+                rows.push(serde_json::json!({
+                    "finetune": name, "recipe": recipe, "method": o.method.as_str(),
+                    "ratio": report.ratio(), "file_bytes": report.file_bytes,
+                    "ppl_domain": pc_d, "ppl_general": pc_g, "gain_kept": kept, "kl": kl,
+                    "compress_s": secs,
+                }));
+                let _ = std::fs::remove_file(&out);
+            }
+        }
+    }
+    let commit = args
+        .commit
+        .clone()
+        .or_else(|| sh("git", &["rev-parse", "HEAD"]))
+        .unwrap_or_else(|| "unknown".into());
+    let date = sh("date", &["-u", "+%Y-%m-%d"]).unwrap_or_default();
+    let mut md = String::new();
+    let _ = writeln!(md, "## Quality of compressed fine-tunes\n");
+    let _ = writeln!(
+        md,
+        "base `{}` ({} as bf16) | machine {} | device `{}` | commit `{commit}` | {date} | calibration {} x {} \
+         tokens | eval {} x {} held-out tokens per text\n",
+        args.base.display(),
+        crate::inspect::human(bf16_bytes),
+        machine(),
+        args.device,
+        args.samples,
+        args.seq_len,
+        args.eval_windows,
+        args.eval_seq_len
+    );
+    let _ = writeln!(
+        md,
+        "| fine-tune | recipe | method | ratio | ppl domain | ppl general | gain kept | KL(ft‖c) | compress s |"
+    );
+    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|");
+    for r in &rows {
+        if let Some(e) = r.get("error") {
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | error: {} |||||| ",
+                r["finetune"], r["recipe"], r["method"], e
+            );
+            continue;
+        }
+        let f = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
+        if r["recipe"] == "finetune" {
+            let _ = writeln!(
+                md,
+                "| {} | *base* | | | {:.3} | {:.3} | 0% | {:.2e} | |",
+                r["finetune"].as_str().unwrap_or(""),
+                f("ppl_base_domain"),
+                f("ppl_base_general"),
+                f("kl_base")
+            );
+        }
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {:.2}x | {:.3} | {:.3} | {:.1}% | {:.2e} | {:.0} |",
+            r["finetune"].as_str().unwrap_or(""),
+            r["recipe"].as_str().unwrap_or(""),
+            r["method"].as_str().unwrap_or(""),
+            f("ratio"),
+            f("ppl_domain"),
+            f("ppl_general"),
+            100.0 * f("gain_kept"),
+            f("kl"),
+            f("compress_s")
+        );
+    }
+    let json = serde_json::json!({
+        "bench": "quality", "base": args.base, "machine": machine(), "device": args.device,
+        "commit": commit, "date": date, "samples": args.samples, "seq_len": args.seq_len,
+        "eval_windows": args.eval_windows, "eval_seq_len": args.eval_seq_len, "rows": rows,
+    });
     if let Some(stem) = &args.results {
         std::fs::write(stem.with_extension("md"), &md)?;
         std::fs::write(

@@ -53,6 +53,9 @@ fn main() -> ExitCode {
         Command::Bench(deltazip::bench::BenchCommand::Compress(args)) => {
             deltazip::bench::run_compress(&args).map(|s| print!("{s}"))
         }
+        Command::Bench(deltazip::bench::BenchCommand::Quality(args)) => {
+            deltazip::bench::run_quality(&args).map(|s| print!("{s}"))
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
