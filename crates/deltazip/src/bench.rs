@@ -74,7 +74,7 @@ pub struct BenchQualityArgs {
     /// Write `<stem>.md` and `<stem>.json` with the results.
     #[arg(long, value_name = "STEM")]
     pub results: Option<PathBuf>,
-    /// The commit measured (default: `git rev-parse HEAD`).
+    /// The commit measured (default: the commit this binary was built from).
     #[arg(long)]
     pub commit: Option<String>,
 }
@@ -121,7 +121,7 @@ pub struct BenchCompressArgs {
     /// Write `<stem>.md` and `<stem>.json` with the results.
     #[arg(long, value_name = "STEM")]
     pub results: Option<PathBuf>,
-    /// The commit measured (default: `git rev-parse HEAD`, when there is a repository).
+    /// The commit measured (default: the commit this binary was built from).
     #[arg(long)]
     pub commit: Option<String>,
 }
@@ -294,8 +294,7 @@ pub fn run_compress(args: &BenchCompressArgs) -> Result<String> {
     let commit = args
         .commit
         .clone()
-        .or_else(|| sh("git", &["rev-parse", "HEAD"]))
-        .unwrap_or_else(|| "unknown".into());
+        .unwrap_or_else(|| env!("DZ_GIT_COMMIT").to_string());
     let date = sh("date", &["-u", "+%Y-%m-%d"]).unwrap_or_default();
     let json = serde_json::json!({
         "bench": "compress",
@@ -544,8 +543,7 @@ pub fn run_quality(args: &BenchQualityArgs) -> Result<String> {
     let commit = args
         .commit
         .clone()
-        .or_else(|| sh("git", &["rev-parse", "HEAD"]))
-        .unwrap_or_else(|| "unknown".into());
+        .unwrap_or_else(|| env!("DZ_GIT_COMMIT").to_string());
     let date = sh("date", &["-u", "+%Y-%m-%d"]).unwrap_or_default();
     let mut md = String::new();
     let _ = writeln!(md, "## Quality of compressed fine-tunes\n");
