@@ -1,6 +1,110 @@
 //! # dz-candle-ops
 //!
-//! candle custom ops over packed deltas: `delta_matmul`, the fused `delta_matmul_add`, `sbmm` (each row of a
-//! batch uses its own delta, one launch), `dequantize`, `merge`, embedding-delta gather, and the
-//! `DeviceDelta` handle for a delta resident on a device. Every fast path (CPU and CUDA) will have a plain
-//! reference twin in this crate. Nothing is implemented yet.
+//! candle custom ops over packed fine-tune deltas: the delta side of DeltaZip's serving system (Yao, Hu,
+//! Klimovic, arXiv 2312.05215: base and delta computation decoupled, and the Selective Batched Matrix
+//! Multiplication, SBMM, that serves many compressed deltas in one batch). A fine-tuned linear layer is
+//! `y = x · (W + D)ᵀ = x · Wᵀ + x · Dᵀ`: the base product `x · Wᵀ` is shared by every fine-tune in a
+//! batch, and each fine-tune adds its own low-bit, sparse `x · Dᵀ`, decoded on the fly from its packed
+//! form.
+//!
+//! - [`DeviceDelta`]: one packed delta tensor resident on a device, built from dz-format parts with one
+//!   copy ([`DeviceDelta::from_parts`], [`DeviceDelta::from_tensor_data`], [`DeviceDelta::from_payload`]).
+//! - [`delta_matmul`] (`x · Dᵀ`), [`delta_matmul_add`] (`base_out + x · Dᵀ`, fused), and [`sbmm`]: the
+//!   rows of one batch grouped into [`Segment`]s, each with its own delta (or none), in one call.
+//! - [`dequantize`] (the dense delta), [`merge`] (`W + D` in `W`'s dtype) and [`embedding_delta_add`]
+//!   (`base_emb_out + D[ids]`). An `lm_head` delta is a linear delta: use [`delta_matmul_add`].
+//!
+//! Codecs: `quant` (2/3/4/8 bits, any group size), `sparse24` (2:4 structured, 2/3/4/8 bits), `sparse`
+//! (unstructured), `sign1` (BitDelta), `dense` and `zero`, in the exact layouts of dz-format's SPEC.md
+//! (sections 3-4). Inputs are f32, f16 or bf16 with any leading dims; products accumulate in f32 and the
+//! output has the input's dtype.
+//!
+//! Every op is one private struct implementing candle's `CustomOp1`/`CustomOp2` (a CUDA forward pass joins
+//! each with dz-kernels, behind the same functions). The CPU forward passes are multithreaded (rayon):
+//! few input rows stream each packed row once, decoding it chunk by chunk and dotting it with every input
+//! row; more rows decode tiles and multiply them with the `gemm` crate. The hot loops are compiled for
+//! the baseline and again for AVX2/FMA and AVX-512, picked at run time. Each op has a slow twin in
+//! [`reference`](mod@reference) (dz-format's reference decoder and an f64 triple loop), which the tests
+//! compare against under named tolerances ([`reference::DZ_TOL_F32`], [`reference::DZ_TOL_F16`],
+//! [`reference::DZ_TOL_BF16`]; [`dequantize`] is bit-exact, [`reference::DZ_EXACT`]).
+//!
+//! Bad inputs (dtype, shape, device, non-contiguous, a `full` tensor used as a delta, segments that do not
+//! cover the batch, deltas of different shapes in one `sbmm`) are refused with an [`OpError`] carried in a
+//! `candle_core::Error` whose message starts with the op's name; nothing panics on them.
+//!
+//! # Example: a fine-tuned linear layer in another candle project
+//!
+//! ```
+//! use candle_core::{DType, Device, Module, Tensor};
+//! use dz_candle_ops::{delta_matmul_add, sbmm, DeviceDelta, Segment};
+//! use dz_format::codec::{Grid, Payload, Quant};
+//! use dz_format::QuantParams;
+//! use half::f16;
+//!
+//! /// A base linear layer plus one fine-tune's packed delta: `x · (W + D)ᵀ`.
+//! struct DeltaLinear {
+//!     base: candle_nn::Linear,
+//!     delta: DeviceDelta,
+//! }
+//!
+//! impl Module for DeltaLinear {
+//!     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+//!         let base_out = self.base.forward(x)?;
+//!         delta_matmul_add(x, &base_out, &self.delta)
+//!     }
+//! }
+//!
+//! # fn main() -> candle_core::Result<()> {
+//! let dev = Device::Cpu;
+//! let (out_features, in_features) = (6, 64);
+//! // A 4-bit delta with groups of 32 columns. A real one comes from a delta file:
+//! // `DeviceDelta::from_tensor_data(&file.read(name)?, &dev)`.
+//! let payload = Payload::Quant(Quant {
+//!     rows: out_features,
+//!     cols: in_features,
+//!     grid: Grid {
+//!         params: QuantParams { bits: 4, group_size: 32, symmetric: true, global_scale: 1e-3 },
+//!         scales: vec![f16::ONE; out_features * 2],
+//!         zeros: None,
+//!     },
+//!     codes: (0..out_features * in_features).map(|i| (i % 16) as u8).collect(),
+//! });
+//! let delta = DeviceDelta::from_payload(&payload, None, &dev)?;
+//!
+//! let w = Tensor::randn(0f32, 1.0, (out_features, in_features), &dev)?;
+//! let layer = DeltaLinear { base: candle_nn::Linear::new(w.clone(), None), delta: delta.clone() };
+//! let x = Tensor::randn(0f32, 1.0, (2, 3, in_features), &dev)?; // [batch, seq, hidden]
+//! let y = layer.forward(&x)?;
+//! assert_eq!(y.dims(), &[2, 3, out_features]);
+//!
+//! // The same as multiplying with the merged weight W + D.
+//! let merged = dz_candle_ops::merge(&w, &delta)?;
+//! let want = x.broadcast_matmul(&merged.t()?)?;
+//! let err = (y - want)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+//! assert!(err < 1e-4);
+//!
+//! // A batch of 5 rows (flattened [M, K]) where rows 0..2 use this fine-tune, row 2 the base
+//! // model alone, and rows 3..5 the fine-tune again: one sbmm call.
+//! let x = Tensor::randn(0f32, 1.0, (5, in_features), &dev)?;
+//! let base_out = x.matmul(&w.t()?)?.to_dtype(DType::BF16)?; // (candle's CPU matmul has no bf16)
+//! let x = x.to_dtype(DType::BF16)?;
+//! let segments = Segment::runs(&[Some(0), Some(0), None, Some(0), Some(0)]);
+//! let y = sbmm(&x, &base_out, &[&delta], &segments)?;
+//! assert_eq!(y.dtype(), DType::BF16);
+//! # Ok(())
+//! # }
+//! ```
+#![deny(missing_docs)]
+
+mod codec;
+mod cpu;
+mod delta;
+mod error;
+mod ops;
+pub mod reference;
+
+pub use delta::{DeviceDelta, RowSubset};
+pub use error::{OpError, Result};
+pub use ops::{
+    delta_matmul, delta_matmul_add, dequantize, embedding_delta_add, merge, sbmm, Segment,
+};

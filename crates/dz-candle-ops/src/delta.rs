@@ -1,0 +1,236 @@
+//! [`DeviceDelta`]: one packed delta tensor resident on a candle device.
+
+use candle_core::{Device, Tensor};
+use dz_format::codec::{pack_row_index, unpack_row_index, Payload};
+use dz_format::{Codec, Role, TensorData, TensorEntry};
+
+use crate::error::{OpError, Result};
+
+/// The rows a row-subset delta stores (SPEC.md section 3.6), for [`DeviceDelta::from_payload`].
+#[derive(Debug, Clone, Copy)]
+pub struct RowSubset<'a> {
+    /// The stored rows: strictly increasing, each `< total_rows`, one per payload row.
+    pub index: &'a [u32],
+    /// `N_total`, the rows of the full matrix (an embedding's vocabulary size, say).
+    pub total_rows: usize,
+}
+
+/// A packed delta resident on a device, in the exact kernel-facing layout of SPEC.md sections 3-4.
+///
+/// The matrix is `N_total x K` (`dims()`): for a linear layer's weight `[out, in]`, `N_total = out` and
+/// `K = in`, so [`delta_matmul`](crate::delta_matmul) computes `x · Dᵀ` like a linear layer. When only some
+/// rows are stored (a row subset, typical for embedding and `lm_head` deltas), `row_index` lists them and
+/// every other row is zero.
+///
+/// The packed parts are candle tensors of dtype `U8` and shape `[len]` (on CPU a `CpuStorage::U8`), in the
+/// codec's part order without `row_index`; `row_index` is a `U32` tensor of shape `[R]`. They are copied
+/// from the file's bytes once, at construction, after dz-format has checked their layout and content, so
+/// the ops never re-validate and never see a malformed payload.
+///
+/// Cloning is cheap: candle tensors share their storage.
+#[derive(Debug, Clone)]
+pub struct DeviceDelta {
+    name: String,
+    role: Option<Role>,
+    codec: Codec,
+    n_total: usize,
+    k: usize,
+    n_stored: usize,
+    row_index: Option<Tensor>,
+    parts: Vec<Tensor>,
+    device: Device,
+}
+
+impl DeviceDelta {
+    /// Builds a delta from a manifest entry and its raw parts (zstd already undone), in the order of
+    /// SPEC.md section 4, **including** `row_index` first when `entry.rows` is set: exactly the parts of
+    /// a [`TensorData`].
+    ///
+    /// The layout and content are validated once (by `Payload::unpack`, whose logical form is then
+    /// dropped); each part is then copied to `device` once.
+    pub fn from_parts(entry: &TensorEntry, parts: &[&[u8]], device: &Device) -> Result<Self> {
+        let fmt = |source| OpError::Format {
+            tensor: entry.name.clone(),
+            source,
+        };
+        entry.validate().map_err(fmt)?;
+        let (n_total, k) = entry.matrix_dims().map_err(fmt)?;
+        let (n_stored, _) = entry.stored_dims().map_err(fmt)?;
+        let (row_index, codec_parts) = match entry.rows {
+            None => (None, parts),
+            Some(_) => {
+                let Some((first, rest)) = parts.split_first() else {
+                    return Err(fmt(dz_format::Error::InvalidPart {
+                        tensor: entry.name.clone(),
+                        part: "row_index".into(),
+                        reason: "missing: the entry stores a row subset".into(),
+                    }));
+                };
+                let idx = unpack_row_index(&entry.name, first, n_total).map_err(fmt)?;
+                if idx.len() != n_stored {
+                    return Err(fmt(dz_format::Error::InvalidPart {
+                        tensor: entry.name.clone(),
+                        part: "row_index".into(),
+                        reason: format!("holds {} rows, the entry says {n_stored}", idx.len()),
+                    }));
+                }
+                (Some(idx), rest)
+            }
+        };
+        Self::build(
+            &entry.name,
+            Some(entry.role),
+            entry.codec,
+            n_total,
+            k,
+            n_stored,
+            row_index.as_deref(),
+            codec_parts,
+            device,
+        )
+    }
+
+    /// Packs a logical payload (dz-format's reference packer) and builds the delta from its parts.
+    ///
+    /// `rows` is `Some` for a row subset: the payload then holds `rows.index.len()` rows of the
+    /// `rows.total_rows`-row matrix. The delta is named `"payload"` in errors and has no role.
+    pub fn from_payload(
+        payload: &Payload,
+        rows: Option<RowSubset<'_>>,
+        device: &Device,
+    ) -> Result<Self> {
+        const NAME: &str = "payload";
+        let fmt = |source| OpError::Format {
+            tensor: NAME.to_string(),
+            source,
+        };
+        let parts = payload.pack_named(NAME).map_err(fmt)?;
+        let refs: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
+        let (n_stored, k) = payload.dims();
+        let (n_total, index) = match rows {
+            None => (n_stored, None),
+            Some(r) => {
+                // Round-trip through the on-disk form: one set of checks for both constructors.
+                let idx =
+                    unpack_row_index(NAME, &pack_row_index(r.index), r.total_rows).map_err(fmt)?;
+                if idx.len() != n_stored {
+                    return Err(fmt(dz_format::Error::InvalidPart {
+                        tensor: NAME.into(),
+                        part: "row_index".into(),
+                        reason: format!("holds {} rows, the payload has {n_stored}", idx.len()),
+                    }));
+                }
+                (r.total_rows, Some(idx))
+            }
+        };
+        Self::build(
+            NAME,
+            None,
+            payload.codec(),
+            n_total,
+            k,
+            n_stored,
+            index.as_deref(),
+            &refs,
+            device,
+        )
+    }
+
+    /// Builds the delta of one tensor read from a delta file ([`dz_format::DeltaFile::read`]).
+    pub fn from_tensor_data(data: &TensorData<'_>, device: &Device) -> Result<Self> {
+        let parts: Vec<&[u8]> = data.parts.iter().map(|p| p.as_ref()).collect();
+        Self::from_parts(data.entry, &parts, device)
+    }
+
+    /// Validates the codec parts and copies everything to `device`. `row_index` is already checked.
+    #[allow(clippy::too_many_arguments)]
+    fn build(
+        name: &str,
+        role: Option<Role>,
+        codec: Codec,
+        n_total: usize,
+        k: usize,
+        n_stored: usize,
+        row_index: Option<&[u32]>,
+        parts: &[&[u8]],
+        device: &Device,
+    ) -> Result<Self> {
+        let fmt = |source| OpError::Format {
+            tensor: name.to_string(),
+            source,
+        };
+        // The whole check of SPEC.md section 7 for the payload; the logical form is dropped at once.
+        drop(Payload::unpack(name, &codec, n_stored, k, parts).map_err(fmt)?);
+        let candle = |e: candle_core::Error| OpError::Storage {
+            op: "device-delta",
+            reason: format!("copying delta {name:?} to {device:?}: {e}"),
+        };
+        let parts = parts
+            .iter()
+            .map(|p| Tensor::from_slice(p, p.len(), device))
+            .collect::<candle_core::Result<Vec<_>>>()
+            .map_err(candle)?;
+        let row_index = row_index
+            .map(|idx| Tensor::from_slice(idx, idx.len(), device))
+            .transpose()
+            .map_err(candle)?;
+        Ok(Self {
+            name: name.to_string(),
+            role,
+            codec,
+            n_total,
+            k,
+            n_stored,
+            row_index,
+            parts,
+            device: device.clone(),
+        })
+    }
+
+    /// The tensor's name (from the manifest; `"payload"` for [`DeviceDelta::from_payload`]).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The tensor's role, when built from a manifest entry.
+    pub fn role(&self) -> Option<Role> {
+        self.role
+    }
+
+    /// The codec and its parameters.
+    pub fn codec(&self) -> &Codec {
+        &self.codec
+    }
+
+    /// `(N_total, K)`: the rows (output features) and columns (input features) of the full matrix.
+    pub fn dims(&self) -> (usize, usize) {
+        (self.n_total, self.k)
+    }
+
+    /// The number of stored rows: `N_total`, or `R` for a row subset.
+    pub fn stored_rows(&self) -> usize {
+        self.n_stored
+    }
+
+    /// The stored rows of a row subset: a `U32` tensor of shape `[R]`, strictly increasing.
+    pub fn row_index(&self) -> Option<&Tensor> {
+        self.row_index.as_ref()
+    }
+
+    /// The packed parts: `U8` tensors of shape `[len]`, in the codec's order (SPEC.md section 4),
+    /// without `row_index`.
+    pub fn parts(&self) -> &[Tensor] {
+        &self.parts
+    }
+
+    /// The device the parts live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Bytes held on the device (parts and row index).
+    pub fn nbytes(&self) -> usize {
+        let parts: usize = self.parts.iter().map(Tensor::elem_count).sum();
+        parts + self.row_index.as_ref().map_or(0, |t| 4 * t.elem_count())
+    }
+}

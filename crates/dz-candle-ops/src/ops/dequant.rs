@@ -1,0 +1,89 @@
+//! `dequantize` (the dense delta) and `merge` (`base_w + D`, for serving a fine-tune merged).
+
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
+
+use super::{check_contiguous, check_device, check_float, check_is_delta, OpError};
+use crate::cpu::engine::{add_into, dequantize_into};
+use crate::cpu::{floats, to_storage, Locked};
+use crate::delta::DeviceDelta;
+
+struct Dequantize<'a> {
+    delta: &'a DeviceDelta,
+}
+
+impl CustomOp1 for Dequantize<'_> {
+    fn name(&self) -> &'static str {
+        "dequantize"
+    }
+
+    /// `s` is a one-byte anchor on the delta's device (its content is not read): the op reads the delta's
+    /// own tensors, as every op here does.
+    fn cpu_fwd(&self, _s: &CpuStorage, _l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let locked = Locked::new(self.delta);
+        let h = locked.host(self.name())?;
+        let mut out = vec![0.0f32; h.n_total * h.k];
+        dequantize_into(&h, &mut out);
+        Ok((CpuStorage::F32(out), Shape::from((h.n_total, h.k))))
+    }
+}
+
+/// The delta as a dense f32 tensor `[N_total, K]` on its device (rows not in a row subset are zero).
+///
+/// Bit-identical to dz-format's reference `Payload::dequantize`: the same formula, in the same order.
+pub fn dequantize(delta: &DeviceDelta) -> candle_core::Result<Tensor> {
+    // The op needs a tensor to run on: a one-byte anchor picks the device (no lock on the delta's own
+    // storages is taken twice).
+    let anchor = Tensor::zeros(1, DType::U8, delta.device())?;
+    anchor.apply_op1_no_bwd(&Dequantize { delta })
+}
+
+struct Merge<'a> {
+    delta: &'a DeviceDelta,
+}
+
+impl CustomOp1 for Merge<'_> {
+    fn name(&self) -> &'static str {
+        "merge"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let op = self.name();
+        let (base, dtype) = floats(op, "base_w", s, l)?;
+        let locked = Locked::new(self.delta);
+        let h = locked.host(op)?;
+        let mut out = base.into_owned();
+        add_into(&h, &mut out);
+        Ok((to_storage(out, dtype), Shape::from(l.dims())))
+    }
+}
+
+/// `base_w + D` in `base_w`'s dtype (the sum is formed in f32 and rounded once): the fine-tuned weight.
+///
+/// `base_w` is f32, f16 or bf16, contiguous, on the delta's device, and its matrix view is the delta's
+/// (`[N_total, K]`, or any shape whose last dim is `K` and whose other dims multiply to `N_total`, as
+/// SPEC.md section 2 views tensors). The output has `base_w`'s shape.
+pub fn merge(base_w: &Tensor, delta: &DeviceDelta) -> candle_core::Result<Tensor> {
+    let op = Merge { delta };
+    let name = op.name();
+    check_is_delta(name, delta)?;
+    check_float(name, "base_w", base_w)?;
+    check_device(name, "base_w", base_w, delta)?;
+    check_contiguous(name, "base_w", base_w)?;
+    let (n, k) = delta.dims();
+    let dims = base_w.dims();
+    let view = dims
+        .split_last()
+        .map(|(&last, rest)| (rest.iter().product::<usize>(), last));
+    if view != Some((n, k)) {
+        return Err(OpError::Shape {
+            op: name,
+            arg: "base_w",
+            got: dims.to_vec(),
+            expected: format!(
+                "[{n}, {k}] (the delta's N_total x K, or a shape with that matrix view)"
+            ),
+        }
+        .into());
+    }
+    base_w.apply_op1_no_bwd(&op)
+}
