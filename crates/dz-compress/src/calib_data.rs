@@ -101,7 +101,8 @@ pub fn token_windows(tokens: &[u32], samples: usize, seq_len: usize) -> Result<V
         .collect())
 }
 
-/// Tokenizes `text` and cuts [`token_windows`] from it; says on stderr when fewer than `samples` fit.
+/// Tokenizes `text` and cuts [`token_windows`] from it (fewer than `samples` when the text is short: the
+/// caller compares and says so).
 pub fn token_samples(
     tokenizer: &Tokenizer,
     text: &str,
@@ -109,22 +110,11 @@ pub fn token_samples(
     seq_len: usize,
 ) -> Result<Vec<Vec<u32>>> {
     let tokens = tokenize(tokenizer, text)?;
-    let windows = token_windows(&tokens, samples, seq_len)?;
-    if windows.len() < samples {
-        eprintln!(
-            "calibration: the text has {} tokens, enough for {} of the {samples} windows of {seq_len} \
-             tokens asked for; using {}",
-            tokens.len(),
-            windows.len(),
-            windows.len()
-        );
-    }
-    Ok(windows)
+    token_windows(&tokens, samples, seq_len)
 }
 
 /// Tokenizes the text file `text` with `tokenizer_json` and cuts `samples` windows of `seq_len` tokens
-/// from it (see [`token_windows`]: evenly spaced, non-overlapping; fewer when the text is short, reported
-/// on stderr; [`Error::Calibration`] when not even one fits).
+/// from it (see [`token_windows`]: evenly spaced, non-overlapping; fewer when the text is short; [`Error::Calibration`] when not even one fits).
 pub fn load_token_samples(
     tokenizer_json: &Path,
     text: &Path,

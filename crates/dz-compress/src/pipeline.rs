@@ -619,6 +619,15 @@ pub fn compress(
         Method::Obs => calibration_samples(&fm, &bm, opts)?,
         Method::Rtn | Method::Sign => Vec::new(),
     };
+    if opts.method == Method::Obs && samples.len() < opts.samples {
+        progress.note(&format!(
+            "calibration: the text holds {} windows of {} tokens, fewer than the {} asked for; using {}",
+            samples.len(),
+            opts.seq_len,
+            opts.samples,
+            samples.len()
+        ));
+    }
     let choice = match opts.target_ratio {
         Some(r) => {
             let (choice, mix) = allocate(&bm, &fm, &plan, &samples, opts, r, bf16_bytes, progress)?;
