@@ -74,7 +74,11 @@ fn check_merge(fam: &TinyFamily, i: usize, delta: &Path, tol: f64) -> f64 {
     let file = DeltaFile::open(delta).unwrap();
     let mut worst = 0f64;
     for name in ft.names() {
-        assert_eq!(merged.info(name).unwrap(), ft.info(name).unwrap(), "{name}: dtype/shape");
+        assert_eq!(
+            merged.info(name).unwrap(),
+            ft.info(name).unwrap(),
+            "{name}: dtype/shape"
+        );
         let (a, b, z) = (
             ft.to_f32(name).unwrap(),
             merged.to_f32(name).unwrap(),
@@ -84,23 +88,33 @@ fn check_merge(fam: &TinyFamily, i: usize, delta: &Path, tol: f64) -> f64 {
         let entry = file.manifest().tensor(name).unwrap();
         match entry.role {
             Role::Linear | Role::LmHead | Role::Embedding => {
-                assert!(e <= tol, "{name}: relative delta error {e:.4} > tolerance {tol}");
+                assert!(
+                    e <= tol,
+                    "{name}: relative delta error {e:.4} > tolerance {tol}"
+                );
                 worst = worst.max(e);
             }
             Role::DenseDelta | Role::Full => {
                 // Dense f32 deltas are exact for f32 models; for bf16 ones, exact after rounding.
-                assert_eq!(a, b, "{name}: dense delta must reproduce the fine-tune exactly");
+                assert_eq!(
+                    a, b,
+                    "{name}: dense delta must reproduce the fine-tune exactly"
+                );
             }
         }
     }
-    assert_eq!(merged.tokenizer_path().is_some(), base.tokenizer_path().is_some());
+    assert_eq!(
+        merged.tokenizer_path().is_some(),
+        base.tokenizer_path().is_some()
+    );
     worst
 }
 
 fn eval_tokens(fam: &TinyFamily) -> Vec<u32> {
     let base = HfModel::open(&fam.base).unwrap();
-    let tok = dz_compress::calib_data::tokenize_file(&base.tokenizer_path().unwrap(), &fam.calib_text)
-        .unwrap();
+    let tok =
+        dz_compress::calib_data::tokenize_file(&base.tokenizer_path().unwrap(), &fam.calib_text)
+            .unwrap();
     tok[tok.len() / 2..].to_vec()
 }
 
@@ -108,7 +122,10 @@ fn kl_to_ft(fam: &TinyFamily, i: usize, delta: &Path, tokens: &[u32]) -> f64 {
     let dev = Device::Cpu;
     let ft = HfModel::open(&fam.finetunes[i]).unwrap();
     let ftm = LlamaModel::load(ft.arch(), &dev, |n| ft.to_f32(n)).unwrap();
-    let m = Applied::open(&fam.base, delta).unwrap().model(&dev).unwrap();
+    let m = Applied::open(&fam.base, delta)
+        .unwrap()
+        .model(&dev)
+        .unwrap();
     kl_divergence(&ftm, &m, tokens, 64, None).unwrap()
 }
 
@@ -119,17 +136,37 @@ fn llama_obs_recipes_merge_within_tolerance_and_beat_rtn() {
     let tokens = eval_tokens(&fam);
 
     // 8-bit dense: near-lossless.
-    let r8 = compress(&fam, 0, &opts(Method::Obs, 8, Sparsity::None, &fam.calib_text), &d("8.dz"));
+    let r8 = compress(
+        &fam,
+        0,
+        &opts(Method::Obs, 8, Sparsity::None, &fam.calib_text),
+        &d("8.dz"),
+    );
     let e8 = check_merge(&fam, 0, &d("8.dz"), TOL_8BIT);
     let kl8 = kl_to_ft(&fam, 0, &d("8.dz"), &tokens);
 
     // 4-bit dense.
-    compress(&fam, 0, &opts(Method::Obs, 4, Sparsity::None, &fam.calib_text), &d("4.dz"));
+    compress(
+        &fam,
+        0,
+        &opts(Method::Obs, 4, Sparsity::None, &fam.calib_text),
+        &d("4.dz"),
+    );
     let e4 = check_merge(&fam, 0, &d("4.dz"), TOL_4BIT_DENSE);
 
     // 4-bit 2:4, OBS against the RTN/magnitude baseline at the same recipe.
-    let r24 = compress(&fam, 0, &opts(Method::Obs, 4, Sparsity::TwoFour, &fam.calib_text), &d("obs.dz"));
-    compress(&fam, 0, &opts(Method::Rtn, 4, Sparsity::TwoFour, &fam.calib_text), &d("rtn.dz"));
+    let r24 = compress(
+        &fam,
+        0,
+        &opts(Method::Obs, 4, Sparsity::TwoFour, &fam.calib_text),
+        &d("obs.dz"),
+    );
+    compress(
+        &fam,
+        0,
+        &opts(Method::Rtn, 4, Sparsity::TwoFour, &fam.calib_text),
+        &d("rtn.dz"),
+    );
     let e24 = check_merge(&fam, 0, &d("obs.dz"), TOL_4BIT_24);
     let kl_obs = kl_to_ft(&fam, 0, &d("obs.dz"), &tokens);
     let kl_rtn = kl_to_ft(&fam, 0, &d("rtn.dz"), &tokens);
@@ -143,7 +180,10 @@ fn llama_obs_recipes_merge_within_tolerance_and_beat_rtn() {
         kl_obs <= OBS_OVER_RTN_KL * kl_rtn,
         "OBS KL {kl_obs:.3e} should be <= {OBS_OVER_RTN_KL} x RTN KL {kl_rtn:.3e}"
     );
-    assert!(kl8 < 0.05 * kl_obs, "8-bit KL {kl8:.2e} should be far below 4-bit 2:4's {kl_obs:.2e}");
+    assert!(
+        kl8 < 0.05 * kl_obs,
+        "8-bit KL {kl8:.2e} should be far below 4-bit 2:4's {kl_obs:.2e}"
+    );
     assert!(r24.ratio() > r8.ratio());
 
     // The 2:4 codec holds exactly 2 of every 4, in every linear tensor.
@@ -165,7 +205,10 @@ fn llama_obs_recipes_merge_within_tolerance_and_beat_rtn() {
     let ft = HfModel::open(&fam.finetunes[0]).unwrap();
     assert_eq!(f.manifest().tensors.len(), ft.len());
     let base = HfModel::open(&fam.base).unwrap();
-    f.manifest().base.check_base(&base.fingerprint().unwrap()).unwrap();
+    f.manifest()
+        .base
+        .check_base(&base.fingerprint().unwrap())
+        .unwrap();
 }
 
 #[test]
@@ -176,23 +219,46 @@ fn qwen2_bf16_tied_with_biases() {
     };
     let (dir, fam) = family(&spec, 1);
     let out = dir.path().join("q.dz");
-    let r = compress(&fam, 0, &opts(Method::Obs, 4, Sparsity::None, &fam.calib_text), &out);
+    let r = compress(
+        &fam,
+        0,
+        &opts(Method::Obs, 4, Sparsity::None, &fam.calib_text),
+        &out,
+    );
     check_merge(&fam, 0, &out, TOL_4BIT_DENSE);
     let f = DeltaFile::open(&out).unwrap();
     let emb = f.manifest().tensor("model.embed_tokens.weight").unwrap();
     assert_eq!(emb.role, Role::Embedding);
     assert!(emb.rows.is_some(), "only moved embedding rows are stored");
-    assert!(f.manifest().tensor("lm_head.weight").is_none(), "tied: no separate head");
-    let bias = f.manifest().tensor("model.layers.0.self_attn.q_proj.bias").unwrap();
+    assert!(
+        f.manifest().tensor("lm_head.weight").is_none(),
+        "tied: no separate head"
+    );
+    let bias = f
+        .manifest()
+        .tensor("model.layers.0.self_attn.q_proj.bias")
+        .unwrap();
     assert_eq!(bias.role, Role::DenseDelta);
     assert!(r.tensors.iter().any(|t| t.calibrated_error.is_some()));
 }
 
 /// Writes an HF directory with the family's config and tokenizer and the given tensors.
-fn write_dir(dir: &Path, spec: &TinySpec, tensors: &[NamedTensor], config: Option<serde_json::Value>) {
+fn write_dir(
+    dir: &Path,
+    spec: &TinySpec,
+    tensors: &[NamedTensor],
+    config: Option<serde_json::Value>,
+) {
     let owned = tensors
         .iter()
-        .map(|(n, s, v)| (n.clone(), spec.dtype, s.clone(), hf::encode_f32(v, spec.dtype)))
+        .map(|(n, s, v)| {
+            (
+                n.clone(),
+                spec.dtype,
+                s.clone(),
+                hf::encode_f32(v, spec.dtype),
+            )
+        })
         .collect::<Vec<_>>();
     let tok = fixtures::tokenizer_json(spec.vocab);
     hf::write_model(
@@ -226,8 +292,14 @@ fn untouched_tensors_become_zero_and_merge_exactly() {
     let calib = dir.path().join("calib.txt");
     std::fs::write(&calib, dz_compress::calib_data::default_calib_text()).unwrap();
     let out = dir.path().join("z.dz");
-    pipeline::compress(&b, &f, &out, &opts(Method::Obs, 4, Sparsity::TwoFour, &calib), &mut Quiet)
-        .unwrap();
+    pipeline::compress(
+        &b,
+        &f,
+        &out,
+        &opts(Method::Obs, 4, Sparsity::TwoFour, &calib),
+        &mut Quiet,
+    )
+    .unwrap();
     let file = DeltaFile::open(&out).unwrap();
     let zeros = file
         .manifest()
@@ -241,7 +313,11 @@ fn untouched_tensors_become_zero_and_merge_exactly() {
     let m = HfModel::open(&merged).unwrap();
     for (n, _, v) in &base {
         if n != "model.layers.1.mlp.up_proj.weight" {
-            assert_eq!(&m.to_f32(n).unwrap(), v, "{n} must be the base's, bit for bit");
+            assert_eq!(
+                &m.to_f32(n).unwrap(),
+                v,
+                "{n} must be the base's, bit for bit"
+            );
         }
     }
 }
@@ -265,7 +341,10 @@ fn bad_inputs_give_clear_errors() {
     let o = opts(Method::Obs, 4, Sparsity::TwoFour, &calib);
 
     // Another architecture (wider MLP): refused before any work.
-    let wide = TinySpec { ffn: 192, ..spec.clone() };
+    let wide = TinySpec {
+        ffn: 192,
+        ..spec.clone()
+    };
     let w = dir.path().join("wide");
     write_dir(&w, &wide, &wide.generate_base(), None);
     let e = expect_err(&b, &w, &o);
@@ -292,7 +371,16 @@ fn bad_inputs_give_clear_errors() {
     assert!(e.to_string().contains("short.txt"), "{e}");
 
     // A missing calibration file names the file.
-    let e = expect_err(&b, &f, &opts(Method::Obs, 4, Sparsity::TwoFour, &dir.path().join("nope.txt")));
+    let e = expect_err(
+        &b,
+        &f,
+        &opts(
+            Method::Obs,
+            4,
+            Sparsity::TwoFour,
+            &dir.path().join("nope.txt"),
+        ),
+    );
     assert!(e.to_string().contains("nope.txt"), "{e}");
 
     // A directory that is not a model.
@@ -317,7 +405,11 @@ fn target_ratio_meets_its_budget_and_mixes_recipes() {
     let target = 3.2;
     o.target_ratio = Some(target);
     let r = compress(&fam, 0, &o, &out);
-    assert!(r.ratio() >= target, "ratio {:.3} below the target {target}", r.ratio());
+    assert!(
+        r.ratio() >= target,
+        "ratio {:.3} below the target {target}",
+        r.ratio()
+    );
     let f = DeltaFile::open(&out).unwrap();
     assert_eq!(f.manifest().recipe.method, "obs-mixed");
     assert!(f.manifest().recipe.extra.contains_key("allocation"));
@@ -329,19 +421,35 @@ fn target_ratio_meets_its_budget_and_mixes_recipes() {
     let est = pipeline::estimate(&fam.base, &fam.finetunes[0], &plain).unwrap();
     let real = compress(&fam, 0, &plain, &dir.path().join("p.dz"));
     let q = est.delta_bytes as f64 / real.file_bytes as f64;
-    assert!((0.8..1.6).contains(&q), "estimate {} vs real {}", est.delta_bytes, real.file_bytes);
+    assert!(
+        (0.8..1.6).contains(&q),
+        "estimate {} vs real {}",
+        est.delta_bytes,
+        real.file_bytes
+    );
 }
 
 #[test]
 fn merge_refuses_a_delta_for_another_base() {
     let (dir, fam) = family(&TinySpec::llama(), 1);
     let out = dir.path().join("a.dz");
-    compress(&fam, 0, &opts(Method::Rtn, 4, Sparsity::TwoFour, &fam.calib_text), &out);
+    compress(
+        &fam,
+        0,
+        &opts(Method::Rtn, 4, Sparsity::TwoFour, &fam.calib_text),
+        &out,
+    );
     // The other family's base has the same shapes but other weights.
-    let other = TinySpec { seed: 7, ..TinySpec::llama() };
+    let other = TinySpec {
+        seed: 7,
+        ..TinySpec::llama()
+    };
     let ob: PathBuf = dir.path().join("other-base");
     write_dir(&ob, &other, &other.generate_base(), None);
     let e = merge::merge(&ob, &out, &dir.path().join("m"), false, |_| {}).unwrap_err();
-    assert!(matches!(e, Error::Format(dz_format::Error::BaseMismatch { .. })), "{e}");
+    assert!(
+        matches!(e, Error::Format(dz_format::Error::BaseMismatch { .. })),
+        "{e}"
+    );
     assert!(!dir.path().join("m").exists());
 }
