@@ -20,8 +20,16 @@
 //!
 //! Evaluation helpers: [`LlamaModel::perplexity`] over non-overlapping windows and [`kl_divergence`] between
 //! two models' next-token distributions on the same windows.
+//!
+//! Training (making real fine-tunes to compress): RMSNorm, softmax and RoPE run as candle-nn's fused ops by
+//! default, which candle 0.10 builds with `apply_op*_no_bwd`: gradients stop at them. [`Kernels::Primitive`]
+//! computes the same math from primitive candle ops that all have a backward, and [`LlamaModel::from_vars`]
+//! builds the model on `candle_core::Var`s, so that [`LlamaModel::next_token_loss`]`.backward()` reaches every
+//! weight. The primitive versions are also the slow twins the fused ones are tested against.
 
-use candle_core::{DType, Device, Tensor, D};
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor, Var, D};
 
 use crate::arch::ArchConfig;
 use crate::error::{Error, Result};
@@ -76,11 +84,25 @@ pub struct PerplexityReport {
     pub tokens: usize,
 }
 
+/// How [`LlamaModel`] computes RMSNorm, softmax and RoPE (everything else is the same in both).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Kernels {
+    /// candle-nn's fused ops (`ops::rms_norm`, `ops::softmax_last_dim`, `rotary_emb::rope`): fastest, but
+    /// without a backward in candle 0.10, so gradients do not flow through them.
+    #[default]
+    Fused,
+    /// The same math from primitive candle ops (square, sum, sqrt, exp, narrow, cat, ...), each with a
+    /// backward: what training needs, and the slow twin of [`Kernels::Fused`]. On the CPU the two give
+    /// bit-identical logits (the same f32 operations in the same order; `tests/model.rs` checks).
+    Primitive,
+}
+
 /// A Llama-family decoder with all weights in f32 on one device.
 #[derive(Debug, Clone)]
 pub struct LlamaModel {
     arch: ArchConfig,
     device: Device,
+    kernels: Kernels,
     embed: Tensor,
     layers: Vec<Layer>,
     norm: Tensor,
@@ -91,12 +113,13 @@ pub struct LlamaModel {
 impl LlamaModel {
     /// Builds the model from `get`, which returns each tensor of [`ArchConfig::tensor_shapes`] by its HF name,
     /// row-major f32. When `tie_word_embeddings`, lm_head is the embedding and `lm_head.weight` is not asked for.
+    /// The kernels are [`Kernels::Fused`].
     pub fn load(
         arch: &ArchConfig,
         device: &Device,
         mut get: impl FnMut(&str) -> Result<Vec<f32>>,
     ) -> Result<Self> {
-        let mut load = |name: &str, shape: &[usize]| -> Result<Tensor> {
+        Self::load_with(arch, device, |name, shape| {
             let values = get(name)?;
             let expected = shape.iter().product::<usize>();
             if values.len() != expected {
@@ -106,6 +129,29 @@ impl LlamaModel {
                 )));
             }
             Ok(Tensor::from_vec(values, shape, device)?)
+        })
+    }
+
+    /// Builds the model from ready tensors: `get(name, shape)` returns each tensor of
+    /// [`ArchConfig::tensor_shapes`], f32 on `device` in that shape, which the model then uses as is (no
+    /// copy): a `Var`'s tensor stays that variable, so gradients reach it. Tied embeddings are asked for once.
+    /// A tensor of another shape, dtype or device is refused, by name. The kernels are [`Kernels::Fused`].
+    pub fn load_with(
+        arch: &ArchConfig,
+        device: &Device,
+        mut get: impl FnMut(&str, &[usize]) -> Result<Tensor>,
+    ) -> Result<Self> {
+        let mut load = |name: &str, shape: &[usize]| -> Result<Tensor> {
+            let t = get(name, shape)?;
+            if t.dims() != shape || t.dtype() != DType::F32 || !t.device().same_device(device) {
+                return Err(Error::InvalidModel(format!(
+                    "{name}: expected f32 {shape:?} on {device:?}, got {:?} {:?} on {:?}",
+                    t.dtype(),
+                    t.dims(),
+                    t.device()
+                )));
+            }
+            Ok(t)
         };
         let shapes = arch.tensor_shapes();
         let shape_of = |name: &str| -> Result<&[usize]> {
@@ -147,11 +193,58 @@ impl LlamaModel {
         Ok(Self {
             arch: arch.clone(),
             device: device.clone(),
+            kernels: Kernels::Fused,
             embed,
             layers,
             norm,
             lm_head,
         })
+    }
+
+    /// Builds the model on trainable variables, one per tensor of [`ArchConfig::tensor_shapes`] by HF name
+    /// (with tied embeddings, the one `model.embed_tokens.weight` variable is lm_head too), with
+    /// [`Kernels::Primitive`] so that gradients flow. The device is the embedding's. Extra entries are ignored.
+    pub fn from_vars(arch: &ArchConfig, vars: &HashMap<String, Var>) -> Result<Self> {
+        let device = vars
+            .get("model.embed_tokens.weight")
+            .ok_or_else(|| Error::InvalidModel("no variable model.embed_tokens.weight".into()))?
+            .device()
+            .clone();
+        let mut m = Self::load_with(arch, &device, |name, _| {
+            vars.get(name)
+                .map(|v| v.as_tensor().clone())
+                .ok_or_else(|| Error::InvalidModel(format!("no variable {name}")))
+        })?;
+        m.kernels = Kernels::Primitive;
+        Ok(m)
+    }
+
+    /// A fresh trainable copy of every weight, by HF name ([`Self::tensors`]' names), for [`Self::from_vars`].
+    pub fn to_vars(&self) -> Result<HashMap<String, Var>> {
+        self.tensors()
+            .into_iter()
+            .map(|(name, t)| Ok((name, Var::from_tensor(&t.detach())?)))
+            .collect()
+    }
+
+    /// Every weight by HF name, in [`ArchConfig::tensor_shapes`] order (no `lm_head.weight` when tied): cheap
+    /// handles that share storage with the model (with [`Self::from_vars`], the variables' current values).
+    pub fn tensors(&self) -> Vec<(String, Tensor)> {
+        self.arch
+            .tensor_shapes()
+            .into_iter()
+            .filter_map(|(name, _)| self.tensor(&name).cloned().map(|t| (name, t)))
+            .collect()
+    }
+
+    /// How RMSNorm, softmax and RoPE are computed.
+    pub fn kernels(&self) -> Kernels {
+        self.kernels
+    }
+
+    /// Switches between the fused kernels and the differentiable primitive ones (same weights).
+    pub fn set_kernels(&mut self, kernels: Kernels) {
+        self.kernels = kernels;
     }
 
     /// The architecture.
@@ -221,7 +314,8 @@ impl LlamaModel {
     }
 
     /// Replaces one tensor (in practice a linear weight: base + decompressed delta), row-major f32 in the
-    /// tensor's own shape. With tied embeddings, replacing the embedding replaces lm_head too.
+    /// tensor's own shape. With tied embeddings, replacing the embedding replaces lm_head too. The new tensor
+    /// is a constant: on a model built [`Self::from_vars`], that weight is no longer the variable.
     pub fn set_weight(&mut self, name: &str, values: &[f32]) -> Result<()> {
         let device = self.device.clone();
         let slot = self
@@ -275,14 +369,14 @@ impl LlamaModel {
         let k = heads(K, l.bias[1].as_ref(), nkv)?;
         let v = heads(V, l.bias[2].as_ref(), nkv)?;
         let (cos, sin) = self.rope_tables(t)?;
-        let q = candle_nn::rotary_emb::rope(&q, &cos, &sin)?;
-        let k = candle_nn::rotary_emb::rope(&k, &cos, &sin)?;
+        let q = self.rope(&q, &cos, &sin)?;
+        let k = self.rope(&k, &cos, &sin)?;
         // GQA without copying k/v: query head `kv * g + j` attends with kv head `kv` (HF's repeat_kv), so
         // [b, heads, t, d] viewed as [b, kv_heads, g * t, d] lines every query row up with its kv head.
         let q = (q * (1.0 / (d as f64).sqrt()))?.reshape((b, nkv, g * t, d))?;
         let att = q.matmul(&k.t()?)?.reshape((b * nh, t, t))?;
         let att = att.broadcast_add(&self.causal_mask(t)?)?;
-        let att = candle_nn::ops::softmax_last_dim(&att)?.reshape((b, nkv, g * t, t))?;
+        let att = self.softmax_last_dim(&att)?.reshape((b, nkv, g * t, t))?;
         let y = att.matmul(&v)?.reshape((b, nh, t, d))?;
         Ok(y.transpose(1, 2)?.reshape((b, t, nh * d))?)
     }
@@ -341,6 +435,26 @@ impl LlamaModel {
         self.logits(&self.hidden(ids)?)
     }
 
+    /// Mean next-token cross-entropy (nats) of windows `[b, t]` (u32, `t >= 2`): position `j` predicts token
+    /// `j + 1`, as in [`Self::perplexity`]. A scalar; with [`Kernels::Primitive`] on variables
+    /// ([`Self::from_vars`]), its `backward()` reaches every weight.
+    pub fn next_token_loss(&self, ids: &Tensor) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        if t < 2 {
+            return Err(Error::Calibration(format!(
+                "a next-token loss needs windows of at least 2 tokens, got {t}"
+            )));
+        }
+        let rows = b * (t - 1);
+        let h = self
+            .hidden(ids)?
+            .narrow(1, 0, t - 1)?
+            .reshape((rows, self.arch.hidden_size))?;
+        let targets = ids.narrow(1, 1, t - 1)?.flatten_all()?.unsqueeze(1)?;
+        let lp = log_softmax_last_dim(&self.logits(&h)?)?;
+        Ok((lp.gather(&targets, 1)?.sum_all()? * (-1.0 / rows as f64))?)
+    }
+
     /// Token ids `[b, t]` to next-token log-probabilities `[b, t, vocab]` (a log-softmax of [`Self::forward`]).
     pub fn next_token_logprobs(&self, ids: &Tensor) -> Result<Tensor> {
         Ok(candle_nn::ops::log_softmax(&self.forward(ids)?, D::Minus1)?)
@@ -392,11 +506,26 @@ impl LlamaModel {
     }
 
     fn rms_norm(&self, h: &Tensor, w: &Tensor) -> Result<Tensor> {
-        Ok(candle_nn::ops::rms_norm(
-            &h.contiguous()?,
-            w,
-            self.arch.rms_norm_eps as f32,
-        )?)
+        let eps = self.arch.rms_norm_eps as f32;
+        match self.kernels {
+            Kernels::Fused => Ok(candle_nn::ops::rms_norm(&h.contiguous()?, w, eps)?),
+            Kernels::Primitive => rms_norm_primitive(h, w, eps),
+        }
+    }
+
+    fn softmax_last_dim(&self, x: &Tensor) -> Result<Tensor> {
+        match self.kernels {
+            Kernels::Fused => Ok(candle_nn::ops::softmax_last_dim(x)?),
+            Kernels::Primitive => softmax_last_dim_primitive(x),
+        }
+    }
+
+    /// Non-interleaved RoPE of `x` (`[b, heads, t, head_dim]`, contiguous) with tables `[t, head_dim / 2]`.
+    fn rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        match self.kernels {
+            Kernels::Fused => Ok(candle_nn::rotary_emb::rope(x, cos, sin)?),
+            Kernels::Primitive => rope_primitive(x, cos, sin),
+        }
     }
 
     /// RoPE tables `[t, head_dim / 2]` for positions `0..t`, angles computed in f64.
@@ -472,6 +601,52 @@ pub fn kl_divergence(
         }
     }
     Ok(total / count as f64)
+}
+
+/// RMSNorm over the last dimension from primitive ops, as candle-nn's fused `rms_norm` computes it:
+/// `x / sqrt(mean(x^2) + eps) * w`.
+fn rms_norm_primitive(x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
+    let n = Tensor::new(&[x.dim(D::Minus1)? as f32], x.device())?;
+    // A true division by the width, as the fused op does (`Tensor / f64` multiplies by its reciprocal).
+    let ms = x.sqr()?.sum_keepdim(D::Minus1)?.broadcast_div(&n)?;
+    let rms = (ms + f64::from(eps))?.sqrt()?;
+    Ok(x.broadcast_div(&rms)?.broadcast_mul(w)?)
+}
+
+/// Softmax over the last dimension from primitive ops: `exp(x - max) / sum(exp(x - max))`. The max is
+/// detached: softmax does not depend on the shift, so its exact gradient through the max is zero, and
+/// skipping it saves a pass over the scores. Every row needs one finite entry (a causal row has its diagonal).
+fn softmax_last_dim_primitive(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
+}
+
+/// Log-softmax over the last dimension: `x - max - log(sum(exp(x - max)))`, the max detached as in
+/// [`softmax_last_dim_primitive`] (the result does not depend on it).
+fn log_softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let shifted = x.broadcast_sub(&max)?;
+    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    Ok(shifted.broadcast_sub(&lse)?)
+}
+
+/// Non-interleaved ("rotate_half") RoPE from primitive ops, as candle-nn's fused `rope` computes it: with
+/// `x = [x1, x2]` split in halves of the last dimension, `[x1 cos - x2 sin, x2 cos + x1 sin]`.
+/// `x` is `[b, heads, t, d]`, `cos`/`sin` are `[t, d / 2]`.
+fn rope_primitive(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let half = x.dim(D::Minus1)? / 2;
+    let (x1, x2) = (
+        x.narrow(D::Minus1, 0, half)?,
+        x.narrow(D::Minus1, half, half)?,
+    );
+    let (cos, sin) = (
+        cos.unsqueeze(0)?.unsqueeze(0)?,
+        sin.unsqueeze(0)?.unsqueeze(0)?,
+    );
+    let y1 = (x1.broadcast_mul(&cos)? - x2.broadcast_mul(&sin)?)?;
+    let y2 = (x2.broadcast_mul(&cos)? + x1.broadcast_mul(&sin)?)?;
+    Ok(Tensor::cat(&[&y1, &y2], D::Minus1)?)
 }
 
 /// `x @ w^T + b` over the last dimension of `x`, as one 2-D matmul.

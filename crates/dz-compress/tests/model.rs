@@ -1,22 +1,30 @@
 //! The Llama-family forward pass against candle-transformers' own `llama` and `qwen2` (the slow twins, on the
-//! same tiny seeded weights), the evaluation helpers against plain f64 host math, and sequential calibration:
-//! group order and widths, Hessians against a direct computation from the staged inputs, and the final hidden
-//! states against a plain forward of the model it leaves behind.
+//! same tiny seeded weights), the fused kernels against the primitive (differentiable) ones, gradients
+//! against finite differences, the evaluation helpers against plain f64 host math, and sequential
+//! calibration: group order and widths, Hessians against a direct computation from the staged inputs, and the
+//! final hidden states against a plain forward of the model it leaves behind.
 
 use std::collections::HashMap;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarBuilder;
 use candle_transformers::models::{llama, qwen2};
 use dz_compress::arch::ArchConfig;
 use dz_compress::calibrate::{calibrate, HessianAccumulator, Progress};
-use dz_compress::model::{kl_divergence, LlamaModel};
+use dz_compress::model::{kl_divergence, Kernels, LlamaModel};
 use dz_compress::{Error, Result};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 /// Max |logit difference| allowed between our forward and candle-transformers' (both f32).
 const DZ_MAX_LOGIT_DIFF_VS_CANDLE: f32 = 1e-4;
+/// Max |logit difference| between [`Kernels::Fused`] and [`Kernels::Primitive`] (both f32, same weights) on
+/// CUDA. On the CPU they are bit-exact: the primitive twins do the same f32 operations in the same order
+/// (sequential sums, a true division by the width, `x / rms * w`, `x1 cos - x2 sin`).
+const DZ_MAX_LOGIT_DIFF_FUSED_VS_PRIMITIVE_CUDA: f32 = 1e-5;
+/// Relative tolerance of a directional derivative from autograd against a central finite difference in f32
+/// (measured: about 1e-4).
+const DZ_GRAD_FD_REL_TOL: f64 = 2e-3;
 /// Relative tolerance (to the largest entry) of a Hessian against the f64 host computation.
 const DZ_HESSIAN_REL_TOL: f64 = 1e-5;
 
@@ -398,6 +406,181 @@ test_device!(
     perplexity_and_kl_match_host_cpu,
     perplexity_and_kl_match_host_cuda
 );
+
+fn primitive_kernels_match_fused(device: &Device) -> Result<()> {
+    let cases = [
+        ("llama", false, 10_000.0),
+        ("llama", true, 10_000.0),
+        ("qwen2", true, 1_000_000.0),
+    ];
+    for (i, &(model_type, tied, theta)) in cases.iter().enumerate() {
+        // Widths that are not powers of two (hidden 96, ffn 200), where dividing by the width and
+        // multiplying by its reciprocal round differently.
+        let arch = ArchConfig::from_json(&serde_json::json!({
+            "model_type": model_type, "hidden_size": 96, "intermediate_size": 200,
+            "num_hidden_layers": 2, "num_attention_heads": 6, "num_key_value_heads": 3,
+            "vocab_size": 320, "rms_norm_eps": 1e-5, "rope_theta": theta,
+            "tie_word_embeddings": tied
+        }))?;
+        let w = random_weights(&arch, 101 + i as u64);
+        let mut m = load(&arch, &w, device)?;
+        assert_eq!(m.kernels(), Kernels::Fused);
+        let (b, t) = (3, 37);
+        let ids = Tensor::from_vec(random_tokens(b * t, 320, 102 + i as u64), (b, t), device)?;
+        let fused = m.forward(&ids)?;
+        let loss_fused = m.next_token_loss(&ids)?.to_scalar::<f32>()?;
+        m.set_kernels(Kernels::Primitive);
+        let primitive = m.forward(&ids)?;
+        let loss_primitive = m.next_token_loss(&ids)?.to_scalar::<f32>()?;
+        let what = format!("{model_type} tied={tied}: fused vs primitive");
+        let tol = if device.is_cpu() {
+            0.0
+        } else {
+            DZ_MAX_LOGIT_DIFF_FUSED_VS_PRIMITIVE_CUDA
+        };
+        let worst = assert_close(&what, &flat(&fused)?, &flat(&primitive)?, tol);
+        println!("{what}: max |logit diff| {worst:e}");
+        // The loss is perplexity's mean NLL over the same windows.
+        let nll = m.perplexity(&flat_ids(&ids)?, t, None)?.nll;
+        for loss in [loss_fused, loss_primitive] {
+            assert!(
+                (f64::from(loss) - nll).abs() < 1e-5 * nll,
+                "{what}: loss {loss} vs perplexity's nll {nll}"
+            );
+        }
+    }
+    Ok(())
+}
+test_device!(
+    primitive_kernels_match_fused,
+    primitive_kernels_match_fused_cpu,
+    primitive_kernels_match_fused_cuda
+);
+
+fn flat_ids(ids: &Tensor) -> Result<Vec<u32>> {
+    Ok(ids.flatten_all()?.to_vec1::<u32>()?)
+}
+
+/// Sets every variable to `base + eps * dir` and returns the loss.
+fn loss_at(
+    m: &LlamaModel,
+    vars: &HashMap<String, Var>,
+    base: &HashMap<String, Tensor>,
+    dir: &HashMap<String, Tensor>,
+    eps: f64,
+    ids: &Tensor,
+) -> Result<f64> {
+    for (name, v) in vars {
+        v.set(&(&base[name] + (&dir[name] * eps)?)?)?;
+    }
+    Ok(f64::from(m.next_token_loss(ids)?.to_scalar::<f32>()?))
+}
+
+fn gradients_match_finite_differences(device: &Device) -> Result<()> {
+    for (model_type, tied) in [("llama", true), ("qwen2", false)] {
+        let arch = tiny_arch(model_type, tied, 10_000.0);
+        let w = random_weights(&arch, 111 + tied as u64);
+        let vars = load(&arch, &w, device)?.to_vars()?;
+        let names: Vec<String> = arch.tensor_shapes().into_iter().map(|(n, _)| n).collect();
+        assert_eq!(
+            vars.len(),
+            names.len(),
+            "one variable per tensor (tied: one)"
+        );
+        let m = LlamaModel::from_vars(&arch, &vars)?;
+        assert_eq!(m.kernels(), Kernels::Primitive);
+        let ids = Tensor::from_vec(random_tokens(2 * 9, 320, 112), (2, 9), device)?;
+
+        let grads = m.next_token_loss(&ids)?.backward()?;
+        // Every weight gets a finite, non-zero gradient: none is cut off by an op without a backward.
+        let mut g_dot_dir = 0f64;
+        let mut rng = StdRng::seed_from_u64(113);
+        let mut dir = HashMap::new();
+        let mut base = HashMap::new();
+        for name in &names {
+            let v = &vars[name];
+            let g = grads
+                .get(v.as_tensor())
+                .unwrap_or_else(|| panic!("{model_type} tied={tied}: no gradient for {name}"));
+            let gv = flat(g)?;
+            assert!(
+                gv.iter().all(|x| x.is_finite()),
+                "{name}: non-finite gradient"
+            );
+            assert!(gv.iter().any(|&x| x != 0.0), "{name}: all-zero gradient");
+            let d: Vec<f32> = (0..gv.len()).map(|_| rng.gen_range(-1f32..1.0)).collect();
+            g_dot_dir += gv
+                .iter()
+                .zip(&d)
+                .map(|(&a, &b)| f64::from(a) * f64::from(b))
+                .sum::<f64>();
+            dir.insert(name.clone(), Tensor::from_vec(d, v.shape(), device)?);
+            base.insert(name.clone(), v.as_tensor().copy()?);
+        }
+        // Autograd's directional derivative against a central difference along the same random direction.
+        let eps = 1e-3;
+        let fd = (loss_at(&m, &vars, &base, &dir, eps, &ids)?
+            - loss_at(&m, &vars, &base, &dir, -eps, &ids)?)
+            / (2.0 * eps);
+        loss_at(&m, &vars, &base, &dir, 0.0, &ids)?;
+        let rel = (fd - g_dot_dir).abs() / g_dot_dir.abs().max(1e-6);
+        println!("{model_type} tied={tied}: <grad, dir> {g_dot_dir:.6}, finite difference {fd:.6}, rel {rel:.2e}");
+        assert!(
+            rel <= DZ_GRAD_FD_REL_TOL,
+            "{model_type} tied={tied}: <grad, dir> {g_dot_dir}, finite difference {fd}, rel {rel} > {DZ_GRAD_FD_REL_TOL}"
+        );
+
+        // With the fused kernels, gradients stop at RMSNorm: the first layer's norm gets none.
+        let mut fused = m.clone();
+        fused.set_kernels(Kernels::Fused);
+        let grads = fused.next_token_loss(&ids)?.backward()?;
+        assert!(grads
+            .get(vars["model.layers.0.input_layernorm.weight"].as_tensor())
+            .is_none());
+    }
+    Ok(())
+}
+test_device!(
+    gradients_match_finite_differences,
+    gradients_match_finite_differences_cpu,
+    gradients_match_finite_differences_cuda
+);
+
+#[test]
+fn load_with_refuses_wrong_tensors() -> Result<()> {
+    let arch = tiny_arch("llama", true, 10_000.0);
+    let w = random_weights(&arch, 121);
+    let device = Device::Cpu;
+    let m = load(&arch, &w, &device)?;
+    // Round trip through tensors(): same weights, same logits.
+    let named: HashMap<String, Tensor> = m.tensors().into_iter().collect();
+    assert_eq!(named.len(), arch.tensor_shapes().len());
+    let again = LlamaModel::load_with(&arch, &device, |n, _| Ok(named[n].clone()))?;
+    let ids = Tensor::from_slice(&[3u32, 1, 4, 1, 5], (1, 5), &device)?;
+    assert_eq!(flat(&m.forward(&ids)?)?, flat(&again.forward(&ids)?)?);
+    // Wrong dtype, wrong shape, a missing variable.
+    let e = LlamaModel::load_with(&arch, &device, |n, _| Ok(named[n].to_dtype(DType::F64)?))
+        .unwrap_err();
+    assert!(e.to_string().contains("model.embed_tokens.weight"), "{e}");
+    let e = LlamaModel::load_with(&arch, &device, |n, _| {
+        let t = &named[n];
+        Ok(if n == "model.norm.weight" {
+            t.narrow(0, 0, 63)?
+        } else {
+            t.clone()
+        })
+    })
+    .unwrap_err();
+    assert!(e.to_string().contains("model.norm.weight"), "{e}");
+    let mut vars = m.to_vars()?;
+    vars.remove("model.layers.1.mlp.up_proj.weight");
+    let e = LlamaModel::from_vars(&arch, &vars).unwrap_err();
+    assert!(
+        e.to_string().contains("model.layers.1.mlp.up_proj.weight"),
+        "{e}"
+    );
+    Ok(())
+}
 
 /// What the compress callback saw for one group.
 struct Seen {
