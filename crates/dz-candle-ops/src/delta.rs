@@ -1,6 +1,8 @@
 //! [`DeviceDelta`]: one packed delta tensor resident on a candle device.
 
-use candle_core::{Device, Tensor};
+use std::sync::RwLockReadGuard;
+
+use candle_core::{Device, Layout, Storage, Tensor};
 use dz_format::codec::{pack_row_index, unpack_row_index, Payload};
 use dz_format::{Codec, Role, TensorData, TensorEntry};
 
@@ -167,7 +169,7 @@ impl DeviceDelta {
         };
         let parts = parts
             .iter()
-            .map(|p| Tensor::from_slice(p, p.len(), device))
+            .map(|p| upload(p, device))
             .collect::<candle_core::Result<Vec<_>>>()
             .map_err(candle)?;
         let row_index = row_index
@@ -232,5 +234,39 @@ impl DeviceDelta {
     pub fn nbytes(&self) -> usize {
         let parts: usize = self.parts.iter().map(Tensor::elem_count).sum();
         parts + self.row_index.as_ref().map_or(0, |t| 4 * t.elem_count())
+    }
+}
+
+/// One part as a `U8` tensor of shape `[len]` on `device`. An empty part (the `codes` of a `sparse` delta
+/// that keeps nothing) is an empty view of a one-byte buffer: CUDA cannot allocate zero bytes.
+fn upload(p: &[u8], device: &Device) -> candle_core::Result<Tensor> {
+    if p.is_empty() {
+        return Tensor::from_slice(&[0u8], 1, device)?.narrow(0, 0, 0);
+    }
+    Tensor::from_slice(p, p.len(), device)
+}
+
+type Guard<'t> = (RwLockReadGuard<'t, Storage>, &'t Layout);
+
+/// Read locks on the storages of a delta's tensors, held while an op reads them (the CPU path borrows
+/// their bytes, the CUDA path their device pointers).
+pub(crate) struct Locked<'t> {
+    pub(crate) delta: &'t DeviceDelta,
+    pub(crate) parts: Vec<Guard<'t>>,
+    pub(crate) row_index: Option<Guard<'t>>,
+}
+
+impl<'t> Locked<'t> {
+    /// Takes a read lock on every tensor of `delta`.
+    pub(crate) fn new(delta: &'t DeviceDelta) -> Self {
+        Locked {
+            delta,
+            parts: delta
+                .parts()
+                .iter()
+                .map(|t| t.storage_and_layout())
+                .collect(),
+            row_index: delta.row_index().map(|t| t.storage_and_layout()),
+        }
     }
 }

@@ -19,14 +19,18 @@
 //! (sections 3-4). Inputs are f32, f16 or bf16 with any leading dims; products accumulate in f32 and the
 //! output has the input's dtype.
 //!
-//! Every op is one private struct implementing candle's `CustomOp1`/`CustomOp2` (a CUDA forward pass joins
-//! each with dz-kernels, behind the same functions). The CPU forward passes are multithreaded (rayon):
-//! few input rows stream each packed row once, decoding it chunk by chunk and dotting it with every input
-//! row; more rows decode tiles and multiply them with the `gemm` crate. The hot loops are compiled for
-//! the baseline and again for AVX2/FMA and AVX-512, picked at run time. Each op has a slow twin in
-//! [`reference`](mod@reference) (dz-format's reference decoder and an f64 triple loop), which the tests
-//! compare against under named tolerances ([`reference::DZ_TOL_F32`], [`reference::DZ_TOL_F16`],
-//! [`reference::DZ_TOL_BF16`]; [`dequantize`] is bit-exact, [`reference::DZ_EXACT`]).
+//! Every op is one private struct implementing candle's `CustomOp1`/`CustomOp2`, with a CPU and a CUDA
+//! forward pass behind the same functions. The CUDA passes (the `cuda` feature) launch dz-kernels' fused
+//! kernels, which read each packed byte once and decode it in registers (no dense copy of a delta is ever
+//! made); [`sbmm`] is one launch per codec variant in the batch. The CPU forward passes are multithreaded
+//! (rayon): few input rows stream each packed row once, decoding it chunk by chunk and dotting it with
+//! every input row; more rows decode tiles and multiply them with the `gemm` crate. The hot loops are
+//! compiled for the baseline and again for AVX2/FMA and AVX-512, picked at run time. Each op has a slow
+//! twin in [`reference`](mod@reference) (dz-format's reference decoder and an f64 triple loop), which the
+//! tests compare against under named tolerances ([`reference::DZ_TOL_F32`], [`reference::DZ_TOL_F16`],
+//! [`reference::DZ_TOL_BF16`]; [`dequantize`] is bit-exact, [`reference::DZ_EXACT`]). The CUDA passes are
+//! checked against the same twins over the same cases by `examples/cuda_check.rs` (on a GPU; the
+//! [`poisoned`] ops fill outputs with NaN first so an element a kernel skips fails).
 //!
 //! Bad inputs (dtype, shape, device, non-contiguous, a `full` tensor used as a delta, segments that do not
 //! cover the batch, deltas of different shapes in one `sbmm`) are refused with an [`OpError`] carried in a
@@ -98,9 +102,17 @@
 
 mod codec;
 mod cpu;
+// The CUDA forward passes (dz-kernels); without the `cuda` feature, a stub of the same functions that
+// answers candle's `NotCompiledWithCudaSupport` (no CUDA tensor can exist then anyway).
+#[cfg(feature = "cuda")]
+mod cuda;
+#[cfg(not(feature = "cuda"))]
+#[path = "cuda_stub.rs"]
+mod cuda;
 mod delta;
 mod error;
 mod ops;
+pub mod poisoned;
 pub mod reference;
 
 pub use delta::{DeviceDelta, RowSubset};

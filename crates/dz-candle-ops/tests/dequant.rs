@@ -5,7 +5,7 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use common::*;
 use dz_candle_ops::reference::{self, Tolerance, DZ_EXACT};
 use dz_candle_ops::{dequantize, embedding_delta_add, merge, DeviceDelta};
@@ -17,30 +17,23 @@ use dz_format::{
 #[test]
 fn dequantize_is_bit_exact() {
     let mut t = Tester::new("dequantize");
-    for (ci, cfg) in all_cfgs().into_iter().enumerate() {
-        for (si, &(n, k)) in SHAPES.iter().enumerate() {
-            let config = format!("{} {n}x{k}", cfg.label());
-            t.expect(config.clone());
-            let d = delta(cfg, n, k, (ci * 10 + si) as u64);
-            let got = dequantize(&d).unwrap();
-            assert_eq!(got.dtype(), DType::F32);
-            let want = reference::dequantize(&d).unwrap();
-            t.record(
-                config.clone(),
-                assert_close(&config, &got, &want, None, &DZ_EXACT),
-            );
-        }
+    for spec in dequantize_specs() {
+        let config = spec.label();
+        t.expect(config.clone());
+        let d = spec.build(&Device::Cpu);
+        let got = dequantize(&d).unwrap();
+        assert_eq!(got.dtype(), DType::F32);
+        let want = reference::dequantize(&d).unwrap();
+        t.record(
+            config.clone(),
+            assert_close(&config, &got, &want, None, &DZ_EXACT),
+        );
     }
     // Row subsets: rows not stored are zero.
     let index = [1u32, 2, 7];
     let d = subset_delta(Cfg::Sign1, 9, &index, 40, 3);
     let got = dequantize(&d).unwrap();
     assert_eq!(got.dims(), &[9, 40]);
-    let want = reference::dequantize(&d).unwrap();
-    t.record(
-        "sign1 subset",
-        assert_close("subset", &got, &want, None, &DZ_EXACT),
-    );
     for (r, row) in got.to_vec2::<f32>().unwrap().iter().enumerate() {
         let stored = index.contains(&(r as u32));
         assert_eq!(row.iter().any(|&v| v != 0.0), stored, "row {r}");
@@ -48,114 +41,48 @@ fn dequantize_is_bit_exact() {
     t.finish();
 }
 
-fn merge_magnitude(base: &Tensor, d: &DeviceDelta) -> Tensor {
-    let dense = reference::dequantize(d).unwrap().abs().unwrap();
-    let b = base.to_dtype(DType::F32).unwrap().abs().unwrap();
-    (b.reshape(dense.dims()).unwrap() + dense)
-        .unwrap()
-        .reshape(base.dims())
-        .unwrap()
-}
-
 #[test]
 fn merge_matches_reference() {
     let mut t = Tester::new("merge");
-    for (ci, cfg) in all_cfgs().into_iter().enumerate() {
-        let (n, k) = SHAPES[ci % SHAPES.len()];
-        let d = delta(cfg, n, k, 40 + ci as u64);
-        for (di, &dtype) in DTYPES.iter().enumerate() {
-            let config = format!("{} {dtype:?} {n}x{k}", cfg.label());
-            t.expect(config.clone());
-            let base = input(&[n, k], dtype, (ci * 10 + di) as u64);
-            let got = merge(&base, &d).unwrap();
-            let want = reference::merge(&base, &d).unwrap();
-            let mag = merge_magnitude(&base, &d);
-            let tol = Tolerance::for_dtype(dtype);
-            t.record(
-                config.clone(),
-                assert_close(&config, &got, &want, Some(&mag), &tol),
-            );
-        }
+    for case in merge_cases() {
+        let config = format!(
+            "{} {:?} base {:?}",
+            case.delta.label(),
+            case.dtype,
+            case.dims
+        );
+        t.expect(config.clone());
+        let d = case.delta.build(&Device::Cpu);
+        let base = input(&case.dims, case.dtype, case.base_seed);
+        let got = merge(&base, &d).unwrap();
+        assert_eq!(got.dims(), case.dims.as_slice());
+        let want = reference::merge(&base, &d).unwrap();
+        let mag = merge_magnitude(&base, &d);
+        let tol = Tolerance::for_dtype(case.dtype);
+        t.record(
+            config.clone(),
+            assert_close(&config, &got, &want, Some(&mag), &tol),
+        );
     }
-    // A 3-D weight whose matrix view is the delta's (SPEC.md section 2).
-    let d = subset_delta(
-        Cfg::Quant {
-            bits: 8,
-            group: 0,
-            sym: false,
-        },
-        6,
-        &[0, 5],
-        10,
-        9,
-    );
-    let base = input(&[2, 3, 10], DType::F16, 1);
-    let got = merge(&base, &d).unwrap();
-    assert_eq!(got.dims(), &[2, 3, 10]);
-    let want = reference::merge(&base, &d).unwrap();
-    let mag = merge_magnitude(&base, &d);
-    t.record(
-        "3-d subset",
-        assert_close(
-            "3-d subset",
-            &got,
-            &want,
-            Some(&mag),
-            &Tolerance::for_dtype(DType::F16),
-        ),
-    );
     t.finish();
-}
-
-fn embedding_magnitude(ids: &Tensor, base: &Tensor, d: &DeviceDelta) -> Tensor {
-    let dense = reference::dequantize(d).unwrap().abs().unwrap();
-    let flat = ids.flatten_all().unwrap().to_dtype(DType::U32).unwrap();
-    let rows = dense.index_select(&flat, 0).unwrap();
-    let b = base.to_dtype(DType::F32).unwrap().abs().unwrap();
-    (b.reshape(rows.dims()).unwrap() + rows)
-        .unwrap()
-        .reshape(base.dims())
-        .unwrap()
 }
 
 #[test]
 fn embedding_delta_add_matches_reference() {
     let mut t = Tester::new("embedding");
-    let (vocab, hidden) = (50, 68);
-    let index: Vec<u32> = (0..50).filter(|r| r % 3 != 1).collect();
-    for (ci, cfg) in all_cfgs().into_iter().enumerate() {
-        let d = if ci % 2 == 0 {
-            delta(cfg, vocab, hidden, ci as u64)
-        } else {
-            subset_delta(cfg, vocab, &index, hidden, ci as u64)
-        };
-        for (di, &dtype) in DTYPES.iter().enumerate() {
-            for id_dtype in [DType::U32, DType::I64] {
-                let config = format!(
-                    "{} {dtype:?} ids {id_dtype:?} subset={}",
-                    cfg.label(),
-                    ci % 2
-                );
-                t.expect(config.clone());
-                // Repeated ids and ids of rows not stored.
-                let ids: Vec<u32> = (0..14)
-                    .map(|i| ((i * 7 + ci + di) % vocab) as u32)
-                    .collect();
-                let ids = Tensor::from_vec(ids, (2, 7), &Device::Cpu)
-                    .unwrap()
-                    .to_dtype(id_dtype)
-                    .unwrap();
-                let base = input(&[2, 7, hidden], dtype, (ci * 10 + di) as u64);
-                let got = embedding_delta_add(&ids, &base, &d).unwrap();
-                let want = reference::embedding_delta_add(&ids, &base, &d).unwrap();
-                let mag = embedding_magnitude(&ids, &base, &d);
-                let tol = Tolerance::for_dtype(dtype);
-                t.record(
-                    config.clone(),
-                    assert_close(&config, &got, &want, Some(&mag), &tol),
-                );
-            }
-        }
+    for case in embedding_cases() {
+        let config = case.label();
+        t.expect(config.clone());
+        let d = case.delta.build(&Device::Cpu);
+        let (ids, base) = (case.ids(), case.base());
+        let got = embedding_delta_add(&ids, &base, &d).unwrap();
+        let want = reference::embedding_delta_add(&ids, &base, &d).unwrap();
+        let mag = embedding_magnitude(&ids, &base, &d);
+        let tol = Tolerance::for_dtype(case.dtype);
+        t.record(
+            config.clone(),
+            assert_close(&config, &got, &want, Some(&mag), &tol),
+        );
     }
     t.finish();
 }

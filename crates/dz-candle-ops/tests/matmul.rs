@@ -26,114 +26,54 @@ fn check_matmul_add(t: &mut Tester, config: String, x: &Tensor, base: &Tensor, d
     t.record(config, n);
 }
 
-#[test]
-fn delta_matmul_matches_reference() {
-    let mut t = Tester::new("delta_matmul");
-    for (ci, cfg) in all_cfgs().into_iter().enumerate() {
-        for (si, &(n, k)) in SHAPES.iter().enumerate() {
-            let d = delta(cfg, n, k, (ci * 10 + si) as u64);
-            for (di, &dtype) in DTYPES.iter().enumerate() {
-                for &rows in &ROWS {
-                    let config = format!("{} {dtype:?} {n}x{k} rows={rows}", cfg.label());
-                    t.expect(config.clone());
-                    let x = input(
-                        &x_dims(rows, k),
-                        dtype,
-                        (1000 + ci * 100 + si * 10 + di) as u64,
-                    );
-                    check_matmul(&mut t, config, &x, &d);
-                }
+/// Runs the matmul cases of `groups` (common's matrices) on the CPU.
+fn run_groups(name: &'static str, groups: Vec<MatmulGroup>) -> Tester {
+    let mut t = Tester::new(name);
+    for g in groups {
+        let d = g.delta.build(&candle_core::Device::Cpu);
+        let (n, k) = d.dims();
+        for run in &g.runs {
+            let config = format!("{} {}", g.delta.label(), run.label());
+            t.expect(config.clone());
+            let x = run.x(k);
+            match run.base(n) {
+                None => check_matmul(&mut t, config, &x, &d),
+                Some(base) => check_matmul_add(&mut t, config, &x, &base, &d),
             }
         }
     }
-    t.finish();
+    t
+}
+
+#[test]
+fn delta_matmul_matches_reference() {
+    run_groups("delta_matmul", delta_matmul_groups()).finish();
 }
 
 #[test]
 fn delta_matmul_add_matches_reference() {
-    let mut t = Tester::new("delta_matmul_add");
-    for (ci, cfg) in all_cfgs().into_iter().enumerate() {
-        // One shape per configuration, in turn: the shapes are covered by delta_matmul above.
-        let (n, k) = SHAPES[ci % SHAPES.len()];
-        let d = delta(cfg, n, k, 500 + ci as u64);
-        for (di, &dtype) in DTYPES.iter().enumerate() {
-            for &rows in &[1, 7, 64, 300] {
-                let config = format!("{} {dtype:?} {n}x{k} rows={rows}", cfg.label());
-                t.expect(config.clone());
-                let dims = x_dims(rows, k);
-                let x = input(&dims, dtype, (3000 + ci * 10 + di) as u64);
-                let mut out_dims = dims.clone();
-                *out_dims.last_mut().unwrap() = n;
-                let base = input(&out_dims, dtype, (4000 + ci * 10 + di) as u64);
-                check_matmul_add(&mut t, config, &x, &base, &d);
-            }
-        }
-    }
-    t.finish();
+    run_groups("delta_matmul_add", delta_matmul_add_groups()).finish();
 }
 
 /// Row-subset deltas (embedding / lm_head style): rows not stored contribute zero.
 #[test]
 fn row_subsets_match_reference() {
-    let mut t = Tester::new("row subsets");
-    let index: Vec<u32> = vec![0, 3, 4, 10, 17, 29, 36];
-    let (n_total, k) = (37, 72);
-    let cfgs = [
-        Cfg::Quant {
-            bits: 4,
-            group: 32,
-            sym: false,
-        },
-        Cfg::Sparse24 {
-            bits: 2,
-            group: 0,
-            sym: true,
-        },
-        Cfg::Sparse {
-            bits: 3,
-            group: 32,
-            sym: false,
-        },
-        Cfg::Sign1,
-    ];
-    for (ci, cfg) in cfgs.into_iter().enumerate() {
-        let d = subset_delta(cfg, n_total, &index, k, 70 + ci as u64);
-        assert_eq!(d.dims(), (n_total, k));
-        assert_eq!(d.stored_rows(), index.len());
-        for (di, &dtype) in DTYPES.iter().enumerate() {
-            for &rows in &[1, 9, 64] {
-                let dims = x_dims(rows, k);
-                let x = input(&dims, dtype, (ci * 10 + di) as u64);
-                check_matmul(
-                    &mut t,
-                    format!("matmul {} {dtype:?} rows={rows}", cfg.label()),
-                    &x,
-                    &d,
-                );
-                let mut out_dims = dims.clone();
-                *out_dims.last_mut().unwrap() = n_total;
-                let base = input(&out_dims, dtype, 99);
-                check_matmul_add(
-                    &mut t,
-                    format!("matmul_add {} {dtype:?} rows={rows}", cfg.label()),
-                    &x,
-                    &base,
-                    &d,
-                );
-            }
-        }
+    run_groups("row subsets", row_subset_groups()).finish();
+    for g in row_subset_groups() {
+        let d = g.delta.build(&candle_core::Device::Cpu);
+        assert_eq!(d.dims(), (SUBSET_N, SUBSET_K));
+        assert_eq!(d.stored_rows(), SUBSET_INDEX.len());
         // Columns of rows not stored are exactly zero.
-        let y = delta_matmul(&input(&[3, k], candle_core::DType::F32, 5), &d).unwrap();
+        let y = delta_matmul(&input(&[3, SUBSET_K], candle_core::DType::F32, 5), &d).unwrap();
         let y = y.to_vec2::<f32>().unwrap();
         for row in &y {
             for (c, &v) in row.iter().enumerate() {
-                if !index.contains(&(c as u32)) {
-                    assert_eq!(v, 0.0, "{}: column {c} is not stored", cfg.label());
+                if !SUBSET_INDEX.contains(&(c as u32)) {
+                    assert_eq!(v, 0.0, "{}: column {c} is not stored", g.delta.label());
                 }
             }
         }
     }
-    t.finish();
 }
 
 /// The boundaries between the engines (8 and 9 rows), a single column, zero rows.

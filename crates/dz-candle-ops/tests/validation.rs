@@ -1,7 +1,7 @@
 //! Every bad input gets a named error (never a panic): one test per error case.
 //!
 //! Not testable here: a device mismatch needs a second device (CUDA or Metal); the check is the same
-//! `same_device` comparison for every argument and is exercised by the CUDA tests of dz-kernels.
+//! `same_device` comparison for every argument, and `examples/cuda_check.rs` exercises it on a GPU.
 
 mod common;
 

@@ -4,16 +4,14 @@
 pub(crate) mod engine;
 mod isa;
 
-use std::borrow::Cow;
-use std::sync::RwLockReadGuard;
-
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, DType, Layout, Storage};
 use dz_format::Codec;
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
+use std::borrow::Cow;
 
-use crate::delta::DeviceDelta;
+pub(crate) use crate::delta::Locked;
 use crate::error::{OpError, Result};
 
 /// A delta's parts as host byte slices (borrowed from the CPU storages of its tensors).
@@ -45,29 +43,7 @@ impl HostDelta<'_> {
     }
 }
 
-type Guard<'t> = (RwLockReadGuard<'t, Storage>, &'t Layout);
-
-/// Read locks on the storages of a delta's tensors, held while an op reads them.
-pub(crate) struct Locked<'t> {
-    delta: &'t DeviceDelta,
-    parts: Vec<Guard<'t>>,
-    row_index: Option<Guard<'t>>,
-}
-
-impl<'t> Locked<'t> {
-    /// Takes a read lock on every tensor of `delta`.
-    pub(crate) fn new(delta: &'t DeviceDelta) -> Self {
-        Locked {
-            delta,
-            parts: delta
-                .parts()
-                .iter()
-                .map(|t| t.storage_and_layout())
-                .collect(),
-            row_index: delta.row_index().map(|t| t.storage_and_layout()),
-        }
-    }
-
+impl Locked<'_> {
     /// The host view; an error if a storage is not a contiguous CPU storage of the expected dtype.
     pub(crate) fn host(&self, op: &'static str) -> Result<HostDelta<'_>> {
         let d = self.delta;

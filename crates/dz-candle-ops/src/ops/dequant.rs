@@ -1,14 +1,15 @@
 //! `dequantize` (the dense delta) and `merge` (`base_w + D`, for serving a fine-tune merged).
 
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CudaStorage, CustomOp1, DType, Layout, Shape, Tensor};
 
-use super::{check_contiguous, check_device, check_float, check_is_delta, OpError};
+use super::{check_contiguous, check_device, check_float, check_is_delta, Fill, OpError};
 use crate::cpu::engine::{add_into, dequantize_into};
 use crate::cpu::{floats, to_storage, Locked};
 use crate::delta::DeviceDelta;
 
 struct Dequantize<'a> {
     delta: &'a DeviceDelta,
+    fill: Fill,
 }
 
 impl CustomOp1 for Dequantize<'_> {
@@ -25,20 +26,29 @@ impl CustomOp1 for Dequantize<'_> {
         dequantize_into(&h, &mut out);
         Ok((CpuStorage::F32(out), Shape::from((h.n_total, h.k))))
     }
+
+    fn cuda_fwd(&self, s: &CudaStorage, _l: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        crate::cuda::dequantize(self.name(), self.delta, s, None, self.fill)
+    }
 }
 
 /// The delta as a dense f32 tensor `[N_total, K]` on its device (rows not in a row subset are zero).
 ///
 /// Bit-identical to dz-format's reference `Payload::dequantize`: the same formula, in the same order.
 pub fn dequantize(delta: &DeviceDelta) -> candle_core::Result<Tensor> {
+    dequantize_with(delta, Fill::Uninit)
+}
+
+pub(crate) fn dequantize_with(delta: &DeviceDelta, fill: Fill) -> candle_core::Result<Tensor> {
     // The op needs a tensor to run on: a one-byte anchor picks the device (no lock on the delta's own
     // storages is taken twice).
     let anchor = Tensor::zeros(1, DType::U8, delta.device())?;
-    anchor.apply_op1_no_bwd(&Dequantize { delta })
+    anchor.apply_op1_no_bwd(&Dequantize { delta, fill })
 }
 
 struct Merge<'a> {
     delta: &'a DeviceDelta,
+    fill: Fill,
 }
 
 impl CustomOp1 for Merge<'_> {
@@ -55,6 +65,10 @@ impl CustomOp1 for Merge<'_> {
         add_into(&h, &mut out);
         Ok((to_storage(out, dtype), Shape::from(l.dims())))
     }
+
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        crate::cuda::dequantize(self.name(), self.delta, s, Some(l), self.fill)
+    }
 }
 
 /// `base_w + D` in `base_w`'s dtype (the sum is formed in f32 and rounded once): the fine-tuned weight.
@@ -63,7 +77,15 @@ impl CustomOp1 for Merge<'_> {
 /// (`[N_total, K]`, or any shape whose last dim is `K` and whose other dims multiply to `N_total`, as
 /// SPEC.md section 2 views tensors). The output has `base_w`'s shape.
 pub fn merge(base_w: &Tensor, delta: &DeviceDelta) -> candle_core::Result<Tensor> {
-    let op = Merge { delta };
+    merge_with(base_w, delta, Fill::Uninit)
+}
+
+pub(crate) fn merge_with(
+    base_w: &Tensor,
+    delta: &DeviceDelta,
+    fill: Fill,
+) -> candle_core::Result<Tensor> {
+    let op = Merge { delta, fill };
     let name = op.name();
     check_is_delta(name, delta)?;
     check_float(name, "base_w", base_w)?;

@@ -1,10 +1,12 @@
 //! `embedding-delta-add`: the embedding layer of a fine-tune, from the base embedding's output.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CudaStorage, CustomOp2, DType, Layout, Shape, Tensor};
 use dz_format::Role;
 
-use super::{check_contiguous, check_device, check_dims, check_float, check_is_delta, mismatch};
+use super::{
+    check_contiguous, check_device, check_dims, check_float, check_is_delta, mismatch, Fill,
+};
 use crate::cpu::engine::gather_add;
 use crate::cpu::{contiguous, floats, to_storage, Locked};
 use crate::delta::DeviceDelta;
@@ -12,6 +14,7 @@ use crate::error::{OpError, Result};
 
 struct EmbeddingDeltaAdd<'a> {
     delta: &'a DeviceDelta,
+    fill: Fill,
 }
 
 impl EmbeddingDeltaAdd<'_> {
@@ -76,6 +79,16 @@ impl CustomOp2 for EmbeddingDeltaAdd<'_> {
         gather_add(&h, &ids, &mut out);
         Ok((to_storage(out, dtype), Shape::from(l2.dims())))
     }
+
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        crate::cuda::embedding(self.name(), self.delta, (s1, l1), (s2, l2), self.fill)
+    }
 }
 
 /// `base_emb_out + D[ids]`: adds the delta's row of every token id to the base embedding's output (rows
@@ -93,7 +106,16 @@ pub fn embedding_delta_add(
     base_emb_out: &Tensor,
     delta: &DeviceDelta,
 ) -> candle_core::Result<Tensor> {
-    let op = EmbeddingDeltaAdd { delta };
+    embedding_delta_add_with(ids, base_emb_out, delta, Fill::Uninit)
+}
+
+pub(crate) fn embedding_delta_add_with(
+    ids: &Tensor,
+    base_emb_out: &Tensor,
+    delta: &DeviceDelta,
+    fill: Fill,
+) -> candle_core::Result<Tensor> {
+    let op = EmbeddingDeltaAdd { delta, fill };
     let name = op.name();
     check_is_delta(name, delta)?;
     if delta.role() == Some(Role::Linear) {

@@ -1,10 +1,10 @@
 //! `delta-matmul` (`y = x · Dᵀ`) and `delta-matmul-add` (`y = base_out + x · Dᵀ`, fused).
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CudaStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 
 use super::{
     check_contiguous, check_device, check_dims, check_float, check_is_delta, check_last_dim,
-    check_same_dtype, with_last,
+    check_same_dtype, with_last, Fill,
 };
 use crate::cpu::engine::{matmul_t, scatter_add};
 use crate::cpu::{floats, to_storage, Locked};
@@ -40,6 +40,7 @@ fn cpu_matmul(
 
 struct DeltaMatmul<'a> {
     delta: &'a DeviceDelta,
+    fill: Fill,
 }
 
 impl CustomOp1 for DeltaMatmul<'_> {
@@ -54,6 +55,11 @@ impl CustomOp1 for DeltaMatmul<'_> {
         let shape = Shape::from(with_last(l.dims(), self.delta.dims().0));
         Ok((to_storage(out, dtype), shape))
     }
+
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        let shape = Shape::from(with_last(l.dims(), self.delta.dims().0));
+        crate::cuda::matmul(self.name(), self.delta, (s, l), None, shape, self.fill)
+    }
 }
 
 /// `y = x · Dᵀ`: the delta's contribution to a linear layer's output.
@@ -65,13 +71,22 @@ impl CustomOp1 for DeltaMatmul<'_> {
 /// An `lm_head` delta is a linear like any other: `delta_matmul(hidden, lm_head_delta)` gives the delta
 /// logits (`N_total` = vocabulary size).
 pub fn delta_matmul(x: &Tensor, delta: &DeviceDelta) -> candle_core::Result<Tensor> {
-    let op = DeltaMatmul { delta };
+    delta_matmul_with(x, delta, Fill::Uninit)
+}
+
+pub(crate) fn delta_matmul_with(
+    x: &Tensor,
+    delta: &DeviceDelta,
+    fill: Fill,
+) -> candle_core::Result<Tensor> {
+    let op = DeltaMatmul { delta, fill };
     check_x(op.name(), x, delta)?;
     x.apply_op1_no_bwd(&op)
 }
 
 struct DeltaMatmulAdd<'a> {
     delta: &'a DeviceDelta,
+    fill: Fill,
 }
 
 impl CustomOp2 for DeltaMatmulAdd<'_> {
@@ -92,6 +107,24 @@ impl CustomOp2 for DeltaMatmulAdd<'_> {
         let out = cpu_matmul(op, self.delta, &x, Some(base.into_owned()))?;
         Ok((to_storage(out, dtype), Shape::from(l2.dims())))
     }
+
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let shape = Shape::from(l2.dims());
+        crate::cuda::matmul(
+            self.name(),
+            self.delta,
+            (s1, l1),
+            Some((s2, l2)),
+            shape,
+            self.fill,
+        )
+    }
 }
 
 /// `y = base_out + x · Dᵀ`, fused: the fine-tune's linear output from the base layer's output.
@@ -103,7 +136,16 @@ pub fn delta_matmul_add(
     base_out: &Tensor,
     delta: &DeviceDelta,
 ) -> candle_core::Result<Tensor> {
-    let op = DeltaMatmulAdd { delta };
+    delta_matmul_add_with(x, base_out, delta, Fill::Uninit)
+}
+
+pub(crate) fn delta_matmul_add_with(
+    x: &Tensor,
+    base_out: &Tensor,
+    delta: &DeviceDelta,
+    fill: Fill,
+) -> candle_core::Result<Tensor> {
+    let op = DeltaMatmulAdd { delta, fill };
     let name = op.name();
     check_x(name, x, delta)?;
     check_same_dtype(name, "base_out", base_out, x.dtype(), "x")?;

@@ -1,11 +1,13 @@
-//! The ops: one private struct implementing candle's `CustomOp1/2` per op, with a kebab-case `name()`
-//! and its CPU forward pass (a `cuda_fwd` joins each struct when dz-kernels lands, without changing the
-//! public functions), and a thin public wrapper that checks everything a `Tensor` can tell before the op
-//! runs.
+//! The ops: one private struct implementing candle's `CustomOp1/2` per op, with a kebab-case `name()`,
+//! its CPU forward pass and its CUDA forward pass ([`crate::cuda`], dz-kernels' entry points; without the
+//! `cuda` feature a stub that answers candle's `NotCompiledWithCudaSupport`), and a thin public wrapper that
+//! checks everything a `Tensor` can tell before the op runs.
 //!
 //! Checks made by every wrapper, each a named [`OpError`]: dtype, shape, device (same as
 //! the delta's), contiguity, and whether the delta's role fits the op. The forward passes check again what
 //! only the storage can tell (its kind, its contiguity) and never index out of bounds.
+//!
+//! [`poisoned`](crate::poisoned) runs the same ops with [`Fill::Nan`].
 
 mod dequant;
 mod embedding;
@@ -13,8 +15,12 @@ mod matmul;
 mod sbmm;
 
 pub use dequant::{dequantize, merge};
+pub(crate) use dequant::{dequantize_with, merge_with};
 pub use embedding::embedding_delta_add;
+pub(crate) use embedding::embedding_delta_add_with;
 pub use matmul::{delta_matmul, delta_matmul_add};
+pub(crate) use matmul::{delta_matmul_add_with, delta_matmul_with};
+pub(crate) use sbmm::sbmm_with;
 pub use sbmm::{sbmm, Segment};
 
 use candle_core::{DType, Tensor};
@@ -22,6 +28,16 @@ use dz_format::Role;
 
 use crate::delta::DeviceDelta;
 use crate::error::{OpError, Result};
+
+/// What an op's output buffer holds before its kernel writes it (the CUDA path; the CPU path always
+/// builds its output from scratch).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Fill {
+    /// Whatever the allocator gives (the plain ops).
+    Uninit,
+    /// Every byte 0xFF (NaN in f32, f16 and bf16): an element a kernel fails to write shows up as NaN.
+    Nan,
+}
 
 /// The input dtypes every op takes.
 const FLOATS: &str = "f32, f16 or bf16";

@@ -1,11 +1,11 @@
 //! `sbmm`: selective batched matmul (DeltaZip's SBMM): the rows of one batch belong to different
 //! fine-tunes, and each contiguous run of rows adds its own delta's `x · Dᵀ` to the shared base output.
 
-use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CudaStorage, CustomOp2, Layout, Shape, Tensor};
 
 use super::{
     check_contiguous, check_device, check_dims, check_float, check_is_delta, check_last_dim,
-    check_same_dtype, with_last,
+    check_same_dtype, with_last, Fill,
 };
 use crate::cpu::engine::{matmul_t, scatter_add};
 use crate::cpu::{floats, to_storage, Locked};
@@ -86,6 +86,7 @@ struct Sbmm<'a> {
     segments: &'a [Segment],
     k: usize,
     n: usize,
+    fill: Fill,
 }
 
 impl CustomOp2 for Sbmm<'_> {
@@ -118,6 +119,24 @@ impl CustomOp2 for Sbmm<'_> {
         }
         Ok((to_storage(out, dtype), Shape::from(l2.dims())))
     }
+
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        crate::cuda::sbmm(
+            self.name(),
+            self.deltas,
+            self.segments,
+            (self.k, self.n),
+            (s1, l1),
+            (s2, l2),
+            self.fill,
+        )
+    }
 }
 
 /// Selective batched matmul: `y[rows of s] = base_out[rows of s] + x[rows of s] · D_sᵀ` for each
@@ -128,12 +147,24 @@ impl CustomOp2 for Sbmm<'_> {
 /// cover rows `0..M` exactly, in order (empty segments are fine). Every delta has the same `(N_total, K)`;
 /// codecs may differ. The output has `base_out`'s shape and dtype.
 ///
-/// One call serves any number of deltas (64 and more): on the GPU it will be one launch.
+/// One call serves any number of deltas (64 and more). On CUDA it is one kernel launch per codec variant
+/// (codec and bits) present among the deltas, each covering every segment of every delta of that variant,
+/// after one copy of `base_out` into the output.
 pub fn sbmm(
     x: &Tensor,
     base_out: &Tensor,
     deltas: &[&DeviceDelta],
     segments: &[Segment],
+) -> candle_core::Result<Tensor> {
+    sbmm_with(x, base_out, deltas, segments, Fill::Uninit)
+}
+
+pub(crate) fn sbmm_with(
+    x: &Tensor,
+    base_out: &Tensor,
+    deltas: &[&DeviceDelta],
+    segments: &[Segment],
+    fill: Fill,
 ) -> candle_core::Result<Tensor> {
     const OP: &str = "sbmm";
     check_float(OP, "x", x)?;
@@ -200,6 +231,7 @@ pub fn sbmm(
             segments,
             k,
             n,
+            fill,
         },
     )
 }

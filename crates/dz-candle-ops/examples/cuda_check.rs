@@ -1,0 +1,1084 @@
+//! The CUDA forward passes of every op against the CPU reference twins, over the case matrix of the CPU tests
+//! (`tests/common/mod.rs`: every codec x bits x group size x sym/asym x dtype x shape, odd sizes included, x
+//! rows 1, 2, 7, 64, 300; sbmm with 1, 2 and 17 deltas, base-only and empty segments; dequantize, merge,
+//! embedding), plus edge and larger shapes and the errors only the CUDA path can raise.
+//!
+//! Every op's output buffer is filled with NaN before it runs ([`dz_candle_ops::poisoned`]), so an element a
+//! kernel does not write fails. Results are compared on the host with the named tolerances of
+//! [`dz_candle_ops::reference`]; the program prints every failure (index, value, expected, tolerance), a
+//! per-family table, and `N passed, M failed`, and exits non-zero on any failure.
+//!
+//! ```text
+//! source /tmp/cuda-env.sh
+//! CARGO_TARGET_DIR=~/.cache/dz-target-cuda cargo build --release -p dz-candle-ops --features cuda \
+//!     --example cuda_check
+//! cuda_check                 # the full matrix on CUDA device 0
+//! cuda_check --quick         # a small subset, e.g. under `compute-sanitizer --tool memcheck`
+//! cuda_check --cpu           # the same harness on the CPU fast paths (no GPU; checks the harness)
+//! ```
+//! Options: `--filter TEXT` (only cases whose family or description contains TEXT), `--verbose` (a line
+//! per case), `--no-poison` (leave outputs unfilled, e.g. for `compute-sanitizer --tool initcheck`).
+//! Exit status: 0 all passed, 1 some case failed, 2 the check could not start.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::cell::RefCell;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use common::*;
+use dz_candle_ops::reference::{self, compare, Tolerance, DZ_EXACT};
+use dz_candle_ops::{poisoned, DeviceDelta, Segment};
+use dz_format::codec::{Grid, Payload, Sparse};
+use dz_format::QuantParams;
+use half::f16;
+
+/// Failures printed in full (with their element lines); later ones get one line each.
+const DETAILED_FAILURES: usize = 12;
+
+struct Options {
+    quick: bool,
+    cpu: bool,
+    poison: bool,
+    verbose: bool,
+    filter: Option<String>,
+}
+
+fn options() -> Result<Options> {
+    let mut o = Options {
+        quick: false,
+        cpu: false,
+        poison: true,
+        verbose: false,
+        filter: None,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--quick" => o.quick = true,
+            "--cpu" => o.cpu = true,
+            "--no-poison" => o.poison = false,
+            "--verbose" | "-v" => o.verbose = true,
+            "--filter" => o.filter = Some(args.next().context("--filter needs a value")?),
+            "--help" | "-h" => {
+                println!(
+                    "usage: cuda_check [--quick] [--cpu] [--filter TEXT] [--verbose] [--no-poison]"
+                );
+                std::process::exit(0);
+            }
+            other => bail!("unknown argument {other:?} (try --help)"),
+        }
+    }
+    Ok(o)
+}
+
+/// The ops, NaN-filled or plain.
+#[derive(Clone, Copy)]
+struct Ops {
+    poison: bool,
+}
+
+impl Ops {
+    fn delta_matmul(&self, x: &Tensor, d: &DeviceDelta) -> candle_core::Result<Tensor> {
+        if self.poison {
+            poisoned::delta_matmul(x, d)
+        } else {
+            dz_candle_ops::delta_matmul(x, d)
+        }
+    }
+
+    fn delta_matmul_add(
+        &self,
+        x: &Tensor,
+        b: &Tensor,
+        d: &DeviceDelta,
+    ) -> candle_core::Result<Tensor> {
+        if self.poison {
+            poisoned::delta_matmul_add(x, b, d)
+        } else {
+            dz_candle_ops::delta_matmul_add(x, b, d)
+        }
+    }
+
+    fn sbmm(
+        &self,
+        x: &Tensor,
+        b: &Tensor,
+        ds: &[&DeviceDelta],
+        s: &[Segment],
+    ) -> candle_core::Result<Tensor> {
+        if self.poison {
+            poisoned::sbmm(x, b, ds, s)
+        } else {
+            dz_candle_ops::sbmm(x, b, ds, s)
+        }
+    }
+
+    fn dequantize(&self, d: &DeviceDelta) -> candle_core::Result<Tensor> {
+        if self.poison {
+            poisoned::dequantize(d)
+        } else {
+            dz_candle_ops::dequantize(d)
+        }
+    }
+
+    fn merge(&self, b: &Tensor, d: &DeviceDelta) -> candle_core::Result<Tensor> {
+        if self.poison {
+            poisoned::merge(b, d)
+        } else {
+            dz_candle_ops::merge(b, d)
+        }
+    }
+
+    fn embedding(&self, ids: &Tensor, b: &Tensor, d: &DeviceDelta) -> candle_core::Result<Tensor> {
+        if self.poison {
+            poisoned::embedding_delta_add(ids, b, d)
+        } else {
+            dz_candle_ops::embedding_delta_add(ids, b, d)
+        }
+    }
+}
+
+/// What one passing case compared.
+struct Compared {
+    elements: usize,
+    /// Largest `|got - expected| / tolerance` over the elements (0 when all are equal).
+    worst: f64,
+}
+
+#[derive(Default)]
+struct FamilyStats {
+    name: String,
+    cases: usize,
+    passed: usize,
+    failed: usize,
+    elements: usize,
+    worst: f64,
+    time: Duration,
+}
+
+struct Checker {
+    dev: Device,
+    ops: Ops,
+    opts: Options,
+    families: Vec<FamilyStats>,
+    failures: usize,
+    cuda_error_seen: bool,
+}
+
+thread_local! {
+    /// The last panic's message and location (the hook stores it; the case reports it).
+    static PANIC: RefCell<Option<String>> = const { RefCell::new(None) };
+}
+
+impl Checker {
+    fn family(&mut self, name: &str) {
+        self.families.push(FamilyStats {
+            name: name.to_string(),
+            ..Default::default()
+        });
+    }
+
+    fn wanted(&self, config: &str) -> bool {
+        let fam = &self.families.last().expect("a family").name;
+        match &self.opts.filter {
+            None => true,
+            Some(f) => config.contains(f.as_str()) || fam.contains(f.as_str()),
+        }
+    }
+
+    /// Runs one case (unless filtered out): `f` does the op on the device and the comparison.
+    fn case(&mut self, config: String, f: impl FnOnce(&Device, Ops) -> Result<Compared>) {
+        if !self.wanted(&config) {
+            return;
+        }
+        let start = Instant::now();
+        let (dev, ops) = (self.dev.clone(), self.ops);
+        let result = match catch_unwind(AssertUnwindSafe(|| f(&dev, ops))) {
+            Ok(r) => r,
+            Err(_) => Err(anyhow!(
+                "panicked: {}",
+                PANIC
+                    .with(|p| p.borrow_mut().take())
+                    .unwrap_or_else(|| "(no message)".into())
+            )),
+        };
+        let fam = self.families.last_mut().expect("a family");
+        fam.cases += 1;
+        fam.time += start.elapsed();
+        match result {
+            Ok(c) => {
+                fam.passed += 1;
+                fam.elements += c.elements;
+                fam.worst = fam.worst.max(c.worst);
+                if self.opts.verbose {
+                    println!(
+                        "[pass] {} | {config}: {} elements, worst err/tol {:.3}",
+                        fam.name, c.elements, c.worst
+                    );
+                }
+            }
+            Err(e) => {
+                fam.failed += 1;
+                self.failures += 1;
+                let msg = without_backtrace(&format!("{e:#}"));
+                if self.failures <= DETAILED_FAILURES {
+                    println!("[FAIL] {} | {config}:\n{}", fam.name, indent(&msg));
+                } else {
+                    println!(
+                        "[FAIL] {} | {config}: {}",
+                        fam.name,
+                        msg.lines().next().unwrap_or("")
+                    );
+                }
+                if !self.cuda_error_seen && msg.contains("CUDA_ERROR") {
+                    self.cuda_error_seen = true;
+                    println!(
+                        "       (a CUDA error usually leaves the context unusable: the cases after this one \
+                         may fail for that reason alone. Isolate it with --filter, or run --quick under \
+                         compute-sanitizer.)"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// `msg` up to the backtrace candle appends to its errors when `RUST_BACKTRACE` is set.
+fn without_backtrace(msg: &str) -> String {
+    msg.lines()
+        .take_while(|l| {
+            let t = l.trim_start();
+            !(t.starts_with("0:") || t.starts_with("Backtrace") || t.starts_with("stack backtrace"))
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn indent(s: &str) -> String {
+    s.lines()
+        .map(|l| format!("       {l}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Compares `got` (any device) with the twin's `want` (CPU) under `tol`: every failing element is reported
+/// by [`reference::compare`]; NaNs are called out (the outputs were filled with NaN: never written).
+fn check(
+    dev: &Device,
+    got: &Tensor,
+    want: &Tensor,
+    mag: Option<&Tensor>,
+    tol: &Tolerance,
+) -> Result<Compared> {
+    dev.synchronize().context("synchronize after the op")?;
+    let got = got.to_device(&Device::Cpu)?;
+    if let Err(m) = compare("result", &got, want, mag, tol) {
+        let nans = values(&got)?.iter().filter(|v| v.is_nan()).count();
+        let hint = if nans > 0 {
+            format!(
+                "\n{nans} of {} outputs are NaN: elements the op never wrote (outputs are filled with NaN \
+                 before each op) or a NaN it computed",
+                got.elem_count()
+            )
+        } else {
+            String::new()
+        };
+        bail!("{m}{hint}");
+    }
+    let (g, e) = (values(&got)?, values(want)?);
+    let m = match mag {
+        Some(m) => values(m)?,
+        None => e.iter().map(|v| v.abs()).collect(),
+    };
+    let mut worst = 0.0f64;
+    for ((&a, &b), &mm) in g.iter().zip(&e).zip(&m) {
+        let diff = (a - b).abs();
+        if diff > 0.0 {
+            let bound = tol.bound(a, b, mm);
+            worst = worst.max(if bound > 0.0 {
+                diff / bound
+            } else {
+                f64::INFINITY
+            });
+        }
+    }
+    Ok(Compared {
+        elements: g.len(),
+        worst,
+    })
+}
+
+fn values(t: &Tensor) -> Result<Vec<f64>> {
+    Ok(t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?)
+}
+
+/// Keeps the configurations of `--quick`: every codec and bit width, a few grids.
+fn quick_cfg(c: &Cfg) -> bool {
+    match *c {
+        Cfg::Quant { group, sym, .. } => (group == 20 && !sym) || (group == 0 && sym),
+        Cfg::Sparse24 { group, .. } => group == 128,
+        Cfg::Sparse { group, .. } => group == 32,
+        Cfg::Sign1 | Cfg::Zero => true,
+        Cfg::Dense(d) => d == dz_format::Dtype::Bf16,
+    }
+}
+
+fn matmul_groups(ck: &mut Checker, name: &str, groups: Vec<MatmulGroup>) {
+    ck.family(name);
+    let quick = ck.opts.quick;
+    for g in groups {
+        if quick && (!quick_cfg(&g.delta.cfg) || g.delta.n == 8) {
+            continue;
+        }
+        let (d_cpu, d_dev) = (g.delta.build(&Device::Cpu), g.delta.build(&ck.dev));
+        for run in &g.runs {
+            if quick && !matches!(run.rows, 1 | 7 | 9 | 300) {
+                continue;
+            }
+            let config = format!("{} {}", g.delta.label(), run.label());
+            ck.case(config, |dev, ops| {
+                matmul_case(
+                    dev,
+                    ops,
+                    &d_cpu,
+                    &d_dev,
+                    &run.x(g.delta.k),
+                    run.base(g.delta.n),
+                )
+            });
+        }
+    }
+}
+
+/// `delta_matmul` (no base) or `delta_matmul_add` of CPU inputs `x`, `base` on the device, against the twin.
+fn matmul_case(
+    dev: &Device,
+    ops: Ops,
+    d_cpu: &DeviceDelta,
+    d_dev: &DeviceDelta,
+    x: &Tensor,
+    base: Option<Tensor>,
+) -> Result<Compared> {
+    let xd = x.to_device(dev)?;
+    let tol = Tolerance::for_dtype(x.dtype());
+    match base {
+        None => {
+            let got = ops.delta_matmul(&xd, d_dev)?;
+            let want = reference::delta_matmul(x, d_cpu)?;
+            check(dev, &got, &want, Some(&magnitude(x, None, d_cpu)), &tol)
+        }
+        Some(b) => {
+            let got = ops.delta_matmul_add(&xd, &b.to_device(dev)?, d_dev)?;
+            let want = reference::delta_matmul_add(x, &b, d_cpu)?;
+            check(dev, &got, &want, Some(&magnitude(x, Some(&b), d_cpu)), &tol)
+        }
+    }
+}
+
+fn edge_shapes(ck: &mut Checker) {
+    ck.family("edge shapes");
+    // The tests' edge shapes: one column, K below a lane's 32 columns, N and K odd, N over many blocks,
+    // row counts around the tile of 8.
+    let cfg = Cfg::Quant {
+        bits: 3,
+        group: 4,
+        sym: false,
+    };
+    for (n, k) in [(1, 1), (1, 4), (3, 33), (70, 40)] {
+        let spec = DeltaSpec::full(cfg, n, k, 11);
+        let (d_cpu, d_dev) = (spec.build(&Device::Cpu), spec.build(&ck.dev));
+        for rows in [1, 8, 9, 65] {
+            for dtype in [DType::F32, DType::BF16] {
+                ck.case(
+                    format!("{} {dtype:?} rows={rows}", spec.label()),
+                    |dev, ops| {
+                        let x = input(&[rows, k], dtype, rows as u64);
+                        matmul_case(dev, ops, &d_cpu, &d_dev, &x, None)
+                    },
+                );
+            }
+        }
+    }
+    let spec = DeltaSpec::full(cfg, 5, 12, 1);
+    let (d_cpu, d_dev) = (spec.build(&Device::Cpu), spec.build(&ck.dev));
+    // Zero rows: an empty view of a device tensor (CUDA cannot allocate an empty tensor).
+    ck.case(
+        format!("{} zero rows, every op", spec.label()),
+        |dev, ops| {
+            let x = input(&[3, 12], DType::F16, 1)
+                .to_device(dev)?
+                .narrow(0, 1, 0)?;
+            let b = input(&[3, 5], DType::F16, 2)
+                .to_device(dev)?
+                .narrow(0, 1, 0)?;
+            let y = ops.delta_matmul(&x, &d_dev)?;
+            let z = ops.delta_matmul_add(&x, &b, &d_dev)?;
+            let s = ops.sbmm(&x, &b, &[&d_dev], &[])?;
+            dev.synchronize()?;
+            for (what, t) in [("delta_matmul", &y), ("delta_matmul_add", &z), ("sbmm", &s)] {
+                if t.dims() != [0, 5] || t.dtype() != DType::F16 {
+                    bail!(
+                        "{what}: {:?} {:?}, expected [0, 5] F16",
+                        t.dims(),
+                        t.dtype()
+                    );
+                }
+            }
+            Ok(Compared {
+                elements: 0,
+                worst: 0.0,
+            })
+        },
+    );
+    // Views with an offset: x starts 4 rows in (48 elements), and an f16 x one row of 33 in (66 bytes:
+    // aligned to nothing wider than its element).
+    ck.case(format!("{} narrowed x", spec.label()), |dev, ops| {
+        let x = input(&[10, 12], DType::F32, 3);
+        let xs = x.narrow(0, 4, 3)?;
+        let got = ops.delta_matmul(&x.to_device(dev)?.narrow(0, 4, 3)?, &d_dev)?;
+        let want = reference::delta_matmul(&xs, &d_cpu)?;
+        check(
+            dev,
+            &got,
+            &want,
+            Some(&magnitude(&xs, None, &d_cpu)),
+            &DZ_TOL,
+        )
+    });
+    let spec33 = DeltaSpec::full(
+        Cfg::Sparse24 {
+            bits: 4,
+            group: 20,
+            sym: false,
+        },
+        9,
+        36,
+        2,
+    );
+    let (e_cpu, e_dev) = (spec33.build(&Device::Cpu), spec33.build(&ck.dev));
+    ck.case(
+        format!("{} x and base at odd offsets", spec33.label()),
+        |dev, ops| {
+            let x = input(&[10, 36], DType::F16, 4);
+            let b = input(&[10, 9], DType::F16, 5);
+            let (xs, bs) = (x.narrow(0, 1, 7)?, b.narrow(0, 3, 7)?);
+            let got = ops.delta_matmul_add(
+                &x.to_device(dev)?.narrow(0, 1, 7)?,
+                &b.to_device(dev)?.narrow(0, 3, 7)?,
+                &e_dev,
+            )?;
+            let want = reference::delta_matmul_add(&xs, &bs, &e_cpu)?;
+            let tol = Tolerance::for_dtype(DType::F16);
+            check(
+                dev,
+                &got,
+                &want,
+                Some(&magnitude(&xs, Some(&bs), &e_cpu)),
+                &tol,
+            )
+        },
+    );
+    // A sparse delta that keeps nothing: its codes part is empty.
+    let empty = Payload::Sparse(Sparse {
+        rows: 6,
+        cols: 70,
+        grid: Grid {
+            params: QuantParams {
+                bits: 4,
+                group_size: 32,
+                symmetric: true,
+                global_scale: 0.01,
+            },
+            scales: vec![f16::ONE; 6 * 3],
+            zeros: None,
+        },
+        mask: vec![false; 6 * 70],
+        codes: vec![],
+    });
+    ck.case(
+        "sparse 4b keeping nothing 6x70, matmul and dequantize".into(),
+        |dev, ops| {
+            let d_dev = DeviceDelta::from_payload(&empty, None, dev)?;
+            let x = input(&[3, 70], DType::F32, 9);
+            let y = ops.delta_matmul(&x.to_device(dev)?, &d_dev)?;
+            let z = ops.dequantize(&d_dev)?;
+            let zeros_y = Tensor::zeros((3, 6), DType::F32, &Device::Cpu)?;
+            let zeros_z = Tensor::zeros((6, 70), DType::F32, &Device::Cpu)?;
+            let a = check(dev, &y, &zeros_y, None, &DZ_EXACT)?;
+            let b = check(dev, &z, &zeros_z, None, &DZ_EXACT)?;
+            Ok(Compared {
+                elements: a.elements + b.elements,
+                worst: 0.0,
+            })
+        },
+    );
+}
+
+/// The f32 tolerance, for cases in f32.
+const DZ_TOL: Tolerance = reference::DZ_TOL_F32;
+
+fn larger_shapes(ck: &mut Checker) {
+    ck.family("larger shapes");
+    // Many blocks and tiles, K over several chunks of 1024 columns (and not a multiple of 32), a tall
+    // lm_head-like delta, and rows that fill several tiles of 8.
+    let cfgs = [
+        (
+            Cfg::Quant {
+                bits: 4,
+                group: 128,
+                sym: true,
+            },
+            300,
+            4100,
+        ),
+        (
+            Cfg::Quant {
+                bits: 3,
+                group: 20,
+                sym: false,
+            },
+            300,
+            4100,
+        ),
+        (
+            Cfg::Sparse24 {
+                bits: 4,
+                group: 128,
+                sym: true,
+            },
+            300,
+            4100,
+        ),
+        (
+            Cfg::Sparse24 {
+                bits: 8,
+                group: 0,
+                sym: false,
+            },
+            130,
+            2052,
+        ),
+        (
+            Cfg::Sparse {
+                bits: 4,
+                group: 32,
+                sym: false,
+            },
+            300,
+            4100,
+        ),
+        (Cfg::Sign1, 300, 4100),
+        (Cfg::Dense(dz_format::Dtype::Bf16), 100, 2100),
+        (
+            Cfg::Quant {
+                bits: 2,
+                group: 64,
+                sym: true,
+            },
+            5000,
+            256,
+        ),
+    ];
+    let quick = ck.opts.quick;
+    for (i, (cfg, n, k)) in cfgs.into_iter().enumerate() {
+        if quick && i % 2 == 1 {
+            continue;
+        }
+        let spec = DeltaSpec::full(cfg, n, k, 900 + i as u64);
+        let (d_cpu, d_dev) = (spec.build(&Device::Cpu), spec.build(&ck.dev));
+        for dtype in [DType::F32, DType::BF16] {
+            for rows in [1, 3, 17] {
+                if quick && rows == 17 {
+                    continue;
+                }
+                let run = MatmulRun {
+                    dtype,
+                    rows,
+                    x_seed: 77 + rows as u64,
+                    base_seed: (rows != 3).then_some(78),
+                };
+                ck.case(format!("{} {}", spec.label(), run.label()), |dev, ops| {
+                    let x = input(&[rows, k], dtype, run.x_seed);
+                    let base = run.base_seed.map(|s| input(&[rows, n], dtype, s));
+                    matmul_case(dev, ops, &d_cpu, &d_dev, &x, base)
+                });
+            }
+        }
+    }
+}
+
+fn sbmm_family(ck: &mut Checker) {
+    ck.family("sbmm");
+    for (ci, case) in sbmm_cases().into_iter().enumerate() {
+        let specs = case.delta_specs(ci);
+        let cpu: Vec<DeviceDelta> = specs.iter().map(|s| s.build(&Device::Cpu)).collect();
+        let on_dev: Vec<DeviceDelta> = specs.iter().map(|s| s.build(&ck.dev)).collect();
+        let segments = segs(&case.segments);
+        let m = case.rows();
+        for (di, &dtype) in DTYPES.iter().enumerate() {
+            ck.case(
+                format!("{} ({} deltas) {dtype:?}", case.name, specs.len()),
+                |dev, ops| {
+                    let x = input(&[1, m, SBMM_K], dtype, (ci * 10 + di) as u64);
+                    let base = input(&[1, m, SBMM_N], dtype, (ci * 10 + di + 5) as u64);
+                    sbmm_case(dev, ops, &cpu, &on_dev, &segments, &x, &base)
+                },
+            );
+        }
+    }
+    // 64 deltas of one variant, decode rows (one launch of the 1-row tile), and the same with one longer
+    // segment (the 8-row tile); a delta listed twice and a clone (locked once).
+    let specs: Vec<DeltaSpec> = (0..64)
+        .map(|i| DeltaSpec::full(q4(), SBMM_N, SBMM_K, 5000 + i))
+        .collect();
+    let cpu: Vec<DeviceDelta> = specs.iter().map(|s| s.build(&Device::Cpu)).collect();
+    let on_dev: Vec<DeviceDelta> = specs.iter().map(|s| s.build(&ck.dev)).collect();
+    for (name, spec) in [
+        (
+            "64 deltas of quant 4b, one row each",
+            (0..64).map(|i| (1, Some(i))).collect::<Vec<_>>(),
+        ),
+        (
+            "64 deltas of quant 4b, rows 1..=3 and one run of 20",
+            (0..64)
+                .map(|i| (if i == 40 { 20 } else { 1 + i % 3 }, Some(i)))
+                .collect(),
+        ),
+        (
+            "one delta listed twice, and a clone",
+            vec![(2, Some(0)), (1, Some(1)), (3, Some(2)), (1, Some(3))],
+        ),
+    ] {
+        let (cpu_set, dev_set): (Vec<DeviceDelta>, Vec<DeviceDelta>) = if spec.len() == 4 {
+            let c = vec![
+                cpu[0].clone(),
+                cpu[1].clone(),
+                cpu[0].clone(),
+                cpu[0].clone(),
+            ];
+            let d = vec![
+                on_dev[0].clone(),
+                on_dev[1].clone(),
+                on_dev[0].clone(),
+                on_dev[0].clone(),
+            ];
+            (c, d)
+        } else {
+            (cpu.clone(), on_dev.clone())
+        };
+        let segments = segs(&spec);
+        let m: usize = spec.iter().map(|s| s.0).sum();
+        for dtype in [DType::F16, DType::BF16] {
+            ck.case(format!("{name} {dtype:?}"), |dev, ops| {
+                let x = input(&[m, SBMM_K], dtype, 11);
+                let base = input(&[m, SBMM_N], dtype, 12);
+                sbmm_case(dev, ops, &cpu_set, &dev_set, &segments, &x, &base)
+            });
+        }
+    }
+    // A segment's rows equal delta_matmul_add of those rows alone, bit for bit (the same kernels and
+    // summation order), and base-only rows equal base_out.
+    let d0 = DeltaSpec::full(q4(), SBMM_N, SBMM_K, 1).build(&ck.dev);
+    let d1 = DeltaSpec::full(Cfg::Sign1, SBMM_N, SBMM_K, 2).build(&ck.dev);
+    ck.case(
+        "segment rows = per-segment delta_matmul_add, exactly (BF16)".into(),
+        |dev, ops| {
+            let deltas = [&d0, &d1, &d0];
+            let spec = [
+                (3, Some(1)),
+                (2, None),
+                (11, Some(0)),
+                (4, Some(2)),
+                (1, Some(0)),
+            ];
+            let segments = segs(&spec);
+            let x = input(&[21, SBMM_K], DType::BF16, 3).to_device(dev)?;
+            let base = input(&[21, SBMM_N], DType::BF16, 4).to_device(dev)?;
+            let y = ops.sbmm(&x, &base, &deltas, &segments)?;
+            let mut elements = 0;
+            for s in &segments {
+                let got = y.narrow(0, s.start, s.len)?;
+                let b = base.narrow(0, s.start, s.len)?;
+                let want = match s.delta {
+                    None => b.clone(),
+                    Some(i) => {
+                        ops.delta_matmul_add(&x.narrow(0, s.start, s.len)?, &b, deltas[i])?
+                    }
+                };
+                elements += check(dev, &got, &want.to_device(&Device::Cpu)?, None, &DZ_EXACT)
+                    .with_context(|| format!("segment at row {}", s.start))?
+                    .elements;
+            }
+            Ok(Compared {
+                elements,
+                worst: 0.0,
+            })
+        },
+    );
+}
+
+fn sbmm_case(
+    dev: &Device,
+    ops: Ops,
+    cpu: &[DeviceDelta],
+    on_dev: &[DeviceDelta],
+    segments: &[Segment],
+    x: &Tensor,
+    base: &Tensor,
+) -> Result<Compared> {
+    let cpu_refs: Vec<&DeviceDelta> = cpu.iter().collect();
+    let dev_refs: Vec<&DeviceDelta> = on_dev.iter().collect();
+    let got = ops.sbmm(
+        &x.to_device(dev)?,
+        &base.to_device(dev)?,
+        &dev_refs,
+        segments,
+    )?;
+    let want = reference::sbmm(x, base, &cpu_refs, segments)?;
+    let mag = sbmm_magnitude(x, base, &cpu_refs, segments);
+    check(
+        dev,
+        &got,
+        &want,
+        Some(&mag),
+        &Tolerance::for_dtype(x.dtype()),
+    )
+}
+
+fn dequantize_family(ck: &mut Checker) {
+    ck.family("dequantize (bit-exact)");
+    let quick = ck.opts.quick;
+    for spec in dequantize_specs() {
+        if quick && !quick_cfg(&spec.cfg) {
+            continue;
+        }
+        let d_cpu = spec.build(&Device::Cpu);
+        let d_dev = spec.build(&ck.dev);
+        ck.case(spec.label(), |dev, ops| {
+            let got = ops.dequantize(&d_dev)?;
+            if got.dtype() != DType::F32 {
+                bail!("dtype {:?}, expected F32", got.dtype());
+            }
+            let want = reference::dequantize(&d_cpu)?;
+            check(dev, &got, &want, None, &DZ_EXACT)
+        });
+    }
+}
+
+fn merge_family(ck: &mut Checker) {
+    ck.family("merge");
+    let quick = ck.opts.quick;
+    for case in merge_cases() {
+        if quick && !quick_cfg(&case.delta.cfg) {
+            continue;
+        }
+        let d_cpu = case.delta.build(&Device::Cpu);
+        let d_dev = case.delta.build(&ck.dev);
+        let config = format!(
+            "{} {:?} base {:?}",
+            case.delta.label(),
+            case.dtype,
+            case.dims
+        );
+        ck.case(config, |dev, ops| {
+            let base = input(&case.dims, case.dtype, case.base_seed);
+            let got = ops.merge(&base.to_device(dev)?, &d_dev)?;
+            let want = reference::merge(&base, &d_cpu)?;
+            let mag = merge_magnitude(&base, &d_cpu);
+            check(
+                dev,
+                &got,
+                &want,
+                Some(&mag),
+                &Tolerance::for_dtype(case.dtype),
+            )
+        });
+    }
+}
+
+fn embedding_family(ck: &mut Checker) {
+    ck.family("embedding");
+    let quick = ck.opts.quick;
+    for case in embedding_cases() {
+        if quick && !quick_cfg(&case.delta.cfg) {
+            continue;
+        }
+        let d_cpu = case.delta.build(&Device::Cpu);
+        let d_dev = case.delta.build(&ck.dev);
+        ck.case(case.label(), |dev, ops| {
+            let (ids, base) = (case.ids(), case.base());
+            let got = ops.embedding(&ids.to_device(dev)?, &base.to_device(dev)?, &d_dev)?;
+            let want = reference::embedding_delta_add(&ids, &base, &d_cpu)?;
+            let mag = embedding_magnitude(&ids, &base, &d_cpu);
+            check(
+                dev,
+                &got,
+                &want,
+                Some(&mag),
+                &Tolerance::for_dtype(case.dtype),
+            )
+        });
+    }
+}
+
+/// Bad inputs on the device get the CPU path's named errors (never a crash).
+fn validation(ck: &mut Checker) {
+    ck.family("errors");
+    let spec = DeltaSpec::full(
+        Cfg::Quant {
+            bits: 4,
+            group: 16,
+            sym: true,
+        },
+        6,
+        32,
+        1,
+    );
+    let d = spec.build(&ck.dev);
+    let expect_err = |r: candle_core::Result<Tensor>, needles: &[&str]| -> Result<Compared> {
+        match r {
+            Ok(t) => bail!("expected an error, got a tensor of {:?}", t.dims()),
+            Err(e) => {
+                let e = e.to_string();
+                for n in needles {
+                    if !e.contains(n) {
+                        bail!("error {e:?} does not contain {n:?}");
+                    }
+                }
+                Ok(Compared {
+                    elements: 0,
+                    worst: 0.0,
+                })
+            }
+        }
+    };
+    ck.case("embedding: id = N_total (u32)".into(), |dev, ops| {
+        let ids = Tensor::new(&[0u32, 5, 6, 1], dev)?;
+        let base = input(&[4, 32], DType::F32, 1).to_device(dev)?;
+        expect_err(
+            ops.embedding(&ids, &base, &d),
+            &["embedding-delta-add", "token id 6 at position 2", "6 rows"],
+        )
+    });
+    ck.case("embedding: negative id (i64)".into(), |dev, ops| {
+        let ids = Tensor::new(&[1i64, -1], dev)?;
+        let base = input(&[2, 32], DType::BF16, 1).to_device(dev)?;
+        expect_err(
+            ops.embedding(&ids, &base, &d),
+            &["embedding-delta-add", "token id -1 at position 1"],
+        )
+    });
+    ck.case("delta_matmul: x not contiguous".into(), |dev, ops| {
+        let x = input(&[32, 4], DType::F32, 1).to_device(dev)?.t()?;
+        expect_err(
+            ops.delta_matmul(&x, &d),
+            &["delta-matmul", "not contiguous"],
+        )
+    });
+    ck.case("delta_matmul: x of dtype U8".into(), |dev, ops| {
+        let x = Tensor::zeros((2, 32), DType::U8, dev)?;
+        expect_err(
+            ops.delta_matmul(&x, &d),
+            &["delta-matmul", "wrong dtype", "U8"],
+        )
+    });
+    ck.case(
+        "delta_matmul_add: base_out on the CPU, delta on the device".into(),
+        |dev, ops| {
+            if dev.is_cpu() {
+                // Nothing to mismatch with a single device.
+                return Ok(Compared {
+                    elements: 0,
+                    worst: 0.0,
+                });
+            }
+            let x = input(&[2, 32], DType::F32, 1).to_device(dev)?;
+            let base = input(&[2, 6], DType::F32, 2);
+            expect_err(
+                ops.delta_matmul_add(&x, &base, &d),
+                &["delta-matmul-add", "wrong device", "base_out"],
+            )
+        },
+    );
+    ck.case("sbmm: segments past the rows".into(), |dev, ops| {
+        let x = input(&[3, 32], DType::F16, 1).to_device(dev)?;
+        let base = input(&[3, 6], DType::F16, 2).to_device(dev)?;
+        let s = [Segment {
+            start: 0,
+            len: 4,
+            delta: Some(0),
+        }];
+        expect_err(ops.sbmm(&x, &base, &[&d], &s), &["sbmm", "bad segments"])
+    });
+}
+
+fn main() {
+    std::process::exit(match run() {
+        Ok(true) => 0,
+        Ok(false) => 1,
+        Err(e) => {
+            eprintln!(
+                "cuda_check: could not run: {}",
+                without_backtrace(&format!("{e:#}"))
+            );
+            2
+        }
+    });
+}
+
+fn run() -> Result<bool> {
+    let opts = options()?;
+    let dev = if opts.cpu {
+        Device::Cpu
+    } else if cfg!(feature = "cuda") {
+        Device::new_cuda(0)
+            .context("opening CUDA device 0 (use --cpu to check the harness on the CPU)")?
+    } else {
+        bail!(
+            "built without the `cuda` feature: build with `--features cuda` to check the kernels, or pass \
+             --cpu to run the harness on the CPU fast paths"
+        )
+    };
+    println!("dz-candle-ops CUDA check: every op on the device against its CPU reference twin");
+    header(&dev)?;
+    println!(
+        "  mode: {}; outputs filled with NaN before each op: {}{}",
+        if opts.quick {
+            "--quick (a subset)"
+        } else {
+            "full matrix"
+        },
+        if opts.poison {
+            "yes"
+        } else {
+            "no (--no-poison)"
+        },
+        opts.filter
+            .as_ref()
+            .map(|f| format!("; --filter {f:?}"))
+            .unwrap_or_default()
+    );
+    println!(
+        "  tolerances per element: rel x magnitude + ulp x max(|got|, |expected|) + abs, magnitude = |base| + \
+         |x|·|D|ᵀ;\n    DZ_TOL_F32 rel 1e-5; DZ_TOL_F16 rel 1e-5 + 1 f16 ulp (2^-10); DZ_TOL_BF16 rel 1e-5 + 1 bf16 \
+         ulp (2^-7); DZ_EXACT (dequantize): bit-exact"
+    );
+    println!(
+        "  \"worst err/tol\" is the largest |got - expected| / tolerance in a family (a pass is <= 1). With f16 or \
+         bf16 outputs,\n    0.5-1.0 is normal: two nearly equal f32 sums rounded to neighbouring values differ by \
+         one ulp.\n"
+    );
+    std::panic::set_hook(Box::new(|info| {
+        PANIC.with(|p| *p.borrow_mut() = Some(info.to_string()));
+    }));
+
+    let start = Instant::now();
+    let poison = opts.poison;
+    let mut ck = Checker {
+        dev,
+        ops: Ops { poison },
+        opts,
+        families: Vec::new(),
+        failures: 0,
+        cuda_error_seen: false,
+    };
+    matmul_groups(&mut ck, "delta_matmul", delta_matmul_groups());
+    matmul_groups(&mut ck, "delta_matmul_add", delta_matmul_add_groups());
+    matmul_groups(&mut ck, "row subsets", row_subset_groups());
+    edge_shapes(&mut ck);
+    larger_shapes(&mut ck);
+    sbmm_family(&mut ck);
+    dequantize_family(&mut ck);
+    merge_family(&mut ck);
+    embedding_family(&mut ck);
+    validation(&mut ck);
+    let _ = std::panic::take_hook();
+
+    println!();
+    println!(
+        "{:<24} {:>6} {:>7} {:>7} {:>10} {:>14} {:>8}",
+        "family", "cases", "passed", "failed", "elements", "worst err/tol", "time"
+    );
+    let (mut passed, mut failed, mut ran) = (0, 0, 0);
+    for f in &ck.families {
+        println!(
+            "{:<24} {:>6} {:>7} {:>7} {:>10} {:>14.4} {:>7.1}s  {}",
+            f.name,
+            f.cases,
+            f.passed,
+            f.failed,
+            f.elements,
+            f.worst,
+            f.time.as_secs_f64(),
+            if f.failed > 0 {
+                "FAIL"
+            } else if f.cases == 0 {
+                "(nothing ran)"
+            } else {
+                "ok"
+            }
+        );
+        passed += f.passed;
+        failed += f.failed;
+        ran += f.cases;
+    }
+    println!("total time {:.1}s", start.elapsed().as_secs_f64());
+    if ran == 0 {
+        println!("no case ran (check --filter)");
+        println!("0 passed, 0 failed");
+        return Ok(false);
+    }
+    println!("{passed} passed, {failed} failed");
+    Ok(failed == 0)
+}
+
+/// Prints what was built and where it runs.
+fn header(dev: &Device) -> Result<()> {
+    if dev.is_cpu() {
+        println!("  device: CPU (--cpu: the fast CPU paths, not the kernels)");
+        return Ok(());
+    }
+    cuda_header(dev)
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_header(dev: &Device) -> Result<()> {
+    use candle_core::cuda_backend::WrapErr;
+    use dz_kernels::Family;
+    let ctx = dev.as_cuda_device()?.cuda_stream().context().clone();
+    println!(
+        "  device: {} (compute capability {:?}), {:.1} GiB",
+        ctx.name().w()?,
+        ctx.compute_capability().w()?,
+        ctx.total_mem().w()? as f64 / (1u64 << 30) as f64
+    );
+    let ptx = Family::Quant.ptx();
+    let line = |prefix: &str| {
+        ptx.lines()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or("?")
+            .to_string()
+    };
+    println!(
+        "  kernels: dz-kernels PTX ({}, {}, line info: {}) by nvcc {}; {} families, launch: {} threads, {} \
+         rows per block, tiles of {:?} input rows",
+        line(".version"),
+        line(".target"),
+        dz_kernels::LINEINFO,
+        dz_kernels::NVCC_VERSION,
+        Family::ALL.len(),
+        dz_kernels::THREADS,
+        dz_kernels::ROWS_PER_BLOCK,
+        dz_kernels::M_TILES
+    );
+    Ok(())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_header(_dev: &Device) -> Result<()> {
+    Ok(())
+}

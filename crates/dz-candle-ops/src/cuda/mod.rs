@@ -1,0 +1,628 @@
+//! The CUDA forward passes of every op: dz-kernels' entry points launched on candle's stream.
+//!
+//! Each function checks what only the storages can tell (dtype, contiguity, device, alignment, the kernels'
+//! 32-bit limits; for the embedding, every id `< N_total`), with the same [`OpError`]s as the CPU path,
+//! allocates the output, fills what the kernel does not write, and launches:
+//! - [`matmul`]: one launch of `matmul_add` (tile of 1 input row when `M = 1`, else 8). A row-subset delta
+//!   writes only its stored rows' output columns, so the output first gets `base_out` (or zeros) and the
+//!   kernel adds in place; otherwise the kernel reads `base_out` and writes every element.
+//! - [`sbmm`]: `base_out` is copied to the output once, then ONE launch per variant (codec and bits, or
+//!   dense value dtype) present among the deltas covers every segment of every delta of that variant: the
+//!   segments (split into runs of at most the tile's rows) and the deltas' descriptors go to the device in
+//!   two small copies. Base-only and empty segments, and `zero` deltas, launch nothing.
+//! - [`dequantize`] (also `merge`) and [`embedding`]: one launch that writes every output element.
+//!
+//! The descriptors hold raw device pointers to the deltas' parts; the read locks on their storages and
+//! cudarc's stream-ordering guards ([`Ptrs`]) are held until the launches are queued, and candle runs
+//! everything on one stream, so the parts outlive the kernels that read them.
+
+mod desc;
+
+use std::sync::Arc;
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{
+    result as driver, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr,
+    LaunchConfig, PushKernelArg, SyncOnDrop,
+};
+use candle_core::cuda_backend::{CudaDType, WrapErr};
+use candle_core::{CudaDevice, CudaStorage, DType, Layout, Shape};
+use dz_kernels::desc::as_bytes;
+use dz_kernels::{DzDelta, DzSegment, Tile, Variant, ROWS_PER_BLOCK, THREADS, WARPS};
+use half::{bf16, f16};
+
+use crate::delta::{DeviceDelta, Locked};
+use crate::error::{OpError, Result};
+use crate::ops::{Fill, Segment};
+use desc::{describe, dim, Described};
+
+type Arg<'a> = (&'a CudaStorage, &'a Layout);
+type Out = candle_core::Result<(CudaStorage, Shape)>;
+
+/// The grid's y (and the x of the row kernels) is at most this; the kernels stride over the rest.
+const MAX_GRID_Y: u32 = 65_535;
+
+/// An input/output dtype of the kernels.
+trait Elem: CudaDType + DeviceRepr {
+    const KIND: dz_kernels::Dtype;
+}
+
+impl Elem for f32 {
+    const KIND: dz_kernels::Dtype = dz_kernels::Dtype::F32;
+}
+
+impl Elem for f16 {
+    const KIND: dz_kernels::Dtype = dz_kernels::Dtype::F16;
+}
+
+impl Elem for bf16 {
+    const KIND: dz_kernels::Dtype = dz_kernels::Dtype::Bf16;
+}
+
+/// Runs `$f::<T>(args)` for the Rust type of a float `DType`; other dtypes are a [`OpError::Dtype`].
+macro_rules! by_dtype {
+    ($op:expr, $arg:expr, $dtype:expr, $f:ident($($a:expr),* $(,)?)) => {
+        match $dtype {
+            DType::F32 => $f::<f32>($($a),*),
+            DType::F16 => $f::<f16>($($a),*),
+            DType::BF16 => $f::<bf16>($($a),*),
+            other => Err(OpError::Dtype {
+                op: $op,
+                arg: $arg,
+                got: other,
+                expected: "f32, f16 or bf16".into(),
+            }
+            .into()),
+        }
+    };
+}
+
+/// A descriptor passed by value as a kernel argument.
+#[repr(transparent)]
+struct DescArg(DzDelta);
+
+// SAFETY: `DzDelta` is `#[repr(C)]` plain old data (dz-kernels' `Pod`), the layout of the kernels'
+// `DzDelta` parameter (asserted on both sides).
+unsafe impl DeviceRepr for DescArg {}
+
+/// Raw device pointers for kernel arguments, with cudarc's guards that order the stream around them (the
+/// stream waits for earlier writers; on drop, reads and writes are recorded after the launches).
+pub(crate) struct Ptrs<'a> {
+    stream: &'a Arc<CudaStream>,
+    guards: Vec<SyncOnDrop<'a>>,
+}
+
+impl<'a> Ptrs<'a> {
+    fn new(stream: &'a Arc<CudaStream>) -> Self {
+        Ptrs {
+            stream,
+            guards: Vec::new(),
+        }
+    }
+
+    /// The address of element `offset` of `s`, to read.
+    pub(crate) fn read<T>(&mut self, s: &'a CudaSlice<T>, offset: usize) -> u64 {
+        let (p, guard) = s.device_ptr(self.stream);
+        self.guards.push(guard);
+        p + (offset * std::mem::size_of::<T>()) as u64
+    }
+
+    /// The address of `s`, to write.
+    fn write<T>(&mut self, s: &'a mut CudaSlice<T>) -> u64 {
+        let (p, guard) = s.device_ptr_mut(self.stream);
+        self.guards.push(guard);
+        p
+    }
+}
+
+/// A contiguous float input of dtype `T`: its slice, offset and length (elements).
+fn input<'s, T: Elem>(
+    op: &'static str,
+    arg: &'static str,
+    a: Arg<'s>,
+) -> Result<(&'s CudaSlice<T>, usize, usize)> {
+    let (s, l) = a;
+    let (start, end) = l
+        .contiguous_offsets()
+        .ok_or_else(|| OpError::NotContiguous {
+            op,
+            arg,
+            shape: l.dims().to_vec(),
+            stride: l.stride().to_vec(),
+        })?;
+    let slice = T::as_cuda_slice(s).map_err(|_| OpError::Dtype {
+        op,
+        arg,
+        got: s.dtype(),
+        expected: format!("{:?}", T::KIND),
+    })?;
+    Ok((slice, start, end - start))
+}
+
+/// An uninitialized output of `len` elements (one, when `len` is 0: CUDA cannot allocate zero bytes).
+fn alloc<T: Elem>(dev: &CudaDevice, len: usize) -> candle_core::Result<CudaSlice<T>> {
+    // SAFETY: the memory is uninitialized; every op fills or writes all `len` elements before the output
+    // is handed to candle (the kernels write what the fill and copies leave).
+    unsafe { dev.alloc::<T>(len.max(1)) }
+}
+
+/// `bytes` bytes of `value` at `p` (queued on the stream).
+fn memset(stream: &CudaStream, p: u64, value: u8, bytes: usize) -> candle_core::Result<()> {
+    if bytes == 0 {
+        return Ok(());
+    }
+    // SAFETY: `p` points to at least `bytes` bytes of a live allocation (the caller's output buffer),
+    // guarded by `Ptrs` until the op returns.
+    unsafe { driver::memset_d8_async(p, value, bytes, stream.cu_stream()) }.w()
+}
+
+/// Copies `bytes` bytes from `src` to `dst` (distinct live device buffers), queued on the stream.
+fn copy(stream: &CudaStream, dst: u64, src: u64, bytes: usize) -> candle_core::Result<()> {
+    if bytes == 0 {
+        return Ok(());
+    }
+    // SAFETY: `dst` and `src` address at least `bytes` bytes each of two live, distinct allocations (the
+    // op's output and an input), guarded by `Ptrs` until the op returns.
+    unsafe { driver::memcpy_dtod_async(dst, src, bytes, stream.cu_stream()) }.w()
+}
+
+/// Fills `len` elements of `T` at `out` for [`Fill::Nan`].
+fn poison<T: Elem>(
+    stream: &CudaStream,
+    out: u64,
+    len: usize,
+    fill: Fill,
+) -> candle_core::Result<()> {
+    match fill {
+        Fill::Uninit => Ok(()),
+        Fill::Nan => memset(stream, out, 0xFF, len * std::mem::size_of::<T>()),
+    }
+}
+
+/// `out = base` (or zeros when there is no base) over `bytes` bytes: the elements a kernel will not write.
+fn init(stream: &CudaStream, out: u64, base: Option<u64>, bytes: usize) -> candle_core::Result<()> {
+    match base {
+        Some(b) => copy(stream, out, b, bytes),
+        None => memset(stream, out, 0, bytes),
+    }
+}
+
+/// The function `name` of `variant`'s family (its PTX module is loaded once per device, by candle).
+fn function(dev: &CudaDevice, variant: Variant, name: &str) -> candle_core::Result<CudaFunction> {
+    let family = variant.family();
+    Ok(dev
+        .get_or_load_custom_func(name, family.module_name(), family.ptx())?
+        .into_cuda_function())
+}
+
+fn config(grid: (u32, u32)) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (grid.0.max(1), grid.1.max(1), 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// The entry points of a described delta (its bits were validated when the delta was built).
+fn entries(op: &'static str, d: &Described) -> Result<&'static dz_kernels::Entries> {
+    d.variant.entries().ok_or_else(|| OpError::Storage {
+        op,
+        reason: format!("no CUDA kernels for {:?}", d.variant),
+    })
+}
+
+/// Forward pass of `delta-matmul` (`base` None) and `delta-matmul-add`.
+pub(crate) fn matmul(
+    op: &'static str,
+    delta: &DeviceDelta,
+    x: Arg<'_>,
+    base: Option<Arg<'_>>,
+    shape: Shape,
+    fill: Fill,
+) -> Out {
+    by_dtype!(
+        op,
+        "x",
+        x.0.dtype(),
+        matmul_t(op, delta, x, base, shape, fill)
+    )
+}
+
+fn matmul_t<T: Elem>(
+    op: &'static str,
+    delta: &DeviceDelta,
+    x: Arg<'_>,
+    base: Option<Arg<'_>>,
+    shape: Shape,
+    fill: Fill,
+) -> Out {
+    let dev = x.0.device().clone();
+    let (n, k) = delta.dims();
+    let (xs, x_off, x_len) = input::<T>(op, "x", x)?;
+    let base = base.map(|b| input::<T>(op, "base_out", b)).transpose()?;
+    let m = x_len / k.max(1);
+    let m32 = dim(op, "x", m, x.1.dims())?;
+    let len = m * n;
+    let stream = dev.cuda_stream();
+    let locked = Locked::new(delta);
+    let mut out = alloc::<T>(&dev, len)?;
+    {
+        let mut ptrs = Ptrs::new(&stream);
+        let described = describe(op, &locked, &dev, &mut ptrs)?;
+        let x_p = ptrs.read(xs, x_off);
+        let base_p = base.map(|(s, o, _)| ptrs.read(s, o));
+        let out_p = ptrs.write(&mut out);
+        poison::<T>(&stream, out_p, len, fill)?;
+        // `zero` writes nothing and a row subset only its stored rows' columns: start from base_out (or 0).
+        let in_place = described.is_none_or(|d| d.desc.row_index != 0);
+        if in_place {
+            init(&stream, out_p, base_p, len * std::mem::size_of::<T>())?;
+        }
+        if let (Some(d), true) = (described, m > 0) {
+            let tile = if m == 1 { Tile::Small } else { Tile::Large };
+            let func = function(&dev, d.variant, entries(op, &d)?.matmul_add(T::KIND, tile))?;
+            let grid = (
+                d.desc.n_stored.div_ceil(ROWS_PER_BLOCK),
+                m32.div_ceil(tile.rows()).min(MAX_GRID_Y),
+            );
+            let desc = DescArg(d.desc);
+            let base_arg = if in_place { out_p } else { base_p.unwrap_or(0) };
+            let mut b = stream.launch_builder(&func);
+            b.arg(&desc);
+            b.arg(&x_p);
+            b.arg(&base_arg);
+            b.arg(&out_p);
+            b.arg(&m32);
+            // SAFETY: the arguments match `dz_<v>_matmul_add_<t>_m<MT>(DzDelta, const T*, const T*, T*,
+            // u32)`: x holds m rows of K elements of T, base (0, or m x N_total) and out (m x N_total) are
+            // T buffers, and the descriptor points to the delta's parts, checked by `describe`.
+            unsafe { b.launch(config(grid)) }.w()?;
+        }
+    }
+    Ok((CudaStorage::wrap_cuda_slice(out, dev), shape))
+}
+
+/// Forward pass of `sbmm`: `kn` is the deltas' `(K, N_total)`.
+pub(crate) fn sbmm(
+    op: &'static str,
+    deltas: &[&DeviceDelta],
+    segments: &[Segment],
+    kn: (usize, usize),
+    x: Arg<'_>,
+    base: Arg<'_>,
+    fill: Fill,
+) -> Out {
+    by_dtype!(
+        op,
+        "x",
+        x.0.dtype(),
+        sbmm_t(op, deltas, segments, kn, x, base, fill)
+    )
+}
+
+/// The segments of one launch.
+struct Group {
+    variant: Variant,
+    /// `(start, len, descriptor slot)` of each segment.
+    segments: Vec<(u32, u32, u32)>,
+    /// Largest stored-row count among its deltas.
+    max_stored: u32,
+}
+
+fn sbmm_t<T: Elem>(
+    op: &'static str,
+    deltas: &[&DeviceDelta],
+    segments: &[Segment],
+    (k, n): (usize, usize),
+    x: Arg<'_>,
+    base: Arg<'_>,
+    fill: Fill,
+) -> Out {
+    let dev = x.0.device().clone();
+    let shape = Shape::from(base.1.dims());
+    let (xs, x_off, _) = input::<T>(op, "x", x)?;
+    let (bs, b_off, len) = input::<T>(op, "base_out", base)?;
+    let xd = x.1.dims();
+    let m: usize = xd[..xd.len().saturating_sub(1)].iter().product();
+    let (m32, k32, n32) = (
+        dim(op, "x", m, xd)?,
+        dim(op, "x", k, xd)?,
+        dim(op, "base_out", n, base.1.dims())?,
+    );
+
+    // Each distinct delta is locked and described once (a delta listed twice, or two clones sharing their
+    // tensors, would otherwise take the same read lock twice). `zero` deltas have no parts and no slot.
+    let mut slot_of: Vec<Option<usize>> = Vec::with_capacity(deltas.len());
+    let mut unique: Vec<&DeviceDelta> = Vec::new();
+    for d in deltas {
+        let key = d.parts().first().map(|t| t.id());
+        slot_of.push(key.map(|key| {
+            unique
+                .iter()
+                .position(|u| u.parts().first().map(|t| t.id()) == Some(key))
+                .unwrap_or_else(|| {
+                    unique.push(d);
+                    unique.len() - 1
+                })
+        }));
+    }
+    let locks: Vec<Locked<'_>> = unique.iter().map(|d| Locked::new(d)).collect();
+    let stream = dev.cuda_stream();
+    let mut out = alloc::<T>(&dev, len)?;
+    {
+        let mut ptrs = Ptrs::new(&stream);
+        let x_p = ptrs.read(xs, x_off);
+        let b_p = ptrs.read(bs, b_off);
+        let out_p = ptrs.write(&mut out);
+        poison::<T>(&stream, out_p, len, fill)?;
+        init(&stream, out_p, Some(b_p), len * std::mem::size_of::<T>())?;
+        let described = locks
+            .iter()
+            .map(|l| describe(op, l, &dev, &mut ptrs))
+            .collect::<Result<Vec<_>>>()?;
+
+        let mut groups: Vec<Group> = Vec::new();
+        for s in segments {
+            let Some(slot) = s.delta.and_then(|d| slot_of.get(d).copied().flatten()) else {
+                continue;
+            };
+            let Some(d) = described[slot] else { continue };
+            if s.len == 0 {
+                continue;
+            }
+            let at = match groups.iter().position(|g| g.variant == d.variant) {
+                Some(at) => at,
+                None => {
+                    groups.push(Group {
+                        variant: d.variant,
+                        segments: Vec::new(),
+                        max_stored: 0,
+                    });
+                    groups.len() - 1
+                }
+            };
+            let g = &mut groups[at];
+            // Segments lie inside 0..m (checked by the wrapper), so they fit u32 like m.
+            g.segments.push((s.start as u32, s.len as u32, slot as u32));
+            g.max_stored = g.max_stored.max(d.desc.n_stored);
+        }
+        if groups.is_empty() || m32 == 0 {
+            drop(ptrs);
+            return Ok((CudaStorage::wrap_cuda_slice(out, dev), shape));
+        }
+
+        // Per group: the tile (one row when every segment is one row: decode), the segments split into
+        // runs of at most the tile's rows, all groups' runs in one array.
+        let mut pieces: Vec<DzSegment> = Vec::new();
+        let mut launches: Vec<(Variant, Tile, usize, u32, u32)> = Vec::new();
+        for g in &groups {
+            let tile = if g.segments.iter().all(|s| s.1 == 1) {
+                Tile::Small
+            } else {
+                Tile::Large
+            };
+            let first = pieces.len();
+            for &(start, len, slot) in &g.segments {
+                let mut r = 0;
+                while r < len {
+                    let take = (len - r).min(tile.rows());
+                    pieces.push(DzSegment {
+                        start: start + r,
+                        len: take,
+                        delta: slot,
+                        reserved: 0,
+                    });
+                    r += take;
+                }
+            }
+            let count = (pieces.len() - first) as u32;
+            launches.push((g.variant, tile, first, count, g.max_stored));
+        }
+        let descs: Vec<DzDelta> = described
+            .iter()
+            .map(|d| d.map(|d| d.desc).unwrap_or_default())
+            .collect();
+        let descs_dev = stream.clone_htod(as_bytes(&descs)).w()?;
+        let pieces_dev = stream.clone_htod(as_bytes(&pieces)).w()?;
+        let mut tables = Ptrs::new(&stream);
+        let descs_p = tables.read(&descs_dev, 0);
+        let pieces_p = tables.read(&pieces_dev, 0);
+        for (variant, tile, first, count, max_stored) in launches {
+            let name = variant
+                .entries()
+                .ok_or_else(|| OpError::Storage {
+                    op,
+                    reason: format!("no CUDA kernels for {variant:?}"),
+                })?
+                .sbmm(T::KIND, tile);
+            let func = function(&dev, variant, name)?;
+            let segs_p = pieces_p + (first * std::mem::size_of::<DzSegment>()) as u64;
+            let grid = (max_stored.div_ceil(ROWS_PER_BLOCK), count.min(MAX_GRID_Y));
+            let mut b = stream.launch_builder(&func);
+            b.arg(&segs_p);
+            b.arg(&count);
+            b.arg(&descs_p);
+            b.arg(&x_p);
+            b.arg(&out_p);
+            b.arg(&k32);
+            b.arg(&n32);
+            // SAFETY: the arguments match `dz_<v>_sbmm_<t>_m<MT>(const DzSegment*, u32, const DzDelta*,
+            // const T*, T*, u32, u32)`: `count` segments of at most MT rows inside x's m rows, each naming a
+            // descriptor of this variant in `descs` (uploaded above, alive until the stream passes its
+            // free), x is m x K and out m x N_total of T.
+            unsafe { b.launch(config(grid)) }.w()?;
+        }
+    }
+    Ok((CudaStorage::wrap_cuda_slice(out, dev), shape))
+}
+
+/// Forward pass of `dequantize` (`base` None: the f32 dense delta; `anchor` only picks the device) and of
+/// `merge` (`base` = the layout of `anchor`, which is `base_w`).
+pub(crate) fn dequantize(
+    op: &'static str,
+    delta: &DeviceDelta,
+    anchor: &CudaStorage,
+    base: Option<&Layout>,
+    fill: Fill,
+) -> Out {
+    let dev = anchor.device().clone();
+    match base {
+        None => {
+            let shape = Shape::from(delta.dims());
+            rows_t::<f32>(op, delta, &dev, None, None, shape, fill)
+        }
+        Some(l) => {
+            let shape = Shape::from(l.dims());
+            by_dtype!(
+                op,
+                "base_w",
+                anchor.dtype(),
+                rows_t(op, delta, &dev, Some((anchor, l)), None, shape, fill)
+            )
+        }
+    }
+}
+
+/// Forward pass of `embedding-delta-add`.
+pub(crate) fn embedding(
+    op: &'static str,
+    delta: &DeviceDelta,
+    ids: Arg<'_>,
+    base: Arg<'_>,
+    fill: Fill,
+) -> Out {
+    let dev = base.0.device().clone();
+    let ids = host_ids(op, delta, ids)?;
+    let shape = Shape::from(base.1.dims());
+    by_dtype!(
+        op,
+        "base_emb_out",
+        base.0.dtype(),
+        rows_t(op, delta, &dev, Some(base), Some(&ids), shape, fill)
+    )
+}
+
+/// The ids as u32 row numbers on the host, each checked `< N_total` (the CPU path's check and error).
+fn host_ids(op: &'static str, delta: &DeviceDelta, (s, l): Arg<'_>) -> Result<Vec<u32>> {
+    let (a, b) = l
+        .contiguous_offsets()
+        .ok_or_else(|| OpError::NotContiguous {
+            op,
+            arg: "ids",
+            shape: l.dims().to_vec(),
+            stride: l.stride().to_vec(),
+        })?;
+    let n = delta.dims().0;
+    let check = |position: usize, id: i64| -> Result<u32> {
+        usize::try_from(id)
+            .ok()
+            .filter(|&r| r < n)
+            .and_then(|r| u32::try_from(r).ok())
+            .ok_or_else(|| OpError::IdOutOfRange {
+                op,
+                id,
+                position,
+                rows: n,
+                delta: delta.name().to_string(),
+            })
+    };
+    if a == b {
+        return Ok(Vec::new());
+    }
+    let stream = s.device.cuda_stream();
+    let storage = |e: candle_core::Error| OpError::Storage {
+        op,
+        reason: format!("reading the ids: {e}"),
+    };
+    match s.dtype() {
+        DType::U32 => {
+            let v = s.as_cuda_slice::<u32>().map_err(storage)?;
+            let v = stream.clone_dtoh(&v.slice(a..b)).w().map_err(storage)?;
+            v.iter()
+                .enumerate()
+                .map(|(i, &id)| check(i, i64::from(id)))
+                .collect()
+        }
+        DType::I64 => {
+            let v = s.as_cuda_slice::<i64>().map_err(storage)?;
+            let v = stream.clone_dtoh(&v.slice(a..b)).w().map_err(storage)?;
+            v.iter().enumerate().map(|(i, &id)| check(i, id)).collect()
+        }
+        other => Err(OpError::Dtype {
+            op,
+            arg: "ids",
+            got: other,
+            expected: "u32 or i64".into(),
+        }),
+    }
+}
+
+/// `out[t] = base[t] + D[id(t)]` for every output row `t`: `id(t) = ids[t]` (embedding) or `t` (dequantize,
+/// merge: all `N_total` rows). Every element is written.
+fn rows_t<T: Elem>(
+    op: &'static str,
+    delta: &DeviceDelta,
+    dev: &CudaDevice,
+    base: Option<Arg<'_>>,
+    ids: Option<&[u32]>,
+    shape: Shape,
+    fill: Fill,
+) -> Out {
+    let (n, k) = delta.dims();
+    let rows = ids.map_or(n, <[u32]>::len);
+    let rows32 = dim(op, "ids", rows, shape.dims())?;
+    let len = rows * k;
+    let base = base.map(|b| input::<T>(op, "base", b)).transpose()?;
+    let stream = dev.cuda_stream();
+    let locked = Locked::new(delta);
+    let ids_dev = match ids {
+        Some(ids) if !ids.is_empty() => Some(stream.clone_htod(ids).w()?),
+        _ => None,
+    };
+    let mut out = alloc::<T>(dev, len)?;
+    {
+        let mut ptrs = Ptrs::new(&stream);
+        let described = describe(op, &locked, dev, &mut ptrs)?;
+        let base_p = base.map(|(s, o, _)| ptrs.read(s, o));
+        let ids_p = ids_dev.as_ref().map(|s| ptrs.read(s, 0));
+        let out_p = ptrs.write(&mut out);
+        poison::<T>(&stream, out_p, len, fill)?;
+        match described {
+            // `zero`: the output is the base (or zeros).
+            None => init(&stream, out_p, base_p, len * std::mem::size_of::<T>())?,
+            Some(d) if rows > 0 => {
+                let e = entries(op, &d)?;
+                let desc = DescArg(d.desc);
+                let base_arg = base_p.unwrap_or(0);
+                let grid = (rows32.div_ceil(WARPS).min(MAX_GRID_Y), 1);
+                match ids_p {
+                    None => {
+                        let func = function(dev, d.variant, e.dequantize(T::KIND))?;
+                        let mut b = stream.launch_builder(&func);
+                        b.arg(&desc);
+                        b.arg(&base_arg);
+                        b.arg(&out_p);
+                        // SAFETY: the arguments match `dz_<v>_dequantize_<t>(DzDelta, const T*, T*)`: base (0
+                        // or N_total x K) and out (N_total x K) are T buffers; the descriptor is checked.
+                        unsafe { b.launch(config(grid)) }.w()?;
+                    }
+                    Some(ids_p) => {
+                        let func = function(dev, d.variant, e.embedding_add(T::KIND))?;
+                        let mut b = stream.launch_builder(&func);
+                        b.arg(&desc);
+                        b.arg(&ids_p);
+                        b.arg(&rows32);
+                        b.arg(&base_arg);
+                        b.arg(&out_p);
+                        // SAFETY: the arguments match `dz_<v>_embedding_add_<t>(DzDelta, const u32*, u32,
+                        // const T*, T*)`: `rows` ids, each < N_total (checked on the host), base and out are
+                        // rows x K buffers of T; the descriptor is checked.
+                        unsafe { b.launch(config(grid)) }.w()?;
+                    }
+                }
+            }
+            Some(_) => {}
+        }
+    }
+    Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), shape))
+}

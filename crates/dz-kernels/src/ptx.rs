@@ -1,0 +1,31 @@
+//! The PTX of every family, compiled by build.rs (`cuda` feature only).
+
+use crate::Family;
+
+/// `nvcc --version`'s release line of the nvcc that compiled the PTX.
+pub const NVCC_VERSION: &str = env!("DZ_NVCC_VERSION");
+
+/// The compute capability the PTX targets (`sm_<this>`).
+pub const CUDA_COMPUTE_CAP: &str = env!("DZ_CUDA_COMPUTE_CAP");
+
+/// `"yes"` when the PTX carries source line info (built with `DZ_KERNELS_LINEINFO=1`), else `"no"`.
+pub const LINEINFO: &str = env!("DZ_KERNELS_LINEINFO");
+
+const QUANT_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/quant.ptx"));
+const SPARSE24_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/sparse24.ptx"));
+const SPARSE_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/sparse.ptx"));
+const SIGN1_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/sign1.ptx"));
+const DENSE_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/dense.ptx"));
+
+impl Family {
+    /// The family's PTX (every entry point of its variants).
+    pub fn ptx(self) -> &'static str {
+        match self {
+            Family::Quant => QUANT_PTX,
+            Family::Sparse24 => SPARSE24_PTX,
+            Family::Sparse => SPARSE_PTX,
+            Family::Sign1 => SIGN1_PTX,
+            Family::Dense => DENSE_PTX,
+        }
+    }
+}
