@@ -658,21 +658,12 @@ pub fn compress(
                     let done: Vec<Done> = names
                         .par_iter()
                         .map(|n| {
-                            let q = choice
-                                .as_ref()
-                                .and_then(|c| c.get(n))
-                                .copied()
-                                .unwrap_or(opts.quant);
-                            compress_linear(
-                                n,
-                                Role::Linear,
-                                &bm,
-                                &fm,
-                                Method::Obs,
-                                &q,
-                                Some(h),
-                                opts,
-                            )
+                            let (method, q) = match choice.as_ref().and_then(|c| c.get(n)) {
+                                Some(Candidate::Quant(q)) => (Method::Obs, *q),
+                                Some(Candidate::Sign) => (Method::Sign, opts.quant),
+                                None => (Method::Obs, opts.quant),
+                            };
+                            compress_linear(n, Role::Linear, &bm, &fm, method, &q, Some(h), opts)
                         })
                         .collect::<Result<_>>()?;
                     let mut installs = Vec::with_capacity(done.len());
@@ -839,15 +830,72 @@ fn head_hessian(model: &LlamaModel, final_h: &Tensor) -> Result<Vec<f32>> {
     acc.finish()
 }
 
-/// Candidate recipes for `--target-ratio`, from smallest to largest.
-fn candidates(base: &QuantConfig) -> Vec<QuantConfig> {
-    let mk = |bits, sparsity| QuantConfig {
-        bits,
-        group_size: base.group_size,
-        symmetric: base.symmetric,
-        sparsity,
+/// One candidate recipe of `--target-ratio` for a linear tensor.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Candidate {
+    /// OBS with this grid and sparsity.
+    Quant(QuantConfig),
+    /// One sign bit per weight and a scale per row (about 1 bit per weight).
+    Sign,
+}
+
+impl Candidate {
+    fn describe(&self) -> String {
+        match self {
+            Candidate::Quant(q) => describe_q(q),
+            Candidate::Sign => "sign1".into(),
+        }
+    }
+
+    /// Packed bytes for a `rows x cols` tensor (before zstd): the layout formulas.
+    fn bytes(&self, rows: usize, cols: usize) -> Result<u64> {
+        match self {
+            Candidate::Quant(q) => recipe_bytes(q, rows, cols),
+            Candidate::Sign => layout_bytes(&Codec::Sign1 { global_scale: 1.0 }, rows, cols),
+        }
+    }
+
+    /// The calibrated error `trace((D - D^) H (D - D^)^T)` of this recipe on `d`.
+    fn error(
+        &self,
+        d: &[f32],
+        rows: usize,
+        cols: usize,
+        h: &[f32],
+        opts: &CompressOptions,
+    ) -> Result<f64> {
+        match self {
+            Candidate::Quant(q) => {
+                if q.sparsity == Sparsity::TwoFour && !cols.is_multiple_of(4) {
+                    return Ok(f64::INFINITY);
+                }
+                let cfg = ObsConfig {
+                    quant: *q,
+                    block_size: opts.block_size,
+                    damp: opts.damp,
+                };
+                Ok(obs(d, rows, cols, h, &cfg)?.error)
+            }
+            Candidate::Sign => {
+                let d_hat = sign1(d, rows, cols)?.dequantize();
+                crate::calibrated_error(d, &d_hat, h, rows, cols)
+            }
+        }
+    }
+}
+
+/// Candidate recipes for `--target-ratio`: 1-bit sign, then 2/3/4/8 bits dense or 2:4.
+fn candidates(base: &QuantConfig) -> Vec<Candidate> {
+    let mk = |bits, sparsity| {
+        Candidate::Quant(QuantConfig {
+            bits,
+            group_size: base.group_size,
+            symmetric: base.symmetric,
+            sparsity,
+        })
     };
     vec![
+        Candidate::Sign,
         mk(2, Sparsity::TwoFour),
         mk(3, Sparsity::TwoFour),
         mk(2, Sparsity::None),
@@ -857,6 +905,17 @@ fn candidates(base: &QuantConfig) -> Vec<QuantConfig> {
         mk(4, Sparsity::None),
         mk(8, Sparsity::None),
     ]
+}
+
+fn layout_bytes(codec: &Codec, rows: usize, cols: usize) -> Result<u64> {
+    let layout = dz_format::layout::part_layout("", codec, rows, cols, false)?;
+    Ok(layout
+        .iter()
+        .map(|p| match p.len {
+            dz_format::layout::PartLen::Exact(n) => n as u64,
+            dz_format::layout::PartLen::FromRowPtr => 0,
+        })
+        .sum())
 }
 
 /// Packed bytes of a recipe for a `rows x cols` tensor (before zstd): the layout formulas.
@@ -871,14 +930,7 @@ fn recipe_bytes(q: &QuantConfig, rows: usize, cols: usize) -> Result<u64> {
             ))
         }
     };
-    let layout = dz_format::layout::part_layout("", &codec, rows, cols, false)?;
-    Ok(layout
-        .iter()
-        .map(|p| match p.len {
-            dz_format::layout::PartLen::Exact(n) => n as u64,
-            dz_format::layout::PartLen::FromRowPtr => 0,
-        })
-        .sum())
+    layout_bytes(&codec, rows, cols)
 }
 
 /// The size budget: measures each linear tensor's calibrated error under every candidate recipe (on the
@@ -894,7 +946,7 @@ fn allocate(
     ratio: f64,
     bf16_bytes: u64,
     progress: &mut dyn Progress,
-) -> Result<(BTreeMap<String, QuantConfig>, String)> {
+) -> Result<(BTreeMap<String, Candidate>, String)> {
     let cands = candidates(&opts.quant);
     // Fixed costs, estimated: tables at embed_bits over all rows, dense f32 norms, 1 KiB per tensor.
     let mut fixed: u64 = 0;
@@ -937,19 +989,14 @@ fn allocate(
                     let zero = d.iter().all(|&v| v == 0.0);
                     let per = cands
                         .iter()
-                        .map(|q| {
-                            let bytes = recipe_bytes(q, rows, cols)?;
-                            if zero || (q.sparsity == Sparsity::TwoFour && cols % 4 != 0) {
-                                return Ok((bytes, if zero { 0.0 } else { f64::INFINITY }));
+                        .map(|c| {
+                            let bytes = c.bytes(rows, cols)?;
+                            if zero {
+                                return Ok((bytes, 0.0));
                             }
-                            let cfg = ObsConfig {
-                                quant: *q,
-                                block_size: opts.block_size,
-                                damp: opts.damp,
-                            };
                             // Absolute calibrated errors are output-space errors, comparable across
                             // the layers of one model; relative ones would weigh every layer alike.
-                            Ok((bytes, obs(&d, rows, cols, h, &cfg)?.error))
+                            Ok((bytes, c.error(&d, rows, cols, h, opts)?))
                         })
                         .collect::<Result<Vec<_>>>()?;
                     Ok((n.clone(), per))
@@ -1006,10 +1053,10 @@ fn allocate(
         }
     }
     let mut mix: BTreeMap<String, usize> = BTreeMap::new();
-    let out: BTreeMap<String, QuantConfig> = best
+    let out: BTreeMap<String, Candidate> = best
         .iter()
         .map(|(n, &i)| {
-            *mix.entry(describe_q(&cands[i])).or_default() += 1;
+            *mix.entry(cands[i].describe()).or_default() += 1;
             (n.clone(), cands[i])
         })
         .collect();
