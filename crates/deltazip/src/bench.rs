@@ -208,20 +208,24 @@ pub fn machine() -> serde_json::Value {
     })
 }
 
+/// The directory to work in: `dir` (created), else a temporary one, removed when the guard drops.
+pub fn work_dir(dir: Option<&std::path::Path>) -> Result<(PathBuf, Option<tempfile::TempDir>)> {
+    match dir {
+        Some(d) => {
+            std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+            Ok((d.to_path_buf(), None))
+        }
+        None => {
+            let t = tempfile::tempdir().context("creating a temporary directory")?;
+            Ok((t.path().to_path_buf(), Some(t)))
+        }
+    }
+}
+
 /// Runs `deltazip bench compress`; returns the table to print.
 pub fn run_compress(args: &BenchCompressArgs) -> Result<String> {
     let device = parse_device(&args.device)?;
-    let tmp;
-    let work = match &args.workdir {
-        Some(w) => {
-            std::fs::create_dir_all(w)?;
-            w.clone()
-        }
-        None => {
-            tmp = tempfile::tempdir()?;
-            tmp.path().to_path_buf()
-        }
-    };
+    let (work, _tmp) = work_dir(args.workdir.as_deref())?;
     let t_gen = Instant::now();
     let (base, ft, label) = match (&args.base, &args.finetuned) {
         (Some(b), Some(f)) => (
@@ -428,17 +432,7 @@ pub fn run_quality(args: &BenchQualityArgs) -> Result<String> {
     use dz_compress::hf::HfModel;
     use dz_compress::model::{kl_divergence, LlamaModel};
     let device = parse_device(&args.device)?;
-    let tmp;
-    let work = match &args.workdir {
-        Some(w) => {
-            std::fs::create_dir_all(w)?;
-            w.clone()
-        }
-        None => {
-            tmp = tempfile::tempdir()?;
-            tmp.path().to_path_buf()
-        }
-    };
+    let (work, _tmp) = work_dir(args.workdir.as_deref())?;
     let base_hf = HfModel::open(&args.base)?;
     let tok = base_hf
         .tokenizer_path()

@@ -62,17 +62,7 @@ impl DemoRow {
 
 /// Runs the demo; prints as it goes and returns the rows (for tests).
 pub fn run_rows(args: &DemoArgs, quiet: bool) -> Result<Vec<DemoRow>> {
-    let tmp;
-    let root = match &args.out {
-        Some(p) => {
-            std::fs::create_dir_all(p).with_context(|| format!("creating {}", p.display()))?;
-            p.clone()
-        }
-        None => {
-            tmp = tempfile::tempdir().context("creating a temporary directory")?;
-            tmp.path().to_path_buf()
-        }
-    };
+    let (root, _tmp) = crate::bench::work_dir(args.out.as_deref())?;
     let say = |s: &str| {
         if !quiet {
             println!("{s}");

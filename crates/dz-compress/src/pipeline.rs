@@ -331,6 +331,36 @@ fn finish_tensor(
     Ok((encoded, report))
 }
 
+/// A tensor the fine-tune left exactly as the base has it: the `zero` codec, no parts.
+fn zero_done(
+    name: &str,
+    role: Role,
+    shape: &[usize],
+    dtype: Dtype,
+    lossless: Lossless,
+    merged: Option<Vec<f32>>,
+) -> Result<Done> {
+    let (rows, cols) = matrix(shape);
+    let payload = Payload::Zero { rows, cols };
+    let (encoded, report) = finish_tensor(
+        name,
+        role,
+        shape,
+        dtype,
+        None,
+        &payload,
+        &[],
+        &[],
+        None,
+        lossless,
+    )?;
+    Ok(Done {
+        encoded,
+        report,
+        merged,
+    })
+}
+
 /// Compresses one linear delta with the chosen method (OBS needs `h`).
 #[allow(clippy::too_many_arguments)]
 fn compress_linear(
@@ -347,24 +377,7 @@ fn compress_linear(
     let (rows, cols) = matrix(&shape);
     let (w0, d, dtype) = delta_of(base, ft, name)?;
     if d.iter().all(|&v| v == 0.0) {
-        let payload = Payload::Zero { rows, cols };
-        let (encoded, report) = finish_tensor(
-            name,
-            role,
-            &shape,
-            dtype,
-            None,
-            &payload,
-            &d,
-            &d,
-            None,
-            opts.lossless,
-        )?;
-        return Ok(Done {
-            encoded,
-            report,
-            merged: Some(w0),
-        });
+        return zero_done(name, role, &shape, dtype, opts.lossless, Some(w0));
     }
     let (payload, cal) = match (method, h) {
         (Method::Obs, Some(h)) => {
@@ -436,24 +449,7 @@ fn compress_table(
         .map(|r| r as u32)
         .collect();
     if moved.is_empty() {
-        let payload = Payload::Zero { rows, cols };
-        let (encoded, report) = finish_tensor(
-            name,
-            role,
-            &shape,
-            dtype,
-            None,
-            &payload,
-            &d,
-            &d,
-            None,
-            opts.lossless,
-        )?;
-        return Ok(Done {
-            encoded,
-            report,
-            merged: None,
-        });
+        return zero_done(name, role, &shape, dtype, opts.lossless, None);
     }
     let subset = moved.len() < rows;
     let sub: Vec<f32> = if subset {
