@@ -217,9 +217,10 @@ impl Progress for Bars {
         if self.quiet {
             return;
         }
+        // A hidden bar (stderr is not a terminal) would swallow the line.
         match &self.bar {
-            Some(b) => b.println(msg),
-            None => eprintln!("{msg}"),
+            Some(b) if !b.is_hidden() => b.println(msg),
+            _ => eprintln!("{msg}"),
         }
     }
 }
