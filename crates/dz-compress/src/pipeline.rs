@@ -108,6 +108,27 @@ impl Default for CompressOptions {
     }
 }
 
+impl CompressOptions {
+    /// OBS settings for one recipe.
+    fn obs_config(&self, quant: QuantConfig) -> ObsConfig {
+        ObsConfig {
+            quant,
+            block_size: self.block_size,
+            damp: self.damp,
+        }
+    }
+
+    /// The recipe of embedding and lm_head deltas: `embed_bits`, the linear grid, never pruned.
+    fn embed_quant(&self) -> QuantConfig {
+        QuantConfig {
+            bits: self.embed_bits,
+            group_size: self.quant.group_size,
+            symmetric: self.quant.symmetric,
+            sparsity: Sparsity::None,
+        }
+    }
+}
+
 /// What happened to one tensor.
 #[derive(Debug, Clone)]
 pub struct TensorReport {
@@ -285,9 +306,24 @@ fn frob_rel(d: &[f32], d_hat: &[f32]) -> f64 {
     }
 }
 
-/// `trace(D H D^T)`: the calibrated energy of the delta itself, the denominator of relative errors.
-fn energy(d: &[f32], h: &[f32], rows: usize, cols: usize) -> Result<f64> {
-    crate::calibrated_error(d, &vec![0.0; d.len()], h, rows, cols)
+/// `err / trace(D H D^T)`: a calibrated error relative to the calibrated energy of the delta itself
+/// (0 for a delta with no energy).
+fn relative(err: f64, d: &[f32], h: &[f32], rows: usize, cols: usize) -> Result<f64> {
+    let e = crate::calibrated_error(d, &vec![0.0; d.len()], h, rows, cols)?;
+    Ok(if e > 0.0 { err / e } else { 0.0 })
+}
+
+/// OBS on `d` under `h`, with its relative calibrated error.
+fn obs_relative(
+    d: &[f32],
+    rows: usize,
+    cols: usize,
+    h: &[f32],
+    cfg: &ObsConfig,
+) -> Result<(Payload, f64)> {
+    let out = obs(d, rows, cols, h, cfg)?;
+    let rel = relative(out.error, d, h, rows, cols)?;
+    Ok((out.payload, rel))
 }
 
 /// A compressed tensor, ready for the writer.
@@ -296,6 +332,17 @@ struct Done {
     report: TensorReport,
     /// `base + D^` in f32, when a model needs it installed.
     merged: Option<Vec<f32>>,
+}
+
+impl Done {
+    /// A compressed tensor whose model weights become `w0 + d_hat`.
+    fn merged(encoded: EncodedTensor, report: TensorReport, w0: &[f32], d_hat: &[f32]) -> Self {
+        Self {
+            encoded,
+            report,
+            merged: Some(w0.iter().zip(d_hat).map(|(a, b)| a + b).collect()),
+        }
+    }
 }
 
 /// Builds the encoded tensor and its report from a payload.
@@ -381,15 +428,8 @@ fn compress_linear(
     }
     let (payload, cal) = match (method, h) {
         (Method::Obs, Some(h)) => {
-            let cfg = ObsConfig {
-                quant: *quant,
-                block_size: opts.block_size,
-                damp: opts.damp,
-            };
-            let out = obs(&d, rows, cols, h, &cfg)?;
-            let e = energy(&d, h, rows, cols)?;
-            let rel = if e > 0.0 { out.error / e } else { 0.0 };
-            (out.payload, Some(rel))
+            let (payload, rel) = obs_relative(&d, rows, cols, h, &opts.obs_config(*quant))?;
+            (payload, Some(rel))
         }
         (Method::Obs, None) => {
             return Err(Error::InvalidConfig(format!(
@@ -403,9 +443,8 @@ fn compress_linear(
     let cal = match (cal, h) {
         (Some(c), _) => Some(c),
         (None, Some(h)) => {
-            let e = energy(&d, h, rows, cols)?;
             let err = crate::calibrated_error(&d, &d_hat, h, rows, cols)?;
-            Some(if e > 0.0 { err / e } else { 0.0 })
+            Some(relative(err, &d, h, rows, cols)?)
         }
         (None, None) => None,
     };
@@ -421,12 +460,7 @@ fn compress_linear(
         cal,
         opts.lossless,
     )?;
-    let merged = w0.iter().zip(&d_hat).map(|(a, b)| a + b).collect();
-    Ok(Done {
-        encoded,
-        report,
-        merged: Some(merged),
-    })
+    Ok(Done::merged(encoded, report, &w0, &d_hat))
 }
 
 /// Compresses an embedding or output-head delta: only moved rows are stored; with a Hessian (output
@@ -465,22 +499,11 @@ fn compress_table(
         d.clone()
     };
     let n = moved.len();
-    let quant = QuantConfig {
-        bits: opts.embed_bits,
-        group_size: opts.quant.group_size,
-        symmetric: opts.quant.symmetric,
-        sparsity: Sparsity::None,
-    };
+    let quant = opts.embed_quant();
     let (payload, cal) = match (method, h) {
         (Method::Obs, Some(h)) => {
-            let cfg = ObsConfig {
-                quant,
-                block_size: opts.block_size,
-                damp: opts.damp,
-            };
-            let out = obs(&sub, n, cols, h, &cfg)?;
-            let e = energy(&sub, h, n, cols)?;
-            (out.payload, Some(if e > 0.0 { out.error / e } else { 0.0 }))
+            let (payload, rel) = obs_relative(&sub, n, cols, h, &opts.obs_config(quant))?;
+            (payload, Some(rel))
         }
         _ => (rtn(&sub, n, cols, &quant)?, None),
     };
@@ -502,12 +525,7 @@ fn compress_table(
         cal,
         opts.lossless,
     )?;
-    let merged = w0.iter().zip(&d_hat).map(|(a, b)| a + b).collect();
-    Ok(Done {
-        encoded,
-        report,
-        merged: Some(merged),
-    })
+    Ok(Done::merged(encoded, report, &w0, &d_hat))
 }
 
 /// Norms, biases and anything else: an exact dense f32 delta, or `zero`.
@@ -865,12 +883,7 @@ impl Candidate {
                 if q.sparsity == Sparsity::TwoFour && !cols.is_multiple_of(4) {
                     return Ok(f64::INFINITY);
                 }
-                let cfg = ObsConfig {
-                    quant: *q,
-                    block_size: opts.block_size,
-                    damp: opts.damp,
-                };
-                Ok(obs(d, rows, cols, h, &cfg)?.error)
+                Ok(obs(d, rows, cols, h, &opts.obs_config(*q))?.error)
             }
             Candidate::Sign => {
                 let d_hat = sign1(d, rows, cols)?.dequantize();
@@ -951,12 +964,7 @@ fn allocate(
         .collect();
     for t in tables {
         let (r, c) = matrix(&shape_of(fm, t)?);
-        let q = QuantConfig {
-            bits: opts.embed_bits,
-            group_size: opts.quant.group_size,
-            symmetric: opts.quant.symmetric,
-            sparsity: Sparsity::None,
-        };
+        let q = opts.embed_quant();
         fixed += recipe_bytes(&q, r, c)?;
     }
     for n in &plan.other {
@@ -1142,12 +1150,7 @@ pub fn estimate(base: &Path, finetuned: &Path, opts: &CompressOptions) -> Result
     let mut tables = 0u64;
     for t in std::iter::once(&plan.embedding).chain(plan.lm_head.as_ref()) {
         let (r, c) = matrix(&shape_of(&fm, t)?);
-        let q = QuantConfig {
-            bits: opts.embed_bits,
-            group_size: opts.quant.group_size,
-            symmetric: opts.quant.symmetric,
-            sparsity: Sparsity::None,
-        };
+        let q = opts.embed_quant();
         tables += recipe_bytes(&q, r, c)?;
     }
     let other: u64 = plan
