@@ -97,7 +97,11 @@ pub fn run_rows(args: &DemoArgs, quiet: bool) -> Result<Vec<DemoRow>> {
     let eval_tokens = &tokens[split..];
     let calib_path = root.join("calib-train.txt");
     let text = std::fs::read_to_string(&family.calib_text)?;
-    std::fs::write(&calib_path, &text[..text.len() * 3 / 4])?;
+    // Cut at a character boundary: the text is UTF-8, not ASCII.
+    let cut = (text.len() * 3 / 4..=text.len())
+        .find(|&i| text.is_char_boundary(i))
+        .unwrap_or(text.len());
+    std::fs::write(&calib_path, &text[..cut])?;
 
     let mut rows = Vec::new();
     for (i, ft_dir) in family.finetunes.iter().enumerate() {
