@@ -41,6 +41,8 @@ const DETAILED_FAILURES: usize = 12;
 
 struct Options {
     quick: bool,
+    /// Also run the matmul and sbmm families with the tensor cores off.
+    generic_too: bool,
     cpu: bool,
     poison: bool,
     verbose: bool,
@@ -50,6 +52,7 @@ struct Options {
 fn options() -> Result<Options> {
     let mut o = Options {
         quick: false,
+        generic_too: false,
         cpu: false,
         poison: true,
         verbose: false,
@@ -59,13 +62,14 @@ fn options() -> Result<Options> {
     while let Some(a) = args.next() {
         match a.as_str() {
             "--quick" => o.quick = true,
+            "--generic-too" => o.generic_too = true,
             "--cpu" => o.cpu = true,
             "--no-poison" => o.poison = false,
             "--verbose" | "-v" => o.verbose = true,
             "--filter" => o.filter = Some(args.next().context("--filter needs a value")?),
             "--help" | "-h" => {
                 println!(
-                    "usage: cuda_check [--quick] [--cpu] [--filter TEXT] [--verbose] [--no-poison]"
+                    "usage: cuda_check [--quick] [--generic-too] [--cpu] [--filter TEXT] [--verbose] [--no-poison]"
                 );
                 std::process::exit(0);
             }
@@ -916,6 +920,141 @@ fn validation(ck: &mut Checker) {
     });
 }
 
+/// The tensor-core kernels (`dz_kernels::tc`): every qualifying codec configuration on shapes whose K is a
+/// multiple of 32 (K = 96 and 608 end in a partial 128-column block; N = 40 and 77 end in a partial
+/// 16-row tile), row counts around the 8/16/32-row tiles, f16 and bf16, with and without base_out, row
+/// subsets, and sbmm over many deltas with mixed row counts. Each case first asserts that the delta does
+/// take the tensor-core path, so the family cannot pass by checking the generic kernels.
+fn tensor_core_family(ck: &mut Checker) {
+    use dz_kernels::tc::tc_supports;
+    ck.family("tensor cores");
+    let quick = ck.opts.quick;
+    let mut cfgs = Vec::new();
+    for bits in [2u8, 4] {
+        for (group, sym) in [
+            (0, true),
+            (128, true),
+            (128, false),
+            (256, false),
+            (0, false),
+        ] {
+            cfgs.push(Cfg::Quant { bits, group, sym });
+        }
+        for group in [0, 128, 256] {
+            cfgs.push(Cfg::Sparse24 {
+                bits,
+                group,
+                sym: true,
+            });
+        }
+    }
+    cfgs.push(Cfg::Sign1);
+    let qualifies = |cfg: &Cfg, k: usize| {
+        let (variant, group, sym) = match *cfg {
+            Cfg::Quant { bits, group, sym } => (dz_kernels::Variant::Quant(bits), group, sym),
+            Cfg::Sparse24 { bits, group, sym } => (dz_kernels::Variant::Sparse24(bits), group, sym),
+            Cfg::Sign1 => (dz_kernels::Variant::Sign1, 0, true),
+            _ => return false,
+        };
+        tc_supports(variant, k as u32, group, sym)
+    };
+    for (ci, cfg) in cfgs.iter().enumerate() {
+        for (si, &(n, k)) in [(40usize, 96usize), (77, 608), (300, 4096)]
+            .iter()
+            .enumerate()
+        {
+            if quick && si == 1 {
+                continue;
+            }
+            assert!(
+                qualifies(cfg, k),
+                "{cfg:?} K={k} must take the tensor cores"
+            );
+            let spec = DeltaSpec::full(*cfg, n, k, 7000 + (ci * 10 + si) as u64);
+            let (d_cpu, d_dev) = (spec.build(&Device::Cpu), spec.build(&ck.dev));
+            for dtype in [DType::F16, DType::BF16] {
+                for rows in [1usize, 3, 8, 9, 16, 17, 32, 33, 300] {
+                    if quick && !matches!(rows, 1 | 9 | 33) {
+                        continue;
+                    }
+                    let with_base = rows % 2 == 1;
+                    ck.case(
+                        format!(
+                            "{} {dtype:?} rows={rows}{}",
+                            spec.label(),
+                            if with_base { " +base" } else { "" }
+                        ),
+                        |dev, ops| {
+                            let x = input(&[rows, k], dtype, (ci * 100 + rows) as u64);
+                            let base = with_base.then(|| input(&[rows, n], dtype, rows as u64 + 1));
+                            matmul_case(dev, ops, &d_cpu, &d_dev, &x, base)
+                        },
+                    );
+                }
+            }
+        }
+    }
+    // A row subset (stored rows scattered over 200 output columns) on the tensor cores.
+    let index: Vec<u32> = (0..200).filter(|i| i % 7 == 0 || i % 11 == 3).collect();
+    for cfg in [cfgs[1], cfgs[5], Cfg::Sign1] {
+        let spec = DeltaSpec::subset(cfg, 200, &index, 256, 31);
+        let (d_cpu, d_dev) = (spec.build(&Device::Cpu), spec.build(&ck.dev));
+        for rows in [1usize, 20] {
+            ck.case(
+                format!("{} BF16 rows={rows} +base", spec.label()),
+                |dev, ops| {
+                    let x = input(&[rows, 256], DType::BF16, 5);
+                    let base = input(&[rows, 200], DType::BF16, 6);
+                    matmul_case(dev, ops, &d_cpu, &d_dev, &x, Some(base))
+                },
+            );
+        }
+    }
+    // sbmm: 40 deltas of three tensor-core variants (one launch each) plus a generic one, decode rows and
+    // longer segments, base-only rows between.
+    let (n, k) = (72usize, 256usize);
+    let specs: Vec<DeltaSpec> = (0..40)
+        .map(|i| {
+            let cfg = match i % 4 {
+                0 => cfgs[1],
+                1 => cfgs[5],
+                2 => Cfg::Sign1,
+                _ => Cfg::Quant {
+                    bits: 3,
+                    group: 32,
+                    sym: true,
+                },
+            };
+            DeltaSpec::full(cfg, n, k, 8000 + i)
+        })
+        .collect();
+    let cpu: Vec<DeviceDelta> = specs.iter().map(|s| s.build(&Device::Cpu)).collect();
+    let on_dev: Vec<DeviceDelta> = specs.iter().map(|s| s.build(&ck.dev)).collect();
+    for (name, spec) in [
+        (
+            "40 deltas, one row each",
+            (0..40).map(|i| (1, Some(i))).collect::<Vec<_>>(),
+        ),
+        (
+            "40 deltas, 1..=40 rows and base-only runs",
+            (0..40)
+                .flat_map(|i| [(1 + (i * 7) % 40, Some(i)), (i % 3, None)])
+                .filter(|s| s.0 > 0)
+                .collect(),
+        ),
+    ] {
+        let segments = segs(&spec);
+        let m: usize = spec.iter().map(|s| s.0).sum();
+        for dtype in [DType::F16, DType::BF16] {
+            ck.case(format!("sbmm {name} {dtype:?}"), |dev, ops| {
+                let x = input(&[m, k], dtype, 21);
+                let base = input(&[m, n], dtype, 22);
+                sbmm_case(dev, ops, &cpu, &on_dev, &segments, &x, &base)
+            });
+        }
+    }
+}
+
 fn main() {
     std::process::exit(match run() {
         Ok(true) => 0,
@@ -992,6 +1131,18 @@ fn run() -> Result<bool> {
     edge_shapes(&mut ck);
     larger_shapes(&mut ck);
     sbmm_family(&mut ck);
+    tensor_core_family(&mut ck);
+    if ck.opts.generic_too {
+        // The matmul and sbmm families again on the generic kernels only (what tensor cores replace).
+        dz_candle_ops::set_tensor_cores(false);
+        matmul_groups(
+            &mut ck,
+            "delta_matmul (generic kernels)",
+            delta_matmul_groups(),
+        );
+        sbmm_family(&mut ck);
+        dz_candle_ops::set_tensor_cores(true);
+    }
     dequantize_family(&mut ck);
     merge_family(&mut ck);
     embedding_family(&mut ck);

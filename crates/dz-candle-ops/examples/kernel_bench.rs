@@ -1,63 +1,232 @@
-//! Baseline timing of the CUDA `delta_matmul` kernels against candle's cuBLAS bf16 matmul on the same
-//! shapes (the first step of the kernel-speed issue: the kernels are correct, not tuned yet).
+//! The kernel benchmark (the kernel-speed issue): `delta_matmul` and `sbmm` on CUDA against candle's cuBLAS
+//! bf16 matmul with the dense weight of the same shape, side by side in one run.
 //!
 //! `cargo build --release -p dz-candle-ops --features cuda --example kernel_bench`, then on the GPU:
-//! `kernel_bench [--quick] [--out FILE.json]`. Prints a markdown table.
+//! `kernel_bench [--quick] [--out STEM] [--commit SHA]` writes `STEM.md` and `STEM.json` and prints the table.
 //!
-//! Each case: x is bf16 `[rows, K]`; the delta has N x K. Time = mean over a batch of launches between two
-//! device synchronisations (launch overhead included), median of several batches, after warm-up; several
-//! copies of the weights are rotated so that L2 (60 MB) does not hold them. Bytes = packed delta + x + y.
+//! Method:
+//! - time = median over `ITERS` launches of the CUDA-event time around each launch, after warm-up. Before the
+//!   launches are queued the stream is given a few milliseconds of other work, so the GPU never waits for the
+//!   host between the events (candle's per-op host work is not measured, for any side);
+//! - the weights (packed deltas, dense bf16 matrices) are rotated over enough copies to exceed twice the
+//!   60 MB L2, so every launch reads them from HBM; x is one tensor (activations are fresh in L2 in a model);
+//! - bytes = what must move: the packed delta (or the bf16 weight) + x + y (+ base_out for sbmm);
+//!   % BW = bytes / time against the device-to-device copy bandwidth measured at the start of the same run
+//!   (read + write bytes / time of a 1 GiB copy);
+//! - `dz` is the op as users get it (tensor-core kernels where the delta qualifies); `generic` the same op with
+//!   the tensor cores off (the earlier kernels), for a few shapes; each `dz` result is compared with the
+//!   `generic` one for agreement (max |diff| / max |value|).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use std::time::Instant;
+use std::fmt::Write as _;
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
+use candle_core::cuda_backend::cudarc::driver::{sys::CUevent_flags, CudaStream};
 use candle_core::{DType, Device, Tensor};
 use common::{payload, Cfg};
-use dz_candle_ops::{delta_matmul, DeviceDelta};
+use dz_candle_ops::{delta_matmul, sbmm, set_tensor_cores, DeviceDelta, Segment};
 
-/// Device copy bandwidth measured on the H200 (shared/gpu/README.md).
-const COPY_BW: f64 = 4.3e12;
 const L2_BYTES: usize = 60 << 20;
+const ITERS: usize = 40;
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
+struct Bench {
+    dev: Device,
+    stream: Arc<CudaStream>,
+    /// Two 8192 x 8192 bf16 matrices whose product keeps the GPU busy for ~1.5 ms.
+    busy: (Tensor, Tensor),
 }
 
-/// Mean seconds per call of `f` over batches of `iters`, median of `batches`.
-fn time(
-    dev: &Device,
-    iters: usize,
-    batches: usize,
-    mut f: impl FnMut(usize) -> Result<()>,
-) -> Result<f64> {
-    for i in 0..3 {
-        f(i)?;
+impl Bench {
+    fn new() -> Result<Self> {
+        let dev = Device::new_cuda(0).context("no CUDA device")?;
+        let stream = dev.as_cuda_device()?.cuda_stream();
+        let a = Tensor::randn(0f32, 1.0, (8192, 8192), &dev)?.to_dtype(DType::BF16)?;
+        let b = Tensor::randn(0f32, 1.0, (8192, 8192), &dev)?.to_dtype(DType::BF16)?;
+        Ok(Bench {
+            dev,
+            stream,
+            busy: (a, b),
+        })
     }
-    dev.synchronize()?;
-    let mut v = Vec::with_capacity(batches);
-    for b in 0..batches {
-        let t = Instant::now();
-        for i in 0..iters {
-            f(b * iters + i)?;
+
+    /// Median microseconds of `f(i)` over `iters` launches, each between two CUDA events, queued behind
+    /// enough work that the GPU runs them back to back.
+    fn time(&self, iters: usize, mut f: impl FnMut(usize) -> Result<()>) -> Result<f64> {
+        for i in 0..3 {
+            f(i)?;
         }
-        dev.synchronize()?;
-        v.push(t.elapsed().as_secs_f64() / iters as f64);
+        for _ in 0..3 {
+            self.busy.0.matmul(&self.busy.1)?;
+        }
+        let flags = Some(CUevent_flags::CU_EVENT_DEFAULT);
+        let mut events = Vec::with_capacity(iters);
+        for i in 0..iters {
+            let start = self.stream.record_event(flags)?;
+            f(i)?;
+            let end = self.stream.record_event(flags)?;
+            events.push((start, end));
+        }
+        let mut v = Vec::with_capacity(iters);
+        for (s, e) in &events {
+            v.push(f64::from(s.elapsed_ms(e)?) * 1e3);
+        }
+        v.sort_by(|a, b| a.total_cmp(b));
+        Ok(v[v.len() / 2])
     }
-    Ok(median(v))
+
+    /// Device-to-device copy bandwidth (read + write bytes per second) of a 1 GiB buffer.
+    fn copy_bandwidth(&self) -> Result<f64> {
+        let n = 1usize << 28;
+        let src = Tensor::ones(n, DType::F32, &self.dev)?;
+        let us = self.time(10, |_| {
+            src.copy()?;
+            Ok(())
+        })?;
+        Ok(2.0 * (4 * n) as f64 / (us * 1e-6))
+    }
 }
+
+/// Copies of one packed delta on the device, enough to exceed twice the L2.
+fn delta_copies(cfg: Cfg, n: usize, k: usize, dev: &Device) -> Result<Vec<DeviceDelta>> {
+    let host = payload(cfg, n, k, 7);
+    let one = DeviceDelta::from_payload(&host, None, dev)?;
+    let copies = (2 * L2_BYTES / one.nbytes().max(1) + 1).clamp(2, 32);
+    let mut v = vec![one];
+    for _ in 1..copies {
+        v.push(DeviceDelta::from_payload(&host, None, dev)?);
+    }
+    Ok(v)
+}
+
+/// Max |a - b| / max |b|.
+fn disagreement(a: &Tensor, b: &Tensor) -> Result<f64> {
+    let a = a.to_dtype(DType::F32)?;
+    let b = b.to_dtype(DType::F32)?;
+    let diff = (&a - &b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+    let scale = b
+        .abs()?
+        .max_all()?
+        .to_scalar::<f32>()?
+        .max(f32::MIN_POSITIVE);
+    Ok(f64::from(diff / scale))
+}
+
+#[derive(Clone)]
+struct Row {
+    op: &'static str,
+    path: &'static str,
+    codec: String,
+    rows: usize,
+    n: usize,
+    k: usize,
+    deltas: usize,
+    time_us: f64,
+    bytes: usize,
+    cublas_us: f64,
+    cublas_bytes: usize,
+    copy_bw: f64,
+    /// Stream-once time of the deltas' bytes (sbmm), microseconds.
+    stream_once_us: Option<f64>,
+    agree: Option<f64>,
+}
+
+impl Row {
+    fn pct_bw(&self) -> f64 {
+        100.0 * self.bytes as f64 / (self.time_us * 1e-6) / self.copy_bw
+    }
+    fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "op": self.op, "path": self.path, "codec": self.codec, "rows": self.rows, "n": self.n,
+            "k": self.k, "deltas": self.deltas, "time_us": self.time_us, "bytes": self.bytes,
+            "gbps": self.bytes as f64 / (self.time_us * 1e-6) / 1e9, "pct_bw": self.pct_bw(),
+            "cublas_us": self.cublas_us, "speedup_vs_cublas": self.cublas_us / self.time_us,
+            "byte_ratio": self.cublas_bytes as f64 / self.bytes as f64,
+            "stream_once_us": self.stream_once_us,
+            "vs_stream_once": self.stream_once_us.map(|s| self.time_us / s),
+            "agree_max_rel_diff": self.agree,
+        })
+    }
+    fn md(&self) -> String {
+        format!(
+            "| {} | {} | {} x {} | {} | {} | {} | {:.1} | {:.1} | {:.2} | {:.2} | {:.0} | {:.0}% | {} | {} |",
+            self.op,
+            self.path,
+            self.n,
+            self.k,
+            self.codec,
+            self.deltas,
+            self.rows,
+            self.time_us,
+            self.cublas_us,
+            self.cublas_us / self.time_us,
+            self.cublas_bytes as f64 / self.bytes as f64,
+            self.bytes as f64 / (self.time_us * 1e-6) / 1e9,
+            self.pct_bw(),
+            self.stream_once_us
+                .map(|s| format!("{:.2}x", self.time_us / s))
+                .unwrap_or_default(),
+            self.agree.map(|a| format!("{a:.1e}")).unwrap_or_default(),
+        )
+    }
+}
+
+const CODECS: [(&str, Cfg); 5] = [
+    (
+        "4b 2:4",
+        Cfg::Sparse24 {
+            bits: 4,
+            group: 128,
+            sym: true,
+        },
+    ),
+    (
+        "2b 2:4",
+        Cfg::Sparse24 {
+            bits: 2,
+            group: 128,
+            sym: true,
+        },
+    ),
+    (
+        "4b g128",
+        Cfg::Quant {
+            bits: 4,
+            group: 128,
+            sym: true,
+        },
+    ),
+    (
+        "2b g128",
+        Cfg::Quant {
+            bits: 2,
+            group: 128,
+            sym: true,
+        },
+    ),
+    ("1b sign", Cfg::Sign1),
+];
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
+    let flag = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1).cloned())
+    };
+    if args.iter().any(|a| a == "--help" || a == "-h") {
+        println!("usage: kernel_bench [--quick] [--out STEM] [--commit SHA]");
+        return Ok(());
+    }
     let quick = args.iter().any(|a| a == "--quick");
-    let out = args
-        .iter()
-        .position(|a| a == "--out")
-        .and_then(|i| args.get(i + 1).cloned());
-    let dev = Device::new_cuda(0).context("no CUDA device")?;
+    let out = flag("--out");
+    let commit = flag("--commit").unwrap_or_else(|| "unknown".into());
+    let b = Bench::new()?;
+    let copy_bw = b.copy_bandwidth()?;
+    eprintln!("device copy bandwidth: {:.0} GB/s", copy_bw / 1e9);
+
     let shapes: &[(usize, usize)] = if quick {
         &[(4096, 4096), (1536, 576)]
     } else {
@@ -68,102 +237,195 @@ fn main() -> Result<()> {
             (5120, 5120),
             (13824, 5120),
             (5120, 13824),
+            (576, 576),
             (1536, 576),
+            (576, 1536),
         ]
     };
+    let with_generic = |n: usize, k: usize| (n, k) == (4096, 4096) || (n, k) == (11008, 4096);
     let rows_list: &[usize] = if quick {
-        &[1, 64]
+        &[1, 16, 256]
     } else {
         &[1, 2, 4, 8, 16, 32, 64, 128, 256]
     };
-    let cfgs = [
-        (
-            "4b 2:4",
-            Cfg::Sparse24 {
-                bits: 4,
-                group: 128,
-                sym: true,
-            },
-        ),
-        (
-            "2b 2:4",
-            Cfg::Sparse24 {
-                bits: 2,
-                group: 128,
-                sym: true,
-            },
-        ),
-        (
-            "4b g128",
-            Cfg::Quant {
-                bits: 4,
-                group: 128,
-                sym: true,
-            },
-        ),
-        (
-            "2b g128",
-            Cfg::Quant {
-                bits: 2,
-                group: 128,
-                sym: true,
-            },
-        ),
-        ("1b sign", Cfg::Sign1),
-    ];
-    println!("| N x K | codec | rows | dz us | cuBLAS bf16 us | speedup | dz GB/s | % copy BW | byte ratio |");
-    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|");
-    let mut json = Vec::new();
+    let mut rows_out: Vec<Row> = Vec::new();
     for &(n, k) in shapes {
-        // Dense bf16 weights for cuBLAS, rotated past L2.
         let w_bytes = n * k * 2;
-        let copies_w = (2 * L2_BYTES / w_bytes).clamp(2, 8);
+        let copies_w = (2 * L2_BYTES / w_bytes + 1).clamp(2, 32);
         let ws: Vec<Tensor> = (0..copies_w)
-            .map(|_| Tensor::randn(0f32, 0.02, (n, k), &dev).and_then(|t| t.to_dtype(DType::BF16)))
+            .map(|_| {
+                Tensor::randn(0f32, 0.02, (n, k), &b.dev).and_then(|t| t.to_dtype(DType::BF16))
+            })
             .collect::<candle_core::Result<_>>()?;
-        for (label, cfg) in cfgs {
-            let host = payload(cfg, n, k, 7);
-            let one = DeviceDelta::from_payload(&host, None, &dev)?;
-            let d_bytes = one.nbytes();
-            let copies = (2 * L2_BYTES / d_bytes.max(1)).clamp(2, 8);
-            let mut deltas = vec![one];
-            for _ in 1..copies {
-                deltas.push(DeviceDelta::from_payload(&host, None, &dev)?);
-            }
-            for &rows in rows_list {
-                let x = Tensor::randn(0f32, 1.0, (rows, k), &dev)?.to_dtype(DType::BF16)?;
-                let iters = 50;
-                let t_dz = time(&dev, iters, 7, |i| {
+        let mut cublas = Vec::new();
+        for &rows in rows_list {
+            let x = Tensor::randn(0f32, 1.0, (rows, k), &b.dev)?.to_dtype(DType::BF16)?;
+            let t = b.time(ITERS, |i| {
+                x.matmul(&ws[i % ws.len()].t()?)?;
+                Ok(())
+            })?;
+            cublas.push(t);
+        }
+        drop(ws);
+        for (label, cfg) in CODECS {
+            let deltas = delta_copies(cfg, n, k, &b.dev)?;
+            let d_bytes = deltas[0].nbytes();
+            for (ri, &rows) in rows_list.iter().enumerate() {
+                let x = Tensor::randn(0f32, 1.0, (rows, k), &b.dev)?.to_dtype(DType::BF16)?;
+                let io = rows * k * 2 + rows * n * 2;
+                let row = |path, time_us, agree| Row {
+                    op: "delta_matmul",
+                    path,
+                    codec: label.to_string(),
+                    rows,
+                    n,
+                    k,
+                    deltas: 1,
+                    time_us,
+                    bytes: d_bytes + io,
+                    cublas_us: cublas[ri],
+                    cublas_bytes: w_bytes + io,
+                    copy_bw,
+                    stream_once_us: None,
+                    agree,
+                };
+                set_tensor_cores(true);
+                let fast = b.time(ITERS, |i| {
                     delta_matmul(&x, &deltas[i % deltas.len()])?;
                     Ok(())
                 })?;
-                let t_cb = time(&dev, iters, 7, |i| {
-                    x.matmul(&ws[i % ws.len()].t()?)?;
-                    Ok(())
-                })?;
-                let bytes = d_bytes + rows * k * 2 + rows * n * 2;
-                let bw = bytes as f64 / t_dz;
-                let byte_ratio = (w_bytes + rows * k * 2 + rows * n * 2) as f64 / bytes as f64;
-                println!(
-                    "| {n} x {k} | {label} | {rows} | {:.1} | {:.1} | {:.2} | {:.0} | {:.0}% | {:.2} |",
-                    t_dz * 1e6,
-                    t_cb * 1e6,
-                    t_cb / t_dz,
-                    bw / 1e9,
-                    100.0 * bw / COPY_BW,
-                    byte_ratio
-                );
-                json.push(serde_json::json!({
-                    "op": "delta_matmul", "codec": label, "rows": rows, "n": n, "k": k, "deltas": 1,
-                    "time_us": t_dz * 1e6, "cublas_us": t_cb * 1e6, "bytes": bytes,
-                    "pct_bw": 100.0 * bw / COPY_BW, "speedup_vs_cublas": t_cb / t_dz,
-                    "byte_ratio": byte_ratio,
-                }));
+                set_tensor_cores(false);
+                let generic = if with_generic(n, k) || rows == 1 || rows == 256 {
+                    Some(b.time(ITERS, |i| {
+                        delta_matmul(&x, &deltas[i % deltas.len()])?;
+                        Ok(())
+                    })?)
+                } else {
+                    None
+                };
+                let y_generic = delta_matmul(&x, &deltas[0])?;
+                set_tensor_cores(true);
+                let y_fast = delta_matmul(&x, &deltas[0])?;
+                let agree = disagreement(&y_fast, &y_generic)?;
+                if agree > 2e-2 {
+                    eprintln!("MISMATCH {label} {n}x{k} rows {rows}: tensor-core and generic results differ by {agree:.2e}");
+                }
+                let r = row("dz", fast, Some(agree));
+                eprintln!("{}", r.md());
+                rows_out.push(r);
+                if let Some(g) = generic.filter(|_| with_generic(n, k)) {
+                    rows_out.push(row("generic", g, None));
+                }
             }
         }
     }
-    if let Some(path) = out {
-        std::fs::write(&path, serde_json::to_string_pretty(&json)?)?;
+
+    // sbmm: D deltas of 4096 x 4096 4b 2:4, the rows split evenly over them, against a loop of per-delta
+    // delta_matmul calls and one dense bf16 matmul of all rows.
+    let (n, k) = (4096, 4096);
+    let cfg = CODECS[0].1;
+    let host = payload(cfg, n, k, 9);
+    let pool: Vec<DeviceDelta> = (0..64)
+        .map(|_| DeviceDelta::from_payload(&host, None, &b.dev))
+        .collect::<dz_candle_ops::Result<_>>()?;
+    let d_bytes = pool[0].nbytes();
+    let w = Tensor::randn(0f32, 0.02, (n, k), &b.dev)?.to_dtype(DType::BF16)?;
+    for &rows in &[32usize, 256] {
+        let x = Tensor::randn(0f32, 1.0, (rows, k), &b.dev)?.to_dtype(DType::BF16)?;
+        let base = Tensor::randn(0f32, 1.0, (rows, n), &b.dev)?.to_dtype(DType::BF16)?;
+        let t_dense = b.time(ITERS, |_| {
+            x.matmul(&w.t()?)?;
+            Ok(())
+        })?;
+        for &want in &[1usize, 4, 16, 32, 64] {
+            let used = want.min(rows);
+            // Rotate over disjoint sets of `used` deltas where the pool allows it.
+            let sets = (64 / used).max(1);
+            let per = rows / used;
+            let segments: Vec<Segment> = (0..used)
+                .map(|d| Segment {
+                    start: d * per,
+                    len: if d + 1 == used { rows - d * per } else { per },
+                    delta: Some(d),
+                })
+                .collect();
+            let set = |i: usize| -> Vec<&DeviceDelta> {
+                let s = i % sets;
+                (0..used).map(|d| &pool[(s * used + d) % 64]).collect()
+            };
+            let t_sbmm = b.time(ITERS, |i| {
+                sbmm(&x, &base, &set(i), &segments)?;
+                Ok(())
+            })?;
+            let t_loop = b.time(ITERS, |i| {
+                let ds = set(i);
+                for (seg, d) in segments.iter().zip(&ds) {
+                    delta_matmul(&x.narrow(0, seg.start, seg.len)?, d)?;
+                }
+                Ok(())
+            })?;
+            let bytes = used * d_bytes + rows * k * 2 + 2 * rows * n * 2;
+            let stream_once = (used * d_bytes) as f64 / copy_bw * 1e6;
+            let mk = |op, path, time_us| Row {
+                op,
+                path,
+                codec: CODECS[0].0.to_string(),
+                rows,
+                n,
+                k,
+                deltas: used,
+                time_us,
+                bytes,
+                cublas_us: t_dense,
+                cublas_bytes: n * k * 2 + rows * k * 2 + rows * n * 2,
+                copy_bw,
+                stream_once_us: Some(stream_once),
+                agree: None,
+            };
+            for r in [mk("sbmm", "dz", t_sbmm), mk("sbmm", "loop", t_loop)] {
+                eprintln!("{}", r.md());
+                rows_out.push(r);
+            }
+        }
+    }
+
+    let gpu = b.dev.as_cuda_device()?.cuda_stream().context().name()?;
+    let date = std::process::Command::new("date")
+        .arg("-u")
+        .arg("+%Y-%m-%d %H:%M UTC")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    let mut md = String::new();
+    writeln!(
+        md,
+        "GPU {gpu} | commit `{commit}` | {date} | measured copy bandwidth {:.0} GB/s (read + write) | \
+         median of {ITERS} CUDA-event-timed launches, weights rotated past L2 | x bf16\n",
+        copy_bw / 1e9
+    )?;
+    writeln!(
+        md,
+        "| op | path | N x K | codec | deltas | rows | time us | cuBLAS bf16 us | speedup | byte ratio | GB/s | \
+         % copy BW | vs stream once | agree |"
+    )?;
+    writeln!(
+        md,
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    )?;
+    for r in &rows_out {
+        writeln!(md, "{}", r.md())?;
+    }
+    println!("{md}");
+    if let Some(stem) = out {
+        std::fs::write(format!("{stem}.md"), &md)?;
+        let json: Vec<serde_json::Value> = rows_out.iter().map(Row::json).collect();
+        std::fs::write(
+            format!("{stem}.json"),
+            serde_json::to_string_pretty(&serde_json::json!({
+                "gpu": gpu, "commit": commit, "date": date, "copy_bw_bytes_per_s": copy_bw,
+                "iters": ITERS, "results": json,
+            }))?,
+        )?;
     }
     Ok(())
 }

@@ -120,3 +120,18 @@ pub use error::{OpError, Result};
 pub use ops::{
     delta_matmul, delta_matmul_add, dequantize, embedding_delta_add, merge, sbmm, Segment,
 };
+
+static TENSOR_CORES: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Lets the CUDA `delta_matmul` / `sbmm` use the tensor-core kernels where a delta qualifies (f16 or bf16
+/// inputs; quant 2/4 bits, sparse24 2/4 bits or sign1; see `dz_kernels::tc::tc_supports`). On by default;
+/// off, every launch takes the generic kernels (what benchmarks and the CUDA check compare against). The
+/// two paths agree within the same named tolerances. No effect on the CPU.
+pub fn set_tensor_cores(enabled: bool) {
+    TENSOR_CORES.store(enabled, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether [`set_tensor_cores`] allows the tensor-core kernels (the default).
+pub fn tensor_cores() -> bool {
+    TENSOR_CORES.load(std::sync::atomic::Ordering::Relaxed)
+}

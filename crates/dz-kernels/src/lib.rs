@@ -35,9 +35,14 @@
 //!   `out[t] = base[t] + D[ids[t]]` (ids checked `< n_total` by the host). Grid `ceil(n_ids / WARPS)`.
 //!
 //! `MT` is `M_TILES[0] = 1` (every segment one row: decode) or `M_TILES[1] = 8`.
+//!
+//! The tensor-core family ([`tc`], `kernels/tc/tc.cu`) has faster `matmul_add` and `sbmm` entry points
+//! for f16/bf16 inputs and the common codecs (quant 2/4, sparse24 2/4, sign1); the host picks them when a
+//! delta qualifies ([`tc::tc_supports`]).
 #![deny(missing_docs)]
 
 pub mod desc;
+pub mod tc;
 mod params {
     include!("params.rs");
 }
@@ -47,7 +52,7 @@ mod ptx;
 pub use desc::{DzDelta, DzSegment, ValueDtype};
 pub use params::{CHUNK, MAX_DIM, M_TILES, ROWS_PER_BLOCK, ROWS_PER_WARP, THREADS, WARPS};
 #[cfg(feature = "cuda")]
-pub use ptx::{CUDA_COMPUTE_CAP, LINEINFO, NVCC_VERSION};
+pub use ptx::{tc_ptx, CUDA_COMPUTE_CAP, LINEINFO, NVCC_VERSION};
 
 /// An input dtype of the kernels, in the index order of the [`Entries`] arrays.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -16,6 +16,7 @@ const SPARSE24_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/sparse24.ptx"
 const SPARSE_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/sparse.ptx"));
 const SIGN1_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/sign1.ptx"));
 const DENSE_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/dense.ptx"));
+const TC_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/tc.ptx"));
 
 impl Family {
     /// The family's PTX (every entry point of its variants).
@@ -28,4 +29,9 @@ impl Family {
             Family::Dense => DENSE_PTX,
         }
     }
+}
+
+/// The PTX of the tensor-core family (`kernels/tc/tc.cu`, every [`crate::tc`] entry point).
+pub fn tc_ptx() -> &'static str {
+    TC_PTX
 }

@@ -3,6 +3,9 @@
 //! Each function checks what only the storages can tell (dtype, contiguity, device, alignment, the kernels'
 //! 32-bit limits; for the embedding, every id `< N_total`), with the same [`OpError`]s as the CPU path,
 //! allocates the output, fills what the kernel does not write, and launches:
+//! - Where a delta qualifies (f16/bf16 inputs, quant 2/4, sparse24 2/4, sign1: `dz_kernels::tc`) and
+//!   [`crate::tensor_cores`] allows, `matmul` and `sbmm` launch the tensor-core kernels (tiles of 8, 16 or
+//!   32 input rows), else the generic ones.
 //! - [`matmul`]: one launch of `matmul_add` (tile of 1 input row when `M = 1`, else 8). A row-subset delta
 //!   writes only its stored rows' output columns, so the output first gets `base_out` (or zeros) and the
 //!   kernel adds in place; otherwise the kernel reads `base_out` and writes every element.
@@ -28,6 +31,7 @@ use candle_core::cuda_backend::cudarc::driver::{
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{CudaDevice, CudaStorage, DType, Layout, Shape};
 use dz_kernels::desc::as_bytes;
+use dz_kernels::tc::{tc_entries, tc_supports, TcEntries, TcTile, TC_MODULE, TC_THREADS};
 use dz_kernels::{DzDelta, DzSegment, Tile, Variant, ROWS_PER_BLOCK, THREADS, WARPS};
 use half::{bf16, f16};
 
@@ -195,6 +199,34 @@ fn function(dev: &CudaDevice, variant: Variant, name: &str) -> candle_core::Resu
         .into_cuda_function())
 }
 
+// Both families launch blocks of the same size.
+const _: () = assert!(TC_THREADS == THREADS);
+
+/// The tensor-core entry points for a described delta with inputs of `dtype`, when they are enabled
+/// ([`crate::set_tensor_cores`]) and the delta qualifies.
+fn tc_of(d: &Described, dtype: dz_kernels::Dtype) -> Option<&'static TcEntries> {
+    if !crate::tensor_cores() || dtype == dz_kernels::Dtype::F32 {
+        return None;
+    }
+    let e = tc_entries(d.variant)?;
+    tc_supports(
+        d.variant,
+        d.desc.k,
+        d.desc.group_size,
+        d.desc.symmetric != 0,
+    )
+    .then_some(e)
+}
+
+/// A tensor-core function (the family's PTX module is loaded once per device).
+fn tc_function(dev: &CudaDevice, name: Option<&'static str>) -> candle_core::Result<CudaFunction> {
+    let name =
+        name.ok_or_else(|| candle_core::Error::Msg("tensor-core kernels take f16/bf16".into()))?;
+    Ok(dev
+        .get_or_load_custom_func(name, TC_MODULE, dz_kernels::tc_ptx())?
+        .into_cuda_function())
+}
+
 fn config(grid: (u32, u32)) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (grid.0.max(1), grid.1.max(1), 1),
@@ -259,12 +291,25 @@ fn matmul_t<T: Elem>(
             init(&stream, out_p, base_p, len * std::mem::size_of::<T>())?;
         }
         if let (Some(d), true) = (described, m > 0) {
-            let tile = if m == 1 { Tile::Small } else { Tile::Large };
-            let func = function(&dev, d.variant, entries(op, &d)?.matmul_add(T::KIND, tile))?;
-            let grid = (
-                d.desc.n_stored.div_ceil(ROWS_PER_BLOCK),
-                m32.div_ceil(tile.rows()).min(MAX_GRID_Y),
-            );
+            let (func, grid) = match tc_of(&d, T::KIND) {
+                Some(e) => {
+                    let tile = TcTile::for_rows(m);
+                    let grid = (
+                        d.desc.n_stored.div_ceil(tile.stored_rows()),
+                        m32.div_ceil(tile.rows()).min(MAX_GRID_Y),
+                    );
+                    (tc_function(&dev, e.matmul_add(T::KIND, tile))?, grid)
+                }
+                None => {
+                    let tile = if m == 1 { Tile::Small } else { Tile::Large };
+                    let grid = (
+                        d.desc.n_stored.div_ceil(ROWS_PER_BLOCK),
+                        m32.div_ceil(tile.rows()).min(MAX_GRID_Y),
+                    );
+                    let name = entries(op, &d)?.matmul_add(T::KIND, tile);
+                    (function(&dev, d.variant, name)?, grid)
+                }
+            };
             let desc = DescArg(d.desc);
             let base_arg = if in_place { out_p } else { base_p.unwrap_or(0) };
             let mut b = stream.launch_builder(&func);
@@ -274,7 +319,7 @@ fn matmul_t<T: Elem>(
             b.arg(&out_p);
             b.arg(&m32);
             // SAFETY: the arguments match `dz_<v>_matmul_add_<t>_m<MT>(DzDelta, const T*, const T*, T*,
-            // u32)`: x holds m rows of K elements of T, base (0, or m x N_total) and out (m x N_total) are
+            // u32)` (and the tensor-core `dz_tc_<v>_matmul_add_<t>_n<NT>`, same signature): x holds m rows of K elements of T, base (0, or m x N_total) and out (m x N_total) are
             // T buffers, and the descriptor points to the delta's parts, checked by `describe`.
             unsafe { b.launch(config(grid)) }.w()?;
         }
@@ -303,6 +348,8 @@ pub(crate) fn sbmm(
 /// The segments of one launch.
 struct Group {
     variant: Variant,
+    /// The tensor-core entries, when every delta of the group qualifies.
+    tc: Option<&'static TcEntries>,
     /// `(start, len, descriptor slot)` of each segment.
     segments: Vec<(u32, u32, u32)>,
     /// Largest stored-row count among its deltas.
@@ -375,6 +422,7 @@ fn sbmm_t<T: Elem>(
                 None => {
                     groups.push(Group {
                         variant: d.variant,
+                        tc: tc_of(&d, T::KIND),
                         segments: Vec::new(),
                         max_stored: 0,
                     });
@@ -382,6 +430,9 @@ fn sbmm_t<T: Elem>(
                 }
             };
             let g = &mut groups[at];
+            if tc_of(&d, T::KIND).is_none() {
+                g.tc = None;
+            }
             // Segments lie inside 0..m (checked by the wrapper), so they fit u32 like m.
             g.segments.push((s.start as u32, s.len as u32, slot as u32));
             g.max_stored = g.max_stored.max(d.desc.n_stored);
@@ -394,18 +445,19 @@ fn sbmm_t<T: Elem>(
         // Per group: the tile (one row when every segment is one row: decode), the segments split into
         // runs of at most the tile's rows, all groups' runs in one array.
         let mut pieces: Vec<DzSegment> = Vec::new();
-        let mut launches: Vec<(Variant, Tile, usize, u32, u32)> = Vec::new();
+        let mut launches: Vec<(Kernel, usize, u32, u32)> = Vec::new();
         for g in &groups {
-            let tile = if g.segments.iter().all(|s| s.1 == 1) {
-                Tile::Small
-            } else {
-                Tile::Large
+            let longest = g.segments.iter().map(|s| s.1).max().unwrap_or(1);
+            let kernel = match g.tc {
+                Some(e) => Kernel::Tc(e, TcTile::for_rows(longest as usize)),
+                None if longest == 1 => Kernel::Generic(g.variant, Tile::Small),
+                None => Kernel::Generic(g.variant, Tile::Large),
             };
             let first = pieces.len();
             for &(start, len, slot) in &g.segments {
                 let mut r = 0;
                 while r < len {
-                    let take = (len - r).min(tile.rows());
+                    let take = (len - r).min(kernel.rows());
                     pieces.push(DzSegment {
                         start: start + r,
                         len: take,
@@ -416,7 +468,7 @@ fn sbmm_t<T: Elem>(
                 }
             }
             let count = (pieces.len() - first) as u32;
-            launches.push((g.variant, tile, first, count, g.max_stored));
+            launches.push((kernel, first, count, g.max_stored));
         }
         let descs: Vec<DzDelta> = described
             .iter()
@@ -427,17 +479,25 @@ fn sbmm_t<T: Elem>(
         let mut tables = Ptrs::new(&stream);
         let descs_p = tables.read(&descs_dev, 0);
         let pieces_p = tables.read(&pieces_dev, 0);
-        for (variant, tile, first, count, max_stored) in launches {
-            let name = variant
-                .entries()
-                .ok_or_else(|| OpError::Storage {
-                    op,
-                    reason: format!("no CUDA kernels for {variant:?}"),
-                })?
-                .sbmm(T::KIND, tile);
-            let func = function(&dev, variant, name)?;
+        for (kernel, first, count, max_stored) in launches {
+            let func = match kernel {
+                Kernel::Generic(variant, tile) => {
+                    let name = variant
+                        .entries()
+                        .ok_or_else(|| OpError::Storage {
+                            op,
+                            reason: format!("no CUDA kernels for {variant:?}"),
+                        })?
+                        .sbmm(T::KIND, tile);
+                    function(&dev, variant, name)?
+                }
+                Kernel::Tc(e, tile) => tc_function(&dev, e.sbmm(T::KIND, tile))?,
+            };
             let segs_p = pieces_p + (first * std::mem::size_of::<DzSegment>()) as u64;
-            let grid = (max_stored.div_ceil(ROWS_PER_BLOCK), count.min(MAX_GRID_Y));
+            let grid = (
+                max_stored.div_ceil(kernel.stored_rows()),
+                count.min(MAX_GRID_Y),
+            );
             let mut b = stream.launch_builder(&func);
             b.arg(&segs_p);
             b.arg(&count);
@@ -454,6 +514,31 @@ fn sbmm_t<T: Elem>(
         }
     }
     Ok((CudaStorage::wrap_cuda_slice(out, dev), shape))
+}
+
+/// The kernel of one sbmm launch.
+#[derive(Clone, Copy)]
+enum Kernel {
+    Generic(Variant, Tile),
+    Tc(&'static TcEntries, TcTile),
+}
+
+impl Kernel {
+    /// Most input rows of one segment.
+    fn rows(self) -> u32 {
+        match self {
+            Kernel::Generic(_, t) => t.rows(),
+            Kernel::Tc(_, t) => t.rows(),
+        }
+    }
+
+    /// Stored rows of a delta per block.
+    fn stored_rows(self) -> u32 {
+        match self {
+            Kernel::Generic(..) => ROWS_PER_BLOCK,
+            Kernel::Tc(_, t) => t.stored_rows(),
+        }
+    }
 }
 
 /// Forward pass of `dequantize` (`base` None: the f32 dense delta; `anchor` only picks the device) and of
