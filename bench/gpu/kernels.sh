@@ -23,6 +23,17 @@ T0=$(date +%s)
 echo "kernel_bench rc=$? ($(( $(date +%s) - T0 )) s)"
 grep -c MISMATCH "$OUT/kernel_bench.log"
 python3 bench/kernels/plot.py "$OUT/kernels-h200.json" "$OUT/kernels-h200.png" && echo "plot ok"
+# Nsight Compute on a few cases (kernel time, DRAM and SM throughput, occupancy), ours and cuBLAS's.
+NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
+if [ -n "$NCU" ]; then
+  T0=$(date +%s)
+  timeout 150 "$NCU" --kernel-name regex:'dz_|gemm|gemv|cutlass|sm90' --csv --metrics \
+gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__throughput.avg.pct_of_peak_sustained_elapsed,\
+sm__warps_active.avg.pct_of_peak_sustained_active,launch__registers_per_thread,launch__grid_size,dram__bytes_read.sum,\
+smsp__inst_executed.sum,sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active \
+    ./.gpu/kernel_bench --profile > "$OUT/ncu.csv" 2>&1
+  echo "ncu rc=$? ($(( $(date +%s) - T0 )) s)"
+fi
 T0=$(date +%s)
 ./.gpu/cuda_check > "$OUT/cuda_check_full.txt" 2>&1
 echo "cuda_check rc=$? ($(( $(date +%s) - T0 )) s)"

@@ -53,19 +53,22 @@ impl Bench {
     }
 
     /// Median microseconds of `f(i)` over `iters` launches, each between two CUDA events, queued behind
-    /// enough work that the GPU runs them back to back.
-    fn time(&self, iters: usize, mut f: impl FnMut(usize) -> Result<()>) -> Result<f64> {
+    /// enough work that the GPU runs them back to back. The outputs `f` returns are kept until the end: a
+    /// freed buffer can cost a device synchronisation (cudarc frees synchronously where the device has no
+    /// memory pools), which would let the GPU drain and time the host.
+    fn time(&self, iters: usize, mut f: impl FnMut(usize) -> Result<Vec<Tensor>>) -> Result<f64> {
+        let mut keep = Vec::with_capacity(iters + 8);
         for i in 0..3 {
-            f(i)?;
+            keep.push(f(i)?);
         }
-        for _ in 0..3 {
-            self.busy.0.matmul(&self.busy.1)?;
+        for _ in 0..4 {
+            keep.push(vec![self.busy.0.matmul(&self.busy.1)?]);
         }
         let flags = Some(CUevent_flags::CU_EVENT_DEFAULT);
         let mut events = Vec::with_capacity(iters);
         for i in 0..iters {
             let start = self.stream.record_event(flags)?;
-            f(i)?;
+            keep.push(f(i)?);
             let end = self.stream.record_event(flags)?;
             events.push((start, end));
         }
@@ -73,6 +76,7 @@ impl Bench {
         for (s, e) in &events {
             v.push(f64::from(s.elapsed_ms(e)?) * 1e3);
         }
+        drop(keep);
         v.sort_by(|a, b| a.total_cmp(b));
         Ok(v[v.len() / 2])
     }
@@ -81,10 +85,7 @@ impl Bench {
     fn copy_bandwidth(&self) -> Result<f64> {
         let n = 1usize << 28;
         let src = Tensor::ones(n, DType::F32, &self.dev)?;
-        let us = self.time(10, |_| {
-            src.copy()?;
-            Ok(())
-        })?;
+        let us = self.time(10, |_| Ok(vec![src.copy()?]))?;
         Ok(2.0 * (4 * n) as f64 / (us * 1e-6))
     }
 }
@@ -209,6 +210,47 @@ const CODECS: [(&str, Cfg); 5] = [
     ("1b sign", Cfg::Sign1),
 ];
 
+/// `--profile`: a few cases, each launched twice, for Nsight Compute (`ncu --kernel-name regex:...`).
+fn profile(b: &Bench) -> Result<()> {
+    let (n, k) = (11008, 4096);
+    let mut keep = Vec::new();
+    for (label, cfg) in [CODECS[0], CODECS[2]] {
+        let d = DeviceDelta::from_payload(&payload(cfg, n, k, 7), None, &b.dev)?;
+        for rows in [1usize, 16, 256] {
+            let x = Tensor::randn(0f32, 1.0, (rows, k), &b.dev)?.to_dtype(DType::BF16)?;
+            for _ in 0..2 {
+                keep.push(delta_matmul(&x, &d)?);
+            }
+            eprintln!("profiled {label} {n}x{k} rows {rows}");
+        }
+    }
+    let w = Tensor::randn(0f32, 0.02, (n, k), &b.dev)?.to_dtype(DType::BF16)?;
+    for rows in [1usize, 16, 256] {
+        let x = Tensor::randn(0f32, 1.0, (rows, k), &b.dev)?.to_dtype(DType::BF16)?;
+        keep.push(x.matmul(&w.t()?)?);
+    }
+    let host = payload(CODECS[0].1, 4096, 4096, 9);
+    let ds: Vec<DeviceDelta> = (0..32)
+        .map(|_| DeviceDelta::from_payload(&host, None, &b.dev))
+        .collect::<dz_candle_ops::Result<_>>()?;
+    let refs: Vec<&DeviceDelta> = ds.iter().collect();
+    let segments: Vec<Segment> = (0..32)
+        .map(|d| Segment {
+            start: d,
+            len: 1,
+            delta: Some(d),
+        })
+        .collect();
+    let x = Tensor::randn(0f32, 1.0, (32, 4096), &b.dev)?.to_dtype(DType::BF16)?;
+    let base = Tensor::randn(0f32, 1.0, (32, 4096), &b.dev)?.to_dtype(DType::BF16)?;
+    for _ in 0..2 {
+        keep.push(sbmm(&x, &base, &refs, &segments)?);
+    }
+    b.dev.synchronize()?;
+    eprintln!("profiled sbmm 32 deltas x 1 row");
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let flag = |name: &str| {
@@ -217,13 +259,16 @@ fn main() -> Result<()> {
             .and_then(|i| args.get(i + 1).cloned())
     };
     if args.iter().any(|a| a == "--help" || a == "-h") {
-        println!("usage: kernel_bench [--quick] [--out STEM] [--commit SHA]");
+        println!("usage: kernel_bench [--quick] [--out STEM] [--commit SHA] | --profile");
         return Ok(());
     }
     let quick = args.iter().any(|a| a == "--quick");
     let out = flag("--out");
     let commit = flag("--commit").unwrap_or_else(|| "unknown".into());
     let b = Bench::new()?;
+    if args.iter().any(|a| a == "--profile") {
+        return profile(&b);
+    }
     let copy_bw = b.copy_bandwidth()?;
     eprintln!("device copy bandwidth: {:.0} GB/s", copy_bw / 1e9);
 
@@ -260,10 +305,7 @@ fn main() -> Result<()> {
         let mut cublas = Vec::new();
         for &rows in rows_list {
             let x = Tensor::randn(0f32, 1.0, (rows, k), &b.dev)?.to_dtype(DType::BF16)?;
-            let t = b.time(ITERS, |i| {
-                x.matmul(&ws[i % ws.len()].t()?)?;
-                Ok(())
-            })?;
+            let t = b.time(ITERS, |i| Ok(vec![x.matmul(&ws[i % ws.len()].t()?)?]))?;
             cublas.push(t);
         }
         drop(ws);
@@ -291,14 +333,12 @@ fn main() -> Result<()> {
                 };
                 set_tensor_cores(true);
                 let fast = b.time(ITERS, |i| {
-                    delta_matmul(&x, &deltas[i % deltas.len()])?;
-                    Ok(())
+                    Ok(vec![delta_matmul(&x, &deltas[i % deltas.len()])?])
                 })?;
                 set_tensor_cores(false);
                 let generic = if with_generic(n, k) || rows == 1 || rows == 256 {
                     Some(b.time(ITERS, |i| {
-                        delta_matmul(&x, &deltas[i % deltas.len()])?;
-                        Ok(())
+                        Ok(vec![delta_matmul(&x, &deltas[i % deltas.len()])?])
                     })?)
                 } else {
                     None
@@ -333,10 +373,7 @@ fn main() -> Result<()> {
     for &rows in &[32usize, 256] {
         let x = Tensor::randn(0f32, 1.0, (rows, k), &b.dev)?.to_dtype(DType::BF16)?;
         let base = Tensor::randn(0f32, 1.0, (rows, n), &b.dev)?.to_dtype(DType::BF16)?;
-        let t_dense = b.time(ITERS, |_| {
-            x.matmul(&w.t()?)?;
-            Ok(())
-        })?;
+        let t_dense = b.time(ITERS, |_| Ok(vec![x.matmul(&w.t()?)?]))?;
         for &want in &[1usize, 4, 16, 32, 64] {
             let used = want.min(rows);
             // Rotate over disjoint sets of `used` deltas where the pool allows it.
@@ -353,16 +390,14 @@ fn main() -> Result<()> {
                 let s = i % sets;
                 (0..used).map(|d| &pool[(s * used + d) % 64]).collect()
             };
-            let t_sbmm = b.time(ITERS, |i| {
-                sbmm(&x, &base, &set(i), &segments)?;
-                Ok(())
-            })?;
+            let t_sbmm = b.time(ITERS, |i| Ok(vec![sbmm(&x, &base, &set(i), &segments)?]))?;
             let t_loop = b.time(ITERS, |i| {
                 let ds = set(i);
-                for (seg, d) in segments.iter().zip(&ds) {
-                    delta_matmul(&x.narrow(0, seg.start, seg.len)?, d)?;
-                }
-                Ok(())
+                segments
+                    .iter()
+                    .zip(&ds)
+                    .map(|(seg, d)| Ok(delta_matmul(&x.narrow(0, seg.start, seg.len)?, d)?))
+                    .collect()
             })?;
             let bytes = used * d_bytes + rows * k * 2 + 2 * rows * n * 2;
             let stream_once = (used * d_bytes) as f64 / copy_bw * 1e6;

@@ -23,6 +23,9 @@
 //   are made into a pair with the magic trick, then placed into the run's 4 slots (zeros elsewhere) by two
 //   byte permutes whose selectors come from a 16-entry table indexed by the run's metadata nibble.
 //
+// x: each warp stages its 128-column block of x in shared memory with coalesced 16-byte loads (padded so the
+// fragment reads are conflict-free); the weights' units are loaded two blocks ahead (registers).
+//
 // Launch: block = WN x WK warps; warp (wn, wk) owns stored rows feat0 + 16 wn .. + 16 and the 128-column
 // blocks wk, wk + WK, ...; the WK partial results meet in shared memory. Grid x = stored-row tiles of
 // 16 WN, y = tiles of 8 NT input rows (matmul) or segments (sbmm), grid-stride.
@@ -270,11 +273,30 @@ struct Tile {
   static constexpr int THREADS = WARPS * 32;
   // Partial results of warps wk > 0: (WK - 1) x WN x 32 lanes x NT x 4 floats.
   static constexpr int RED = WK > 1 ? (WK - 1) * WN * 32 * NT * 4 : 1;
+  // Each warp stages its 128-column block of x (8 NT rows) in shared memory, as u32 words (pairs of T):
+  // row n at word 68 n, unit c (32 columns, 16 words) at + 17 c. The pads make the B-fragment reads
+  // conflict-free: lane (g, c) reads word 68 g + 17 c + j, and (68 g + 17 c) mod 32 differs for all 32 lanes.
+  static constexpr int XROW = 68;
+  static constexpr int XWARP = 8 * NT * XROW;
+  static constexpr int XS = WARPS * XWARP;
+
+  static __device__ __forceinline__ void load_units(const RowPtrs& pa, const RowPtrs& pb, uint32_t blk,
+                                                    uint32_t nblk, uint32_t K, uint32_t c,
+                                                    typename Dec::Unit& ua, typename Dec::Unit& ub) {
+    const uint32_t c0 = blk * 128 + 32 * c;
+    if (blk < nblk && c0 < K) {
+      ua = Dec::load(pa, c0);
+      ub = Dec::load(pb, c0);
+    } else {
+#pragma unroll
+      for (int i = 0; i < Dec::WORDS; ++i) ua.w[i] = ub.w[i] = 0;
+    }
+  }
 
   // out[i][col(r)] = base[i][col(r)] + sum_k x[i][k] D[r][k] for the block's stored rows from feat0 and the
   // `rows` (<= 8 NT) rows of x.
   static __device__ __forceinline__ void run(const DzDelta& d, const T* x, uint32_t rows, const T* base, T* out,
-                                             uint32_t feat0, float* red, const uint2* lut) {
+                                             uint32_t feat0, float* red, const uint2* lut, uint32_t* xs_all) {
     const uint32_t warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const uint32_t g = lane / 4, c = lane % 4;
     const uint32_t wn = warp % WN, wk = warp / WN;
@@ -291,6 +313,10 @@ struct Tile {
     // Scale table index of the rows' first group (sign1's descriptor has n_groups 0: one scale per row).
     const uint32_t ng = max(d.n_groups, 1u);
     const size_t ga = size_t(min(ra, last)) * ng, gb = size_t(min(rb, last)) * ng;
+    uint32_t* xs = xs_all + warp * XWARP;
+    // Rows of the tile past `rows` stay zero (their products land in output rows nobody writes).
+    __syncwarp();
+    for (uint32_t i = lane; i < uint32_t(XWARP); i += 32) xs[i] = 0;
 
     float acc[NT][4];
 #pragma unroll
@@ -298,37 +324,30 @@ struct Tile {
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[t][e] = 0.f;
 
-    // x rows of this lane's B fragments (n = 8 t + g), as word pointers; null past `rows`.
-    const T* xr[NT];
-#pragma unroll
-    for (int t = 0; t < NT; ++t) xr[t] = uint32_t(8 * t) + g < rows ? x + size_t(8 * t + g) * K : nullptr;
-
-    typename Dec::Unit ua, ub;
-    {
-      const uint32_t c0 = wk * 128 + 32 * c;
-      if (wk < nblk && c0 < K) {
-        ua = Dec::load(pa, c0);
-        ub = Dec::load(pb, c0);
-      } else {
-#pragma unroll
-        for (int i = 0; i < Dec::WORDS; ++i) ua.w[i] = ub.w[i] = 0;
-      }
-    }
+    // Units of the current block and the next two are in flight at any time.
+    typename Dec::Unit ua, ub, na, nb;
+    load_units(pa, pb, wk, nblk, K, c, ua, ub);
+    load_units(pa, pb, wk + WK, nblk, K, c, na, nb);
     for (uint32_t blk = wk; blk < nblk; blk += WK) {
-      const uint32_t c0 = blk * 128 + 32 * c;
-      const bool in = c0 < K;
-      // Prefetch the next block's units while this one is multiplied.
-      typename Dec::Unit na, nb;
-      {
-        const uint32_t n0 = (blk + WK) * 128 + 32 * c;
-        if (blk + WK < nblk && n0 < K) {
-          na = Dec::load(pa, n0);
-          nb = Dec::load(pb, n0);
-        } else {
-#pragma unroll
-          for (int i = 0; i < Dec::WORDS; ++i) na.w[i] = nb.w[i] = 0;
-        }
+      const uint32_t k0 = blk * 128;
+      typename Dec::Unit fa, fb;
+      load_units(pa, pb, blk + 2 * WK, nblk, K, c, fa, fb);
+
+      // Stage x[0..rows][k0 .. k0 + 128] (16-byte loads; K is a multiple of 32, so a load is all in or out).
+      __syncwarp();  // every lane has read the previous block's tile
+      for (uint32_t q = lane; q < rows * 16; q += 32) {
+        const uint32_t n = q / 16, ch = q % 16;
+        const uint32_t col = k0 + ch * 8;
+        uint4 v = make_uint4(0, 0, 0, 0);
+        if (col < K) v = __ldg(reinterpret_cast<const uint4*>(x + size_t(n) * K + col));
+        uint32_t* dst = xs + n * XROW + 17 * (ch / 4) + 4 * (ch % 4);
+        dst[0] = v.x;
+        dst[1] = v.y;
+        dst[2] = v.z;
+        dst[3] = v.w;
       }
+      __syncwarp();
+
       float part[NT][4];
       float xsum[NT];
 #pragma unroll
@@ -337,6 +356,7 @@ struct Tile {
 #pragma unroll
         for (int e = 0; e < 4; ++e) part[t][e] = 0.f;
       }
+      const uint32_t* xl = xs + g * XROW + 17 * c;
 #pragma unroll
       for (int s = 0; s < 8; ++s) {
         uint32_t a[4];
@@ -346,19 +366,14 @@ struct Tile {
         Dec::xw(s, ja, jb);
 #pragma unroll
         for (int t = 0; t < NT; ++t) {
-          uint32_t xa = 0, xb = 0;
-          if (xr[t] != nullptr && in) {
-            const T* row = xr[t] + c0;
-            xa = xword(row, ja);
-            xb = xword(row, jb);
-          }
+          const uint32_t xa = xl[t * 8 * XROW + ja], xb = xl[t * 8 * XROW + jb];
           if (asym) xsum[t] += pair_sum<T>(xa) + pair_sum<T>(xb);
           mma<T>(part[t], a, Dec::b(xa, xb, 0), Dec::b(xa, xb, 1));
         }
       }
       // Scale the block's partial sums by the rows' group scale (1 for a whole-row group: applied last).
       float sa = 1.f, sb = 1.f, za = 0.f, zb = 0.f;
-      const uint32_t gi = group ? (blk * 128) / group : 0;
+      const uint32_t gi = group ? k0 / group : 0;
       if (group) {
         sa = f16_of(d.parts[Dec::SCALES], ga + gi);
         sb = f16_of(d.parts[Dec::SCALES], gb + gi);
@@ -387,6 +402,8 @@ struct Tile {
       for (int i = 0; i < Dec::WORDS; ++i) {
         ua.w[i] = na.w[i];
         ub.w[i] = nb.w[i];
+        na.w[i] = fa.w[i];
+        nb.w[i] = fb.w[i];
       }
     }
 
@@ -440,6 +457,7 @@ __device__ __forceinline__ void matmul_add(const DzDelta& d, const T* x, const T
   using Tl = Tile<Dec, T, NT, WN, WK>;
   __shared__ float red[Tl::RED];
   __shared__ uint2 lut[16];
+  __shared__ __align__(16) uint32_t xs[Tl::XS];
   init_lut(lut);
   __syncthreads();
   const uint32_t feat0 = blockIdx.x * 16 * WN;
@@ -449,7 +467,7 @@ __device__ __forceinline__ void matmul_add(const DzDelta& d, const T* x, const T
     const uint32_t i0 = t * 8 * NT;
     const size_t o = size_t(i0) * d.n_total;
     Tl::run(d, x + size_t(i0) * d.k, min(uint32_t(8 * NT), m - i0), base ? base + o : nullptr, out + o, feat0, red,
-            lut);
+            lut, xs);
   }
 }
 
@@ -459,6 +477,7 @@ __device__ __forceinline__ void sbmm(const DzSegment* segs, uint32_t n_segs, con
   using Tl = Tile<Dec, T, NT, WN, WK>;
   __shared__ float red[Tl::RED];
   __shared__ uint2 lut[16];
+  __shared__ __align__(16) uint32_t xs[Tl::XS];
   init_lut(lut);
   __syncthreads();
   const uint32_t feat0 = blockIdx.x * 16 * WN;
@@ -467,7 +486,7 @@ __device__ __forceinline__ void sbmm(const DzSegment* segs, uint32_t n_segs, con
     const DzDelta d = deltas[seg.delta];
     if (feat0 >= d.n_stored) continue;
     T* o = out + size_t(seg.start) * n_total;
-    Tl::run(d, x + size_t(seg.start) * k, seg.len, o, o, feat0, red, lut);
+    Tl::run(d, x + size_t(seg.start) * k, seg.len, o, o, feat0, red, lut, xs);
   }
 }
 
@@ -477,12 +496,15 @@ __device__ __forceinline__ void sbmm(const DzSegment* segs, uint32_t n_segs, con
 // Entry points: dz_tc_<variant>_matmul_add_<t>_n<NT> and dz_tc_<variant>_sbmm_<t>_n<NT> with the signatures
 // of the generic kernels (src/lib.rs, `TC`). NT = 1 and 2: 1 x 4 warps (4-way split of K: enough blocks
 // for small N); NT = 4: 2 x 2 warps.
+// Blocks per SM the register allocation must allow: the small tiles are memory-bound and need many warps
+// in flight (4 blocks: at most 128 registers), the 32-row tile has more accumulators (3: 170).
+#define DZ_TC_MIN_BLOCKS(NT) ((NT) == 4 ? 3 : 4)
 #define DZ_TC_ENTRIES(variant, Dec, T, tname, NT, WN, WK)                                                     \
-  extern "C" __global__ void __launch_bounds__(WN * WK * 32)                                                \
+  extern "C" __global__ void __launch_bounds__(WN * WK * 32, DZ_TC_MIN_BLOCKS(NT))                         \
       dz_tc_##variant##_matmul_add_##tname##_n##NT(DzDelta d, const T* x, const T* base, T* out, uint32_t m) { \
     dz::tc::matmul_add<Dec, T, NT, WN, WK>(d, x, base, out, m);                                             \
   }                                                                                                         \
-  extern "C" __global__ void __launch_bounds__(WN * WK * 32)                                                \
+  extern "C" __global__ void __launch_bounds__(WN * WK * 32, DZ_TC_MIN_BLOCKS(NT))                         \
       dz_tc_##variant##_sbmm_##tname##_n##NT(const DzSegment* segs, uint32_t n_segs, const DzDelta* deltas,  \
                                             const T* x, T* out, uint32_t k, uint32_t n_total) {             \
     dz::tc::sbmm<Dec, T, NT, WN, WK>(segs, n_segs, deltas, x, out, k, n_total);                             \
