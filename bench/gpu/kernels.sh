@@ -35,14 +35,15 @@ smsp__inst_executed.sum,sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_su
   echo "ncu rc=$? ($(( $(date +%s) - T0 )) s)"
 fi
 T0=$(date +%s)
-./.gpu/cuda_check > "$OUT/cuda_check_full.txt" 2>&1
+# CHECK_FILTER (optional): only the cases of that family/description, e.g. "tensor cores".
+./.gpu/cuda_check ${CHECK_FILTER:+--filter "$CHECK_FILTER"} > "$OUT/cuda_check_full.txt" 2>&1
 echo "cuda_check rc=$? ($(( $(date +%s) - T0 )) s)"
 tail -16 "$OUT/cuda_check_full.txt"
 CS=$(ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
 if [ -n "$CS" ]; then
   timeout 100 "$CS" --tool memcheck ./.gpu/cuda_check --quick --filter "tensor cores" > "$OUT/memcheck_tc.txt" 2>&1
   echo "memcheck rc=$?"; tail -3 "$OUT/memcheck_tc.txt"
-  timeout 80 "$CS" --tool racecheck ./.gpu/cuda_check --quick --filter "tensor cores" > "$OUT/racecheck_tc.txt" 2>&1
+  [ "${RACECHECK:-1}" = 1 ] && timeout 80 "$CS" --tool racecheck ./.gpu/cuda_check --quick --filter "tensor cores" > "$OUT/racecheck_tc.txt" 2>&1
   echo "racecheck rc=$?"; tail -3 "$OUT/racecheck_tc.txt"
 fi
 grep -E "^\| delta_matmul \| dz \| 4096 x 4096|^\| sbmm" "$OUT/kernels-h200.md" | cut -c1-150

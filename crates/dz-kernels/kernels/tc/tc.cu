@@ -23,8 +23,10 @@
 //   are made into a pair with the magic trick, then placed into the run's 4 slots (zeros elsewhere) by two
 //   byte permutes whose selectors come from a 16-entry table indexed by the run's metadata nibble.
 //
-// x: each warp stages its 128-column block of x in shared memory with coalesced 16-byte loads (padded so the
-// fragment reads are conflict-free); the weights' units are loaded two blocks ahead (registers).
+// x: with tiles of 8 or 16 input rows, each lane loads its B words (row g of each n-tile, unit c: 64 bytes)
+// straight into registers, one 128-column block ahead; with 32-row tiles, each warp stages its block of x in
+// shared memory with coalesced 16-byte loads (padded so the fragment reads are conflict-free). The weights'
+// units are loaded two blocks ahead (registers).
 //
 // Launch: block = WN x WK warps; warp (wn, wk) owns stored rows feat0 + 16 wn .. + 16 and the 128-column
 // blocks wk, wk + WK, ...; the WK partial results meet in shared memory. Grid x = stored-row tiles of
@@ -276,9 +278,36 @@ struct Tile {
   // Each warp stages its 128-column block of x (8 NT rows) in shared memory, as u32 words (pairs of T):
   // row n at word 68 n, unit c (32 columns, 16 words) at + 17 c. The pads make the B-fragment reads
   // conflict-free: lane (g, c) reads word 68 g + 17 c + j, and (68 g + 17 c) mod 32 differs for all 32 lanes.
+  static constexpr bool XREG = NT <= 2;
+  // x of the next block is loaded one block ahead for the 8-row tile (the 16-row tile lacks the registers).
+  static constexpr bool XPREF = NT == 1;
   static constexpr int XROW = 68;
-  static constexpr int XWARP = 8 * NT * XROW;
+  static constexpr int XWARP = XREG ? 1 : 8 * NT * XROW;
   static constexpr int XS = WARPS * XWARP;
+
+  // This lane's B words of block `blk` (zeros past `rows`, past K and past the last block): row 8 t + g,
+  // unit c, as 16 natural pairs.
+  static __device__ __forceinline__ void load_x(const T* const (&xr)[NT], uint32_t blk, uint32_t nblk,
+                                                uint32_t K, uint32_t c, uint32_t (&X)[NT][16]) {
+    const uint32_t c0 = blk * 128 + 32 * c;
+#pragma unroll
+    for (int t = 0; t < NT; ++t) {
+      if (xr[t] != nullptr && blk < nblk && c0 < K) {
+        const uint4* p = reinterpret_cast<const uint4*>(xr[t] + c0);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const uint4 v = __ldg(p + i);
+          X[t][4 * i] = v.x;
+          X[t][4 * i + 1] = v.y;
+          X[t][4 * i + 2] = v.z;
+          X[t][4 * i + 3] = v.w;
+        }
+      } else {
+#pragma unroll
+        for (int j = 0; j < 16; ++j) X[t][j] = 0;
+      }
+    }
+  }
 
   static __device__ __forceinline__ void load_units(const RowPtrs& pa, const RowPtrs& pb, uint32_t blk,
                                                     uint32_t nblk, uint32_t K, uint32_t c,
@@ -314,9 +343,15 @@ struct Tile {
     const uint32_t ng = max(d.n_groups, 1u);
     const size_t ga = size_t(min(ra, last)) * ng, gb = size_t(min(rb, last)) * ng;
     uint32_t* xs = xs_all + warp * XWARP;
-    // Rows of the tile past `rows` stay zero (their products land in output rows nobody writes).
-    __syncwarp();
-    for (uint32_t i = lane; i < uint32_t(XWARP); i += 32) xs[i] = 0;
+    if constexpr (!XREG) {
+      // Rows of the tile past `rows` stay zero (their products land in output rows nobody writes).
+      __syncwarp();
+      for (uint32_t i = lane; i < uint32_t(XWARP); i += 32) xs[i] = 0;
+    }
+    // x rows of this lane's B fragments (n = 8 t + g), null past `rows` (XREG only).
+    const T* xr[NT];
+#pragma unroll
+    for (int t = 0; t < NT; ++t) xr[t] = uint32_t(8 * t) + g < rows ? x + size_t(8 * t + g) * K : nullptr;
 
     float acc[NT][4];
 #pragma unroll
@@ -324,29 +359,41 @@ struct Tile {
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[t][e] = 0.f;
 
-    // Units of the current block and the next two are in flight at any time.
+    // The group of the current block, tracked without a division per block: blocks per group `bpg` (a group
+    // is a multiple of 128 columns), the block's index within its group `rem`.
+    const uint32_t bpg = group ? group / 128 : 1;
+    uint32_t gi = wk / bpg, rem = wk % bpg;
+
+    // Units of the current block and the next two are in flight at any time (and x of the next block).
     typename Dec::Unit ua, ub, na, nb;
     load_units(pa, pb, wk, nblk, K, c, ua, ub);
     load_units(pa, pb, wk + WK, nblk, K, c, na, nb);
+    uint32_t X[NT][16], XN[NT][16];
+    if constexpr (XPREF) load_x(xr, wk, nblk, K, c, X);
     for (uint32_t blk = wk; blk < nblk; blk += WK) {
       const uint32_t k0 = blk * 128;
       typename Dec::Unit fa, fb;
       load_units(pa, pb, blk + 2 * WK, nblk, K, c, fa, fb);
-
-      // Stage x[0..rows][k0 .. k0 + 128] (16-byte loads; K is a multiple of 32, so a load is all in or out).
-      __syncwarp();  // every lane has read the previous block's tile
-      for (uint32_t q = lane; q < rows * 16; q += 32) {
-        const uint32_t n = q / 16, ch = q % 16;
-        const uint32_t col = k0 + ch * 8;
-        uint4 v = make_uint4(0, 0, 0, 0);
-        if (col < K) v = __ldg(reinterpret_cast<const uint4*>(x + size_t(n) * K + col));
-        uint32_t* dst = xs + n * XROW + 17 * (ch / 4) + 4 * (ch % 4);
-        dst[0] = v.x;
-        dst[1] = v.y;
-        dst[2] = v.z;
-        dst[3] = v.w;
+      if constexpr (XPREF) {
+        load_x(xr, blk + WK, nblk, K, c, XN);
+      } else if constexpr (XREG) {
+        load_x(xr, blk, nblk, K, c, X);
+      } else {
+        // Stage x[0..rows][k0 .. k0 + 128] (16-byte loads; K is a multiple of 32, so a load is all in or out).
+        __syncwarp();  // every lane has read the previous block's tile
+        for (uint32_t q = lane; q < rows * 16; q += 32) {
+          const uint32_t n = q / 16, ch = q % 16;
+          const uint32_t col = k0 + ch * 8;
+          uint4 v = make_uint4(0, 0, 0, 0);
+          if (col < K) v = __ldg(reinterpret_cast<const uint4*>(x + size_t(n) * K + col));
+          uint32_t* dst = xs + n * XROW + 17 * (ch / 4) + 4 * (ch % 4);
+          dst[0] = v.x;
+          dst[1] = v.y;
+          dst[2] = v.z;
+          dst[3] = v.w;
+        }
+        __syncwarp();
       }
-      __syncwarp();
 
       float part[NT][4];
       float xsum[NT];
@@ -366,14 +413,20 @@ struct Tile {
         Dec::xw(s, ja, jb);
 #pragma unroll
         for (int t = 0; t < NT; ++t) {
-          const uint32_t xa = xl[t * 8 * XROW + ja], xb = xl[t * 8 * XROW + jb];
+          uint32_t xa, xb;
+          if constexpr (XREG) {
+            xa = X[t][ja];
+            xb = X[t][jb];
+          } else {
+            xa = xl[t * 8 * XROW + ja];
+            xb = xl[t * 8 * XROW + jb];
+          }
           if (asym) xsum[t] += pair_sum<T>(xa) + pair_sum<T>(xb);
           mma<T>(part[t], a, Dec::b(xa, xb, 0), Dec::b(xa, xb, 1));
         }
       }
       // Scale the block's partial sums by the rows' group scale (1 for a whole-row group: applied last).
       float sa = 1.f, sb = 1.f, za = 0.f, zb = 0.f;
-      const uint32_t gi = group ? k0 / group : 0;
       if (group) {
         sa = f16_of(d.parts[Dec::SCALES], ga + gi);
         sb = f16_of(d.parts[Dec::SCALES], gb + gi);
@@ -404,6 +457,17 @@ struct Tile {
         ub.w[i] = nb.w[i];
         na.w[i] = fa.w[i];
         nb.w[i] = fb.w[i];
+      }
+      if constexpr (XPREF) {
+#pragma unroll
+        for (int t = 0; t < NT; ++t)
+#pragma unroll
+          for (int j = 0; j < 16; ++j) X[t][j] = XN[t][j];
+      }
+      rem += WK;
+      while (rem >= bpg) {
+        rem -= bpg;
+        ++gi;
       }
     }
 
