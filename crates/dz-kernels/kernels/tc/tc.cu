@@ -427,13 +427,15 @@ struct Tile {
       }
       // Scale the block's partial sums by the rows' group scale (1 for a whole-row group: applied last).
       float sa = 1.f, sb = 1.f, za = 0.f, zb = 0.f;
+      // The rows' group of this block: `gi` (a whole-row group is group 0, whatever `gi` counts).
+      const uint32_t gcur = group ? gi : 0;
       if (group) {
-        sa = f16_of(d.parts[Dec::SCALES], ga + gi);
-        sb = f16_of(d.parts[Dec::SCALES], gb + gi);
+        sa = f16_of(d.parts[Dec::SCALES], ga + gcur);
+        sb = f16_of(d.parts[Dec::SCALES], gb + gcur);
       }
       if (asym) {
-        za = f16_of(d.parts[Dec::SCALES + 1], ga + gi);
-        zb = f16_of(d.parts[Dec::SCALES + 1], gb + gi);
+        za = f16_of(d.parts[Dec::SCALES + 1], ga + gcur);
+        zb = f16_of(d.parts[Dec::SCALES + 1], gb + gcur);
       }
 #pragma unroll
       for (int t = 0; t < NT; ++t) {
