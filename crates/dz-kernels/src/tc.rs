@@ -153,8 +153,8 @@ pub fn tc_entries(variant: Variant) -> Option<&'static TcEntries> {
 /// Whether a delta of `variant` with `k` columns, `group_size` (0: one group per row) and `symmetric`
 /// grid runs on the tensor-core kernels.
 pub fn tc_supports(variant: Variant, k: u32, group_size: u32, symmetric: bool) -> bool {
-    let grouped_ok = group_size == 0 || group_size % 128 == 0;
-    k % 32 == 0
+    let grouped_ok = group_size.is_multiple_of(128);
+    k.is_multiple_of(32)
         && match variant {
             Variant::Quant(2 | 4) => grouped_ok,
             Variant::Sparse24(2 | 4) => grouped_ok && symmetric,
