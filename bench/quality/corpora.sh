@@ -41,7 +41,8 @@ for d in *.deb; do mkdir -p "x/${d%%_*}"; dpkg -x "$d" "x/${d%%_*}"; done
 x/bible-kjv/usr/bin/bible -l100000 -p x/bible-kjv-text/usr/lib "Genesis1:1-Revelation22:21" > "$out/kjv.txt"
 
 # Dictionary: gcide.dict.dz is gzip-compatible plain text; entries start at an unindented line after a
-# blank one. Skip the database header (before "A \A\") and keep every 8th entry.
+# blank one; the dictionary writes special letters in ASCII ([ae], [aum]), so the few stray non-ASCII
+# bytes (not UTF-8) are dropped. Skip the database header (before "A \A\") and keep every 8th entry.
 gzip -dc x/dict-gcide/usr/share/dictd/gcide.dict.dz | awk '
     BEGIN { started = 0; n = 0; keep = 0; prev_blank = 1 }
     {
@@ -49,7 +50,7 @@ gzip -dc x/dict-gcide/usr/share/dictd/gcide.dict.dz | awk '
         if (prev_blank && $0 ~ /^[^ \t]/) { keep = (n % 8 == 0); n++ }
         if (keep) print
         prev_blank = ($0 ~ /^[ \t]*$/)
-    }' > "$out/gcide.txt"
+    }' | LC_ALL=C tr -cd '\11\12\40-\176' > "$out/gcide.txt"
 
 for f in py_stdlib pydocs kjv gcide; do
     s=$(wc -c < "$out/$f.txt")
