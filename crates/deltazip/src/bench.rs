@@ -47,9 +47,17 @@ pub struct BenchQualityArgs {
         default_value = "8b,4b24,2b24,2b50,sign,t10,t16"
     )]
     pub recipes: Vec<String>,
-    /// Methods to run each recipe with: obs (ours) and rtn (baseline); sign and target ratios run once.
+    /// Methods to run each recipe with: obs (ours) and rtn (baseline); sign runs once. A target ratio
+    /// with rtn chooses among RTN recipes by their plain (uncalibrated) error.
     #[arg(long, value_delimiter = ',', default_value = "obs,rtn")]
     pub methods: Vec<String>,
+    /// Bits of embedding (and lm_head) deltas in the fixed recipes.
+    #[arg(long, default_value_t = 4)]
+    pub embed_bits: u8,
+    /// Bits of embedding deltas in the target-ratio recipes (tNN): a model's embeddings are part of the
+    /// budget, and at 4 bits SmolLM2's alone (21% of its weights) cap the file near 7x.
+    #[arg(long, default_value_t = 2)]
+    pub target_embed_bits: u8,
     /// Calibration windows.
     #[arg(long, default_value_t = 128)]
     pub samples: usize,
@@ -358,6 +366,7 @@ fn recipe_options(
     recipe: &str,
     method: &str,
     base: &pipeline::CompressOptions,
+    target_embed_bits: u8,
 ) -> Result<Option<pipeline::CompressOptions>> {
     use dz_compress::pipeline::Method;
     use dz_compress::Sparsity;
@@ -383,13 +392,11 @@ fn recipe_options(
             (4, Sparsity::None)
         }
         t if t.starts_with('t') => {
-            if method != "obs" {
-                return Ok(None);
-            }
             let r: f64 = t[1..]
                 .parse()
                 .with_context(|| format!("bad target-ratio recipe {t:?}"))?;
             o.target_ratio = Some(r);
+            o.embed_bits = target_embed_bits;
             (4, Sparsity::TwoFour)
         }
         _ => bail!("unknown recipe {recipe:?}"),
@@ -397,6 +404,25 @@ fn recipe_options(
     o.quant.bits = bits;
     o.quant.sparsity = sparsity;
     Ok(Some(o))
+}
+
+/// How many tensors got each codec (`sparse24 4b g128 sym`, ...; row counts of row subsets left out), and
+/// stored bytes per role: where a delta's bytes go.
+fn summarize(tensors: &[TensorReport]) -> (serde_json::Value, serde_json::Value) {
+    let mut codecs = std::collections::BTreeMap::<String, u64>::new();
+    let mut roles = std::collections::BTreeMap::<String, u64>::new();
+    for t in tensors {
+        let c = t
+            .codec
+            .rsplit_once(' ')
+            .filter(|(_, last)| {
+                last.ends_with('r') && last[..last.len() - 1].parse::<u64>().is_ok()
+            })
+            .map_or(t.codec.as_str(), |(head, _)| head);
+        *codecs.entry(c.to_string()).or_default() += 1;
+        *roles.entry(format!("{:?}", t.role)).or_default() += t.stored_bytes;
+    }
+    (serde_json::json!(codecs), serde_json::json!(roles))
 }
 
 /// `NAME=VALUE` or `VALUE` (named after the value's last path component).
@@ -455,6 +481,7 @@ pub fn run_quality(args: &BenchQualityArgs) -> Result<String> {
         samples: args.samples,
         seq_len: args.seq_len,
         calib_text: args.calib.clone(),
+        embed_bits: args.embed_bits,
         ..Default::default()
     };
     let ppl = |m: &LlamaModel, t: &[u32]| -> Result<f64> {
@@ -488,11 +515,12 @@ pub fn run_quality(args: &BenchQualityArgs) -> Result<String> {
         rows.push(serde_json::json!({
             "finetune": name, "recipe": "finetune", "method": "-", "ratio": 1.0,
             "ppl_domain": pf_d, "ppl_general": pf_g, "gain_kept": 1.0, "kl": 0.0,
-            "kl_base": kl_base, "ppl_base_domain": pb_d, "ppl_base_general": pb_g, "compress_s": 0.0,
+            "kl_base": kl_base, "ppl_base_domain": pb_d, "ppl_base_general": pb_g, "seconds": 0.0,
         }));
         for recipe in &args.recipes {
             for method in &args.methods {
-                let Some(o) = recipe_options(recipe, method, &common)? else {
+                let Some(o) = recipe_options(recipe, method, &common, args.target_embed_bits)?
+                else {
                     continue;
                 };
                 let out = work.join(format!("{name}-{recipe}-{method}.dz"));
@@ -524,11 +552,13 @@ pub fn run_quality(args: &BenchQualityArgs) -> Result<String> {
                     report.ratio(),
                     100.0 * kept
                 );
+                let (codecs, bytes_by_role) = summarize(&report.tensors);
                 rows.push(serde_json::json!({
                     "finetune": name, "recipe": recipe, "method": o.method.as_str(),
                     "ratio": report.ratio(), "file_bytes": report.file_bytes,
+                    "bf16_bytes": report.bf16_bytes, "embed_bits": o.embed_bits,
                     "ppl_domain": pc_d, "ppl_general": pc_g, "gain_kept": kept, "kl": kl,
-                    "compress_s": secs,
+                    "seconds": secs, "codecs": codecs, "bytes_by_role": bytes_by_role,
                 }));
                 let _ = std::fs::remove_file(&out);
             }
@@ -590,7 +620,7 @@ pub fn run_quality(args: &BenchQualityArgs) -> Result<String> {
             f("ppl_general"),
             100.0 * f("gain_kept"),
             f("kl"),
-            f("compress_s")
+            f("seconds")
         );
     }
     let json = serde_json::json!({

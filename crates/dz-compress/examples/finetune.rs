@@ -10,8 +10,8 @@
 //! The text is split at the first line break after 90% of its bytes: training draws `batch` random (seeded)
 //! windows of `seq-len` tokens per step from the first part; the held-out last 10% measures perplexity
 //! (evenly spaced windows of `eval-seq-len` tokens) of the base before and of the written fine-tune after.
-//! The optimizer is candle-nn's AdamW (weight decay 0) on the mean next-token cross-entropy, every weight
-//! trainable; tied embeddings stay one variable. The fine-tune is written with `hf::write_model`: the base's
+//! The training loop is `dz_compress::train` (AdamW, weight decay 0, on the mean next-token cross-entropy,
+//! every weight trainable; tied embeddings stay one variable). The fine-tune is written with `hf::write_model`: the base's
 //! config.json (with `torch_dtype` set to `--dtype`), its tokenizer.json, the weights in `--dtype`, and
 //! `finetune.json` recording the run (arguments, losses, step times, perplexities).
 //!
@@ -22,21 +22,18 @@
 //! keeps large freed blocks for the next step instead of returning them to the kernel.
 
 use std::alloc::{GlobalAlloc, Layout, System};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
-use candle_core::{Device, Tensor, Var};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+use candle_core::{Device, Tensor};
 use clap::{Parser, ValueEnum};
 use dz_compress::calib_data::{load_tokenizer, token_windows, tokenize};
 use dz_compress::hf::{self, HfModel};
 use dz_compress::model::{Kernels, LlamaModel};
+use dz_compress::train::{self, TrainConfig};
 use dz_format::Dtype;
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
-use rayon::prelude::*;
 
 /// Blocks of at least this many bytes are kept for reuse when freed.
 const REUSE_MIN_BYTES: usize = 1 << 20;
@@ -218,48 +215,10 @@ fn split_held_out(text: &str) -> (&str, &str) {
     text.split_at(cut)
 }
 
-/// The learning rate at `step` (1-based).
-fn lr_at(args: &Args, step: usize) -> f64 {
-    if step <= args.warmup {
-        return args.lr * step as f64 / args.warmup as f64;
-    }
-    if !args.cosine || args.steps <= args.warmup + 1 {
-        return args.lr;
-    }
-    let progress = (step - args.warmup - 1) as f64 / (args.steps - args.warmup - 1) as f64;
-    let min = 0.1 * args.lr;
-    min + 0.5 * (args.lr - min) * (1.0 + (std::f64::consts::PI * progress).cos())
-}
-
 /// Held-out perplexity on `windows` (non-overlapping, each `seq_len` tokens), with the fused kernels.
 fn held_out_ppl(model: &LlamaModel, windows: &[Vec<u32>], seq_len: usize) -> Result<f64> {
     let tokens: Vec<u32> = windows.concat();
     Ok(model.perplexity(&tokens, seq_len, None)?.ppl)
-}
-
-/// One AdamW per rayon thread over disjoint sets of variables of about equal size (largest first into the
-/// lightest set).
-fn parallel_adamw(vars: &HashMap<String, Var>, lr: f64) -> Result<Vec<AdamW>> {
-    let threads = rayon::current_num_threads().max(1);
-    let mut by_size: Vec<&Var> = vars.values().collect();
-    by_size.sort_by_key(|v| std::cmp::Reverse(v.elem_count()));
-    let mut sets: Vec<(usize, Vec<Var>)> = (0..threads).map(|_| (0, Vec::new())).collect();
-    for v in by_size {
-        if let Some(set) = sets.iter_mut().min_by_key(|(n, _)| *n) {
-            set.0 += v.elem_count();
-            set.1.push(v.clone());
-        }
-    }
-    let params = ParamsAdamW {
-        lr,
-        weight_decay: 0.0,
-        ..ParamsAdamW::default()
-    };
-    Ok(sets
-        .into_iter()
-        .filter(|(_, vs)| !vs.is_empty())
-        .map(|(_, vs)| AdamW::new(vs, params.clone()))
-        .collect::<candle_core::Result<_>>()?)
 }
 
 fn write_finetune(
@@ -366,12 +325,20 @@ fn main() -> Result<()> {
     let model = LlamaModel::from_vars(&arch, &vars)?;
     assert_eq!(model.kernels(), Kernels::Primitive);
     let params: usize = vars.values().map(|v| v.elem_count()).sum();
-    let mut opts = parallel_adamw(&vars, lr_at(&args, 1))?;
+    let cfg = TrainConfig {
+        steps: args.steps,
+        batch: args.batch,
+        seq_len: args.seq_len,
+        lr: args.lr,
+        warmup: args.warmup,
+        cosine: args.cosine,
+        seed: args.seed,
+    };
     println!(
         "training {params} parameters ({} variables, AdamW in {} parallel sets), {} steps of {} x {} tokens, \
          lr {:e}{}{}, seed {}",
         vars.len(),
-        opts.len(),
+        rayon::current_num_threads().min(vars.len()),
         args.steps,
         args.batch,
         args.seq_len,
@@ -385,47 +352,23 @@ fn main() -> Result<()> {
         args.seed
     );
 
-    let mut rng = StdRng::seed_from_u64(args.seed);
-    let mut losses = Vec::with_capacity(args.steps);
     let mut step_secs = Vec::with_capacity(args.steps);
     let train_t0 = Instant::now();
-    for step in 1..=args.steps {
-        let t = Instant::now();
-        let starts: Vec<usize> = (0..args.batch)
-            .map(|_| rng.gen_range(0..=train.len() - args.seq_len))
-            .collect();
-        let windows: Vec<&[u32]> = starts
-            .iter()
-            .map(|&s| &train[s..s + args.seq_len])
-            .collect();
-        let ids = Tensor::from_vec(windows.concat(), (args.batch, args.seq_len), &device)?;
-        let loss = model.next_token_loss(&ids)?;
-        let loss_value = loss.to_scalar::<f32>()?;
-        ensure!(
-            loss_value.is_finite(),
-            "step {step}: the loss is {loss_value}"
-        );
-        let t_fwd = secs(t);
-        let grads = loss.backward()?;
-        drop(loss);
-        let t_bwd = secs(t) - t_fwd;
-        let lr = lr_at(&args, step);
-        opts.par_iter_mut().try_for_each(|o| {
-            o.set_learning_rate(lr);
-            o.step(&grads)
-        })?;
-        drop(grads);
-        let dt = secs(t);
-        losses.push(loss_value);
-        step_secs.push(dt);
+    let losses = train::train(&model, &vars, &train, &cfg, &device, |r| {
+        step_secs.push(r.step_s);
         println!(
-            "step {step:>4}/{}  loss {loss_value:.4}  lr {lr:.2e}  | fwd {t_fwd:.2}s bwd {t_bwd:.2}s opt {:.2}s \
-             = {dt:.2}s  | elapsed {:.0}s",
+            "step {:>4}/{}  loss {:.4}  lr {:.2e}  | fwd {:.2}s bwd {:.2}s opt {:.2}s = {:.2}s  | elapsed {:.0}s",
+            r.step,
             args.steps,
-            dt - t_fwd - t_bwd,
+            r.loss,
+            r.lr,
+            r.fwd_s,
+            r.bwd_s,
+            r.step_s - r.fwd_s - r.bwd_s,
+            r.step_s,
             secs(train_t0)
         );
-    }
+    })?;
     let train_secs = secs(train_t0);
     let k = (args.steps / 5).clamp(1, 10);
     let mean = |xs: &[f32]| xs.iter().map(|&x| f64::from(x)).sum::<f64>() / xs.len() as f64;
@@ -440,7 +383,6 @@ fn main() -> Result<()> {
          {first:.4}, of the last {k} {last:.4}"
     );
 
-    drop(opts);
     let record = serde_json::json!({
         "base": args.model, "text": args.text, "steps": args.steps, "batch": args.batch,
         "seq_len": args.seq_len, "lr": args.lr, "warmup": args.warmup, "cosine": args.cosine,

@@ -19,7 +19,8 @@
 //!
 //! Around it, on a whole model: [`mod@model`] is a Llama-family forward pass in candle (f32, any device) with a
 //! staged per-layer API, perplexity and KL helpers; [`mod@calibrate`] runs sequential layer-by-layer calibration
-//! over it, handing each linear group's input Hessian to a compressor and installing what it returns.
+//! over it, handing each linear group's input Hessian to a compressor and installing what it returns;
+//! [`mod@train`] makes full-parameter fine-tunes with candle's autograd (for examples and tests).
 #![deny(missing_docs)]
 
 pub mod arch;
@@ -36,6 +37,7 @@ pub mod model;
 pub mod obs;
 pub mod pipeline;
 pub mod rtn;
+pub mod train;
 
 pub use config::{QuantConfig, Sparsity};
 pub use error::{calibrated_error, Error, Result};

@@ -11,7 +11,9 @@
 //!    subset); the output head (or a tied embedding) uses OBS under the Hessian of the final hidden states.
 //! 5. Norms and biases become dense f32 deltas (exact); untouched tensors become `zero` tensors.
 //! 6. With a size budget (`target_ratio`), a first calibration pass measures every linear tensor's error
-//!    under each candidate recipe, and a Lagrangian allocation picks one recipe per tensor.
+//!    under each candidate recipe (no delta, 1-bit sign, 2/3/4/8 bits dense or 2:4), and a Lagrangian
+//!    allocation picks one recipe per tensor. With [`Method::Rtn`] the errors are plain squared Frobenius
+//!    norms of RTN/magnitude/sign reconstructions (no calibration): the size-budgeted baseline.
 //! 7. The lossless stage (zstd, only where it saves bytes) runs in parallel across a group's tensors, and
 //!    the file is written atomically.
 
@@ -408,6 +410,33 @@ fn zero_done(
     })
 }
 
+/// A linear delta the size budget drops (the allocation's `zero` candidate): stored as `zero`, so the
+/// model keeps the base's weights there; the report shows the whole delta as lost.
+fn drop_linear(name: &str, base: &HfModel, ft: &HfModel, opts: &CompressOptions) -> Result<Done> {
+    let shape = shape_of(ft, name)?;
+    let (w0, d, dtype) = delta_of(base, ft, name)?;
+    let (rows, cols) = matrix(&shape);
+    let payload = Payload::Zero { rows, cols };
+    let zeros = vec![0f32; d.len()];
+    let (encoded, report) = finish_tensor(
+        name,
+        Role::Linear,
+        &shape,
+        dtype,
+        None,
+        &payload,
+        &d,
+        &zeros,
+        None,
+        opts.lossless,
+    )?;
+    Ok(Done {
+        encoded,
+        report,
+        merged: Some(w0),
+    })
+}
+
 /// Compresses one linear delta with the chosen method (OBS needs `h`).
 #[allow(clippy::too_many_arguments)]
 fn compress_linear(
@@ -585,9 +614,9 @@ pub fn compress(
                 "target ratio must be a number > 1, got {r}"
             )));
         }
-        if opts.method != Method::Obs {
+        if opts.method == Method::Sign {
             return Err(Error::InvalidConfig(
-                "--target-ratio measures calibrated errors, so it needs --method obs".into(),
+                "--target-ratio chooses among recipes, so it needs --method obs or rtn".into(),
             ));
         }
     }
@@ -645,7 +674,7 @@ pub fn compress(
     let choice = match opts.target_ratio {
         Some(r) => {
             let (choice, mix) = allocate(&bm, &fm, &plan, &samples, opts, r, bf16_bytes, progress)?;
-            recipe.method = "obs-mixed".into();
+            recipe.method = format!("{}-mixed", opts.method.as_str());
             recipe.bits = None;
             recipe.sparsity = None;
             recipe.extra.insert("allocation".into(), mix.into());
@@ -675,6 +704,7 @@ pub fn compress(
                             let (method, q) = match choice.as_ref().and_then(|c| c.get(n)) {
                                 Some(Candidate::Quant(q)) => (Method::Obs, *q),
                                 Some(Candidate::Sign) => (Method::Sign, opts.quant),
+                                Some(Candidate::Zero) => return drop_linear(n, &bm, &fm, opts),
                                 None => (Method::Obs, opts.quant),
                             };
                             compress_linear(n, Role::Linear, &bm, &fm, method, &q, Some(h), opts)
@@ -734,16 +764,14 @@ pub fn compress(
                 let done: Vec<Done> = chunk
                     .par_iter()
                     .map(|n| {
-                        compress_linear(
-                            n,
-                            Role::Linear,
-                            &bm,
-                            &fm,
-                            opts.method,
-                            &opts.quant,
-                            None,
-                            opts,
-                        )
+                        // With a size budget (RTN only: sign takes none), the allocation's choice.
+                        let (method, q) = match choice.as_ref().and_then(|c| c.get(*n)) {
+                            Some(Candidate::Quant(q)) => (Method::Rtn, *q),
+                            Some(Candidate::Sign) => (Method::Sign, opts.quant),
+                            Some(Candidate::Zero) => return drop_linear(n, &bm, &fm, opts),
+                            None => (opts.method, opts.quant),
+                        };
+                        compress_linear(n, Role::Linear, &bm, &fm, method, &q, None, opts)
                     })
                     .collect::<Result<_>>()?;
                 for d in done {
@@ -851,6 +879,9 @@ enum Candidate {
     Quant(QuantConfig),
     /// One sign bit per weight and a scale per row (about 1 bit per weight).
     Sign,
+    /// No delta at all for this tensor (0 bytes; its error is the whole delta's): lets the budget go
+    /// below one bit per weight by keeping the base's weights where the fine-tune's change matters least.
+    Zero,
 }
 
 impl Candidate {
@@ -858,6 +889,7 @@ impl Candidate {
         match self {
             Candidate::Quant(q) => describe_q(q),
             Candidate::Sign => "sign1".into(),
+            Candidate::Zero => "dropped".into(),
         }
     }
 
@@ -866,6 +898,7 @@ impl Candidate {
         match self {
             Candidate::Quant(q) => recipe_bytes(q, rows, cols),
             Candidate::Sign => layout_bytes(&Codec::Sign1 { global_scale: 1.0 }, rows, cols),
+            Candidate::Zero => Ok(0),
         }
     }
 
@@ -889,11 +922,31 @@ impl Candidate {
                 let d_hat = sign1(d, rows, cols)?.dequantize();
                 crate::calibrated_error(d, &d_hat, h, rows, cols)
             }
+            Candidate::Zero => crate::calibrated_error(d, &vec![0.0; d.len()], h, rows, cols),
         }
+    }
+
+    /// The calibration-free error `||D - D^||^2` of this recipe applied without a Hessian (RTN,
+    /// magnitude pruning, sign), for RTN's size budget.
+    fn plain_error(&self, d: &[f32], rows: usize, cols: usize) -> Result<f64> {
+        let d_hat = match self {
+            Candidate::Quant(q) => {
+                if q.sparsity == Sparsity::TwoFour && !cols.is_multiple_of(4) {
+                    return Ok(f64::INFINITY);
+                }
+                rtn(d, rows, cols, q)?.dequantize()
+            }
+            Candidate::Sign => sign1(d, rows, cols)?.dequantize(),
+            Candidate::Zero => vec![0.0; d.len()],
+        };
+        Ok(d.iter()
+            .zip(&d_hat)
+            .map(|(a, b)| ((a - b) as f64).powi(2))
+            .sum())
     }
 }
 
-/// Candidate recipes for `--target-ratio`: 1-bit sign, then 2/3/4/8 bits dense or 2:4.
+/// Candidate recipes for `--target-ratio`: no delta, 1-bit sign, then 2/3/4/8 bits dense or 2:4.
 fn candidates(base: &QuantConfig) -> Vec<Candidate> {
     let mk = |bits, sparsity| {
         Candidate::Quant(QuantConfig {
@@ -904,6 +957,7 @@ fn candidates(base: &QuantConfig) -> Vec<Candidate> {
         })
     };
     vec![
+        Candidate::Zero,
         Candidate::Sign,
         mk(2, Sparsity::TwoFour),
         mk(3, Sparsity::TwoFour),
@@ -974,11 +1028,61 @@ fn allocate(
     let budget = (bf16_bytes as f64 / ratio) as u64;
     let linear_budget = budget.saturating_sub(fixed);
 
+    if fixed >= budget {
+        return Err(Error::InvalidConfig(format!(
+            "target ratio {ratio} is out of reach: embeddings and norms alone take {fixed} bytes, more than \
+             the budget of {budget}; lower --target-ratio or --embed-bits"
+        )));
+    }
+
+    // Per tensor: (bytes, error) per candidate.
+    let mut table: BTreeMap<String, Vec<(u64, f64)>> = BTreeMap::new();
+    if opts.method == Method::Rtn {
+        // The calibration-free baseline: errors are plain squared Frobenius norms (H = I).
+        let names: Vec<&String> = plan.linear.iter().collect();
+        progress.phase("measure", names.len());
+        for chunk in names.chunks(rayon::current_num_threads().max(1) * 2) {
+            let rows: Vec<(String, Vec<(u64, f64)>)> = chunk
+                .par_iter()
+                .map(|n| {
+                    let (rows, cols) = matrix(&shape_of(fm, n)?);
+                    let (_, d, _) = delta_of(bm, fm, n)?;
+                    let zero = d.iter().all(|&v| v == 0.0);
+                    let per = cands
+                        .iter()
+                        .map(|c| {
+                            let bytes = c.bytes(rows, cols)?;
+                            Ok((
+                                bytes,
+                                if zero {
+                                    0.0
+                                } else {
+                                    c.plain_error(&d, rows, cols)?
+                                },
+                            ))
+                        })
+                        .collect::<Result<Vec<_>>>()?;
+                    Ok(((*n).clone(), per))
+                })
+                .collect::<Result<_>>()?;
+            for (n, _) in &rows {
+                progress.step(n);
+            }
+            table.extend(rows);
+        }
+        return choose(
+            &table,
+            &cands,
+            fixed,
+            linear_budget,
+            ratio,
+            bf16_bytes,
+            progress,
+        );
+    }
     let mut model = load_model(fm, &opts.device)?;
     let arch = fm.arch().clone();
     progress.phase("measure", 4 * arch.num_layers);
-    // Per tensor: (bytes, error) per candidate.
-    let mut table: BTreeMap<String, Vec<(u64, f64)>> = BTreeMap::new();
     calibrate::calibrate(
         &mut model,
         samples,
@@ -1011,7 +1115,27 @@ fn allocate(
         },
         |p| progress.step(&format!("layer {} group {}/4", p.layer, p.group + 1)),
     )?;
+    choose(
+        &table,
+        &cands,
+        fixed,
+        linear_budget,
+        ratio,
+        bf16_bytes,
+        progress,
+    )
+}
 
+/// The allocation proper: from each tensor's (bytes, error) per candidate, one candidate per tensor.
+fn choose(
+    table: &BTreeMap<String, Vec<(u64, f64)>>,
+    cands: &[Candidate],
+    fixed: u64,
+    linear_budget: u64,
+    ratio: f64,
+    bf16_bytes: u64,
+    progress: &mut dyn Progress,
+) -> Result<(BTreeMap<String, Candidate>, String)> {
     let min_total: u64 = table
         .values()
         .map(|c| c.iter().map(|x| x.0).min().unwrap_or(0))
@@ -1029,7 +1153,7 @@ fn allocate(
     let pick = |lambda: f64| -> (u64, BTreeMap<String, usize>) {
         let mut total = 0;
         let mut choice = BTreeMap::new();
-        for (n, c) in &table {
+        for (n, c) in table {
             let (i, (b, _)) = c
                 .iter()
                 .enumerate()

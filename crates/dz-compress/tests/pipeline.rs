@@ -430,6 +430,59 @@ fn target_ratio_meets_its_budget_and_mixes_recipes() {
 }
 
 #[test]
+fn target_ratio_with_rtn_and_below_one_bit_per_weight() {
+    let (dir, fam) = family(&TinySpec::llama(), 1);
+    // RTN takes a size budget too: recipes chosen by their plain (uncalibrated) error.
+    let out = dir.path().join("rtn.dz");
+    let mut o = opts(Method::Rtn, 4, Sparsity::TwoFour, &fam.calib_text);
+    o.embed_bits = 4;
+    o.target_ratio = Some(3.2);
+    let r = compress(&fam, 0, &o, &out);
+    assert!(r.ratio() >= 3.2, "ratio {:.3}", r.ratio());
+    let f = DeltaFile::open(&out).unwrap();
+    assert_eq!(f.manifest().recipe.method, "rtn-mixed");
+    check_merge(&fam, 0, &out, 1.0);
+
+    // A budget below what 1-bit sign everywhere takes: the allocation drops the deltas that matter least
+    // (stored as `zero`: those weights stay the base's) instead of refusing.
+    let est_sign = {
+        let mut s = opts(Method::Sign, 4, Sparsity::None, &fam.calib_text);
+        s.embed_bits = 2;
+        pipeline::estimate(&fam.base, &fam.finetunes[0], &s)
+            .unwrap()
+            .ratio()
+    };
+    let out = dir.path().join("deep.dz");
+    let mut o = opts(Method::Obs, 4, Sparsity::TwoFour, &fam.calib_text);
+    o.embed_bits = 2;
+    o.target_ratio = Some(est_sign * 1.1);
+    let r = compress(&fam, 0, &o, &out);
+    assert!(
+        r.ratio() >= est_sign * 1.1,
+        "ratio {:.3} vs sign-only {est_sign:.3}",
+        r.ratio()
+    );
+    let f = DeltaFile::open(&out).unwrap();
+    let mix = f.manifest().recipe.extra["allocation"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(mix.contains("dropped"), "{mix}");
+    let dropped = r
+        .tensors
+        .iter()
+        .filter(|t| t.role == Role::Linear && t.codec == "zero")
+        .count();
+    assert!(dropped > 0, "{mix}");
+    // A dropped delta is reported as wholly lost, and the merge keeps the base's weights there.
+    assert!(r
+        .tensors
+        .iter()
+        .filter(|t| t.role == Role::Linear && t.codec == "zero")
+        .all(|t| (t.frobenius_error - 1.0).abs() < 1e-9));
+}
+
+#[test]
 fn merge_refuses_a_delta_for_another_base() {
     let (dir, fam) = family(&TinySpec::llama(), 1);
     let out = dir.path().join("a.dz");
