@@ -17,12 +17,12 @@
 # Every call ends by writing the report of what is finished so far to $OUT (quality.md, quality.json,
 # quality.png, finetunes.json, device_run.log, logs/).
 #
-# Stages: base (setup.py, ~15 s) -> fine-tunes (one at a time on the GPU, each <= FT_MAX_S of training)
+# Stages: base (setup.py, ~15 s) -> fine-tunes (FT_PARALLEL=2 at a time on the GPU, each <= FT_MAX_S of training)
 # -> bench jobs (one per fine-tune x recipe, both methods; DZ_JOBS at a time, started as soon as their
 # fine-tune exists, so they overlap the next fine-tune) -> report.
 #
 # Environment: DZ_WORK, DZ_BUDGET_S, DZ_JOBS (4), DZ_DOMAINS ("py_stdlib pydocs kjv gcide"),
-# FT_MAX_S (150), FT_STEPS (800), FT_LR (1e-4), DZ_SAMPLES (64), DZ_SEQ_LEN (512), DZ_EVAL_WINDOWS (32),
+# DZ_DEVICE (cuda), FT_PARALLEL (2), FT_MAX_S (150), FT_STEPS (800), FT_LR (1e-4), FT_BATCH (16), FT_SEQ_LEN (1024), DZ_SAMPLES (64), DZ_SEQ_LEN (512), DZ_EVAL_WINDOWS (32),
 # DZ_EVAL_SEQ_LEN (512), DZ_RECIPES ("t10 t16 2b50 4b24 2b24 8b sign").
 set -uo pipefail
 T0=$(date +%s)
@@ -114,8 +114,8 @@ finetune() {
     if ((l < 60)); then say "fine-tune $d: not started, $l s left in this call"; return 1; fi
     say "fine-tune $d: starting"
     timeout --signal=KILL "$l" python3 bench/quality/finetune.py --base "$W/base" --text "$W/corpora/$d.txt" \
-        --out "$W/ft/$d" --train-text "$W/corpora/$d.train.txt" --device cuda \
-        --steps "${FT_STEPS:-800}" --lr "${FT_LR:-1e-4}" --max-seconds "${FT_MAX_S:-150}" \
+        --out "$W/ft/$d" --train-text "$W/corpora/$d.train.txt" --device "${DZ_DEVICE:-cuda}" \
+        --batch "${FT_BATCH:-16}" --seq-len "${FT_SEQ_LEN:-1024}" --steps "${FT_STEPS:-800}" --lr "${FT_LR:-1e-4}" --max-seconds "${FT_MAX_S:-150}" \
         --eval-windows "${DZ_EVAL_WINDOWS:-32}" --eval-seq-len "${DZ_EVAL_SEQ_LEN:-512}" \
         > "$W/logs/finetune-$d.log" 2>&1
     local rc=$?
@@ -143,7 +143,7 @@ bench_job() {
     RAYON_NUM_THREADS=$(($(nproc) / JOBS)) timeout --signal=KILL "$l" nice -n 5 "$DZ" bench quality \
         --base "$W/base" --finetuned "$d=$W/ft/$d" --domain-text "$d=$W/corpora/$d.txt" \
         --general-text "$W/corpora/$g.txt" --calib "$W/corpora/$d.train.txt" \
-        --recipes "$r" --methods obs,rtn --device cuda \
+        --recipes "$r" --methods obs,rtn --device "${DZ_DEVICE:-cuda}" \
         --samples "${DZ_SAMPLES:-64}" --seq-len "${DZ_SEQ_LEN:-512}" \
         --eval-windows "${DZ_EVAL_WINDOWS:-32}" --eval-seq-len "${DZ_EVAL_SEQ_LEN:-512}" \
         --workdir "$W/work/$d-$r" --results "$stem.tmp" > "$W/logs/bench-$d-$r.log" 2>&1
@@ -159,11 +159,17 @@ bench_job() {
     fi
 }
 export -f bench_job left say general_of
-export W DZ DEADLINE T0 JOBS DZ_SAMPLES DZ_SEQ_LEN DZ_EVAL_WINDOWS DZ_EVAL_SEQ_LEN
+export W DZ DEADLINE T0 JOBS DZ_DEVICE DZ_SAMPLES DZ_SEQ_LEN DZ_EVAL_WINDOWS DZ_EVAL_SEQ_LEN
 
+# FT_PARALLEL chains of fine-tunes share the GPU (a 135M model leaves an H200 mostly idle).
 rm -f "$W/ft.finished"
 (
-    for d in $DOMAINS; do finetune "$d"; done
+    doms=($DOMAINS)
+    n=${FT_PARALLEL:-2}
+    for ((c = 0; c < n; c++)); do
+        (for ((i = c; i < ${#doms[@]}; i += n)); do finetune "${doms[$i]}"; done) &
+    done
+    wait
     touch "$W/ft.finished"
 ) &
 FT_PID=$!
