@@ -246,3 +246,88 @@ fn bad_files_give_one_line_errors() {
     ]);
     assert!(String::from_utf8_lossy(&o.stderr).contains("sparsity"));
 }
+
+#[test]
+fn bench_quality_rows_carry_the_report_fields() {
+    let dir = tempfile::tempdir().unwrap();
+    // 128 wide, so that the default group of 128 fits every tensor.
+    let spec = TinySpec {
+        hidden: 128,
+        ffn: 256,
+        ..TinySpec::llama()
+    };
+    let fam = fixtures::write_family(&dir.path().join("fam"), &spec, 1).unwrap();
+    let stem = dir.path().join("q");
+    ok(&deltazip(&[
+        "bench",
+        "quality",
+        "--base",
+        s(&fam.base),
+        "--finetuned",
+        &format!("ft={}", s(&fam.finetunes[0])),
+        "--domain-text",
+        &format!("ft={}", s(&fam.calib_text)),
+        "--general-text",
+        s(&fam.calib_text),
+        "--calib",
+        s(&fam.calib_text),
+        "--recipes",
+        "4b24,t2",
+        "--methods",
+        "obs,rtn",
+        "--samples",
+        "8",
+        "--seq-len",
+        "32",
+        "--eval-windows",
+        "2",
+        "--eval-seq-len",
+        "32",
+        "--results",
+        s(&stem),
+    ]));
+    let j: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(stem.with_extension("json")).unwrap())
+            .unwrap();
+    let rows = j["rows"].as_array().unwrap();
+    // The fine-tune itself, then 4b24 and t2, each with obs and rtn (a target ratio takes rtn too).
+    let got: Vec<(String, String)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r["recipe"].as_str().unwrap().to_string(),
+                r["method"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let want = [
+        ("finetune", "-"),
+        ("4b24", "obs"),
+        ("4b24", "rtn"),
+        ("t2", "obs"),
+        ("t2", "rtn"),
+    ];
+    assert_eq!(
+        got,
+        want.map(|(a, b)| (a.to_string(), b.to_string())).to_vec()
+    );
+    for r in rows {
+        assert!(r.get("error").is_none(), "{r}");
+        for k in [
+            "finetune",
+            "recipe",
+            "method",
+            "ratio",
+            "gain_kept",
+            "ppl_domain",
+            "ppl_general",
+            "kl",
+            "seconds",
+        ] {
+            assert!(r.get(k).is_some_and(|v| !v.is_null()), "{k} missing in {r}");
+        }
+    }
+    for r in &rows[3..] {
+        assert!(r["ratio"].as_f64().unwrap() >= 2.0, "{r}");
+    }
+}

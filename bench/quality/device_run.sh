@@ -60,8 +60,10 @@ if [[ $# -ge 1 && -d "$1" ]]; then
         cp -f "$f" "$W/in/" && say "stashed $(basename "$f") ($(wc -c < "$f") bytes)"
     done
 fi
+# xz through Python's lzma: the machine may lack xz-utils.
+unxz_to() { python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' "$1" "$2"; }
 if [[ -f $W/in/deltazip.xz && ! -x $W/in/deltazip ]]; then
-    xz -dc "$W/in/deltazip.xz" > "$W/in/deltazip.tmp" && chmod +x "$W/in/deltazip.tmp" && mv "$W/in/deltazip.tmp" "$W/in/deltazip"
+    unxz_to "$W/in/deltazip.xz" "$W/in/deltazip.tmp" && chmod +x "$W/in/deltazip.tmp" && mv "$W/in/deltazip.tmp" "$W/in/deltazip"
 fi
 [[ -f $W/in/deltazip ]] && chmod +x "$W/in/deltazip"
 missing=()
@@ -96,7 +98,7 @@ stage_base() {
         python3 -m pip install -q --no-index --no-deps --target "$W/site" "$W"/in/gguf-*.whl || return 1
     fi
     if [[ ! -f $W/corpora/gcide.txt ]]; then
-        mkdir -p "$W/corpora" && tar -C "$W/corpora" -xJf "$W/in/corpora.tar.xz" || return 1
+        mkdir -p "$W/corpora" && python3 -m tarfile -e "$W/in/corpora.tar.xz" "$W/corpora" || return 1
     fi
     if [[ ! -f $W/base/model.safetensors ]]; then
         PYTHONPATH=$W/site python3 bench/smollm2/setup.py --out "$W/base" --gguf "$W/smollm2.gguf" \
