@@ -1,6 +1,7 @@
 """Merges `deltazip bench quality` results (one JSON per fine-tune x recipe, or any number of them) into
 one report: STEM.md (a table per fine-tune), STEM.json (a list of row objects) and STEM.png (gain kept vs
-compression ratio, one line per method, one panel per fine-tune; skipped without matplotlib).
+compression ratio, one line per method, one panel per fine-tune) and STEM-kl.png (KL to the fine-tune vs
+ratio); plots are skipped without matplotlib.
 
     python3 bench/quality/report.py --results DIR_OR_FILES... [--finetunes FT_ROOT] --out STEM
 
@@ -97,11 +98,12 @@ def markdown(metas, rows, fts, expected):
     return "\n".join(lines) + "\n"
 
 
-def plot(rows, path):
+def plot(rows, path, key="gain_kept", label="gain kept (%)", scale=100.0, log_y=False):
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import NullFormatter, ScalarFormatter
     except ImportError:
         print("matplotlib not installed: no plot", file=sys.stderr)
         return
@@ -112,18 +114,25 @@ def plot(rows, path):
     nrows = (len(names) + cols - 1) // cols
     fig, axes = plt.subplots(nrows, cols, figsize=(6 * cols, 4.2 * nrows), squeeze=False)
     for ax, name in zip(axes.flat, names):
-        pts = [r for r in rows if r["finetune"] == name and r["recipe"] != "finetune" and "error" not in r]
+        pts = [r for r in rows if r["finetune"] == name and r["recipe"] != "finetune" and "error" not in r
+               and isinstance(r.get(key), (int, float)) and isinstance(r.get("ratio"), (int, float))]
         for method in sorted({r["method"] for r in pts}):
-            p = sorted((r["ratio"], 100 * r["gain_kept"], r["recipe"]) for r in pts if r["method"] == method)
+            p = sorted((r["ratio"], scale * r[key], r["recipe"]) for r in pts if r["method"] == method)
             ax.plot([x for x, _, _ in p], [y for _, y, _ in p], marker="o", label=method)
             for x, y, rec in p:
                 ax.annotate(rec, (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7)
-        ax.axhline(100, color="gray", lw=0.8, ls="--")
-        ax.axhline(99, color="gray", lw=0.5, ls=":")
+        if key == "gain_kept":
+            ax.axhline(100, color="gray", lw=0.8, ls="--")
+            ax.axhline(99, color="gray", lw=0.5, ls=":")
         ax.set_xscale("log")
+        ax.set_xticks([2, 4, 8, 16, 32])
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        if log_y:
+            ax.set_yscale("log")
         ax.set_title(name)
         ax.set_xlabel("compression ratio vs bf16 fine-tune (x, whole model)")
-        ax.set_ylabel("gain kept (%)")
+        ax.set_ylabel(label)
         ax.legend()
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(names):]:
@@ -157,6 +166,7 @@ def main():
             json.dump(fts, fh, indent=1)
     print(f"wrote {a.out}.md and {a.out}.json: {len(rows)} rows")
     plot(rows, a.out + ".png")
+    plot(rows, a.out + "-kl.png", key="kl", label="KL(fine-tune || compressed), nats/token", scale=1.0, log_y=True)
 
 
 if __name__ == "__main__":
