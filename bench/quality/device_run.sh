@@ -22,7 +22,7 @@
 # fine-tune exists, so they overlap the next fine-tune) -> report.
 #
 # Environment: DZ_WORK, DZ_BUDGET_S, DZ_JOBS (4), DZ_DOMAINS ("py_stdlib pydocs kjv gcide"),
-# DZ_DEVICE (cuda), FT_PARALLEL (2), FT_MAX_S (150), FT_STEPS (800), FT_LR (1e-4), FT_BATCH (16), FT_SEQ_LEN (1024), DZ_SAMPLES (64), DZ_SEQ_LEN (512), DZ_EVAL_WINDOWS (32),
+# DZ_DEVICE (cuda), FT_PARALLEL (2), FT_MAX_S (150), FT_STEPS (800), FT_LR (2e-4), FT_BATCH (16), FT_SEQ_LEN (1024), DZ_SAMPLES (64), DZ_SEQ_LEN (512), DZ_EVAL_WINDOWS (32),
 # DZ_EVAL_SEQ_LEN (512), DZ_RECIPES ("t10 t16 2b50 4b24 2b24 8b sign").
 set -uo pipefail
 T0=$(date +%s)
@@ -117,7 +117,7 @@ finetune() {
     say "fine-tune $d: starting"
     timeout --signal=KILL "$l" python3 bench/quality/finetune.py --base "$W/base" --text "$W/corpora/$d.txt" \
         --out "$W/ft/$d" --train-text "$W/corpora/$d.train.txt" --device "${DZ_DEVICE:-cuda}" \
-        --batch "${FT_BATCH:-16}" --seq-len "${FT_SEQ_LEN:-1024}" --steps "${FT_STEPS:-800}" --lr "${FT_LR:-1e-4}" --max-seconds "${FT_MAX_S:-150}" \
+        --batch "${FT_BATCH:-16}" --seq-len "${FT_SEQ_LEN:-1024}" --steps "${FT_STEPS:-800}" --lr "${FT_LR:-2e-4}" --max-seconds "${FT_MAX_S:-150}" \
         --eval-windows "${DZ_EVAL_WINDOWS:-32}" --eval-seq-len "${DZ_EVAL_SEQ_LEN:-512}" \
         > "$W/logs/finetune-$d.log" 2>&1
     local rc=$?

@@ -15,8 +15,8 @@ by `--stop-drop` (default 30%), or at `--max-seconds`. Exit status 0 when the fi
 
 Output: FT_DIR/{model.safetensors (f32, the same tensor names as the base: no lm_head for tied
 embeddings), config.json and tokenizer.json (copied from the base), finetune.json (settings, the
-perplexities, the loss curve, timings)}. With `--train-text FILE` it also writes the training part of the
-text (everything before the first held-out token) to FILE, for calibration.
+perplexities, the loss curve, timings)}. With `--train-text FILE` it also writes calibration text to FILE:
+`--calib-slices` evenly spaced slices of `--calib-slice-chars` from the training part (never held-out text).
 
 Needs torch, transformers (LlamaForCausalLM), safetensors, tokenizers. `--tiny` replaces the base's
 weights by a 2-layer random model of the same vocabulary, to check the script on a CPU in seconds.
@@ -89,7 +89,7 @@ def main():
     ap.add_argument("--steps", type=int, default=800, help="cosine schedule length (most steps run)")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=1024)
-    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--min-lr-frac", type=float, default=0.1)
     ap.add_argument("--warmup", type=int, default=30)
     ap.add_argument("--weight-decay", type=float, default=0.01)
@@ -100,7 +100,9 @@ def main():
     ap.add_argument("--target-drop", type=float, default=0.25)
     ap.add_argument("--stop-drop", type=float, default=0.30)
     ap.add_argument("--max-seconds", type=float, default=150.0)
-    ap.add_argument("--train-text", help="write the training part of the text here")
+    ap.add_argument("--train-text", help="write calibration text from the training part here")
+    ap.add_argument("--calib-slices", type=int, default=128)
+    ap.add_argument("--calib-slice-chars", type=int, default=4096)
     ap.add_argument("--tiny", action="store_true", help="2-layer random model: a CPU smoke test of the script")
     a = ap.parse_args()
 
@@ -122,9 +124,17 @@ def main():
     log(f"{a.text}: {len(ids)} tokens, {len(train)} for training, {len(held)} held out "
         f"({time.time() - t_start:.1f}s to tokenize)")
     if a.train_text:
-        cut = enc.offsets[split][0]
+        # Calibration text: `calib_slices` evenly spaced slices of the training part, each from a line start
+        # to a line end (deltazip cuts its calibration windows evenly from it; a small file tokenizes fast).
+        train_chars = text[: enc.offsets[split][0]]
+        n, size = a.calib_slices, a.calib_slice_chars
+        parts = []
+        for i in range(n):
+            start = train_chars.rfind("\n", 0, i * len(train_chars) // n) + 1
+            end = train_chars.rfind("\n", start, start + size) + 1
+            parts.append(train_chars[start:end] if end > start else train_chars[start : start + size])
         with open(a.train_text + ".tmp", "w", encoding="utf-8") as fh:
-            fh.write(text[:cut])
+            fh.write("".join(parts) if n * size < len(train_chars) else train_chars)
         os.replace(a.train_text + ".tmp", a.train_text)
 
     model, cfg = load_model(a.base, device, a.tiny)
