@@ -112,8 +112,9 @@ stage_base || { say "stage base failed"; exit 1; }
 finetune() {
     local d=$1 t=$(date +%s)
     [[ -f $W/ft/$d/finetune.json ]] && return 0
-    local l=$(left)
-    if ((l < 60)); then say "fine-tune $d: not started, $l s left in this call"; return 1; fi
+    # Start only with time for the whole run (tokenize, train, evaluate, save) left in this call.
+    local l=$(left) need=$((${FT_MAX_S:-150} + 50))
+    if ((l < need)); then say "fine-tune $d: not started, $l s left in this call (needs $need)"; return 1; fi
     say "fine-tune $d: starting"
     timeout --signal=KILL "$l" python3 bench/quality/finetune.py --base "$W/base" --text "$W/corpora/$d.txt" \
         --out "$W/ft/$d" --train-text "$W/corpora/$d.train.txt" --device "${DZ_DEVICE:-cuda}" \
