@@ -425,6 +425,23 @@ fn summarize(tensors: &[TensorReport]) -> (serde_json::Value, serde_json::Value)
     (serde_json::json!(codecs), serde_json::json!(roles))
 }
 
+/// The `n` tensors with the largest relative error (calibrated where measured, else Frobenius): where a
+/// delta loses most.
+fn worst_tensors(tensors: &[TensorReport], n: usize) -> serde_json::Value {
+    let err = |t: &TensorReport| t.calibrated_error.unwrap_or(t.frobenius_error);
+    let mut v: Vec<&TensorReport> = tensors.iter().collect();
+    v.sort_by(|a, b| err(b).total_cmp(&err(a)));
+    v.iter()
+        .take(n)
+        .map(|t| {
+            serde_json::json!({
+                "name": t.name, "codec": t.codec, "calibrated_error": t.calibrated_error,
+                "frobenius_error": t.frobenius_error,
+            })
+        })
+        .collect()
+}
+
 /// `NAME=VALUE` or `VALUE` (named after the value's last path component).
 fn named(s: &str) -> (String, PathBuf) {
     match s.split_once('=') {
@@ -559,6 +576,7 @@ pub fn run_quality(args: &BenchQualityArgs) -> Result<String> {
                     "bf16_bytes": report.bf16_bytes, "embed_bits": o.embed_bits,
                     "ppl_domain": pc_d, "ppl_general": pc_g, "gain_kept": kept, "kl": kl,
                     "seconds": secs, "codecs": codecs, "bytes_by_role": bytes_by_role,
+                    "worst_tensors": worst_tensors(&report.tensors, 8),
                 }));
                 let _ = std::fs::remove_file(&out);
             }
