@@ -36,7 +36,7 @@ DOMAINS=${DZ_DOMAINS:-"py_stdlib pydocs kjv gcide"}
 RECIPES=${DZ_RECIPES:-"t10 t16 2b50 4b24 2b24 8b sign"}
 GGUF_BYTES=98362432
 GGUF_SHA256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
-mkdir -p "$W/in" "$W/ft" "$W/res" "$W/logs" "$OUTDIR"
+mkdir -p "$W/in" "$W/ft" "$W/res" "$W/partial" "$W/logs" "$OUTDIR"
 LOG=$W/device_run.log
 exec > >(tee -a "$LOG") 2>&1
 
@@ -149,12 +149,13 @@ bench_job() {
         --recipes "$r" --methods obs,rtn --device "${DZ_DEVICE:-cuda}" \
         --samples "${DZ_SAMPLES:-64}" --seq-len "${DZ_SEQ_LEN:-512}" \
         --eval-windows "${DZ_EVAL_WINDOWS:-32}" --eval-seq-len "${DZ_EVAL_SEQ_LEN:-512}" \
-        --workdir "$W/work/$d-$r" --results "$stem.tmp" > "$W/logs/bench-$d-$r.log" 2>&1
+        --workdir "$W/work/$d-$r" --results "$W/partial/$d-$r" > "$W/logs/bench-$d-$r.log" 2>&1
     local rc=$?
     rm -rf "$W/work/$d-$r"
-    if [[ $rc -eq 0 && -f $stem.tmp.json ]]; then
-        mv "$stem.tmp.md" "$stem.md"
-        mv "$stem.tmp.json" "$stem.json"
+    # Written next to each other in partial/, then moved: res/ only ever holds finished jobs.
+    if [[ $rc -eq 0 && -f $W/partial/$d-$r.json ]]; then
+        mv "$W/partial/$d-$r.md" "$stem.md"
+        mv "$W/partial/$d-$r.json" "$stem.json"
         say "bench $d $r done ($(($(date +%s) - t))s): $(grep -c '"recipe"' "$stem.json") rows"
     else
         say "bench $d $r stopped (rc $rc, $(($(date +%s) - t))s); see logs/bench-$d-$r.log"
@@ -182,7 +183,7 @@ printf '%s\n' "${jobs_list[@]}" | xargs -P "$JOBS" -L 1 bash -c 'bench_job "$0" 
 wait "$FT_PID"
 
 # --- report -------------------------------------------------------------------------------------------------
-done_jobs=$(ls "$W"/res/*.json 2> /dev/null | grep -vc '\.tmp\.json$')
+done_jobs=$(ls "$W"/res/*.json 2> /dev/null | wc -l)
 say "$done_jobs of ${#jobs_list[@]} bench jobs finished"
 mkdir -p "$OUTDIR/logs"
 cp -f "$W"/logs/*.log "$OUTDIR/logs/" 2> /dev/null
