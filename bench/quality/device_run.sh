@@ -95,7 +95,8 @@ stage_base() {
         mv "$W/smollm2.gguf.tmp" "$W/smollm2.gguf"
     fi
     if [[ ! -d $W/site/gguf ]]; then
-        python3 -m pip install -q --no-index --no-deps --target "$W/site" "$W"/in/gguf-*.whl || return 1
+        # A pure-Python wheel is a zip: unpacked, it is importable (no pip needed).
+        python3 -m zipfile -e "$(ls "$W"/in/gguf-*.whl | head -n 1)" "$W/site" || return 1
     fi
     if [[ ! -f $W/corpora/gcide.txt ]]; then
         mkdir -p "$W/corpora" && python3 -m tarfile -e "$W/in/corpora.tar.xz" "$W/corpora" || return 1
