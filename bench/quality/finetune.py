@@ -3,14 +3,17 @@
     python3 bench/quality/finetune.py --base BASE_DIR --text py_stdlib.txt --out FT_DIR [--device cuda]
 
 The text is tokenized whole with the base's tokenizer.json (no special tokens, as `deltazip eval` does);
-the first 90% of the tokens is training data, the last 10% is held out. Held-out perplexity is measured
+the first 85% of the tokens is training data, the next 5% validation (early stopping), the last 10% is held
+out (the evaluation text, never used for a decision). Held-out perplexity is measured
 exactly as `deltazip bench quality` measures it: the first `--eval-windows` non-overlapping windows of
 `--eval-seq-len` tokens of the held-out part, mean NLL over every predicted position.
 
 Training: f32 master weights, bf16 autocast, AdamW (betas 0.9/0.95, weight decay 0.01), linear warmup then
 cosine decay over `--steps`, gradient clipping at 1.0, random training windows from a seeded generator.
-Every `--eval-every` steps the held-out perplexity is measured; training stops early once it has dropped
-by `--stop-drop` (default 30%), or at `--max-seconds`. Exit status 0 when the final drop is at least
+Every `--eval-every` steps the validation perplexity is measured; training stops once it has dropped by
+`--stop-drop` (default 30%), when it has not improved for `--patience` evaluations (overfitting: a short text
+seen for many epochs gets worse, as kjv and py_stdlib did in the first H200 run), or at `--max-seconds`; the
+weights of the best validation perplexity are the ones saved. Exit status 0 when the held-out drop is at least
 `--target-drop` (default 25%, the quality issue's bar), 2 when it is not (the model is saved either way).
 
 Output: FT_DIR/{model.safetensors (f32, the same tensor names as the base: no lm_head for tied
@@ -99,6 +102,7 @@ def main():
     ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--target-drop", type=float, default=0.25)
     ap.add_argument("--stop-drop", type=float, default=0.30)
+    ap.add_argument("--patience", type=int, default=2, help="evaluations without a better validation ppl")
     ap.add_argument("--max-seconds", type=float, default=150.0)
     ap.add_argument("--train-text", help="write calibration text from the training part here")
     ap.add_argument("--calib-slices", type=int, default=128)
@@ -120,13 +124,14 @@ def main():
     enc = tok.encode(text, add_special_tokens=False)
     ids = torch.tensor(enc.ids, dtype=torch.long)
     split = len(ids) - len(ids) // 10  # deltazip's held_out(): the last len/10 tokens
-    train, held = ids[:split], ids[split:]
-    log(f"{a.text}: {len(ids)} tokens, {len(train)} for training, {len(held)} held out "
+    vsplit = split - len(ids) // 20  # validation: the 5% before the held-out part
+    train, val, held = ids[:vsplit], ids[vsplit:split], ids[split:]
+    log(f"{a.text}: {len(ids)} tokens, {len(train)} for training, {len(val)} validation, {len(held)} held out "
         f"({time.time() - t_start:.1f}s to tokenize)")
     if a.train_text:
         # Calibration text: `calib_slices` evenly spaced slices of the training part, each from a line start
         # to a line end (deltazip cuts its calibration windows evenly from it; a small file tokenizes fast).
-        train_chars = text[: enc.offsets[split][0]]
+        train_chars = text[: enc.offsets[vsplit][0]]
         n, size = a.calib_slices, a.calib_slice_chars
         parts = []
         for i in range(n):
@@ -139,7 +144,9 @@ def main():
 
     model, cfg = load_model(a.base, device, a.tiny)
     ppl_before = held_out_ppl(model, held, a.eval_seq_len, a.eval_windows, device)
-    log(f"held-out perplexity before: {ppl_before:.3f} ({a.eval_windows} x {a.eval_seq_len} tokens)")
+    val_before = held_out_ppl(model, val, a.eval_seq_len, a.eval_windows, device)
+    log(f"perplexity before: held out {ppl_before:.3f}, validation {val_before:.3f} "
+        f"({a.eval_windows} x {a.eval_seq_len} tokens)")
 
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
@@ -155,10 +162,10 @@ def main():
 
     gen = torch.Generator().manual_seed(a.seed)
     amp = torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    losses, evals = [], [(0, ppl_before)]
+    losses, evals = [], [(0, val_before)]
     t_train = time.time()
     step, stop_reason = 0, "steps"
-    ppl_now = ppl_before
+    best_val, best_step, best_state, stale = val_before, 0, None, 0
     model.train()
     while step < a.steps:
         starts = torch.randint(0, len(train) - a.seq_len - 1, (a.batch,), generator=gen)
@@ -176,24 +183,38 @@ def main():
         if step % 10 == 0 or step == 1:
             losses.append((step, loss.item()))
         if step % a.eval_every == 0:
-            ppl_now = held_out_ppl(model, held, a.eval_seq_len, a.eval_windows, device)
-            evals.append((step, ppl_now))
+            v = held_out_ppl(model, val, a.eval_seq_len, a.eval_windows, device)
+            evals.append((step, v))
             el = time.time() - t_train
-            log(f"step {step}: loss {loss.item():.3f}, held-out ppl {ppl_now:.3f} "
-                f"({100 * (1 - ppl_now / ppl_before):.1f}% drop), {el:.0f}s, {el / step:.3f}s/step")
-            if 1 - ppl_now / ppl_before >= a.stop_drop:
-                stop_reason = f"drop >= {a.stop_drop}"
+            log(f"step {step}: loss {loss.item():.3f}, validation ppl {v:.3f} "
+                f"({100 * (1 - v / val_before):.1f}% drop), {el:.0f}s, {el / step:.3f}s/step")
+            if v < best_val:
+                best_val, best_step, stale = v, step, 0
+                best_state = {k: t.detach().to("cpu", copy=True) for k, t in model.state_dict().items()}
+            else:
+                stale += 1
+            if 1 - v / val_before >= a.stop_drop:
+                stop_reason = f"validation drop >= {a.stop_drop}"
+                break
+            if stale >= a.patience:
+                stop_reason = f"validation ppl not better for {a.patience} evaluations"
                 break
         if time.time() - t_train > a.max_seconds:
             stop_reason = f"{a.max_seconds}s"
             break
     train_s = time.time() - t_train
     if evals[-1][0] != step:
-        ppl_now = held_out_ppl(model, held, a.eval_seq_len, a.eval_windows, device)
-        evals.append((step, ppl_now))
+        v = held_out_ppl(model, val, a.eval_seq_len, a.eval_windows, device)
+        evals.append((step, v))
+        if v < best_val:
+            best_val, best_step, best_state = v, step, None  # the current weights are the best
+    if best_state is not None and best_step != step:
+        model.load_state_dict(best_state)
+        log(f"restored the weights of step {best_step} (best validation ppl {best_val:.3f})")
+    ppl_now = held_out_ppl(model, held, a.eval_seq_len, a.eval_windows, device)
     drop = 1 - ppl_now / ppl_before
     ok = drop >= a.target_drop
-    log(f"held-out perplexity after {step} steps ({stop_reason}, {train_s:.0f}s): {ppl_before:.3f} -> "
+    log(f"held-out perplexity after {step} steps, kept step {best_step} ({stop_reason}, {train_s:.0f}s): {ppl_before:.3f} -> "
         f"{ppl_now:.3f}, drop {100 * drop:.1f}% ({'>=' if ok else 'BELOW'} the {100 * a.target_drop:.0f}% target)")
 
     # Save: the base's tensor names exactly (a tied lm_head is the embedding: not stored), f32.
@@ -215,12 +236,13 @@ def main():
         shutil.copy(os.path.join(a.base, n), os.path.join(tmp, n))
     info = {
         "base": a.base, "text": a.text, "tokens": len(ids), "train_tokens": len(train), "held_out_tokens": len(held),
-        "steps": step, "stop": stop_reason, "batch": a.batch, "seq_len": a.seq_len, "lr": a.lr,
+        "steps": step, "kept_step": best_step, "stop": stop_reason, "val_tokens": len(val),
+        "val_before": val_before, "val_best": best_val, "batch": a.batch, "seq_len": a.seq_len, "lr": a.lr,
         "min_lr_frac": a.min_lr_frac, "warmup": a.warmup, "schedule_steps": a.steps,
         "weight_decay": a.weight_decay, "seed": a.seed, "precision": "f32 master weights, bf16 autocast",
         "eval_windows": a.eval_windows, "eval_seq_len": a.eval_seq_len,
         "ppl_before": ppl_before, "ppl_after": ppl_now, "drop": drop, "target_drop": a.target_drop, "ok": ok,
-        "evals": evals, "losses": losses, "train_seconds": train_s, "total_seconds": time.time() - t_start,
+        "evals": evals, "evals_of": "validation perplexity", "losses": losses, "train_seconds": train_s, "total_seconds": time.time() - t_start,
         "device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "torch": torch.__version__, "tiny": a.tiny,
     }
