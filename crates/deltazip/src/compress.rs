@@ -49,7 +49,8 @@ pub struct CompressArgs {
     #[arg(long, default_value_t = 4)]
     pub embed_bits: u8,
     /// Choose bits and sparsity per tensor so the file is R times smaller than the bf16 fine-tune,
-    /// minimising the total calibrated error (overrides --bits/--sparsity for linear layers).
+    /// minimising the total calibrated error (overrides --bits/--sparsity for linear layers). A file more
+    /// than 3% smaller than asked is redone with the budget it measured (at most three passes).
     #[arg(long, value_name = "R")]
     pub target_ratio: Option<f64>,
     /// Calibration text file (default: a built-in mix of English prose and Python).

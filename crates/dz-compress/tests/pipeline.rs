@@ -405,11 +405,14 @@ fn target_ratio_meets_its_budget_and_mixes_recipes() {
     let target = 3.2;
     o.target_ratio = Some(target);
     let r = compress(&fam, 0, &o, &out);
+    // At the target, and not far past it: a file that overshoots by more than 3% (the budget is set on
+    // bytes before zstd) gets another allocation with the budget the file measured (up to three passes).
     assert!(
-        r.ratio() >= target,
-        "ratio {:.3} below the target {target}",
+        r.ratio() >= target && r.ratio() <= target * 1.06,
+        "ratio {:.3} for the target {target}",
         r.ratio()
     );
+    assert!(!out.with_extension("dz.refine").exists());
     let f = DeltaFile::open(&out).unwrap();
     assert_eq!(f.manifest().recipe.method, "obs-mixed");
     assert!(f.manifest().recipe.extra.contains_key("allocation"));
