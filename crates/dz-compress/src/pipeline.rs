@@ -1191,26 +1191,7 @@ fn allocate(
         for chunk in names.chunks(rayon::current_num_threads().max(1) * 2) {
             let rows: Vec<(String, Vec<(u64, f64)>)> = chunk
                 .par_iter()
-                .map(|n| {
-                    let (rows, cols) = matrix(&shape_of(fm, n)?);
-                    let (_, d, _) = delta_of(bm, fm, n)?;
-                    let zero = d.iter().all(|&v| v == 0.0);
-                    let per = cands
-                        .iter()
-                        .map(|c| {
-                            let bytes = c.bytes(rows, cols)?;
-                            Ok((
-                                bytes,
-                                if zero {
-                                    0.0
-                                } else {
-                                    c.plain_error(&d, rows, cols)?
-                                },
-                            ))
-                        })
-                        .collect::<Result<Vec<_>>>()?;
-                    Ok(((*n).clone(), per))
-                })
+                .map(|n| measure_tensor(n, bm, fm, &cands, |c, d, r, k| c.plain_error(d, r, k)))
                 .collect::<Result<_>>()?;
             for (n, _) in &rows {
                 progress.step(n);
@@ -1236,25 +1217,9 @@ fn allocate(
         |_layer, names, h, _cols| {
             let rows: Vec<(String, Vec<(u64, f64)>)> = names
                 .par_iter()
-                .map(|n| {
-                    let shape = shape_of(fm, n)?;
-                    let (rows, cols) = matrix(&shape);
-                    let (_, d, _) = delta_of(bm, fm, n)?;
-                    let zero = d.iter().all(|&v| v == 0.0);
-                    let per = cands
-                        .iter()
-                        .map(|c| {
-                            let bytes = c.bytes(rows, cols)?;
-                            if zero {
-                                return Ok((bytes, 0.0));
-                            }
-                            // Absolute calibrated errors are output-space errors, comparable across
-                            // the layers of one model; relative ones would weigh every layer alike.
-                            Ok((bytes, c.error(&d, rows, cols, h, opts)?))
-                        })
-                        .collect::<Result<Vec<_>>>()?;
-                    Ok((n.clone(), per))
-                })
+                // Absolute calibrated errors are output-space errors, comparable across the layers of
+                // one model; relative ones would weigh every layer alike.
+                .map(|n| measure_tensor(n, bm, fm, &cands, |c, d, r, k| c.error(d, r, k, h, opts)))
                 .collect::<Result<_>>()?;
             table.extend(rows);
             Ok(Vec::new()) // measure only: the fine-tune's own weights stay
@@ -1269,6 +1234,27 @@ fn allocate(
         ratio,
         bf16_bytes,
     })
+}
+
+/// `(packed bytes, error)` of every candidate for linear tensor `n` (error 0 for a zero delta).
+fn measure_tensor(
+    n: &str,
+    bm: &HfModel,
+    fm: &HfModel,
+    cands: &[Candidate],
+    error: impl Fn(&Candidate, &[f32], usize, usize) -> Result<f64>,
+) -> Result<(String, Vec<(u64, f64)>)> {
+    let (rows, cols) = matrix(&shape_of(fm, n)?);
+    let (_, d, _) = delta_of(bm, fm, n)?;
+    let zero = d.iter().all(|&v| v == 0.0);
+    let per = cands
+        .iter()
+        .map(|c| {
+            let bytes = c.bytes(rows, cols)?;
+            Ok((bytes, if zero { 0.0 } else { error(c, &d, rows, cols)? }))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok((n.to_string(), per))
 }
 
 /// What the size budget measured: per linear tensor, (packed bytes before zstd, error) per candidate, and
