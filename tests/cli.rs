@@ -331,3 +331,61 @@ fn bench_quality_rows_carry_the_report_fields() {
         assert!(r["ratio"].as_f64().unwrap() >= 2.0, "{r}");
     }
 }
+
+#[test]
+fn run_generates_with_base_and_merged_fine_tune() {
+    let dir = tempfile::tempdir().unwrap();
+    let fam = fixtures::write_family(&dir.path().join("fam"), &TinySpec::llama(), 1).unwrap();
+    let delta = dir.path().join("ft.dz");
+    ok(&deltazip(&[
+        "compress",
+        "--base",
+        s(&fam.base),
+        "--finetuned",
+        s(&fam.finetunes[0]),
+        "--out",
+        s(&delta),
+        "--method",
+        "rtn",
+        "--bits",
+        "8",
+        "--sparsity",
+        "none",
+        "--group",
+        "32",
+    ]));
+    let config = dir.path().join("serve.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[base]\npath = {:?}\nname = \"tiny\"\n[[delta]]\nname = \"tiny-ft\"\npath = {:?}\nmode = \"merge\"\n",
+            s(&fam.base),
+            s(&delta)
+        ),
+    )
+    .unwrap();
+    let run = |model: &str| {
+        deltazip(&[
+            "run",
+            "--config",
+            s(&config),
+            "--model",
+            model,
+            "--prompt",
+            "The quick brown fox",
+            "--max-tokens",
+            "8",
+        ])
+    };
+    let ft = ok(&run("tiny-ft"));
+    let base = ok(&run("tiny"));
+    assert!(
+        !ft.trim().is_empty() && !base.trim().is_empty(),
+        "{ft:?} {base:?}"
+    );
+    let e = one_line_error(&run("nope"));
+    assert!(
+        e.contains("no model \"nope\"") && e.contains("tiny, tiny-ft"),
+        "{e}"
+    );
+}

@@ -6,8 +6,10 @@
 
 pub use dz_compress as compressor;
 pub use dz_format as format;
+pub use dz_loader as loader;
 
 pub mod bench;
 pub mod compress;
 pub mod demo;
 pub mod inspect;
+pub mod run;

@@ -29,6 +29,8 @@ enum Command {
     Eval(deltazip::compress::EvalArgs),
     /// Show what a delta file holds: manifest, per-tensor codec/shape/bytes, total size and ratio.
     Inspect(deltazip::inspect::InspectArgs),
+    /// Generate with one model of a config (the base or a fine-tune, merge mode) through mistral.rs.
+    Run(deltazip::run::RunArgs),
     /// Run the whole pipeline on a seeded tiny model family generated on the spot (no downloads).
     Demo(deltazip::demo::DemoArgs),
     /// Benchmarks whose results go to bench/results/.
@@ -50,6 +52,7 @@ fn main() -> ExitCode {
         Command::Eval(args) => deltazip::compress::run_eval(&args).map(|s| print!("{s}")),
         Command::Inspect(args) => deltazip::inspect::run(&args).map(|s| print!("{s}")),
         Command::Demo(args) => deltazip::demo::run(&args),
+        Command::Run(args) => deltazip::run::run(&args).map(|s| print!("{s}")),
         Command::Bench(deltazip::bench::BenchCommand::Compress(args)) => {
             deltazip::bench::run_compress(&args).map(|s| print!("{s}"))
         }

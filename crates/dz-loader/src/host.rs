@@ -1,0 +1,358 @@
+//! The host (mistral.rs) side: a local HF directory into a pipeline, pipelines into one engine per model,
+//! and greedy generation through the engine. Every mistral.rs API this crate relies on is called here
+//! (ARCHITECTURE.md lists them).
+
+use std::num::NonZeroUsize;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::Device;
+use mistralrs_core::{
+    AdapterPaths, AddModelConfig, Constraint, DefaultSchedulerMethod, DeviceMapSetting,
+    EngineConfig, LocalModelPaths, MistralRs, MistralRsBuilder, ModelDType, ModelPaths,
+    NormalLoaderBuilder, NormalRequest, NormalSpecificConfig, Pipeline, Request, RequestMessage,
+    Response, SamplingParams, SchedulerConfig,
+};
+use tokio::sync::Mutex;
+
+use crate::config::DtypeSpec;
+use crate::error::{Error, Result};
+
+/// A pipeline as the host hands it around.
+pub type SharedPipeline = Arc<Mutex<dyn Pipeline>>;
+
+fn host<E: std::fmt::Display>(e: E) -> Error {
+    Error::Host(e.to_string())
+}
+
+/// The host's dtype for ours.
+pub fn model_dtype(d: DtypeSpec) -> ModelDType {
+    match d {
+        DtypeSpec::Auto => ModelDType::Auto,
+        DtypeSpec::F32 => ModelDType::F32,
+        DtypeSpec::F16 => ModelDType::F16,
+        DtypeSpec::Bf16 => ModelDType::BF16,
+    }
+}
+
+/// The files of a local HF directory, as the host's `ModelPaths` (no hub access: every path is given):
+/// weights and `config.json` from `dir`, the tokenizer and the chat template and generation config
+/// (where present) from `aux` (the base's directory: a merged fine-tune shares them).
+pub fn local_paths(dir: &Path, aux: &Path) -> Result<LocalModelPaths<PathBuf>> {
+    let mut weights: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|source| Error::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    weights.sort();
+    if weights.is_empty() {
+        return Err(Error::Host(format!(
+            "{}: no *.safetensors files",
+            dir.display()
+        )));
+    }
+    let opt = |name: &str| Some(aux.join(name)).filter(|p| p.is_file());
+    Ok(LocalModelPaths {
+        tokenizer_filename: aux.join("tokenizer.json"),
+        config_filename: dir.join("config.json"),
+        template_filename: opt("tokenizer_config.json"),
+        filenames: weights,
+        adapter_paths: AdapterPaths::None,
+        gen_conf: opt("generation_config.json"),
+        preprocessor_config: None,
+        processor_config: None,
+        chat_template_json_filename: opt("chat_template.jinja"),
+    })
+}
+
+/// Loads a local HF directory through the host's normal (unquantized) loader, the architecture chosen
+/// by the host from `config.json`'s `architectures` (`aux`: see [`local_paths`]).
+pub fn load_pipeline(
+    dir: &Path,
+    aux: &Path,
+    dtype: DtypeSpec,
+    device: &Device,
+) -> Result<SharedPipeline> {
+    let model_id = dir.to_string_lossy().into_owned();
+    let loader = NormalLoaderBuilder::new(
+        NormalSpecificConfig::default(),
+        None,
+        None,
+        Some(model_id),
+        false,
+        None,
+    )
+    .build(None)
+    .map_err(host)?;
+    let paths: Box<dyn ModelPaths> = Box::new(local_paths(dir, aux)?);
+    let pipeline = loader
+        .load_model_from_path(
+            &paths,
+            &model_dtype(dtype),
+            device,
+            true,
+            DeviceMapSetting::dummy(),
+            None,
+            None,
+        )
+        .map_err(host)?;
+    Ok(pipeline)
+}
+
+/// How many sequences one engine batches.
+pub const DEFAULT_MAX_SEQS: usize = 32;
+
+/// Several models, one host engine each, reachable by name (the host's `MistralRs`), and a runtime to
+/// drive them from synchronous code.
+pub struct Engine {
+    runtime: tokio::runtime::Runtime,
+    mistralrs: Option<Arc<MistralRs>>,
+    max_seqs: NonZeroUsize,
+    no_kv_cache: bool,
+}
+
+/// One completion: the generated text and its tokens.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Generation {
+    /// The generated text (prompt excluded).
+    pub text: String,
+    /// Each generated token.
+    pub tokens: Vec<GeneratedToken>,
+}
+
+/// One generated token, with the model's [`TOP_LOGPROBS`] most likely tokens at its position.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GeneratedToken {
+    /// The token as the tokenizer spells it.
+    pub text: String,
+    /// Its score as the host reports it (under argmax decoding, mistral.rs 0.8.1 reports `log10` of the
+    /// raw logit, not a log-probability).
+    pub logprob: f32,
+    /// The most likely tokens at this position, `(id, score)`, most likely first (greedy decoding picked
+    /// the first).
+    pub top: Vec<(u32, f32)>,
+}
+
+/// How many of the most likely tokens [`Engine::generate`] reports per position.
+pub const TOP_LOGPROBS: usize = 3;
+
+impl Generation {
+    /// The tokens' spellings.
+    pub fn token_strings(&self) -> Vec<&str> {
+        self.tokens.iter().map(|t| t.text.as_str()).collect()
+    }
+
+    /// The generated token ids (each position's most likely token).
+    pub fn token_ids(&self) -> Vec<Option<u32>> {
+        self.tokens
+            .iter()
+            .map(|t| t.top.first().map(|&(id, _)| id))
+            .collect()
+    }
+}
+
+impl Engine {
+    /// An engine with no models yet; each model batches up to `max_seqs` sequences.
+    pub fn new(max_seqs: usize) -> Result<Self> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|source| Error::Io {
+                path: PathBuf::from("<tokio runtime>"),
+                source,
+            })?;
+        Ok(Self {
+            runtime,
+            mistralrs: None,
+            max_seqs: NonZeroUsize::new(max_seqs).unwrap_or(NonZeroUsize::MIN),
+            no_kv_cache: false,
+        })
+    }
+
+    /// Models added from now on recompute the whole sequence at every step instead of keeping a KV cache
+    /// (slow; for checking the cached path against the uncached one).
+    pub fn set_no_kv_cache(&mut self, no_kv_cache: bool) {
+        self.no_kv_cache = no_kv_cache;
+    }
+
+    fn scheduler(&self) -> SchedulerConfig {
+        SchedulerConfig::DefaultScheduler {
+            method: DefaultSchedulerMethod::Fixed(self.max_seqs),
+        }
+    }
+
+    /// Adds a model under `name` (the name requests use). The prefix cache is off: one engine per model
+    /// keeps KV per model, and generation is compared bit for bit in tests.
+    pub fn add(&mut self, name: &str, pipeline: SharedPipeline) -> Result<()> {
+        let scheduler = self.scheduler();
+        match &self.mistralrs {
+            None => {
+                let builder = MistralRsBuilder::new(pipeline, scheduler, false, None)
+                    .with_model_id(name)
+                    .with_no_prefix_cache(true)
+                    .with_no_kv_cache(self.no_kv_cache);
+                self.mistralrs = Some(self.runtime.block_on(builder.build()));
+                Ok(())
+            }
+            Some(m) => {
+                let config = AddModelConfig::new(EngineConfig {
+                    no_prefix_cache: true,
+                    no_kv_cache: self.no_kv_cache,
+                    throughput_logging_enabled: false,
+                    ..EngineConfig::default()
+                });
+                self.runtime
+                    .block_on(m.add_model(name.to_string(), pipeline, scheduler, config))
+                    .map_err(Error::Host)
+            }
+        }
+    }
+
+    /// Makes `alias` another name of model `model`: requests for it run on `model`'s engine, and the
+    /// patched host tags their batch rows with `alias` (multi-tenant mode's fine-tune names).
+    pub fn add_alias(&self, alias: &str, model: &str) -> Result<()> {
+        let m = self
+            .mistralrs
+            .as_ref()
+            .ok_or_else(|| Error::Host(format!("no model {model:?}: the engine is empty")))?;
+        m.register_model_alias(alias, model).map_err(host)
+    }
+
+    /// The names of the models the engine serves.
+    pub fn models(&self) -> Result<Vec<String>> {
+        match &self.mistralrs {
+            None => Ok(Vec::new()),
+            Some(m) => m.list_models().map_err(Error::Host),
+        }
+    }
+
+    fn request(
+        &self,
+        name: &str,
+        messages: RequestMessage,
+        max_tokens: usize,
+        raw_logits: bool,
+    ) -> Result<Response> {
+        let m = self
+            .mistralrs
+            .as_ref()
+            .ok_or_else(|| Error::Host(format!("no model {name:?}: the engine is empty")))?;
+        let sender = m.get_sender(Some(name)).map_err(host)?;
+        let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+        // Greedy decoding: top-k 1 (with no temperature the host 0.8.1 still samples; see ARCHITECTURE.md).
+        let mut sampling = SamplingParams::deterministic();
+        sampling.max_len = Some(max_tokens);
+        sampling.top_n_logprobs = TOP_LOGPROBS;
+        let request = NormalRequest {
+            messages,
+            sampling_params: sampling,
+            response: tx,
+            return_logprobs: !raw_logits,
+            is_streaming: false,
+            id: m.next_request_id(),
+            constraint: Constraint::None,
+            suffix: None,
+            tools: None,
+            tool_choice: None,
+            logits_processors: None,
+            return_raw_logits: raw_logits,
+            web_search_options: None,
+            model_id: Some(name.to_string()),
+            truncate_sequence: false,
+        };
+        self.runtime.block_on(async {
+            sender
+                .send(Request::Normal(Box::new(request)))
+                .await
+                .map_err(host)?;
+            match rx.recv().await {
+                Some(Response::CompletionModelError(e, _)) => Err(Error::Host(e)),
+                Some(Response::InternalError(e)) | Some(Response::ValidationError(e)) => {
+                    Err(host(e))
+                }
+                Some(r) => Ok(r),
+                None => Err(Error::Host("the engine dropped the request".to_string())),
+            }
+        })
+    }
+
+    fn completion(response: Response) -> Result<Generation> {
+        let Response::CompletionDone(r) = response else {
+            return Err(Error::Host("unexpected response kind".to_string()));
+        };
+        let choice = r
+            .choices
+            .into_iter()
+            .next()
+            .ok_or_else(|| Error::Host("a completion with no choices".to_string()))?;
+        let tokens = choice
+            .logprobs
+            .and_then(|l| l.content)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|l| GeneratedToken {
+                text: l.token,
+                logprob: l.logprob,
+                top: l
+                    .top_logprobs
+                    .iter()
+                    .map(|t| (t.token, t.logprob))
+                    .collect(),
+            })
+            .collect();
+        Ok(Generation {
+            text: choice.text,
+            tokens,
+        })
+    }
+
+    /// Greedy completion of `prompt` by model `name`, at most `max_tokens` new tokens (stops at EOS).
+    pub fn generate(&self, name: &str, prompt: &str, max_tokens: usize) -> Result<Generation> {
+        let messages = RequestMessage::Completion {
+            text: prompt.to_string(),
+            echo_prompt: false,
+            best_of: None,
+        };
+        Self::completion(self.request(name, messages, max_tokens, false)?)
+    }
+
+    /// Greedy completion of the token ids `prompt` by model `name`.
+    pub fn generate_tokens(
+        &self,
+        name: &str,
+        prompt: &[u32],
+        max_tokens: usize,
+    ) -> Result<Generation> {
+        let messages = RequestMessage::CompletionTokens(prompt.to_vec());
+        Self::completion(self.request(name, messages, max_tokens, false)?)
+    }
+
+    /// The logits model `name` gives the token after `tokens` (one forward pass over them).
+    pub fn next_logits(&self, name: &str, tokens: &[u32]) -> Result<Vec<f32>> {
+        let messages = RequestMessage::CompletionTokens(tokens.to_vec());
+        let Response::Raw { logits_chunks, .. } = self.request(name, messages, 1, true)? else {
+            return Err(Error::Host("expected raw logits".to_string()));
+        };
+        let last = logits_chunks
+            .last()
+            .ok_or_else(|| Error::Host("no logits returned".to_string()))?;
+        let v = last
+            .to_dtype(candle_core::DType::F32)
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1::<f32>())
+            .map_err(host)?;
+        let vocab = last.dims().last().copied().unwrap_or(v.len()).max(1);
+        Ok(v[v.len() - vocab.min(v.len())..].to_vec())
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        // MistralRs's own Drop stops its engine threads; drop it inside the runtime's context.
+        let _guard = self.runtime.enter();
+        self.mistralrs.take();
+    }
+}

@@ -1,0 +1,149 @@
+//! Every way a config can be refused at start-up, each with one message naming the file and the field.
+
+mod common;
+
+use std::path::Path;
+
+use common::{compress8, q, write_config};
+use dz_compress::fixtures::{self, TinySpec};
+use dz_loader::Config;
+
+fn load_err(text: &str) -> (String, String) {
+    let (dir, file) = write_config(text);
+    let e = match Config::load(&file) {
+        Ok(_) => panic!("config accepted:\n{text}"),
+        Err(e) => e.to_string(),
+    };
+    assert_eq!(e.lines().count(), 1, "one line: {e}");
+    drop(dir);
+    (e, file.display().to_string())
+}
+
+fn one_delta(base: &Path, delta: &Path) -> String {
+    format!(
+        "[base]\npath = {}\n[[delta]]\nname = \"a\"\npath = {}\nmode = \"merge\"\n",
+        q(base),
+        q(delta)
+    )
+}
+
+#[test]
+fn a_good_config_loads_and_opens_its_deltas() {
+    let f = common::llama();
+    let (_dir, file) = write_config(&one_delta(&f.family.base, &f.deltas8[0]));
+    let (config, deltas) = Config::load(&file).unwrap();
+    assert_eq!(deltas.len(), 1);
+    assert_eq!(deltas[0].spec.name, "a");
+    assert_eq!(config.base_name(), "base");
+}
+
+#[test]
+fn unknown_key() {
+    let f = common::llama();
+    let text = format!(
+        "[base]\npath = {}\n[[delta]]\nname = \"a\"\npath = {}\nbits = 4\n",
+        q(&f.family.base),
+        q(&f.deltas8[0])
+    );
+    let (e, file) = load_err(&text);
+    assert!(
+        e.starts_with(&format!("{file}:6:1: [[delta]] #1: unknown field `bits`")),
+        "{e}"
+    );
+}
+
+#[test]
+fn missing_base_directory() {
+    let f = common::llama();
+    let (e, file) = load_err(&one_delta(&f.root.join("nope"), &f.deltas8[0]));
+    assert!(e.starts_with(&format!("{file}: base.path: ")), "{e}");
+    assert!(e.contains("no such directory"), "{e}");
+}
+
+#[test]
+fn base_without_tokenizer() {
+    let f = common::llama();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        f.family.base.join("config.json"),
+        dir.path().join("config.json"),
+    )
+    .unwrap();
+    let (e, _) = load_err(&one_delta(dir.path(), &f.deltas8[0]));
+    assert!(
+        e.contains("base.path: ") && e.contains("no tokenizer.json"),
+        "{e}"
+    );
+}
+
+#[test]
+fn missing_delta_file() {
+    let f = common::llama();
+    let (e, file) = load_err(&one_delta(&f.family.base, &f.root.join("missing.dz")));
+    assert!(e.starts_with(&format!("{file}: delta[0].path: ")), "{e}");
+    assert!(e.contains("missing.dz: no such file"), "{e}");
+}
+
+#[test]
+fn duplicate_names() {
+    let f = common::llama();
+    let text = format!(
+        "[base]\npath = {b}\n[[delta]]\nname = \"a\"\npath = {d}\n[[delta]]\nname = \"b\"\npath = {d}\n\
+         [[delta]]\nname = \"a\"\npath = {d}\n",
+        b = q(&f.family.base),
+        d = q(&f.deltas8[0])
+    );
+    let (e, file) = load_err(&text);
+    assert_eq!(
+        e,
+        format!("{file}: delta[2].name: duplicate name \"a\" (also delta[0].name)")
+    );
+    // A delta may not take the base's name either.
+    let text = format!(
+        "[base]\npath = {b}\nname = \"m\"\n[[delta]]\nname = \"m\"\npath = {d}\n",
+        b = q(&f.family.base),
+        d = q(&f.deltas8[0])
+    );
+    let (e, _) = load_err(&text);
+    assert!(
+        e.contains("delta[0].name: duplicate name \"m\" (also base.name)"),
+        "{e}"
+    );
+}
+
+#[test]
+fn not_a_delta_file() {
+    let f = common::llama();
+    let bogus = f.root.join("calib.txt");
+    let (e, file) = load_err(&one_delta(&f.family.base, &bogus));
+    assert!(e.starts_with(&format!("{file}: delta[0].path: ")), "{e}");
+}
+
+#[test]
+fn delta_for_another_base() {
+    // Same architecture, other weights: only the fingerprint tells them apart.
+    let f = common::llama();
+    let other_root = tempfile::tempdir().unwrap();
+    let spec = TinySpec {
+        seed: 0xbad,
+        ..TinySpec::llama()
+    };
+    let other = fixtures::write_family(other_root.path(), &spec, 1).unwrap();
+    let delta = other_root.path().join("other.dz");
+    compress8(&other.base, &other.finetunes[0], &delta, "other");
+    let (e, file) = load_err(&one_delta(&f.family.base, &delta));
+    assert!(e.starts_with(&format!("{file}: delta[0].path: ")), "{e}");
+    assert!(e.contains("the delta was made for another base"), "{e}");
+}
+
+#[test]
+fn delta_for_another_architecture() {
+    let f = common::llama();
+    let q2 = common::qwen2();
+    let (e, file) = load_err(&one_delta(&f.family.base, &q2.deltas8[0]));
+    assert!(e.starts_with(&format!("{file}: delta[0].path: ")), "{e}");
+    assert!(
+        e.contains("another architecture than the base (model_type: base llama, delta qwen2)"),
+        "{e}"
+    );
+}
