@@ -242,7 +242,7 @@ impl Engine {
             .ok_or_else(|| Error::Host(format!("no model {name:?}: the engine is empty")))?;
         let sender = m.get_sender(Some(name)).map_err(host)?;
         let (tx, mut rx) = tokio::sync::mpsc::channel(16);
-        // Greedy decoding: top-k 1 (with no temperature the host 0.8.1 still samples; see ARCHITECTURE.md).
+        // Greedy decoding is top-k 1 (`neutral()` did not pick the top logit in our tests; ARCHITECTURE.md).
         let mut sampling = SamplingParams::deterministic();
         sampling.max_len = Some(max_tokens);
         sampling.top_n_logprobs = TOP_LOGPROBS;

@@ -215,7 +215,7 @@ impl DeltaLinear {
         let k = x.dim(candle_core::D::Minus1)?;
         let n = base_out.dim(candle_core::D::Minus1)?;
         let m = x.elem_count() / k.max(1);
-        if rows.is_empty() || m % rows.len() != 0 {
+        if rows.is_empty() || !m.is_multiple_of(rows.len()) {
             candle_core::bail!(
                 "{}: {m} input rows do not split into {} batch rows",
                 self.name,

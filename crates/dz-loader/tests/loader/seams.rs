@@ -2,7 +2,7 @@
 //! built (seam 4), and a request sent to an alias of the model reaches those layers as the row tag of its
 //! batch row (seams 1-3). Without a hook or tags, generation is exactly the unhooked host's.
 
-mod common;
+use crate::common;
 
 use std::fmt;
 use std::sync::atomic::AtomicUsize;

@@ -1,6 +1,6 @@
 //! Every way a config can be refused at start-up, each with one message naming the file and the field.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 

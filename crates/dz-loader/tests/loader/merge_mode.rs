@@ -1,7 +1,7 @@
 //! Merge mode through the host engine: greedy generation with the merged fine-tune (base + 8-bit delta)
 //! gives the tokens of the uncompressed fine-tune loaded directly, and differs from the base's.
 
-mod common;
+use crate::common;
 
 use candle_core::Device;
 use common::{q, write_config};

@@ -1,7 +1,7 @@
 //! DeltaLinear: a mixed batch of rows for several fine-tunes and the base gives each row what the
 //! fine-tune's own (merged) weights give it, through the host's row-tags scope.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 

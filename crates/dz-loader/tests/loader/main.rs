@@ -1,0 +1,7 @@
+//! dz-loader's integration tests, in one binary (each links the whole host; one link instead of four).
+
+mod common;
+mod config_errors;
+mod merge_mode;
+mod multi_tenant;
+mod seams;
