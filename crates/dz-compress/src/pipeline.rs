@@ -1198,34 +1198,29 @@ fn allocate(
             }
             table.extend(rows);
         }
-        return Ok(Measured {
-            table,
-            cands,
-            fixed,
-            linear_budget,
-            ratio,
-            bf16_bytes,
-        });
+    } else {
+        let mut model = load_model(fm, &opts.device)?;
+        let arch = fm.arch().clone();
+        progress.phase("measure", 4 * arch.num_layers);
+        calibrate::calibrate(
+            &mut model,
+            samples,
+            opts.batch_size,
+            |_layer, names, h, _cols| {
+                let rows: Vec<(String, Vec<(u64, f64)>)> = names
+                    .par_iter()
+                    // Absolute calibrated errors are output-space errors, comparable across the layers
+                    // of one model; relative ones would weigh every layer alike.
+                    .map(|n| {
+                        measure_tensor(n, bm, fm, &cands, |c, d, r, k| c.error(d, r, k, h, opts))
+                    })
+                    .collect::<Result<_>>()?;
+                table.extend(rows);
+                Ok(Vec::new()) // measure only: the fine-tune's own weights stay
+            },
+            |p| progress.step(&format!("layer {} group {}/4", p.layer, p.group + 1)),
+        )?;
     }
-    let mut model = load_model(fm, &opts.device)?;
-    let arch = fm.arch().clone();
-    progress.phase("measure", 4 * arch.num_layers);
-    calibrate::calibrate(
-        &mut model,
-        samples,
-        opts.batch_size,
-        |_layer, names, h, _cols| {
-            let rows: Vec<(String, Vec<(u64, f64)>)> = names
-                .par_iter()
-                // Absolute calibrated errors are output-space errors, comparable across the layers of
-                // one model; relative ones would weigh every layer alike.
-                .map(|n| measure_tensor(n, bm, fm, &cands, |c, d, r, k| c.error(d, r, k, h, opts)))
-                .collect::<Result<_>>()?;
-            table.extend(rows);
-            Ok(Vec::new()) // measure only: the fine-tune's own weights stay
-        },
-        |p| progress.step(&format!("layer {} group {}/4", p.layer, p.group + 1)),
-    )?;
     Ok(Measured {
         table,
         cands,
