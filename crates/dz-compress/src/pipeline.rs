@@ -722,32 +722,33 @@ pub fn compress(
         // (packed linear bytes chosen, file bytes) of each pass; the first met the target or it would not
         // have been written (the budget is an overestimate of the file).
         let mut passes = vec![(*chosen, summary.file_len)];
-        let mut met = ratio_of(summary.file_len) >= m.ratio;
         let mut last_linear = linear_of(&reports);
         let tmp = sibling(out, "refine");
         for _ in 1..3 {
-            let (best_chosen, best_file) = passes
+            // The kept file: the largest that meets the target.
+            let best = passes
                 .iter()
                 .copied()
                 .filter(|&(_, f)| ratio_of(f) >= m.ratio)
-                .max_by_key(|&(_, f)| f)
-                .unwrap_or(passes[0]);
+                .max_by_key(|&(_, f)| f);
             let over = passes
                 .iter()
                 .copied()
                 .filter(|&(_, f)| ratio_of(f) < m.ratio)
                 .min_by_key(|&(_, f)| f);
-            let budget = match over {
+            let budget = match (best, over) {
                 // Between a pass that met the target and one that missed it: linear in file bytes.
-                Some((over_chosen, over_file)) if met => {
+                (Some((best_chosen, best_file)), Some((over_chosen, over_file))) => {
                     let want = m.bf16_bytes as f64 / m.ratio * 0.995;
                     let t = (want - best_file as f64) / (over_file as f64 - best_file as f64);
                     let b = best_chosen as f64
                         + t.clamp(0.0, 1.0) * (over_chosen as f64 - best_chosen as f64);
                     Some(b as u64).filter(|&b| b > best_chosen && b < over_chosen)
                 }
-                Some(_) => None,
-                None => refined_budget(m, best_chosen, best_file, last_linear),
+                (Some((best_chosen, best_file)), None) => {
+                    refined_budget(m, best_chosen, best_file, last_linear)
+                }
+                (None, _) => None,
             };
             let Some(budget) = budget else { break };
             let next = choose(m, budget, progress)?;
@@ -756,7 +757,7 @@ pub fn compress(
             }
             progress.note(&format!(
                 "the file is {:.2}x for a target of {}x: another pass with {} packed bytes for the linear deltas",
-                ratio_of(best_file),
+                ratio_of(summary.file_len),
                 m.ratio,
                 next.2
             ));
@@ -776,7 +777,6 @@ pub fn compress(
                 };
                 last_linear = linear_of(&reports2);
                 reports = reports2;
-                met = true;
             } else {
                 let _ = std::fs::remove_file(&tmp);
             }

@@ -218,15 +218,6 @@ fn tc_of(d: &Described, dtype: dz_kernels::Dtype) -> Option<&'static TcEntries> 
     .then_some(e)
 }
 
-/// A tensor-core function (the family's PTX module is loaded once per device).
-fn tc_function(dev: &CudaDevice, name: Option<&'static str>) -> candle_core::Result<CudaFunction> {
-    let name =
-        name.ok_or_else(|| candle_core::Error::Msg("tensor-core kernels take f16/bf16".into()))?;
-    Ok(dev
-        .get_or_load_custom_func(name, TC_MODULE, dz_kernels::tc_ptx())?
-        .into_cuda_function())
-}
-
 fn config(grid: (u32, u32)) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (grid.0.max(1), grid.1.max(1), 1),
@@ -235,11 +226,11 @@ fn config(grid: (u32, u32)) -> LaunchConfig {
     }
 }
 
-/// The entry points of a described delta (its bits were validated when the delta was built).
-fn entries(op: &'static str, d: &Described) -> Result<&'static dz_kernels::Entries> {
-    d.variant.entries().ok_or_else(|| OpError::Storage {
+/// The entry points of a variant (its bits were validated when the delta was built).
+fn entries(op: &'static str, variant: Variant) -> Result<&'static dz_kernels::Entries> {
+    variant.entries().ok_or_else(|| OpError::Storage {
         op,
-        reason: format!("no CUDA kernels for {:?}", d.variant),
+        reason: format!("no CUDA kernels for {variant:?}"),
     })
 }
 
@@ -291,25 +282,12 @@ fn matmul_t<T: Elem>(
             init(&stream, out_p, base_p, len * std::mem::size_of::<T>())?;
         }
         if let (Some(d), true) = (described, m > 0) {
-            let (func, grid) = match tc_of(&d, T::KIND) {
-                Some(e) => {
-                    let tile = TcTile::for_rows(m);
-                    let grid = (
-                        d.desc.n_stored.div_ceil(tile.stored_rows()),
-                        m32.div_ceil(tile.rows()).min(MAX_GRID_Y),
-                    );
-                    (tc_function(&dev, e.matmul_add(T::KIND, tile))?, grid)
-                }
-                None => {
-                    let tile = if m == 1 { Tile::Small } else { Tile::Large };
-                    let grid = (
-                        d.desc.n_stored.div_ceil(ROWS_PER_BLOCK),
-                        m32.div_ceil(tile.rows()).min(MAX_GRID_Y),
-                    );
-                    let name = entries(op, &d)?.matmul_add(T::KIND, tile);
-                    (function(&dev, d.variant, name)?, grid)
-                }
-            };
+            let kernel = Kernel::pick(d.variant, tc_of(&d, T::KIND), m32);
+            let func = kernel.function(op, &dev, T::KIND, Launch::Matmul)?;
+            let grid = (
+                d.desc.n_stored.div_ceil(kernel.stored_rows()),
+                m32.div_ceil(kernel.rows()).min(MAX_GRID_Y),
+            );
             let desc = DescArg(d.desc);
             let base_arg = if in_place { out_p } else { base_p.unwrap_or(0) };
             let mut b = stream.launch_builder(&func);
@@ -319,8 +297,9 @@ fn matmul_t<T: Elem>(
             b.arg(&out_p);
             b.arg(&m32);
             // SAFETY: the arguments match `dz_<v>_matmul_add_<t>_m<MT>(DzDelta, const T*, const T*, T*,
-            // u32)` (and the tensor-core `dz_tc_<v>_matmul_add_<t>_n<NT>`, same signature): x holds m rows of K elements of T, base (0, or m x N_total) and out (m x N_total) are
-            // T buffers, and the descriptor points to the delta's parts, checked by `describe`.
+            // u32)` (and the tensor-core `dz_tc_<v>_matmul_add_<t>_n<NT>`, same signature): x holds m
+            // rows of K elements of T, base (0, or m x N_total) and out (m x N_total) are T buffers, and
+            // the descriptor points to the delta's parts, checked by `describe`.
             unsafe { b.launch(config(grid)) }.w()?;
         }
     }
@@ -448,11 +427,7 @@ fn sbmm_t<T: Elem>(
         let mut launches: Vec<(Kernel, usize, u32, u32)> = Vec::new();
         for g in &groups {
             let longest = g.segments.iter().map(|s| s.1).max().unwrap_or(1);
-            let kernel = match g.tc {
-                Some(e) => Kernel::Tc(e, TcTile::for_rows(longest as usize)),
-                None if longest == 1 => Kernel::Generic(g.variant, Tile::Small),
-                None => Kernel::Generic(g.variant, Tile::Large),
-            };
+            let kernel = Kernel::pick(g.variant, g.tc, longest);
             let first = pieces.len();
             for &(start, len, slot) in &g.segments {
                 let mut r = 0;
@@ -480,19 +455,7 @@ fn sbmm_t<T: Elem>(
         let descs_p = tables.read(&descs_dev, 0);
         let pieces_p = tables.read(&pieces_dev, 0);
         for (kernel, first, count, max_stored) in launches {
-            let func = match kernel {
-                Kernel::Generic(variant, tile) => {
-                    let name = variant
-                        .entries()
-                        .ok_or_else(|| OpError::Storage {
-                            op,
-                            reason: format!("no CUDA kernels for {variant:?}"),
-                        })?
-                        .sbmm(T::KIND, tile);
-                    function(&dev, variant, name)?
-                }
-                Kernel::Tc(e, tile) => tc_function(&dev, e.sbmm(T::KIND, tile))?,
-            };
+            let func = kernel.function(op, &dev, T::KIND, Launch::Sbmm)?;
             let segs_p = pieces_p + (first * std::mem::size_of::<DzSegment>()) as u64;
             let grid = (
                 max_stored.div_ceil(kernel.stored_rows()),
@@ -516,14 +479,65 @@ fn sbmm_t<T: Elem>(
     Ok((CudaStorage::wrap_cuda_slice(out, dev), shape))
 }
 
-/// The kernel of one sbmm launch.
+/// The kernel of one matmul or sbmm launch: the tensor cores' where the delta qualifies, else the generic
+/// family's.
 #[derive(Clone, Copy)]
 enum Kernel {
     Generic(Variant, Tile),
     Tc(&'static TcEntries, TcTile),
 }
 
+/// Which entry point of a kernel.
+#[derive(Clone, Copy)]
+enum Launch {
+    Matmul,
+    Sbmm,
+}
+
 impl Kernel {
+    /// The kernel for segments of at most `longest` rows: tensor cores with `tc`, else the generic
+    /// one-row tile when every segment has one row (decode), the larger tile otherwise.
+    fn pick(variant: Variant, tc: Option<&'static TcEntries>, longest: u32) -> Kernel {
+        match tc {
+            Some(e) => Kernel::Tc(e, TcTile::for_rows(longest as usize)),
+            None if longest <= 1 => Kernel::Generic(variant, Tile::Small),
+            None => Kernel::Generic(variant, Tile::Large),
+        }
+    }
+
+    /// The entry point for inputs of `dtype` (each family's PTX module is loaded once per device).
+    fn function(
+        self,
+        op: &'static str,
+        dev: &CudaDevice,
+        dtype: dz_kernels::Dtype,
+        launch: Launch,
+    ) -> candle_core::Result<CudaFunction> {
+        match self {
+            Kernel::Generic(variant, tile) => {
+                let e = entries(op, variant)?;
+                let name = match launch {
+                    Launch::Matmul => e.matmul_add(dtype, tile),
+                    Launch::Sbmm => e.sbmm(dtype, tile),
+                };
+                function(dev, variant, name)
+            }
+            Kernel::Tc(e, tile) => {
+                let name = match launch {
+                    Launch::Matmul => e.matmul_add(dtype, tile),
+                    Launch::Sbmm => e.sbmm(dtype, tile),
+                }
+                .ok_or_else(|| OpError::Storage {
+                    op,
+                    reason: format!("no tensor-core kernels for {dtype:?} inputs"),
+                })?;
+                Ok(dev
+                    .get_or_load_custom_func(name, TC_MODULE, dz_kernels::tc_ptx())?
+                    .into_cuda_function())
+            }
+        }
+    }
+
     /// Most input rows of one segment.
     fn rows(self) -> u32 {
         match self {
@@ -676,7 +690,7 @@ fn rows_t<T: Elem>(
             // `zero`: the output is the base (or zeros).
             None => init(&stream, out_p, base_p, len * std::mem::size_of::<T>())?,
             Some(d) if rows > 0 => {
-                let e = entries(op, &d)?;
+                let e = entries(op, d.variant)?;
                 let desc = DescArg(d.desc);
                 let base_arg = base_p.unwrap_or(0);
                 let grid = (rows32.div_ceil(WARPS).min(MAX_GRID_Y), 1);
