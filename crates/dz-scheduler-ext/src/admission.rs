@@ -15,10 +15,11 @@
 //!
 //! # Deltas, the cap and readiness
 //! - A sequence of a fine-tune is admitted only when its delta is on the GPU
-//!   ([`Readiness::Ready`]) and then pinned ([`DeltaLookup::pin`]); otherwise its load is requested
-//!   (prefetch) and it waits. Requests go out for at most `max_deltas_per_step` not-ready deltas per
-//!   step, in policy order (the ones next in line), so a long queue does not make the GPU tier
-//!   thrash; the others are only looked at ([`DeltaLookup::peek`]).
+//!   ([`Readiness::Ready`]) and then pinned ([`DeltaLookup::pin`]); otherwise it waits and its load
+//!   is requested (prefetch). Decisions are made on [`DeltaLookup::peek`]s and the requests go out
+//!   after the admitted deltas are pinned, so a load started by this step cannot evict a delta the
+//!   step admits. Loads are requested for at most `max_deltas_per_step` not-ready deltas per step,
+//!   in policy order (the ones next in line), so a long queue does not make the GPU tier thrash.
 //! - At most `max_deltas_per_step` distinct deltas in a step, running ones included: a new delta is
 //!   admitted only while the running and admitted deltas number fewer.
 //! - **Head-of-line reservation**: when a ready delta is blocked by the cap, or a delta's load waits
@@ -53,9 +54,11 @@ pub enum Readiness {
 pub trait DeltaLookup {
     /// Whether `name` is a delta (so a running sequence of it holds a place under the cap).
     fn is_delta(&self, name: &str) -> bool;
-    /// Where `name` stands, starting its load when it is not on the GPU.
-    fn request(&self, name: &str) -> Readiness;
-    /// Where `name` stands, without side effects.
+    /// Asks for `name` on the GPU: starts its load when it is not there (and counts the request).
+    /// Called after the step's admissions are pinned.
+    fn request(&self, name: &str);
+    /// Where `name` stands, without side effects. A failed delta that a request would retry is
+    /// [`Readiness::Loading`], not refused.
     fn peek(&self, name: &str) -> Readiness;
     /// Pins `name` for the step if it is still ready; false when it no longer is (do not admit).
     /// Called once per delta new to the step; the running sequences' deltas are the caller's to pin
@@ -178,21 +181,13 @@ impl Admission {
             order.sort_by_key(|&g| (stamp(&groups[g]), groups[g].members[0]));
         }
 
-        // Readiness, once per group, in policy order: loads requested for the first `cap`
-        // not-ready deltas.
-        let mut requested_pending = 0;
+        // Readiness, once per group, looked at without side effects: loads start only after the
+        // admitted deltas are pinned (below), so a load started now cannot evict a delta this step
+        // is about to admit.
         for &g in &order {
-            let Some(name) = groups[g].key else { continue };
-            let r = if requested_pending < cap {
-                let r = lookup.request(name);
-                if matches!(r, Readiness::Loading | Readiness::NoRoom) {
-                    requested_pending += 1;
-                }
-                r
-            } else {
-                lookup.peek(name)
-            };
-            groups[g].readiness = r;
+            if let Some(name) = groups[g].key {
+                groups[g].readiness = lookup.peek(name);
+            }
         }
 
         let mut decisions = vec![Decision::Wait; waiting.len()];
@@ -259,6 +254,21 @@ impl Admission {
                         slots -= 1;
                     }
                 }
+            }
+        }
+
+        // Requests, in policy order: ready deltas (hit counters, LRU), and loads for the first
+        // `cap` deltas not on the GPU.
+        let mut requested_pending = 0;
+        for &g in &order {
+            let Some(name) = groups[g].key else { continue };
+            match groups[g].readiness {
+                Readiness::Ready => lookup.request(name),
+                Readiness::Loading | Readiness::NoRoom if requested_pending < cap => {
+                    requested_pending += 1;
+                    lookup.request(name);
+                }
+                _ => {}
             }
         }
 

@@ -377,6 +377,16 @@ impl<B: Backend> Residency<B> {
         st.state(name)
     }
 
+    /// Whether `name` failed to load and a [`Residency::request`] now would retry it.
+    pub fn retryable(&self, name: &str) -> bool {
+        let st = self.shared.lock();
+        st.entries.get(name).is_some_and(|e| {
+            !e.draining
+                && matches!(&e.gpu, Gpu::Failed { at, .. }
+                    if at.elapsed() >= self.shared.options.retry_after)
+        })
+    }
+
     /// The device form of `name` when it is ready (for the host seam; the layers normally see it
     /// through [`Backend::activate`]).
     pub fn device(&self, name: &str) -> Option<Arc<B::Device>> {
@@ -689,6 +699,7 @@ impl<B: Backend> Shared<B> {
         if st.live(&job).is_none() {
             // Unregistered meanwhile: the device form is dropped here, its bytes are free again.
             drop(device);
+            self.changed.notify_all();
             return self.wake_queued(st);
         }
         if let Err(message) = self.backend.activate(&job.name, &device) {
@@ -707,6 +718,9 @@ impl<B: Backend> Shared<B> {
         st.counters.gpu_loads += 1;
         st.counters.gpu_load_seconds += seconds;
         self.changed.notify_all();
+        // A load queued behind this one's reservation may fit now (these bytes are evictable
+        // unless pinned).
+        self.wake_queued(st);
     }
 
     fn fail(&self, st: &mut State<B>, job: &Job, message: String) {

@@ -169,11 +169,14 @@ impl<B: Backend> DeltaLookup for Residency<B> {
         self.contains(name)
     }
 
-    fn request(&self, name: &str) -> Readiness {
-        readiness(name, Residency::request(self, name))
+    fn request(&self, name: &str) {
+        Residency::request(self, name);
     }
 
     fn peek(&self, name: &str) -> Readiness {
+        if self.retryable(name) {
+            return Readiness::Loading;
+        }
         readiness(name, self.state(name))
     }
 
