@@ -10,8 +10,9 @@
 //! has the newest stamp and goes to the back next step, so a flood of one fine-tune takes at most
 //! one slot per round while every other waiting group gets one: with at least one free slot per
 //! step, a ready group with `G` groups ahead of it is served within `G + 1` steps, whatever the
-//! flood behind or before it. Strict arrival order ([`Policy::Fcfs`], kept as the comparison)
-//! serves the whole flood first.
+//! flood behind or before it. A group with nothing waiting is forgotten (it had no backlog; when
+//! it comes back it starts at the front). Strict arrival order ([`Policy::Fcfs`], kept as the
+//! comparison) serves the whole flood first.
 //!
 //! # Deltas, the cap and readiness
 //! - A sequence of a fine-tune is admitted only when its delta is on the GPU

@@ -8,7 +8,8 @@ use crate::residency::DeltaState;
 /// Counters and bytes of one tier.
 ///
 /// GPU tier: `hits`/`misses` count [`crate::Residency::request`] answers (ready / not ready; the
-/// scheduler asks once per waiting fine-tune per step), `loads` count uploads, `evictions` deltas
+/// scheduler asks once per step for each waiting fine-tune whose delta is ready or next in line to
+/// load), `loads` count uploads, `evictions` deltas
 /// evicted to make room, `bytes_used` includes bytes reserved by uploads in flight. CPU tier:
 /// `hits`/`misses` count loads that found the host form in the cache / had to read the source,
 /// `loads` count reads from the source (disk).
@@ -180,14 +181,18 @@ impl Metrics {
             &mut out,
             "deltazip_delta_state",
             "gauge",
-            "1 for each delta's current state.",
+            "1 for each delta's current state (ready, loading, queued, idle, failed, draining).",
         );
         for d in &self.deltas {
             let _ = writeln!(
                 out,
                 "deltazip_delta_state{{delta={},state=\"{}\"}} 1",
                 label(&d.name),
-                state_label(&d.state)
+                if d.registered {
+                    state_label(&d.state)
+                } else {
+                    "draining"
+                }
             );
         }
         header(

@@ -62,7 +62,8 @@ impl SchedulerMetrics {
 /// Delta residency and admission across fine-tunes, for the host engine's scheduling step.
 ///
 /// `Send + Sync`: the engine calls [`Scheduler::admit`] once per step while the server registers
-/// and unregisters deltas and reads metrics from other threads.
+/// and unregisters deltas and reads metrics from other threads. One scheduler per engine (per
+/// device): each `admit` replaces the pinned set with that call's running sequences.
 pub struct Scheduler<B: Backend> {
     residency: Residency<B>,
     admission: Mutex<Admission>,

@@ -279,6 +279,9 @@ fn register_and_unregister_while_in_use() {
     assert_eq!(r.request("a"), DeltaState::Unregistered);
     assert!(!r.pin("a"));
     assert!(r.backend().is_active("a"));
+    assert!(r
+        .to_prometheus()
+        .contains("deltazip_delta_state{delta=\"a\",state=\"draining\"} 1"));
     assert!(matches!(
         r.register("a", 100),
         Err(Error::StillDraining { .. })
