@@ -31,11 +31,12 @@ use std::ops::Range;
 
 pub use plan::{tp_layer, tp_plan, Placement, TensorPlan, TpLayer, TpPlan};
 
-use crate::codec::{self, unpack_row_index};
-use crate::reader::DecodedTensor;
+use crate::codec::{self, unpack_row_index, Payload};
 use crate::error::{Error, Result};
 use crate::layout::{part_layout, stride, PartLen};
-use crate::manifest::{Codec, Compression, PartEntry, QuantParams, TensorEntry};
+use crate::manifest::{Codec, Compression, Dtype, PartEntry, QuantParams, Role, TensorEntry};
+use crate::reader::DecodedTensor;
+use crate::writer::{EncodedTensor, Lossless};
 
 /// Which axis of a tensor's matrix view (SPEC.md section 2) a shard cuts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -70,6 +71,46 @@ pub struct TensorShard {
 }
 
 impl TensorShard {
+    /// A whole tensor as a (one-rank) shard, from its logical payload: its entry and raw parts, as a
+    /// file would store it uncompressed. For cutting payloads that are not in a file (tests, a
+    /// compressor's output) with [`shard_range`] / [`shard_rank`].
+    pub fn from_payload(
+        name: &str,
+        role: Role,
+        shape: &[u64],
+        dtype: Dtype,
+        row_index: Option<&[u32]>,
+        payload: &Payload,
+    ) -> Result<TensorShard> {
+        let t = EncodedTensor::from_payload(
+            name,
+            role,
+            shape,
+            dtype,
+            row_index,
+            payload,
+            Lossless::None,
+        )?;
+        let entry = TensorEntry {
+            name: t.name,
+            role: t.role,
+            shape: t.shape,
+            dtype: t.dtype,
+            codec: t.codec,
+            rows: t.rows,
+            parts: t
+                .parts
+                .iter()
+                .map(|p| part_entry(&p.name, &p.bytes))
+                .collect(),
+        };
+        entry.validate()?;
+        Ok(TensorShard {
+            entry,
+            parts: t.parts.into_iter().map(|p| p.bytes).collect(),
+        })
+    }
+
     /// The parts as slices.
     pub fn part_refs(&self) -> Vec<&[u8]> {
         self.parts.iter().map(Vec::as_slice).collect()
@@ -289,13 +330,7 @@ pub fn shard_range(
         parts: names
             .iter()
             .zip(&all)
-            .map(|(spec, bytes)| PartEntry {
-                name: spec.name.to_string(),
-                len: bytes.len() as u64,
-                raw_len: bytes.len() as u64,
-                compression: Compression::None,
-                blake3: blake3::hash(bytes).to_hex().to_string(),
-            })
+            .map(|(spec, bytes)| part_entry(spec.name, bytes))
             .collect(),
     };
     shard_entry.validate()?;
@@ -434,7 +469,9 @@ impl Cut<'_> {
     fn grid(&self, q: &QuantParams, tables: &[&[u8]], cols: &Range<usize>) -> Vec<Vec<u8>> {
         let (g_in, g_out) = (q.n_groups(self.k), q.n_groups(cols.end - cols.start));
         let gs = q.group_size as usize;
-        let src: Vec<usize> = (0..g_out).map(|g| q.group_of(cols.start + g * gs)).collect();
+        let src: Vec<usize> = (0..g_out)
+            .map(|g| q.group_of(cols.start + g * gs))
+            .collect();
         tables
             .iter()
             .map(|t| {
@@ -532,7 +569,20 @@ fn copy_bits(src: &[u8], off: usize, n: usize, dst: &mut [u8]) {
 
 /// Set bits in stream bits `from .. to` of `row`.
 fn count_ones(row: &[u8], from: usize, to: usize) -> usize {
-    (from..to).filter(|&i| row[i / 8] >> (i % 8) & 1 == 1).count()
+    (from..to)
+        .filter(|&i| row[i / 8] >> (i % 8) & 1 == 1)
+        .count()
+}
+
+/// The entry of an uncompressed part.
+fn part_entry(name: &str, bytes: &[u8]) -> PartEntry {
+    PartEntry {
+        name: name.to_string(),
+        len: bytes.len() as u64,
+        raw_len: bytes.len() as u64,
+        compression: Compression::None,
+        blake3: blake3::hash(bytes).to_hex().to_string(),
+    }
 }
 
 fn unshardable(tensor: &str, axis: Axis, range: Option<&Range<usize>>, reason: String) -> Error {

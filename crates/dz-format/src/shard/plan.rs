@@ -225,10 +225,13 @@ fn split_of(
     let ranges = (|| {
         let (n_total, k) = matrix_dims(&entry.name, &entry.shape)?;
         let len = if axis == Axis::Rows { n_total } else { k };
-        let is_kv = entry.name.contains("self_attn.k_proj") || entry.name.contains("self_attn.v_proj");
+        let is_kv =
+            entry.name.contains("self_attn.k_proj") || entry.name.contains("self_attn.v_proj");
         match kv {
             // mistral.rs's compute_kv_shard: each rank holds one KV head, `world / heads` ranks per head.
-            Some(KvHeads { heads, head_dim }) if is_kv && world > heads && len == heads * head_dim => {
+            Some(KvHeads { heads, head_dim })
+                if is_kv && world > heads && len == heads * head_dim =>
+            {
                 let replicate = world / heads;
                 Ok((0..world)
                     .map(|r| {
@@ -282,11 +285,23 @@ mod tests {
     #[test]
     fn layer_names() {
         for (name, layer) in [
-            ("model.layers.0.self_attn.q_proj.weight", TpLayer::ColumnParallel),
-            ("model.layers.12.self_attn.k_proj.bias", TpLayer::ColumnParallel),
+            (
+                "model.layers.0.self_attn.q_proj.weight",
+                TpLayer::ColumnParallel,
+            ),
+            (
+                "model.layers.12.self_attn.k_proj.bias",
+                TpLayer::ColumnParallel,
+            ),
             ("model.layers.3.mlp.up_proj.weight", TpLayer::ColumnParallel),
-            ("model.layers.3.mlp.gate_proj.weight", TpLayer::ColumnParallel),
-            ("model.layers.3.self_attn.o_proj.weight", TpLayer::RowParallel),
+            (
+                "model.layers.3.mlp.gate_proj.weight",
+                TpLayer::ColumnParallel,
+            ),
+            (
+                "model.layers.3.self_attn.o_proj.weight",
+                TpLayer::RowParallel,
+            ),
             ("model.layers.3.mlp.down_proj.weight", TpLayer::RowParallel),
             ("model.embed_tokens.weight", TpLayer::Replicated),
             ("lm_head.weight", TpLayer::Replicated),
