@@ -174,10 +174,7 @@ pub fn tp_plan<S: AsRef<[u8]>>(file: &DeltaFile<S>, world: usize) -> Result<TpPl
             }
             Err(e) => return Err(e),
         };
-        let rank_bytes = ranges
-            .iter()
-            .map(|r| shard_bytes(file, entry, axis, r.clone()))
-            .collect::<Result<_>>()?;
+        let rank_bytes = shard_bytes(file, entry, axis, &ranges)?;
         tensors.push(TensorPlan {
             name: entry.name.clone(),
             layer,
@@ -248,34 +245,43 @@ fn split_of(
     Some((axis, ranges))
 }
 
-/// Raw bytes of one shard: from the layout when it fixes every part's length, else by cutting it.
+/// Raw bytes of each range's shard: from the layout when it fixes every part's length, else by cutting
+/// the tensor (read once).
 fn shard_bytes<S: AsRef<[u8]>>(
     file: &DeltaFile<S>,
     entry: &TensorEntry,
     axis: Axis,
-    range: Range<usize>,
-) -> Result<u64> {
+    ranges: &[Range<usize>],
+) -> Result<Vec<u64>> {
     let data_dependent = entry.rows.is_some() || matches!(entry.codec, Codec::Sparse(_));
     if data_dependent {
         let data = file.read(&entry.name)?;
         let parts: Vec<&[u8]> = data.parts.iter().map(|p| p.as_ref()).collect();
-        return Ok(shard_range(entry, &parts, axis, range)?.nbytes() as u64);
+        return ranges
+            .iter()
+            .map(|r| Ok(shard_range(entry, &parts, axis, r.clone())?.nbytes() as u64))
+            .collect();
     }
     let (n, k) = entry.matrix_dims()?;
-    let (n, k) = match axis {
-        Axis::Rows => (range.end - range.start, k),
-        Axis::Cols => (n, range.end - range.start),
-    };
-    part_layout(&entry.name, &entry.codec, n, k, false)?
+    ranges
         .iter()
-        .map(|p| match p.len {
-            PartLen::Exact(len) => Ok(len as u64),
-            PartLen::FromRowPtr => Err(Error::Overflow(format!(
-                "the plan of tensor {:?}: a data-dependent part",
-                entry.name
-            ))),
+        .map(|range| {
+            let (n, k) = match axis {
+                Axis::Rows => (range.end - range.start, k),
+                Axis::Cols => (n, range.end - range.start),
+            };
+            part_layout(&entry.name, &entry.codec, n, k, false)?
+                .iter()
+                .map(|p| match p.len {
+                    PartLen::Exact(len) => Ok(len as u64),
+                    PartLen::FromRowPtr => Err(Error::Overflow(format!(
+                        "the plan of tensor {:?}: a data-dependent part",
+                        entry.name
+                    ))),
+                })
+                .sum()
         })
-        .sum()
+        .collect()
 }
 
 #[cfg(test)]
