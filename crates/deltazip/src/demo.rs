@@ -145,6 +145,7 @@ pub fn run_rows(args: &DemoArgs, quiet: bool) -> Result<Vec<DemoRow>> {
                 verify: true,
                 json: false,
                 all: false,
+                tp: None,
             })?;
             if args.verbose {
                 say(&inspected);

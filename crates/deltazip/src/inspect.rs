@@ -4,6 +4,7 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 use anyhow::{Context, Result};
+use dz_format::shard::{tp_plan, Placement, TpPlan};
 use dz_format::{DeltaFile, Manifest, TensorEntry};
 
 /// Options of `deltazip inspect`.
@@ -20,6 +21,10 @@ pub struct InspectArgs {
     /// List every tensor (by default large files list the first 40 and summarise the rest).
     #[arg(long)]
     pub all: bool,
+    /// Also print the tensor-parallel plan over N ranks: how each tensor splits (mistral.rs's layout of
+    /// Llama-family layers) and the bytes each rank holds.
+    #[arg(long, value_name = "N")]
+    pub tp: Option<usize>,
 }
 
 /// Runs `deltazip inspect`, returning the text to print.
@@ -42,7 +47,92 @@ pub fn run(args: &InspectArgs) -> Result<String> {
     if args.json {
         return Ok(json_report(&f, verified));
     }
-    Ok(text_report(&args.file, &f, verified, args.all))
+    let mut out = text_report(&args.file, &f, verified, args.all);
+    if let Some(world) = args.tp {
+        let plan = tp_plan(&f, world)
+            .with_context(|| format!("cannot plan {} over {world} ranks", args.file.display()))?;
+        out.push_str(&tp_report(&plan, args.all));
+    }
+    Ok(out)
+}
+
+/// The `--tp N` section: per tensor its host layer, split and bytes per rank; then the totals per rank.
+fn tp_report(plan: &TpPlan, all: bool) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s);
+    let _ = writeln!(
+        s,
+        "tensor parallel over {} ranks (mistral.rs's layout; bytes in memory per rank, zstd undone)",
+        plan.world
+    );
+    let _ = writeln!(
+        s,
+        "{:<48} {:<10} {:<24} {:>11} {:>11}",
+        "tensor", "layer", "split", "per rank", "whole"
+    );
+    let limit = if all { usize::MAX } else { 40 };
+    for t in plan.tensors.iter().take(limit) {
+        let split = match &t.placement {
+            Placement::Split { axis, ranges } => {
+                let len = ranges.first().map_or(0, |r| r.end - r.start);
+                format!("{} {len} each", axis.as_str())
+            }
+            Placement::Replicated => "replicated".to_string(),
+            Placement::Refused { axis, .. } => format!("REFUSED ({})", axis.as_str()),
+        };
+        let (lo, hi) = (
+            t.rank_bytes.iter().min().copied().unwrap_or(0),
+            t.rank_bytes.iter().max().copied().unwrap_or(0),
+        );
+        let per_rank = if lo == hi {
+            human(hi)
+        } else {
+            format!("{}-{}", human(lo), human(hi))
+        };
+        let _ = writeln!(
+            s,
+            "{:<48} {:<10} {:<24} {:>11} {:>11}",
+            truncate(&t.name, 48),
+            t.layer.as_str(),
+            split,
+            per_rank,
+            human(t.bytes)
+        );
+    }
+    if plan.tensors.len() > limit {
+        let _ = writeln!(
+            s,
+            "... and {} more tensors (--all lists them)",
+            plan.tensors.len() - limit
+        );
+    }
+    let per_rank: Vec<String> = plan.rank_bytes().iter().map(|&b| human(b)).collect();
+    let _ = writeln!(
+        s,
+        "per rank   {} (unsharded {})",
+        per_rank.join(", "),
+        human(plan.total_bytes())
+    );
+    let refused: Vec<_> = plan.refused().collect();
+    if refused.is_empty() {
+        let _ = writeln!(
+            s,
+            "refused    none: every split layer's delta shards exactly"
+        );
+    } else {
+        let _ = writeln!(
+            s,
+            "refused    {} tensors cannot be cut for {} ranks (not servable so as stored):",
+            refused.len(),
+            plan.world
+        );
+        for t in refused {
+            if let Placement::Refused { reason, .. } = &t.placement {
+                let _ = writeln!(s, "  {}: {reason}", t.name);
+            }
+        }
+    }
+    s
 }
 
 /// Size totals of a delta.

@@ -4,6 +4,7 @@ use std::sync::RwLockReadGuard;
 
 use candle_core::{Device, Layout, Storage, Tensor};
 use dz_format::codec::{pack_row_index, unpack_row_index, Payload};
+use dz_format::shard::TensorShard;
 use dz_format::{Codec, Role, TensorData, TensorEntry};
 
 use crate::error::{OpError, Result};
@@ -142,6 +143,17 @@ impl DeviceDelta {
     pub fn from_tensor_data(data: &TensorData<'_>, device: &Device) -> Result<Self> {
         let parts: Vec<&[u8]> = data.parts.iter().map(|p| p.as_ref()).collect();
         Self::from_parts(data.entry, &parts, device)
+    }
+
+    /// Builds one rank's delta from a tensor-parallel shard ([`dz_format::shard`]: a slice of a stored
+    /// tensor's rows or columns in the same packed layout), e.g.
+    /// `DeviceDelta::from_shard(&shard_rank(entry, &parts, Axis::Rows, rank, world)?, &dev)`.
+    ///
+    /// The shard is an ordinary tensor to every op: a column-parallel rank (rows cut) computes its slice
+    /// of the outputs, `x · D_rᵀ`; a row-parallel rank (columns cut) takes its slice of the inputs, `x_r`,
+    /// and the ranks' `x_r · D_rᵀ` sum to `x · Dᵀ` (the host's all-reduce).
+    pub fn from_shard(shard: &TensorShard, device: &Device) -> Result<Self> {
+        Self::from_parts(&shard.entry, &shard.part_refs(), device)
     }
 
     /// Validates the codec parts and copies everything to `device`. `row_index` is already checked.

@@ -8,7 +8,8 @@
 //! form.
 //!
 //! - [`DeviceDelta`]: one packed delta tensor resident on a device, built from dz-format parts with one
-//!   copy ([`DeviceDelta::from_parts`], [`DeviceDelta::from_tensor_data`], [`DeviceDelta::from_payload`]).
+//!   copy ([`DeviceDelta::from_parts`], [`DeviceDelta::from_tensor_data`], [`DeviceDelta::from_payload`]),
+//!   or one tensor-parallel rank's slice of it ([`DeviceDelta::from_shard`]).
 //! - [`delta_matmul`] (`x · Dᵀ`), [`delta_matmul_add`] (`base_out + x · Dᵀ`, fused), and [`sbmm`]: the
 //!   rows of one batch grouped into [`Segment`]s, each with its own delta (or none), in one call.
 //! - [`dequantize`] (the dense delta), [`merge`] (`W + D` in `W`'s dtype) and [`embedding_delta_add`]

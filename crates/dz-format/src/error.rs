@@ -172,6 +172,17 @@ pub enum Error {
         /// The given base's combined fingerprint.
         got: String,
     },
+    /// A tensor cannot be cut into the asked shard for tensor parallelism (SPEC.md section 8): the
+    /// range does not divide evenly, or it would cut a quantization group or a 2:4 run.
+    #[error("tensor {tensor:?}: cannot shard {split}: {reason}")]
+    Unshardable {
+        /// The tensor.
+        tensor: String,
+        /// The split asked for: the axis and, when known, the range.
+        split: String,
+        /// Why not.
+        reason: String,
+    },
     /// The writer was used wrongly (e.g. a tensor's data does not fit its declared layout).
     #[error("writer: {0}")]
     Writer(String),

@@ -9,7 +9,8 @@
 //! - the kernel-facing part layouts ([`layout`]);
 //! - reference pack/unpack/dequantize for every codec ([`codec`]);
 //! - a memory-mapped, lazily verifying reader ([`DeltaFile`]) and a streaming, atomic writer ([`DeltaWriter`]);
-//! - the base-model fingerprint that binds a delta to its base ([`fingerprint`]).
+//! - the base-model fingerprint that binds a delta to its base ([`fingerprint`]);
+//! - shards of packed tensors for tensor parallelism, and the per-rank plan of a file ([`shard`]).
 #![deny(missing_docs)]
 
 pub mod codec;
@@ -18,6 +19,7 @@ pub mod fingerprint;
 pub mod layout;
 mod manifest;
 mod reader;
+pub mod shard;
 mod writer;
 
 pub use error::{Error, Result};
