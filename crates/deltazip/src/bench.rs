@@ -23,6 +23,8 @@ pub enum BenchCommand {
     Compress(BenchCompressArgs),
     /// How much of each fine-tune survives compression: size, perplexity, gain kept, KL, per recipe.
     Quality(BenchQualityArgs),
+    /// Load-test an OpenAI-compatible server: Poisson arrivals over many models, throughput, TTFT, TPOT.
+    Serve(crate::bench_serve::BenchServeArgs),
 }
 
 /// Options of `deltazip bench quality`.
@@ -183,7 +185,8 @@ fn preset(shape: &str, layers: usize, vocab: usize) -> Result<TinySpec> {
     })
 }
 
-fn sh(cmd: &str, args: &[&str]) -> Option<String> {
+/// The trimmed stdout of a command that succeeded with some output.
+pub(crate) fn sh(cmd: &str, args: &[&str]) -> Option<String> {
     let o = std::process::Command::new(cmd).args(args).output().ok()?;
     o.status
         .success()

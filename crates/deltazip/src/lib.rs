@@ -9,6 +9,7 @@ pub use dz_format as format;
 pub use dz_loader as loader;
 
 pub mod bench;
+pub mod bench_serve;
 pub mod compress;
 pub mod demo;
 pub mod inspect;

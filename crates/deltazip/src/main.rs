@@ -59,6 +59,9 @@ fn main() -> ExitCode {
         Command::Bench(deltazip::bench::BenchCommand::Quality(args)) => {
             deltazip::bench::run_quality(&args).map(|s| print!("{s}"))
         }
+        Command::Bench(deltazip::bench::BenchCommand::Serve(args)) => {
+            deltazip::bench_serve::run(&args).map(|s| print!("{s}"))
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
