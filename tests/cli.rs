@@ -389,3 +389,89 @@ fn run_generates_with_base_and_merged_fine_tune() {
         "{e}"
     );
 }
+
+#[test]
+fn bench_serve_against_a_mock_server_writes_its_results() {
+    use deltazip::bench_serve::mock::{MockConfig, MockServer};
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let mock = rt
+        .block_on(MockServer::start(MockConfig {
+            models: vec!["base".into(), "ft-1".into()],
+            first_token_delay: std::time::Duration::from_millis(5),
+            token_delay: std::time::Duration::from_millis(1),
+            ..Default::default()
+        }))
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let stem = dir.path().join("serving");
+    let url = mock.url();
+    let out = ok(&deltazip(&[
+        "bench",
+        "serve",
+        "--url",
+        &url,
+        "--models-from-server",
+        "--rates",
+        "20,40",
+        "--requests",
+        "8",
+        "--max-tokens",
+        "2..4",
+        "--system",
+        "base",
+        "--out",
+        s(&stem),
+    ]));
+    assert!(
+        out.contains("| base | 2 | uniform | 20.00 | 8 | 8 | 0 |"),
+        "{out}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(stem.with_extension("json")).unwrap())
+            .unwrap();
+    assert_eq!(json.as_array().unwrap().len(), 2);
+    assert!(stem.with_extension("md").exists());
+
+    // Every option is explained.
+    let help = ok(&deltazip(&["bench", "serve", "--help"]));
+    for opt in [
+        "--url",
+        "--api ",
+        "--api-key",
+        "--models ",
+        "--models-from-server",
+        "--rates",
+        "--requests",
+        "--duration",
+        "--popularity",
+        "--corpus",
+        "--prompt-words",
+        "--max-tokens",
+        "--seed",
+        "--max-inflight",
+        "--timeout",
+        "--extra-body",
+        "--system",
+        "--out",
+        "--append",
+        "--commit",
+        "--quiet",
+    ] {
+        assert!(help.contains(opt), "{opt} not in --help");
+    }
+    let e = one_line_error(&deltazip(&[
+        "bench",
+        "serve",
+        "--url",
+        &url,
+        "--models",
+        "a",
+        "--extra-body",
+        "nope",
+    ]));
+    assert!(e.contains("--extra-body"), "{e}");
+}

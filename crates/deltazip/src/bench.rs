@@ -24,6 +24,7 @@ pub enum BenchCommand {
     /// How much of each fine-tune survives compression: size, perplexity, gain kept, KL, per recipe.
     Quality(BenchQualityArgs),
     /// Load-test an OpenAI-compatible server: Poisson arrivals over many models, throughput, TTFT, TPOT.
+    #[command(long_about = crate::bench_serve::LONG_ABOUT)]
     Serve(crate::bench_serve::BenchServeArgs),
 }
 

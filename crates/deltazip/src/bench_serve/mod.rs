@@ -28,10 +28,8 @@ use tokio::time::Instant;
 use client::{Api, Outcome, Target};
 use workload::{Corpus, CountRange, Length, Mix, Planned, Popularity};
 
-/// Options of `deltazip bench serve`.
-#[derive(Debug, Clone, clap::Args)]
-#[command(
-    long_about = "Load-test an OpenAI-compatible server: open-loop Poisson arrivals at one or more rates, \
+/// The long help of `deltazip bench serve` (clap takes the subcommand's help from its variant).
+pub const LONG_ABOUT: &str = "Load-test an OpenAI-compatible server: open-loop Poisson arrivals at one or more rates, \
                   requests spread over several models by a popularity law, streamed responses timed per \
                   token.\n\n\
                   For each rate, requests are sent at their planned arrival times whatever the server's \
@@ -42,8 +40,10 @@ use workload::{Corpus, CountRange, Length, Mix, Planned, Popularity};
                   never fatal.\n\n\
                   Example: deltazip bench serve --url http://127.0.0.1:1234 --models-from-server \
                   --rates 1,2,4,8 --requests 200 --popularity zipf:1.0 --system dz-4b24 \
-                  --out bench/results/serving --append"
-)]
+                  --out bench/results/serving --append";
+
+/// Options of `deltazip bench serve`.
+#[derive(Debug, Clone, clap::Args)]
 pub struct BenchServeArgs {
     /// The server: `http://host:port` (a trailing `/v1` is accepted). Requests go to
     /// `/v1/completions` or `/v1/chat/completions` (see --api), streamed (`stream: true`, SSE).
