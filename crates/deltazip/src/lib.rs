@@ -7,6 +7,7 @@
 pub use dz_compress as compressor;
 pub use dz_format as format;
 pub use dz_loader as loader;
+pub use dz_scheduler_ext as scheduler;
 
 pub mod bench;
 pub mod bench_serve;
@@ -14,3 +15,4 @@ pub mod compress;
 pub mod demo;
 pub mod inspect;
 pub mod run;
+pub mod serve;

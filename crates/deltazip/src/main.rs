@@ -31,6 +31,8 @@ enum Command {
     Inspect(deltazip::inspect::InspectArgs),
     /// Generate with one model of a config (the base or a fine-tune, merge mode) through mistral.rs.
     Run(deltazip::run::RunArgs),
+    /// Serve a config's base and fine-tunes over an OpenAI-compatible HTTP API (multi-tenant batching).
+    Serve(deltazip::serve::ServeArgs),
     /// Run the whole pipeline on a seeded tiny model family generated on the spot (no downloads).
     Demo(deltazip::demo::DemoArgs),
     /// Benchmarks whose results go to bench/results/.
@@ -53,6 +55,7 @@ fn main() -> ExitCode {
         Command::Inspect(args) => deltazip::inspect::run(&args).map(|s| print!("{s}")),
         Command::Demo(args) => deltazip::demo::run(&args),
         Command::Run(args) => deltazip::run::run(&args).map(|s| print!("{s}")),
+        Command::Serve(args) => deltazip::serve::run(&args),
         Command::Bench(deltazip::bench::BenchCommand::Compress(args)) => {
             deltazip::bench::run_compress(&args).map(|s| print!("{s}"))
         }

@@ -44,8 +44,10 @@ pub fn run(args: &RunArgs) -> Result<String> {
         );
     }
     config.base.serve = chosen.is_empty();
-    let engine =
+    let served =
         dz_loader::serve(&config, &chosen).with_context(|| format!("loading {:?}", args.model))?;
-    let g = engine.generate(&args.model, &args.prompt, args.max_tokens)?;
+    let g = served
+        .engine
+        .generate(&args.model, &args.prompt, args.max_tokens)?;
     Ok(format!("{}\n", g.text))
 }

@@ -529,6 +529,63 @@ fn table_context(before: &str) -> String {
     current
 }
 
+/// The base's identity (architecture and weight fingerprint), computed once, to check deltas that
+/// arrive after start-up (a server's hot loads) the way [`Config::check_deltas`] checks the config's.
+pub struct BaseIdentity {
+    arch: ArchConfig,
+    fingerprint: dz_format::BaseFingerprint,
+}
+
+impl BaseIdentity {
+    /// Reads the base at `path` and fingerprints its weights (hashes every tensor once).
+    pub fn of(path: &Path) -> Result<Self> {
+        let base = HfModel::open(path)?;
+        let fingerprint = base.fingerprint()?;
+        Ok(Self {
+            arch: base.arch().clone(),
+            fingerprint,
+        })
+    }
+
+    /// Opens the delta at `path` for a fine-tune to be served as `name`, in `mode`, and checks it
+    /// against this base: the name is valid, the file a delta, made for this architecture and this
+    /// base. The error says which, in one line.
+    pub fn check(
+        &self,
+        name: &str,
+        path: &Path,
+        mode: Mode,
+    ) -> std::result::Result<CheckedDelta, String> {
+        check_name(name).map_err(|e| format!("name: {e}"))?;
+        let file = DeltaFile::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let arch = ArchConfig::from_json(&file.manifest().architecture)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        if let Some(why) = arch_mismatch(&self.arch, &arch) {
+            return Err(format!(
+                "{}: the delta is for another architecture than the base ({why})",
+                path.display()
+            ));
+        }
+        file.manifest()
+            .base
+            .check_base(&self.fingerprint)
+            .map_err(|e| {
+                format!(
+                    "{}: the delta was made for another base: {e}",
+                    path.display()
+                )
+            })?;
+        Ok(CheckedDelta {
+            spec: DeltaSpec {
+                name: name.to_string(),
+                path: path.to_path_buf(),
+                mode,
+            },
+            file,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

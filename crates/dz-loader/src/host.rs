@@ -221,6 +221,11 @@ impl Engine {
         m.register_model_alias(alias, model).map_err(host)
     }
 
+    /// The host's `MistralRs` (for its OpenAI router), once a model was added.
+    pub fn mistralrs(&self) -> Option<Arc<MistralRs>> {
+        self.mistralrs.clone()
+    }
+
     /// The names of the models the engine serves.
     pub fn models(&self) -> Result<Vec<String>> {
         match &self.mistralrs {
@@ -229,19 +234,20 @@ impl Engine {
         }
     }
 
-    fn request(
+    /// Sends one greedy request for model `name`; its response arrives on the returned channel.
+    fn send(
         &self,
         name: &str,
         messages: RequestMessage,
         max_tokens: usize,
         raw_logits: bool,
-    ) -> Result<Response> {
+    ) -> Result<tokio::sync::mpsc::Receiver<Response>> {
         let m = self
             .mistralrs
             .as_ref()
             .ok_or_else(|| Error::Host(format!("no model {name:?}: the engine is empty")))?;
         let sender = m.get_sender(Some(name)).map_err(host)?;
-        let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
         // Greedy decoding is top-k 1 (`neutral()` did not pick the top logit in our tests; ARCHITECTURE.md).
         let mut sampling = SamplingParams::deterministic();
         sampling.max_len = Some(max_tokens);
@@ -267,7 +273,14 @@ impl Engine {
             sender
                 .send(Request::Normal(Box::new(request)))
                 .await
-                .map_err(host)?;
+                .map_err(host)
+        })?;
+        Ok(rx)
+    }
+
+    /// The final response on `rx` (errors as [`Error::Host`]).
+    fn receive(&self, mut rx: tokio::sync::mpsc::Receiver<Response>) -> Result<Response> {
+        self.runtime.block_on(async {
             match rx.recv().await {
                 Some(Response::CompletionModelError(e, _)) => Err(Error::Host(e)),
                 Some(Response::InternalError(e)) | Some(Response::ValidationError(e)) => {
@@ -277,6 +290,17 @@ impl Engine {
                 None => Err(Error::Host("the engine dropped the request".to_string())),
             }
         })
+    }
+
+    fn request(
+        &self,
+        name: &str,
+        messages: RequestMessage,
+        max_tokens: usize,
+        raw_logits: bool,
+    ) -> Result<Response> {
+        let rx = self.send(name, messages, max_tokens, raw_logits)?;
+        self.receive(rx)
     }
 
     fn completion(response: Response) -> Result<Generation> {
@@ -330,22 +354,63 @@ impl Engine {
         Self::completion(self.request(name, messages, max_tokens, false)?)
     }
 
+    /// [`Engine::generate_tokens`] for several requests sent together before any answer is awaited, so
+    /// the host may batch them (requests for one model and its aliases share that model's engine).
+    pub fn generate_tokens_batch(
+        &self,
+        requests: &[(&str, &[u32])],
+        max_tokens: usize,
+    ) -> Result<Vec<Generation>> {
+        let pending = requests
+            .iter()
+            .map(|(name, prompt)| {
+                self.send(
+                    name,
+                    RequestMessage::CompletionTokens(prompt.to_vec()),
+                    max_tokens,
+                    false,
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        pending
+            .into_iter()
+            .map(|rx| Self::completion(self.receive(rx)?))
+            .collect()
+    }
+
     /// The logits model `name` gives the token after `tokens` (one forward pass over them).
     pub fn next_logits(&self, name: &str, tokens: &[u32]) -> Result<Vec<f32>> {
-        let messages = RequestMessage::CompletionTokens(tokens.to_vec());
-        let Response::Raw { logits_chunks, .. } = self.request(name, messages, 1, true)? else {
-            return Err(Error::Host("expected raw logits".to_string()));
-        };
-        let last = logits_chunks
-            .last()
-            .ok_or_else(|| Error::Host("no logits returned".to_string()))?;
-        let v = last
-            .to_dtype(candle_core::DType::F32)
-            .and_then(|t| t.flatten_all())
-            .and_then(|t| t.to_vec1::<f32>())
-            .map_err(host)?;
-        let vocab = last.dims().last().copied().unwrap_or(v.len()).max(1);
-        Ok(v[v.len() - vocab.min(v.len())..].to_vec())
+        let mut v = self.next_logits_batch(&[(name, tokens)])?;
+        Ok(v.pop().unwrap_or_default())
+    }
+
+    /// [`Engine::next_logits`] for several requests, in order (the host's raw-logits responses need a
+    /// batch of one, so they are not sent together).
+    pub fn next_logits_batch(&self, requests: &[(&str, &[u32])]) -> Result<Vec<Vec<f32>>> {
+        requests
+            .iter()
+            .map(|(name, tokens)| {
+                let rx = self.send(
+                    name,
+                    RequestMessage::CompletionTokens(tokens.to_vec()),
+                    1,
+                    true,
+                )?;
+                let Response::Raw { logits_chunks, .. } = self.receive(rx)? else {
+                    return Err(Error::Host("expected raw logits".to_string()));
+                };
+                let last = logits_chunks
+                    .last()
+                    .ok_or_else(|| Error::Host("no logits returned".to_string()))?;
+                let v = last
+                    .to_dtype(candle_core::DType::F32)
+                    .and_then(|t| t.flatten_all())
+                    .and_then(|t| t.to_vec1::<f32>())
+                    .map_err(host)?;
+                let vocab = last.dims().last().copied().unwrap_or(v.len()).max(1);
+                Ok(v[v.len() - vocab.min(v.len())..].to_vec())
+            })
+            .collect()
     }
 }
 

@@ -7,8 +7,7 @@
 //! fingerprint and architecture are checked before anything is loaded.
 //!
 //! [`serve`] turns a checked config into a host [`Engine`] that serves the base and each fine-tune by
-//! name. Multi-tenant mode needs the host seams of `host/patches/` and is not implemented yet: such a
-//! delta is refused with a message naming its field.
+//! name. Multi-tenant mode runs through the host seams of `host/patches/` (see ARCHITECTURE.md).
 
 #![deny(missing_docs)]
 
@@ -18,11 +17,14 @@ pub mod host;
 pub mod merge;
 pub mod multi_tenant;
 
+use std::sync::Arc;
+
 use candle_core::Device;
 
-pub use config::{CheckedDelta, Config, DeltaSpec, DeviceSpec, DtypeSpec, Mode};
+pub use config::{BaseIdentity, CheckedDelta, Config, DeltaSpec, DeviceSpec, DtypeSpec, Mode};
 pub use error::{Error, Result};
 pub use host::{Engine, GeneratedToken, Generation};
+pub use multi_tenant::{DeltaHook, DeltaRegistry, FineTuneDeltas, HostDelta};
 
 /// The candle device for a config's `runtime.device`.
 pub fn device(spec: DeviceSpec) -> Result<Device> {
@@ -34,28 +36,71 @@ pub fn device(spec: DeviceSpec) -> Result<Device> {
     }
 }
 
-/// Loads what `config` describes into one host engine: the base under [`Config::base_name`] (unless
-/// `base.serve = false`) and each delta under its name. Merge-mode deltas are materialised first
-/// ([`merge::materialise`]).
-pub fn serve(config: &Config, deltas: &[CheckedDelta]) -> Result<Engine> {
-    if let Some(i) = deltas.iter().position(|d| d.spec.mode == Mode::MultiTenant) {
-        return Err(Error::Config {
-            file: config.file.clone(),
-            field: format!("delta[{i}].mode"),
-            message: "multi-tenant mode is not implemented yet; use mode = \"merge\"".to_string(),
-        });
-    }
+/// What [`serve`] built: the engine, and the registry of resident multi-tenant deltas (empty when the
+/// config has none; a scheduler may load and evict deltas through it at run time).
+pub struct Served {
+    /// The host engine: the base under [`Config::base_name`], each fine-tune under its name.
+    pub engine: Engine,
+    /// The deltas the base's layers add per row.
+    pub registry: Arc<DeltaRegistry>,
+    /// The device the base runs on.
+    pub device: Device,
+    /// The base's output head is its embedding table (embedding deltas also apply to the head).
+    pub tied_head: bool,
+}
+
+/// Loads what `config` describes into one host engine: the base under [`Config::base_name`] and each
+/// delta under its name. Merge-mode deltas are materialised first ([`merge::materialise`]) and served as
+/// models of their own; multi-tenant deltas are uploaded into a [`DeltaRegistry`] and served as aliases
+/// of the base, whose layers were wrapped at load ([`DeltaHook`]): requests for them share the base's
+/// batches. With multi-tenant deltas the base is loaded (and served) even if `base.serve = false`.
+pub fn serve(config: &Config, deltas: &[CheckedDelta]) -> Result<Served> {
+    serve_with(config, deltas, true)
+}
+
+/// [`serve`], with `preload = false`: multi-tenant deltas are registered as names (aliases of the base)
+/// but not uploaded; whoever manages residency (dz-scheduler-ext) puts them in [`Served::registry`]
+/// when they are needed. Requests for a name that is not resident run as the base, so such a server
+/// needs the admission hook (`mistralrs_core::set_admission_hook`) to hold them until it is.
+pub fn serve_with(config: &Config, deltas: &[CheckedDelta], preload: bool) -> Result<Served> {
     let device = device(config.runtime.device)?;
     let mut engine = Engine::new(config.scheduler.max_seqs)?;
     let base = &config.base.path;
-    if config.base.serve {
+    let registry = Arc::new(DeltaRegistry::new());
+    let tied_head = dz_compress::hf::HfModel::open(base)?
+        .arch()
+        .tie_word_embeddings;
+    let multi: Vec<&CheckedDelta> = deltas
+        .iter()
+        .filter(|d| d.spec.mode == Mode::MultiTenant)
+        .collect();
+    let base_name = config.base_name();
+    if !multi.is_empty() {
+        let hook: Arc<dyn mistralrs_quant::LinearHook> = Arc::new(DeltaHook(registry.clone()));
+        let p = mistralrs_quant::with_linear_hook(hook, || {
+            host::load_pipeline(base, base, config.base.dtype, &device)
+        })?;
+        engine.add(&base_name, p)?;
+        for d in &multi {
+            if preload {
+                let ft = FineTuneDeltas::load(&d.spec.name, &d.file, &device, tied_head)?;
+                registry.insert(Arc::new(ft));
+            }
+            engine.add_alias(&d.spec.name, &base_name)?;
+        }
+    } else if config.base.serve {
         let p = host::load_pipeline(base, base, config.base.dtype, &device)?;
-        engine.add(&config.base_name(), p)?;
+        engine.add(&base_name, p)?;
     }
-    for d in deltas {
+    for d in deltas.iter().filter(|d| d.spec.mode == Mode::Merge) {
         let dir = merge::materialise(base, &config.merged_dir(), d)?;
         let p = host::load_pipeline(&dir, base, config.base.dtype, &device)?;
         engine.add(&d.spec.name, p)?;
     }
-    Ok(engine)
+    Ok(Served {
+        engine,
+        registry,
+        device,
+        tied_head,
+    })
 }

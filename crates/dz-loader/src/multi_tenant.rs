@@ -1,56 +1,38 @@
-//! Multi-tenant mode: one copy of the base, and in each linear layer the packed deltas of many
-//! fine-tunes, applied per batch row (DeltaZip, arXiv 2312.05215, section 4: base and delta computation
-//! decoupled, the deltas of a batch in one SBMM).
+//! Multi-tenant mode: one copy of the base, and the packed deltas of many fine-tunes applied per batch
+//! row (DeltaZip, arXiv 2312.05215, section 4: base and delta computation decoupled, the deltas of a
+//! batch in one SBMM).
 //!
-//! [`DeltaSet`] holds every fine-tune's linear deltas on the device, by layer. As a host
-//! [`LinearHook`] (seam 4, `host/patches/mistralrs-quant/0002-linear-hook.patch`) it wraps each linear
-//! layer that some fine-tune changes in a [`DeltaLinear`]; the layer reads which fine-tune each batch row
-//! is for from the host's row-tags scope (seams 1-3) and adds `x · Dᵀ` (and a bias delta) for those rows
-//! with one [`sbmm`]. Rows for the base, or for a fine-tune that leaves this layer alone, cost no delta
-//! work.
+//! A fine-tune's deltas travel in two forms: [`HostDelta`] (its tensors' packed bytes in CPU memory,
+//! checksums verified: what a CPU cache holds) and [`FineTuneDeltas`] (the same on a device, ready for
+//! the ops). The [`DeltaRegistry`] maps fine-tune names to the resident [`FineTuneDeltas`] and may change
+//! at run time (hot load, eviction). Installed as the host's [`LinearHook`] (seam 4,
+//! `host/patches/mistralrs-quant/0002-linear-hook.patch` and `mistralrs-core/0004-module-hooks.patch`),
+//! it wraps every linear layer of the base in a [`DeltaLinear`] and attaches a delta to every token
+//! embedding and RMS norm. At run time each of them reads which fine-tune every batch row is for from
+//! the host's row-tags scope (seams 1-3), looks the fine-tunes up in the registry, and adds their deltas:
+//! one [`sbmm`] per linear layer, bias and norm deltas as per-row tables, embedding deltas per run of
+//! rows. Rows for the base, for an unknown name or for a fine-tune that leaves a module alone cost no
+//! delta work.
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::atomic::AtomicUsize;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
 
 use candle_core::{DType, Device, Result as CResult, Tensor};
-use dz_candle_ops::{sbmm, DeviceDelta, Segment};
-use dz_format::Role;
+use dz_candle_ops::{embedding_delta_add, sbmm, DeviceDelta, Segment};
+use dz_format::{DeltaFile, Role, TensorData, TensorEntry};
 use mistralrs_quant::{
-    current_row_tags, IsqType, LinearHook, QuantMethod, QuantMethodConfig, QuantizeOntoGuard,
-    QuantizedSerde,
+    current_row_tags, IsqType, LinearHook, ModuleDelta, ModuleKind, QuantMethod, QuantMethodConfig,
+    QuantizeOntoGuard, QuantizedSerde,
 };
 
-use crate::config::CheckedDelta;
 use crate::error::{Error, Result};
 
-/// The deltas of one linear layer, one slot per fine-tune of the [`DeltaSet`].
-struct LayerDeltas {
-    /// The weight delta of each fine-tune (`None`: the fine-tune leaves the weight alone).
-    weight: Vec<Option<DeviceDelta>>,
-    /// Bias deltas as a `[fine-tunes + 1, out]` f32 table whose last row is zero (the base's row), or
-    /// `None` when no fine-tune changes the bias.
-    bias: Option<Tensor>,
-}
+/// The output head's name (a tied head, the embedding table used as `lm_head`, is wrapped under it too).
+pub const TIED_HEAD: &str = "lm_head";
 
-/// The linear deltas of several fine-tunes of one base, on one device, by layer name.
-pub struct DeltaSet {
-    names: HashMap<Arc<str>, usize>,
-    layers: HashMap<String, Arc<LayerDeltas>>,
-    n: usize,
-}
-
-impl fmt::Debug for DeltaSet {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("DeltaSet")
-            .field("fine_tunes", &self.n)
-            .field("layers", &self.layers.len())
-            .finish()
-    }
-}
-
-/// A tensor's layer: `model.layers.0.self_attn.q_proj.weight` -> (`model.layers.0.self_attn.q_proj`, weight).
+/// A tensor's module: `model.layers.0.self_attn.q_proj.weight` -> (`model.layers.0.self_attn.q_proj`, weight).
 fn split_param(name: &str) -> Option<(&str, bool)> {
     if let Some(p) = name.strip_suffix(".weight") {
         Some((p, false))
@@ -59,131 +41,460 @@ fn split_param(name: &str) -> Option<(&str, bool)> {
     }
 }
 
-impl DeltaSet {
-    /// Reads the linear-layer deltas (weights of `linear` and `lm_head` role, and the biases of those
-    /// layers) of `deltas` onto `device`. Fine-tune `i` answers to `deltas[i].spec.name`.
-    pub fn load(deltas: &[CheckedDelta], device: &Device) -> Result<Self> {
-        let n = deltas.len();
-        let mut weights: HashMap<String, Vec<Option<DeviceDelta>>> = HashMap::new();
-        for (i, d) in deltas.iter().enumerate() {
-            for (j, t) in d.file.manifest().tensors.iter().enumerate() {
-                if !matches!(t.role, Role::Linear | Role::LmHead) || t.codec.kind() == "zero" {
-                    continue;
-                }
-                let Some((layer, false)) = split_param(&t.name) else {
-                    continue;
-                };
-                let data = d.file.read_at(j)?;
-                let dd = DeviceDelta::from_tensor_data(&data, device)
-                    .map_err(|e| Error::Host(format!("{}: {e}", d.spec.name)))?;
-                weights
-                    .entry(layer.to_string())
-                    .or_insert_with(|| vec![None; n])[i] = Some(dd);
+/// One stored tensor of a delta in CPU memory.
+struct HostTensor {
+    entry: TensorEntry,
+    parts: Vec<Vec<u8>>,
+}
+
+/// A fine-tune's delta in CPU memory: every non-zero tensor's packed parts, read from its file with
+/// checksums verified. Uploading it ([`HostDelta::upload`]) needs no file access.
+pub struct HostDelta {
+    name: Arc<str>,
+    tensors: Vec<HostTensor>,
+    bytes: u64,
+}
+
+impl fmt::Debug for HostDelta {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HostDelta")
+            .field("name", &self.name)
+            .field("tensors", &self.tensors.len())
+            .field("bytes", &self.bytes)
+            .finish()
+    }
+}
+
+impl HostDelta {
+    /// Reads the delta of fine-tune `name` from `file`. Tensors stored as `full` values cannot be served
+    /// on a shared base and are refused.
+    pub fn read(name: &str, file: &DeltaFile) -> Result<Self> {
+        let mut tensors = Vec::new();
+        let mut bytes = 0u64;
+        for (j, t) in file.manifest().tensors.iter().enumerate() {
+            if t.codec.kind() == "zero" {
+                continue;
             }
-        }
-        let mut biases: HashMap<String, Vec<Option<Vec<f32>>>> = HashMap::new();
-        for (i, d) in deltas.iter().enumerate() {
-            for (j, t) in d.file.manifest().tensors.iter().enumerate() {
-                let Some((layer, true)) = split_param(&t.name) else {
-                    continue;
-                };
-                if t.role != Role::DenseDelta || t.codec.kind() == "zero" {
-                    continue;
-                }
-                let data = d.file.read_at(j)?;
-                let (rows, _) = t.matrix_dims()?;
-                let v = data.decode()?.to_f32(rows);
-                biases
-                    .entry(layer.to_string())
-                    .or_insert_with(|| vec![None; n])[i] = Some(v);
+            if t.role == Role::Full {
+                return Err(Error::Host(format!(
+                    "{name}: tensor `{}` is stored as the fine-tune's full value, which multi-tenant \
+                     mode cannot add to a shared base; serve this delta with mode = \"merge\"",
+                    t.name
+                )));
             }
+            let data = file.read_at(j)?;
+            let parts: Vec<Vec<u8>> = data.parts.into_iter().map(|p| p.into_owned()).collect();
+            bytes += parts.iter().map(|p| p.len() as u64).sum::<u64>();
+            tensors.push(HostTensor {
+                entry: t.clone(),
+                parts,
+            });
         }
-        let mut layers = HashMap::new();
-        let mut all: Vec<String> = weights.keys().chain(biases.keys()).cloned().collect();
-        all.sort();
-        all.dedup();
-        for layer in all {
-            let weight = weights.remove(&layer).unwrap_or_else(|| vec![None; n]);
-            let bias = match biases.remove(&layer) {
-                None => None,
-                Some(b) => Some(bias_table(&b, device)?),
-            };
-            layers.insert(layer, Arc::new(LayerDeltas { weight, bias }));
-        }
-        let names = deltas
-            .iter()
-            .enumerate()
-            .map(|(i, d)| (Arc::<str>::from(d.spec.name.as_str()), i))
-            .collect();
-        Ok(Self { names, layers, n })
+        Ok(Self {
+            name: Arc::from(name),
+            tensors,
+            bytes,
+        })
     }
 
-    /// The layers (weight prefixes) some fine-tune changes.
-    pub fn layer_names(&self) -> Vec<&str> {
-        let mut v: Vec<&str> = self.layers.keys().map(String::as_str).collect();
+    /// The fine-tune's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Bytes of packed payload held.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Bytes the device form takes (packed parts as stored, small tensors as f32): an upper bound of
+    /// [`FineTuneDeltas::bytes`] for the same delta.
+    pub fn device_bytes(&self) -> u64 {
+        self.tensors
+            .iter()
+            .map(|t| {
+                if t.entry.role == Role::DenseDelta {
+                    4 * t.entry.shape.iter().product::<u64>()
+                } else {
+                    t.parts.iter().map(|p| p.len() as u64).sum::<u64>()
+                }
+            })
+            .sum()
+    }
+
+    /// Puts the delta on `device`. `tied_head`: the base's output head is its embedding table, so an
+    /// embedding delta also applies to the head (unless the delta has a head delta of its own).
+    pub fn upload(&self, device: &Device, tied_head: bool) -> Result<FineTuneDeltas> {
+        let host = |e: &dyn fmt::Display| Error::Host(format!("{}: {e}", self.name));
+        let mut out = FineTuneDeltas {
+            name: self.name.clone(),
+            linear: HashMap::new(),
+            bias: HashMap::new(),
+            norm: HashMap::new(),
+            embedding: HashMap::new(),
+            bytes: 0,
+        };
+        for t in &self.tensors {
+            let Some((module, is_bias)) = split_param(&t.entry.name) else {
+                return Err(Error::Host(format!(
+                    "{}: tensor `{}` is neither a weight nor a bias",
+                    self.name, t.entry.name
+                )));
+            };
+            let parts: Vec<&[u8]> = t.parts.iter().map(Vec::as_slice).collect();
+            match (t.entry.role, is_bias) {
+                (Role::Linear | Role::LmHead, false) => {
+                    let d =
+                        DeviceDelta::from_parts(&t.entry, &parts, device).map_err(|e| host(&e))?;
+                    out.bytes += d.nbytes() as u64;
+                    out.linear.insert(module.to_string(), d);
+                }
+                (Role::Embedding, false) => {
+                    let d =
+                        DeviceDelta::from_parts(&t.entry, &parts, device).map_err(|e| host(&e))?;
+                    out.bytes += d.nbytes() as u64;
+                    out.embedding.insert(module.to_string(), d);
+                }
+                (Role::DenseDelta, _) => {
+                    let data = TensorData {
+                        entry: &t.entry,
+                        parts: t.parts.iter().map(|p| p.as_slice().into()).collect(),
+                    };
+                    let (rows, _) = t.entry.matrix_dims()?;
+                    let v = data.decode()?.to_f32(rows);
+                    out.bytes += 4 * v.len() as u64;
+                    let len = v.len();
+                    let v = Tensor::from_vec(v, len, device).map_err(|e| host(&e))?;
+                    if is_bias {
+                        out.bias.insert(module.to_string(), v);
+                    } else {
+                        out.norm.insert(module.to_string(), v);
+                    }
+                }
+                (role, _) => {
+                    return Err(Error::Host(format!(
+                        "{}: tensor `{}` has role `{}`, which multi-tenant mode does not apply",
+                        self.name,
+                        t.entry.name,
+                        role.as_str()
+                    )))
+                }
+            }
+        }
+        if tied_head && !out.linear.contains_key(TIED_HEAD) {
+            if let Some(e) = out.embedding.values().next() {
+                out.linear.insert(TIED_HEAD.to_string(), e.clone());
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// One fine-tune's deltas on a device, by module name (the weights' prefix).
+pub struct FineTuneDeltas {
+    name: Arc<str>,
+    linear: HashMap<String, DeviceDelta>,
+    bias: HashMap<String, Tensor>,
+    norm: HashMap<String, Tensor>,
+    embedding: HashMap<String, DeviceDelta>,
+    bytes: u64,
+}
+
+impl fmt::Debug for FineTuneDeltas {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FineTuneDeltas")
+            .field("name", &self.name)
+            .field("linear", &self.linear.len())
+            .field("bias", &self.bias.len())
+            .field("norm", &self.norm.len())
+            .field("embedding", &self.embedding.len())
+            .field("bytes", &self.bytes)
+            .finish()
+    }
+}
+
+impl FineTuneDeltas {
+    /// Reads fine-tune `name`'s delta from `file` onto `device` ([`HostDelta::read`], then
+    /// [`HostDelta::upload`]).
+    pub fn load(name: &str, file: &DeltaFile, device: &Device, tied_head: bool) -> Result<Self> {
+        HostDelta::read(name, file)?.upload(device, tied_head)
+    }
+
+    /// The fine-tune's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Device bytes held.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// The modules this fine-tune changes, sorted.
+    pub fn module_names(&self) -> Vec<&str> {
+        let mut v: Vec<&str> = (self.linear.keys())
+            .chain(self.bias.keys())
+            .chain(self.norm.keys())
+            .chain(self.embedding.keys())
+            .map(String::as_str)
+            .collect();
         v.sort_unstable();
+        v.dedup();
+        v
+    }
+}
+
+/// The fine-tunes whose deltas are resident on the serving device, by name. Shared by every wrapped
+/// module of the base; changes at run time (a fine-tune added after its deltas are uploaded, removed
+/// before they are freed) are seen by the next forward pass.
+#[derive(Default)]
+pub struct DeltaRegistry {
+    resident: RwLock<HashMap<Arc<str>, Arc<FineTuneDeltas>>>,
+    /// The most distinct resident fine-tunes one forward pass has served.
+    widest: AtomicUsize,
+    /// Tokens the output head computed, by requested model (`default` for untagged rows).
+    tokens: std::sync::Mutex<HashMap<String, u64>>,
+}
+
+impl fmt::Debug for DeltaRegistry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DeltaRegistry")
+            .field("resident", &self.names())
+            .finish()
+    }
+}
+
+impl DeltaRegistry {
+    /// An empty registry.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Makes `deltas` the resident deltas of its fine-tune (replacing any previous ones).
+    pub fn insert(&self, deltas: Arc<FineTuneDeltas>) {
+        let name = deltas.name.clone();
+        self.write().insert(name, deltas);
+    }
+
+    /// Removes fine-tune `name`'s deltas; returns them if they were resident.
+    pub fn remove(&self, name: &str) -> Option<Arc<FineTuneDeltas>> {
+        self.write().remove(name)
+    }
+
+    /// Fine-tune `name`'s deltas, if resident.
+    pub fn get(&self, name: &str) -> Option<Arc<FineTuneDeltas>> {
+        self.read().get(name).cloned()
+    }
+
+    /// The resident fine-tunes, sorted.
+    pub fn names(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.read().keys().map(|k| k.to_string()).collect();
+        v.sort();
         v
     }
 
-    /// Wraps `base` (the layer named `name`) in a [`DeltaLinear`] when some fine-tune changes it.
+    /// Device bytes of every resident fine-tune.
+    pub fn bytes(&self) -> u64 {
+        self.read().values().map(|d| d.bytes).sum()
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<Arc<str>, Arc<FineTuneDeltas>>> {
+        self.resident.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<Arc<str>, Arc<FineTuneDeltas>>> {
+        self.resident.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The fine-tune of each batch row under the current row tags (`None`: the base, or a name not
+    /// resident), or `None` when no scope is active or no row has a resident fine-tune.
+    fn rows(&self) -> Option<Vec<Option<Arc<FineTuneDeltas>>>> {
+        let tags = current_row_tags()?;
+        let map = self.read();
+        if map.is_empty() {
+            return None;
+        }
+        let rows: Vec<Option<Arc<FineTuneDeltas>>> = tags
+            .iter()
+            .map(|t| t.as_ref().and_then(|n| map.get(n).cloned()))
+            .collect();
+        let mut distinct: Vec<*const FineTuneDeltas> =
+            rows.iter().flatten().map(Arc::as_ptr).collect();
+        if distinct.is_empty() {
+            return None;
+        }
+        distinct.sort_unstable();
+        distinct.dedup();
+        self.widest.fetch_max(distinct.len(), Ordering::Relaxed);
+        Some(rows)
+    }
+
+    /// Counts one token for each row of the current batch under its requested model (called by the
+    /// output head, once per forward pass).
+    fn count_tokens(&self) {
+        let Some(tags) = current_row_tags() else {
+            return;
+        };
+        let mut map = self.tokens.lock().unwrap_or_else(|e| e.into_inner());
+        for t in tags.iter() {
+            let name = t.as_deref().unwrap_or("default");
+            match map.get_mut(name) {
+                Some(n) => *n += 1,
+                None => {
+                    map.insert(name.to_string(), 1);
+                }
+            }
+        }
+    }
+
+    /// Tokens computed so far by every output head wrapped over this registry, by requested model
+    /// (`default` for rows with no model name).
+    pub fn tokens(&self) -> std::collections::BTreeMap<String, u64> {
+        let map = self.tokens.lock().unwrap_or_else(|e| e.into_inner());
+        map.iter().map(|(k, v)| (k.clone(), *v)).collect()
+    }
+
+    /// The most distinct fine-tunes one forward pass has served so far (batches mixing fine-tunes
+    /// show here).
+    pub fn widest_batch(&self) -> usize {
+        self.widest.load(Ordering::Relaxed)
+    }
+
+    /// Wraps `base` (the linear layer named `name`) in a [`DeltaLinear`] over this registry.
     pub fn wrap_layer(
         self: &Arc<Self>,
         name: &str,
         base: Arc<dyn QuantMethod>,
     ) -> Arc<dyn QuantMethod> {
-        match self.layers.get(name) {
-            None => base,
-            Some(deltas) => Arc::new(DeltaLinear {
-                base,
-                name: name.to_string(),
-                set: self.clone(),
-                deltas: deltas.clone(),
-            }),
-        }
+        Arc::new(DeltaLinear {
+            base,
+            name: name.to_string(),
+            registry: self.clone(),
+        })
     }
 }
 
-fn bias_table(rows: &[Option<Vec<f32>>], device: &Device) -> Result<Tensor> {
-    let width = rows
-        .iter()
-        .flatten()
-        .map(Vec::len)
-        .next()
-        .unwrap_or_default();
-    let mut table = Vec::with_capacity((rows.len() + 1) * width);
-    for r in rows {
-        match r {
-            Some(v) if v.len() == width => table.extend_from_slice(v),
-            Some(v) => {
-                return Err(Error::Host(format!(
-                    "bias deltas of one layer differ in length ({} vs {width})",
-                    v.len()
-                )))
-            }
-            None => table.extend(std::iter::repeat_n(0f32, width)),
-        }
-    }
-    table.extend(std::iter::repeat_n(0f32, width));
-    Tensor::from_vec(table, (rows.len() + 1, width), device).map_err(|e| Error::Host(e.to_string()))
-}
-
-/// The host's linear-layer hook: every layer some fine-tune of the set changes becomes a [`DeltaLinear`].
-pub struct DeltaHook(pub Arc<DeltaSet>);
+/// The host's linear-layer hook over a [`DeltaRegistry`]: every linear layer of the model becomes a
+/// [`DeltaLinear`], every token embedding and RMS norm gets a delta.
+pub struct DeltaHook(pub Arc<DeltaRegistry>);
 
 impl LinearHook for DeltaHook {
     fn wrap(&self, name: &str, layer: Arc<dyn QuantMethod>) -> CResult<Arc<dyn QuantMethod>> {
         Ok(self.0.wrap_layer(name, layer))
     }
+
+    fn module(&self, name: &str, kind: ModuleKind) -> CResult<Option<Arc<dyn ModuleDelta>>> {
+        Ok(Some(Arc::new(ModuleDeltas {
+            name: name.to_string(),
+            kind,
+            registry: self.0.clone(),
+        })))
+    }
 }
 
-/// A base linear layer (any host `QuantMethod`) plus the packed deltas of many fine-tunes: row `r` of a
+/// Per-row deltas of a token embedding or an RMS norm.
+struct ModuleDeltas {
+    name: String,
+    kind: ModuleKind,
+    registry: Arc<DeltaRegistry>,
+}
+
+impl fmt::Debug for ModuleDeltas {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ModuleDeltas")
+            .field("name", &self.name)
+            .field("kind", &self.kind)
+            .finish()
+    }
+}
+
+/// Checks that a module input's leading dimension is the batch of `rows` row tags.
+fn batch_of(name: &str, t: &Tensor, rows: usize) -> CResult<()> {
+    let b = t.dims().first().copied().unwrap_or(0);
+    if b != rows {
+        candle_core::bail!("{name}: a batch of {b} rows under {rows} row tags");
+    }
+    Ok(())
+}
+
+impl ModuleDelta for ModuleDeltas {
+    fn forward(&self, input: &Tensor, base_out: Tensor) -> CResult<Tensor> {
+        let Some(rows) = self.registry.rows() else {
+            return Ok(base_out);
+        };
+        match self.kind {
+            ModuleKind::Embedding => {
+                let deltas: Vec<Option<&DeviceDelta>> = rows
+                    .iter()
+                    .map(|r| r.as_ref().and_then(|f| f.embedding.get(&self.name)))
+                    .collect();
+                if deltas.iter().all(Option::is_none) {
+                    return Ok(base_out);
+                }
+                batch_of(&self.name, input, rows.len())?;
+                // Runs of consecutive rows with the same delta: one op per run.
+                let mut pieces = Vec::new();
+                let mut start = 0;
+                while start < deltas.len() {
+                    let mut end = start + 1;
+                    while end < deltas.len() && same(deltas[end], deltas[start]) {
+                        end += 1;
+                    }
+                    let out = base_out.narrow(0, start, end - start)?;
+                    pieces.push(match deltas[start] {
+                        None => out,
+                        Some(d) => {
+                            let ids = input.narrow(0, start, end - start)?.contiguous()?;
+                            embedding_delta_add(&ids, &out.contiguous()?, d)?
+                        }
+                    });
+                    start = end;
+                }
+                Tensor::cat(&pieces, 0)
+            }
+            ModuleKind::RmsNorm { eps } => {
+                let deltas: Vec<Option<&Tensor>> = rows
+                    .iter()
+                    .map(|r| r.as_ref().and_then(|f| f.norm.get(&self.name)))
+                    .collect();
+                let Some(width) = deltas.iter().flatten().map(|t| t.elem_count()).next() else {
+                    return Ok(base_out);
+                };
+                batch_of(&self.name, input, rows.len())?;
+                // rms_norm(x) * (g + dg) = rms_norm(x) * g + (x / rms(x)) * dg, per row.
+                let ones = Tensor::ones(width, input.dtype(), input.device())?;
+                let unit = candle_nn::ops::rms_norm(&input.contiguous()?, &ones, eps as f32)?;
+                let zero = Tensor::zeros(width, DType::F32, input.device())?;
+                let table: Vec<Tensor> = deltas
+                    .iter()
+                    .map(|d| d.cloned().unwrap_or_else(|| zero.clone()))
+                    .collect();
+                let mut shape = vec![rows.len()];
+                shape.extend(std::iter::repeat_n(1, input.rank().saturating_sub(2)));
+                shape.push(width);
+                let dtype = base_out.dtype();
+                let table = Tensor::stack(&table, 0)?.reshape(shape)?.to_dtype(dtype)?;
+                base_out + unit.to_dtype(dtype)?.broadcast_mul(&table)?
+            }
+        }
+    }
+}
+
+fn same(a: Option<&DeviceDelta>, b: Option<&DeviceDelta>) -> bool {
+    match (a, b) {
+        (None, None) => true,
+        (Some(a), Some(b)) => std::ptr::eq(a, b),
+        _ => false,
+    }
+}
+
+/// A base linear layer (any host `QuantMethod`) plus the deltas of the resident fine-tunes: row `r` of a
 /// batch computes `x_r · (W + D_f)ᵀ (+ b + Δb_f)` for the fine-tune `f` its row tag names, and the base's
-/// `x_r · Wᵀ (+ b)` when it names none (or one this layer does not know).
+/// `x_r · Wᵀ (+ b)` when it names none (or one that is not resident, or leaves this layer alone).
 pub struct DeltaLinear {
     base: Arc<dyn QuantMethod>,
     name: String,
-    set: Arc<DeltaSet>,
-    deltas: Arc<LayerDeltas>,
+    registry: Arc<DeltaRegistry>,
 }
 
 impl fmt::Debug for DeltaLinear {
@@ -196,22 +507,24 @@ impl fmt::Debug for DeltaLinear {
 }
 
 impl DeltaLinear {
-    /// The fine-tune index of each batch row under the current row tags, or `None` when no row needs
-    /// this layer's deltas.
-    fn row_fine_tunes(&self) -> Option<Vec<Option<usize>>> {
-        let tags = current_row_tags()?;
-        let rows: Vec<Option<usize>> = tags
-            .iter()
-            .map(|t| t.as_ref().and_then(|n| self.set.names.get(n).copied()))
-            .collect();
-        let needed = rows.iter().flatten().any(|&f| {
-            self.deltas.weight.get(f).is_some_and(Option::is_some) || self.deltas.bias.is_some()
-        });
-        needed.then_some(rows)
-    }
-
     /// `base_out + deltas` for input `x`, with `rows[b]` the fine-tune of batch row `b`.
-    fn add_deltas(&self, x: &Tensor, base_out: &Tensor, rows: &[Option<usize>]) -> CResult<Tensor> {
+    fn add_deltas(
+        &self,
+        x: &Tensor,
+        base_out: Tensor,
+        rows: &[Option<Arc<FineTuneDeltas>>],
+    ) -> CResult<Tensor> {
+        let weight: Vec<Option<&DeviceDelta>> = rows
+            .iter()
+            .map(|r| r.as_ref().and_then(|f| f.linear.get(&self.name)))
+            .collect();
+        let bias: Vec<Option<&Tensor>> = rows
+            .iter()
+            .map(|r| r.as_ref().and_then(|f| f.bias.get(&self.name)))
+            .collect();
+        if weight.iter().all(Option::is_none) && bias.iter().all(Option::is_none) {
+            return Ok(base_out);
+        }
         let k = x.dim(candle_core::D::Minus1)?;
         let n = base_out.dim(candle_core::D::Minus1)?;
         let m = x.elem_count() / k.max(1);
@@ -223,39 +536,47 @@ impl DeltaLinear {
             );
         }
         let per = m / rows.len();
-        let token_ft = |i: usize| rows[i / per];
+        let shape = base_out.shape().clone();
         let mut out = base_out.reshape((m, n))?;
 
-        // Weight deltas: one sbmm over the fine-tunes present, in order of first appearance.
-        let mut slot_of: HashMap<usize, usize> = HashMap::new();
-        let mut used: Vec<&DeviceDelta> = Vec::new();
-        let mut row_slots: Vec<Option<usize>> = Vec::with_capacity(m);
-        for i in 0..m {
-            let slot = token_ft(i).and_then(|f| {
-                let d = self.deltas.weight.get(f)?.as_ref()?;
-                Some(*slot_of.entry(f).or_insert_with(|| {
-                    used.push(d);
-                    used.len() - 1
-                }))
-            });
-            row_slots.push(slot);
-        }
-        if !used.is_empty() {
+        // Weight deltas: one sbmm over the fine-tunes present, slots in order of first appearance.
+        if weight.iter().any(Option::is_some) {
+            let mut used: Vec<&DeviceDelta> = Vec::new();
+            let mut slot_of_row: Vec<Option<usize>> = Vec::with_capacity(rows.len());
+            for d in &weight {
+                slot_of_row.push(
+                    d.map(|d| match used.iter().position(|u| std::ptr::eq(*u, d)) {
+                        Some(s) => s,
+                        None => {
+                            used.push(d);
+                            used.len() - 1
+                        }
+                    }),
+                );
+            }
+            let token_slots: Vec<Option<usize>> = (0..m).map(|i| slot_of_row[i / per]).collect();
             let x2 = x.reshape((m, k))?.contiguous()?;
-            out = sbmm(&x2, &out.contiguous()?, &used, &Segment::runs(&row_slots))?;
+            out = sbmm(&x2, &out.contiguous()?, &used, &Segment::runs(&token_slots))?;
         }
 
-        // Bias deltas: one gathered row per input row (the zero row for the base).
-        if let Some(table) = &self.deltas.bias {
-            let zero = self.set.n as u32;
-            let ids: Vec<u32> = (0..m)
-                .map(|i| token_ft(i).map_or(zero, |f| f as u32))
+        // Bias deltas: one table row per batch row (zeros for rows without one).
+        if let Some(width) = bias.iter().flatten().map(|t| t.elem_count()).next() {
+            if width != n {
+                candle_core::bail!("{}: a bias delta of {width} for {n} outputs", self.name);
+            }
+            let zero = Tensor::zeros(n, DType::F32, x.device())?;
+            let table: Vec<Tensor> = bias
+                .iter()
+                .map(|b| b.cloned().unwrap_or_else(|| zero.clone()))
                 .collect();
-            let ids = Tensor::from_vec(ids, m, table.device())?;
-            let add = table.index_select(&ids, 0)?.to_dtype(out.dtype())?;
-            out = (out + add)?;
+            let table = Tensor::stack(&table, 0)?
+                .to_dtype(out.dtype())?
+                .unsqueeze(1)?
+                .broadcast_as((rows.len(), per, n))?
+                .reshape((m, n))?;
+            out = (out + table)?;
         }
-        out.reshape(base_out.shape())
+        out.reshape(shape)
     }
 }
 
@@ -268,7 +589,7 @@ impl QuantizedSerde for DeltaLinear {
 impl QuantMethod for DeltaLinear {
     fn new(_method: QuantMethodConfig) -> CResult<Self> {
         candle_core::bail!(
-            "DeltaLinear is built by dz-loader's DeltaSet, not from a QuantMethodConfig"
+            "DeltaLinear is built by dz-loader's DeltaRegistry, not from a QuantMethodConfig"
         )
     }
 
@@ -277,10 +598,13 @@ impl QuantMethod for DeltaLinear {
     }
 
     fn forward(&self, a: &Tensor) -> CResult<Tensor> {
+        if self.name == TIED_HEAD {
+            self.registry.count_tokens();
+        }
         let base_out = self.base.forward(a)?;
-        match self.row_fine_tunes() {
+        match self.registry.rows() {
             None => Ok(base_out),
-            Some(rows) => self.add_deltas(a, &base_out, &rows),
+            Some(rows) => self.add_deltas(a, base_out, &rows),
         }
     }
 
@@ -296,8 +620,7 @@ impl QuantMethod for DeltaLinear {
         Ok(Arc::new(Self {
             base: self.base.add_delta_w(delta)?,
             name: self.name.clone(),
-            set: self.set.clone(),
-            deltas: self.deltas.clone(),
+            registry: self.registry.clone(),
         }))
     }
 

@@ -2,6 +2,7 @@
 
 mod common;
 mod config_errors;
+mod engine_multi_tenant;
 mod merge_mode;
 mod multi_tenant;
 mod seams;

@@ -9,8 +9,7 @@ use candle_core::{DType, Device, Tensor};
 use common::{q, write_config};
 use dz_compress::hf::HfModel;
 use dz_compress::merge::Applied;
-use dz_loader::multi_tenant::DeltaSet;
-use dz_loader::Config;
+use dz_loader::{CheckedDelta, Config, DeltaRegistry, FineTuneDeltas};
 use mistralrs_quant::{with_row_tags, QuantMethod, QuantMethodConfig, RowTags, UnquantLinear};
 
 const TOL: f32 = 1e-4;
@@ -21,6 +20,16 @@ fn config(f: &common::Fixture) -> String {
         text += &format!("[[delta]]\nname = \"ft-{i}\"\npath = {}\n", q(d));
     }
     text
+}
+
+/// Every delta of the config, resident.
+fn registry(deltas: &[CheckedDelta], tied_head: bool) -> Arc<DeltaRegistry> {
+    let r = Arc::new(DeltaRegistry::new());
+    for d in deltas {
+        let ft = FineTuneDeltas::load(&d.spec.name, &d.file, &Device::Cpu, tied_head).unwrap();
+        r.insert(Arc::new(ft));
+    }
+    r
 }
 
 fn tensor(values: Vec<f32>, shape: &[usize]) -> Tensor {
@@ -54,11 +63,12 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
 fn check_layer(f: &common::Fixture, layer: &str, with_bias: bool) {
     let (_dir, file) = write_config(&config(f));
     let (_, deltas) = Config::load(&file).unwrap();
-    let set = Arc::new(DeltaSet::load(&deltas, &Device::Cpu).unwrap());
+    let set = registry(&deltas, false);
+    let ft1 = set.get("ft-1").unwrap();
     assert!(
-        set.layer_names().contains(&layer),
+        ft1.module_names().contains(&layer),
         "{:?}",
-        set.layer_names()
+        ft1.module_names()
     );
 
     let base = HfModel::open(&f.family.base).unwrap();
@@ -147,7 +157,7 @@ fn f16_activations() {
     let f = common::llama();
     let (_dir, file) = write_config(&config(f));
     let (_, deltas) = Config::load(&file).unwrap();
-    let set = Arc::new(DeltaSet::load(&deltas, &Device::Cpu).unwrap());
+    let set = registry(&deltas, false);
     let base = HfModel::open(&f.family.base).unwrap();
     let layer = "model.layers.0.mlp.up_proj";
     let shape = base.info(&format!("{layer}.weight")).unwrap().shape;
@@ -167,4 +177,32 @@ fn f16_activations() {
     assert_eq!(y16.dtype(), DType::F16);
     let d = max_diff(&y16.to_dtype(DType::F32).unwrap(), &y32);
     assert!(d < 0.05, "f16 vs f32: {d}");
+}
+
+/// Fine-tunes come and go at run time: a row whose fine-tune is not resident gets the base, and gets its
+/// fine-tune again once the deltas are back.
+#[test]
+fn registry_changes_are_seen_by_the_next_forward() {
+    let f = common::llama();
+    let (_dir, file) = write_config(&config(f));
+    let (_, deltas) = Config::load(&file).unwrap();
+    let set = registry(&deltas, false);
+    let base = HfModel::open(&f.family.base).unwrap();
+    let layer = "model.layers.1.self_attn.v_proj";
+    let shape = base.info(&format!("{layer}.weight")).unwrap().shape;
+    let w = tensor(base.to_f32(&format!("{layer}.weight")).unwrap(), &shape);
+    let plain = linear(w.clone(), None);
+    let wrapped = set.wrap_layer(layer, linear(w, None));
+    let x = Tensor::randn(0f32, 1.0, (2, 1, shape[1]), &Device::Cpu).unwrap();
+    let tags: RowTags = vec![Some(Arc::<str>::from("ft-0")), None].into();
+    let run = || with_row_tags(Some(tags.clone()), || wrapped.forward(&x)).unwrap();
+    let y_base = plain.forward(&x).unwrap();
+    let with = run();
+    assert!(max_diff(&with, &y_base) > 10.0 * TOL);
+    let removed = set.remove("ft-0").unwrap();
+    assert_eq!(set.names(), ["ft-1"]);
+    assert_eq!(max_diff(&run(), &y_base), 0.0);
+    set.insert(removed);
+    assert_eq!(max_diff(&run(), &with), 0.0);
+    assert_eq!(set.widest_batch(), 1);
 }

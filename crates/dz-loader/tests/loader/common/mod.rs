@@ -8,6 +8,7 @@ use std::sync::OnceLock;
 use dz_compress::fixtures::{self, TinyFamily, TinySpec};
 use dz_compress::pipeline::{self, CompressOptions, Method, Quiet};
 use dz_compress::{QuantConfig, Sparsity};
+use dz_loader::Engine;
 
 /// A family and deltas of its fine-tunes.
 pub struct Fixture {
@@ -78,6 +79,12 @@ pub fn llama() -> &'static Fixture {
     F.get_or_init(|| build(TinySpec::llama(), 2))
 }
 
+/// The Llama-layout family with 3 fine-tunes (mixed batches of 3 fine-tunes and the base), built once.
+pub fn llama_three() -> &'static Fixture {
+    static F: OnceLock<Fixture> = OnceLock::new();
+    F.get_or_init(|| build(TinySpec::llama(), 3))
+}
+
 /// The Llama layout declared as Mistral (`MistralForCausalLM`, no sliding window), 1 fine-tune.
 pub fn mistral() -> &'static Fixture {
     static F: OnceLock<Fixture> = OnceLock::new();
@@ -126,4 +133,76 @@ fn toml_quote(s: &str) -> String {
     }
     out.push('"');
     out
+}
+
+/// Largest logit difference allowed between the merged fine-tune (8-bit delta) and the fine-tune itself.
+pub const LOGIT_TOL: f32 = 0.02;
+
+/// Tokens generated per prompt by the engine tests.
+pub const MAX_TOKENS: usize = 12;
+
+/// Model `merged` follows model `direct`: along `direct`'s own greedy continuation, its
+/// next-token logits are within `tol` at every position, and its greedy tokens are the same up to
+/// the first position where the fine-tune's top two logits are closer than the logits' error (a near-tie
+/// that 8-bit noise may break either way).
+pub fn assert_follows(
+    engine: &Engine,
+    merged: &str,
+    direct: &str,
+    prompt: &[u32],
+    tol: f32,
+) -> usize {
+    let want = engine
+        .generate_tokens(direct, prompt, MAX_TOKENS)
+        .unwrap()
+        .token_ids();
+    let got = engine
+        .generate_tokens(merged, prompt, MAX_TOKENS)
+        .unwrap()
+        .token_ids();
+    assert!(!want.is_empty(), "nothing generated");
+    let mut ctx = prompt.to_vec();
+    let mut agreed = 0;
+    let mut parted = false;
+    for (i, &tok) in want.iter().enumerate() {
+        let tok = tok.expect("a token id");
+        let a = engine.next_logits(merged, &ctx).unwrap();
+        let c = engine.next_logits(direct, &ctx).unwrap();
+        let err = a
+            .iter()
+            .zip(&c)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        assert!(
+            err <= tol,
+            "position {i}: {merged} vs {direct}: logits differ by {err} > {tol}"
+        );
+        let mut sorted = c.clone();
+        sorted.sort_by(|x, y| y.total_cmp(x));
+        let gap = sorted[0] - sorted[1];
+        let argmax = c
+            .iter()
+            .enumerate()
+            .max_by(|x, y| x.1.total_cmp(y.1))
+            .map(|x| x.0 as u32);
+        assert_eq!(
+            argmax,
+            Some(tok),
+            "position {i}: greedy decoding is not the argmax of the logits"
+        );
+        if !parted {
+            match got.get(i) {
+                Some(&g) if g == Some(tok) => agreed += 1,
+                _ => {
+                    assert!(
+                        gap <= 2.0 * err,
+                        "position {i}: greedy tokens part with top-2 gap {gap} > 2 x error {err}"
+                    );
+                    parted = true;
+                }
+            }
+        }
+        ctx.push(tok);
+    }
+    agreed
 }

@@ -1,0 +1,530 @@
+//! `deltazip serve`: the multi-tenant OpenAI-compatible server.
+//!
+//! The host's own OpenAI router (`mistralrs-server-core`: chat and text completions, streaming) serves
+//! generation; requests name a fine-tune in `model`. Fine-tunes in multi-tenant mode are aliases of the
+//! base's engine: their sequences share the base's batches, and the base's layers add each row's delta
+//! (dz-loader). Which deltas are on the device is dz-scheduler-ext's business: a [`Scheduler`] over
+//! dz-loader's delta forms ([`LoaderBackend`]), consulted by the host's default scheduler once per step
+//! through the admission seam (`host/patches/mistralrs-core/0005-admission-hook.patch`): a sequence
+//! starts only once its delta is on the device, and its delta stays there while it runs.
+//!
+//! Our routes, in front of the host's (which answer everything else):
+//! - `GET /v1/models`: the base, every fine-tune (multi-tenant and merged);
+//! - `POST /v1/deltas` `{"name", "path"}`: hot-load a delta from inside `--delta-dir` (checked against
+//!   the base like the config's); `DELETE /v1/deltas/{name}`: unload (running sequences finish first);
+//! - `GET /metrics` (Prometheus text) and `GET /health`.
+//!
+//! With `--api-key` (or `DELTAZIP_API_KEY`) every route but `/health` needs `Authorization: Bearer KEY`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use axum::extract::{Path as UrlPath, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use candle_core::Device;
+use clap::Args;
+use dz_loader::{BaseIdentity, CheckedDelta, DeltaRegistry, FineTuneDeltas, HostDelta, Mode};
+use dz_scheduler_ext::{Backend, Decision, Scheduler, SchedulerOptions, Unregistered};
+use serde_json::json;
+
+/// `deltazip serve`'s arguments.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// The config (TOML: [base], [[delta]], [runtime], [scheduler]; see examples/serve.toml).
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port to listen on (0: any free port, printed at start-up).
+    #[arg(long, default_value_t = 8080)]
+    pub port: u16,
+    /// Require `Authorization: Bearer KEY` on every route but /health (default: the DELTAZIP_API_KEY
+    /// environment variable, if set).
+    #[arg(long)]
+    pub api_key: Option<String>,
+    /// The directory `POST /v1/deltas` may load delta files from (paths outside it, `..` included, are
+    /// refused). Without it, hot loading is off.
+    #[arg(long)]
+    pub delta_dir: Option<PathBuf>,
+}
+
+/// dz-loader's delta forms as dz-scheduler-ext's tiers: a checked delta file on disk, its packed bytes
+/// in CPU memory ([`HostDelta`]), its device form ([`FineTuneDeltas`]) made visible to the base's
+/// layers through the [`DeltaRegistry`].
+pub struct LoaderBackend {
+    device: Device,
+    tied_head: bool,
+    registry: Arc<DeltaRegistry>,
+}
+
+impl Backend for LoaderBackend {
+    type Source = Arc<CheckedDelta>;
+    type Host = HostDelta;
+    type Device = FineTuneDeltas;
+    type Error = String;
+
+    fn read(&self, name: &str, source: &Self::Source) -> std::result::Result<HostDelta, String> {
+        HostDelta::read(name, &source.file).map_err(|e| e.to_string())
+    }
+
+    fn host_bytes(&self, host: &HostDelta) -> u64 {
+        host.bytes()
+    }
+
+    fn device_bytes(&self, host: &HostDelta) -> u64 {
+        host.device_bytes()
+    }
+
+    fn upload(&self, _name: &str, host: &HostDelta) -> std::result::Result<FineTuneDeltas, String> {
+        host.upload(&self.device, self.tied_head)
+            .map_err(|e| e.to_string())
+    }
+
+    fn activate(
+        &self,
+        _name: &str,
+        device: &Arc<FineTuneDeltas>,
+    ) -> std::result::Result<(), String> {
+        self.registry.insert(device.clone());
+        Ok(())
+    }
+
+    fn deactivate(&self, name: &str) {
+        self.registry.remove(name);
+    }
+}
+
+/// The scheduler as the host's admission hook.
+struct AdmissionSeam(Arc<Scheduler<LoaderBackend>>);
+
+impl mistralrs_core::AdmissionHook for AdmissionSeam {
+    fn admit(
+        &self,
+        running: &[Option<&str>],
+        waiting: &[Option<&str>],
+        free_slots: usize,
+    ) -> Vec<mistralrs_core::Admission> {
+        self.0
+            .admit_decisions(running, waiting, free_slots)
+            .into_iter()
+            .map(|d| match d {
+                Decision::Admit => mistralrs_core::Admission::Admit,
+                Decision::Wait => mistralrs_core::Admission::Wait,
+                Decision::Refuse(why) => mistralrs_core::Admission::Refuse(why),
+            })
+            .collect()
+    }
+}
+
+/// What the handlers share.
+struct AppState {
+    scheduler: Arc<Scheduler<LoaderBackend>>,
+    registry: Arc<DeltaRegistry>,
+    identity: Option<BaseIdentity>,
+    base_name: String,
+    merged: Vec<String>,
+    multi_tenant: Mutex<BTreeSet<String>>,
+    mistralrs: Arc<mistralrs_core::MistralRs>,
+    api_key: Option<String>,
+    delta_dir: Option<PathBuf>,
+    gpu_budget: u64,
+    requests: Mutex<BTreeMap<(String, u16), u64>>,
+    started: Instant,
+}
+
+impl AppState {
+    fn multi_tenant(&self) -> std::sync::MutexGuard<'_, BTreeSet<String>> {
+        self.multi_tenant
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// A running server: its address, and what keeps it alive (dropping it stops the server and the host).
+pub struct Running {
+    /// The address it listens on.
+    pub addr: SocketAddr,
+    runtime: Option<tokio::runtime::Runtime>,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    served: Option<dz_loader::Served>,
+}
+
+impl Running {
+    /// Serves until the process is interrupted (Ctrl-C).
+    pub fn wait(mut self) -> Result<()> {
+        let rt = self.runtime.as_ref().expect("runtime");
+        rt.block_on(tokio::signal::ctrl_c())
+            .context("waiting for Ctrl-C")?;
+        self.stop();
+        Ok(())
+    }
+
+    fn stop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_timeout(std::time::Duration::from_secs(5));
+        }
+        mistralrs_core::set_admission_hook(None);
+        self.served.take();
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    let body = json!({ "error": { "message": message.into(), "type": status.canonical_reason().unwrap_or("error") } });
+    (status, Json(body)).into_response()
+}
+
+/// Loads the config and starts serving it on `args.host:args.port` (returns once listening).
+pub fn start(args: &ServeArgs) -> Result<Running> {
+    let (config, deltas) = dz_loader::Config::load(&args.config)?;
+    let api_key = args
+        .api_key
+        .clone()
+        .or_else(|| std::env::var("DELTAZIP_API_KEY").ok())
+        .filter(|k| !k.is_empty());
+    let delta_dir = match &args.delta_dir {
+        None => None,
+        Some(d) => Some(
+            d.canonicalize()
+                .with_context(|| format!("--delta-dir {}", d.display()))?,
+        ),
+    };
+    eprintln!(
+        "deltazip serve: loading {} ({} deltas)",
+        config.base.path.display(),
+        deltas.len()
+    );
+    let served = dz_loader::serve_with(&config, &deltas, false)?;
+    let mistralrs = served
+        .engine
+        .mistralrs()
+        .context("the config serves no model")?;
+    let options = SchedulerOptions {
+        max_deltas_per_step: config.scheduler.max_deltas_per_step,
+        gpu_bytes: config
+            .runtime
+            .gpu_delta_bytes
+            .unwrap_or(SchedulerOptions::default().gpu_bytes),
+        cpu_bytes: config
+            .runtime
+            .cpu_cache_bytes
+            .unwrap_or(SchedulerOptions::default().cpu_bytes),
+        ..SchedulerOptions::default()
+    };
+    let gpu_budget = options.gpu_bytes;
+    let backend = LoaderBackend {
+        device: served.device.clone(),
+        tied_head: served.tied_head,
+        registry: served.registry.clone(),
+    };
+    let scheduler = Arc::new(Scheduler::new(backend, options)?);
+    let mut multi = BTreeSet::new();
+    let mut merged = Vec::new();
+    for d in deltas {
+        match d.spec.mode {
+            Mode::MultiTenant => {
+                multi.insert(d.spec.name.clone());
+                scheduler.register(&d.spec.name.clone(), Arc::new(d))?;
+            }
+            Mode::Merge => merged.push(d.spec.name.clone()),
+        }
+    }
+    // Hot loads are checked against the base's fingerprint: computed once, only if they are on.
+    let identity = match &delta_dir {
+        Some(_) => Some(BaseIdentity::of(&config.base.path)?),
+        None => None,
+    };
+    mistralrs_core::set_admission_hook(Some(Arc::new(AdmissionSeam(scheduler.clone()))));
+    let state = Arc::new(AppState {
+        scheduler,
+        registry: served.registry.clone(),
+        identity,
+        base_name: config.base_name(),
+        merged,
+        multi_tenant: Mutex::new(multi),
+        mistralrs: mistralrs.clone(),
+        api_key,
+        delta_dir,
+        gpu_budget,
+        requests: Mutex::new(BTreeMap::new()),
+        started: Instant::now(),
+    });
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("deltazip-serve")
+        .build()
+        .context("starting the server's runtime")?;
+    let addr: SocketAddr = format!("{}:{}", args.host, args.port)
+        .parse()
+        .with_context(|| format!("--host {} --port {}", args.host, args.port))?;
+    let (listener, router) = runtime.block_on(async {
+        let host = mistralrs_server_core::mistralrs_server_router_builder::MistralRsServerRouterBuilder::new()
+            .with_mistralrs(mistralrs)
+            .build()
+            .await
+            .context("building the host's OpenAI router")?;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("listening on {addr}"))?;
+        anyhow::Ok((listener, router(state, host)))
+    })?;
+    let addr = listener.local_addr().context("the listener's address")?;
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    runtime.spawn(async move {
+        let _ = axum::serve(listener, router)
+            .with_graceful_shutdown(async {
+                let _ = rx.await;
+            })
+            .await;
+    });
+    eprintln!("deltazip serve: listening on http://{addr}");
+    Ok(Running {
+        addr,
+        runtime: Some(runtime),
+        shutdown: Some(tx),
+        served: Some(served),
+    })
+}
+
+/// `deltazip serve`: start, then serve until Ctrl-C.
+pub fn run(args: &ServeArgs) -> Result<()> {
+    start(args)?.wait()
+}
+
+fn router(state: Arc<AppState>, host: Router) -> Router {
+    Router::new()
+        .route("/v1/models", get(models))
+        .route("/v1/deltas", post(load_delta).get(list_deltas))
+        .route("/v1/deltas/{name}", delete(unload_delta))
+        .route("/metrics", get(metrics))
+        .route("/health", get(|| async { "ok" }))
+        .fallback_service(host)
+        .layer(axum::middleware::from_fn_with_state(state.clone(), guard))
+        .with_state(state)
+}
+
+/// Authentication and request counting, in front of every route.
+async fn guard(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
+    let path = request.uri().path().to_string();
+    if let Some(key) = &state.api_key {
+        let ok = path == "/health"
+            || request
+                .headers()
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .is_some_and(|given| constant_time_eq(given.as_bytes(), key.as_bytes()));
+        if !ok {
+            return count(
+                &state,
+                &path,
+                error(StatusCode::UNAUTHORIZED, "missing or wrong API key"),
+            );
+        }
+    }
+    let response = next.run(request).await;
+    count(&state, &path, response)
+}
+
+fn count(state: &AppState, path: &str, response: Response) -> Response {
+    // Route families, not raw paths (names in URLs would make unbounded label sets).
+    let route = match path {
+        "/v1/completions"
+        | "/v1/chat/completions"
+        | "/v1/models"
+        | "/v1/deltas"
+        | "/metrics"
+        | "/health" => path,
+        p if p.starts_with("/v1/deltas/") => "/v1/deltas/{name}",
+        _ => "other",
+    };
+    *state
+        .requests
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .entry((route.to_string(), response.status().as_u16()))
+        .or_default() += 1;
+    response
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn models(State(state): State<Arc<AppState>>) -> Response {
+    let created = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let entry = |id: &str, kind: &str| json!({ "id": id, "object": "model", "created": created, "owned_by": "deltazip", "deltazip": kind });
+    let mut data = vec![entry(&state.base_name, "base")];
+    data.extend(
+        state
+            .multi_tenant()
+            .iter()
+            .map(|n| entry(n, "multi-tenant")),
+    );
+    data.extend(state.merged.iter().map(|n| entry(n, "merged")));
+    Json(json!({ "object": "list", "data": data })).into_response()
+}
+
+async fn list_deltas(State(state): State<Arc<AppState>>) -> Response {
+    let names: Vec<String> = state.multi_tenant().iter().cloned().collect();
+    let deltas: Vec<_> = names
+        .iter()
+        .map(|n| json!({ "name": n, "state": format!("{:?}", state.scheduler.residency().state(n)) }))
+        .collect();
+    Json(json!({ "deltas": deltas })).into_response()
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LoadRequest {
+    name: String,
+    path: PathBuf,
+}
+
+/// `path` resolved inside `dir` (relative paths are relative to it), or why not.
+fn inside(dir: &Path, path: &Path) -> std::result::Result<PathBuf, String> {
+    let full = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        dir.join(path)
+    };
+    let real = full
+        .canonicalize()
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    if !real.starts_with(dir) {
+        return Err(format!("{} is outside the delta directory", path.display()));
+    }
+    Ok(real)
+}
+
+async fn load_delta(
+    State(state): State<Arc<AppState>>,
+    body: Result<Json<LoadRequest>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let Json(req) = match body {
+        Ok(b) => b,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
+    };
+    let (Some(dir), Some(identity)) = (&state.delta_dir, &state.identity) else {
+        return error(
+            StatusCode::FORBIDDEN,
+            "hot loading is off: start the server with --delta-dir",
+        );
+    };
+    let path = match inside(dir, &req.path) {
+        Ok(p) => p,
+        Err(e) => return error(StatusCode::FORBIDDEN, e),
+    };
+    if req.name == state.base_name || state.merged.contains(&req.name) {
+        return error(
+            StatusCode::CONFLICT,
+            format!("{:?} is already a model of this server", req.name),
+        );
+    }
+    let name = req.name.clone();
+    let checked = {
+        let name = name.clone();
+        // Opening and checking reads the manifest only; still, keep it off the async workers.
+        let identity_check =
+            tokio::task::block_in_place(|| identity.check(&name, &path, Mode::MultiTenant));
+        match identity_check {
+            Ok(c) => c,
+            Err(e) => return error(StatusCode::BAD_REQUEST, e),
+        }
+    };
+    if let Err(e) = state.scheduler.register(&name, Arc::new(checked)) {
+        return error(StatusCode::CONFLICT, e.to_string());
+    }
+    if let Err(e) = state
+        .mistralrs
+        .register_model_alias(name.clone(), &state.base_name)
+    {
+        let _ = state.scheduler.unregister(&name);
+        return error(StatusCode::INTERNAL_SERVER_ERROR, e);
+    }
+    state.multi_tenant().insert(name.clone());
+    // Start the load now (prefetch): the first request finds it on the device or on its way.
+    let st = state.scheduler.residency().request(&name);
+    (
+        StatusCode::CREATED,
+        Json(json!({ "name": name, "state": format!("{st:?}") })),
+    )
+        .into_response()
+}
+
+async fn unload_delta(
+    State(state): State<Arc<AppState>>,
+    UrlPath(name): UrlPath<String>,
+) -> Response {
+    match state.scheduler.unregister(&name) {
+        Ok(how) => {
+            state.multi_tenant().remove(&name);
+            let status = match how {
+                Unregistered::Dropped => "dropped",
+                Unregistered::Draining => "draining",
+            };
+            Json(json!({ "name": name, "status": status })).into_response()
+        }
+        Err(e) => error(StatusCode::NOT_FOUND, e.to_string()),
+    }
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    let mut out = state.scheduler.to_prometheus();
+    out.push_str("# HELP deltazip_requests_total HTTP requests by route and status.\n");
+    out.push_str("# TYPE deltazip_requests_total counter\n");
+    for ((route, status), n) in state
+        .requests
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .iter()
+    {
+        out.push_str(&format!(
+            "deltazip_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}\n"
+        ));
+    }
+    let tokens = state.registry.tokens();
+    let total: u64 = tokens.values().sum();
+    out.push_str("# HELP deltazip_tokens_total Tokens generated by the base's engine (one per sequence per step), by requested model.\n");
+    out.push_str("# TYPE deltazip_tokens_total counter\n");
+    for (model, n) in &tokens {
+        out.push_str(&format!("deltazip_tokens_total{{model=\"{model}\"}} {n}\n"));
+    }
+    let secs = state.started.elapsed().as_secs_f64().max(1e-9);
+    out.push_str("# HELP deltazip_tokens_per_second Tokens per second since start-up.\n");
+    out.push_str("# TYPE deltazip_tokens_per_second gauge\n");
+    out.push_str(&format!(
+        "deltazip_tokens_per_second {:.3}\n",
+        total as f64 / secs
+    ));
+    out.push_str(
+        "# HELP deltazip_gpu_delta_bytes Device bytes of the resident deltas, and the budget.\n",
+    );
+    out.push_str("# TYPE deltazip_gpu_delta_bytes gauge\n");
+    out.push_str(&format!(
+        "deltazip_gpu_delta_bytes{{kind=\"used\"}} {}\ndeltazip_gpu_delta_bytes{{kind=\"budget\"}} {}\n",
+        state.registry.bytes(),
+        state.gpu_budget
+    ));
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}

@@ -1,0 +1,179 @@
+//! Multi-tenant mode through the host engine: the base's layers wrapped at load (seam 4), fine-tunes
+//! served as aliases of the base (seam 1) with their rows tagged (seams 2-3). Per architecture:
+//! greedy generation by a multi-tenant fine-tune follows the same delta merged, and the uncompressed
+//! fine-tune; the base through the wrapped layers is bit-identical to a plain load of the base; a batch
+//! mixing rows of 3 fine-tunes and the base gives each row what running it alone gives.
+
+use crate::common;
+
+use candle_core::Device;
+use common::{assert_follows, q, write_config, LOGIT_TOL, MAX_TOKENS};
+use dz_loader::{host, Config, DtypeSpec, Served};
+
+/// Multi-tenant (x·W + x·D) vs the same delta merged (x·(W + D)), both f32: rounding only.
+const MT_VS_MERGED_TOL: f32 = 1e-3;
+
+const PROMPTS: [&str; 2] = ["def main():\n    ", "Once upon a time, "];
+
+fn ids(prompt: &str) -> Vec<u32> {
+    prompt.bytes().map(u32::from).collect()
+}
+
+/// Serves every fine-tune of `f` multi-tenant (`ft-i`), fine-tune 0 also merged (`ft-0-merged`), plus
+/// the uncompressed fine-tune 0 (`ft-0-direct`) and a plain load of the base (`base-plain`).
+fn serve(f: &common::Fixture, merged_dir: &std::path::Path) -> (Served, tempfile::TempDir) {
+    let mut text = format!(
+        "[base]\npath = {}\ndtype = \"f32\"\nname = \"base\"\n[runtime]\nmerged_dir = {}\n",
+        q(&f.family.base),
+        q(merged_dir)
+    );
+    for (i, d) in f.deltas8.iter().enumerate() {
+        text += &format!("[[delta]]\nname = \"ft-{i}\"\npath = {}\n", q(d));
+    }
+    text += &format!(
+        "[[delta]]\nname = \"ft-0-merged\"\npath = {}\nmode = \"merge\"\n",
+        q(&f.deltas8[0])
+    );
+    let (dir, file) = write_config(&text);
+    let (config, deltas) = Config::load(&file).unwrap();
+    let mut served = dz_loader::serve(&config, &deltas).unwrap();
+    let load = |d: &std::path::Path| {
+        host::load_pipeline(d, &f.family.base, DtypeSpec::F32, &Device::Cpu).unwrap()
+    };
+    served
+        .engine
+        .add("ft-0-direct", load(&f.family.finetunes[0]))
+        .unwrap();
+    served
+        .engine
+        .add("base-plain", load(&f.family.base))
+        .unwrap();
+    (served, dir)
+}
+
+fn check_family(f: &common::Fixture) {
+    let merged = tempfile::tempdir().unwrap();
+    let (served, _config_dir) = serve(f, merged.path());
+    let engine = &served.engine;
+    let n = f.deltas8.len();
+    let mut models = engine.models().unwrap();
+    models.sort();
+    let mut want: Vec<String> = ["base", "base-plain", "ft-0-direct", "ft-0-merged"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    want.extend((0..n).map(|i| format!("ft-{i}")));
+    want.sort();
+    // Aliases are listed with their model or not at all, depending on the host; the engines are these.
+    for m in &models {
+        assert!(want.contains(m), "unexpected model {m}");
+    }
+    assert_eq!(served.registry.names().len(), n);
+
+    let mut differs_from_base = false;
+    let mut agreed = 0;
+    for prompt in PROMPTS {
+        let p = ids(prompt);
+        // Multi-tenant vs merged: the same delta, so the same tokens up to rounding near-ties.
+        agreed += assert_follows(engine, "ft-0", "ft-0-merged", &p, MT_VS_MERGED_TOL);
+        // ... and vs the uncompressed fine-tune, within the 8-bit delta's error.
+        assert_follows(engine, "ft-0", "ft-0-direct", &p, LOGIT_TOL);
+        // The base through the wrapped layers is exactly a plain load of the base.
+        let a = engine.next_logits("base", &p).unwrap();
+        let b = engine.next_logits("base-plain", &p).unwrap();
+        assert_eq!(a, b, "the hooked base differs from the plain base");
+        let mt = engine.generate_tokens("ft-0", &p, MAX_TOKENS).unwrap();
+        let base = engine.generate_tokens("base", &p, MAX_TOKENS).unwrap();
+        differs_from_base |= mt.token_ids() != base.token_ids();
+    }
+    assert!(
+        differs_from_base,
+        "the fine-tune generates like the base: vacuous test"
+    );
+    assert!(
+        agreed >= PROMPTS.len() * MAX_TOKENS - 2,
+        "only {agreed} greedy tokens agree between multi-tenant and merged"
+    );
+    // The text path (the host's tokenizer) works for an alias too.
+    assert!(!engine
+        .generate("ft-0", "Hello", 4)
+        .unwrap()
+        .tokens
+        .is_empty());
+}
+
+#[test]
+fn multi_tenant_llama_generates_like_merged_and_direct() {
+    check_family(common::llama());
+}
+
+#[test]
+fn multi_tenant_mistral_generates_like_merged_and_direct() {
+    check_family(common::mistral());
+}
+
+/// Qwen2: bias deltas, and tied embeddings (the embedding delta also applies to the output head).
+#[test]
+fn multi_tenant_qwen2_generates_like_merged_and_direct() {
+    check_family(common::qwen2());
+}
+
+/// Rows of 3 fine-tunes and the base, sent together (same prompt length: the host batches their prompt
+/// step), each get the next token and its log-probability of running alone.
+///
+/// One step only: past the first token, the host (mistral.rs 0.8.1, default scheduler, CPU) mixes up
+/// the responses of concurrent sequences even with no deltas and no hook (plain base, 2 prompts sent
+/// together: the first sequence's text continues with the second's tokens), while each sequence's
+/// model inputs are its own. Tracked in the loader issue's notes.
+#[test]
+fn a_mixed_batch_gives_each_row_its_own_fine_tune() {
+    let f = common::llama_three();
+    let merged = tempfile::tempdir().unwrap();
+    let (served, _config_dir) = serve(f, merged.path());
+    let engine = &served.engine;
+    let prompts: Vec<Vec<u32>> = ["abcdefgh", "The fox!", "12345678", "fn main", "zyxwvuts"]
+        .iter()
+        .map(|p| ids(&format!("{p:8}")))
+        .collect();
+    let names = ["ft-0", "base", "ft-1", "ft-2", "ft-0"];
+    let requests: Vec<(&str, &[u32])> = names
+        .iter()
+        .zip(&prompts)
+        .map(|(n, p)| (*n, p.as_slice()))
+        .collect();
+    let together = engine.generate_tokens_batch(&requests, 1).unwrap();
+    assert!(
+        served.registry.widest_batch() >= 2,
+        "the host never batched rows of different fine-tunes (widest: {})",
+        served.registry.widest_batch()
+    );
+    for ((name, p), got) in requests.iter().zip(&together) {
+        let alone = engine.generate_tokens(name, p, 1).unwrap();
+        assert_eq!(got.tokens.len(), 1);
+        assert_eq!(
+            got.token_ids(),
+            alone.token_ids(),
+            "{name}: batched vs alone"
+        );
+        for (a, b) in got.tokens.iter().zip(&alone.tokens) {
+            let d = (a.logprob - b.logprob).abs();
+            assert!(d <= MT_VS_MERGED_TOL, "{name}: log-probs differ by {d}");
+        }
+    }
+    // Each fine-tune's row is its own: fine-tunes differ from one another on the same prompt.
+    let p = &prompts[0];
+    let a = engine.next_logits("ft-1", p).unwrap();
+    let b = engine.next_logits("ft-2", p).unwrap();
+    let d = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
+    assert!(
+        d > 10.0 * MT_VS_MERGED_TOL,
+        "ft-1 and ft-2 agree: vacuous test"
+    );
+    // The output head counted the batch's tokens per requested model.
+    let tokens = served.registry.tokens();
+    assert!(tokens.get("ft-2").copied().unwrap_or(0) >= 2, "{tokens:?}");
+}

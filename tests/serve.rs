@@ -1,0 +1,296 @@
+//! `deltazip serve` on loopback with a tiny seeded Llama family and deltas in multi-tenant mode, under
+//! a GPU delta budget that holds one delta at a time (every switch between fine-tunes evicts and
+//! reloads): generation per fine-tune (deterministic, differing from the base), streaming, hot load and
+//! unload, auth, path traversal, bad requests, metrics, and a bounded concurrent load test.
+//!
+//! One server per process (the host's admission hook is process-wide), so one test function.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::time::Duration;
+
+use deltazip::serve::{start, ServeArgs};
+use dz_compress::fixtures::{self, TinySpec};
+use dz_compress::pipeline::{self, CompressOptions, Method, Quiet};
+use dz_compress::{QuantConfig, Sparsity};
+use serde_json::{json, Value};
+
+const KEY: &str = "test-key-123";
+
+/// One HTTP/1.1 request (`Connection: close`); returns the status and the body (chunked transfer
+/// decoded).
+fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    key: Option<&str>,
+) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    let body = body.unwrap_or("");
+    let auth = key.map_or(String::new(), |k| format!("Authorization: Bearer {k}\r\n"));
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).expect("read response");
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, rest) = text.split_once("\r\n\r\n").expect("a response head");
+    let status: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("a status code");
+    let chunked = head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked");
+    let body = if chunked {
+        dechunk(rest)
+    } else {
+        rest.to_string()
+    };
+    (status, body)
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = s.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        out.push_str(&rest[..n.min(rest.len())]);
+        s = rest.get(n + 2..).unwrap_or("");
+    }
+    out
+}
+
+fn json_of(body: &str) -> Value {
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
+}
+
+fn compress8(base: &Path, ft: &Path, out: &Path, name: &str) {
+    let opts = CompressOptions {
+        name: Some(name.to_string()),
+        method: Method::Rtn,
+        quant: QuantConfig {
+            bits: 8,
+            group_size: 32,
+            symmetric: true,
+            sparsity: Sparsity::None,
+        },
+        embed_bits: 8,
+        ..CompressOptions::default()
+    };
+    pipeline::compress(base, ft, out, &opts, &mut Quiet).expect("compress");
+}
+
+/// Greedy completion text of `model` (a new request, nothing else in flight).
+fn complete(addr: SocketAddr, model: &str, prompt: &str) -> (u16, Value) {
+    let body = json!({ "model": model, "prompt": prompt, "max_tokens": 8, "temperature": 0.0, "top_k": 1 });
+    let (status, text) = http(
+        addr,
+        "POST",
+        "/v1/completions",
+        Some(&body.to_string()),
+        Some(KEY),
+    );
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+fn text_of(v: &Value) -> String {
+    v["choices"][0]["text"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no completion text: {v}"))
+        .to_string()
+}
+
+#[test]
+fn server_end_to_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let family = fixtures::write_family(&root.join("family"), &TinySpec::llama(), 2).unwrap();
+    let deltas = root.join("deltas");
+    std::fs::create_dir_all(&deltas).unwrap();
+    for (i, ft) in family.finetunes.iter().enumerate() {
+        compress8(
+            &family.base,
+            ft,
+            &deltas.join(format!("ft-{i}.dz")),
+            &format!("ft-{i}"),
+        );
+    }
+    let one_delta = std::fs::metadata(deltas.join("ft-0.dz")).unwrap().len();
+    let config = root.join("serve.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[base]\npath = {:?}\ndtype = \"f32\"\nname = \"base\"\n\
+             [[delta]]\nname = \"ft-0\"\npath = \"deltas/ft-0.dz\"\n\
+             [[delta]]\nname = \"ft-1\"\npath = \"deltas/ft-1.dz\"\n\
+             [runtime]\ndevice = \"cpu\"\ngpu_delta_bytes = {}\ncpu_cache_bytes = {}\n\
+             [scheduler]\nmax_seqs = 8\nmax_deltas_per_step = 2\n",
+            family.base,
+            // Room for one delta's device form at a time (f32 small tensors make it a bit larger).
+            one_delta * 3 / 2,
+            one_delta * 3,
+        ),
+    )
+    .unwrap();
+    let server = start(&ServeArgs {
+        config,
+        host: "127.0.0.1".to_string(),
+        port: 0,
+        api_key: Some(KEY.to_string()),
+        delta_dir: Some(deltas.clone()),
+    })
+    .expect("server starts");
+    let addr = server.addr;
+
+    // Health needs no key; everything else does.
+    assert_eq!(http(addr, "GET", "/health", None, None).0, 200);
+    assert_eq!(http(addr, "GET", "/v1/models", None, None).0, 401);
+    assert_eq!(http(addr, "GET", "/v1/models", None, Some("wrong")).0, 401);
+    let (status, body) = http(addr, "GET", "/v1/models", None, Some(KEY));
+    assert_eq!(status, 200, "{body}");
+    let ids: Vec<String> = json_of(&body)["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ids, ["base", "ft-0", "ft-1"]);
+
+    // Each fine-tune generates deterministically, and not like the base; switching between them
+    // evicts and reloads (the budget holds one).
+    let prompt = "def main():\n    ";
+    let (s0, a0) = complete(addr, "ft-0", prompt);
+    assert_eq!(s0, 200, "{a0}");
+    let (_, a1) = complete(addr, "ft-1", prompt);
+    let (_, b) = complete(addr, "base", prompt);
+    let (_, a0_again) = complete(addr, "ft-0", prompt);
+    assert_eq!(text_of(&a0), text_of(&a0_again), "ft-0 after an eviction");
+    assert!(
+        text_of(&a0) != text_of(&b) || text_of(&a1) != text_of(&b),
+        "the fine-tunes generate like the base: vacuous test"
+    );
+
+    // Streaming: SSE chunks, then [DONE].
+    let body = json!({ "model": "ft-1", "prompt": prompt, "max_tokens": 4, "stream": true, "temperature": 0.0 });
+    let (status, text) = http(
+        addr,
+        "POST",
+        "/v1/completions",
+        Some(&body.to_string()),
+        Some(KEY),
+    );
+    assert_eq!(status, 200, "{text}");
+    assert!(text.contains("data: "), "{text}");
+    assert!(text.contains("[DONE]"), "{text}");
+
+    // Bad requests get errors; the server stays up.
+    let (status, text) = complete(addr, "no-such-model", prompt);
+    assert!(status >= 400, "unknown model accepted: {status} {text}");
+    let (status, _) = http(
+        addr,
+        "POST",
+        "/v1/completions",
+        Some("{not json"),
+        Some(KEY),
+    );
+    assert!((400..500).contains(&status), "malformed JSON: {status}");
+    assert_eq!(http(addr, "GET", "/health", None, None).0, 200);
+
+    // Hot load: traversal and outside paths refused, a bad file refused, a good one served.
+    let load = |name: &str, path: &str| {
+        let body = json!({ "name": name, "path": path }).to_string();
+        http(addr, "POST", "/v1/deltas", Some(&body), Some(KEY))
+    };
+    assert_eq!(load("x", "../serve.toml").0, 403);
+    assert_eq!(load("x", "/etc/passwd").0, 403);
+    std::fs::write(deltas.join("junk.dz"), b"not a delta").unwrap();
+    let (status, text) = load("x", "junk.dz");
+    assert_eq!(status, 400, "{text}");
+    assert_eq!(load("ft-1", "ft-1.dz").0, 409, "duplicate name");
+    let (status, text) = load("ft-0b", "ft-0.dz");
+    assert_eq!(status, 201, "{text}");
+    let (s, hot) = complete(addr, "ft-0b", prompt);
+    assert_eq!(s, 200, "{hot}");
+    assert_eq!(
+        text_of(&hot),
+        text_of(&a0),
+        "the same delta under another name"
+    );
+    let (_, body) = http(addr, "GET", "/v1/models", None, Some(KEY));
+    assert!(body.contains("\"ft-0b\""), "{body}");
+
+    // Unload: the name stops being served; an unknown name is 404.
+    let (status, text) = http(addr, "DELETE", "/v1/deltas/ft-0b", None, Some(KEY));
+    assert_eq!(status, 200, "{text}");
+    let (status, text) = complete(addr, "ft-0b", prompt);
+    assert!(
+        status >= 400,
+        "unloaded delta still served: {status} {text}"
+    );
+    assert_eq!(
+        http(addr, "DELETE", "/v1/deltas/nope", None, Some(KEY)).0,
+        404
+    );
+
+    // A bounded concurrent load: 48 requests over both fine-tunes and the base, 12 at a time.
+    let models = ["ft-0", "ft-1", "base"];
+    let errors: usize = std::thread::scope(|sc| {
+        let handles: Vec<_> = (0..12)
+            .map(|t| {
+                sc.spawn(move || {
+                    let mut errors = 0;
+                    for i in 0..4 {
+                        let m = models[(t + i) % models.len()];
+                        let body = json!({ "model": m, "prompt": format!("request {t} {i}"), "max_tokens": 4 });
+                        let (status, _) =
+                            http(addr, "POST", "/v1/completions", Some(&body.to_string()), Some(KEY));
+                        errors += usize::from(status != 200);
+                    }
+                    errors
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).sum()
+    });
+    assert_eq!(errors, 0, "errors under concurrent load");
+
+    // Metrics: tiers, requests, tokens, GPU bytes.
+    let (status, text) = http(addr, "GET", "/metrics", None, Some(KEY));
+    assert_eq!(status, 200);
+    for needle in [
+        "deltazip_delta_hits_total{tier=\"gpu\"}",
+        "deltazip_delta_evictions_total",
+        "deltazip_requests_total{route=\"/v1/completions\",status=\"200\"}",
+        "deltazip_tokens_total{model=\"ft-1\"}",
+        "deltazip_gpu_delta_bytes{kind=\"budget\"}",
+    ] {
+        assert!(
+            text.contains(needle),
+            "{needle} missing from /metrics:\n{text}"
+        );
+    }
+    let evictions: f64 = text
+        .lines()
+        .find(|l| l.starts_with("deltazip_delta_evictions_total{tier=\"gpu\"}"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    assert!(
+        evictions >= 1.0,
+        "a one-delta budget never evicted:\n{text}"
+    );
+    drop(server);
+}
