@@ -1,7 +1,7 @@
 //! `deltazip serve` on loopback with a tiny seeded Llama family and deltas in multi-tenant mode, under
 //! a GPU delta budget that holds one delta at a time (every switch between fine-tunes evicts and
 //! reloads): generation per fine-tune (deterministic, differing from the base), streaming, hot load and
-//! unload, auth, path traversal, bad requests, metrics, and a bounded concurrent load test.
+//! unload, auth, path traversal, bad requests, metrics, and a bounded concurrent load test (200 requests).
 //!
 //! One server per process (the host's admission hook is process-wide), so one test function.
 
@@ -245,10 +245,10 @@ fn server_end_to_end() {
         404
     );
 
-    // A bounded concurrent load: 48 requests over both fine-tunes and the base, 12 at a time.
+    // A bounded concurrent load: 200 requests over both fine-tunes and the base, 50 at a time.
     let models = ["ft-0", "ft-1", "base"];
     let errors: usize = std::thread::scope(|sc| {
-        let handles: Vec<_> = (0..12)
+        let handles: Vec<_> = (0..50)
             .map(|t| {
                 sc.spawn(move || {
                     let mut errors = 0;
