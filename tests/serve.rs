@@ -113,8 +113,12 @@ fn text_of(v: &Value) -> String {
         .to_string()
 }
 
-#[test]
-fn server_end_to_end() {
+/// The tiny family, its deltas and a running server (keep the directory alive with it).
+fn setup() -> (
+    tempfile::TempDir,
+    deltazip::serve::Running,
+    std::path::PathBuf,
+) {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
     let family = fixtures::write_family(&root.join("family"), &TinySpec::llama(), 2).unwrap();
@@ -153,6 +157,12 @@ fn server_end_to_end() {
         delta_dir: Some(deltas.clone()),
     })
     .expect("server starts");
+    (dir, server, deltas)
+}
+
+#[test]
+fn server_end_to_end() {
+    let (_dir, server, deltas) = setup();
     let addr = server.addr;
 
     // Health needs no key; everything else does.
@@ -246,26 +256,10 @@ fn server_end_to_end() {
     );
 
     // A bounded concurrent load: 200 requests over both fine-tunes and the base, 50 at a time.
-    let models = ["ft-0", "ft-1", "base"];
-    let errors: usize = std::thread::scope(|sc| {
-        let handles: Vec<_> = (0..50)
-            .map(|t| {
-                sc.spawn(move || {
-                    let mut errors = 0;
-                    for i in 0..4 {
-                        let m = models[(t + i) % models.len()];
-                        let body = json!({ "model": m, "prompt": format!("request {t} {i}"), "max_tokens": 4 });
-                        let (status, _) =
-                            http(addr, "POST", "/v1/completions", Some(&body.to_string()), Some(KEY));
-                        errors += usize::from(status != 200);
-                    }
-                    errors
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).sum()
-    });
+    let (errors, mismatches) = concurrent_load(addr);
     assert_eq!(errors, 0, "errors under concurrent load");
+    // Not asserted here: see `concurrent_responses_match_the_same_requests_alone`.
+    eprintln!("concurrent load: {mismatches} of 200 responses differ from the same request alone");
 
     // Metrics: tiers, requests, tokens, GPU bytes.
     let (status, text) = http(addr, "GET", "/metrics", None, Some(KEY));
@@ -293,4 +287,58 @@ fn server_end_to_end() {
         "a one-delta budget never evicted:\n{text}"
     );
     drop(server);
+}
+
+/// 200 greedy requests over both fine-tunes and the base, 50 clients at a time; returns the errors and
+/// the responses that differ from the same request sent alone.
+fn concurrent_load(addr: SocketAddr) -> (usize, usize) {
+    let models = ["ft-0", "ft-1", "base"];
+    let prompts = ["request one", "the second prompt"];
+    let mut alone = std::collections::HashMap::new();
+    for m in models {
+        for p in prompts {
+            let (status, v) = complete(addr, m, p);
+            assert_eq!(status, 200, "{v}");
+            alone.insert((m, p), text_of(&v));
+        }
+    }
+    let alone = &alone;
+    std::thread::scope(|sc| {
+        let handles: Vec<_> = (0..50)
+            .map(|t| {
+                sc.spawn(move || {
+                    let (mut errors, mut mismatches) = (0, 0);
+                    for i in 0..4 {
+                        let m = models[(t + i) % models.len()];
+                        let p = prompts[(t / 3 + i) % prompts.len()];
+                        match complete(addr, m, p) {
+                            (200, v) => mismatches += usize::from(text_of(&v) != alone[&(m, p)]),
+                            _ => errors += 1,
+                        }
+                    }
+                    (errors, mismatches)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
+    })
+}
+
+/// Concurrent requests get what they get alone. Fails today (about 1 in 4 responses differ): the
+/// host (mistral.rs 0.8.1, default scheduler, CPU) returns for one sequence tokens of another once
+/// several sequences of different lengths are in flight, with no deltas or hooks involved (reproduced
+/// with a plain base in dz-loader's tests). Run with `--ignored` once the host is fixed or patched.
+#[test]
+#[ignore = "host bug: concurrent sequences' completions get mixed (see the doc comment)"]
+fn concurrent_responses_match_the_same_requests_alone() {
+    let (_dir, server, _) = setup();
+    let (errors, mismatches) = concurrent_load(server.addr);
+    assert_eq!(errors, 0);
+    assert_eq!(
+        mismatches, 0,
+        "{mismatches} of 200 responses differ from the same request alone"
+    );
 }
