@@ -8,7 +8,8 @@
 set -u
 W=${DZ_WORK:-/tmp/dz}
 DZ=${1:-$W/bin/deltazip}
-OUT=${OUT:-/tmp/mt-smoke}
+# Not $OUT: the merged model and the delta would not fit what a device call brings back.
+OUT=${SMOKE_DIR:-/tmp/mt-smoke}
 mkdir -p "$OUT"
 ft=$(ls -d "$W"/ft/*/ 2>/dev/null | head -1)
 if [[ -z "$ft" || ! -d "$W/base" ]]; then
@@ -44,10 +45,10 @@ echo "delta: $delta"
 status=0
 for prompt in "def fibonacci(n):" "In the beginning" "The word 'serendipity' means"; do
     for m in mt merged base; do
-        T0=$(date +%s.%N)
+        T0=$(date +%s%N)
         "$DZ" run --config "$cfg" --model "$m" --prompt "$prompt" --max-tokens 24 > "$OUT/$m.txt" 2> "$OUT/$m.err"
         rc=$?
-        printf '%-7s rc=%d %5.1fs %q\n' "$m" "$rc" "$(echo "$(date +%s.%N) - $T0" | bc)" "$(head -c 120 "$OUT/$m.txt")"
+        printf '%-7s rc=%d %5d ms %q\n' "$m" "$rc" "$((($(date +%s%N) - T0) / 1000000))" "$(head -c 120 "$OUT/$m.txt")"
         [[ $rc == 0 ]] || { tail -3 "$OUT/$m.err"; status=1; }
     done
     # bf16: x.W + x.D (f32 sums) vs x.(W + D) rounded to bf16 may part at a near-tie; report where.
