@@ -7,13 +7,10 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::Path;
 use std::time::Duration;
 
 use deltazip::serve::{start, ServeArgs};
 use dz_compress::fixtures::{self, TinySpec};
-use dz_compress::pipeline::{self, CompressOptions, Method, Quiet};
-use dz_compress::{QuantConfig, Sparsity};
 use serde_json::{json, Value};
 
 const KEY: &str = "test-key-123";
@@ -74,22 +71,6 @@ fn json_of(body: &str) -> Value {
     serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
 }
 
-fn compress8(base: &Path, ft: &Path, out: &Path, name: &str) {
-    let opts = CompressOptions {
-        name: Some(name.to_string()),
-        method: Method::Rtn,
-        quant: QuantConfig {
-            bits: 8,
-            group_size: 32,
-            symmetric: true,
-            sparsity: Sparsity::None,
-        },
-        embed_bits: 8,
-        ..CompressOptions::default()
-    };
-    pipeline::compress(base, ft, out, &opts, &mut Quiet).expect("compress");
-}
-
 /// Greedy completion text of `model` (a new request, nothing else in flight).
 fn complete(addr: SocketAddr, model: &str, prompt: &str) -> (u16, Value) {
     let body = json!({ "model": model, "prompt": prompt, "max_tokens": 8, "temperature": 0.0, "top_k": 1 });
@@ -125,12 +106,8 @@ fn setup() -> (
     let deltas = root.join("deltas");
     std::fs::create_dir_all(&deltas).unwrap();
     for (i, ft) in family.finetunes.iter().enumerate() {
-        compress8(
-            &family.base,
-            ft,
-            &deltas.join(format!("ft-{i}.dz")),
-            &format!("ft-{i}"),
-        );
+        let out = deltas.join(format!("ft-{i}.dz"));
+        fixtures::compress_rtn8(&family.base, ft, &out, &format!("ft-{i}")).expect("compress");
     }
     let one_delta = std::fs::metadata(deltas.join("ft-0.dz")).unwrap().len();
     let config = root.join("serve.toml");

@@ -625,6 +625,31 @@ fn gpt2_pieces(text: &str) -> Vec<&str> {
     out
 }
 
+/// Compresses fine-tune `ft` against `base` into `out` (named `name`) with 8-bit round-to-nearest, group
+/// 32, no pruning and no calibration: a nearly lossless delta, the reference tests compare serving
+/// paths with.
+pub fn compress_rtn8(
+    base: &Path,
+    ft: &Path,
+    out: &Path,
+    name: &str,
+) -> Result<crate::pipeline::CompressReport> {
+    use crate::pipeline::{CompressOptions, Method, Quiet};
+    let opts = CompressOptions {
+        name: Some(name.to_string()),
+        method: Method::Rtn,
+        quant: crate::QuantConfig {
+            bits: 8,
+            group_size: 32,
+            symmetric: true,
+            sparsity: crate::Sparsity::None,
+        },
+        embed_bits: 8,
+        ..CompressOptions::default()
+    };
+    crate::pipeline::compress(base, ft, out, &opts, &mut Quiet)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

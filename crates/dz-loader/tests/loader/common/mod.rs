@@ -6,8 +6,6 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use dz_compress::fixtures::{self, TinyFamily, TinySpec};
-use dz_compress::pipeline::{self, CompressOptions, Method, Quiet};
-use dz_compress::{QuantConfig, Sparsity};
 use dz_loader::Engine;
 
 /// A family and deltas of its fine-tunes.
@@ -24,19 +22,7 @@ pub struct Fixture {
 
 /// Compresses `ft` against `base` into `out` with 8-bit RTN (no calibration).
 pub fn compress8(base: &Path, ft: &Path, out: &Path, name: &str) {
-    let opts = CompressOptions {
-        name: Some(name.to_string()),
-        method: Method::Rtn,
-        quant: QuantConfig {
-            bits: 8,
-            group_size: 32,
-            symmetric: true,
-            sparsity: Sparsity::None,
-        },
-        embed_bits: 8,
-        ..CompressOptions::default()
-    };
-    pipeline::compress(base, ft, out, &opts, &mut Quiet).expect("compress");
+    fixtures::compress_rtn8(base, ft, out, name).expect("compress");
 }
 
 fn build(spec: TinySpec, n: usize) -> Fixture {
