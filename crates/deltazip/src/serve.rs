@@ -129,7 +129,10 @@ impl mistralrs_core::AdmissionHook for AdmissionSeam {
 struct AppState {
     scheduler: Arc<Scheduler<LoaderBackend>>,
     registry: Arc<DeltaRegistry>,
-    identity: Option<BaseIdentity>,
+    /// The base's identity, computed on the first hot load (Config::load fingerprinted the base for the
+    /// config's deltas already; start-up does not hash it twice).
+    identity: std::sync::OnceLock<BaseIdentity>,
+    base_path: PathBuf,
     base_name: String,
     merged: Vec<String>,
     multi_tenant: Mutex<BTreeSet<String>>,
@@ -246,16 +249,12 @@ pub fn start(args: &ServeArgs) -> Result<Running> {
             Mode::Merge => merged.push(d.spec.name.clone()),
         }
     }
-    // Hot loads are checked against the base's fingerprint: computed once, only if they are on.
-    let identity = match &delta_dir {
-        Some(_) => Some(BaseIdentity::of(&config.base.path)?),
-        None => None,
-    };
     mistralrs_core::set_admission_hook(Some(Arc::new(AdmissionSeam(scheduler.clone()))));
     let state = Arc::new(AppState {
         scheduler,
         registry: served.registry.clone(),
-        identity,
+        identity: std::sync::OnceLock::new(),
+        base_path: config.base.path.clone(),
         base_name: config.base_name(),
         merged,
         multi_tenant: Mutex::new(multi),
@@ -425,7 +424,7 @@ async fn load_delta(
         Ok(b) => b,
         Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
     };
-    let (Some(dir), Some(identity)) = (&state.delta_dir, &state.identity) else {
+    let Some(dir) = &state.delta_dir else {
         return error(
             StatusCode::FORBIDDEN,
             "hot loading is off: start the server with --delta-dir",
@@ -442,15 +441,24 @@ async fn load_delta(
         );
     }
     let name = req.name.clone();
-    let checked = {
-        let name = name.clone();
-        // Opening and checking reads the manifest only; still, keep it off the async workers.
-        let identity_check =
-            tokio::task::block_in_place(|| identity.check(&name, &path, Mode::MultiTenant));
-        match identity_check {
-            Ok(c) => c,
-            Err(e) => return error(StatusCode::BAD_REQUEST, e),
-        }
+    // Off the async workers: the first hot load fingerprints the base (hashes its weights), every one
+    // opens the delta's manifest.
+    let checked = tokio::task::block_in_place(|| {
+        let identity = match state.identity.get() {
+            Some(i) => i,
+            None => {
+                let i = BaseIdentity::of(&state.base_path)
+                    .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+                state.identity.get_or_init(|| i)
+            }
+        };
+        identity
+            .check(&name, &path, Mode::MultiTenant)
+            .map_err(|e| (StatusCode::BAD_REQUEST, e))
+    });
+    let checked = match checked {
+        Ok(c) => c,
+        Err((status, e)) => return error(status, e),
     };
     if let Err(e) = state.scheduler.register(&name, Arc::new(checked)) {
         return error(StatusCode::CONFLICT, e.to_string());

@@ -378,39 +378,23 @@ impl Engine {
             .collect()
     }
 
-    /// The logits model `name` gives the token after `tokens` (one forward pass over them).
+    /// The logits model `name` gives the token after `tokens` (one forward pass over them). The host
+    /// answers raw logits for a batch of one only, so such requests are never sent together.
     pub fn next_logits(&self, name: &str, tokens: &[u32]) -> Result<Vec<f32>> {
-        let mut v = self.next_logits_batch(&[(name, tokens)])?;
-        Ok(v.pop().unwrap_or_default())
-    }
-
-    /// [`Engine::next_logits`] for several requests, in order (the host's raw-logits responses need a
-    /// batch of one, so they are not sent together).
-    pub fn next_logits_batch(&self, requests: &[(&str, &[u32])]) -> Result<Vec<Vec<f32>>> {
-        requests
-            .iter()
-            .map(|(name, tokens)| {
-                let rx = self.send(
-                    name,
-                    RequestMessage::CompletionTokens(tokens.to_vec()),
-                    1,
-                    true,
-                )?;
-                let Response::Raw { logits_chunks, .. } = self.receive(rx)? else {
-                    return Err(Error::Host("expected raw logits".to_string()));
-                };
-                let last = logits_chunks
-                    .last()
-                    .ok_or_else(|| Error::Host("no logits returned".to_string()))?;
-                let v = last
-                    .to_dtype(candle_core::DType::F32)
-                    .and_then(|t| t.flatten_all())
-                    .and_then(|t| t.to_vec1::<f32>())
-                    .map_err(host)?;
-                let vocab = last.dims().last().copied().unwrap_or(v.len()).max(1);
-                Ok(v[v.len() - vocab.min(v.len())..].to_vec())
-            })
-            .collect()
+        let messages = RequestMessage::CompletionTokens(tokens.to_vec());
+        let Response::Raw { logits_chunks, .. } = self.request(name, messages, 1, true)? else {
+            return Err(Error::Host("expected raw logits".to_string()));
+        };
+        let last = logits_chunks
+            .last()
+            .ok_or_else(|| Error::Host("no logits returned".to_string()))?;
+        let v = last
+            .to_dtype(candle_core::DType::F32)
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1::<f32>())
+            .map_err(host)?;
+        let vocab = last.dims().last().copied().unwrap_or(v.len()).max(1);
+        Ok(v[v.len() - vocab.min(v.len())..].to_vec())
     }
 }
 
