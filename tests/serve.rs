@@ -132,6 +132,7 @@ fn setup() -> (
         port: 0,
         api_key: Some(KEY.to_string()),
         delta_dir: Some(deltas.clone()),
+        dry_run: false,
     })
     .expect("server starts");
     (dir, server, deltas)

@@ -14,5 +14,6 @@ pub mod bench_serve;
 pub mod compress;
 pub mod demo;
 pub mod inspect;
+pub mod plan;
 pub mod run;
 pub mod serve;

@@ -55,6 +55,10 @@ pub struct ServeArgs {
     /// refused). Without it, hot loading is off.
     #[arg(long)]
     pub delta_dir: Option<PathBuf>,
+    /// Check the config as start-up does and print what it would put on each GPU (base and delta
+    /// bytes per tensor-parallel rank), then exit without loading anything.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 /// dz-loader's delta forms as dz-scheduler-ext's tiers: a checked delta file on disk, its packed bytes
@@ -127,6 +131,8 @@ impl mistralrs_core::AdmissionHook for AdmissionSeam {
 
 /// What the handlers share.
 struct AppState {
+    /// GPUs the base and deltas are sharded over (1: no tensor parallelism).
+    tensor_parallel: usize,
     scheduler: Arc<Scheduler<LoaderBackend>>,
     registry: Arc<DeltaRegistry>,
     /// The base's identity, computed on the first hot load (Config::load fingerprinted the base for the
@@ -214,7 +220,12 @@ pub fn start(args: &ServeArgs) -> Result<Running> {
         config.base.path.display(),
         deltas.len()
     );
-    let served = dz_loader::serve_with(&config, &deltas, false)?;
+    // Tensor parallelism: every rank's process (the host re-runs this command once per GPU) loads its
+    // slices of all deltas at start-up, and the ranks must batch identically, so there is no on-demand
+    // residency and no admission hook; on one GPU the scheduler's tiers load deltas when needed.
+    let tensor_parallel = config.runtime.tensor_parallel;
+    let sharded = tensor_parallel > 1;
+    let served = dz_loader::serve_with(&config, &deltas, sharded)?;
     let mistralrs = served
         .engine
         .mistralrs()
@@ -244,13 +255,18 @@ pub fn start(args: &ServeArgs) -> Result<Running> {
         match d.spec.mode {
             Mode::MultiTenant => {
                 multi.insert(d.spec.name.clone());
-                scheduler.register(&d.spec.name.clone(), Arc::new(d))?;
+                if !sharded {
+                    scheduler.register(&d.spec.name.clone(), Arc::new(d))?;
+                }
             }
             Mode::Merge => merged.push(d.spec.name.clone()),
         }
     }
-    mistralrs_core::set_admission_hook(Some(Arc::new(AdmissionSeam(scheduler.clone()))));
+    if !sharded {
+        mistralrs_core::set_admission_hook(Some(Arc::new(AdmissionSeam(scheduler.clone()))));
+    }
     let state = Arc::new(AppState {
+        tensor_parallel,
         scheduler,
         registry: served.registry.clone(),
         identity: std::sync::OnceLock::new(),
@@ -305,6 +321,11 @@ pub fn start(args: &ServeArgs) -> Result<Running> {
 
 /// `deltazip serve`: start, then serve until Ctrl-C.
 pub fn run(args: &ServeArgs) -> Result<()> {
+    if args.dry_run {
+        let (config, deltas) = dz_loader::Config::load(&args.config)?;
+        print!("{}", crate::plan::serve_plan(&config, &deltas)?);
+        return Ok(());
+    }
     start(args)?.wait()
 }
 
@@ -424,6 +445,16 @@ async fn load_delta(
         Ok(b) => b,
         Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
     };
+    if state.tensor_parallel > 1 {
+        return error(
+            StatusCode::CONFLICT,
+            format!(
+                "hot loading is not available with tensor_parallel = {} (every rank's process would \
+                 have to load its slices): list the delta in the config",
+                state.tensor_parallel
+            ),
+        );
+    }
     let Some(dir) = &state.delta_dir else {
         return error(
             StatusCode::FORBIDDEN,
@@ -484,6 +515,16 @@ async fn unload_delta(
     State(state): State<Arc<AppState>>,
     UrlPath(name): UrlPath<String>,
 ) -> Response {
+    if state.tensor_parallel > 1 {
+        return error(
+            StatusCode::CONFLICT,
+            format!(
+                "unloading is not available with tensor_parallel = {}: the deltas stay for the \
+                 server's lifetime",
+                state.tensor_parallel
+            ),
+        );
+    }
     match state.scheduler.unregister(&name) {
         Ok(how) => {
             state.multi_tenant().remove(&name);

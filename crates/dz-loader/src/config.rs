@@ -134,6 +134,14 @@ pub struct RuntimeSpec {
     /// Where merge mode writes merged fine-tunes (default: `.deltazip-merged` beside the config file).
     #[serde(default)]
     pub merged_dir: Option<PathBuf>,
+    /// Shard the base and every delta over this many GPUs (0..N), one process per GPU, through the
+    /// host's NCCL path (a build with the `nccl` feature; see [`crate::tp`]). Default 1.
+    #[serde(default = "default_tensor_parallel")]
+    pub tensor_parallel: usize,
+}
+
+fn default_tensor_parallel() -> usize {
+    1
 }
 
 impl Default for RuntimeSpec {
@@ -143,6 +151,7 @@ impl Default for RuntimeSpec {
             gpu_delta_bytes: None,
             cpu_cache_bytes: None,
             merged_dir: None,
+            tensor_parallel: default_tensor_parallel(),
         }
     }
 }
@@ -368,6 +377,62 @@ impl Config {
         if self.scheduler.max_deltas_per_step == 0 {
             return Err(self.err("scheduler.max_deltas_per_step", "must be at least 1"));
         }
+        let tp = self.runtime.tensor_parallel;
+        if tp == 0 {
+            return Err(self.err("runtime.tensor_parallel", "must be at least 1"));
+        }
+        if tp > 1 && self.runtime.device == DeviceSpec::Cpu {
+            return Err(self.err(
+                "runtime.tensor_parallel",
+                format!("tensor_parallel = {tp} needs device = \"cuda\""),
+            ));
+        }
+        Ok(())
+    }
+
+    /// With `tensor_parallel = N > 1`: the base's heads and features divide evenly over N ranks (as
+    /// the host shards them) and every multi-tenant delta can be cut the same way.
+    fn check_tensor_parallel(&self, base: &ArchConfig, deltas: &[CheckedDelta]) -> Result<()> {
+        let tp = self.runtime.tensor_parallel;
+        if tp <= 1 {
+            return Ok(());
+        }
+        for (what, n) in [
+            ("num_attention_heads", base.num_heads),
+            ("intermediate_size", base.intermediate_size),
+            ("hidden_size", base.hidden_size),
+        ] {
+            if n % tp != 0 {
+                return Err(self.err(
+                    "runtime.tensor_parallel",
+                    format!("the base's {what} ({n}) does not divide over {tp} GPUs"),
+                ));
+            }
+        }
+        for (i, d) in deltas.iter().enumerate() {
+            if d.spec.mode != Mode::MultiTenant {
+                continue;
+            }
+            let plan = dz_format::shard::tp_plan(&d.file, tp)
+                .map_err(|e| self.err(format!("delta[{i}].path"), e.to_string()))?;
+            let refused = plan.refused().next().map(|t| {
+                let why = match &t.placement {
+                    dz_format::shard::Placement::Refused { reason, .. } => reason.clone(),
+                    _ => String::new(),
+                };
+                (t.name.clone(), why)
+            });
+            if let Some((name, why)) = refused {
+                return Err(self.err(
+                    format!("delta[{i}].path"),
+                    format!(
+                        "{}: tensor `{name}` cannot be split over {tp} GPUs as the host splits its \
+                         layer ({why}); serve it with mode = \"merge\" or another tensor_parallel",
+                        d.spec.path.display(),
+                    ),
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -417,6 +482,7 @@ impl Config {
                 file,
             });
         }
+        self.check_tensor_parallel(base.arch(), &out)?;
         Ok(out)
     }
 }

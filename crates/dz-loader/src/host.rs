@@ -102,6 +102,14 @@ pub fn load_pipeline(
     Ok(pipeline)
 }
 
+/// The device a loaded pipeline runs on (under tensor parallelism, the host's device for this rank).
+pub fn pipeline_device(pipeline: &SharedPipeline) -> Result<Device> {
+    let p = pipeline
+        .try_lock()
+        .map_err(|_| Error::Host("the pipeline is in use (asked for its device)".into()))?;
+    Ok(p.device())
+}
+
 /// How many sequences one engine batches.
 pub const DEFAULT_MAX_SEQS: usize = 32;
 

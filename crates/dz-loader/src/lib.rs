@@ -16,6 +16,7 @@ mod error;
 pub mod host;
 pub mod merge;
 pub mod multi_tenant;
+pub mod tp;
 
 use std::sync::Arc;
 
@@ -25,6 +26,7 @@ pub use config::{BaseIdentity, CheckedDelta, Config, DeltaSpec, DeviceSpec, Dtyp
 pub use error::{Error, Result};
 pub use host::{Engine, GeneratedToken, Generation};
 pub use multi_tenant::{DeltaHook, DeltaRegistry, FineTuneDeltas, HostDelta};
+pub use tp::TpRank;
 
 /// The candle device for a config's `runtime.device`.
 pub fn device(spec: DeviceSpec) -> Result<Device> {
@@ -47,6 +49,8 @@ pub struct Served {
     pub device: Device,
     /// The base's output head is its embedding table (embedding deltas also apply to the head).
     pub tied_head: bool,
+    /// This process's tensor-parallel rank (rank 0 of 1 without tensor parallelism).
+    pub tp: TpRank,
 }
 
 /// Loads what `config` describes into one host engine: the base under [`Config::base_name`] and each
@@ -62,8 +66,20 @@ pub fn serve(config: &Config, deltas: &[CheckedDelta]) -> Result<Served> {
 /// but not uploaded; whoever manages residency (dz-scheduler-ext) puts them in [`Served::registry`]
 /// when they are needed. Requests for a name that is not resident run as the base, so such a server
 /// needs the admission hook (`mistralrs_core::set_admission_hook`) to hold them until it is.
+///
+/// With `runtime.tensor_parallel = N > 1` (an `nccl` build; [`tp`]) this is called in every rank's
+/// process: each rank uploads its slice of every delta, so `preload` must be true. In the host's worker
+/// processes (rank > 0) it never returns: their engine runs in lock step with rank 0's.
 pub fn serve_with(config: &Config, deltas: &[CheckedDelta], preload: bool) -> Result<Served> {
-    let device = device(config.runtime.device)?;
+    let tp = tp::prepare(config)?;
+    if tp.world > 1 && !preload {
+        return Err(Error::Host(format!(
+            "tensor_parallel = {}: every rank loads its slices of the deltas at start-up \
+             (on-demand residency is single-GPU only)",
+            tp.world
+        )));
+    }
+    let mut device = device(config.runtime.device)?;
     let mut engine = Engine::new(config.scheduler.max_seqs)?;
     let base = &config.base.path;
     let registry = Arc::new(DeltaRegistry::new());
@@ -80,12 +96,19 @@ pub fn serve_with(config: &Config, deltas: &[CheckedDelta], preload: bool) -> Re
         let p = mistralrs_quant::with_linear_hook(hook, || {
             host::load_pipeline(base, base, config.base.dtype, &device)
         })?;
-        engine.add(&base_name, p)?;
-        for d in &multi {
-            if preload {
-                let ft = FineTuneDeltas::load(&d.spec.name, &d.file, &device, tied_head)?;
+        // The host may have made its own device for this rank (tensor parallelism): the deltas go
+        // where the base's layers are.
+        device = host::pipeline_device(&p)?;
+        // Before the engine starts: a worker's engine never returns.
+        if preload {
+            for d in &multi {
+                let ft =
+                    HostDelta::read(&d.spec.name, &d.file)?.upload_rank(&device, tied_head, tp)?;
                 registry.insert(Arc::new(ft));
             }
+        }
+        engine.add(&base_name, p)?;
+        for d in &multi {
             engine.add_alias(&d.spec.name, &base_name)?;
         }
     } else if config.base.serve {
@@ -102,5 +125,6 @@ pub fn serve_with(config: &Config, deltas: &[CheckedDelta], preload: bool) -> Re
         registry,
         device,
         tied_head,
+        tp,
     })
 }

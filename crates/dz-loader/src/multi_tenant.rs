@@ -21,13 +21,15 @@ use std::sync::{Arc, RwLock};
 
 use candle_core::{DType, Device, Result as CResult, Tensor};
 use dz_candle_ops::{embedding_delta_add, sbmm, DeviceDelta, Segment};
-use dz_format::{DeltaFile, Role, TensorData, TensorEntry};
+use dz_format::shard::{shard_range, tensor_split, tp_layer, TpLayer};
+use dz_format::{DeltaFile, Manifest, Role, TensorData, TensorEntry};
 use mistralrs_quant::{
     current_row_tags, IsqType, LinearHook, ModuleDelta, ModuleKind, QuantMethod, QuantMethodConfig,
     QuantizeOntoGuard, QuantizedSerde,
 };
 
 use crate::error::{Error, Result};
+use crate::tp::TpRank;
 
 /// The output head's name (a tied head, the embedding table used as `lm_head`, is wrapped under it too).
 pub const TIED_HEAD: &str = "lm_head";
@@ -53,6 +55,9 @@ pub struct HostDelta {
     name: Arc<str>,
     tensors: Vec<HostTensor>,
     bytes: u64,
+    /// The delta's manifest without its tensor list (the architecture: how tensor parallelism cuts
+    /// its k/v projections).
+    manifest: Manifest,
 }
 
 impl fmt::Debug for HostDelta {
@@ -90,10 +95,13 @@ impl HostDelta {
                 parts,
             });
         }
+        let mut manifest = file.manifest().clone();
+        manifest.tensors.clear();
         Ok(Self {
             name: Arc::from(name),
             tensors,
             bytes,
+            manifest,
         })
     }
 
@@ -125,6 +133,19 @@ impl HostDelta {
     /// Puts the delta on `device`. `tied_head`: the base's output head is its embedding table, so an
     /// embedding delta also applies to the head (unless the delta has a head delta of its own).
     pub fn upload(&self, device: &Device, tied_head: bool) -> Result<FineTuneDeltas> {
+        self.upload_rank(device, tied_head, TpRank::SINGLE)
+    }
+
+    /// [`HostDelta::upload`] for rank `tp.rank` of `tp.world` tensor-parallel ranks: the slice of each
+    /// delta that matches the host's slice of its layer ([`crate::tp`]): column-parallel weights and
+    /// biases by output features, row-parallel weights by input features, everything else whole. A
+    /// row-parallel layer's bias delta is added by rank 0 only (the ranks' outputs are summed).
+    pub fn upload_rank(
+        &self,
+        device: &Device,
+        tied_head: bool,
+        tp: TpRank,
+    ) -> Result<FineTuneDeltas> {
         let host = |e: &dyn fmt::Display| Error::Host(format!("{}: {e}", self.name));
         let mut out = FineTuneDeltas {
             name: self.name.clone(),
@@ -142,10 +163,29 @@ impl HostDelta {
                 )));
             };
             let parts: Vec<&[u8]> = t.parts.iter().map(Vec::as_slice).collect();
+            let split = if tp.world > 1 {
+                tensor_split(&self.manifest, &t.entry, tp.world)?
+                    .map(|(axis, ranges)| (axis, ranges[tp.rank].clone()))
+            } else {
+                None
+            };
+            if split.is_none()
+                && tp.rank > 0
+                && is_bias
+                && tp_layer(&t.entry.name) == TpLayer::RowParallel
+            {
+                continue;
+            }
             match (t.entry.role, is_bias) {
                 (Role::Linear | Role::LmHead, false) => {
-                    let d =
-                        DeviceDelta::from_parts(&t.entry, &parts, device).map_err(|e| host(&e))?;
+                    let d = match &split {
+                        None => DeviceDelta::from_parts(&t.entry, &parts, device),
+                        Some((axis, range)) => {
+                            let shard = shard_range(&t.entry, &parts, *axis, range.clone())?;
+                            DeviceDelta::from_shard(&shard, device)
+                        }
+                    }
+                    .map_err(|e| host(&e))?;
                     out.bytes += d.nbytes() as u64;
                     out.linear.insert(module.to_string(), d);
                 }
@@ -161,7 +201,11 @@ impl HostDelta {
                         parts: t.parts.iter().map(|p| p.as_slice().into()).collect(),
                     };
                     let (rows, _) = t.entry.matrix_dims()?;
-                    let v = data.decode()?.to_f32(rows);
+                    let mut v = data.decode()?.to_f32(rows);
+                    if let Some((_, range)) = &split {
+                        // A column-parallel bias: this rank's output features.
+                        v = v[range.clone()].to_vec();
+                    }
                     out.bytes += 4 * v.len() as u64;
                     let len = v.len();
                     let v = Tensor::from_vec(v, len, device).map_err(|e| host(&e))?;
@@ -228,6 +272,27 @@ impl FineTuneDeltas {
     /// Device bytes held.
     pub fn bytes(&self) -> u64 {
         self.bytes
+    }
+
+    /// The packed delta of linear layer (or output head) `module`, as this device holds it (under tensor
+    /// parallelism: this rank's slice).
+    pub fn linear(&self, module: &str) -> Option<&DeviceDelta> {
+        self.linear.get(module)
+    }
+
+    /// The bias delta of linear layer `module` (f32, this rank's output features).
+    pub fn bias(&self, module: &str) -> Option<&Tensor> {
+        self.bias.get(module)
+    }
+
+    /// The weight delta of RMS norm `module` (f32).
+    pub fn norm(&self, module: &str) -> Option<&Tensor> {
+        self.norm.get(module)
+    }
+
+    /// The packed delta of token embedding `module`.
+    pub fn embedding(&self, module: &str) -> Option<&DeviceDelta> {
+        self.embedding.get(module)
     }
 
     /// The modules this fine-tune changes, sorted.

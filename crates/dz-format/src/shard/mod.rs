@@ -29,7 +29,7 @@ mod plan;
 
 use std::ops::Range;
 
-pub use plan::{tp_layer, tp_plan, Placement, TensorPlan, TpLayer, TpPlan};
+pub use plan::{tensor_split, tp_layer, tp_plan, Placement, TensorPlan, TpLayer, TpPlan};
 
 use crate::codec::{self, unpack_row_index, Payload};
 use crate::error::{Error, Result};

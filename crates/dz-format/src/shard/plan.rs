@@ -186,6 +186,33 @@ pub fn tp_plan<S: AsRef<[u8]>>(file: &DeltaFile<S>, world: usize) -> Result<TpPl
     Ok(TpPlan { world, tensors })
 }
 
+/// How the host cuts one tensor of a delta made for `manifest`'s architecture over `world` ranks: the axis
+/// and each rank's range, or `None` when every rank holds it whole (replicated layers, norms, embeddings,
+/// the head, row-parallel biases). A split the codec cannot make is [`Error::Unshardable`]. This is the
+/// per-tensor form of [`tp_plan`] (a loader cuts with it, then [`shard_range`](super::shard_range)).
+pub fn tensor_split(
+    manifest: &Manifest,
+    entry: &TensorEntry,
+    world: usize,
+) -> Result<Option<(Axis, Vec<Range<usize>>)>> {
+    if world == 0 {
+        return Err(Error::Unshardable {
+            tensor: entry.name.clone(),
+            split: "0 ranks".into(),
+            reason: "tensor parallelism needs at least one rank".into(),
+        });
+    }
+    let Some((axis, ranges)) = split_of(entry, tp_layer(&entry.name), world, KvHeads::of(manifest))
+    else {
+        return Ok(None);
+    };
+    let ranges = ranges?;
+    for r in &ranges {
+        check_split(entry, axis, r.clone())?;
+    }
+    Ok(Some((axis, ranges)))
+}
+
 /// The KV heads of the architecture, when `config.json` says (for k/v projections with `world` above
 /// the head count).
 #[derive(Debug, Clone, Copy)]

@@ -6,3 +6,4 @@ mod engine_multi_tenant;
 mod merge_mode;
 mod multi_tenant;
 mod seams;
+mod tensor_parallel;

@@ -1,0 +1,200 @@
+//! `deltazip serve --dry-run`: what a config would put on each GPU, without loading anything.
+//!
+//! The config is checked exactly as at start-up (files, names, every delta against the base's
+//! architecture and fingerprint, and with `tensor_parallel = N` that the base and every multi-tenant delta
+//! divide over N ranks). Then, per rank: the base's weights in the serving dtype (column-parallel layers
+//! by output features, row-parallel ones by input features, the rest whole, as mistral.rs shards them)
+//! and each multi-tenant delta's slices (dz-format's `tp_plan`: packed bytes as a rank holds them).
+
+use std::fmt;
+
+use anyhow::Result;
+use dz_format::shard::{tp_layer, tp_plan, TpLayer};
+use dz_loader::config::RuntimeSpec;
+use dz_loader::{CheckedDelta, Config, DeviceSpec, DtypeSpec, Mode};
+
+use crate::inspect::human;
+
+/// Bytes per rank of one thing the server holds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlanRow {
+    /// What it is (`base`, a fine-tune's name).
+    pub name: String,
+    /// Bytes on each rank.
+    pub rank_bytes: Vec<u64>,
+}
+
+/// What a config puts on each GPU.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServePlan {
+    /// Ranks (GPUs).
+    pub world: usize,
+    /// The device of rank 0.
+    pub device: DeviceSpec,
+    /// Bytes per element of the served base.
+    pub dtype_bytes: u64,
+    /// The base's weights.
+    pub base: PlanRow,
+    /// Every multi-tenant delta, in config order.
+    pub deltas: Vec<PlanRow>,
+    /// Fine-tunes served merged (each a full model of its own, not sharded here).
+    pub merged: Vec<String>,
+    /// The GPU delta budget per rank, when the config sets one.
+    pub gpu_delta_bytes: Option<u64>,
+}
+
+impl ServePlan {
+    /// All multi-tenant deltas' bytes on each rank.
+    pub fn delta_bytes(&self) -> Vec<u64> {
+        (0..self.world)
+            .map(|r| self.deltas.iter().map(|d| d.rank_bytes[r]).sum())
+            .collect()
+    }
+
+    /// Base + deltas on each rank.
+    pub fn total_bytes(&self) -> Vec<u64> {
+        let d = self.delta_bytes();
+        (0..self.world)
+            .map(|r| self.base.rank_bytes[r] + d[r])
+            .collect()
+    }
+}
+
+/// Bytes per element the base is served in.
+fn dtype_bytes(dtype: DtypeSpec, runtime: &RuntimeSpec) -> u64 {
+    match dtype {
+        DtypeSpec::F32 => 4,
+        DtypeSpec::F16 | DtypeSpec::Bf16 => 2,
+        // The host's choice: bf16 on a GPU, f32 on the CPU.
+        DtypeSpec::Auto => match runtime.device {
+            DeviceSpec::Cpu => 4,
+            DeviceSpec::Cuda(_) => 2,
+        },
+    }
+}
+
+/// The plan of a loaded, checked config.
+pub fn serve_plan(config: &Config, deltas: &[CheckedDelta]) -> Result<ServePlan> {
+    let world = config.runtime.tensor_parallel.max(1);
+    let model = dz_compress::hf::HfModel::open(&config.base.path)?;
+    let arch = model.arch().clone();
+    let mut base = vec![0u64; world];
+    for name in model.names() {
+        let Some(info) = model.info(name) else {
+            continue;
+        };
+        let numel = info.numel() as u64;
+        let per_rank: Vec<u64> = match (tp_layer(name), info.shape.len()) {
+            (TpLayer::Replicated, _) | (TpLayer::RowParallel, 1) => vec![numel; world],
+            (TpLayer::ColumnParallel, _) | (TpLayer::RowParallel, _) => {
+                let is_kv = name.contains("self_attn.k_proj") || name.contains("self_attn.v_proj");
+                if is_kv && world > arch.num_kv_heads {
+                    // One KV head per rank (heads replicated), as the host's compute_kv_shard.
+                    vec![numel / arch.num_kv_heads as u64; world]
+                } else {
+                    vec![numel / world as u64; world]
+                }
+            }
+        };
+        for (b, n) in base.iter_mut().zip(per_rank) {
+            *b += n;
+        }
+    }
+    let elem = dtype_bytes(config.base.dtype, &config.runtime);
+    let base = PlanRow {
+        name: config.base_name(),
+        rank_bytes: base.into_iter().map(|n| n * elem).collect(),
+    };
+    let mut rows = Vec::new();
+    let mut merged = Vec::new();
+    for d in deltas {
+        match d.spec.mode {
+            Mode::MultiTenant => {
+                let plan = tp_plan(&d.file, world)?;
+                rows.push(PlanRow {
+                    name: d.spec.name.clone(),
+                    rank_bytes: plan.rank_bytes(),
+                });
+            }
+            Mode::Merge => merged.push(d.spec.name.clone()),
+        }
+    }
+    Ok(ServePlan {
+        world,
+        device: config.runtime.device,
+        dtype_bytes: elem,
+        base,
+        deltas: rows,
+        merged,
+        gpu_delta_bytes: config.runtime.gpu_delta_bytes,
+    })
+}
+
+impl fmt::Display for ServePlan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let device = match self.device {
+            DeviceSpec::Cpu => "cpu".to_string(),
+            DeviceSpec::Cuda(n) if self.world == 1 => format!("cuda:{n}"),
+            DeviceSpec::Cuda(_) => format!("cuda:0..{}", self.world),
+        };
+        writeln!(
+            f,
+            "tensor_parallel = {} on {device}{}",
+            self.world,
+            if self.world > 1 && !dz_loader::tp::NCCL_BUILT {
+                " (this build has no NCCL: rebuild with --features nccl to serve it)"
+            } else {
+                ""
+            }
+        )?;
+        let cell = |b: u64| format!("{:>12}", human(b));
+        write!(f, "{:<28}", "")?;
+        for r in 0..self.world {
+            write!(f, "{:>12}", format!("rank {r}"))?;
+        }
+        writeln!(f)?;
+        let row = |f: &mut fmt::Formatter<'_>, name: &str, bytes: &[u64]| -> fmt::Result {
+            write!(f, "{name:<28}")?;
+            for &b in bytes {
+                write!(f, "{}", cell(b))?;
+            }
+            writeln!(f)
+        };
+        row(
+            f,
+            &format!("base ({} B/weight)", self.dtype_bytes),
+            &self.base.rank_bytes,
+        )?;
+        for d in &self.deltas {
+            row(f, &format!("  {}", d.name), &d.rank_bytes)?;
+        }
+        row(
+            f,
+            &format!("{} deltas", self.deltas.len()),
+            &self.delta_bytes(),
+        )?;
+        row(f, "total", &self.total_bytes())?;
+        if !self.merged.is_empty() {
+            writeln!(
+                f,
+                "merged (full models of their own): {}",
+                self.merged.join(", ")
+            )?;
+        }
+        if let Some(budget) = self.gpu_delta_bytes {
+            let need = self.delta_bytes().into_iter().max().unwrap_or(0);
+            let verdict = if need <= budget {
+                "all deltas fit".to_string()
+            } else if self.world > 1 {
+                format!(
+                    "does not fit: with tensor parallelism every delta stays resident, {} needed",
+                    human(need)
+                )
+            } else {
+                "deltas beyond it wait on the CPU tier and load when requested".to_string()
+            };
+            writeln!(f, "gpu_delta_bytes = {} per rank: {verdict}", human(budget))?;
+        }
+        Ok(())
+    }
+}
