@@ -16,3 +16,4 @@ pub mod demo;
 pub mod inspect;
 pub mod run;
 pub mod serve;
+pub mod synth;
