@@ -17,3 +17,4 @@ pub mod inspect;
 pub mod plan;
 pub mod run;
 pub mod serve;
+pub mod synth;

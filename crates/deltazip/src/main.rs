@@ -38,6 +38,9 @@ enum Command {
     /// Benchmarks whose results go to bench/results/.
     #[command(subcommand)]
     Bench(deltazip::bench::BenchCommand),
+    /// Random-weight base models and random deltas of any size, for benchmarks (no downloads).
+    #[command(subcommand)]
+    Synth(deltazip::synth::SynthCommand),
 }
 
 fn main() -> ExitCode {
@@ -64,6 +67,10 @@ fn main() -> ExitCode {
         }
         Command::Bench(deltazip::bench::BenchCommand::Serve(args)) => {
             deltazip::bench_serve::run(&args).map(|s| print!("{s}"))
+        }
+        Command::Synth(cmd) => {
+            let bar = deltazip::synth::Bar::stderr();
+            deltazip::synth::run(&cmd, &bar).map(|s| print!("{s}"))
         }
     };
     match result {
