@@ -198,3 +198,79 @@ impl fmt::Display for ServePlan {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dz_compress::fixtures::{self, TinySpec};
+    use dz_compress::pipeline::{compress, CompressOptions, Method, Quiet};
+    use dz_compress::{QuantConfig, Sparsity};
+
+    #[test]
+    fn dry_run_plan_splits_base_and_deltas_over_ranks() {
+        let dir = tempfile::tempdir().unwrap();
+        let fam = fixtures::write_family(dir.path(), &TinySpec::llama(), 1).unwrap();
+        let delta = dir.path().join("ft.dz");
+        let opts = CompressOptions {
+            method: Method::Rtn,
+            quant: QuantConfig {
+                bits: 4,
+                group_size: 8,
+                symmetric: true,
+                sparsity: Sparsity::TwoFour,
+            },
+            ..CompressOptions::default()
+        };
+        compress(&fam.base, &fam.finetunes[0], &delta, &opts, &mut Quiet).unwrap();
+        let cfg = dir.path().join("serve.toml");
+        let text = |tp: usize| {
+            format!(
+                "[base]\npath = {:?}\nname = \"base\"\n[[delta]]\nname = \"ft\"\npath = {:?}\n\
+                 [runtime]\ndevice = \"cuda\"\ntensor_parallel = {tp}\ngpu_delta_bytes = \"1MiB\"\n",
+                fam.base, delta
+            )
+        };
+        std::fs::write(&cfg, text(1)).unwrap();
+        let (config, deltas) = Config::load(&cfg).unwrap();
+        let one = serve_plan(&config, &deltas).unwrap();
+        std::fs::write(&cfg, text(2)).unwrap();
+        let (config, deltas) = Config::load(&cfg).unwrap();
+        let two = serve_plan(&config, &deltas).unwrap();
+
+        assert_eq!((one.world, two.world), (1, 2));
+        // bf16 on a GPU: 2 bytes per weight, every tensor of the base counted once on one rank.
+        let model = dz_compress::hf::HfModel::open(&fam.base).unwrap();
+        let params: u64 = model
+            .names()
+            .map(|n| model.info(n).unwrap().numel() as u64)
+            .sum();
+        assert_eq!(one.base.rank_bytes, vec![2 * params]);
+        // Two ranks: the same bytes each; sharded layers halved, embeddings/norms/head whole on both.
+        let b = &two.base.rank_bytes;
+        assert_eq!(b[0], b[1]);
+        assert!(
+            b[0] > params && b[0] < 2 * params,
+            "{b:?} of {}",
+            2 * params
+        );
+        // The delta: tp_plan's bytes per rank, less than the whole on each.
+        let d = &two.deltas[0].rank_bytes;
+        assert_eq!(d[0], d[1]);
+        assert!(d[0] < one.deltas[0].rank_bytes[0]);
+        let shown = two.to_string();
+        for s in [
+            "tensor_parallel = 2",
+            "rank 0",
+            "rank 1",
+            "  ft",
+            "1 deltas",
+            "total",
+        ] {
+            assert!(shown.contains(s), "{s:?} in\n{shown}");
+        }
+        assert!(
+            shown.contains("gpu_delta_bytes = 1.0 MiB per rank"),
+            "{shown}"
+        );
+    }
+}

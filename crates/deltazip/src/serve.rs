@@ -129,6 +129,40 @@ impl mistralrs_core::AdmissionHook for AdmissionSeam {
     }
 }
 
+/// The admission hook under tensor parallelism: every rank's process runs its own copy of the host's
+/// scheduler, so their decisions must be a pure function of what the host passes in (no residency, no
+/// timing): admit waiting sequences in order while the step's distinct fine-tunes stay within the cap;
+/// the base and merged models ride along.
+struct CapAdmission {
+    cap: usize,
+    multi_tenant: BTreeSet<String>,
+}
+
+impl mistralrs_core::AdmissionHook for CapAdmission {
+    fn admit(
+        &self,
+        running: &[Option<&str>],
+        waiting: &[Option<&str>],
+        _free_slots: usize,
+    ) -> Vec<mistralrs_core::Admission> {
+        let mut live: BTreeSet<&str> = running
+            .iter()
+            .filter_map(|m| m.filter(|n| self.multi_tenant.contains(*n)))
+            .collect();
+        waiting
+            .iter()
+            .map(|w| match w.filter(|n| self.multi_tenant.contains(*n)) {
+                None => mistralrs_core::Admission::Admit,
+                Some(n) if live.contains(n) || live.len() < self.cap => {
+                    live.insert(n);
+                    mistralrs_core::Admission::Admit
+                }
+                Some(_) => mistralrs_core::Admission::Wait,
+            })
+            .collect()
+    }
+}
+
 /// What the handlers share.
 struct AppState {
     /// GPUs the base and deltas are sharded over (1: no tensor parallelism).
@@ -222,9 +256,21 @@ pub fn start(args: &ServeArgs) -> Result<Running> {
     );
     // Tensor parallelism: every rank's process (the host re-runs this command once per GPU) loads its
     // slices of all deltas at start-up, and the ranks must batch identically, so there is no on-demand
-    // residency and no admission hook; on one GPU the scheduler's tiers load deltas when needed.
+    // residency and the admission hook is a pure cap ([`CapAdmission`]); on one GPU the scheduler's
+    // tiers load deltas when needed.
     let tensor_parallel = config.runtime.tensor_parallel;
     let sharded = tensor_parallel > 1;
+    if sharded {
+        // Before the engine starts: in the host's worker processes serve_with never returns.
+        mistralrs_core::set_admission_hook(Some(Arc::new(CapAdmission {
+            cap: config.scheduler.max_deltas_per_step,
+            multi_tenant: deltas
+                .iter()
+                .filter(|d| d.spec.mode == Mode::MultiTenant)
+                .map(|d| d.spec.name.clone())
+                .collect(),
+        })));
+    }
     let served = dz_loader::serve_with(&config, &deltas, sharded)?;
     let mistralrs = served
         .engine
@@ -576,4 +622,49 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         state.gpu_budget
     ));
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mistralrs_core::{Admission, AdmissionHook};
+
+    #[test]
+    fn cap_admission_is_a_pure_cap_on_distinct_fine_tunes() {
+        let hook = CapAdmission {
+            cap: 2,
+            multi_tenant: ["a", "b", "c", "d"].iter().map(|s| s.to_string()).collect(),
+        };
+        let running = [Some("a"), Some("base")];
+        let waiting = [
+            Some("b"),
+            Some("c"),
+            None,
+            Some("a"),
+            Some("d"),
+            Some("base"),
+            Some("b"),
+        ];
+        let got = hook.admit(&running, &waiting, 8);
+        let want = [
+            Admission::Admit, // b: the second distinct fine-tune
+            Admission::Wait,  // c: over the cap
+            Admission::Admit, // untagged: the base
+            Admission::Admit, // a: already in the step
+            Admission::Wait,  // d: over the cap
+            Admission::Admit, // the base by name
+            Admission::Admit, // b again
+        ];
+        assert_eq!(got.len(), want.len());
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(
+                std::mem::discriminant(g),
+                std::mem::discriminant(w),
+                "waiting[{i}]"
+            );
+        }
+        // The same inputs give the same decisions (every rank decides alike).
+        let again = hook.admit(&running, &waiting, 8);
+        assert_eq!(format!("{got:?}"), format!("{again:?}"));
+    }
 }

@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# Issue #10 on a 2-GPU machine: a 13B-shaped Llama (random weights, `deltazip synth`) with 32 multi-tenant
+# deltas served with tensor_parallel = 2 and on one GPU; greedy outputs compared (tp_check.py) and the
+# same open-loop workload measured on both (`deltazip bench serve`).
+#
+#   bash bench/gpu/tp_serve.sh PHASE...      PHASE: gen | tp1 | tp2 | cmp
+#
+# Needs: $DZ (a deltazip built with --features nccl), $CORPUS (a text file for prompts), python3; NCCL
+# from PyTorch's wheel. State lives in $W (kept while the machine is warm); results go to $OUT.
+set -u
+W=${DZ_WORK:-/tmp/dztp}
+DZ=${DZ:-$W/deltazip}
+OUT=${OUT:-$W/out}
+CODEC=${CODEC:-4b24}
+DISTINCT=${DISTINCT:-8}   # distinct delta files; 32 names cycle over them (disk: 128 GB)
+N=${N:-32}
+RATES=${RATES:-4,16}
+REQS=${REQS:-64}
+here=$(cd "$(dirname "$0")" && pwd)
+mkdir -p "$W" "$OUT"
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+nccl=$(python3 -c 'import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], "lib"))' 2>/dev/null)
+export LD_LIBRARY_PATH=${nccl}:${LD_LIBRARY_PATH:-}
+
+config() { # config FILE TP GPU_DELTA_BYTES
+    {
+        echo "[base]"; echo "path = \"$W/base13b\""; echo 'dtype = "bf16"'; echo 'name = "base"'
+        for i in $(seq 0 $((N - 1))); do
+            f=$(printf '%s/deltas/ft-%02d.dz' "$W" $((i % DISTINCT)))
+            printf '[[delta]]\nname = "ft-%02d"\npath = "%s"\nmode = "multi-tenant"\n' "$i" "$f"
+        done
+        echo "[runtime]"; echo 'device = "cuda"'; echo "tensor_parallel = $2"
+        echo "gpu_delta_bytes = \"$3\""; echo 'cpu_cache_bytes = "200GiB"'
+        echo "[scheduler]"; echo "max_seqs = 32"; echo "max_deltas_per_step = 8"
+    } > "$1"
+}
+
+serve() { # serve NAME CONFIG PORT: start, wait for /health (up to 420 s)
+    "$DZ" serve --config "$2" --port "$3" > "$OUT/serve-$1.log" 2>&1 &
+    echo $! > "$W/serve-$1.pid"
+    local t0=$(date +%s)
+    until curl -sf "http://127.0.0.1:$3/health" > /dev/null; do
+        sleep 2
+        if ! kill -0 "$(cat "$W/serve-$1.pid")" 2> /dev/null; then
+            echo "serve $1 exited"; tail -20 "$OUT/serve-$1.log"; return 1
+        fi
+        if (($(date +%s) - t0 > 420)); then echo "serve $1: not up in 420 s"; tail -5 "$OUT/serve-$1.log"; return 1; fi
+    done
+    echo "serve $1 up in $(($(date +%s) - t0)) s"
+    nvidia-smi --query-gpu=index,memory.used --format=csv,noheader | sed "s/^/  $1 gpu /"
+}
+
+stop() {
+    kill "$(cat "$W/serve-$1.pid")" 2> /dev/null
+    sleep 3
+    pkill -f "deltazip serve" 2> /dev/null
+    sleep 2
+}
+
+phase_gen() {
+    nvidia-smi -L
+    python3 -c 'import torch; print("torch nccl", torch.cuda.nccl.version())'
+    echo "nccl lib: $nccl"; ldd "$DZ" | grep -E "nccl|not found"
+    if [[ ! -f "$W/base13b/config.json" ]]; then
+        "$DZ" synth model --shape llama-13b --dtype bf16 --seed 1 --out "$W/base13b" 2>&1 | tail -2
+    fi
+    if [[ ! -f "$W/deltas/ft-$(printf %02d $((DISTINCT - 1))).dz" ]]; then
+        rm -rf "$W/deltas"
+        "$DZ" synth deltas --base "$W/base13b" --codec "$CODEC" --count "$DISTINCT" --seed 7 \
+            --out-dir "$W/deltas" --jobs 8 2>&1 | tail -3
+    fi
+    df -h "$W" | tail -1
+    config "$W/tp1.toml" 1 "90GiB"
+    config "$W/tp2.toml" 2 "90GiB"
+    "$DZ" serve --config "$W/tp2.toml" --dry-run | grep -v "^  ft-" | tee "$OUT/plan-tp2.txt"
+}
+
+models() { seq -f 'ft-%02g' 0 $((N - 1)) | paste -sd,; }
+
+phase_run() { # phase_run tp1|tp2 PORT
+    serve "$1" "$W/$1.toml" "$2" || { stop "$1"; return 1; }
+    python3 "$here/tp_check.py" collect "http://127.0.0.1:$2" "$OUT/check-$1.json" base,ft-00,ft-09,ft-31
+    "$DZ" bench serve --url "http://127.0.0.1:$2" --models "$(models)" --api completions \
+        --rates "$RATES" --requests "$REQS" --popularity uniform --corpus "$CORPUS" \
+        --prompt-words 32..128 --max-tokens 32..64 --seed 1 --system "13b-$CODEC-$1" \
+        --out "$OUT/tp-bench" --append --quiet 2>&1 | tail -12
+    grep -E "^deltazip_(gpu|delta|tokens)" <(curl -s "http://127.0.0.1:$2/metrics") | head -12
+    stop "$1"
+}
+
+for p in "$@"; do
+    echo "=== $p $(date +%T)"
+    case $p in
+        gen) phase_gen ;;
+        tp1) phase_run tp1 8101 ;;
+        tp2) phase_run tp2 8102 ;;
+        cmp) python3 "$here/tp_check.py" compare "$OUT/check-tp1.json" "$OUT/check-tp2.json" | tee "$OUT/check.md" ;;
+    esac
+done
+echo "=== done $(date +%T)"
