@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# Issue #9 on one H200 (partial: no swap baseline yet): a 7B-shaped Llama with random weights
+# (`deltazip synth`), N multi-tenant deltas (4-bit 2:4, 2-bit 2:4) against the base alone, the same
+# open-loop workload from `deltazip bench serve` (uniform popularity, corpus prompts), rows appended to
+# $OUT/serving.{md,json}.
+#
+#   bash bench/gpu/serving.sh STEP...   STEP: gen | base | dz:CODEC:N (e.g. dz:4b24:32)
+#
+# Needs $DZ (deltazip with --features cuda or nccl), $CORPUS, python3 (for NCCL's library path only).
+set -u
+W=${DZ_WORK:-/tmp/dzsrv}
+DZ=${DZ:-$W/deltazip}
+OUT=${OUT:-$W/out}
+SHAPE=${SHAPE:-llama-7b}
+DISTINCT=${DISTINCT:-8}     # distinct delta files per codec; N names cycle over them (64 GB disk)
+RATES=${RATES:-2,8,32}
+REQS=${REQS:-96}
+GPU_DELTAS=${GPU_DELTAS:-90GiB}
+mkdir -p "$W" "$OUT"
+export NCCL_NVLS_ENABLE=0
+nccl=$(python3 -c 'import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], "lib"))' 2>/dev/null)
+export LD_LIBRARY_PATH=${nccl}:${LD_LIBRARY_PATH:-}
+
+config() { # config FILE CODEC N
+    {
+        echo "[base]"; echo "path = \"$W/base\""; echo 'dtype = "bf16"'; echo 'name = "base"'
+        for i in $(seq 0 $(($3 - 1))); do
+            printf '[[delta]]\nname = "ft-%02d"\npath = "%s/%s/ft-%02d.dz"\nmode = "multi-tenant"\n' \
+                "$i" "$W" "$2" $((i % DISTINCT))
+        done
+        echo "[runtime]"; echo 'device = "cuda"'
+        echo "gpu_delta_bytes = \"$GPU_DELTAS\""; echo 'cpu_cache_bytes = "48GiB"'
+        echo "[scheduler]"; echo "max_seqs = 32"; echo "max_deltas_per_step = 8"
+    } > "$1"
+}
+
+serve() { # serve TAG CONFIG PORT
+    "$DZ" serve --config "$2" --port "$3" > "$OUT/serve-$1.log" 2>&1 &
+    echo $! > "$W/serve.pid"
+    local t0=$(date +%s)
+    until curl -sf "http://127.0.0.1:$3/health" > /dev/null; do
+        sleep 1
+        if ! kill -0 "$(cat "$W/serve.pid")" 2> /dev/null; then
+            echo "serve $1 exited"; tail -20 "$OUT/serve-$1.log"; return 1
+        fi
+        if (($(date +%s) - t0 > 300)); then echo "serve $1: not up in 300 s"; return 1; fi
+    done
+    echo "serve $1 up in $(($(date +%s) - t0)) s"
+}
+
+stop() { kill "$(cat "$W/serve.pid")" 2> /dev/null; sleep 2; pkill -f "deltazip serve" 2> /dev/null; sleep 1; }
+
+bench() { # bench TAG SYSTEM PORT MODELS
+    "$DZ" bench serve --url "http://127.0.0.1:$3" --models "$4" --api completions --rates "$RATES" \
+        --requests "$REQS" --popularity uniform --corpus "$CORPUS" --prompt-words 32..160 \
+        --max-tokens 32..96 --seed 1 --system "$2" --out "$OUT/serving" --append --quiet 2>&1 | tail -6
+    nvidia-smi --query-gpu=memory.used --format=csv,noheader | sed "s/^/  $1 gpu memory used: /"
+    curl -s "http://127.0.0.1:$3/metrics" | grep -E "^deltazip_(delta_(loads_total|hits_total|misses_total|evictions_total|load_seconds_total)|gpu_delta_bytes|tokens_per_second)" | head -14
+}
+
+for step in "$@"; do
+    echo "=== $step $(date +%T)"
+    case $step in
+        gen)
+            nvidia-smi -L
+            [[ -f "$W/base/config.json" ]] || "$DZ" synth model --shape "$SHAPE" --dtype bf16 --seed 1 --out "$W/base" 2>&1 | tail -2
+            for c in 4b24 2b24; do
+                [[ -f "$W/$c/ft-$(printf %02d $((DISTINCT - 1))).dz" ]] || { rm -rf "$W/$c"; "$DZ" synth deltas --base "$W/base" \
+                    --codec $c --count "$DISTINCT" --seed 7 --out-dir "$W/$c" --jobs 8 2>&1 | tail -2; }
+            done
+            df -h "$W" | tail -1 ;;
+        base)
+            config "$W/base.toml" 4b24 1
+            serve base "$W/base.toml" 8201 && bench base base 8201 base; stop ;;
+        dz:*)
+            IFS=: read -r _ codec n <<< "$step"
+            config "$W/$codec-$n.toml" "$codec" "$n"
+            models=$(seq -f 'ft-%02g' 0 $((n - 1)) | paste -sd,)
+            serve "$codec-$n" "$W/$codec-$n.toml" 8202 && bench "$codec-$n" "dz-$codec" 8202 "$models"; stop ;;
+    esac
+done
+echo "=== done $(date +%T)"
