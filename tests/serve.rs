@@ -267,7 +267,66 @@ fn server_end_to_end() {
         evictions >= 1.0,
         "a one-delta budget never evicted:\n{text}"
     );
+    streams_always_finish(addr);
     drop(server);
+}
+
+/// Every greedy stream ends with a finish reason and `data: [DONE]`, also when its text ends inside a
+/// multi-byte character (byte-level tokens of the tiny model's tokenizer; host patch
+/// `mistralrs-core/0007-stream-final-chunk-incomplete-utf8`), and carries the non-streamed text.
+fn streams_always_finish(addr: SocketAddr) {
+    let mut split_char = 0;
+    for i in 1..=16 {
+        let prompt = format!("hello world number {i} is");
+        let body = |stream: bool| {
+            json!({ "model": "base", "prompt": prompt, "max_tokens": 8 + i, "stream": stream,
+                    "temperature": 0.0, "top_k": 1 })
+            .to_string()
+        };
+        let (status, whole) = http(
+            addr,
+            "POST",
+            "/v1/completions",
+            Some(&body(false)),
+            Some(KEY),
+        );
+        assert_eq!(status, 200, "{whole}");
+        let whole = text_of(&json_of(&whole));
+        split_char += usize::from(whole.ends_with('\u{FFFD}'));
+        let (status, sse) = http(
+            addr,
+            "POST",
+            "/v1/completions",
+            Some(&body(true)),
+            Some(KEY),
+        );
+        assert_eq!(status, 200, "{sse}");
+        let events: Vec<&str> = sse
+            .lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .collect();
+        assert_eq!(
+            events.last(),
+            Some(&"[DONE]"),
+            "stream {i} did not finish:\n{sse}"
+        );
+        let chunks: Vec<Value> = events[..events.len() - 1]
+            .iter()
+            .map(|e| json_of(e))
+            .collect();
+        let last = chunks.last().expect("a chunk");
+        assert_eq!(
+            last["choices"][0]["finish_reason"], "length",
+            "stream {i}: {last}"
+        );
+        let streamed: String = chunks
+            .iter()
+            .filter_map(|c| c["choices"][0]["text"].as_str())
+            .collect();
+        assert_eq!(streamed, whole, "stream {i}");
+    }
+    // The case the patch is for happened at least once.
+    assert!(split_char >= 1, "no completion ended inside a character");
 }
 
 /// 200 greedy requests over both fine-tunes and the base, 50 clients at a time; returns the errors and

@@ -367,6 +367,10 @@ pub fn start(args: &ServeArgs) -> Result<Running> {
 
 /// `deltazip serve`: start, then serve until Ctrl-C.
 pub fn run(args: &ServeArgs) -> Result<()> {
+    if std::env::var_os("RUST_LOG").is_some() {
+        // The host's log (load progress, throughput, errors) on stderr, filtered by RUST_LOG.
+        mistralrs_core::initialize_logging();
+    }
     if args.dry_run {
         let (config, deltas) = dz_loader::Config::load(&args.config)?;
         print!("{}", crate::plan::serve_plan(&config, &deltas)?);
