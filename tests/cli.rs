@@ -36,18 +36,27 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
+/// The whole demo at a small size: compress 2 fine-tunes (3 deltas), then the serving stage with room
+/// for 1 delta on the "GPU" and 2 in the CPU cache, so the workload evicts and reloads from both tiers.
 #[test]
-fn demo_runs_and_obs_keeps_more_than_rtn() {
-    let rows = deltazip::demo::run_rows(
+fn demo_compresses_then_serves_every_delta_like_merged() {
+    let report = deltazip::demo::run_report(
         &deltazip::demo::DemoArgs {
             out: None,
             seed: 42,
             finetunes: 2,
             verbose: false,
+            no_serve: false,
+            requests: 16,
+            clients: 4,
+            max_tokens: 6,
+            gpu_deltas: 1,
+            cpu_deltas: 2,
         },
         true,
     )
     .unwrap();
+    let rows = &report.rows;
     assert_eq!(rows.len(), 3, "ft-0 with obs and rtn, ft-1 with obs");
     let obs = rows.iter().find(|r| r.method == "obs").unwrap();
     let rtn = rows.iter().find(|r| r.method == "rtn").unwrap();
@@ -63,6 +72,62 @@ fn demo_runs_and_obs_keeps_more_than_rtn() {
         rtn.kept()
     );
     assert!(rows.iter().all(|r| r.ratio > 1.5));
+
+    let serve = report.serve.expect("the serving stage ran");
+    assert_eq!(serve.requests, 16);
+    assert_eq!(serve.models, 4, "the base and 3 deltas");
+    assert_eq!(
+        (serve.errors, serve.mismatches),
+        (0, 0),
+        "{:?}",
+        serve.problems
+    );
+    assert!(serve.check().is_ok());
+    assert!(
+        serve.streamed > 0 && serve.streamed < serve.requests,
+        "a mix of streamed and plain requests: {}",
+        serve.streamed
+    );
+    assert!(serve.generated_tokens > 0, "{serve:?}");
+    // One delta fits on the GPU and two in the CPU cache: a workload over 3 deltas must evict from
+    // both and load some delta again, from the CPU cache and from disk.
+    assert!(serve.gpu.evictions > 0, "no GPU eviction: {serve:?}");
+    assert!(serve.gpu.loads > 3, "no GPU reload: {serve:?}");
+    assert!(
+        serve.cpu.hits > 0,
+        "no reload from the CPU cache: {serve:?}"
+    );
+    assert!(
+        serve.cpu.evictions > 0 && serve.cpu.loads > 3,
+        "no CPU eviction and disk reload: {serve:?}"
+    );
+}
+
+/// `--no-serve` stops after the compress stage; a stage that could not start is a clear error.
+#[test]
+fn demo_serve_stage_options() {
+    let help = ok(&deltazip(&["demo", "--help"]));
+    for flag in [
+        "--no-serve",
+        "--requests",
+        "--clients",
+        "--max-tokens",
+        "--gpu-deltas",
+        "--cpu-deltas",
+    ] {
+        assert!(
+            help.contains(flag),
+            "{flag} missing from demo --help:\n{help}"
+        );
+    }
+    let e = one_line_error(&deltazip(&[
+        "demo",
+        "--finetunes",
+        "1",
+        "--gpu-deltas",
+        "0",
+    ]));
+    assert!(e.contains("--gpu-deltas"), "{e}");
 }
 
 #[test]

@@ -5,71 +5,17 @@
 //!
 //! One server per process (the host's admission hook is process-wide), so one test function.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::time::Duration;
+mod common;
+
+use std::net::SocketAddr;
+
+use common::{http, json_of};
 
 use deltazip::serve::{start, ServeArgs};
 use dz_compress::fixtures::{self, TinySpec};
 use serde_json::{json, Value};
 
 const KEY: &str = "test-key-123";
-
-/// One HTTP/1.1 request (`Connection: close`); returns the status and the body (chunked transfer
-/// decoded).
-fn http(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    body: Option<&str>,
-    key: Option<&str>,
-) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
-    let body = body.unwrap_or("");
-    let auth = key.map_or(String::new(), |k| format!("Authorization: Bearer {k}\r\n"));
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).expect("read response");
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let (head, rest) = text.split_once("\r\n\r\n").expect("a response head");
-    let status: u16 = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .expect("a status code");
-    let chunked = head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked");
-    let body = if chunked {
-        dechunk(rest)
-    } else {
-        rest.to_string()
-    };
-    (status, body)
-}
-
-fn dechunk(mut s: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = s.split_once("\r\n") {
-        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
-        if n == 0 {
-            break;
-        }
-        out.push_str(&rest[..n.min(rest.len())]);
-        s = rest.get(n + 2..).unwrap_or("");
-    }
-    out
-}
-
-fn json_of(body: &str) -> Value {
-    serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
-}
 
 /// Greedy completion text of `model` (a new request, nothing else in flight).
 fn complete(addr: SocketAddr, model: &str, prompt: &str) -> (u16, Value) {
@@ -186,7 +132,13 @@ fn server_end_to_end() {
 
     // Bad requests get errors; the server stays up.
     let (status, text) = complete(addr, "no-such-model", prompt);
-    assert!(status >= 400, "unknown model accepted: {status} {text}");
+    assert_eq!(status, 404, "unknown model: {text}");
+    assert!(
+        text["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("\"no-such-model\" is not served")),
+        "{text}"
+    );
     let (status, _) = http(
         addr,
         "POST",
@@ -224,10 +176,7 @@ fn server_end_to_end() {
     let (status, text) = http(addr, "DELETE", "/v1/deltas/ft-0b", None, Some(KEY));
     assert_eq!(status, 200, "{text}");
     let (status, text) = complete(addr, "ft-0b", prompt);
-    assert!(
-        status >= 400,
-        "unloaded delta still served: {status} {text}"
-    );
+    assert_eq!(status, 404, "unloaded delta still served: {text}");
     assert_eq!(
         http(addr, "DELETE", "/v1/deltas/nope", None, Some(KEY)).0,
         404

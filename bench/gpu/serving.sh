@@ -58,17 +58,37 @@ bench() { # bench TAG SYSTEM PORT MODELS
     curl -s "http://127.0.0.1:$3/metrics" | grep -E "^deltazip_(delta_(loads_total|hits_total|misses_total|evictions_total|load_seconds_total)|gpu_delta_bytes|tokens_per_second)" | head -14
 }
 
+probe() { # probe PORT: one plain and one streamed completion; on a hang, every thread's stack
+    local pid; pid=$(cat "$W/serve.pid")
+    for stream in false true; do
+        local t0=$(date +%s%N)
+        if ! timeout 90 curl -sN "http://127.0.0.1:$1/v1/completions" -H 'Content-Type: application/json' \
+            -d "{\"model\":\"base\",\"prompt\":\"def fibonacci(n):\",\"max_tokens\":16,\"temperature\":0,\"stream\":$stream}" \
+            > "$OUT/probe-$stream.txt"; then
+            echo "probe stream=$stream: no answer in 90 s; stacks in $OUT/stacks.txt"
+            timeout 120 cuda-gdb -p "$pid" -batch -ex "info threads" -ex "thread apply all bt 12" > "$OUT/stacks.txt" 2>&1
+            tail -20 "$OUT/serve-probe.log"
+            return 1
+        fi
+        echo "probe stream=$stream: $((($(date +%s%N) - t0) / 1000000)) ms: $(tail -c 300 "$OUT/probe-$stream.txt")"
+    done
+}
+
 for step in "$@"; do
     echo "=== $step $(date +%T)"
     case $step in
         gen)
             nvidia-smi -L
             [[ -f "$W/base/config.json" ]] || "$DZ" synth model --shape "$SHAPE" --dtype bf16 --seed 1 --out "$W/base" 2>&1 | tail -2
-            for c in 4b24 2b24; do
+            for c in ${CODECS:-4b24 2b24}; do
                 [[ -f "$W/$c/ft-$(printf %02d $((DISTINCT - 1))).dz" ]] || { rm -rf "$W/$c"; "$DZ" synth deltas --base "$W/base" \
                     --codec $c --count "$DISTINCT" --seed 7 --out-dir "$W/$c" --jobs 8 2>&1 | tail -2; }
             done
             df -h "$W" | tail -1 ;;
+        probe)
+            config "$W/base.toml" 4b24 1
+            RUST_LOG=${RUST_LOG:-info} serve probe "$W/base.toml" 8200 && probe 8200; rc=$?; stop
+            [[ $rc == 0 ]] || exit 1 ;;
         base)
             config "$W/base.toml" 4b24 1
             serve base "$W/base.toml" 8201 && bench base base 8201 base; stop ;;

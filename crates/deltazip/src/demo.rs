@@ -1,9 +1,14 @@
 //! `deltazip demo`: the pipeline end to end on a seeded tiny model family, with no downloads.
 //!
-//! Today: generate a base and a few fine-tunes, compress each with calibrated OBS (and one with the RTN
-//! baseline for comparison), inspect and verify every delta, check that base + delta reproduces the
-//! fine-tune, and measure how much of each fine-tune's behaviour the delta keeps (KL divergence of the
-//! next-token distributions). Later issues add serving all fine-tunes at once.
+//! 1. Compress: generate a base and a few fine-tunes, compress each with calibrated OBS (and one with
+//!    the RTN baseline for comparison), inspect and verify every delta, check that base + delta
+//!    reproduces the fine-tune, and measure how much of each fine-tune's behaviour the delta keeps (KL
+//!    divergence of the next-token distributions).
+//! 2. Serve ([`serve_stage`], unless `--no-serve`): every delta in multi-tenant mode behind one
+//!    `deltazip serve` started in this process, under GPU and CPU delta budgets smaller than the set;
+//!    a mixed workload from concurrent clients (every fine-tune and the base, streamed and not), each
+//!    answer checked against the same request sent alone to the merged fine-tune; throughput and
+//!    per-tier hit rates. Any error or mismatch fails the demo.
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -17,6 +22,9 @@ use dz_compress::{QuantConfig, Sparsity};
 use crate::compress::Bars;
 use crate::inspect::{self, human, InspectArgs};
 
+pub mod serve_stage;
+pub use serve_stage::{ServeOptions, ServeReport};
+
 /// Options of `deltazip demo`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct DemoArgs {
@@ -26,12 +34,57 @@ pub struct DemoArgs {
     /// Seed of the model family.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
-    /// Number of fine-tunes to generate and compress.
-    #[arg(long, default_value_t = 3)]
+    /// Number of fine-tunes to generate and compress (fine-tune 0 twice: OBS and RTN, so N + 1 deltas).
+    #[arg(long, default_value_t = 4)]
     pub finetunes: usize,
     /// Print the full inspect report of every delta.
     #[arg(long)]
     pub verbose: bool,
+    /// Skip the serving stage (after compressing, the demo serves every delta multi-tenant from one
+    /// in-process server and checks a concurrent workload against the merged fine-tunes).
+    #[arg(long)]
+    pub no_serve: bool,
+    /// Serving stage: requests in the workload (every fine-tune and the base, round robin in a seeded
+    /// order; prompts and streamed-or-not drawn with --seed).
+    #[arg(long, default_value_t = 64)]
+    pub requests: usize,
+    /// Serving stage: concurrent clients sending the requests.
+    #[arg(long, default_value_t = 8)]
+    pub clients: usize,
+    /// Serving stage: tokens generated per request, at most (greedy).
+    #[arg(long, default_value_t = 16)]
+    pub max_tokens: usize,
+    /// Serving stage: the GPU delta budget, in deltas (the largest); fewer than the deltas served, so
+    /// that switching between fine-tunes evicts and reloads.
+    #[arg(long, default_value_t = 2)]
+    pub gpu_deltas: usize,
+    /// Serving stage: the CPU cache budget, in deltas (the largest); a delta evicted from both tiers is
+    /// read from disk again.
+    #[arg(long, default_value_t = 3)]
+    pub cpu_deltas: usize,
+}
+
+impl DemoArgs {
+    /// The serving stage's options (`None` with `--no-serve`).
+    pub fn serve_options(&self) -> Option<ServeOptions> {
+        (!self.no_serve).then_some(ServeOptions {
+            requests: self.requests,
+            clients: self.clients,
+            max_tokens: self.max_tokens,
+            gpu_deltas: self.gpu_deltas,
+            cpu_deltas: self.cpu_deltas,
+            seed: self.seed,
+        })
+    }
+}
+
+/// What the demo measured.
+#[derive(Debug, Clone)]
+pub struct DemoReport {
+    /// One row per delta (compress stage).
+    pub rows: Vec<DemoRow>,
+    /// The serving stage (`None` with `--no-serve`).
+    pub serve: Option<ServeReport>,
 }
 
 /// One fine-tune's outcome.
@@ -60,8 +113,13 @@ impl DemoRow {
     }
 }
 
-/// Runs the demo; prints as it goes and returns the rows (for tests).
-pub fn run_rows(args: &DemoArgs, quiet: bool) -> Result<Vec<DemoRow>> {
+/// Runs the demo; prints as it goes (unless `quiet`) and returns what it measured (for tests). Errors
+/// and mismatches of the serving stage are counted in the report, not returned as `Err` ([`run`] does
+/// that).
+pub fn run_report(args: &DemoArgs, quiet: bool) -> Result<DemoReport> {
+    if let Some(opts) = args.serve_options() {
+        opts.validate()?;
+    }
     let (root, _tmp) = crate::bench::work_dir(args.out.as_deref())?;
     let say = |s: &str| {
         if !quiet {
@@ -104,6 +162,7 @@ pub fn run_rows(args: &DemoArgs, quiet: bool) -> Result<Vec<DemoRow>> {
     std::fs::write(&calib_path, &text[..cut])?;
 
     let mut rows = Vec::new();
+    let mut deltas = Vec::new();
     for (i, ft_dir) in family.finetunes.iter().enumerate() {
         let ft = dz_compress::hf::HfModel::open(ft_dir)?;
         let ft_model = dz_compress::model::LlamaModel::load(ft.arch(), &device, |n| ft.to_f32(n))?;
@@ -165,6 +224,7 @@ pub fn run_rows(args: &DemoArgs, quiet: bool) -> Result<Vec<DemoRow>> {
                     scale = scale.max((a - c).abs());
                 }
             }
+            deltas.push((format!("{name}-{}", method.as_str()), out.clone()));
             rows.push(DemoRow {
                 name,
                 method: method.as_str(),
@@ -177,15 +237,23 @@ pub fn run_rows(args: &DemoArgs, quiet: bool) -> Result<Vec<DemoRow>> {
         }
     }
     say(&table(&rows));
+    let serve = match args.serve_options() {
+        None => None,
+        Some(opts) => Some(serve_stage::run(&root, &family.base, &deltas, &opts, &say)?),
+    };
     if args.out.is_none() {
-        say("(temporary files removed; pass --out DIR to keep the models and deltas)");
+        say("(temporary files removed; pass --out DIR to keep the models, deltas and configs)");
     }
-    Ok(rows)
+    Ok(DemoReport { rows, serve })
 }
 
-/// Runs `deltazip demo`.
+/// Runs `deltazip demo`: fails when the serving stage saw an error or a mismatch.
 pub fn run(args: &DemoArgs) -> Result<()> {
-    run_rows(args, false).map(|_| ())
+    let report = run_report(args, false)?;
+    match &report.serve {
+        Some(serve) => serve.check(),
+        None => Ok(()),
+    }
 }
 
 fn table(rows: &[DemoRow]) -> String {

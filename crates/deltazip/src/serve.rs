@@ -15,6 +15,17 @@
 //! - `GET /metrics` (Prometheus text) and `GET /health`.
 //!
 //! With `--api-key` (or `DELTAZIP_API_KEY`) every route but `/health` needs `Authorization: Bearer KEY`.
+//!
+//! A completion request whose `model` this server does not serve (never had, or unloaded) is answered
+//! 404 here, before it reaches the host (which would answer 500 for a name it does not know, or, for an
+//! unloaded delta, queue it and refuse it).
+//!
+//! Unloading while requests are in flight: a sequence in the running batch keeps the delta (it
+//! drains, then leaves every tier) and finishes with it; a sequence outside the batch at a step after
+//! the unload (waiting for its delta or for admission, or set aside between decode steps by the host's
+//! length bucketing, which hands it back to the scheduler as waiting) ends with HTTP 422 `delta "NAME"
+//! was unregistered` (streamed: that message as the stream's last event); a request that arrives after
+//! the unload gets 404.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -185,6 +196,14 @@ struct AppState {
 }
 
 impl AppState {
+    /// Whether `model` names a model this server serves now.
+    fn serves(&self, model: &str) -> bool {
+        model == "default"
+            || model == self.base_name
+            || self.merged.iter().any(|m| m == model)
+            || self.multi_tenant().contains(model)
+    }
+
     fn multi_tenant(&self) -> std::sync::MutexGuard<'_, BTreeSet<String>> {
         self.multi_tenant
             .lock()
@@ -387,6 +406,10 @@ fn router(state: Arc<AppState>, host: Router) -> Router {
         .route("/metrics", get(metrics))
         .route("/health", get(|| async { "ok" }))
         .fallback_service(host)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            known_model,
+        ))
         .layer(axum::middleware::from_fn_with_state(state.clone(), guard))
         .with_state(state)
 }
@@ -412,6 +435,51 @@ async fn guard(State(state): State<Arc<AppState>>, request: Request, next: Next)
     }
     let response = next.run(request).await;
     count(&state, &path, response)
+}
+
+/// The largest request body read here to find its `model` (the host router's own limit).
+const MAX_BODY: usize =
+    mistralrs_server_core::mistralrs_server_router_builder::DEFAULT_MAX_BODY_LIMIT;
+
+/// Answers 404 for a completion request naming a model this server does not serve (the base, a
+/// multi-tenant delta registered now, a merged fine-tune, or the host's `default`). Other requests,
+/// and bodies that are not JSON or name no model, go on to the host unchanged (it reports their
+/// errors).
+async fn known_model(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
+    let generation = matches!(
+        request.uri().path(),
+        "/v1/completions" | "/v1/chat/completions"
+    );
+    if !generation || request.method() != axum::http::Method::POST {
+        return next.run(request).await;
+    }
+    let (parts, body) = request.into_parts();
+    let bytes = match axum::body::to_bytes(body, MAX_BODY).await {
+        Ok(b) => b,
+        Err(e) => {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("request body: {e} (at most {MAX_BODY} bytes)"),
+            )
+        }
+    };
+    #[derive(serde::Deserialize)]
+    struct Named {
+        model: Option<String>,
+    }
+    if let Ok(Named { model: Some(model) }) = serde_json::from_slice::<Named>(&bytes) {
+        if !state.serves(&model) {
+            return error(
+                StatusCode::NOT_FOUND,
+                format!(
+                    "model {model:?} is not served here (unknown, or its delta was unloaded); \
+                     GET /v1/models lists the models"
+                ),
+            );
+        }
+    }
+    next.run(Request::from_parts(parts, axum::body::Body::from(bytes)))
+        .await
 }
 
 fn count(state: &AppState, path: &str, response: Response) -> Response {

@@ -275,6 +275,8 @@ pub struct SseReader {
     buf: Vec<u8>,
     /// Chunks with text so far.
     pub tokens: usize,
+    /// Their text, concatenated (the demo compares it with a reference).
+    pub text: String,
     /// `usage.completion_tokens`, the last one streamed.
     pub usage: Option<u64>,
 }
@@ -286,6 +288,7 @@ impl SseReader {
             api,
             buf: Vec::new(),
             tokens: 0,
+            text: String::new(),
             usage: None,
         }
     }
@@ -345,8 +348,9 @@ impl SseReader {
                 .and_then(|c| c.get("delta"))
                 .and_then(|d| d.get("content")),
         };
-        if text.and_then(|t| t.as_str()).is_some_and(|t| !t.is_empty()) {
+        if let Some(t) = text.and_then(|t| t.as_str()).filter(|t| !t.is_empty()) {
             self.tokens += 1;
+            self.text.push_str(t);
         }
         Ok(false)
     }
@@ -374,6 +378,7 @@ mod tests {
             }
             assert!(done, "split {split}");
             assert_eq!((r.tokens, r.usage), (2, Some(2)), "split {split}");
+            assert_eq!(r.text, "a b", "split {split}");
         }
     }
 
