@@ -66,6 +66,8 @@ fn server() -> (std::sync::MutexGuard<'static, ()>, SocketAddr) {
         for i in 0..4 {
             text += &format!("[[delta]]\nname = \"ft-{i}\"\npath = \"deltas/ft-{i}.dz\"\n");
         }
+        // ft-0 once more, merged: a model with an engine of its own.
+        text += "[[delta]]\nname = \"ft-0-merged\"\npath = \"deltas/ft-0.dz\"\nmode = \"merge\"\n";
         text += &format!(
             "[runtime]\ndevice = \"cpu\"\ngpu_delta_bytes = {}\ncpu_cache_bytes = {}\n\
              [scheduler]\nmax_seqs = 16\n",
@@ -362,4 +364,26 @@ fn unloading_a_delta_drains_running_requests_and_refuses_waiting_ones() {
             "{m} after the unload"
         );
     }
+}
+
+/// A merged fine-tune answers text completions with its own weights (the host's router sends every
+/// completion to the default engine; `deltazip serve` routes them by model): the same tokens as the
+/// same delta multi-tenant, and not the base's.
+#[test]
+fn merged_fine_tunes_answer_completions_with_their_own_weights() {
+    let (_turn, addr) = server();
+    let mut differs = false;
+    for prompt in PROMPTS {
+        for stream in [false, true] {
+            let merged = ok(addr, "ft-0-merged", prompt, 12, stream);
+            let multi = ok(addr, "ft-0", prompt, 12, stream);
+            let base = ok(addr, "base", prompt, 12, stream);
+            assert_eq!(
+                merged.text, multi.text,
+                "{prompt:?} stream={stream}: merged vs multi-tenant"
+            );
+            differs |= merged.text != base.text;
+        }
+    }
+    assert!(differs, "the merged fine-tune answered as the base");
 }

@@ -405,6 +405,7 @@ fn router(state: Arc<AppState>, host: Router) -> Router {
         .route("/v1/deltas/{name}", delete(unload_delta))
         .route("/metrics", get(metrics))
         .route("/health", get(|| async { "ok" }))
+        .route("/v1/completions", post(completions))
         .fallback_service(host)
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -435,6 +436,46 @@ async fn guard(State(state): State<Arc<AppState>>, request: Request, next: Next)
     }
     let response = next.run(request).await;
     count(&state, &path, response)
+}
+
+/// `POST /v1/completions`: the host's own handler, except that the request goes to the engine of the
+/// model it names. mistralrs-server-core 0.8.1 sends every text completion to the default engine (its
+/// chat completions do route by model), so a merged fine-tune, which has an engine of its own, would
+/// answer as the base. Parsing, streaming and errors are the host's (`completions::parse_request`,
+/// `create_streamer`, `process_non_streaming_response`).
+async fn completions(
+    State(state): State<Arc<AppState>>,
+    body: Result<
+        Json<mistralrs_server_core::openai::CompletionRequest>,
+        axum::extract::rejection::JsonRejection,
+    >,
+) -> Response {
+    use mistralrs_server_core::completions::{
+        create_streamer, handle_error, parse_request, process_non_streaming_response,
+        CompletionResponder,
+    };
+    use mistralrs_server_core::handler_core::{create_response_channel, send_request_with_model};
+    let Json(request) = match body {
+        Ok(b) => b,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
+    };
+    let host = state.mistralrs.clone();
+    let model = (request.model != "default").then(|| request.model.clone());
+    let (tx, mut rx) = create_response_channel(None);
+    let (request, is_streaming) = match parse_request(request, host.clone(), tx) {
+        Ok(x) => x,
+        Err(e) => return handle_error(host, e.into()).into_response(),
+    };
+    if let Err(e) = send_request_with_model(&host, request, model.as_deref()).await {
+        return handle_error(host, e.into()).into_response();
+    }
+    if is_streaming {
+        CompletionResponder::Sse(create_streamer(rx, host, None, None)).into_response()
+    } else {
+        process_non_streaming_response(&mut rx, host)
+            .await
+            .into_response()
+    }
 }
 
 /// The largest request body read here to find its `model` (the host router's own limit).

@@ -6,7 +6,7 @@ use crate::common;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
-use common::{q, write_config};
+use common::{max_diff, q, write_config};
 use dz_compress::hf::HfModel;
 use dz_compress::merge::Applied;
 use dz_loader::{CheckedDelta, Config, DeltaRegistry, FineTuneDeltas};
@@ -43,19 +43,6 @@ fn linear(w: Tensor, b: Option<Tensor>) -> Arc<dyn QuantMethod> {
         ))
         .unwrap(),
     )
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 /// Checks layer `layer` of the fixture: rows tagged with fine-tune names (or nothing) against each

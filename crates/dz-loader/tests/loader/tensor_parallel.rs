@@ -9,7 +9,7 @@ use crate::common;
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
-use common::{q, write_config};
+use common::{max_diff, q, write_config};
 use dz_candle_ops::delta_matmul;
 use dz_compress::pipeline::{compress, CompressOptions, Method, Quiet};
 use dz_compress::{QuantConfig, Sparsity};
@@ -37,19 +37,6 @@ fn compress_4b24_g8(base: &Path, ft: &Path, out: &Path) -> PathBuf {
     };
     compress(base, ft, out, &opts, &mut Quiet).expect("compress");
     out.to_path_buf()
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 fn scale(t: &Tensor) -> f32 {

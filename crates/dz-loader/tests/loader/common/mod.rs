@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
+use candle_core::Tensor;
 use dz_compress::fixtures::{self, TinyFamily, TinySpec};
 use dz_loader::Engine;
 
@@ -191,4 +192,18 @@ pub fn assert_follows(
         ctx.push(tok);
     }
     agreed
+}
+
+/// The largest absolute difference of two tensors' elements (f32).
+pub fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
