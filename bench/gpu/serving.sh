@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
-# Issue #9 on one H200 (partial: no swap baseline yet): a 7B-shaped Llama with random weights
-# (`deltazip synth`), N multi-tenant deltas (4-bit 2:4, 2-bit 2:4) against the base alone, the same
-# open-loop workload from `deltazip bench serve` (uniform popularity, corpus prompts), rows appended to
+# Issue #9 on one H200: a 7B-shaped Llama with random weights (`deltazip synth`), N multi-tenant deltas
+# (4-bit 2:4, 2-bit 2:4) against the base alone and against the swap baseline (the same N fine-tunes as
+# full merged models, K on the GPU, the rest copied in from CPU memory on demand), the same open-loop
+# workload from `deltazip bench serve` (uniform popularity, corpus prompts), rows appended to
 # $OUT/serving.{md,json}.
 #
-#   bash bench/gpu/serving.sh STEP...   STEP: gen | base | dz:CODEC:N (e.g. dz:4b24:32)
+#   bash bench/gpu/serving.sh STEP...   STEP: gen | base | dz:CODEC:N (e.g. dz:4b24:32) | swap:N (e.g. swap:32)
+#
+# swap:N decodes SWAP_DISTINCT of the 4b24 files to full bf16 weights in CPU memory at start-up (about
+# 13.5 GB each for 7B: keep SWAP_DISTINCT * 13.5 GB well under the machine's RAM) and cycles the N names
+# over them; SWAP_K of them on the GPU at once.
 #
 # Needs $DZ (deltazip with --features cuda or nccl), $CORPUS, python3 (for NCCL's library path only).
 set -u
@@ -16,6 +21,8 @@ DISTINCT=${DISTINCT:-8}     # distinct delta files per codec; N names cycle over
 RATES=${RATES:-2,8,32}
 REQS=${REQS:-96}
 GPU_DELTAS=${GPU_DELTAS:-90GiB}
+SWAP_DISTINCT=${SWAP_DISTINCT:-4}
+SWAP_K=${SWAP_K:-4}
 mkdir -p "$W" "$OUT"
 export NCCL_NVLS_ENABLE=0
 nccl=$(python3 -c 'import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], "lib"))' 2>/dev/null)
@@ -34,6 +41,18 @@ config() { # config FILE CODEC N
     } > "$1"
 }
 
+swap_config() { # swap_config FILE N
+    {
+        echo "[base]"; echo "path = \"$W/base\""; echo 'dtype = "bf16"'; echo 'name = "base"'
+        for i in $(seq 0 $(($2 - 1))); do
+            printf '[[delta]]\nname = "ft-%02d"\npath = "%s/4b24/ft-%02d.dz"\nmode = "swap"\n' \
+                "$i" "$W" $((i % SWAP_DISTINCT))
+        done
+        echo "[runtime]"; echo 'device = "cuda"'; echo "swap_gpu_models = $SWAP_K"
+        echo "[scheduler]"; echo "max_seqs = 32"; echo "max_deltas_per_step = 8"
+    } > "$1"
+}
+
 serve() { # serve TAG CONFIG PORT
     "$DZ" serve --config "$2" --port "$3" > "$OUT/serve-$1.log" 2>&1 &
     echo $! > "$W/serve.pid"
@@ -43,7 +62,7 @@ serve() { # serve TAG CONFIG PORT
         if ! kill -0 "$(cat "$W/serve.pid")" 2> /dev/null; then
             echo "serve $1 exited"; tail -20 "$OUT/serve-$1.log"; return 1
         fi
-        if (($(date +%s) - t0 > 300)); then echo "serve $1: not up in 300 s"; return 1; fi
+        if (($(date +%s) - t0 > ${SERVE_WAIT:-900})); then echo "serve $1: not up in time"; return 1; fi
     done
     echo "serve $1 up in $(($(date +%s) - t0)) s"
 }
@@ -55,7 +74,7 @@ bench() { # bench TAG SYSTEM PORT MODELS
         --requests "$REQS" --popularity uniform --corpus "$CORPUS" --prompt-words 32..160 \
         --max-tokens 32..96 --seed 1 --system "$2" --out "$OUT/serving" --append --quiet 2>&1 | tail -6
     nvidia-smi --query-gpu=memory.used --format=csv,noheader | sed "s/^/  $1 gpu memory used: /"
-    curl -s "http://127.0.0.1:$3/metrics" | grep -E "^deltazip_(delta_(loads_total|hits_total|misses_total|evictions_total|load_seconds_total)|gpu_delta_bytes|tokens_per_second)" | head -14
+    curl -s "http://127.0.0.1:$3/metrics" | grep -E "^deltazip_((delta|swap)_(loads_total|hits_total|misses_total|evictions_total|load_seconds_total)|swap_copied_bytes_total|gpu_delta_bytes|tokens_per_second)" | head -24
 }
 
 probe() { # probe PORT: one plain and one streamed completion; on a hang, every thread's stack
@@ -97,6 +116,11 @@ for step in "$@"; do
             config "$W/$codec-$n.toml" "$codec" "$n"
             models=$(seq -f 'ft-%02g' 0 $((n - 1)) | paste -sd,)
             serve "$codec-$n" "$W/$codec-$n.toml" 8202 && bench "$codec-$n" "dz-$codec" 8202 "$models"; stop ;;
+        swap:*)
+            n=${step#swap:}
+            swap_config "$W/swap-$n.toml" "$n"
+            models=$(seq -f 'ft-%02g' 0 $((n - 1)) | paste -sd,)
+            serve "swap-$n" "$W/swap-$n.toml" 8203 && bench "swap-$n" swap 8203 "$models"; stop ;;
     esac
 done
 echo "=== done $(date +%T)"

@@ -39,6 +39,10 @@ pub struct ServePlan {
     pub deltas: Vec<PlanRow>,
     /// Fine-tunes served merged (each a full model of its own, not sharded here).
     pub merged: Vec<String>,
+    /// Fine-tunes served as swap models (full models, `swap_gpu_models` of them on the GPU at once).
+    pub swap: Vec<String>,
+    /// `runtime.swap_gpu_models`.
+    pub swap_gpu_models: usize,
     /// The GPU delta budget per rank, when the config sets one.
     pub gpu_delta_bytes: Option<u64>,
 }
@@ -107,6 +111,7 @@ pub fn serve_plan(config: &Config, deltas: &[CheckedDelta]) -> Result<ServePlan>
     };
     let mut rows = Vec::new();
     let mut merged = Vec::new();
+    let mut swap = Vec::new();
     for d in deltas {
         match d.spec.mode {
             Mode::MultiTenant => {
@@ -117,6 +122,7 @@ pub fn serve_plan(config: &Config, deltas: &[CheckedDelta]) -> Result<ServePlan>
                 });
             }
             Mode::Merge => merged.push(d.spec.name.clone()),
+            Mode::Swap => swap.push(d.spec.name.clone()),
         }
     }
     Ok(ServePlan {
@@ -126,6 +132,8 @@ pub fn serve_plan(config: &Config, deltas: &[CheckedDelta]) -> Result<ServePlan>
         base,
         deltas: rows,
         merged,
+        swap,
+        swap_gpu_models: config.runtime.swap_gpu_models,
         gpu_delta_bytes: config.runtime.gpu_delta_bytes,
     })
 }
@@ -179,6 +187,17 @@ impl fmt::Display for ServePlan {
                 f,
                 "merged (full models of their own): {}",
                 self.merged.join(", ")
+            )?;
+        }
+        if !self.swap.is_empty() {
+            let model: u64 = self.base.rank_bytes.iter().sum();
+            let k = self.swap_gpu_models.min(self.swap.len());
+            writeln!(
+                f,
+                "swap (full models, {k} of {} on the GPU at once, {} each): {} on the GPU",
+                self.swap.len(),
+                human(model),
+                human(model * k as u64)
             )?;
         }
         if let Some(budget) = self.gpu_delta_bytes {

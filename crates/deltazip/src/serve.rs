@@ -8,8 +8,13 @@
 //! through the admission seam (`host/patches/mistralrs-core/0005-admission-hook.patch`): a sequence
 //! starts only once its delta is on the device, and its delta stays there while it runs.
 //!
+//! Swap-mode fine-tunes (the baseline) are aliases of the base's engine too, computed by their own full
+//! weights ([`dz_loader::swap`]); a second [`Scheduler`], over [`SwapBackend`], keeps at most
+//! `runtime.swap_gpu_models` of them on the device (the rest in CPU memory, copied in whole on a miss),
+//! and the admission seam asks both schedulers: a sequence starts when each admits it.
+//!
 //! Our routes, in front of the host's (which answer everything else):
-//! - `GET /v1/models`: the base, every fine-tune (multi-tenant and merged);
+//! - `GET /v1/models`: the base, every fine-tune (multi-tenant, merged and swap);
 //! - `POST /v1/deltas` `{"name", "path"}`: hot-load a delta from inside `--delta-dir` (checked against
 //!   the base like the config's); `DELETE /v1/deltas/{name}`: unload (running sequences finish first);
 //! - `GET /metrics` (Prometheus text) and `GET /health`.
@@ -30,6 +35,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
@@ -42,7 +48,10 @@ use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use candle_core::Device;
 use clap::Args;
-use dz_loader::{BaseIdentity, CheckedDelta, DeltaRegistry, FineTuneDeltas, HostDelta, Mode};
+use dz_loader::{
+    BaseIdentity, CheckedDelta, DeltaRegistry, FineTuneDeltas, HostDelta, MergedWeights, Mode,
+    SwapModel, SwapRegistry, SwapStore,
+};
 use dz_scheduler_ext::{Backend, Decision, Scheduler, SchedulerOptions, Unregistered};
 use serde_json::json;
 
@@ -118,8 +127,96 @@ impl Backend for LoaderBackend {
     }
 }
 
-/// The scheduler as the host's admission hook.
-struct AdmissionSeam(Arc<Scheduler<LoaderBackend>>);
+/// The swap baseline's models as dz-scheduler-ext's tiers: the checked delta (disk), the full merged
+/// weights in CPU memory ([`MergedWeights`], one copy per delta file in the [`SwapStore`], decoded at
+/// start-up), every weight of the model on the device ([`SwapModel`]: a swap-in copies the whole
+/// model), made visible to the base's layers through the [`SwapRegistry`].
+pub struct SwapBackend {
+    device: Device,
+    store: Arc<SwapStore>,
+    registry: Arc<SwapRegistry>,
+    /// Bytes copied to the device so far (every swap-in, whole models).
+    copied: AtomicU64,
+}
+
+impl SwapBackend {
+    /// A backend uploading to `device` from `store`, activating into `registry`.
+    pub fn new(device: Device, store: Arc<SwapStore>, registry: Arc<SwapRegistry>) -> Self {
+        Self {
+            device,
+            store,
+            registry,
+            copied: AtomicU64::new(0),
+        }
+    }
+
+    /// Bytes copied to the device so far.
+    pub fn copied_bytes(&self) -> u64 {
+        self.copied.load(Ordering::Relaxed)
+    }
+}
+
+impl Backend for SwapBackend {
+    type Source = Arc<CheckedDelta>;
+    type Host = Arc<MergedWeights>;
+    type Device = SwapModel;
+    type Error = String;
+
+    fn read(&self, _name: &str, source: &Self::Source) -> std::result::Result<Self::Host, String> {
+        self.store.get(source).map_err(|e| e.to_string())
+    }
+
+    fn host_bytes(&self, host: &Self::Host) -> u64 {
+        host.bytes()
+    }
+
+    fn device_bytes(&self, host: &Self::Host) -> u64 {
+        host.bytes()
+    }
+
+    fn upload(&self, name: &str, host: &Self::Host) -> std::result::Result<SwapModel, String> {
+        let m = SwapModel::upload(name, host, &self.device).map_err(|e| e.to_string())?;
+        self.copied.fetch_add(m.bytes(), Ordering::Relaxed);
+        Ok(m)
+    }
+
+    fn activate(&self, _name: &str, device: &Arc<SwapModel>) -> std::result::Result<(), String> {
+        self.registry.insert(device.clone());
+        Ok(())
+    }
+
+    fn deactivate(&self, name: &str) {
+        self.registry.remove(name);
+    }
+}
+
+/// One scheduler's admission step, whatever its backend.
+trait StepAdmission: Send + Sync {
+    fn decide(
+        &self,
+        running: &[Option<&str>],
+        waiting: &[Option<&str>],
+        free: usize,
+    ) -> Vec<Decision>;
+}
+
+impl<B: Backend> StepAdmission for Scheduler<B> {
+    fn decide(
+        &self,
+        running: &[Option<&str>],
+        waiting: &[Option<&str>],
+        free: usize,
+    ) -> Vec<Decision> {
+        self.admit_decisions(running, waiting, free)
+    }
+}
+
+/// The schedulers as the host's admission hook: each in turn decides over the sequences the ones
+/// before it admitted (a name that is not one of a scheduler's is base-like to it, admitted), so a
+/// sequence starts when every scheduler admits it; a wait or a refusal is the first one's. Every
+/// scheduler is asked every step, with the running sequences, even when nothing is left to decide
+/// (that is when it unpins what finished).
+struct AdmissionSeam(Vec<Arc<dyn StepAdmission>>);
 
 impl mistralrs_core::AdmissionHook for AdmissionSeam {
     fn admit(
@@ -128,8 +225,20 @@ impl mistralrs_core::AdmissionHook for AdmissionSeam {
         waiting: &[Option<&str>],
         free_slots: usize,
     ) -> Vec<mistralrs_core::Admission> {
-        self.0
-            .admit_decisions(running, waiting, free_slots)
+        let mut decisions = vec![Decision::Admit; waiting.len()];
+        let mut open: Vec<usize> = (0..waiting.len()).collect();
+        for tier in &self.0 {
+            let sub: Vec<Option<&str>> = open.iter().map(|&i| waiting[i]).collect();
+            let mut next = Vec::with_capacity(open.len());
+            for (&i, d) in open.iter().zip(tier.decide(running, &sub, free_slots)) {
+                match d {
+                    Decision::Admit => next.push(i),
+                    other => decisions[i] = other,
+                }
+            }
+            open = next;
+        }
+        decisions
             .into_iter()
             .map(|d| match d {
                 Decision::Admit => mistralrs_core::Admission::Admit,
@@ -180,6 +289,11 @@ struct AppState {
     tensor_parallel: usize,
     scheduler: Arc<Scheduler<LoaderBackend>>,
     registry: Arc<DeltaRegistry>,
+    /// The swap baseline's scheduler (`None` without swap models), its registry and its CPU store.
+    swap: Option<Arc<Scheduler<SwapBackend>>>,
+    swap_registry: Arc<SwapRegistry>,
+    swap_store: Option<Arc<SwapStore>>,
+    swap_names: Vec<String>,
     /// The base's identity, computed on the first hot load (Config::load fingerprinted the base for the
     /// config's deltas already; start-up does not hash it twice).
     identity: std::sync::OnceLock<BaseIdentity>,
@@ -201,6 +315,7 @@ impl AppState {
         model == "default"
             || model == self.base_name
             || self.merged.iter().any(|m| m == model)
+            || self.swap_names.iter().any(|m| m == model)
             || self.multi_tenant().contains(model)
     }
 
@@ -316,6 +431,7 @@ pub fn start(args: &ServeArgs) -> Result<Running> {
     let scheduler = Arc::new(Scheduler::new(backend, options)?);
     let mut multi = BTreeSet::new();
     let mut merged = Vec::new();
+    let mut swapped = Vec::new();
     for d in deltas {
         match d.spec.mode {
             Mode::MultiTenant => {
@@ -325,15 +441,59 @@ pub fn start(args: &ServeArgs) -> Result<Running> {
                 }
             }
             Mode::Merge => merged.push(d.spec.name.clone()),
+            Mode::Swap => swapped.push(d),
         }
     }
+    let swap_names: Vec<String> = swapped.iter().map(|d| d.spec.name.clone()).collect();
+    // The swap baseline: a GPU budget of `swap_gpu_models` whole models (all models of one base have
+    // the same bytes), the CPU tier unbounded (the store holds every model already).
+    let swap = match &served.swap_store {
+        Some(store) if !swapped.is_empty() => {
+            let k = config.runtime.swap_gpu_models;
+            let mut model_bytes = 0;
+            for d in &swapped {
+                model_bytes = u64::max(model_bytes, store.get(d)?.bytes());
+            }
+            let options = SchedulerOptions {
+                max_deltas_per_step: k,
+                gpu_bytes: model_bytes.saturating_mul(k as u64),
+                cpu_bytes: u64::MAX,
+                ..SchedulerOptions::default()
+            };
+            eprintln!(
+                "deltazip serve: {} swap models over {} delta files ({} GiB in CPU memory), {k} on \
+                 the GPU at once ({:.2} GiB each)",
+                swapped.len(),
+                store.files(),
+                store.bytes() >> 30,
+                model_bytes as f64 / (1u64 << 30) as f64
+            );
+            let backend =
+                SwapBackend::new(served.device.clone(), store.clone(), served.swap.clone());
+            let s = Arc::new(Scheduler::new(backend, options)?);
+            for d in swapped {
+                s.register(&d.spec.name.clone(), Arc::new(d))?;
+            }
+            Some(s)
+        }
+        _ => None,
+    };
     if !sharded {
-        mistralrs_core::set_admission_hook(Some(Arc::new(AdmissionSeam(scheduler.clone()))));
+        let mut tiers: Vec<Arc<dyn StepAdmission>> = Vec::new();
+        if let Some(s) = &swap {
+            tiers.push(s.clone());
+        }
+        tiers.push(scheduler.clone());
+        mistralrs_core::set_admission_hook(Some(Arc::new(AdmissionSeam(tiers))));
     }
     let state = Arc::new(AppState {
         tensor_parallel,
         scheduler,
         registry: served.registry.clone(),
+        swap,
+        swap_registry: served.swap.clone(),
+        swap_store: served.swap_store.clone(),
+        swap_names,
         identity: std::sync::OnceLock::new(),
         base_path: config.base.path.clone(),
         base_name: config.base_name(),
@@ -561,6 +721,7 @@ async fn models(State(state): State<Arc<AppState>>) -> Response {
             .map(|n| entry(n, "multi-tenant")),
     );
     data.extend(state.merged.iter().map(|n| entry(n, "merged")));
+    data.extend(state.swap_names.iter().map(|n| entry(n, "swap")));
     Json(json!({ "object": "list", "data": data })).into_response()
 }
 
@@ -624,7 +785,10 @@ async fn load_delta(
         Ok(p) => p,
         Err(e) => return error(StatusCode::FORBIDDEN, e),
     };
-    if req.name == state.base_name || state.merged.contains(&req.name) {
+    if req.name == state.base_name
+        || state.merged.contains(&req.name)
+        || state.swap_names.contains(&req.name)
+    {
         return error(
             StatusCode::CONFLICT,
             format!("{:?} is already a model of this server", req.name),
@@ -699,6 +863,25 @@ async fn unload_delta(
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     let mut out = state.scheduler.to_prometheus();
+    if let Some(swap) = &state.swap {
+        // The swap baseline's full-model loads: deltazip_swap_{loads,load_seconds,evictions,..}.
+        out.push_str(&swap.to_prometheus_named("swap"));
+        out.push_str(
+            "# HELP deltazip_swap_copied_bytes_total Bytes of full models copied to the GPU.\n",
+        );
+        out.push_str("# TYPE deltazip_swap_copied_bytes_total counter\n");
+        out.push_str(&format!(
+            "deltazip_swap_copied_bytes_total {}\n",
+            swap.residency().backend().copied_bytes()
+        ));
+        out.push_str("# HELP deltazip_swap_model_bytes Device bytes of the resident swap models, and CPU bytes of their store (one copy per delta file).\n");
+        out.push_str("# TYPE deltazip_swap_model_bytes gauge\n");
+        out.push_str(&format!(
+            "deltazip_swap_model_bytes{{kind=\"gpu\"}} {}\ndeltazip_swap_model_bytes{{kind=\"cpu\"}} {}\n",
+            state.swap_registry.bytes(),
+            state.swap_store.as_ref().map_or(0, |s| s.bytes())
+        ));
+    }
     out.push_str("# HELP deltazip_requests_total HTTP requests by route and status.\n");
     out.push_str("# TYPE deltazip_requests_total counter\n");
     for ((route, status), n) in state
@@ -711,7 +894,10 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
             "deltazip_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}\n"
         ));
     }
-    let tokens = state.registry.tokens();
+    let mut tokens = state.registry.tokens();
+    for (model, n) in state.swap_registry.tokens() {
+        *tokens.entry(model).or_insert(0) += n;
+    }
     let total: u64 = tokens.values().sum();
     out.push_str("# HELP deltazip_tokens_total Tokens generated by the base's engine (one per sequence per step), by requested model.\n");
     out.push_str("# TYPE deltazip_tokens_total counter\n");

@@ -8,7 +8,7 @@
 //! [[delta]]
 //! name = "llama-7b-sql"        # the name clients send as `model`
 //! path = "deltas/sql.dz"
-//! mode = "multi-tenant"        # or "merge"
+//! mode = "multi-tenant"        # or "merge", or "swap" (the full-model baseline)
 //! ```
 //!
 //! `examples/serve.toml` is a commented example with every key. Relative paths are relative to the config
@@ -92,6 +92,10 @@ pub enum Mode {
     /// base + delta materialised into plain weights at start-up: one model of its own, no run-time
     /// overhead, every host feature works.
     Merge,
+    /// The baseline without deltas: the fine-tune's full merged weights (decoded once from the delta on
+    /// the CPU), at most `runtime.swap_gpu_models` such models on the GPU at once, the rest in CPU
+    /// memory and copied in whole on demand ([`crate::swap`]). Batched with the base's engine.
+    Swap,
 }
 
 impl fmt::Display for Mode {
@@ -99,6 +103,7 @@ impl fmt::Display for Mode {
         f.write_str(match self {
             Mode::MultiTenant => "multi-tenant",
             Mode::Merge => "merge",
+            Mode::Swap => "swap",
         })
     }
 }
@@ -138,6 +143,14 @@ pub struct RuntimeSpec {
     /// host's NCCL path (a build with the `nccl` feature; see [`crate::tp`]). Default 1.
     #[serde(default = "default_tensor_parallel")]
     pub tensor_parallel: usize,
+    /// Swap mode: how many swap models' full weights may be on the GPU at once (the swap tier's GPU
+    /// budget is this many times one model's bytes). Default 2.
+    #[serde(default = "default_swap_gpu_models")]
+    pub swap_gpu_models: usize,
+}
+
+fn default_swap_gpu_models() -> usize {
+    2
 }
 
 fn default_tensor_parallel() -> usize {
@@ -152,6 +165,7 @@ impl Default for RuntimeSpec {
             cpu_cache_bytes: None,
             merged_dir: None,
             tensor_parallel: default_tensor_parallel(),
+            swap_gpu_models: default_swap_gpu_models(),
         }
     }
 }
@@ -386,6 +400,20 @@ impl Config {
                 "runtime.tensor_parallel",
                 format!("tensor_parallel = {tp} needs device = \"cuda\""),
             ));
+        }
+        if self.runtime.swap_gpu_models == 0 {
+            return Err(self.err(
+                "runtime.swap_gpu_models",
+                "must be at least 1 (swap models run only from the GPU)",
+            ));
+        }
+        if tp > 1 {
+            if let Some(i) = self.deltas.iter().position(|d| d.mode == Mode::Swap) {
+                return Err(self.err(
+                    format!("delta[{i}].mode"),
+                    format!("mode = \"swap\" is single-GPU (tensor_parallel = {tp})"),
+                ));
+            }
         }
         Ok(())
     }

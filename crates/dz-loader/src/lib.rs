@@ -7,7 +7,9 @@
 //! fingerprint and architecture are checked before anything is loaded.
 //!
 //! [`serve`] turns a checked config into a host [`Engine`] that serves the base and each fine-tune by
-//! name. Multi-tenant mode runs through the host seams of `host/patches/` (see ARCHITECTURE.md).
+//! name. Multi-tenant mode runs through the host seams of `host/patches/` (see ARCHITECTURE.md), and so
+//! does **swap** mode ([`swap`]), the baseline the benchmarks compare against: each fine-tune as its
+//! full merged weights, a few on the GPU, the rest in CPU memory, copied in whole on demand.
 
 #![deny(missing_docs)]
 
@@ -16,6 +18,7 @@ mod error;
 pub mod host;
 pub mod merge;
 pub mod multi_tenant;
+pub mod swap;
 pub mod tp;
 
 use std::sync::Arc;
@@ -26,6 +29,7 @@ pub use config::{BaseIdentity, CheckedDelta, Config, DeltaSpec, DeviceSpec, Dtyp
 pub use error::{Error, Result};
 pub use host::{Engine, GeneratedToken, Generation};
 pub use multi_tenant::{DeltaHook, DeltaRegistry, FineTuneDeltas, HostDelta};
+pub use swap::{MergedWeights, SwapHook, SwapModel, SwapRegistry, SwapStore};
 pub use tp::TpRank;
 
 /// The candle device for a config's `runtime.device`.
@@ -51,6 +55,11 @@ pub struct Served {
     pub tied_head: bool,
     /// This process's tensor-parallel rank (rank 0 of 1 without tensor parallelism).
     pub tp: TpRank,
+    /// The swap models the base's layers serve from their own weights (empty without swap models).
+    pub swap: Arc<SwapRegistry>,
+    /// The swap models' full weights in CPU memory, one copy per delta file (`None` without swap
+    /// models).
+    pub swap_store: Option<Arc<SwapStore>>,
 }
 
 /// Loads what `config` describes into one host engine: the base under [`Config::base_name`] and each
@@ -65,7 +74,8 @@ pub fn serve(config: &Config, deltas: &[CheckedDelta]) -> Result<Served> {
 /// [`serve`], with `preload = false`: multi-tenant deltas are registered as names (aliases of the base)
 /// but not uploaded; whoever manages residency (dz-scheduler-ext) puts them in [`Served::registry`]
 /// when they are needed. Requests for a name that is not resident run as the base, so such a server
-/// needs the admission hook (`mistralrs_core::set_admission_hook`) to hold them until it is.
+/// needs the admission hook (`mistralrs_core::set_admission_hook`) to hold them until it is. Likewise
+/// swap models: decoded into [`Served::swap_store`], put in [`Served::swap`] by the residency manager.
 ///
 /// With `runtime.tensor_parallel = N > 1` (an `nccl` build; [`tp`]) this is called in every rank's
 /// process: each rank uploads its slice of every delta, so `preload` must be true. In the host's worker
@@ -90,9 +100,23 @@ pub fn serve_with(config: &Config, deltas: &[CheckedDelta], preload: bool) -> Re
         .iter()
         .filter(|d| d.spec.mode == Mode::MultiTenant)
         .collect();
+    let swapped: Vec<&CheckedDelta> = deltas
+        .iter()
+        .filter(|d| d.spec.mode == Mode::Swap)
+        .collect();
+    let swap = Arc::new(SwapRegistry::new());
+    let mut swap_store = None;
     let base_name = config.base_name();
-    if !multi.is_empty() {
-        let hook: Arc<dyn mistralrs_quant::LinearHook> = Arc::new(DeltaHook(registry.clone()));
+    if !multi.is_empty() || !swapped.is_empty() {
+        let delta_hook: Arc<dyn mistralrs_quant::LinearHook> =
+            Arc::new(DeltaHook(registry.clone()));
+        // Swap models wrap the multi-tenant layers (their rows never reach them); without swap
+        // models the multi-tenant path is exactly as before.
+        let hook: Arc<dyn mistralrs_quant::LinearHook> = if swapped.is_empty() {
+            delta_hook
+        } else {
+            Arc::new(SwapHook::new(swap.clone(), delta_hook))
+        };
         let p = mistralrs_quant::with_linear_hook(hook, || {
             host::load_pipeline(base, base, config.base.dtype, &device)
         })?;
@@ -107,8 +131,34 @@ pub fn serve_with(config: &Config, deltas: &[CheckedDelta], preload: bool) -> Re
                 registry.insert(Arc::new(ft));
             }
         }
+        if !swapped.is_empty() {
+            let dtype = swap.dtype().ok_or_else(|| {
+                Error::Host(
+                    "the base loaded without a linear layer: no dtype for swap models".into(),
+                )
+            })?;
+            let store = Arc::new(SwapStore::new(base.clone(), dtype));
+            for d in &swapped {
+                store.get(d)?;
+            }
+            if preload {
+                let k = config.runtime.swap_gpu_models;
+                if swapped.len() > k {
+                    return Err(Error::Host(format!(
+                        "{} swap models, and without a residency manager every one is put on the \
+                         device: runtime.swap_gpu_models = {k} allows {k}",
+                        swapped.len()
+                    )));
+                }
+                for d in &swapped {
+                    let w = store.get(d)?;
+                    swap.insert(Arc::new(SwapModel::upload(&d.spec.name, &w, &device)?));
+                }
+            }
+            swap_store = Some(store);
+        }
         engine.add(&base_name, p)?;
-        for d in &multi {
+        for d in multi.iter().chain(&swapped) {
             engine.add_alias(&d.spec.name, &base_name)?;
         }
     } else if config.base.serve {
@@ -126,5 +176,7 @@ pub fn serve_with(config: &Config, deltas: &[CheckedDelta], preload: bool) -> Re
         device,
         tied_head,
         tp,
+        swap,
+        swap_store,
     })
 }

@@ -102,54 +102,58 @@ impl Metrics {
     /// `tier="gpu"|"cpu"` label for the per-tier ones and a `delta="name"` label for the per-delta
     /// ones.
     pub fn to_prometheus(&self) -> String {
+        self.to_prometheus_named("delta")
+    }
+
+    /// [`Metrics::to_prometheus`] with the series named `deltazip_<subject>_*` (a second residency in
+    /// one process, such as the swap baseline's full models, next to the deltas').
+    pub fn to_prometheus_named(&self, subject: &str) -> String {
         let mut out = String::new();
         let tiers = [("gpu", &self.gpu), ("cpu", &self.cpu)];
         type Field = fn(&TierMetrics) -> String;
         let series: [(&str, &str, &str, Field); 7] = [
             (
-                "deltazip_delta_hits_total",
+                "hits_total",
                 "counter",
                 "Delta lookups answered by the tier.",
                 |t| t.hits.to_string(),
             ),
             (
-                "deltazip_delta_misses_total",
+                "misses_total",
                 "counter",
                 "Delta lookups the tier could not answer.",
                 |t| t.misses.to_string(),
             ),
             (
-                "deltazip_delta_loads_total",
+                "loads_total",
                 "counter",
                 "Completed delta loads into the tier.",
                 |t| t.loads.to_string(),
             ),
             (
-                "deltazip_delta_load_seconds_total",
+                "load_seconds_total",
                 "counter",
                 "Seconds spent loading deltas into the tier.",
                 |t| format!("{:.6}", t.load_seconds),
             ),
             (
-                "deltazip_delta_evictions_total",
+                "evictions_total",
                 "counter",
                 "Deltas evicted from the tier to make room.",
                 |t| t.evictions.to_string(),
             ),
             (
-                "deltazip_delta_bytes_used",
+                "bytes_used",
                 "gauge",
                 "Bytes of deltas in the tier (GPU: including uploads in flight).",
                 |t| t.bytes_used.to_string(),
             ),
-            (
-                "deltazip_delta_bytes_budget",
-                "gauge",
-                "Byte budget of the tier.",
-                |t| t.bytes_budget.to_string(),
-            ),
+            ("bytes_budget", "gauge", "Byte budget of the tier.", |t| {
+                t.bytes_budget.to_string()
+            }),
         ];
-        for (name, kind, help, value) in series {
+        for (suffix, kind, help, value) in series {
+            let name = &format!("deltazip_{subject}_{suffix}");
             header(&mut out, name, kind, help);
             for (tier, t) in tiers {
                 let _ = writeln!(out, "{name}{{tier=\"{tier}\"}} {}", value(t));
@@ -157,36 +161,36 @@ impl Metrics {
         }
         header(
             &mut out,
-            "deltazip_delta_load_failures_total",
+            &format!("deltazip_{subject}_load_failures_total"),
             "counter",
             "Delta loads that failed.",
         );
         let _ = writeln!(
             out,
-            "deltazip_delta_load_failures_total {}",
+            "deltazip_{subject}_load_failures_total {}",
             self.load_failures
         );
         header(
             &mut out,
-            "deltazip_delta_loads_in_flight",
+            &format!("deltazip_{subject}_loads_in_flight"),
             "gauge",
             "Delta loads in flight.",
         );
         let _ = writeln!(
             out,
-            "deltazip_delta_loads_in_flight {}",
+            "deltazip_{subject}_loads_in_flight {}",
             self.loads_in_flight
         );
         header(
             &mut out,
-            "deltazip_delta_state",
+            &format!("deltazip_{subject}_state"),
             "gauge",
             "1 for each delta's current state (ready, loading, queued, idle, failed, draining).",
         );
         for d in &self.deltas {
             let _ = writeln!(
                 out,
-                "deltazip_delta_state{{delta={},state=\"{}\"}} 1",
+                "deltazip_{subject}_state{{delta={},state=\"{}\"}} 1",
                 label(&d.name),
                 if d.registered {
                     state_label(&d.state)
@@ -197,21 +201,21 @@ impl Metrics {
         }
         header(
             &mut out,
-            "deltazip_delta_pinned",
+            &format!("deltazip_{subject}_pinned"),
             "gauge",
             "1 when running sequences use the delta.",
         );
         for d in &self.deltas {
             let _ = writeln!(
                 out,
-                "deltazip_delta_pinned{{delta={}}} {}",
+                "deltazip_{subject}_pinned{{delta={}}} {}",
                 label(&d.name),
                 u8::from(d.pinned)
             );
         }
         header(
             &mut out,
-            "deltazip_delta_resident_bytes",
+            &format!("deltazip_{subject}_resident_bytes"),
             "gauge",
             "Bytes of each delta per tier.",
         );
@@ -219,7 +223,7 @@ impl Metrics {
             for (tier, bytes) in [("gpu", d.gpu_bytes), ("cpu", d.cpu_bytes)] {
                 let _ = writeln!(
                     out,
-                    "deltazip_delta_resident_bytes{{delta={},tier=\"{tier}\"}} {bytes}",
+                    "deltazip_{subject}_resident_bytes{{delta={},tier=\"{tier}\"}} {bytes}",
                     label(&d.name)
                 );
             }
@@ -231,29 +235,31 @@ impl Metrics {
 impl AdmissionStats {
     /// The counters as Prometheus text (`deltazip_scheduler_*`).
     pub fn to_prometheus(&self) -> String {
+        self.to_prometheus_named("scheduler")
+    }
+
+    /// [`AdmissionStats::to_prometheus`] with the series named `deltazip_<subject>_*`.
+    pub fn to_prometheus_named(&self, subject: &str) -> String {
         let mut out = String::new();
-        for (name, help, v) in [
+        for (suffix, help, v) in [
+            ("steps_total", "Scheduling steps.", self.steps),
             (
-                "deltazip_scheduler_steps_total",
-                "Scheduling steps.",
-                self.steps,
-            ),
-            (
-                "deltazip_scheduler_admitted_total",
+                "admitted_total",
                 "Waiting sequences admitted.",
                 self.admitted,
             ),
             (
-                "deltazip_scheduler_refused_total",
+                "refused_total",
                 "Waiting sequences refused (their delta failed or was unregistered).",
                 self.refused,
             ),
             (
-                "deltazip_scheduler_deferred_total",
+                "deferred_total",
                 "Waiting sequences left waiting, summed over steps.",
                 self.deferred,
             ),
         ] {
+            let name = &format!("deltazip_{subject}_{suffix}");
             header(&mut out, name, "counter", help);
             let _ = writeln!(out, "{name} {v}");
         }

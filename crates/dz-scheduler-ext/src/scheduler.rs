@@ -57,6 +57,18 @@ impl SchedulerMetrics {
         out.push_str(&self.admission.to_prometheus());
         out
     }
+
+    /// [`SchedulerMetrics::to_prometheus`] with the series named `deltazip_<subject>_*` and
+    /// `deltazip_<subject>_scheduler_*` (a second scheduler in one process).
+    pub fn to_prometheus_named(&self, subject: &str) -> String {
+        let mut out = self.residency.to_prometheus_named(subject);
+        out.push_str(
+            &self
+                .admission
+                .to_prometheus_named(&format!("{subject}_scheduler")),
+        );
+        out
+    }
 }
 
 /// Delta residency and admission across fine-tunes, for the host engine's scheduling step.
@@ -162,6 +174,12 @@ impl<B: Backend> Scheduler<B> {
     /// [`Scheduler::metrics`] as Prometheus text.
     pub fn to_prometheus(&self) -> String {
         self.metrics().to_prometheus()
+    }
+
+    /// [`Scheduler::metrics`] as Prometheus text under `deltazip_<subject>_*` names
+    /// ([`SchedulerMetrics::to_prometheus_named`]).
+    pub fn to_prometheus_named(&self, subject: &str) -> String {
+        self.metrics().to_prometheus_named(subject)
     }
 }
 

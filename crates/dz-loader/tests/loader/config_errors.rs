@@ -147,3 +147,68 @@ fn delta_for_another_architecture() {
         "{e}"
     );
 }
+
+fn one_swap(base: &Path, delta: &Path, runtime: &str) -> String {
+    format!(
+        "[base]\npath = {}\n[[delta]]\nname = \"a\"\npath = {}\nmode = \"swap\"\n[runtime]\n{runtime}",
+        q(base),
+        q(delta)
+    )
+}
+
+#[test]
+fn swap_gpu_models_zero() {
+    let f = common::llama();
+    let (e, file) = load_err(&one_swap(
+        &f.family.base,
+        &f.deltas8[0],
+        "swap_gpu_models = 0\n",
+    ));
+    assert!(
+        e.starts_with(&format!(
+            "{file}: runtime.swap_gpu_models: must be at least 1"
+        )),
+        "{e}"
+    );
+    // The default is accepted.
+    let (_dir, ok) = write_config(&one_swap(&f.family.base, &f.deltas8[0], ""));
+    let (config, deltas) = Config::load(&ok).unwrap();
+    assert_eq!(config.runtime.swap_gpu_models, 2);
+    assert_eq!(deltas[0].spec.mode, dz_loader::Mode::Swap);
+}
+
+#[test]
+fn swap_delta_for_another_base() {
+    // Swap mode decodes full weights from the delta, so it gets the same checks as the other modes.
+    let f = common::llama();
+    let other_root = tempfile::tempdir().unwrap();
+    let spec = TinySpec {
+        seed: 0xbad,
+        ..TinySpec::llama()
+    };
+    let other = fixtures::write_family(other_root.path(), &spec, 1).unwrap();
+    let delta = other_root.path().join("other.dz");
+    compress8(&other.base, &other.finetunes[0], &delta, "other");
+    let (e, file) = load_err(&one_swap(&f.family.base, &delta, ""));
+    assert!(e.starts_with(&format!("{file}: delta[0].path: ")), "{e}");
+    assert!(e.contains("the delta was made for another base"), "{e}");
+    let q2 = common::qwen2();
+    let (e, _) = load_err(&one_swap(&f.family.base, &q2.deltas8[0], ""));
+    assert!(e.contains("another architecture than the base"), "{e}");
+}
+
+#[test]
+fn swap_is_single_gpu() {
+    let f = common::llama();
+    let (e, file) = load_err(&one_swap(
+        &f.family.base,
+        &f.deltas8[0],
+        "device = \"cuda\"\ntensor_parallel = 2\n",
+    ));
+    assert!(
+        e.starts_with(&format!(
+            "{file}: delta[0].mode: mode = \"swap\" is single-GPU"
+        )),
+        "{e}"
+    );
+}

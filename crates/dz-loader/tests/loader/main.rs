@@ -6,4 +6,5 @@ mod engine_multi_tenant;
 mod merge_mode;
 mod multi_tenant;
 mod seams;
+mod swap_mode;
 mod tensor_parallel;
