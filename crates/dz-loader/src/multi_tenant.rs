@@ -147,6 +147,12 @@ impl HostDelta {
         tp: TpRank,
     ) -> Result<FineTuneDeltas> {
         let host = |e: &dyn fmt::Display| Error::Host(format!("{}: {e}", self.name));
+        if tp.rank >= tp.world.max(1) {
+            return Err(Error::Host(format!(
+                "{}: rank {} of {} tensor-parallel ranks",
+                self.name, tp.rank, tp.world
+            )));
+        }
         let mut out = FineTuneDeltas {
             name: self.name.clone(),
             linear: HashMap::new(),
