@@ -7,6 +7,9 @@
 #
 #   bash bench/gpu/serving.sh STEP...   STEP: gen | base | dz:CODEC:N (e.g. dz:4b24:32) | swap:N (e.g. swap:32)
 #
+# A dz or swap step may end in @POPULARITY (`deltazip bench serve --popularity`: uniform, zipf:S, hot:F),
+# e.g. dz:4b24:32@zipf:1.0; default uniform. KV cache: paged, KV_BYTES (default 16GiB) per engine.
+#
 # swap:N decodes SWAP_DISTINCT of the 4b24 files to full bf16 weights in CPU memory at start-up (about
 # 13.5 GB each for 7B: keep SWAP_DISTINCT * 13.5 GB well under the machine's RAM) and cycles the N names
 # over them; SWAP_K of them on the GPU at once.
@@ -23,6 +26,8 @@ REQS=${REQS:-96}
 GPU_DELTAS=${GPU_DELTAS:-90GiB}
 SWAP_DISTINCT=${SWAP_DISTINCT:-4}
 SWAP_K=${SWAP_K:-4}
+KV_BYTES=${KV_BYTES:-16GiB}
+KV_CACHE=${KV_CACHE:-auto}
 mkdir -p "$W" "$OUT"
 export NCCL_NVLS_ENABLE=0
 nccl=$(python3 -c 'import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], "lib"))' 2>/dev/null)
@@ -37,7 +42,8 @@ config() { # config FILE CODEC N
         done
         echo "[runtime]"; echo 'device = "cuda"'
         echo "gpu_delta_bytes = \"$GPU_DELTAS\""; echo 'cpu_cache_bytes = "48GiB"'
-        echo "[scheduler]"; echo "max_seqs = 32"; echo "max_deltas_per_step = 8"
+        echo "kv_cache = \"$KV_CACHE\""; echo "kv_cache_bytes = \"$KV_BYTES\""
+        echo "[scheduler]"; echo "max_seqs = ${MAX_SEQS:-32}"; echo "max_deltas_per_step = ${MAX_DELTAS:-8}"
     } > "$1"
 }
 
@@ -49,7 +55,8 @@ swap_config() { # swap_config FILE N
                 "$i" "$W" $((i % SWAP_DISTINCT))
         done
         echo "[runtime]"; echo 'device = "cuda"'; echo "swap_gpu_models = $SWAP_K"
-        echo "[scheduler]"; echo "max_seqs = 32"; echo "max_deltas_per_step = 8"
+        echo "kv_cache = \"$KV_CACHE\""; echo "kv_cache_bytes = \"$KV_BYTES\""
+        echo "[scheduler]"; echo "max_seqs = ${MAX_SEQS:-32}"; echo "max_deltas_per_step = ${MAX_DELTAS:-8}"
     } > "$1"
 }
 
@@ -69,12 +76,30 @@ serve() { # serve TAG CONFIG PORT
 
 stop() { kill "$(cat "$W/serve.pid")" 2> /dev/null; sleep 2; pkill -f "deltazip serve" 2> /dev/null; sleep 1; }
 
-bench() { # bench TAG SYSTEM PORT MODELS
+bench() { # bench TAG SYSTEM PORT MODELS [POPULARITY]
     "$DZ" bench serve --url "http://127.0.0.1:$3" --models "$4" --api completions --rates "$RATES" \
-        --requests "$REQS" --popularity uniform --corpus "$CORPUS" --prompt-words 32..160 \
+        --requests "$REQS" --popularity "${5:-uniform}" --corpus "$CORPUS" --prompt-words 32..160 \
         --max-tokens 32..96 --seed 1 --system "$2" --out "$OUT/serving" --append --quiet 2>&1 | tail -6
     nvidia-smi --query-gpu=memory.used --format=csv,noheader | sed "s/^/  $1 gpu memory used: /"
-    curl -s "http://127.0.0.1:$3/metrics" | grep -E "^deltazip_((delta|swap)_(loads_total|hits_total|misses_total|evictions_total|load_seconds_total)|swap_copied_bytes_total|gpu_delta_bytes|tokens_per_second)" | head -24
+    curl -s "http://127.0.0.1:$3/metrics" > "$OUT/metrics-$1.txt"
+    grep -E "^deltazip_((delta|swap)_(loads_total|hits_total|misses_total|evictions_total|load_seconds_total)|swap_copied_bytes_total|gpu_delta_bytes|tokens_per_second)" "$OUT/metrics-$1.txt" | head -24
+    # One line per server run: GPU memory in use after the run, and the server's tier counters.
+    python3 - "$1" "$2" "$(echo "$4" | tr ',' '\n' | wc -l)" "${5:-uniform}" \
+        "$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | head -1)" \
+        "$OUT/metrics-$1.txt" >> "$OUT/runs.jsonl" << 'PY'
+import json, sys
+tag, system, n, pop, mem, metrics = sys.argv[1:]
+counters = {}
+for line in open(metrics):
+    if line.startswith("deltazip_") and " " in line:
+        k, v = line.rsplit(" ", 1)
+        try:
+            counters[k] = float(v)
+        except ValueError:
+            pass
+print(json.dumps({"tag": tag, "system": system, "n_models": int(n), "popularity": pop,
+                  "gpu_memory_used_mib": int(mem), "metrics": counters}))
+PY
 }
 
 probe() { # probe PORT: one plain and one streamed completion; on a hang, every thread's stack
@@ -93,8 +118,11 @@ probe() { # probe PORT: one plain and one streamed completion; on a hang, every 
     done
 }
 
-for step in "$@"; do
-    echo "=== $step $(date +%T)"
+for arg in "$@"; do
+    echo "=== $arg $(date +%T)"
+    step=${arg%%@*}
+    pop=uniform
+    [[ $arg == *@* ]] && pop=${arg#*@}
     case $step in
         gen)
             nvidia-smi -L
@@ -105,22 +133,22 @@ for step in "$@"; do
             done
             df -h "$W" | tail -1 ;;
         probe)
-            config "$W/base.toml" 4b24 1
+            config "$W/base.toml" 4b24 0
             RUST_LOG=${RUST_LOG:-info} serve probe "$W/base.toml" 8200 && probe 8200; rc=$?; stop
             [[ $rc == 0 ]] || exit 1 ;;
         base)
-            config "$W/base.toml" 4b24 1
+            config "$W/base.toml" 4b24 0
             serve base "$W/base.toml" 8201 && bench base base 8201 base; stop ;;
         dz:*)
             IFS=: read -r _ codec n <<< "$step"
             config "$W/$codec-$n.toml" "$codec" "$n"
             models=$(seq -f 'ft-%02g' 0 $((n - 1)) | paste -sd,)
-            serve "$codec-$n" "$W/$codec-$n.toml" 8202 && bench "$codec-$n" "dz-$codec" 8202 "$models"; stop ;;
+            serve "$codec-$n" "$W/$codec-$n.toml" 8202 && bench "$codec-$n" "dz-$codec" 8202 "$models" "$pop"; stop ;;
         swap:*)
             n=${step#swap:}
             swap_config "$W/swap-$n.toml" "$n"
             models=$(seq -f 'ft-%02g' 0 $((n - 1)) | paste -sd,)
-            serve "swap-$n" "$W/swap-$n.toml" 8203 && bench "swap-$n" swap 8203 "$models"; stop ;;
+            serve "swap-$n" "$W/swap-$n.toml" 8203 && bench "swap-$n" swap 8203 "$models" "$pop"; stop ;;
     esac
 done
 echo "=== done $(date +%T)"

@@ -147,6 +147,47 @@ pub struct RuntimeSpec {
     /// budget is this many times one model's bytes). Default 2.
     #[serde(default = "default_swap_gpu_models")]
     pub swap_gpu_models: usize,
+    /// How the KV cache is kept: `paged` (the host's PagedAttention: fixed blocks in one pool of
+    /// `kv_cache_bytes`; a decode step batches every running sequence whatever its length) or
+    /// `contiguous` (one growing cache per sequence; the host then batches only sequences of equal
+    /// length). Default `auto`: paged on a CUDA device in a CUDA build, contiguous otherwise (the host
+    /// has no PagedAttention on the CPU).
+    #[serde(default)]
+    pub kv_cache: KvCacheSpec,
+    /// GPU memory for the paged KV cache of each model engine, as bytes or a string such as
+    /// `"16GiB"` (default [`DEFAULT_KV_CACHE_BYTES`]). Allocated when the model loads, before any
+    /// delta, so it is not shared with `gpu_delta_bytes`.
+    #[serde(default, deserialize_with = "de_opt_bytes")]
+    pub kv_cache_bytes: Option<u64>,
+}
+
+/// The paged KV cache's size when `runtime.kv_cache_bytes` is not given: 8 GiB (a 7B Llama in f16
+/// keeps 512 KiB per token: 16 384 tokens).
+pub const DEFAULT_KV_CACHE_BYTES: u64 = 8 << 30;
+
+/// `runtime.kv_cache`: see [`RuntimeSpec::kv_cache`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KvCacheSpec {
+    /// Paged on CUDA (in a CUDA build), contiguous elsewhere.
+    #[default]
+    Auto,
+    /// The host's PagedAttention (CUDA only).
+    Paged,
+    /// One contiguous cache per sequence.
+    Contiguous,
+}
+
+impl RuntimeSpec {
+    /// Whether models load with the paged KV cache (`kv_cache` resolved for this device and build).
+    pub fn paged_kv_cache(&self) -> bool {
+        let cuda = matches!(self.device, DeviceSpec::Cuda(_)) && cfg!(feature = "cuda");
+        match self.kv_cache {
+            KvCacheSpec::Auto => cuda,
+            KvCacheSpec::Paged => true,
+            KvCacheSpec::Contiguous => false,
+        }
+    }
 }
 
 fn default_swap_gpu_models() -> usize {
@@ -166,6 +207,8 @@ impl Default for RuntimeSpec {
             merged_dir: None,
             tensor_parallel: default_tensor_parallel(),
             swap_gpu_models: default_swap_gpu_models(),
+            kv_cache: KvCacheSpec::Auto,
+            kv_cache_bytes: None,
         }
     }
 }
@@ -337,6 +380,18 @@ impl Config {
         })
     }
 
+    /// How models load their KV cache ([`RuntimeSpec::paged_kv_cache`], sized by
+    /// `runtime.kv_cache_bytes`).
+    pub fn kv_cache(&self) -> crate::host::KvCache {
+        if self.runtime.paged_kv_cache() {
+            crate::host::KvCache::Paged {
+                bytes: self.runtime.kv_cache_bytes.unwrap_or(DEFAULT_KV_CACHE_BYTES),
+            }
+        } else {
+            crate::host::KvCache::Contiguous
+        }
+    }
+
     /// Where merge mode writes merged fine-tunes.
     pub fn merged_dir(&self) -> PathBuf {
         self.runtime.merged_dir.clone().unwrap_or_else(|| {
@@ -406,6 +461,23 @@ impl Config {
                 "runtime.swap_gpu_models",
                 "must be at least 1 (swap models run only from the GPU)",
             ));
+        }
+        if self.runtime.kv_cache == KvCacheSpec::Paged {
+            if self.runtime.device == DeviceSpec::Cpu {
+                return Err(self.err(
+                    "runtime.kv_cache",
+                    "\"paged\" needs device = \"cuda\" (the host has no PagedAttention on the CPU)",
+                ));
+            }
+            if !cfg!(feature = "cuda") {
+                return Err(self.err(
+                    "runtime.kv_cache",
+                    "\"paged\" needs a CUDA build (cargo build --features cuda)",
+                ));
+            }
+        }
+        if self.runtime.kv_cache_bytes == Some(0) {
+            return Err(self.err("runtime.kv_cache_bytes", "must be more than 0"));
         }
         if tp > 1 {
             if let Some(i) = self.deltas.iter().position(|d| d.mode == Mode::Swap) {

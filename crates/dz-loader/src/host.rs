@@ -9,9 +9,9 @@ use std::sync::Arc;
 use candle_core::Device;
 use mistralrs_core::{
     AdapterPaths, AddModelConfig, Constraint, DefaultSchedulerMethod, DeviceMapSetting,
-    EngineConfig, LocalModelPaths, MistralRs, MistralRsBuilder, ModelDType, ModelPaths,
-    NormalLoaderBuilder, NormalRequest, NormalSpecificConfig, Pipeline, Request, RequestMessage,
-    Response, SamplingParams, SchedulerConfig,
+    EngineConfig, LocalModelPaths, MemoryGpuConfig, MistralRs, MistralRsBuilder, ModelDType,
+    ModelPaths, NormalLoaderBuilder, NormalRequest, NormalSpecificConfig, PagedAttentionConfig,
+    PagedCacheType, Pipeline, Request, RequestMessage, Response, SamplingParams, SchedulerConfig,
 };
 use tokio::sync::Mutex;
 
@@ -68,6 +68,34 @@ pub fn local_paths(dir: &Path, aux: &Path) -> Result<LocalModelPaths<PathBuf>> {
     })
 }
 
+/// How a loaded model keeps its KV cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvCache {
+    /// One growing cache per sequence (the host's default scheduler: it batches only sequences of
+    /// equal length).
+    Contiguous,
+    /// The host's PagedAttention: a pool of this many bytes on the model's device, allocated at load
+    /// (CUDA builds only); the engine then uses the host's PagedAttention scheduler.
+    Paged {
+        /// The pool's size.
+        bytes: u64,
+    },
+}
+
+impl KvCache {
+    fn host_config(self) -> Result<Option<PagedAttentionConfig>> {
+        match self {
+            Self::Contiguous => Ok(None),
+            Self::Paged { bytes } => {
+                let mb = usize::try_from(bytes.div_ceil(1 << 20)).unwrap_or(usize::MAX);
+                PagedAttentionConfig::new(None, MemoryGpuConfig::MbAmount(mb), PagedCacheType::Auto)
+                    .map(Some)
+                    .map_err(host)
+            }
+        }
+    }
+}
+
 /// Loads a local HF directory through the host's normal (unquantized) loader, the architecture chosen
 /// by the host from `config.json`'s `architectures` (`aux`: see [`local_paths`]).
 pub fn load_pipeline(
@@ -75,6 +103,7 @@ pub fn load_pipeline(
     aux: &Path,
     dtype: DtypeSpec,
     device: &Device,
+    kv_cache: KvCache,
 ) -> Result<SharedPipeline> {
     let model_id = dir.to_string_lossy().into_owned();
     let loader = NormalLoaderBuilder::new(
@@ -96,7 +125,7 @@ pub fn load_pipeline(
             true,
             DeviceMapSetting::dummy(),
             None,
-            None,
+            kv_cache.host_config()?,
         )
         .map_err(host)?;
     Ok(pipeline)
@@ -186,16 +215,30 @@ impl Engine {
         self.no_kv_cache = no_kv_cache;
     }
 
-    fn scheduler(&self) -> SchedulerConfig {
-        SchedulerConfig::DefaultScheduler {
-            method: DefaultSchedulerMethod::Fixed(self.max_seqs),
+    /// The host's PagedAttention scheduler for a pipeline loaded with [`KvCache::Paged`], its default
+    /// scheduler otherwise.
+    fn scheduler(&self, pipeline: &SharedPipeline) -> SchedulerConfig {
+        let cache = self
+            .runtime
+            .block_on(pipeline.lock())
+            .get_metadata()
+            .cache_config
+            .clone();
+        match cache {
+            Some(config) => SchedulerConfig::PagedAttentionMeta {
+                max_num_seqs: self.max_seqs.get(),
+                config,
+            },
+            None => SchedulerConfig::DefaultScheduler {
+                method: DefaultSchedulerMethod::Fixed(self.max_seqs),
+            },
         }
     }
 
     /// Adds a model under `name` (the name requests use). The prefix cache is off: one engine per model
     /// keeps KV per model, and generation is compared bit for bit in tests.
     pub fn add(&mut self, name: &str, pipeline: SharedPipeline) -> Result<()> {
-        let scheduler = self.scheduler();
+        let scheduler = self.scheduler(&pipeline);
         match &self.mistralrs {
             None => {
                 let builder = MistralRsBuilder::new(pipeline, scheduler, false, None)

@@ -25,9 +25,12 @@ use std::sync::Arc;
 
 use candle_core::Device;
 
-pub use config::{BaseIdentity, CheckedDelta, Config, DeltaSpec, DeviceSpec, DtypeSpec, Mode};
+pub use config::{
+    BaseIdentity, CheckedDelta, Config, DeltaSpec, DeviceSpec, DtypeSpec, KvCacheSpec, Mode,
+    DEFAULT_KV_CACHE_BYTES,
+};
 pub use error::{Error, Result};
-pub use host::{Engine, GeneratedToken, Generation};
+pub use host::{Engine, GeneratedToken, Generation, KvCache};
 pub use multi_tenant::{DeltaHook, DeltaRegistry, FineTuneDeltas, HostDelta};
 pub use swap::{MergedWeights, SwapHook, SwapModel, SwapRegistry, SwapStore};
 pub use tp::TpRank;
@@ -91,6 +94,7 @@ pub fn serve_with(config: &Config, deltas: &[CheckedDelta], preload: bool) -> Re
     }
     let mut device = device(config.runtime.device)?;
     let mut engine = Engine::new(config.scheduler.max_seqs)?;
+    let kv_cache = config.kv_cache();
     let base = &config.base.path;
     let registry = Arc::new(DeltaRegistry::new());
     let tied_head = dz_compress::hf::HfModel::open(base)?
@@ -118,7 +122,7 @@ pub fn serve_with(config: &Config, deltas: &[CheckedDelta], preload: bool) -> Re
             Arc::new(SwapHook::new(swap.clone(), delta_hook))
         };
         let p = mistralrs_quant::with_linear_hook(hook, || {
-            host::load_pipeline(base, base, config.base.dtype, &device)
+            host::load_pipeline(base, base, config.base.dtype, &device, kv_cache)
         })?;
         // The host may have made its own device for this rank (tensor parallelism): the deltas go
         // where the base's layers are.
@@ -162,12 +166,12 @@ pub fn serve_with(config: &Config, deltas: &[CheckedDelta], preload: bool) -> Re
             engine.add_alias(&d.spec.name, &base_name)?;
         }
     } else if config.base.serve {
-        let p = host::load_pipeline(base, base, config.base.dtype, &device)?;
+        let p = host::load_pipeline(base, base, config.base.dtype, &device, kv_cache)?;
         engine.add(&base_name, p)?;
     }
     for d in deltas.iter().filter(|d| d.spec.mode == Mode::Merge) {
         let dir = merge::materialise(base, &config.merged_dir(), d)?;
-        let p = host::load_pipeline(&dir, base, config.base.dtype, &device)?;
+        let p = host::load_pipeline(&dir, base, config.base.dtype, &device, kv_cache)?;
         engine.add(&d.spec.name, p)?;
     }
     Ok(Served {

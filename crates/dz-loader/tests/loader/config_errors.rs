@@ -212,3 +212,38 @@ fn swap_is_single_gpu() {
         "{e}"
     );
 }
+
+#[test]
+fn kv_cache_settings() {
+    let f = common::llama();
+    let with = |runtime: &str| {
+        format!(
+            "{}[runtime]\n{runtime}",
+            one_delta(&f.family.base, &f.deltas8[0])
+        )
+    };
+    // PagedAttention is CUDA-only in the host.
+    let (e, file) = load_err(&with("kv_cache = \"paged\"\n"));
+    assert!(
+        e.starts_with(&format!("{file}: runtime.kv_cache: \"paged\" needs device = \"cuda\"")),
+        "{e}"
+    );
+    let (e, _) = load_err(&with("kv_cache = \"big\"\n"));
+    assert!(e.contains("unknown variant `big`"), "{e}");
+    let (e, file) = load_err(&with("kv_cache_bytes = 0\n"));
+    assert!(
+        e.starts_with(&format!("{file}: runtime.kv_cache_bytes: must be more than 0")),
+        "{e}"
+    );
+    // auto on the CPU is the contiguous cache; the size parses as the other byte settings do.
+    let (_dir, ok) = write_config(&with("kv_cache_bytes = \"16GiB\"\n"));
+    let (config, _) = Config::load(&ok).unwrap();
+    assert_eq!(config.runtime.kv_cache, dz_loader::KvCacheSpec::Auto);
+    assert_eq!(config.runtime.kv_cache_bytes, Some(16 << 30));
+    assert_eq!(config.kv_cache(), dz_loader::KvCache::Contiguous);
+    let (_dir, ok) = write_config(&with("kv_cache = \"contiguous\"\n"));
+    assert_eq!(
+        Config::load(&ok).unwrap().0.kv_cache(),
+        dz_loader::KvCache::Contiguous
+    );
+}

@@ -38,7 +38,13 @@ fn serve(f: &common::Fixture, merged_dir: &std::path::Path) -> (Served, tempfile
     let (config, deltas) = Config::load(&file).unwrap();
     let mut served = dz_loader::serve(&config, &deltas).unwrap();
     let load = |d: &std::path::Path| {
-        host::load_pipeline(d, &f.family.base, DtypeSpec::F32, &Device::Cpu).unwrap()
+        host::load_pipeline(
+            d,
+            &f.family.base,
+            DtypeSpec::F32,
+            &Device::Cpu,
+            host::KvCache::Contiguous,
+        ).unwrap()
     };
     served
         .engine

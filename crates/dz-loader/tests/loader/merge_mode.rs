@@ -31,6 +31,7 @@ fn check_family(f: &common::Fixture) {
         &f.family.base,
         DtypeSpec::F32,
         &Device::Cpu,
+        host::KvCache::Contiguous,
     )
     .unwrap();
     engine.add("ft-0-direct", direct).unwrap();
