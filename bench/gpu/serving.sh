@@ -9,6 +9,7 @@
 #
 # A dz or swap step may end in @POPULARITY (`deltazip bench serve --popularity`: uniform, zipf:S, hot:F),
 # e.g. dz:4b24:32@zipf:1.0; default uniform. KV cache: paged, KV_BYTES (default 16GiB) per engine.
+# Each server is warmed up first (one request per model, not measured; WARMUP= turns it off).
 #
 # swap:N decodes SWAP_DISTINCT of the 4b24 files to full bf16 weights in CPU memory at start-up (about
 # 13.5 GB each for 7B: keep SWAP_DISTINCT * 13.5 GB well under the machine's RAM) and cycles the N names
@@ -27,6 +28,8 @@ GPU_DELTAS=${GPU_DELTAS:-90GiB}
 SWAP_DISTINCT=${SWAP_DISTINCT:-4}
 SWAP_K=${SWAP_K:-4}
 KV_BYTES=${KV_BYTES:-16GiB}
+MAX_DELTAS=${MAX_DELTAS:-32}  # [scheduler] max_deltas_per_step: uniform over 32 fine-tunes needs 32 to fill a batch
+WARMUP=${WARMUP-1}            # non-empty: `bench serve --warmup` (one request per model first: measure a warm server)
 KV_CACHE=${KV_CACHE:-auto}
 mkdir -p "$W" "$OUT"
 export NCCL_NVLS_ENABLE=0
@@ -43,7 +46,7 @@ config() { # config FILE CODEC N
         echo "[runtime]"; echo 'device = "cuda"'
         echo "gpu_delta_bytes = \"$GPU_DELTAS\""; echo 'cpu_cache_bytes = "48GiB"'
         echo "kv_cache = \"$KV_CACHE\""; echo "kv_cache_bytes = \"$KV_BYTES\""
-        echo "[scheduler]"; echo "max_seqs = ${MAX_SEQS:-32}"; echo "max_deltas_per_step = ${MAX_DELTAS:-8}"
+        echo "[scheduler]"; echo "max_seqs = ${MAX_SEQS:-32}"; echo "max_deltas_per_step = $MAX_DELTAS"
     } > "$1"
 }
 
@@ -56,7 +59,7 @@ swap_config() { # swap_config FILE N
         done
         echo "[runtime]"; echo 'device = "cuda"'; echo "swap_gpu_models = $SWAP_K"
         echo "kv_cache = \"$KV_CACHE\""; echo "kv_cache_bytes = \"$KV_BYTES\""
-        echo "[scheduler]"; echo "max_seqs = ${MAX_SEQS:-32}"; echo "max_deltas_per_step = ${MAX_DELTAS:-8}"
+        echo "[scheduler]"; echo "max_seqs = ${MAX_SEQS:-32}"; echo "max_deltas_per_step = $MAX_DELTAS"
     } > "$1"
 }
 
@@ -79,7 +82,8 @@ stop() { kill "$(cat "$W/serve.pid")" 2> /dev/null; sleep 2; pkill -f "deltazip 
 bench() { # bench TAG SYSTEM PORT MODELS [POPULARITY]
     "$DZ" bench serve --url "http://127.0.0.1:$3" --models "$4" --api completions --rates "$RATES" \
         --requests "$REQS" --popularity "${5:-uniform}" --corpus "$CORPUS" --prompt-words 32..160 \
-        --max-tokens 32..96 --seed 1 --system "$2" --out "$OUT/serving" --append --quiet 2>&1 | tail -6
+        --max-tokens 32..96 --seed 1 --system "$2" --out "$OUT/serving" --append --quiet \
+        ${WARMUP:+--warmup} 2>&1 | tail -6
     nvidia-smi --query-gpu=memory.used --format=csv,noheader | sed "s/^/  $1 gpu memory used: /"
     curl -s "http://127.0.0.1:$3/metrics" > "$OUT/metrics-$1.txt"
     grep -E "^deltazip_((delta|swap)_(loads_total|hits_total|misses_total|evictions_total|load_seconds_total)|swap_copied_bytes_total|gpu_delta_bytes|tokens_per_second)" "$OUT/metrics-$1.txt" | head -24
@@ -148,7 +152,10 @@ for arg in "$@"; do
             n=${step#swap:}
             swap_config "$W/swap-$n.toml" "$n"
             models=$(seq -f 'ft-%02g' 0 $((n - 1)) | paste -sd,)
-            serve "swap-$n" "$W/swap-$n.toml" 8203 && bench "swap-$n" swap 8203 "$models" "$pop"; stop ;;
+            # No warm-up: K of N models fit; warming all would only cycle them.
+            serve "swap-$n" "$W/swap-$n.toml" 8203 && WARMUP= bench "swap-$n" swap 8203 "$models" "$pop"; stop ;;
     esac
 done
 echo "=== done $(date +%T)"
+# The device tool brings back at most 8 files: PACK=FILE.tgz packs $OUT into one.
+[[ -n ${PACK:-} ]] && tar czf "$PACK" -C "$(dirname "$OUT")" "$(basename "$OUT")"

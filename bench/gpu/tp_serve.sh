@@ -31,6 +31,7 @@ config() { # config FILE TP GPU_DELTA_BYTES
         done
         echo "[runtime]"; echo 'device = "cuda"'; echo "tensor_parallel = $2"
         echo "gpu_delta_bytes = \"$3\""; echo 'cpu_cache_bytes = "200GiB"'
+        echo "kv_cache = \"${KV_CACHE:-auto}\""
         echo "[scheduler]"; echo "max_seqs = 32"; echo "max_deltas_per_step = 8"
     } > "$1"
 }
@@ -79,7 +80,9 @@ models() { seq -f 'ft-%02g' 0 $((N - 1)) | paste -sd,; }
 
 phase_run() { # phase_run tp1|tp2 PORT
     serve "$1" "$W/$1.toml" "$2" || { stop "$1"; return 1; }
-    python3 "$here/tp_check.py" collect "http://127.0.0.1:$2" "$OUT/check-$1.json" base,ft-00,ft-09,ft-31
+    # The base and the first, a middle and the last fine-tune (names exist for any N).
+    python3 "$here/tp_check.py" collect "http://127.0.0.1:$2" "$OUT/check-$1.json" \
+        "base,ft-00,$(printf 'ft-%02d,ft-%02d' $((N / 2)) $((N - 1)))"
     "$DZ" bench serve --url "http://127.0.0.1:$2" --models "$(models)" --api completions \
         --rates "$RATES" --requests "$REQS" --popularity uniform --corpus "$CORPUS" \
         --prompt-words 32..128 --max-tokens 32..64 --seed 1 --system "13b-$CODEC-$1" \

@@ -420,6 +420,7 @@ pub fn start(args: &ServeArgs) -> Result<Running> {
             .runtime
             .cpu_cache_bytes
             .unwrap_or(SchedulerOptions::default().cpu_bytes),
+        load_threads: config.runtime.load_threads,
         ..SchedulerOptions::default()
     };
     let gpu_budget = options.gpu_bytes;
@@ -458,6 +459,7 @@ pub fn start(args: &ServeArgs) -> Result<Running> {
                 max_deltas_per_step: k,
                 gpu_bytes: model_bytes.saturating_mul(k as u64),
                 cpu_bytes: u64::MAX,
+                load_threads: config.runtime.load_threads,
                 ..SchedulerOptions::default()
             };
             eprintln!(

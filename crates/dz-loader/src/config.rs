@@ -159,6 +159,14 @@ pub struct RuntimeSpec {
     /// delta, so it is not shared with `gpu_delta_bytes`.
     #[serde(default, deserialize_with = "de_opt_bytes")]
     pub kv_cache_bytes: Option<u64>,
+    /// Background threads that move deltas disk -> CPU -> GPU (several loads in flight: reading and
+    /// checking one delta overlaps copying another). At least 1; default 4.
+    #[serde(default = "default_load_threads")]
+    pub load_threads: usize,
+}
+
+fn default_load_threads() -> usize {
+    4
 }
 
 /// The paged KV cache's size when `runtime.kv_cache_bytes` is not given: 8 GiB (a 7B Llama in f16
@@ -209,6 +217,7 @@ impl Default for RuntimeSpec {
             swap_gpu_models: default_swap_gpu_models(),
             kv_cache: KvCacheSpec::Auto,
             kv_cache_bytes: None,
+            load_threads: default_load_threads(),
         }
     }
 }
@@ -475,6 +484,9 @@ impl Config {
                     "\"paged\" needs a CUDA build (cargo build --features cuda)",
                 ));
             }
+        }
+        if self.runtime.load_threads == 0 {
+            return Err(self.err("runtime.load_threads", "must be at least 1"));
         }
         if self.runtime.kv_cache_bytes == Some(0) {
             return Err(self.err("runtime.kv_cache_bytes", "must be more than 0"));

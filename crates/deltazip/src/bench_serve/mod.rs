@@ -117,6 +117,11 @@ pub struct BenchServeArgs {
     /// The name of the system measured, written in every result row (e.g. dz-4b24, swap, base).
     #[arg(long, default_value = "server")]
     pub system: String,
+    /// Before the first rate, send one short request (a few prompt words, 2 tokens) to every model at
+    /// once and wait for all of them: the server loads what it loads on first use (a fine-tune's
+    /// delta), so the rates measure a warm server. Not counted; its time is printed and recorded.
+    #[arg(long)]
+    pub warmup: bool,
     /// Write `STEM.md` (tables and settings) and `STEM.json` (one row per rate).
     #[arg(long, value_name = "STEM")]
     pub out: Option<PathBuf>,
@@ -232,6 +237,20 @@ pub async fn measure(args: &BenchServeArgs) -> Result<Vec<serde_json::Value>> {
         "date": crate::bench::sh("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"]).unwrap_or_default(),
     });
 
+    let mut run_info = run_info;
+    if args.warmup {
+        let (secs, failed) = warm_up(&target, &models, &corpus).await;
+        if !args.quiet {
+            eprintln!(
+                "warm-up: {} models in {secs:.1} s{}",
+                models.len(),
+                if failed > 0 { format!(", {failed} failed") } else { String::new() }
+            );
+        }
+        run_info["warmup_s"] = secs.into();
+        run_info["warmup_failed"] = failed.into();
+    }
+
     let mut rows = Vec::new();
     for (ri, &rate) in args.rates.iter().enumerate() {
         let plan = workload::plan(&mix, rate, length, ri)?;
@@ -282,6 +301,26 @@ pub async fn measure(args: &BenchServeArgs) -> Result<Vec<serde_json::Value>> {
         rows.push(row);
     }
     Ok(rows)
+}
+
+/// [`BenchServeArgs::warmup`]: one short request per model, all at once; the seconds until the last
+/// answer and how many failed.
+async fn warm_up(target: &Arc<Target>, models: &Arc<Vec<String>>, corpus: &Corpus) -> (f64, usize) {
+    use rand::SeedableRng;
+    let prompt = corpus.window(8, &mut rand::rngs::StdRng::seed_from_u64(0));
+    let t0 = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, m) in models.iter().enumerate() {
+        let (target, m, prompt) = (target.clone(), m.clone(), prompt.clone());
+        tasks.spawn(async move { target.send((i, &m), &prompt, 2, 0.0, t0).await });
+    }
+    let mut failed = 0;
+    while let Some(r) = tasks.join_next().await {
+        if r.map_or(true, |o| o.error.is_some()) {
+            failed += 1;
+        }
+    }
+    (t0.elapsed().as_secs_f64(), failed)
 }
 
 /// A rate as JSON: a number, or `"inf"` (JSON has no infinity).

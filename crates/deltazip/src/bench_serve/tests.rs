@@ -338,3 +338,37 @@ fn bad_options_are_refused() {
         assert!(rt.block_on(measure(&a)).is_err(), "{extra:?}");
     }
 }
+
+#[test]
+fn warmup_sends_one_uncounted_request_per_model() {
+    let rt = runtime();
+    rt.block_on(async {
+        let mock = MockServer::start(MockConfig::default()).await.unwrap();
+        let a = args(
+            &mock.url(),
+            &[
+                "--models",
+                "m0,m1,m2,m3",
+                "--rates",
+                "inf",
+                "--requests",
+                "10",
+                "--max-tokens",
+                "4",
+                "--warmup",
+            ],
+        );
+        let rows = measure(&a).await.unwrap();
+        let st = &mock.stats;
+        // 4 warm-up requests (one per model) reached the server, the row counts only its own 10.
+        assert_eq!(st.requests.load(Ordering::SeqCst), 14);
+        assert_eq!(u(&rows[0], "requests"), 10);
+        assert_eq!(u(&rows[0], "completed"), 10);
+        let per_mock = st.per_model.lock().unwrap().clone();
+        for m in ["m0", "m1", "m2", "m3"] {
+            assert!(per_mock.get(m).copied().unwrap_or(0) >= 1, "{m} warmed up");
+        }
+        assert_eq!(rows[0]["run"]["warmup_failed"], 0);
+        assert!(rows[0]["run"]["warmup_s"].as_f64().unwrap() > 0.0);
+    });
+}

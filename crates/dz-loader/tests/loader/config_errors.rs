@@ -214,7 +214,7 @@ fn swap_is_single_gpu() {
 }
 
 #[test]
-fn kv_cache_settings() {
+fn runtime_kv_cache_and_load_threads() {
     let f = common::llama();
     let with = |runtime: &str| {
         format!(
@@ -235,12 +235,18 @@ fn kv_cache_settings() {
         e.starts_with(&format!("{file}: runtime.kv_cache_bytes: must be more than 0")),
         "{e}"
     );
+    let (e, file) = load_err(&with("load_threads = 0\n"));
+    assert!(
+        e.starts_with(&format!("{file}: runtime.load_threads: must be at least 1")),
+        "{e}"
+    );
     // auto on the CPU is the contiguous cache; the size parses as the other byte settings do.
     let (_dir, ok) = write_config(&with("kv_cache_bytes = \"16GiB\"\n"));
     let (config, _) = Config::load(&ok).unwrap();
     assert_eq!(config.runtime.kv_cache, dz_loader::KvCacheSpec::Auto);
     assert_eq!(config.runtime.kv_cache_bytes, Some(16 << 30));
     assert_eq!(config.kv_cache(), dz_loader::KvCache::Contiguous);
+    assert_eq!(config.runtime.load_threads, 4);
     let (_dir, ok) = write_config(&with("kv_cache = \"contiguous\"\n"));
     assert_eq!(
         Config::load(&ok).unwrap().0.kv_cache(),
