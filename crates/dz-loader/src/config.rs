@@ -394,7 +394,10 @@ impl Config {
     pub fn kv_cache(&self) -> crate::host::KvCache {
         if self.runtime.paged_kv_cache() {
             crate::host::KvCache::Paged {
-                bytes: self.runtime.kv_cache_bytes.unwrap_or(DEFAULT_KV_CACHE_BYTES),
+                bytes: self
+                    .runtime
+                    .kv_cache_bytes
+                    .unwrap_or(DEFAULT_KV_CACHE_BYTES),
             }
         } else {
             crate::host::KvCache::Contiguous

@@ -244,7 +244,11 @@ pub async fn measure(args: &BenchServeArgs) -> Result<Vec<serde_json::Value>> {
             eprintln!(
                 "warm-up: {} models in {secs:.1} s{}",
                 models.len(),
-                if failed > 0 { format!(", {failed} failed") } else { String::new() }
+                if failed > 0 {
+                    format!(", {failed} failed")
+                } else {
+                    String::new()
+                }
             );
         }
         run_info["warmup_s"] = secs.into();

@@ -225,14 +225,18 @@ fn runtime_kv_cache_and_load_threads() {
     // PagedAttention is CUDA-only in the host.
     let (e, file) = load_err(&with("kv_cache = \"paged\"\n"));
     assert!(
-        e.starts_with(&format!("{file}: runtime.kv_cache: \"paged\" needs device = \"cuda\"")),
+        e.starts_with(&format!(
+            "{file}: runtime.kv_cache: \"paged\" needs device = \"cuda\""
+        )),
         "{e}"
     );
     let (e, _) = load_err(&with("kv_cache = \"big\"\n"));
     assert!(e.contains("unknown variant `big`"), "{e}");
     let (e, file) = load_err(&with("kv_cache_bytes = 0\n"));
     assert!(
-        e.starts_with(&format!("{file}: runtime.kv_cache_bytes: must be more than 0")),
+        e.starts_with(&format!(
+            "{file}: runtime.kv_cache_bytes: must be more than 0"
+        )),
         "{e}"
     );
     let (e, file) = load_err(&with("load_threads = 0\n"));

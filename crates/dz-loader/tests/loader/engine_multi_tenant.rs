@@ -44,7 +44,8 @@ fn serve(f: &common::Fixture, merged_dir: &std::path::Path) -> (Served, tempfile
             DtypeSpec::F32,
             &Device::Cpu,
             host::KvCache::Contiguous,
-        ).unwrap()
+        )
+        .unwrap()
     };
     served
         .engine
