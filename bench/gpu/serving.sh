@@ -79,7 +79,7 @@ serve() { # serve TAG CONFIG PORT
 
 stop() { kill "$(cat "$W/serve.pid")" 2> /dev/null; sleep 2; pkill -f "deltazip serve" 2> /dev/null; sleep 1; }
 
-bench() { # bench TAG SYSTEM PORT MODELS [POPULARITY]
+bench() { # bench TAG SYSTEM PORT MODELS [POPULARITY]   (RATES, REQS: this run's rates and requests per rate)
     "$DZ" bench serve --url "http://127.0.0.1:$3" --models "$4" --api completions --rates "$RATES" \
         --requests "$REQS" --popularity "${5:-uniform}" --corpus "$CORPUS" --prompt-words 32..160 \
         --max-tokens 32..96 --seed 1 --system "$2" --out "$OUT/serving" --append --quiet \
@@ -153,7 +153,10 @@ for arg in "$@"; do
             swap_config "$W/swap-$n.toml" "$n"
             models=$(seq -f 'ft-%02g' 0 $((n - 1)) | paste -sd,)
             # No warm-up: K of N models fit; warming all would only cycle them.
-            serve "swap-$n" "$W/swap-$n.toml" 8203 && WARMUP= bench "swap-$n" swap 8203 "$models" "$pop"; stop ;;
+            # A miss copies a whole model (12.5 GiB for 7B) from pageable memory, seconds each: fewer
+            # requests and rates (SWAP_REQS, SWAP_RATES) keep a run inside one device call.
+            serve "swap-$n" "$W/swap-$n.toml" 8203 && WARMUP= RATES=${SWAP_RATES:-$RATES} REQS=${SWAP_REQS:-$REQS} \
+                bench "swap-$n" swap 8203 "$models" "$pop"; stop ;;
     esac
 done
 echo "=== done $(date +%T)"
