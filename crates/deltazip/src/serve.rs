@@ -16,7 +16,8 @@
 //! Our routes, in front of the host's (which answer everything else):
 //! - `GET /v1/models`: the base, every fine-tune (multi-tenant, merged and swap);
 //! - `POST /v1/deltas` `{"name", "path"}`: hot-load a delta from inside `--delta-dir` (checked against
-//!   the base like the config's); `DELETE /v1/deltas/{name}`: unload (running sequences finish first);
+//!   the base like the config's); `DELETE /v1/deltas/{name}`: unload (drain, then drop: requests
+//!   already started finish first);
 //! - `GET /metrics` (Prometheus text) and `GET /health`.
 //!
 //! With `--api-key` (or `DELTAZIP_API_KEY`) every route but `/health` needs `Authorization: Bearer KEY`.
@@ -25,12 +26,13 @@
 //! 404 here, before it reaches the host (which would answer 500 for a name it does not know, or, for an
 //! unloaded delta, queue it and refuse it).
 //!
-//! Unloading while requests are in flight: a sequence in the running batch keeps the delta (it
-//! drains, then leaves every tier) and finishes with it; a sequence outside the batch at a step after
-//! the unload (waiting for its delta or for admission, or set aside between decode steps by the host's
-//! length bucketing, which hands it back to the scheduler as waiting) ends with HTTP 422 `delta "NAME"
-//! was unregistered` (streamed: that message as the stream's last event); a request that arrives after
-//! the unload gets 404.
+//! Unloading while requests are in flight is drain, then drop: a sequence that started before the
+//! unload (in the running batch, or set aside between decode steps by the host's length bucketing,
+//! which the admission seam reports as in flight) keeps the delta and finishes with it; the delta
+//! leaves every tier once the last of them has. A sequence that had not started (waiting for its
+//! delta or for a batch slot) ends at the next step with HTTP 422 `delta "NAME" was unregistered`
+//! (streamed: that message as the stream's only event); a request that arrives after the unload gets
+//! 404.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -214,7 +216,7 @@ impl<B: Backend> StepAdmission for Scheduler<B> {
 /// The schedulers as the host's admission hook: each in turn decides over the sequences the ones
 /// before it admitted (a name that is not one of a scheduler's is base-like to it, admitted), so a
 /// sequence starts when every scheduler admits it; a wait or a refusal is the first one's. Every
-/// scheduler is asked every step, with the running sequences, even when nothing is left to decide
+/// scheduler is asked every step, with the sequences in flight, even when nothing is left to decide
 /// (that is when it unpins what finished).
 struct AdmissionSeam(Vec<Arc<dyn StepAdmission>>);
 
