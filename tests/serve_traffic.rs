@@ -226,7 +226,8 @@ fn unloading_a_delta_drains_started_requests_and_refuses_waiting_ones() {
         .collect();
     assert!(long_alone.iter().all(|a| a.tokens == LONG as u64));
     assert_ne!(long_alone[0], victim_alone, "vacuous: the victim is ft-1");
-    let others = ["ft-1", "ft-2", "ft-3", "base"];
+    // A merged fine-tune too: its engine calls the (process-wide) admission hook for its own steps.
+    let others = ["ft-1", "ft-2", "ft-3", "base", "ft-0-merged"];
     let others_alone: Vec<Answer> = others
         .iter()
         .map(|m| ok(addr, m, PROMPTS[0], 8, false))
@@ -252,6 +253,9 @@ fn unloading_a_delta_drains_started_requests_and_refuses_waiting_ones() {
             .map(|m| sc.spawn(move || complete(addr, Some(KEY), m, PROMPTS[0], 8, false)))
             .collect();
         assert_eq!(unload(), "draining", "the victim's sequences were running");
+        // The merged engine steps while the victim drains (its steps must not unpin the victim).
+        let merged_during =
+            sc.spawn(move || complete(addr, Some(KEY), "ft-0-merged", PROMPTS[0], 8, false));
         // After the unload: a new request is 404, and the model is not listed.
         let (status, body) = complete(addr, Some(KEY), "victim", LONG_PROMPT, 4, false)
             .expect_err("a request for an unloaded delta");
@@ -281,6 +285,8 @@ fn unloading_a_delta_drains_started_requests_and_refuses_waiting_ones() {
                 .unwrap_or_else(|(s, b)| panic!("{m}: HTTP {s}: {b}"));
             assert_eq!(&got, want, "{m} during the unload");
         }
+        let got = merged_during.join().unwrap().expect("ft-0-merged");
+        assert_eq!(got, others_alone[4], "ft-0-merged while the victim drained");
     });
 
     // A request for the base runs a scheduling step, which drops the drained victim; then it can be
