@@ -27,12 +27,12 @@
 //! unloaded delta, queue it and refuse it).
 //!
 //! Unloading while requests are in flight is drain, then drop: a sequence that started before the
-//! unload (in the running batch, or set aside between decode steps by the host's length bucketing,
-//! which the admission seam reports as in flight) keeps the delta and finishes with it; the delta
-//! leaves every tier once the last of them has. A sequence that had not started (waiting for its
-//! delta or for a batch slot) ends at the next step with HTTP 422 `delta "NAME" was unregistered`
-//! (streamed: that message as the stream's only event); a request that arrives after the unload gets
-//! 404.
+//! unload (in the running batch, or moved back to the host's waiting queue: set aside between decode
+//! steps by its length bucketing, or preempted when paged KV blocks ran out; the admission seam
+//! reports those as in flight) keeps the delta and finishes with it; the delta leaves every tier once
+//! the last of them has. A sequence that had not started (waiting for its delta or for a batch slot)
+//! ends at the next step with HTTP 422 `delta "NAME" was unregistered` (streamed: that message as the
+//! stream's only event); a request that arrives after the unload gets 404.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;

@@ -145,7 +145,7 @@ impl Admission {
     /// fine-tune, `None` for the base), given the fine-tunes of the `running` sequences and the free
     /// batch slots. Never admits more than `free_slots`, nor more than `max_deltas_per_step`
     /// distinct deltas together with the running ones. `running` is every sequence in flight (in
-    /// the batch, or set aside by the host between steps) and `waiting` only sequences that have not
+    /// the batch, or moved back to waiting by the host) and `waiting` only sequences that have not
     /// started ([`crate::Scheduler::admit`] says why).
     pub fn decide(
         &mut self,

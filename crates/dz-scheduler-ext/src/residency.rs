@@ -26,9 +26,10 @@
 //! ([`Residency::set_running`]), and pins each delta it admits a new sequence for
 //! ([`Residency::pin`], which also confirms the delta is still on the GPU, atomically). The pinned
 //! set is exactly that, until the next `set_running`. A sequence is *in flight* from its admission
-//! until it finishes, whether or not it is in this step's batch: a host that sets started sequences
-//! aside between steps (mistral.rs's length bucketing) reports them as in flight too (seam 5), so
-//! their deltas stay on the GPU for them.
+//! until it finishes, whether or not it is in this step's batch: a host that moves started
+//! sequences back to its waiting queue (mistral.rs's length bucketing sets them aside between
+//! steps; its paged scheduler preempts them when KV blocks run out) reports them as in flight too
+//! (seam 5), so their deltas stay on the GPU for them.
 //!
 //! # Unregistering: drain, then drop
 //! [`Residency::unregister`] of a delta that sequences in flight use (pinned) does not take it away
@@ -414,7 +415,7 @@ impl<B: Backend> Residency<B> {
     }
 
     /// Replaces the pinned set with the deltas the sequences in flight use (call once per scheduling
-    /// step with every sequence admitted and not finished, in the batch or set aside by the host;
+    /// step with every sequence admitted and not finished, in the batch or waiting again;
     /// names that are not deltas are ignored). Unpinning may free room for queued loads and drops
     /// draining deltas that are no longer used.
     pub fn set_running<'a>(&self, names: impl IntoIterator<Item = &'a str>) {

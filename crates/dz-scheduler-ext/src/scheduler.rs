@@ -130,8 +130,9 @@ impl<B: Backend> Scheduler<B> {
     /// only reads bools leaves them waiting.
     ///
     /// The host's side of the contract: `running` names every sequence *in flight* (admitted by an
-    /// earlier step and not finished), in this step's batch or not: a sequence the host set aside
-    /// between steps (mistral.rs's length bucketing; seam 5 in ARCHITECTURE.md) is `running`, and
+    /// earlier step and not finished), in this step's batch or not: a sequence the host moved back
+    /// to its waiting queue (mistral.rs sets sequences aside between steps by length, and preempts
+    /// them when paged KV blocks run out; seams 5 and 5b in ARCHITECTURE.md) is `running`, and
     /// rejoins without being asked again. `waiting` names only sequences that have not started. So
     /// a sequence, once admitted, keeps its delta until it finishes: a delta unregistered meanwhile
     /// drains ([`Residency::unregister`]) and only sequences asked about after the unregister are
