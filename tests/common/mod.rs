@@ -68,12 +68,14 @@ pub fn json_of(body: &str) -> Value {
     serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
 }
 
-/// A completion's answer: its text and token count (plain: `usage.completion_tokens`; streamed: the
-/// chunks with text).
+/// A completion's answer: its text, token count (plain: `usage.completion_tokens`; streamed: the
+/// chunks with text) and `finish_reason` (streamed: the final chunk's, only when the stream went on
+/// to `[DONE]`; `None` for a stream that just stopped).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Answer {
     pub text: String,
     pub tokens: u64,
+    pub finish: Option<String>,
 }
 
 /// A greedy completion of `prompt` by `model`: `Ok(answer)` on HTTP 200 with a well-formed answer,
@@ -107,6 +109,9 @@ pub fn complete(
             (Some(t), Some(n)) => Ok(Answer {
                 text: t.to_string(),
                 tokens: n,
+                finish: v["choices"][0]["finish_reason"]
+                    .as_str()
+                    .map(str::to_string),
             }),
             _ => Err((status, text)),
         };
@@ -118,12 +123,15 @@ pub fn complete(
     let mut answer = Answer {
         text: String::new(),
         tokens: 0,
+        finish: None,
     };
+    let mut finish = None;
     for line in text.lines() {
         let Some(data) = line.strip_prefix("data:").map(str::trim) else {
             continue;
         };
         if data == "[DONE]" {
+            answer.finish = finish;
             return Ok(answer);
         }
         let Ok(v) = serde_json::from_str::<Value>(data) else {
@@ -132,6 +140,9 @@ pub fn complete(
         if let Some(t) = v["choices"][0]["text"].as_str().filter(|t| !t.is_empty()) {
             answer.text.push_str(t);
             answer.tokens += 1;
+        }
+        if let Some(f) = v["choices"][0]["finish_reason"].as_str() {
+            finish = Some(f.to_string());
         }
     }
     Ok(answer)

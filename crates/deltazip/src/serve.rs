@@ -16,7 +16,8 @@
 //! Our routes, in front of the host's (which answer everything else):
 //! - `GET /v1/models`: the base, every fine-tune (multi-tenant, merged and swap);
 //! - `POST /v1/deltas` `{"name", "path"}`: hot-load a delta from inside `--delta-dir` (checked against
-//!   the base like the config's); `DELETE /v1/deltas/{name}`: unload (running sequences finish first);
+//!   the base like the config's); `DELETE /v1/deltas/{name}`: unload (drain, then drop: requests
+//!   already started finish first);
 //! - `GET /metrics` (Prometheus text) and `GET /health`.
 //!
 //! With `--api-key` (or `DELTAZIP_API_KEY`) every route but `/health` needs `Authorization: Bearer KEY`.
@@ -25,12 +26,13 @@
 //! 404 here, before it reaches the host (which would answer 500 for a name it does not know, or, for an
 //! unloaded delta, queue it and refuse it).
 //!
-//! Unloading while requests are in flight: a sequence in the running batch keeps the delta (it
-//! drains, then leaves every tier) and finishes with it; a sequence outside the batch at a step after
-//! the unload (waiting for its delta or for admission, or set aside between decode steps by the host's
-//! length bucketing, which hands it back to the scheduler as waiting) ends with HTTP 422 `delta "NAME"
-//! was unregistered` (streamed: that message as the stream's last event); a request that arrives after
-//! the unload gets 404.
+//! Unloading while requests are in flight is drain, then drop: a sequence that started before the
+//! unload (in the running batch, or moved back to the host's waiting queue: set aside between decode
+//! steps by its length bucketing, or preempted when paged KV blocks ran out; the admission seam
+//! reports those as in flight) keeps the delta and finishes with it; the delta leaves every tier once
+//! the last of them has. A sequence that had not started (waiting for its delta or for a batch slot)
+//! ends at the next step with HTTP 422 `delta "NAME" was unregistered` (streamed: that message as the
+//! stream's only event); a request that arrives after the unload gets 404.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -214,9 +216,18 @@ impl<B: Backend> StepAdmission for Scheduler<B> {
 /// The schedulers as the host's admission hook: each in turn decides over the sequences the ones
 /// before it admitted (a name that is not one of a scheduler's is base-like to it, admitted), so a
 /// sequence starts when every scheduler admits it; a wait or a refusal is the first one's. Every
-/// scheduler is asked every step, with the running sequences, even when nothing is left to decide
+/// scheduler is asked every step, with the sequences in flight, even when nothing is left to decide
 /// (that is when it unpins what finished).
-struct AdmissionSeam(Vec<Arc<dyn StepAdmission>>);
+///
+/// The hook is process-wide, so the engines of merged fine-tunes call it too, for their own steps.
+/// Those are not the base engine's: their sequences name only models served by engines of their own
+/// (`other_engines`), are admitted at once, and the schedulers are not asked (each scheduler takes
+/// the sequences in flight it is given as all there are: a merged engine's step would unpin the
+/// base engine's deltas, and drop a draining one under its running sequences).
+struct AdmissionSeam {
+    tiers: Vec<Arc<dyn StepAdmission>>,
+    other_engines: BTreeSet<String>,
+}
 
 impl mistralrs_core::AdmissionHook for AdmissionSeam {
     fn admit(
@@ -226,8 +237,17 @@ impl mistralrs_core::AdmissionHook for AdmissionSeam {
         free_slots: usize,
     ) -> Vec<mistralrs_core::Admission> {
         let mut decisions = vec![Decision::Admit; waiting.len()];
+        let other_engine = running
+            .iter()
+            .chain(waiting)
+            .all(|m| m.is_some_and(|n| self.other_engines.contains(n)));
+        let tiers = if other_engine {
+            &[][..]
+        } else {
+            &self.tiers[..]
+        };
         let mut open: Vec<usize> = (0..waiting.len()).collect();
-        for tier in &self.0 {
+        for tier in tiers {
             let sub: Vec<Option<&str>> = open.iter().map(|&i| waiting[i]).collect();
             let mut next = Vec::with_capacity(open.len());
             for (&i, d) in open.iter().zip(tier.decide(running, &sub, free_slots)) {
@@ -486,7 +506,10 @@ pub fn start(args: &ServeArgs) -> Result<Running> {
             tiers.push(s.clone());
         }
         tiers.push(scheduler.clone());
-        mistralrs_core::set_admission_hook(Some(Arc::new(AdmissionSeam(tiers))));
+        mistralrs_core::set_admission_hook(Some(Arc::new(AdmissionSeam {
+            tiers,
+            other_engines: merged.iter().cloned().collect(),
+        })));
     }
     let state = Arc::new(AppState {
         tensor_parallel,
@@ -967,5 +990,54 @@ mod tests {
         // The same inputs give the same decisions (every rank decides alike).
         let again = hook.admit(&running, &waiting, 8);
         assert_eq!(format!("{got:?}"), format!("{again:?}"));
+    }
+
+    /// A tier that admits everything but `"wait"`, and records the sequences in flight it is given.
+    #[derive(Default)]
+    struct Recorder(Mutex<Vec<Vec<Option<String>>>>);
+
+    impl StepAdmission for Recorder {
+        fn decide(
+            &self,
+            running: &[Option<&str>],
+            waiting: &[Option<&str>],
+            _free: usize,
+        ) -> Vec<Decision> {
+            let running = running.iter().map(|m| m.map(str::to_owned)).collect();
+            self.0.lock().unwrap().push(running);
+            waiting
+                .iter()
+                .map(|w| match w {
+                    Some("wait") => Decision::Wait,
+                    _ => Decision::Admit,
+                })
+                .collect()
+        }
+    }
+
+    #[test]
+    fn the_admission_seam_leaves_the_schedulers_out_of_merged_engines_steps() {
+        let tier = Arc::new(Recorder::default());
+        let seam = AdmissionSeam {
+            tiers: vec![tier.clone()],
+            other_engines: ["merged".to_string()].into_iter().collect(),
+        };
+        // A merged engine's step: admitted, the scheduler not asked (it would take `merged` for all
+        // the sequences in flight there are, and unpin the base engine's deltas).
+        let got = seam.admit(&[Some("merged")], &[Some("merged"), Some("merged")], 4);
+        assert!(got.iter().all(|d| matches!(d, Admission::Admit)), "{got:?}");
+        assert!(tier.0.lock().unwrap().is_empty());
+        // The base engine's steps: asked, with the sequences in flight.
+        let got = seam.admit(&[Some("a"), None], &[Some("wait"), Some("a")], 4);
+        assert!(
+            matches!(got[..], [Admission::Wait, Admission::Admit]),
+            "{got:?}"
+        );
+        let got = seam.admit(&[], &[None], 4);
+        assert!(matches!(got[..], [Admission::Admit]), "{got:?}");
+        assert_eq!(
+            *tier.0.lock().unwrap(),
+            vec![vec![Some("a".to_string()), None], vec![]]
+        );
     }
 }

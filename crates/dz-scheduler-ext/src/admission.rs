@@ -32,7 +32,8 @@
 //!   slots only (and their group's turn, so the base cannot starve fine-tunes either).
 //! - A fine-tune whose delta failed to load or was unregistered is refused
 //!   ([`Decision::Refuse`] with the reason), so the host can end those sequences with an error
-//!   instead of running them on the base.
+//!   instead of running them on the base. Only sequences that have not started are asked about:
+//!   those in flight are `running` and keep their delta (an unregistered one drains for them).
 
 use std::collections::{HashMap, HashSet};
 
@@ -143,7 +144,9 @@ impl Admission {
     /// Decides this step: one [`Decision`] per `waiting` sequence (in arrival order; each names its
     /// fine-tune, `None` for the base), given the fine-tunes of the `running` sequences and the free
     /// batch slots. Never admits more than `free_slots`, nor more than `max_deltas_per_step`
-    /// distinct deltas together with the running ones.
+    /// distinct deltas together with the running ones. `running` is every sequence in flight (in
+    /// the batch, or moved back to waiting by the host) and `waiting` only sequences that have not
+    /// started ([`crate::Scheduler::admit`] says why).
     pub fn decide(
         &mut self,
         running: &[Option<&str>],

@@ -8,9 +8,10 @@
 //! - [`residency`]: every registered delta lives in tiers, **disk** (its source, always there) ->
 //!   **CPU cache** (host forms, LRU under a byte budget) -> **GPU slots** (device forms under a
 //!   byte budget, LRU among unpinned deltas). A miss starts an asynchronous load on background
-//!   threads (disk -> CPU -> GPU), so the scheduling step never waits on I/O. Deltas that running
-//!   sequences use are pinned and never evicted; when pinned deltas fill the GPU budget a load
-//!   waits (queued) instead of failing. Deltas are registered and unregistered at run time. What a
+//!   threads (disk -> CPU -> GPU), so the scheduling step never waits on I/O. Deltas that sequences
+//!   in flight use are pinned and never evicted; when pinned deltas fill the GPU budget a load
+//!   waits (queued) instead of failing. Deltas are registered and unregistered at run time (an
+//!   unregistered delta in use drains: the sequences in flight finish with it). What a
 //!   tier holds is a [`Backend`]'s: dz-loader's device deltas in the server, fakes in tests.
 //! - [`admission`]: which waiting sequences start this step, under the free batch slots and a cap
 //!   on distinct deltas per step (each costs one SBMM segment per layer), with a fairness policy

@@ -38,9 +38,9 @@ pub struct DeltaMetrics {
     pub name: String,
     /// Its GPU state (`Ready` for a draining delta still on the GPU).
     pub state: DeltaState,
-    /// False for a delta unregistered but still used by running sequences.
+    /// False for a delta unregistered but still used by sequences in flight (draining).
     pub registered: bool,
-    /// Whether running (or just admitted) sequences use it.
+    /// Whether sequences in flight (or just admitted) use it.
     pub pinned: bool,
     /// Its bytes on the GPU (0 when not there).
     pub gpu_bytes: u64,
@@ -92,6 +92,7 @@ fn state_label(s: &DeltaState) -> &'static str {
         DeltaState::Queued => "queued",
         DeltaState::Idle => "idle",
         DeltaState::Failed(_) => "failed",
+        DeltaState::Draining => "draining",
         DeltaState::Unregistered => "unregistered",
         DeltaState::Unknown => "unknown",
     }
@@ -203,7 +204,7 @@ impl Metrics {
             &mut out,
             &format!("deltazip_{subject}_pinned"),
             "gauge",
-            "1 when running sequences use the delta.",
+            "1 when sequences in flight (or just admitted) use the delta.",
         );
         for d in &self.deltas {
             let _ = writeln!(

@@ -22,10 +22,23 @@
 //!   the whole GPU budget fails with a message saying so.
 //!
 //! # Pinning
-//! The engine says once per scheduling step which deltas its running sequences use
+//! The engine says once per scheduling step which deltas its sequences in flight use
 //! ([`Residency::set_running`]), and pins each delta it admits a new sequence for
 //! ([`Residency::pin`], which also confirms the delta is still on the GPU, atomically). The pinned
-//! set is exactly that, until the next `set_running`.
+//! set is exactly that, until the next `set_running`. A sequence is *in flight* from its admission
+//! until it finishes, whether or not it is in this step's batch: a host that moves started
+//! sequences back to its waiting queue (mistral.rs's length bucketing sets them aside between
+//! steps; its paged scheduler preempts them when KV blocks run out) reports them as in flight too
+//! (seam 5), so their deltas stay on the GPU for them.
+//!
+//! # Unregistering: drain, then drop
+//! [`Residency::unregister`] of a delta that sequences in flight use (pinned) does not take it away
+//! from them: the delta is *draining* ([`DeltaState::Draining`]): it stays on the GPU and activated,
+//! a request or a pin for it is refused (new sequences are not admitted), and it is dropped from
+//! every tier at the first [`Residency::set_running`] that no longer names it, that is once every
+//! sequence admitted before the unregister has finished. Which sequences those are is the engine's
+//! to say (it knows them; this module sees names only): the contract is that `set_running` names
+//! every sequence in flight, and that a sequence in flight is never presented for admission again.
 //!
 //! # Callbacks
 //! [`Backend::activate`] / [`Backend::deactivate`] run under this module's lock, so that the model's
@@ -114,7 +127,10 @@ pub enum DeltaState {
     Idle,
     /// The last load failed with this message; a `request` after `retry_after` tries again.
     Failed(String),
-    /// Unregistered (perhaps still on the GPU for running sequences): admits nothing new.
+    /// Unregistered and still on the GPU for the sequences in flight that use it (they run on until
+    /// they finish, then it is dropped): admits nothing new.
+    Draining,
+    /// Unregistered and gone (or never loaded): admits nothing.
     Unregistered,
     /// Never registered under this name.
     Unknown,
@@ -125,8 +141,8 @@ pub enum DeltaState {
 pub enum Unregistered {
     /// The delta is gone from every tier (and deactivated if it was on the GPU).
     Dropped,
-    /// Running sequences still use it: it admits nothing new and is dropped at the first
-    /// [`Residency::set_running`] that no longer names it.
+    /// Sequences in flight still use it: it admits nothing new, serves them until they finish, and
+    /// is dropped at the first [`Residency::set_running`] that no longer names it.
     Draining,
 }
 
@@ -178,8 +194,9 @@ struct Counters {
 
 struct State<B: Backend> {
     entries: HashMap<String, Entry<B>>,
-    /// Names unregistered (and not registered again): `request` says `Unregistered`, not `Unknown`,
-    /// so sequences still waiting for them are refused rather than run on the base.
+    /// Names unregistered (draining or dropped, and not registered again): once dropped, `request`
+    /// says `Unregistered`, not `Unknown`, so sequences still waiting for them are refused rather
+    /// than run on the base.
     unregistered: HashSet<String>,
     pinned: HashSet<String>,
     jobs: VecDeque<Job>,
@@ -310,9 +327,9 @@ impl<B: Backend> Residency<B> {
         Ok(())
     }
 
-    /// Unregisters `name` (hot). A delta on the GPU that running sequences use (pinned) stops being
-    /// admitted and is dropped once no longer pinned ([`Unregistered::Draining`]); otherwise it is
-    /// dropped now, an in-flight load included (its result is discarded).
+    /// Unregisters `name` (hot). A delta on the GPU that sequences in flight use (pinned) stops being
+    /// admitted, stays for them and is dropped once no longer pinned ([`Unregistered::Draining`]);
+    /// otherwise it is dropped now, an in-flight load included (its result is discarded).
     pub fn unregister(&self, name: &str) -> Result<Unregistered> {
         let mut guard = self.shared.lock();
         let st = &mut *guard;
@@ -346,7 +363,7 @@ impl<B: Backend> Residency<B> {
             return st.absent_state(name);
         };
         if e.draining {
-            return DeltaState::Unregistered;
+            return DeltaState::Draining;
         }
         let retry = match &e.gpu {
             Gpu::Ready { .. } => {
@@ -397,9 +414,10 @@ impl<B: Backend> Residency<B> {
         }
     }
 
-    /// Replaces the pinned set with the deltas running sequences use (call once per scheduling
-    /// step; names that are not deltas are ignored). Unpinning may free room for queued loads and
-    /// drops draining deltas that are no longer used.
+    /// Replaces the pinned set with the deltas the sequences in flight use (call once per scheduling
+    /// step with every sequence admitted and not finished, in the batch or waiting again;
+    /// names that are not deltas are ignored). Unpinning may free room for queued loads and drops
+    /// draining deltas that are no longer used.
     pub fn set_running<'a>(&self, names: impl IntoIterator<Item = &'a str>) {
         let mut guard = self.shared.lock();
         let st = &mut *guard;
@@ -574,7 +592,7 @@ impl<B: Backend> State<B> {
     fn state(&self, name: &str) -> DeltaState {
         match self.entries.get(name) {
             None => self.absent_state(name),
-            Some(e) if e.draining => DeltaState::Unregistered,
+            Some(e) if e.draining => DeltaState::Draining,
             Some(e) => state_of(e),
         }
     }

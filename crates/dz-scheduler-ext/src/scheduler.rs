@@ -75,7 +75,7 @@ impl SchedulerMetrics {
 ///
 /// `Send + Sync`: the engine calls [`Scheduler::admit`] once per step while the server registers
 /// and unregisters deltas and reads metrics from other threads. One scheduler per engine (per
-/// device): each `admit` replaces the pinned set with that call's running sequences.
+/// device): each `admit` replaces the pinned set with that call's sequences in flight.
 pub struct Scheduler<B: Backend> {
     residency: Residency<B>,
     admission: Mutex<Admission>,
@@ -128,6 +128,16 @@ impl<B: Backend> Scheduler<B> {
     /// Pins the running sequences' deltas and those admitted, and starts loads for waiting ones.
     /// Sequences that [`Scheduler::admit_decisions`] would refuse are `false` here: a host that
     /// only reads bools leaves them waiting.
+    ///
+    /// The host's side of the contract: `running` names every sequence *in flight* (admitted by an
+    /// earlier step and not finished), in this step's batch or not: a sequence the host moved back
+    /// to its waiting queue (mistral.rs sets sequences aside between steps by length, and preempts
+    /// them when paged KV blocks run out; seams 5 and 5b in ARCHITECTURE.md) is `running`, and
+    /// rejoins without being asked again. `waiting` names only sequences that have not started. So
+    /// a sequence, once admitted, keeps its delta until it finishes: a delta unregistered meanwhile
+    /// drains ([`Residency::unregister`]) and only sequences asked about after the unregister are
+    /// refused; a host that put a started sequence back in `waiting` would have it refused
+    /// mid-stream.
     pub fn admit(
         &self,
         running: &[Option<&str>],
@@ -210,7 +220,11 @@ fn readiness(name: &str, state: DeltaState) -> Readiness {
         DeltaState::Loading | DeltaState::Idle => Readiness::Loading,
         DeltaState::Queued => Readiness::NoRoom,
         DeltaState::Failed(m) => Readiness::Refused(format!("delta {name:?} failed to load: {m}")),
-        DeltaState::Unregistered => Readiness::Refused(format!("delta {name:?} was unregistered")),
+        // A draining delta still serves the sequences in flight (they are `running`, never asked
+        // about again); a sequence asked about now has not started: it is new to the delta.
+        DeltaState::Draining | DeltaState::Unregistered => {
+            Readiness::Refused(format!("delta {name:?} was unregistered"))
+        }
         DeltaState::Unknown => Readiness::NotADelta,
     }
 }

@@ -276,7 +276,8 @@ fn register_and_unregister_while_in_use() {
     load(&r, "a");
     r.set_running(["a"]);
     assert_eq!(r.unregister("a").unwrap(), Unregistered::Draining);
-    assert_eq!(r.request("a"), DeltaState::Unregistered);
+    assert_eq!(r.request("a"), DeltaState::Draining);
+    assert_eq!(r.state("a"), DeltaState::Draining);
     assert!(!r.pin("a"));
     assert!(r.backend().is_active("a"));
     assert!(r

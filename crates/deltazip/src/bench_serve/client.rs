@@ -41,8 +41,9 @@ pub struct Outcome {
     /// `usage.completion_tokens` if the server streamed a usage block.
     pub server_tokens: Option<u64>,
     /// `None` on success, else the error kind: `http_<status>`, `timeout`, `connect`, `stream` (the
-    /// connection broke mid-body), `malformed` (bad JSON, an over-long line, or no `[DONE]`),
-    /// `server_error` (an `error` object in the stream), `request` (anything else reqwest reports).
+    /// connection broke mid-body), `malformed` (bad JSON or an over-long line), `unterminated` (the
+    /// body ended cleanly but without `[DONE]`: the server gave up on the stream), `server_error` (an
+    /// `error` object in the stream), `request` (anything else reqwest reports).
     pub error: Option<String>,
     /// A short description of the error, for the report.
     pub detail: Option<String>,
@@ -237,7 +238,7 @@ impl Target {
             }
         }
         Err((
-            "malformed".into(),
+            "unterminated".into(),
             format!(
                 "the stream ended without [DONE] after {} tokens",
                 sse.tokens

@@ -1,6 +1,7 @@
 //! A mock OpenAI-compatible server for tests of the load generator (no GPU, no model): it streams
 //! `min(max_tokens, MockConfig::max_tokens)` tokens with fixed delays, and can inject failures by
-//! request number (HTTP 500, a stream cut mid-body, a malformed chunk).
+//! request number (HTTP 500, a stream cut mid-body, a malformed chunk, a stream ended early without
+//! `[DONE]`).
 //!
 //! It speaks just enough HTTP/1.1 for a client like reqwest (one request per connection, answered with
 //! `Connection: close`; streams in chunked encoding), written on tokio's sockets so a cut stream is a
@@ -32,6 +33,9 @@ pub struct MockConfig {
     pub break_every: Option<usize>,
     /// Every k-th request (unless it fails or breaks) sends a chunk that is not JSON after its first token.
     pub malformed_every: Option<usize>,
+    /// Every k-th request (unless one of the above) ends its stream properly after half its tokens,
+    /// without a final chunk or `[DONE]`.
+    pub unterminated_every: Option<usize>,
 }
 
 impl Default for MockConfig {
@@ -44,6 +48,7 @@ impl Default for MockConfig {
             fail_every: None,
             break_every: None,
             malformed_every: None,
+            unterminated_every: None,
         }
     }
 }
@@ -63,6 +68,8 @@ pub struct MockStats {
     pub broken: AtomicUsize,
     /// Streams with a malformed chunk.
     pub malformed: AtomicUsize,
+    /// Streams ended early without `[DONE]`.
+    pub unterminated: AtomicUsize,
     /// Completion requests per model name.
     pub per_model: Mutex<BTreeMap<String, usize>>,
 }
@@ -193,6 +200,7 @@ async fn serve(mut sock: TcpStream, cfg: &MockConfig, st: &MockStats) -> std::io
     }
     let breaks = hits(cfg.break_every);
     let malformed = !breaks && hits(cfg.malformed_every);
+    let unterminated = !breaks && !malformed && hits(cfg.unterminated_every);
     let tokens = req["max_tokens"]
         .as_u64()
         .map_or(16, |t| t as usize)
@@ -218,6 +226,10 @@ async fn serve(mut sock: TcpStream, cfg: &MockConfig, st: &MockStats) -> std::io
             st.broken.fetch_add(1, Ordering::SeqCst);
             // Cut mid-body: no terminating chunk; dropping the socket closes it.
             return Ok(());
+        }
+        if unterminated && i == tokens / 2 {
+            st.unterminated.fetch_add(1, Ordering::SeqCst);
+            return finish(&mut sock).await;
         }
         if malformed && i == 1 {
             st.malformed.fetch_add(1, Ordering::SeqCst);

@@ -36,7 +36,7 @@ pub const LONG_ABOUT: &str = "Load-test an OpenAI-compatible server: open-loop P
                   progress (open loop, at most --max-inflight at once). Throughput counts completed \
                   requests and their streamed tokens over the window from the rate's start to its last \
                   response; TTFT and end-to-end latency count from each request's planned arrival. Errors \
-                  (HTTP status, timeouts, broken or malformed streams) are counted by kind and reported, \
+                  (HTTP status, timeouts, broken, malformed or unterminated streams) are counted by kind and reported, \
                   never fatal.\n\n\
                   Example: deltazip bench serve --url http://127.0.0.1:1234 --models-from-server \
                   --rates 1,2,4,8 --requests 200 --popularity zipf:1.0 --system dz-4b24 \

@@ -155,6 +155,7 @@ fn errors_are_counted_by_kind_and_never_fatal() {
             fail_every: Some(5),
             break_every: Some(7),
             malformed_every: Some(11),
+            unterminated_every: Some(13),
             ..Default::default()
         })
         .await
@@ -186,25 +187,37 @@ fn errors_are_counted_by_kind_and_never_fatal() {
         assert_eq!(n("http_500"), st.failed.load(Ordering::SeqCst));
         assert_eq!(n("stream"), st.broken.load(Ordering::SeqCst));
         assert_eq!(n("malformed"), st.malformed.load(Ordering::SeqCst));
-        // Requests 5, 10, .. fail; 7, 14, .. (not failed) break; 11, 22, .. (neither) are malformed.
+        assert_eq!(n("unterminated"), st.unterminated.load(Ordering::SeqCst));
+        // Requests 5, 10, .. fail; 7, 14, .. (not failed) break; 11, 22, .. (neither) are malformed;
+        // 13, 26, .. (none of those) end cleanly without [DONE].
         assert_eq!(
-            (n("http_500"), n("stream"), n("malformed")),
-            (12, 7, 4),
+            (
+                n("http_500"),
+                n("stream"),
+                n("malformed"),
+                n("unterminated")
+            ),
+            (12, 7, 4, 4),
             "{kinds}"
         );
-        assert_eq!(u(r, "errors"), 23);
-        assert_eq!(u(r, "completed"), 37);
+        assert_eq!(u(r, "errors"), 27);
+        assert_eq!(u(r, "completed"), 33);
         assert_eq!(u(r, "completed"), st.completed.load(Ordering::SeqCst));
-        assert_eq!(u(r, "tokens"), 37 * 6, "the chat role chunk is not a token");
+        assert_eq!(u(r, "tokens"), 33 * 6, "the chat role chunk is not a token");
         assert_eq!(u(r, "tokens"), st.completed_tokens.load(Ordering::SeqCst));
         assert_eq!(r["rate"], "inf");
         assert!(r["error_samples"]["http_500"]
             .as_str()
             .unwrap()
             .contains("injected failure"));
+        assert!(r["error_samples"]["unterminated"]
+            .as_str()
+            .unwrap()
+            .contains("ended without [DONE] after 3 tokens"));
         // The report lists them.
         let md = render(&rows);
         assert!(md.contains("http_500 x 12"), "{md}");
+        assert!(md.contains("unterminated x 4"), "{md}");
     });
 }
 
