@@ -401,18 +401,23 @@ pub struct MergeArgs {
     /// Replace `--out` if it exists and is not empty.
     #[arg(long)]
     pub overwrite: bool,
+    /// Where the sums are formed: `cpu`, or `cuda` / `cuda:N` (dz-candle-ops' `merge` op on the GPU;
+    /// needs the `cuda` build). Both write the same bytes.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
 }
 
 /// Runs `deltazip merge`.
 pub fn run_merge(args: &MergeArgs) -> Result<String> {
-    let r = dz_compress::merge::merge(&args.base, &args.delta, &args.out, args.overwrite, |_| {})
+    let device = parse_device(&args.device)?;
+    let r = dz_loader::merge::merge(&args.base, &args.delta, &args.out, args.overwrite, &device)
         .with_context(|| {
-        format!(
-            "merging {} into {}",
-            args.delta.display(),
-            args.base.display()
-        )
-    })?;
+            format!(
+                "merging {} into {}",
+                args.delta.display(),
+                args.base.display()
+            )
+        })?;
     Ok(format!(
         "wrote {} ({} tensors): base + delta as a plain model\n",
         r.dir.display(),

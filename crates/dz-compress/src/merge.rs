@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::Device;
-use dz_format::{DeltaFile, Role};
+use dz_format::{DeltaFile, Dtype, Role, TensorData};
 
 use crate::error::{Error, Result};
 use crate::hf::{self, HfModel, OwnedTensor};
@@ -104,6 +104,42 @@ pub struct MergeReport {
     pub tensors: usize,
 }
 
+/// One tensor that a delta changes (role not `full`), handed to [`merge_with`]'s `add`.
+pub struct AddJob<'a> {
+    /// The tensor's name.
+    pub name: &'a str,
+    /// Its shape, the base's and the fine-tune's.
+    pub shape: &'a [usize],
+    /// The base's tensor as stored: little-endian, row-major, `base_dtype`.
+    pub base: &'a [u8],
+    /// The base tensor's dtype.
+    pub base_dtype: Dtype,
+    /// The delta's tensor, as read from the file.
+    pub delta: &'a TensorData<'a>,
+    /// The dtype the merged tensor is written in (the fine-tune's, from the delta's manifest).
+    pub dtype: Dtype,
+}
+
+/// `base + delta` on the CPU: the base in f32 plus the delta as dz-format's reference decoder gives it,
+/// rounded once to `job.dtype` (what [`merge`] writes).
+pub fn add_cpu(job: &AddJob<'_>) -> Result<Vec<u8>> {
+    let (n_total, _) = job.delta.entry.matrix_dims()?;
+    let d = job.delta.decode()?.to_f32(n_total);
+    let mut w = hf::decode_f32(job.base, job.base_dtype);
+    if w.len() != d.len() {
+        return Err(Error::Mismatch(format!(
+            "delta tensor {:?} has {} values, the base's has {}",
+            job.name,
+            d.len(),
+            w.len()
+        )));
+    }
+    for (a, b) in w.iter_mut().zip(&d) {
+        *a += b;
+    }
+    Ok(hf::encode_f32(&w, job.dtype))
+}
+
 /// Writes base + delta as a plain HF directory at `out` (config from the delta's manifest, tokenizer
 /// copied from the base), each tensor in the fine-tune's dtype. Written atomically.
 pub fn merge(
@@ -111,27 +147,56 @@ pub fn merge(
     delta: &Path,
     out: &Path,
     overwrite: bool,
+    progress: impl FnMut(&str),
+) -> Result<MergeReport> {
+    merge_with(base, delta, out, overwrite, progress, add_cpu)
+}
+
+/// [`merge`], with each tensor the delta changes formed by `add` (which returns it encoded in
+/// `job.dtype`); [`add_cpu`] is `merge`'s. Tensors the delta does not hold are the base's, and `full`
+/// tensors the delta's stored values, as in [`merge`]. dz-loader passes one that runs dz-candle-ops'
+/// `merge` op on a GPU.
+pub fn merge_with(
+    base: &Path,
+    delta: &Path,
+    out: &Path,
+    overwrite: bool,
     mut progress: impl FnMut(&str),
+    mut add: impl FnMut(&AddJob<'_>) -> Result<Vec<u8>>,
 ) -> Result<MergeReport> {
     let applied = Applied::open(base, delta)?;
     let names = applied.names();
     let mut tensors: Vec<OwnedTensor> = Vec::with_capacity(names.len());
     for name in &names {
-        let (dtype, shape) = match applied.index.get(name) {
+        let (dtype, shape, bytes) = match applied.index.get(name) {
             Some(&i) => {
                 let t = &applied.delta.manifest().tensors[i];
-                (t.dtype, t.shape.iter().map(|&d| d as usize).collect())
+                let shape: Vec<usize> = t.shape.iter().map(|&d| d as usize).collect();
+                let bytes = match (t.role, applied.base.info(name)) {
+                    (Role::Full, _) | (_, None) => {
+                        hf::encode_f32(&applied.tensor_f32(name)?, t.dtype)
+                    }
+                    (_, Some(info)) => add(&AddJob {
+                        name,
+                        shape: &shape,
+                        base: applied.base.raw(name)?,
+                        base_dtype: info.dtype,
+                        delta: &applied.delta.read_at(i)?,
+                        dtype: t.dtype,
+                    })?,
+                };
+                (t.dtype, shape, bytes)
             }
             None => {
                 let info = applied
                     .base
                     .info(name)
                     .ok_or_else(|| Error::InvalidModel(format!("no tensor {name}")))?;
-                (info.dtype, info.shape)
+                let bytes = hf::encode_f32(&applied.base.to_f32(name)?, info.dtype);
+                (info.dtype, info.shape, bytes)
             }
         };
-        let values = applied.tensor_f32(name)?;
-        tensors.push((name.clone(), dtype, shape, hf::encode_f32(&values, dtype)));
+        tensors.push((name.clone(), dtype, shape, bytes));
         progress(name);
     }
     let tokenizer = applied

@@ -1,6 +1,9 @@
 //! The host (mistral.rs) side: a local HF directory into a pipeline, pipelines into one engine per model,
 //! and greedy generation through the engine. Every mistral.rs API this crate relies on is called here
 //! (ARCHITECTURE.md lists them).
+//!
+//! `host/unpatched-check/src/main.rs` makes the same calls on the unpatched host, for the test that ours
+//! answers like it: keep the two in step.
 
 use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};

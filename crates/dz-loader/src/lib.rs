@@ -170,7 +170,7 @@ pub fn serve_with(config: &Config, deltas: &[CheckedDelta], preload: bool) -> Re
         engine.add(&base_name, p)?;
     }
     for d in deltas.iter().filter(|d| d.spec.mode == Mode::Merge) {
-        let dir = merge::materialise(base, &config.merged_dir(), d)?;
+        let dir = merge::materialise(base, &config.merged_dir(), d, &device)?;
         let p = host::load_pipeline(&dir, base, config.base.dtype, &device, kv_cache)?;
         engine.add(&d.spec.name, p)?;
     }

@@ -8,3 +8,4 @@ mod multi_tenant;
 mod seams;
 mod swap_mode;
 mod tensor_parallel;
+mod unpatched_host;

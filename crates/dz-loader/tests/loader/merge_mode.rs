@@ -73,8 +73,13 @@ fn check_family(f: &common::Fixture) {
         .modified()
         .unwrap();
     drop(engine);
-    let again =
-        dz_loader::merge::materialise(&config.base.path, &config.merged_dir(), &deltas[0]).unwrap();
+    let again = dz_loader::merge::materialise(
+        &config.base.path,
+        &config.merged_dir(),
+        &deltas[0],
+        &Device::Cpu,
+    )
+    .unwrap();
     assert_eq!(again, dir);
     let after = std::fs::metadata(dir.join("config.json"))
         .unwrap()
@@ -96,4 +101,107 @@ fn merged_mistral_generates_like_the_uncompressed_fine_tune() {
 #[test]
 fn merged_qwen2_generates_like_the_uncompressed_fine_tune() {
     check_family(common::qwen2());
+}
+
+/// The files of two model directories, name by name, are byte for byte the same.
+fn assert_same_files(what: &str, a: &std::path::Path, b: &std::path::Path) {
+    let list = |d: &std::path::Path| {
+        let mut v: Vec<_> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        v.sort();
+        v
+    };
+    let names = list(a);
+    assert_eq!(names, list(b), "{what}: the directories hold other files");
+    assert!(names
+        .iter()
+        .any(|n| n.to_string_lossy().ends_with(".safetensors")));
+    for n in names {
+        let (x, y) = (
+            std::fs::read(a.join(&n)).unwrap(),
+            std::fs::read(b.join(&n)).unwrap(),
+        );
+        assert!(x == y, "{what}: {n:?} differs");
+    }
+}
+
+/// The op path of merge mode (dz-candle-ops' `merge`, what a CUDA device runs), here on the CPU, writes
+/// exactly the files of the CPU path (dz-compress's merge): the codecs the compressor writes (`quant`
+/// 8-bit grouped and 4-bit row subsets for embeddings and heads, `sparse24` 4-bit asymmetric, `sparse`
+/// 2-bit per row, `sign1`, dense norm and bias deltas), f32 and bf16 weights, Llama and Qwen2 (biases, a
+/// tied head).
+#[test]
+fn merge_through_the_op_writes_the_cpu_merge() {
+    use dz_compress::fixtures::{self, TinySpec};
+    use dz_compress::pipeline::{self, CompressOptions, Method, Quiet};
+    use dz_compress::{QuantConfig, Sparsity};
+
+    let dir = tempfile::tempdir().unwrap();
+    let bf16 = fixtures::write_family(
+        &dir.path().join("bf16"),
+        &TinySpec {
+            dtype: dz_format::Dtype::Bf16,
+            ..TinySpec::llama()
+        },
+        1,
+    )
+    .unwrap();
+    let recipes = [
+        ("rtn4-24-asym", Method::Rtn, 4, 32, false, Sparsity::TwoFour),
+        (
+            "rtn2-sparse",
+            Method::Rtn,
+            2,
+            0,
+            true,
+            Sparsity::Unstructured { density: 0.5 },
+        ),
+        ("sign", Method::Sign, 4, 32, true, Sparsity::None),
+    ];
+    let families = [
+        ("llama", &common::llama().family),
+        ("qwen2", &common::qwen2().family),
+        ("llama-bf16", &bf16),
+    ];
+    let mut cases = vec![
+        (
+            "llama rtn8".to_string(),
+            common::llama().family.base.clone(),
+            common::llama().deltas8[0].clone(),
+        ),
+        (
+            "qwen2 rtn8".to_string(),
+            common::qwen2().family.base.clone(),
+            common::qwen2().deltas8[0].clone(),
+        ),
+    ];
+    for (fam, f) in families {
+        for (name, method, bits, group_size, symmetric, sparsity) in recipes {
+            let out = dir.path().join(format!("{fam}-{name}.dz"));
+            let opts = CompressOptions {
+                name: Some(name.to_string()),
+                method,
+                quant: QuantConfig {
+                    bits,
+                    group_size,
+                    symmetric,
+                    sparsity,
+                },
+                embed_bits: 4,
+                ..CompressOptions::default()
+            };
+            pipeline::compress(&f.base, &f.finetunes[0], &out, &opts, &mut Quiet).unwrap();
+            cases.push((format!("{fam} {name}"), f.base.clone(), out));
+        }
+    }
+    for (i, (what, base, delta)) in cases.iter().enumerate() {
+        let cpu = dir.path().join(format!("cpu-{i}"));
+        let op = dir.path().join(format!("op-{i}"));
+        dz_compress::merge::merge(base, delta, &cpu, false, |_| {}).unwrap();
+        let r = dz_loader::merge::merge_on_device(base, delta, &op, false, &Device::Cpu).unwrap();
+        assert!(r.tensors > 0);
+        assert_same_files(what, &cpu, &op);
+    }
 }
