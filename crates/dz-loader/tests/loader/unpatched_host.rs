@@ -13,10 +13,10 @@
 //! Why the scores of generated tokens get a tolerance and the logits none: the host's KV-cached decode
 //! steps on the CPU are not bit-reproducible from run to run, patched or not. Measured on the unpatched
 //! binary alone, same model and requests, 48 runs 12 at a time on 2 cores: 3 runs differ from the
-//! others in some decode-step scores by 1 to 3 ulps (f32), with the same tokens; sequentially, 24 runs
-//! agreed. The prefill logits agreed bit for bit in every run. So the logits are the bit-exact part of
-//! the comparison (every position of the continuation, every vocabulary entry), and the decode scores
-//! are held to a few ulps.
+//! others in some decode-step scores by 1 to 3 ulps (f32), with the same tokens; 12 runs one after
+//! another agreed. The prefill logits agreed bit for bit in every run. So the logits are the bit-exact
+//! part of the comparison (every position of the continuation, every vocabulary entry), and the decode
+//! scores are held to a few ulps.
 //!
 //! Requests go one at a time, on both sides: batched CPU decoding in the unpatched host gives every row
 //! the last row's attention (fixed by host patch 0006), so a batch would differ by design.
