@@ -16,6 +16,10 @@
 # over them; SWAP_K of them on the GPU at once.
 #
 # Needs $DZ (deltazip with --features cuda or nccl), $CORPUS, python3 (for NCCL's library path only).
+#
+# Two jobs can share one machine of several GPUs (bench/gpu/serving_pair.sh): GPU=i pins this job to GPU i
+# (CUDA_VISIBLE_DEVICES; GPU memory is read from that GPU), PORT_BASE moves its ports (default 8200), and
+# each job needs its own OUT. Run `gen` once, before the jobs: two jobs must not generate at once.
 set -u
 W=${DZ_WORK:-/tmp/dzsrv}
 DZ=${DZ:-$W/deltazip}
@@ -31,7 +35,11 @@ KV_BYTES=${KV_BYTES:-16GiB}
 MAX_DELTAS=${MAX_DELTAS:-32}  # [scheduler] max_deltas_per_step: uniform over 32 fine-tunes needs 32 to fill a batch
 WARMUP=${WARMUP-1}            # non-empty: `bench serve --warmup` (one request per model first: measure a warm server)
 KV_CACHE=${KV_CACHE:-auto}
+PORT_BASE=${PORT_BASE:-8200}
+GPU=${GPU:-}
+[[ -n $GPU ]] && export CUDA_VISIBLE_DEVICES=$GPU
 mkdir -p "$W" "$OUT"
+gpu_mem() { nvidia-smi ${GPU:+-i "$GPU"} --query-gpu=memory.used --format=csv,noheader"${1:-}" | head -1; }
 export NCCL_NVLS_ENABLE=0
 nccl=$(python3 -c 'import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], "lib"))' 2>/dev/null)
 export LD_LIBRARY_PATH=${nccl}:${LD_LIBRARY_PATH:-}
@@ -65,11 +73,11 @@ swap_config() { # swap_config FILE N
 
 serve() { # serve TAG CONFIG PORT
     "$DZ" serve --config "$2" --port "$3" > "$OUT/serve-$1.log" 2>&1 &
-    echo $! > "$W/serve.pid"
+    echo $! > "$OUT/serve.pid"
     local t0=$(date +%s)
     until curl -sf "http://127.0.0.1:$3/health" > /dev/null; do
         sleep 1
-        if ! kill -0 "$(cat "$W/serve.pid")" 2> /dev/null; then
+        if ! kill -0 "$(cat "$OUT/serve.pid")" 2> /dev/null; then
             echo "serve $1 exited"; tail -20 "$OUT/serve-$1.log"; return 1
         fi
         if (($(date +%s) - t0 > ${SERVE_WAIT:-900})); then echo "serve $1: not up in time"; return 1; fi
@@ -77,19 +85,30 @@ serve() { # serve TAG CONFIG PORT
     echo "serve $1 up in $(($(date +%s) - t0)) s"
 }
 
-stop() { kill "$(cat "$W/serve.pid")" 2> /dev/null; sleep 2; pkill -f "deltazip serve" 2> /dev/null; sleep 1; }
+stop() { # this job's server only: another job may share the machine
+    local pid; pid=$(cat "$OUT/serve.pid" 2> /dev/null) || return 0
+    kill "$pid" 2> /dev/null
+    for _ in $(seq 30); do kill -0 "$pid" 2> /dev/null || return 0; sleep 1; done
+    kill -9 "$pid" 2> /dev/null; sleep 1
+}
 
 bench() { # bench TAG SYSTEM PORT MODELS [POPULARITY]   (RATES, REQS: this run's rates and requests per rate)
-    "$DZ" bench serve --url "http://127.0.0.1:$3" --models "$4" --api completions --rates "$RATES" \
-        --requests "$REQS" --popularity "${5:-uniform}" --corpus "$CORPUS" --prompt-words 32..160 \
-        --max-tokens 32..96 --seed 1 --system "$2" --out "$OUT/serving" --append --quiet \
-        ${WARMUP:+--warmup} 2>&1 | tail -6
-    nvidia-smi --query-gpu=memory.used --format=csv,noheader | sed "s/^/  $1 gpu memory used: /"
+    # One `bench serve` per rate: each rate's row is on disk as soon as it is measured, so a call that
+    # runs out of time keeps the rates it finished. The warm-up goes with the first rate only.
+    local warm=${WARMUP:+--warmup} rate
+    for rate in ${RATES//,/ }; do
+        "$DZ" bench serve --url "http://127.0.0.1:$3" --models "$4" --api completions --rates "$rate" \
+            --requests "$REQS" --popularity "${5:-uniform}" --corpus "$CORPUS" --prompt-words 32..160 \
+            --max-tokens 32..96 --seed 1 --system "$2" --out "$OUT/serving" --append --quiet \
+            $warm 2>&1 | tail -4
+        warm=
+    done
+    gpu_mem | sed "s/^/  $1 gpu memory used: /"
     curl -s "http://127.0.0.1:$3/metrics" > "$OUT/metrics-$1.txt"
     grep -E "^deltazip_((delta|swap)_(loads_total|hits_total|misses_total|evictions_total|load_seconds_total)|swap_copied_bytes_total|gpu_delta_bytes|tokens_per_second)" "$OUT/metrics-$1.txt" | head -24
     # One line per server run: GPU memory in use after the run, and the server's tier counters.
     python3 - "$1" "$2" "$(echo "$4" | tr ',' '\n' | wc -l)" "${5:-uniform}" \
-        "$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | head -1)" \
+        "$(gpu_mem ,nounits)" \
         "$OUT/metrics-$1.txt" >> "$OUT/runs.jsonl" << 'PY'
 import json, sys
 tag, system, n, pop, mem, metrics = sys.argv[1:]
@@ -107,7 +126,7 @@ PY
 }
 
 probe() { # probe PORT: one plain and one streamed completion; on a hang, every thread's stack
-    local pid; pid=$(cat "$W/serve.pid")
+    local pid; pid=$(cat "$OUT/serve.pid")
     for stream in false true; do
         local t0=$(date +%s%N)
         if ! timeout 90 curl -sN "http://127.0.0.1:$1/v1/completions" -H 'Content-Type: application/json' \
@@ -127,6 +146,7 @@ for arg in "$@"; do
     step=${arg%%@*}
     pop=uniform
     [[ $arg == *@* ]] && pop=${arg#*@}
+    sfx=""; [[ $pop == uniform ]] || sfx="-${pop//:/}"   # tags of runs with another popularity
     case $step in
         gen)
             nvidia-smi -L
@@ -137,26 +157,26 @@ for arg in "$@"; do
             done
             df -h "$W" | tail -1 ;;
         probe)
-            config "$W/base.toml" 4b24 0
-            RUST_LOG=${RUST_LOG:-info} serve probe "$W/base.toml" 8200 && probe 8200; rc=$?; stop
+            config "$OUT/base.toml" 4b24 0
+            RUST_LOG=${RUST_LOG:-info} serve probe "$OUT/base.toml" $((PORT_BASE)) && probe $((PORT_BASE)); rc=$?; stop
             [[ $rc == 0 ]] || exit 1 ;;
         base)
-            config "$W/base.toml" 4b24 0
-            serve base "$W/base.toml" 8201 && bench base base 8201 base; stop ;;
+            config "$OUT/base.toml" 4b24 0
+            serve base "$OUT/base.toml" $((PORT_BASE + 1)) && bench base base $((PORT_BASE + 1)) base; stop ;;
         dz:*)
             IFS=: read -r _ codec n <<< "$step"
-            config "$W/$codec-$n.toml" "$codec" "$n"
+            config "$OUT/$codec-$n.toml" "$codec" "$n"
             models=$(seq -f 'ft-%02g' 0 $((n - 1)) | paste -sd,)
-            serve "$codec-$n" "$W/$codec-$n.toml" 8202 && bench "$codec-$n" "dz-$codec" 8202 "$models" "$pop"; stop ;;
+            serve "$codec-$n$sfx" "$OUT/$codec-$n.toml" $((PORT_BASE + 2)) && bench "$codec-$n$sfx" "dz-$codec" $((PORT_BASE + 2)) "$models" "$pop"; stop ;;
         swap:*)
             n=${step#swap:}
-            swap_config "$W/swap-$n.toml" "$n"
+            swap_config "$OUT/swap-$n.toml" "$n"
             models=$(seq -f 'ft-%02g' 0 $((n - 1)) | paste -sd,)
             # No warm-up: K of N models fit; warming all would only cycle them.
             # A miss copies a whole model (12.5 GiB for 7B) from pageable memory, seconds each: fewer
             # requests and rates (SWAP_REQS, SWAP_RATES) keep a run inside one device call.
-            serve "swap-$n" "$W/swap-$n.toml" 8203 && WARMUP= RATES=${SWAP_RATES:-$RATES} REQS=${SWAP_REQS:-$REQS} \
-                bench "swap-$n" swap 8203 "$models" "$pop"; stop ;;
+            serve "swap-$n$sfx" "$OUT/swap-$n.toml" $((PORT_BASE + 3)) && WARMUP= RATES=${SWAP_RATES:-$RATES} REQS=${SWAP_REQS:-$REQS} \
+                bench "swap-$n$sfx" swap $((PORT_BASE + 3)) "$models" "$pop"; stop ;;
     esac
 done
 echo "=== done $(date +%T)"

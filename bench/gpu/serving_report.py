@@ -88,7 +88,7 @@ def main():
     lines = [
         "# Serving on one H200: base + N deltas vs swapping full models vs base alone (issue #9)",
         "",
-        f"- Machine: {m.get('cpu')} ({m.get('cores')} cores), GPU {m.get('gpu')}",
+        f"- Machine: {m.get('cpu')} ({m.get('cores')} cores), GPU {' / '.join(sorted(set(str(m.get('gpu')).splitlines())))}",
         f"- Commit `{meta.get('commit')}`, {meta.get('date')}",
         f"- Workload: `deltazip bench serve`, {meta.get('length')} per rate (Poisson arrivals), prompts of "
         f"{meta.get('prompt_words')} words from a text corpus, max_tokens {meta.get('max_tokens')}, seed "
@@ -132,6 +132,27 @@ def main():
             f"{fmt(o['tokens_per_s'], '.1f')} | {fmt(sw and sw['tokens_per_s'], '.1f')} | "
             f"{fmt(ratio(o, sw), '.1f')}x | {fmt(b and b['tokens_per_s'], '.1f')} | "
             f"{fmt(ratio(o, b), '.0%')} |")
+    # Capacity: each system's best throughput over the rates it was offered. A saturated system makes
+    # about the same tokens/s at every rate past its capacity, so systems measured at different rates
+    # (swap runs fewer, slower requests to fit a call) still compare here.
+    best = {}
+    for o in out:
+        key = (o["system"], o["n_models"], o["popularity"])
+        if o["tokens_per_s"] is not None and (key not in best or o["tokens_per_s"] > best[key]["tokens_per_s"]):
+            best[key] = o
+    base_best = max((o for k, o in best.items() if k[0] == "base"), key=lambda o: o["tokens_per_s"],
+                    default=None)
+    lines += ["", "## Capacity (best tokens/s over the offered rates)", "",
+              "| system | N | popularity | best tokens/s | at rate | TPOT p50 (ms) | in flight (tokens/s x TPOT) "
+              "| vs swap | vs base |", "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for (system, n, pop), o in sorted(best.items(), key=lambda kv: (kv[0][1], kv[0][2], ORDER.get(kv[0][0], 9))):
+        sw = best.get(("swap", n, pop))
+        inflight = None if not o["tpot_p50_ms"] else o["tokens_per_s"] * o["tpot_p50_ms"] / 1000
+        vs_swap = None if system == "swap" or not sw else o["tokens_per_s"] / sw["tokens_per_s"]
+        vs_base = None if system == "base" or not base_best else o["tokens_per_s"] / base_best["tokens_per_s"]
+        lines.append(f"| {system} | {n} | {pop} | {o['tokens_per_s']:.1f} | {o['rate']} | "
+                     f"{fmt(o['tpot_p50_ms'], '.1f')} | {fmt(inflight, '.1f')} | "
+                     f"{'-' if vs_swap is None else format(vs_swap, '.1f') + 'x'} | {fmt(vs_base, '.0%')} |")
     for system in sorted({o["system"] for o in out if o["system"].startswith("dz-")}):
         for n in sorted({o["n_models"] for o in out if o["system"] == system}):
             s = [o for o in out if o["system"] == system and o["n_models"] == n
@@ -151,7 +172,7 @@ def main():
         print("no matplotlib: no plot", file=sys.stderr)
         return
     panels = sorted({(o["n_models"], o["popularity"]) for o in out if o["system"] != "base"})
-    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(4.5 * max(1, len(panels)), 3.8),
+    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(max(6.5, 4.5 * len(panels)), 3.8),
                              squeeze=False)
     for ax, (n, pop) in zip(axes[0], panels):
         for system in sorted({o["system"] for o in out}, key=lambda s: ORDER.get(s, 9)):

@@ -16,6 +16,9 @@ DISTINCT=${DISTINCT:-8}   # distinct delta files; 32 names cycle over them (disk
 N=${N:-32}
 RATES=${RATES:-4,16}
 REQS=${REQS:-64}
+# Requests in flight at once. The host's NCCL workers schedule on their own: requests arriving while a
+# step runs can make the ranks batch differently and hang (measured 2026-11-29); 1 keeps them in step.
+MAX_INFLIGHT=${MAX_INFLIGHT:-256}
 here=$(cd "$(dirname "$0")" && pwd)
 mkdir -p "$W" "$OUT"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -84,7 +87,7 @@ phase_run() { # phase_run tp1|tp2 PORT
     python3 "$here/tp_check.py" collect "http://127.0.0.1:$2" "$OUT/check-$1.json" \
         "base,ft-00,$(printf 'ft-%02d,ft-%02d' $((N / 2)) $((N - 1)))"
     "$DZ" bench serve --url "http://127.0.0.1:$2" --models "$(models)" --api completions \
-        --rates "$RATES" --requests "$REQS" --popularity uniform --corpus "$CORPUS" \
+        --rates "$RATES" --requests "$REQS" --max-inflight "$MAX_INFLIGHT" --popularity uniform --corpus "$CORPUS" \
         --prompt-words 32..128 --max-tokens 32..64 --seed 1 --system "13b-$CODEC-$1" \
         --out "$OUT/tp-bench" --append --quiet 2>&1 | tail -12
     grep -E "^deltazip_(gpu|delta|tokens)" <(curl -s "http://127.0.0.1:$2/metrics") | head -12

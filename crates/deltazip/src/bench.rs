@@ -216,8 +216,19 @@ pub fn machine() -> serde_json::Value {
     serde_json::json!({
         "cpu": cpu,
         "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
-        "gpu": gpu,
+        "gpu": gpu.map(|g| gpu_summary(&g)),
     })
+}
+
+/// One line for `nvidia-smi`'s one line per GPU: `2 x NAME, MEMORY, DRIVER` when the GPUs are alike.
+fn gpu_summary(lines: &str) -> String {
+    let gpus: Vec<&str> = lines.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    match gpus.as_slice() {
+        [] => String::new(),
+        [one] => one.to_string(),
+        [first, rest @ ..] if rest.iter().all(|g| g == first) => format!("{} x {first}", gpus.len()),
+        _ => gpus.join(" / "),
+    }
 }
 
 /// The directory to work in: `dir` (created), else a temporary one, removed when the guard drops.
@@ -658,4 +669,21 @@ pub fn run_quality(args: &BenchQualityArgs) -> Result<String> {
         )?;
     }
     Ok(md)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::gpu_summary;
+
+    #[test]
+    fn gpu_summary_is_one_line() {
+        let h200 = "NVIDIA H200, 143771 MiB, 580.159.04";
+        assert_eq!(gpu_summary(h200), h200);
+        assert_eq!(
+            gpu_summary(&format!("{h200}\n{h200}\n")),
+            format!("2 x {h200}")
+        );
+        assert_eq!(gpu_summary("A, 1 MiB, 1\nB, 2 MiB, 1"), "A, 1 MiB, 1 / B, 2 MiB, 1");
+        assert_eq!(gpu_summary(""), "");
+    }
 }

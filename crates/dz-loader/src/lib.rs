@@ -129,11 +129,7 @@ pub fn serve_with(config: &Config, deltas: &[CheckedDelta], preload: bool) -> Re
         device = host::pipeline_device(&p)?;
         // Before the engine starts: a worker's engine never returns.
         if preload {
-            for d in &multi {
-                let ft =
-                    HostDelta::read(&d.spec.name, &d.file)?.upload_rank(&device, tied_head, tp)?;
-                registry.insert(Arc::new(ft));
-            }
+            preload_multi_tenant(&multi, &registry, &device, tied_head, tp)?;
         }
         if !swapped.is_empty() {
             let dtype = swap.dtype().ok_or_else(|| {
@@ -182,5 +178,47 @@ pub fn serve_with(config: &Config, deltas: &[CheckedDelta], preload: bool) -> Re
         tp,
         swap,
         swap_store,
+    })
+}
+
+/// Reads and uploads every multi-tenant delta of `multi` before the engine starts (this rank's slice of
+/// each). A file that several names share is read once; each name still gets its own device copy, as
+/// if the files were distinct. A reader thread reads the next file while this thread cuts and uploads
+/// the last one, so start-up costs about the larger of the two, not their sum.
+fn preload_multi_tenant(
+    multi: &[&CheckedDelta],
+    registry: &DeltaRegistry,
+    device: &Device,
+    tied_head: bool,
+    tp: TpRank,
+) -> Result<()> {
+    let mut groups: Vec<Vec<&CheckedDelta>> = Vec::new();
+    for &d in multi {
+        match groups.iter_mut().find(|g| g[0].spec.path == d.spec.path) {
+            Some(g) => g.push(d),
+            None => groups.push(vec![d]),
+        }
+    }
+    std::thread::scope(|s| {
+        // One file ahead: at most two read files are held at once.
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Result<HostDelta>>(0);
+        let reader = &groups;
+        s.spawn(move || {
+            for g in reader {
+                let read = HostDelta::read(&g[0].spec.name, &g[0].file);
+                let failed = read.is_err();
+                if tx.send(read).is_err() || failed {
+                    break;
+                }
+            }
+        });
+        for (g, read) in groups.iter().zip(rx) {
+            let mut host = read?;
+            for d in g {
+                host.set_name(&d.spec.name);
+                registry.insert(Arc::new(host.upload_rank(device, tied_head, tp)?));
+            }
+        }
+        Ok(())
     })
 }

@@ -110,6 +110,11 @@ impl HostDelta {
         &self.name
     }
 
+    /// Serves the same deltas under another fine-tune name (names that share one delta file).
+    pub fn set_name(&mut self, name: &str) {
+        self.name = Arc::from(name);
+    }
+
     /// Bytes of packed payload held.
     pub fn bytes(&self) -> u64 {
         self.bytes
@@ -273,6 +278,11 @@ impl FineTuneDeltas {
     /// The fine-tune's name.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Serves the same deltas under another fine-tune name (names that share one delta file).
+    pub fn set_name(&mut self, name: &str) {
+        self.name = Arc::from(name);
     }
 
     /// Device bytes held.
