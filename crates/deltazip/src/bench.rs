@@ -222,11 +222,17 @@ pub fn machine() -> serde_json::Value {
 
 /// One line for `nvidia-smi`'s one line per GPU: `2 x NAME, MEMORY, DRIVER` when the GPUs are alike.
 fn gpu_summary(lines: &str) -> String {
-    let gpus: Vec<&str> = lines.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    let gpus: Vec<&str> = lines
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
     match gpus.as_slice() {
         [] => String::new(),
         [one] => one.to_string(),
-        [first, rest @ ..] if rest.iter().all(|g| g == first) => format!("{} x {first}", gpus.len()),
+        [first, rest @ ..] if rest.iter().all(|g| g == first) => {
+            format!("{} x {first}", gpus.len())
+        }
         _ => gpus.join(" / "),
     }
 }
@@ -683,7 +689,10 @@ mod tests {
             gpu_summary(&format!("{h200}\n{h200}\n")),
             format!("2 x {h200}")
         );
-        assert_eq!(gpu_summary("A, 1 MiB, 1\nB, 2 MiB, 1"), "A, 1 MiB, 1 / B, 2 MiB, 1");
+        assert_eq!(
+            gpu_summary("A, 1 MiB, 1\nB, 2 MiB, 1"),
+            "A, 1 MiB, 1 / B, 2 MiB, 1"
+        );
         assert_eq!(gpu_summary(""), "");
     }
 }
