@@ -115,6 +115,7 @@ mod error;
 mod ops;
 pub mod poisoned;
 pub mod reference;
+pub mod relayout;
 
 pub use delta::{DeviceDelta, RowSubset};
 pub use error::{OpError, Result};
