@@ -137,3 +137,18 @@ pub fn set_tensor_cores(enabled: bool) {
 pub fn tensor_cores() -> bool {
     TENSOR_CORES.load(std::sync::atomic::Ordering::Relaxed)
 }
+
+static V4_KERNELS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Turns the v4 kernels on or off for this process (on by default): with them on (and the tensor cores),
+/// `delta_matmul` and `sbmm` launches of at most 16 input rows per segment take the v4 kernels
+/// (`dz_kernels::v4`) for deltas that have a v4 layout ([`DeviceDelta::v4_parts`]); off, the tensor-core
+/// v3 kernels. Benchmarks and the CUDA check compare the two. No effect on the CPU.
+pub fn set_v4_kernels(enabled: bool) {
+    V4_KERNELS.store(enabled, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether [`set_v4_kernels`] allows the v4 kernels (the default).
+pub fn v4_kernels() -> bool {
+    V4_KERNELS.load(std::sync::atomic::Ordering::Relaxed)
+}

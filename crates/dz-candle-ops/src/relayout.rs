@@ -30,6 +30,7 @@
 use dz_format::codec::Payload;
 use dz_format::Codec;
 use half::f16;
+use rayon::prelude::*;
 
 /// Stored rows per packet.
 pub const V4_TILE_ROWS: usize = 16;
@@ -95,7 +96,14 @@ pub fn piece_offset(piece: usize, lane: usize, o: usize) -> usize {
 
 /// Where pair `p` of lane `(g, c)` of packet `(rt, kb)` comes from: `(row, first column)` for quant (the
 /// pair is that column and the next), `(row, run)` for sparse24 (the pair is the run's two kept codes).
-pub fn pair_source(kind: V4Kind, rt: usize, kb: usize, g: usize, c: usize, p: usize) -> (usize, usize) {
+pub fn pair_source(
+    kind: V4Kind,
+    rt: usize,
+    kb: usize,
+    g: usize,
+    c: usize,
+    p: usize,
+) -> (usize, usize) {
     let (s, f) = (p / 4, p % 4);
     let row = V4_TILE_ROWS * rt + g + 8 * (f & 1);
     match kind {
@@ -151,25 +159,29 @@ pub fn relayout_v4(payload: &Payload) -> Option<V4Layout> {
             _ => 0,
         }
     };
-    for rt in 0..n_rt {
-        for kb in 0..n_kb {
-            let base = (rt * n_kb + kb) * packet;
-            for lane in 0..32 {
-                let (g, c) = (lane / 4, lane % 4);
-                for u in 0..words {
-                    let mut w = 0u32;
-                    for j in 0..pairs_per_word {
-                        let p = u * pairs_per_word + j;
-                        w |= code(rt, kb, g, c, p, 0) << (bits as usize * j);
-                        w |= code(rt, kb, g, c, p, 1) << (16 + bits as usize * j);
-                    }
-                    for (b, byte) in w.to_le_bytes().into_iter().enumerate() {
-                        codes[base + piece_offset(piece, lane, 4 * u + b)] = byte;
+    // Row tiles in parallel (a 7B model's deltas hold billions of codes).
+    codes
+        .par_chunks_mut(n_kb * packet)
+        .enumerate()
+        .for_each(|(rt, tile)| {
+            for kb in 0..n_kb {
+                let base = kb * packet;
+                for lane in 0..32 {
+                    let (g, c) = (lane / 4, lane % 4);
+                    for u in 0..words {
+                        let mut w = 0u32;
+                        for j in 0..pairs_per_word {
+                            let p = u * pairs_per_word + j;
+                            w |= code(rt, kb, g, c, p, 0) << (bits as usize * j);
+                            w |= code(rt, kb, g, c, p, 1) << (16 + bits as usize * j);
+                        }
+                        for (b, byte) in w.to_le_bytes().into_iter().enumerate() {
+                            tile[base + piece_offset(piece, lane, 4 * u + b)] = byte;
+                        }
                     }
                 }
             }
-        }
-    }
+        });
     let mut meta = Vec::new();
     if let Payload::Sparse24(s) = payload {
         meta = vec![0u8; n_rt * n_kb * V4_META_PACKET];
@@ -180,25 +192,27 @@ pub fn relayout_v4(payload: &Payload) -> Option<V4Layout> {
             let at = row * (k / 2) + 2 * run;
             u32::from(s.positions[at]) | (u32::from(s.positions[at + 1]) << 2)
         };
-        for rt in 0..n_rt {
-            for kb in 0..n_kb {
-                let base = (rt * n_kb + kb) * V4_META_PACKET;
-                for g in 0..8 {
-                    for e in 0..2 {
-                        for st in 0..4 {
-                            let mut w = 0u32;
-                            for t in 0..4 {
-                                let run = 32 * kb + 8 * st + 4 * e + t;
-                                w |= nibble(V4_TILE_ROWS * rt + g, run) << (4 * t);
-                                w |= nibble(V4_TILE_ROWS * rt + g + 8, run) << (16 + 4 * t);
+        meta.par_chunks_mut(n_kb * V4_META_PACKET)
+            .enumerate()
+            .for_each(|(rt, tile)| {
+                for kb in 0..n_kb {
+                    let base = kb * V4_META_PACKET;
+                    for g in 0..8 {
+                        for e in 0..2 {
+                            for st in 0..4 {
+                                let mut w = 0u32;
+                                for t in 0..4 {
+                                    let run = 32 * kb + 8 * st + 4 * e + t;
+                                    w |= nibble(V4_TILE_ROWS * rt + g, run) << (4 * t);
+                                    w |= nibble(V4_TILE_ROWS * rt + g + 8, run) << (16 + 4 * t);
+                                }
+                                let at = base + (2 * g + e) * 16 + 4 * st;
+                                tile[at..at + 4].copy_from_slice(&w.to_le_bytes());
                             }
-                            let at = base + (2 * g + e) * 16 + 4 * st;
-                            meta[at..at + 4].copy_from_slice(&w.to_le_bytes());
                         }
                     }
                 }
-            }
-        }
+            });
     }
     let n_groups = grid.scales.len() / n.max(1);
     let group = grid.params.group_size as usize;
@@ -207,11 +221,7 @@ pub fn relayout_v4(payload: &Payload) -> Option<V4Layout> {
         if row >= n {
             return 0;
         }
-        let gi = if group == 0 {
-            0
-        } else {
-            V4_BLOCK_COLS * kb / group
-        };
+        let gi = (V4_BLOCK_COLS * kb).checked_div(group).unwrap_or(0);
         grid.scales[row * n_groups + gi].to_bits()
     };
     for rt in 0..n_rt {
@@ -279,7 +289,13 @@ pub struct StepFragments {
 
 /// Decodes step `s` of packet `(rt, kb)` from the v4 bytes with the kernel's index arithmetic (the CPU
 /// twin of `kernels/v4/v4.cu`'s decode: the same byte offsets, word and bit positions).
-pub fn step_fragments(v4: &V4Layout, p: &V4Params, rt: usize, kb: usize, s: usize) -> StepFragments {
+pub fn step_fragments(
+    v4: &V4Layout,
+    p: &V4Params,
+    rt: usize,
+    kb: usize,
+    s: usize,
+) -> StepFragments {
     let (n_kb, _) = packets(p.n, p.k);
     let piece = piece_bytes(p.kind, p.bits);
     let packet = 32 * piece;
@@ -414,11 +430,11 @@ pub fn matmul_twin(v4: &V4Layout, p: &V4Params, x: &[f32], m: usize) -> Vec<f64>
                     }
                 }
             }
-            for r in 0..16 {
+            for (r, acc_r) in acc.iter().enumerate() {
                 let row = V4_TILE_ROWS * rt + r;
-                for nn in 0..8 {
+                for (nn, v) in acc_r.iter().enumerate() {
                     if row < p.n && n0 + nn < m {
-                        y[(n0 + nn) * p.n + row] = acc[r][nn] * f64::from(p.global_scale);
+                        y[(n0 + nn) * p.n + row] = v * f64::from(p.global_scale);
                     }
                 }
             }
@@ -461,8 +477,7 @@ pub fn dequantize_v4(v4: &V4Layout, p: &V4Params) -> Vec<f32> {
                                 [4 * run + (nib & 3) as usize, 4 * run + (nib >> 2) as usize]
                             }
                         };
-                        for h in 0..2 {
-                            let col = cols[h];
+                        for (h, &col) in cols.iter().enumerate() {
                             if col >= p.k {
                                 continue;
                             }
@@ -621,7 +636,10 @@ mod tests {
             symmetric,
             global_scale: 1.0,
         };
-        assert_eq!(v4_kind(&Codec::Quant(p(4, 128, true)), 4096), Some(V4Kind::Quant));
+        assert_eq!(
+            v4_kind(&Codec::Quant(p(4, 128, true)), 4096),
+            Some(V4Kind::Quant)
+        );
         assert_eq!(
             v4_kind(&Codec::Sparse24(p(2, 0, true)), 96),
             Some(V4Kind::Sparse24)
