@@ -10,8 +10,9 @@
 // Per 128-column block a lane loads its piece of the packet (quant4: 2 x 16 B, quant2 / sparse24-4: 16 B,
 // sparse24-2: 8 B; + 16 B of metadata for sparse24) with coalesced 16-byte loads, and makes each pair of
 // f16/bf16 with a shift (shared by several pairs), one LOP3 ((w >> sh) & mask | magic) and one HFMA2
-// (scale by 2^-within and subtract magic + zero point, exact). Loads run D = 2 blocks ahead (codes, meta,
-// scales and x), the loop is unrolled by 2 so the ring is indexed by constants.
+// (scale by 2^-within and subtract magic + zero point, exact). Loads run D = 3 (8-row tiles) or 2 (16-row
+// tiles) blocks ahead (codes, meta, scales and x); the loop is unrolled by D so the ring is indexed by
+// constants.
 //
 // Launch: block = 8 warps (V4_THREADS), all on one 16-row tile of the delta (grid x), each warp on the
 // blocks wk, wk + 8, ... of K; the 8 partial sums meet in shared memory. Grid y = tiles of 8 NT input rows
@@ -23,7 +24,6 @@ namespace dz {
 namespace v4 {
 
 constexpr int WK = 8;   // warps per block, along K
-constexpr int D = 2;    // blocks of loads in flight per warp (ring depth)
 constexpr int KB = 128;  // columns per block
 
 template <typename T>
@@ -158,8 +158,16 @@ struct Cursor {
   uint32_t kb;              // the block
 };
 
+// Blocks of loads in flight per warp (the ring's depth): 3 for 8-row tiles, 2 for 16-row tiles (whose x
+// words take twice the registers); both fit 128 registers without spills (ptxas -v).
+template <int NT>
+constexpr int depth() {
+  return NT == 1 ? 3 : 2;
+}
+
 template <class C, typename T, int NT>
 struct Tile {
+  static constexpr int D = depth<NT>();
   // Issues the loads of block `cur.kb` (nothing past the last block) and advances the cursor WK blocks.
   static __device__ __forceinline__ void load(Stage<C, NT>& st, Cursor<C, T, NT>& cur, uint32_t nkb, uint32_t K,
                                               uint32_t lane) {
