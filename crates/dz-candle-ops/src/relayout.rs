@@ -6,7 +6,8 @@
 //! in the kernel's order gives back exactly the dense delta of dz-format's reference decoder).
 //!
 //! The matrix is cut into *packets*: 16 stored rows (a row tile `rt`) x 128 columns (a block `kb`), padded
-//! with code 0 (and metadata nibble `0x4`) past the stored rows and past K; packets are stored row tile by
+//! with the zero point `2^(bits-1)` as code (weight exactly 0; metadata nibble `0x4`) past the stored rows
+//! and past K; packets are stored row tile by
 //! row tile, `(rt * n_kb + kb)`. Lane `l = 4 g + c` of the warp that computes a packet reads its *piece* of
 //! `P` bytes: for `P >= 16`, 16-byte chunk `i` of every lane lies at `i * 512 + 16 l` (one chunk of the
 //! 32 lanes is 512 contiguous bytes), else at `P l`. Piece word `u` (u32, little-endian) holds code pairs
@@ -133,11 +134,14 @@ pub fn relayout_v4(payload: &Payload) -> Option<V4Layout> {
     let pairs_per_word = 16 / bits as usize;
     let words = piece / 4;
     let mut codes = vec![0u8; n_rt * n_kb * packet];
-    // The code (or 0 past the data) of pair `p`'s low (`h = 0`) or high half.
+    // Past the data (rows past N, columns past K) the code is the zero point, so the weight is exactly 0
+    // whatever x the kernel has in its registers there (it does not load x past K).
+    let pad = 1u32 << (bits - 1);
+    // The code of pair `p`'s low (`h = 0`) or high half.
     let code = |rt, kb, g, c, p, h: usize| -> u32 {
         let (row, at) = pair_source(kind, rt, kb, g, c, p);
         if row >= n {
-            return 0;
+            return pad;
         }
         match payload {
             Payload::Quant(q) => {
@@ -145,7 +149,7 @@ pub fn relayout_v4(payload: &Payload) -> Option<V4Layout> {
                 if col < k {
                     u32::from(q.codes[row * k + col])
                 } else {
-                    0
+                    pad
                 }
             }
             Payload::Sparse24(s) => {
@@ -153,10 +157,10 @@ pub fn relayout_v4(payload: &Payload) -> Option<V4Layout> {
                 if 4 * run < k {
                     u32::from(s.codes[row * (k / 2) + 2 * run + h])
                 } else {
-                    0
+                    pad
                 }
             }
-            _ => 0,
+            _ => pad,
         }
     };
     // Row tiles in parallel (a 7B model's deltas hold billions of codes).
@@ -349,7 +353,9 @@ pub fn b_column(kind: V4Kind, kb: usize, c: usize, s: usize, i: usize, h: usize)
 /// way the kernel does: per packet and step, the lanes' A fragments (decoded as above) and B fragments (x
 /// at [`b_column`]) multiplied by the PTX definition of the mma (m16n8k16 for quant; m16n8k32 with 2:4
 /// metadata, sparsity selector 0, for sparse24), each block's partial sum scaled by its rows' scale, the
-/// global scale last. `x` is `m x k` row-major; the result is `m x n` row-major.
+/// global scale last. `x` is `m x k` row-major; the result is `m x n` row-major. Past K (and for input
+/// rows past `m`) the B fragments hold a large finite value, as the kernel's registers hold stale x there:
+/// the padding codes must make those products exactly 0.
 pub fn matmul_twin(v4: &V4Layout, p: &V4Params, x: &[f32], m: usize) -> Vec<f64> {
     let (n_kb, n_rt) = packets(p.n, p.k);
     let steps = match p.kind {
@@ -360,7 +366,7 @@ pub fn matmul_twin(v4: &V4Layout, p: &V4Params, x: &[f32], m: usize) -> Vec<f64>
         if row < m && col < p.k {
             f64::from(x[row * p.k + col])
         } else {
-            0.0
+            1.0e3
         }
     };
     let mut y = vec![0f64; m * p.n];

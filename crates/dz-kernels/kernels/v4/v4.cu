@@ -168,74 +168,73 @@ constexpr int depth() {
 template <class C, typename T, int NT>
 struct Tile {
   static constexpr int D = depth<NT>();
-  // Issues the loads of block `cur.kb` (nothing past the last block) and advances the cursor WK blocks.
+  // Issues the loads of the cursor's block and moves the cursor WK blocks on. The cursor never leaves the
+  // row tile's last block (it stays there once `kb` passes it), so every load is in bounds without a
+  // branch: the loads of a block past the last are repeats (cache hits) that nothing uses. x words past K
+  // are not loaded (the registers keep older, finite x values, or the prologue's zeros): the re-laid
+  // codes there are the zero point, so the weights they meet are exactly 0.
   static __device__ __forceinline__ void load(Stage<C, NT>& st, Cursor<C, T, NT>& cur, uint32_t nkb, uint32_t K,
                                               uint32_t lane) {
-    if (cur.kb < nkb) {
-      const uint32_t c = lane % 4;
-      if constexpr (C::PIECE >= 16) {
+    const uint32_t c = lane % 4;
+    if constexpr (C::PIECE >= 16) {
 #pragma unroll
-        for (int i = 0; i < C::PIECE / 16; ++i) {
-          const uint4 v = ldg16(cur.codes + i * 512);
-          st.w[4 * i] = v.x;
-          st.w[4 * i + 1] = v.y;
-          st.w[4 * i + 2] = v.z;
-          st.w[4 * i + 3] = v.w;
+      for (int i = 0; i < C::PIECE / 16; ++i) {
+        const uint4 v = ldg16(cur.codes + i * 512);
+        st.w[4 * i] = v.x;
+        st.w[4 * i + 1] = v.y;
+        st.w[4 * i + 2] = v.z;
+        st.w[4 * i + 3] = v.w;
+      }
+    } else {
+      const uint2 v = __ldg(reinterpret_cast<const uint2*>(cur.codes));
+      st.w[0] = v.x;
+      st.w[1] = v.y;
+    }
+    if constexpr (C::sparse) {
+      const uint4 v = ldg16(cur.meta);
+      st.m[0] = v.x;
+      st.m[1] = v.y;
+      st.m[2] = v.z;
+      st.m[3] = v.w;
+    }
+    st.s = __ldg(cur.scales);
+    const uint32_t k0 = min(cur.kb, nkb - 1) * KB;
+    const bool full = k0 + KB <= K;  // uniform: only the last block of a row can be partial
+#pragma unroll
+    for (int t = 0; t < NT; ++t) {
+      const unsigned int* xw = cur.x[t];
+      if constexpr (!C::sparse) {
+        // Columns 32 c .. 32 c + 31 of the block (xw points there): 4 x 16 bytes (K is a multiple of 32: all
+        // in or all out).
+        if (full || k0 + 32 * c < K) {
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            const uint4 v = ldg16(xw + 4 * i);
+            st.x[t][4 * i] = v.x;
+            st.x[t][4 * i + 1] = v.y;
+            st.x[t][4 * i + 2] = v.z;
+            st.x[t][4 * i + 3] = v.w;
+          }
         }
       } else {
-        const uint2 v = __ldg(reinterpret_cast<const uint2*>(cur.codes));
-        st.w[0] = v.x;
-        st.w[1] = v.y;
-      }
-      if constexpr (C::sparse) {
-        const uint4 v = ldg16(cur.meta);
-        st.m[0] = v.x;
-        st.m[1] = v.y;
-        st.m[2] = v.z;
-        st.m[3] = v.w;
-      }
-      st.s = __ldg(cur.scales);
-      const uint32_t k0 = cur.kb * KB;
-      const bool full = k0 + KB <= K;  // uniform: only the last block of a row can be partial
+        // Word 16 s + 4 i + c of the block for B register i of step s (xw points at word c).
 #pragma unroll
-      for (int t = 0; t < NT; ++t) {
-        const unsigned int* xw = cur.x[t];
-        if constexpr (!C::sparse) {
-          // Columns 32 c .. 32 c + 31 of the block (xw points there): 4 x 16 bytes (K is a multiple of 32:
-          // all in or all out).
-          if (full || k0 + 32 * c < K) {
+        for (int s = 0; s < 4; ++s) {
+          if (full || k0 + 32 * s < K) {
 #pragma unroll
-            for (int i = 0; i < 4; ++i) {
-              const uint4 v = ldg16(xw + 4 * i);
-              st.x[t][4 * i] = v.x;
-              st.x[t][4 * i + 1] = v.y;
-              st.x[t][4 * i + 2] = v.z;
-              st.x[t][4 * i + 3] = v.w;
-            }
-          } else {
-#pragma unroll
-            for (int i = 0; i < 16; ++i) st.x[t][i] = 0;
-          }
-        } else if (full) {
-          // Word 16 s + 4 i + c of the block for B register i of step s (xw points at word c).
-#pragma unroll
-          for (int j = 0; j < 16; ++j) st.x[t][j] = __ldg(xw + 4 * j);
-        } else {
-#pragma unroll
-          for (int s = 0; s < 4; ++s) {
-            const bool in = k0 + 32 * s < K;
-#pragma unroll
-            for (int i = 0; i < 4; ++i) st.x[t][4 * s + i] = in ? __ldg(xw + 16 * s + 4 * i) : 0u;
+            for (int i = 0; i < 4; ++i) st.x[t][4 * s + i] = __ldg(xw + 16 * s + 4 * i);
           }
         }
       }
     }
-    cur.kb += WK;
-    cur.codes += WK * C::PACKET;
-    cur.meta += WK * 256;
-    cur.scales += WK * 8;
+    if (cur.kb + WK < nkb) {
+      cur.codes += WK * C::PACKET;
+      cur.meta += WK * 256;
+      cur.scales += WK * 8;
 #pragma unroll
-    for (int t = 0; t < NT; ++t) cur.x[t] += WK * KB / 2;
+      for (int t = 0; t < NT; ++t) cur.x[t] += WK * KB / 2;
+    }
+    cur.kb += WK;
   }
 
   // A register f of step s: pair p = 4 s + f of the lane's piece.
@@ -284,14 +283,15 @@ struct Tile {
     // The cursor at this warp's first block (wk), this lane's place in it.
     Cursor<C, T, NT> cur;
     cur.kb = wk;
-    const size_t first = size_t(rt) * nkb + wk;
+    const uint32_t wk0 = min(wk, nkb - 1);  // a warp with no block of its own still loads in bounds
+    const size_t first = size_t(rt) * nkb + wk0;
     cur.codes = reinterpret_cast<const uint8_t*>(d.parts[0]) + first * C::PACKET +
                 (C::PIECE >= 16 ? lane * 16 : lane * C::PIECE);
     cur.meta = reinterpret_cast<const uint8_t*>(d.parts[1]) + first * 256 + (2 * g + (c & 1)) * 16;
     cur.scales = reinterpret_cast<const uint32_t*>(d.parts[2]) + first * 8 + g;
 #pragma unroll
     for (int t = 0; t < NT; ++t) {
-      const T* row = x + size_t(min(uint32_t(8 * t) + g, rows - 1)) * K + size_t(wk) * KB;
+      const T* row = x + size_t(min(uint32_t(8 * t) + g, rows - 1)) * K + size_t(wk0) * KB;
       cur.x[t] = reinterpret_cast<const unsigned int*>(row) + (C::sparse ? c : 16 * c);
     }
 
@@ -315,7 +315,13 @@ struct Tile {
 
     Stage<C, NT> ring[D];
 #pragma unroll
-    for (int i = 0; i < D; ++i) load(ring[i], cur, nkb, K, lane);
+    for (int i = 0; i < D; ++i) {
+#pragma unroll
+      for (int t = 0; t < NT; ++t)
+#pragma unroll
+        for (int j = 0; j < C::XW; ++j) ring[i].x[t][j] = 0;  // x words past K stay finite (zero)
+      load(ring[i], cur, nkb, K, lane);
+    }
     for (uint32_t kb0 = wk; kb0 < nkb; kb0 += D * WK) {
 #pragma unroll
       for (int i = 0; i < D; ++i) {
