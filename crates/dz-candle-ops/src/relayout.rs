@@ -113,6 +113,24 @@ pub fn pair_source(
     }
 }
 
+/// Bytes of the v4 layout of an `n_stored x k` delta of `codec` (what a CUDA [`crate::DeviceDelta`] holds
+/// besides its packed parts), 0 when the codec is not re-laid.
+pub fn v4_nbytes(codec: &Codec, n_stored: usize, k: usize) -> usize {
+    let Some(kind) = v4_kind(codec, k) else {
+        return 0;
+    };
+    let bits = match codec {
+        Codec::Quant(p) | Codec::Sparse24(p) => u32::from(p.bits),
+        _ => return 0,
+    };
+    let (n_kb, n_rt) = packets(n_stored, k);
+    let meta = match kind {
+        V4Kind::Quant => 1,
+        V4Kind::Sparse24 => n_rt * n_kb * V4_META_PACKET,
+    };
+    n_rt * n_kb * (32 * piece_bytes(kind, bits) + V4_SCALE_PACKET) + meta
+}
+
 /// Packets per row tile and row tiles: `(n_kb, n_rt)`.
 pub fn packets(n_stored: usize, k: usize) -> (usize, usize) {
     (k.div_ceil(V4_BLOCK_COLS), n_stored.div_ceil(V4_TILE_ROWS))
@@ -592,6 +610,12 @@ mod tests {
             assert_eq!(
                 v4.codes.len(),
                 n_rt * n_kb * 32 * piece_bytes(p.kind, p.bits),
+                "{name}"
+            );
+            let meta = if v4.meta.is_empty() { 1 } else { v4.meta.len() };
+            assert_eq!(
+                v4_nbytes(&payload.codec(), n, k),
+                v4.codes.len() + meta + v4.scales.len(),
                 "{name}"
             );
             let got = dequantize_v4(&v4, &p);

@@ -115,7 +115,8 @@ impl HostDelta {
         self.bytes
     }
 
-    /// Bytes the device form takes (packed parts as stored, small tensors as f32): an upper bound of
+    /// Bytes the device form takes (packed parts as stored, plus the v4 kernels' re-laid copy of the codes
+    /// that a CUDA `DeviceDelta` keeps for the codecs they take, small tensors as f32): an upper bound of
     /// [`FineTuneDeltas::bytes`] for the same delta.
     pub fn device_bytes(&self) -> u64 {
         self.tensors
@@ -124,7 +125,11 @@ impl HostDelta {
                 if t.entry.role == Role::DenseDelta {
                     4 * t.entry.shape.iter().product::<u64>()
                 } else {
-                    t.parts.iter().map(|p| p.len() as u64).sum::<u64>()
+                    let packed = t.parts.iter().map(|p| p.len() as u64).sum::<u64>();
+                    let v4 = t.entry.stored_dims().map_or(0, |(n, k)| {
+                        dz_candle_ops::relayout::v4_nbytes(&t.entry.codec, n, k) as u64
+                    });
+                    packed + v4
                 }
             })
             .sum()
