@@ -9,7 +9,7 @@
 #       --example cuda_check --example kernel_bench
 #   mkdir -p .gpu && cp $HOME/.cache/dz-target-cuda/release/examples/{cuda_check,kernel_bench} .gpu/ && strip .gpu/* && xz .gpu/*
 # There (device tool): command="COMMIT=$(git rev-parse --short HEAD) bash bench/gpu/kernels.sh" carry=[".gpu"]
-# MODE=v4 (about 4-5 minutes): the v4 kernels first (cuda_check --filter v4, then memcheck on its quick
+# MODE=v4 (at most ~5.7 minutes by its timeouts, typically 2-4): the v4 kernels first (cuda_check --filter v4, then memcheck on its quick
 # cases), a quick tensor-core check (v4 at rows <= 16, v3 past it), then kernel_bench --decode (rows 1-16:
 # dz = v4, v3, cuBLAS; sbmm at 32 and 256 rows) into $OUT/kernels-h200-v4.{md,json}; no ncu, no racecheck.
 set -u
@@ -23,7 +23,7 @@ done
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,clocks.max.mem --format=csv,noheader
 if [ "${MODE:-}" = v4 ]; then
   T0=$(date +%s)
-  timeout 120 ./.gpu/cuda_check --filter v4 > "$OUT/cuda_check_v4.txt" 2>&1
+  timeout 90 ./.gpu/cuda_check --filter v4 > "$OUT/cuda_check_v4.txt" 2>&1
   echo "cuda_check v4 rc=$? ($(( $(date +%s) - T0 )) s)"; tail -14 "$OUT/cuda_check_v4.txt"
   grep -m 20 -E "FAIL|panicked|error" "$OUT/cuda_check_v4.txt" | cut -c1-200
   CS=$(ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
@@ -33,10 +33,10 @@ if [ "${MODE:-}" = v4 ]; then
     echo "memcheck v4 rc=$? ($(( $(date +%s) - T0 )) s)"; tail -3 "$OUT/memcheck_v4.txt"
   fi
   T0=$(date +%s)
-  timeout 60 ./.gpu/cuda_check --quick --filter "tensor cores" > "$OUT/cuda_check_tc.txt" 2>&1
+  timeout 45 ./.gpu/cuda_check --quick --filter "tensor cores" > "$OUT/cuda_check_tc.txt" 2>&1
   echo "cuda_check tc quick rc=$? ($(( $(date +%s) - T0 )) s)"; tail -6 "$OUT/cuda_check_tc.txt"
   T0=$(date +%s)
-  timeout 170 ./.gpu/kernel_bench --decode --out "$OUT/kernels-h200-v4" --commit "${COMMIT:-unknown}" > "$OUT/kernel_bench_v4.log" 2>&1
+  timeout 140 ./.gpu/kernel_bench --decode --out "$OUT/kernels-h200-v4" --commit "${COMMIT:-unknown}" > "$OUT/kernel_bench_v4.log" 2>&1
   echo "kernel_bench --decode rc=$? ($(( $(date +%s) - T0 )) s)"
   grep MISMATCH "$OUT/kernel_bench_v4.log" | head -5
   grep -E "copy bandwidth" "$OUT/kernel_bench_v4.log"

@@ -263,6 +263,90 @@ fn profile(b: &Bench) -> Result<()> {
     Ok(())
 }
 
+/// sbmm: D deltas of 4096 x 4096 4b 2:4, the rows split evenly over them, against the same launch on v3, a
+/// loop of per-delta delta_matmul calls, and one dense bf16 matmul of all rows.
+fn sbmm_cases(b: &Bench, copy_bw: f64, rows_out: &mut Vec<Row>) -> Result<()> {
+    let (n, k) = (4096, 4096);
+    let cfg = CODECS[0].1;
+    let host = payload(cfg, n, k, 9);
+    let first = DeviceDelta::from_payload(&host, None, &b.dev)?;
+    let pool: Vec<DeviceDelta> = (0..64)
+        .map(|_| first.deep_clone())
+        .collect::<dz_candle_ops::Result<_>>()?;
+    drop(first);
+    let d_bytes = pool[0].packed_nbytes();
+    let w = Tensor::randn(0f32, 0.02, (n, k), &b.dev)?.to_dtype(DType::BF16)?;
+    for &rows in &[32usize, 256] {
+        let x = Tensor::randn(0f32, 1.0, (rows, k), &b.dev)?.to_dtype(DType::BF16)?;
+        let base = Tensor::randn(0f32, 1.0, (rows, n), &b.dev)?.to_dtype(DType::BF16)?;
+        let t_dense = b.time(ITERS, |_| Ok(vec![x.matmul(&w.t()?)?]))?;
+        for &want in &[1usize, 4, 16, 32, 64] {
+            let used = want.min(rows);
+            // Rotate over disjoint sets of `used` deltas where the pool allows it.
+            let sets = (64 / used).max(1);
+            let per = rows / used;
+            let segments: Vec<Segment> = (0..used)
+                .map(|d| Segment {
+                    start: d * per,
+                    len: if d + 1 == used { rows - d * per } else { per },
+                    delta: Some(d),
+                })
+                .collect();
+            let set = |i: usize| -> Vec<&DeviceDelta> {
+                let s = i % sets;
+                (0..used).map(|d| &pool[(s * used + d) % 64]).collect()
+            };
+            let t_sbmm = b.time(ITERS, |i| Ok(vec![sbmm(&x, &base, &set(i), &segments)?]))?;
+            // v3: the same launch with the v4 kernels off (only where v4 runs: segments of <= 16 rows).
+            let t_v3 = if rows.div_ceil(used) <= 16 {
+                set_v4_kernels(false);
+                let t = b.time(ITERS, |i| Ok(vec![sbmm(&x, &base, &set(i), &segments)?]))?;
+                set_v4_kernels(true);
+                Some(t)
+            } else {
+                None
+            };
+            let t_loop = b.time(ITERS, |i| {
+                let ds = set(i);
+                segments
+                    .iter()
+                    .zip(&ds)
+                    .map(|(seg, d)| Ok(delta_matmul(&x.narrow(0, seg.start, seg.len)?, d)?))
+                    .collect()
+            })?;
+            let bytes = used * d_bytes + rows * k * 2 + 2 * rows * n * 2;
+            let stream_once = (used * d_bytes) as f64 / copy_bw * 1e6;
+            let mk = |op, path, time_us| Row {
+                op,
+                path,
+                codec: CODECS[0].0.to_string(),
+                rows,
+                n,
+                k,
+                deltas: used,
+                time_us,
+                bytes,
+                cublas_us: t_dense,
+                cublas_bytes: n * k * 2 + rows * k * 2 + rows * n * 2,
+                copy_bw,
+                stream_once_us: Some(stream_once),
+                agree: None,
+            };
+            let mut rs = vec![mk("sbmm", "dz", t_sbmm)];
+            if let Some(t) = t_v3 {
+                rs.push(mk("sbmm", "v3", t));
+            }
+            rs.push(mk("sbmm", "loop", t_loop));
+            for r in rs {
+                eprintln!("{}", r.md());
+                rows_out.push(r);
+            }
+        }
+    }
+
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let flag = |name: &str| {
@@ -311,6 +395,10 @@ fn main() -> Result<()> {
         &[1, 2, 4, 8, 16, 32, 64, 128, 256]
     };
     let mut rows_out: Vec<Row> = Vec::new();
+    if decode {
+        // The serving decode regime's key case first (a run cut short still has it).
+        sbmm_cases(&b, copy_bw, &mut rows_out)?;
+    }
     for &(n, k) in shapes {
         let w_bytes = n * k * 2;
         let copies_w = (2 * L2_BYTES / w_bytes + 1).clamp(2, 32);
@@ -399,84 +487,8 @@ fn main() -> Result<()> {
         }
     }
 
-    // sbmm: D deltas of 4096 x 4096 4b 2:4, the rows split evenly over them, against a loop of per-delta
-    // delta_matmul calls and one dense bf16 matmul of all rows.
-    let (n, k) = (4096, 4096);
-    let cfg = CODECS[0].1;
-    let host = payload(cfg, n, k, 9);
-    let first = DeviceDelta::from_payload(&host, None, &b.dev)?;
-    let pool: Vec<DeviceDelta> = (0..64)
-        .map(|_| first.deep_clone())
-        .collect::<dz_candle_ops::Result<_>>()?;
-    drop(first);
-    let d_bytes = pool[0].packed_nbytes();
-    let w = Tensor::randn(0f32, 0.02, (n, k), &b.dev)?.to_dtype(DType::BF16)?;
-    for &rows in &[32usize, 256] {
-        let x = Tensor::randn(0f32, 1.0, (rows, k), &b.dev)?.to_dtype(DType::BF16)?;
-        let base = Tensor::randn(0f32, 1.0, (rows, n), &b.dev)?.to_dtype(DType::BF16)?;
-        let t_dense = b.time(ITERS, |_| Ok(vec![x.matmul(&w.t()?)?]))?;
-        for &want in &[1usize, 4, 16, 32, 64] {
-            let used = want.min(rows);
-            // Rotate over disjoint sets of `used` deltas where the pool allows it.
-            let sets = (64 / used).max(1);
-            let per = rows / used;
-            let segments: Vec<Segment> = (0..used)
-                .map(|d| Segment {
-                    start: d * per,
-                    len: if d + 1 == used { rows - d * per } else { per },
-                    delta: Some(d),
-                })
-                .collect();
-            let set = |i: usize| -> Vec<&DeviceDelta> {
-                let s = i % sets;
-                (0..used).map(|d| &pool[(s * used + d) % 64]).collect()
-            };
-            let t_sbmm = b.time(ITERS, |i| Ok(vec![sbmm(&x, &base, &set(i), &segments)?]))?;
-            // v3: the same launch with the v4 kernels off (only where v4 runs: segments of <= 16 rows).
-            let t_v3 = if rows.div_ceil(used) <= 16 {
-                set_v4_kernels(false);
-                let t = b.time(ITERS, |i| Ok(vec![sbmm(&x, &base, &set(i), &segments)?]))?;
-                set_v4_kernels(true);
-                Some(t)
-            } else {
-                None
-            };
-            let t_loop = b.time(ITERS, |i| {
-                let ds = set(i);
-                segments
-                    .iter()
-                    .zip(&ds)
-                    .map(|(seg, d)| Ok(delta_matmul(&x.narrow(0, seg.start, seg.len)?, d)?))
-                    .collect()
-            })?;
-            let bytes = used * d_bytes + rows * k * 2 + 2 * rows * n * 2;
-            let stream_once = (used * d_bytes) as f64 / copy_bw * 1e6;
-            let mk = |op, path, time_us| Row {
-                op,
-                path,
-                codec: CODECS[0].0.to_string(),
-                rows,
-                n,
-                k,
-                deltas: used,
-                time_us,
-                bytes,
-                cublas_us: t_dense,
-                cublas_bytes: n * k * 2 + rows * k * 2 + rows * n * 2,
-                copy_bw,
-                stream_once_us: Some(stream_once),
-                agree: None,
-            };
-            let mut rs = vec![mk("sbmm", "dz", t_sbmm)];
-            if let Some(t) = t_v3 {
-                rs.push(mk("sbmm", "v3", t));
-            }
-            rs.push(mk("sbmm", "loop", t_loop));
-            for r in rs {
-                eprintln!("{}", r.md());
-                rows_out.push(r);
-            }
-        }
+    if !decode {
+        sbmm_cases(&b, copy_bw, &mut rows_out)?;
     }
 
     let gpu = b.dev.as_cuda_device()?.cuda_stream().context().name()?;
