@@ -117,6 +117,20 @@ __device__ __forceinline__ void mma32sp<__nv_bfloat16>(float (&d)[4], const uint
 
 __device__ __forceinline__ uint4 ldg16(const void* p) { return __ldg(reinterpret_cast<const uint4*>(p)); }
 
+// The code stream (read once): not allocated in L1, so that x (re-read by every row tile on the SM) stays.
+__device__ __forceinline__ uint4 ldg16_stream(const void* p) {
+  uint4 v;
+  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+__device__ __forceinline__ uint2 ldg8_stream(const void* p) {
+  uint2 v;
+  asm("ld.global.nc.L1::no_allocate.v2.u32 {%0,%1}, [%2];\n" : "=r"(v.x), "=r"(v.y) : "l"(p));
+  return v;
+}
+
 // One codec's v4 form. SP: sparse24 (mma.sp), else quant (dense mma). B: code bits.
 template <int B, bool SP>
 struct Codec {
@@ -179,19 +193,19 @@ struct Tile {
     if constexpr (C::PIECE >= 16) {
 #pragma unroll
       for (int i = 0; i < C::PIECE / 16; ++i) {
-        const uint4 v = ldg16(cur.codes + i * 512);
+        const uint4 v = ldg16_stream(cur.codes + i * 512);
         st.w[4 * i] = v.x;
         st.w[4 * i + 1] = v.y;
         st.w[4 * i + 2] = v.z;
         st.w[4 * i + 3] = v.w;
       }
     } else {
-      const uint2 v = __ldg(reinterpret_cast<const uint2*>(cur.codes));
+      const uint2 v = ldg8_stream(cur.codes);
       st.w[0] = v.x;
       st.w[1] = v.y;
     }
     if constexpr (C::sparse) {
-      const uint4 v = ldg16(cur.meta);
+      const uint4 v = ldg16_stream(cur.meta);
       st.m[0] = v.x;
       st.m[1] = v.y;
       st.m[2] = v.z;
