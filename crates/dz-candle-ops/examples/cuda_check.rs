@@ -1206,6 +1206,9 @@ fn main() {
 }
 
 fn run() -> Result<bool> {
+    // The v4 kernels are off by default until this check passes on a GPU: it checks them (and every
+    // family at <= 16 rows through them), and `--v3-too` the v3 tiles as well.
+    dz_candle_ops::set_v4_kernels(true);
     let opts = options()?;
     let dev = if opts.cpu {
         Device::Cpu

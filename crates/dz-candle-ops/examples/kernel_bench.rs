@@ -348,6 +348,8 @@ fn sbmm_cases(b: &Bench, copy_bw: f64, rows_out: &mut Vec<Row>) -> Result<()> {
 }
 
 fn main() -> Result<()> {
+    // Off by default in the library until checked on a GPU; the benchmark compares v4 with v3.
+    set_v4_kernels(true);
     let args: Vec<String> = std::env::args().collect();
     let flag = |name: &str| {
         args.iter()

@@ -183,7 +183,7 @@ impl DeviceDelta {
             op: "device-delta",
             reason: format!("copying delta {name:?} to {device:?}: {e}"),
         };
-        let v4 = if device.is_cuda() {
+        let v4 = if device.is_cuda() && crate::v4_kernels() {
             crate::relayout::relayout_v4(&payload)
         } else {
             None
