@@ -9,6 +9,9 @@
 #       --example cuda_check --example kernel_bench
 #   mkdir -p .gpu && cp $HOME/.cache/dz-target-cuda/release/examples/{cuda_check,kernel_bench} .gpu/ && strip .gpu/* && xz .gpu/*
 # There (device tool): command="COMMIT=$(git rev-parse --short HEAD) bash bench/gpu/kernels.sh" carry=[".gpu"]
+# MODE=v4 (at most ~5.7 minutes by its timeouts, typically 2-4): the v4 kernels first (cuda_check --filter v4, then memcheck on its quick
+# cases), a quick tensor-core check (v4 at rows <= 16, v3 past it), then kernel_bench --decode (rows 1-16:
+# dz = v4, v3, cuBLAS; sbmm at 32 and 256 rows) into $OUT/kernels-h200-v4.{md,json}; no ncu, no racecheck.
 set -u
 OUT=${OUT:-/tmp/kernels}
 mkdir -p "$OUT"
@@ -18,6 +21,28 @@ for f in .gpu/*.xz; do
   chmod +x "${f%.xz}"
 done
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,clocks.max.mem --format=csv,noheader
+if [ "${MODE:-}" = v4 ]; then
+  T0=$(date +%s)
+  timeout 90 ./.gpu/cuda_check --filter v4 > "$OUT/cuda_check_v4.txt" 2>&1
+  echo "cuda_check v4 rc=$? ($(( $(date +%s) - T0 )) s)"; tail -14 "$OUT/cuda_check_v4.txt"
+  grep -m 20 -E "FAIL|panicked|error" "$OUT/cuda_check_v4.txt" | cut -c1-200
+  CS=$(ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
+  if [ -n "$CS" ]; then
+    T0=$(date +%s)
+    timeout 60 "$CS" --tool memcheck ./.gpu/cuda_check --quick --filter "v4 sbmm" > "$OUT/memcheck_v4.txt" 2>&1
+    echo "memcheck v4 rc=$? ($(( $(date +%s) - T0 )) s)"; tail -3 "$OUT/memcheck_v4.txt"
+  fi
+  T0=$(date +%s)
+  timeout 45 ./.gpu/cuda_check --quick --filter "tensor cores" > "$OUT/cuda_check_tc.txt" 2>&1
+  echo "cuda_check tc quick rc=$? ($(( $(date +%s) - T0 )) s)"; tail -6 "$OUT/cuda_check_tc.txt"
+  T0=$(date +%s)
+  timeout 140 ./.gpu/kernel_bench --decode --out "$OUT/kernels-h200-v4" --commit "${COMMIT:-unknown}" > "$OUT/kernel_bench_v4.log" 2>&1
+  echo "kernel_bench --decode rc=$? ($(( $(date +%s) - T0 )) s)"
+  grep MISMATCH "$OUT/kernel_bench_v4.log" | head -5
+  grep -E "copy bandwidth" "$OUT/kernel_bench_v4.log"
+  grep -E "^\| delta_matmul \| (dz|v3) \| (4096 x 4096|11008 x 4096) \| 4b|^\| sbmm \| (dz|v3) " "$OUT/kernel_bench_v4.log" | cut -c1-150
+  exit 0
+fi
 T0=$(date +%s)
 ./.gpu/kernel_bench --out "$OUT/kernels-h200" --commit "${COMMIT:-unknown}" > "$OUT/kernel_bench.log" 2>&1
 echo "kernel_bench rc=$? ($(( $(date +%s) - T0 )) s)"

@@ -3,8 +3,8 @@
 //!
 //! nvcc is `$NVCC`, else `$CUDA_HOME/bin/nvcc`, else `nvcc` on the PATH; the target is
 //! `sm_$CUDA_COMPUTE_CAP` (default 90). The launch shape of `src/params.rs` is passed as `-DDZ_*`, so the
-//! kernels and the host code agree on it. The five codec families and the tensor-core family compile in
-//! parallel.
+//! kernels and the host code agree on it. The five codec families, the tensor-core family and the v4
+//! family compile in parallel.
 //! `DZ_KERNELS_LINEINFO=1` adds `-lineinfo` (source lines in compute-sanitizer and profiler reports); it
 //! doubles the PTX (about 36 MB instead of 18 MB embedded), so it is off by default.
 //! nvcc must be 13.0.x for the H200 machine's driver (PTX of newer nvcc fails to load there with
@@ -21,7 +21,7 @@ mod params {
 use params::{CHUNK, M_TILES, ROWS_PER_WARP, WARPS};
 
 /// The codec families: `kernels/<name>/<name>.cu` becomes `$OUT_DIR/<name>.ptx`.
-const FAMILIES: [&str; 6] = ["quant", "sparse24", "sparse", "sign1", "dense", "tc"];
+const FAMILIES: [&str; 7] = ["quant", "sparse24", "sparse", "sign1", "dense", "tc", "v4"];
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");

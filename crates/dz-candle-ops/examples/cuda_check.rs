@@ -17,7 +17,10 @@
 //! cuda_check --cpu           # the same harness on the CPU fast paths (no GPU; checks the harness)
 //! ```
 //! Options: `--filter TEXT` (only cases whose family or description contains TEXT), `--verbose` (a line
-//! per case), `--no-poison` (leave outputs unfilled, e.g. for `compute-sanitizer --tool initcheck`).
+//! per case), `--no-poison` (leave outputs unfilled, e.g. for `compute-sanitizer --tool initcheck`),
+//! `--generic-too` (the matmul and sbmm families again on the generic kernels), `--v3-too` (the
+//! tensor-core family again with the v4 kernels off). The `v4 kernels` family checks the v4 kernels
+//! (`--filter v4`).
 //! Exit status: 0 all passed, 1 some case failed, 2 the check could not start.
 
 #[path = "../tests/common/mod.rs"]
@@ -43,6 +46,8 @@ struct Options {
     quick: bool,
     /// Also run the matmul and sbmm families with the tensor cores off.
     generic_too: bool,
+    /// Also run the tensor-core family with the v4 kernels off.
+    v3_too: bool,
     cpu: bool,
     poison: bool,
     verbose: bool,
@@ -53,6 +58,7 @@ fn options() -> Result<Options> {
     let mut o = Options {
         quick: false,
         generic_too: false,
+        v3_too: false,
         cpu: false,
         poison: true,
         verbose: false,
@@ -63,13 +69,14 @@ fn options() -> Result<Options> {
         match a.as_str() {
             "--quick" => o.quick = true,
             "--generic-too" => o.generic_too = true,
+            "--v3-too" => o.v3_too = true,
             "--cpu" => o.cpu = true,
             "--no-poison" => o.poison = false,
             "--verbose" | "-v" => o.verbose = true,
             "--filter" => o.filter = Some(args.next().context("--filter needs a value")?),
             "--help" | "-h" => {
                 println!(
-                    "usage: cuda_check [--quick] [--generic-too] [--cpu] [--filter TEXT] [--verbose] [--no-poison]"
+                    "usage: cuda_check [--quick] [--generic-too] [--v3-too] [--cpu] [--filter TEXT] [--verbose] [--no-poison]"
                 );
                 std::process::exit(0);
             }
@@ -925,9 +932,9 @@ fn validation(ck: &mut Checker) {
 /// 16-row tile), row counts around the 8/16/32-row tiles, f16 and bf16, with and without base_out, row
 /// subsets, and sbmm over many deltas with mixed row counts. Each case first asserts that the delta does
 /// take the tensor-core path, so the family cannot pass by checking the generic kernels.
-fn tensor_core_family(ck: &mut Checker) {
+fn tensor_core_family(ck: &mut Checker, name: &str) {
     use dz_kernels::tc::tc_supports;
-    ck.family("tensor cores");
+    ck.family(name);
     let quick = ck.opts.quick;
     let mut cfgs = Vec::new();
     for bits in [2u8, 4] {
@@ -1055,6 +1062,135 @@ fn tensor_core_family(ck: &mut Checker) {
     }
 }
 
+/// The v4 kernels (`dz_kernels::v4`, 1-16 input rows over the codes re-laid at upload): every configuration
+/// they take (quant and sparse24, 2 and 4 bits, symmetric, groups 0 / 128 / 256) on shapes with a partial
+/// 128-column block and a partial 16-row tile (40 x 96, 77 x 608, 33 x 256) and a large one (300 x 4096),
+/// f16 and bf16, rows 1, 2, 7, 8, 9, 15, 16 (the 8- and 16-row tiles), with and without base_out; a row
+/// subset; sbmm over many deltas (v4 variants, a v3-only and a generic delta mixed in) with decode rows,
+/// segments up to 16 rows and base-only runs; and rows 17 (v3 takes over). On CUDA each case first
+/// asserts that the delta has a v4 layout, so the family cannot pass by checking the v3 kernels.
+fn v4_family(ck: &mut Checker) {
+    ck.family("v4 kernels");
+    let quick = ck.opts.quick;
+    let on_cuda = ck.dev.is_cuda();
+    let mut cfgs = Vec::new();
+    for bits in [2u8, 4] {
+        for group in [0u32, 128, 256] {
+            cfgs.push(Cfg::Quant {
+                bits,
+                group,
+                sym: true,
+            });
+            cfgs.push(Cfg::Sparse24 {
+                bits,
+                group,
+                sym: true,
+            });
+        }
+    }
+    for (ci, cfg) in cfgs.iter().enumerate() {
+        for (si, &(n, k)) in [(40usize, 96usize), (77, 608), (33, 256), (300, 4096)]
+            .iter()
+            .enumerate()
+        {
+            if quick && si != 0 && si != 3 {
+                continue;
+            }
+            let spec = DeltaSpec::full(*cfg, n, k, 9000 + (ci * 10 + si) as u64);
+            let (d_cpu, d_dev) = (spec.build(&Device::Cpu), spec.build(&ck.dev));
+            assert!(
+                !on_cuda || d_dev.v4_parts().is_some(),
+                "{} must have a v4 layout on CUDA",
+                spec.label()
+            );
+            for dtype in [DType::F16, DType::BF16] {
+                for rows in [1usize, 2, 7, 8, 9, 15, 16, 17] {
+                    if quick && !matches!(rows, 1 | 9 | 16) {
+                        continue;
+                    }
+                    let with_base = rows % 2 == 1;
+                    ck.case(
+                        format!(
+                            "v4 {} {dtype:?} rows={rows}{}",
+                            spec.label(),
+                            if with_base { " +base" } else { "" }
+                        ),
+                        |dev, ops| {
+                            let x = input(&[rows, k], dtype, (ci * 100 + rows + 7) as u64);
+                            let base = with_base.then(|| input(&[rows, n], dtype, rows as u64 + 3));
+                            matmul_case(dev, ops, &d_cpu, &d_dev, &x, base)
+                        },
+                    );
+                }
+            }
+        }
+    }
+    // A row subset (stored rows scattered over 200 output columns).
+    let index: Vec<u32> = (0..200).filter(|i| i % 5 == 0 || i % 13 == 4).collect();
+    for cfg in [cfgs[2], cfgs[3], cfgs[7]] {
+        let spec = DeltaSpec::subset(cfg, 200, &index, 256, 41);
+        let (d_cpu, d_dev) = (spec.build(&Device::Cpu), spec.build(&ck.dev));
+        for rows in [1usize, 12] {
+            ck.case(
+                format!("v4 {} BF16 rows={rows} +base", spec.label()),
+                |dev, ops| {
+                    let x = input(&[rows, 256], DType::BF16, 15);
+                    let base = input(&[rows, 200], DType::BF16, 16);
+                    matmul_case(dev, ops, &d_cpu, &d_dev, &x, Some(base))
+                },
+            );
+        }
+    }
+    // sbmm: 36 deltas (the four v4 variants, a v3-only sign1 and a generic quant 3-bit), decode rows,
+    // segments of 1..=16 rows with base-only runs between, and one longer than 16 (v3 for that variant).
+    let (n, k) = (72usize, 384usize);
+    let specs: Vec<DeltaSpec> = (0..36)
+        .map(|i| {
+            let cfg = match i % 6 {
+                0..=3 => cfgs[(i % 6) * 3 % cfgs.len()],
+                4 => Cfg::Sign1,
+                _ => Cfg::Quant {
+                    bits: 3,
+                    group: 32,
+                    sym: true,
+                },
+            };
+            DeltaSpec::full(cfg, n, k, 9500 + i as u64)
+        })
+        .collect();
+    let cpu: Vec<DeviceDelta> = specs.iter().map(|s| s.build(&Device::Cpu)).collect();
+    let on_dev: Vec<DeviceDelta> = specs.iter().map(|s| s.build(&ck.dev)).collect();
+    for (name, spec) in [
+        (
+            "36 deltas, one row each",
+            (0..36).map(|i| (1, Some(i))).collect::<Vec<_>>(),
+        ),
+        (
+            "36 deltas, 1..=16 rows and base-only runs",
+            (0..36)
+                .flat_map(|i| [(1 + (i * 5) % 16, Some(i)), (i % 3, None)])
+                .filter(|s| s.0 > 0)
+                .collect(),
+        ),
+        (
+            "36 deltas, up to 20 rows",
+            (0..36)
+                .map(|i| (1 + (i * 7) % 20, Some(i)))
+                .collect::<Vec<_>>(),
+        ),
+    ] {
+        let segments = segs(&spec);
+        let m: usize = spec.iter().map(|s| s.0).sum();
+        for dtype in [DType::F16, DType::BF16] {
+            ck.case(format!("v4 sbmm {name} {dtype:?}"), |dev, ops| {
+                let x = input(&[m, k], dtype, 31);
+                let base = input(&[m, n], dtype, 32);
+                sbmm_case(dev, ops, &cpu, &on_dev, &segments, &x, &base)
+            });
+        }
+    }
+}
+
 fn main() {
     std::process::exit(match run() {
         Ok(true) => 0,
@@ -1070,6 +1206,9 @@ fn main() {
 }
 
 fn run() -> Result<bool> {
+    // The v4 kernels are off by default until this check passes on a GPU: it checks them (and every
+    // family at <= 16 rows through them), and `--v3-too` the v3 tiles as well.
+    dz_candle_ops::set_v4_kernels(true);
     let opts = options()?;
     let dev = if opts.cpu {
         Device::Cpu
@@ -1131,7 +1270,14 @@ fn run() -> Result<bool> {
     edge_shapes(&mut ck);
     larger_shapes(&mut ck);
     sbmm_family(&mut ck);
-    tensor_core_family(&mut ck);
+    tensor_core_family(&mut ck, "tensor cores");
+    v4_family(&mut ck);
+    if ck.opts.v3_too {
+        // The tensor-core family again with the v4 kernels off: rows 1-16 on the v3 tiles.
+        dz_candle_ops::set_v4_kernels(false);
+        tensor_core_family(&mut ck, "tensor cores (v3 only)");
+        dz_candle_ops::set_v4_kernels(true);
+    }
     if ck.opts.generic_too {
         // The matmul and sbmm families again on the generic kernels only (what tensor cores replace).
         dz_candle_ops::set_tensor_cores(false);

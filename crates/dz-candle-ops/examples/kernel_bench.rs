@@ -13,9 +13,15 @@
 //! - bytes = what must move: the packed delta (or the bf16 weight) + x + y (+ base_out for sbmm);
 //!   % BW = bytes / time against the device-to-device copy bandwidth measured at the start of the same run
 //!   (read + write bytes / time of a 1 GiB copy);
-//! - `dz` is the op as users get it (tensor-core kernels where the delta qualifies); `generic` the same op with
-//!   the tensor cores off (the earlier kernels), for a few shapes; each `dz` result is compared with the
-//!   `generic` one for agreement (max |diff| / max |value|).
+//! - `dz` is the op as users get it (the v4 kernels at 1-16 rows where the delta has a v4 layout, the
+//!   tensor-core v3 kernels elsewhere); `v3` the same op with the v4 kernels off (rows 1-16 of the codecs v4
+//!   takes), `generic` with the tensor cores off (the earlier kernels), for a few shapes; each `dz` result
+//!   is compared with the `generic` one for agreement (max |diff| / max |value|), `v3` with `dz`;
+//! - bytes count the packed delta as the file stores it (`packed_nbytes`; the v4 layout is the same bytes
+//!   reordered, plus padding to 16 x 128 packets and 32 bytes of scales per packet).
+//!
+//! `--decode`: only rows 1-16 (1, 2, 4, 8, 16), `generic` only at 1 row, and the sbmm cases: the serving
+//! decode regime in a few minutes.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -27,7 +33,7 @@ use anyhow::{Context, Result};
 use candle_core::cuda_backend::cudarc::driver::{sys::CUevent_flags, CudaStream};
 use candle_core::{DType, Device, Tensor};
 use common::{payload, Cfg};
-use dz_candle_ops::{delta_matmul, sbmm, set_tensor_cores, DeviceDelta, Segment};
+use dz_candle_ops::{delta_matmul, sbmm, set_tensor_cores, set_v4_kernels, DeviceDelta, Segment};
 
 const L2_BYTES: usize = 60 << 20;
 const ITERS: usize = 40;
@@ -99,11 +105,12 @@ impl Bench {
 fn delta_copies(cfg: Cfg, n: usize, k: usize, dev: &Device) -> Result<Vec<DeviceDelta>> {
     let host = payload(cfg, n, k, 7);
     let one = DeviceDelta::from_payload(&host, None, dev)?;
-    let copies = (2 * L2_BYTES / one.nbytes().max(1) + 1).clamp(2, 32);
-    let mut v = vec![one];
+    let copies = (2 * L2_BYTES / one.packed_nbytes().max(1) + 1).clamp(2, 32);
+    let mut v = Vec::with_capacity(copies);
     for _ in 1..copies {
-        v.push(DeviceDelta::from_payload(&host, None, dev)?);
+        v.push(one.deep_clone()?);
     }
+    v.push(one);
     Ok(v)
 }
 
@@ -256,7 +263,93 @@ fn profile(b: &Bench) -> Result<()> {
     Ok(())
 }
 
+/// sbmm: D deltas of 4096 x 4096 4b 2:4, the rows split evenly over them, against the same launch on v3, a
+/// loop of per-delta delta_matmul calls, and one dense bf16 matmul of all rows.
+fn sbmm_cases(b: &Bench, copy_bw: f64, rows_out: &mut Vec<Row>) -> Result<()> {
+    let (n, k) = (4096, 4096);
+    let cfg = CODECS[0].1;
+    let host = payload(cfg, n, k, 9);
+    let first = DeviceDelta::from_payload(&host, None, &b.dev)?;
+    let pool: Vec<DeviceDelta> = (0..64)
+        .map(|_| first.deep_clone())
+        .collect::<dz_candle_ops::Result<_>>()?;
+    drop(first);
+    let d_bytes = pool[0].packed_nbytes();
+    let w = Tensor::randn(0f32, 0.02, (n, k), &b.dev)?.to_dtype(DType::BF16)?;
+    for &rows in &[32usize, 256] {
+        let x = Tensor::randn(0f32, 1.0, (rows, k), &b.dev)?.to_dtype(DType::BF16)?;
+        let base = Tensor::randn(0f32, 1.0, (rows, n), &b.dev)?.to_dtype(DType::BF16)?;
+        let t_dense = b.time(ITERS, |_| Ok(vec![x.matmul(&w.t()?)?]))?;
+        for &want in &[1usize, 4, 16, 32, 64] {
+            let used = want.min(rows);
+            // Rotate over disjoint sets of `used` deltas where the pool allows it.
+            let sets = (64 / used).max(1);
+            let per = rows / used;
+            let segments: Vec<Segment> = (0..used)
+                .map(|d| Segment {
+                    start: d * per,
+                    len: if d + 1 == used { rows - d * per } else { per },
+                    delta: Some(d),
+                })
+                .collect();
+            let set = |i: usize| -> Vec<&DeviceDelta> {
+                let s = i % sets;
+                (0..used).map(|d| &pool[(s * used + d) % 64]).collect()
+            };
+            let t_sbmm = b.time(ITERS, |i| Ok(vec![sbmm(&x, &base, &set(i), &segments)?]))?;
+            // v3: the same launch with the v4 kernels off (only where v4 runs: segments of <= 16 rows).
+            let t_v3 = if rows.div_ceil(used) <= 16 {
+                set_v4_kernels(false);
+                let t = b.time(ITERS, |i| Ok(vec![sbmm(&x, &base, &set(i), &segments)?]))?;
+                set_v4_kernels(true);
+                Some(t)
+            } else {
+                None
+            };
+            let t_loop = b.time(ITERS, |i| {
+                let ds = set(i);
+                segments
+                    .iter()
+                    .zip(&ds)
+                    .map(|(seg, d)| Ok(delta_matmul(&x.narrow(0, seg.start, seg.len)?, d)?))
+                    .collect()
+            })?;
+            let bytes = used * d_bytes + rows * k * 2 + 2 * rows * n * 2;
+            let stream_once = (used * d_bytes) as f64 / copy_bw * 1e6;
+            let mk = |op, path, time_us| Row {
+                op,
+                path,
+                codec: CODECS[0].0.to_string(),
+                rows,
+                n,
+                k,
+                deltas: used,
+                time_us,
+                bytes,
+                cublas_us: t_dense,
+                cublas_bytes: n * k * 2 + rows * k * 2 + rows * n * 2,
+                copy_bw,
+                stream_once_us: Some(stream_once),
+                agree: None,
+            };
+            let mut rs = vec![mk("sbmm", "dz", t_sbmm)];
+            if let Some(t) = t_v3 {
+                rs.push(mk("sbmm", "v3", t));
+            }
+            rs.push(mk("sbmm", "loop", t_loop));
+            for r in rs {
+                eprintln!("{}", r.md());
+                rows_out.push(r);
+            }
+        }
+    }
+
+    Ok(())
+}
+
 fn main() -> Result<()> {
+    // Off by default in the library until checked on a GPU; the benchmark compares v4 with v3.
+    set_v4_kernels(true);
     let args: Vec<String> = std::env::args().collect();
     let flag = |name: &str| {
         args.iter()
@@ -264,10 +357,13 @@ fn main() -> Result<()> {
             .and_then(|i| args.get(i + 1).cloned())
     };
     if args.iter().any(|a| a == "--help" || a == "-h") {
-        println!("usage: kernel_bench [--quick] [--out STEM] [--commit SHA] | --profile");
+        println!(
+            "usage: kernel_bench [--quick | --decode] [--out STEM] [--commit SHA] | --profile"
+        );
         return Ok(());
     }
     let quick = args.iter().any(|a| a == "--quick");
+    let decode = args.iter().any(|a| a == "--decode");
     let out = flag("--out");
     let commit = flag("--commit").unwrap_or_else(|| "unknown".into());
     let b = Bench::new()?;
@@ -295,10 +391,16 @@ fn main() -> Result<()> {
     let with_generic = |n: usize, k: usize| (n, k) == (4096, 4096) || (n, k) == (11008, 4096);
     let rows_list: &[usize] = if quick {
         &[1, 16, 256]
+    } else if decode {
+        &[1, 2, 4, 8, 16]
     } else {
         &[1, 2, 4, 8, 16, 32, 64, 128, 256]
     };
     let mut rows_out: Vec<Row> = Vec::new();
+    if decode {
+        // The serving decode regime's key case first (a run cut short still has it).
+        sbmm_cases(&b, copy_bw, &mut rows_out)?;
+    }
     for &(n, k) in shapes {
         let w_bytes = n * k * 2;
         let copies_w = (2 * L2_BYTES / w_bytes + 1).clamp(2, 32);
@@ -316,7 +418,8 @@ fn main() -> Result<()> {
         drop(ws);
         for (label, cfg) in CODECS {
             let deltas = delta_copies(cfg, n, k, &b.dev)?;
-            let d_bytes = deltas[0].nbytes();
+            let d_bytes = deltas[0].packed_nbytes();
+            let has_v4 = deltas[0].v4_parts().is_some();
             for (ri, &rows) in rows_list.iter().enumerate() {
                 let x = Tensor::randn(0f32, 1.0, (rows, k), &b.dev)?.to_dtype(DType::BF16)?;
                 let io = rows * k * 2 + rows * n * 2;
@@ -340,8 +443,21 @@ fn main() -> Result<()> {
                 let fast = b.time(ITERS, |i| {
                     Ok(vec![delta_matmul(&x, &deltas[i % deltas.len()])?])
                 })?;
+                // v3: the same with the v4 kernels off, where v4 would run.
+                let v3 = if has_v4 && rows <= 16 {
+                    set_v4_kernels(false);
+                    let t = b.time(ITERS, |i| {
+                        Ok(vec![delta_matmul(&x, &deltas[i % deltas.len()])?])
+                    })?;
+                    let y_v3 = delta_matmul(&x, &deltas[0])?;
+                    set_v4_kernels(true);
+                    let y_v4 = delta_matmul(&x, &deltas[0])?;
+                    Some((t, disagreement(&y_v3, &y_v4)?))
+                } else {
+                    None
+                };
                 set_tensor_cores(false);
-                let generic = if with_generic(n, k) || rows == 1 || rows == 256 {
+                let generic = if (with_generic(n, k) && !decode) || rows == 1 || rows == 256 {
                     Some(b.time(ITERS, |i| {
                         Ok(vec![delta_matmul(&x, &deltas[i % deltas.len()])?])
                     })?)
@@ -358,6 +474,14 @@ fn main() -> Result<()> {
                 let r = row("dz", fast, Some(agree));
                 eprintln!("{}", r.md());
                 rows_out.push(r);
+                if let Some((t, a)) = v3 {
+                    if a > 2e-2 {
+                        eprintln!("MISMATCH {label} {n}x{k} rows {rows}: v4 and v3 results differ by {a:.2e}");
+                    }
+                    let r = row("v3", t, Some(a));
+                    eprintln!("{}", r.md());
+                    rows_out.push(r);
+                }
                 if let Some(g) = generic.filter(|_| with_generic(n, k)) {
                     rows_out.push(row("generic", g, None));
                 }
@@ -365,68 +489,8 @@ fn main() -> Result<()> {
         }
     }
 
-    // sbmm: D deltas of 4096 x 4096 4b 2:4, the rows split evenly over them, against a loop of per-delta
-    // delta_matmul calls and one dense bf16 matmul of all rows.
-    let (n, k) = (4096, 4096);
-    let cfg = CODECS[0].1;
-    let host = payload(cfg, n, k, 9);
-    let pool: Vec<DeviceDelta> = (0..64)
-        .map(|_| DeviceDelta::from_payload(&host, None, &b.dev))
-        .collect::<dz_candle_ops::Result<_>>()?;
-    let d_bytes = pool[0].nbytes();
-    let w = Tensor::randn(0f32, 0.02, (n, k), &b.dev)?.to_dtype(DType::BF16)?;
-    for &rows in &[32usize, 256] {
-        let x = Tensor::randn(0f32, 1.0, (rows, k), &b.dev)?.to_dtype(DType::BF16)?;
-        let base = Tensor::randn(0f32, 1.0, (rows, n), &b.dev)?.to_dtype(DType::BF16)?;
-        let t_dense = b.time(ITERS, |_| Ok(vec![x.matmul(&w.t()?)?]))?;
-        for &want in &[1usize, 4, 16, 32, 64] {
-            let used = want.min(rows);
-            // Rotate over disjoint sets of `used` deltas where the pool allows it.
-            let sets = (64 / used).max(1);
-            let per = rows / used;
-            let segments: Vec<Segment> = (0..used)
-                .map(|d| Segment {
-                    start: d * per,
-                    len: if d + 1 == used { rows - d * per } else { per },
-                    delta: Some(d),
-                })
-                .collect();
-            let set = |i: usize| -> Vec<&DeviceDelta> {
-                let s = i % sets;
-                (0..used).map(|d| &pool[(s * used + d) % 64]).collect()
-            };
-            let t_sbmm = b.time(ITERS, |i| Ok(vec![sbmm(&x, &base, &set(i), &segments)?]))?;
-            let t_loop = b.time(ITERS, |i| {
-                let ds = set(i);
-                segments
-                    .iter()
-                    .zip(&ds)
-                    .map(|(seg, d)| Ok(delta_matmul(&x.narrow(0, seg.start, seg.len)?, d)?))
-                    .collect()
-            })?;
-            let bytes = used * d_bytes + rows * k * 2 + 2 * rows * n * 2;
-            let stream_once = (used * d_bytes) as f64 / copy_bw * 1e6;
-            let mk = |op, path, time_us| Row {
-                op,
-                path,
-                codec: CODECS[0].0.to_string(),
-                rows,
-                n,
-                k,
-                deltas: used,
-                time_us,
-                bytes,
-                cublas_us: t_dense,
-                cublas_bytes: n * k * 2 + rows * k * 2 + rows * n * 2,
-                copy_bw,
-                stream_once_us: Some(stream_once),
-                agree: None,
-            };
-            for r in [mk("sbmm", "dz", t_sbmm), mk("sbmm", "loop", t_loop)] {
-                eprintln!("{}", r.md());
-                rows_out.push(r);
-            }
-        }
+    if !decode {
+        sbmm_cases(&b, copy_bw, &mut rows_out)?;
     }
 
     let gpu = b.dev.as_cuda_device()?.cuda_stream().context().name()?;

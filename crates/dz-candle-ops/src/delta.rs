@@ -41,6 +41,9 @@ pub struct DeviceDelta {
     n_stored: usize,
     row_index: Option<Tensor>,
     parts: Vec<Tensor>,
+    /// The v4 layout (`relayout`) of the codes, metadata and scales, `[codes, meta, scales]`, on CUDA
+    /// devices for the codecs the v4 kernels take ([`crate::relayout::v4_kind`]).
+    v4: Option<Vec<Tensor>>,
     device: Device,
 }
 
@@ -173,12 +176,30 @@ impl DeviceDelta {
             tensor: name.to_string(),
             source,
         };
-        // The whole check of SPEC.md section 7 for the payload; the logical form is dropped at once.
-        drop(Payload::unpack(name, &codec, n_stored, k, parts).map_err(fmt)?);
+        // The whole check of SPEC.md section 7 for the payload; the logical form is kept only to re-lay
+        // the codes for the v4 kernels (CUDA devices, the codecs they take), then dropped.
+        let payload = Payload::unpack(name, &codec, n_stored, k, parts).map_err(fmt)?;
         let candle = |e: candle_core::Error| OpError::Storage {
             op: "device-delta",
             reason: format!("copying delta {name:?} to {device:?}: {e}"),
         };
+        let v4 = if device.is_cuda() && crate::v4_kernels() {
+            crate::relayout::relayout_v4(&payload)
+        } else {
+            None
+        };
+        drop(payload);
+        let v4 = v4
+            .map(|l| {
+                // An empty `meta` (quant) is a one-byte buffer: the kernels never read it.
+                let meta = if l.meta.is_empty() { vec![0u8] } else { l.meta };
+                [l.codes, meta, l.scales]
+                    .iter()
+                    .map(|p| upload(p, device))
+                    .collect::<candle_core::Result<Vec<_>>>()
+            })
+            .transpose()
+            .map_err(candle)?;
         let parts = parts
             .iter()
             .map(|p| upload(p, device))
@@ -197,6 +218,7 @@ impl DeviceDelta {
             n_stored,
             row_index,
             parts,
+            v4,
             device: device.clone(),
         })
     }
@@ -237,13 +259,53 @@ impl DeviceDelta {
         &self.parts
     }
 
+    /// The v4 layout's parts `[codes, meta, scales]` (`U8`), when the delta has one: on CUDA devices, for
+    /// quant and sparse24 deltas of 2 or 4 bits with symmetric grids and groups of 0 or a multiple of 128
+    /// columns ([`crate::relayout`]). They are held besides [`DeviceDelta::parts`], which the other
+    /// kernels (more than 16 input rows, dequantize, merge, embedding) read.
+    pub fn v4_parts(&self) -> Option<&[Tensor]> {
+        self.v4.as_deref()
+    }
+
+    /// A copy with its own device buffers (every part, the row index and the v4 layout copied on the
+    /// device), for benchmarks that rotate copies of one delta past the L2 cache.
+    pub fn deep_clone(&self) -> Result<Self> {
+        let candle = |e: candle_core::Error| OpError::Storage {
+            op: "device-delta",
+            reason: format!("copying delta {:?} on {:?}: {e}", self.name, self.device),
+        };
+        let copy = |ts: &[Tensor]| {
+            ts.iter()
+                .map(Tensor::copy)
+                .collect::<candle_core::Result<Vec<_>>>()
+        };
+        Ok(Self {
+            parts: copy(&self.parts).map_err(candle)?,
+            row_index: self
+                .row_index
+                .as_ref()
+                .map(Tensor::copy)
+                .transpose()
+                .map_err(candle)?,
+            v4: self.v4.as_deref().map(copy).transpose().map_err(candle)?,
+            ..self.clone()
+        })
+    }
+
     /// The device the parts live on.
     pub fn device(&self) -> &Device {
         &self.device
     }
 
-    /// Bytes held on the device (parts and row index).
+    /// Bytes held on the device (parts, row index, and the v4 layout when there is one).
     pub fn nbytes(&self) -> usize {
+        let parts: usize = self.parts.iter().map(Tensor::elem_count).sum();
+        let v4: usize = self.v4.iter().flatten().map(Tensor::elem_count).sum();
+        parts + v4 + self.row_index.as_ref().map_or(0, |t| 4 * t.elem_count())
+    }
+
+    /// Bytes of the packed parts and row index only (what the file's kernels read; without the v4 copy).
+    pub fn packed_nbytes(&self) -> usize {
         let parts: usize = self.parts.iter().map(Tensor::elem_count).sum();
         parts + self.row_index.as_ref().map_or(0, |t| 4 * t.elem_count())
     }
@@ -266,6 +328,9 @@ pub(crate) struct Locked<'t> {
     pub(crate) delta: &'t DeviceDelta,
     pub(crate) parts: Vec<Guard<'t>>,
     pub(crate) row_index: Option<Guard<'t>>,
+    /// The v4 parts (CUDA only; the CPU path never reads them).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(crate) v4: Vec<Guard<'t>>,
 }
 
 impl<'t> Locked<'t> {
@@ -279,6 +344,12 @@ impl<'t> Locked<'t> {
                 .map(|t| t.storage_and_layout())
                 .collect(),
             row_index: delta.row_index().map(|t| t.storage_and_layout()),
+            v4: delta
+                .v4_parts()
+                .into_iter()
+                .flatten()
+                .map(|t| t.storage_and_layout())
+                .collect(),
         }
     }
 }

@@ -115,6 +115,7 @@ mod error;
 mod ops;
 pub mod poisoned;
 pub mod reference;
+pub mod relayout;
 
 pub use delta::{DeviceDelta, RowSubset};
 pub use error::{OpError, Result};
@@ -135,4 +136,21 @@ pub fn set_tensor_cores(enabled: bool) {
 /// Whether [`set_tensor_cores`] allows the tensor-core kernels (the default).
 pub fn tensor_cores() -> bool {
     TENSOR_CORES.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+static V4_KERNELS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Turns the v4 kernels on or off for this process. **Off by default** until they have passed the CUDA
+/// check on a GPU (issue #5): a [`DeviceDelta`] made on CUDA while they are on also keeps the v4 layout of
+/// its codes (about as many bytes again, and a CPU re-layout at upload); with them on (and the tensor
+/// cores), `delta_matmul` and `sbmm` launches of at most 16 input rows per segment take the v4 kernels
+/// (`dz_kernels::v4`) for deltas that have that layout ([`DeviceDelta::v4_parts`]); off, the tensor-core
+/// v3 kernels. Benchmarks and the CUDA check turn them on and compare the two. No effect on the CPU.
+pub fn set_v4_kernels(enabled: bool) {
+    V4_KERNELS.store(enabled, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether [`set_v4_kernels`] turned the v4 kernels on (off by default).
+pub fn v4_kernels() -> bool {
+    V4_KERNELS.load(std::sync::atomic::Ordering::Relaxed)
 }

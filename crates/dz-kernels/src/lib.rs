@@ -38,11 +38,13 @@
 //!
 //! The tensor-core family ([`tc`], `kernels/tc/tc.cu`) has faster `matmul_add` and `sbmm` entry points
 //! for f16/bf16 inputs and the common codecs (quant 2/4, sparse24 2/4, sign1); the host picks them when a
-//! delta qualifies ([`tc::tc_supports`]).
+//! delta qualifies ([`tc::tc_supports`]). The v4 family ([`v4`], `kernels/v4/v4.cu`) takes 1-16 input rows
+//! of quant 2/4 and sparse24 2/4 deltas over codes re-laid at upload ([`v4::v4_supports`]).
 #![deny(missing_docs)]
 
 pub mod desc;
 pub mod tc;
+pub mod v4;
 mod params {
     include!("params.rs");
 }
@@ -52,7 +54,7 @@ mod ptx;
 pub use desc::{DzDelta, DzSegment, ValueDtype};
 pub use params::{CHUNK, MAX_DIM, M_TILES, ROWS_PER_BLOCK, ROWS_PER_WARP, THREADS, WARPS};
 #[cfg(feature = "cuda")]
-pub use ptx::{tc_ptx, CUDA_COMPUTE_CAP, LINEINFO, NVCC_VERSION};
+pub use ptx::{tc_ptx, v4_ptx, CUDA_COMPUTE_CAP, LINEINFO, NVCC_VERSION};
 
 /// An input dtype of the kernels, in the index order of the [`Entries`] arrays.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -17,6 +17,7 @@ const SPARSE_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/sparse.ptx"));
 const SIGN1_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/sign1.ptx"));
 const DENSE_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/dense.ptx"));
 const TC_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/tc.ptx"));
+const V4_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/v4.ptx"));
 
 impl Family {
     /// The family's PTX (every entry point of its variants).
@@ -34,4 +35,9 @@ impl Family {
 /// The PTX of the tensor-core family (`kernels/tc/tc.cu`, every [`crate::tc`] entry point).
 pub fn tc_ptx() -> &'static str {
     TC_PTX
+}
+
+/// The PTX of the v4 family (`kernels/v4/v4.cu`, every [`crate::v4`] entry point).
+pub fn v4_ptx() -> &'static str {
+    V4_PTX
 }

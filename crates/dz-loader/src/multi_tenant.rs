@@ -120,7 +120,9 @@ impl HostDelta {
         self.bytes
     }
 
-    /// Bytes the device form takes (packed parts as stored, small tensors as f32): an upper bound of
+    /// Bytes the device form takes (packed parts as stored, plus the v4 kernels' re-laid copy of the codes
+    /// that a CUDA `DeviceDelta` keeps for the codecs they take while they are on
+    /// (`dz_candle_ops::set_v4_kernels`), small tensors as f32): an upper bound of
     /// [`FineTuneDeltas::bytes`] for the same delta.
     pub fn device_bytes(&self) -> u64 {
         self.tensors
@@ -129,7 +131,14 @@ impl HostDelta {
                 if t.entry.role == Role::DenseDelta {
                     4 * t.entry.shape.iter().product::<u64>()
                 } else {
-                    t.parts.iter().map(|p| p.len() as u64).sum::<u64>()
+                    let packed = t.parts.iter().map(|p| p.len() as u64).sum::<u64>();
+                    let v4 = match t.entry.stored_dims() {
+                        Some((n, k)) if dz_candle_ops::v4_kernels() => {
+                            dz_candle_ops::relayout::v4_nbytes(&t.entry.codec, n, k) as u64
+                        }
+                        _ => 0,
+                    };
+                    packed + v4
                 }
             })
             .sum()

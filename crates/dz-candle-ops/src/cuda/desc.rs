@@ -16,6 +16,9 @@ use crate::error::{OpError, Result};
 pub(crate) struct Described {
     pub(crate) variant: Variant,
     pub(crate) desc: DzDelta,
+    /// The descriptor of the v4 layout (the same numbers, `parts` = the v4 parts `[codes, meta, scales]`),
+    /// when the delta has one.
+    pub(crate) v4: Option<DzDelta>,
 }
 
 /// `v` as u32, if it is at most [`MAX_DIM`].
@@ -83,6 +86,34 @@ pub(crate) fn describe<'a>(
         }
     }
     desc.parts = parts;
+    let mut v4 = None;
+    if !locked.v4.is_empty() {
+        let mut v4_parts = [0u64; 5];
+        if locked.v4.len() > v4_parts.len() {
+            return Err(bad(format!("{} v4 parts", locked.v4.len())));
+        }
+        for (i, (s, l)) in locked.v4.iter().enumerate() {
+            let (a, _) = l
+                .contiguous_offsets()
+                .ok_or_else(|| bad(format!("v4 part {i} is not contiguous")))?;
+            let Storage::Cuda(cs) = &**s else {
+                return Err(bad(format!("v4 part {i} is not on a CUDA device")));
+            };
+            if cs.device.id() != dev.id() {
+                return Err(bad(format!("v4 part {i} is on another CUDA device")));
+            }
+            let slice = cs
+                .as_cuda_slice::<u8>()
+                .map_err(|e| bad(format!("v4 part {i}: {e}")))?;
+            v4_parts[i] = ptrs.read(slice, a);
+            if v4_parts[i] % 16 != 0 {
+                return Err(bad(format!(
+                    "v4 part {i} is not 16-byte aligned on the device"
+                )));
+            }
+        }
+        v4 = Some(v4_parts);
+    }
     if let Some((s, l)) = &locked.row_index {
         let (a, _) = l
             .contiguous_offsets()
@@ -98,7 +129,8 @@ pub(crate) fn describe<'a>(
             .map_err(|e| bad(format!("row_index: {e}")))?;
         desc.row_index = ptrs.read(slice, a);
     }
-    Ok(Some(Described { variant, desc }))
+    let v4 = v4.map(|parts| DzDelta { parts, ..desc });
+    Ok(Some(Described { variant, desc, v4 }))
 }
 
 /// The variant and the codec fields of the descriptor (dims and pointers are the caller's); `None` for

@@ -32,6 +32,9 @@ use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{CudaDevice, CudaStorage, DType, Layout, Shape};
 use dz_kernels::desc::as_bytes;
 use dz_kernels::tc::{tc_entries, tc_supports, TcEntries, TcTile, TC_MODULE, TC_THREADS};
+use dz_kernels::v4::{
+    v4_entries, v4_tile_rows, V4Entries, V4_MAX_ROWS, V4_MODULE, V4_THREADS, V4_TILE_ROWS,
+};
 use dz_kernels::{DzDelta, DzSegment, Tile, Variant, ROWS_PER_BLOCK, THREADS, WARPS};
 use half::{bf16, f16};
 
@@ -218,10 +221,23 @@ fn tc_of(d: &Described, dtype: dz_kernels::Dtype) -> Option<&'static TcEntries> 
     .then_some(e)
 }
 
+/// The v4 entry points for a described delta with inputs of `dtype`, when the v4 kernels and the tensor
+/// cores are enabled and the delta has a v4 layout.
+fn v4_of(d: &Described, dtype: dz_kernels::Dtype) -> Option<&'static V4Entries> {
+    if !crate::tensor_cores() || !crate::v4_kernels() || dtype == dz_kernels::Dtype::F32 {
+        return None;
+    }
+    d.v4.and(v4_entries(d.variant))
+}
+
 fn config(grid: (u32, u32)) -> LaunchConfig {
+    config_threads(grid, THREADS)
+}
+
+fn config_threads(grid: (u32, u32), threads: u32) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (grid.0.max(1), grid.1.max(1), 1),
-        block_dim: (THREADS, 1, 1),
+        block_dim: (threads, 1, 1),
         shared_mem_bytes: 0,
     }
 }
@@ -282,13 +298,13 @@ fn matmul_t<T: Elem>(
             init(&stream, out_p, base_p, len * std::mem::size_of::<T>())?;
         }
         if let (Some(d), true) = (described, m > 0) {
-            let kernel = Kernel::pick(d.variant, tc_of(&d, T::KIND), m32);
+            let kernel = Kernel::pick(d.variant, tc_of(&d, T::KIND), v4_of(&d, T::KIND), m32);
             let func = kernel.function(op, &dev, T::KIND, Launch::Matmul)?;
             let grid = (
                 d.desc.n_stored.div_ceil(kernel.stored_rows()),
                 m32.div_ceil(kernel.rows()).min(MAX_GRID_Y),
             );
-            let desc = DescArg(d.desc);
+            let desc = DescArg(kernel.desc(&d));
             let base_arg = if in_place { out_p } else { base_p.unwrap_or(0) };
             let mut b = stream.launch_builder(&func);
             b.arg(&desc);
@@ -299,8 +315,9 @@ fn matmul_t<T: Elem>(
             // SAFETY: the arguments match `dz_<v>_matmul_add_<t>_m<MT>(DzDelta, const T*, const T*, T*,
             // u32)` (and the tensor-core `dz_tc_<v>_matmul_add_<t>_n<NT>`, same signature): x holds m
             // rows of K elements of T, base (0, or m x N_total) and out (m x N_total) are T buffers, and
-            // the descriptor points to the delta's parts, checked by `describe`.
-            unsafe { b.launch(config(grid)) }.w()?;
+            // the descriptor points to the delta's parts (the v4 parts for a v4 kernel), checked by
+            // `describe`.
+            unsafe { b.launch(kernel.config(grid)) }.w()?;
         }
     }
     Ok((CudaStorage::wrap_cuda_slice(out, dev), shape))
@@ -329,6 +346,8 @@ struct Group {
     variant: Variant,
     /// The tensor-core entries, when every delta of the group qualifies.
     tc: Option<&'static TcEntries>,
+    /// The v4 entries, when every delta of the group has a v4 layout.
+    v4: Option<&'static V4Entries>,
     /// `(start, len, descriptor slot)` of each segment.
     segments: Vec<(u32, u32, u32)>,
     /// Largest stored-row count among its deltas.
@@ -402,6 +421,7 @@ fn sbmm_t<T: Elem>(
                     groups.push(Group {
                         variant: d.variant,
                         tc: tc_of(&d, T::KIND),
+                        v4: v4_of(&d, T::KIND),
                         segments: Vec::new(),
                         max_stored: 0,
                     });
@@ -411,6 +431,9 @@ fn sbmm_t<T: Elem>(
             let g = &mut groups[at];
             if tc_of(&d, T::KIND).is_none() {
                 g.tc = None;
+            }
+            if v4_of(&d, T::KIND).is_none() {
+                g.v4 = None;
             }
             // Segments lie inside 0..m (checked by the wrapper), so they fit u32 like m.
             g.segments.push((s.start as u32, s.len as u32, slot as u32));
@@ -425,9 +448,17 @@ fn sbmm_t<T: Elem>(
         // runs of at most the tile's rows, all groups' runs in one array.
         let mut pieces: Vec<DzSegment> = Vec::new();
         let mut launches: Vec<(Kernel, usize, u32, u32)> = Vec::new();
+        // Per descriptor slot: whether its group launches a v4 kernel (then the slot gets the v4
+        // descriptor; a slot's delta belongs to one group).
+        let mut slot_v4 = vec![false; described.len()];
         for g in &groups {
             let longest = g.segments.iter().map(|s| s.1).max().unwrap_or(1);
-            let kernel = Kernel::pick(g.variant, g.tc, longest);
+            let kernel = Kernel::pick(g.variant, g.tc, g.v4, longest);
+            if matches!(kernel, Kernel::V4(..)) {
+                for &(_, _, slot) in &g.segments {
+                    slot_v4[slot as usize] = true;
+                }
+            }
             let first = pieces.len();
             for &(start, len, slot) in &g.segments {
                 let mut r = 0;
@@ -447,7 +478,12 @@ fn sbmm_t<T: Elem>(
         }
         let descs: Vec<DzDelta> = described
             .iter()
-            .map(|d| d.map(|d| d.desc).unwrap_or_default())
+            .zip(&slot_v4)
+            .map(|(d, &v4)| match d {
+                Some(d) if v4 => d.v4.unwrap_or(d.desc),
+                Some(d) => d.desc,
+                None => DzDelta::default(),
+            })
             .collect();
         let descs_dev = stream.clone_htod(as_bytes(&descs)).w()?;
         let pieces_dev = stream.clone_htod(as_bytes(&pieces)).w()?;
@@ -472,8 +508,8 @@ fn sbmm_t<T: Elem>(
             // SAFETY: the arguments match `dz_<v>_sbmm_<t>_m<MT>(const DzSegment*, u32, const DzDelta*,
             // const T*, T*, u32, u32)`: `count` segments of at most MT rows inside x's m rows, each naming a
             // descriptor of this variant in `descs` (uploaded above, alive until the stream passes its
-            // free), x is m x K and out m x N_total of T.
-            unsafe { b.launch(config(grid)) }.w()?;
+            // free; the v4 descriptors for a v4 kernel), x is m x K and out m x N_total of T.
+            unsafe { b.launch(kernel.config(grid)) }.w()?;
         }
     }
     Ok((CudaStorage::wrap_cuda_slice(out, dev), shape))
@@ -485,6 +521,8 @@ fn sbmm_t<T: Elem>(
 enum Kernel {
     Generic(Variant, Tile),
     Tc(&'static TcEntries, TcTile),
+    /// The v4 entries and the tile's input rows (8 or 16).
+    V4(&'static V4Entries, u32),
 }
 
 /// Which entry point of a kernel.
@@ -497,11 +535,33 @@ enum Launch {
 impl Kernel {
     /// The kernel for segments of at most `longest` rows: tensor cores with `tc`, else the generic
     /// one-row tile when every segment has one row (decode), the larger tile otherwise.
-    fn pick(variant: Variant, tc: Option<&'static TcEntries>, longest: u32) -> Kernel {
-        match tc {
-            Some(e) => Kernel::Tc(e, TcTile::for_rows(longest as usize)),
-            None if longest <= 1 => Kernel::Generic(variant, Tile::Small),
-            None => Kernel::Generic(variant, Tile::Large),
+    fn pick(
+        variant: Variant,
+        tc: Option<&'static TcEntries>,
+        v4: Option<&'static V4Entries>,
+        longest: u32,
+    ) -> Kernel {
+        match (v4, tc) {
+            (Some(e), _) if longest <= V4_MAX_ROWS => Kernel::V4(e, v4_tile_rows(longest)),
+            (_, Some(e)) => Kernel::Tc(e, TcTile::for_rows(longest as usize)),
+            _ if longest <= 1 => Kernel::Generic(variant, Tile::Small),
+            _ => Kernel::Generic(variant, Tile::Large),
+        }
+    }
+
+    /// The descriptor this kernel reads: the v4 layout's for a v4 kernel.
+    fn desc(self, d: &Described) -> DzDelta {
+        match self {
+            Kernel::V4(..) => d.v4.unwrap_or(d.desc),
+            _ => d.desc,
+        }
+    }
+
+    /// The launch configuration of a grid (v4 blocks have 8 warps).
+    fn config(self, grid: (u32, u32)) -> LaunchConfig {
+        match self {
+            Kernel::V4(..) => config_threads(grid, V4_THREADS),
+            _ => config(grid),
         }
     }
 
@@ -535,6 +595,19 @@ impl Kernel {
                     .get_or_load_custom_func(name, TC_MODULE, dz_kernels::tc_ptx())?
                     .into_cuda_function())
             }
+            Kernel::V4(e, rows) => {
+                let name = match launch {
+                    Launch::Matmul => e.matmul_add(dtype, rows),
+                    Launch::Sbmm => e.sbmm(dtype, rows),
+                }
+                .ok_or_else(|| OpError::Storage {
+                    op,
+                    reason: format!("no v4 kernels for {dtype:?} inputs"),
+                })?;
+                Ok(dev
+                    .get_or_load_custom_func(name, V4_MODULE, dz_kernels::v4_ptx())?
+                    .into_cuda_function())
+            }
         }
     }
 
@@ -543,6 +616,7 @@ impl Kernel {
         match self {
             Kernel::Generic(_, t) => t.rows(),
             Kernel::Tc(_, t) => t.rows(),
+            Kernel::V4(_, rows) => rows,
         }
     }
 
@@ -551,6 +625,7 @@ impl Kernel {
         match self {
             Kernel::Generic(..) => ROWS_PER_BLOCK,
             Kernel::Tc(_, t) => t.stored_rows(),
+            Kernel::V4(..) => V4_TILE_ROWS,
         }
     }
 }

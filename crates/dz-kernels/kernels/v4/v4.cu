@@ -1,0 +1,465 @@
+// v4: delta matmul and sbmm for 1-16 input rows (the serving decode regime) on the *re-laid* codes of
+// dz-candle-ops' `relayout` module (its docs define the byte layout; `relayout::matmul_twin` is this file's
+// CPU twin, with the same index arithmetic). quant 2/4 bits on mma.sync m16n8k16, sparse24 2/4 bits on
+// mma.sp m16n8k32 (the 2:4 metadata goes to the tensor cores as it is stored), symmetric grids, groups of
+// 0 or a multiple of 128 columns, f16/bf16 inputs, f32 accumulation.
+//
+// Why tensor cores at 1 row too: per 16 x 16 weights a lane decodes 4 code pairs either way (the decode is
+// the cost); the mma then takes 1 instruction per 8 input rows, a CUDA-core GEMV 8 FFMA per lane and row.
+//
+// Per 128-column block a lane loads its piece of the packet (quant4: 2 x 16 B, quant2 / sparse24-4: 16 B,
+// sparse24-2: 8 B; + 16 B of metadata for sparse24) with coalesced 16-byte loads, and makes each pair of
+// f16/bf16 with a shift (shared by several pairs), one LOP3 ((w >> sh) & mask | magic) and one HFMA2
+// (scale by 2^-within and subtract magic + zero point, exact). Loads run D = 3 (8-row tiles) or 2 (16-row
+// tiles) blocks ahead (codes, meta, scales and x); the loop is unrolled by D so the ring is indexed by
+// constants.
+//
+// Launch: block = 8 warps (V4_THREADS), all on one 16-row tile of the delta (grid x), each warp on the
+// blocks wk, wk + 8, ... of K; the 8 partial sums meet in shared memory. Grid y = tiles of 8 NT input rows
+// (matmul) or segments (sbmm), grid-stride. Rows of x past `rows` are read as row `rows - 1` (valid
+// memory; their outputs are not written).
+#include "dz_common.cuh"
+
+namespace dz {
+namespace v4 {
+
+constexpr int WK = 8;   // warps per block, along K
+constexpr int KB = 128;  // columns per block
+
+template <typename T>
+struct Num;
+template <>
+struct Num<__half> {
+  static constexpr uint32_t MAGIC = 0x64006400u;  // (1024, 1024): integers 1024..2047 exact
+  static constexpr float MAGIC_F = 1024.f;
+  static constexpr int WITHIN = 8;  // a code may sit at bits 0..7 of its half (1024 + 255 < 2048)
+};
+template <>
+struct Num<__nv_bfloat16> {
+  static constexpr uint32_t MAGIC = 0x43004300u;  // (128, 128): integers 128..255 exact
+  static constexpr float MAGIC_F = 128.f;
+  static constexpr int WITHIN = 4;  // bits 0..3 of its half: 7 mantissa bits (128 + 15 << 3 overflows)
+};
+
+template <typename T>
+__device__ __forceinline__ uint32_t pair_of(float lo, float hi);
+template <>
+__device__ __forceinline__ uint32_t pair_of<__half>(float lo, float hi) {
+  __half2 h = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&h);
+}
+template <>
+__device__ __forceinline__ uint32_t pair_of<__nv_bfloat16>(float lo, float hi) {
+  __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&h);
+}
+
+// a * b + c on both halves (exact here: small integers and powers of two).
+template <typename T>
+__device__ __forceinline__ uint32_t fma2(uint32_t a, uint32_t b, uint32_t c);
+template <>
+__device__ __forceinline__ uint32_t fma2<__half>(uint32_t a, uint32_t b, uint32_t c) {
+  __half2 r = __hfma2(*reinterpret_cast<__half2*>(&a), *reinterpret_cast<__half2*>(&b),
+                      *reinterpret_cast<__half2*>(&c));
+  return *reinterpret_cast<uint32_t*>(&r);
+}
+template <>
+__device__ __forceinline__ uint32_t fma2<__nv_bfloat16>(uint32_t a, uint32_t b, uint32_t c) {
+  __nv_bfloat162 r = __hfma2(*reinterpret_cast<__nv_bfloat162*>(&a), *reinterpret_cast<__nv_bfloat162*>(&b),
+                             *reinterpret_cast<__nv_bfloat162*>(&c));
+  return *reinterpret_cast<uint32_t*>(&r);
+}
+
+// The mma instructions, f32 accumulate.
+template <typename T>
+__device__ __forceinline__ void mma16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
+template <>
+__device__ __forceinline__ void mma16<__half>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+template <>
+__device__ __forceinline__ void mma16<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                                     uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Sparse: A is the 16 x 16 compressed tile (kept values), B 32 x 8, `e` the metadata (selector 0: threads
+// 0 and 1 of each quad supply it; nibbles i0 | i1 << 2 with i0 < i1, as dz-format stores them).
+template <typename T>
+__device__ __forceinline__ void mma32sp(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[4],
+                                        uint32_t e);
+template <>
+__device__ __forceinline__ void mma32sp<__half>(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[4],
+                                                uint32_t e) {
+  asm volatile(
+      "mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, "
+      "{%4,%5,%6,%7}, {%8,%9,%10,%11}, {%0,%1,%2,%3}, %12, 0x0;\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(b[2]), "r"(b[3]), "r"(e));
+}
+template <>
+__device__ __forceinline__ void mma32sp<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4],
+                                                       const uint32_t (&b)[4], uint32_t e) {
+  asm volatile(
+      "mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, "
+      "{%4,%5,%6,%7}, {%8,%9,%10,%11}, {%0,%1,%2,%3}, %12, 0x0;\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(b[2]), "r"(b[3]), "r"(e));
+}
+
+__device__ __forceinline__ uint4 ldg16(const void* p) { return __ldg(reinterpret_cast<const uint4*>(p)); }
+
+// The code stream (read once): not allocated in L1, so that x (re-read by every row tile on the SM) stays.
+__device__ __forceinline__ uint4 ldg16_stream(const void* p) {
+  uint4 v;
+  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+__device__ __forceinline__ uint2 ldg8_stream(const void* p) {
+  uint2 v;
+  asm("ld.global.nc.L1::no_allocate.v2.u32 {%0,%1}, [%2];\n" : "=r"(v.x), "=r"(v.y) : "l"(p));
+  return v;
+}
+
+// One codec's v4 form. SP: sparse24 (mma.sp), else quant (dense mma). B: code bits.
+template <int B, bool SP>
+struct Codec {
+  static constexpr int PIECE = SP ? 4 * B : 8 * B;  // bytes per lane per block
+  static constexpr int PACKET = 32 * PIECE;
+  static constexpr int CW = PIECE / 4;     // code words per lane per block
+  static constexpr int MW = SP ? 4 : 0;    // metadata words per lane per block
+  static constexpr int STEPS = SP ? 4 : 8;  // mma steps per block
+  static constexpr int XW = 16;            // x words (pairs) per lane, input row and block
+  static constexpr int PPW = 16 / B;       // code pairs per word
+  static constexpr uint32_t MASK = ((1u << B) - 1u) * 0x00010001u;
+  static constexpr bool sparse = SP;
+  static constexpr int BITS = B;
+};
+
+// The loads of one block for one lane: codes, metadata, scale word, x.
+template <class C, int NT>
+struct Stage {
+  uint32_t w[C::CW];
+  uint32_t m[C::MW > 0 ? C::MW : 1];
+  uint32_t s;
+  uint32_t x[NT][C::XW];
+};
+
+// (a & b) | c in one LOP3 (C code with two constants becomes an AND and an OR).
+__device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t b, uint32_t c) {
+  uint32_t r;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(r) : "r"(a), "r"(b), "r"(c));
+  return r;
+}
+
+// Where a warp's next block of loads comes from: pointers that advance by WK blocks per load.
+template <class C, typename T, int NT>
+struct Cursor {
+  const uint8_t* codes;     // this lane's first chunk in the packet
+  const uint8_t* meta;      // this lane's metadata slot in the packet
+  const uint32_t* scales;   // this lane's scale word
+  const unsigned int* x[NT];  // this lane's first x word of the block, per n-tile
+  uint32_t kb;              // the block
+};
+
+// Blocks of loads in flight per warp (the ring's depth): 3 for 8-row tiles, 2 for 16-row tiles (whose x
+// words take twice the registers); both fit 128 registers without spills (ptxas -v).
+template <int NT>
+constexpr int depth() {
+  return NT == 1 ? 3 : 2;
+}
+
+template <class C, typename T, int NT>
+struct Tile {
+  static constexpr int D = depth<NT>();
+  // Issues the loads of the cursor's block and moves the cursor WK blocks on. The cursor never leaves the
+  // row tile's last block (it stays there once `kb` passes it), so every load is in bounds without a
+  // branch: the loads of a block past the last are repeats (cache hits) that nothing uses. x words past K
+  // are not loaded (the registers keep older, finite x values, or the prologue's zeros): the re-laid
+  // codes there are the zero point, so the weights they meet are exactly 0.
+  static __device__ __forceinline__ void load(Stage<C, NT>& st, Cursor<C, T, NT>& cur, uint32_t nkb, uint32_t K,
+                                              uint32_t lane) {
+    const uint32_t c = lane % 4;
+    if constexpr (C::PIECE >= 16) {
+#pragma unroll
+      for (int i = 0; i < C::PIECE / 16; ++i) {
+        const uint4 v = ldg16_stream(cur.codes + i * 512);
+        st.w[4 * i] = v.x;
+        st.w[4 * i + 1] = v.y;
+        st.w[4 * i + 2] = v.z;
+        st.w[4 * i + 3] = v.w;
+      }
+    } else {
+      const uint2 v = ldg8_stream(cur.codes);
+      st.w[0] = v.x;
+      st.w[1] = v.y;
+    }
+    if constexpr (C::sparse) {
+      const uint4 v = ldg16_stream(cur.meta);
+      st.m[0] = v.x;
+      st.m[1] = v.y;
+      st.m[2] = v.z;
+      st.m[3] = v.w;
+    }
+    st.s = __ldg(cur.scales);
+    const uint32_t k0 = min(cur.kb, nkb - 1) * KB;
+    const bool full = k0 + KB <= K;  // uniform: only the last block of a row can be partial
+#pragma unroll
+    for (int t = 0; t < NT; ++t) {
+      const unsigned int* xw = cur.x[t];
+      if constexpr (!C::sparse) {
+        // Columns 32 c .. 32 c + 31 of the block (xw points there): 4 x 16 bytes (K is a multiple of 32: all
+        // in or all out).
+        if (full || k0 + 32 * c < K) {
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            const uint4 v = ldg16(xw + 4 * i);
+            st.x[t][4 * i] = v.x;
+            st.x[t][4 * i + 1] = v.y;
+            st.x[t][4 * i + 2] = v.z;
+            st.x[t][4 * i + 3] = v.w;
+          }
+        }
+      } else {
+        // Word 16 s + 4 i + c of the block for B register i of step s (xw points at word c).
+#pragma unroll
+        for (int s = 0; s < 4; ++s) {
+          if (full || k0 + 32 * s < K) {
+#pragma unroll
+            for (int i = 0; i < 4; ++i) st.x[t][4 * s + i] = __ldg(xw + 16 * s + 4 * i);
+          }
+        }
+      }
+    }
+    if (cur.kb + WK < nkb) {
+      cur.codes += WK * C::PACKET;
+      cur.meta += WK * 256;
+      cur.scales += WK * 8;
+#pragma unroll
+      for (int t = 0; t < NT; ++t) cur.x[t] += WK * KB / 2;
+    }
+    cur.kb += WK;
+  }
+
+  // A register f of step s: pair p = 4 s + f of the lane's piece.
+  static __device__ __forceinline__ uint32_t a_pair(const Stage<C, NT>& st, int s, int f, const uint32_t (&mul)[4],
+                                                    const uint32_t (&add)[4], const uint32_t (&mask)[4],
+                                                    uint32_t magic) {
+    const int p = 4 * s + f;
+    const int u = p / C::PPW, j = p % C::PPW;
+    const int bit = C::BITS * j;
+    const int within = bit % Num<T>::WITHIN;
+    const int sh = bit - within;
+    // within is 0, 2, 4 or 6 (a multiple of 2): index by within / 2.
+    const uint32_t v = and_or(st.w[u] >> sh, mask[within / 2], magic);
+    return fma2<T>(v, mul[within / 2], add[within / 2]);
+  }
+
+  // part += this block's products.
+  static __device__ __forceinline__ void compute(const Stage<C, NT>& st, float (&part)[NT][4],
+                                                 const uint32_t (&mul)[4], const uint32_t (&add)[4],
+                                                 const uint32_t (&mask)[4], uint32_t magic) {
+#pragma unroll
+    for (int s = 0; s < C::STEPS; ++s) {
+      uint32_t a[4];
+#pragma unroll
+      for (int f = 0; f < 4; ++f) a[f] = a_pair(st, s, f, mul, add, mask, magic);
+#pragma unroll
+      for (int t = 0; t < NT; ++t) {
+        if constexpr (C::sparse) {
+          const uint32_t b[4] = {st.x[t][4 * s], st.x[t][4 * s + 1], st.x[t][4 * s + 2], st.x[t][4 * s + 3]};
+          mma32sp<T>(part[t], a, b, st.m[s]);
+        } else {
+          mma16<T>(part[t], a, st.x[t][2 * s], st.x[t][2 * s + 1]);
+        }
+      }
+    }
+  }
+
+  // out[i][col(r)] = base[i][col(r)] + sum_k x[i][k] D[r][k] for the 16 stored rows of tile `rt` and the
+  // `rows` (<= 8 NT) rows of x.
+  static __device__ __forceinline__ void run(const DzDelta& d, const T* x, uint32_t rows, const T* base, T* out,
+                                             uint32_t rt, float* red) {
+    const uint32_t wk = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const uint32_t g = lane / 4, c = lane % 4;
+    const uint32_t K = d.k;
+    const uint32_t nkb = (K + KB - 1) / KB;
+    // The cursor at this warp's first block (wk), this lane's place in it.
+    Cursor<C, T, NT> cur;
+    cur.kb = wk;
+    const uint32_t wk0 = min(wk, nkb - 1);  // a warp with no block of its own still loads in bounds
+    const size_t first = size_t(rt) * nkb + wk0;
+    cur.codes = reinterpret_cast<const uint8_t*>(d.parts[0]) + first * C::PACKET +
+                (C::PIECE >= 16 ? lane * 16 : lane * C::PIECE);
+    cur.meta = reinterpret_cast<const uint8_t*>(d.parts[1]) + first * 256 + (2 * g + (c & 1)) * 16;
+    cur.scales = reinterpret_cast<const uint32_t*>(d.parts[2]) + first * 8 + g;
+#pragma unroll
+    for (int t = 0; t < NT; ++t) {
+      const T* row = x + size_t(min(uint32_t(8 * t) + g, rows - 1)) * K + size_t(wk0) * KB;
+      cur.x[t] = reinterpret_cast<const unsigned int*>(row) + (C::sparse ? c : 16 * c);
+    }
+
+    // Decode constants: v * 2^-within - (magic * 2^-within + z), per within = 0, 2, 4, 6.
+    const float z = float(1u << (d.bits - 1));
+    uint32_t mul[4], add[4], mask[4];
+    const uint32_t magic = Num<T>::MAGIC;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float m = 1.f / float(1u << (2 * i));
+      mask[i] = C::MASK << (2 * i);
+      mul[i] = pair_of<T>(m, m);
+      add[i] = pair_of<T>(-(Num<T>::MAGIC_F * m + z), -(Num<T>::MAGIC_F * m + z));
+    }
+
+    float acc[NT][4];
+#pragma unroll
+    for (int t = 0; t < NT; ++t)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[t][e] = 0.f;
+
+    Stage<C, NT> ring[D];
+#pragma unroll
+    for (int i = 0; i < D; ++i) {
+#pragma unroll
+      for (int t = 0; t < NT; ++t)
+#pragma unroll
+        for (int j = 0; j < C::XW; ++j) ring[i].x[t][j] = 0;  // x words past K stay finite (zero)
+      load(ring[i], cur, nkb, K, lane);
+    }
+    for (uint32_t kb0 = wk; kb0 < nkb; kb0 += D * WK) {
+#pragma unroll
+      for (int i = 0; i < D; ++i) {
+        const uint32_t kb = kb0 + i * WK;
+        if (kb >= nkb) break;
+        float part[NT][4];
+#pragma unroll
+        for (int t = 0; t < NT; ++t)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) part[t][e] = 0.f;
+        compute(ring[i], part, mul, add, mask, magic);
+        const uint32_t sw = ring[i].s;
+        const float sa = __half2float(__ushort_as_half(uint16_t(sw & 0xFFFFu)));
+        const float sb = __half2float(__ushort_as_half(uint16_t(sw >> 16)));
+#pragma unroll
+        for (int t = 0; t < NT; ++t) {
+          acc[t][0] = fmaf(sa, part[t][0], acc[t][0]);
+          acc[t][1] = fmaf(sa, part[t][1], acc[t][1]);
+          acc[t][2] = fmaf(sb, part[t][2], acc[t][2]);
+          acc[t][3] = fmaf(sb, part[t][3], acc[t][3]);
+        }
+        load(ring[i], cur, nkb, K, lane);
+      }
+    }
+
+    __syncthreads();  // `red` is free (an earlier tile of this block has read it)
+    if (wk > 0) {
+      float* dst = red + ((wk - 1) * 32 + lane) * NT * 4;
+#pragma unroll
+      for (int t = 0; t < NT; ++t)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dst[t * 4 + e] = acc[t][e];
+    }
+    __syncthreads();
+    if (wk > 0) return;
+#pragma unroll
+    for (uint32_t w = 1; w < WK; ++w) {
+      const float* src = red + ((w - 1) * 32 + lane) * NT * 4;
+#pragma unroll
+      for (int t = 0; t < NT; ++t)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[t][e] += src[t * 4 + e];
+    }
+    const uint32_t last = d.n_stored - 1;
+    const uint32_t ra = rt * 16 + g, rb = ra + 8;
+    const uint32_t col_a = ra <= last ? output_col(d, ra) : 0, col_b = rb <= last ? output_col(d, rb) : 0;
+    const float gs = d.global_scale;
+#pragma unroll
+    for (int t = 0; t < NT; ++t) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const uint32_t n = 8 * t + 2 * c + (e & 1);
+        const bool lower = e >= 2;
+        if (n >= rows || (lower ? rb : ra) > last) continue;
+        const size_t o = size_t(n) * d.n_total + (lower ? col_b : col_a);
+        const float v = acc[t][e] * gs;
+        const float bv = base ? to_f32(base[o]) : 0.f;
+        out[o] = from_f32<T>(bv + v);
+      }
+    }
+  }
+};
+
+template <class C, typename T, int NT>
+__device__ __forceinline__ void matmul_add(const DzDelta& d, const T* x, const T* base, T* out, uint32_t m) {
+  __shared__ float red[(WK - 1) * 32 * NT * 4];
+  const uint32_t rt = blockIdx.x;
+  if (rt * 16 >= d.n_stored) return;
+  const uint32_t tiles = (m + 8 * NT - 1) / (8 * NT);
+  for (uint32_t t = blockIdx.y; t < tiles; t += gridDim.y) {
+    const uint32_t i0 = t * 8 * NT;
+    const size_t o = size_t(i0) * d.n_total;
+    Tile<C, T, NT>::run(d, x + size_t(i0) * d.k, min(uint32_t(8 * NT), m - i0), base ? base + o : nullptr,
+                        out + o, rt, red);
+  }
+}
+
+template <class C, typename T, int NT>
+__device__ __forceinline__ void sbmm(const DzSegment* segs, uint32_t n_segs, const DzDelta* deltas, const T* x,
+                                     T* out, uint32_t k, uint32_t n_total) {
+  __shared__ float red[(WK - 1) * 32 * NT * 4];
+  const uint32_t rt = blockIdx.x;
+  for (uint32_t s = blockIdx.y; s < n_segs; s += gridDim.y) {
+    const DzSegment seg = segs[s];
+    const DzDelta d = deltas[seg.delta];
+    if (rt * 16 >= d.n_stored) continue;  // uniform over the block
+    T* o = out + size_t(seg.start) * n_total;
+    Tile<C, T, NT>::run(d, x + size_t(seg.start) * k, seg.len, o, o, rt, red);
+  }
+}
+
+}  // namespace v4
+}  // namespace dz
+
+// Entry points: dz_v4_<variant>_matmul_add_<t>_n<NT>, dz_v4_<variant>_sbmm_<t>_n<NT> (NT = 1, 2), with the
+// generic kernels' signatures; the descriptor's parts are the v4 parts (codes, meta, scales). 2 blocks of
+// 256 threads per SM: at most 128 registers.
+#define DZ_V4_ENTRIES(variant, C, T, tname, NT)                                                              \
+  extern "C" __global__ void __launch_bounds__(dz::v4::WK * 32, 2)                                          \
+      dz_v4_##variant##_matmul_add_##tname##_n##NT(DzDelta d, const T* x, const T* base, T* out, uint32_t m) { \
+    dz::v4::matmul_add<C, T, NT>(d, x, base, out, m);                                                        \
+  }                                                                                                          \
+  extern "C" __global__ void __launch_bounds__(dz::v4::WK * 32, 2)                                          \
+      dz_v4_##variant##_sbmm_##tname##_n##NT(const DzSegment* segs, uint32_t n_segs, const DzDelta* deltas,   \
+                                            const T* x, T* out, uint32_t k, uint32_t n_total) {              \
+    dz::v4::sbmm<C, T, NT>(segs, n_segs, deltas, x, out, k, n_total);                                        \
+  }
+
+#define DZ_V4_VARIANT(variant, C)                   \
+  DZ_V4_ENTRIES(variant, C, __half, f16, 1)         \
+  DZ_V4_ENTRIES(variant, C, __half, f16, 2)         \
+  DZ_V4_ENTRIES(variant, C, __nv_bfloat16, bf16, 1) \
+  DZ_V4_ENTRIES(variant, C, __nv_bfloat16, bf16, 2)
+
+namespace dz {
+namespace v4 {
+using Quant2 = Codec<2, false>;
+using Quant4 = Codec<4, false>;
+using Sparse24_2 = Codec<2, true>;
+using Sparse24_4 = Codec<4, true>;
+}  // namespace v4
+}  // namespace dz
+
+DZ_V4_VARIANT(quant2, dz::v4::Quant2)
+DZ_V4_VARIANT(quant4, dz::v4::Quant4)
+DZ_V4_VARIANT(sparse24_2, dz::v4::Sparse24_2)
+DZ_V4_VARIANT(sparse24_4, dz::v4::Sparse24_4)

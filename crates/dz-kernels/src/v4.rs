@@ -1,0 +1,173 @@
+//! The v4 family (`kernels/v4/v4.cu`): `delta_matmul` and `sbmm` for 1 to 16 input rows (decode), f16 and
+//! bf16 inputs, over a delta's codes *re-laid at upload* into mma fragment order (dz-candle-ops'
+//! `relayout` module defines the layout and has the CPU twin of these kernels' index arithmetic). quant 2/4
+//! bits run on mma.sync m16n8k16, sparse24 2/4 bits on mma.sp m16n8k32 (the 2:4 metadata goes to the
+//! tensor cores as stored); symmetric grids, groups of 0 or a multiple of 128, K a multiple of 32
+//! ([`v4_supports`]).
+//!
+//! Entry points, with the generic kernels' signatures (crate docs), the descriptor's `parts` being the v4
+//! parts `[codes, meta, scales]` (`meta` unused by quant):
+//! - `dz_v4_<variant>_matmul_add_<t>_n<NT>(DzDelta d, const T* x, const T* base, T* out, u32 m)`
+//! - `dz_v4_<variant>_sbmm_<t>_n<NT>(const DzSegment* segs, u32 n_segs, const DzDelta* deltas, const T* x,
+//!   T* out, u32 k, u32 n_total)`: every segment at most `8 NT` rows.
+//!
+//! for `variant` in `quant2`, `quant4`, `sparse24_2`, `sparse24_4`, `t` in `f16`, `bf16`, `NT` in 1, 2.
+//! A block has [`V4_THREADS`] threads (8 warps splitting K) and covers [`V4_TILE_ROWS`] stored rows; grid x
+//! = `ceil(n_stored / 16)`, y = tiles of `8 NT` input rows (matmul) or segments (sbmm), at most 65535.
+
+use crate::{Dtype, Variant};
+
+/// Threads per block of every v4 kernel (8 warps).
+pub const V4_THREADS: u32 = 256;
+
+/// Stored rows per block (one 16-row tile of the re-laid codes).
+pub const V4_TILE_ROWS: u32 = 16;
+
+/// Most input rows a v4 launch takes per segment (the `_n2` tile).
+pub const V4_MAX_ROWS: u32 = 16;
+
+/// The module name the v4 PTX is loaded under.
+pub const V4_MODULE: &str = "dz_v4";
+
+/// The v4 entry point names of one variant.
+#[derive(Debug)]
+pub struct V4Entries {
+    /// The variant's name (`quant4`, ...).
+    pub variant: &'static str,
+    /// `dz_v4_<variant>_matmul_add_<t>_n<NT>`, by dtype (f16, bf16) then tile (n1, n2).
+    pub matmul_add: [[&'static str; 2]; 2],
+    /// `dz_v4_<variant>_sbmm_<t>_n<NT>`, by dtype then tile.
+    pub sbmm: [[&'static str; 2]; 2],
+}
+
+impl V4Entries {
+    fn index(dtype: Dtype, rows: u32) -> Option<(usize, usize)> {
+        let d = match dtype {
+            Dtype::F16 => 0,
+            Dtype::Bf16 => 1,
+            Dtype::F32 => return None,
+        };
+        match rows {
+            0..=8 => Some((d, 0)),
+            9..=16 => Some((d, 1)),
+            _ => None,
+        }
+    }
+
+    /// The matmul entry point for segments of at most `rows` input rows; `None` for f32 or past 16 rows.
+    pub fn matmul_add(&self, dtype: Dtype, rows: u32) -> Option<&'static str> {
+        Self::index(dtype, rows).map(|(d, t)| self.matmul_add[d][t])
+    }
+
+    /// The sbmm entry point for segments of at most `rows` input rows.
+    pub fn sbmm(&self, dtype: Dtype, rows: u32) -> Option<&'static str> {
+        Self::index(dtype, rows).map(|(d, t)| self.sbmm[d][t])
+    }
+
+    /// Every entry point of the variant.
+    pub fn all(&self) -> impl Iterator<Item = &'static str> + '_ {
+        self.matmul_add.iter().chain(&self.sbmm).flatten().copied()
+    }
+}
+
+/// Input rows per tile of the entry point taking segments of at most `rows` rows (8 or 16).
+pub fn v4_tile_rows(rows: u32) -> u32 {
+    if rows <= 8 {
+        8
+    } else {
+        16
+    }
+}
+
+macro_rules! v4_tiles {
+    ($v:literal, $op:literal, $t:literal) => {
+        [
+            concat!("dz_v4_", $v, "_", $op, "_", $t, "_n1"),
+            concat!("dz_v4_", $v, "_", $op, "_", $t, "_n2"),
+        ]
+    };
+}
+
+macro_rules! v4_entries {
+    ($v:literal) => {
+        V4Entries {
+            variant: $v,
+            matmul_add: [
+                v4_tiles!($v, "matmul_add", "f16"),
+                v4_tiles!($v, "matmul_add", "bf16"),
+            ],
+            sbmm: [v4_tiles!($v, "sbmm", "f16"), v4_tiles!($v, "sbmm", "bf16")],
+        }
+    };
+}
+
+/// Every v4 variant's entry points.
+pub const V4: [V4Entries; 4] = [
+    v4_entries!("quant2"),
+    v4_entries!("quant4"),
+    v4_entries!("sparse24_2"),
+    v4_entries!("sparse24_4"),
+];
+
+/// The v4 entry points of `variant`, if it has them.
+pub fn v4_entries(variant: Variant) -> Option<&'static V4Entries> {
+    match variant {
+        Variant::Quant(2) => Some(&V4[0]),
+        Variant::Quant(4) => Some(&V4[1]),
+        Variant::Sparse24(2) => Some(&V4[2]),
+        Variant::Sparse24(4) => Some(&V4[3]),
+        _ => None,
+    }
+}
+
+/// Whether a delta of `variant` with `k` columns, `group_size` and `symmetric` grid has v4 kernels (and so
+/// is re-laid at upload): quant or sparse24 of 2 or 4 bits, symmetric, groups of 0 or a multiple of 128,
+/// K a positive multiple of 32.
+pub fn v4_supports(variant: Variant, k: u32, group_size: u32, symmetric: bool) -> bool {
+    v4_entries(variant).is_some()
+        && symmetric
+        && group_size.is_multiple_of(128)
+        && k.is_multiple_of(32)
+        && k > 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_support() {
+        let n: usize = V4.iter().map(|e| e.all().count()).sum();
+        assert_eq!(n, 4 * 8);
+        assert_eq!(
+            v4_entries(Variant::Sparse24(4)).and_then(|e| e.sbmm(Dtype::Bf16, 9)),
+            Some("dz_v4_sparse24_4_sbmm_bf16_n2")
+        );
+        assert_eq!(
+            v4_entries(Variant::Quant(2)).and_then(|e| e.matmul_add(Dtype::F16, 1)),
+            Some("dz_v4_quant2_matmul_add_f16_n1")
+        );
+        assert!(V4[0].matmul_add(Dtype::Bf16, 17).is_none());
+        assert!(V4[0].matmul_add(Dtype::F32, 1).is_none());
+        assert!(v4_supports(Variant::Quant(4), 4096, 0, true));
+        assert!(!v4_supports(Variant::Quant(4), 4096, 128, false));
+        assert!(!v4_supports(Variant::Quant(3), 4096, 128, true));
+        assert!(!v4_supports(Variant::Sign1, 4096, 0, true));
+        assert!(!v4_supports(Variant::Sparse24(2), 100, 0, true));
+        assert_eq!((v4_tile_rows(1), v4_tile_rows(9)), (8, 16));
+    }
+
+    /// Every v4 entry point is in the PTX, and nothing else is.
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn every_v4_entry_point_is_in_the_ptx() {
+        use std::collections::HashSet;
+        let in_ptx: HashSet<&str> = crate::v4_ptx()
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix(".visible .entry "))
+            .map(|l| l.split('(').next().unwrap_or(l).trim())
+            .collect();
+        let named: HashSet<&str> = V4.iter().flat_map(|e| e.all()).collect();
+        assert_eq!(in_ptx, named);
+    }
+}
