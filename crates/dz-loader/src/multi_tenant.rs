@@ -133,7 +133,7 @@ impl HostDelta {
                 } else {
                     let packed = t.parts.iter().map(|p| p.len() as u64).sum::<u64>();
                     let v4 = match t.entry.stored_dims() {
-                        Some((n, k)) if dz_candle_ops::v4_kernels() => {
+                        Ok((n, k)) if dz_candle_ops::v4_kernels() => {
                             dz_candle_ops::relayout::v4_nbytes(&t.entry.codec, n, k) as u64
                         }
                         _ => 0,
