@@ -184,11 +184,19 @@ printf '%s\n' "${jobs_list[@]}" | xargs -P "$JOBS" -L 1 bash -c 'bench_job "$0" 
 wait "$FT_PID"
 
 # --- report -------------------------------------------------------------------------------------------------
-done_jobs=$(ls "$W"/res/*.json 2> /dev/null | wc -l)
-say "$done_jobs of ${#jobs_list[@]} bench jobs finished"
+# Count this call's jobs by name: res/ may also hold jobs of earlier calls with other DZ_DOMAINS/DZ_RECIPES
+# (counting every file there said "12 of 8").
+job_names=()
+done_jobs=0
+for j in "${jobs_list[@]}"; do
+    job_names+=("${j/ /-}")
+    [[ -f $W/res/${j/ /-}.json ]] && done_jobs=$((done_jobs + 1))
+done
+all_res=$(ls "$W"/res/*.json 2> /dev/null | wc -l)
+say "$done_jobs of ${#jobs_list[@]} bench jobs finished$( ((all_res > done_jobs)) && echo " ($((all_res - done_jobs)) more from earlier calls in the report)")"
 mkdir -p "$OUTDIR/logs"
 cp -f "$W"/logs/*.log "$OUTDIR/logs/" 2> /dev/null
 python3 bench/quality/report.py --results "$W/res" --finetunes "$W/ft" --out "$OUTDIR/quality" \
-    --expected "${#jobs_list[@]}" || say "report failed"
+    --jobs "${job_names[@]}" || say "report failed"
 cp -f "$LOG" "$OUTDIR/device_run.log"
 say "finished this call in $(($(date +%s) - T0))s"
