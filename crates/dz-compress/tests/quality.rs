@@ -227,3 +227,132 @@ fn compressed_finetune_keeps_its_gain() {
         "4-bit 2:4: OBS KL {kl4:.3e} is not below RTN's {kl4_rtn:.3e}"
     );
 }
+
+/// Under a size budget OBS (calibrated allocation and compression) must be at least as close to the
+/// fine-tune as the RTN baseline (Frobenius allocation, RTN/magnitude/sign), within this factor on KL. It
+/// measures 0.81 at 10x and 0.98 at 16x; before `BudgetError::DeltaWeighted` and `tied_table_damp` it was
+/// 0.84 and 1.25 (the H200 benchmark's "RTN beats OBS at t16" on gcide, reproduced).
+const MAX_KL_OBS_OVER_RTN_BUDGETED: f64 = 1.05;
+
+/// A tied-embedding Llama (as SmolLM2), big enough that a 16x budget leaves the linear deltas under one
+/// bit per weight after the 2-bit embeddings and the per-tensor overhead, as on SmolLM2 (t16 there: 0.8).
+fn budget_spec() -> TinySpec {
+    TinySpec {
+        hidden: 128,
+        layers: 4,
+        heads: 4,
+        kv_heads: 2,
+        ffn: 384,
+        tied: true,
+        seed: 0xb0d6e7,
+        ..TinySpec::llama()
+    }
+}
+
+/// The quality benchmark's `t10`/`t16` recipes (2-bit embeddings, size budget) on a tied tiny Llama
+/// pretrained and fine-tuned here: OBS must not lose to RTN.
+#[test]
+fn budgeted_obs_is_not_worse_than_rtn() {
+    let t0 = std::time::Instant::now();
+    let dir = tempfile::tempdir().unwrap();
+    let fam = fixtures::write_family(&dir.path().join("init"), &budget_spec(), 0).unwrap();
+    let tok = load_tokenizer(&fam.base.join(hf::TOKENIZER_FILE)).unwrap();
+    let (bible, other) = split_domains(DEFAULT_CALIB_TEXT);
+    let general = tokenize(&tok, &other).unwrap();
+    let domain = tokenize(&tok, &bible).unwrap();
+    let split = domain.len() - domain.len() / 10;
+    let (train_d, held) = (&domain[..split], &domain[split..]);
+    let calib = dir.path().join("calib.txt");
+    let cut = bible.len() * 85 / 100;
+    let cut = bible[..cut].rfind('\n').unwrap() + 1;
+    std::fs::write(&calib, &bible[..cut]).unwrap();
+    let base = dir.path().join("base");
+    let pre = TrainConfig {
+        steps: 120,
+        batch: 16,
+        seq_len: 64,
+        lr: 3e-3,
+        warmup: 10,
+        cosine: true,
+        seed: 1,
+    };
+    let l = train_to(&fam.base, &base, &general, &pre);
+    eprintln!(
+        "pretrain: loss {:.3} -> {:.3} [{:.1}s]",
+        l[0],
+        l[l.len() - 1],
+        t0.elapsed().as_secs_f64()
+    );
+    let ft = dir.path().join("ft");
+    let tune = TrainConfig {
+        steps: 60,
+        batch: 16,
+        seq_len: 64,
+        lr: 1e-3,
+        warmup: 5,
+        cosine: true,
+        seed: 2,
+    };
+    let l = train_to(&base, &ft, train_d, &tune);
+    eprintln!(
+        "fine-tune: loss {:.3} -> {:.3} [{:.1}s]",
+        l[0],
+        l[l.len() - 1],
+        t0.elapsed().as_secs_f64()
+    );
+    let load = |d: &Path| {
+        let m = HfModel::open(d).unwrap();
+        LlamaModel::load(m.arch(), &Device::Cpu, |n| m.to_f32(n)).unwrap()
+    };
+    let (pb, pf) = (ppl(&load(&base), held), ppl(&load(&ft), held));
+    let ft_model = load(&ft);
+    eprintln!("held-out domain perplexity: base {pb:.3}, fine-tune {pf:.3}");
+    assert!(
+        1.0 - pf / pb >= MIN_FT_DROP,
+        "the fine-tune lowered perplexity by only {:.1}%",
+        100.0 * (1.0 - pf / pb)
+    );
+    for ratio in [10.0, 16.0] {
+        let mut kl = Vec::new();
+        for method in [Method::Obs, Method::Rtn] {
+            let o = CompressOptions {
+                method,
+                target_ratio: Some(ratio),
+                embed_bits: 2,
+                calib_text: Some(calib.clone()),
+                samples: 32,
+                seq_len: 64,
+                ..CompressOptions::default()
+            };
+            let out = dir.path().join(format!("{}-t{ratio}.dz", method.as_str()));
+            let r = pipeline::compress(&base, &ft, &out, &o, &mut Quiet).unwrap();
+            let m = Applied::open(&base, &out)
+                .unwrap()
+                .model(&Device::Cpu)
+                .unwrap();
+            let pc = ppl(&m, held);
+            let k = kl_divergence(&ft_model, &m, held, EVAL_SEQ, None).unwrap();
+            eprintln!(
+                "t{ratio} {}: {:.2}x, ppl {pc:.3}, gain kept {:.1}%, KL {k:.3e} [{:.1}s]",
+                method.as_str(),
+                r.ratio(),
+                100.0 * (pb - pc) / (pb - pf),
+                t0.elapsed().as_secs_f64()
+            );
+            assert!(
+                r.ratio() >= ratio,
+                "t{ratio} {}: {:.2}x",
+                method.as_str(),
+                r.ratio()
+            );
+            kl.push(k);
+        }
+        assert!(
+            kl[0] <= kl[1] * MAX_KL_OBS_OVER_RTN_BUDGETED,
+            "t{ratio}: OBS KL {:.3e} vs RTN {:.3e} (ratio {:.3}, tolerance {MAX_KL_OBS_OVER_RTN_BUDGETED})",
+            kl[0],
+            kl[1],
+            kl[0] / kl[1]
+        );
+    }
+}
