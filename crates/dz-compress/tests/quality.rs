@@ -14,7 +14,7 @@ use dz_compress::fixtures::{self, TinySpec};
 use dz_compress::hf::{self, HfModel};
 use dz_compress::merge::Applied;
 use dz_compress::model::{kl_divergence, LlamaModel};
-use dz_compress::pipeline::{self, CompressOptions, Method, Quiet};
+use dz_compress::pipeline::{self, BudgetError, CompressOptions, Method, Quiet};
 use dz_compress::train::{self, TrainConfig};
 use dz_compress::{QuantConfig, Sparsity};
 
@@ -228,10 +228,12 @@ fn compressed_finetune_keeps_its_gain() {
     );
 }
 
-/// Under a size budget OBS (calibrated allocation and compression) must be at least as close to the
-/// fine-tune as the RTN baseline (Frobenius allocation, RTN/magnitude/sign), within this factor on KL. It
-/// measures 0.81 at 10x and 0.98 at 16x; before `BudgetError::DeltaWeighted` and `tied_table_damp` it was
-/// 0.84 and 1.25 (the H200 benchmark's "RTN beats OBS at t16" on gcide, reproduced).
+/// At 10x OBS (calibrated allocation and compression) must be at least as close to the fine-tune as the
+/// RTN baseline (Frobenius allocation, RTN/magnitude/sign), within this factor on KL: it measures 0.75
+/// (0.84 before `tied_table_damp`). At 16x the default loses here (1.16; 1.25 before), as it did on the
+/// H200's gcide: on this tiny model the calibrated ranking drops the first layer's whole attention block.
+/// `BudgetError::DeltaWeighted` must hold this bound at 16x (0.98), though on SmolLM2 the default beat it
+/// (bench/quality/README.md).
 const MAX_KL_OBS_OVER_RTN_BUDGETED: f64 = 1.05;
 
 /// A tied-embedding Llama (as SmolLM2), big enough that a 16x budget leaves the linear deltas under one
@@ -312,47 +314,72 @@ fn budgeted_obs_is_not_worse_than_rtn() {
         "the fine-tune lowered perplexity by only {:.1}%",
         100.0 * (1.0 - pf / pb)
     );
-    for ratio in [10.0, 16.0] {
-        let mut kl = Vec::new();
-        for method in [Method::Obs, Method::Rtn] {
-            let o = CompressOptions {
-                method,
-                target_ratio: Some(ratio),
-                embed_bits: 2,
-                calib_text: Some(calib.clone()),
-                samples: 32,
-                seq_len: 64,
-                ..CompressOptions::default()
-            };
-            let out = dir.path().join(format!("{}-t{ratio}.dz", method.as_str()));
-            let r = pipeline::compress(&base, &ft, &out, &o, &mut Quiet).unwrap();
-            let m = Applied::open(&base, &out)
-                .unwrap()
-                .model(&Device::Cpu)
-                .unwrap();
-            let pc = ppl(&m, held);
-            let k = kl_divergence(&ft_model, &m, held, EVAL_SEQ, None).unwrap();
-            eprintln!(
-                "t{ratio} {}: {:.2}x, ppl {pc:.3}, gain kept {:.1}%, KL {k:.3e} [{:.1}s]",
-                method.as_str(),
-                r.ratio(),
-                100.0 * (pb - pc) / (pb - pf),
-                t0.elapsed().as_secs_f64()
-            );
-            assert!(
-                r.ratio() >= ratio,
-                "t{ratio} {}: {:.2}x",
-                method.as_str(),
-                r.ratio()
-            );
-            kl.push(k);
-        }
-        assert!(
-            kl[0] <= kl[1] * MAX_KL_OBS_OVER_RTN_BUDGETED,
-            "t{ratio}: OBS KL {:.3e} vs RTN {:.3e} (ratio {:.3}, tolerance {MAX_KL_OBS_OVER_RTN_BUDGETED})",
-            kl[0],
-            kl[1],
-            kl[0] / kl[1]
+    // (KL to the fine-tune, ratio) of one compression.
+    let run = |tag: &str, ratio: f64, o: CompressOptions| -> f64 {
+        let o = CompressOptions {
+            target_ratio: Some(ratio),
+            embed_bits: 2,
+            calib_text: Some(calib.clone()),
+            samples: 32,
+            seq_len: 64,
+            ..o
+        };
+        let out = dir.path().join(format!("{tag}-t{ratio}.dz"));
+        let r = pipeline::compress(&base, &ft, &out, &o, &mut Quiet).unwrap();
+        let m = Applied::open(&base, &out)
+            .unwrap()
+            .model(&Device::Cpu)
+            .unwrap();
+        let pc = ppl(&m, held);
+        let k = kl_divergence(&ft_model, &m, held, EVAL_SEQ, None).unwrap();
+        eprintln!(
+            "t{ratio} {tag}: {:.2}x, ppl {pc:.3}, gain kept {:.1}%, KL {k:.3e} [{:.1}s]",
+            r.ratio(),
+            100.0 * (pb - pc) / (pb - pf),
+            t0.elapsed().as_secs_f64()
         );
-    }
+        assert!(r.ratio() >= ratio, "t{ratio} {tag}: {:.2}x", r.ratio());
+        k
+    };
+    let obs = CompressOptions::default();
+    let rtn = CompressOptions {
+        method: Method::Rtn,
+        ..CompressOptions::default()
+    };
+    let check = |ratio: f64, what: &str, kl_obs: f64, kl_rtn: f64| {
+        assert!(
+            kl_obs <= kl_rtn * MAX_KL_OBS_OVER_RTN_BUDGETED,
+            "t{ratio} {what}: OBS KL {kl_obs:.3e} vs RTN {kl_rtn:.3e} (ratio {:.3}, tolerance \
+             {MAX_KL_OBS_OVER_RTN_BUDGETED})",
+            kl_obs / kl_rtn
+        );
+    };
+    check(
+        10.0,
+        "obs",
+        run("obs", 10.0, obs.clone()),
+        run("rtn", 10.0, rtn.clone()),
+    );
+    let kl_rtn16 = run("rtn", 16.0, rtn);
+    let kl_obs16 = run("obs", 16.0, obs.clone());
+    let weighted = CompressOptions {
+        budget_error: BudgetError::DeltaWeighted,
+        ..obs.clone()
+    };
+    check(
+        16.0,
+        "obs delta-weighted",
+        run("obs-weighted", 16.0, weighted),
+        kl_rtn16,
+    );
+    // The tied table's damping: OBS under the head's Hessian alone (the linear damping) is further off.
+    let old = CompressOptions {
+        tied_table_damp: obs.damp,
+        ..obs
+    };
+    let kl_old = run("obs-table-damp-0.01", 16.0, old);
+    assert!(
+        kl_obs16 < kl_old,
+        "t16: tied_table_damp 1 gives KL {kl_obs16:.3e}, 0.01 gives {kl_old:.3e}"
+    );
 }
