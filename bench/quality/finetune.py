@@ -4,8 +4,9 @@
 
 The text is tokenized whole with the base's tokenizer.json (no special tokens, as `deltazip eval` does);
 the first 85% of the tokens is training data, the next 5% validation (early stopping), the last 10% is held
-out (the evaluation text, never used for a decision). With `--val-split interleaved` the validation is every
-20th block of `--val-block` tokens of the first 90% instead, and training has the rest of that 90%. Held-out perplexity is measured
+out (the evaluation text, never used for a decision). With `--val-split interleaved` the validation is
+evenly spaced blocks of `--val-block` tokens of the first 90% instead (as many as the validation measure
+reads), and training has the rest of that 90%. Held-out perplexity is measured
 exactly as `deltazip bench quality` measures it: the first `--eval-windows` non-overlapping windows of
 `--eval-seq-len` tokens of the held-out part, mean NLL over every predicted position.
 
@@ -109,7 +110,7 @@ def main():
     ap.add_argument("--calib-slices", type=int, default=128)
     ap.add_argument("--calib-slice-chars", type=int, default=4096)
     ap.add_argument("--val-split", choices=["tail", "interleaved"], default="tail",
-                    help="validation: the 5%% before the held-out part (tail), or every 20th block of the first 90%%")
+                    help="validation: the 5%% before the held-out part (tail), or evenly spaced blocks of the first 90%%")
     ap.add_argument("--val-block", type=int, default=1024, help="tokens per block of --val-split interleaved")
     ap.add_argument("--tiny", action="store_true", help="2-layer random model: a CPU smoke test of the script")
     a = ap.parse_args()
@@ -133,13 +134,16 @@ def main():
         train, val, held = ids[:vsplit], ids[vsplit:split], ids[split:]
         train_end = vsplit
     else:
-        # "interleaved": every 20th block of `val_block` tokens of the first 90% is validation, the rest is
+        # "interleaved": evenly spaced blocks of `val_block` tokens of the first 90%, as many as the
+        # validation measure reads (eval_windows x eval_seq_len tokens), are validation; the rest is
         # training. Both then span the whole text before the held-out part, so the tokens nearest to it
         # (the KJV's Luke and Acts, just before the held-out epistles) are trained on, and the validation
         # curve follows the text as a whole rather than one book.
         b = a.val_block
         nb = split // b
-        is_val = [(i % 20) == 10 for i in range(nb)]
+        need = -(-a.eval_windows * a.eval_seq_len // b)
+        stride = max(2, nb // max(1, need))
+        is_val = [(i % stride) == stride // 2 for i in range(nb)]
         val = torch.cat([ids[i * b : (i + 1) * b] for i in range(nb) if is_val[i]])
         tr = [ids[i * b : (i + 1) * b] for i in range(nb) if not is_val[i]] + [ids[nb * b : split]]
         train, held = torch.cat(tr), ids[split:]
