@@ -13,10 +13,11 @@
 //! 6. With a size budget (`target_ratio`), a first calibration pass measures every linear tensor's error
 //!    under each candidate recipe (no delta, 1-bit sign, 2/3/4/8 bits dense or 2:4), and a Lagrangian
 //!    allocation picks one recipe per tensor. With [`Method::Obs`] the errors are calibrated ones
-//!    ([`BudgetError`] says how they weigh across tensors). With [`Method::Rtn`] the errors are plain squared Frobenius
-//!    norms of RTN/magnitude/sign reconstructions (no calibration): the size-budgeted baseline. The budget
-//!    counts packed bytes before zstd, so a file more than 3% smaller than the target asks is redone with
-//!    the budget it measured (up to three passes; the kept file is the closest that meets the target).
+//!    ([`BudgetError`] says how they weigh across tensors). With [`Method::Rtn`] the errors are plain
+//!    squared Frobenius norms of RTN/magnitude/sign reconstructions (no calibration): the size-budgeted
+//!    baseline. The budget counts packed bytes before zstd, so a file more than 3% smaller than the target
+//!    asks is redone with the budget it measured (up to three passes; the kept file is the closest that
+//!    meets the target).
 //! 7. The lossless stage (zstd, only where it saves bytes) runs in parallel across a group's tensors, and
 //!    the file is written atomically.
 
