@@ -2,8 +2,10 @@
 //! the experiment behind the budgeted allocation's choices (issue 6, "OBS beats RTN at every ratio").
 //!
 //! ```text
-//! cargo run --release -p dz-compress --example budget_ab -- BASE FT TEXT CALIB RATIO obs|rtn [SAMPLES SEQ]
+//! cargo run --release -p dz-compress --example budget_ab -- BASE FT TEXT CALIB RATIO|4b24 obs|rtn [SAMPLES SEQ]
 //! ```
+//!
+//! `DZ_TABLE_DAMP=x` sets `tied_table_damp`, `DZ_BUDGET_ERROR=weighted` the delta-weighted allocation.
 //!
 //! Prints the file's ratio, the allocation's mix, held-out perplexity (last 10% of TEXT, 4 windows of 512)
 //! and KL(fine-tune || compressed) on the same windows.
@@ -34,19 +36,32 @@ fn main() -> Result<()> {
     let (base, ft) = (PathBuf::from(base), PathBuf::from(ft));
     let samples: usize = rest.first().map(|s| s.parse()).transpose()?.unwrap_or(16);
     let seq: usize = rest.get(1).map(|s| s.parse()).transpose()?.unwrap_or(256);
-    let o = CompressOptions {
+    let mut o = CompressOptions {
         method: if method == "obs" {
             Method::Obs
         } else {
             Method::Rtn
         },
-        target_ratio: Some(ratio.parse()?),
+        target_ratio: None,
         embed_bits: 2,
         calib_text: Some(calib.into()),
         samples,
         seq_len: seq,
         ..CompressOptions::default()
     };
+    // RATIO is a target ratio, or `4b24` for the fixed recipe (4-bit 2:4, 4-bit embeddings).
+    if ratio == "4b24" {
+        o.embed_bits = 4;
+    } else {
+        o.target_ratio = Some(ratio.parse()?);
+    }
+    // DZ_TABLE_DAMP / DZ_BUDGET_ERROR=weighted: the options under study.
+    if let Ok(v) = std::env::var("DZ_TABLE_DAMP") {
+        o.tied_table_damp = v.parse()?;
+    }
+    if std::env::var("DZ_BUDGET_ERROR").as_deref() == Ok("weighted") {
+        o.budget_error = pipeline::BudgetError::DeltaWeighted;
+    }
     let out = std::env::temp_dir().join(format!("budget_ab-{}.dz", std::process::id()));
     let t0 = std::time::Instant::now();
     let r = pipeline::compress(&base, &ft, &out, &o, &mut Notes)?;
