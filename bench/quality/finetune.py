@@ -4,7 +4,9 @@
 
 The text is tokenized whole with the base's tokenizer.json (no special tokens, as `deltazip eval` does);
 the first 85% of the tokens is training data, the next 5% validation (early stopping), the last 10% is held
-out (the evaluation text, never used for a decision). Held-out perplexity is measured
+out (the evaluation text, never used for a decision). With `--val-split interleaved` the validation is
+evenly spaced blocks of `--val-block` tokens of the first 90% instead (as many as the validation measure
+reads), and training has the rest of that 90%. Held-out perplexity is measured
 exactly as `deltazip bench quality` measures it: the first `--eval-windows` non-overlapping windows of
 `--eval-seq-len` tokens of the held-out part, mean NLL over every predicted position.
 
@@ -107,6 +109,9 @@ def main():
     ap.add_argument("--train-text", help="write calibration text from the training part here")
     ap.add_argument("--calib-slices", type=int, default=128)
     ap.add_argument("--calib-slice-chars", type=int, default=4096)
+    ap.add_argument("--val-split", choices=["tail", "interleaved"], default="tail",
+                    help="validation: the 5%% before the held-out part (tail), or evenly spaced blocks of the first 90%%")
+    ap.add_argument("--val-block", type=int, default=1024, help="tokens per block of --val-split interleaved")
     ap.add_argument("--tiny", action="store_true", help="2-layer random model: a CPU smoke test of the script")
     a = ap.parse_args()
 
@@ -124,14 +129,33 @@ def main():
     enc = tok.encode(text, add_special_tokens=False)
     ids = torch.tensor(enc.ids, dtype=torch.long)
     split = len(ids) - len(ids) // 10  # deltazip's held_out(): the last len/10 tokens
-    vsplit = split - len(ids) // 20  # validation: the 5% before the held-out part
-    train, val, held = ids[:vsplit], ids[vsplit:split], ids[split:]
-    log(f"{a.text}: {len(ids)} tokens, {len(train)} for training, {len(val)} validation, {len(held)} held out "
-        f"({time.time() - t_start:.1f}s to tokenize)")
+    if a.val_split == "tail":
+        vsplit = split - len(ids) // 20  # validation: the 5% before the held-out part
+        train, val, held = ids[:vsplit], ids[vsplit:split], ids[split:]
+        train_end = vsplit
+    else:
+        # "interleaved": evenly spaced blocks of `val_block` tokens of the first 90%, as many as the
+        # validation measure reads (eval_windows x eval_seq_len tokens), are validation; the rest is
+        # training. Both then span the whole text before the held-out part, so the tokens nearest to it
+        # (the KJV's Luke and Acts, just before the held-out epistles) are trained on, and the validation
+        # curve follows the text as a whole rather than one book.
+        b = a.val_block
+        nb = split // b
+        need = -(-a.eval_windows * a.eval_seq_len // b)
+        stride = max(2, nb // max(1, need))
+        is_val = [(i % stride) == stride // 2 for i in range(nb)]
+        val = torch.cat([ids[i * b : (i + 1) * b] for i in range(nb) if is_val[i]])
+        tr = [ids[i * b : (i + 1) * b] for i in range(nb) if not is_val[i]] + [ids[nb * b : split]]
+        train, held = torch.cat(tr), ids[split:]
+        train_end = split
+    log(f"{a.text}: {len(ids)} tokens, {len(train)} for training, {len(val)} validation ({a.val_split}), "
+        f"{len(held)} held out ({time.time() - t_start:.1f}s to tokenize)")
     if a.train_text:
-        # Calibration text: `calib_slices` evenly spaced slices of the training part, each from a line start
-        # to a line end (deltazip cuts its calibration windows evenly from it; a small file tokenizes fast).
-        train_chars = text[: enc.offsets[vsplit][0]]
+        # Calibration text: `calib_slices` evenly spaced slices of the text before the held-out part (the
+        # training part; with interleaved validation it has validation blocks in it, never held-out text),
+        # each from a line start to a line end (deltazip cuts its calibration windows evenly from it; a small
+        # file tokenizes fast).
+        train_chars = text[: enc.offsets[train_end][0]]
         n, size = a.calib_slices, a.calib_slice_chars
         parts = []
         for i in range(n):
@@ -239,7 +263,8 @@ def main():
         "steps": step, "kept_step": best_step, "stop": stop_reason, "val_tokens": len(val),
         "val_before": val_before, "val_best": best_val, "batch": a.batch, "seq_len": a.seq_len, "lr": a.lr,
         "min_lr_frac": a.min_lr_frac, "warmup": a.warmup, "schedule_steps": a.steps,
-        "weight_decay": a.weight_decay, "seed": a.seed, "precision": "f32 master weights, bf16 autocast",
+        "weight_decay": a.weight_decay, "seed": a.seed, "val_split": a.val_split, "eval_every": a.eval_every,
+        "patience": a.patience, "stop_drop": a.stop_drop, "max_seconds": a.max_seconds, "precision": "f32 master weights, bf16 autocast",
         "eval_windows": a.eval_windows, "eval_seq_len": a.eval_seq_len,
         "ppl_before": ppl_before, "ppl_after": ppl_now, "drop": drop, "target_drop": a.target_drop, "ok": ok,
         "evals": evals, "evals_of": "validation perplexity", "losses": losses, "train_seconds": train_s, "total_seconds": time.time() - t_start,

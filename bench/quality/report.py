@@ -41,6 +41,7 @@ def load(paths):
                 rows[(r["finetune"], r["recipe"], r.get("method", ""))] = r
             continue
         meta = {k: v for k, v in j.items() if k != "rows"}
+        meta["job"] = os.path.splitext(os.path.basename(f))[0]  # device_run.sh names it FINETUNE-RECIPE.json
         metas.append(meta)
         for r in j.get("rows", []):
             r = dict(r)
@@ -58,7 +59,24 @@ def fmt(v, spec):
     return format(v, spec) if isinstance(v, (int, float)) else "-"
 
 
-def markdown(metas, rows, fts, expected):
+def jobs_line(metas, expected, jobs):
+    """How many bench jobs finished. With `jobs` (the names device_run.sh asked for in this call, e.g.
+    `gcide-t10`) the count is of those alone, and results left by earlier calls with other settings are
+    counted apart (a results folder can hold both: the s3-budget report said "12 of 8")."""
+    if jobs:
+        have = {m.get("job") for m in metas}
+        done = sum(1 for j in jobs if j in have)
+        line = f"{done} of {len(jobs)} bench jobs (fine-tune x recipe) finished"
+        extra = sorted(h for h in have if h not in set(jobs))
+        if extra:
+            line += f"; {len(extra)} more from earlier calls are included ({', '.join(extra)})"
+        return line + "."
+    if expected:
+        return f"{min(len(metas), expected)} of {expected} bench jobs (fine-tune x recipe) finished."
+    return None
+
+
+def markdown(metas, rows, fts, expected, jobs=None):
     lines = ["## Quality of compressed fine-tunes (SmolLM2-135M-Instruct)", ""]
     keys = sorted({(m.get("commit"), m.get("device"), m.get("date"), json.dumps(m.get("machine"))) for m in metas})
     for c, d, date, mach in keys:
@@ -68,8 +86,9 @@ def markdown(metas, rows, fts, expected):
         lines.append("")
         lines.append(f"calibration {m.get('samples')} x {m.get('seq_len')} tokens of the fine-tune's training text "
                      f"| eval {m.get('eval_windows')} x {m.get('eval_seq_len')} held-out tokens per text")
-    if expected:
-        lines.append(f"\n{len(metas)} of {expected} bench jobs (fine-tune x recipe) finished.")
+    line = jobs_line(metas, expected, jobs)
+    if line:
+        lines.append("\n" + line)
     if fts:
         lines += ["", "### Fine-tunes", "",
                   "| fine-tune | text | steps | batch x seq | lr | train s | held-out ppl before -> after | drop |",
@@ -148,6 +167,8 @@ def main():
     ap.add_argument("--finetunes", help="a folder of fine-tune dirs with finetune.json")
     ap.add_argument("--out", required=True, help="output stem: STEM.md, STEM.json, STEM.png")
     ap.add_argument("--expected", type=int, default=0, help="bench jobs expected (to say how many are missing)")
+    ap.add_argument("--jobs", nargs="*", default=None,
+                    help="the bench jobs expected, by result file stem (FINETUNE-RECIPE): counted by name")
     a = ap.parse_args()
     metas, rows = load(a.results)
     fts = {}
@@ -158,7 +179,7 @@ def main():
             fts[os.path.basename(os.path.dirname(f))] = {k: v for k, v in j.items() if k not in ("losses",)}
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     with open(a.out + ".md", "w") as fh:
-        fh.write(markdown(metas, rows, fts, a.expected))
+        fh.write(markdown(metas, rows, fts, a.expected, a.jobs))
     with open(a.out + ".json", "w") as fh:
         json.dump(rows, fh, indent=1)
     if fts:

@@ -446,8 +446,10 @@ fn target_ratio_with_rtn_and_below_one_bit_per_weight() {
     assert_eq!(f.manifest().recipe.method, "rtn-mixed");
     check_merge(&fam, 0, &out, 1.0);
 
-    // A budget below what 1-bit sign everywhere takes: the allocation drops the deltas that matter least
-    // (stored as `zero`: those weights stay the base's) instead of refusing.
+    // A budget well below what 1-bit sign everywhere takes: the allocation drops the deltas that matter
+    // least (stored as `zero`: those weights stay the base's) instead of refusing. (1.5x the sign-only
+    // estimate: that estimate counts every embedding row and no zstd, so at 1.1x the refined passes could
+    // keep every delta of these random fine-tunes, at 2-4 bits and one sign, and dropped none.)
     let est_sign = {
         let mut s = opts(Method::Sign, 4, Sparsity::None, &fam.calib_text);
         s.embed_bits = 2;
@@ -458,10 +460,10 @@ fn target_ratio_with_rtn_and_below_one_bit_per_weight() {
     let out = dir.path().join("deep.dz");
     let mut o = opts(Method::Obs, 4, Sparsity::TwoFour, &fam.calib_text);
     o.embed_bits = 2;
-    o.target_ratio = Some(est_sign * 1.1);
+    o.target_ratio = Some(est_sign * 1.5);
     let r = compress(&fam, 0, &o, &out);
     assert!(
-        r.ratio() >= est_sign * 1.1,
+        r.ratio() >= est_sign * 1.5,
         "ratio {:.3} vs sign-only {est_sign:.3}",
         r.ratio()
     );

@@ -14,7 +14,7 @@ use dz_compress::fixtures::{self, TinySpec};
 use dz_compress::hf::{self, HfModel};
 use dz_compress::merge::Applied;
 use dz_compress::model::{kl_divergence, LlamaModel};
-use dz_compress::pipeline::{self, CompressOptions, Method, Quiet};
+use dz_compress::pipeline::{self, BudgetError, CompressOptions, Method, Quiet};
 use dz_compress::train::{self, TrainConfig};
 use dz_compress::{QuantConfig, Sparsity};
 
@@ -225,5 +225,161 @@ fn compressed_finetune_keeps_its_gain() {
     assert!(
         kl4 < kl4_rtn,
         "4-bit 2:4: OBS KL {kl4:.3e} is not below RTN's {kl4_rtn:.3e}"
+    );
+}
+
+/// At 10x OBS (calibrated allocation and compression) must be at least as close to the fine-tune as the
+/// RTN baseline (Frobenius allocation, RTN/magnitude/sign), within this factor on KL: it measures 0.75
+/// (0.84 before `tied_table_damp`). At 16x the default loses here (1.16; 1.25 before), as it did on the
+/// H200's gcide: on this tiny model the calibrated ranking drops the first layer's whole attention block.
+/// `BudgetError::DeltaWeighted` must hold this bound at 16x (0.98), though on SmolLM2 the default beat it
+/// (bench/quality/README.md).
+const MAX_KL_OBS_OVER_RTN_BUDGETED: f64 = 1.05;
+
+/// A tied-embedding Llama (as SmolLM2), big enough that a 16x budget leaves the linear deltas under one
+/// bit per weight after the 2-bit embeddings and the per-tensor overhead, as on SmolLM2 (t16 there: 0.8).
+fn budget_spec() -> TinySpec {
+    TinySpec {
+        hidden: 128,
+        layers: 4,
+        heads: 4,
+        kv_heads: 2,
+        ffn: 384,
+        tied: true,
+        seed: 0xb0d6e7,
+        ..TinySpec::llama()
+    }
+}
+
+/// The quality benchmark's `t10`/`t16` recipes (2-bit embeddings, size budget) on a tied tiny Llama
+/// pretrained and fine-tuned here: OBS must not lose to RTN.
+#[test]
+fn budgeted_obs_is_not_worse_than_rtn() {
+    let t0 = std::time::Instant::now();
+    let dir = tempfile::tempdir().unwrap();
+    let fam = fixtures::write_family(&dir.path().join("init"), &budget_spec(), 0).unwrap();
+    let tok = load_tokenizer(&fam.base.join(hf::TOKENIZER_FILE)).unwrap();
+    let (bible, other) = split_domains(DEFAULT_CALIB_TEXT);
+    let general = tokenize(&tok, &other).unwrap();
+    let domain = tokenize(&tok, &bible).unwrap();
+    let split = domain.len() - domain.len() / 10;
+    let (train_d, held) = (&domain[..split], &domain[split..]);
+    let calib = dir.path().join("calib.txt");
+    let cut = bible.len() * 85 / 100;
+    let cut = bible[..cut].rfind('\n').unwrap() + 1;
+    std::fs::write(&calib, &bible[..cut]).unwrap();
+    let base = dir.path().join("base");
+    let pre = TrainConfig {
+        steps: 120,
+        batch: 16,
+        seq_len: 64,
+        lr: 3e-3,
+        warmup: 10,
+        cosine: true,
+        seed: 1,
+    };
+    let l = train_to(&fam.base, &base, &general, &pre);
+    eprintln!(
+        "pretrain: loss {:.3} -> {:.3} [{:.1}s]",
+        l[0],
+        l[l.len() - 1],
+        t0.elapsed().as_secs_f64()
+    );
+    let ft = dir.path().join("ft");
+    let tune = TrainConfig {
+        steps: 60,
+        batch: 16,
+        seq_len: 64,
+        lr: 1e-3,
+        warmup: 5,
+        cosine: true,
+        seed: 2,
+    };
+    let l = train_to(&base, &ft, train_d, &tune);
+    eprintln!(
+        "fine-tune: loss {:.3} -> {:.3} [{:.1}s]",
+        l[0],
+        l[l.len() - 1],
+        t0.elapsed().as_secs_f64()
+    );
+    let load = |d: &Path| {
+        let m = HfModel::open(d).unwrap();
+        LlamaModel::load(m.arch(), &Device::Cpu, |n| m.to_f32(n)).unwrap()
+    };
+    let (pb, pf) = (ppl(&load(&base), held), ppl(&load(&ft), held));
+    let ft_model = load(&ft);
+    eprintln!("held-out domain perplexity: base {pb:.3}, fine-tune {pf:.3}");
+    assert!(
+        1.0 - pf / pb >= MIN_FT_DROP,
+        "the fine-tune lowered perplexity by only {:.1}%",
+        100.0 * (1.0 - pf / pb)
+    );
+    // (KL to the fine-tune, ratio) of one compression.
+    let run = |tag: &str, ratio: f64, o: CompressOptions| -> f64 {
+        let o = CompressOptions {
+            target_ratio: Some(ratio),
+            embed_bits: 2,
+            calib_text: Some(calib.clone()),
+            samples: 32,
+            seq_len: 64,
+            ..o
+        };
+        let out = dir.path().join(format!("{tag}-t{ratio}.dz"));
+        let r = pipeline::compress(&base, &ft, &out, &o, &mut Quiet).unwrap();
+        let m = Applied::open(&base, &out)
+            .unwrap()
+            .model(&Device::Cpu)
+            .unwrap();
+        let pc = ppl(&m, held);
+        let k = kl_divergence(&ft_model, &m, held, EVAL_SEQ, None).unwrap();
+        eprintln!(
+            "t{ratio} {tag}: {:.2}x, ppl {pc:.3}, gain kept {:.1}%, KL {k:.3e} [{:.1}s]",
+            r.ratio(),
+            100.0 * (pb - pc) / (pb - pf),
+            t0.elapsed().as_secs_f64()
+        );
+        assert!(r.ratio() >= ratio, "t{ratio} {tag}: {:.2}x", r.ratio());
+        k
+    };
+    let obs = CompressOptions::default();
+    let rtn = CompressOptions {
+        method: Method::Rtn,
+        ..CompressOptions::default()
+    };
+    let check = |ratio: f64, what: &str, kl_obs: f64, kl_rtn: f64| {
+        assert!(
+            kl_obs <= kl_rtn * MAX_KL_OBS_OVER_RTN_BUDGETED,
+            "t{ratio} {what}: OBS KL {kl_obs:.3e} vs RTN {kl_rtn:.3e} (ratio {:.3}, tolerance \
+             {MAX_KL_OBS_OVER_RTN_BUDGETED})",
+            kl_obs / kl_rtn
+        );
+    };
+    check(
+        10.0,
+        "obs",
+        run("obs", 10.0, obs.clone()),
+        run("rtn", 10.0, rtn.clone()),
+    );
+    let kl_rtn16 = run("rtn", 16.0, rtn);
+    let kl_obs16 = run("obs", 16.0, obs.clone());
+    let weighted = CompressOptions {
+        budget_error: BudgetError::DeltaWeighted,
+        ..obs.clone()
+    };
+    check(
+        16.0,
+        "obs delta-weighted",
+        run("obs-weighted", 16.0, weighted),
+        kl_rtn16,
+    );
+    // The tied table's damping: OBS under the head's Hessian alone (the linear damping) is further off.
+    let old = CompressOptions {
+        tied_table_damp: obs.damp,
+        ..obs
+    };
+    let kl_old = run("obs-table-damp-0.01", 16.0, old);
+    assert!(
+        kl_obs16 < kl_old,
+        "t16: tied_table_damp 1 gives KL {kl_obs16:.3e}, 0.01 gives {kl_old:.3e}"
     );
 }
