@@ -12,31 +12,33 @@
 # MODE=v4 (at most ~5.7 minutes by its timeouts, typically 2-4): the v4 kernels first (cuda_check --filter v4, then memcheck on its quick
 # cases), a quick tensor-core check (v4 at rows <= 16, v3 past it), then kernel_bench --decode (rows 1-16:
 # dz = v4, v3, cuBLAS; sbmm at 32 and 256 rows) into $OUT/kernels-h200-v4.{md,json}; no ncu, no racecheck.
+# BIN: the folder the binaries travel in (default .gpu; e.g. BIN=.gpu/k with carry [".gpu/k"]).
 set -u
 OUT=${OUT:-/tmp/kernels}
+BIN=${BIN:-.gpu}
 mkdir -p "$OUT"
 # The binaries travel xz-compressed (one call carries at most 64 MiB); unpack them with Python's lzma.
-for f in .gpu/*.xz; do
+for f in "$BIN"/*.xz; do
   python3 -c "import lzma,shutil,sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2],'wb'))" "$f" "${f%.xz}"
   chmod +x "${f%.xz}"
 done
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,clocks.max.mem --format=csv,noheader
 if [ "${MODE:-}" = v4 ]; then
   T0=$(date +%s)
-  timeout 90 ./.gpu/cuda_check --filter v4 > "$OUT/cuda_check_v4.txt" 2>&1
+  timeout 90 "$BIN"/cuda_check --filter v4 > "$OUT/cuda_check_v4.txt" 2>&1
   echo "cuda_check v4 rc=$? ($(( $(date +%s) - T0 )) s)"; tail -14 "$OUT/cuda_check_v4.txt"
   grep -m 20 -E "FAIL|panicked|error" "$OUT/cuda_check_v4.txt" | cut -c1-200
   CS=$(ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
   if [ -n "$CS" ]; then
     T0=$(date +%s)
-    timeout 60 "$CS" --tool memcheck ./.gpu/cuda_check --quick --filter "v4 sbmm" > "$OUT/memcheck_v4.txt" 2>&1
+    timeout 60 "$CS" --tool memcheck "$BIN"/cuda_check --quick --filter "v4 sbmm" > "$OUT/memcheck_v4.txt" 2>&1
     echo "memcheck v4 rc=$? ($(( $(date +%s) - T0 )) s)"; tail -3 "$OUT/memcheck_v4.txt"
   fi
   T0=$(date +%s)
-  timeout 45 ./.gpu/cuda_check --quick --filter "tensor cores" > "$OUT/cuda_check_tc.txt" 2>&1
+  timeout 45 "$BIN"/cuda_check --quick --filter "tensor cores" > "$OUT/cuda_check_tc.txt" 2>&1
   echo "cuda_check tc quick rc=$? ($(( $(date +%s) - T0 )) s)"; tail -6 "$OUT/cuda_check_tc.txt"
   T0=$(date +%s)
-  timeout 140 ./.gpu/kernel_bench --decode --out "$OUT/kernels-h200-v4" --commit "${COMMIT:-unknown}" > "$OUT/kernel_bench_v4.log" 2>&1
+  timeout 140 "$BIN"/kernel_bench --decode --out "$OUT/kernels-h200-v4" --commit "${COMMIT:-unknown}" > "$OUT/kernel_bench_v4.log" 2>&1
   echo "kernel_bench --decode rc=$? ($(( $(date +%s) - T0 )) s)"
   grep MISMATCH "$OUT/kernel_bench_v4.log" | head -5
   grep -E "copy bandwidth" "$OUT/kernel_bench_v4.log"
@@ -44,7 +46,7 @@ if [ "${MODE:-}" = v4 ]; then
   exit 0
 fi
 T0=$(date +%s)
-./.gpu/kernel_bench --out "$OUT/kernels-h200" --commit "${COMMIT:-unknown}" > "$OUT/kernel_bench.log" 2>&1
+"$BIN"/kernel_bench --out "$OUT/kernels-h200" --commit "${COMMIT:-unknown}" > "$OUT/kernel_bench.log" 2>&1
 echo "kernel_bench rc=$? ($(( $(date +%s) - T0 )) s)"
 grep -c MISMATCH "$OUT/kernel_bench.log"
 python3 bench/kernels/plot.py "$OUT/kernels-h200.json" "$OUT/kernels-h200.png" && echo "plot ok"
@@ -56,19 +58,19 @@ if [ -n "$NCU" ]; then
 gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__throughput.avg.pct_of_peak_sustained_elapsed,\
 sm__warps_active.avg.pct_of_peak_sustained_active,launch__registers_per_thread,launch__grid_size,dram__bytes_read.sum,\
 smsp__inst_executed.sum,sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active \
-    ./.gpu/kernel_bench --profile > "$OUT/ncu.csv" 2>&1
+    "$BIN"/kernel_bench --profile > "$OUT/ncu.csv" 2>&1
   echo "ncu rc=$? ($(( $(date +%s) - T0 )) s)"
 fi
 T0=$(date +%s)
 # CHECK_FILTER (optional): only the cases of that family/description, e.g. "tensor cores".
-./.gpu/cuda_check ${CHECK_FILTER:+--filter "$CHECK_FILTER"} > "$OUT/cuda_check_full.txt" 2>&1
+"$BIN"/cuda_check ${CHECK_FILTER:+--filter "$CHECK_FILTER"} > "$OUT/cuda_check_full.txt" 2>&1
 echo "cuda_check rc=$? ($(( $(date +%s) - T0 )) s)"
 tail -16 "$OUT/cuda_check_full.txt"
 CS=$(ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
 if [ -n "$CS" ]; then
-  timeout 100 "$CS" --tool memcheck ./.gpu/cuda_check --quick --filter "tensor cores" > "$OUT/memcheck_tc.txt" 2>&1
+  timeout 100 "$CS" --tool memcheck "$BIN"/cuda_check --quick --filter "tensor cores" > "$OUT/memcheck_tc.txt" 2>&1
   echo "memcheck rc=$?"; tail -3 "$OUT/memcheck_tc.txt"
-  [ "${RACECHECK:-1}" = 1 ] && timeout 80 "$CS" --tool racecheck ./.gpu/cuda_check --quick --filter "tensor cores" > "$OUT/racecheck_tc.txt" 2>&1
+  [ "${RACECHECK:-1}" = 1 ] && timeout 80 "$CS" --tool racecheck "$BIN"/cuda_check --quick --filter "tensor cores" > "$OUT/racecheck_tc.txt" 2>&1
   echo "racecheck rc=$?"; tail -3 "$OUT/racecheck_tc.txt"
 fi
 grep -E "^\| delta_matmul \| dz \| 4096 x 4096|^\| sbmm" "$OUT/kernels-h200.md" | cut -c1-150
