@@ -35,6 +35,7 @@ KV_BYTES=${KV_BYTES:-16GiB}
 MAX_DELTAS=${MAX_DELTAS:-32}  # [scheduler] max_deltas_per_step: uniform over 32 fine-tunes needs 32 to fill a batch
 WARMUP=${WARMUP-1}            # non-empty: `bench serve --warmup` (one request per model first: measure a warm server)
 KV_CACHE=${KV_CACHE:-auto}
+V4=${V4:-}                    # non-empty: `serve --v4-kernels` (the experimental v4 delta kernels, issue #5)
 PORT_BASE=${PORT_BASE:-8200}
 GPU=${GPU:-}
 [[ -n $GPU ]] && export CUDA_VISIBLE_DEVICES=$GPU
@@ -72,7 +73,7 @@ swap_config() { # swap_config FILE N
 }
 
 serve() { # serve TAG CONFIG PORT
-    "$DZ" serve --config "$2" --port "$3" > "$OUT/serve-$1.log" 2>&1 &
+    "$DZ" serve --config "$2" --port "$3" ${V4:+--v4-kernels} > "$OUT/serve-$1.log" 2>&1 &
     echo $! > "$OUT/serve.pid"
     local t0=$(date +%s)
     until curl -sf "http://127.0.0.1:$3/health" > /dev/null; do

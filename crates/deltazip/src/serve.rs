@@ -81,6 +81,11 @@ pub struct ServeArgs {
     /// bytes per tensor-parallel rank), then exit without loading anything.
     #[arg(long)]
     pub dry_run: bool,
+    /// Experimental (issue #5; not yet checked on a GPU): the v4 delta kernels for decode batches of up
+    /// to 16 rows per fine-tune. Each delta then keeps a second, re-laid copy of its codes on the GPU
+    /// (about as many bytes again; counted in the GPU budget). No effect on the CPU.
+    #[arg(long)]
+    pub v4_kernels: bool,
 }
 
 /// dz-loader's delta forms as dz-scheduler-ext's tiers: a checked delta file on disk, its packed bytes
@@ -391,6 +396,10 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
 /// Loads the config and starts serving it on `args.host:args.port` (returns once listening).
 pub fn start(args: &ServeArgs) -> Result<Running> {
     let (config, deltas) = dz_loader::Config::load(&args.config)?;
+    if args.v4_kernels {
+        // Before any delta is uploaded: the re-laid copy is made at upload.
+        dz_loader::set_v4_kernels(true);
+    }
     let api_key = args
         .api_key
         .clone()

@@ -29,6 +29,9 @@ pub use config::{
     BaseIdentity, CheckedDelta, Config, DeltaSpec, DeviceSpec, DtypeSpec, KvCacheSpec, Mode,
     DEFAULT_KV_CACHE_BYTES,
 };
+/// The v4 delta kernels switch (experimental, off by default; see `dz_candle_ops::set_v4_kernels`),
+/// for servers that turn it on before any delta is uploaded.
+pub use dz_candle_ops::set_v4_kernels;
 pub use error::{Error, Result};
 pub use host::{Engine, GeneratedToken, Generation, KvCache};
 pub use multi_tenant::{DeltaHook, DeltaRegistry, FineTuneDeltas, HostDelta};

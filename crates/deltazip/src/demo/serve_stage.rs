@@ -467,6 +467,7 @@ fn local(config: &Path) -> ServeArgs {
         api_key: None,
         delta_dir: None,
         dry_run: false,
+        v4_kernels: false,
     }
 }
 
