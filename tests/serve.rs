@@ -79,6 +79,7 @@ fn setup() -> (
         api_key: Some(KEY.to_string()),
         delta_dir: Some(deltas.clone()),
         dry_run: false,
+        v4_kernels: false,
     })
     .expect("server starts");
     (dir, server, deltas)

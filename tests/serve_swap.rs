@@ -124,6 +124,7 @@ fn swap_server_end_to_end() {
         api_key: None,
         delta_dir: None,
         dry_run: false,
+        v4_kernels: false,
     })
     .expect("server starts");
     let addr = server.addr;

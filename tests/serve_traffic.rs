@@ -83,6 +83,7 @@ fn server() -> (std::sync::MutexGuard<'static, ()>, SocketAddr) {
             api_key: Some(KEY.to_string()),
             delta_dir: Some(deltas),
             dry_run: false,
+            v4_kernels: false,
         })
         .expect("server starts");
         Server {
