@@ -67,7 +67,11 @@ fn merged_engines_under_a_cap() {
         .iter()
         .map(|m| served.engine.generate(m, PROMPT, MAX_TOKENS).unwrap().text)
         .collect();
-    let base_text = served.engine.generate("base", PROMPT, MAX_TOKENS).unwrap().text;
+    let base_text = served
+        .engine
+        .generate("base", PROMPT, MAX_TOKENS)
+        .unwrap()
+        .text;
     drop(served);
     assert_eq!(want_text[0], want_text[3], "two names over one file");
     assert!(
@@ -83,7 +87,11 @@ fn merged_engines_under_a_cap() {
         let (c, d) = dz_loader::Config::load(&capped).unwrap();
         let served = dz_loader::serve(&c, &d).unwrap();
         let swap = served.engine_swap.clone().expect("an engine swap");
-        assert_eq!(swap.loaded(), ["m0"], "the first merged model starts loaded");
+        assert_eq!(
+            swap.loaded(),
+            ["m0"],
+            "the first merged model starts loaded"
+        );
         for round in 0..2 {
             for (i, m) in names.iter().enumerate() {
                 let got = served
@@ -151,7 +159,10 @@ fn merged_engines_under_a_cap() {
     assert_eq!(metric(&text, "deltazip_engine_swap_models"), 4.0);
     assert!(metric(&text, "deltazip_engine_swap_load_seconds_total") > 0.0);
     assert!(metric(&text, "deltazip_engine_swap_unload_seconds_total") > 0.0);
-    assert_eq!(metric(&text, "deltazip_engine_swap_load_failures_total"), 0.0);
+    assert_eq!(
+        metric(&text, "deltazip_engine_swap_load_failures_total"),
+        0.0
+    );
 
     // A concurrent mix, streamed and not: nothing lost, every answer as alone.
     let mix = ["m0", "m1", "base", "m2", "m0b", "m1", "m0", "m2"];
@@ -181,12 +192,19 @@ fn merged_engines_under_a_cap() {
     assert_eq!(outcomes.len(), 36);
     for (m, stream, got) in &outcomes {
         match got {
-            Ok(a) => assert_eq!(a.text, want(m), "{m} (stream {stream}) under concurrent load"),
+            Ok(a) => assert_eq!(
+                a.text,
+                want(m),
+                "{m} (stream {stream}) under concurrent load"
+            ),
             Err((s, b)) => panic!("{m} (stream {stream}) failed under concurrent load: {s} {b}"),
         }
     }
     let text = metrics(addr, None);
-    assert!(metric(&text, "deltazip_engine_swap_loads_total") > loads, "{text}");
+    assert!(
+        metric(&text, "deltazip_engine_swap_loads_total") > loads,
+        "{text}"
+    );
     assert_eq!(metric(&text, "deltazip_engine_swap_waiting_requests"), 0.0);
     assert_eq!(metric(&text, "deltazip_engine_swap_loaded_models"), 1.0);
     let errors: f64 = text

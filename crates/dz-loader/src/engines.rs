@@ -240,7 +240,9 @@ impl EngineSwap {
                 }
                 let tick = st.tick();
                 let slot = st.slots.get_mut(name).ok_or_else(|| {
-                    Error::Host(format!("{name:?} is not a merged model with a swapped engine"))
+                    Error::Host(format!(
+                        "{name:?} is not a merged model with a swapped engine"
+                    ))
                 })?;
                 if slot.loaded && !slot.draining {
                     slot.in_flight += 1;
@@ -399,6 +401,8 @@ fn worker(inner: &Inner) {
                 }
                 if let Err(e) = unloaded {
                     eprintln!("dz-loader: unloading {name}: {e}");
+                    // Not in a tight loop: the next decision may pick it again.
+                    std::thread::sleep(Duration::from_millis(100));
                 } else {
                     inner.unloads.fetch_add(1, Ordering::Relaxed);
                     inner
@@ -493,7 +497,11 @@ mod tests {
 
     #[test]
     fn loads_the_oldest_wanted_model_while_there_is_room() {
-        let mut st = state(&[("a", true, 1, &[], 5), ("b", false, 0, &[9], 1), ("c", false, 0, &[7], 2)]);
+        let mut st = state(&[
+            ("a", true, 1, &[], 5),
+            ("b", false, 0, &[9], 1),
+            ("c", false, 0, &[7], 2),
+        ]);
         assert_eq!(next_action(&mut st, 2), Action::Load("c".into()));
         let mut st = state(&[("a", true, 1, &[], 5), ("b", false, 0, &[], 1)]);
         assert_eq!(next_action(&mut st, 1), Action::Wait);
@@ -514,7 +522,11 @@ mod tests {
 
     #[test]
     fn drains_a_busy_engine_and_waits_for_it() {
-        let mut st = state(&[("a", true, 2, &[], 5), ("b", true, 1, &[], 3), ("c", false, 0, &[10], 0)]);
+        let mut st = state(&[
+            ("a", true, 2, &[], 5),
+            ("b", true, 1, &[], 3),
+            ("c", false, 0, &[10], 0),
+        ]);
         assert_eq!(next_action(&mut st, 2), Action::Wait);
         assert!(st.slots["b"].draining && !st.slots["a"].draining);
         // Still busy: still one draining, still waiting.
@@ -524,7 +536,11 @@ mod tests {
         st.slots.get_mut("b").unwrap().in_flight = 0;
         assert_eq!(next_action(&mut st, 2), Action::Unload("b".into()));
         // Nobody waits any more: nothing drains.
-        let mut st = state(&[("a", true, 2, &[], 5), ("b", true, 1, &[], 3), ("c", false, 0, &[10], 0)]);
+        let mut st = state(&[
+            ("a", true, 2, &[], 5),
+            ("b", true, 1, &[], 3),
+            ("c", false, 0, &[10], 0),
+        ]);
         assert_eq!(next_action(&mut st, 2), Action::Wait);
         st.slots.get_mut("c").unwrap().waiting.clear();
         assert_eq!(next_action(&mut st, 2), Action::Wait);

@@ -577,7 +577,10 @@ impl Engine {
         requests: &[(&str, &[u32])],
         max_tokens: usize,
     ) -> Result<Vec<Generation>> {
-        if requests.iter().any(|(name, _)| self.swapped(name).is_some()) {
+        if requests
+            .iter()
+            .any(|(name, _)| self.swapped(name).is_some())
+        {
             // Holding one model's engine while waiting for another's could wait forever under the
             // cap: one at a time.
             return requests

@@ -232,7 +232,8 @@ fn serve_swapped_engines(
     let loaders = merged
         .iter()
         .map(|(name, dir)| {
-            let l = host::reloadable_config(dir, base, config.base.dtype, device, config.kv_cache())?;
+            let l =
+                host::reloadable_config(dir, base, config.base.dtype, device, config.kv_cache())?;
             Ok((name.clone(), l))
         })
         .collect::<Result<Vec<_>>>()?;
