@@ -19,6 +19,9 @@ use dz_compress::fixtures::{self, TinySpec};
 const PROMPT: &str = "def main():\n    ";
 const MAX_TOKENS: usize = 8;
 
+/// A request of the concurrent mix: its model, whether streamed, and what came back.
+type Outcome = (String, bool, Result<Answer, (u16, String)>);
+
 fn config(base: &std::path::Path, merged_dir: &std::path::Path, cap: Option<usize>) -> String {
     let cap = cap.map_or(String::new(), |k| format!("merged_gpu_models = {k}\n"));
     format!(
@@ -166,7 +169,7 @@ fn merged_engines_under_a_cap() {
 
     // A concurrent mix, streamed and not: nothing lost, every answer as alone.
     let mix = ["m0", "m1", "base", "m2", "m0b", "m1", "m0", "m2"];
-    let outcomes: Vec<(String, bool, Result<Answer, (u16, String)>)> = std::thread::scope(|sc| {
+    let outcomes: Vec<Outcome> = std::thread::scope(|sc| {
         let handles: Vec<_> = (0..12)
             .map(|t| {
                 sc.spawn(move || {
