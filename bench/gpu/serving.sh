@@ -6,6 +6,7 @@
 # $OUT/serving.{md,json}.
 #
 #   bash bench/gpu/serving.sh STEP...   STEP: gen | base | dz:CODEC:N (e.g. dz:4b24:32) | swap:N (e.g. swap:32)
+#                                             | engines:N (e.g. engines:32)
 #
 # A dz or swap step may end in @POPULARITY (`deltazip bench serve --popularity`: uniform, zipf:S, hot:F),
 # e.g. dz:4b24:32@zipf:1.0; default uniform. KV cache: paged, KV_BYTES (default 16GiB) per engine.
@@ -14,6 +15,16 @@
 # swap:N decodes SWAP_DISTINCT of the 4b24 files to full bf16 weights in CPU memory at start-up (about
 # 13.5 GB each for 7B: keep SWAP_DISTINCT * 13.5 GB well under the machine's RAM) and cycles the N names
 # over them; SWAP_K of them on the GPU at once.
+#
+# engines:N is the other swap baseline (system "swap-engines"): the N fine-tunes as merge-mode models,
+# one host engine each, at most ENGINES_K loaded at once (`runtime.merged_gpu_models`): a request for
+# an unloaded one waits while the host unloads the least recently used idle engine and reloads the
+# wanted one from its merged directory (mistral.rs's own unload_model/reload_model). The base is not
+# served. Merging writes full models to disk (13.5 GB each for 7B, under $W/merged): ENGINES_DISTINCT
+# of the 4b24 files (default 1) are materialised, once each, and the N names cycle over them (each
+# name still loads its own copy onto the GPU). 64 GB disk holds the base, both codecs' 8 files and
+# one merged model; 2 with CODECS=4b24 only. Each engine has its own paged KV cache of
+# ENGINES_KV_BYTES (default KV_BYTES): ENGINES_K x (13.5 GB + that) must fit the GPU.
 #
 # Needs $DZ (deltazip with --features cuda or nccl), $CORPUS, python3 (for NCCL's library path only).
 #
@@ -32,6 +43,9 @@ GPU_DELTAS=${GPU_DELTAS:-90GiB}
 SWAP_DISTINCT=${SWAP_DISTINCT:-4}
 SWAP_K=${SWAP_K:-4}
 KV_BYTES=${KV_BYTES:-16GiB}
+ENGINES_DISTINCT=${ENGINES_DISTINCT:-1}
+ENGINES_K=${ENGINES_K:-4}
+ENGINES_KV_BYTES=${ENGINES_KV_BYTES:-$KV_BYTES}
 MAX_DELTAS=${MAX_DELTAS:-32}  # [scheduler] max_deltas_per_step: uniform over 32 fine-tunes needs 32 to fill a batch
 WARMUP=${WARMUP-1}            # non-empty: `bench serve --warmup` (one request per model first: measure a warm server)
 KV_CACHE=${KV_CACHE:-auto}
@@ -72,6 +86,20 @@ swap_config() { # swap_config FILE N
     } > "$1"
 }
 
+engines_config() { # engines_config FILE N
+    {
+        echo "[base]"; echo "path = \"$W/base\""; echo 'dtype = "bf16"'; echo 'name = "base"'; echo 'serve = false'
+        for i in $(seq 0 $(($2 - 1))); do
+            printf '[[delta]]\nname = "ft-%02d"\npath = "%s/4b24/ft-%02d.dz"\nmode = "merge"\n' \
+                "$i" "$W" $((i % ENGINES_DISTINCT))
+        done
+        echo "[runtime]"; echo 'device = "cuda"'; echo "merged_gpu_models = $ENGINES_K"
+        echo "merged_dir = \"$W/merged\""
+        echo "kv_cache = \"$KV_CACHE\""; echo "kv_cache_bytes = \"$ENGINES_KV_BYTES\""
+        echo "[scheduler]"; echo "max_seqs = ${MAX_SEQS:-32}"; echo "max_deltas_per_step = $MAX_DELTAS"
+    } > "$1"
+}
+
 serve() { # serve TAG CONFIG PORT
     "$DZ" serve --config "$2" --port "$3" ${V4:+--v4-kernels} > "$OUT/serve-$1.log" 2>&1 &
     echo $! > "$OUT/serve.pid"
@@ -106,7 +134,7 @@ bench() { # bench TAG SYSTEM PORT MODELS [POPULARITY]   (RATES, REQS: this run's
     done
     gpu_mem | sed "s/^/  $1 gpu memory used: /"
     curl -s "http://127.0.0.1:$3/metrics" > "$OUT/metrics-$1.txt"
-    grep -E "^deltazip_((delta|swap)_(loads_total|hits_total|misses_total|evictions_total|load_seconds_total)|swap_copied_bytes_total|gpu_delta_bytes|tokens_per_second)" "$OUT/metrics-$1.txt" | head -24
+    grep -E "^deltazip_((delta|swap)_(loads_total|hits_total|misses_total|evictions_total|load_seconds_total)|swap_copied_bytes_total|engine_swap_(loads_total|unloads_total|load_seconds_total|unload_seconds_total|load_failures_total)|gpu_delta_bytes|tokens_per_second)" "$OUT/metrics-$1.txt" | head -30
     # One line per server run: GPU memory in use after the run, and the server's tier counters.
     python3 - "$1" "$2" "$(echo "$4" | tr ',' '\n' | wc -l)" "${5:-uniform}" \
         "$(gpu_mem ,nounits)" \
@@ -178,6 +206,16 @@ for arg in "$@"; do
             # requests and rates (SWAP_REQS, SWAP_RATES) keep a run inside one device call.
             serve "swap-$n$sfx" "$OUT/swap-$n.toml" $((PORT_BASE + 3)) && WARMUP= RATES=${SWAP_RATES:-$RATES} REQS=${SWAP_REQS:-$REQS} \
                 bench "swap-$n$sfx" swap $((PORT_BASE + 3)) "$models" "$pop"; stop ;;
+        engines:*)
+            n=${step#engines:}
+            engines_config "$OUT/engines-$n.toml" "$n"
+            models=$(seq -f 'ft-%02g' 0 $((n - 1)) | paste -sd,)
+            # No warm-up (ENGINES_K of N engines fit), fewer requests and rates as for swap:N: a miss
+            # reloads a whole model from disk (page cache) with its KV cache, seconds each. Start-up
+            # merges the ENGINES_DISTINCT files first (once; kept in $W/merged for later runs).
+            serve "engines-$n$sfx" "$OUT/engines-$n.toml" $((PORT_BASE + 4)) && WARMUP= RATES=${SWAP_RATES:-$RATES} REQS=${SWAP_REQS:-$REQS} \
+                bench "engines-$n$sfx" swap-engines $((PORT_BASE + 4)) "$models" "$pop"
+            df -h "$W" | tail -1; stop ;;
     esac
 done
 echo "=== done $(date +%T)"

@@ -43,6 +43,8 @@ pub struct ServePlan {
     pub swap: Vec<String>,
     /// `runtime.swap_gpu_models`.
     pub swap_gpu_models: usize,
+    /// `runtime.merged_gpu_models`: merged engines loaded at most (`None`: all of them).
+    pub merged_gpu_models: Option<usize>,
     /// The GPU delta budget per rank, when the config sets one.
     pub gpu_delta_bytes: Option<u64>,
 }
@@ -134,6 +136,7 @@ pub fn serve_plan(config: &Config, deltas: &[CheckedDelta]) -> Result<ServePlan>
         merged,
         swap,
         swap_gpu_models: config.runtime.swap_gpu_models,
+        merged_gpu_models: config.runtime.merged_gpu_models,
         gpu_delta_bytes: config.runtime.gpu_delta_bytes,
     })
 }
@@ -188,6 +191,14 @@ impl fmt::Display for ServePlan {
                 "merged (full models of their own): {}",
                 self.merged.join(", ")
             )?;
+            if let Some(k) = self.merged_gpu_models {
+                writeln!(
+                    f,
+                    "  at most {} of them loaded at once (merged_gpu_models = {k}; the host unloads \
+                     and reloads the others on demand)",
+                    k.min(self.merged.len())
+                )?;
+            }
         }
         if !self.swap.is_empty() {
             let model: u64 = self.base.rank_bytes.iter().sum();

@@ -13,6 +13,12 @@
 //! `runtime.swap_gpu_models` of them on the device (the rest in CPU memory, copied in whole on a miss),
 //! and the admission seam asks both schedulers: a sequence starts when each admits it.
 //!
+//! Merged fine-tunes are engines of their own. With `runtime.merged_gpu_models = K` at most K of them
+//! are loaded ([`dz_loader::engines`]: the host's own unload/reload, issue #9's other swap baseline): a
+//! completion request for a merged model first waits until its engine is loaded, and holds it until
+//! its response body is sent (or dropped), so an engine is never unloaded under a request
+//! (`deltazip_engine_swap_*` metrics).
+//!
 //! Our routes, in front of the host's (which answer everything else):
 //! - `GET /v1/models`: the base, every fine-tune (multi-tenant, merged and swap);
 //! - `POST /v1/deltas` `{"name", "path"}`: hot-load a delta from inside `--delta-dir` (checked against
@@ -51,8 +57,8 @@ use axum::{Json, Router};
 use candle_core::Device;
 use clap::Args;
 use dz_loader::{
-    BaseIdentity, CheckedDelta, DeltaRegistry, FineTuneDeltas, HostDelta, MergedWeights, Mode,
-    SwapModel, SwapRegistry, SwapStore,
+    BaseIdentity, CheckedDelta, DeltaRegistry, EngineLease, EngineSwap, FineTuneDeltas, HostDelta,
+    MergedWeights, Mode, SwapModel, SwapRegistry, SwapStore,
 };
 use dz_scheduler_ext::{Backend, Decision, Scheduler, SchedulerOptions, Unregistered};
 use serde_json::json;
@@ -325,6 +331,8 @@ struct AppState {
     base_path: PathBuf,
     base_name: String,
     merged: Vec<String>,
+    /// The cap on loaded merged engines (`runtime.merged_gpu_models`), when there is one.
+    engine_swap: Option<Arc<EngineSwap>>,
     multi_tenant: Mutex<BTreeSet<String>>,
     mistralrs: Arc<mistralrs_core::MistralRs>,
     api_key: Option<String>,
@@ -532,6 +540,7 @@ pub fn start(args: &ServeArgs) -> Result<Running> {
         base_path: config.base.path.clone(),
         base_name: config.base_name(),
         merged,
+        engine_swap: served.engine_swap.clone(),
         multi_tenant: Mutex::new(multi),
         mistralrs: mistralrs.clone(),
         api_key,
@@ -702,6 +711,7 @@ async fn known_model(State(state): State<Arc<AppState>>, request: Request, next:
     struct Named {
         model: Option<String>,
     }
+    let mut lease = None;
     if let Ok(Named { model: Some(model) }) = serde_json::from_slice::<Named>(&bytes) {
         if !state.serves(&model) {
             return error(
@@ -712,9 +722,85 @@ async fn known_model(State(state): State<Arc<AppState>>, request: Request, next:
                 ),
             );
         }
+        if let Some(swap) = &state.engine_swap {
+            match engine_lease(swap, &state.mistralrs, &model).await {
+                Ok(l) => lease = l,
+                Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+            }
+        }
     }
-    next.run(Request::from_parts(parts, axum::body::Body::from(bytes)))
-        .await
+    let response = next
+        .run(Request::from_parts(parts, axum::body::Body::from(bytes)))
+        .await;
+    match lease {
+        None => response,
+        Some(lease) => {
+            let (parts, body) = response.into_parts();
+            Response::from_parts(
+                parts,
+                axum::body::Body::new(LeasedBody {
+                    body,
+                    _lease: lease,
+                }),
+            )
+        }
+    }
+}
+
+/// For a request naming `model` (or `default`, the host's default engine): a lease on its engine when
+/// that is a merged engine under `merged_gpu_models` (waits until it is loaded), else none.
+async fn engine_lease(
+    swap: &EngineSwap,
+    mistralrs: &mistralrs_core::MistralRs,
+    model: &str,
+) -> dz_loader::Result<Option<EngineLease>> {
+    if model != "default" {
+        if !swap.manages(model) {
+            return Ok(None);
+        }
+        return swap.acquire(model).await.map(Some);
+    }
+    // The default engine changes only when it is unloaded: hold the one that is the default once held.
+    loop {
+        let Ok(Some(id)) = mistralrs.get_default_model_id() else {
+            return Ok(None);
+        };
+        if !swap.manages(&id) {
+            return Ok(None);
+        }
+        let lease = swap.acquire(&id).await?;
+        if matches!(mistralrs.get_default_model_id(), Ok(Some(now)) if now == id) {
+            return Ok(Some(lease));
+        }
+    }
+}
+
+/// A response body holding a merged engine's lease until the body is dropped (sent to its end, or the
+/// client went away): a streamed completion keeps its engine loaded until its last event.
+struct LeasedBody {
+    body: axum::body::Body,
+    _lease: EngineLease,
+}
+
+impl http_body::Body for LeasedBody {
+    type Data = axum::body::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<std::result::Result<http_body::Frame<Self::Data>, Self::Error>>>
+    {
+        http_body::Body::poll_frame(std::pin::Pin::new(&mut self.body), cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        http_body::Body::is_end_stream(&self.body)
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::Body::size_hint(&self.body)
+    }
 }
 
 fn count(state: &AppState, path: &str, response: Response) -> Response {
@@ -915,6 +1001,25 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
             state.swap_registry.bytes(),
             state.swap_store.as_ref().map_or(0, |s| s.bytes())
         ));
+    }
+    if let Some(es) = &state.engine_swap {
+        // The engines baseline: merged engines unloaded and reloaded by the host.
+        let st = es.stats();
+        for (name, kind, help, value) in [
+            ("loads_total", "counter", "Merged engines reloaded on demand (the host's reload_model; start-up loads not counted).", st.loads as f64),
+            ("load_seconds_total", "counter", "Seconds spent reloading merged engines.", st.load_seconds),
+            ("unloads_total", "counter", "Merged engines unloaded (the host's unload_model) to make room.", st.unloads as f64),
+            ("unload_seconds_total", "counter", "Seconds spent unloading merged engines (until the engine let go of its model).", st.unload_seconds),
+            ("load_failures_total", "counter", "Reloads of merged engines that failed.", st.load_failures as f64),
+            ("loaded_models", "gauge", "Merged engines loaded now.", st.loaded as f64),
+            ("capacity", "gauge", "runtime.merged_gpu_models: merged engines loaded at most.", st.capacity as f64),
+            ("models", "gauge", "Merged models under the cap.", st.models as f64),
+            ("waiting_requests", "gauge", "Requests waiting for their merged engine to be loaded.", st.waiting as f64),
+        ] {
+            out.push_str(&format!(
+                "# HELP deltazip_engine_swap_{name} {help}\n# TYPE deltazip_engine_swap_{name} {kind}\ndeltazip_engine_swap_{name} {value}\n"
+            ));
+        }
     }
     out.push_str("# HELP deltazip_requests_total HTTP requests by route and status.\n");
     out.push_str("# TYPE deltazip_requests_total counter\n");

@@ -147,6 +147,12 @@ pub struct RuntimeSpec {
     /// budget is this many times one model's bytes). Default 2.
     #[serde(default = "default_swap_gpu_models")]
     pub swap_gpu_models: usize,
+    /// Merge mode: how many merge-mode fine-tunes' engines may be loaded at once (the host's own
+    /// unload/reload of models, [`crate::engines`]: a request for an unloaded one waits while the
+    /// least recently used idle engine is unloaded and its own is reloaded). Default: no cap, every
+    /// merged fine-tune is loaded at start-up and stays.
+    #[serde(default)]
+    pub merged_gpu_models: Option<usize>,
     /// How the KV cache is kept: `paged` (the host's PagedAttention: fixed blocks in one pool of
     /// `kv_cache_bytes`; a decode step batches every running sequence whatever its length) or
     /// `contiguous` (one growing cache per sequence; the host then batches only sequences of equal
@@ -215,6 +221,7 @@ impl Default for RuntimeSpec {
             merged_dir: None,
             tensor_parallel: default_tensor_parallel(),
             swap_gpu_models: default_swap_gpu_models(),
+            merged_gpu_models: None,
             kv_cache: KvCacheSpec::Auto,
             kv_cache_bytes: None,
             load_threads: default_load_threads(),
@@ -472,6 +479,20 @@ impl Config {
             return Err(self.err(
                 "runtime.swap_gpu_models",
                 "must be at least 1 (swap models run only from the GPU)",
+            ));
+        }
+        if self.runtime.merged_gpu_models == Some(0) {
+            return Err(self.err(
+                "runtime.merged_gpu_models",
+                "must be at least 1 (a merged fine-tune answers only while its engine is loaded)",
+            ));
+        }
+        if tp > 1 && self.runtime.merged_gpu_models.is_some() {
+            return Err(self.err(
+                "runtime.merged_gpu_models",
+                format!(
+                    "unloading and reloading merged engines is single-GPU (tensor_parallel = {tp})"
+                ),
             ));
         }
         if self.runtime.kv_cache == KvCacheSpec::Paged {

@@ -11,14 +11,16 @@ use std::sync::Arc;
 
 use candle_core::Device;
 use mistralrs_core::{
-    AdapterPaths, AddModelConfig, Constraint, DefaultSchedulerMethod, DeviceMapSetting,
-    EngineConfig, LocalModelPaths, MemoryGpuConfig, MistralRs, MistralRsBuilder, ModelDType,
-    ModelPaths, NormalLoaderBuilder, NormalRequest, NormalSpecificConfig, PagedAttentionConfig,
-    PagedCacheType, Pipeline, Request, RequestMessage, Response, SamplingParams, SchedulerConfig,
+    AdapterPaths, AddModelConfig, AutoDeviceMapParams, Constraint, DefaultSchedulerMethod,
+    DeviceMapSetting, EngineConfig, LoaderBuilder, LocalModelPaths, MemoryGpuConfig, MistralRs,
+    MistralRsBuilder, ModelDType, ModelLoaderConfig, ModelPaths, ModelSelected,
+    NormalLoaderBuilder, NormalRequest, NormalSpecificConfig, PagedAttentionConfig, PagedCacheType,
+    Pipeline, Request, RequestMessage, Response, SamplingParams, SchedulerConfig, TokenSource,
 };
 use tokio::sync::Mutex;
 
 use crate::config::DtypeSpec;
+use crate::engines::EngineSwap;
 use crate::error::{Error, Result};
 
 /// A pipeline as the host hands it around.
@@ -134,6 +136,96 @@ pub fn load_pipeline(
     Ok(pipeline)
 }
 
+/// The files besides the weights and `config.json` that [`local_paths`] takes from `aux`.
+const AUX_FILES: [&str; 4] = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "generation_config.json",
+    "chat_template.jinja",
+];
+
+/// What the host needs to load a local HF directory by itself, and to load it again after
+/// `MistralRs::unload_model` (its `reload_model` rebuilds the pipeline from this): a plain model through
+/// the host's own `LoaderBuilder` and `load_model_from_hf`, which for a local directory lists and reads
+/// its files and never reaches the hub. That path reads the tokenizer, generation config and chat
+/// template from `dir` itself, so the ones [`local_paths`] would take from `aux` (the base's) are
+/// copied into `dir` where it lacks them (a merged fine-tune has only its tokenizer): loaded either
+/// way, the model is the same.
+pub fn reloadable_config(
+    dir: &Path,
+    aux: &Path,
+    dtype: DtypeSpec,
+    device: &Device,
+    kv_cache: KvCache,
+) -> Result<ModelLoaderConfig> {
+    for name in AUX_FILES {
+        let (from, to) = (aux.join(name), dir.join(name));
+        if from.is_file() && !to.exists() {
+            let tmp = dir.join(format!(".{name}.tmp"));
+            let io = |path: &Path| {
+                let path = path.to_path_buf();
+                move |source| Error::Io { path, source }
+            };
+            std::fs::copy(&from, &tmp).map_err(io(&tmp))?;
+            std::fs::rename(&tmp, &to).map_err(io(&to))?;
+        }
+    }
+    let path = |p: &Path| p.to_string_lossy().into_owned();
+    Ok(ModelLoaderConfig {
+        model_selected: ModelSelected::Plain {
+            model_id: path(dir),
+            tokenizer_json: Some(path(&dir.join("tokenizer.json")))
+                .filter(|_| dir.join("tokenizer.json").is_file()),
+            arch: None,
+            dtype: model_dtype(dtype),
+            topology: None,
+            organization: None,
+            write_uqff: None,
+            from_uqff: None,
+            imatrix: None,
+            calibration_file: None,
+            max_seq_len: AutoDeviceMapParams::DEFAULT_MAX_SEQ_LEN,
+            max_batch_size: AutoDeviceMapParams::DEFAULT_MAX_BATCH_SIZE,
+            hf_cache_path: None,
+            matformer_config_path: None,
+            matformer_slice_name: None,
+        },
+        token_source: TokenSource::None,
+        hf_revision: None,
+        dtype: model_dtype(dtype),
+        device: device.clone(),
+        device_map_setting: DeviceMapSetting::dummy(),
+        isq: None,
+        paged_attn_config: kv_cache.host_config()?,
+        silent: true,
+        chat_template: None,
+        jinja_explicit: None,
+    })
+}
+
+/// Loads a pipeline the way the host's `reload_model` does from `config` (so a model's first load and
+/// every reload after an unload are the same code).
+pub fn load_reloadable(config: &ModelLoaderConfig) -> Result<SharedPipeline> {
+    let loader = LoaderBuilder::new(config.model_selected.clone())
+        .with_chat_template(config.chat_template.clone())
+        .with_jinja_explicit(config.jinja_explicit.clone())
+        .build()
+        .map_err(host)?;
+    let pipeline = loader
+        .load_model_from_hf(
+            config.hf_revision.clone(),
+            config.token_source.clone(),
+            &config.dtype,
+            &config.device,
+            config.silent,
+            config.device_map_setting.clone(),
+            config.isq,
+            config.paged_attn_config,
+        )
+        .map_err(host)?;
+    Ok(pipeline)
+}
+
 /// The device a loaded pipeline runs on (under tensor parallelism, the host's device for this rank).
 pub fn pipeline_device(pipeline: &SharedPipeline) -> Result<Device> {
     let p = pipeline
@@ -152,6 +244,9 @@ pub struct Engine {
     mistralrs: Option<Arc<MistralRs>>,
     max_seqs: NonZeroUsize,
     no_kv_cache: bool,
+    /// The cap on loaded merged engines, when there is one: requests for the models it manages wait
+    /// for theirs to be loaded and keep it loaded until answered.
+    swap: Option<Arc<EngineSwap>>,
 }
 
 /// One completion: the generated text and its tokens.
@@ -209,6 +304,7 @@ impl Engine {
             mistralrs: None,
             max_seqs: NonZeroUsize::new(max_seqs).unwrap_or(NonZeroUsize::MIN),
             no_kv_cache: false,
+            swap: None,
         })
     }
 
@@ -241,28 +337,89 @@ impl Engine {
     /// Adds a model under `name` (the name requests use). The prefix cache is off: one engine per model
     /// keeps KV per model, and generation is compared bit for bit in tests.
     pub fn add(&mut self, name: &str, pipeline: SharedPipeline) -> Result<()> {
+        self.add_with(name, pipeline, None)
+    }
+
+    /// [`Engine::add`] of a model the host can unload and reload by itself (`loader`: see
+    /// [`reloadable_config`]; `pipeline` loaded from it by [`load_reloadable`]).
+    pub fn add_reloadable(
+        &mut self,
+        name: &str,
+        pipeline: SharedPipeline,
+        loader: ModelLoaderConfig,
+    ) -> Result<()> {
+        self.add_with(name, pipeline, Some(loader))
+    }
+
+    /// Registers model `name` with the host as unloaded: `reload_model` loads it from `loader` when it
+    /// is wanted. The host has no call for that, so this adds an engine over `placeholder` (any loaded
+    /// pipeline of the same architecture that no engine runs yet: an engine takes its pipeline's lock
+    /// as it starts), unloads it at once and waits for that engine to exit. Start-up thus loads only
+    /// the models that start loaded.
+    pub fn add_unloaded(
+        &mut self,
+        name: &str,
+        placeholder: &SharedPipeline,
+        loader: ModelLoaderConfig,
+    ) -> Result<()> {
+        self.add_with(name, placeholder.clone(), Some(loader))?;
+        let m = self.host_handle(name)?;
+        let sender = m.get_sender(Some(name)).map_err(host)?;
+        m.unload_model(name).map_err(host)?;
+        self.runtime.block_on(sender.closed());
+        Ok(())
+    }
+
+    fn add_with(
+        &mut self,
+        name: &str,
+        pipeline: SharedPipeline,
+        loader: Option<ModelLoaderConfig>,
+    ) -> Result<()> {
         let scheduler = self.scheduler(&pipeline);
         match &self.mistralrs {
             None => {
-                let builder = MistralRsBuilder::new(pipeline, scheduler, false, None)
+                let mut builder = MistralRsBuilder::new(pipeline, scheduler, false, None)
                     .with_model_id(name)
                     .with_no_prefix_cache(true)
                     .with_no_kv_cache(self.no_kv_cache);
+                if let Some(loader) = loader {
+                    builder = builder.with_loader_config(loader);
+                }
                 self.mistralrs = Some(self.runtime.block_on(builder.build()));
                 Ok(())
             }
             Some(m) => {
-                let config = AddModelConfig::new(EngineConfig {
+                let mut config = AddModelConfig::new(EngineConfig {
                     no_prefix_cache: true,
                     no_kv_cache: self.no_kv_cache,
                     throughput_logging_enabled: false,
                     ..EngineConfig::default()
                 });
+                if let Some(loader) = loader {
+                    config = config.with_loader_config(loader);
+                }
                 self.runtime
                     .block_on(m.add_model(name.to_string(), pipeline, scheduler, config))
                     .map_err(Error::Host)
             }
         }
+    }
+
+    fn host_handle(&self, name: &str) -> Result<&Arc<MistralRs>> {
+        self.mistralrs
+            .as_ref()
+            .ok_or_else(|| Error::Host(format!("no model {name:?}: the engine is empty")))
+    }
+
+    /// Requests for the models `swap` manages wait for their engine and hold it while they run.
+    pub fn set_engine_swap(&mut self, swap: Arc<EngineSwap>) {
+        self.swap = Some(swap);
+    }
+
+    /// Whether model `name`'s engine is loaded and unloaded on demand (under `merged_gpu_models`).
+    fn swapped(&self, name: &str) -> Option<&Arc<EngineSwap>> {
+        self.swap.as_ref().filter(|s| s.manages(name))
     }
 
     /// Makes `alias` another name of model `model`: requests for it run on `model`'s engine, and the
@@ -353,6 +510,11 @@ impl Engine {
         max_tokens: usize,
         raw_logits: bool,
     ) -> Result<Response> {
+        // A model whose engine may be unloaded: wait for it to be loaded, and keep it until answered.
+        let _lease = match self.swapped(name) {
+            Some(s) => Some(self.runtime.block_on(s.acquire(name))?),
+            None => None,
+        };
         let rx = self.send(name, messages, max_tokens, raw_logits)?;
         self.receive(rx)
     }
@@ -415,6 +577,17 @@ impl Engine {
         requests: &[(&str, &[u32])],
         max_tokens: usize,
     ) -> Result<Vec<Generation>> {
+        if requests
+            .iter()
+            .any(|(name, _)| self.swapped(name).is_some())
+        {
+            // Holding one model's engine while waiting for another's could wait forever under the
+            // cap: one at a time.
+            return requests
+                .iter()
+                .map(|(name, prompt)| self.generate_tokens(name, prompt, max_tokens))
+                .collect();
+        }
         let pending = requests
             .iter()
             .map(|(name, prompt)| {

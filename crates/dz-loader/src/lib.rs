@@ -14,6 +14,7 @@
 #![deny(missing_docs)]
 
 pub mod config;
+pub mod engines;
 mod error;
 pub mod host;
 pub mod merge;
@@ -32,6 +33,7 @@ pub use config::{
 /// The v4 delta kernels switch (experimental, off by default; see `dz_candle_ops::set_v4_kernels`),
 /// for servers that turn it on before any delta is uploaded.
 pub use dz_candle_ops::set_v4_kernels;
+pub use engines::{EngineLease, EngineSwap, EngineSwapStats};
 pub use error::{Error, Result};
 pub use host::{Engine, GeneratedToken, Generation, KvCache};
 pub use multi_tenant::{DeltaHook, DeltaRegistry, FineTuneDeltas, HostDelta};
@@ -66,11 +68,15 @@ pub struct Served {
     /// The swap models' full weights in CPU memory, one copy per delta file (`None` without swap
     /// models).
     pub swap_store: Option<Arc<SwapStore>>,
+    /// The cap on loaded merged engines (`runtime.merged_gpu_models`; `None` without it or without
+    /// merge-mode deltas): requests for merged fine-tunes acquire their engine from it.
+    pub engine_swap: Option<Arc<EngineSwap>>,
 }
 
 /// Loads what `config` describes into one host engine: the base under [`Config::base_name`] and each
-/// delta under its name. Merge-mode deltas are materialised first ([`merge::materialise`]) and served as
-/// models of their own; multi-tenant deltas are uploaded into a [`DeltaRegistry`] and served as aliases
+/// delta under its name. Merge-mode deltas are materialised first ([`merge::materialise`], once per
+/// delta file) and served as models of their own (with `runtime.merged_gpu_models = K`, at most K of
+/// them loaded at once: [`engines`]); multi-tenant deltas are uploaded into a [`DeltaRegistry`] and served as aliases
 /// of the base, whose layers were wrapped at load ([`DeltaHook`]): requests for them share the base's
 /// batches. With multi-tenant deltas the base is loaded (and served) even if `base.serve = false`.
 pub fn serve(config: &Config, deltas: &[CheckedDelta]) -> Result<Served> {
@@ -168,10 +174,39 @@ pub fn serve_with(config: &Config, deltas: &[CheckedDelta], preload: bool) -> Re
         let p = host::load_pipeline(base, base, config.base.dtype, &device, kv_cache)?;
         engine.add(&base_name, p)?;
     }
+    // Merge mode: an engine per fine-tune. A delta file that several names list is materialised once
+    // and their engines load the same directory (each its own copy of the weights).
+    let mut dirs: Vec<(&std::path::Path, std::path::PathBuf)> = Vec::new();
+    let mut merged = Vec::new();
     for d in deltas.iter().filter(|d| d.spec.mode == Mode::Merge) {
-        let dir = merge::materialise(base, &config.merged_dir(), d, &device)?;
-        let p = host::load_pipeline(&dir, base, config.base.dtype, &device, kv_cache)?;
-        engine.add(&d.spec.name, p)?;
+        let dir = match dirs.iter().find(|(p, _)| *p == d.spec.path.as_path()) {
+            Some((_, dir)) => dir.clone(),
+            None => {
+                let dir = merge::materialise(base, &config.merged_dir(), d, &device)?;
+                dirs.push((&d.spec.path, dir.clone()));
+                dir
+            }
+        };
+        merged.push((d.spec.name.clone(), dir));
+    }
+    let mut engine_swap = None;
+    match config.runtime.merged_gpu_models {
+        None => {
+            for (name, dir) in &merged {
+                let p = host::load_pipeline(dir, base, config.base.dtype, &device, kv_cache)?;
+                engine.add(name, p)?;
+            }
+        }
+        Some(k) if !merged.is_empty() => {
+            engine_swap = Some(serve_swapped_engines(
+                &mut engine,
+                &merged,
+                k,
+                config,
+                &device,
+            )?);
+        }
+        Some(_) => {}
     }
     Ok(Served {
         engine,
@@ -181,7 +216,53 @@ pub fn serve_with(config: &Config, deltas: &[CheckedDelta], preload: bool) -> Re
         tp,
         swap,
         swap_store,
+        engine_swap,
     })
+}
+
+/// Merged fine-tunes (`(name, directory)`) under `runtime.merged_gpu_models = capacity`: each added to
+/// the host with a loader config, so that the host can unload and reload it ([`engines`]); the first
+/// `capacity` loaded now, the rest registered as unloaded (their first request loads them). Every load
+/// goes through the host's own loader ([`host::load_reloadable`]), the one its reloads use.
+fn serve_swapped_engines(
+    engine: &mut Engine,
+    merged: &[(String, std::path::PathBuf)],
+    capacity: usize,
+    config: &Config,
+    device: &Device,
+) -> Result<Arc<EngineSwap>> {
+    let base = &config.base.path;
+    let loaders = merged
+        .iter()
+        .map(|(name, dir)| {
+            let l =
+                host::reloadable_config(dir, base, config.base.dtype, device, config.kv_cache())?;
+            Ok((name.clone(), l))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let start = capacity.min(loaders.len());
+    let (first_name, first_loader) = &loaders[0];
+    let first = host::load_reloadable(first_loader)?;
+    // Before the first model's engine starts (the placeholder must be a pipeline no engine runs).
+    for (name, loader) in &loaders[start..] {
+        engine.add_unloaded(name, &first, loader.clone())?;
+    }
+    engine.add_reloadable(first_name, first, first_loader.clone())?;
+    for (name, loader) in &loaders[1..start] {
+        let p = host::load_reloadable(loader)?;
+        engine.add_reloadable(name, p, loader.clone())?;
+    }
+    let m = engine
+        .mistralrs()
+        .ok_or_else(|| Error::Host("no engine after adding the merged models".into()))?;
+    // The host made the first model it was given the default, and unloading it unset that.
+    if matches!(m.get_default_model_id(), Ok(None)) {
+        m.set_default_model_id(first_name).map_err(Error::Host)?;
+    }
+    let names: Vec<String> = loaders.iter().map(|(n, _)| n.clone()).collect();
+    let swap = EngineSwap::new(m, capacity, &names, &names[..start])?;
+    engine.set_engine_swap(swap.clone());
+    Ok(swap)
 }
 
 /// Reads and uploads every multi-tenant delta of `multi` before the engine starts (this rank's slice of

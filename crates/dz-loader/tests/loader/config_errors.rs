@@ -213,6 +213,64 @@ fn swap_is_single_gpu() {
     );
 }
 
+fn one_merge(base: &Path, delta: &Path, runtime: &str) -> String {
+    format!(
+        "[base]\npath = {}\n[[delta]]\nname = \"a\"\npath = {}\nmode = \"merge\"\n[runtime]\n{runtime}",
+        q(base),
+        q(delta)
+    )
+}
+
+#[test]
+fn merged_gpu_models() {
+    let f = common::llama();
+    let (e, file) = load_err(&one_merge(
+        &f.family.base,
+        &f.deltas8[0],
+        "merged_gpu_models = 0\n",
+    ));
+    assert!(
+        e.starts_with(&format!(
+            "{file}: runtime.merged_gpu_models: must be at least 1"
+        )),
+        "{e}"
+    );
+    let (e, file) = load_err(&one_merge(
+        &f.family.base,
+        &f.deltas8[0],
+        "merged_gpu_models = -1\n",
+    ));
+    // Serde names the table and the line and column of the value.
+    assert!(
+        e.starts_with(&format!(
+            "{file}:8:21: [runtime]: invalid value: integer `-1`"
+        )),
+        "{e}"
+    );
+    let (e, file) = load_err(&one_merge(
+        &f.family.base,
+        &f.deltas8[0],
+        "device = \"cuda\"\ntensor_parallel = 2\nmerged_gpu_models = 1\n",
+    ));
+    assert!(
+        e.starts_with(&format!(
+            "{file}: runtime.merged_gpu_models: unloading and reloading merged engines is single-GPU"
+        )),
+        "{e}"
+    );
+    // No cap by default; a cap is accepted.
+    let (_dir, ok) = write_config(&one_merge(&f.family.base, &f.deltas8[0], ""));
+    let (config, _) = Config::load(&ok).unwrap();
+    assert_eq!(config.runtime.merged_gpu_models, None);
+    let (_dir, ok) = write_config(&one_merge(
+        &f.family.base,
+        &f.deltas8[0],
+        "merged_gpu_models = 3\n",
+    ));
+    let (config, _) = Config::load(&ok).unwrap();
+    assert_eq!(config.runtime.merged_gpu_models, Some(3));
+}
+
 #[test]
 fn runtime_kv_cache_and_load_threads() {
     let f = common::llama();

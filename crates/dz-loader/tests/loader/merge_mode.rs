@@ -205,3 +205,84 @@ fn merge_through_the_op_writes_the_cpu_merge() {
         assert_same_files(what, &cpu, &op);
     }
 }
+
+/// `runtime.merged_gpu_models = 2` over three merged fine-tunes, the base not served (the first model
+/// the host is given is then one registered as unloaded, over a placeholder): every request answers
+/// with the greedy tokens of its fine-tune loaded with no cap, at most two engines are loaded, the
+/// host keeps a default model, and the loads and unloads are counted.
+#[test]
+fn merged_engines_under_a_cap_without_the_base() {
+    let f = common::llama_three();
+    let merged = tempfile::tempdir().unwrap();
+    let text = |cap: &str| {
+        let mut t = format!(
+            "[base]\npath = {}\ndtype = \"f32\"\nname = \"base\"\nserve = false\n\
+             [runtime]\nmerged_dir = {}\n{cap}",
+            q(&f.family.base),
+            q(merged.path()),
+        );
+        for (i, d) in f.deltas8.iter().enumerate() {
+            t.push_str(&format!(
+                "[[delta]]\nname = \"m{i}\"\npath = {}\nmode = \"merge\"\n",
+                q(d)
+            ));
+        }
+        t
+    };
+    let names = ["m0", "m1", "m2"];
+    assert_eq!(f.deltas8.len(), names.len());
+    let ids: Vec<u32> = PROMPTS[1].bytes().map(u32::from).collect();
+    let want: Vec<_> = {
+        let (_dir, file) = write_config(&text(""));
+        let (config, deltas) = Config::load(&file).unwrap();
+        let served = dz_loader::serve(&config, &deltas).unwrap();
+        names
+            .iter()
+            .map(|m| {
+                served
+                    .engine
+                    .generate_tokens(m, &ids, MAX_TOKENS)
+                    .unwrap()
+                    .token_ids()
+            })
+            .collect()
+    };
+    assert!(want[0] != want[1] || want[1] != want[2], "vacuous test");
+
+    let (_dir, file) = write_config(&text("merged_gpu_models = 2\n"));
+    let (config, deltas) = Config::load(&file).unwrap();
+    let served = dz_loader::serve(&config, &deltas).unwrap();
+    let swap = served.engine_swap.clone().expect("an engine swap");
+    let mut loaded = swap.loaded();
+    loaded.sort();
+    assert_eq!(loaded, ["m0", "m1"]);
+    let host = served.engine.mistralrs().unwrap();
+    let mut order = Vec::new();
+    for round in 0..3 {
+        for i in [2, 0, 1, 2] {
+            let got = served
+                .engine
+                .generate_tokens(names[i], &ids, MAX_TOKENS)
+                .unwrap()
+                .token_ids();
+            assert_eq!(got, want[i], "{}, round {round}", names[i]);
+            assert!(swap.loaded().len() <= 2);
+            order.push(names[i]);
+            let default = host
+                .get_default_model_id()
+                .unwrap()
+                .expect("a default model");
+            assert!(
+                swap.loaded().contains(&default),
+                "default {default} not loaded"
+            );
+        }
+    }
+    let st = swap.stats();
+    assert_eq!(
+        (st.capacity, st.models, st.loaded, st.waiting),
+        (2, 3, 2, 0)
+    );
+    assert!(st.loads >= 3 && st.unloads == st.loads, "{st:?}");
+    assert_eq!(st.load_failures, 0);
+}
