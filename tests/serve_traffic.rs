@@ -290,11 +290,21 @@ fn unloading_a_delta_drains_started_requests_and_refuses_waiting_ones() {
         assert_eq!(got, others_alone[4], "ft-0-merged while the victim drained");
     });
 
-    // A request for the base runs a scheduling step, which drops the drained victim; then it can be
-    // loaded again under the same name.
-    ok(addr, "base", PROMPTS[1], 2, false);
-    let (status, body) = load();
-    assert_eq!(status, 201, "{body}");
+    // Once no generation request is open, the drained victim is dropped without any further request
+    // (the engine is idle and runs no scheduling step that would drop it); then it can be loaded again
+    // under the same name (409 while it still drains).
+    let t0 = std::time::Instant::now();
+    let (status, body) = loop {
+        let (status, body) = load();
+        if status != 409 || t0.elapsed() > WAIT {
+            break (status, body);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(
+        status, 201,
+        "the drained victim is dropped with no request open: {body}"
+    );
 
     std::thread::scope(|sc| {
         // 2. Waiting requests are refused: ft-1 and ft-2 run long and fill the GPU room (2 deltas),

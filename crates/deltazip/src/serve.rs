@@ -43,7 +43,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
@@ -339,6 +339,8 @@ struct AppState {
     delta_dir: Option<PathBuf>,
     gpu_budget: u64,
     requests: Mutex<BTreeMap<(String, u16), u64>>,
+    /// Generation requests open at the HTTP layer ([`Generating`]).
+    generating: AtomicUsize,
     started: Instant,
 }
 
@@ -547,6 +549,7 @@ pub fn start(args: &ServeArgs) -> Result<Running> {
         delta_dir,
         gpu_budget,
         requests: Mutex::new(BTreeMap::new()),
+        generating: AtomicUsize::new(0),
         started: Instant::now(),
     });
 
@@ -697,6 +700,8 @@ async fn known_model(State(state): State<Arc<AppState>>, request: Request, next:
     if !generation || request.method() != axum::http::Method::POST {
         return next.run(request).await;
     }
+    // Open before the model is checked: an unload that finds no request open drops its delta at once.
+    let generating = Generating::new(&state);
     let (parts, body) = request.into_parts();
     let bytes = match axum::body::to_bytes(body, MAX_BODY).await {
         Ok(b) => b,
@@ -732,17 +737,35 @@ async fn known_model(State(state): State<Arc<AppState>>, request: Request, next:
     let response = next
         .run(Request::from_parts(parts, axum::body::Body::from(bytes)))
         .await;
-    match lease {
-        None => response,
-        Some(lease) => {
-            let (parts, body) = response.into_parts();
-            Response::from_parts(
-                parts,
-                axum::body::Body::new(LeasedBody {
-                    body,
-                    _lease: lease,
-                }),
-            )
+    let (parts, body) = response.into_parts();
+    Response::from_parts(
+        parts,
+        axum::body::Body::new(LeasedBody {
+            body,
+            _lease: lease,
+            _generating: generating,
+        }),
+    )
+}
+
+/// A generation request open at the HTTP layer: from before it reaches an engine until its response
+/// body is dropped (sent to its end, or the client went away). When the last one closes, the deltas
+/// unloaded while requests used them (draining) are dropped at once: no sequence of theirs is in flight
+/// then (but one whose client went away and whose output nobody reads), and an idle engine runs no
+/// scheduling step that would drop them.
+struct Generating(Arc<AppState>);
+
+impl Generating {
+    fn new(state: &Arc<AppState>) -> Self {
+        state.generating.fetch_add(1, Ordering::SeqCst);
+        Self(state.clone())
+    }
+}
+
+impl Drop for Generating {
+    fn drop(&mut self) {
+        if self.0.generating.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.scheduler.residency().drop_draining();
         }
     }
 }
@@ -775,11 +798,13 @@ async fn engine_lease(
     }
 }
 
-/// A response body holding a merged engine's lease until the body is dropped (sent to its end, or the
-/// client went away): a streamed completion keeps its engine loaded until its last event.
+/// A generation response's body, holding until it is dropped (sent to its end, or the client went
+/// away) the request's [`Generating`] mark and, for a merged engine under `merged_gpu_models`, its
+/// lease: a streamed completion keeps its engine loaded until its last event.
 struct LeasedBody {
     body: axum::body::Body,
-    _lease: EngineLease,
+    _lease: Option<EngineLease>,
+    _generating: Generating,
 }
 
 impl http_body::Body for LeasedBody {
@@ -973,6 +998,12 @@ async fn unload_delta(
             state.multi_tenant().remove(&name);
             let status = match how {
                 Unregistered::Dropped => "dropped",
+                // Pinned by the last scheduling step, but no generation request is open: nothing
+                // of it is in flight (the engine went idle without a step to unpin it).
+                Unregistered::Draining if state.generating.load(Ordering::SeqCst) == 0 => {
+                    state.scheduler.residency().drop_draining();
+                    "dropped"
+                }
                 Unregistered::Draining => "draining",
             };
             Json(json!({ "name": name, "status": status })).into_response()

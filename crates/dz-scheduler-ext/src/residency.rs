@@ -445,6 +445,29 @@ impl<B: Backend> Residency<B> {
         }
     }
 
+    /// Drops every draining delta now, pinned or not; returns how many. For a caller that knows no
+    /// sequence in flight uses them (a server with no generation request open): otherwise a draining
+    /// delta waits for the next [`Residency::set_running`], which an idle engine never calls.
+    pub fn drop_draining(&self) -> usize {
+        let mut guard = self.shared.lock();
+        let st = &mut *guard;
+        let done: Vec<String> = st
+            .entries
+            .iter()
+            .filter(|(_, e)| e.draining)
+            .map(|(n, _)| n.clone())
+            .collect();
+        for n in &done {
+            st.pinned.remove(n);
+            self.shared.drop_entry(st, n);
+        }
+        if !done.is_empty() {
+            self.shared.wake_queued(st);
+            self.shared.changed.notify_all();
+        }
+        done.len()
+    }
+
     /// Pins `name` until the next [`Residency::set_running`] if it is ready (and registered);
     /// returns whether it did. The scheduler calls it for each delta it admits a new sequence for,
     /// so an admitted delta cannot be evicted between the admission and the next step.

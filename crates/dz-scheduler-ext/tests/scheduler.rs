@@ -152,6 +152,31 @@ impl Active for Scheduler<Fake> {
     }
 }
 
+/// `drop_draining`: a caller that knows nothing is in flight (a server with no request open, whose
+/// engine went idle without a step that would unpin) drops the draining deltas at once; others, pinned
+/// or not, stay.
+#[test]
+fn drop_draining_drops_only_the_draining_deltas() {
+    let s = scheduler(Fake::new(1000), 1000, 1000, 4);
+    for n in ["a", "b"] {
+        s.register(n, 100).unwrap();
+        s.residency().request(n);
+        assert_eq!(s.residency().wait(n, BOUND), DeltaState::Ready);
+    }
+    assert_eq!(s.admit(&[], &[Some("a"), Some("b")], 4), [true, true]);
+    // Pinned by the last step, and no step comes: without drop_draining it would stay.
+    assert_eq!(s.unregister("a").unwrap(), Unregistered::Draining);
+    assert_eq!(s.residency().drop_draining(), 1);
+    assert!(!s.backend_active("a"));
+    assert_eq!(s.residency().state("a"), DeltaState::Unregistered);
+    assert!(s.backend_active("b"), "a delta not draining stays");
+    assert_eq!(s.residency().state("b"), DeltaState::Ready);
+    assert_eq!(s.residency().metrics().gpu.bytes_used, 100);
+    assert_eq!(s.residency().drop_draining(), 0);
+    // The name can come back at once.
+    s.register("a", 100).unwrap();
+}
+
 /// Unregistering a delta that sequences in flight use drains it: every sequence admitted before the
 /// unregister runs on with it to the end, in the batch or set aside by the host between steps (the
 /// host reports those among `running`: seam 5), for as many steps as it takes; a sequence asked about
