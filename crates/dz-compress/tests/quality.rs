@@ -6,7 +6,7 @@
 //! Python standard library. The base learns the Python slices (docs + code); the fine-tune learns the
 //! Bible's verses, whose last 10% is held out. Gain kept = (ppl_base - ppl_c) / (ppl_base - ppl_ft).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use candle_core::Device;
 use dz_compress::calib_data::{load_tokenizer, tokenize, DEFAULT_CALIB_TEXT};
@@ -93,12 +93,29 @@ fn train_to(from: &Path, to: &Path, tokens: &[u32], cfg: &TrainConfig) -> Vec<f3
     losses
 }
 
-#[test]
-fn compressed_finetune_keeps_its_gain() {
+/// A base pretrained here on the general text and its fine-tune on the Bible's verses, written under a
+/// temporary directory, with what the checks compare against.
+struct Tuned {
+    t0: std::time::Instant,
+    dir: tempfile::TempDir,
+    base: PathBuf,
+    ft: PathBuf,
+    /// The calibration text: the fine-tune's training part (as the benchmark calibrates).
+    calib: PathBuf,
+    /// The domain's held-out tokens.
+    held: Vec<u32>,
+    /// Held-out perplexity of the base and of the fine-tune.
+    pb: f64,
+    pf: f64,
+    ft_model: LlamaModel,
+}
+
+/// [`Tuned`] for `spec`, pretrained for `pretrain_steps`; the fine-tune must lower the held-out
+/// perplexity by at least [`MIN_FT_DROP`].
+fn pretrain_and_tune(spec: &TinySpec, pretrain_steps: usize) -> Tuned {
     let t0 = std::time::Instant::now();
     let dir = tempfile::tempdir().unwrap();
-    let spec = TinySpec::llama();
-    let fam = fixtures::write_family(&dir.path().join("init"), &spec, 0).unwrap();
+    let fam = fixtures::write_family(&dir.path().join("init"), spec, 0).unwrap();
     let tok = load_tokenizer(&fam.base.join(hf::TOKENIZER_FILE)).unwrap();
     let (bible, other) = split_domains(DEFAULT_CALIB_TEXT);
     assert!(
@@ -111,7 +128,6 @@ fn compressed_finetune_keeps_its_gain() {
     let domain = tokenize(&tok, &bible).unwrap();
     let split = domain.len() - domain.len() / 10;
     let (train_d, held) = (&domain[..split], &domain[split..]);
-    // The calibration text: the fine-tune's training part (as the benchmark calibrates).
     let calib = dir.path().join("calib.txt");
     let cut = bible.len() * 85 / 100;
     let cut = bible[..cut].rfind('\n').unwrap() + 1;
@@ -120,7 +136,7 @@ fn compressed_finetune_keeps_its_gain() {
     // "Pretraining": the random fixture base learns the Python text.
     let base = dir.path().join("base");
     let pre = TrainConfig {
-        steps: 150,
+        steps: pretrain_steps,
         batch: 16,
         seq_len: 64,
         lr: 3e-3,
@@ -169,8 +185,33 @@ fn compressed_finetune_keeps_its_gain() {
         "the fine-tune lowered perplexity by only {:.1}%",
         100.0 * drop
     );
+    Tuned {
+        t0,
+        ft_model: load(&ft),
+        dir,
+        base,
+        ft,
+        calib,
+        held: held.to_vec(),
+        pb,
+        pf,
+    }
+}
 
-    let ft_model = load(&ft);
+#[test]
+fn compressed_finetune_keeps_its_gain() {
+    let Tuned {
+        t0,
+        dir,
+        base,
+        ft,
+        calib,
+        held,
+        pb,
+        pf,
+        ft_model,
+    } = pretrain_and_tune(&TinySpec::llama(), 150);
+    let held = held.as_slice();
     // (gain kept, KL(ft || compressed)) of one recipe.
     let kept = |method: Method, bits: u8, sparsity: Sparsity| -> (f64, f64) {
         let o = CompressOptions {
@@ -255,65 +296,18 @@ fn budget_spec() -> TinySpec {
 /// pretrained and fine-tuned here: OBS must not lose to RTN.
 #[test]
 fn budgeted_obs_is_not_worse_than_rtn() {
-    let t0 = std::time::Instant::now();
-    let dir = tempfile::tempdir().unwrap();
-    let fam = fixtures::write_family(&dir.path().join("init"), &budget_spec(), 0).unwrap();
-    let tok = load_tokenizer(&fam.base.join(hf::TOKENIZER_FILE)).unwrap();
-    let (bible, other) = split_domains(DEFAULT_CALIB_TEXT);
-    let general = tokenize(&tok, &other).unwrap();
-    let domain = tokenize(&tok, &bible).unwrap();
-    let split = domain.len() - domain.len() / 10;
-    let (train_d, held) = (&domain[..split], &domain[split..]);
-    let calib = dir.path().join("calib.txt");
-    let cut = bible.len() * 85 / 100;
-    let cut = bible[..cut].rfind('\n').unwrap() + 1;
-    std::fs::write(&calib, &bible[..cut]).unwrap();
-    let base = dir.path().join("base");
-    let pre = TrainConfig {
-        steps: 120,
-        batch: 16,
-        seq_len: 64,
-        lr: 3e-3,
-        warmup: 10,
-        cosine: true,
-        seed: 1,
-    };
-    let l = train_to(&fam.base, &base, &general, &pre);
-    eprintln!(
-        "pretrain: loss {:.3} -> {:.3} [{:.1}s]",
-        l[0],
-        l[l.len() - 1],
-        t0.elapsed().as_secs_f64()
-    );
-    let ft = dir.path().join("ft");
-    let tune = TrainConfig {
-        steps: 60,
-        batch: 16,
-        seq_len: 64,
-        lr: 1e-3,
-        warmup: 5,
-        cosine: true,
-        seed: 2,
-    };
-    let l = train_to(&base, &ft, train_d, &tune);
-    eprintln!(
-        "fine-tune: loss {:.3} -> {:.3} [{:.1}s]",
-        l[0],
-        l[l.len() - 1],
-        t0.elapsed().as_secs_f64()
-    );
-    let load = |d: &Path| {
-        let m = HfModel::open(d).unwrap();
-        LlamaModel::load(m.arch(), &Device::Cpu, |n| m.to_f32(n)).unwrap()
-    };
-    let (pb, pf) = (ppl(&load(&base), held), ppl(&load(&ft), held));
-    let ft_model = load(&ft);
-    eprintln!("held-out domain perplexity: base {pb:.3}, fine-tune {pf:.3}");
-    assert!(
-        1.0 - pf / pb >= MIN_FT_DROP,
-        "the fine-tune lowered perplexity by only {:.1}%",
-        100.0 * (1.0 - pf / pb)
-    );
+    let Tuned {
+        t0,
+        dir,
+        base,
+        ft,
+        calib,
+        held,
+        pb,
+        pf,
+        ft_model,
+    } = pretrain_and_tune(&budget_spec(), 120);
+    let held = held.as_slice();
     // (KL to the fine-tune, ratio) of one compression.
     let run = |tag: &str, ratio: f64, o: CompressOptions| -> f64 {
         let o = CompressOptions {
