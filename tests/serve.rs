@@ -12,7 +12,6 @@ use std::net::SocketAddr;
 use common::{http, json_of};
 
 use deltazip::serve::{start, ServeArgs};
-use dz_compress::fixtures::{self, TinySpec};
 use serde_json::{json, Value};
 
 const KEY: &str = "test-key-123";
@@ -48,13 +47,8 @@ fn setup() -> (
 ) {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
-    let family = fixtures::write_family(&root.join("family"), &TinySpec::llama(), 2).unwrap();
     let deltas = root.join("deltas");
-    std::fs::create_dir_all(&deltas).unwrap();
-    for (i, ft) in family.finetunes.iter().enumerate() {
-        let out = deltas.join(format!("ft-{i}.dz"));
-        fixtures::compress_rtn8(&family.base, ft, &out, &format!("ft-{i}")).expect("compress");
-    }
+    let family = common::family_with_deltas(root, 2, &deltas);
     let one_delta = std::fs::metadata(deltas.join("ft-0.dz")).unwrap().len();
     let config = root.join("serve.toml");
     std::fs::write(

@@ -14,7 +14,6 @@ mod common;
 
 use common::{complete, http, json_of, metric, metrics, Answer};
 use deltazip::serve::{start, ServeArgs};
-use dz_compress::fixtures::{self, TinySpec};
 
 const PROMPT: &str = "def main():\n    ";
 const MAX_TOKENS: usize = 8;
@@ -39,11 +38,7 @@ fn config(base: &std::path::Path, merged_dir: &std::path::Path, cap: Option<usiz
 fn merged_engines_under_a_cap() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
-    let family = fixtures::write_family(&root.join("family"), &TinySpec::llama(), 3).unwrap();
-    for (i, ft) in family.finetunes.iter().enumerate() {
-        let out = root.join(format!("ft-{i}.dz"));
-        fixtures::compress_rtn8(&family.base, ft, &out, &format!("ft-{i}")).expect("compress");
-    }
+    let family = common::family_with_deltas(root, 3, root);
     let merged_dir = root.join("merged");
     let alone = root.join("alone.toml");
     std::fs::write(&alone, config(&family.base, &merged_dir, None)).unwrap();

@@ -21,7 +21,6 @@ use std::time::Duration;
 
 use common::{complete, http, json_of, metric, metrics, wait_metrics, Answer};
 use deltazip::serve::{start, Running, ServeArgs};
-use dz_compress::fixtures::{self, TinySpec};
 use serde_json::json;
 
 const KEY: &str = "traffic-key";
@@ -49,13 +48,8 @@ fn server() -> (std::sync::MutexGuard<'static, ()>, SocketAddr) {
     let s = SERVER.get_or_init(|| {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path();
-        let family = fixtures::write_family(&root.join("family"), &TinySpec::llama(), 5).unwrap();
         let deltas = root.join("deltas");
-        std::fs::create_dir_all(&deltas).unwrap();
-        for (i, ft) in family.finetunes.iter().enumerate() {
-            let out = deltas.join(format!("ft-{i}.dz"));
-            fixtures::compress_rtn8(&family.base, ft, &out, &format!("ft-{i}")).unwrap();
-        }
+        let family = common::family_with_deltas(root, 5, &deltas);
         // The budgets in the units the server counts: every delta of the family has the same size.
         let file = dz_format::DeltaFile::open(deltas.join("ft-0.dz")).unwrap();
         let one = dz_loader::HostDelta::read("ft-0", &file).unwrap();

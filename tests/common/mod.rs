@@ -4,9 +4,23 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
+use dz_compress::fixtures::{self, TinyFamily, TinySpec};
 use serde_json::{json, Value};
+
+/// A seeded tiny Llama family under `root/family` with `n` fine-tunes, each compressed (8-bit RTN) to
+/// `deltas/ft-<i>.dz` (`deltas` created).
+pub fn family_with_deltas(root: &Path, n: usize, deltas: &Path) -> TinyFamily {
+    let family = fixtures::write_family(&root.join("family"), &TinySpec::llama(), n).unwrap();
+    std::fs::create_dir_all(deltas).unwrap();
+    for (i, ft) in family.finetunes.iter().enumerate() {
+        let out = deltas.join(format!("ft-{i}.dz"));
+        fixtures::compress_rtn8(&family.base, ft, &out, &format!("ft-{i}")).expect("compress");
+    }
+    family
+}
 
 /// One HTTP/1.1 request (`Connection: close`); returns the status and the body (chunked transfer
 /// decoded).
