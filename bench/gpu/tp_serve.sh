@@ -35,6 +35,7 @@ config() { # config FILE TP GPU_DELTA_BYTES
         echo "[runtime]"; echo 'device = "cuda"'; echo "tensor_parallel = $2"
         echo "gpu_delta_bytes = \"$3\""; echo 'cpu_cache_bytes = "200GiB"'
         echo "kv_cache = \"${KV_CACHE:-auto}\""
+        echo "load_threads = ${LOAD_THREADS:-1}"
         echo "[scheduler]"; echo "max_seqs = 32"; echo "max_deltas_per_step = 8"
     } > "$1"
 }
