@@ -29,7 +29,7 @@ ask() { # ask PORT MODEL: one greedy completion; prints ok or the error
     r=$(timeout 60 curl -s "http://127.0.0.1:$1/v1/completions" -H 'Content-Type: application/json' \
         -d "{\"model\":\"$2\",\"prompt\":\"def fibonacci(n):\",\"max_tokens\":16,\"temperature\":0}") \
         || { echo "timeout"; return; }
-    if echo "$r" | grep -q '"choices"'; then echo ok; else echo "$r" | head -c 160 | tr '\n' ' '; fi
+    if echo "$r" | grep -q '"choices"'; then echo ok; else echo "$r" | head -c 600 | tr '\n' ' '; fi
 }
 
 port=8400

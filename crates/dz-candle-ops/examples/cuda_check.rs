@@ -1069,10 +1069,20 @@ fn tensor_core_family(ck: &mut Checker, name: &str) {
 /// subset; sbmm over many deltas (v4 variants, a v3-only and a generic delta mixed in) with decode rows,
 /// segments up to 16 rows and base-only runs; and rows 17 (v3 takes over). On CUDA each case first
 /// asserts that the delta has a v4 layout, so the family cannot pass by checking the v3 kernels.
-fn v4_family(ck: &mut Checker) {
-    ck.family("v4 kernels");
+///
+/// `only`: the same with deltas that keep only their v4 layout (`set_v4_keep_packed(false)`, what
+/// `deltazip serve --v4-kernels` builds), where every row count takes the v4 kernels: rows up to 64 and
+/// sbmm segments up to 40 rows (16-row tiles); each case asserts `v4_only`.
+fn v4_family(ck: &mut Checker, only: bool) {
+    ck.family(if only { "v4 only" } else { "v4 kernels" });
+    dz_candle_ops::set_v4_keep_packed(!only);
     let quick = ck.opts.quick;
     let on_cuda = ck.dev.is_cuda();
+    let row_counts: &[usize] = if only {
+        &[1, 2, 9, 16, 17, 33, 64]
+    } else {
+        &[1, 2, 7, 8, 9, 15, 16, 17]
+    };
     let mut cfgs = Vec::new();
     for bits in [2u8, 4] {
         for group in [0u32, 128, 256] {
@@ -1103,9 +1113,14 @@ fn v4_family(ck: &mut Checker) {
                 "{} must have a v4 layout on CUDA",
                 spec.label()
             );
+            assert!(
+                !on_cuda || d_dev.v4_only() == only,
+                "{}: v4_only must be {only} on CUDA",
+                spec.label()
+            );
             for dtype in [DType::F16, DType::BF16] {
-                for rows in [1usize, 2, 7, 8, 9, 15, 16, 17] {
-                    if quick && !matches!(rows, 1 | 9 | 16) {
+                for &rows in row_counts {
+                    if quick && !matches!(rows, 1 | 9 | 16 | 33) {
                         continue;
                     }
                     let with_base = rows % 2 == 1;
@@ -1130,7 +1145,7 @@ fn v4_family(ck: &mut Checker) {
     for cfg in [cfgs[2], cfgs[3], cfgs[7]] {
         let spec = DeltaSpec::subset(cfg, 200, &index, 256, 41);
         let (d_cpu, d_dev) = (spec.build(&Device::Cpu), spec.build(&ck.dev));
-        for rows in [1usize, 12] {
+        for rows in [1usize, 12, 40] {
             ck.case(
                 format!("v4 {} BF16 rows={rows} +base", spec.label()),
                 |dev, ops| {
@@ -1178,17 +1193,39 @@ fn v4_family(ck: &mut Checker) {
                 .map(|i| (1 + (i * 7) % 20, Some(i)))
                 .collect::<Vec<_>>(),
         ),
+        (
+            "36 deltas, up to 40 rows (prefill)",
+            (0..36)
+                .map(|i| (1 + (i * 11) % 40, Some(i)))
+                .collect::<Vec<_>>(),
+        ),
     ] {
         let segments = segs(&spec);
         let m: usize = spec.iter().map(|s| s.0).sum();
         for dtype in [DType::F16, DType::BF16] {
-            ck.case(format!("v4 sbmm {name} {dtype:?}"), |dev, ops| {
+            let family = if only { "v4 only" } else { "v4" };
+            ck.case(format!("{family} sbmm {name} {dtype:?}"), |dev, ops| {
                 let x = input(&[m, k], dtype, 31);
                 let base = input(&[m, n], dtype, 32);
                 sbmm_case(dev, ops, &cpu, &on_dev, &segments, &x, &base)
             });
         }
     }
+    if only && on_cuda {
+        // The packed parts are not on the device: dequantize (and merge, embedding) must say so by name.
+        let d = &on_dev[0];
+        ck.case("v4 only: dequantize refused".into(), |_, ops| {
+            match ops.dequantize(d) {
+                Ok(t) => bail!("expected an error, got a tensor of {:?}", t.dims()),
+                Err(e) if e.to_string().contains("keeps only its v4 layout") => Ok(Compared {
+                    elements: 0,
+                    worst: 0.0,
+                }),
+                Err(e) => bail!("unexpected error {e}"),
+            }
+        });
+    }
+    dz_candle_ops::set_v4_keep_packed(true);
 }
 
 fn main() {
@@ -1209,6 +1246,8 @@ fn run() -> Result<bool> {
     // The v4 kernels are off by default until this check passes on a GPU: it checks them (and every
     // family at <= 16 rows through them), and `--v3-too` the v3 tiles as well.
     dz_candle_ops::set_v4_kernels(true);
+    // Every family but "v4 only" builds deltas that keep their packed parts too, so the v3 kernels run.
+    dz_candle_ops::set_v4_keep_packed(true);
     let opts = options()?;
     let dev = if opts.cpu {
         Device::Cpu
@@ -1271,7 +1310,8 @@ fn run() -> Result<bool> {
     larger_shapes(&mut ck);
     sbmm_family(&mut ck);
     tensor_core_family(&mut ck, "tensor cores");
-    v4_family(&mut ck);
+    v4_family(&mut ck, false);
+    v4_family(&mut ck, true);
     if ck.opts.v3_too {
         // The tensor-core family again with the v4 kernels off: rows 1-16 on the v3 tiles.
         dz_candle_ops::set_v4_kernels(false);

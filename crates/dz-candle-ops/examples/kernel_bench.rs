@@ -348,8 +348,10 @@ fn sbmm_cases(b: &Bench, copy_bw: f64, rows_out: &mut Vec<Row>) -> Result<()> {
 }
 
 fn main() -> Result<()> {
-    // Off by default in the library until checked on a GPU; the benchmark compares v4 with v3.
+    // Off by default in the library; the benchmark compares v4 with v3 on the same deltas, so they keep
+    // their packed parts besides the v4 layout (`deltazip serve --v4-kernels` keeps only the v4 layout).
     set_v4_kernels(true);
+    dz_candle_ops::set_v4_keep_packed(true);
     let args: Vec<String> = std::env::args().collect();
     let flag = |name: &str| {
         args.iter()

@@ -189,6 +189,14 @@ impl DeviceDelta {
             None
         };
         drop(payload);
+        // One delta's copies to a CUDA device at a time in the process (the re-layout above stays
+        // parallel): session 7 measured uploads from several loader threads at once failing on an H200
+        // ("copying delta ... to Cuda", 13B base, `load_threads = 4`), while one thread never did.
+        let _upload = device.is_cuda().then(|| {
+            CUDA_UPLOADS
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+        });
         let v4 = v4
             .map(|l| {
                 // An empty `meta` (quant) is a one-byte buffer: the kernels never read it.
@@ -200,8 +208,12 @@ impl DeviceDelta {
             })
             .transpose()
             .map_err(candle)?;
+        // With a v4 layout, the packed parts stay on the host unless asked for (`set_v4_keep_packed`)
+        // or read by the embedding op.
+        let keep_packed = v4.is_none() || crate::v4_keep_packed() || role == Some(Role::Embedding);
         let parts = parts
             .iter()
+            .filter(|_| keep_packed)
             .map(|p| upload(p, device))
             .collect::<candle_core::Result<Vec<_>>>()
             .map_err(candle)?;
@@ -254,9 +266,25 @@ impl DeviceDelta {
     }
 
     /// The packed parts: `U8` tensors of shape `[len]`, in the codec's order (SPEC.md section 4),
-    /// without `row_index`.
+    /// without `row_index`. Empty for a delta that keeps only its v4 layout ([`DeviceDelta::v4_only`]).
     pub fn parts(&self) -> &[Tensor] {
         &self.parts
+    }
+
+    /// Whether the delta keeps only its v4 layout on the device (CUDA, the v4 kernels on and
+    /// [`crate::set_v4_keep_packed`] off): then only `delta_matmul` and `sbmm` can read it, through the
+    /// v4 kernels.
+    pub fn v4_only(&self) -> bool {
+        self.v4.is_some() && self.parts.is_empty()
+    }
+
+    /// The id of the delta's first device buffer (a packed part, else a v4 part): two deltas with the
+    /// same id share their buffers. `None` for the `zero` codec.
+    pub(crate) fn buffer_id(&self) -> Option<candle_core::TensorId> {
+        self.parts
+            .first()
+            .or_else(|| self.v4.as_ref().and_then(|v| v.first()))
+            .map(Tensor::id)
     }
 
     /// The v4 layout's parts `[codes, meta, scales]` (`U8`), when the delta has one: on CUDA devices, for
@@ -304,12 +332,16 @@ impl DeviceDelta {
         parts + v4 + self.row_index.as_ref().map_or(0, |t| 4 * t.elem_count())
     }
 
-    /// Bytes of the packed parts and row index only (what the file's kernels read; without the v4 copy).
+    /// Bytes of the packed parts and row index only (what the v3 kernels read; without the v4 layout; only
+    /// the row index for a [`DeviceDelta::v4_only`] delta).
     pub fn packed_nbytes(&self) -> usize {
         let parts: usize = self.parts.iter().map(Tensor::elem_count).sum();
         parts + self.row_index.as_ref().map_or(0, |t| 4 * t.elem_count())
     }
 }
+
+/// Held while a delta's buffers are copied to a CUDA device (see [`DeviceDelta::from_parts`]'s build).
+static CUDA_UPLOADS: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// One part as a `U8` tensor of shape `[len]` on `device`. An empty part (the `codes` of a `sparse` delta
 /// that keeps nothing) is an empty view of a one-byte buffer: CUDA cannot allocate zero bytes.

@@ -140,12 +140,13 @@ pub fn tensor_cores() -> bool {
 
 static V4_KERNELS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
-/// Turns the v4 kernels on or off for this process. **Off by default** until they have passed the CUDA
-/// check on a GPU (issue #5): a [`DeviceDelta`] made on CUDA while they are on also keeps the v4 layout of
-/// its codes (about as many bytes again, and a CPU re-layout at upload); with them on (and the tensor
-/// cores), `delta_matmul` and `sbmm` launches of at most 16 input rows per segment take the v4 kernels
-/// (`dz_kernels::v4`) for deltas that have that layout ([`DeviceDelta::v4_parts`]); off, the tensor-core
-/// v3 kernels. Benchmarks and the CUDA check turn them on and compare the two. No effect on the CPU.
+/// Turns the v4 kernels on or off for this process. **Off by default** (issue #5; they passed the CUDA
+/// check on an H200 in session 7): a [`DeviceDelta`] made on CUDA while they are on gets the v4 layout of
+/// its codes (a CPU re-layout at upload) and, unless [`set_v4_keep_packed`], keeps only that layout on
+/// the device: every `delta_matmul` and `sbmm` of such a delta takes the v4 kernels (segments of more than
+/// 16 rows run as 16-row tiles). With them on (and the tensor cores), launches of at most 16 input rows
+/// per segment take the v4 kernels for deltas that have that layout ([`DeviceDelta::v4_parts`]); off,
+/// the tensor-core v3 kernels. No effect on the CPU.
 pub fn set_v4_kernels(enabled: bool) {
     V4_KERNELS.store(enabled, std::sync::atomic::Ordering::Relaxed);
 }
@@ -153,4 +154,22 @@ pub fn set_v4_kernels(enabled: bool) {
 /// Whether [`set_v4_kernels`] turned the v4 kernels on (off by default).
 pub fn v4_kernels() -> bool {
     V4_KERNELS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+static V4_KEEP_PACKED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether a CUDA [`DeviceDelta`] that gets the v4 layout also keeps the file's packed parts on the
+/// device. Off by default: the v4 layout alone serves every `delta_matmul` and `sbmm`, and keeping both
+/// would double the device bytes of every delta (session 7 measured it: 32 7B deltas no longer fit the
+/// GPU budget and thrashed). On, the v3 and tensor-core kernels can run on the same delta: the kernel
+/// benchmark and the CUDA check compare them that way. Embedding deltas always keep their packed parts
+/// (the embedding op reads them); `dequantize` and `merge` of a delta that keeps only the v4 layout
+/// fail with a named error.
+pub fn set_v4_keep_packed(keep: bool) {
+    V4_KEEP_PACKED.store(keep, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether [`set_v4_keep_packed`] asked deltas to keep their packed parts besides the v4 layout.
+pub fn v4_keep_packed() -> bool {
+    V4_KEEP_PACKED.load(std::sync::atomic::Ordering::Relaxed)
 }

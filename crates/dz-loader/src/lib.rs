@@ -30,8 +30,9 @@ pub use config::{
     BaseIdentity, CheckedDelta, Config, DeltaSpec, DeviceSpec, DtypeSpec, KvCacheSpec, Mode,
     DEFAULT_KV_CACHE_BYTES,
 };
-/// The v4 delta kernels switch (experimental, off by default; see `dz_candle_ops::set_v4_kernels`),
-/// for servers that turn it on before any delta is uploaded.
+/// The v4 delta kernels switch (experimental, off by default; see `dz_candle_ops::set_v4_kernels`:
+/// deltas uploaded while it is on keep only the v4 layout on the GPU), for servers that turn it on
+/// before any delta is uploaded.
 pub use dz_candle_ops::set_v4_kernels;
 pub use engines::{EngineLease, EngineSwap, EngineSwapStats};
 pub use error::{Error, Result};

@@ -230,6 +230,39 @@ fn v4_of(d: &Described, dtype: dz_kernels::Dtype) -> Option<&'static V4Entries> 
     d.v4.and(v4_entries(d.variant))
 }
 
+/// The v4 entries of a delta that keeps only its v4 layout ([`DeviceDelta::v4_only`]): no other kernel
+/// can read it, so f32 inputs, or the v4 kernels or tensor cores turned off since it was built, are an
+/// error.
+fn v4_only_entries(
+    op: &'static str,
+    delta: &DeviceDelta,
+    d: &Described,
+    dtype: dz_kernels::Dtype,
+) -> Result<&'static V4Entries> {
+    v4_of(d, dtype).ok_or_else(|| OpError::Storage {
+        op,
+        reason: format!(
+            "{} (its v4 kernels take f16 or bf16 inputs with the v4 kernels and tensor cores on; \
+             got {dtype:?} inputs, v4 kernels {}, tensor cores {})",
+            v4_only_error(op, delta),
+            crate::v4_kernels(),
+            crate::tensor_cores()
+        ),
+    })
+}
+
+/// The error of an op that needs the packed parts of a delta that keeps only its v4 layout.
+fn v4_only_error(op: &'static str, delta: &DeviceDelta) -> OpError {
+    OpError::Storage {
+        op,
+        reason: format!(
+            "delta {:?} keeps only its v4 layout on the device (built with the v4 kernels on; \
+             dz_candle_ops::set_v4_keep_packed(true) before building keeps the packed parts too)",
+            delta.name()
+        ),
+    }
+}
+
 fn config(grid: (u32, u32)) -> LaunchConfig {
     config_threads(grid, THREADS)
 }
@@ -298,7 +331,11 @@ fn matmul_t<T: Elem>(
             init(&stream, out_p, base_p, len * std::mem::size_of::<T>())?;
         }
         if let (Some(d), true) = (described, m > 0) {
-            let kernel = Kernel::pick(d.variant, tc_of(&d, T::KIND), v4_of(&d, T::KIND), m32);
+            let kernel = if delta.v4_only() {
+                Kernel::v4_any_rows(v4_only_entries(op, delta, &d, T::KIND)?, m32)
+            } else {
+                Kernel::pick(d.variant, tc_of(&d, T::KIND), v4_of(&d, T::KIND), m32)
+            };
             let func = kernel.function(op, &dev, T::KIND, Launch::Matmul)?;
             let grid = (
                 d.desc.n_stored.div_ceil(kernel.stored_rows()),
@@ -348,6 +385,10 @@ struct Group {
     tc: Option<&'static TcEntries>,
     /// The v4 entries, when every delta of the group has a v4 layout.
     v4: Option<&'static V4Entries>,
+    /// Whether a delta of the group keeps only its v4 layout: then the group takes the v4 kernels
+    /// whatever its segments' rows (and every delta of the group has the v4 layout: groups are keyed by
+    /// variant and whether the v4 kernels can run).
+    v4_only: bool,
     /// `(start, len, descriptor slot)` of each segment.
     segments: Vec<(u32, u32, u32)>,
     /// Largest stored-row count among its deltas.
@@ -380,11 +421,11 @@ fn sbmm_t<T: Elem>(
     let mut slot_of: Vec<Option<usize>> = Vec::with_capacity(deltas.len());
     let mut unique: Vec<&DeviceDelta> = Vec::new();
     for d in deltas {
-        let key = d.parts().first().map(|t| t.id());
+        let key = d.buffer_id();
         slot_of.push(key.map(|key| {
             unique
                 .iter()
-                .position(|u| u.parts().first().map(|t| t.id()) == Some(key))
+                .position(|u| u.buffer_id() == Some(key))
                 .unwrap_or_else(|| {
                     unique.push(d);
                     unique.len() - 1
@@ -415,13 +456,23 @@ fn sbmm_t<T: Elem>(
             if s.len == 0 {
                 continue;
             }
-            let at = match groups.iter().position(|g| g.variant == d.variant) {
+            let v4_only = unique[slot].v4_only();
+            let v4 = if v4_only {
+                Some(v4_only_entries(op, unique[slot], &d, T::KIND)?)
+            } else {
+                v4_of(&d, T::KIND)
+            };
+            let at = match groups
+                .iter()
+                .position(|g| g.variant == d.variant && g.v4.is_some() == v4.is_some())
+            {
                 Some(at) => at,
                 None => {
                     groups.push(Group {
                         variant: d.variant,
                         tc: tc_of(&d, T::KIND),
-                        v4: v4_of(&d, T::KIND),
+                        v4,
+                        v4_only: false,
                         segments: Vec::new(),
                         max_stored: 0,
                     });
@@ -432,9 +483,7 @@ fn sbmm_t<T: Elem>(
             if tc_of(&d, T::KIND).is_none() {
                 g.tc = None;
             }
-            if v4_of(&d, T::KIND).is_none() {
-                g.v4 = None;
-            }
+            g.v4_only |= v4_only;
             // Segments lie inside 0..m (checked by the wrapper), so they fit u32 like m.
             g.segments.push((s.start as u32, s.len as u32, slot as u32));
             g.max_stored = g.max_stored.max(d.desc.n_stored);
@@ -453,7 +502,10 @@ fn sbmm_t<T: Elem>(
         let mut slot_v4 = vec![false; described.len()];
         for g in &groups {
             let longest = g.segments.iter().map(|s| s.1).max().unwrap_or(1);
-            let kernel = Kernel::pick(g.variant, g.tc, g.v4, longest);
+            let kernel = match (g.v4, g.v4_only) {
+                (Some(e), true) => Kernel::v4_any_rows(e, longest),
+                _ => Kernel::pick(g.variant, g.tc, g.v4, longest),
+            };
             if matches!(kernel, Kernel::V4(..)) {
                 for &(_, _, slot) in &g.segments {
                     slot_v4[slot as usize] = true;
@@ -547,6 +599,12 @@ impl Kernel {
             _ if longest <= 1 => Kernel::Generic(variant, Tile::Small),
             _ => Kernel::Generic(variant, Tile::Large),
         }
+    }
+
+    /// The v4 kernel for a delta that keeps only its v4 layout, whatever the rows: more than 16 rows run
+    /// as 16-row tiles (the matmul entry loops over them; sbmm splits segments into runs).
+    fn v4_any_rows(e: &'static V4Entries, longest: u32) -> Kernel {
+        Kernel::V4(e, v4_tile_rows(longest.min(V4_MAX_ROWS)))
     }
 
     /// The descriptor this kernel reads: the v4 layout's for a v4 kernel.
@@ -742,6 +800,9 @@ fn rows_t<T: Elem>(
     shape: Shape,
     fill: Fill,
 ) -> Out {
+    if delta.v4_only() {
+        return Err(v4_only_error(op, delta).into());
+    }
     let (n, k) = delta.dims();
     let rows = ids.map_or(n, <[u32]>::len);
     let rows32 = dim(op, "ids", rows, shape.dims())?;
