@@ -74,6 +74,7 @@ fn setup() -> (
         delta_dir: Some(deltas.clone()),
         dry_run: false,
         v4_kernels: false,
+        v4_keep_packed: false,
     })
     .expect("server starts");
     (dir, server, deltas)

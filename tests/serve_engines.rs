@@ -117,6 +117,7 @@ fn merged_engines_under_a_cap() {
         delta_dir: None,
         dry_run: false,
         v4_kernels: false,
+        v4_keep_packed: false,
     })
     .expect("server starts");
     let addr = server.addr;

@@ -125,6 +125,7 @@ fn swap_server_end_to_end() {
         delta_dir: None,
         dry_run: false,
         v4_kernels: false,
+        v4_keep_packed: false,
     })
     .expect("server starts");
     let addr = server.addr;

@@ -78,6 +78,7 @@ fn server() -> (std::sync::MutexGuard<'static, ()>, SocketAddr) {
             delta_dir: Some(deltas),
             dry_run: false,
             v4_kernels: false,
+            v4_keep_packed: false,
         })
         .expect("server starts");
         Server {

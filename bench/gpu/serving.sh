@@ -50,6 +50,7 @@ MAX_DELTAS=${MAX_DELTAS:-32}  # [scheduler] max_deltas_per_step: uniform over 32
 WARMUP=${WARMUP-1}            # non-empty: `bench serve --warmup` (one request per model first: measure a warm server)
 KV_CACHE=${KV_CACHE:-auto}
 V4=${V4:-}                    # non-empty: `serve --v4-kernels` (the experimental v4 delta kernels, issue #5)
+V4_BOTH=${V4_BOTH:-}          # non-empty (with V4): `serve --v4-keep-packed` (both layouts, twice the delta bytes)
 PORT_BASE=${PORT_BASE:-8200}
 GPU=${GPU:-}
 [[ -n $GPU ]] && export CUDA_VISIBLE_DEVICES=$GPU
@@ -101,7 +102,7 @@ engines_config() { # engines_config FILE N
 }
 
 serve() { # serve TAG CONFIG PORT
-    "$DZ" serve --config "$2" --port "$3" ${V4:+--v4-kernels} > "$OUT/serve-$1.log" 2>&1 &
+    "$DZ" serve --config "$2" --port "$3" ${V4:+--v4-kernels} ${V4:+${V4_BOTH:+--v4-keep-packed}} > "$OUT/serve-$1.log" 2>&1 &
     echo $! > "$OUT/serve.pid"
     local t0=$(date +%s)
     until curl -sf "http://127.0.0.1:$3/health" > /dev/null; do

@@ -93,6 +93,11 @@ pub struct ServeArgs {
     /// matmul of theirs, decode and prefill, takes the v4 kernels. No effect on the CPU.
     #[arg(long)]
     pub v4_kernels: bool,
+    /// With --v4-kernels: keep each delta's packed parts on the GPU besides the v4 layout (twice the
+    /// delta bytes), so that segments of more than 4 rows of one fine-tune (a popular fine-tune's decode
+    /// rows, prefill) take the faster tensor-core v3 kernels; the v4 kernels keep 1-4 rows.
+    #[arg(long, requires = "v4_kernels")]
+    pub v4_keep_packed: bool,
 }
 
 /// dz-loader's delta forms as dz-scheduler-ext's tiers: a checked delta file on disk, its packed bytes
@@ -408,8 +413,9 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
 pub fn start(args: &ServeArgs) -> Result<Running> {
     let (config, deltas) = dz_loader::Config::load(&args.config)?;
     if args.v4_kernels {
-        // Before any delta is uploaded: the re-laid copy is made at upload.
+        // Before any delta is uploaded: the v4 layout is made at upload.
         dz_loader::set_v4_kernels(true);
+        dz_loader::set_v4_keep_packed(args.v4_keep_packed);
     }
     let api_key = args
         .api_key

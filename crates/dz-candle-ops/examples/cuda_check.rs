@@ -1067,7 +1067,8 @@ fn tensor_core_family(ck: &mut Checker, name: &str) {
 /// 128-column block and a partial 16-row tile (40 x 96, 77 x 608, 33 x 256) and a large one (300 x 4096),
 /// f16 and bf16, rows 1, 2, 7, 8, 9, 15, 16 (the 8- and 16-row tiles), with and without base_out; a row
 /// subset; sbmm over many deltas (v4 variants, a v3-only and a generic delta mixed in) with decode rows,
-/// segments up to 16 rows and base-only runs; and rows 17 (v3 takes over). On CUDA each case first
+/// segments up to 16 rows and base-only runs; and rows 17 (v3 takes over; with both layouts v3 takes
+/// over past 4 rows, the measured crossover, so the 16-row tile runs in `only`). On CUDA each case first
 /// asserts that the delta has a v4 layout, so the family cannot pass by checking the v3 kernels.
 ///
 /// `only`: the same with deltas that keep only their v4 layout (`set_v4_keep_packed(false)`, what

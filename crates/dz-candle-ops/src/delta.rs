@@ -280,6 +280,7 @@ impl DeviceDelta {
 
     /// The id of the delta's first device buffer (a packed part, else a v4 part): two deltas with the
     /// same id share their buffers. `None` for the `zero` codec.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     pub(crate) fn buffer_id(&self) -> Option<candle_core::TensorId> {
         self.parts
             .first()

@@ -30,6 +30,9 @@ pub use config::{
     BaseIdentity, CheckedDelta, Config, DeltaSpec, DeviceSpec, DtypeSpec, KvCacheSpec, Mode,
     DEFAULT_KV_CACHE_BYTES,
 };
+/// Whether deltas uploaded with the v4 kernels on keep their packed parts too (see
+/// `dz_candle_ops::set_v4_keep_packed`; `deltazip serve --v4-keep-packed`).
+pub use dz_candle_ops::set_v4_keep_packed;
 /// The v4 delta kernels switch (experimental, off by default; see `dz_candle_ops::set_v4_kernels`:
 /// deltas uploaded while it is on keep only the v4 layout on the GPU), for servers that turn it on
 /// before any delta is uploaded.

@@ -468,6 +468,7 @@ fn local(config: &Path) -> ServeArgs {
         delta_dir: None,
         dry_run: false,
         v4_kernels: false,
+        v4_keep_packed: false,
     }
 }
 

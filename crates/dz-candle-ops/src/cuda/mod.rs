@@ -567,6 +567,13 @@ fn sbmm_t<T: Elem>(
     Ok((CudaStorage::wrap_cuda_slice(out, dev), shape))
 }
 
+/// Most rows per segment for which a delta that has both layouts takes the v4 kernels rather than the
+/// tensor-core v3 ones: the crossover measured on an H200 (session 7, `kernels-h200-v4-2026-11-29.md`):
+/// v4 is faster at 1-4 rows (4096 x 4096 4b 2:4, one row: 9.1 vs 13.4 us; sbmm 32 deltas x 1 row:
+/// 124 vs 187 us), about even at 4 (sbmm 64 x 4: 389 vs 371 us) and slower at 8-16 (16 rows: 27.0 vs
+/// 20.1 us; sbmm 32 x 8: 331 vs 212 us).
+const V4_OVER_V3_ROWS: u32 = 4;
+
 /// The kernel of one matmul or sbmm launch: the tensor cores' where the delta qualifies, else the generic
 /// family's.
 #[derive(Clone, Copy)]
@@ -585,8 +592,10 @@ enum Launch {
 }
 
 impl Kernel {
-    /// The kernel for segments of at most `longest` rows: tensor cores with `tc`, else the generic
-    /// one-row tile when every segment has one row (decode), the larger tile otherwise.
+    /// The kernel for segments of at most `longest` rows: v4 with `v4` up to 16 rows, or up to
+    /// [`V4_OVER_V3_ROWS`] when the tensor-core kernels can run too (`tc`: the delta kept its packed
+    /// parts); else tensor cores with `tc`, else the generic one-row tile when every segment has one row
+    /// (decode), the larger tile otherwise.
     fn pick(
         variant: Variant,
         tc: Option<&'static TcEntries>,
@@ -594,7 +603,10 @@ impl Kernel {
         longest: u32,
     ) -> Kernel {
         match (v4, tc) {
-            (Some(e), _) if longest <= V4_MAX_ROWS => Kernel::V4(e, v4_tile_rows(longest)),
+            (Some(e), None) if longest <= V4_MAX_ROWS => Kernel::V4(e, v4_tile_rows(longest)),
+            (Some(e), Some(_)) if longest <= V4_OVER_V3_ROWS => {
+                Kernel::V4(e, v4_tile_rows(longest))
+            }
             (_, Some(e)) => Kernel::Tc(e, TcTile::for_rows(longest as usize)),
             _ if longest <= 1 => Kernel::Generic(variant, Tile::Small),
             _ => Kernel::Generic(variant, Tile::Large),
