@@ -45,6 +45,9 @@ fn setup() -> (
     deltazip::serve::Running,
     std::path::PathBuf,
 ) {
+    // The forward-pass profile on (read when the server builds its registry): /metrics shows it. This
+    // binary's only test, so no other test sees the variable.
+    std::env::set_var("DZ_PROFILE", "1");
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
     let deltas = root.join("deltas");
@@ -202,6 +205,18 @@ fn server_end_to_end() {
             "{needle} missing from /metrics:\n{text}"
         );
     }
+    // The profile (DZ_PROFILE=1): base and delta parts of the linear layers were timed, steps counted.
+    let value = |prefix: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(prefix))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{prefix} missing from /metrics:\n{text}"))
+    };
+    assert!(value("deltazip_profile_calls_total{part=\"linear_delta\"}") > 0.0);
+    assert!(value("deltazip_profile_calls_total{part=\"base_linear\"}") > 0.0);
+    assert!(value("deltazip_profile_seconds_total{part=\"linear_delta\"}") > 0.0);
+    assert!(value("deltazip_profile_steps_total") > 0.0);
     let evictions: f64 = text
         .lines()
         .find(|l| l.starts_with("deltazip_delta_evictions_total{tier=\"gpu\"}"))

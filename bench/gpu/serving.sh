@@ -28,6 +28,10 @@
 #
 # Needs $DZ (deltazip with --features cuda or nccl), $CORPUS, python3 (for NCCL's library path only).
 #
+# DZ_PROFILE=1 (passed through to every server): the forward-pass profile in /metrics
+# (deltazip_profile_*: base linear, linear delta, embedding/norm deltas, row lookup, step intervals; each
+# part between device synchronizations, so a profiled run is slower: use it for the split, not the speed).
+#
 # Two jobs can share one machine of several GPUs (bench/gpu/serving_pair.sh): GPU=i pins this job to GPU i
 # (CUDA_VISIBLE_DEVICES; GPU memory is read from that GPU), PORT_BASE moves its ports (default 8200), and
 # each job needs its own OUT. Run `gen` once, before the jobs: two jobs must not generate at once.
@@ -135,7 +139,7 @@ bench() { # bench TAG SYSTEM PORT MODELS [POPULARITY]   (RATES, REQS: this run's
     done
     gpu_mem | sed "s/^/  $1 gpu memory used: /"
     curl -s "http://127.0.0.1:$3/metrics" > "$OUT/metrics-$1.txt"
-    grep -E "^deltazip_((delta|swap)_(loads_total|hits_total|misses_total|evictions_total|load_seconds_total)|swap_copied_bytes_total|engine_swap_(loads_total|unloads_total|load_seconds_total|unload_seconds_total|load_failures_total)|gpu_delta_bytes|tokens_per_second)" "$OUT/metrics-$1.txt" | head -30
+    grep -E "^deltazip_((delta|swap)_(loads_total|hits_total|misses_total|evictions_total|load_seconds_total)|swap_copied_bytes_total|engine_swap_(loads_total|unloads_total|load_seconds_total|unload_seconds_total|load_failures_total)|gpu_delta_bytes|tokens_per_second|profile_[a-z_]+)" "$OUT/metrics-$1.txt" | head -50
     # One line per server run: GPU memory in use after the run, and the server's tier counters.
     python3 - "$1" "$2" "$(echo "$4" | tr ',' '\n' | wc -l)" "${5:-uniform}" \
         "$(gpu_mem ,nounits)" \

@@ -1097,6 +1097,46 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         state.registry.bytes(),
         state.gpu_budget
     ));
+    let profile = state.registry.profile();
+    if profile.enabled() {
+        let p = profile.snapshot();
+        out.push_str("# HELP deltazip_profile_seconds_total Forward-pass time by part (DZ_PROFILE=1: each part between device synchronizations).
+");
+        out.push_str(
+            "# TYPE deltazip_profile_seconds_total counter
+",
+        );
+        for (part, secs, _) in &p.parts {
+            out.push_str(&format!(
+                "deltazip_profile_seconds_total{{part=\"{}\"}} {secs:.6}\n",
+                part.as_str()
+            ));
+        }
+        out.push_str(
+            "# HELP deltazip_profile_calls_total Calls of each profiled part.
+",
+        );
+        out.push_str(
+            "# TYPE deltazip_profile_calls_total counter
+",
+        );
+        for (part, _, calls) in &p.parts {
+            out.push_str(&format!(
+                "deltazip_profile_calls_total{{part=\"{}\"}} {calls}\n",
+                part.as_str()
+            ));
+        }
+        out.push_str("# HELP deltazip_profile_steps_total Steps (output-head calls under a second apart) and their seconds.
+");
+        out.push_str(
+            "# TYPE deltazip_profile_steps_total counter
+",
+        );
+        out.push_str(&format!(
+            "deltazip_profile_steps_total {}\ndeltazip_profile_step_seconds_total {:.6}\n",
+            p.steps, p.step_seconds
+        ));
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }
 

@@ -19,6 +19,7 @@ mod error;
 pub mod host;
 pub mod merge;
 pub mod multi_tenant;
+pub mod profile;
 pub mod swap;
 pub mod tp;
 

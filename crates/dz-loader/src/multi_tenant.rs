@@ -18,6 +18,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
+use std::time::Instant;
 
 use candle_core::{DType, Device, Result as CResult, Tensor};
 use dz_candle_ops::{embedding_delta_add, sbmm, DeviceDelta, Segment};
@@ -29,6 +30,7 @@ use mistralrs_quant::{
 };
 
 use crate::error::{Error, Result};
+use crate::profile::{Part, Profile};
 use crate::tp::TpRank;
 
 /// The output head's name (a tied head, the embedding table used as `lm_head`, is wrapped under it too).
@@ -344,6 +346,8 @@ pub struct DeltaRegistry {
     widest: AtomicUsize,
     /// Tokens the output head computed, by requested model (`default` for untagged rows).
     tokens: std::sync::Mutex<HashMap<String, u64>>,
+    /// Where the forward passes spend their time (`DZ_PROFILE=1`).
+    profile: Profile,
 }
 
 impl fmt::Debug for DeltaRegistry {
@@ -444,6 +448,11 @@ impl DeltaRegistry {
         map.iter().map(|(k, v)| (k.clone(), *v)).collect()
     }
 
+    /// The forward-pass profile of every module wrapped over this registry (on with `DZ_PROFILE=1`).
+    pub fn profile(&self) -> &Profile {
+        &self.profile
+    }
+
     /// The most distinct fine-tunes one forward pass has served so far (batches mixing fine-tunes
     /// show here).
     pub fn widest_batch(&self) -> usize {
@@ -509,9 +518,31 @@ fn batch_of(name: &str, t: &Tensor, rows: usize) -> CResult<()> {
 
 impl ModuleDelta for ModuleDeltas {
     fn forward(&self, input: &Tensor, base_out: Tensor) -> CResult<Tensor> {
-        let Some(rows) = self.registry.rows() else {
+        let profile = &self.registry.profile;
+        let Some(rows) = profile.time(Part::RowLookup, input.device(), false, || {
+            Ok(self.registry.rows())
+        })?
+        else {
             return Ok(base_out);
         };
+        let part = match self.kind {
+            ModuleKind::Embedding => Part::EmbeddingDelta,
+            ModuleKind::RmsNorm { .. } => Part::NormDelta,
+        };
+        profile.time(part, input.device(), true, || {
+            self.add_deltas(input, base_out, &rows)
+        })
+    }
+}
+
+impl ModuleDeltas {
+    /// `base_out` plus the deltas of each row's fine-tune (`rows[b]` for batch row `b`).
+    fn add_deltas(
+        &self,
+        input: &Tensor,
+        base_out: Tensor,
+        rows: &[Option<Arc<FineTuneDeltas>>],
+    ) -> CResult<Tensor> {
         match self.kind {
             ModuleKind::Embedding => {
                 let deltas: Vec<Option<&DeviceDelta>> = rows
@@ -688,13 +719,18 @@ impl QuantMethod for DeltaLinear {
     }
 
     fn forward(&self, a: &Tensor) -> CResult<Tensor> {
+        let profile = &self.registry.profile;
         if self.name == TIED_HEAD {
             self.registry.count_tokens();
+            profile.head_at(Instant::now());
         }
-        let base_out = self.base.forward(a)?;
-        match self.registry.rows() {
+        let dev = a.device();
+        let base_out = profile.time(Part::BaseLinear, dev, true, || self.base.forward(a))?;
+        match profile.time(Part::RowLookup, dev, false, || Ok(self.registry.rows()))? {
             None => Ok(base_out),
-            Some(rows) => self.add_deltas(a, base_out, &rows),
+            Some(rows) => profile.time(Part::LinearDelta, dev, true, || {
+                self.add_deltas(a, base_out, &rows)
+            }),
         }
     }
 

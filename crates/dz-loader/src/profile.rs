@@ -1,0 +1,236 @@
+//! Where a multi-tenant forward pass spends its time (`DZ_PROFILE=1`), for the serving benchmark's
+//! question "what bounds dz": the base's linear layers, the delta work of the linear layers (sbmm), the
+//! embedding and norm deltas, and the CPU bookkeeping of finding each row's fine-tune.
+//!
+//! Off by default and free when off (one relaxed atomic load per layer). On, every measured part is
+//! bracketed by device synchronizations, so its time is the part's own (GPU work queued before it
+//! finishes first) at the cost of the overlap between CPU and GPU: a profiled server runs slower than an
+//! unprofiled one, and the parts say how the time splits, not how fast it can go. The step interval (one
+//! output-head call to the next, while they come less than a second apart) bounds everything else
+//! (attention, sampling, the host's scheduler): `interval - sum(parts)`.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use candle_core::{Device, Result as CResult};
+
+/// A part of the forward pass that the profile times.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    /// The base's own linear layers (the host's `QuantMethod::forward`).
+    BaseLinear,
+    /// The deltas of linear layers: the sbmm over the batch's fine-tunes and bias deltas.
+    LinearDelta,
+    /// Token-embedding deltas.
+    EmbeddingDelta,
+    /// RMS-norm deltas.
+    NormDelta,
+    /// Looking up each row's fine-tune (CPU only, no synchronization).
+    RowLookup,
+}
+
+impl Part {
+    /// Every part, in the order of [`Profile::snapshot`].
+    pub const ALL: [Part; 5] = [
+        Part::BaseLinear,
+        Part::LinearDelta,
+        Part::EmbeddingDelta,
+        Part::NormDelta,
+        Part::RowLookup,
+    ];
+
+    /// The label used in metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Part::BaseLinear => "base_linear",
+            Part::LinearDelta => "linear_delta",
+            Part::EmbeddingDelta => "embedding_delta",
+            Part::NormDelta => "norm_delta",
+            Part::RowLookup => "row_lookup",
+        }
+    }
+}
+
+/// Step intervals longer than this are idle gaps, not steps.
+const MAX_STEP: Duration = Duration::from_secs(1);
+
+/// The profile's counters (see the module docs). One per [`crate::multi_tenant::DeltaRegistry`].
+#[derive(Debug)]
+pub struct Profile {
+    enabled: AtomicBool,
+    nanos: [AtomicU64; Part::ALL.len()],
+    calls: [AtomicU64; Part::ALL.len()],
+    steps: AtomicU64,
+    step_nanos: AtomicU64,
+    last_head: Mutex<Option<Instant>>,
+}
+
+impl Default for Profile {
+    fn default() -> Self {
+        Profile {
+            enabled: AtomicBool::new(std::env::var_os("DZ_PROFILE").is_some_and(|v| v == "1")),
+            nanos: Default::default(),
+            calls: Default::default(),
+            steps: AtomicU64::new(0),
+            step_nanos: AtomicU64::new(0),
+            last_head: Mutex::new(None),
+        }
+    }
+}
+
+/// What a profile has counted so far.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProfileSnapshot {
+    /// Per part (in [`Part::ALL`] order): seconds and calls.
+    pub parts: Vec<(Part, f64, u64)>,
+    /// Steps seen (output-head calls less than a second after the previous one) and their seconds.
+    pub steps: u64,
+    /// Seconds of those steps.
+    pub step_seconds: f64,
+}
+
+impl Profile {
+    /// Whether the profile is on (`DZ_PROFILE=1` when the registry was made, or [`Profile::set_enabled`]).
+    pub fn enabled(&self) -> bool {
+        self.enabled.load(Ordering::Relaxed)
+    }
+
+    /// Turns the profile on or off.
+    pub fn set_enabled(&self, on: bool) {
+        self.enabled.store(on, Ordering::Relaxed);
+    }
+
+    /// Runs `f` as `part`: when the profile is on, after synchronizing `device` and timing until `f`'s
+    /// work has finished on it (`sync` false: CPU time only, no synchronization).
+    pub fn time<T>(
+        &self,
+        part: Part,
+        device: &Device,
+        sync: bool,
+        f: impl FnOnce() -> CResult<T>,
+    ) -> CResult<T> {
+        if !self.enabled() {
+            return f();
+        }
+        if sync {
+            device.synchronize()?;
+        }
+        let start = Instant::now();
+        let out = f()?;
+        if sync {
+            device.synchronize()?;
+        }
+        self.add(part, start.elapsed());
+        Ok(out)
+    }
+
+    /// Adds `d` to `part` (one call).
+    pub fn add(&self, part: Part, d: Duration) {
+        let i = Part::ALL
+            .iter()
+            .position(|p| *p == part)
+            .expect("every part is in ALL");
+        self.nanos[i].fetch_add(d.as_nanos() as u64, Ordering::Relaxed);
+        self.calls[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Marks an output-head call at `now`: the interval since the previous one is a step when shorter
+    /// than a second.
+    pub fn head_at(&self, now: Instant) {
+        if !self.enabled() {
+            return;
+        }
+        let mut last = self.last_head.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(prev) = *last {
+            let d = now.saturating_duration_since(prev);
+            if d < MAX_STEP {
+                self.steps.fetch_add(1, Ordering::Relaxed);
+                self.step_nanos
+                    .fetch_add(d.as_nanos() as u64, Ordering::Relaxed);
+            }
+        }
+        *last = Some(now);
+    }
+
+    /// The counts so far.
+    pub fn snapshot(&self) -> ProfileSnapshot {
+        ProfileSnapshot {
+            parts: Part::ALL
+                .iter()
+                .enumerate()
+                .map(|(i, p)| {
+                    (
+                        *p,
+                        self.nanos[i].load(Ordering::Relaxed) as f64 * 1e-9,
+                        self.calls[i].load(Ordering::Relaxed),
+                    )
+                })
+                .collect(),
+            steps: self.steps.load(Ordering::Relaxed),
+            step_seconds: self.step_nanos.load(Ordering::Relaxed) as f64 * 1e-9,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn off_counts_nothing_and_on_counts_each_part() {
+        let p = Profile::default();
+        p.set_enabled(false);
+        p.time(Part::LinearDelta, &Device::Cpu, true, || Ok(()))
+            .unwrap();
+        p.head_at(Instant::now());
+        let s = p.snapshot();
+        assert!(s
+            .parts
+            .iter()
+            .all(|(_, secs, calls)| *secs == 0.0 && *calls == 0));
+        assert_eq!(s.steps, 0);
+
+        p.set_enabled(true);
+        let v = p
+            .time(Part::LinearDelta, &Device::Cpu, true, || {
+                std::thread::sleep(Duration::from_millis(2));
+                Ok(7)
+            })
+            .unwrap();
+        assert_eq!(v, 7);
+        p.add(Part::NormDelta, Duration::from_millis(3));
+        let s = p.snapshot();
+        let get = |part| s.parts.iter().find(|(q, _, _)| *q == part).unwrap();
+        assert!(get(Part::LinearDelta).1 >= 0.002 && get(Part::LinearDelta).2 == 1);
+        assert_eq!(get(Part::NormDelta).2, 1);
+        assert!((get(Part::NormDelta).1 - 0.003).abs() < 1e-9);
+        assert_eq!(get(Part::BaseLinear).2, 0);
+    }
+
+    #[test]
+    fn steps_are_head_intervals_under_a_second() {
+        let p = Profile::default();
+        p.set_enabled(true);
+        let t0 = Instant::now();
+        p.head_at(t0);
+        p.head_at(t0 + Duration::from_millis(100));
+        p.head_at(t0 + Duration::from_millis(150));
+        // An idle gap: not a step.
+        p.head_at(t0 + Duration::from_secs(5));
+        let s = p.snapshot();
+        assert_eq!(s.steps, 2);
+        assert!((s.step_seconds - 0.150).abs() < 1e-6);
+    }
+
+    #[test]
+    fn an_error_in_the_part_is_returned_and_not_counted() {
+        let p = Profile::default();
+        p.set_enabled(true);
+        let r: CResult<()> = p.time(Part::BaseLinear, &Device::Cpu, true, || {
+            candle_core::bail!("boom")
+        });
+        assert!(r.unwrap_err().to_string().contains("boom"));
+        assert_eq!(p.snapshot().parts[0].2, 0);
+    }
+}
