@@ -455,6 +455,93 @@ fn run_generates_with_base_and_merged_fine_tune() {
     );
 }
 
+/// The host's per-step trace (host patch `0013-step-trace`, issue #10): with `DZ_TP_TRACE=1` every
+/// scheduling step prints one `dz-tp-trace` line with every field (rank 0, no time spent syncing ranks
+/// without tensor parallelism); one greedy request is a prompt step, then one decode step per further
+/// token, each of one sequence. Without the variable, no line.
+#[test]
+fn step_trace_prints_one_line_per_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let fam = fixtures::write_family(&dir.path().join("fam"), &TinySpec::llama(), 0).unwrap();
+    let config = dir.path().join("serve.toml");
+    std::fs::write(
+        &config,
+        format!("[base]\npath = {:?}\nname = \"tiny\"\n", s(&fam.base)),
+    )
+    .unwrap();
+    let run = |trace: bool| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_deltazip"));
+        cmd.args(["run", "--config", s(&config), "--model", "tiny"])
+            .args(["--prompt", "The quick brown fox", "--max-tokens", "8"]);
+        if trace {
+            cmd.env("DZ_TP_TRACE", "1");
+        } else {
+            cmd.env_remove("DZ_TP_TRACE");
+        }
+        let out = cmd.output().expect("run deltazip");
+        ok(&out);
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+
+    let stderr = run(true);
+    const KEYS: [&str; 11] = [
+        "rank",
+        "step",
+        "t_ms",
+        "sync_ms",
+        "reqs",
+        "running",
+        "waiting",
+        "prompt",
+        "decode",
+        "decode_lens",
+        "step_ms",
+    ];
+    let steps: Vec<Vec<(String, f64)>> = stderr
+        .lines()
+        .filter_map(|l| l.strip_prefix("dz-tp-trace "))
+        .map(|l| {
+            l.split_whitespace()
+                .map(|kv| {
+                    let (k, v) = kv.split_once('=').expect("key=value");
+                    (
+                        k.to_string(),
+                        v.parse().unwrap_or_else(|_| panic!("{kv} in {l}")),
+                    )
+                })
+                .collect()
+        })
+        .collect();
+    assert!(!steps.is_empty(), "no trace lines in:\n{stderr}");
+    let field = |step: &[(String, f64)], key: &str| {
+        step.iter()
+            .find(|(k, _)| k == key)
+            .unwrap_or_else(|| panic!("no {key} in {step:?}"))
+            .1
+    };
+    let (mut prompts, mut decodes) = (0.0, 0.0);
+    for (i, step) in steps.iter().enumerate() {
+        let keys: Vec<&str> = step.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(keys, KEYS, "{step:?}");
+        assert_eq!(field(step, "rank"), 0.0, "{step:?}");
+        assert_eq!(field(step, "step"), (i + 1) as f64, "{step:?}");
+        assert_eq!(field(step, "sync_ms"), 0.0, "{step:?}");
+        let (prompt, decode) = (field(step, "prompt"), field(step, "decode"));
+        assert!(
+            prompt <= 1.0 && decode <= 1.0,
+            "one request at a time: {step:?}"
+        );
+        assert_eq!(field(step, "decode_lens"), decode, "{step:?}");
+        prompts += prompt;
+        decodes += decode;
+    }
+    // The host's own warm-up request may add a prompt step before ours.
+    assert!((1.0..=2.0).contains(&prompts), "{stderr}");
+    assert!((1.0..=7.0).contains(&decodes), "{stderr}");
+
+    assert!(!run(false).contains("dz-tp-trace"));
+}
+
 #[test]
 fn bench_serve_against_a_mock_server_writes_its_results() {
     use deltazip::bench_serve::mock::{MockConfig, MockServer};

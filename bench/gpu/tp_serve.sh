@@ -16,9 +16,13 @@ DISTINCT=${DISTINCT:-8}   # distinct delta files; 32 names cycle over them (disk
 N=${N:-32}
 RATES=${RATES:-4,16}
 REQS=${REQS:-64}
-# Requests in flight at once. The host's NCCL workers schedule on their own: requests arriving while a
-# step runs can make the ranks batch differently and hang (measured 2026-11-29); 1 keeps them in step.
+# Requests in flight at once (host patch 0011 keeps the NCCL ranks in step however requests overlap;
+# before it, more than 1 hung).
 MAX_INFLIGHT=${MAX_INFLIGHT:-256}
+# KV_CACHE (default auto: paged on CUDA). With "contiguous" the host's default scheduler decodes only the
+# sequences of one length per step: concurrent requests then take turns (session 7, TP2: TPOT ~1.1 s for
+# ~19 sequences; session 4, one GPU: 0.6-0.8 s). DZ_TP_TRACE=1: one line per step and rank
+# in serve-*.log (host patch 0013; `grep dz-tp-trace`).
 here=$(cd "$(dirname "$0")" && pwd)
 mkdir -p "$W" "$OUT"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -83,6 +87,7 @@ phase_gen() {
 models() { seq -f 'ft-%02g' 0 $((N - 1)) | paste -sd,; }
 
 phase_run() { # phase_run tp1|tp2 PORT
+    echo "kv_cache = ${KV_CACHE:-auto}, DZ_TP_TRACE = ${DZ_TP_TRACE:-}"
     serve "$1" "$W/$1.toml" "$2" || { stop "$1"; return 1; }
     # The base and the first, a middle and the last fine-tune (names exist for any N).
     python3 "$here/tp_check.py" collect "http://127.0.0.1:$2" "$OUT/check-$1.json" \
@@ -93,6 +98,20 @@ phase_run() { # phase_run tp1|tp2 PORT
         --out "$OUT/tp-bench" --append --quiet 2>&1 | tail -12
     grep -E "^deltazip_(gpu|delta|tokens)" <(curl -s "http://127.0.0.1:$2/metrics") | head -12
     stop "$1"
+    trace_summary "$OUT/serve-$1.log"
+}
+
+trace_summary() { # trace_summary LOG: per rank, from the DZ_TP_TRACE lines (none: nothing printed)
+    grep -h "^dz-tp-trace " "$1" | awk '{
+        for (i = 2; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
+        r = v["rank"]; n[r]++; run[r] += v["running"]; sy[r] += v["sync_ms"]; st[r] += v["step_ms"]
+        if (v["decode"] > 0) { nd[r]++; d[r] += v["decode"]; dl[r] += v["decode_lens"]; sd[r] += v["step_ms"] }
+    } END {
+        for (r in n) printf "  trace rank %s: %d steps, %.1f running, %.2f ms sync, %.2f ms step; " \
+            "%d decode steps: %.1f sequences (%.1f lengths), %.2f ms\n", r, n[r], run[r] / n[r],
+            sy[r] / n[r], st[r] / n[r], nd[r], nd[r] ? d[r] / nd[r] : 0, nd[r] ? dl[r] / nd[r] : 0,
+            nd[r] ? sd[r] / nd[r] : 0
+    }'
 }
 
 for p in "$@"; do
