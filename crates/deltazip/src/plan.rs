@@ -129,6 +129,11 @@ pub fn serve_plan(config: &Config, deltas: &[CheckedDelta]) -> Result<ServePlan>
             Mode::Swap => swap.push(d.spec.name.clone()),
         }
     }
+    let merged_engine = if merged.is_empty() {
+        None
+    } else {
+        Some(dz_loader::merged_engine_budget(config)?)
+    };
     Ok(ServePlan {
         world,
         device: config.runtime.device,
@@ -139,11 +144,7 @@ pub fn serve_plan(config: &Config, deltas: &[CheckedDelta]) -> Result<ServePlan>
         swap,
         swap_gpu_models: config.runtime.swap_gpu_models,
         merged_gpu_models: config.runtime.merged_gpu_models,
-        merged_engine: if merged.is_empty() {
-            None
-        } else {
-            Some(dz_loader::merged_engine_budget(config)?)
-        },
+        merged_engine,
         gpu_delta_bytes: config.runtime.gpu_delta_bytes,
     })
 }
@@ -364,12 +365,17 @@ mod tests {
         let b = plan.merged_engine.expect("merged engines");
         // bf16 on a GPU: the base's weights, 2 bytes each.
         assert_eq!(b.weights, plan.base.rank_bytes[0]);
-        assert_eq!(b.kv_cache, 1 << 30);
+        // The paged pool where this build pages the KV cache (CUDA builds), else nothing up front.
+        let kv = match config.kv_cache() {
+            dz_loader::KvCache::Paged { bytes } => bytes,
+            dz_loader::KvCache::Contiguous => 0,
+        };
+        assert_eq!(b.kv_cache, kv);
         assert_eq!(b.per_engine(), b.weights + b.kv_cache + b.working);
         let shown = plan.to_string();
         assert!(
             shown.contains("each engine:")
-                && shown.contains("1.0 GiB KV cache")
+                && shown.contains(&format!("{} KV cache", human(kv)))
                 && shown.contains("checked against the GPU's free memory at start-up"),
             "{shown}"
         );
