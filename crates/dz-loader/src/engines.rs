@@ -15,7 +15,7 @@
 //!   busy, the least recently used one is *drained*: new requests for it wait like those for an
 //!   unloaded model, and it is unloaded when its last request is answered.
 //! - `unload_model` returns before the engine has let go of its weights; the worker unloads with
-//!   `unload_model_and_wait` (host patch 0013), which returns once the engine's thread has exited and
+//!   `unload_model_and_wait` (host patch 0014), which returns once the engine's thread has exited and
 //!   freed its model on that thread, under its CUDA context. Only then is the next model loaded, so
 //!   K + 1 models are never on the device.
 //! - On a GPU ([`GpuRoom`]) the worker also checks, before each load, that the device has room for one
