@@ -6,7 +6,8 @@
 //!   tokens of each merged model loaded alone (no cap), and every switch is an unload and a reload;
 //! - over HTTP (`deltazip serve`), the same alternation answers each as alone, `/metrics` counts the
 //!   loads and unloads, and a concurrent mix of merged (streamed and not) and base requests loses
-//!   nothing and answers each as alone.
+//!   nothing and answers each as alone; a reload that fails is a 503 with its reason, and the next
+//!   request for that model is answered so at once.
 //!
 //! One server per process (the host's admission hook is process-wide), so one test function.
 
@@ -214,5 +215,50 @@ fn merged_engines_under_a_cap() {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum();
     assert_eq!(errors, 0.0, "{text}");
+
+    // Reloads that fail (the merged weights gone): 503 with the host's reason, and a new request for
+    // the same model within the retry delay is answered at once, without another load.
+    for dir in std::fs::read_dir(&merged_dir).unwrap() {
+        for entry in std::fs::read_dir(dir.unwrap().path()).unwrap() {
+            let p = entry.unwrap().path();
+            if p.extension().is_some_and(|e| e == "safetensors") {
+                std::fs::rename(&p, p.with_extension("hidden")).unwrap();
+            }
+        }
+    }
+    let failed = ["m0", "m1", "m2"]
+        .into_iter()
+        .find(
+            |m| match complete(addr, None, m, PROMPT, MAX_TOKENS, false) {
+                Ok(_) => false,
+                Err((status, body)) => {
+                    assert_eq!(status, 503, "{m}: {body}");
+                    assert!(body.contains(&format!("loading {m}")), "{m}: {body}");
+                    true
+                }
+            },
+        )
+        .expect("a model that must be reloaded fails");
+    let failures = metric(
+        &metrics(addr, None),
+        "deltazip_engine_swap_load_failures_total",
+    );
+    assert!(failures >= 1.0);
+    let t0 = std::time::Instant::now();
+    let (status, body) = complete(addr, None, failed, PROMPT, MAX_TOKENS, true).unwrap_err();
+    assert!(t0.elapsed() < dz_loader::engines::RELOAD_RETRY_AFTER);
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.contains(&format!("loading {failed} failed")) && body.contains("s ago"),
+        "{body}"
+    );
+    assert_eq!(
+        metric(
+            &metrics(addr, None),
+            "deltazip_engine_swap_load_failures_total"
+        ),
+        failures,
+        "no second load"
+    );
     drop(server);
 }

@@ -45,6 +45,8 @@ pub struct ServePlan {
     pub swap_gpu_models: usize,
     /// `runtime.merged_gpu_models`: merged engines loaded at most (`None`: all of them).
     pub merged_gpu_models: Option<usize>,
+    /// What each merged engine holds on its device (`None` without merged fine-tunes).
+    pub merged_engine: Option<dz_loader::EngineBudget>,
     /// The GPU delta budget per rank, when the config sets one.
     pub gpu_delta_bytes: Option<u64>,
 }
@@ -127,6 +129,11 @@ pub fn serve_plan(config: &Config, deltas: &[CheckedDelta]) -> Result<ServePlan>
             Mode::Swap => swap.push(d.spec.name.clone()),
         }
     }
+    let merged_engine = if merged.is_empty() {
+        None
+    } else {
+        Some(dz_loader::merged_engine_budget(config)?)
+    };
     Ok(ServePlan {
         world,
         device: config.runtime.device,
@@ -137,6 +144,7 @@ pub fn serve_plan(config: &Config, deltas: &[CheckedDelta]) -> Result<ServePlan>
         swap,
         swap_gpu_models: config.runtime.swap_gpu_models,
         merged_gpu_models: config.runtime.merged_gpu_models,
+        merged_engine,
         gpu_delta_bytes: config.runtime.gpu_delta_bytes,
     })
 }
@@ -197,6 +205,26 @@ impl fmt::Display for ServePlan {
                     "  at most {} of them loaded at once (merged_gpu_models = {k}; the host unloads \
                      and reloads the others on demand)",
                     k.min(self.merged.len())
+                )?;
+            }
+            if let Some(b) = &self.merged_engine {
+                let loaded = self
+                    .merged_gpu_models
+                    .unwrap_or(self.merged.len())
+                    .min(self.merged.len());
+                writeln!(
+                    f,
+                    "  each engine: {} weights + {} KV cache (kv_cache_bytes) + {} working memory = \
+                     {}; {loaded} loaded: {}{}",
+                    human(b.weights),
+                    human(b.kv_cache),
+                    human(b.working),
+                    human(b.per_engine()),
+                    human(b.per_engine() * loaded as u64),
+                    match self.device {
+                        DeviceSpec::Cuda(_) => " (checked against the GPU's free memory at start-up)",
+                        DeviceSpec::Cpu => "",
+                    }
                 )?;
             }
         }
@@ -300,6 +328,55 @@ mod tests {
         }
         assert!(
             shown.contains("gpu_delta_bytes = 1.0 MiB per rank"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn dry_run_plan_shows_what_each_merged_engine_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let fam = fixtures::write_family(dir.path(), &TinySpec::llama(), 1).unwrap();
+        let delta = dir.path().join("ft.dz");
+        let opts = CompressOptions {
+            method: Method::Rtn,
+            quant: QuantConfig {
+                bits: 4,
+                group_size: 8,
+                symmetric: true,
+                sparsity: Sparsity::TwoFour,
+            },
+            ..CompressOptions::default()
+        };
+        compress(&fam.base, &fam.finetunes[0], &delta, &opts, &mut Quiet).unwrap();
+        let cfg = dir.path().join("serve.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "[base]\npath = {:?}\nname = \"base\"\nserve = false\n\
+                 [[delta]]\nname = \"a\"\npath = {:?}\nmode = \"merge\"\n\
+                 [[delta]]\nname = \"b\"\npath = {:?}\nmode = \"merge\"\n\
+                 [runtime]\ndevice = \"cuda\"\nmerged_gpu_models = 1\nkv_cache_bytes = \"1GiB\"\n",
+                fam.base, delta, delta
+            ),
+        )
+        .unwrap();
+        let (config, deltas) = Config::load(&cfg).unwrap();
+        let plan = serve_plan(&config, &deltas).unwrap();
+        let b = plan.merged_engine.expect("merged engines");
+        // bf16 on a GPU: the base's weights, 2 bytes each.
+        assert_eq!(b.weights, plan.base.rank_bytes[0]);
+        // The paged pool where this build pages the KV cache (CUDA builds), else nothing up front.
+        let kv = match config.kv_cache() {
+            dz_loader::KvCache::Paged { bytes } => bytes,
+            dz_loader::KvCache::Contiguous => 0,
+        };
+        assert_eq!(b.kv_cache, kv);
+        assert_eq!(b.per_engine(), b.weights + b.kv_cache + b.working);
+        let shown = plan.to_string();
+        assert!(
+            shown.contains("each engine:")
+                && shown.contains(&format!("{} KV cache", human(kv)))
+                && shown.contains("checked against the GPU's free memory at start-up"),
             "{shown}"
         );
     }

@@ -14,21 +14,102 @@
 //!   dropped. Here an engine is unloaded only when no lease holds it. When every loaded engine is
 //!   busy, the least recently used one is *drained*: new requests for it wait like those for an
 //!   unloaded model, and it is unloaded when its last request is answered.
-//! - `unload_model` returns before the engine has let go of its weights; the worker waits for the
-//!   engine's request channel to close (the engine has exited and dropped its pipeline) before it
-//!   loads the next model, so K + 1 models are never on the device.
+//! - `unload_model` returns before the engine has let go of its weights; the worker unloads with
+//!   `unload_model_and_wait` (host patch 0014), which returns once the engine's thread has exited and
+//!   freed its model on that thread, under its CUDA context. Only then is the next model loaded, so
+//!   K + 1 models are never on the device.
+//! - On a GPU ([`GpuRoom`]) the worker also checks, before each load, that the device has room for one
+//!   more engine (its weights, KV cache and working memory): when it has not, it unloads an idle engine
+//!   first (fewer than K may then be loaded), or waits for a busy one to finish, or, with no engine left
+//!   to unload, refuses the load at once with the numbers.
+//! - A reload that failed or was refused fails the requests waiting for it, and for
+//!   [`RELOAD_RETRY_AFTER`] every new request for that model fails at once with the same reason
+//!   instead of waiting for another doomed load.
 //!
-//! Wanted models are loaded oldest waiting request first. One load or unload runs at a time.
+//! Wanted models are loaded oldest waiting request first. One load or unload runs at a time. With
+//! `DZ_ENGINE_TRACE=1` every unload and load is logged on stderr with the GPU's free memory before and
+//! after it (and a pending CUDA error, if the device's context holds one).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
+use candle_core::Device;
 use mistralrs_core::MistralRs;
 use tokio::sync::watch;
 
 use crate::error::{Error, Result};
+use crate::gpu_mem::{self, gib};
+
+/// How long after a failed (or refused) reload new requests for that model fail at once with its reason.
+pub const RELOAD_RETRY_AFTER: Duration = Duration::from_secs(10);
+
+/// Working memory one engine needs besides its weights and KV cache (activations of a step of
+/// `max_seqs` sequences, the logits, cuBLAS workspace): an estimate, counted in [`EngineBudget`].
+pub const ENGINE_WORKING_BYTES: u64 = 2 << 30;
+
+/// What one merged engine holds on its device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EngineBudget {
+    /// The model's weights.
+    pub weights: u64,
+    /// The paged KV cache's pool (`runtime.kv_cache_bytes`; 0 for a contiguous cache, which grows with
+    /// the sequences).
+    pub kv_cache: u64,
+    /// Working memory ([`ENGINE_WORKING_BYTES`]).
+    pub working: u64,
+}
+
+impl EngineBudget {
+    /// Bytes one engine needs.
+    pub fn per_engine(&self) -> u64 {
+        self.weights + self.kv_cache + self.working
+    }
+
+    /// Whether `engines` engines fit in `free` bytes; the error names the config fields to change and
+    /// what would fit.
+    pub fn check(&self, engines: usize, free: u64) -> std::result::Result<(), String> {
+        let n = engines as u64;
+        let need = self.per_engine() * n;
+        if need <= free {
+            return Ok(());
+        }
+        let fit = free / self.per_engine().max(1);
+        let mut fixes = Vec::new();
+        if fit >= 1 {
+            fixes.push(format!("runtime.merged_gpu_models = {fit}"));
+        }
+        let kv_fits = (free / n.max(1)).saturating_sub(self.weights + self.working);
+        if self.kv_cache > 0 && kv_fits >= 1 << 30 {
+            fixes.push(format!("runtime.kv_cache_bytes = \"{}GiB\"", kv_fits >> 30));
+        }
+        let fixes = if fixes.is_empty() {
+            "not even one engine fits".to_string()
+        } else {
+            format!("what fits: {}", fixes.join(", or "))
+        };
+        Err(format!(
+            "runtime.merged_gpu_models = {engines} engines of {} weights + {} KV cache \
+             (runtime.kv_cache_bytes) + {} working memory need {}, the GPU has {} free; {fixes}",
+            gib(self.weights),
+            gib(self.kv_cache),
+            gib(self.working),
+            gib(need),
+            gib(free)
+        ))
+    }
+}
+
+/// The device the merged engines run on, when it is a GPU: the swap checks its free memory before
+/// each load, and frees models only on threads with its CUDA context current.
+#[derive(Debug, Clone)]
+pub struct GpuRoom {
+    /// The engines' device.
+    pub device: Device,
+    /// Bytes one more engine needs free before its load starts.
+    pub engine_bytes: u64,
+}
 
 /// One managed model.
 #[derive(Debug, Default)]
@@ -41,6 +122,8 @@ struct Slot {
     /// No new leases: it is about to be unloaded (idle), or will be once its leases end (busy).
     draining: bool,
     last_used: u64,
+    /// The last reload failed (or was refused): when, and why.
+    failed: Option<(Instant, String)>,
 }
 
 #[derive(Debug, Default)]
@@ -82,13 +165,16 @@ pub struct EngineSwapStats {
     pub unloads: u64,
     /// Seconds spent in them (until the engine let go of its model).
     pub unload_seconds: f64,
-    /// Reloads that failed.
+    /// Reloads that failed, or were refused for want of GPU memory.
     pub load_failures: u64,
 }
 
 struct Inner {
     mistralrs: Arc<MistralRs>,
     capacity: usize,
+    gpu: Option<GpuRoom>,
+    trace: bool,
+    started: Instant,
     state: Mutex<State>,
     /// Bumped on every change of `state` that may let a request or the worker proceed.
     changed: watch::Sender<u64>,
@@ -107,6 +193,49 @@ impl Inner {
     fn bump(&self) {
         self.changed.send_modify(|g| *g = g.wrapping_add(1));
     }
+
+    /// The GPU's free bytes now (`None` on the CPU, or when the driver would not say).
+    fn free_bytes(&self) -> Option<u64> {
+        let gpu = self.gpu.as_ref()?;
+        match gpu_mem::mem_info(&gpu.device)? {
+            Ok(m) => Some(m.free),
+            Err(e) => {
+                eprintln!("dz-loader: the GPU's free memory: {e}");
+                None
+            }
+        }
+    }
+
+    /// `DZ_ENGINE_TRACE=1`: the GPU's memory, for a trace line.
+    fn trace_memory(&self) -> String {
+        let Some(gpu) = &self.gpu else {
+            return "gpu n/a".to_string();
+        };
+        match gpu_mem::mem_info(&gpu.device) {
+            None => "gpu n/a".to_string(),
+            Some(Err(e)) => format!("gpu memory unknown ({e})"),
+            Some(Ok(m)) => {
+                let pending = m
+                    .pending_error
+                    .map_or(String::new(), |e| format!(", pending CUDA error {e}"));
+                format!("gpu free {} of {}{pending}", gib(m.free), gib(m.total))
+            }
+        }
+    }
+
+    fn trace(&self, line: std::fmt::Arguments<'_>) {
+        if self.trace {
+            eprintln!(
+                "dz-engine-trace: {:9.3}s {line}",
+                self.started.elapsed().as_secs_f64()
+            );
+        }
+    }
+}
+
+/// Whether `DZ_ENGINE_TRACE` asks for the engine swap's trace.
+fn trace_enabled() -> bool {
+    std::env::var("DZ_ENGINE_TRACE").is_ok_and(|v| !v.is_empty() && v != "0")
 }
 
 /// The cap on loaded merged engines: requests [`acquire`](EngineSwap::acquire) their model's engine, a
@@ -154,12 +283,13 @@ impl Drop for Ticket<'_> {
 impl EngineSwap {
     /// Manages `models` (names the host knows, each added with a loader config so that it can be
     /// unloaded and reloaded) under a cap of `capacity` loaded at once; `loaded` are those loaded now
-    /// (at most `capacity`), the rest unloaded.
+    /// (at most `capacity`), the rest unloaded. `gpu`: the device, when the engines run on a GPU.
     pub fn new(
         mistralrs: Arc<MistralRs>,
         capacity: usize,
         models: &[String],
         loaded: &[String],
+        gpu: Option<GpuRoom>,
     ) -> Result<Arc<Self>> {
         if capacity == 0 || loaded.len() > capacity {
             return Err(Error::Host(format!(
@@ -183,6 +313,9 @@ impl EngineSwap {
         let inner = Arc::new(Inner {
             mistralrs,
             capacity,
+            gpu,
+            trace: trace_enabled(),
+            started: Instant::now(),
             state: Mutex::new(st),
             changed: watch::channel(0).0,
             loads: AtomicU64::new(0),
@@ -221,7 +354,9 @@ impl EngineSwap {
     }
 
     /// Waits until model `name`'s engine is loaded (and not draining), then holds it until the lease
-    /// is dropped. Fails only for a name not managed here, a reload that failed, or a stopped swap.
+    /// is dropped. Fails only for a name not managed here, a reload that failed (or was refused: not
+    /// enough GPU memory) while it waited or less than [`RELOAD_RETRY_AFTER`] before it came, or a
+    /// stopped swap.
     pub async fn acquire(&self, name: &str) -> Result<EngineLease> {
         let inner = &*self.inner;
         let mut rx = inner.changed.subscribe();
@@ -255,6 +390,17 @@ impl EngineSwap {
                     });
                 }
                 if ticket.is_none() {
+                    if let Some((at, why)) = &slot.failed {
+                        let ago = at.elapsed();
+                        if ago < RELOAD_RETRY_AFTER {
+                            return Err(Error::Host(format!(
+                                "loading {name} failed {:.1}s ago (tried again {}s after a \
+                                 failure): {why}",
+                                ago.as_secs_f64(),
+                                RELOAD_RETRY_AFTER.as_secs()
+                            )));
+                        }
+                    }
                     slot.waiting.insert(tick);
                     ticket = Some(Ticket {
                         inner,
@@ -310,6 +456,11 @@ impl Drop for EngineSwap {
 enum Action {
     Load(String),
     Unload(String),
+    /// Fail the requests waiting for `model`: the GPU has no room for it and nothing to unload.
+    Refuse {
+        model: String,
+        why: String,
+    },
     /// Nothing until the state changes.
     Wait,
 }
@@ -334,7 +485,32 @@ fn next_action(st: &mut State, capacity: usize) -> Action {
     if st.loaded() < capacity {
         return Action::Load(target);
     }
-    // An idle engine: a draining one first (it was chosen before), else the least recently used.
+    make_way(st).unwrap_or(Action::Wait)
+}
+
+/// Before loading `target` on a GPU with `free` bytes free, when one engine needs `need`: the load, or
+/// first an unload (of an idle engine; or a busy one drained, waited for), or, with no engine loaded
+/// to make room, a refusal with the numbers.
+fn make_room(st: &mut State, target: &str, free: u64, need: u64) -> Action {
+    if free >= need {
+        return Action::Load(target.to_string());
+    }
+    make_way(st).unwrap_or_else(|| Action::Refuse {
+        model: target.to_string(),
+        why: format!(
+            "not enough GPU memory: one merged engine needs {} (weights, KV cache, working \
+             memory) and the GPU has {} free with no merged engine loaded (another process, or \
+             memory a previous engine did not give back?)",
+            gib(need),
+            gib(free)
+        ),
+    })
+}
+
+/// One engine fewer: the least recently used idle engine to unload (one already draining first), or,
+/// when every loaded engine is busy, [`Action::Wait`] with the least recently used one draining (one at
+/// a time). `None` when no engine is loaded.
+fn make_way(st: &mut State) -> Option<Action> {
     let idle = st
         .slots
         .iter()
@@ -345,9 +521,11 @@ fn next_action(st: &mut State, capacity: usize) -> Action {
         if let Some(s) = st.slots.get_mut(&victim) {
             s.draining = true;
         }
-        return Action::Unload(victim);
+        return Some(Action::Unload(victim));
     }
-    // Every engine is busy: drain the least recently used one (one at a time).
+    if !st.slots.values().any(|s| s.loaded) {
+        return None;
+    }
     if !st.slots.values().any(|s| s.loaded && s.draining) {
         if let Some(s) = st
             .slots
@@ -358,7 +536,7 @@ fn next_action(st: &mut State, capacity: usize) -> Action {
             s.draining = true;
         }
     }
-    Action::Wait
+    Some(Action::Wait)
 }
 
 fn worker(inner: &Inner) {
@@ -370,16 +548,26 @@ fn worker(inner: &Inner) {
         inner.bump();
         return;
     };
+    // A model whose load fails halfway is freed on this thread.
+    if let Some(gpu) = &inner.gpu {
+        gpu_mem::bind(&gpu.device);
+    }
     let mut rx = inner.changed.subscribe();
     loop {
         rx.borrow_and_update();
-        let action = {
+        let mut action = {
             let mut st = inner.lock();
             if st.stop {
                 return;
             }
             next_action(&mut st, inner.capacity)
         };
+        if let (Action::Load(name), Some(gpu)) = (&action, &inner.gpu) {
+            // Asked outside the lock: it waits for the device's queued work.
+            if let Some(free) = inner.free_bytes() {
+                action = make_room(&mut inner.lock(), name, free, gpu.engine_bytes);
+            }
+        }
         match action {
             Action::Wait => {
                 // Also wake now and then: a change is always bumped, this only bounds a lost one.
@@ -387,90 +575,137 @@ fn worker(inner: &Inner) {
                     tokio::time::timeout(Duration::from_secs(1), rx.changed()).await
                 });
             }
-            Action::Unload(name) => {
-                let t0 = Instant::now();
-                let unloaded = unload(inner, &rt, &name);
-                {
-                    let mut st = inner.lock();
-                    if let Some(s) = st.slots.get_mut(&name) {
-                        s.draining = false;
-                        if unloaded.is_ok() {
-                            s.loaded = false;
-                        }
-                    }
-                }
-                if let Err(e) = unloaded {
-                    eprintln!("dz-loader: unloading {name}: {e}");
-                    // Not in a tight loop: the next decision may pick it again.
-                    std::thread::sleep(Duration::from_millis(100));
-                } else {
-                    inner.unloads.fetch_add(1, Ordering::Relaxed);
-                    inner
-                        .unload_nanos
-                        .fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
-                }
-                inner.bump();
-            }
-            Action::Load(name) => {
-                let t0 = Instant::now();
-                let loaded = rt
-                    .block_on(inner.mistralrs.reload_model(&name))
-                    .map_err(|e| e.to_string());
-                {
-                    let mut st = inner.lock();
-                    match &loaded {
-                        Ok(()) => {
-                            if let Some(s) = st.slots.get_mut(&name) {
-                                s.loaded = true;
-                            }
-                        }
-                        Err(why) => {
-                            // The requests waiting now get the error; later ones try again.
-                            let tickets: Vec<u64> = st
-                                .slots
-                                .get_mut(&name)
-                                .map(|s| std::mem::take(&mut s.waiting).into_iter().collect())
-                                .unwrap_or_default();
-                            for t in tickets {
-                                st.failed.insert(t, why.clone());
-                            }
-                        }
-                    }
-                }
-                match loaded {
-                    Ok(()) => {
-                        inner.loads.fetch_add(1, Ordering::Relaxed);
-                        inner
-                            .load_nanos
-                            .fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
-                        // The host's default engine is unset when every engine was unloaded (K = 1
-                        // and no base), and a reload does not set it: requests naming no model need one.
-                        if matches!(inner.mistralrs.get_default_model_id(), Ok(None)) {
-                            let _ = inner.mistralrs.set_default_model_id(&name);
-                        }
-                    }
-                    Err(e) => {
-                        inner.load_failures.fetch_add(1, Ordering::Relaxed);
-                        eprintln!("dz-loader: reloading {name}: {e}");
-                    }
-                }
-                inner.bump();
+            Action::Unload(name) => unload(inner, &name),
+            Action::Load(name) => load(inner, &rt, &name),
+            Action::Refuse { model, why } => {
+                inner.trace(format_args!("refuse {model}: {why}"));
+                fail(inner, &model, why);
             }
         }
     }
 }
 
-/// Unloads `name` through the host and waits until its engine has exited (its request channel
-/// closes when the engine is dropped, with its pipeline: the model's weights and KV cache).
-fn unload(inner: &Inner, rt: &tokio::runtime::Runtime, name: &str) -> Result<()> {
-    let m = &inner.mistralrs;
-    let sender = m
-        .get_sender(Some(name))
-        .map_err(|e| Error::Host(e.to_string()))?;
-    m.unload_model(name)
-        .map_err(|e| Error::Host(e.to_string()))?;
-    rt.block_on(sender.closed());
-    Ok(())
+/// Unloads `name` through the host and waits until its engine's thread has exited, having freed the
+/// model (weights, KV cache) on that thread.
+fn unload(inner: &Inner, name: &str) {
+    if inner.trace {
+        inner.trace(format_args!("unload {name}: {}", inner.trace_memory()));
+    }
+    let t0 = Instant::now();
+    let unloaded = inner
+        .mistralrs
+        .unload_model_and_wait(name)
+        .map_err(|e| e.to_string());
+    let took = t0.elapsed();
+    {
+        let mut st = inner.lock();
+        if let Some(s) = st.slots.get_mut(name) {
+            s.draining = false;
+            if unloaded.is_ok() {
+                s.loaded = false;
+            }
+        }
+    }
+    match &unloaded {
+        Ok(()) => {
+            inner.unloads.fetch_add(1, Ordering::Relaxed);
+            inner
+                .unload_nanos
+                .fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
+        }
+        Err(e) => eprintln!("dz-loader: unloading {name}: {e}"),
+    }
+    if inner.trace {
+        let outcome = match &unloaded {
+            Ok(()) => "unloaded".to_string(),
+            Err(e) => format!("FAILED ({e})"),
+        };
+        inner.trace(format_args!(
+            "unload {name}: {outcome} in {:.3}s, {}",
+            took.as_secs_f64(),
+            inner.trace_memory()
+        ));
+    }
+    inner.bump();
+    if unloaded.is_err() {
+        // Not in a tight loop: the next decision may pick it again.
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Reloads `name` through the host; on failure its waiting requests get the error.
+fn load(inner: &Inner, rt: &tokio::runtime::Runtime, name: &str) {
+    if inner.trace {
+        inner.trace(format_args!("load {name}: {}", inner.trace_memory()));
+    }
+    let t0 = Instant::now();
+    // A panic in the host's loader fails this load, not the worker (every request would then wait
+    // for ever).
+    let loaded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        rt.block_on(inner.mistralrs.reload_model(name))
+    }))
+    .map_err(|panic| {
+        let what = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        format!("the host's loader panicked: {what}")
+    })
+    .and_then(|r| r.map_err(|e| e.to_string()));
+    let took = t0.elapsed();
+    if inner.trace {
+        let outcome = match &loaded {
+            Ok(()) => "loaded".to_string(),
+            Err(e) => format!("FAILED ({e})"),
+        };
+        inner.trace(format_args!(
+            "load {name}: {outcome} in {:.3}s, {}",
+            took.as_secs_f64(),
+            inner.trace_memory()
+        ));
+    }
+    match loaded {
+        Ok(()) => {
+            if let Some(s) = inner.lock().slots.get_mut(name) {
+                s.loaded = true;
+                s.failed = None;
+            }
+            inner.loads.fetch_add(1, Ordering::Relaxed);
+            inner
+                .load_nanos
+                .fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
+            // The host's default engine is unset when every engine was unloaded (K = 1 and no
+            // base), and a reload does not set it: requests naming no model need one.
+            if matches!(inner.mistralrs.get_default_model_id(), Ok(None)) {
+                let _ = inner.mistralrs.set_default_model_id(name);
+            }
+            inner.bump();
+        }
+        Err(why) => fail(inner, name, why),
+    }
+}
+
+/// A load of `name` failed or was refused: the requests waiting now get `why`, and so do those that
+/// come within [`RELOAD_RETRY_AFTER`]; later ones try again.
+fn fail(inner: &Inner, name: &str, why: String) {
+    eprintln!("dz-loader: reloading {name}: {why}");
+    inner.load_failures.fetch_add(1, Ordering::Relaxed);
+    {
+        let mut st = inner.lock();
+        let tickets: Vec<u64> = st
+            .slots
+            .get_mut(name)
+            .map(|s| {
+                s.failed = Some((Instant::now(), why.clone()));
+                std::mem::take(&mut s.waiting).into_iter().collect()
+            })
+            .unwrap_or_default();
+        for t in tickets {
+            st.failed.insert(t, why.clone());
+        }
+    }
+    inner.bump();
 }
 
 #[cfg(test)]
@@ -488,6 +723,7 @@ mod tests {
                     waiting: waiting.iter().copied().collect(),
                     draining: false,
                     last_used,
+                    failed: None,
                 },
             );
         }
@@ -545,5 +781,84 @@ mod tests {
         st.slots.get_mut("c").unwrap().waiting.clear();
         assert_eq!(next_action(&mut st, 2), Action::Wait);
         assert!(st.slots.values().all(|s| !s.draining));
+    }
+
+    const GIB: u64 = 1 << 30;
+
+    #[test]
+    fn loads_only_with_room_and_unloads_an_idle_engine_first() {
+        // Room under the cap (2 of 3 loaded) but not on the GPU: an idle engine goes first.
+        let mut st = state(&[
+            ("a", true, 0, &[], 5),
+            ("b", true, 1, &[], 3),
+            ("c", false, 0, &[10], 0),
+        ]);
+        assert_eq!(next_action(&mut st, 3), Action::Load("c".into()));
+        assert_eq!(
+            make_room(&mut st, "c", 20 * GIB, 30 * GIB),
+            Action::Unload("a".into())
+        );
+        assert!(st.slots["a"].draining);
+        // Unloaded: now it fits.
+        let a = st.slots.get_mut("a").unwrap();
+        a.loaded = false;
+        a.draining = false;
+        assert_eq!(
+            make_room(&mut st, "c", 50 * GIB, 30 * GIB),
+            Action::Load("c".into())
+        );
+    }
+
+    #[test]
+    fn waits_for_a_busy_engine_when_the_gpu_is_full() {
+        let mut st = state(&[
+            ("a", true, 2, &[], 5),
+            ("b", true, 1, &[], 3),
+            ("c", false, 0, &[10], 0),
+        ]);
+        assert_eq!(make_room(&mut st, "c", GIB, 30 * GIB), Action::Wait);
+        assert!(st.slots["b"].draining && !st.slots["a"].draining);
+        st.slots.get_mut("b").unwrap().in_flight = 0;
+        assert_eq!(
+            make_room(&mut st, "c", GIB, 30 * GIB),
+            Action::Unload("b".into())
+        );
+    }
+
+    #[test]
+    fn refuses_at_once_with_nothing_to_unload() {
+        let mut st = state(&[("a", false, 0, &[], 5), ("c", false, 0, &[10], 0)]);
+        let Action::Refuse { model, why } = make_room(&mut st, "c", 12 * GIB, 30 * GIB) else {
+            panic!("not refused");
+        };
+        assert_eq!(model, "c");
+        assert!(
+            why.contains("30.0 GiB") && why.contains("12.0 GiB free"),
+            "{why}"
+        );
+    }
+
+    #[test]
+    fn budget_check_names_the_fields_and_what_fits() {
+        // 7B bf16: 12.6 GiB weights, 16 GiB KV, 2 GiB working: 30.6 GiB per engine.
+        let b = EngineBudget {
+            weights: 12_600 * (GIB / 1000),
+            kv_cache: 16 * GIB,
+            working: ENGINE_WORKING_BYTES,
+        };
+        assert!(b.check(4, 139 * GIB).is_ok());
+        let why = b.check(4, 100 * GIB).unwrap_err();
+        for want in [
+            "runtime.merged_gpu_models = 4",
+            "runtime.kv_cache_bytes",
+            "100.0 GiB free",
+            "runtime.merged_gpu_models = 3",
+            "runtime.kv_cache_bytes = \"10GiB\"",
+        ] {
+            assert!(why.contains(want), "{want:?} not in {why}");
+        }
+        // Not even one.
+        let why = b.check(1, 10 * GIB).unwrap_err();
+        assert!(why.contains("not even one engine fits"), "{why}");
     }
 }

@@ -354,8 +354,8 @@ impl Engine {
     /// Registers model `name` with the host as unloaded: `reload_model` loads it from `loader` when it
     /// is wanted. The host has no call for that, so this adds an engine over `placeholder` (any loaded
     /// pipeline of the same architecture that no engine runs yet: an engine takes its pipeline's lock
-    /// as it starts), unloads it at once and waits for that engine to exit. Start-up thus loads only
-    /// the models that start loaded.
+    /// as it starts), unloads it at once and waits for that engine's thread to exit. Start-up thus
+    /// loads only the models that start loaded.
     pub fn add_unloaded(
         &mut self,
         name: &str,
@@ -363,11 +363,9 @@ impl Engine {
         loader: ModelLoaderConfig,
     ) -> Result<()> {
         self.add_with(name, placeholder.clone(), Some(loader))?;
-        let m = self.host_handle(name)?;
-        let sender = m.get_sender(Some(name)).map_err(host)?;
-        m.unload_model(name).map_err(host)?;
-        self.runtime.block_on(sender.closed());
-        Ok(())
+        self.host_handle(name)?
+            .unload_model_and_wait(name)
+            .map_err(host)
     }
 
     fn add_with(

@@ -16,6 +16,7 @@
 pub mod config;
 pub mod engines;
 mod error;
+pub mod gpu_mem;
 pub mod host;
 pub mod merge;
 pub mod multi_tenant;
@@ -38,7 +39,7 @@ pub use dz_candle_ops::set_v4_keep_packed;
 /// deltas uploaded while it is on keep only the v4 layout on the GPU), for servers that turn it on
 /// before any delta is uploaded.
 pub use dz_candle_ops::set_v4_kernels;
-pub use engines::{EngineLease, EngineSwap, EngineSwapStats};
+pub use engines::{EngineBudget, EngineLease, EngineSwap, EngineSwapStats, GpuRoom};
 pub use error::{Error, Result};
 pub use host::{Engine, GeneratedToken, Generation, KvCache};
 pub use multi_tenant::{DeltaHook, DeltaRegistry, FineTuneDeltas, HostDelta};
@@ -246,8 +247,48 @@ fn serve_swapped_engines(
         })
         .collect::<Result<Vec<_>>>()?;
     let start = capacity.min(loaders.len());
+    // On a GPU: the engines that start loaded must fit in what is free now (whatever was loaded
+    // before them counted), and the swap checks the room again before every reload.
+    let budget = merged_engine_budget(config)?;
+    let before = match gpu_mem::mem_info(device) {
+        Some(Ok(m)) => {
+            budget
+                .check(start, m.free)
+                .map_err(|message| Error::Config {
+                    file: config.file.clone(),
+                    field: "runtime.merged_gpu_models".into(),
+                    message,
+                })?;
+            Some(m.free)
+        }
+        Some(Err(e)) => {
+            eprintln!(
+                "dz-loader: the GPU's free memory: {e} (merged engines not checked for room)"
+            );
+            None
+        }
+        None => None,
+    };
     let (first_name, first_loader) = &loaders[0];
     let first = host::load_reloadable(first_loader)?;
+    // What the first engine really took (its weights, KV cache, and what the host allocates with
+    // them), if more than the estimate: the room one more engine needs.
+    let mut engine_bytes = budget.per_engine();
+    if let (Some(before), Some(Ok(after))) = (before, gpu_mem::mem_info(device)) {
+        let took = before.saturating_sub(after.free);
+        engine_bytes = engine_bytes.max(took + budget.working);
+        if std::env::var("DZ_ENGINE_TRACE").is_ok_and(|v| !v.is_empty() && v != "0") {
+            eprintln!(
+                "dz-engine-trace: start-up: {first_name} took {} on the GPU (estimate: {} weights + \
+                 {} KV cache), {} free; one more engine needs {}",
+                gpu_mem::gib(took),
+                gpu_mem::gib(budget.weights),
+                gpu_mem::gib(budget.kv_cache),
+                gpu_mem::gib(after.free),
+                gpu_mem::gib(engine_bytes)
+            );
+        }
+    }
     // Before the first model's engine starts (the placeholder must be a pipeline no engine runs).
     for (name, loader) in &loaders[start..] {
         engine.add_unloaded(name, &first, loader.clone())?;
@@ -265,9 +306,38 @@ fn serve_swapped_engines(
         m.set_default_model_id(first_name).map_err(Error::Host)?;
     }
     let names: Vec<String> = loaders.iter().map(|(n, _)| n.clone()).collect();
-    let swap = EngineSwap::new(m, capacity, &names, &names[..start])?;
+    let gpu = before.map(|_| GpuRoom {
+        device: device.clone(),
+        engine_bytes,
+    });
+    let swap = EngineSwap::new(m, capacity, &names, &names[..start], gpu)?;
     engine.set_engine_swap(swap.clone());
     Ok(swap)
+}
+
+/// What one merged engine holds on the device under `config`: the base's weights in the serving dtype
+/// (a merged fine-tune has the base's shapes), the paged KV cache's pool (`runtime.kv_cache_bytes`; 0
+/// for a contiguous cache) and [`engines::ENGINE_WORKING_BYTES`].
+pub fn merged_engine_budget(config: &Config) -> Result<EngineBudget> {
+    let model = dz_compress::hf::HfModel::open(&config.base.path)?;
+    let elem: u64 = match (config.base.dtype, config.runtime.device) {
+        (DtypeSpec::F32, _) | (DtypeSpec::Auto, DeviceSpec::Cpu) => 4,
+        (DtypeSpec::F16 | DtypeSpec::Bf16, _) | (DtypeSpec::Auto, DeviceSpec::Cuda(_)) => 2,
+    };
+    let weights = model
+        .names()
+        .filter_map(|n| model.info(n))
+        .map(|i| i.numel() as u64 * elem)
+        .sum();
+    let kv_cache = match config.kv_cache() {
+        KvCache::Paged { bytes } => bytes,
+        KvCache::Contiguous => 0,
+    };
+    Ok(EngineBudget {
+        weights,
+        kv_cache,
+        working: engines::ENGINE_WORKING_BYTES,
+    })
 }
 
 /// Reads and uploads every multi-tenant delta of `multi` before the engine starts (this rank's slice of

@@ -286,3 +286,94 @@ fn merged_engines_under_a_cap_without_the_base() {
     assert!(st.loads >= 3 && st.unloads == st.loads, "{st:?}");
     assert_eq!(st.load_failures, 0);
 }
+
+/// A reload that fails (the merged model's weights are gone) fails the request waiting for it with the
+/// host's reason, after the loaded engine was unloaded to make room (never two loaded under a cap of
+/// one); a new request for that model within `RELOAD_RETRY_AFTER` fails at once with the same reason
+/// and no second load; another model still loads and answers.
+#[test]
+fn a_failed_reload_fails_its_requests_at_once() {
+    let f = common::llama_three();
+    let merged = tempfile::tempdir().unwrap();
+    let mut text = format!(
+        "[base]\npath = {}\ndtype = \"f32\"\nname = \"base\"\nserve = false\n\
+         [runtime]\nmerged_dir = {}\nmerged_gpu_models = 1\n",
+        q(&f.family.base),
+        q(merged.path()),
+    );
+    for (i, d) in f.deltas8.iter().enumerate() {
+        text.push_str(&format!(
+            "[[delta]]\nname = \"m{i}\"\npath = {}\nmode = \"merge\"\n",
+            q(d)
+        ));
+    }
+    let (_dir, file) = write_config(&text);
+    let (config, deltas) = Config::load(&file).unwrap();
+    let served = dz_loader::serve(&config, &deltas).unwrap();
+    let swap = served.engine_swap.clone().expect("an engine swap");
+    assert_eq!(swap.loaded(), ["m0"]);
+    let ids: Vec<u32> = PROMPTS[1].bytes().map(u32::from).collect();
+    let m0 = served
+        .engine
+        .generate_tokens("m0", &ids, MAX_TOKENS)
+        .unwrap()
+        .token_ids();
+
+    // Every merged model's weights hidden: m0 is loaded, the others cannot be.
+    let mut hidden = Vec::new();
+    for dir in std::fs::read_dir(merged.path()).unwrap() {
+        for entry in std::fs::read_dir(dir.unwrap().path()).unwrap() {
+            let p = entry.unwrap().path();
+            if p.extension().is_some_and(|e| e == "safetensors") {
+                let h = p.with_extension("hidden");
+                std::fs::rename(&p, &h).unwrap();
+                hidden.push((p, h));
+            }
+        }
+    }
+    assert!(!hidden.is_empty());
+    let err = served
+        .engine
+        .generate_tokens("m1", &ids, MAX_TOKENS)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("loading m1"), "{err}");
+    let st = swap.stats();
+    assert_eq!(
+        (st.load_failures, st.loads, st.unloads),
+        (1, 0, 1),
+        "{st:?}"
+    );
+    assert!(swap.loaded().is_empty(), "m0 went to make room first");
+
+    let t0 = std::time::Instant::now();
+    let again = served
+        .engine
+        .generate_tokens("m1", &ids, MAX_TOKENS)
+        .unwrap_err()
+        .to_string();
+    assert!(t0.elapsed() < dz_loader::engines::RELOAD_RETRY_AFTER);
+    assert!(
+        again.contains("loading m1 failed") && again.contains("s ago"),
+        "{again}"
+    );
+    assert_eq!(swap.stats().load_failures, 1, "no second load");
+
+    // Another model, its weights back: loads and answers as before.
+    for (p, h) in &hidden {
+        std::fs::rename(h, p).unwrap();
+    }
+    let got = served
+        .engine
+        .generate_tokens("m0", &ids, MAX_TOKENS)
+        .unwrap()
+        .token_ids();
+    assert_eq!(got, m0);
+    assert_eq!(swap.loaded(), ["m0"]);
+    // m1 still within its back-off: refused without a load.
+    assert!(served
+        .engine
+        .generate_tokens("m1", &ids, MAX_TOKENS)
+        .is_err());
+    assert_eq!(swap.stats().load_failures, 1);
+}
