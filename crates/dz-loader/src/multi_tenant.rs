@@ -169,6 +169,9 @@ impl HostDelta {
                 self.name, tp.rank, tp.world
             )));
         }
+        // The uploads below run on a loader thread: make the device's context current on it first
+        // (a buffer freed on a thread without one leaks; see `gpu_mem::bind`).
+        crate::gpu_mem::bind(device);
         let mut out = FineTuneDeltas {
             name: self.name.clone(),
             linear: HashMap::new(),
@@ -176,6 +179,7 @@ impl HostDelta {
             norm: HashMap::new(),
             embedding: HashMap::new(),
             bytes: 0,
+            device: device.clone(),
         };
         for t in &self.tensors {
             let Some((module, is_bias)) = split_param(&t.entry.name) else {
@@ -264,6 +268,17 @@ pub struct FineTuneDeltas {
     norm: HashMap<String, Tensor>,
     embedding: HashMap<String, DeviceDelta>,
     bytes: u64,
+    /// The device the deltas live on.
+    device: Device,
+}
+
+/// The last reference to a fine-tune's deltas can go on any thread (a loader evicting it, an HTTP
+/// handler dropping a drained one): the device's context is made current first, or cudarc's frees fail
+/// on a thread that has none and the memory leaks (session 7, the merged engines' INVALID_CONTEXT).
+impl Drop for FineTuneDeltas {
+    fn drop(&mut self) {
+        crate::gpu_mem::bind(&self.device);
+    }
 }
 
 impl fmt::Debug for FineTuneDeltas {
