@@ -70,14 +70,9 @@ fn setup() -> (
     )
     .unwrap();
     let server = start(&ServeArgs {
-        config,
-        host: "127.0.0.1".to_string(),
-        port: 0,
         api_key: Some(KEY.to_string()),
         delta_dir: Some(deltas.clone()),
-        dry_run: false,
-        v4_kernels: false,
-        v4_keep_packed: false,
+        ..ServeArgs::loopback(config)
     })
     .expect("server starts");
     (dir, server, deltas)

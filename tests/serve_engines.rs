@@ -110,17 +110,7 @@ fn merged_engines_under_a_cap() {
         assert_eq!(base.text, base_text);
     }
 
-    let server = start(&ServeArgs {
-        config: capped,
-        host: "127.0.0.1".to_string(),
-        port: 0,
-        api_key: None,
-        delta_dir: None,
-        dry_run: false,
-        v4_kernels: false,
-        v4_keep_packed: false,
-    })
-    .expect("server starts");
+    let server = start(&ServeArgs::loopback(capped)).expect("server starts");
     let addr = server.addr;
     let (status, body) = http(addr, "GET", "/v1/models", None, None);
     assert_eq!(status, 200, "{body}");

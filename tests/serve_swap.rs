@@ -117,17 +117,7 @@ fn swap_server_end_to_end() {
     let m1 = by_run("m1");
     assert_eq!(by_run("s0"), m0, "deltazip run: swap vs merged");
 
-    let server = start(&ServeArgs {
-        config,
-        host: "127.0.0.1".to_string(),
-        port: 0,
-        api_key: None,
-        delta_dir: None,
-        dry_run: false,
-        v4_kernels: false,
-        v4_keep_packed: false,
-    })
-    .expect("server starts");
+    let server = start(&ServeArgs::loopback(config)).expect("server starts");
     let addr = server.addr;
 
     let (status, body) = http(addr, "GET", "/v1/models", None);

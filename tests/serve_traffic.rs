@@ -71,14 +71,9 @@ fn server() -> (std::sync::MutexGuard<'static, ()>, SocketAddr) {
         let config = root.join("serve.toml");
         std::fs::write(&config, text).unwrap();
         let running = start(&ServeArgs {
-            config,
-            host: "127.0.0.1".to_string(),
-            port: 0,
             api_key: Some(KEY.to_string()),
             delta_dir: Some(deltas),
-            dry_run: false,
-            v4_kernels: false,
-            v4_keep_packed: false,
+            ..ServeArgs::loopback(config)
         })
         .expect("server starts");
         Server {

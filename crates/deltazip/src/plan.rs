@@ -264,8 +264,8 @@ mod tests {
     use dz_compress::pipeline::{compress, CompressOptions, Method, Quiet};
     use dz_compress::{QuantConfig, Sparsity};
 
-    #[test]
-    fn dry_run_plan_splits_base_and_deltas_over_ranks() {
+    /// A tiny Llama family in a temp dir and its first fine-tune compressed (4-bit 2:4, RTN) to `ft.dz`.
+    fn family_with_delta() -> (tempfile::TempDir, fixtures::TinyFamily, std::path::PathBuf) {
         let dir = tempfile::tempdir().unwrap();
         let fam = fixtures::write_family(dir.path(), &TinySpec::llama(), 1).unwrap();
         let delta = dir.path().join("ft.dz");
@@ -280,6 +280,12 @@ mod tests {
             ..CompressOptions::default()
         };
         compress(&fam.base, &fam.finetunes[0], &delta, &opts, &mut Quiet).unwrap();
+        (dir, fam, delta)
+    }
+
+    #[test]
+    fn dry_run_plan_splits_base_and_deltas_over_ranks() {
+        let (dir, fam, delta) = family_with_delta();
         let cfg = dir.path().join("serve.toml");
         let text = |tp: usize| {
             format!(
@@ -334,20 +340,7 @@ mod tests {
 
     #[test]
     fn dry_run_plan_shows_what_each_merged_engine_holds() {
-        let dir = tempfile::tempdir().unwrap();
-        let fam = fixtures::write_family(dir.path(), &TinySpec::llama(), 1).unwrap();
-        let delta = dir.path().join("ft.dz");
-        let opts = CompressOptions {
-            method: Method::Rtn,
-            quant: QuantConfig {
-                bits: 4,
-                group_size: 8,
-                symmetric: true,
-                sparsity: Sparsity::TwoFour,
-            },
-            ..CompressOptions::default()
-        };
-        compress(&fam.base, &fam.finetunes[0], &delta, &opts, &mut Quiet).unwrap();
+        let (dir, fam, delta) = family_with_delta();
         let cfg = dir.path().join("serve.toml");
         std::fs::write(
             &cfg,

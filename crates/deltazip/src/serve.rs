@@ -100,6 +100,23 @@ pub struct ServeArgs {
     pub v4_keep_packed: bool,
 }
 
+impl ServeArgs {
+    /// `config` on loopback, a free port, no API key, no hot loading, the default kernels (for
+    /// programs and tests that start a server in-process; `..ServeArgs::loopback(c)` sets the rest).
+    pub fn loopback(config: impl Into<PathBuf>) -> Self {
+        ServeArgs {
+            config: config.into(),
+            host: "127.0.0.1".to_string(),
+            port: 0,
+            api_key: None,
+            delta_dir: None,
+            dry_run: false,
+            v4_kernels: false,
+            v4_keep_packed: false,
+        }
+    }
+}
+
 /// dz-loader's delta forms as dz-scheduler-ext's tiers: a checked delta file on disk, its packed bytes
 /// in CPU memory ([`HostDelta`]), its device form ([`FineTuneDeltas`]) made visible to the base's
 /// layers through the [`DeltaRegistry`].
@@ -1100,40 +1117,26 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     let profile = state.registry.profile();
     if profile.enabled() {
         let p = profile.snapshot();
-        out.push_str("# HELP deltazip_profile_seconds_total Forward-pass time by part (DZ_PROFILE=1: each part between device synchronizations).
-");
-        out.push_str(
-            "# TYPE deltazip_profile_seconds_total counter
-",
-        );
-        for (part, secs, _) in &p.parts {
+        for (metric, help, seconds) in [
+            ("seconds", "Forward-pass time by part (DZ_PROFILE=1: each part between device synchronizations).", true),
+            ("calls", "Calls of each profiled part.", false),
+        ] {
             out.push_str(&format!(
-                "deltazip_profile_seconds_total{{part=\"{}\"}} {secs:.6}\n",
-                part.as_str()
+                "# HELP deltazip_profile_{metric}_total {help}\n# TYPE deltazip_profile_{metric}_total counter\n"
             ));
+            for (part, secs, calls) in &p.parts {
+                let value = if seconds { format!("{secs:.6}") } else { calls.to_string() };
+                out.push_str(&format!(
+                    "deltazip_profile_{metric}_total{{part=\"{}\"}} {value}\n",
+                    part.as_str()
+                ));
+            }
         }
-        out.push_str(
-            "# HELP deltazip_profile_calls_total Calls of each profiled part.
-",
-        );
-        out.push_str(
-            "# TYPE deltazip_profile_calls_total counter
-",
-        );
-        for (part, _, calls) in &p.parts {
-            out.push_str(&format!(
-                "deltazip_profile_calls_total{{part=\"{}\"}} {calls}\n",
-                part.as_str()
-            ));
-        }
-        out.push_str("# HELP deltazip_profile_steps_total Steps (output-head calls under a second apart) and their seconds.
-");
-        out.push_str(
-            "# TYPE deltazip_profile_steps_total counter
-",
-        );
         out.push_str(&format!(
-            "deltazip_profile_steps_total {}\ndeltazip_profile_step_seconds_total {:.6}\n",
+            "# HELP deltazip_profile_steps_total Steps (output-head calls under a second apart).\n\
+             # TYPE deltazip_profile_steps_total counter\ndeltazip_profile_steps_total {}\n\
+             # HELP deltazip_profile_step_seconds_total Seconds of those steps.\n\
+             # TYPE deltazip_profile_step_seconds_total counter\ndeltazip_profile_step_seconds_total {:.6}\n",
             p.steps, p.step_seconds
         ));
     }

@@ -211,9 +211,9 @@ impl DeviceDelta {
         // With a v4 layout, the packed parts stay on the host unless asked for (`set_v4_keep_packed`)
         // or read by the embedding op.
         let keep_packed = v4.is_none() || crate::v4_keep_packed() || role == Some(Role::Embedding);
-        let parts = parts
+        let packed: &[&[u8]] = if keep_packed { parts } else { &[] };
+        let parts = packed
             .iter()
-            .filter(|_| keep_packed)
             .map(|p| upload(p, device))
             .collect::<candle_core::Result<Vec<_>>>()
             .map_err(candle)?;

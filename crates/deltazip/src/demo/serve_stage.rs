@@ -300,7 +300,8 @@ pub fn run(
     ));
 
     // 4. The server under test, and the workload.
-    let server = start(&local(&serve_toml)).context("starting the multi-tenant server")?;
+    let server =
+        start(&ServeArgs::loopback(&serve_toml)).context("starting the multi-tenant server")?;
     let url = format!("http://{}", server.addr);
     // Alone on this server first: each pair's plain answer must be the merged fine-tune's (text and
     // tokens), and each streamed pair's stream is recorded. A stream renders the same tokens
@@ -455,20 +456,6 @@ pub fn run(
 fn note(problems: &mut Vec<String>, line: String) {
     if problems.len() < 5 {
         problems.push(line);
-    }
-}
-
-/// The server's arguments for `config`: loopback, a free port, no key, no hot loading.
-fn local(config: &Path) -> ServeArgs {
-    ServeArgs {
-        config: config.to_path_buf(),
-        host: "127.0.0.1".to_string(),
-        port: 0,
-        api_key: None,
-        delta_dir: None,
-        dry_run: false,
-        v4_kernels: false,
-        v4_keep_packed: false,
     }
 }
 
