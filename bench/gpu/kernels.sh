@@ -9,9 +9,10 @@
 #       --example cuda_check --example kernel_bench
 #   mkdir -p .gpu && cp $HOME/.cache/dz-target-cuda/release/examples/{cuda_check,kernel_bench} .gpu/ && strip .gpu/* && xz .gpu/*
 # There (device tool): command="COMMIT=$(git rev-parse --short HEAD) bash bench/gpu/kernels.sh" carry=[".gpu"]
-# MODE=v4 (at most ~5.7 minutes by its timeouts, typically 2-4): the v4 kernels first (cuda_check --filter v4, then memcheck on its quick
+# MODE=v4 (at most ~7.5 minutes by its timeouts, typically 2-4): the v4 kernels first (cuda_check --filter v4, then memcheck on its quick
 # cases), a quick tensor-core check (v4 at rows <= 16, v3 past it), then kernel_bench --decode (rows 1-16:
 # dz = v4, v3, cuBLAS; sbmm at 32 and 256 rows) into $OUT/kernels-h200-v4.{md,json}; no ncu, no racecheck.
+# BENCH=0 (MODE=v4): the checks only, no kernel_bench.
 # BIN: the folder the binaries travel in (default .gpu; e.g. BIN=.gpu/k with carry [".gpu/k"]).
 set -u
 OUT=${OUT:-/tmp/kernels}
@@ -25,7 +26,7 @@ done
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,clocks.max.mem --format=csv,noheader
 if [ "${MODE:-}" = v4 ]; then
   T0=$(date +%s)
-  timeout 90 "$BIN"/cuda_check --filter v4 > "$OUT/cuda_check_v4.txt" 2>&1
+  timeout 200 "$BIN"/cuda_check --filter v4 > "$OUT/cuda_check_v4.txt" 2>&1
   echo "cuda_check v4 rc=$? ($(( $(date +%s) - T0 )) s)"; tail -14 "$OUT/cuda_check_v4.txt"
   grep -m 20 -E "FAIL|panicked|error" "$OUT/cuda_check_v4.txt" | cut -c1-200
   CS=$(ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
@@ -37,6 +38,7 @@ if [ "${MODE:-}" = v4 ]; then
   T0=$(date +%s)
   timeout 45 "$BIN"/cuda_check --quick --filter "tensor cores" > "$OUT/cuda_check_tc.txt" 2>&1
   echo "cuda_check tc quick rc=$? ($(( $(date +%s) - T0 )) s)"; tail -6 "$OUT/cuda_check_tc.txt"
+  [ "${BENCH:-1}" = 0 ] && exit 0   # BENCH=0: the checks only
   T0=$(date +%s)
   timeout 140 "$BIN"/kernel_bench --decode --out "$OUT/kernels-h200-v4" --commit "${COMMIT:-unknown}" > "$OUT/kernel_bench_v4.log" 2>&1
   echo "kernel_bench --decode rc=$? ($(( $(date +%s) - T0 )) s)"

@@ -21,7 +21,7 @@
 # -> bench jobs (one per fine-tune x recipe, both methods; DZ_JOBS at a time, started as soon as their
 # fine-tune exists, so they overlap the next fine-tune) -> report.
 #
-# Environment: DZ_WORK, DZ_BUDGET_S, DZ_JOBS (4), DZ_DOMAINS ("py_stdlib pydocs kjv gcide"),
+# Environment: DZ_WORK, DZ_BUDGET_S, DZ_WAIT_S (0: the binary must be there to start), DZ_JOBS (4), DZ_DOMAINS ("py_stdlib pydocs kjv gcide"),
 # DZ_DEVICE (cuda), FT_PARALLEL (2), FT_MAX_S (150), FT_STEPS (800), FT_LR (2e-4), FT_BATCH (16), FT_SEQ_LEN (1024),
 # FT_ARGS_<domain> (more finetune.py options for one domain; default: ft_args_of below), DZ_SAMPLES (64), DZ_SEQ_LEN (512), DZ_EVAL_WINDOWS (32),
 # DZ_EVAL_SEQ_LEN (512), DZ_RECIPES ("t10 t16 2b50 4b24 2b24 8b sign").
@@ -86,7 +86,10 @@ fi
 missing=()
 parts_bytes=$(cat "$W"/in/smollm2.gguf.part* 2>/dev/null | wc -c)
 [[ -f $W/smollm2.gguf || $parts_bytes -eq $GGUF_BYTES ]] || missing+=("smollm2.gguf.part* ($parts_bytes of $GGUF_BYTES bytes)")
-[[ -x $W/in/deltazip ]] || missing+=("deltazip")
+# DZ_WAIT_S > 0: the binary may come later (a later call drops it into $W/in): start the base and the
+# fine-tunes without it, and let the bench jobs wait up to DZ_WAIT_S seconds for it.
+WAIT_DZ=${DZ_WAIT_S:-0}
+[[ -x $W/in/deltazip || $WAIT_DZ -gt 0 ]] || missing+=("deltazip")
 ls "$W"/in/gguf-*.whl > /dev/null 2>&1 || missing+=("gguf-*.whl")
 [[ -f $W/in/corpora.tar.xz ]] || missing+=("corpora.tar.xz")
 if [[ ${#missing[@]} -gt 0 ]]; then
@@ -95,7 +98,7 @@ if [[ ${#missing[@]} -gt 0 ]]; then
 fi
 DZ=$W/in/deltazip
 say "inputs complete; $(nproc) cores, $(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || echo 'no nvidia-smi')"
-"$DZ" --version 2> /dev/null || true
+[[ -x $DZ ]] && { "$DZ" --version 2> /dev/null || true; }
 
 # --- base -------------------------------------------------------------------------------------------------
 stage_base() {
@@ -195,9 +198,28 @@ rm -f "$W/ft.finished"
     touch "$W/ft.finished"
 ) &
 FT_PID=$!
+# The binary, if it is still to come (DZ_WAIT_S): poll $W/in for it (deltazip.xz is unpacked here).
+wait_dz() {
+    local until=$(($(date +%s) + WAIT_DZ))
+    while [[ ! -x $DZ ]]; do
+        if [[ -f $W/in/deltazip.xz ]]; then
+            unxz_to "$W/in/deltazip.xz" "$W/in/deltazip.tmp" && chmod +x "$W/in/deltazip.tmp" \
+                && mv "$W/in/deltazip.tmp" "$DZ" && break
+        fi
+        (($(date +%s) < until && $(left) > 60)) || return 1
+        sleep 5
+    done
+    say "deltazip is here: $("$DZ" --version 2> /dev/null)"
+}
 jobs_list=()
-for d in $DOMAINS; do for r in $RECIPES; do jobs_list+=("$d $r"); done; done
-printf '%s\n' "${jobs_list[@]}" | xargs -P "$JOBS" -L 1 bash -c 'bench_job "$0" "$1"'
+if ! wait_dz; then
+    say "no deltazip binary in $W/in after $WAIT_DZ s: no bench jobs this call"
+    DOMAINS_RUN=""
+else
+    DOMAINS_RUN=$DOMAINS
+fi
+for d in $DOMAINS_RUN; do for r in $RECIPES; do jobs_list+=("$d $r"); done; done
+((${#jobs_list[@]} == 0)) || printf '%s\n' "${jobs_list[@]}" | xargs -P "$JOBS" -L 1 bash -c 'bench_job "$0" "$1"'
 wait "$FT_PID"
 
 # --- report -------------------------------------------------------------------------------------------------
