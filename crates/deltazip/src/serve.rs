@@ -45,7 +45,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use axum::extract::{Path as UrlPath, Request, State};
@@ -141,7 +141,7 @@ impl Backend for LoaderBackend {
     }
 
     fn device_bytes(&self, host: &HostDelta) -> u64 {
-        host.device_bytes()
+        host.device_bytes(&self.device)
     }
 
     fn upload(&self, _name: &str, host: &HostDelta) -> std::result::Result<FineTuneDeltas, String> {
@@ -234,6 +234,10 @@ trait StepAdmission: Send + Sync {
         waiting: &[Option<&str>],
         free: usize,
     ) -> Vec<Decision>;
+
+    /// Nothing runs and every waiting sequence waits: block until something may have changed (a
+    /// load finished), at most `timeout`, instead of letting the host's loop ask again at once.
+    fn idle(&self, _timeout: Duration) {}
 }
 
 impl<B: Backend> StepAdmission for Scheduler<B> {
@@ -245,7 +249,14 @@ impl<B: Backend> StepAdmission for Scheduler<B> {
     ) -> Vec<Decision> {
         self.admit_decisions(running, waiting, free)
     }
+
+    fn idle(&self, timeout: Duration) {
+        self.residency().wait_for_change(timeout);
+    }
 }
+
+/// How long an idle engine step waits for a delta load before the host asks again ([`StepAdmission::idle`]).
+const IDLE_WAIT: Duration = Duration::from_millis(5);
 
 /// The schedulers as the host's admission hook: each in turn decides over the sequences the ones
 /// before it admitted (a name that is not one of a scheduler's is base-like to it, admitted), so a
@@ -291,6 +302,14 @@ impl mistralrs_core::AdmissionHook for AdmissionSeam {
                 }
             }
             open = next;
+        }
+        if running.is_empty()
+            && !waiting.is_empty()
+            && decisions.iter().all(|d| matches!(d, Decision::Wait))
+        {
+            for tier in tiers {
+                tier.idle(IDLE_WAIT);
+            }
         }
         decisions
             .into_iter()
@@ -1187,9 +1206,10 @@ mod tests {
         assert_eq!(format!("{got:?}"), format!("{again:?}"));
     }
 
-    /// A tier that admits everything but `"wait"`, and records the sequences in flight it is given.
+    /// A tier that admits everything but `"wait"`, and records the sequences in flight it is given
+    /// and how often it was asked to idle.
     #[derive(Default)]
-    struct Recorder(Mutex<Vec<Vec<Option<String>>>>);
+    struct Recorder(Mutex<Vec<Vec<Option<String>>>>, AtomicUsize);
 
     impl StepAdmission for Recorder {
         fn decide(
@@ -1208,6 +1228,36 @@ mod tests {
                 })
                 .collect()
         }
+
+        fn idle(&self, _timeout: Duration) {
+            self.1.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    #[test]
+    fn the_admission_seam_idles_only_when_nothing_runs_and_everything_waits() {
+        let tier = Arc::new(Recorder::default());
+        let seam = AdmissionSeam {
+            tiers: vec![tier.clone()],
+            other_engines: BTreeSet::new(),
+        };
+        let idles = || tier.1.load(Ordering::Relaxed);
+        // Sequences running: the step decodes them, no wait.
+        seam.admit(&[Some("a")], &[Some("wait")], 4);
+        assert_eq!(idles(), 0);
+        // One waiting sequence can start: no wait.
+        seam.admit(&[], &[Some("wait"), Some("a")], 4);
+        assert_eq!(idles(), 0);
+        // Nothing to wait for.
+        seam.admit(&[], &[], 4);
+        assert_eq!(idles(), 0);
+        // Nothing runs and every waiting sequence waits for its delta: the tier idles once.
+        let got = seam.admit(&[], &[Some("wait"), Some("wait")], 4);
+        assert!(
+            matches!(got[..], [Admission::Wait, Admission::Wait]),
+            "{got:?}"
+        );
+        assert_eq!(idles(), 1);
     }
 
     #[test]

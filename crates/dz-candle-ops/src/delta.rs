@@ -47,6 +47,12 @@ pub struct DeviceDelta {
     device: Device,
 }
 
+/// Whether a delta keeps its packed parts on the device: always without a v4 layout; with one, only
+/// when asked ([`crate::set_v4_keep_packed`]) or when the embedding op reads them.
+fn keeps_packed(has_v4: bool, role: Option<Role>) -> bool {
+    !has_v4 || crate::v4_keep_packed() || role == Some(Role::Embedding)
+}
+
 impl DeviceDelta {
     /// Builds a delta from a manifest entry and its raw parts (zstd already undone), in the order of
     /// SPEC.md section 4, **including** `row_index` first when `entry.rows` is set: exactly the parts of
@@ -55,6 +61,23 @@ impl DeviceDelta {
     /// The layout and content are validated once (by `Payload::unpack`, whose logical form is then
     /// dropped); each part is then copied to `device` once.
     pub fn from_parts(entry: &TensorEntry, parts: &[&[u8]], device: &Device) -> Result<Self> {
+        Self::from_parts_as(entry, parts, device, true)
+    }
+
+    /// [`DeviceDelta::from_parts`], keeping the file's packed parts only: no v4 layout, whatever
+    /// [`crate::set_v4_kernels`] says. For a delta that is merged or dequantized and then dropped
+    /// (merge mode): those ops read the packed parts, and the re-layout would be wasted work.
+    pub fn from_tensor_data_packed(data: &TensorData<'_>, device: &Device) -> Result<Self> {
+        let parts: Vec<&[u8]> = data.parts.iter().map(|p| p.as_ref()).collect();
+        Self::from_parts_as(data.entry, &parts, device, false)
+    }
+
+    fn from_parts_as(
+        entry: &TensorEntry,
+        parts: &[&[u8]],
+        device: &Device,
+        v4_allowed: bool,
+    ) -> Result<Self> {
         let fmt = |source| OpError::Format {
             tensor: entry.name.clone(),
             source,
@@ -93,6 +116,7 @@ impl DeviceDelta {
             row_index.as_deref(),
             codec_parts,
             device,
+            v4_allowed,
         )
     }
 
@@ -139,6 +163,7 @@ impl DeviceDelta {
             index.as_deref(),
             &refs,
             device,
+            true,
         )
     }
 
@@ -171,6 +196,7 @@ impl DeviceDelta {
         row_index: Option<&[u32]>,
         parts: &[&[u8]],
         device: &Device,
+        v4_allowed: bool,
     ) -> Result<Self> {
         let fmt = |source| OpError::Format {
             tensor: name.to_string(),
@@ -183,7 +209,7 @@ impl DeviceDelta {
             op: "device-delta",
             reason: format!("copying delta {name:?} to {device:?}: {e}"),
         };
-        let v4 = if device.is_cuda() && crate::v4_kernels() {
+        let v4 = if v4_allowed && device.is_cuda() && crate::v4_kernels() {
             crate::relayout::relayout_v4(&payload)
         } else {
             None
@@ -208,10 +234,11 @@ impl DeviceDelta {
             })
             .transpose()
             .map_err(candle)?;
-        // With a v4 layout, the packed parts stay on the host unless asked for (`set_v4_keep_packed`)
-        // or read by the embedding op.
-        let keep_packed = v4.is_none() || crate::v4_keep_packed() || role == Some(Role::Embedding);
-        let packed: &[&[u8]] = if keep_packed { parts } else { &[] };
+        let packed: &[&[u8]] = if keeps_packed(v4.is_some(), role) {
+            parts
+        } else {
+            &[]
+        };
         let parts = packed
             .iter()
             .map(|p| upload(p, device))
@@ -233,6 +260,32 @@ impl DeviceDelta {
             v4,
             device: device.clone(),
         })
+    }
+
+    /// The bytes a delta of this `role`, `codec` and stored shape, with `packed_bytes` of packed parts,
+    /// takes on a CUDA device (`cuda`) or the CPU when built now: the v4 kernels' layout when they are on
+    /// and take the codec, plus the packed parts unless only the v4 layout is kept (the same rule as
+    /// the build). A tier that counts device bytes before uploading uses this, so it neither counts a
+    /// layout that is not there (session 8: counting both halved the GPU tier of `--v4-kernels`) nor
+    /// misses one that is. The row index of a row subset (4 bytes a stored row) is not included.
+    pub fn device_nbytes(
+        role: Option<Role>,
+        codec: &Codec,
+        n_stored: usize,
+        k: usize,
+        packed_bytes: u64,
+        cuda: bool,
+    ) -> u64 {
+        let v4 = if cuda && crate::v4_kernels() {
+            crate::relayout::v4_nbytes(codec, n_stored, k) as u64
+        } else {
+            0
+        };
+        v4 + if keeps_packed(v4 > 0, role) {
+            packed_bytes
+        } else {
+            0
+        }
     }
 
     /// The tensor's name (from the manifest; `"payload"` for [`DeviceDelta::from_payload`]).

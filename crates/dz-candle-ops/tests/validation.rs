@@ -8,8 +8,8 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use common::*;
 use dz_candle_ops::{
-    delta_matmul, delta_matmul_add, embedding_delta_add, merge, sbmm, DeviceDelta, RowSubset,
-    Segment,
+    delta_matmul, delta_matmul_add, dequantize, embedding_delta_add, merge, sbmm, DeviceDelta,
+    RowSubset, Segment,
 };
 use dz_format::codec::{pack_row_index, Payload};
 use dz_format::{Codec, Dtype, PartEntry, Role, TensorEntry};
@@ -435,4 +435,40 @@ fn invalid_parts_are_refused() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("bits"), "{e}");
+}
+
+#[test]
+fn a_packed_only_build_is_the_same_delta_to_merge_and_dequantize() {
+    // Merge mode builds its deltas with `from_tensor_data_packed` (never the v4 layout, which only a
+    // CUDA device with the v4 kernels on gets): on the CPU both constructors give the same delta.
+    let p = payload(
+        Cfg::Sparse24 {
+            bits: 4,
+            group: 128,
+            sym: true,
+        },
+        8,
+        256,
+        5,
+    );
+    let parts = p.pack().unwrap();
+    let entry = entry_for(&p, Role::Linear, None, &parts);
+    let data = dz_format::TensorData {
+        entry: &entry,
+        parts: parts
+            .iter()
+            .map(|b| std::borrow::Cow::Borrowed(b.as_slice()))
+            .collect(),
+    };
+    let packed = DeviceDelta::from_tensor_data_packed(&data, &Device::Cpu).unwrap();
+    let usual = DeviceDelta::from_tensor_data(&data, &Device::Cpu).unwrap();
+    assert!(!packed.v4_only() && packed.v4_parts().is_none());
+    let base = f32s(&[8, 256]);
+    let (a, b) = (
+        merge(&base, &packed).unwrap(),
+        merge(&base, &usual).unwrap(),
+    );
+    assert_eq!(a.to_vec2::<f32>().unwrap(), b.to_vec2::<f32>().unwrap());
+    let (a, b) = (dequantize(&packed).unwrap(), dequantize(&usual).unwrap());
+    assert_eq!(a.to_vec2::<f32>().unwrap(), b.to_vec2::<f32>().unwrap());
 }

@@ -116,7 +116,7 @@ fn add_on(device: &Device, job: &AddJob<'_>) -> candle_core::Result<Vec<u8>> {
     } else {
         Tensor::from_vec(hf::decode_f32(job.base, job.base_dtype), job.shape, device)?
     };
-    let delta = DeviceDelta::from_tensor_data(job.delta, device)?;
+    let delta = DeviceDelta::from_tensor_data_packed(job.delta, device)?;
     let sum = dz_candle_ops::merge(&base, &delta)?
         .to_device(&Device::Cpu)?
         .flatten_all()?;

@@ -122,11 +122,10 @@ impl HostDelta {
         self.bytes
     }
 
-    /// Bytes the device form takes (packed parts as stored, plus the v4 kernels' re-laid copy of the codes
-    /// that a CUDA `DeviceDelta` keeps for the codecs they take while they are on
-    /// (`dz_candle_ops::set_v4_kernels`), small tensors as f32): an upper bound of
-    /// [`FineTuneDeltas::bytes`] for the same delta.
-    pub fn device_bytes(&self) -> u64 {
+    /// Bytes the device form takes on `device` ([`DeviceDelta::device_nbytes`] per tensor: the packed
+    /// parts, the v4 kernels' layout, or both, as the upload will keep them; dense tensors as f32): an
+    /// upper bound of [`FineTuneDeltas::bytes`] for the same delta on one device.
+    pub fn device_bytes(&self, device: &Device) -> u64 {
         self.tensors
             .iter()
             .map(|t| {
@@ -134,13 +133,17 @@ impl HostDelta {
                     4 * t.entry.shape.iter().product::<u64>()
                 } else {
                     let packed = t.parts.iter().map(|p| p.len() as u64).sum::<u64>();
-                    let v4 = match t.entry.stored_dims() {
-                        Ok((n, k)) if dz_candle_ops::v4_kernels() => {
-                            dz_candle_ops::relayout::v4_nbytes(&t.entry.codec, n, k) as u64
-                        }
-                        _ => 0,
-                    };
-                    packed + v4
+                    match t.entry.stored_dims() {
+                        Ok((n, k)) => DeviceDelta::device_nbytes(
+                            Some(t.entry.role),
+                            &t.entry.codec,
+                            n,
+                            k,
+                            packed,
+                            device.is_cuda(),
+                        ),
+                        Err(_) => packed,
+                    }
                 }
             })
             .sum()

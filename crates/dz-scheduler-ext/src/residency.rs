@@ -516,6 +516,20 @@ impl<B: Backend> Residency<B> {
         }
     }
 
+    /// Blocks until some delta's state changes (a load finished or failed, a load started, ...) or
+    /// `timeout` passes. For a host loop with nothing to run but sequences waiting for loads: without
+    /// it, such a loop asks [`Residency::request`] again at once (session 8 counted ~1 million GPU
+    /// "misses" a second: a spinning engine thread).
+    pub fn wait_for_change(&self, timeout: Duration) {
+        let st = self.shared.lock();
+        drop(
+            self.shared
+                .changed
+                .wait_timeout(st, timeout)
+                .unwrap_or_else(PoisonError::into_inner),
+        );
+    }
+
     /// Blocks until `name` is not [`DeltaState::Loading`] (ready, queued, failed, ...), or `timeout`
     /// passes; returns the state.
     pub fn wait(&self, name: &str, timeout: Duration) -> DeltaState {

@@ -61,6 +61,37 @@ fn a_miss_loads_in_the_background_and_request_never_blocks() {
 }
 
 #[test]
+fn wait_for_change_wakes_when_a_load_finishes_and_times_out_otherwise() {
+    let r = residency(Fake::gated(1000), 1000, 1000, 1);
+    r.register("a", 100).unwrap();
+    // Nothing happens: the wait ends at its timeout.
+    let t = std::time::Instant::now();
+    r.wait_for_change(Duration::from_millis(30));
+    assert!(
+        t.elapsed() >= Duration::from_millis(25),
+        "{:?}",
+        t.elapsed()
+    );
+    // A load parked in the backend; released from another thread, the wait ends long before its
+    // timeout (a host loop with nothing to run blocks here instead of spinning on `request`).
+    assert_eq!(r.request("a"), DeltaState::Loading);
+    assert!(r.backend().wait_at_gate("a", 1));
+    let t = std::time::Instant::now();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            std::thread::sleep(Duration::from_millis(20));
+            r.backend().release("a");
+        });
+        while r.state("a") != DeltaState::Ready && t.elapsed() < BOUND {
+            r.wait_for_change(BOUND);
+        }
+    });
+    assert_eq!(r.state("a"), DeltaState::Ready);
+    assert!(t.elapsed() < BOUND / 2, "{:?}", t.elapsed());
+    assert_clean(&r);
+}
+
+#[test]
 fn several_loads_are_in_flight_at_once() {
     let r = residency(Fake::gated(1000), 1000, 1000, 3);
     for n in ["a", "b", "c"] {

@@ -214,7 +214,7 @@ pub fn run(
         let host = dz_loader::HostDelta::read(name, &file)
             .with_context(|| format!("serve stage: reading {}", path.display()))?;
         host_bytes.push(host.bytes());
-        device_bytes.push(host.device_bytes());
+        device_bytes.push(host.device_bytes(&candle_core::Device::Cpu)); // the demo serves on the CPU
     }
     let largest = |v: &[u64], n: usize| -> u64 {
         let mut v = v.to_vec();
