@@ -102,7 +102,10 @@ phase_run() { # phase_run tp1|tp2 PORT
 }
 
 trace_summary() { # trace_summary LOG: per rank, from the DZ_TP_TRACE lines (none: nothing printed)
-    grep -h "^dz-tp-trace " "$1" | awk '{
+    # Ranks write to one log: only whole lines (rank first, every field key=number) count. Session 8's
+    # summary took interleaved fragments for ranks ("rank 44911.:"); then the lines move to a capped
+    # gzip file, so the log travels back (the device tool refused the uncut tarball).
+    grep -hE "^dz-tp-trace rank=[0-9]+( [a-z_]+=[0-9.]+)+$" "$1" | awk '{
         for (i = 2; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
         r = v["rank"]; n[r]++; run[r] += v["running"]; sy[r] += v["sync_ms"]; st[r] += v["step_ms"]
         if (v["decode"] > 0) { nd[r]++; d[r] += v["decode"]; dl[r] += v["decode_lens"]; sd[r] += v["step_ms"] }
@@ -112,6 +115,10 @@ trace_summary() { # trace_summary LOG: per rank, from the DZ_TP_TRACE lines (non
             sy[r] / n[r], st[r] / n[r], nd[r], nd[r] ? d[r] / nd[r] : 0, nd[r] ? dl[r] / nd[r] : 0,
             nd[r] ? sd[r] / nd[r] : 0
     }'
+    if grep -q "^dz-tp-trace " "$1"; then
+        grep "dz-tp-trace" "$1" | head -n 20000 | gzip > "${1%.log}-trace.txt.gz"
+        grep -v "dz-tp-trace" "$1" > "$1.tmp"; mv "$1.tmp" "$1"
+    fi
 }
 
 for p in "$@"; do
