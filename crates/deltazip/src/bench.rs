@@ -61,6 +61,10 @@ pub struct BenchQualityArgs {
     /// budget, and at 4 bits SmolLM2's alone (21% of its weights) cap the file near 7x.
     #[arg(long, default_value_t = 2)]
     pub target_embed_bits: u8,
+    /// How the target-ratio recipes (tNN) with obs rank tensors: absolute, weighted or auto (both,
+    /// keeping the one closer to the fine-tune on the calibration windows).
+    #[arg(long, default_value = "auto", value_parser = crate::compress::parse_budget_error)]
+    pub budget_error: dz_compress::pipeline::BudgetError,
     /// Calibration windows.
     #[arg(long, default_value_t = 128)]
     pub samples: usize,
@@ -520,6 +524,7 @@ pub fn run_quality(args: &BenchQualityArgs) -> Result<String> {
         seq_len: args.seq_len,
         calib_text: args.calib.clone(),
         embed_bits: args.embed_bits,
+        budget_error: args.budget_error,
         ..Default::default()
     };
     let ppl = |m: &LlamaModel, t: &[u32]| -> Result<f64> {
@@ -598,6 +603,9 @@ pub fn run_quality(args: &BenchQualityArgs) -> Result<String> {
                     "ppl_domain": pc_d, "ppl_general": pc_g, "gain_kept": kept, "kl": kl,
                     "seconds": secs, "codecs": codecs, "bytes_by_role": bytes_by_role,
                     "worst_tensors": worst_tensors(&report.tensors, 8),
+                    "budget_trials": report.budget_trials.iter()
+                        .map(|(b, kl)| serde_json::json!({"ranking": b.as_str(), "calib_kl": kl}))
+                        .collect::<Vec<_>>(),
                 }));
                 let _ = std::fs::remove_file(&out);
             }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use dz_compress::pipeline::{
-    self, CompressOptions, CompressReport, Estimate, Method, Progress, TensorReport,
+    self, BudgetError, CompressOptions, CompressReport, Estimate, Method, Progress, TensorReport,
 };
 use dz_compress::{QuantConfig, Sparsity};
 use dz_format::Lossless;
@@ -53,6 +53,11 @@ pub struct CompressArgs {
     /// than 3% smaller than asked is redone with the budget it measured (at most three passes).
     #[arg(long, value_name = "R")]
     pub target_ratio: Option<f64>,
+    /// How --target-ratio with --method obs ranks tensors against each other: `absolute` (calibrated
+    /// output errors), `weighted` (calibrated errors relative to each delta, times its size) or `auto`
+    /// (both, keeping the file closer to the fine-tune on the calibration windows; twice the time).
+    #[arg(long, default_value = "auto", value_parser = parse_budget_error)]
+    pub budget_error: BudgetError,
     /// Calibration text file (default: a built-in mix of English prose and Python).
     #[arg(long, value_name = "FILE")]
     pub calib: Option<PathBuf>,
@@ -140,6 +145,18 @@ pub fn parse_device(s: &str) -> Result<Device> {
     }
 }
 
+/// `absolute`, `weighted` or `auto` ([`BudgetError`]).
+pub fn parse_budget_error(s: &str) -> std::result::Result<BudgetError, String> {
+    [
+        BudgetError::Absolute,
+        BudgetError::DeltaWeighted,
+        BudgetError::Auto,
+    ]
+    .into_iter()
+    .find(|b| b.as_str() == s)
+    .ok_or_else(|| format!("expected absolute, weighted or auto, got {s:?}"))
+}
+
 impl CompressArgs {
     /// The pipeline options these arguments ask for.
     pub fn options(&self) -> Result<CompressOptions> {
@@ -154,6 +171,7 @@ impl CompressArgs {
             },
             embed_bits: self.embed_bits,
             target_ratio: self.target_ratio,
+            budget_error: self.budget_error,
             calib_text: self.calib.clone(),
             samples: self.samples,
             seq_len: self.seq_len,

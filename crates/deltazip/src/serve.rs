@@ -133,7 +133,7 @@ impl Backend for LoaderBackend {
     type Error = String;
 
     fn read(&self, name: &str, source: &Self::Source) -> std::result::Result<HostDelta, String> {
-        HostDelta::read(name, &source.file).map_err(|e| e.to_string())
+        HostDelta::read_for(name, &source.file, &self.device).map_err(|e| e.to_string())
     }
 
     fn host_bytes(&self, host: &HostDelta) -> u64 {

@@ -1213,6 +1213,31 @@ fn v4_family(ck: &mut Checker, only: bool) {
         }
     }
     if only && on_cuda {
+        // A delta prepared on the CPU (`PreparedDelta`: what `serve --v4-kernels`'s CPU tier holds) and
+        // uploaded with `from_prepared` is the same delta: same layout, same results.
+        for cfg in [cfgs[1], cfgs[3], cfgs[4]] {
+            let (n, k) = (77, 608);
+            let p = payload(cfg, n, k, 57);
+            let parts = p.pack().expect("pack");
+            let refs: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
+            let entry = entry_for(&p, dz_format::Role::Linear, None, &parts);
+            let d_cpu = DeviceDelta::from_payload(&p, None, &Device::Cpu).expect("cpu delta");
+            for rows in [1usize, 16, 33] {
+                ck.case(
+                    format!("v4 only: prepared {} {n}x{k} BF16 rows={rows}", cfg.label()),
+                    |dev, ops| {
+                        let prepared = dz_candle_ops::PreparedDelta::prepare(&entry, &refs)?
+                            .context("not prepared: the v4 kernels take this codec")?;
+                        let d_dev = DeviceDelta::from_prepared(&prepared, dev)?;
+                        if !d_dev.v4_only() {
+                            bail!("a prepared delta must keep only its v4 layout");
+                        }
+                        let x = input(&[rows, k], DType::BF16, rows as u64 + 5);
+                        matmul_case(dev, ops, &d_cpu, &d_dev, &x, None)
+                    },
+                );
+            }
+        }
         // The packed parts are not on the device: dequantize (and merge, embedding) must say so by name.
         let d = &on_dev[0];
         ck.case("v4 only: dequantize refused".into(), |_, ops| {

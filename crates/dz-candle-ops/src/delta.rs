@@ -7,6 +7,8 @@ use dz_format::codec::{pack_row_index, unpack_row_index, Payload};
 use dz_format::shard::TensorShard;
 use dz_format::{Codec, Role, TensorData, TensorEntry};
 
+use crate::relayout::V4Layout;
+
 use crate::error::{OpError, Result};
 
 /// The rows a row-subset delta stores (SPEC.md section 3.6), for [`DeviceDelta::from_payload`].
@@ -53,31 +55,40 @@ fn keeps_packed(has_v4: bool, role: Option<Role>) -> bool {
     !has_v4 || crate::v4_keep_packed() || role == Some(Role::Embedding)
 }
 
-impl DeviceDelta {
-    /// Builds a delta from a manifest entry and its raw parts (zstd already undone), in the order of
-    /// SPEC.md section 4, **including** `row_index` first when `entry.rows` is set: exactly the parts of
-    /// a [`TensorData`].
-    ///
-    /// The layout and content are validated once (by `Payload::unpack`, whose logical form is then
-    /// dropped); each part is then copied to `device` once.
-    pub fn from_parts(entry: &TensorEntry, parts: &[&[u8]], device: &Device) -> Result<Self> {
-        Self::from_parts_as(entry, parts, device, true)
-    }
+/// The whole check of SPEC.md section 7 for a payload's parts; then, when `relayout` says so for the
+/// codec, its codes re-laid for the v4 kernels (`None`: the kernels do not take the codec, or not asked).
+/// The logical form is dropped either way.
+fn checked_layout(
+    name: &str,
+    codec: &Codec,
+    n_stored: usize,
+    k: usize,
+    parts: &[&[u8]],
+    relayout: impl Fn(&Codec) -> bool,
+) -> Result<Option<V4Layout>> {
+    let payload =
+        Payload::unpack(name, codec, n_stored, k, parts).map_err(|source| OpError::Format {
+            tensor: name.to_string(),
+            source,
+        })?;
+    Ok(if relayout(codec) {
+        crate::relayout::relayout_v4(&payload)
+    } else {
+        None
+    })
+}
 
-    /// [`DeviceDelta::from_parts`], keeping the file's packed parts only: no v4 layout, whatever
-    /// [`crate::set_v4_kernels`] says. For a delta that is merged or dequantized and then dropped
-    /// (merge mode): those ops read the packed parts, and the re-layout would be wasted work.
-    pub fn from_tensor_data_packed(data: &TensorData<'_>, device: &Device) -> Result<Self> {
-        let parts: Vec<&[u8]> = data.parts.iter().map(|p| p.as_ref()).collect();
-        Self::from_parts_as(data.entry, &parts, device, false)
-    }
+/// A manifest entry's parts split into the row index (checked) and the codec's parts.
+struct Parsed<'a> {
+    n_total: usize,
+    k: usize,
+    n_stored: usize,
+    row_index: Option<Vec<u32>>,
+    codec_parts: &'a [&'a [u8]],
+}
 
-    fn from_parts_as(
-        entry: &TensorEntry,
-        parts: &[&[u8]],
-        device: &Device,
-        v4_allowed: bool,
-    ) -> Result<Self> {
+impl<'a> Parsed<'a> {
+    fn of(entry: &TensorEntry, parts: &'a [&'a [u8]]) -> Result<Self> {
         let fmt = |source| OpError::Format {
             tensor: entry.name.clone(),
             source,
@@ -106,17 +117,145 @@ impl DeviceDelta {
                 (Some(idx), rest)
             }
         };
+        Ok(Self {
+            n_total,
+            k,
+            n_stored,
+            row_index,
+            codec_parts,
+        })
+    }
+}
+
+/// A tensor's delta checked and re-laid for the v4 kernels on the CPU, ahead of its upload: what a CPU
+/// cache can hold instead of the packed parts (about the same bytes), so that uploading it again after
+/// a GPU eviction is a plain copy ([`DeviceDelta::from_prepared`]). Session 8 measured ~15 s per upload
+/// of a 7B delta when every upload re-checked and re-laid its codes.
+pub struct PreparedDelta {
+    name: String,
+    role: Option<Role>,
+    codec: Codec,
+    n_total: usize,
+    k: usize,
+    n_stored: usize,
+    row_index: Option<Vec<u32>>,
+    layout: V4Layout,
+}
+
+impl std::fmt::Debug for PreparedDelta {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PreparedDelta")
+            .field("name", &self.name)
+            .field("codec", &self.codec)
+            .field("dims", &(self.n_total, self.k))
+            .field("bytes", &self.nbytes())
+            .finish()
+    }
+}
+
+impl PreparedDelta {
+    /// Checks `entry`'s parts (as [`DeviceDelta::from_parts`] does) and re-lays its codes, when a CUDA
+    /// upload now would keep only the v4 layout: the v4 kernels on ([`crate::set_v4_kernels`]), their
+    /// codec, no packed parts kept ([`crate::set_v4_keep_packed`] off, not an embedding). `None`
+    /// otherwise: keep the packed parts and upload them with [`DeviceDelta::from_parts`].
+    pub fn prepare(entry: &TensorEntry, parts: &[&[u8]]) -> Result<Option<Self>> {
+        let role = Some(entry.role);
+        if !crate::v4_kernels() || keeps_packed(true, role) {
+            return Ok(None);
+        }
+        let p = Parsed::of(entry, parts)?;
+        let layout = checked_layout(
+            &entry.name,
+            &entry.codec,
+            p.n_stored,
+            p.k,
+            p.codec_parts,
+            |_| true,
+        )?;
+        Ok(layout.map(|layout| Self {
+            name: entry.name.clone(),
+            role,
+            codec: entry.codec,
+            n_total: p.n_total,
+            k: p.k,
+            n_stored: p.n_stored,
+            row_index: p.row_index,
+            layout,
+        }))
+    }
+
+    /// Bytes held (the layout and the row index): what its upload puts on the device.
+    pub fn nbytes(&self) -> usize {
+        let l = &self.layout;
+        l.codes.len()
+            + l.meta.len().max(1)
+            + l.scales.len()
+            + 4 * self.row_index.as_ref().map_or(0, Vec::len)
+    }
+}
+
+impl DeviceDelta {
+    /// Builds a delta from a manifest entry and its raw parts (zstd already undone), in the order of
+    /// SPEC.md section 4, **including** `row_index` first when `entry.rows` is set: exactly the parts of
+    /// a [`TensorData`].
+    ///
+    /// The layout and content are validated once (by `Payload::unpack`, whose logical form is then
+    /// dropped); each part is then copied to `device` once.
+    pub fn from_parts(entry: &TensorEntry, parts: &[&[u8]], device: &Device) -> Result<Self> {
+        Self::from_parts_as(entry, parts, device, true)
+    }
+
+    /// [`DeviceDelta::from_parts`], keeping the file's packed parts only: no v4 layout, whatever
+    /// [`crate::set_v4_kernels`] says. For a delta that is merged or dequantized and then dropped
+    /// (merge mode): those ops read the packed parts, and the re-layout would be wasted work.
+    pub fn from_tensor_data_packed(data: &TensorData<'_>, device: &Device) -> Result<Self> {
+        let parts: Vec<&[u8]> = data.parts.iter().map(|p| p.as_ref()).collect();
+        Self::from_parts_as(data.entry, &parts, device, false)
+    }
+
+    fn from_parts_as(
+        entry: &TensorEntry,
+        parts: &[&[u8]],
+        device: &Device,
+        v4_allowed: bool,
+    ) -> Result<Self> {
+        let p = Parsed::of(entry, parts)?;
         Self::build(
             &entry.name,
             Some(entry.role),
             entry.codec,
-            n_total,
-            k,
-            n_stored,
-            row_index.as_deref(),
-            codec_parts,
+            p.n_total,
+            p.k,
+            p.n_stored,
+            p.row_index.as_deref(),
+            p.codec_parts,
             device,
             v4_allowed,
+        )
+    }
+
+    /// Uploads a delta prepared on the CPU ([`PreparedDelta`]: checked and re-laid for the v4 kernels):
+    /// a plain copy of its layout, with no check or re-layout left to do. CUDA only (the v4 kernels'
+    /// layout is what it holds).
+    pub fn from_prepared(p: &PreparedDelta, device: &Device) -> Result<Self> {
+        if !device.is_cuda() {
+            return Err(OpError::Storage {
+                op: "device-delta",
+                reason: format!(
+                    "{:?} was prepared for the v4 kernels, which run on CUDA devices, not {device:?}",
+                    p.name
+                ),
+            });
+        }
+        Self::assemble(
+            &p.name,
+            p.role,
+            p.codec,
+            (p.n_total, p.k, p.n_stored),
+            p.row_index.as_deref(),
+            Some(&p.layout),
+            &[],
+            device,
         )
     }
 
@@ -198,26 +337,46 @@ impl DeviceDelta {
         device: &Device,
         v4_allowed: bool,
     ) -> Result<Self> {
-        let fmt = |source| OpError::Format {
-            tensor: name.to_string(),
-            source,
+        let v4 = checked_layout(name, &codec, n_stored, k, parts, |_| {
+            v4_allowed && device.is_cuda() && crate::v4_kernels()
+        })?;
+        let packed: &[&[u8]] = if keeps_packed(v4.is_some(), role) {
+            parts
+        } else {
+            &[]
         };
-        // The whole check of SPEC.md section 7 for the payload; the logical form is kept only to re-lay
-        // the codes for the v4 kernels (CUDA devices, the codecs they take), then dropped.
-        let payload = Payload::unpack(name, &codec, n_stored, k, parts).map_err(fmt)?;
+        Self::assemble(
+            name,
+            role,
+            codec,
+            (n_total, k, n_stored),
+            row_index,
+            v4.as_ref(),
+            packed,
+            device,
+        )
+    }
+
+    /// Copies a checked delta's buffers to `device`: the v4 layout if any, the packed parts given (none
+    /// for a delta that keeps only its v4 layout) and the row index.
+    #[allow(clippy::too_many_arguments)]
+    fn assemble(
+        name: &str,
+        role: Option<Role>,
+        codec: Codec,
+        (n_total, k, n_stored): (usize, usize, usize),
+        row_index: Option<&[u32]>,
+        v4: Option<&V4Layout>,
+        packed: &[&[u8]],
+        device: &Device,
+    ) -> Result<Self> {
         let candle = |e: candle_core::Error| OpError::Storage {
             op: "device-delta",
             reason: format!("copying delta {name:?} to {device:?}: {e}"),
         };
-        let v4 = if v4_allowed && device.is_cuda() && crate::v4_kernels() {
-            crate::relayout::relayout_v4(&payload)
-        } else {
-            None
-        };
-        drop(payload);
-        // One delta's copies to a CUDA device at a time in the process (the re-layout above stays
-        // parallel): session 7 measured uploads from several loader threads at once failing on an H200
-        // ("copying delta ... to Cuda", 13B base, `load_threads = 4`), while one thread never did.
+        // One delta's copies to a CUDA device at a time in the process (the re-layout stays parallel):
+        // session 7 measured uploads from several loader threads at once failing on an H200 ("copying
+        // delta ... to Cuda", 13B base, `load_threads = 4`), while one thread never did.
         let _upload = device.is_cuda().then(|| {
             CUDA_UPLOADS
                 .lock()
@@ -226,19 +385,14 @@ impl DeviceDelta {
         let v4 = v4
             .map(|l| {
                 // An empty `meta` (quant) is a one-byte buffer: the kernels never read it.
-                let meta = if l.meta.is_empty() { vec![0u8] } else { l.meta };
-                [l.codes, meta, l.scales]
+                let meta: &[u8] = if l.meta.is_empty() { &[0u8] } else { &l.meta };
+                [&l.codes[..], meta, &l.scales[..]]
                     .iter()
                     .map(|p| upload(p, device))
                     .collect::<candle_core::Result<Vec<_>>>()
             })
             .transpose()
             .map_err(candle)?;
-        let packed: &[&[u8]] = if keeps_packed(v4.is_some(), role) {
-            parts
-        } else {
-            &[]
-        };
         let parts = packed
             .iter()
             .map(|p| upload(p, device))

@@ -11,8 +11,8 @@ use dz_candle_ops::{
     delta_matmul, delta_matmul_add, dequantize, embedding_delta_add, merge, sbmm, DeviceDelta,
     RowSubset, Segment,
 };
-use dz_format::codec::{pack_row_index, Payload};
-use dz_format::{Codec, Dtype, PartEntry, Role, TensorEntry};
+use dz_format::codec::pack_row_index;
+use dz_format::{Codec, Role};
 
 fn q() -> DeviceDelta {
     delta(
@@ -196,40 +196,6 @@ fn with_role(role: Role) -> DeviceDelta {
     let entry = entry_for(&p, role, None, &parts);
     let refs: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
     DeviceDelta::from_parts(&entry, &refs, &Device::Cpu).unwrap()
-}
-
-/// A manifest entry for packed `parts` of `p` (checksums are not looked at by `from_parts`).
-fn entry_for(
-    p: &Payload,
-    role: Role,
-    rows: Option<(usize, u64)>,
-    parts: &[Vec<u8>],
-) -> TensorEntry {
-    let (n, k) = p.dims();
-    let layout = dz_format::layout::part_layout("w", &p.codec(), n, k, rows.is_some()).unwrap();
-    let mut lens: Vec<u64> = parts.iter().map(|b| b.len() as u64).collect();
-    if let Some((_, r)) = rows {
-        lens.insert(0, 4 * r);
-    }
-    TensorEntry {
-        name: "w".into(),
-        role,
-        shape: vec![rows.map_or(n, |(total, _)| total) as u64, k as u64],
-        dtype: Dtype::Bf16,
-        codec: p.codec(),
-        rows: rows.map(|(_, r)| r),
-        parts: layout
-            .iter()
-            .zip(lens)
-            .map(|(spec, len)| PartEntry {
-                name: spec.name.into(),
-                len,
-                raw_len: len,
-                compression: dz_format::Compression::None,
-                blake3: "0".repeat(64),
-            })
-            .collect(),
-    }
 }
 
 #[test]

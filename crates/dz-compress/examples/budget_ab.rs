@@ -5,7 +5,8 @@
 //! cargo run --release -p dz-compress --example budget_ab -- BASE FT TEXT CALIB RATIO|4b24 obs|rtn [SAMPLES SEQ]
 //! ```
 //!
-//! `DZ_TABLE_DAMP=x` sets `tied_table_damp`, `DZ_BUDGET_ERROR=weighted` the delta-weighted allocation.
+//! `DZ_TABLE_DAMP=x` sets `tied_table_damp`, `DZ_BUDGET_ERROR=absolute|weighted|auto` the size budget's
+//! ranking (default auto, as the pipeline's).
 //!
 //! Prints the file's ratio, the allocation's mix, held-out perplexity (last 10% of TEXT, 4 windows of 512)
 //! and KL(fine-tune || compressed) on the same windows.
@@ -59,8 +60,11 @@ fn main() -> Result<()> {
     if let Ok(v) = std::env::var("DZ_TABLE_DAMP") {
         o.tied_table_damp = v.parse()?;
     }
-    if std::env::var("DZ_BUDGET_ERROR").as_deref() == Ok("weighted") {
-        o.budget_error = pipeline::BudgetError::DeltaWeighted;
+    match std::env::var("DZ_BUDGET_ERROR").as_deref() {
+        Ok("weighted") => o.budget_error = pipeline::BudgetError::DeltaWeighted,
+        Ok("absolute") => o.budget_error = pipeline::BudgetError::Absolute,
+        Ok("auto") | Err(_) => o.budget_error = pipeline::BudgetError::Auto,
+        Ok(other) => anyhow::bail!("DZ_BUDGET_ERROR: absolute, weighted or auto, got {other:?}"),
     }
     let out = std::env::temp_dir().join(format!("budget_ab-{}.dz", std::process::id()));
     let t0 = std::time::Instant::now();
@@ -88,9 +92,11 @@ fn main() -> Result<()> {
         .map(|t| format!("{} {} frob {:.3}", t.name, t.codec, t.frobenius_error))
         .collect();
     println!(
-        "{method} t{ratio}: {:.2}x in {secs:.0}s, ppl base {pb:.3} ft {pf:.3} c {pc:.3} (kept {:.1}%), KL {kl:.4e}; {}",
+        "{method} t{ratio}: {:.2}x in {secs:.0}s, ppl base {pb:.3} ft {pf:.3} c {pc:.3} (kept {:.1}%), KL {kl:.4e}; \
+         rankings tried {:?}; {}",
         r.ratio(),
         100.0 * (pb - pc) / (pb - pf),
+        r.budget_trials,
         emb.join("; ")
     );
     let _ = std::fs::remove_file(&out);

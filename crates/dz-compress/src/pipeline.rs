@@ -68,7 +68,6 @@ pub enum BudgetError {
     /// On SmolLM2 (a CPU fine-tune, 16x) KL to the fine-tune 0.0292 against 0.0351 with
     /// [`BudgetError::DeltaWeighted`] (RTN: 0.0385): the calibrated ranking puts 2-3 bit OBS where the
     /// activations say it matters.
-    #[default]
     Absolute,
     /// A recipe's calibrated error relative to the tensor's calibrated delta energy,
     /// `trace(E H E^T) / trace(D H D^T)`, times the delta's `||D||^2`: within a tensor the calibrated
@@ -80,6 +79,27 @@ pub enum BudgetError {
     /// `tests/quality.rs`, bench/quality/README.md). On SmolLM2 it was the worse of the two (see
     /// [`BudgetError::Absolute`]): kept as the option to try where the calibrated ranking misleads.
     DeltaWeighted,
+    /// Both: compress with [`BudgetError::Absolute`] and with [`BudgetError::DeltaWeighted`], and keep
+    /// the file whose model is closer to the fine-tune (lower KL of next-token distributions) on the
+    /// calibration windows. Twice the compression time. Why: neither ranking wins everywhere. Each is
+    /// a per-tensor proxy for the loss, and the H200 run of session 8 found the absolute ranking
+    /// dropping every tensor of SmolLM2's layer 0 on the gcide fine-tune at 16x (whose inputs have small
+    /// norms, so their local error looks cheap while it passes through 29 more layers), losing to RTN
+    /// there (KL 0.111 vs 0.085) while winning on the other three fine-tunes; on a tiny Llama the
+    /// delta-weighted ranking wins. Measuring the result end to end picks per model. The default.
+    #[default]
+    Auto,
+}
+
+impl BudgetError {
+    /// The name on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BudgetError::Absolute => "absolute",
+            BudgetError::DeltaWeighted => "weighted",
+            BudgetError::Auto => "auto",
+        }
+    }
 }
 
 /// Everything `compress` can be told.
@@ -143,7 +163,7 @@ impl Default for CompressOptions {
             block_size: 128,
             damp: 0.01,
             tied_table_damp: 1.0,
-            budget_error: BudgetError::Absolute,
+            budget_error: BudgetError::Auto,
             lossless: Lossless::default(),
             device: Device::Cpu,
         }
@@ -207,6 +227,9 @@ pub struct CompressReport {
     pub seconds: f64,
     /// Calibration windows actually used (0 without calibration).
     pub calib_windows: usize,
+    /// With [`BudgetError::Auto`]: each ranking tried and its model's KL to the fine-tune on the
+    /// calibration windows, the kept one first.
+    pub budget_trials: Vec<(BudgetError, f64)>,
 }
 
 impl CompressReport {
@@ -660,6 +683,12 @@ pub fn compress(
             ));
         }
     }
+    if opts.budget_error == BudgetError::Auto
+        && opts.method == Method::Obs
+        && opts.target_ratio.is_some()
+    {
+        return compress_auto(base, finetuned, out, opts, progress);
+    }
     let (bm, fm) = open_pair(base, finetuned)?;
     let plan = plan(&fm);
 
@@ -828,7 +857,81 @@ pub fn compress(
         tensors: reports,
         seconds: t0.elapsed().as_secs_f64(),
         calib_windows: samples.len(),
+        budget_trials: Vec::new(),
     })
+}
+
+/// Calibration windows [`BudgetError::Auto`] compares the candidate files on (at most).
+const AUTO_KL_WINDOWS: usize = 8;
+
+/// [`BudgetError::Auto`]: one file per ranking, the one whose model is closer to the fine-tune kept at
+/// `out` (the other removed).
+fn compress_auto(
+    base: &Path,
+    finetuned: &Path,
+    out: &Path,
+    opts: &CompressOptions,
+    progress: &mut dyn Progress,
+) -> Result<CompressReport> {
+    let t0 = Instant::now();
+    let mut trials = Vec::new();
+    for (i, budget_error) in [BudgetError::Absolute, BudgetError::DeltaWeighted]
+        .into_iter()
+        .enumerate()
+    {
+        let path = if i == 0 {
+            out.to_path_buf()
+        } else {
+            sibling(out, budget_error.as_str())
+        };
+        progress.note(&format!(
+            "size budget, ranking {} of 2: {}",
+            i + 1,
+            budget_error.as_str()
+        ));
+        let o = CompressOptions {
+            budget_error,
+            ..opts.clone()
+        };
+        let report = compress(base, finetuned, &path, &o, progress)?;
+        trials.push((budget_error, report));
+    }
+    // The fine-tune and each candidate as models, on the calibration windows.
+    let (bm, fm) = open_pair(base, finetuned)?;
+    let samples = calibration_samples(&fm, &bm, opts)?;
+    let n = samples.len().min(AUTO_KL_WINDOWS);
+    let tokens: Vec<u32> = samples.iter().take(n).flatten().copied().collect();
+    let ft = load_model(&fm, &opts.device)?;
+    let mut scored = Vec::new();
+    for (budget_error, report) in trials {
+        let q = crate::merge::Applied::open(base, &report.path)?.model(&opts.device)?;
+        let kl = crate::model::kl_divergence(&ft, &q, &tokens, opts.seq_len, Some(n))?;
+        progress.note(&format!(
+            "size budget, {} ranking: {:.2}x, KL to the fine-tune {kl:.4e} on {n} calibration windows",
+            budget_error.as_str(),
+            report.ratio()
+        ));
+        scored.push((budget_error, kl, report));
+    }
+    // The lower KL wins; a tie (or a NaN) keeps the first, the default ranking.
+    let best = if scored[1].1 < scored[0].1 { 1 } else { 0 };
+    let (_, _, loser) = &scored[1 - best];
+    let _ = std::fs::remove_file(&loser.path);
+    let trials: Vec<(BudgetError, f64)> = std::iter::once(best)
+        .chain(std::iter::once(1 - best))
+        .map(|i| (scored[i].0, scored[i].1))
+        .collect();
+    let (_, _, mut report) = scored.swap_remove(best);
+    if report.path != out {
+        std::fs::rename(&report.path, out).map_err(|e| Error::Io {
+            path: out.to_path_buf(),
+            source: e,
+        })?;
+        report.path = out.to_path_buf();
+    }
+    report.budget_trials = trials;
+    report.seconds = t0.elapsed().as_secs_f64();
+    Ok(report)
 }
 
 /// `out` with another extension part, in the same directory: `x.dz` -> `x.dz.<tag>`.

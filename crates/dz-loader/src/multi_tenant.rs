@@ -21,7 +21,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
 use candle_core::{DType, Device, Result as CResult, Tensor};
-use dz_candle_ops::{embedding_delta_add, sbmm, DeviceDelta, Segment};
+use dz_candle_ops::{embedding_delta_add, sbmm, DeviceDelta, PreparedDelta, Segment};
 use dz_format::shard::{shard_range, tensor_split, tp_layer, TpLayer};
 use dz_format::{DeltaFile, Manifest, Role, TensorData, TensorEntry};
 use mistralrs_quant::{
@@ -45,10 +45,12 @@ fn split_param(name: &str) -> Option<(&str, bool)> {
     }
 }
 
-/// One stored tensor of a delta in CPU memory.
+/// One stored tensor of a delta in CPU memory: its packed parts, or (for a CUDA device with the v4
+/// kernels on, [`HostDelta::read_for`]) its checked v4 layout instead.
 struct HostTensor {
     entry: TensorEntry,
     parts: Vec<Vec<u8>>,
+    prepared: Option<PreparedDelta>,
 }
 
 /// A fine-tune's delta in CPU memory: every non-zero tensor's packed parts, read from its file with
@@ -76,6 +78,18 @@ impl HostDelta {
     /// Reads the delta of fine-tune `name` from `file`. Tensors stored as `full` values cannot be served
     /// on a shared base and are refused.
     pub fn read(name: &str, file: &DeltaFile) -> Result<Self> {
+        Self::read_as(name, file, false)
+    }
+
+    /// [`HostDelta::read`] for uploads to `device` alone (no tensor parallelism): on a CUDA device with
+    /// the v4 kernels on, every linear delta they take is checked and re-laid now
+    /// ([`PreparedDelta`]) and its packed parts dropped, so each upload (the first and every one after
+    /// a GPU eviction) is a plain copy. Elsewhere the same as `read`.
+    pub fn read_for(name: &str, file: &DeltaFile, device: &Device) -> Result<Self> {
+        Self::read_as(name, file, device.is_cuda() && dz_candle_ops::v4_kernels())
+    }
+
+    fn read_as(name: &str, file: &DeltaFile, prepare: bool) -> Result<Self> {
         let mut tensors = Vec::new();
         let mut bytes = 0u64;
         for (j, t) in file.manifest().tensors.iter().enumerate() {
@@ -90,11 +104,24 @@ impl HostDelta {
                 )));
             }
             let data = file.read_at(j)?;
-            let parts: Vec<Vec<u8>> = data.parts.into_iter().map(|p| p.into_owned()).collect();
+            let prepared = match (prepare, t.role) {
+                (true, Role::Linear | Role::LmHead) => {
+                    let parts: Vec<&[u8]> = data.parts.iter().map(|p| p.as_ref()).collect();
+                    PreparedDelta::prepare(t, &parts)
+                        .map_err(|e| Error::Host(format!("{name}: {e}")))?
+                }
+                _ => None,
+            };
+            let parts: Vec<Vec<u8>> = match prepared {
+                Some(_) => Vec::new(),
+                None => data.parts.into_iter().map(|p| p.into_owned()).collect(),
+            };
             bytes += parts.iter().map(|p| p.len() as u64).sum::<u64>();
+            bytes += prepared.as_ref().map_or(0, |p| p.nbytes() as u64);
             tensors.push(HostTensor {
                 entry: t.clone(),
                 parts,
+                prepared,
             });
         }
         let mut manifest = file.manifest().clone();
@@ -117,7 +144,7 @@ impl HostDelta {
         self.name = Arc::from(name);
     }
 
-    /// Bytes of packed payload held.
+    /// Bytes held: the packed parts, or the v4 layouts of tensors prepared by [`HostDelta::read_for`].
     pub fn bytes(&self) -> u64 {
         self.bytes
     }
@@ -129,7 +156,9 @@ impl HostDelta {
         self.tensors
             .iter()
             .map(|t| {
-                if t.entry.role == Role::DenseDelta {
+                if let Some(p) = &t.prepared {
+                    p.nbytes() as u64
+                } else if t.entry.role == Role::DenseDelta {
                     4 * t.entry.shape.iter().product::<u64>()
                 } else {
                     let packed = t.parts.iter().map(|p| p.len() as u64).sum::<u64>();
@@ -207,9 +236,17 @@ impl HostDelta {
             }
             match (t.entry.role, is_bias) {
                 (Role::Linear | Role::LmHead, false) => {
-                    let d = match &split {
-                        None => DeviceDelta::from_parts(&t.entry, &parts, device),
-                        Some((axis, range)) => {
+                    let d = match (&split, &t.prepared) {
+                        (_, Some(_)) if tp.world > 1 => {
+                            return Err(Error::Host(format!(
+                                "{}: `{}` was prepared for one device (HostDelta::read_for), not for \
+                                 {} tensor-parallel ranks: read it with HostDelta::read",
+                                self.name, t.entry.name, tp.world
+                            )));
+                        }
+                        (_, Some(p)) => DeviceDelta::from_prepared(p, device),
+                        (None, None) => DeviceDelta::from_parts(&t.entry, &parts, device),
+                        (Some((axis, range)), None) => {
                             let shard = shard_range(&t.entry, &parts, *axis, range.clone())?;
                             DeviceDelta::from_shard(&shard, device)
                         }

@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Tensor};
 use dz_candle_ops::reference::{self, compare, Tolerance};
 use dz_candle_ops::{DeviceDelta, RowSubset, Segment};
 use dz_format::codec::{Dense, Grid, Payload, Quant, Sign1, Sparse, Sparse24};
-use dz_format::{Dtype, QuantParams};
+use dz_format::{Dtype, PartEntry, QuantParams, Role, TensorEntry};
 use half::f16;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -803,5 +803,39 @@ impl Tester {
             self.name,
             self.runs.len()
         );
+    }
+}
+
+/// A manifest entry for packed `parts` of `p` (checksums are not looked at by `from_parts`).
+pub fn entry_for(
+    p: &Payload,
+    role: Role,
+    rows: Option<(usize, u64)>,
+    parts: &[Vec<u8>],
+) -> TensorEntry {
+    let (n, k) = p.dims();
+    let layout = dz_format::layout::part_layout("w", &p.codec(), n, k, rows.is_some()).unwrap();
+    let mut lens: Vec<u64> = parts.iter().map(|b| b.len() as u64).collect();
+    if let Some((_, r)) = rows {
+        lens.insert(0, 4 * r);
+    }
+    TensorEntry {
+        name: "w".into(),
+        role,
+        shape: vec![rows.map_or(n, |(total, _)| total) as u64, k as u64],
+        dtype: Dtype::Bf16,
+        codec: p.codec(),
+        rows: rows.map(|(_, r)| r),
+        parts: layout
+            .iter()
+            .zip(lens)
+            .map(|(spec, len)| PartEntry {
+                name: spec.name.into(),
+                len,
+                raw_len: len,
+                compression: dz_format::Compression::None,
+                blake3: "0".repeat(64),
+            })
+            .collect(),
     }
 }
