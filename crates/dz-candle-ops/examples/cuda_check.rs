@@ -1062,6 +1062,88 @@ fn tensor_core_family(ck: &mut Checker, name: &str) {
     }
 }
 
+/// The dense route (`set_dense_rows`, here 32 rows): a delta with packed parts and at least that many input
+/// rows is formed as a dense weight in x's dtype (`merge` into zeros) and multiplied by candle's matmul
+/// (cuBLAS): `delta_matmul`, `delta_matmul_add`, and `sbmm` with long segments routed and short ones left
+/// to the kernels, against the CPU twins. f16 and bf16 only (f32 keeps the kernels). With `--poison` the
+/// ops run with NaN-filled outputs, which the route does not take: the family then checks the kernels.
+fn dense_family(ck: &mut Checker) {
+    ck.family("dense route");
+    dz_candle_ops::set_dense_rows(32);
+    let cfgs = [
+        Cfg::Sparse24 {
+            bits: 4,
+            group: 128,
+            sym: true,
+        },
+        Cfg::Quant {
+            bits: 2,
+            group: 128,
+            sym: true,
+        },
+        Cfg::Quant {
+            bits: 3,
+            group: 4,
+            sym: false,
+        },
+        Cfg::Sparse {
+            bits: 4,
+            group: 0,
+            sym: true,
+        },
+    ];
+    let (n, k) = (300, 512);
+    for (ci, cfg) in cfgs.into_iter().enumerate() {
+        let spec = DeltaSpec::full(cfg, n, k, 90 + ci as u64);
+        let (d_cpu, d_dev) = (spec.build(&Device::Cpu), spec.build(&ck.dev));
+        for dtype in [DType::F16, DType::BF16] {
+            for rows in [32usize, 77, 256] {
+                let with_base = rows != 77;
+                ck.case(
+                    format!(
+                        "dense {} {dtype:?} rows={rows}{}",
+                        spec.label(),
+                        if with_base { " +base" } else { "" }
+                    ),
+                    |dev, ops| {
+                        let x = input(&[rows, k], dtype, rows as u64 + ci as u64);
+                        let base = with_base.then(|| input(&[rows, n], dtype, rows as u64 + 1));
+                        matmul_case(dev, ops, &d_cpu, &d_dev, &x, base)
+                    },
+                );
+            }
+        }
+    }
+    // sbmm: two prefill segments (routed), decode rows and a base-only run (kernels), four deltas.
+    let specs: Vec<DeltaSpec> = cfgs
+        .iter()
+        .enumerate()
+        .map(|(i, &c)| DeltaSpec::full(c, n, k, 190 + i as u64))
+        .collect();
+    let cpu: Vec<DeviceDelta> = specs.iter().map(|s| s.build(&Device::Cpu)).collect();
+    let on_dev: Vec<DeviceDelta> = specs.iter().map(|s| s.build(&ck.dev)).collect();
+    let segments = segs(&[
+        (40, Some(0)),
+        (1, Some(1)),
+        (3, None),
+        (64, Some(2)),
+        (2, Some(3)),
+        (1, Some(0)),
+    ]);
+    let m: usize = segments.iter().map(|s| s.len).sum();
+    for dtype in [DType::F16, DType::BF16] {
+        ck.case(
+            format!("dense sbmm 2 routed of 5 segments {dtype:?}"),
+            |dev, ops| {
+                let x = input(&[m, k], dtype, 77);
+                let base = input(&[m, n], dtype, 78);
+                sbmm_case(dev, ops, &cpu, &on_dev, &segments, &x, &base)
+            },
+        );
+    }
+    dz_candle_ops::set_dense_rows(0);
+}
+
 /// The v4 kernels (`dz_kernels::v4`, 1-16 input rows over the codes re-laid at upload): every configuration
 /// they take (quant and sparse24, 2 and 4 bits, symmetric, groups 0 / 128 / 256) on shapes with a partial
 /// 128-column block and a partial 16-row tile (40 x 96, 77 x 608, 33 x 256) and a large one (300 x 4096),
@@ -1274,6 +1356,8 @@ fn run() -> Result<bool> {
     dz_candle_ops::set_v4_kernels(true);
     // Every family but "v4 only" builds deltas that keep their packed parts too, so the v3 kernels run.
     dz_candle_ops::set_v4_keep_packed(true);
+    // The families check the kernels at every row count; "dense route" checks the route on its own.
+    dz_candle_ops::set_dense_rows(0);
     let opts = options()?;
     let dev = if opts.cpu {
         Device::Cpu
@@ -1338,6 +1422,7 @@ fn run() -> Result<bool> {
     tensor_core_family(&mut ck, "tensor cores");
     v4_family(&mut ck, false);
     v4_family(&mut ck, true);
+    dense_family(&mut ck);
     if ck.opts.v3_too {
         // The tensor-core family again with the v4 kernels off: rows 1-16 on the v3 tiles.
         dz_candle_ops::set_v4_kernels(false);

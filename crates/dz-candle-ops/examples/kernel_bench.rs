@@ -33,7 +33,9 @@ use anyhow::{Context, Result};
 use candle_core::cuda_backend::cudarc::driver::{sys::CUevent_flags, CudaStream};
 use candle_core::{DType, Device, Tensor};
 use common::{payload, Cfg};
-use dz_candle_ops::{delta_matmul, sbmm, set_tensor_cores, set_v4_kernels, DeviceDelta, Segment};
+use dz_candle_ops::{
+    delta_matmul, sbmm, set_dense_rows, set_tensor_cores, set_v4_kernels, DeviceDelta, Segment,
+};
 
 const L2_BYTES: usize = 60 << 20;
 const ITERS: usize = 40;
@@ -352,6 +354,9 @@ fn main() -> Result<()> {
     // their packed parts besides the v4 layout (`deltazip serve --v4-kernels` keeps only the v4 layout).
     set_v4_kernels(true);
     dz_candle_ops::set_v4_keep_packed(true);
+    // "dz" times the kernels at every row count (as the earlier tables did); "dense" times the dense
+    // route on its own.
+    set_dense_rows(0);
     let args: Vec<String> = std::env::args().collect();
     let flag = |name: &str| {
         args.iter()
@@ -476,6 +481,22 @@ fn main() -> Result<()> {
                 let r = row("dz", fast, Some(agree));
                 eprintln!("{}", r.md());
                 rows_out.push(r);
+                // The dense route (the delta formed as a bf16 weight, then cuBLAS): where it overtakes
+                // the kernels decides `DEFAULT_DENSE_ROWS`.
+                if rows >= 8 {
+                    set_dense_rows(1);
+                    let t = b.time(ITERS, |i| {
+                        Ok(vec![delta_matmul(&x, &deltas[i % deltas.len()])?])
+                    })?;
+                    let a = disagreement(&delta_matmul(&x, &deltas[0])?, &y_fast)?;
+                    set_dense_rows(0);
+                    if a > 2e-2 {
+                        eprintln!("MISMATCH {label} {n}x{k} rows {rows}: dense route and kernels differ by {a:.2e}");
+                    }
+                    let r = row("dense", t, Some(a));
+                    eprintln!("{}", r.md());
+                    rows_out.push(r);
+                }
                 if let Some((t, a)) = v3 {
                     if a > 2e-2 {
                         eprintln!("MISMATCH {label} {n}x{k} rows {rows}: v4 and v3 results differ by {a:.2e}");

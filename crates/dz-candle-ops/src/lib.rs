@@ -120,7 +120,8 @@ pub mod relayout;
 pub use delta::{DeviceDelta, PreparedDelta, RowSubset};
 pub use error::{OpError, Result};
 pub use ops::{
-    delta_matmul, delta_matmul_add, dequantize, embedding_delta_add, merge, sbmm, Segment,
+    delta_matmul, delta_matmul_add, dense_rows, dequantize, embedding_delta_add, merge, sbmm,
+    set_dense_rows, Segment, DEFAULT_DENSE_ROWS,
 };
 
 static TENSOR_CORES: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);

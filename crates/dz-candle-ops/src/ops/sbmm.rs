@@ -5,7 +5,7 @@ use candle_core::{CpuStorage, CudaStorage, CustomOp2, Layout, Shape, Tensor};
 
 use super::{
     check_contiguous, check_device, check_dims, check_float, check_is_delta, check_last_dim,
-    check_same_dtype, with_last, Fill,
+    check_same_dtype, dense_matmul, takes_dense, with_last, Fill,
 };
 use crate::cpu::engine::{matmul_t, scatter_add};
 use crate::cpu::{floats, to_storage, Locked};
@@ -224,16 +224,51 @@ pub(crate) fn sbmm_with(
     )?;
     let m: usize = x.dims()[..x.rank() - 1].iter().product();
     check_segments(OP, segments, m, deltas.len())?;
-    x.apply_op2_no_bwd(
-        base_out,
-        &Sbmm {
-            deltas,
-            segments,
-            k,
-            n,
-            fill,
-        },
-    )
+    // Segments with many rows (prefill) take the dense route: the kernels see them as base-only rows,
+    // then each adds its product.
+    let dense = |s: &Segment| {
+        s.delta
+            .is_some_and(|d| fill == Fill::Uninit && takes_dense(deltas[d], s.len, x.dtype()))
+    };
+    if !segments.iter().any(dense) {
+        return x.apply_op2_no_bwd(
+            base_out,
+            &Sbmm {
+                deltas,
+                segments,
+                k,
+                n,
+                fill,
+            },
+        );
+    }
+    let kernel_segments: Vec<Segment> = segments
+        .iter()
+        .map(|s| Segment {
+            delta: if dense(s) { None } else { s.delta },
+            ..*s
+        })
+        .collect();
+    let mut y = x
+        .apply_op2_no_bwd(
+            base_out,
+            &Sbmm {
+                deltas,
+                segments: &kernel_segments,
+                k,
+                n,
+                fill,
+            },
+        )?
+        .reshape((m, n))?;
+    let x2 = x.reshape((m, k))?;
+    for s in segments.iter().filter(|s| dense(s)) {
+        let d = deltas[s.delta.unwrap_or_default()];
+        let part =
+            (y.narrow(0, s.start, s.len)? + dense_matmul(&x2.narrow(0, s.start, s.len)?, d)?)?;
+        y = y.slice_assign(&[s.start..s.start + s.len, 0..n], &part)?;
+    }
+    y.reshape(base_out.dims())
 }
 
 #[cfg(test)]

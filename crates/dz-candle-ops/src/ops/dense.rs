@@ -1,0 +1,127 @@
+//! The dense route for many input rows: the delta formed once as a dense weight in `x`'s dtype (`merge`
+//! into zeros: the codes read once, the weight written once), then one matmul (cuBLAS on CUDA).
+//!
+//! Why: the delta kernels stream the codes and decode them for every tile of input rows, which wins while
+//! the rows are few (decode) and loses when they are many (prefill). The H200 benchmark of session 4
+//! (`bench/results/kernels-h200.md`, tensor-core v3 kernels) measured 4096 x 4096 4-bit 2:4 at 256 rows
+//! in 132.9 us against cuBLAS bf16's 20.9 us; forming the bf16 weight moves ~67 MB (~20 us at the
+//! measured copy bandwidth), so the route should take about 40 us there. Deltas that keep only the v4
+//! layout (no packed parts) cannot be merged and keep the kernels.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use candle_core::{DType, Tensor};
+
+use super::dequant::merge;
+use crate::delta::DeviceDelta;
+
+/// Input rows (per delta) from which the CUDA ops take the dense route, by default. A guess from the v3
+/// benchmark (the kernels were 2.5x cuBLAS at 32-64 rows and 6x at 256); the kernel benchmark's `dense`
+/// path measures the crossover.
+pub const DEFAULT_DENSE_ROWS: usize = 64;
+
+static DENSE_ROWS: AtomicUsize = AtomicUsize::new(DEFAULT_DENSE_ROWS);
+
+/// Sets the number of input rows (per delta: a `delta_matmul` call's rows, an `sbmm` segment's rows) from
+/// which `delta_matmul`, `delta_matmul_add` and `sbmm` on CUDA, with f16 or bf16 inputs, form the delta
+/// as a dense weight and use one matmul instead of the delta kernels. 0 turns the route off. The CPU
+/// never takes it. Default [`DEFAULT_DENSE_ROWS`].
+pub fn set_dense_rows(rows: usize) {
+    DENSE_ROWS.store(rows, Ordering::Relaxed);
+}
+
+/// The threshold [`set_dense_rows`] set.
+pub fn dense_rows() -> usize {
+    DENSE_ROWS.load(Ordering::Relaxed)
+}
+
+/// Whether `rows` input rows of `x_dtype` through `delta` take the dense route.
+pub(crate) fn takes_dense(delta: &DeviceDelta, rows: usize, x_dtype: DType) -> bool {
+    let t = dense_rows();
+    t > 0
+        && rows >= t
+        && delta.device().is_cuda()
+        && matches!(x_dtype, DType::F16 | DType::BF16)
+        && !delta.v4_only()
+}
+
+/// `x · Dᵀ` through the dense weight, `x` `[.., K]` -> `[.., N_total]` in `x`'s dtype (checked by the
+/// caller: contiguous, on the delta's device).
+pub(crate) fn dense_matmul(x: &Tensor, delta: &DeviceDelta) -> candle_core::Result<Tensor> {
+    let (n, k) = delta.dims();
+    let w = merge(&Tensor::zeros((n, k), x.dtype(), x.device())?, delta)?;
+    let lead = &x.dims()[..x.rank() - 1];
+    let m: usize = lead.iter().product();
+    let y = x.reshape((m, k))?.matmul(&w.t()?)?;
+    let mut dims = lead.to_vec();
+    dims.push(n);
+    y.reshape(dims)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+    use dz_format::codec::{Grid, Payload, Sparse24};
+
+    /// The route itself (on the CPU, where the ops never take it): the same numbers as the kernels.
+    #[test]
+    fn the_dense_route_is_the_same_product() {
+        let (n, k, m) = (24, 256, 70);
+        let mut seed = 7u64;
+        let mut next = || {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((seed >> 33) as f32 / (1u64 << 31) as f32) - 0.5
+        };
+        let params = dz_format::QuantParams {
+            bits: 4,
+            group_size: 128,
+            symmetric: true,
+            global_scale: 1.0 / 64.0,
+        };
+        let mut u = |below: u32| ((next() + 0.5) * below as f32) as u32 % below;
+        let scales = (0..n * k / 128)
+            .map(|_| half::f16::from_f32(0.25 + u(7) as f32 * 0.25))
+            .collect();
+        let codes = (0..n * k / 2).map(|_| u(16) as u8).collect();
+        let positions = (0..n * k / 4)
+            .flat_map(|_| {
+                let a = u(3) as u8;
+                [a, a + 1 + u(3 - a as u32) as u8]
+            })
+            .collect();
+        let payload = Payload::Sparse24(Sparse24 {
+            rows: n,
+            cols: k,
+            grid: Grid {
+                params,
+                scales,
+                zeros: None,
+            },
+            codes,
+            positions,
+        });
+        let delta = DeviceDelta::from_payload(&payload, None, &Device::Cpu).unwrap();
+        let xs: Vec<f32> = (0..m * k).map(|_| next()).collect();
+        let x = Tensor::from_vec(xs, (2, m / 2, k), &Device::Cpu).unwrap();
+        let want = crate::delta_matmul(&x, &delta).unwrap();
+        let got = dense_matmul(&x, &delta).unwrap();
+        assert_eq!(got.dims(), want.dims());
+        let diff = (got - &want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        // f32 on both sides; only the order of the sums differs.
+        assert!(diff < 1e-4, "max |dense - kernel| = {diff}");
+        // The CPU never takes the route, whatever the threshold.
+        assert!(!takes_dense(&delta, 1 << 20, DType::BF16));
+    }
+}
