@@ -1320,18 +1320,44 @@ fn v4_family(ck: &mut Checker, only: bool) {
                 );
             }
         }
-        // The packed parts are not on the device: dequantize (and merge, embedding) must say so by name.
-        let d = &on_dev[0];
-        ck.case("v4 only: dequantize refused".into(), |_, ops| {
-            match ops.dequantize(d) {
-                Ok(t) => bail!("expected an error, got a tensor of {:?}", t.dims()),
-                Err(e) if e.to_string().contains("keeps only its v4 layout") => Ok(Compared {
-                    elements: 0,
-                    worst: 0.0,
-                }),
-                Err(e) => bail!("unexpected error {e}"),
+        // The packed parts are not on the device: dequantize and merge run the v4 dequantize kernel over
+        // the re-laid bytes (bit-exact, as the generic kernels), for every v4 variant; the dense route
+        // takes such deltas too.
+        for (i, (d_cpu, d_dev)) in cpu.iter().zip(&on_dev).enumerate().take(8) {
+            if !d_dev.v4_only() || d_dev.row_index().is_some() {
+                continue;
             }
-        });
+            let (n, k) = d_dev.dims();
+            ck.case(
+                format!("v4 only: dequantize {}", specs[i].label()),
+                |dev, ops| {
+                    let got = ops.dequantize(d_dev)?;
+                    let want = reference::dequantize(d_cpu)?;
+                    check(dev, &got, &want, None, &DZ_EXACT)
+                },
+            );
+            for dtype in [DType::F16, DType::BF16] {
+                ck.case(
+                    format!("v4 only: merge {} {dtype:?}", specs[i].label()),
+                    |dev, ops| {
+                        let base = input(&[n, k], dtype, 300 + i as u64);
+                        let got = ops.merge(&base.to_device(dev)?, d_dev)?;
+                        let want = reference::merge(&base, d_cpu)?;
+                        let mag = merge_magnitude(&base, d_cpu);
+                        check(dev, &got, &want, Some(&mag), &Tolerance::for_dtype(dtype))
+                    },
+                );
+            }
+            dz_candle_ops::set_dense_rows(32);
+            ck.case(
+                format!("v4 only: dense route {} BF16 rows=70", specs[i].label()),
+                |dev, ops| {
+                    let x = input(&[70, k], DType::BF16, 400 + i as u64);
+                    matmul_case(dev, ops, d_cpu, d_dev, &x, None)
+                },
+            );
+            dz_candle_ops::set_dense_rows(0);
+        }
     }
     dz_candle_ops::set_v4_keep_packed(true);
 }

@@ -479,8 +479,9 @@ impl DeviceDelta {
     }
 
     /// Whether the delta keeps only its v4 layout on the device (CUDA, the v4 kernels on and
-    /// [`crate::set_v4_keep_packed`] off): then only `delta_matmul` and `sbmm` can read it, through the
-    /// v4 kernels.
+    /// [`crate::set_v4_keep_packed`] off): `delta_matmul` and `sbmm` read it through the v4 kernels,
+    /// `dequantize` and `merge` through the v4 dequantize kernel (not for a row subset); the embedding op
+    /// cannot (embedding deltas keep their packed parts).
     pub fn v4_only(&self) -> bool {
         self.v4.is_some() && self.parts.is_empty()
     }

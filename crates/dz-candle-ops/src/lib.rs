@@ -164,8 +164,8 @@ static V4_KEEP_PACKED: std::sync::atomic::AtomicBool = std::sync::atomic::Atomic
 /// would double the device bytes of every delta (session 7 measured it: 32 7B deltas no longer fit the
 /// GPU budget and thrashed). On, the v3 and tensor-core kernels can run on the same delta: the kernel
 /// benchmark and the CUDA check compare them that way. Embedding deltas always keep their packed parts
-/// (the embedding op reads them); `dequantize` and `merge` of a delta that keeps only the v4 layout
-/// fail with a named error.
+/// (the embedding op reads them); `dequantize` and `merge` of a delta that keeps only the v4 layout run
+/// the v4 dequantize kernel over it (a row subset of one fails with a named error).
 pub fn set_v4_keep_packed(keep: bool) {
     V4_KEEP_PACKED.store(keep, std::sync::atomic::Ordering::Relaxed);
 }

@@ -10,6 +10,9 @@
 //! - `dz_v4_<variant>_matmul_add_<t>_n<NT>(DzDelta d, const T* x, const T* base, T* out, u32 m)`
 //! - `dz_v4_<variant>_sbmm_<t>_n<NT>(const DzSegment* segs, u32 n_segs, const DzDelta* deltas, const T* x,
 //!   T* out, u32 k, u32 n_total)`: every segment at most `8 NT` rows.
+//! - `dz_v4_<variant>_dequantize_<t>(DzDelta d, const T* base, T* out)` for `t` in `f32`, `f16`, `bf16`:
+//!   `out = base + D` (`D` when base is 0), no row subset; what `merge`, `dequantize` and the dense route
+//!   of a delta that keeps only its v4 layout run.
 //!
 //! for `variant` in `quant2`, `quant4`, `sparse24_2`, `sparse24_4`, `t` in `f16`, `bf16`, `NT` in 1, 2.
 //! A block has [`V4_THREADS`] threads (8 warps splitting K) and covers [`V4_TILE_ROWS`] stored rows; grid x
@@ -38,7 +41,13 @@ pub struct V4Entries {
     pub matmul_add: [[&'static str; 2]; 2],
     /// `dz_v4_<variant>_sbmm_<t>_n<NT>`, by dtype then tile.
     pub sbmm: [[&'static str; 2]; 2],
+    /// `dz_v4_<variant>_dequantize_<t>` (f32, f16, bf16): `out = base + D` (base 0: `D`) for a delta
+    /// without a row subset, one thread per lane of a packet ([`V4_DEQUANTIZE_THREADS`] a block).
+    pub dequantize: [&'static str; 3],
 }
+
+/// Threads per block of the v4 `dequantize` entry points (8 packets of 32 lanes).
+pub const V4_DEQUANTIZE_THREADS: u32 = 256;
 
 impl V4Entries {
     fn index(dtype: Dtype, rows: u32) -> Option<(usize, usize)> {
@@ -64,9 +73,23 @@ impl V4Entries {
         Self::index(dtype, rows).map(|(d, t)| self.sbmm[d][t])
     }
 
+    /// The dequantize entry point for outputs of `dtype`.
+    pub fn dequantize(&self, dtype: Dtype) -> &'static str {
+        self.dequantize[match dtype {
+            Dtype::F32 => 0,
+            Dtype::F16 => 1,
+            Dtype::Bf16 => 2,
+        }]
+    }
+
     /// Every entry point of the variant.
     pub fn all(&self) -> impl Iterator<Item = &'static str> + '_ {
-        self.matmul_add.iter().chain(&self.sbmm).flatten().copied()
+        self.matmul_add
+            .iter()
+            .chain(&self.sbmm)
+            .flatten()
+            .chain(&self.dequantize)
+            .copied()
     }
 }
 
@@ -97,6 +120,11 @@ macro_rules! v4_entries {
                 v4_tiles!($v, "matmul_add", "bf16"),
             ],
             sbmm: [v4_tiles!($v, "sbmm", "f16"), v4_tiles!($v, "sbmm", "bf16")],
+            dequantize: [
+                concat!("dz_v4_", $v, "_dequantize_f32"),
+                concat!("dz_v4_", $v, "_dequantize_f16"),
+                concat!("dz_v4_", $v, "_dequantize_bf16"),
+            ],
         }
     };
 }
@@ -138,7 +166,11 @@ mod tests {
     #[test]
     fn names_and_support() {
         let n: usize = V4.iter().map(|e| e.all().count()).sum();
-        assert_eq!(n, 4 * 8);
+        assert_eq!(n, 4 * 11);
+        assert_eq!(
+            V4[3].dequantize(Dtype::Bf16),
+            "dz_v4_sparse24_4_dequantize_bf16"
+        );
         assert_eq!(
             v4_entries(Variant::Sparse24(4)).and_then(|e| e.sbmm(Dtype::Bf16, 9)),
             Some("dz_v4_sparse24_4_sbmm_bf16_n2")

@@ -33,7 +33,8 @@ use candle_core::{CudaDevice, CudaStorage, DType, Layout, Shape};
 use dz_kernels::desc::as_bytes;
 use dz_kernels::tc::{tc_entries, tc_supports, TcEntries, TcTile, TC_MODULE, TC_THREADS};
 use dz_kernels::v4::{
-    v4_entries, v4_tile_rows, V4Entries, V4_MAX_ROWS, V4_MODULE, V4_THREADS, V4_TILE_ROWS,
+    v4_entries, v4_tile_rows, V4Entries, V4_DEQUANTIZE_THREADS, V4_MAX_ROWS, V4_MODULE, V4_THREADS,
+    V4_TILE_ROWS,
 };
 use dz_kernels::{DzDelta, DzSegment, Tile, Variant, ROWS_PER_BLOCK, THREADS, WARPS};
 use half::{bf16, f16};
@@ -803,6 +804,63 @@ fn host_ids(op: &'static str, delta: &DeviceDelta, (s, l): Arg<'_>) -> Result<Ve
 
 /// `out[t] = base[t] + D[id(t)]` for every output row `t`: `id(t) = ids[t]` (embedding) or `t` (dequantize,
 /// merge: all `N_total` rows). Every element is written.
+/// `dequantize` / `merge` of a delta that keeps only its v4 layout (no row subset): the v4 dequantize
+/// kernel over the re-laid bytes, one thread per lane of a packet.
+fn v4_dequantize<T: Elem>(
+    op: &'static str,
+    delta: &DeviceDelta,
+    dev: &CudaDevice,
+    base: Option<Arg<'_>>,
+    shape: Shape,
+    fill: Fill,
+) -> Out {
+    let (n, k) = delta.dims();
+    dim(op, "delta", n, shape.dims())?;
+    dim(op, "delta", k, shape.dims())?;
+    let len = n * k;
+    let base = base.map(|b| input::<T>(op, "base", b)).transpose()?;
+    let stream = dev.cuda_stream();
+    let locked = Locked::new(delta);
+    let mut out = alloc::<T>(dev, len)?;
+    {
+        let mut ptrs = Ptrs::new(&stream);
+        let described = describe(op, &locked, dev, &mut ptrs)?;
+        let base_p = base.map(|(s, o, _)| ptrs.read(s, o));
+        let out_p = ptrs.write(&mut out);
+        poison::<T>(&stream, out_p, len, fill)?;
+        let (Some(d), Some(e)) = (
+            described.as_ref().and_then(|d| d.v4),
+            described.as_ref().and_then(|d| v4_entries(d.variant)),
+        ) else {
+            return Err(v4_only_error(op, delta).into());
+        };
+        if len > 0 {
+            let func = dev
+                .get_or_load_custom_func(e.dequantize(T::KIND), V4_MODULE, dz_kernels::v4_ptx())?
+                .into_cuda_function();
+            let threads = n.div_ceil(V4_TILE_ROWS as usize) * k.div_ceil(128) * 32;
+            let blocks =
+                u32::try_from(threads.div_ceil(V4_DEQUANTIZE_THREADS as usize)).map_err(|_| {
+                    OpError::Storage {
+                        op,
+                        reason: format!("{n} x {k}: too many packets for one launch"),
+                    }
+                })?;
+            let desc = DescArg(d);
+            let base_arg = base_p.unwrap_or(0);
+            let mut b = stream.launch_builder(&func);
+            b.arg(&desc);
+            b.arg(&base_arg);
+            b.arg(&out_p);
+            // SAFETY: the arguments match `dz_v4_<v>_dequantize_<t>(DzDelta, const T*, T*)`: the descriptor
+            // holds the v4 parts (checked by `describe`), base (0 or N x K) and out (N x K) are T buffers;
+            // every thread past the last packet returns.
+            unsafe { b.launch(config_threads((blocks, 1), V4_DEQUANTIZE_THREADS)) }.w()?;
+        }
+    }
+    Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), shape))
+}
+
 fn rows_t<T: Elem>(
     op: &'static str,
     delta: &DeviceDelta,
@@ -813,7 +871,12 @@ fn rows_t<T: Elem>(
     fill: Fill,
 ) -> Out {
     if delta.v4_only() {
-        return Err(v4_only_error(op, delta).into());
+        return match ids {
+            None if delta.row_index().is_none() => {
+                v4_dequantize::<T>(op, delta, dev, base, shape, fill)
+            }
+            _ => Err(v4_only_error(op, delta).into()),
+        };
     }
     let (n, k) = delta.dims();
     let rows = ids.map_or(n, <[u32]>::len);

@@ -5,8 +5,8 @@
 //! the rows are few (decode) and loses when they are many (prefill). The H200 benchmark of session 4
 //! (`bench/results/kernels-h200.md`, tensor-core v3 kernels) measured 4096 x 4096 4-bit 2:4 at 256 rows
 //! in 132.9 us against cuBLAS bf16's 20.9 us; forming the bf16 weight moves ~67 MB (~20 us at the
-//! measured copy bandwidth), so the route should take about 40 us there. Deltas that keep only the v4
-//! layout (no packed parts) cannot be merged and keep the kernels.
+//! measured copy bandwidth), so the route should take about 40 us there. A delta that keeps only the v4
+//! layout is merged by the v4 dequantize kernel (a row subset of one keeps the kernels).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -42,7 +42,7 @@ pub(crate) fn takes_dense(delta: &DeviceDelta, rows: usize, x_dtype: DType) -> b
         && rows >= t
         && delta.device().is_cuda()
         && matches!(x_dtype, DType::F16 | DType::BF16)
-        && !delta.v4_only()
+        && (!delta.v4_only() || delta.row_index().is_none())
 }
 
 /// `x · Dᵀ` through the dense weight, `x` `[.., K]` -> `[.., N_total]` in `x`'s dtype (checked by the

@@ -427,8 +427,73 @@ __device__ __forceinline__ void sbmm(const DzSegment* segs, uint32_t n_segs, con
   }
 }
 
+// out = base + D (base may be null: out = D), for a delta without a row subset: the dense delta decoded
+// from the v4 bytes, each value by the SPEC formula ((q - z) * s) * global_scale in f32, then added to base
+// and rounded once (bit-identical to the generic `dequantize` kernels). One thread per lane of a packet,
+// the inverse of the re-layout: pair p of lane (g, c) of packet (rt, kb) is register f = p % 4 of step
+// s = p / 4; quant: columns 32 c + 4 s + 2 (f >> 1) + {0, 1} of row 16 rt + g + 8 (f & 1); sparse24: the
+// two kept entries of run 8 s + c + 4 (f >> 1) of the block, at the positions of its metadata nibble
+// (slot 2 g + (f >> 1), word s, nibble c, high half for rows g + 8), the run's other two entries 0. The
+// CPU twin is dz-candle-ops' `relayout::dequantize_v4`. Every element of rows < n_stored and columns < K is
+// written exactly once (the padding past them is skipped).
+template <class C, typename T>
+__device__ __forceinline__ void dequantize(const DzDelta& d, const T* base, T* out) {
+  const uint32_t nkb = (d.k + KB - 1) / KB;
+  const uint64_t packets = uint64_t((d.n_stored + 15) / 16) * nkb;
+  const uint64_t gid = uint64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  const uint64_t packet = gid / 32;
+  if (packet >= packets) return;
+  const uint32_t lane = gid % 32, g = lane / 4, c = lane % 4;
+  const uint32_t rt = uint32_t(packet / nkb), kb = uint32_t(packet % nkb);
+  const uint8_t* codes = reinterpret_cast<const uint8_t*>(d.parts[0]) + packet * C::PACKET;
+  const uint8_t* meta = reinterpret_cast<const uint8_t*>(d.parts[1]) + packet * 256;
+  const uint32_t sw = reinterpret_cast<const uint32_t*>(d.parts[2])[packet * 8 + g];
+  const float scale[2] = {__half2float(__ushort_as_half(uint16_t(sw & 0xffffu))),
+                          __half2float(__ushort_as_half(uint16_t(sw >> 16)))};
+  const float z = float(1u << (C::BITS - 1));
+  constexpr uint32_t mask = (1u << C::BITS) - 1u;
+  auto put = [&](uint32_t row, uint32_t col, float v) {
+    const size_t at = size_t(row) * d.k + col;
+    out[at] = from_f32<T>(base ? to_f32(base[at]) + v : v);
+  };
+#pragma unroll 4
+  for (int p = 0; p < C::STEPS * 4; ++p) {
+    const int s = p / 4, f = p % 4;
+    const int u = p / C::PPW, j = p % C::PPW;
+    const uint32_t off = C::PIECE >= 16 ? (4 * u / 16) * 512 + lane * 16 + (4 * u) % 16 : lane * C::PIECE + 4 * u;
+    const uint32_t w = *reinterpret_cast<const uint32_t*>(codes + off);
+    const uint32_t row = 16 * rt + g + 8 * (f & 1);
+    if (row >= d.n_stored) continue;
+    const float sc = scale[f & 1];
+    const float lo = ((float((w >> (C::BITS * j)) & mask) - z) * sc) * d.global_scale;
+    const float hi = ((float((w >> (16 + C::BITS * j)) & mask) - z) * sc) * d.global_scale;
+    if constexpr (!C::sparse) {
+      const uint32_t col = KB * kb + 32 * c + 4 * s + 2 * (f >> 1);
+      if (col < d.k) {  // K is a multiple of 32: col + 1 < K too
+        put(row, col, lo);
+        put(row, col + 1, hi);
+      }
+    } else {
+      const uint32_t run = 32 * kb + 8 * s + c + 4 * (f >> 1);
+      if (4 * run >= d.k) continue;
+      const uint32_t mw = *reinterpret_cast<const uint32_t*>(meta + (2 * g + (f >> 1)) * 16 + 4 * s);
+      const uint32_t nib = (mw >> (16 * (f & 1) + 4 * c)) & 15u;
+#pragma unroll
+      for (uint32_t q = 0; q < 4; ++q) put(row, 4 * run + q, q == (nib & 3u) ? lo : q == (nib >> 2) ? hi : 0.f);
+    }
+  }
+}
+
 }  // namespace v4
 }  // namespace dz
+
+// dz_v4_<variant>_dequantize_<t>(DzDelta d, const T* base, T* out): out = base + D (base 0: out = D), the
+// generic kernels' `dequantize` signature; 256 threads a block, one per lane of a packet (8 packets).
+#define DZ_V4_DEQUANTIZE(variant, C, T, tname)                                                               \
+  extern "C" __global__ void __launch_bounds__(256)                                                         \
+      dz_v4_##variant##_dequantize_##tname(DzDelta d, const T* base, T* out) {                              \
+    dz::v4::dequantize<C, T>(d, base, out);                                                                  \
+  }
 
 // Entry points: dz_v4_<variant>_matmul_add_<t>_n<NT>, dz_v4_<variant>_sbmm_<t>_n<NT> (NT = 1, 2), with the
 // generic kernels' signatures; the descriptor's parts are the v4 parts (codes, meta, scales). 2 blocks of
@@ -448,7 +513,10 @@ __device__ __forceinline__ void sbmm(const DzSegment* segs, uint32_t n_segs, con
   DZ_V4_ENTRIES(variant, C, __half, f16, 1)         \
   DZ_V4_ENTRIES(variant, C, __half, f16, 2)         \
   DZ_V4_ENTRIES(variant, C, __nv_bfloat16, bf16, 1) \
-  DZ_V4_ENTRIES(variant, C, __nv_bfloat16, bf16, 2)
+  DZ_V4_ENTRIES(variant, C, __nv_bfloat16, bf16, 2) \
+  DZ_V4_DEQUANTIZE(variant, C, float, f32)          \
+  DZ_V4_DEQUANTIZE(variant, C, __half, f16)         \
+  DZ_V4_DEQUANTIZE(variant, C, __nv_bfloat16, bf16)
 
 namespace dz {
 namespace v4 {
