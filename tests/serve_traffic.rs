@@ -53,6 +53,7 @@ fn server() -> (std::sync::MutexGuard<'static, ()>, SocketAddr) {
         // The budgets in the units the server counts: every delta of the family has the same size.
         let file = dz_format::DeltaFile::open(deltas.join("ft-0.dz")).unwrap();
         let one = dz_loader::HostDelta::read("ft-0", &file).unwrap();
+        let cpu = candle_core::Device::Cpu; // the server below runs on the CPU
         let mut text = format!(
             "[base]\npath = {:?}\ndtype = \"f32\"\nname = \"base\"\n",
             family.base
@@ -65,7 +66,7 @@ fn server() -> (std::sync::MutexGuard<'static, ()>, SocketAddr) {
         text += &format!(
             "[runtime]\ndevice = \"cpu\"\ngpu_delta_bytes = {}\ncpu_cache_bytes = {}\n\
              [scheduler]\nmax_seqs = 16\n",
-            2 * one.device_bytes() + one.device_bytes() / 2,
+            2 * one.device_bytes(&cpu) + one.device_bytes(&cpu) / 2,
             3 * one.bytes() + one.bytes() / 2,
         );
         let config = root.join("serve.toml");
