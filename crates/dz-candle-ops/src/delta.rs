@@ -78,6 +78,30 @@ fn checked_layout(
     })
 }
 
+/// What [`DeviceDelta::check_parts`] checked: the address and length of every part. Held next to the
+/// parts (a CPU cache's immutable buffers), it lets [`DeviceDelta::from_checked_parts`] skip the payload
+/// check; any other buffers get the whole check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckedParts {
+    parts: Vec<(usize, usize)>,
+}
+
+impl CheckedParts {
+    fn of(parts: &[&[u8]]) -> Self {
+        Self {
+            parts: parts
+                .iter()
+                .map(|b| (b.as_ptr() as usize, b.len()))
+                .collect(),
+        }
+    }
+
+    /// Whether `parts` are the very buffers checked.
+    fn covers(&self, parts: &[&[u8]]) -> bool {
+        *self == Self::of(parts)
+    }
+}
+
 /// A manifest entry's parts split into the row index (checked) and the codec's parts.
 struct Parsed<'a> {
     n_total: usize,
@@ -219,6 +243,47 @@ impl DeviceDelta {
         device: &Device,
         v4_allowed: bool,
     ) -> Result<Self> {
+        Self::from_parts_checked_as(entry, parts, device, v4_allowed, false)
+    }
+
+    /// Checks `entry`'s parts as [`DeviceDelta::from_parts`] does (the manifest entry, the row index and
+    /// the whole payload check of SPEC.md section 7), without building anything. The answer vouches for
+    /// these very buffers: [`DeviceDelta::from_checked_parts`] then skips the payload check, the costly
+    /// part (it decodes every code: seconds for a 7B model's delta). A CPU cache checks what it reads
+    /// once, so that every upload of it (the first, and each one after a GPU eviction) is a copy.
+    pub fn check_parts(entry: &TensorEntry, parts: &[&[u8]]) -> Result<CheckedParts> {
+        let p = Parsed::of(entry, parts)?;
+        checked_layout(
+            &entry.name,
+            &entry.codec,
+            p.n_stored,
+            p.k,
+            p.codec_parts,
+            |_| false,
+        )?;
+        Ok(CheckedParts::of(parts))
+    }
+
+    /// [`DeviceDelta::from_parts`] for parts that passed [`DeviceDelta::check_parts`]: the cheap checks
+    /// again (entry, row index), not the payload check (unless the codes are re-laid for the v4 kernels,
+    /// which decodes them anyway). Parts other than the ones checked (other buffers or lengths) get the
+    /// whole check.
+    pub fn from_checked_parts(
+        entry: &TensorEntry,
+        parts: &[&[u8]],
+        checked: &CheckedParts,
+        device: &Device,
+    ) -> Result<Self> {
+        Self::from_parts_checked_as(entry, parts, device, true, checked.covers(parts))
+    }
+
+    fn from_parts_checked_as(
+        entry: &TensorEntry,
+        parts: &[&[u8]],
+        device: &Device,
+        v4_allowed: bool,
+        checked: bool,
+    ) -> Result<Self> {
         let p = Parsed::of(entry, parts)?;
         Self::build(
             &entry.name,
@@ -231,6 +296,7 @@ impl DeviceDelta {
             p.codec_parts,
             device,
             v4_allowed,
+            checked,
         )
     }
 
@@ -303,6 +369,7 @@ impl DeviceDelta {
             &refs,
             device,
             true,
+            false,
         )
     }
 
@@ -336,10 +403,18 @@ impl DeviceDelta {
         parts: &[&[u8]],
         device: &Device,
         v4_allowed: bool,
+        checked: bool,
     ) -> Result<Self> {
-        let v4 = checked_layout(name, &codec, n_stored, k, parts, |_| {
-            v4_allowed && device.is_cuda() && crate::v4_kernels()
-        })?;
+        let relayout = v4_allowed
+            && device.is_cuda()
+            && crate::v4_kernels()
+            && crate::relayout::v4_kind(&codec, k).is_some();
+        // Parts checked before (`CheckedParts`) are not unpacked again unless re-laid.
+        let v4 = if checked && !relayout {
+            None
+        } else {
+            checked_layout(name, &codec, n_stored, k, parts, |_| relayout)?
+        };
         let packed: &[&[u8]] = if keeps_packed(v4.is_some(), role) {
             parts
         } else {

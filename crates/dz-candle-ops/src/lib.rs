@@ -117,7 +117,7 @@ pub mod poisoned;
 pub mod reference;
 pub mod relayout;
 
-pub use delta::{DeviceDelta, PreparedDelta, RowSubset};
+pub use delta::{CheckedParts, DeviceDelta, PreparedDelta, RowSubset};
 pub use error::{OpError, Result};
 pub use ops::{
     delta_matmul, delta_matmul_add, dense_rows, dequantize, embedding_delta_add, merge, sbmm,

@@ -438,3 +438,51 @@ fn a_packed_only_build_is_the_same_delta_to_merge_and_dequantize() {
     let (a, b) = (dequantize(&packed).unwrap(), dequantize(&usual).unwrap());
     assert_eq!(a.to_vec2::<f32>().unwrap(), b.to_vec2::<f32>().unwrap());
 }
+
+#[test]
+fn checked_parts_skip_only_the_check_they_vouch_for() {
+    let p = payload(
+        Cfg::Sparse24 {
+            bits: 4,
+            group: 128,
+            sym: true,
+        },
+        8,
+        256,
+        11,
+    );
+    let parts = p.pack().unwrap();
+    let refs: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
+    let entry = entry_for(&p, Role::Linear, None, &parts);
+    let checked = DeviceDelta::check_parts(&entry, &refs).unwrap();
+    let x = f32s(&[3, 256]);
+    let want = delta_matmul(
+        &x,
+        &DeviceDelta::from_parts(&entry, &refs, &Device::Cpu).unwrap(),
+    )
+    .unwrap()
+    .to_vec2::<f32>()
+    .unwrap();
+    let fast = DeviceDelta::from_checked_parts(&entry, &refs, &checked, &Device::Cpu).unwrap();
+    assert_eq!(
+        delta_matmul(&x, &fast).unwrap().to_vec2::<f32>().unwrap(),
+        want
+    );
+
+    // A corrupt payload (a 2:4 position pair not increasing) fails the check by name ...
+    let mut bad = parts.clone();
+    let meta = bad.len() - 1;
+    bad[meta].iter_mut().for_each(|b| *b = 0xFF);
+    let bad_refs: Vec<&[u8]> = bad.iter().map(Vec::as_slice).collect();
+    let e = DeviceDelta::check_parts(&entry, &bad_refs).unwrap_err();
+    assert!(
+        matches!(e, dz_candle_ops::OpError::Format { ref tensor, .. } if tensor == "w"),
+        "{e}"
+    );
+    // ... and the token of the good parts does not vouch for other buffers: they get the whole check.
+    let e = DeviceDelta::from_checked_parts(&entry, &bad_refs, &checked, &Device::Cpu).unwrap_err();
+    assert!(
+        matches!(e, dz_candle_ops::OpError::Format { ref tensor, .. } if tensor == "w"),
+        "{e}"
+    );
+}

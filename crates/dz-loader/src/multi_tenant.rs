@@ -3,7 +3,7 @@
 //! batch in one SBMM).
 //!
 //! A fine-tune's deltas travel in two forms: [`HostDelta`] (its tensors' packed bytes in CPU memory,
-//! checksums verified: what a CPU cache holds) and [`FineTuneDeltas`] (the same on a device, ready for
+//! checksums verified and payloads checked once: what a CPU cache holds) and [`FineTuneDeltas`] (the same on a device, ready for
 //! the ops). The [`DeltaRegistry`] maps fine-tune names to the resident [`FineTuneDeltas`] and may change
 //! at run time (hot load, eviction). Installed as the host's [`LinearHook`] (seam 4,
 //! `host/patches/mistralrs-quant/0002-linear-hook.patch` and `mistralrs-core/0004-module-hooks.patch`),
@@ -21,7 +21,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
 use candle_core::{DType, Device, Result as CResult, Tensor};
-use dz_candle_ops::{embedding_delta_add, sbmm, DeviceDelta, PreparedDelta, Segment};
+use dz_candle_ops::{embedding_delta_add, sbmm, CheckedParts, DeviceDelta, PreparedDelta, Segment};
 use dz_format::shard::{shard_range, tensor_split, tp_layer, TpLayer};
 use dz_format::{DeltaFile, Manifest, Role, TensorData, TensorEntry};
 use mistralrs_quant::{
@@ -51,6 +51,18 @@ struct HostTensor {
     entry: TensorEntry,
     parts: Vec<Vec<u8>>,
     prepared: Option<PreparedDelta>,
+    /// The payload check of `parts`, made once when read (not for dense tensors).
+    checked: Option<CheckedParts>,
+}
+
+impl HostTensor {
+    /// The whole tensor on `device`, without the payload check when it was made at read.
+    fn build(&self, parts: &[&[u8]], device: &Device) -> dz_candle_ops::Result<DeviceDelta> {
+        match &self.checked {
+            Some(c) => DeviceDelta::from_checked_parts(&self.entry, parts, c, device),
+            None => DeviceDelta::from_parts(&self.entry, parts, device),
+        }
+    }
 }
 
 /// A fine-tune's delta in CPU memory: every non-zero tensor's packed parts, read from its file with
@@ -75,8 +87,10 @@ impl fmt::Debug for HostDelta {
 }
 
 impl HostDelta {
-    /// Reads the delta of fine-tune `name` from `file`. Tensors stored as `full` values cannot be served
-    /// on a shared base and are refused.
+    /// Reads the delta of fine-tune `name` from `file`, checksums verified and every payload checked
+    /// (SPEC.md section 7) once, here: its uploads then only copy (session 8: re-checking each upload
+    /// took seconds per 7B delta). Tensors stored as `full` values cannot be served on a shared base and
+    /// are refused.
     pub fn read(name: &str, file: &DeltaFile) -> Result<Self> {
         Self::read_as(name, file, false)
     }
@@ -116,12 +130,24 @@ impl HostDelta {
                 Some(_) => Vec::new(),
                 None => data.parts.into_iter().map(|p| p.into_owned()).collect(),
             };
+            // Checked once here, on the buffers kept: every upload of them is then a copy.
+            let checked = match (&prepared, t.role) {
+                (None, Role::Linear | Role::LmHead | Role::Embedding) => {
+                    let refs: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
+                    Some(
+                        DeviceDelta::check_parts(t, &refs)
+                            .map_err(|e| Error::Host(format!("{name}: {e}")))?,
+                    )
+                }
+                _ => None,
+            };
             bytes += parts.iter().map(|p| p.len() as u64).sum::<u64>();
             bytes += prepared.as_ref().map_or(0, |p| p.nbytes() as u64);
             tensors.push(HostTensor {
                 entry: t.clone(),
                 parts,
                 prepared,
+                checked,
             });
         }
         let mut manifest = file.manifest().clone();
@@ -245,7 +271,7 @@ impl HostDelta {
                             )));
                         }
                         (_, Some(p)) => DeviceDelta::from_prepared(p, device),
-                        (None, None) => DeviceDelta::from_parts(&t.entry, &parts, device),
+                        (None, None) => t.build(&parts, device),
                         (Some((axis, range)), None) => {
                             let shard = shard_range(&t.entry, &parts, *axis, range.clone())?;
                             DeviceDelta::from_shard(&shard, device)
@@ -256,8 +282,7 @@ impl HostDelta {
                     out.linear.insert(module.to_string(), d);
                 }
                 (Role::Embedding, false) => {
-                    let d =
-                        DeviceDelta::from_parts(&t.entry, &parts, device).map_err(|e| host(&e))?;
+                    let d = t.build(&parts, device).map_err(|e| host(&e))?;
                     out.bytes += d.nbytes() as u64;
                     out.embedding.insert(module.to_string(), d);
                 }
