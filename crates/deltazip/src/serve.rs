@@ -89,8 +89,9 @@ pub struct ServeArgs {
     pub dry_run: bool,
     /// Experimental (issue #5; checked on an H200, 1.5x faster sbmm over 32 deltas x 1 row than v3):
     /// the v4 delta kernels. Deltas of the codecs they take (quant and 2:4 sparse, 2 and 4 bits,
-    /// symmetric) are re-laid at upload and keep only that layout on the GPU (the same bytes); every
-    /// matmul of theirs, decode and prefill, takes the v4 kernels. No effect on the CPU.
+    /// symmetric) are re-laid when the CPU cache reads them and keep only that layout on the GPU (the
+    /// same bytes); their matmuls take the v4 kernels, but for --dense-rows rows and more of one
+    /// fine-tune (prefill). No effect on the CPU.
     #[arg(long)]
     pub v4_kernels: bool,
     /// With --v4-kernels: keep each delta's packed parts on the GPU besides the v4 layout (twice the
@@ -98,6 +99,11 @@ pub struct ServeArgs {
     /// rows, prefill) take the faster tensor-core v3 kernels; the v4 kernels keep 1-4 rows.
     #[arg(long, requires = "v4_kernels")]
     pub v4_keep_packed: bool,
+    /// From this many input rows of one fine-tune in a step (prefill), a delta is merged into a dense
+    /// weight once and multiplied with one cuBLAS matmul instead of the delta kernels (CUDA, f16/bf16).
+    /// 0: never.
+    #[arg(long, default_value_t = dz_loader::DEFAULT_DENSE_ROWS)]
+    pub dense_rows: usize,
 }
 
 impl ServeArgs {
@@ -113,6 +119,7 @@ impl ServeArgs {
             dry_run: false,
             v4_kernels: false,
             v4_keep_packed: false,
+            dense_rows: dz_loader::DEFAULT_DENSE_ROWS,
         }
     }
 }
@@ -448,8 +455,9 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
 /// Loads the config and starts serving it on `args.host:args.port` (returns once listening).
 pub fn start(args: &ServeArgs) -> Result<Running> {
     let (config, deltas) = dz_loader::Config::load(&args.config)?;
+    dz_loader::set_dense_rows(args.dense_rows);
     if args.v4_kernels {
-        // Before any delta is uploaded: the v4 layout is made at upload.
+        // Before any delta is read: the v4 layout is made when the CPU cache reads it.
         dz_loader::set_v4_kernels(true);
         dz_loader::set_v4_keep_packed(args.v4_keep_packed);
     }

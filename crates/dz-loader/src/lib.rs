@@ -39,6 +39,10 @@ pub use dz_candle_ops::set_v4_keep_packed;
 /// deltas uploaded while it is on keep only the v4 layout on the GPU), for servers that turn it on
 /// before any delta is uploaded.
 pub use dz_candle_ops::set_v4_kernels;
+/// From how many input rows of one delta the CUDA ops take the dense route (the delta merged into a
+/// dense weight, then one cuBLAS matmul; see `dz_candle_ops::set_dense_rows`; `deltazip serve
+/// --dense-rows`).
+pub use dz_candle_ops::{set_dense_rows, DEFAULT_DENSE_ROWS};
 pub use engines::{EngineBudget, EngineLease, EngineSwap, EngineSwapStats, GpuRoom};
 pub use error::{Error, Result};
 pub use host::{Engine, GeneratedToken, Generation, KvCache};
