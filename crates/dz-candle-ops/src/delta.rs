@@ -56,8 +56,9 @@ fn keeps_packed(has_v4: bool, role: Option<Role>) -> bool {
 }
 
 /// The whole check of SPEC.md section 7 for a payload's parts; then, when `relayout` says so for the
-/// codec, its codes re-laid for the v4 kernels (`None`: the kernels do not take the codec, or not asked).
-/// The logical form is dropped either way.
+/// codec, its codes re-laid for the v4 kernels. `None`: the kernels do not take the codec, or not asked;
+/// then the check streams over the packed bytes (`Payload::check`, ~30x faster than unpacking sparse24)
+/// and no logical form is built.
 fn checked_layout(
     name: &str,
     codec: &Codec,
@@ -66,16 +67,16 @@ fn checked_layout(
     parts: &[&[u8]],
     relayout: impl Fn(&Codec) -> bool,
 ) -> Result<Option<V4Layout>> {
-    let payload =
-        Payload::unpack(name, codec, n_stored, k, parts).map_err(|source| OpError::Format {
-            tensor: name.to_string(),
-            source,
-        })?;
-    Ok(if relayout(codec) {
-        crate::relayout::relayout_v4(&payload)
-    } else {
-        None
-    })
+    let fmt = |source| OpError::Format {
+        tensor: name.to_string(),
+        source,
+    };
+    if !relayout(codec) {
+        Payload::check(name, codec, n_stored, k, parts).map_err(fmt)?;
+        return Ok(None);
+    }
+    let payload = Payload::unpack(name, codec, n_stored, k, parts).map_err(fmt)?;
+    Ok(crate::relayout::relayout_v4(&payload))
 }
 
 /// What [`DeviceDelta::check_parts`] checked: the address and length of every part. Held next to the

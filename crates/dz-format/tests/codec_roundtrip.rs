@@ -293,6 +293,47 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(4 * CASES))]
+
+    /// `Payload::check` (streaming, on the packed bytes) says what `unpack` says: Ok exactly when it
+    /// succeeds, its error when it fails, for valid payloads and for bit flips, truncations and extra
+    /// bytes in any part (the serving codecs quant and sparse24 take the streaming path; the others
+    /// are unpacked).
+    #[test]
+    fn check_agrees_with_unpack(
+        p in prop_oneof![quant(), sparse24(), sparse(), sign1()],
+        flips in prop::collection::vec((any::<prop::sample::Index>(), any::<prop::sample::Index>(), 0u8..8), 0..3),
+        cut in prop::option::of((any::<prop::sample::Index>(), 0usize..3, any::<bool>())),
+    ) {
+        let (rows, cols) = p.dims();
+        let mut parts = p.pack().unwrap();
+        let n_parts = parts.len();
+        for (part, byte, bit) in flips {
+            let part = &mut parts[part.index(n_parts)];
+            if !part.is_empty() {
+                let i = byte.index(part.len());
+                part[i] ^= 1 << bit;
+            }
+        }
+        if let Some((part, n, grow)) = cut {
+            let part = &mut parts[part.index(n_parts)];
+            if grow {
+                part.extend(std::iter::repeat_n(0u8, n + 1));
+            } else {
+                part.truncate(part.len().saturating_sub(n + 1));
+            }
+        }
+        let refs = as_refs(&parts);
+        let unpacked = Payload::unpack("t", &p.codec(), rows, cols, &refs).map(|_| ());
+        let checked = Payload::check("t", &p.codec(), rows, cols, &refs);
+        prop_assert_eq!(
+            checked.as_ref().map_err(|e| e.to_string()),
+            unpacked.as_ref().map_err(|e| e.to_string())
+        );
+    }
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // Negative tests: each bad payload gives its named error.
 

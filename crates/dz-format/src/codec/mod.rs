@@ -216,34 +216,7 @@ impl Payload {
         cols: usize,
         parts: &[&[u8]],
     ) -> Result<Payload> {
-        check_dims(tensor, rows, cols)?;
-        check_codec(tensor, codec, cols)?;
-        let layout = part_layout(tensor, codec, rows, cols, false)?;
-        if parts.len() != layout.len() {
-            let names: Vec<_> = layout.iter().map(|p| p.name).collect();
-            return Err(Error::InvalidPart {
-                tensor: tensor.to_string(),
-                part: layout.get(parts.len()).map_or("", |p| p.name).to_string(),
-                reason: format!(
-                    "codec {} has {} parts ({}), got {}",
-                    codec.kind(),
-                    layout.len(),
-                    names.join(", "),
-                    parts.len()
-                ),
-            });
-        }
-        for (spec, part) in layout.iter().zip(parts) {
-            if let PartLen::Exact(len) = spec.len {
-                if part.len() != len {
-                    return Err(invalid_part(
-                        tensor,
-                        spec.name,
-                        format!("is {} bytes but the layout needs {len}", part.len()),
-                    ));
-                }
-            }
-        }
+        check_parts_layout(tensor, codec, rows, cols, parts)?;
         Ok(match codec {
             Codec::Dense { dtype } => Payload::Dense(Dense::unpack(*dtype, rows, cols, parts)?),
             Codec::Quant(p) => Payload::Quant(Quant::unpack(tensor, p, rows, cols, parts)?),
@@ -258,6 +231,82 @@ impl Payload {
         })
     }
 
+    /// [`Payload::unpack`]'s verdict without its result: `Ok(())` exactly when `unpack` succeeds, and
+    /// `unpack`'s error when it fails. For `quant` and `sparse24` (the codecs served on GPUs) the checks
+    /// run on the packed bytes as they stream (row lengths, zero padding, the 2:4 metadata nibbles, the
+    /// grid), without building the logical form (a byte per code, the positions): what a server checks
+    /// once per delta it reads. Any failure, and every other codec, is answered by `unpack` itself, so
+    /// both say the same thing.
+    pub fn check(
+        tensor: &str,
+        codec: &Codec,
+        rows: usize,
+        cols: usize,
+        parts: &[&[u8]],
+    ) -> Result<()> {
+        let passes = check_parts_layout(tensor, codec, rows, cols, parts).is_ok()
+            && match codec {
+                Codec::Quant(p) => {
+                    rows_pass(parts[0], rows, cols, p.bits)
+                        && Grid::unpack(tensor, p, cols, &parts[1..]).is_ok()
+                }
+                Codec::Sparse24(p) => {
+                    let runs = cols / 4;
+                    rows_pass(parts[0], rows, cols / 2, p.bits)
+                        && rows_pass(parts[1], rows, runs, 4)
+                        && sparse24::nibbles_pass(parts[1], rows, runs)
+                        && Grid::unpack(tensor, p, cols, &parts[2..]).is_ok()
+                }
+                _ => false,
+            };
+        if passes {
+            return Ok(());
+        }
+        Payload::unpack(tensor, codec, rows, cols, parts).map(|_| ())
+    }
+}
+
+/// The checks of [`Payload::unpack`] before any part is decoded: dimensions, codec parameters, the
+/// number of parts and the exact lengths the layout fixes.
+fn check_parts_layout(
+    tensor: &str,
+    codec: &Codec,
+    rows: usize,
+    cols: usize,
+    parts: &[&[u8]],
+) -> Result<()> {
+    check_dims(tensor, rows, cols)?;
+    check_codec(tensor, codec, cols)?;
+    let layout = part_layout(tensor, codec, rows, cols, false)?;
+    if parts.len() != layout.len() {
+        let names: Vec<_> = layout.iter().map(|p| p.name).collect();
+        return Err(Error::InvalidPart {
+            tensor: tensor.to_string(),
+            part: layout.get(parts.len()).map_or("", |p| p.name).to_string(),
+            reason: format!(
+                "codec {} has {} parts ({}), got {}",
+                codec.kind(),
+                layout.len(),
+                names.join(", "),
+                parts.len()
+            ),
+        });
+    }
+    for (spec, part) in layout.iter().zip(parts) {
+        if let PartLen::Exact(len) = spec.len {
+            if part.len() != len {
+                return Err(invalid_part(
+                    tensor,
+                    spec.name,
+                    format!("is {} bytes but the layout needs {len}", part.len()),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+impl Payload {
     /// The values as `rows * cols` f32, row-major: the SPEC.md section 3 formulas exactly
     /// (`((q as f32) - z) * (s as f32) * global_scale`, in that order), zero for entries a sparse codec
     /// does not store.
@@ -421,6 +470,19 @@ fn unpack_rows(
         }
     }
     Ok(out)
+}
+
+/// Whether [`unpack_rows`] would accept `src` (its length, every row's zero padding), without unpacking.
+fn rows_pass(src: &[u8], rows: usize, per_row: usize, bits: u8) -> bool {
+    let Some(row_bytes) = stride(per_row, bits) else {
+        return false;
+    };
+    rows.checked_mul(per_row).is_some()
+        && rows.checked_mul(row_bytes) == Some(src.len())
+        && (row_bytes == 0
+            || src
+                .chunks_exact(row_bytes)
+                .all(|row| bits::padding_is_zero(row, per_row, bits)))
 }
 
 fn nonzero_padding(tensor: &str, part: &str, row: usize) -> Error {

@@ -19,6 +19,35 @@ pub(super) fn meta_positions(nibble: u8) -> Option<(u8, u8)> {
     (nibble < 16 && i0 < i1).then_some((i0, i1))
 }
 
+/// Whether every metadata nibble of `rows` rows of `runs` nibbles (4-bit rows, packed from the low
+/// nibble up, padded to `stride`) names two positions `i0 < i1`: what [`Sparse24::unpack`] checks, on
+/// the packed bytes. Lengths and padding are checked apart.
+pub(super) fn nibbles_pass(meta: &[u8], rows: usize, runs: usize) -> bool {
+    // A byte of two data nibbles passes when both do.
+    const fn table() -> [bool; 256] {
+        let mut t = [false; 256];
+        let mut b = 0;
+        while b < 256 {
+            let (lo, hi) = (b & 15, b >> 4);
+            t[b] = (lo & 3) < ((lo >> 2) & 3) && (hi & 3) < ((hi >> 2) & 3);
+            b += 1;
+        }
+        t
+    }
+    const BYTE_PASSES: [bool; 256] = table();
+    let Some(row_bytes) = crate::layout::stride(runs, 4) else {
+        return false;
+    };
+    if rows == 0 || runs == 0 {
+        return true;
+    }
+    meta.chunks_exact(row_bytes).take(rows).all(|row| {
+        let full = &row[..runs / 2];
+        full.iter().all(|&b| BYTE_PASSES[b as usize])
+            && (runs % 2 == 0 || meta_positions(row[runs / 2] & 15).is_some())
+    })
+}
+
 impl Sparse24 {
     pub(super) fn validate(&self, tensor: &str) -> Result<()> {
         // check_codec has checked cols % 4 == 0.
