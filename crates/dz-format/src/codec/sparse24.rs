@@ -44,7 +44,7 @@ pub(super) fn nibbles_pass(meta: &[u8], rows: usize, runs: usize) -> bool {
     meta.chunks_exact(row_bytes).take(rows).all(|row| {
         let full = &row[..runs / 2];
         full.iter().all(|&b| BYTE_PASSES[b as usize])
-            && (runs % 2 == 0 || meta_positions(row[runs / 2] & 15).is_some())
+            && (runs.is_multiple_of(2) || meta_positions(row[runs / 2] & 15).is_some())
     })
 }
 
