@@ -55,10 +55,10 @@ fn keeps_packed(has_v4: bool, role: Option<Role>) -> bool {
     !has_v4 || crate::v4_keep_packed() || role == Some(Role::Embedding)
 }
 
-/// The whole check of SPEC.md section 7 for a payload's parts; then, when `relayout` says so for the
-/// codec, its codes re-laid for the v4 kernels. `None`: the kernels do not take the codec, or not asked;
-/// then the check streams over the packed bytes (`Payload::check`, ~30x faster than unpacking sparse24)
-/// and no logical form is built.
+/// The whole check of SPEC.md section 7 for a payload's parts (`Payload::check`, streaming over the
+/// packed bytes: ~30x faster than unpacking sparse24); then, when `relayout` says so for the codec, its
+/// codes re-laid for the v4 kernels straight from the packed parts (`None`: the kernels do not take the
+/// codec, or not asked). No logical form is built.
 fn checked_layout(
     name: &str,
     codec: &Codec,
@@ -67,16 +67,15 @@ fn checked_layout(
     parts: &[&[u8]],
     relayout: impl Fn(&Codec) -> bool,
 ) -> Result<Option<V4Layout>> {
-    let fmt = |source| OpError::Format {
+    Payload::check(name, codec, n_stored, k, parts).map_err(|source| OpError::Format {
         tensor: name.to_string(),
         source,
-    };
-    if !relayout(codec) {
-        Payload::check(name, codec, n_stored, k, parts).map_err(fmt)?;
-        return Ok(None);
-    }
-    let payload = Payload::unpack(name, codec, n_stored, k, parts).map_err(fmt)?;
-    Ok(crate::relayout::relayout_v4(&payload))
+    })?;
+    Ok(if relayout(codec) {
+        crate::relayout::relayout_v4_packed(codec, n_stored, k, parts)
+    } else {
+        None
+    })
 }
 
 /// What [`DeviceDelta::check_parts`] checked: the address and length of every part. Held next to the

@@ -136,14 +136,128 @@ pub fn packets(n_stored: usize, k: usize) -> (usize, usize) {
     (k.div_ceil(V4_BLOCK_COLS), n_stored.div_ceil(V4_TILE_ROWS))
 }
 
+/// Where the re-layout reads a delta's codes, metadata nibbles and scales: its logical form
+/// ([`relayout_v4`]) or its packed parts as a file stores them ([`relayout_v4_packed`]).
+struct Source<'a> {
+    /// `(bytes, row stride, bits)`: packed rows of `bits`-bit codes (`bits` 8 for one byte a code).
+    codes: (&'a [u8], usize, u32),
+    /// The same for the 2:4 metadata: one nibble a run (packed), or the positions (two bytes a run).
+    meta: Option<Meta<'a>>,
+    /// The f16 scales, row-major, `n_groups` a row.
+    scales: Scales<'a>,
+    n_groups: usize,
+    group: usize,
+}
+
+enum Meta<'a> {
+    Positions(&'a [u8]),
+    Packed(&'a [u8], usize),
+}
+
+enum Scales<'a> {
+    Values(&'a [f16]),
+    Bytes(&'a [u8]),
+}
+
+impl Source<'_> {
+    /// Code `idx` of stored row `row`.
+    fn code(&self, row: usize, idx: usize) -> u32 {
+        let (src, stride, bits) = self.codes;
+        if bits == 8 {
+            return u32::from(src[row * stride + idx]);
+        }
+        let bit = idx * bits as usize;
+        let at = row * stride + bit / 8;
+        let shift = bit % 8;
+        let mut w = u32::from(src[at]);
+        if shift + bits as usize > 8 {
+            w |= u32::from(src[at + 1]) << 8;
+        }
+        (w >> shift) & ((1 << bits) - 1)
+    }
+
+    /// The metadata nibble (`i0 | i1 << 2`) of run `run` of row `row` (per-row runs `runs`).
+    fn nibble(&self, row: usize, run: usize, runs: usize) -> u32 {
+        match &self.meta {
+            Some(Meta::Positions(p)) => {
+                let at = row * 2 * runs + 2 * run;
+                u32::from(p[at]) | (u32::from(p[at + 1]) << 2)
+            }
+            Some(Meta::Packed(m, stride)) => {
+                u32::from(m[row * stride + run / 2] >> (4 * (run % 2))) & 15
+            }
+            None => 0x4,
+        }
+    }
+
+    /// The f16 bits of the scale of row `row` for the block starting at column `col`.
+    fn scale(&self, row: usize, col: usize) -> u16 {
+        let gi = col.checked_div(self.group).unwrap_or(0);
+        let i = row * self.n_groups + gi;
+        match self.scales {
+            Scales::Values(v) => v[i].to_bits(),
+            Scales::Bytes(b) => u16::from_le_bytes([b[2 * i], b[2 * i + 1]]),
+        }
+    }
+}
+
 /// The v4 layout of a validated payload, or `None` when the v4 kernels do not take its codec.
 pub fn relayout_v4(payload: &Payload) -> Option<V4Layout> {
     let codec = payload.codec();
     let (n, k) = payload.dims();
-    let kind = v4_kind(&codec, k)?;
-    let (grid, bits) = match payload {
-        Payload::Quant(q) => (&q.grid, q.grid.params.bits as u32),
-        Payload::Sparse24(s) => (&s.grid, s.grid.params.bits as u32),
+    let (grid, codes, meta) = match payload {
+        Payload::Quant(q) => (&q.grid, (&q.codes[..], k, 8), None),
+        Payload::Sparse24(s) => (
+            &s.grid,
+            (&s.codes[..], k / 2, 8),
+            Some(Meta::Positions(&s.positions[..])),
+        ),
+        _ => return None,
+    };
+    let src = Source {
+        codes,
+        meta,
+        scales: Scales::Values(&grid.scales),
+        n_groups: grid.scales.len() / n.max(1),
+        group: grid.params.group_size as usize,
+    };
+    relayout_from(&codec, n, k, &src)
+}
+
+/// [`relayout_v4`] straight from the packed parts of a payload that passed `Payload::check` (SPEC.md
+/// section 4's order: codes, then for sparse24 the metadata, then the scales), without unpacking them: a
+/// byte per code and the positions for a 7B delta are gigabytes. `None` when the v4 kernels do not take
+/// the codec. Gives the same bytes as `relayout_v4(&Payload::unpack(..))` (tested).
+pub fn relayout_v4_packed(codec: &Codec, n: usize, k: usize, parts: &[&[u8]]) -> Option<V4Layout> {
+    v4_kind(codec, k)?;
+    let p = match codec {
+        Codec::Quant(p) | Codec::Sparse24(p) => p,
+        _ => return None,
+    };
+    let bits = u32::from(p.bits);
+    let stride = |per_row: usize, b: u8| dz_format::layout::stride(per_row, b);
+    let (codes, meta, scales) = match codec {
+        Codec::Quant(_) => ((parts[0], stride(k, p.bits)?, bits), None, parts[1]),
+        _ => (
+            (parts[0], stride(k / 2, p.bits)?, bits),
+            Some(Meta::Packed(parts[1], stride(k / 4, 4)?)),
+            parts[2],
+        ),
+    };
+    let src = Source {
+        codes,
+        meta,
+        scales: Scales::Bytes(scales),
+        n_groups: p.n_groups(k),
+        group: p.group_size as usize,
+    };
+    relayout_from(codec, n, k, &src)
+}
+
+fn relayout_from(codec: &Codec, n: usize, k: usize, src: &Source<'_>) -> Option<V4Layout> {
+    let kind = v4_kind(codec, k)?;
+    let bits = match codec {
+        Codec::Quant(p) | Codec::Sparse24(p) => u32::from(p.bits),
         _ => return None,
     };
     let (n_kb, n_rt) = packets(n, k);
@@ -161,24 +275,23 @@ pub fn relayout_v4(payload: &Payload) -> Option<V4Layout> {
         if row >= n {
             return pad;
         }
-        match payload {
-            Payload::Quant(q) => {
+        match kind {
+            V4Kind::Quant => {
                 let col = at + h;
                 if col < k {
-                    u32::from(q.codes[row * k + col])
+                    src.code(row, col)
                 } else {
                     pad
                 }
             }
-            Payload::Sparse24(s) => {
+            V4Kind::Sparse24 => {
                 let run = at;
                 if 4 * run < k {
-                    u32::from(s.codes[row * (k / 2) + 2 * run + h])
+                    src.code(row, 2 * run + h)
                 } else {
                     pad
                 }
             }
-            _ => pad,
         }
     };
     // Row tiles in parallel (a 7B model's deltas hold billions of codes).
@@ -205,14 +318,13 @@ pub fn relayout_v4(payload: &Payload) -> Option<V4Layout> {
             }
         });
     let mut meta = Vec::new();
-    if let Payload::Sparse24(s) = payload {
+    if kind == V4Kind::Sparse24 {
         meta = vec![0u8; n_rt * n_kb * V4_META_PACKET];
         let nibble = |row: usize, run: usize| -> u32 {
             if row >= n || 4 * run >= k {
                 return 0x4;
             }
-            let at = row * (k / 2) + 2 * run;
-            u32::from(s.positions[at]) | (u32::from(s.positions[at + 1]) << 2)
+            src.nibble(row, run, k / 4)
         };
         meta.par_chunks_mut(n_kb * V4_META_PACKET)
             .enumerate()
@@ -236,15 +348,12 @@ pub fn relayout_v4(payload: &Payload) -> Option<V4Layout> {
                 }
             });
     }
-    let n_groups = grid.scales.len() / n.max(1);
-    let group = grid.params.group_size as usize;
     let mut scales = vec![0u8; n_rt * n_kb * V4_SCALE_PACKET];
     let scale = |row: usize, kb: usize| -> u16 {
         if row >= n {
             return 0;
         }
-        let gi = (V4_BLOCK_COLS * kb).checked_div(group).unwrap_or(0);
-        grid.scales[row * n_groups + gi].to_bits()
+        src.scale(row, V4_BLOCK_COLS * kb)
     };
     for rt in 0..n_rt {
         for kb in 0..n_kb {
@@ -624,6 +733,18 @@ mod tests {
             for (i, (a, b)) in got.iter().zip(&want).enumerate() {
                 assert_eq!(a.to_bits(), b.to_bits(), "{name}: element {i}: {a} vs {b}");
             }
+        }
+    }
+
+    #[test]
+    fn relayout_from_the_packed_parts_is_the_same() {
+        for (name, payload) in cases() {
+            let (n, k) = payload.dims();
+            let parts = payload.pack().unwrap();
+            let refs: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
+            let packed = relayout_v4_packed(&payload.codec(), n, k, &refs);
+            assert_eq!(packed, relayout_v4(&payload), "{name}");
+            assert!(packed.is_some(), "{name}");
         }
     }
 
