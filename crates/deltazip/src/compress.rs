@@ -55,7 +55,8 @@ pub struct CompressArgs {
     pub target_ratio: Option<f64>,
     /// How --target-ratio with --method obs ranks tensors against each other: `absolute` (calibrated
     /// output errors), `weighted` (calibrated errors relative to each delta, times its size) or `auto`
-    /// (both, keeping the file closer to the fine-tune on the calibration windows; twice the time).
+    /// (both, keeping the file closer to the fine-tune on the calibration windows; a second writing
+    /// pass, the errors are measured once).
     #[arg(long, default_value = "auto", value_parser = parse_budget_error)]
     pub budget_error: BudgetError,
     /// Calibration text file (default: a built-in mix of English prose and Python).
