@@ -168,6 +168,18 @@ fn as_refs(parts: &[Vec<u8>]) -> Vec<&[u8]> {
     parts.iter().map(Vec::as_slice).collect()
 }
 
+/// Flips bit `bit` of byte `byte` of part `part`, for each flip (empty parts are left alone).
+fn flip_bits(parts: &mut [Vec<u8>], flips: &[(prop::sample::Index, prop::sample::Index, u8)]) {
+    let n_parts = parts.len();
+    for (part, byte, bit) in flips {
+        let part = &mut parts[part.index(n_parts)];
+        if !part.is_empty() {
+            let i = byte.index(part.len());
+            part[i] ^= 1 << bit;
+        }
+    }
+}
+
 fn bits_of(v: &[f32]) -> Vec<u32> {
     v.iter().map(|x| x.to_bits()).collect()
 }
@@ -274,14 +286,7 @@ proptest! {
     ) {
         let (rows, cols) = p.dims();
         let mut parts = p.pack().unwrap();
-        let n_parts = parts.len();
-        for (part, byte, bit) in flips {
-            let part = &mut parts[part.index(n_parts)];
-            if !part.is_empty() {
-                let i = byte.index(part.len());
-                part[i] ^= 1 << bit;
-            }
-        }
+        flip_bits(&mut parts, &flips);
         if let Payload::Sparse(_) = p {
             parts[2].extend(noise.iter().take(noise[0] as usize % 4));
         }
@@ -309,13 +314,7 @@ proptest! {
         let (rows, cols) = p.dims();
         let mut parts = p.pack().unwrap();
         let n_parts = parts.len();
-        for (part, byte, bit) in flips {
-            let part = &mut parts[part.index(n_parts)];
-            if !part.is_empty() {
-                let i = byte.index(part.len());
-                part[i] ^= 1 << bit;
-            }
-        }
+        flip_bits(&mut parts, &flips);
         if let Some((part, n, grow)) = cut {
             let part = &mut parts[part.index(n_parts)];
             if grow {
