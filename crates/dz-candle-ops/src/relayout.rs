@@ -224,11 +224,17 @@ pub fn relayout_v4(payload: &Payload) -> Option<V4Layout> {
     relayout_from(&codec, n, k, &src)
 }
 
-/// [`relayout_v4`] straight from the packed parts of a payload that passed `Payload::check` (SPEC.md
-/// section 4's order: codes, then for sparse24 the metadata, then the scales), without unpacking them: a
-/// byte per code and the positions for a 7B delta are gigabytes. `None` when the v4 kernels do not take
-/// the codec. Gives the same bytes as `relayout_v4(&Payload::unpack(..))` (tested).
-pub fn relayout_v4_packed(codec: &Codec, n: usize, k: usize, parts: &[&[u8]]) -> Option<V4Layout> {
+/// [`relayout_v4`] straight from the packed parts (SPEC.md section 4's order: codes, then for sparse24
+/// the metadata, then the scales), without unpacking them: a byte per code and the positions for a 7B
+/// delta are gigabytes. The parts must have passed `Payload::check`, which this does not repeat (hence
+/// crate-private). `None` when the v4 kernels do not take the codec. Gives the same bytes as
+/// `relayout_v4(&Payload::unpack(..))` (tested).
+pub(crate) fn relayout_v4_packed(
+    codec: &Codec,
+    n: usize,
+    k: usize,
+    parts: &[&[u8]],
+) -> Option<V4Layout> {
     v4_kind(codec, k)?;
     let p = match codec {
         Codec::Quant(p) | Codec::Sparse24(p) => p,
