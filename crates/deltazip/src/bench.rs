@@ -61,8 +61,8 @@ pub struct BenchQualityArgs {
     /// budget, and at 4 bits SmolLM2's alone (21% of its weights) cap the file near 7x.
     #[arg(long, default_value_t = 2)]
     pub target_embed_bits: u8,
-    /// How the target-ratio recipes (tNN) with obs rank tensors: absolute, weighted or auto (both,
-    /// keeping the one closer to the fine-tune on the calibration windows).
+    /// How the target-ratio recipes (tNN) with obs rank tensors: absolute, weighted, plain (RTN's
+    /// ranking) or auto (all three, keeping the one closest to the fine-tune on the calibration windows).
     #[arg(long, default_value = "auto", value_parser = crate::compress::parse_budget_error)]
     pub budget_error: dz_compress::pipeline::BudgetError,
     /// Calibration windows.

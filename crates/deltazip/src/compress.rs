@@ -54,9 +54,10 @@ pub struct CompressArgs {
     #[arg(long, value_name = "R")]
     pub target_ratio: Option<f64>,
     /// How --target-ratio with --method obs ranks tensors against each other: `absolute` (calibrated
-    /// output errors), `weighted` (calibrated errors relative to each delta, times its size) or `auto`
-    /// (both, keeping the file closer to the fine-tune on the calibration windows; a second writing
-    /// pass, the errors are measured once).
+    /// output errors), `weighted` (calibrated errors relative to each delta, times its size), `plain`
+    /// (RTN's calibration-free ranking: round-to-nearest Frobenius errors; the recipes are still
+    /// written with OBS) or `auto` (all three, keeping the file closest to the fine-tune on the
+    /// calibration windows; a writing pass each, the errors are measured once).
     #[arg(long, default_value = "auto", value_parser = parse_budget_error)]
     pub budget_error: BudgetError,
     /// Calibration text file (default: a built-in mix of English prose and Python).
@@ -146,16 +147,17 @@ pub fn parse_device(s: &str) -> Result<Device> {
     }
 }
 
-/// `absolute`, `weighted` or `auto` ([`BudgetError`]).
+/// `absolute`, `weighted`, `plain` or `auto` ([`BudgetError`]).
 pub fn parse_budget_error(s: &str) -> std::result::Result<BudgetError, String> {
     [
         BudgetError::Absolute,
         BudgetError::DeltaWeighted,
+        BudgetError::Plain,
         BudgetError::Auto,
     ]
     .into_iter()
     .find(|b| b.as_str() == s)
-    .ok_or_else(|| format!("expected absolute, weighted or auto, got {s:?}"))
+    .ok_or_else(|| format!("expected absolute, weighted, plain or auto, got {s:?}"))
 }
 
 impl CompressArgs {

@@ -90,16 +90,32 @@ impl Bench {
     }
 
     /// Device-to-device copy bandwidth (read + write bytes per second): a 1 GiB buffer copied into a
-    /// preallocated one (an allocation inside the timed region would time the memory pool's growth).
+    /// preallocated one by the driver (`cuMemcpyDtoDAsync`; an allocation inside the timed region would
+    /// time the memory pool's growth). Session 9 found that candle's own copy (`slice_set`, an
+    /// element-wise kernel) reaches only ~2.0 TB/s, half of what the driver's copy moves (~4.3 TB/s,
+    /// the device library's KINDS.md), so it is no ceiling; it is printed beside, for reference.
     fn copy_bandwidth(&self) -> Result<f64> {
         let n = 1usize << 28;
-        let src = Tensor::ones(n, DType::F32, &self.dev)?;
-        let dst = Tensor::zeros(n, DType::F32, &self.dev)?;
+        let src = self.stream.alloc_zeros::<f32>(n)?;
+        let mut dst = self.stream.alloc_zeros::<f32>(n)?;
         let us = self.time(20, |_| {
-            dst.slice_set(&src, 0, 0)?;
+            self.stream.memcpy_dtod(&src, &mut dst)?;
             Ok(Vec::new())
         })?;
-        Ok(2.0 * (4 * n) as f64 / (us * 1e-6))
+        drop((src, dst));
+        let candle_src = Tensor::ones(n, DType::F32, &self.dev)?;
+        let candle_dst = Tensor::zeros(n, DType::F32, &self.dev)?;
+        let candle_us = self.time(20, |_| {
+            candle_dst.slice_set(&candle_src, 0, 0)?;
+            Ok(Vec::new())
+        })?;
+        let bw = |us: f64| 2.0 * (4 * n) as f64 / (us * 1e-6);
+        eprintln!(
+            "copy of 1 GiB: driver {:.0} GB/s, candle slice_set {:.0} GB/s (read + write)",
+            bw(us) / 1e9,
+            bw(candle_us) / 1e9
+        );
+        Ok(bw(us))
     }
 }
 
@@ -427,6 +443,16 @@ fn main() -> Result<()> {
             let deltas = delta_copies(cfg, n, k, &b.dev)?;
             let d_bytes = deltas[0].packed_nbytes();
             let has_v4 = deltas[0].v4_parts().is_some();
+            // The same deltas keeping only the v4 layout (`serve --v4-kernels`): their dense route
+            // merges with the v4 dequantize kernel, the others with the generic one.
+            let v4_only = if has_v4 && !decode {
+                dz_candle_ops::set_v4_keep_packed(false);
+                let v = delta_copies(cfg, n, k, &b.dev);
+                dz_candle_ops::set_v4_keep_packed(true);
+                Some(v?)
+            } else {
+                None
+            };
             for (ri, &rows) in rows_list.iter().enumerate() {
                 let x = Tensor::randn(0f32, 1.0, (rows, k), &b.dev)?.to_dtype(DType::BF16)?;
                 let io = rows * k * 2 + rows * n * 2;
@@ -496,6 +522,19 @@ fn main() -> Result<()> {
                     let r = row("dense", t, Some(a));
                     eprintln!("{}", r.md());
                     rows_out.push(r);
+                    if let Some(v4) = &v4_only {
+                        set_dense_rows(1);
+                        let t =
+                            b.time(ITERS, |i| Ok(vec![delta_matmul(&x, &v4[i % v4.len()])?]))?;
+                        let a = disagreement(&delta_matmul(&x, &v4[0])?, &y_fast)?;
+                        set_dense_rows(0);
+                        if a > 2e-2 {
+                            eprintln!("MISMATCH {label} {n}x{k} rows {rows}: dense route (v4 only) and kernels differ by {a:.2e}");
+                        }
+                        let r = row("dense-v4", t, Some(a));
+                        eprintln!("{}", r.md());
+                        rows_out.push(r);
+                    }
                 }
                 if let Some((t, a)) = v3 {
                     if a > 2e-2 {

@@ -63,8 +63,11 @@ fn main() -> Result<()> {
     match std::env::var("DZ_BUDGET_ERROR").as_deref() {
         Ok("weighted") => o.budget_error = pipeline::BudgetError::DeltaWeighted,
         Ok("absolute") => o.budget_error = pipeline::BudgetError::Absolute,
+        Ok("plain") => o.budget_error = pipeline::BudgetError::Plain,
         Ok("auto") | Err(_) => o.budget_error = pipeline::BudgetError::Auto,
-        Ok(other) => anyhow::bail!("DZ_BUDGET_ERROR: absolute, weighted or auto, got {other:?}"),
+        Ok(other) => {
+            anyhow::bail!("DZ_BUDGET_ERROR: absolute, weighted, plain or auto, got {other:?}")
+        }
     }
     let out = std::env::temp_dir().join(format!("budget_ab-{}.dz", std::process::id()));
     let t0 = std::time::Instant::now();

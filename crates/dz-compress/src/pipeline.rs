@@ -79,10 +79,17 @@ pub enum BudgetError {
     /// `tests/quality.rs`, bench/quality/README.md). On SmolLM2 it was the worse of the two (see
     /// [`BudgetError::Absolute`]): kept as the option to try where the calibrated ranking misleads.
     DeltaWeighted,
-    /// Both: the errors measured once, a file written with each ranking ([`BudgetError::Absolute`],
-    /// [`BudgetError::DeltaWeighted`]), and the one whose model is closer to the fine-tune (lower KL of
-    /// next-token distributions) on the calibration windows kept. Costs a second writing pass (on the
-    /// CI's tiny model at 16x: 9.7 s against 8.8 s for one ranking). Why: neither ranking wins everywhere. Each is
+    /// The RTN baseline's calibration-free ranking: each candidate's plain squared Frobenius error with
+    /// round-to-nearest (`||D - RTN(D)||^2`), then the chosen recipes written with OBS. OBS then spends
+    /// the bytes where RTN does and only changes how each tensor is rounded, which the calibrated error
+    /// says is better tensor by tensor. Added after the H200 run of session 9: with the two calibrated
+    /// rankings, OBS still lost to RTN on gcide at 16x (KL 0.0874 vs 0.0845).
+    Plain,
+    /// All three: the errors measured once, a file written with each ranking ([`BudgetError::Absolute`],
+    /// [`BudgetError::DeltaWeighted`], [`BudgetError::Plain`]), and the one whose model is closer to the
+    /// fine-tune (lower KL of next-token distributions) on the calibration windows kept. Costs a writing
+    /// pass per ranking (on the CI's tiny model at 16x, two rankings took 9.7 s against 8.8 s for one).
+    /// Why: no ranking wins everywhere. Each is
     /// a per-tensor proxy for the loss, and the H200 run of session 8 found the absolute ranking
     /// dropping every tensor of SmolLM2's layer 0 on the gcide fine-tune at 16x (whose inputs have small
     /// norms, so their local error looks cheap while it passes through 29 more layers), losing to RTN
@@ -98,6 +105,7 @@ impl BudgetError {
         match self {
             BudgetError::Absolute => "absolute",
             BudgetError::DeltaWeighted => "weighted",
+            BudgetError::Plain => "plain",
             BudgetError::Auto => "auto",
         }
     }
@@ -752,12 +760,15 @@ pub fn compress(
     };
     // One file per ranking of the measured errors (`Auto`: both, then the one closer to the fine-tune).
     let rankings: &[BudgetError] = match (&measured, opts.budget_error) {
-        (Some(_), BudgetError::Auto) if opts.method == Method::Obs => {
-            &[BudgetError::Absolute, BudgetError::DeltaWeighted]
-        }
+        (Some(_), BudgetError::Auto) if opts.method == Method::Obs => &[
+            BudgetError::Absolute,
+            BudgetError::DeltaWeighted,
+            BudgetError::Plain,
+        ],
         (Some(_), BudgetError::DeltaWeighted) if opts.method == Method::Obs => {
             &[BudgetError::DeltaWeighted]
         }
+        (Some(_), BudgetError::Plain) if opts.method == Method::Obs => &[BudgetError::Plain],
         _ => &[BudgetError::Absolute],
     };
     let mut written = Vec::with_capacity(rankings.len());
@@ -1352,10 +1363,13 @@ fn allocate(
     // Per tensor: (bytes, error) per candidate, and the delta weight of `BudgetError::DeltaWeighted`.
     let mut table: BTreeMap<String, Vec<(u64, f64)>> = BTreeMap::new();
     let mut weights: BTreeMap<String, f64> = BTreeMap::new();
-    if opts.method == Method::Rtn {
-        // The calibration-free baseline: errors are plain squared Frobenius norms (H = I).
+    let mut plain: BTreeMap<String, Vec<(u64, f64)>> = BTreeMap::new();
+    // The calibration-free errors: plain squared Frobenius norms (H = I) of round-to-nearest. RTN's own
+    // ranking, and with OBS the `Plain` ranking.
+    let measure_plain = |progress: &mut dyn Progress| -> Result<BTreeMap<String, Vec<(u64, f64)>>> {
         let names: Vec<&String> = plan.linear.iter().collect();
         progress.phase("measure", names.len());
+        let mut out = BTreeMap::new();
         for chunk in names.chunks(rayon::current_num_threads().max(1) * 2) {
             let rows: Vec<(String, Vec<(u64, f64)>)> = chunk
                 .par_iter()
@@ -1364,9 +1378,16 @@ fn allocate(
             for (n, _) in &rows {
                 progress.step(n);
             }
-            table.extend(rows);
+            out.extend(rows);
         }
+        Ok(out)
+    };
+    if opts.method == Method::Rtn {
+        table = measure_plain(progress)?;
     } else {
+        if matches!(opts.budget_error, BudgetError::Plain | BudgetError::Auto) {
+            plain = measure_plain(progress)?;
+        }
         let mut model = load_model(fm, &opts.device)?;
         let arch = fm.arch().clone();
         progress.phase("measure", 4 * arch.num_layers);
@@ -1384,8 +1405,10 @@ fn allocate(
                             c.error(d, r, k, h, opts)
                         })?;
                         let w = match opts.budget_error {
-                            BudgetError::Absolute => None,
-                            _ => Some(delta_weight(&n, bm, fm, h)?),
+                            BudgetError::Absolute | BudgetError::Plain => None,
+                            BudgetError::DeltaWeighted | BudgetError::Auto => {
+                                Some(delta_weight(&n, bm, fm, h)?)
+                            }
                         };
                         Ok((n, per, w))
                     })
@@ -1404,6 +1427,7 @@ fn allocate(
     Ok(Measured {
         table,
         weights,
+        plain,
         cands,
         fixed,
         linear_budget,
@@ -1453,6 +1477,9 @@ struct Measured {
     /// Per linear tensor, what turns its absolute calibrated errors into delta-weighted ones
     /// ([`delta_weight`]; measured with OBS unless the ranking is `Absolute`).
     weights: BTreeMap<String, f64>,
+    /// The plain (calibration-free, round-to-nearest) errors of [`BudgetError::Plain`]; measured with OBS
+    /// when the ranking is `Plain` or `Auto` (empty otherwise; RTN's `table` is plain already).
+    plain: BTreeMap<String, Vec<(u64, f64)>>,
     cands: Vec<Candidate>,
     /// Estimated bytes of everything but the linear deltas (tables, norms, overhead).
     fixed: u64,
@@ -1463,14 +1490,19 @@ struct Measured {
 }
 
 impl Measured {
-    /// The measurement as `ranking` weighs it: the delta weights applied for `DeltaWeighted`.
+    /// The measurement as `ranking` weighs it: the delta weights applied for `DeltaWeighted`, the plain
+    /// errors for `Plain` (where measured).
     fn ranked(&self, ranking: BudgetError) -> Measured {
         let mut m = self.clone();
-        if ranking == BudgetError::DeltaWeighted {
-            for (n, per) in &mut m.table {
-                let w = self.weights.get(n).copied().unwrap_or(1.0);
-                per.iter_mut().for_each(|p| p.1 *= w);
+        match ranking {
+            BudgetError::DeltaWeighted => {
+                for (n, per) in &mut m.table {
+                    let w = self.weights.get(n).copied().unwrap_or(1.0);
+                    per.iter_mut().for_each(|p| p.1 *= w);
+                }
             }
+            BudgetError::Plain if !self.plain.is_empty() => m.table = self.plain.clone(),
+            _ => {}
         }
         m
     }
