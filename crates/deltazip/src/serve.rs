@@ -90,8 +90,8 @@ pub struct ServeArgs {
     /// Experimental (issue #5; checked on an H200, 1.5x faster sbmm over 32 deltas x 1 row than v3):
     /// the v4 delta kernels. Deltas of the codecs they take (quant and 2:4 sparse, 2 and 4 bits,
     /// symmetric) are re-laid when the CPU cache reads them and keep only that layout on the GPU (the
-    /// same bytes); their matmuls take the v4 kernels, but for --dense-rows rows and more of one
-    /// fine-tune (prefill). No effect on the CPU.
+    /// same bytes); their matmuls take the v4 kernels, but from 64 rows of one fine-tune (prefill; or
+    /// --dense-rows, if lower) the dense route. No effect on the CPU.
     #[arg(long)]
     pub v4_kernels: bool,
     /// With --v4-kernels: keep each delta's packed parts on the GPU besides the v4 layout (twice the
@@ -101,7 +101,8 @@ pub struct ServeArgs {
     pub v4_keep_packed: bool,
     /// From this many input rows of one fine-tune in a step (prefill), a delta is merged into a dense
     /// weight once and multiplied with one cuBLAS matmul instead of the delta kernels (CUDA, f16/bf16).
-    /// 0: never.
+    /// The default is the crossover the H200 measured (bench/results/kernels-h200.md); a delta kept
+    /// only in the v4 layout (--v4-kernels) takes the route from 64 rows at most. 0: never.
     #[arg(long, default_value_t = dz_loader::DEFAULT_DENSE_ROWS)]
     pub dense_rows: usize,
 }

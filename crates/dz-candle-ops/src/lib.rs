@@ -121,7 +121,7 @@ pub use delta::{CheckedParts, DeviceDelta, PreparedDelta, RowSubset};
 pub use error::{OpError, Result};
 pub use ops::{
     delta_matmul, delta_matmul_add, dense_rows, dequantize, embedding_delta_add, merge, sbmm,
-    set_dense_rows, Segment, DEFAULT_DENSE_ROWS,
+    set_dense_rows, Segment, DEFAULT_DENSE_ROWS, V4_ONLY_DENSE_ROWS,
 };
 
 static TENSOR_CORES: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);

@@ -15,17 +15,25 @@ use candle_core::{DType, Tensor};
 use super::dequant::merge;
 use crate::delta::DeviceDelta;
 
-/// Input rows (per delta) from which the CUDA ops take the dense route, by default. A guess from the v3
-/// benchmark (the kernels were 2.5x cuBLAS at 32-64 rows and 6x at 256); the kernel benchmark's `dense`
-/// path measures the crossover.
-pub const DEFAULT_DENSE_ROWS: usize = 64;
+/// Input rows (per delta) from which the CUDA ops take the dense route, by default. Measured on the H200
+/// (session 9, `bench/results/kernels-h200.md`, 4-bit 2:4, bf16): the route (merge kernel + cuBLAS)
+/// beats the kernels from 256 rows on the 7B/13B shapes (4096 x 4096: 102 us vs 142; 11008 x 4096:
+/// 255 vs 352; 13824 x 5120: 413 vs 620) and loses at 128 (99 vs 91; 250 vs 198; 400 vs 334).
+pub const DEFAULT_DENSE_ROWS: usize = 256;
+
+/// A delta that keeps only the v4 layout takes the route from at most this many rows: its kernels run
+/// many rows as repeated 16-row tiles, each decoding the whole delta again. In the serving benchmark
+/// (session 9, 7B, 32 fine-tunes, `--v4-kernels`) the route from 64 rows gave 176-206 tokens/s against
+/// 157-171 without it.
+pub const V4_ONLY_DENSE_ROWS: usize = 64;
 
 static DENSE_ROWS: AtomicUsize = AtomicUsize::new(DEFAULT_DENSE_ROWS);
 
 /// Sets the number of input rows (per delta: a `delta_matmul` call's rows, an `sbmm` segment's rows) from
 /// which `delta_matmul`, `delta_matmul_add` and `sbmm` on CUDA, with f16 or bf16 inputs, form the delta
-/// as a dense weight and use one matmul instead of the delta kernels. 0 turns the route off. The CPU
-/// never takes it. Default [`DEFAULT_DENSE_ROWS`].
+/// as a dense weight and use one matmul instead of the delta kernels. 0 turns the route off. A delta that
+/// keeps only the v4 layout takes it from `rows.min(V4_ONLY_DENSE_ROWS)` rows. The CPU never takes it.
+/// Default [`DEFAULT_DENSE_ROWS`].
 pub fn set_dense_rows(rows: usize) {
     DENSE_ROWS.store(rows, Ordering::Relaxed);
 }
@@ -37,7 +45,10 @@ pub fn dense_rows() -> usize {
 
 /// Whether `rows` input rows of `x_dtype` through `delta` take the dense route.
 pub(crate) fn takes_dense(delta: &DeviceDelta, rows: usize, x_dtype: DType) -> bool {
-    let t = dense_rows();
+    let t = match dense_rows() {
+        t if delta.v4_only() => t.min(V4_ONLY_DENSE_ROWS),
+        t => t,
+    };
     t > 0
         && rows >= t
         && delta.device().is_cuda()

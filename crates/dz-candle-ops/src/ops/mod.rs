@@ -16,7 +16,7 @@ mod matmul;
 mod sbmm;
 
 pub(crate) use dense::{dense_matmul, takes_dense};
-pub use dense::{dense_rows, set_dense_rows, DEFAULT_DENSE_ROWS};
+pub use dense::{dense_rows, set_dense_rows, DEFAULT_DENSE_ROWS, V4_ONLY_DENSE_ROWS};
 pub use dequant::{dequantize, merge};
 pub(crate) use dequant::{dequantize_with, merge_with};
 pub use embedding::embedding_delta_add;
