@@ -106,8 +106,9 @@ engines_config() { # engines_config FILE N
     } > "$1"
 }
 
-serve() { # serve TAG CONFIG PORT
-    "$DZ" serve --config "$2" --port "$3" ${V4:+--v4-kernels} ${V4:+${V4_BOTH:+--v4-keep-packed}} \
+serve() { # serve TAG CONFIG PORT (RUST_LOG: the host logs a failed step's error)
+    RUST_LOG="${RUST_LOG:-mistralrs_core=error}" \
+        "$DZ" serve --config "$2" --port "$3" ${V4:+--v4-kernels} ${V4:+${V4_BOTH:+--v4-keep-packed}} \
         ${DENSE_ROWS:+--dense-rows "$DENSE_ROWS"} > "$OUT/serve-$1.log" 2>&1 &
     echo $! > "$OUT/serve.pid"
     local t0=$(date +%s)

@@ -45,7 +45,13 @@ config() { # config FILE TP GPU_DELTA_BYTES
 }
 
 serve() { # serve NAME CONFIG PORT: start, wait for /health (up to 420 s)
-    "$DZ" serve --config "$2" --port "$3" > "$OUT/serve-$1.log" 2>&1 &
+    # RUST_LOG: the host logs a failed step's error (sessions 8-9's TP1 cuBLAS failures left no line).
+    # TP1_GPUS (e.g. 0): the GPUs tp1 sees. Unset, it sees both, as in sessions 6-9, whose TP1 runs
+    # alone had CUBLAS_STATUS_EXECUTION_FAILED; every one-GPU run with one GPU visible had none.
+    local vis=()
+    [[ $1 == tp1 && -n ${TP1_GPUS:-} ]] && vis=(env CUDA_VISIBLE_DEVICES="$TP1_GPUS")
+    "${vis[@]}" env RUST_LOG="${RUST_LOG:-mistralrs_core=error}" RUST_BACKTRACE="${RUST_BACKTRACE:-1}" \
+        "$DZ" serve --config "$2" --port "$3" > "$OUT/serve-$1.log" 2>&1 &
     echo $! > "$W/serve-$1.pid"
     local t0=$(date +%s)
     until curl -sf "http://127.0.0.1:$3/health" > /dev/null; do
