@@ -1,7 +1,7 @@
 //! The CUDA forward passes without the `cuda` feature: every one answers candle's
 //! `NotCompiledWithCudaSupport` (unreachable in practice: without the feature no CUDA tensor exists).
 
-use candle_core::{CudaStorage, Layout, Shape};
+use candle_core::{CudaStorage, DType, Layout, Shape};
 
 use crate::ops::{Fill, Segment};
 use crate::DeviceDelta;
@@ -38,6 +38,7 @@ pub(crate) fn dequantize(
     _anchor: &CudaStorage,
     _base: Option<&Layout>,
     _fill: Fill,
+    _dtype: DType,
 ) -> Out {
     Err(candle_core::Error::NotCompiledWithCudaSupport)
 }

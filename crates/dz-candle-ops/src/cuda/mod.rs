@@ -701,20 +701,26 @@ impl Kernel {
     }
 }
 
-/// Forward pass of `dequantize` (`base` None: the f32 dense delta; `anchor` only picks the device) and of
-/// `merge` (`base` = the layout of `anchor`, which is `base_w`).
+/// Forward pass of `dequantize` (`base` None: the dense delta in `dtype`; `anchor` only picks the device)
+/// and of `merge` (`base` = the layout of `anchor`, which is `base_w`; `dtype` is not read).
 pub(crate) fn dequantize(
     op: &'static str,
     delta: &DeviceDelta,
     anchor: &CudaStorage,
     base: Option<&Layout>,
     fill: Fill,
+    dtype: DType,
 ) -> Out {
     let dev = anchor.device().clone();
     match base {
         None => {
             let shape = Shape::from(delta.dims());
-            rows_t::<f32>(op, delta, &dev, None, None, shape, fill)
+            by_dtype!(
+                op,
+                "dtype",
+                dtype,
+                rows_t(op, delta, &dev, None, None, shape, fill)
+            )
         }
         Some(l) => {
             let shape = Shape::from(l.dims());

@@ -1,5 +1,6 @@
-//! The dense route for many input rows: the delta formed once as a dense weight in `x`'s dtype (`merge`
-//! into zeros: the codes read once, the weight written once), then one matmul (cuBLAS on CUDA).
+//! The dense route for many input rows: the delta formed once as a dense weight in `x`'s dtype (the
+//! dequantize kernel writing `x`'s dtype: the codes read once, the weight written once), then one
+//! matmul (cuBLAS on CUDA).
 //!
 //! Why: the delta kernels stream the codes and decode them for every tile of input rows, which wins while
 //! the rows are few (decode) and loses when they are many (prefill). The H200 benchmark of session 4
@@ -12,7 +13,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use candle_core::{DType, Tensor};
 
-use super::dequant::merge;
+use super::dequant::dequantize_as;
+use super::Fill;
 use crate::delta::DeviceDelta;
 
 /// Input rows (per delta) from which the CUDA ops take the dense route, by default. Measured on the H200
@@ -60,7 +62,7 @@ pub(crate) fn takes_dense(delta: &DeviceDelta, rows: usize, x_dtype: DType) -> b
 /// caller: contiguous, on the delta's device).
 pub(crate) fn dense_matmul(x: &Tensor, delta: &DeviceDelta) -> candle_core::Result<Tensor> {
     let (n, k) = delta.dims();
-    let w = merge(&Tensor::zeros((n, k), x.dtype(), x.device())?, delta)?;
+    let w = dequantize_as(delta, x.dtype(), Fill::Uninit)?;
     let lead = &x.dims()[..x.rank() - 1];
     let m: usize = lead.iter().product();
     let y = x.reshape((m, k))?.matmul(&w.t()?)?;
@@ -134,5 +136,22 @@ mod tests {
         assert!(diff < 1e-4, "max |dense - kernel| = {diff}");
         // The CPU never takes the route, whatever the threshold.
         assert!(!takes_dense(&delta, 1 << 20, DType::BF16));
+        // The route's weight in a half dtype: the bits of `merge` into zeros (one rounding of the f32
+        // value), without the zeros.
+        for dtype in [DType::F16, DType::BF16] {
+            let w = dequantize_as(&delta, dtype, Fill::Uninit).unwrap();
+            let zeros = Tensor::zeros((n, k), dtype, &Device::Cpu).unwrap();
+            let merged = crate::merge(&zeros, &delta).unwrap();
+            assert_eq!(w.dtype(), dtype);
+            let bits = |t: &Tensor| {
+                t.to_dtype(DType::F32)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+            };
+            assert_eq!(bits(&w), bits(&merged), "{dtype:?}");
+        }
     }
 }

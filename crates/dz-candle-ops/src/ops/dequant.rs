@@ -10,6 +10,8 @@ use crate::delta::DeviceDelta;
 struct Dequantize<'a> {
     delta: &'a DeviceDelta,
     fill: Fill,
+    /// The output's dtype (f32 for [`dequantize`]; the dense route asks for its input's).
+    dtype: DType,
 }
 
 impl CustomOp1 for Dequantize<'_> {
@@ -24,11 +26,11 @@ impl CustomOp1 for Dequantize<'_> {
         let h = locked.host(self.name())?;
         let mut out = vec![0.0f32; h.n_total * h.k];
         dequantize_into(&h, &mut out);
-        Ok((CpuStorage::F32(out), Shape::from((h.n_total, h.k))))
+        Ok((to_storage(out, self.dtype), Shape::from((h.n_total, h.k))))
     }
 
     fn cuda_fwd(&self, s: &CudaStorage, _l: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
-        crate::cuda::dequantize(self.name(), self.delta, s, None, self.fill)
+        crate::cuda::dequantize(self.name(), self.delta, s, None, self.fill, self.dtype)
     }
 }
 
@@ -40,10 +42,29 @@ pub fn dequantize(delta: &DeviceDelta) -> candle_core::Result<Tensor> {
 }
 
 pub(crate) fn dequantize_with(delta: &DeviceDelta, fill: Fill) -> candle_core::Result<Tensor> {
+    dequantize_as(delta, DType::F32, fill)
+}
+
+/// The dense delta in `dtype` (f32, f16 or bf16): each value formed in f32 as [`dequantize`] forms it,
+/// then rounded once, so the same bits as `merge` into zeros without the zeros (the dense route's weight).
+pub(crate) fn dequantize_as(
+    delta: &DeviceDelta,
+    dtype: DType,
+    fill: Fill,
+) -> candle_core::Result<Tensor> {
+    if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
+        return Err(OpError::Dtype {
+            op: "dequantize",
+            arg: "dtype",
+            got: dtype,
+            expected: "f32, f16 or bf16".into(),
+        }
+        .into());
+    }
     // The op needs a tensor to run on: a one-byte anchor picks the device (no lock on the delta's own
     // storages is taken twice).
     let anchor = Tensor::zeros(1, DType::U8, delta.device())?;
-    anchor.apply_op1_no_bwd(&Dequantize { delta, fill })
+    anchor.apply_op1_no_bwd(&Dequantize { delta, fill, dtype })
 }
 
 struct Merge<'a> {
@@ -67,7 +88,7 @@ impl CustomOp1 for Merge<'_> {
     }
 
     fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
-        crate::cuda::dequantize(self.name(), self.delta, s, Some(l), self.fill)
+        crate::cuda::dequantize(self.name(), self.delta, s, Some(l), self.fill, DType::F32)
     }
 }
 
