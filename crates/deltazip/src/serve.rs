@@ -17,7 +17,8 @@
 //! are loaded ([`dz_loader::engines`]: the host's own unload/reload, issue #9's other swap baseline): a
 //! completion request for a merged model first waits until its engine is loaded, and holds it until
 //! its response body is sent (or dropped), so an engine is never unloaded under a request
-//! (`deltazip_engine_swap_*` metrics).
+//! (`deltazip_engine_swap_*` metrics); it waits at most `runtime.merged_wait_s`, then is answered 503
+//! with the state of the loaded engines.
 //!
 //! Our routes, in front of the host's (which answer everything else):
 //! - `GET /v1/models`: the base, every fine-tune (multi-tenant, merged and swap);
@@ -1098,6 +1099,7 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
             ("capacity", "gauge", "runtime.merged_gpu_models: merged engines loaded at most.", st.capacity as f64),
             ("models", "gauge", "Merged models under the cap.", st.models as f64),
             ("waiting_requests", "gauge", "Requests waiting for their merged engine to be loaded.", st.waiting as f64),
+            ("oldest_lease_seconds", "gauge", "Age of the oldest request holding a merged engine (0 when none does).", st.oldest_lease_seconds),
         ] {
             out.push_str(&format!(
                 "# HELP deltazip_engine_swap_{name} {help}\n# TYPE deltazip_engine_swap_{name} {kind}\ndeltazip_engine_swap_{name} {value}\n"

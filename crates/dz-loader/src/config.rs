@@ -19,6 +19,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use dz_compress::arch::ArchConfig;
 use dz_compress::hf::HfModel;
@@ -153,6 +154,12 @@ pub struct RuntimeSpec {
     /// merged fine-tune is loaded at start-up and stays.
     #[serde(default)]
     pub merged_gpu_models: Option<usize>,
+    /// Merge mode under `merged_gpu_models`: how many seconds a request waits for its model's engine
+    /// (to be loaded, or to stop draining) before it fails, naming the loaded engines with their
+    /// requests in flight (HTTP 503): a bound for when no engine becomes idle. 0 waits without limit;
+    /// at most [`MAX_MERGED_WAIT_S`]. Default [`DEFAULT_MERGED_WAIT_S`]; see [`Self::merged_wait`].
+    #[serde(default = "default_merged_wait_s")]
+    pub merged_wait_s: u64,
     /// How the KV cache is kept: `paged` (the host's PagedAttention: fixed blocks in one pool of
     /// `kv_cache_bytes`; a decode step batches every running sequence whatever its length) or
     /// `contiguous` (one growing cache per sequence; the host then batches only sequences of equal
@@ -173,6 +180,16 @@ pub struct RuntimeSpec {
 
 fn default_load_threads() -> usize {
     4
+}
+
+/// `runtime.merged_wait_s` when not given: two minutes.
+pub const DEFAULT_MERGED_WAIT_S: u64 = 120;
+
+/// The longest `runtime.merged_wait_s` accepted (a day; 0 waits without limit).
+pub const MAX_MERGED_WAIT_S: u64 = 86_400;
+
+fn default_merged_wait_s() -> u64 {
+    DEFAULT_MERGED_WAIT_S
 }
 
 /// The paged KV cache's size when `runtime.kv_cache_bytes` is not given: 8 GiB (a 7B Llama in f16
@@ -202,6 +219,12 @@ impl RuntimeSpec {
             KvCacheSpec::Contiguous => false,
         }
     }
+
+    /// How long a request for a merged model waits for its engine (`merged_wait_s`; `None`: without
+    /// limit).
+    pub fn merged_wait(&self) -> Option<Duration> {
+        (self.merged_wait_s > 0).then(|| Duration::from_secs(self.merged_wait_s))
+    }
 }
 
 fn default_swap_gpu_models() -> usize {
@@ -222,6 +245,7 @@ impl Default for RuntimeSpec {
             tensor_parallel: default_tensor_parallel(),
             swap_gpu_models: default_swap_gpu_models(),
             merged_gpu_models: None,
+            merged_wait_s: default_merged_wait_s(),
             kv_cache: KvCacheSpec::Auto,
             kv_cache_bytes: None,
             load_threads: default_load_threads(),
@@ -485,6 +509,15 @@ impl Config {
             return Err(self.err(
                 "runtime.merged_gpu_models",
                 "must be at least 1 (a merged fine-tune answers only while its engine is loaded)",
+            ));
+        }
+        if self.runtime.merged_wait_s > MAX_MERGED_WAIT_S {
+            return Err(self.err(
+                "runtime.merged_wait_s",
+                format!(
+                    "{} seconds: at most {MAX_MERGED_WAIT_S} (a day); 0 waits without limit",
+                    self.runtime.merged_wait_s
+                ),
             ));
         }
         if tp > 1 && self.runtime.merged_gpu_models.is_some() {

@@ -25,6 +25,10 @@
 //! - A reload that failed or was refused fails the requests waiting for it, and for
 //!   [`RELOAD_RETRY_AFTER`] every new request for that model fails at once with the same reason
 //!   instead of waiting for another doomed load.
+//! - A request waits at most `runtime.merged_wait_s` ([`EngineSwap::set_max_wait`]; default
+//!   [`DEFAULT_MERGED_WAIT_S`](crate::config::DEFAULT_MERGED_WAIT_S)): when no engine becomes idle
+//!   (every loaded one holds a request that does not finish), it fails with the state of the loaded
+//!   engines (requests in flight, for how long, which drains) and what the worker is doing.
 //!
 //! Wanted models are loaded oldest waiting request first. One load or unload runs at a time. With
 //! `DZ_ENGINE_TRACE=1` every unload and load is logged on stderr with the GPU's free memory before and
@@ -115,8 +119,10 @@ pub struct GpuRoom {
 #[derive(Debug, Default)]
 struct Slot {
     loaded: bool,
-    /// Leases held (requests in flight on its engine).
-    in_flight: usize,
+    /// Leases held (requests in flight on its engine): lease id (a tick) -> when it was taken.
+    leases: BTreeMap<u64, Instant>,
+    /// Since when it has had leases without a pause (`None` while idle).
+    busy_since: Option<Instant>,
     /// Requests waiting for it, by ticket (arrival order).
     waiting: BTreeSet<u64>,
     /// No new leases: it is about to be unloaded (idle), or will be once its leases end (busy).
@@ -132,6 +138,11 @@ struct State {
     clock: u64,
     /// Tickets whose load failed, with why (their requests get the error).
     failed: BTreeMap<u64, String>,
+    /// How long a request waits for its engine before it fails (`None`: without limit).
+    max_wait: Option<Duration>,
+    /// What the worker is doing outside the lock ("unloading m0"), since when: for a request that
+    /// gave up waiting.
+    doing: Option<(String, Instant)>,
     stop: bool,
 }
 
@@ -167,6 +178,9 @@ pub struct EngineSwapStats {
     pub unload_seconds: f64,
     /// Reloads that failed, or were refused for want of GPU memory.
     pub load_failures: u64,
+    /// Age in seconds of the oldest lease held now (the longest-running request on a merged engine;
+    /// 0 when none is held).
+    pub oldest_lease_seconds: f64,
 }
 
 struct Inner {
@@ -192,6 +206,11 @@ impl Inner {
 
     fn bump(&self) {
         self.changed.send_modify(|g| *g = g.wrapping_add(1));
+    }
+
+    /// Notes what the worker does next outside the lock (`None`: done).
+    fn doing(&self, what: Option<String>) {
+        self.lock().doing = what.map(|w| (w, Instant::now()));
     }
 
     /// The GPU's free bytes now (`None` on the CPU, or when the driver would not say).
@@ -249,12 +268,16 @@ pub struct EngineSwap {
 pub struct EngineLease {
     inner: Arc<Inner>,
     name: String,
+    id: u64,
 }
 
 impl Drop for EngineLease {
     fn drop(&mut self) {
         if let Some(s) = self.inner.lock().slots.get_mut(&self.name) {
-            s.in_flight = s.in_flight.saturating_sub(1);
+            s.leases.remove(&self.id);
+            if s.leases.is_empty() {
+                s.busy_since = None;
+            }
         }
         self.inner.bump();
     }
@@ -297,7 +320,10 @@ impl EngineSwap {
                 loaded.len()
             )));
         }
-        let mut st = State::default();
+        let mut st = State {
+            max_wait: Some(Duration::from_secs(crate::config::DEFAULT_MERGED_WAIT_S)),
+            ..State::default()
+        };
         for m in models {
             let loaded = loaded.contains(m);
             let tick = st.tick();
@@ -353,14 +379,26 @@ impl EngineSwap {
             .collect()
     }
 
+    /// How long a request waits for its engine before it fails with the engines' state (`None`:
+    /// without limit); `runtime.merged_wait_s`, default
+    /// [`DEFAULT_MERGED_WAIT_S`](crate::config::DEFAULT_MERGED_WAIT_S). Applies to waits that start
+    /// after it.
+    pub fn set_max_wait(&self, limit: Option<Duration>) {
+        self.inner.lock().max_wait = limit;
+    }
+
     /// Waits until model `name`'s engine is loaded (and not draining), then holds it until the lease
     /// is dropped. Fails only for a name not managed here, a reload that failed (or was refused: not
-    /// enough GPU memory) while it waited or less than [`RELOAD_RETRY_AFTER`] before it came, or a
-    /// stopped swap.
+    /// enough GPU memory) while it waited or less than [`RELOAD_RETRY_AFTER`] before it came, a wait
+    /// longer than [`set_max_wait`](Self::set_max_wait)'s (the error names the loaded engines with
+    /// their requests in flight, and is logged on stderr), or a stopped swap.
     pub async fn acquire(&self, name: &str) -> Result<EngineLease> {
         let inner = &*self.inner;
         let mut rx = inner.changed.subscribe();
         let mut ticket: Option<Ticket<'_>> = None;
+        let started = Instant::now();
+        // The limit, and when it runs out (`None`: never), fixed when the request starts waiting.
+        let mut deadline: Option<(Duration, Instant)> = None;
         loop {
             rx.borrow_and_update();
             {
@@ -374,19 +412,23 @@ impl EngineSwap {
                     }
                 }
                 let tick = st.tick();
+                let max_wait = st.max_wait;
                 let slot = st.slots.get_mut(name).ok_or_else(|| {
                     Error::Host(format!(
                         "{name:?} is not a merged model with a swapped engine"
                     ))
                 })?;
                 if slot.loaded && !slot.draining {
-                    slot.in_flight += 1;
+                    let now = Instant::now();
+                    slot.leases.insert(tick, now);
+                    slot.busy_since.get_or_insert(now);
                     slot.last_used = tick;
                     drop(st);
                     drop(ticket);
                     return Ok(EngineLease {
                         inner: self.inner.clone(),
                         name: name.to_string(),
+                        id: tick,
                     });
                 }
                 if ticket.is_none() {
@@ -407,12 +449,29 @@ impl EngineSwap {
                         name,
                         id: tick,
                     });
+                    deadline = max_wait.and_then(|w| Some((w, started.checked_add(w)?)));
                     drop(st);
                     // Wake the worker: a new wanted model.
                     inner.bump();
+                } else if let Some((limit, _)) = deadline.filter(|&(_, at)| Instant::now() >= at) {
+                    let why = waited_too_long(&st, name, started.elapsed(), limit, inner.capacity);
+                    drop(st);
+                    eprintln!("dz-loader: {why}");
+                    return Err(Error::Host(why));
                 }
             }
-            if rx.changed().await.is_err() {
+            let changed = match deadline {
+                None => rx.changed().await,
+                Some((_, at)) => {
+                    let left = at.saturating_duration_since(Instant::now());
+                    match tokio::time::timeout(left, rx.changed()).await {
+                        Ok(changed) => changed,
+                        // Out of time: the state is looked at once more, above, before it fails.
+                        Err(_) => continue,
+                    }
+                }
+            };
+            if changed.is_err() {
                 return Err(Error::Host(format!("{name}: the server is stopping")));
             }
         }
@@ -432,8 +491,66 @@ impl EngineSwap {
             unloads: i.unloads.load(Ordering::Relaxed),
             unload_seconds: i.unload_nanos.load(Ordering::Relaxed) as f64 * 1e-9,
             load_failures: i.load_failures.load(Ordering::Relaxed),
+            oldest_lease_seconds: st
+                .slots
+                .values()
+                .filter_map(|s| s.leases.values().min())
+                .min()
+                .map_or(0.0, |t| t.elapsed().as_secs_f64()),
         }
     }
+}
+
+/// Why a request for `name` gave up after `waited` (its limit `limit`): the loaded engines with their
+/// requests in flight (the oldest's age), how long each has been busy, which drains; the requests
+/// waiting; what the worker is doing.
+fn waited_too_long(
+    st: &State,
+    name: &str,
+    waited: Duration,
+    limit: Duration,
+    capacity: usize,
+) -> String {
+    let now = Instant::now();
+    let secs = |t: Instant| now.saturating_duration_since(t).as_secs_f64();
+    let engines: Vec<String> = st
+        .slots
+        .iter()
+        .filter(|(_, s)| s.loaded)
+        .map(|(n, s)| {
+            let mut e = match (s.leases.values().min(), s.busy_since) {
+                (Some(&oldest), Some(since)) => format!(
+                    "{n}: {} in flight (the oldest for {:.1}s), busy for {:.1}s",
+                    s.leases.len(),
+                    secs(oldest),
+                    secs(since)
+                ),
+                _ => format!("{n}: idle"),
+            };
+            if s.draining {
+                e.push_str(", draining");
+            }
+            e
+        })
+        .collect();
+    let engines = if engines.is_empty() {
+        "none".to_string()
+    } else {
+        engines.join("; ")
+    };
+    let waiting: usize = st.slots.values().map(|s| s.waiting.len()).sum();
+    let worker = match &st.doing {
+        Some((what, since)) => format!("{what} for {:.1}s", secs(*since)),
+        None => "idle".to_string(),
+    };
+    format!(
+        "no engine for {name} after waiting {:.1}s (runtime.merged_wait_s = {}): {} of {capacity} \
+         merged engines loaded: {engines}; {waiting} requests waiting for an engine (this one \
+         included); the swap's worker: {worker}",
+        waited.as_secs_f64(),
+        limit.as_secs_f64(),
+        st.loaded()
+    )
 }
 
 impl Drop for EngineSwap {
@@ -461,12 +578,14 @@ enum Action {
         model: String,
         why: String,
     },
+    /// Wake the requests: an engine stopped draining, those parked on it may take a lease.
+    Wake,
     /// Nothing until the state changes.
     Wait,
 }
 
 /// The next step, decided under the lock (marks an engine to unload as draining, so that no lease is
-/// taken on it meanwhile).
+/// taken on it meanwhile; clears that mark when nobody waits any more, and then asks for a wake-up).
 fn next_action(st: &mut State, capacity: usize) -> Action {
     // The wanted model: not loaded, with the oldest waiting request.
     let target = st
@@ -476,11 +595,17 @@ fn next_action(st: &mut State, capacity: usize) -> Action {
         .filter_map(|(n, s)| s.waiting.first().map(|&t| (t, n.clone())))
         .min();
     let Some((_, target)) = target else {
-        // Nobody waits for an unloaded model: drain nothing.
+        // Nobody waits for an unloaded model: drain nothing. Requests that came for a draining engine
+        // wait on it: they must hear that it is open again (nothing else may change for a long time).
+        let mut undrained = false;
         for s in st.slots.values_mut() {
-            s.draining = false;
+            undrained |= std::mem::take(&mut s.draining);
         }
-        return Action::Wait;
+        return if undrained {
+            Action::Wake
+        } else {
+            Action::Wait
+        };
     };
     if st.loaded() < capacity {
         return Action::Load(target);
@@ -514,7 +639,7 @@ fn make_way(st: &mut State) -> Option<Action> {
     let idle = st
         .slots
         .iter()
-        .filter(|(_, s)| s.loaded && s.in_flight == 0)
+        .filter(|(_, s)| s.loaded && s.leases.is_empty())
         .min_by_key(|(_, s)| (!s.draining, s.last_used))
         .map(|(n, _)| n.clone());
     if let Some(victim) = idle {
@@ -564,11 +689,15 @@ fn worker(inner: &Inner) {
         };
         if let (Action::Load(name), Some(gpu)) = (&action, &inner.gpu) {
             // Asked outside the lock: it waits for the device's queued work.
-            if let Some(free) = inner.free_bytes() {
+            inner.doing(Some(format!("asking the GPU's free memory to load {name}")));
+            let free = inner.free_bytes();
+            inner.doing(None);
+            if let Some(free) = free {
                 action = make_room(&mut inner.lock(), name, free, gpu.engine_bytes);
             }
         }
         match action {
+            Action::Wake => inner.bump(),
             Action::Wait => {
                 // Also wake now and then: a change is always bumped, this only bounds a lost one.
                 let _ = rt.block_on(async {
@@ -592,6 +721,7 @@ fn unload(inner: &Inner, name: &str) {
         inner.trace(format_args!("unload {name}: {}", inner.trace_memory()));
     }
     let t0 = Instant::now();
+    inner.doing(Some(format!("unloading {name}")));
     let unloaded = inner
         .mistralrs
         .unload_model_and_wait(name)
@@ -599,6 +729,7 @@ fn unload(inner: &Inner, name: &str) {
     let took = t0.elapsed();
     {
         let mut st = inner.lock();
+        st.doing = None;
         if let Some(s) = st.slots.get_mut(name) {
             s.draining = false;
             if unloaded.is_ok() {
@@ -639,6 +770,7 @@ fn load(inner: &Inner, rt: &tokio::runtime::Runtime, name: &str) {
         inner.trace(format_args!("load {name}: {}", inner.trace_memory()));
     }
     let t0 = Instant::now();
+    inner.doing(Some(format!("loading {name}")));
     // A panic in the host's loader fails this load, not the worker (every request would then wait
     // for ever).
     let loaded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -654,6 +786,7 @@ fn load(inner: &Inner, rt: &tokio::runtime::Runtime, name: &str) {
     })
     .and_then(|r| r.map_err(|e| e.to_string()));
     let took = t0.elapsed();
+    inner.doing(None);
     if inner.trace {
         let outcome = match &loaded {
             Ok(()) => "loaded".to_string(),
@@ -712,14 +845,17 @@ fn fail(inner: &Inner, name: &str, why: String) {
 mod tests {
     use super::*;
 
+    /// Slots `(name, loaded, leases held, waiting tickets, last used)`.
     fn state(slots: &[(&str, bool, usize, &[u64], u64)]) -> State {
         let mut st = State::default();
+        let now = Instant::now();
         for &(n, loaded, in_flight, waiting, last_used) in slots {
             st.slots.insert(
                 n.to_string(),
                 Slot {
                     loaded,
-                    in_flight,
+                    leases: (0..in_flight as u64).map(|i| (1000 + i, now)).collect(),
+                    busy_since: (in_flight > 0).then_some(now),
                     waiting: waiting.iter().copied().collect(),
                     draining: false,
                     last_used,
@@ -729,6 +865,13 @@ mod tests {
         }
         st.clock = 100;
         st
+    }
+
+    /// Its requests are answered: no lease left.
+    fn idle(st: &mut State, name: &str) {
+        let s = st.slots.get_mut(name).unwrap();
+        s.leases.clear();
+        s.busy_since = None;
     }
 
     #[test]
@@ -769,7 +912,7 @@ mod tests {
         assert_eq!(next_action(&mut st, 2), Action::Wait);
         assert!(!st.slots["a"].draining);
         // Its last request is answered: it goes.
-        st.slots.get_mut("b").unwrap().in_flight = 0;
+        idle(&mut st, "b");
         assert_eq!(next_action(&mut st, 2), Action::Unload("b".into()));
         // Nobody waits any more: nothing drains.
         let mut st = state(&[
@@ -779,8 +922,60 @@ mod tests {
         ]);
         assert_eq!(next_action(&mut st, 2), Action::Wait);
         st.slots.get_mut("c").unwrap().waiting.clear();
-        assert_eq!(next_action(&mut st, 2), Action::Wait);
+        assert_eq!(next_action(&mut st, 2), Action::Wake);
         assert!(st.slots.values().all(|s| !s.draining));
+    }
+
+    /// The request that made an engine drain gave up (or was answered elsewhere): the engine opens
+    /// again, and the requests parked on it are woken (a plain `Wait` would leave them asleep until
+    /// some unrelated change).
+    #[test]
+    fn undraining_an_engine_wakes_its_waiters() {
+        let mut st = state(&[("a", true, 1, &[], 5), ("b", false, 0, &[10], 0)]);
+        assert_eq!(next_action(&mut st, 1), Action::Wait);
+        assert!(st.slots["a"].draining);
+        // A request for a came meanwhile and waits on the draining engine; b's request leaves.
+        st.slots.get_mut("a").unwrap().waiting.insert(11);
+        st.slots.get_mut("b").unwrap().waiting.clear();
+        assert_eq!(next_action(&mut st, 1), Action::Wake);
+        assert!(!st.slots["a"].draining);
+        // Woken once: nothing more to do.
+        assert_eq!(next_action(&mut st, 1), Action::Wait);
+    }
+
+    /// A request that waited too long is told which engines hold the device, with their requests in
+    /// flight, how long they have been busy, which drains, and what the worker does.
+    #[test]
+    fn a_wait_too_long_names_the_busy_engines() {
+        let mut st = state(&[
+            ("a", true, 2, &[], 5),
+            ("b", true, 0, &[], 3),
+            ("c", false, 0, &[10, 12], 0),
+        ]);
+        let ago = |s: u64| Instant::now().checked_sub(Duration::from_secs(s)).unwrap();
+        let a = st.slots.get_mut("a").unwrap();
+        a.draining = true;
+        a.leases = [(1, ago(5)), (2, ago(1))].into();
+        a.busy_since = Some(ago(9));
+        st.doing = Some(("unloading b".into(), ago(3)));
+        let why = waited_too_long(
+            &st,
+            "c",
+            Duration::from_millis(1500),
+            Duration::from_secs(1),
+            2,
+        );
+        for want in [
+            "no engine for c after waiting 1.5s (runtime.merged_wait_s = 1)",
+            "2 of 2 merged engines loaded",
+            "a: 2 in flight (the oldest for 5.",
+            "s), busy for 9.",
+            "s, draining; b: idle;",
+            "2 requests waiting",
+            "worker: unloading b for 3.",
+        ] {
+            assert!(why.contains(want), "{want:?} not in {why}");
+        }
     }
 
     const GIB: u64 = 1 << 30;
@@ -818,7 +1013,7 @@ mod tests {
         ]);
         assert_eq!(make_room(&mut st, "c", GIB, 30 * GIB), Action::Wait);
         assert!(st.slots["b"].draining && !st.slots["a"].draining);
-        st.slots.get_mut("b").unwrap().in_flight = 0;
+        idle(&mut st, "b");
         assert_eq!(
             make_room(&mut st, "c", GIB, 30 * GIB),
             Action::Unload("b".into())

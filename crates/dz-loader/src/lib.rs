@@ -315,6 +315,7 @@ fn serve_swapped_engines(
         engine_bytes,
     });
     let swap = EngineSwap::new(m, capacity, &names, &names[..start], gpu)?;
+    swap.set_max_wait(config.runtime.merged_wait());
     engine.set_engine_swap(swap.clone());
     Ok(swap)
 }

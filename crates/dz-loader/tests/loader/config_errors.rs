@@ -272,6 +272,39 @@ fn merged_gpu_models() {
 }
 
 #[test]
+fn merged_wait_s() {
+    let f = common::llama();
+    let with = |runtime: &str| one_merge(&f.family.base, &f.deltas8[0], runtime);
+    let (e, file) = load_err(&with("merged_gpu_models = 2\nmerged_wait_s = -1\n"));
+    assert!(
+        e.starts_with(&format!(
+            "{file}:9:17: [runtime]: invalid value: integer `-1`"
+        )),
+        "{e}"
+    );
+    let (e, _) = load_err(&with("merged_wait_s = 1.5\n"));
+    assert!(e.contains("invalid type: floating point `1.5`"), "{e}");
+    let (e, file) = load_err(&with("merged_wait_s = 100000\n"));
+    assert!(
+        e.starts_with(&format!(
+            "{file}: runtime.merged_wait_s: 100000 seconds: at most 86400 (a day); 0 waits without limit"
+        )),
+        "{e}"
+    );
+    // Two minutes by default; 0 waits without limit.
+    let wait = |runtime: &str| {
+        let (_dir, ok) = write_config(&with(runtime));
+        Config::load(&ok).unwrap().0.runtime.merged_wait()
+    };
+    assert_eq!(wait(""), Some(std::time::Duration::from_secs(120)));
+    assert_eq!(wait("merged_wait_s = 0\n"), None);
+    assert_eq!(
+        wait("merged_wait_s = 86400\n"),
+        Some(std::time::Duration::from_secs(86_400))
+    );
+}
+
+#[test]
 fn runtime_kv_cache_and_load_threads() {
     let f = common::llama();
     let with = |runtime: &str| {

@@ -377,3 +377,99 @@ fn a_failed_reload_fails_its_requests_at_once() {
         .is_err());
     assert_eq!(swap.stats().load_failures, 1);
 }
+
+/// `runtime.merged_wait_s` bounds a request's wait: under a cap of one with m0's engine held, a request
+/// for m1 fails after about a second naming m0 as busy and draining; a request for m0 that arrived
+/// while m0 drained is woken and gets its engine once m1's request is gone; with m0 free, m1 loads.
+#[test]
+fn a_request_waits_for_a_busy_engine_at_most_merged_wait_s() {
+    use std::time::{Duration, Instant};
+
+    let f = common::llama_three();
+    let merged = tempfile::tempdir().unwrap();
+    let mut text = format!(
+        "[base]\npath = {}\ndtype = \"f32\"\nname = \"base\"\nserve = false\n\
+         [runtime]\nmerged_dir = {}\nmerged_gpu_models = 1\nmerged_wait_s = 1\n",
+        q(&f.family.base),
+        q(merged.path()),
+    );
+    for (i, d) in f.deltas8[..2].iter().enumerate() {
+        text.push_str(&format!(
+            "[[delta]]\nname = \"m{i}\"\npath = {}\nmode = \"merge\"\n",
+            q(d)
+        ));
+    }
+    let (_dir, file) = write_config(&text);
+    let (config, deltas) = Config::load(&file).unwrap();
+    assert_eq!(config.runtime.merged_wait(), Some(Duration::from_secs(1)));
+    let served = dz_loader::serve(&config, &deltas).unwrap();
+    let swap = served.engine_swap.clone().expect("an engine swap");
+    // What `deltazip serve` does with the config's limit.
+    swap.set_max_wait(config.runtime.merged_wait());
+    assert_eq!(swap.loaded(), ["m0"]);
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let held = swap.acquire("m0").await.unwrap();
+        let s = swap.clone();
+        let m1 = tokio::spawn(async move {
+            let t0 = Instant::now();
+            let r = s.acquire("m1").await.map(drop);
+            (r, t0.elapsed())
+        });
+        // m0 drains for m1's request meanwhile: this one waits on it, without a limit of its own (only
+        // the wake-up when m0 stops draining lets it through).
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        swap.set_max_wait(None);
+        let s = swap.clone();
+        let m0 = tokio::spawn(async move { s.acquire("m0").await });
+
+        let (r, waited) = m1.await.unwrap();
+        let why = r
+            .expect_err("m1 got an engine while m0's was held")
+            .to_string();
+        assert!(
+            waited >= Duration::from_secs(1) && waited < Duration::from_secs(3),
+            "failed after {waited:?}: {why}"
+        );
+        for want in [
+            "no engine for m1 after waiting 1.",
+            "(runtime.merged_wait_s = 1)",
+            "1 of 1 merged engines loaded",
+            "m0: 1 in flight (the oldest for ",
+            "busy for ",
+            "draining",
+        ] {
+            assert!(why.contains(want), "{want:?} not in {why}");
+        }
+        assert!(
+            swap.stats().oldest_lease_seconds >= 1.0,
+            "{:?}",
+            swap.stats()
+        );
+
+        // Nobody waits for m1 any more: m0 opens again and the request parked on it gets it.
+        let second = tokio::time::timeout(Duration::from_secs(5), m0)
+            .await
+            .expect("the request parked on m0 was never woken")
+            .unwrap()
+            .expect("m0 once m1's request left");
+        drop((held, second));
+        assert_eq!(swap.stats().oldest_lease_seconds, 0.0);
+
+        // m0 free: m1's next request unloads it and loads m1.
+        let lease = swap.acquire("m1").await.unwrap();
+        assert_eq!(swap.loaded(), ["m1"]);
+        drop(lease);
+    });
+    let st = swap.stats();
+    assert_eq!(
+        (st.loads, st.unloads, st.load_failures),
+        (1, 1, 0),
+        "{st:?}"
+    );
+}
