@@ -429,20 +429,35 @@ __device__ __forceinline__ void sbmm(const DzSegment* segs, uint32_t n_segs, con
 
 // out = base + D (base may be null: out = D), for a delta without a row subset: the dense delta decoded
 // from the v4 bytes, each value by the SPEC formula ((q - z) * s) * global_scale in f32, then added to base
-// and rounded once (bit-identical to the generic `dequantize` kernels). One thread per lane of a packet,
-// the inverse of the re-layout: pair p of lane (g, c) of packet (rt, kb) is register f = p % 4 of step
-// s = p / 4; quant: columns 32 c + 4 s + 2 (f >> 1) + {0, 1} of row 16 rt + g + 8 (f & 1); sparse24: the
-// two kept entries of run 8 s + c + 4 (f >> 1) of the block, at the positions of its metadata nibble
-// (slot 2 g + (f >> 1), word s, nibble c, high half for rows g + 8), the run's other two entries 0. The
-// CPU twin is dz-candle-ops' `relayout::dequantize_v4`. Every element of rows < n_stored and columns < K is
-// written exactly once (the padding past them is skipped).
+// and rounded once (bit-identical to the generic `dequantize` kernels). One warp per packet (rt, kb), the
+// inverse of the re-layout: pair p of lane (g, c) is register f = p % 4 of step s = p / 4; quant: columns
+// 32 c + 4 s + 2 (f >> 1) + {0, 1} of row 16 rt + g + 8 (f & 1); sparse24: the two kept entries of run
+// 8 s + c + 4 (f >> 1) of the block, at the positions of its metadata nibble (slot 2 g + (f >> 1), word s,
+// nibble c, high half for rows g + 8), the run's other two entries 0. The CPU twin is dz-candle-ops'
+// `relayout::dequantize_v4`.
+//
+// Decoded in place, a lane's values land on 8 rows and scattered columns: every store touched its own
+// sector, and 4096 x 4096 took 142 us on the H200 (~1 ms for quant g128), ~10x its bytes' time (session
+// 9). So the packet goes through shared memory, 8 rows (one half, f & 1) at a time, and is written row
+// by row, each lane 4 consecutive columns: a warp's store covers 128 consecutive columns. The staging
+// index (rows 132 words apart, one more word per 32 columns) keeps the quant decode's writes and the row
+// reads free of bank conflicts (sparse24's writes: 2-way). An emulation of both versions' index
+// arithmetic (every element written once, the same values) is in bench/kernels/emu_v4_dequantize.py. Every element of rows < n_stored and columns < K is written exactly once
+// (the padding past them is skipped).
+constexpr int DQ_WARPS = 8;  // V4_DEQUANTIZE_THREADS / 32 (the entry points launch 256 threads)
+constexpr int DQ_STRIDE = KB + 4;  // staging words per row: 4 (mod 32) keeps rows g = 0..7 apart; col >> 5 fits
+
+__device__ __forceinline__ uint32_t dq_at(uint32_t row, uint32_t col) { return row * DQ_STRIDE + col + (col >> 5); }
+
 template <class C, typename T>
 __device__ __forceinline__ void dequantize(const DzDelta& d, const T* base, T* out) {
+  __shared__ float stage[DQ_WARPS][8 * DQ_STRIDE];
   const uint32_t nkb = (d.k + KB - 1) / KB;
   const uint64_t packets = uint64_t((d.n_stored + 15) / 16) * nkb;
   const uint64_t gid = uint64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   const uint64_t packet = gid / 32;
-  if (packet >= packets) return;
+  if (packet >= packets) return;  // uniform over the warp
+  float* st = stage[threadIdx.x / 32];
   const uint32_t lane = gid % 32, g = lane / 4, c = lane % 4;
   const uint32_t rt = uint32_t(packet / nkb), kb = uint32_t(packet % nkb);
   const uint8_t* codes = reinterpret_cast<const uint8_t*>(d.parts[0]) + packet * C::PACKET;
@@ -452,35 +467,46 @@ __device__ __forceinline__ void dequantize(const DzDelta& d, const T* base, T* o
                           __half2float(__ushort_as_half(uint16_t(sw >> 16)))};
   const float z = float(1u << (C::BITS - 1));
   constexpr uint32_t mask = (1u << C::BITS) - 1u;
-  auto put = [&](uint32_t row, uint32_t col, float v) {
-    const size_t at = size_t(row) * d.k + col;
-    out[at] = from_f32<T>(base ? to_f32(base[at]) + v : v);
-  };
-#pragma unroll 4
-  for (int p = 0; p < C::STEPS * 4; ++p) {
-    const int s = p / 4, f = p % 4;
-    const int u = p / C::PPW, j = p % C::PPW;
-    const uint32_t off = C::PIECE >= 16 ? (4 * u / 16) * 512 + lane * 16 + (4 * u) % 16 : lane * C::PIECE + 4 * u;
-    const uint32_t w = *reinterpret_cast<const uint32_t*>(codes + off);
-    const uint32_t row = 16 * rt + g + 8 * (f & 1);
-    if (row >= d.n_stored) continue;
-    const float sc = scale[f & 1];
-    const float lo = ((float((w >> (C::BITS * j)) & mask) - z) * sc) * d.global_scale;
-    const float hi = ((float((w >> (16 + C::BITS * j)) & mask) - z) * sc) * d.global_scale;
-    if constexpr (!C::sparse) {
-      const uint32_t col = KB * kb + 32 * c + 4 * s + 2 * (f >> 1);
-      if (col < d.k) {  // K is a multiple of 32: col + 1 < K too
-        put(row, col, lo);
-        put(row, col + 1, hi);
-      }
-    } else {
-      const uint32_t run = 32 * kb + 8 * s + c + 4 * (f >> 1);
-      if (4 * run >= d.k) continue;
-      const uint32_t mw = *reinterpret_cast<const uint32_t*>(meta + (2 * g + (f >> 1)) * 16 + 4 * s);
-      const uint32_t nib = (mw >> (16 * (f & 1) + 4 * c)) & 15u;
 #pragma unroll
-      for (uint32_t q = 0; q < 4; ++q) put(row, 4 * run + q, q == (nib & 3u) ? lo : q == (nib >> 2) ? hi : 0.f);
+  for (uint32_t h = 0; h < 2; ++h) {
+#pragma unroll 4
+    for (int p = 0; p < C::STEPS * 4; ++p) {
+      const int s = p / 4, f = p % 4;
+      if (uint32_t(f & 1) != h) continue;
+      const int u = p / C::PPW, j = p % C::PPW;
+      const uint32_t off = C::PIECE >= 16 ? (4 * u / 16) * 512 + lane * 16 + (4 * u) % 16 : lane * C::PIECE + 4 * u;
+      const uint32_t w = *reinterpret_cast<const uint32_t*>(codes + off);
+      const float sc = scale[h];
+      const float lo = ((float((w >> (C::BITS * j)) & mask) - z) * sc) * d.global_scale;
+      const float hi = ((float((w >> (16 + C::BITS * j)) & mask) - z) * sc) * d.global_scale;
+      if constexpr (!C::sparse) {
+        const uint32_t col = 32 * c + 4 * s + 2 * (f >> 1);  // within the block
+        st[dq_at(g, col)] = lo;
+        st[dq_at(g, col + 1)] = hi;
+      } else {
+        const uint32_t run = 8 * s + c + 4 * (f >> 1);  // within the block
+        if (4 * (32 * kb + run) >= d.k) continue;
+        const uint32_t mw = *reinterpret_cast<const uint32_t*>(meta + (2 * g + (f >> 1)) * 16 + 4 * s);
+        const uint32_t nib = (mw >> (16 * h + 4 * c)) & 15u;
+#pragma unroll
+        for (uint32_t q = 0; q < 4; ++q)
+          st[dq_at(g, 4 * run + q)] = q == (nib & 3u) ? lo : q == (nib >> 2) ? hi : 0.f;
+      }
     }
+    __syncwarp();
+    for (uint32_t i = 0; i < 8; ++i) {
+      const uint32_t row = 16 * rt + 8 * h + i;
+      if (row >= d.n_stored) break;
+#pragma unroll
+      for (uint32_t e = 0; e < 4; ++e) {
+        const uint32_t cl = 4 * lane + e, col = KB * kb + cl;
+        if (col >= d.k) continue;
+        const size_t at = size_t(row) * d.k + col;
+        const float v = st[dq_at(i, cl)];
+        out[at] = from_f32<T>(base ? to_f32(base[at]) + v : v);
+      }
+    }
+    __syncwarp();  // the next half overwrites the staging rows
   }
 }
 
