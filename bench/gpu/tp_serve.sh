@@ -14,6 +14,13 @@ OUT=${OUT:-$W/out}
 CODEC=${CODEC:-4b24}
 DISTINCT=${DISTINCT:-8}   # distinct delta files; 32 names cycle over them (disk: 128 GB)
 N=${N:-32}
+# LAYERS (e.g. 4): a 13B-wide model with that many layers (its own base and deltas folders). The greedy
+# check of session 9 could not tell sharding from rounding on the 40-layer synthetic model: its random
+# layers amplify bf16 summation-order differences until the flat next-token distributions' argmax flips
+# (base TP2 vs TP1: 0.13-0.25 apart in first-token log-probs). A shallow model keeps rounding small,
+# while a wrongly sharded delta still moves the log-probs by the delta's own effect.
+BASE=base13b${LAYERS:+-l$LAYERS}
+DELTAS=deltas${LAYERS:+-l$LAYERS}
 RATES=${RATES:-4,16}
 REQS=${REQS:-64}
 # Requests in flight at once (host patch 0011 keeps the NCCL ranks in step however requests overlap;
@@ -31,9 +38,9 @@ export LD_LIBRARY_PATH=${nccl}:${LD_LIBRARY_PATH:-}
 
 config() { # config FILE TP GPU_DELTA_BYTES
     {
-        echo "[base]"; echo "path = \"$W/base13b\""; echo 'dtype = "bf16"'; echo 'name = "base"'
+        echo "[base]"; echo "path = \"$W/$BASE\""; echo 'dtype = "bf16"'; echo 'name = "base"'
         for i in $(seq 0 $((N - 1))); do
-            f=$(printf '%s/deltas/ft-%02d.dz' "$W" $((i % DISTINCT)))
+            f=$(printf '%s/%s/ft-%02d.dz' "$W" "$DELTAS" $((i % DISTINCT)))
             printf '[[delta]]\nname = "ft-%02d"\npath = "%s"\nmode = "multi-tenant"\n' "$i" "$f"
         done
         echo "[runtime]"; echo 'device = "cuda"'; echo "tensor_parallel = $2"
@@ -76,13 +83,14 @@ phase_gen() {
     nvidia-smi -L
     python3 -c 'import torch; print("torch nccl", torch.cuda.nccl.version())'
     echo "nccl lib: $nccl"; ldd "$DZ" | grep -E "nccl|not found"
-    if [[ ! -f "$W/base13b/config.json" ]]; then
-        "$DZ" synth model --shape llama-13b --dtype bf16 --seed 1 --out "$W/base13b" 2>&1 | tail -2
+    if [[ ! -f "$W/$BASE/config.json" ]]; then
+        "$DZ" synth model --shape llama-13b ${LAYERS:+--layers "$LAYERS"} --dtype bf16 --seed 1 \
+            --out "$W/$BASE" 2>&1 | tail -2
     fi
-    if [[ ! -f "$W/deltas/ft-$(printf %02d $((DISTINCT - 1))).dz" ]]; then
-        rm -rf "$W/deltas"
-        "$DZ" synth deltas --base "$W/base13b" --codec "$CODEC" --count "$DISTINCT" --seed 7 \
-            --out-dir "$W/deltas" --jobs 8 2>&1 | tail -3
+    if [[ ! -f "$W/$DELTAS/ft-$(printf %02d $((DISTINCT - 1))).dz" ]]; then
+        rm -rf "${W:?}/$DELTAS"
+        "$DZ" synth deltas --base "$W/$BASE" --codec "$CODEC" --count "$DISTINCT" --seed 7 \
+            --out-dir "$W/$DELTAS" --jobs 8 2>&1 | tail -3
     fi
     df -h "$W" | tail -1
     config "$W/tp1.toml" 1 "90GiB"
