@@ -24,7 +24,8 @@
 # Environment: DZ_WORK, DZ_BUDGET_S, DZ_WAIT_S (0: the binary must be there to start), DZ_JOBS (4), DZ_DOMAINS ("py_stdlib pydocs kjv gcide"),
 # DZ_DEVICE (cuda), FT_PARALLEL (2), FT_MAX_S (150), FT_STEPS (800), FT_LR (2e-4), FT_BATCH (16), FT_SEQ_LEN (1024),
 # FT_ARGS_<domain> (more finetune.py options for one domain; default: ft_args_of below), DZ_SAMPLES (64), DZ_SEQ_LEN (512), DZ_EVAL_WINDOWS (32),
-# DZ_EVAL_SEQ_LEN (512), DZ_RECIPES ("t10 t16 2b50 4b24 2b24 8b sign").
+# DZ_EVAL_SEQ_LEN (512), DZ_RECIPES ("t10 t16 2b50 4b24 2b24 8b sign"), DZ_BENCH_ARGS (more `bench quality`
+# options, e.g. "--damp 0.1" or "--budget-error plain").
 set -uo pipefail
 T0=$(date +%s)
 REPO=$(pwd)
@@ -170,7 +171,7 @@ bench_job() {
         --recipes "$r" --methods obs,rtn --device "${DZ_DEVICE:-cuda}" \
         --samples "${DZ_SAMPLES:-64}" --seq-len "${DZ_SEQ_LEN:-512}" \
         --eval-windows "${DZ_EVAL_WINDOWS:-32}" --eval-seq-len "${DZ_EVAL_SEQ_LEN:-512}" \
-        --workdir "$W/work/$d-$r" --results "$W/partial/$d-$r" > "$W/logs/bench-$d-$r.log" 2>&1
+        --workdir "$W/work/$d-$r" --results "$W/partial/$d-$r" ${DZ_BENCH_ARGS:-} > "$W/logs/bench-$d-$r.log" 2>&1
     local rc=$?
     rm -rf "$W/work/$d-$r"
     # Written next to each other in partial/, then moved: res/ only ever holds finished jobs.

@@ -65,6 +65,9 @@ pub struct BenchQualityArgs {
     /// ranking) or auto (all three, keeping the one closest to the fine-tune on the calibration windows).
     #[arg(long, default_value = "auto", value_parser = crate::compress::parse_budget_error)]
     pub budget_error: dz_compress::pipeline::BudgetError,
+    /// OBS damping, relative to the mean of each Hessian's diagonal (`compress --damp`).
+    #[arg(long, default_value_t = crate::compress::DEFAULT_DAMP, value_parser = crate::compress::parse_damp)]
+    pub damp: f32,
     /// Calibration windows.
     #[arg(long, default_value_t = 128)]
     pub samples: usize,
@@ -525,6 +528,7 @@ pub fn run_quality(args: &BenchQualityArgs) -> Result<String> {
         calib_text: args.calib.clone(),
         embed_bits: args.embed_bits,
         budget_error: args.budget_error,
+        damp: args.damp,
         ..Default::default()
     };
     let ppl = |m: &LlamaModel, t: &[u32]| -> Result<f64> {

@@ -72,6 +72,10 @@ pub struct CompressArgs {
     /// Calibration windows per forward batch.
     #[arg(long, default_value_t = 8)]
     pub batch_size: usize,
+    /// OBS damping, relative to the mean of each Hessian's diagonal (more: closer to plain rounding,
+    /// less fitted to the calibration windows).
+    #[arg(long, default_value_t = DEFAULT_DAMP, value_parser = parse_damp)]
+    pub damp: f32,
     /// Device for activations and Hessians: `cpu`, `cuda` or `cuda:N` (needs the `cuda` build).
     #[arg(long, default_value = "cpu")]
     pub device: String,
@@ -160,6 +164,17 @@ pub fn parse_budget_error(s: &str) -> std::result::Result<BudgetError, String> {
     .ok_or_else(|| format!("expected absolute, weighted, plain or auto, got {s:?}"))
 }
 
+/// [`CompressOptions::damp`]'s default.
+pub use dz_compress::pipeline::DEFAULT_DAMP;
+
+/// A finite damping > 0 and at most 10.
+pub fn parse_damp(s: &str) -> std::result::Result<f32, String> {
+    match s.parse::<f32>() {
+        Ok(v) if v.is_finite() && v > 0.0 && v <= 10.0 => Ok(v),
+        _ => Err(format!("expected a damping in (0, 10], got {s:?}")),
+    }
+}
+
 impl CompressArgs {
     /// The pipeline options these arguments ask for.
     pub fn options(&self) -> Result<CompressOptions> {
@@ -179,6 +194,7 @@ impl CompressArgs {
             samples: self.samples,
             seq_len: self.seq_len,
             batch_size: self.batch_size,
+            damp: self.damp,
             lossless: if self.zstd_level == 0 {
                 Lossless::None
             } else {

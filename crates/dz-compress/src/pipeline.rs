@@ -111,6 +111,9 @@ impl BudgetError {
     }
 }
 
+/// [`CompressOptions::damp`]'s default.
+pub const DEFAULT_DAMP: f32 = 0.01;
+
 /// Everything `compress` can be told.
 #[derive(Debug, Clone)]
 pub struct CompressOptions {
@@ -170,7 +173,7 @@ impl Default for CompressOptions {
             seq_len: 512,
             batch_size: calibrate::DEFAULT_BATCH_SIZE,
             block_size: 128,
-            damp: 0.01,
+            damp: DEFAULT_DAMP,
             tied_table_damp: 1.0,
             budget_error: BudgetError::Auto,
             lossless: Lossless::default(),
