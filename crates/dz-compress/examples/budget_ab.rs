@@ -5,8 +5,9 @@
 //! cargo run --release -p dz-compress --example budget_ab -- BASE FT TEXT CALIB RATIO|4b24 obs|rtn [SAMPLES SEQ]
 //! ```
 //!
-//! `DZ_TABLE_DAMP=x` sets `tied_table_damp`, `DZ_BUDGET_ERROR=absolute|weighted|auto` the size budget's
-//! ranking (default auto, as the pipeline's).
+//! `DZ_TABLE_DAMP=x` sets `tied_table_damp`, `DZ_DAMP=x` the linear layers' OBS damping,
+//! `DZ_BUDGET_ERROR=absolute|weighted|plain|auto` the size budget's ranking (default auto, as the
+//! pipeline's).
 //!
 //! Prints the file's ratio, the allocation's mix, held-out perplexity (last 10% of TEXT, 4 windows of 512)
 //! and KL(fine-tune || compressed) on the same windows.
@@ -59,6 +60,9 @@ fn main() -> Result<()> {
     // DZ_TABLE_DAMP / DZ_BUDGET_ERROR=weighted: the options under study.
     if let Ok(v) = std::env::var("DZ_TABLE_DAMP") {
         o.tied_table_damp = v.parse()?;
+    }
+    if let Ok(v) = std::env::var("DZ_DAMP") {
+        o.damp = v.parse()?;
     }
     match std::env::var("DZ_BUDGET_ERROR").as_deref() {
         Ok("weighted") => o.budget_error = pipeline::BudgetError::DeltaWeighted,
