@@ -25,7 +25,7 @@
 # DZ_DEVICE (cuda), FT_PARALLEL (2), FT_MAX_S (150), FT_STEPS (800), FT_LR (2e-4), FT_BATCH (16), FT_SEQ_LEN (1024),
 # FT_ARGS_<domain> (more finetune.py options for one domain; default: ft_args_of below), DZ_SAMPLES (64), DZ_SEQ_LEN (512), DZ_EVAL_WINDOWS (32),
 # DZ_EVAL_SEQ_LEN (512), DZ_RECIPES ("t10 t16 2b50 4b24 2b24 8b sign"), DZ_BENCH_ARGS (more `bench quality`
-# options, e.g. "--damp 0.1" or "--budget-error plain").
+# options, e.g. "--table-damp 10", "--damp 0.1" or "--budget-error plain").
 set -uo pipefail
 T0=$(date +%s)
 REPO=$(pwd)

@@ -68,6 +68,9 @@ pub struct BenchQualityArgs {
     /// OBS damping, relative to the mean of each Hessian's diagonal (`compress --damp`).
     #[arg(long, default_value_t = crate::compress::DEFAULT_DAMP, value_parser = crate::compress::parse_damp)]
     pub damp: f32,
+    /// OBS damping of a tied embedding table (`compress --table-damp`).
+    #[arg(long, default_value_t = crate::compress::DEFAULT_TIED_TABLE_DAMP, value_parser = crate::compress::parse_damp)]
+    pub table_damp: f32,
     /// Calibration windows.
     #[arg(long, default_value_t = 128)]
     pub samples: usize,
@@ -529,6 +532,7 @@ pub fn run_quality(args: &BenchQualityArgs) -> Result<String> {
         embed_bits: args.embed_bits,
         budget_error: args.budget_error,
         damp: args.damp,
+        tied_table_damp: args.table_damp,
         ..Default::default()
     };
     let ppl = |m: &LlamaModel, t: &[u32]| -> Result<f64> {

@@ -76,6 +76,10 @@ pub struct CompressArgs {
     /// less fitted to the calibration windows).
     #[arg(long, default_value_t = DEFAULT_DAMP, value_parser = parse_damp)]
     pub damp: f32,
+    /// OBS damping of a tied embedding table (SmolLM2's: the output head is the embedding), relative to
+    /// the mean of the head's Hessian diagonal (more: closer to plain rounding).
+    #[arg(long, default_value_t = DEFAULT_TIED_TABLE_DAMP, value_parser = parse_damp)]
+    pub table_damp: f32,
     /// Device for activations and Hessians: `cpu`, `cuda` or `cuda:N` (needs the `cuda` build).
     #[arg(long, default_value = "cpu")]
     pub device: String,
@@ -164,8 +168,8 @@ pub fn parse_budget_error(s: &str) -> std::result::Result<BudgetError, String> {
     .ok_or_else(|| format!("expected absolute, weighted, plain or auto, got {s:?}"))
 }
 
-/// [`CompressOptions::damp`]'s default.
-pub use dz_compress::pipeline::DEFAULT_DAMP;
+/// [`CompressOptions::damp`]'s and [`CompressOptions::tied_table_damp`]'s defaults.
+pub use dz_compress::pipeline::{DEFAULT_DAMP, DEFAULT_TIED_TABLE_DAMP};
 
 /// A finite damping > 0 and at most 10.
 pub fn parse_damp(s: &str) -> std::result::Result<f32, String> {
@@ -195,6 +199,7 @@ impl CompressArgs {
             seq_len: self.seq_len,
             batch_size: self.batch_size,
             damp: self.damp,
+            tied_table_damp: self.table_damp,
             lossless: if self.zstd_level == 0 {
                 Lossless::None
             } else {

@@ -114,6 +114,9 @@ impl BudgetError {
 /// [`CompressOptions::damp`]'s default.
 pub const DEFAULT_DAMP: f32 = 0.01;
 
+/// [`CompressOptions::tied_table_damp`]'s default.
+pub const DEFAULT_TIED_TABLE_DAMP: f32 = 1.0;
+
 /// Everything `compress` can be told.
 #[derive(Debug, Clone)]
 pub struct CompressOptions {
@@ -174,7 +177,7 @@ impl Default for CompressOptions {
             batch_size: calibrate::DEFAULT_BATCH_SIZE,
             block_size: 128,
             damp: DEFAULT_DAMP,
-            tied_table_damp: 1.0,
+            tied_table_damp: DEFAULT_TIED_TABLE_DAMP,
             budget_error: BudgetError::Auto,
             lossless: Lossless::default(),
             device: Device::Cpu,
