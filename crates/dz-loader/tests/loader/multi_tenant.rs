@@ -193,3 +193,41 @@ fn registry_changes_are_seen_by_the_next_forward() {
     assert_eq!(max_diff(&run(), &with), 0.0);
     assert_eq!(set.widest_batch(), 1);
 }
+
+/// The CPU tier reads a delta's tensors in parallel; a file with two corrupt tensors still fails on the
+/// first of them in file order, by name, whatever order the threads finish in.
+#[test]
+fn a_corrupt_delta_names_its_first_bad_tensor() {
+    let f = common::llama();
+    let full = std::fs::read(&f.deltas8[0]).unwrap();
+    let file = dz_format::DeltaFile::open(&f.deltas8[0]).unwrap();
+    let manifest = file.manifest().clone();
+    // Two tensors with stored parts, the later one corrupted too.
+    let stored: Vec<usize> = (0..manifest.tensors.len())
+        .filter(|&i| !manifest.tensors[i].parts.is_empty())
+        .collect();
+    assert!(stored.len() >= 6, "{} stored tensors", stored.len());
+    let (first, later) = (stored[2], stored[stored.len() - 2]);
+    let n = u64::from_le_bytes(full[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&full[8..8 + n]).unwrap();
+    let mut bytes = full.clone();
+    for i in [later, first] {
+        let t = &manifest.tensors[i];
+        let key = format!("{}:{}", t.name, t.parts[0].name);
+        let off = 8 + n + header[&key]["data_offsets"][0].as_u64().unwrap() as usize;
+        bytes[off] ^= 0x5a;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("corrupt.dz");
+    std::fs::write(&path, bytes).unwrap();
+    let corrupt = dz_format::DeltaFile::open(&path).unwrap();
+    for _ in 0..3 {
+        let e = dz_loader::HostDelta::read("ft-0", &corrupt)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(&manifest.tensors[first].name), "{e}");
+        assert!(!e.contains(&manifest.tensors[later].name), "{e}");
+    }
+    // The intact file reads.
+    dz_loader::HostDelta::read("ft-0", &file).unwrap();
+}
