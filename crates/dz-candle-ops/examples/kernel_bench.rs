@@ -510,28 +510,18 @@ fn main() -> Result<()> {
                 // The dense route (the delta formed as a bf16 weight, then cuBLAS): where it overtakes
                 // the kernels decides `DEFAULT_DENSE_ROWS`.
                 if rows >= 8 {
-                    set_dense_rows(1);
-                    let t = b.time(ITERS, |i| {
-                        Ok(vec![delta_matmul(&x, &deltas[i % deltas.len()])?])
-                    })?;
-                    let a = disagreement(&delta_matmul(&x, &deltas[0])?, &y_fast)?;
-                    set_dense_rows(0);
-                    if a > 2e-2 {
-                        eprintln!("MISMATCH {label} {n}x{k} rows {rows}: dense route and kernels differ by {a:.2e}");
-                    }
-                    let r = row("dense", t, Some(a));
-                    eprintln!("{}", r.md());
-                    rows_out.push(r);
-                    if let Some(v4) = &v4_only {
+                    let routes = std::iter::once(("dense", deltas.as_slice()))
+                        .chain(v4_only.as_deref().map(|v| ("dense-v4", v)));
+                    for (path, ds) in routes {
                         set_dense_rows(1);
                         let t =
-                            b.time(ITERS, |i| Ok(vec![delta_matmul(&x, &v4[i % v4.len()])?]))?;
-                        let a = disagreement(&delta_matmul(&x, &v4[0])?, &y_fast)?;
+                            b.time(ITERS, |i| Ok(vec![delta_matmul(&x, &ds[i % ds.len()])?]))?;
+                        let a = disagreement(&delta_matmul(&x, &ds[0])?, &y_fast)?;
                         set_dense_rows(0);
                         if a > 2e-2 {
-                            eprintln!("MISMATCH {label} {n}x{k} rows {rows}: dense route (v4 only) and kernels differ by {a:.2e}");
+                            eprintln!("MISMATCH {label} {n}x{k} rows {rows}: {path} route and kernels differ by {a:.2e}");
                         }
-                        let r = row("dense-v4", t, Some(a));
+                        let r = row(path, t, Some(a));
                         eprintln!("{}", r.md());
                         rows_out.push(r);
                     }

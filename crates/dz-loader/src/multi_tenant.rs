@@ -781,47 +781,44 @@ impl ModuleDeltas {
             }
             ModuleKind::RmsNorm { eps } => {
                 let dtype = base_out.dtype();
-                if let Some((names, table)) = self.registry.norm_table(rows, dtype)? {
-                    let Ok(i) = names.binary_search(&self.name) else {
-                        return Ok(base_out); // no row's fine-tune changes this norm
-                    };
-                    batch_of(&self.name, input, rows.len())?;
-                    let width = table.dim(2)?;
-                    let mut shape = vec![rows.len()];
-                    shape.extend(std::iter::repeat_n(1, input.rank().saturating_sub(2)));
-                    shape.push(width);
-                    let d = table.narrow(1, i, 1)?;
-                    let d = if input.rank() == 3 {
-                        d
-                    } else {
-                        d.contiguous()?.reshape(shape)?
-                    };
-                    let ones = Tensor::ones(width, input.dtype(), input.device())?;
-                    let unit = candle_nn::ops::rms_norm(&input.contiguous()?, &ones, eps as f32)?;
-                    return base_out + unit.to_dtype(dtype)?.broadcast_mul(&d)?;
-                }
-                let deltas: Vec<Option<&Tensor>> = rows
-                    .iter()
-                    .map(|r| r.as_ref().and_then(|f| f.norm.get(&self.name)))
-                    .collect();
-                let Some(width) = deltas.iter().flatten().map(|t| t.elem_count()).next() else {
-                    return Ok(base_out);
+                // Each row's delta of this norm, `[rows, 1, width]` in `dtype` (zeros for the base): a
+                // slice of the batch's table, or (fine-tunes with differing norms) stacked here.
+                let d = match self.registry.norm_table(rows, dtype)? {
+                    Some((names, table)) => match names.binary_search(&self.name) {
+                        Ok(i) => table.narrow(1, i, 1)?,
+                        Err(_) => return Ok(base_out), // no row's fine-tune changes this norm
+                    },
+                    None => {
+                        let deltas: Vec<Option<&Tensor>> = rows
+                            .iter()
+                            .map(|r| r.as_ref().and_then(|f| f.norm.get(&self.name)))
+                            .collect();
+                        let Some(width) = deltas.iter().flatten().map(|t| t.elem_count()).next()
+                        else {
+                            return Ok(base_out);
+                        };
+                        let zero = Tensor::zeros(width, DType::F32, input.device())?;
+                        let table: Vec<Tensor> = deltas
+                            .iter()
+                            .map(|d| d.cloned().unwrap_or_else(|| zero.clone()))
+                            .collect();
+                        Tensor::stack(&table, 0)?.unsqueeze(1)?.to_dtype(dtype)?
+                    }
                 };
                 batch_of(&self.name, input, rows.len())?;
-                // rms_norm(x) * (g + dg) = rms_norm(x) * g + (x / rms(x)) * dg, per row.
-                let ones = Tensor::ones(width, input.dtype(), input.device())?;
-                let unit = candle_nn::ops::rms_norm(&input.contiguous()?, &ones, eps as f32)?;
-                let zero = Tensor::zeros(width, DType::F32, input.device())?;
-                let table: Vec<Tensor> = deltas
-                    .iter()
-                    .map(|d| d.cloned().unwrap_or_else(|| zero.clone()))
-                    .collect();
+                let width = d.dim(2)?;
                 let mut shape = vec![rows.len()];
                 shape.extend(std::iter::repeat_n(1, input.rank().saturating_sub(2)));
                 shape.push(width);
-                let dtype = base_out.dtype();
-                let table = Tensor::stack(&table, 0)?.reshape(shape)?.to_dtype(dtype)?;
-                base_out + unit.to_dtype(dtype)?.broadcast_mul(&table)?
+                let d = if d.dims() == shape.as_slice() {
+                    d
+                } else {
+                    d.contiguous()?.reshape(shape)?
+                };
+                // rms_norm(x) * (g + dg) = rms_norm(x) * g + (x / rms(x)) * dg, per row.
+                let ones = Tensor::ones(width, input.dtype(), input.device())?;
+                let unit = candle_nn::ops::rms_norm(&input.contiguous()?, &ones, eps as f32)?;
+                base_out + unit.to_dtype(dtype)?.broadcast_mul(&d)?
             }
         }
     }
