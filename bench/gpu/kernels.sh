@@ -34,6 +34,10 @@ if [ "${MODE:-}" = v4 ]; then
     T0=$(date +%s)
     timeout 60 "$CS" --tool memcheck "$BIN"/cuda_check --quick --filter "v4 sbmm" > "$OUT/memcheck_v4.txt" 2>&1
     echo "memcheck v4 rc=$? ($(( $(date +%s) - T0 )) s)"; tail -3 "$OUT/memcheck_v4.txt"
+    # The split sbmm shares partial sums through shared memory between barriers.
+    T0=$(date +%s)
+    timeout 60 "$CS" --tool racecheck "$BIN"/cuda_check --quick --filter "v4 only sbmm" > "$OUT/racecheck_v4.txt" 2>&1
+    echo "racecheck v4 rc=$? ($(( $(date +%s) - T0 )) s)"; tail -3 "$OUT/racecheck_v4.txt"
   fi
   T0=$(date +%s)
   timeout 45 "$BIN"/cuda_check --quick --filter "tensor cores" > "$OUT/cuda_check_tc.txt" 2>&1
@@ -45,6 +49,35 @@ if [ "${MODE:-}" = v4 ]; then
   grep MISMATCH "$OUT/kernel_bench_v4.log" | head -5
   grep -E "copy bandwidth" "$OUT/kernel_bench_v4.log"
   grep -E "^\| delta_matmul \| (dz|v3) \| (4096 x 4096|11008 x 4096) \| 4b|^\| sbmm \| (dz|v3) " "$OUT/kernel_bench_v4.log" | cut -c1-150
+  # NCU=1: Nsight Compute on the --profile cases (the sbmm at split 1 and 8 among them).
+  NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
+  if [ "${NCU_RUN:-0}" = 1 ] && [ -n "$NCU" ]; then
+    T0=$(date +%s)
+    timeout 120 "$NCU" --kernel-name regex:'sbmm' --csv --metrics \
+gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__throughput.avg.pct_of_peak_sustained_elapsed,\
+sm__warps_active.avg.pct_of_peak_sustained_active,launch__registers_per_thread,launch__grid_size,dram__bytes_read.sum,\
+smsp__inst_executed.sum,l1tex__t_sectors_pipe_lsu_mem_global_op_ld.sum,lts__t_sectors_srcunit_tex_op_read.sum,\
+smsp__average_warp_latency_issue_stalled_long_scoreboard.ratio,smsp__average_warp_latency_issue_stalled_barrier.ratio,\
+smsp__warp_issue_stalled_long_scoreboard_per_warp_active.pct,smsp__issue_active.avg.pct_of_peak_sustained_active \
+      "$BIN"/kernel_bench --profile > "$OUT/ncu_sbmm.csv" 2>&1
+    echo "ncu rc=$? ($(( $(date +%s) - T0 )) s)"
+    python3 - "$OUT/ncu_sbmm.csv" <<'PY'
+import csv, sys
+rows = [r for r in csv.reader(open(sys.argv[1])) if len(r) > 10]
+if rows:
+    h = rows[0]; ki = h.index("Kernel Name"); mi = h.index("Metric Name"); vi = h.index("Metric Value")
+    for r in rows[1:]:
+        print(r[ki][:40], r[mi], r[vi])
+PY
+  fi
+  # DENSE_RUN=1: the dense route's crossover (dense, dense-v4 vs the kernels) at 32-256 rows.
+  if [ "${DENSE_RUN:-0}" = 1 ]; then
+    T0=$(date +%s)
+    timeout 150 "$BIN"/kernel_bench --shapes 4096x4096,11008x4096,4096x11008 --rows 32,64,128,256 \
+      --out "$OUT/kernels-h200-dense" --commit "${COMMIT:-unknown}" > "$OUT/kernel_bench_dense.log" 2>&1
+    echo "kernel_bench dense rc=$? ($(( $(date +%s) - T0 )) s)"
+    grep -E "^\| delta_matmul \| (dz|dense|dense-v4) \| [0-9]+ x [0-9]+ \| 4b 2:4" "$OUT/kernel_bench_dense.log" | cut -c1-120
+  fi
   exit 0
 fi
 T0=$(date +%s)

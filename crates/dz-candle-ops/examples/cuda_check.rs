@@ -1156,6 +1156,9 @@ fn dense_family(ck: &mut Checker) {
 /// `only`: the same with deltas that keep only their v4 layout (`set_v4_keep_packed(false)`, what
 /// `deltazip serve --v4-kernels` builds), where every row count takes the v4 kernels: rows up to 64 and
 /// sbmm segments up to 40 rows (16-row tiles); each case asserts `v4_only`.
+/// The v4 sbmm splits the check runs (0: the automatic choice).
+const V4_SPLITS: [u32; 5] = [0, 1, 2, 4, 8];
+
 fn v4_family(ck: &mut Checker, only: bool) {
     ck.family(if only { "v4 only" } else { "v4 kernels" });
     dz_candle_ops::set_v4_keep_packed(!only);
@@ -1287,13 +1290,44 @@ fn v4_family(ck: &mut Checker, only: bool) {
         let m: usize = spec.iter().map(|s| s.0).sum();
         for dtype in [DType::F16, DType::BF16] {
             let family = if only { "v4 only" } else { "v4" };
-            ck.case(format!("{family} sbmm {name} {dtype:?}"), |dev, ops| {
-                let x = input(&[m, k], dtype, 31);
-                let base = input(&[m, n], dtype, 32);
-                sbmm_case(dev, ops, &cpu, &on_dev, &segments, &x, &base)
-            });
+            for split in V4_SPLITS {
+                dz_candle_ops::set_v4_sbmm_split(split);
+                ck.case(
+                    format!("{family} sbmm {name} {dtype:?} split={split}"),
+                    |dev, ops| {
+                        let x = input(&[m, k], dtype, 31);
+                        let base = input(&[m, n], dtype, 32);
+                        sbmm_case(dev, ops, &cpu, &on_dev, &segments, &x, &base)
+                    },
+                );
+            }
+            dz_candle_ops::set_v4_sbmm_split(0);
         }
     }
+    // sbmm with a long K (ragged: 4000 = 31 blocks of 128 + 32): a warp's load ring wraps many times
+    // under split 1 and leaves warps without blocks under split 8; 6 deltas of the four v4 variants.
+    let (n, k) = (300usize, 4000usize);
+    let long: Vec<DeltaSpec> = (0..6)
+        .map(|i| DeltaSpec::full(cfgs[(i * 5) % cfgs.len()], n, k, 9700 + i as u64))
+        .collect();
+    let cpu: Vec<DeviceDelta> = long.iter().map(|s| s.build(&Device::Cpu)).collect();
+    let on_dev: Vec<DeviceDelta> = long.iter().map(|s| s.build(&ck.dev)).collect();
+    let spec: Vec<(usize, Option<usize>)> = (0..6).map(|i| (1 + (i * 3) % 16, Some(i))).collect();
+    let segments = segs(&spec);
+    let m: usize = spec.iter().map(|s| s.0).sum();
+    for split in V4_SPLITS {
+        dz_candle_ops::set_v4_sbmm_split(split);
+        let family = if only { "v4 only" } else { "v4" };
+        ck.case(
+            format!("{family} sbmm 6 deltas 300 x 4000 BF16 split={split}"),
+            |dev, ops| {
+                let x = input(&[m, k], DType::BF16, 33);
+                let base = input(&[m, n], DType::BF16, 34);
+                sbmm_case(dev, ops, &cpu, &on_dev, &segments, &x, &base)
+            },
+        );
+    }
+    dz_candle_ops::set_v4_sbmm_split(0);
     if only && on_cuda {
         // A delta prepared on the CPU (`PreparedDelta`: what `serve --v4-kernels`'s CPU tier holds) and
         // uploaded with `from_prepared` is the same delta: same layout, same results.

@@ -2,7 +2,8 @@
 //! bf16 matmul with the dense weight of the same shape, side by side in one run.
 //!
 //! `cargo build --release -p dz-candle-ops --features cuda --example kernel_bench`, then on the GPU:
-//! `kernel_bench [--quick] [--out STEM] [--commit SHA]` writes `STEM.md` and `STEM.json` and prints the table.
+//! `kernel_bench [--quick] [--out STEM] [--commit SHA]` writes `STEM.md` and `STEM.json` and prints the table;
+//! `--shapes NxK,...` and `--rows R,...` run only those shapes and row counts (and no sbmm cases).
 //!
 //! Method:
 //! - time = median over `ITERS` launches of the CUDA-event time around each launch, after warm-up. Before the
@@ -34,7 +35,8 @@ use candle_core::cuda_backend::cudarc::driver::{sys::CUevent_flags, CudaStream};
 use candle_core::{DType, Device, Tensor};
 use common::{payload, Cfg};
 use dz_candle_ops::{
-    delta_matmul, sbmm, set_dense_rows, set_tensor_cores, set_v4_kernels, DeviceDelta, Segment,
+    delta_matmul, sbmm, set_dense_rows, set_tensor_cores, set_v4_kernels, set_v4_sbmm_split,
+    DeviceDelta, Segment,
 };
 
 const L2_BYTES: usize = 60 << 20;
@@ -273,11 +275,16 @@ fn profile(b: &Bench) -> Result<()> {
         .collect();
     let x = Tensor::randn(0f32, 1.0, (32, 4096), &b.dev)?.to_dtype(DType::BF16)?;
     let base = Tensor::randn(0f32, 1.0, (32, 4096), &b.dev)?.to_dtype(DType::BF16)?;
-    for _ in 0..2 {
-        keep.push(sbmm(&x, &base, &refs, &segments)?);
+    // Split 1 (what the automatic choice takes here) and 8 (every item over 8 warps, as session 9's kernel).
+    for split in [1u32, 8] {
+        set_v4_sbmm_split(split);
+        for _ in 0..2 {
+            keep.push(sbmm(&x, &base, &refs, &segments)?);
+        }
+        eprintln!("profiled sbmm 32 deltas x 1 row, split {split}");
     }
+    set_v4_sbmm_split(0);
     b.dev.synchronize()?;
-    eprintln!("profiled sbmm 32 deltas x 1 row");
     Ok(())
 }
 
@@ -351,6 +358,16 @@ fn sbmm_cases(b: &Bench, copy_bw: f64, rows_out: &mut Vec<Row>) -> Result<()> {
                 agree: None,
             };
             let mut rs = vec![mk("sbmm", "dz", t_sbmm)];
+            // The v4 kernel's warps per item, swept (where v4 runs: segments of <= 4 rows here, the
+            // deltas keeping both layouts).
+            if rows.div_ceil(used) <= 4 {
+                for (split, path) in [(1u32, "dz-s1"), (2, "dz-s2"), (4, "dz-s4"), (8, "dz-s8")] {
+                    set_v4_sbmm_split(split);
+                    let t = b.time(ITERS, |i| Ok(vec![sbmm(&x, &base, &set(i), &segments)?]));
+                    set_v4_sbmm_split(0);
+                    rs.push(mk("sbmm", path, t?));
+                }
+            }
             if let Some(t) = t_v3 {
                 rs.push(mk("sbmm", "v3", t));
             }
@@ -381,7 +398,8 @@ fn main() -> Result<()> {
     };
     if args.iter().any(|a| a == "--help" || a == "-h") {
         println!(
-            "usage: kernel_bench [--quick | --decode] [--out STEM] [--commit SHA] | --profile"
+            "usage: kernel_bench [--quick | --decode] [--shapes NxK,..] [--rows R,..] [--out STEM] \
+             [--commit SHA] | --profile"
         );
         return Ok(());
     }
@@ -396,7 +414,32 @@ fn main() -> Result<()> {
     let copy_bw = b.copy_bandwidth()?;
     eprintln!("device copy bandwidth: {:.0} GB/s", copy_bw / 1e9);
 
-    let shapes: &[(usize, usize)] = if quick {
+    // `--shapes NxK,...` and `--rows R,...` narrow a run to some cases (e.g. the dense route's crossover).
+    let list = |name: &str| -> Result<Option<Vec<String>>> {
+        Ok(flag(name).map(|v| v.split(',').map(|s| s.trim().to_string()).collect()))
+    };
+    let shapes_arg: Option<Vec<(usize, usize)>> = list("--shapes")?
+        .map(|v| {
+            v.iter()
+                .map(|s| {
+                    let (n, k) = s
+                        .split_once('x')
+                        .with_context(|| format!("--shapes: {s:?} is not NxK"))?;
+                    Ok((n.parse()?, k.parse()?))
+                })
+                .collect::<Result<_>>()
+        })
+        .transpose()?;
+    let rows_arg: Option<Vec<usize>> = list("--rows")?
+        .map(|v| {
+            v.iter()
+                .map(|s| Ok(s.parse::<usize>()?))
+                .collect::<Result<_>>()
+        })
+        .transpose()?;
+    let shapes: &[(usize, usize)] = if let Some(s) = &shapes_arg {
+        s
+    } else if quick {
         &[(4096, 4096), (1536, 576)]
     } else {
         &[
@@ -412,7 +455,9 @@ fn main() -> Result<()> {
         ]
     };
     let with_generic = |n: usize, k: usize| (n, k) == (4096, 4096) || (n, k) == (11008, 4096);
-    let rows_list: &[usize] = if quick {
+    let rows_list: &[usize] = if let Some(r) = &rows_arg {
+        r
+    } else if quick {
         &[1, 16, 256]
     } else if decode {
         &[1, 2, 4, 8, 16]
@@ -541,7 +586,8 @@ fn main() -> Result<()> {
         }
     }
 
-    if !decode {
+    // (A run narrowed by --shapes or --rows leaves the sbmm cases out.)
+    if !decode && shapes_arg.is_none() && rows_arg.is_none() {
         sbmm_cases(&b, copy_bw, &mut rows_out)?;
     }
 

@@ -157,6 +157,27 @@ pub fn v4_kernels() -> bool {
     V4_KERNELS.load(std::sync::atomic::Ordering::Relaxed)
 }
 
+static V4_SBMM_SPLIT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// How many warps the v4 `sbmm` kernels split each (segment, 16-row tile) item over along K: 1, 2, 4 or 8;
+/// 0 (the default) picks per launch, the fewest that still fill the device with one wave of warps. For
+/// benchmarks (`kernel_bench` sweeps it); every value computes the same sums up to f32 summation order.
+///
+/// # Panics
+/// If `split` is not 0, 1, 2, 4 or 8.
+pub fn set_v4_sbmm_split(split: u32) {
+    assert!(
+        matches!(split, 0 | 1 | 2 | 4 | 8),
+        "v4 sbmm split must be 0 (auto), 1, 2, 4 or 8, not {split}"
+    );
+    V4_SBMM_SPLIT.store(split, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// What [`set_v4_sbmm_split`] set (0: automatic).
+pub fn v4_sbmm_split() -> u32 {
+    V4_SBMM_SPLIT.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 static V4_KEEP_PACKED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Whether a CUDA [`DeviceDelta`] that gets the v4 layout also keeps the file's packed parts on the

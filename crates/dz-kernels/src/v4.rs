@@ -9,14 +9,16 @@
 //! parts `[codes, meta, scales]` (`meta` unused by quant):
 //! - `dz_v4_<variant>_matmul_add_<t>_n<NT>(DzDelta d, const T* x, const T* base, T* out, u32 m)`
 //! - `dz_v4_<variant>_sbmm_<t>_n<NT>(const DzSegment* segs, u32 n_segs, const DzDelta* deltas, const T* x,
-//!   T* out, u32 k, u32 n_total)`: every segment at most `8 NT` rows.
+//!   T* out, u32 k, u32 n_total, u32 tiles, u32 split)`: every segment at most `8 NT` rows; `tiles` =
+//!   16-row tiles of the tallest delta, `split` (1, 2, 4 or 8) = warps per (segment, tile) item along K.
 //! - `dz_v4_<variant>_dequantize_<t>(DzDelta d, const T* base, T* out)` for `t` in `f32`, `f16`, `bf16`:
 //!   `out = base + D` (`D` when base is 0), no row subset; what `merge`, `dequantize` and the dense route
 //!   of a delta that keeps only its v4 layout run.
 //!
 //! for `variant` in `quant2`, `quant4`, `sparse24_2`, `sparse24_4`, `t` in `f16`, `bf16`, `NT` in 1, 2.
-//! A block has [`V4_THREADS`] threads (8 warps splitting K) and covers [`V4_TILE_ROWS`] stored rows; grid x
-//! = `ceil(n_stored / 16)`, y = tiles of `8 NT` input rows (matmul) or segments (sbmm), at most 65535.
+//! A block has [`V4_THREADS`] threads (8 warps). matmul: the 8 warps split K of one [`V4_TILE_ROWS`]-row
+//! tile; grid x = `ceil(n_stored / 16)`, y = tiles of `8 NT` input rows, at most 65535. sbmm: a 1-D grid
+//! over the `n_segs * tiles` items, `8 / split` items a block, grid-stride.
 
 use crate::{Dtype, Variant};
 

@@ -546,10 +546,23 @@ fn sbmm_t<T: Elem>(
         for (kernel, first, count, max_stored) in launches {
             let func = kernel.function(op, &dev, T::KIND, Launch::Sbmm)?;
             let segs_p = pieces_p + (first * std::mem::size_of::<DzSegment>()) as u64;
-            let grid = (
-                max_stored.div_ceil(kernel.stored_rows()),
-                count.min(MAX_GRID_Y),
-            );
+            let tiles = max_stored.div_ceil(kernel.stored_rows());
+            // v4: items (segment, tile) split over `split` warps each, 8 / split items a block (1-D grid).
+            let v4_split = match kernel {
+                Kernel::V4(..) => Some(v4_sbmm_split(
+                    u64::from(count) * u64::from(tiles),
+                    resident_warps(&dev)?,
+                )),
+                _ => None,
+            };
+            let grid = match v4_split {
+                Some(split) => {
+                    let items = u64::from(count) * u64::from(tiles);
+                    let blocks = items.div_ceil(u64::from(WARPS_V4 / split));
+                    (blocks.min(u64::from(MAX_GRID_X)) as u32, 1)
+                }
+                None => (tiles, count.min(MAX_GRID_Y)),
+            };
             let mut b = stream.launch_builder(&func);
             b.arg(&segs_p);
             b.arg(&count);
@@ -558,14 +571,61 @@ fn sbmm_t<T: Elem>(
             b.arg(&out_p);
             b.arg(&k32);
             b.arg(&n32);
+            let split = v4_split.unwrap_or(0);
+            if v4_split.is_some() {
+                b.arg(&tiles);
+                b.arg(&split);
+            }
             // SAFETY: the arguments match `dz_<v>_sbmm_<t>_m<MT>(const DzSegment*, u32, const DzDelta*,
-            // const T*, T*, u32, u32)`: `count` segments of at most MT rows inside x's m rows, each naming a
-            // descriptor of this variant in `descs` (uploaded above, alive until the stream passes its
-            // free; the v4 descriptors for a v4 kernel), x is m x K and out m x N_total of T.
+            // const T*, T*, u32, u32)` (the v4 entries take two more u32: `tiles`, the 16-row tiles of the
+            // group's tallest delta, and `split`, 1, 2, 4 or 8): `count` segments of at most MT rows inside
+            // x's m rows, each naming a descriptor of this variant in `descs` (uploaded above, alive until
+            // the stream passes its free; the v4 descriptors for a v4 kernel), x is m x K and out m x
+            // N_total of T.
             unsafe { b.launch(kernel.config(grid)) }.w()?;
         }
     }
     Ok((CudaStorage::wrap_cuda_slice(out, dev), shape))
+}
+
+/// Warps of a v4 block.
+const WARPS_V4: u32 = V4_THREADS / 32;
+
+/// Most blocks of a 1-D grid.
+const MAX_GRID_X: u32 = (1 << 31) - 1;
+
+/// Warps the v4 kernels keep resident on the device: 2 blocks of 8 warps per SM (their launch bounds).
+/// Read once per process (the lent machines have one kind of GPU).
+fn resident_warps(dev: &CudaDevice) -> Result<u64> {
+    use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
+    static RESIDENT: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    if let Some(&r) = RESIDENT.get() {
+        return Ok(r);
+    }
+    let sms = dev
+        .cuda_stream()
+        .context()
+        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+        .map_err(|e| OpError::Storage {
+            op: "sbmm",
+            reason: format!("cannot read the device's SM count: {e}"),
+        })?;
+    Ok(*RESIDENT.get_or_init(|| sms.max(1) as u64 * 2 * u64::from(WARPS_V4)))
+}
+
+/// The warps each item (segment, 16-row tile) of a v4 `sbmm` is split over along K: what
+/// [`crate::set_v4_sbmm_split`] set, else the smallest of 1, 2, 4, 8 that gives the launch at least one
+/// full wave of warps (`items * split >= resident`). Fewer warps per item means longer streams per warp
+/// (the load ring's prologue paid once per item, no shared-memory reduction); more keeps a launch of few
+/// items from leaving SMs idle.
+fn v4_sbmm_split(items: u64, resident: u64) -> u32 {
+    match crate::v4_sbmm_split() {
+        0 => [1u32, 2, 4]
+            .into_iter()
+            .find(|&s| items * u64::from(s) >= resident)
+            .unwrap_or(8),
+        s => s,
+    }
 }
 
 /// Most rows per segment for which a delta that has both layouts takes the v4 kernels rather than the

@@ -14,10 +14,11 @@
 // tiles) blocks ahead (codes, meta, scales and x); the loop is unrolled by D so the ring is indexed by
 // constants.
 //
-// Launch: block = 8 warps (V4_THREADS), all on one 16-row tile of the delta (grid x), each warp on the
-// blocks wk, wk + 8, ... of K; the 8 partial sums meet in shared memory. Grid y = tiles of 8 NT input rows
-// (matmul) or segments (sbmm), grid-stride. Rows of x past `rows` are read as row `rows - 1` (valid
-// memory; their outputs are not written).
+// Launch: block = 8 warps (V4_THREADS). matmul: all 8 on one 16-row tile of the delta (grid x), each warp on
+// the blocks wk, wk + 8, ... of K; the 8 partial sums meet in shared memory; grid y = tiles of 8 NT input
+// rows, grid-stride. sbmm: items (segment, 16-row tile) split over `split` warps each along K (the host
+// picks 1, 2, 4 or 8 by the number of items), 8 / split items a block, grid-stride over grid x. Rows of x
+// past `rows` are read as row `rows - 1` (valid memory; their outputs are not written).
 #include "dz_common.cuh"
 
 namespace dz {
@@ -182,13 +183,13 @@ constexpr int depth() {
 template <class C, typename T, int NT>
 struct Tile {
   static constexpr int D = depth<NT>();
-  // Issues the loads of the cursor's block and moves the cursor WK blocks on. The cursor never leaves the
+  // Issues the loads of the cursor's block and moves the cursor `split` blocks on. The cursor never leaves the
   // row tile's last block (it stays there once `kb` passes it), so every load is in bounds without a
   // branch: the loads of a block past the last are repeats (cache hits) that nothing uses. x words past K
   // are not loaded (the registers keep older, finite x values, or the prologue's zeros): the re-laid
   // codes there are the zero point, so the weights they meet are exactly 0.
   static __device__ __forceinline__ void load(Stage<C, NT>& st, Cursor<C, T, NT>& cur, uint32_t nkb, uint32_t K,
-                                              uint32_t lane) {
+                                              uint32_t lane, uint32_t split) {
     const uint32_t c = lane % 4;
     if constexpr (C::PIECE >= 16) {
 #pragma unroll
@@ -241,14 +242,14 @@ struct Tile {
         }
       }
     }
-    if (cur.kb + WK < nkb) {
-      cur.codes += WK * C::PACKET;
-      cur.meta += WK * 256;
-      cur.scales += WK * 8;
+    if (cur.kb + split < nkb) {
+      cur.codes += split * C::PACKET;
+      cur.meta += split * 256;
+      cur.scales += split * 8;
 #pragma unroll
-      for (int t = 0; t < NT; ++t) cur.x[t] += WK * KB / 2;
+      for (int t = 0; t < NT; ++t) cur.x[t] += split * (KB / 2);
     }
-    cur.kb += WK;
+    cur.kb += split;
   }
 
   // A register f of step s: pair p = 4 s + f of the lane's piece.
@@ -286,18 +287,18 @@ struct Tile {
     }
   }
 
-  // out[i][col(r)] = base[i][col(r)] + sum_k x[i][k] D[r][k] for the 16 stored rows of tile `rt` and the
-  // `rows` (<= 8 NT) rows of x.
-  static __device__ __forceinline__ void run(const DzDelta& d, const T* x, uint32_t rows, const T* base, T* out,
-                                             uint32_t rt, float* red) {
-    const uint32_t wk = threadIdx.x / 32, lane = threadIdx.x % 32;
+  // acc += sum over this warp's blocks of K (part, part + split, ...) of x[i][k] D[r][k], for the 16 stored
+  // rows of tile `rt` and the `rows` (<= 8 NT) rows of x (unscaled by the global scale).
+  static __device__ __forceinline__ void accumulate(const DzDelta& d, const T* x, uint32_t rows, uint32_t rt,
+                                                    uint32_t part, uint32_t split, float (&acc)[NT][4]) {
+    const uint32_t lane = threadIdx.x % 32;
     const uint32_t g = lane / 4, c = lane % 4;
     const uint32_t K = d.k;
     const uint32_t nkb = (K + KB - 1) / KB;
-    // The cursor at this warp's first block (wk), this lane's place in it.
+    // The cursor at this warp's first block (part), this lane's place in it.
     Cursor<C, T, NT> cur;
-    cur.kb = wk;
-    const uint32_t wk0 = min(wk, nkb - 1);  // a warp with no block of its own still loads in bounds
+    cur.kb = part;
+    const uint32_t wk0 = min(part, nkb - 1);  // a warp with no block of its own still loads in bounds
     const size_t first = size_t(rt) * nkb + wk0;
     cur.codes = reinterpret_cast<const uint8_t*>(d.parts[0]) + first * C::PACKET +
                 (C::PIECE >= 16 ? lane * 16 : lane * C::PIECE);
@@ -321,12 +322,6 @@ struct Tile {
       add[i] = pair_of<T>(-(Num<T>::MAGIC_F * m + z), -(Num<T>::MAGIC_F * m + z));
     }
 
-    float acc[NT][4];
-#pragma unroll
-    for (int t = 0; t < NT; ++t)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc[t][e] = 0.f;
-
     Stage<C, NT> ring[D];
 #pragma unroll
     for (int i = 0; i < D; ++i) {
@@ -334,51 +329,40 @@ struct Tile {
       for (int t = 0; t < NT; ++t)
 #pragma unroll
         for (int j = 0; j < C::XW; ++j) ring[i].x[t][j] = 0;  // x words past K stay finite (zero)
-      load(ring[i], cur, nkb, K, lane);
+      load(ring[i], cur, nkb, K, lane, split);
     }
-    for (uint32_t kb0 = wk; kb0 < nkb; kb0 += D * WK) {
+    for (uint32_t kb0 = part; kb0 < nkb; kb0 += D * split) {
 #pragma unroll
       for (int i = 0; i < D; ++i) {
-        const uint32_t kb = kb0 + i * WK;
+        const uint32_t kb = kb0 + i * split;
         if (kb >= nkb) break;
-        float part[NT][4];
+        float p[NT][4];
 #pragma unroll
         for (int t = 0; t < NT; ++t)
 #pragma unroll
-          for (int e = 0; e < 4; ++e) part[t][e] = 0.f;
-        compute(ring[i], part, mul, add, mask, magic);
+          for (int e = 0; e < 4; ++e) p[t][e] = 0.f;
+        compute(ring[i], p, mul, add, mask, magic);
         const uint32_t sw = ring[i].s;
         const float sa = __half2float(__ushort_as_half(uint16_t(sw & 0xFFFFu)));
         const float sb = __half2float(__ushort_as_half(uint16_t(sw >> 16)));
 #pragma unroll
         for (int t = 0; t < NT; ++t) {
-          acc[t][0] = fmaf(sa, part[t][0], acc[t][0]);
-          acc[t][1] = fmaf(sa, part[t][1], acc[t][1]);
-          acc[t][2] = fmaf(sb, part[t][2], acc[t][2]);
-          acc[t][3] = fmaf(sb, part[t][3], acc[t][3]);
+          acc[t][0] = fmaf(sa, p[t][0], acc[t][0]);
+          acc[t][1] = fmaf(sa, p[t][1], acc[t][1]);
+          acc[t][2] = fmaf(sb, p[t][2], acc[t][2]);
+          acc[t][3] = fmaf(sb, p[t][3], acc[t][3]);
         }
-        load(ring[i], cur, nkb, K, lane);
+        load(ring[i], cur, nkb, K, lane, split);
       }
     }
+  }
 
-    __syncthreads();  // `red` is free (an earlier tile of this block has read it)
-    if (wk > 0) {
-      float* dst = red + ((wk - 1) * 32 + lane) * NT * 4;
-#pragma unroll
-      for (int t = 0; t < NT; ++t)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) dst[t * 4 + e] = acc[t][e];
-    }
-    __syncthreads();
-    if (wk > 0) return;
-#pragma unroll
-    for (uint32_t w = 1; w < WK; ++w) {
-      const float* src = red + ((w - 1) * 32 + lane) * NT * 4;
-#pragma unroll
-      for (int t = 0; t < NT; ++t)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) acc[t][e] += src[t * 4 + e];
-    }
+  // out[i][col(r)] = base[i][col(r)] + global_scale * acc for the 16 stored rows of tile `rt` and the `rows`
+  // (<= 8 NT) rows of x (base may alias out).
+  static __device__ __forceinline__ void store(const DzDelta& d, uint32_t rows, const T* base, T* out, uint32_t rt,
+                                               const float (&acc)[NT][4]) {
+    const uint32_t lane = threadIdx.x % 32;
+    const uint32_t g = lane / 4, c = lane % 4;
     const uint32_t last = d.n_stored - 1;
     const uint32_t ra = rt * 16 + g, rb = ra + 8;
     const uint32_t col_a = ra <= last ? output_col(d, ra) : 0, col_b = rb <= last ? output_col(d, rb) : 0;
@@ -399,31 +383,91 @@ struct Tile {
   }
 };
 
+// Sums `acc` over each group of `split` consecutive warps of the block (1, 2, 4 or 8; uniform) through
+// shared memory; true on each group's first warp, which then holds the sum. Every warp of the block must
+// call it (it has barriers when split > 1).
+template <int NT>
+__device__ __forceinline__ bool reduce_split(float (&acc)[NT][4], uint32_t split, float* red) {
+  if (split == 1) return true;
+  const uint32_t wk = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const uint32_t p = wk % split;
+  __syncthreads();  // `red` is free (an earlier item of this block has read it)
+  if (p > 0) {
+    float* dst = red + (wk * 32 + lane) * NT * 4;
+#pragma unroll
+    for (int t = 0; t < NT; ++t)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) dst[t * 4 + e] = acc[t][e];
+  }
+  __syncthreads();
+  if (p > 0) return false;
+  for (uint32_t w = 1; w < split; ++w) {
+    const float* src = red + ((wk + w) * 32 + lane) * NT * 4;
+#pragma unroll
+    for (int t = 0; t < NT; ++t)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[t][e] += src[t * 4 + e];
+  }
+  return true;
+}
+
+template <int NT>
+__device__ __forceinline__ void zero(float (&acc)[NT][4]) {
+#pragma unroll
+  for (int t = 0; t < NT; ++t)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[t][e] = 0.f;
+}
+
 template <class C, typename T, int NT>
 __device__ __forceinline__ void matmul_add(const DzDelta& d, const T* x, const T* base, T* out, uint32_t m) {
-  __shared__ float red[(WK - 1) * 32 * NT * 4];
+  __shared__ float red[WK * 32 * NT * 4];
   const uint32_t rt = blockIdx.x;
   if (rt * 16 >= d.n_stored) return;
+  const uint32_t wk = threadIdx.x / 32;
   const uint32_t tiles = (m + 8 * NT - 1) / (8 * NT);
   for (uint32_t t = blockIdx.y; t < tiles; t += gridDim.y) {
     const uint32_t i0 = t * 8 * NT;
     const size_t o = size_t(i0) * d.n_total;
-    Tile<C, T, NT>::run(d, x + size_t(i0) * d.k, min(uint32_t(8 * NT), m - i0), base ? base + o : nullptr,
-                        out + o, rt, red);
+    const uint32_t rows = min(uint32_t(8 * NT), m - i0);
+    float acc[NT][4];
+    zero(acc);
+    Tile<C, T, NT>::accumulate(d, x + size_t(i0) * d.k, rows, rt, wk, WK, acc);
+    if (reduce_split<NT>(acc, WK, red)) Tile<C, T, NT>::store(d, rows, base ? base + o : nullptr, out + o, rt, acc);
   }
 }
 
+// The work of an sbmm launch is `n_segs * tiles` items (segment, 16-row tile of its delta), segment-major
+// (consecutive items share x). Each item is split over `split` warps along K (1, 2, 4 or 8, chosen by the
+// host), so a block takes WK / split consecutive items at a time, grid-stride. With split 1 a warp streams
+// a whole tile row of K (32 blocks at K = 4096) with no barrier and no reduction: session 9's one launch
+// shape (8 warps x 4 blocks of K per item, then a shared-memory reduction) spent most of each short block
+// in its prologue and reduction (32 deltas x 1 row: 36-39% of copy bandwidth).
 template <class C, typename T, int NT>
 __device__ __forceinline__ void sbmm(const DzSegment* segs, uint32_t n_segs, const DzDelta* deltas, const T* x,
-                                     T* out, uint32_t k, uint32_t n_total) {
-  __shared__ float red[(WK - 1) * 32 * NT * 4];
-  const uint32_t rt = blockIdx.x;
-  for (uint32_t s = blockIdx.y; s < n_segs; s += gridDim.y) {
-    const DzSegment seg = segs[s];
-    const DzDelta d = deltas[seg.delta];
-    if (rt * 16 >= d.n_stored) continue;  // uniform over the block
-    T* o = out + size_t(seg.start) * n_total;
-    Tile<C, T, NT>::run(d, x + size_t(seg.start) * k, seg.len, o, o, rt, red);
+                                     T* out, uint32_t k, uint32_t n_total, uint32_t tiles, uint32_t split) {
+  __shared__ float red[WK * 32 * NT * 4];
+  const uint32_t wk = threadIdx.x / 32;
+  const uint32_t per_block = WK / split;
+  const uint64_t items = uint64_t(n_segs) * tiles;
+  for (uint64_t first = uint64_t(blockIdx.x) * per_block; first < items; first += uint64_t(gridDim.x) * per_block) {
+    const uint64_t item = first + wk / split;
+    float acc[NT][4];
+    zero(acc);
+    bool live = false;
+    uint32_t rt = 0;
+    DzSegment seg{};
+    if (item < items) {
+      seg = segs[item / tiles];
+      rt = uint32_t(item % tiles);
+      live = rt * 16 < deltas[seg.delta].n_stored;
+    }
+    // The descriptor is read where it is used (not copied and kept live across the K loop: registers).
+    if (live) Tile<C, T, NT>::accumulate(deltas[seg.delta], x + size_t(seg.start) * k, seg.len, rt, wk % split, split, acc);
+    if (reduce_split<NT>(acc, split, red) && live) {
+      T* o = out + size_t(seg.start) * n_total;
+      Tile<C, T, NT>::store(deltas[seg.delta], seg.len, o, o, rt, acc);
+    }
   }
 }
 
@@ -531,8 +575,9 @@ __device__ __forceinline__ void dequantize(const DzDelta& d, const T* base, T* o
   }                                                                                                          \
   extern "C" __global__ void __launch_bounds__(dz::v4::WK * 32, 2)                                          \
       dz_v4_##variant##_sbmm_##tname##_n##NT(const DzSegment* segs, uint32_t n_segs, const DzDelta* deltas,   \
-                                            const T* x, T* out, uint32_t k, uint32_t n_total) {              \
-    dz::v4::sbmm<C, T, NT>(segs, n_segs, deltas, x, out, k, n_total);                                        \
+                                            const T* x, T* out, uint32_t k, uint32_t n_total, uint32_t tiles, \
+                                            uint32_t split) {                                                \
+    dz::v4::sbmm<C, T, NT>(segs, n_segs, deltas, x, out, k, n_total, tiles, split);                          \
   }
 
 #define DZ_V4_VARIANT(variant, C)                   \
