@@ -21,8 +21,15 @@ N=${N:-32}
 # while a wrongly sharded delta still moves the log-probs by the delta's own effect.
 BASE=base13b${LAYERS:+-l$LAYERS}
 DELTAS=deltas${LAYERS:+-l$LAYERS}
+# DTYPE (default bf16): the base's dtype in the served config. f32 shrinks the summation-order rounding
+# by 2^16, so a check in f32 tells sharding errors from rounding outright (the v4 kernels take f16/bf16
+# only: the generic and tensor-core kernels run).
+DTYPE=${DTYPE:-bf16}
+# The configs are per model and dtype: session 10 generated the 40- and 4-layer models into one $W, and
+# both runs then served the 4-layer one through the shared tp1.toml / tp2.toml.
+CFG=${LAYERS:+l$LAYERS-}$DTYPE
 RATES=${RATES:-4,16}
-REQS=${REQS:-64}
+REQS=${REQS:-64}          # 0: the greedy check only, no throughput run
 # Requests in flight at once (host patch 0011 keeps the NCCL ranks in step however requests overlap;
 # before it, more than 1 hung).
 MAX_INFLIGHT=${MAX_INFLIGHT:-256}
@@ -38,7 +45,7 @@ export LD_LIBRARY_PATH=${nccl}:${LD_LIBRARY_PATH:-}
 
 config() { # config FILE TP GPU_DELTA_BYTES
     {
-        echo "[base]"; echo "path = \"$W/$BASE\""; echo 'dtype = "bf16"'; echo 'name = "base"'
+        echo "[base]"; echo "path = \"$W/$BASE\""; echo "dtype = \"$DTYPE\""; echo 'name = "base"'
         for i in $(seq 0 $((N - 1))); do
             f=$(printf '%s/%s/ft-%02d.dz' "$W" "$DELTAS" $((i % DISTINCT)))
             printf '[[delta]]\nname = "ft-%02d"\npath = "%s"\nmode = "multi-tenant"\n' "$i" "$f"
@@ -93,22 +100,27 @@ phase_gen() {
             --out-dir "$W/$DELTAS" --jobs 8 2>&1 | tail -3
     fi
     df -h "$W" | tail -1
-    config "$W/tp1.toml" 1 "90GiB"
-    config "$W/tp2.toml" 2 "90GiB"
-    "$DZ" serve --config "$W/tp2.toml" --dry-run | grep -v "^  ft-" | tee "$OUT/plan-tp2.txt"
+    configs
+    "$DZ" serve --config "$W/tp2-$CFG.toml" --dry-run | grep -v "^  ft-" | tee "$OUT/plan-tp2.txt"
+}
+
+configs() { # the two configs of this model and dtype (written by gen, and by a run when missing)
+    config "$W/tp1-$CFG.toml" 1 "90GiB"
+    config "$W/tp2-$CFG.toml" 2 "90GiB"
 }
 
 models() { seq -f 'ft-%02g' 0 $((N - 1)) | paste -sd,; }
 
 phase_run() { # phase_run tp1|tp2 PORT
     echo "kv_cache = ${KV_CACHE:-auto}, DZ_TP_TRACE = ${DZ_TP_TRACE:-}"
-    serve "$1" "$W/$1.toml" "$2" || { stop "$1"; return 1; }
+    [[ -f "$W/$1-$CFG.toml" ]] || configs
+    serve "$1" "$W/$1-$CFG.toml" "$2" || { stop "$1"; return 1; }
     # The base and the first, a middle and the last fine-tune (names exist for any N).
     python3 "$here/tp_check.py" collect "http://127.0.0.1:$2" "$OUT/check-$1.json" \
         "base,ft-00,$(printf 'ft-%02d,ft-%02d' $((N / 2)) $((N - 1)))"
-    "$DZ" bench serve --url "http://127.0.0.1:$2" --models "$(models)" --api completions \
+    [[ $REQS == 0 ]] || "$DZ" bench serve --url "http://127.0.0.1:$2" --models "$(models)" --api completions \
         --rates "$RATES" --requests "$REQS" --max-inflight "$MAX_INFLIGHT" --popularity uniform --corpus "$CORPUS" \
-        --prompt-words 32..128 --max-tokens 32..64 --seed 1 --system "13b-$CODEC-$1" \
+        --prompt-words 32..128 --max-tokens 32..64 --seed 1 --system "13b${LAYERS:+-l$LAYERS}-$CODEC-$1" \
         --out "$OUT/tp-bench" --append --quiet 2>&1 | tail -12
     grep -E "^deltazip_(gpu|delta|tokens)" <(curl -s "http://127.0.0.1:$2/metrics") | head -12
     stop "$1"
