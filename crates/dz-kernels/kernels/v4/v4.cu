@@ -147,17 +147,12 @@ struct Codec {
   static constexpr int BITS = B;
 };
 
-// The stream loads of one block for one lane: codes, metadata, scale word (the ring's stage).
-template <class C>
+// The loads of one block for one lane: codes, metadata, scale word, x.
+template <class C, int NT>
 struct Stage {
   uint32_t w[C::CW];
   uint32_t m[C::MW > 0 ? C::MW : 1];
   uint32_t s;
-};
-
-// One block's x words for one lane, per n-tile (fetched from L1/L2 one block ahead of their use).
-template <class C, int NT>
-struct Xs {
   uint32_t x[NT][C::XW];
 };
 
@@ -168,48 +163,34 @@ __device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t b, uint32_t c) {
   return r;
 }
 
-// Where a warp's next block of stream loads comes from: pointers that advance `split` blocks per load.
-struct CodeCursor {
-  const uint8_t* codes;    // this lane's first chunk in the packet
-  const uint8_t* meta;     // this lane's metadata slot in the packet
-  const uint32_t* scales;  // this lane's scale word
-  uint32_t kb;             // the block
-};
-
-// Where a warp's next block of x comes from.
-template <int NT>
-struct XCursor {
+// Where a warp's next block of loads comes from: pointers that advance by WK blocks per load.
+template <class C, typename T, int NT>
+struct Cursor {
+  const uint8_t* codes;     // this lane's first chunk in the packet
+  const uint8_t* meta;      // this lane's metadata slot in the packet
+  const uint32_t* scales;   // this lane's scale word
   const unsigned int* x[NT];  // this lane's first x word of the block, per n-tile
-  uint32_t kb;                // the block
+  uint32_t kb;              // the block
 };
 
-// Blocks of stream loads in flight per warp (the ring's depth): 4, even so that the x double buffer's
-// parity is a constant in the unrolled loop. Session 9's ring held x too (16 words a lane and n-tile a
-// stage), which capped it at 3 stages (2 for 16-row tiles); ncu then showed 23% warps active and
-// long-scoreboard stalls as the limit (session 10).
+// Blocks of loads in flight per warp (the ring's depth): 3 for 8-row tiles, 2 for 16-row tiles (whose x
+// words take twice the registers); both fit 128 registers without spills (ptxas -v).
 template <int NT>
 constexpr int depth() {
-  return 4;
-}
-
-// x buffers: 2 for 8-row tiles (filled one block ahead), 1 for 16-row tiles (whose x words take twice the
-// registers: filled just before use, from L1 mostly; 2 spill under 128 registers).
-template <int NT>
-constexpr int x_buffers() {
-  return NT == 1 ? 2 : 1;
+  return NT == 1 ? 3 : 2;
 }
 
 template <class C, typename T, int NT>
 struct Tile {
   static constexpr int D = depth<NT>();
-  static constexpr int XB = x_buffers<NT>();
-  static_assert(D % XB == 0, "the x buffer's index must be a constant in the unrolled loop");
-
-  // Issues the stream loads of the cursor's block and moves the cursor `split` blocks on. The cursor never
-  // leaves the row tile's last block (it stays there once `kb` passes it), so every load is in bounds
-  // without a branch: the loads of a block past the last are repeats (cache hits) that nothing uses.
-  static __device__ __forceinline__ void load_codes(Stage<C>& st, CodeCursor& cur, uint32_t nkb,
-                                                    uint32_t split) {
+  // Issues the loads of the cursor's block and moves the cursor `split` blocks on. The cursor never leaves the
+  // row tile's last block (it stays there once `kb` passes it), so every load is in bounds without a
+  // branch: the loads of a block past the last are repeats (cache hits) that nothing uses. x words past K
+  // are not loaded (the registers keep older, finite x values, or the prologue's zeros): the re-laid
+  // codes there are the zero point, so the weights they meet are exactly 0.
+  static __device__ __forceinline__ void load(Stage<C, NT>& st, Cursor<C, T, NT>& cur, uint32_t nkb, uint32_t K,
+                                              uint32_t lane, uint32_t split) {
+    const uint32_t c = lane % 4;
     if constexpr (C::PIECE >= 16) {
 #pragma unroll
       for (int i = 0; i < C::PIECE / 16; ++i) {
@@ -232,20 +213,6 @@ struct Tile {
       st.m[3] = v.w;
     }
     st.s = __ldg(cur.scales);
-    if (cur.kb + split < nkb) {
-      cur.codes += split * C::PACKET;
-      cur.meta += split * 256;
-      cur.scales += split * 8;
-    }
-    cur.kb += split;
-  }
-
-  // Loads the x words of the cursor's block and moves it `split` blocks on (staying on the last block, as
-  // load_codes). x words past K are not loaded (the registers keep older, finite x values, or the
-  // prologue's zeros): the re-laid codes there are the zero point, so the weights they meet are exactly 0.
-  static __device__ __forceinline__ void load_x(Xs<C, NT>& st, XCursor<NT>& cur, uint32_t nkb, uint32_t K,
-                                                uint32_t lane, uint32_t split) {
-    const uint32_t c = lane % 4;
     const uint32_t k0 = min(cur.kb, nkb - 1) * KB;
     const bool full = k0 + KB <= K;  // uniform: only the last block of a row can be partial
 #pragma unroll
@@ -276,6 +243,9 @@ struct Tile {
       }
     }
     if (cur.kb + split < nkb) {
+      cur.codes += split * C::PACKET;
+      cur.meta += split * 256;
+      cur.scales += split * 8;
 #pragma unroll
       for (int t = 0; t < NT; ++t) cur.x[t] += split * (KB / 2);
     }
@@ -283,7 +253,7 @@ struct Tile {
   }
 
   // A register f of step s: pair p = 4 s + f of the lane's piece.
-  static __device__ __forceinline__ uint32_t a_pair(const Stage<C>& st, int s, int f, const uint32_t (&mul)[4],
+  static __device__ __forceinline__ uint32_t a_pair(const Stage<C, NT>& st, int s, int f, const uint32_t (&mul)[4],
                                                     const uint32_t (&add)[4], const uint32_t (&mask)[4],
                                                     uint32_t magic) {
     const int p = 4 * s + f;
@@ -297,7 +267,7 @@ struct Tile {
   }
 
   // part += this block's products.
-  static __device__ __forceinline__ void compute(const Stage<C>& st, const Xs<C, NT>& xs, float (&part)[NT][4],
+  static __device__ __forceinline__ void compute(const Stage<C, NT>& st, float (&part)[NT][4],
                                                  const uint32_t (&mul)[4], const uint32_t (&add)[4],
                                                  const uint32_t (&mask)[4], uint32_t magic) {
 #pragma unroll
@@ -308,10 +278,10 @@ struct Tile {
 #pragma unroll
       for (int t = 0; t < NT; ++t) {
         if constexpr (C::sparse) {
-          const uint32_t b[4] = {xs.x[t][4 * s], xs.x[t][4 * s + 1], xs.x[t][4 * s + 2], xs.x[t][4 * s + 3]};
+          const uint32_t b[4] = {st.x[t][4 * s], st.x[t][4 * s + 1], st.x[t][4 * s + 2], st.x[t][4 * s + 3]};
           mma32sp<T>(part[t], a, b, st.m[s]);
         } else {
-          mma16<T>(part[t], a, xs.x[t][2 * s], xs.x[t][2 * s + 1]);
+          mma16<T>(part[t], a, st.x[t][2 * s], st.x[t][2 * s + 1]);
         }
       }
     }
@@ -325,21 +295,19 @@ struct Tile {
     const uint32_t g = lane / 4, c = lane % 4;
     const uint32_t K = d.k;
     const uint32_t nkb = (K + KB - 1) / KB;
-    // The cursors at this warp's first block (part), this lane's place in it.
+    // The cursor at this warp's first block (part), this lane's place in it.
+    Cursor<C, T, NT> cur;
+    cur.kb = part;
     const uint32_t wk0 = min(part, nkb - 1);  // a warp with no block of its own still loads in bounds
     const size_t first = size_t(rt) * nkb + wk0;
-    CodeCursor cc;
-    cc.kb = part;
-    cc.codes = reinterpret_cast<const uint8_t*>(d.parts[0]) + first * C::PACKET +
-               (C::PIECE >= 16 ? lane * 16 : lane * C::PIECE);
-    cc.meta = reinterpret_cast<const uint8_t*>(d.parts[1]) + first * 256 + (2 * g + (c & 1)) * 16;
-    cc.scales = reinterpret_cast<const uint32_t*>(d.parts[2]) + first * 8 + g;
-    XCursor<NT> xc;
-    xc.kb = part;
+    cur.codes = reinterpret_cast<const uint8_t*>(d.parts[0]) + first * C::PACKET +
+                (C::PIECE >= 16 ? lane * 16 : lane * C::PIECE);
+    cur.meta = reinterpret_cast<const uint8_t*>(d.parts[1]) + first * 256 + (2 * g + (c & 1)) * 16;
+    cur.scales = reinterpret_cast<const uint32_t*>(d.parts[2]) + first * 8 + g;
 #pragma unroll
     for (int t = 0; t < NT; ++t) {
       const T* row = x + size_t(min(uint32_t(8 * t) + g, rows - 1)) * K + size_t(wk0) * KB;
-      xc.x[t] = reinterpret_cast<const unsigned int*>(row) + (C::sparse ? c : 16 * c);
+      cur.x[t] = reinterpret_cast<const unsigned int*>(row) + (C::sparse ? c : 16 * c);
     }
 
     // Decode constants: v * 2^-within - (magic * 2^-within + z), per within = 0, 2, 4, 6.
@@ -354,31 +322,26 @@ struct Tile {
       add[i] = pair_of<T>(-(Num<T>::MAGIC_F * m + z), -(Num<T>::MAGIC_F * m + z));
     }
 
-    // The stream ring D blocks deep; x in XB buffers: with 2, one block ahead (block i of the unrolled
-    // loop computes with xb[i % 2] while xb[(i + 1) % 2] fills), with 1 just before use.
-    Stage<C> ring[D];
+    Stage<C, NT> ring[D];
 #pragma unroll
-    for (int i = 0; i < D; ++i) load_codes(ring[i], cc, nkb, split);
-    Xs<C, NT> xb[XB];
-#pragma unroll
-    for (int b = 0; b < XB; ++b)
+    for (int i = 0; i < D; ++i) {
 #pragma unroll
       for (int t = 0; t < NT; ++t)
 #pragma unroll
-        for (int j = 0; j < C::XW; ++j) xb[b].x[t][j] = 0;  // x words past K stay finite (zero)
-    if constexpr (XB == 2) load_x(xb[0], xc, nkb, K, lane, split);
+        for (int j = 0; j < C::XW; ++j) ring[i].x[t][j] = 0;  // x words past K stay finite (zero)
+      load(ring[i], cur, nkb, K, lane, split);
+    }
     for (uint32_t kb0 = part; kb0 < nkb; kb0 += D * split) {
 #pragma unroll
       for (int i = 0; i < D; ++i) {
         const uint32_t kb = kb0 + i * split;
         if (kb >= nkb) break;
-        load_x(xb[(i + XB - 1) % XB], xc, nkb, K, lane, split);
         float p[NT][4];
 #pragma unroll
         for (int t = 0; t < NT; ++t)
 #pragma unroll
           for (int e = 0; e < 4; ++e) p[t][e] = 0.f;
-        compute(ring[i], xb[i % XB], p, mul, add, mask, magic);
+        compute(ring[i], p, mul, add, mask, magic);
         const uint32_t sw = ring[i].s;
         const float sa = __half2float(__ushort_as_half(uint16_t(sw & 0xFFFFu)));
         const float sb = __half2float(__ushort_as_half(uint16_t(sw >> 16)));
@@ -389,7 +352,7 @@ struct Tile {
           acc[t][2] = fmaf(sb, p[t][2], acc[t][2]);
           acc[t][3] = fmaf(sb, p[t][3], acc[t][3]);
         }
-        load_codes(ring[i], cc, nkb, split);
+        load(ring[i], cur, nkb, K, lane, split);
       }
     }
   }
