@@ -633,13 +633,19 @@ fn make_room(st: &mut State, target: &str, free: u64, need: u64) -> Action {
 }
 
 /// One engine fewer: the least recently used idle engine to unload (one already draining first), or,
-/// when every loaded engine is busy, [`Action::Wait`] with the least recently used one draining (one at
-/// a time). `None` when no engine is loaded.
+/// when every loaded engine is busy, [`Action::Wait`] with the least recently used busy one draining (one
+/// at a time). `None` when no engine is loaded.
+///
+/// An engine with requests waiting for it and not draining is not idle: it was just loaded for them,
+/// and they have not taken their leases yet (they wake after the load). Session 10 measured what
+/// happens otherwise with one engine (K = 1) and requests for several models: the engine just loaded
+/// was the least recently used, so it was unloaded at once for the next model, and reloaded for its
+/// own waiters, for ever (`unload ft-03`, `load ft-03`, ... every 2.3 s; no request answered).
 fn make_way(st: &mut State) -> Option<Action> {
     let idle = st
         .slots
         .iter()
-        .filter(|(_, s)| s.loaded && s.leases.is_empty())
+        .filter(|(_, s)| s.loaded && s.leases.is_empty() && (s.draining || s.waiting.is_empty()))
         .min_by_key(|(_, s)| (!s.draining, s.last_used))
         .map(|(n, _)| n.clone());
     if let Some(victim) = idle {
@@ -652,10 +658,11 @@ fn make_way(st: &mut State) -> Option<Action> {
         return None;
     }
     if !st.slots.values().any(|s| s.loaded && s.draining) {
+        // Not one just loaded for its waiters (no lease yet): they take their leases first.
         if let Some(s) = st
             .slots
             .values_mut()
-            .filter(|s| s.loaded)
+            .filter(|s| s.loaded && !s.leases.is_empty())
             .min_by_key(|s| s.last_used)
         {
             s.draining = true;
@@ -924,6 +931,33 @@ mod tests {
         st.slots.get_mut("c").unwrap().waiting.clear();
         assert_eq!(next_action(&mut st, 2), Action::Wake);
         assert!(st.slots.values().all(|s| !s.draining));
+    }
+
+    /// Session 10's thrash (K = 1): the engine just loaded for its waiters is the least recently used,
+    /// but it is not unloaded for the next model before they take their leases; then it drains as any
+    /// busy engine, and goes once they are answered.
+    #[test]
+    fn keeps_an_engine_just_loaded_for_its_waiters() {
+        let mut st = state(&[("a", true, 0, &[5], 1), ("b", false, 0, &[3], 2)]);
+        assert_eq!(next_action(&mut st, 1), Action::Wait);
+        assert!(!st.slots["a"].draining, "its waiters must get their leases");
+        // They take them (a ticket leaves `waiting` when its lease is taken).
+        let a = st.slots.get_mut("a").unwrap();
+        a.waiting.clear();
+        a.leases.insert(5, Instant::now());
+        assert_eq!(next_action(&mut st, 1), Action::Wait);
+        assert!(st.slots["a"].draining);
+        // A request that comes while it drains waits on it, and does not keep it loaded.
+        st.slots.get_mut("a").unwrap().waiting.insert(7);
+        idle(&mut st, "a");
+        assert_eq!(next_action(&mut st, 1), Action::Unload("a".into()));
+        // With two engines, the other (idle, used earlier) goes first.
+        let mut st = state(&[
+            ("a", true, 0, &[5], 1),
+            ("c", true, 0, &[], 4),
+            ("b", false, 0, &[3], 2),
+        ]);
+        assert_eq!(next_action(&mut st, 2), Action::Unload("c".into()));
     }
 
     /// The request that made an engine drain gave up (or was answered elsewhere): the engine opens
