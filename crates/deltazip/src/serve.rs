@@ -102,7 +102,7 @@ pub struct ServeArgs {
     pub v4_keep_packed: bool,
     /// From this many input rows of one fine-tune in a step (prefill), a delta is merged into a dense
     /// weight once and multiplied with one cuBLAS matmul instead of the delta kernels (CUDA, f16/bf16).
-    /// The default is the crossover the H200 measured (bench/results/kernels-h200.md); a delta kept
+    /// The default is the crossover the H200 measured (bench/results/h200-s10-2026-11-30.md); a delta kept
     /// only in the v4 layout (--v4-kernels) takes the route from 64 rows at most. 0: never.
     #[arg(long, default_value_t = dz_loader::DEFAULT_DENSE_ROWS)]
     pub dense_rows: usize,

@@ -18,15 +18,18 @@ use super::Fill;
 use crate::delta::DeviceDelta;
 
 /// Input rows (per delta) from which the CUDA ops take the dense route, by default. Measured on the H200
-/// (session 9, `bench/results/kernels-h200.md`, 4-bit 2:4, bf16): the route (merge kernel + cuBLAS)
-/// beats the kernels from 256 rows on the 7B/13B shapes (4096 x 4096: 102 us vs 142; 11008 x 4096:
-/// 255 vs 352; 13824 x 5120: 413 vs 620) and loses at 128 (99 vs 91; 250 vs 198; 400 vs 334).
-pub const DEFAULT_DENSE_ROWS: usize = 256;
+/// (session 10, `bench/results/h200-s10-2026-11-30.md`, 4-bit 2:4, bf16; the route dequantizes into x's
+/// dtype with the coalesced kernel): the route beats the kernels from 64 rows on the 7B shapes
+/// (4096 x 4096: 37 us vs 46; 11008 x 4096: 81 vs 100; 4096 x 11008: 91 vs 119) and is about even or
+/// slower at 32 (38 vs 40; 80 vs 55; 88 vs 107). Session 9's route (a merge into zeros, before the
+/// coalesced stores) crossed over at 256.
+pub const DEFAULT_DENSE_ROWS: usize = 64;
 
 /// A delta that keeps only the v4 layout takes the route from at most this many rows: its kernels run
 /// many rows as repeated 16-row tiles, each decoding the whole delta again. In the serving benchmark
 /// (session 9, 7B, 32 fine-tunes, `--v4-kernels`) the route from 64 rows gave 176-206 tokens/s against
-/// 157-171 without it.
+/// 157-171 without it. With the staged v4 dequantize (session 10) the route takes 46 us at 4096 x 4096
+/// and 64 rows (the kernels: 46), 102 at 11008 x 4096 (100), 105 at 4096 x 11008 (119).
 pub const V4_ONLY_DENSE_ROWS: usize = 64;
 
 static DENSE_ROWS: AtomicUsize = AtomicUsize::new(DEFAULT_DENSE_ROWS);
