@@ -208,6 +208,19 @@ pub struct SwapModel {
     vectors: HashMap<String, Tensor>,
     tables: HashMap<String, Tensor>,
     bytes: u64,
+    /// The device it lives on: its context is made current on the thread that drops it.
+    device: Device,
+}
+
+/// The last reference to a swap model can go on any thread (the residency's loader evicting it): the
+/// device's context is made current first. Otherwise cudarc's frees fail on a thread with none, the
+/// memory leaks, and cudarc reports the error at the engine's next step: session 10's `swap:32` run
+/// failed 4 of 24 requests with `CUDA_ERROR_INVALID_CONTEXT` that way (as the multi-tenant deltas
+/// did in session 7, fixed in `FineTuneDeltas`).
+impl Drop for SwapModel {
+    fn drop(&mut self) {
+        crate::gpu_mem::bind(&self.device);
+    }
 }
 
 impl fmt::Debug for SwapModel {
@@ -223,6 +236,9 @@ impl fmt::Debug for SwapModel {
 impl SwapModel {
     /// Copies every tensor of `weights` to `device` (the whole model: the cost of a swap-in).
     pub fn upload(name: &str, weights: &MergedWeights, device: &Device) -> Result<Self> {
+        // A loader thread: the device's context current on it before the copies (and the frees of a
+        // failed upload).
+        crate::gpu_mem::bind(device);
         let mut on_device: HashMap<&str, Tensor> = HashMap::new();
         let mut bytes = 0u64;
         for (n, t) in &weights.tensors {
@@ -255,6 +271,7 @@ impl SwapModel {
             vectors,
             tables,
             bytes,
+            device: device.clone(),
         })
     }
 
@@ -739,6 +756,7 @@ mod tests {
             vectors: HashMap::new(),
             tables: HashMap::new(),
             bytes: 0,
+            device: Device::Cpu,
         });
         let b = Arc::new(SwapModel {
             name: Arc::from("b"),
@@ -746,6 +764,7 @@ mod tests {
             vectors: HashMap::new(),
             tables: HashMap::new(),
             bytes: 0,
+            device: Device::Cpu,
         });
         let rows: Rows = vec![
             Some(b.clone()),
