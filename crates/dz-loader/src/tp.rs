@@ -11,8 +11,11 @@
 //! Deltas follow the base: each rank uploads its slice of every packed delta (dz-format's `tensor_split`
 //! and `shard_range`, the same cut as the base's; exact, never re-quantized), so a column-parallel rank
 //! computes its outputs' slice of `x · Dᵀ` and the row-parallel ranks' partial products are summed by the
-//! host's all-reduce together with the base's. What this module owns: the process's [`TpRank`], and the
-//! environment the host reads ([`prepare`]).
+//! host's all-reduce together with the base's: the linear hook wraps a row-parallel layer's inner weight,
+//! before the all-reduce (host patch 0002; until session 10 it wrapped the finished layer, so each rank
+//! added its partial after the sum, and TP2 fine-tunes drifted from TP1's on two H200s while the base
+//! matched; `tests/loader/tensor_parallel.rs` simulates both places). What this module owns: the
+//! process's [`TpRank`], and the environment the host reads ([`prepare`]).
 
 use crate::config::{Config, DeviceSpec};
 use crate::error::{Error, Result};
