@@ -12,7 +12,9 @@
 # MODE=v4 (at most ~7.5 minutes by its timeouts, typically 2-4): the v4 kernels first (cuda_check --filter v4, then memcheck on its quick
 # cases), a quick tensor-core check (v4 at rows <= 16, v3 past it), then kernel_bench --decode (rows 1-16:
 # dz = v4, v3, cuBLAS; sbmm at 32 and 256 rows) into $OUT/kernels-h200-v4.{md,json}; no ncu, no racecheck.
-# BENCH=0 (MODE=v4): the checks only, no kernel_bench.
+# BENCH=0 (MODE=v4): the checks only, no kernel_bench. MODE=v4 also runs racecheck on the "v4 only sbmm"
+# quick cases; NCU_RUN=1 adds Nsight Compute on the sbmm of `kernel_bench --profile` (split 1 and 8),
+# DENSE_RUN=1 the dense route's crossover (`--shapes` of 7B, `--rows 32,64,128,256`).
 # BIN: the folder the binaries travel in (default .gpu; e.g. BIN=.gpu/k with carry [".gpu/k"]).
 set -u
 OUT=${OUT:-/tmp/kernels}
