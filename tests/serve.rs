@@ -211,6 +211,9 @@ fn server_end_to_end() {
     assert!(value("deltazip_profile_calls_total{part=\"linear_delta\"}") > 0.0);
     assert!(value("deltazip_profile_calls_total{part=\"base_linear\"}") > 0.0);
     assert!(value("deltazip_profile_seconds_total{part=\"linear_delta\"}") > 0.0);
+    // The prompts' steps (more than one token per sequence) count apart from the decode steps.
+    assert!(value("deltazip_profile_calls_total{part=\"linear_delta_prefill\"}") > 0.0);
+    assert!(value("deltazip_profile_calls_total{part=\"base_linear_prefill\"}") > 0.0);
     assert!(value("deltazip_profile_steps_total") > 0.0);
     let evictions: f64 = text
         .lines()

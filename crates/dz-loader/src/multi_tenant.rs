@@ -948,10 +948,17 @@ impl QuantMethod for DeltaLinear {
             profile.head_at(Instant::now());
         }
         let dev = a.device();
-        let base_out = profile.time(Part::BaseLinear, dev, true, || self.base.forward(a))?;
+        // A prompt step: more than one token per sequence (`a` is [sequences, tokens, features]).
+        let prefill = a.rank() == 3 && a.dim(1).is_ok_and(|t| t > 1);
+        let (base_part, delta_part) = if prefill {
+            (Part::BaseLinearPrefill, Part::LinearDeltaPrefill)
+        } else {
+            (Part::BaseLinear, Part::LinearDelta)
+        };
+        let base_out = profile.time(base_part, dev, true, || self.base.forward(a))?;
         match profile.time(Part::RowLookup, dev, false, || Ok(self.registry.rows()))? {
             None => Ok(base_out),
-            Some(rows) => profile.time(Part::LinearDelta, dev, true, || {
+            Some(rows) => profile.time(delta_part, dev, true, || {
                 self.add_deltas(a, base_out, &rows)
             }),
         }

@@ -1,6 +1,7 @@
 //! Where a multi-tenant forward pass spends its time (`DZ_PROFILE=1`), for the serving benchmark's
 //! question "what bounds dz": the base's linear layers, the delta work of the linear layers (sbmm), the
-//! embedding and norm deltas, and the CPU bookkeeping of finding each row's fine-tune.
+//! embedding and norm deltas, and the CPU bookkeeping of finding each row's fine-tune. The linear parts
+//! of prompt steps (more than one token per sequence) count apart (`*_prefill`) from decode steps'.
 //!
 //! Off by default and free when off (one relaxed atomic load per layer). On, every measured part is
 //! bracketed by device synchronizations, so its time is the part's own (GPU work queued before it
@@ -28,16 +29,23 @@ pub enum Part {
     NormDelta,
     /// Looking up each row's fine-tune (CPU only, no synchronization).
     RowLookup,
+    /// [`Part::BaseLinear`] in calls with more than one token per sequence (prompt steps).
+    BaseLinearPrefill,
+    /// [`Part::LinearDelta`] in calls with more than one token per sequence (prompt steps: the dense
+    /// route or repeated tiles), apart from the decode steps' sbmm.
+    LinearDeltaPrefill,
 }
 
 impl Part {
     /// Every part, in the order of [`Profile::snapshot`] (and of the discriminants).
-    pub const ALL: [Part; 5] = [
+    pub const ALL: [Part; 7] = [
         Part::BaseLinear,
         Part::LinearDelta,
         Part::EmbeddingDelta,
         Part::NormDelta,
         Part::RowLookup,
+        Part::BaseLinearPrefill,
+        Part::LinearDeltaPrefill,
     ];
 
     /// The label used in metrics.
@@ -48,6 +56,8 @@ impl Part {
             Part::EmbeddingDelta => "embedding_delta",
             Part::NormDelta => "norm_delta",
             Part::RowLookup => "row_lookup",
+            Part::BaseLinearPrefill => "base_linear_prefill",
+            Part::LinearDeltaPrefill => "linear_delta_prefill",
         }
     }
 }
