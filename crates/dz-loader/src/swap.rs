@@ -30,6 +30,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use candle_core::{DType, Device, Module, Result as CResult, Tensor};
 use dz_compress::hf::HfModel;
+use dz_format::shard::{tp_layer, TpLayer};
 use dz_format::{DeltaFile, Role};
 use mistralrs_quant::{
     current_row_tags, with_row_tags, IsqType, LinearHook, ModuleDelta, ModuleKind, QuantMethod,
@@ -62,8 +63,10 @@ impl fmt::Debug for MergedWeights {
 }
 
 impl MergedWeights {
-    /// Decodes `base + delta` for every tensor of `base` (f32 sums, then `dtype`), on the CPU. The
-    /// delta was checked against this base ([`crate::Config::load`]); shapes are checked again here.
+    /// Decodes `base + delta` for every tensor of `base` (f32 sums, then `dtype`), on the CPU, except
+    /// the biases of row-parallel layers (o_proj, down_proj): their fine-tune's minus the base's, since
+    /// the host adds the base's after the swap model's layer there. The delta was checked against this
+    /// base ([`crate::Config::load`]); shapes are checked again here.
     pub fn decode(base: &HfModel, delta: &DeltaFile, dtype: DType) -> Result<Self> {
         let index: HashMap<&str, usize> = (delta.manifest().tensors.iter().enumerate())
             .map(|(j, t)| (t.name.as_str(), j))
@@ -98,6 +101,11 @@ impl MergedWeights {
             .info(name)
             .ok_or_else(|| Error::Host(format!("base tensor `{name}` vanished")))?;
         let mut w = base.to_f32(name)?;
+        // A row-parallel layer's bias: the fine-tune's minus the base's. The host's linear hook wraps
+        // that layer's inner weight, and the layer adds the base's bias after it (host patch 0002), so
+        // the swap model's layer carries only what the fine-tune changes there.
+        let row_parallel_bias =
+            (name.ends_with(".bias") && tp_layer(name) == TpLayer::RowParallel).then(|| w.clone());
         if let Some(&j) = index.get(name) {
             let data = delta.read_at(j)?;
             let entry = data.entry;
@@ -118,6 +126,11 @@ impl MergedWeights {
                         *a += b;
                     }
                 }
+            }
+        }
+        if let Some(base_bias) = row_parallel_bias {
+            for (a, b) in w.iter_mut().zip(&base_bias) {
+                *a -= b;
             }
         }
         Tensor::from_vec(w, info.shape.as_slice(), &Device::Cpu)
