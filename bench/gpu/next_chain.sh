@@ -6,10 +6,11 @@
 #        > /tmp/s11/chain.out 2>&1; sleep 150; <poll>          carry: [".gpu/k", ".gpu/srv"]
 #   poll (back to back, no pause between calls): sleep N; cat /tmp/s11/s11.log; tar czf $OUT/s11.tgz -C /tmp s11
 #
-# GPU 0: the CUDA check (the one-upload sbmm tables are new, the v4 family and the sbmm family), the
-# decode kernel bench; then base; then swap:32 (its INVALID_CONTEXT fix). GPU 1: dz-4b24 x 32 (v4), a
-# DZ_PROFILE run (decode and prompt steps apart now), engines:32 with K = 1 (the reload-loop fix; the
-# swap-engines baseline). Then both GPUs: the 40-layer 13B with all 32 fine-tunes, TP2 (the run,
+# GPU 0: the CUDA check (the one-upload sbmm tables are new, the v4 family with the experimental
+# shared-memory sbmm, and the sbmm family), the decode kernel bench (dz-sx next to dz-s1); then base; then
+# swap:32 (its INVALID_CONTEXT fix). GPU 1: dz-4b24 x 32 (v4), a DZ_PROFILE run (decode and prompt steps
+# apart now), dz with the shared-memory sbmm (when its check passed), engines:32 with K = 1 (the
+# reload-loop fix; the swap-engines baseline). Then both GPUs: the 40-layer 13B with all 32 fine-tunes, TP2 (the run,
 # with the fixed row-parallel seam) against TP1 on one visible GPU (its 90 GiB delta budget holds about
 # 18 of the 32: it swaps), each with the greedy check.
 set -u
@@ -33,6 +34,11 @@ CODECS=4b24 DISTINCT=8 OUT=$S/gen bash $R/gpu/serving.sh gen > $S/gen.log 2>&1; 
   log "swap rc=$?"; pkill -f "swap/swap-32.toml"; touch $S/gpu0.done ) &
 GPU=1 PORT_BASE=8300 OUT=$S/dz V4=1 RATES=4,16,64 REQS=96 bash $R/gpu/serving.sh dz:4b24:32 > $S/dz.log 2>&1; log "dz rc=$?"
 DZ_PROFILE=1 GPU=1 PORT_BASE=8300 OUT=$S/prof V4=1 RATES=16 REQS=64 bash $R/gpu/serving.sh dz:4b24:32 > $S/prof.log 2>&1; log "prof rc=$?"
+# The shared-memory sbmm (experimental): only if the v4 check (its cases included) passed.
+until [ -f $S/kern.done ]; do sleep 2; done
+if grep -q " 0 failed" $S/kern/cuda_check_v4.txt 2>/dev/null; then
+  GPU=1 PORT_BASE=8300 OUT=$S/dzsx V4=1 V4_SX=1 RATES=4,16,64 REQS=96 bash $R/gpu/serving.sh dz:4b24:32 > $S/dzsx.log 2>&1; log "dz sx rc=$?"
+fi
 DZ_ENGINE_TRACE=1 GPU=1 PORT_BASE=8600 OUT=$S/eng ENGINES_K=1 ENGINES_KV_BYTES=8GiB SWAP_RATES=1 SWAP_REQS=16 timeout 240 \
     bash $R/gpu/serving.sh engines:32 > $S/eng.log 2>&1; log "engines:32 K=1 rc=$?"
 pkill -f "eng/engines-32.toml"; sleep 2

@@ -55,6 +55,7 @@ WARMUP=${WARMUP-1}            # non-empty: `bench serve --warmup` (one request p
 KV_CACHE=${KV_CACHE:-auto}
 V4=${V4:-}                    # non-empty: `serve --v4-kernels` (the experimental v4 delta kernels, issue #5)
 V4_BOTH=${V4_BOTH:-}          # non-empty (with V4): `serve --v4-keep-packed` (both layouts, twice the delta bytes)
+V4_SX=${V4_SX:-}              # non-empty (with V4): `serve --v4-sbmm-smem-x` (the experimental shared-memory sbmm)
 DENSE_ROWS=${DENSE_ROWS:-}    # non-empty: `serve --dense-rows N` (prefill through a dense weight from N rows; 0 = never)
 PORT_BASE=${PORT_BASE:-8200}
 GPU=${GPU:-}
@@ -108,7 +109,7 @@ engines_config() { # engines_config FILE N
 
 serve() { # serve TAG CONFIG PORT (RUST_LOG: the host logs a failed step's error)
     RUST_LOG="${RUST_LOG:-mistralrs_core=error}" \
-        "$DZ" serve --config "$2" --port "$3" ${V4:+--v4-kernels} ${V4:+${V4_BOTH:+--v4-keep-packed}} \
+        "$DZ" serve --config "$2" --port "$3" ${V4:+--v4-kernels} ${V4:+${V4_BOTH:+--v4-keep-packed}} ${V4:+${V4_SX:+--v4-sbmm-smem-x}} \
         ${DENSE_ROWS:+--dense-rows "$DENSE_ROWS"} > "$OUT/serve-$1.log" 2>&1 &
     echo $! > "$OUT/serve.pid"
     local t0=$(date +%s)

@@ -100,6 +100,10 @@ pub struct ServeArgs {
     /// rows, prefill) take the faster tensor-core v3 kernels; the v4 kernels keep 1-4 rows.
     #[arg(long, requires = "v4_kernels")]
     pub v4_keep_packed: bool,
+    /// With --v4-kernels, experimental and not yet run on a GPU: the sbmm variant that stages x in
+    /// shared memory per block for a deeper load ring (see dz_candle_ops::set_v4_sbmm_smem_x).
+    #[arg(long, requires = "v4_kernels")]
+    pub v4_sbmm_smem_x: bool,
     /// From this many input rows of one fine-tune in a step (prefill), a delta is merged into a dense
     /// weight once and multiplied with one cuBLAS matmul instead of the delta kernels (CUDA, f16/bf16).
     /// The default is the crossover the H200 measured (bench/results/h200-s10-2026-11-30.md); a delta kept
@@ -121,6 +125,7 @@ impl ServeArgs {
             dry_run: false,
             v4_kernels: false,
             v4_keep_packed: false,
+            v4_sbmm_smem_x: false,
             dense_rows: dz_loader::DEFAULT_DENSE_ROWS,
         }
     }
@@ -462,6 +467,7 @@ pub fn start(args: &ServeArgs) -> Result<Running> {
         // Before any delta is read: the v4 layout is made when the CPU cache reads it.
         dz_loader::set_v4_kernels(true);
         dz_loader::set_v4_keep_packed(args.v4_keep_packed);
+        dz_loader::set_v4_sbmm_smem_x(args.v4_sbmm_smem_x);
     }
     let api_key = args
         .api_key

@@ -1328,6 +1328,43 @@ fn v4_family(ck: &mut Checker, only: bool) {
         );
     }
     dz_candle_ops::set_v4_sbmm_split(0);
+    // The shared-memory sbmm (experimental, `set_v4_sbmm_smem_x`): split 1, 256 stored rows (16 tiles, a
+    // multiple of 8) with the same ragged K, decode rows (8-row tile) and segments up to 16 rows (16-row
+    // tile: chunks of 4 blocks); 8 deltas of the four v4 variants. Its staging zero-fills past K.
+    let n = 256usize;
+    let wide: Vec<DeltaSpec> = (0..8)
+        .map(|i| DeltaSpec::full(cfgs[(i * 5) % cfgs.len()], n, k, 9800 + i as u64))
+        .collect();
+    let cpu: Vec<DeviceDelta> = wide.iter().map(|s| s.build(&Device::Cpu)).collect();
+    let on_dev: Vec<DeviceDelta> = wide.iter().map(|s| s.build(&ck.dev)).collect();
+    for (name, spec) in [
+        (
+            "one row each",
+            (0..8).map(|i| (1, Some(i))).collect::<Vec<_>>(),
+        ),
+        (
+            "1..=16 rows",
+            (0..8).map(|i| (1 + (i * 5) % 16, Some(i))).collect(),
+        ),
+    ] {
+        let segments = segs(&spec);
+        let m: usize = spec.iter().map(|s| s.0).sum();
+        for dtype in [DType::F16, DType::BF16] {
+            dz_candle_ops::set_v4_sbmm_split(1);
+            dz_candle_ops::set_v4_sbmm_smem_x(true);
+            let family = if only { "v4 only" } else { "v4" };
+            ck.case(
+                format!("{family} sbmm smem-x 8 deltas 256 x 4000, {name} {dtype:?}"),
+                |dev, ops| {
+                    let x = input(&[m, k], dtype, 35);
+                    let base = input(&[m, n], dtype, 36);
+                    sbmm_case(dev, ops, &cpu, &on_dev, &segments, &x, &base)
+                },
+            );
+            dz_candle_ops::set_v4_sbmm_smem_x(false);
+            dz_candle_ops::set_v4_sbmm_split(0);
+        }
+    }
     if only && on_cuda {
         // A delta prepared on the CPU (`PreparedDelta`: what `serve --v4-kernels`'s CPU tier holds) and
         // uploaded with `from_prepared` is the same delta: same layout, same results.

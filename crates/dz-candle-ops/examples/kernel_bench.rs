@@ -283,6 +283,14 @@ fn profile(b: &Bench) -> Result<()> {
         }
         eprintln!("profiled sbmm 32 deltas x 1 row, split {split}");
     }
+    // And the shared-memory variant (kernel name `..._sbmm_sx_...`).
+    set_v4_sbmm_split(1);
+    dz_candle_ops::set_v4_sbmm_smem_x(true);
+    for _ in 0..2 {
+        keep.push(sbmm(&x, &base, &refs, &segments)?);
+    }
+    dz_candle_ops::set_v4_sbmm_smem_x(false);
+    eprintln!("profiled sbmm 32 deltas x 1 row, smem-x");
     set_v4_sbmm_split(0);
     b.dev.synchronize()?;
     Ok(())
@@ -367,6 +375,21 @@ fn sbmm_cases(b: &Bench, copy_bw: f64, rows_out: &mut Vec<Row>) -> Result<()> {
                     set_v4_sbmm_split(0);
                     rs.push(mk("sbmm", path, t?));
                 }
+                // The shared-memory variant (experimental): split 1, x staged per block.
+                set_v4_sbmm_split(1);
+                dz_candle_ops::set_v4_sbmm_smem_x(true);
+                let t = b.time(ITERS, |i| Ok(vec![sbmm(&x, &base, &set(i), &segments)?]));
+                let y_sx = sbmm(&x, &base, &set(0), &segments)?;
+                dz_candle_ops::set_v4_sbmm_smem_x(false);
+                let y_s1 = sbmm(&x, &base, &set(0), &segments)?;
+                set_v4_sbmm_split(0);
+                let a = disagreement(&y_sx, &y_s1)?;
+                if a > 2e-2 {
+                    eprintln!(
+                        "MISMATCH sbmm {used} x {rows}: smem-x and split 1 differ by {a:.2e}"
+                    );
+                }
+                rs.push(mk("sbmm", "dz-sx", t?));
             }
             if let Some(t) = t_v3 {
                 rs.push(mk("sbmm", "v3", t));

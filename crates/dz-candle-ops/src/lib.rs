@@ -178,6 +178,23 @@ pub fn v4_sbmm_split() -> u32 {
     V4_SBMM_SPLIT.load(std::sync::atomic::Ordering::Relaxed)
 }
 
+static V4_SBMM_SMEM_X: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Lets the v4 `sbmm` take its shared-memory variant where it applies: x staged once per block in shared
+/// memory, a deeper ring of code loads per warp (`dz_v4_<variant>_sbmm_sx_*`). It applies to launches whose
+/// items each get one warp (the automatic split chose 1, or [`set_v4_sbmm_split`]`(1)`), whose deltas all
+/// have the same stored rows, a multiple of 128. **Off by default and experimental:** written in session
+/// 10 after the last device call, not yet run on a GPU (the CUDA check covers it; `kernel_bench` times it
+/// as `dz-sx`). Either way the results are the same sums up to f32 summation order.
+pub fn set_v4_sbmm_smem_x(enabled: bool) {
+    V4_SBMM_SMEM_X.store(enabled, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether [`set_v4_sbmm_smem_x`] turned the shared-memory sbmm on (off by default).
+pub fn v4_sbmm_smem_x() -> bool {
+    V4_SBMM_SMEM_X.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 static V4_KEEP_PACKED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Whether a CUDA [`DeviceDelta`] that gets the v4 layout also keeps the file's packed parts on the

@@ -43,6 +43,9 @@ pub struct V4Entries {
     pub matmul_add: [[&'static str; 2]; 2],
     /// `dz_v4_<variant>_sbmm_<t>_n<NT>`, by dtype then tile.
     pub sbmm: [[&'static str; 2]; 2],
+    /// `dz_v4_<variant>_sbmm_sx_<t>_n<NT>`, by dtype then tile: the sbmm with x staged in shared memory
+    /// (experimental, [`V4Entries::sbmm_sx`]).
+    pub sbmm_sx: [[&'static str; 2]; 2],
     /// `dz_v4_<variant>_dequantize_<t>` (f32, f16, bf16): `out = base + D` (base 0: `D`) for a delta
     /// without a row subset, one thread per lane of a packet ([`V4_DEQUANTIZE_THREADS`] a block).
     pub dequantize: [&'static str; 3],
@@ -75,6 +78,16 @@ impl V4Entries {
         Self::index(dtype, rows).map(|(d, t)| self.sbmm[d][t])
     }
 
+    /// The sbmm entry point with x staged in shared memory, for segments of at most `rows` input rows:
+    /// `(const DzSegment* segs, u32 n_segs, const DzDelta* deltas, const T* x, T* out, u32 k, u32 n_total,
+    /// u32 tiles)`, one item (segment, 16-row tile) a warp over its whole K row, 8 consecutive tiles of one
+    /// segment a block (so `tiles` must be a multiple of 8, and every delta of the launch must have
+    /// `tiles` tiles of stored rows); a 1-D grid of `n_segs * tiles / 8` blocks at most, grid-stride.
+    /// Written in session 10, not yet run on a GPU.
+    pub fn sbmm_sx(&self, dtype: Dtype, rows: u32) -> Option<&'static str> {
+        Self::index(dtype, rows).map(|(d, t)| self.sbmm_sx[d][t])
+    }
+
     /// The dequantize entry point for outputs of `dtype`.
     pub fn dequantize(&self, dtype: Dtype) -> &'static str {
         self.dequantize[match dtype {
@@ -89,6 +102,7 @@ impl V4Entries {
         self.matmul_add
             .iter()
             .chain(&self.sbmm)
+            .chain(&self.sbmm_sx)
             .flatten()
             .chain(&self.dequantize)
             .copied()
@@ -122,6 +136,10 @@ macro_rules! v4_entries {
                 v4_tiles!($v, "matmul_add", "bf16"),
             ],
             sbmm: [v4_tiles!($v, "sbmm", "f16"), v4_tiles!($v, "sbmm", "bf16")],
+            sbmm_sx: [
+                v4_tiles!($v, "sbmm_sx", "f16"),
+                v4_tiles!($v, "sbmm_sx", "bf16"),
+            ],
             dequantize: [
                 concat!("dz_v4_", $v, "_dequantize_f32"),
                 concat!("dz_v4_", $v, "_dequantize_f16"),
@@ -168,7 +186,7 @@ mod tests {
     #[test]
     fn names_and_support() {
         let n: usize = V4.iter().map(|e| e.all().count()).sum();
-        assert_eq!(n, 4 * 11);
+        assert_eq!(n, 4 * 15);
         assert_eq!(
             V4[3].dequantize(Dtype::Bf16),
             "dz_v4_sparse24_4_dequantize_bf16"
@@ -176,6 +194,10 @@ mod tests {
         assert_eq!(
             v4_entries(Variant::Sparse24(4)).and_then(|e| e.sbmm(Dtype::Bf16, 9)),
             Some("dz_v4_sparse24_4_sbmm_bf16_n2")
+        );
+        assert_eq!(
+            v4_entries(Variant::Quant(4)).and_then(|e| e.sbmm_sx(Dtype::F16, 3)),
+            Some("dz_v4_quant4_sbmm_sx_f16_n1")
         );
         assert_eq!(
             v4_entries(Variant::Quant(2)).and_then(|e| e.matmul_add(Dtype::F16, 1)),

@@ -39,6 +39,9 @@ pub use dz_candle_ops::set_v4_keep_packed;
 /// deltas uploaded while it is on keep only the v4 layout on the GPU), for servers that turn it on
 /// before any delta is uploaded.
 pub use dz_candle_ops::set_v4_kernels;
+/// The shared-memory v4 sbmm (experimental, off by default; see `dz_candle_ops::set_v4_sbmm_smem_x`;
+/// `deltazip serve --v4-sbmm-smem-x`).
+pub use dz_candle_ops::set_v4_sbmm_smem_x;
 /// From how many input rows of one delta the CUDA ops take the dense route (the delta merged into a
 /// dense weight, then one cuBLAS matmul; see `dz_candle_ops::set_dense_rows`; `deltazip serve
 /// --dense-rows`).

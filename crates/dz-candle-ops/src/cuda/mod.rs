@@ -394,6 +394,8 @@ struct Group {
     segments: Vec<(u32, u32, u32)>,
     /// Largest stored-row count among its deltas.
     max_stored: u32,
+    /// Smallest stored-row count among its deltas (the shared-memory sbmm wants them all equal).
+    min_stored: u32,
 }
 
 fn sbmm_t<T: Elem>(
@@ -476,6 +478,7 @@ fn sbmm_t<T: Elem>(
                         v4_only: false,
                         segments: Vec::new(),
                         max_stored: 0,
+                        min_stored: u32::MAX,
                     });
                     groups.len() - 1
                 }
@@ -488,6 +491,7 @@ fn sbmm_t<T: Elem>(
             // Segments lie inside 0..m (checked by the wrapper), so they fit u32 like m.
             g.segments.push((s.start as u32, s.len as u32, slot as u32));
             g.max_stored = g.max_stored.max(d.desc.n_stored);
+            g.min_stored = g.min_stored.min(d.desc.n_stored);
         }
         if groups.is_empty() || m32 == 0 {
             drop(ptrs);
@@ -497,7 +501,7 @@ fn sbmm_t<T: Elem>(
         // Per group: the tile (one row when every segment is one row: decode), the segments split into
         // runs of at most the tile's rows, all groups' runs in one array.
         let mut pieces: Vec<DzSegment> = Vec::new();
-        let mut launches: Vec<(Kernel, usize, u32, u32)> = Vec::new();
+        let mut launches: Vec<(Kernel, usize, u32, u32, u32)> = Vec::new();
         // Per descriptor slot: whether its group launches a v4 kernel (then the slot gets the v4
         // descriptor; a slot's delta belongs to one group).
         let mut slot_v4 = vec![false; described.len()];
@@ -527,7 +531,7 @@ fn sbmm_t<T: Elem>(
                 }
             }
             let count = (pieces.len() - first) as u32;
-            launches.push((kernel, first, count, g.max_stored));
+            launches.push((kernel, first, count, g.max_stored, g.min_stored));
         }
         let descs: Vec<DzDelta> = described
             .iter()
@@ -549,8 +553,7 @@ fn sbmm_t<T: Elem>(
         let mut tables = Ptrs::new(&stream);
         let pieces_p = tables.read(&table_dev, 0);
         let descs_p = pieces_p + pieces_bytes as u64;
-        for (kernel, first, count, max_stored) in launches {
-            let func = kernel.function(op, &dev, T::KIND, Launch::Sbmm)?;
+        for (kernel, first, count, max_stored, min_stored) in launches {
             let segs_p = pieces_p + (first * std::mem::size_of::<DzSegment>()) as u64;
             let tiles = max_stored.div_ceil(kernel.stored_rows());
             // v4: items (segment, tile) split over `split` warps each, 8 / split items a block (1-D grid).
@@ -561,6 +564,41 @@ fn sbmm_t<T: Elem>(
                 )),
                 _ => None,
             };
+            // The shared-memory variant (experimental, off by default): split 1, whole blocks of 8 tiles
+            // of one segment, every delta with the same stored rows.
+            let sx = match kernel {
+                Kernel::V4(e, rows)
+                    if crate::v4_sbmm_smem_x()
+                        && v4_split == Some(1)
+                        && tiles.is_multiple_of(WARPS_V4)
+                        && min_stored == max_stored =>
+                {
+                    e.sbmm_sx(T::KIND, rows)
+                }
+                _ => None,
+            };
+            if let Some(name) = sx {
+                let func = dev
+                    .get_or_load_custom_func(name, V4_MODULE, dz_kernels::v4_ptx())?
+                    .into_cuda_function();
+                let blocks = (u64::from(count) * u64::from(tiles) / u64::from(WARPS_V4))
+                    .min(u64::from(MAX_GRID_X)) as u32;
+                let mut b = stream.launch_builder(&func);
+                b.arg(&segs_p);
+                b.arg(&count);
+                b.arg(&descs_p);
+                b.arg(&x_p);
+                b.arg(&out_p);
+                b.arg(&k32);
+                b.arg(&n32);
+                b.arg(&tiles);
+                // SAFETY: the arguments match `dz_v4_<v>_sbmm_sx_<t>_n<NT>(const DzSegment*, u32, const
+                // DzDelta*, const T*, T*, u32, u32, u32)`: as the v4 sbmm below, with `tiles` a multiple
+                // of 8 and every delta of the launch holding `tiles` tiles of stored rows (checked above).
+                unsafe { b.launch(kernel.config((blocks, 1))) }.w()?;
+                continue;
+            }
+            let func = kernel.function(op, &dev, T::KIND, Launch::Sbmm)?;
             let grid = match v4_split {
                 Some(split) => {
                     let items = u64::from(count) * u64::from(tiles);

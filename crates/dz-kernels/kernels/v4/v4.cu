@@ -188,9 +188,8 @@ struct Tile {
   // branch: the loads of a block past the last are repeats (cache hits) that nothing uses. x words past K
   // are not loaded (the registers keep older, finite x values, or the prologue's zeros): the re-laid
   // codes there are the zero point, so the weights they meet are exactly 0.
-  static __device__ __forceinline__ void load(Stage<C, NT>& st, Cursor<C, T, NT>& cur, uint32_t nkb, uint32_t K,
-                                              uint32_t lane, uint32_t split) {
-    const uint32_t c = lane % 4;
+  // The stream loads (codes, metadata, scale word) of the cursor's block.
+  static __device__ __forceinline__ void load_codes(Stage<C, NT>& st, const Cursor<C, T, NT>& cur) {
     if constexpr (C::PIECE >= 16) {
 #pragma unroll
       for (int i = 0; i < C::PIECE / 16; ++i) {
@@ -213,6 +212,12 @@ struct Tile {
       st.m[3] = v.w;
     }
     st.s = __ldg(cur.scales);
+  }
+
+  static __device__ __forceinline__ void load(Stage<C, NT>& st, Cursor<C, T, NT>& cur, uint32_t nkb, uint32_t K,
+                                              uint32_t lane, uint32_t split) {
+    const uint32_t c = lane % 4;
+    load_codes(st, cur);
     const uint32_t k0 = min(cur.kb, nkb - 1) * KB;
     const bool full = k0 + KB <= K;  // uniform: only the last block of a row can be partial
 #pragma unroll
@@ -471,6 +476,183 @@ __device__ __forceinline__ void sbmm(const DzSegment* segs, uint32_t n_segs, con
   }
 }
 
+// ---------------------------------------------------------------------------------------------------------
+// sbmm with x staged in shared memory (`dz_v4_<variant>_sbmm_sx_<t>_n<NT>`; the host takes it with
+// `set_v4_sbmm_smem_x(true)`, off by default). Experimental: written in session 10 after the measurements
+// (bench/kernels/V4.md), **not yet run on a GPU**.
+//
+// Why: the split-1 sbmm keeps each K block's x words (16 a lane and n-tile) in its load ring next to the
+// codes, so the ring holds 3 blocks (25 registers a stage); ncu showed 23% warps active with long-scoreboard
+// stalls. Here the block's 8 warps take 8 consecutive tiles of one segment (the host launches this only
+// when every item is split 1, the tiles are a multiple of 8 and every delta of the launch has the same
+// stored rows), so they share x: the block copies x into shared memory a chunk of XC K-blocks at a time
+// (cp.async, double-buffered, one barrier pair per chunk), and the ring holds only codes, metadata and the
+// scale word (9 registers a stage), D blocks deep. The x words each lane reads from shared memory are the
+// words the global version reads (same rows, clamped at `rows - 1`; same offsets in the block); columns past
+// K are staged as zeros (their codes are the zero point).
+template <int NT>
+constexpr int sx_chunk_blocks() {
+  return NT == 1 ? 8 : 4;  // 8 x 1024 or 16 x 512 bf16 a chunk: 2 buffers ~33 KB
+}
+template <int NT>
+constexpr int sx_depth() {
+  return NT == 1 ? 8 : 4;  // divides the chunk, so chunk boundaries fall on the ring's round starts
+}
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, uint32_t src_bytes) {
+  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_wait_one() { asm volatile("cp.async.wait_group 1;\n" ::); }
+
+template <class C, typename T, int NT>
+struct SxTile {
+  using Tl = Tile<C, T, NT>;
+  static constexpr int XC = sx_chunk_blocks<NT>();
+  static constexpr int XR = 8 * NT;                 // staged x rows
+  static constexpr int STRIDE = XC * KB / 2 + 4;    // words a staged row: = 4 (mod 32), rows g on distinct banks
+  static constexpr int BUF = XR * STRIDE;           // words a buffer
+  static constexpr int D = sx_depth<NT>();
+  static_assert(XC % D == 0, "chunk boundaries must fall on round starts");
+
+  // Chunk `ch` of the segment's x into `buf` (every thread of the block takes part): row r = x row
+  // min(r, rows - 1), columns ch XC KB .. + XC KB, those past K zero. K is a multiple of 32, so a 16-byte
+  // piece (8 elements) is all in or all out; an out piece copies 0 bytes from a valid address.
+  static __device__ __forceinline__ void stage(uint32_t* buf, const T* x, uint32_t rows, uint32_t K, uint32_t ch) {
+    constexpr uint32_t PIECES = XC * KB / 8;  // 16-byte pieces a row
+    for (uint32_t p = threadIdx.x; p < XR * PIECES; p += blockDim.x) {
+      const uint32_t r = p / PIECES, q = p % PIECES;
+      const uint32_t col = ch * XC * KB + q * 8;
+      const T* src = x + size_t(min(r, rows - 1)) * K + min(col, K - 8);
+      cp_async16(buf + r * STRIDE + q * 4, src, col < K ? 16u : 0u);
+    }
+  }
+
+  // Block j (of the chunk in `buf`) of x into the stage's x words, as Tile::load reads them from global memory.
+  static __device__ __forceinline__ void x_from(Stage<C, NT>& st, const uint32_t* buf, uint32_t j, uint32_t lane) {
+    const uint32_t g = lane / 4, c = lane % 4;
+#pragma unroll
+    for (int t = 0; t < NT; ++t) {
+      const uint32_t* row = buf + (8 * t + g) * STRIDE + j * (KB / 2);
+      if constexpr (!C::sparse) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const uint4 v = *reinterpret_cast<const uint4*>(row + 16 * c + 4 * i);
+          st.x[t][4 * i] = v.x;
+          st.x[t][4 * i + 1] = v.y;
+          st.x[t][4 * i + 2] = v.z;
+          st.x[t][4 * i + 3] = v.w;
+        }
+      } else {
+#pragma unroll
+        for (int s = 0; s < 4; ++s)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) st.x[t][4 * s + i] = row[16 * s + 4 * i + c];
+      }
+    }
+  }
+
+  // acc += this warp's whole K row of tile `rt` (split 1), x from the block's staged chunks in `xs` (two
+  // buffers). Every warp of the block calls it with the same delta shape (the barriers).
+  static __device__ __forceinline__ void accumulate(const DzDelta& d, const T* x, uint32_t rows, uint32_t rt,
+                                                    uint32_t* xs, float (&acc)[NT][4]) {
+    const uint32_t lane = threadIdx.x % 32;
+    const uint32_t g = lane / 4, c = lane % 4;
+    const uint32_t K = d.k;
+    const uint32_t nkb = (K + KB - 1) / KB;
+    const uint32_t nchunks = (nkb + XC - 1) / XC;
+    Cursor<C, T, NT> cur;
+    cur.kb = 0;
+    const size_t first = size_t(rt) * nkb;
+    cur.codes = reinterpret_cast<const uint8_t*>(d.parts[0]) + first * C::PACKET +
+                (C::PIECE >= 16 ? lane * 16 : lane * C::PIECE);
+    cur.meta = reinterpret_cast<const uint8_t*>(d.parts[1]) + first * 256 + (2 * g + (c & 1)) * 16;
+    cur.scales = reinterpret_cast<const uint32_t*>(d.parts[2]) + first * 8 + g;
+
+    const float z = float(1u << (d.bits - 1));
+    uint32_t mul[4], add[4], mask[4];
+    const uint32_t magic = Num<T>::MAGIC;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float m = 1.f / float(1u << (2 * i));
+      mask[i] = C::MASK << (2 * i);
+      mul[i] = pair_of<T>(m, m);
+      add[i] = pair_of<T>(-(Num<T>::MAGIC_F * m + z), -(Num<T>::MAGIC_F * m + z));
+    }
+
+    Stage<C, NT> ring[D];
+#pragma unroll
+    for (int i = 0; i < D; ++i) {
+      Tl::load_codes(ring[i], cur);
+      advance(cur, nkb);
+    }
+    __syncthreads();  // the buffers are free (an earlier item of this block has read them)
+    stage(xs, x, rows, K, 0);
+    cp_async_commit();
+    for (uint32_t kb0 = 0; kb0 < nkb; kb0 += D) {
+      const uint32_t ch = kb0 / XC;
+      if (kb0 % XC == 0) {
+        if (ch > 0) __syncthreads();  // chunk ch - 1 read by every warp: its buffer takes chunk ch + 1
+        if (ch + 1 < nchunks) stage(xs + ((ch + 1) % 2) * BUF, x, rows, K, ch + 1);
+        cp_async_commit();    // (an empty group past the last chunk keeps the count)
+        cp_async_wait_one();  // this thread's copies of chunk ch have landed
+        __syncthreads();      // and every thread's
+      }
+      const uint32_t* buf = xs + (ch % 2) * BUF;
+#pragma unroll
+      for (int i = 0; i < D; ++i) {
+        const uint32_t kb = kb0 + i;
+        if (kb >= nkb) break;
+        x_from(ring[i], buf, kb % XC, lane);
+        float p[NT][4];
+        zero(p);
+        Tl::compute(ring[i], p, mul, add, mask, magic);
+        const uint32_t sw = ring[i].s;
+        const float sa = __half2float(__ushort_as_half(uint16_t(sw & 0xFFFFu)));
+        const float sb = __half2float(__ushort_as_half(uint16_t(sw >> 16)));
+#pragma unroll
+        for (int t = 0; t < NT; ++t) {
+          acc[t][0] = fmaf(sa, p[t][0], acc[t][0]);
+          acc[t][1] = fmaf(sa, p[t][1], acc[t][1]);
+          acc[t][2] = fmaf(sb, p[t][2], acc[t][2]);
+          acc[t][3] = fmaf(sb, p[t][3], acc[t][3]);
+        }
+        Tl::load_codes(ring[i], cur);
+        advance(cur, nkb);
+      }
+    }
+  }
+
+  static __device__ __forceinline__ void advance(Cursor<C, T, NT>& cur, uint32_t nkb) {
+    if (cur.kb + 1 < nkb) {
+      cur.codes += C::PACKET;
+      cur.meta += 256;
+      cur.scales += 8;
+    }
+    cur.kb += 1;
+  }
+};
+
+// The launch: a 1-D grid over the items in groups of WK (each a block: consecutive tiles of one segment),
+// grid-stride; the host guarantees tiles % WK == 0, so a group never spans two segments.
+template <class C, typename T, int NT>
+__device__ __forceinline__ void sbmm_sx(const DzSegment* segs, uint32_t n_segs, const DzDelta* deltas, const T* x,
+                                        T* out, uint32_t k, uint32_t n_total, uint32_t tiles) {
+  __shared__ __align__(16) uint32_t xs[2 * SxTile<C, T, NT>::BUF];
+  const uint32_t wk = threadIdx.x / 32;
+  const uint64_t items = uint64_t(n_segs) * tiles;
+  for (uint64_t first = uint64_t(blockIdx.x) * WK; first < items; first += uint64_t(gridDim.x) * WK) {
+    const DzSegment seg = segs[first / tiles];
+    const uint32_t rt = uint32_t(first % tiles) + wk;
+    float acc[NT][4];
+    zero(acc);
+    SxTile<C, T, NT>::accumulate(deltas[seg.delta], x + size_t(seg.start) * k, seg.len, rt, xs, acc);
+    T* o = out + size_t(seg.start) * n_total;
+    if (rt * 16 < deltas[seg.delta].n_stored) Tile<C, T, NT>::store(deltas[seg.delta], seg.len, o, o, rt, acc);
+  }
+}
+
 // out = base + D (base may be null: out = D), for a delta without a row subset: the dense delta decoded
 // from the v4 bytes, each value by the SPEC formula ((q - z) * s) * global_scale in f32, then added to base
 // and rounded once (bit-identical to the generic `dequantize` kernels). One warp per packet (rt, kb), the
@@ -578,6 +760,12 @@ __device__ __forceinline__ void dequantize(const DzDelta& d, const T* base, T* o
                                             const T* x, T* out, uint32_t k, uint32_t n_total, uint32_t tiles, \
                                             uint32_t split) {                                                \
     dz::v4::sbmm<C, T, NT>(segs, n_segs, deltas, x, out, k, n_total, tiles, split);                          \
+  }                                                                                                          \
+  extern "C" __global__ void __launch_bounds__(dz::v4::WK * 32, 2)                                          \
+      dz_v4_##variant##_sbmm_sx_##tname##_n##NT(const DzSegment* segs, uint32_t n_segs, const DzDelta* deltas, \
+                                               const T* x, T* out, uint32_t k, uint32_t n_total,             \
+                                               uint32_t tiles) {                                             \
+    dz::v4::sbmm_sx<C, T, NT>(segs, n_segs, deltas, x, out, k, n_total, tiles);                              \
   }
 
 #define DZ_V4_VARIANT(variant, C)                   \
