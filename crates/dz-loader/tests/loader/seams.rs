@@ -17,15 +17,24 @@ use mistralrs_quant::{
 
 type Seen = Arc<Mutex<Vec<Vec<Option<String>>>>>;
 
-/// Wraps each layer in a [`Spy`] and remembers its name.
+/// Wraps each layer in a [`Spy`] and remembers its name, and the type of what it was given (the first word
+/// of its `Debug`).
 struct SpyHook {
     names: Arc<Mutex<Vec<String>>>,
+    given: Arc<Mutex<Vec<(String, String)>>>,
     seen: Seen,
 }
 
 impl LinearHook for SpyHook {
     fn wrap(&self, name: &str, layer: Arc<dyn QuantMethod>) -> Result<Arc<dyn QuantMethod>> {
         self.names.lock().unwrap().push(name.to_string());
+        let debug = format!("{layer:?}");
+        let kind = debug
+            .split(|c: char| !c.is_alphanumeric())
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        self.given.lock().unwrap().push((name.to_string(), kind));
         Ok(Arc::new(Spy {
             inner: layer,
             seen: self.seen.clone(),
@@ -93,9 +102,11 @@ impl QuantMethod for Spy {
 fn hook_sees_every_projection_and_rows_carry_the_requested_name() {
     let f = common::llama();
     let names = Arc::new(Mutex::new(Vec::new()));
+    let given = Arc::new(Mutex::new(Vec::new()));
     let seen: Seen = Arc::new(Mutex::new(Vec::new()));
     let hook = Arc::new(SpyHook {
         names: names.clone(),
+        given: given.clone(),
         seen: seen.clone(),
     });
     let spied = with_linear_hook(hook, || {
@@ -136,6 +147,18 @@ fn hook_sees_every_projection_and_rows_carry_the_requested_name() {
     }
     want.sort();
     assert_eq!(got, want);
+    // A row-parallel layer (o_proj, down_proj) hands the hook its inner weight, not itself: a wrapper's
+    // partial product must join the base's before the layer's all-reduce (session 10: after it, each
+    // tensor-parallel rank added only its own slice of the delta).
+    for (name, kind) in given.lock().unwrap().iter() {
+        if name.ends_with("o_proj") || name.ends_with("down_proj") {
+            assert_ne!(
+                kind, "RowParallelLayer",
+                "{name}: the hook got the whole layer"
+            );
+            assert_eq!(kind, "UnquantLinear", "{name}: the hook got {kind}");
+        }
+    }
 
     let mut engine = Engine::new(4).unwrap();
     engine.add("spied", spied).unwrap();
