@@ -1159,6 +1159,55 @@ fn dense_family(ck: &mut Checker) {
 /// The v4 sbmm splits the check runs (0: the automatic choice).
 const V4_SPLITS: [u32; 5] = [0, 1, 2, 4, 8];
 
+/// One v4 sbmm setting: the split (0: automatic) and whether the shared-memory variant may run.
+type SbmmSetting = (u32, bool);
+
+/// A named segment layout: `(rows, delta index or None for base-only)` per segment.
+type Layout<'a> = (&'a str, Vec<(usize, Option<usize>)>);
+
+/// `specs` built on the CPU and on `dev`.
+fn build_both(specs: &[DeltaSpec], dev: &Device) -> (Vec<DeviceDelta>, Vec<DeviceDelta>) {
+    let cpu = specs.iter().map(|s| s.build(&Device::Cpu)).collect();
+    (cpu, specs.iter().map(|s| s.build(dev)).collect())
+}
+
+/// The v4 sbmm over the deltas `on_dev` (all `n x k`; `cpu` their CPU twins), for each named segment
+/// layout, dtype and setting, each against the CPU reference; x and base_out are seeded from `seed`. The
+/// settings are reset afterwards.
+#[allow(clippy::too_many_arguments)]
+fn v4_sbmm_cases(
+    ck: &mut Checker,
+    label: &str,
+    (cpu, on_dev): (&[DeviceDelta], &[DeviceDelta]),
+    (n, k): (usize, usize),
+    layouts: &[Layout<'_>],
+    dtypes: &[DType],
+    settings: &[SbmmSetting],
+    seed: u64,
+) {
+    for (name, spec) in layouts {
+        let segments = segs(spec);
+        let m: usize = spec.iter().map(|s| s.0).sum();
+        for &dtype in dtypes {
+            for &(split, smem_x) in settings {
+                dz_candle_ops::set_v4_sbmm_split(split);
+                dz_candle_ops::set_v4_sbmm_smem_x(smem_x);
+                let sx = if smem_x { " smem-x" } else { "" };
+                ck.case(
+                    format!("{label} {name} {dtype:?} split={split}{sx}"),
+                    |dev, ops| {
+                        let x = input(&[m, k], dtype, seed);
+                        let base = input(&[m, n], dtype, seed + 1);
+                        sbmm_case(dev, ops, cpu, on_dev, &segments, &x, &base)
+                    },
+                );
+            }
+        }
+    }
+    dz_candle_ops::set_v4_sbmm_smem_x(false);
+    dz_candle_ops::set_v4_sbmm_split(0);
+}
+
 fn v4_family(ck: &mut Checker, only: bool) {
     ck.family(if only { "v4 only" } else { "v4 kernels" });
     dz_candle_ops::set_v4_keep_packed(!only);
@@ -1242,8 +1291,11 @@ fn v4_family(ck: &mut Checker, only: bool) {
             );
         }
     }
+    let family = if only { "v4 only" } else { "v4" };
+    let splits: Vec<SbmmSetting> = V4_SPLITS.iter().map(|&s| (s, false)).collect();
     // sbmm: 36 deltas (the four v4 variants, a v3-only sign1 and a generic quant 3-bit), decode rows,
-    // segments of 1..=16 rows with base-only runs between, and one longer than 16 (v3 for that variant).
+    // segments of 1..=16 rows with base-only runs between, and one longer than 16 (v3 for that variant);
+    // every split.
     let (n, k) = (72usize, 384usize);
     let specs: Vec<DeltaSpec> = (0..36)
         .map(|i| {
@@ -1259,75 +1311,56 @@ fn v4_family(ck: &mut Checker, only: bool) {
             DeltaSpec::full(cfg, n, k, 9500 + i as u64)
         })
         .collect();
-    let cpu: Vec<DeviceDelta> = specs.iter().map(|s| s.build(&Device::Cpu)).collect();
-    let on_dev: Vec<DeviceDelta> = specs.iter().map(|s| s.build(&ck.dev)).collect();
-    for (name, spec) in [
+    let layouts = [
         (
-            "36 deltas, one row each",
+            "one row each",
             (0..36).map(|i| (1, Some(i))).collect::<Vec<_>>(),
         ),
         (
-            "36 deltas, 1..=16 rows and base-only runs",
+            "1..=16 rows and base-only runs",
             (0..36)
                 .flat_map(|i| [(1 + (i * 5) % 16, Some(i)), (i % 3, None)])
                 .filter(|s| s.0 > 0)
                 .collect(),
         ),
         (
-            "36 deltas, up to 20 rows",
-            (0..36)
-                .map(|i| (1 + (i * 7) % 20, Some(i)))
-                .collect::<Vec<_>>(),
+            "up to 20 rows",
+            (0..36).map(|i| (1 + (i * 7) % 20, Some(i))).collect(),
         ),
         (
-            "36 deltas, up to 40 rows (prefill)",
-            (0..36)
-                .map(|i| (1 + (i * 11) % 40, Some(i)))
-                .collect::<Vec<_>>(),
+            "up to 40 rows (prefill)",
+            (0..36).map(|i| (1 + (i * 11) % 40, Some(i))).collect(),
         ),
-    ] {
-        let segments = segs(&spec);
-        let m: usize = spec.iter().map(|s| s.0).sum();
-        for dtype in [DType::F16, DType::BF16] {
-            let family = if only { "v4 only" } else { "v4" };
-            for split in V4_SPLITS {
-                dz_candle_ops::set_v4_sbmm_split(split);
-                ck.case(
-                    format!("{family} sbmm {name} {dtype:?} split={split}"),
-                    |dev, ops| {
-                        let x = input(&[m, k], dtype, 31);
-                        let base = input(&[m, n], dtype, 32);
-                        sbmm_case(dev, ops, &cpu, &on_dev, &segments, &x, &base)
-                    },
-                );
-            }
-            dz_candle_ops::set_v4_sbmm_split(0);
-        }
-    }
+    ];
+    // (Also the deltas of the dequantize / merge / dense-route checks below.)
+    let (cpu, on_dev) = build_both(&specs, &ck.dev);
+    let dtypes = [DType::F16, DType::BF16];
+    let label = format!("{family} sbmm 36 deltas,");
+    let both = (cpu.as_slice(), on_dev.as_slice());
+    v4_sbmm_cases(ck, &label, both, (n, k), &layouts, &dtypes, &splits, 31);
     // sbmm with a long K (ragged: 4000 = 31 blocks of 128 + 32): a warp's load ring wraps many times
     // under split 1 and leaves warps without blocks under split 8; 6 deltas of the four v4 variants.
     let (n, k) = (300usize, 4000usize);
     let long: Vec<DeltaSpec> = (0..6)
         .map(|i| DeltaSpec::full(cfgs[(i * 5) % cfgs.len()], n, k, 9700 + i as u64))
         .collect();
-    let cpu: Vec<DeviceDelta> = long.iter().map(|s| s.build(&Device::Cpu)).collect();
-    let on_dev: Vec<DeviceDelta> = long.iter().map(|s| s.build(&ck.dev)).collect();
-    let spec: Vec<(usize, Option<usize>)> = (0..6).map(|i| (1 + (i * 3) % 16, Some(i))).collect();
-    let segments = segs(&spec);
-    let m: usize = spec.iter().map(|s| s.0).sum();
-    for split in V4_SPLITS {
-        dz_candle_ops::set_v4_sbmm_split(split);
-        let family = if only { "v4 only" } else { "v4" };
-        ck.case(
-            format!("{family} sbmm 6 deltas 300 x 4000 BF16 split={split}"),
-            |dev, ops| {
-                let x = input(&[m, k], DType::BF16, 33);
-                let base = input(&[m, n], DType::BF16, 34);
-                sbmm_case(dev, ops, &cpu, &on_dev, &segments, &x, &base)
-            },
-        );
-    }
-    dz_candle_ops::set_v4_sbmm_split(0);
+    let layouts = [(
+        "1..=16 rows",
+        (0..6).map(|i| (1 + (i * 3) % 16, Some(i))).collect(),
+    )];
+    let (long_cpu, long_dev) = build_both(&long, &ck.dev);
+    let label = format!("{family} sbmm 6 deltas 300 x 4000,");
+    let both = (long_cpu.as_slice(), long_dev.as_slice());
+    v4_sbmm_cases(
+        ck,
+        &label,
+        both,
+        (n, k),
+        &layouts,
+        &[DType::BF16],
+        &splits,
+        33,
+    );
     // The shared-memory sbmm (experimental, `set_v4_sbmm_smem_x`): split 1, 256 stored rows (16 tiles, a
     // multiple of 8) with the same ragged K, decode rows (8-row tile) and segments up to 16 rows (16-row
     // tile: chunks of 4 blocks); 8 deltas of the four v4 variants. Its staging zero-fills past K.
@@ -1335,9 +1368,7 @@ fn v4_family(ck: &mut Checker, only: bool) {
     let wide: Vec<DeltaSpec> = (0..8)
         .map(|i| DeltaSpec::full(cfgs[(i * 5) % cfgs.len()], n, k, 9800 + i as u64))
         .collect();
-    let cpu: Vec<DeviceDelta> = wide.iter().map(|s| s.build(&Device::Cpu)).collect();
-    let on_dev: Vec<DeviceDelta> = wide.iter().map(|s| s.build(&ck.dev)).collect();
-    for (name, spec) in [
+    let layouts = [
         (
             "one row each",
             (0..8).map(|i| (1, Some(i))).collect::<Vec<_>>(),
@@ -1346,25 +1377,20 @@ fn v4_family(ck: &mut Checker, only: bool) {
             "1..=16 rows",
             (0..8).map(|i| (1 + (i * 5) % 16, Some(i))).collect(),
         ),
-    ] {
-        let segments = segs(&spec);
-        let m: usize = spec.iter().map(|s| s.0).sum();
-        for dtype in [DType::F16, DType::BF16] {
-            dz_candle_ops::set_v4_sbmm_split(1);
-            dz_candle_ops::set_v4_sbmm_smem_x(true);
-            let family = if only { "v4 only" } else { "v4" };
-            ck.case(
-                format!("{family} sbmm smem-x 8 deltas 256 x 4000, {name} {dtype:?}"),
-                |dev, ops| {
-                    let x = input(&[m, k], dtype, 35);
-                    let base = input(&[m, n], dtype, 36);
-                    sbmm_case(dev, ops, &cpu, &on_dev, &segments, &x, &base)
-                },
-            );
-            dz_candle_ops::set_v4_sbmm_smem_x(false);
-            dz_candle_ops::set_v4_sbmm_split(0);
-        }
-    }
+    ];
+    let (wide_cpu, wide_dev) = build_both(&wide, &ck.dev);
+    let label = format!("{family} sbmm 8 deltas 256 x 4000,");
+    let both = (wide_cpu.as_slice(), wide_dev.as_slice());
+    v4_sbmm_cases(
+        ck,
+        &label,
+        both,
+        (n, k),
+        &layouts,
+        &dtypes,
+        &[(1, true)],
+        35,
+    );
     if only && on_cuda {
         // A delta prepared on the CPU (`PreparedDelta`: what `serve --v4-kernels`'s CPU tier holds) and
         // uploaded with `from_prepared` is the same delta: same layout, same results.

@@ -556,12 +556,10 @@ fn sbmm_t<T: Elem>(
         for (kernel, first, count, max_stored, min_stored) in launches {
             let segs_p = pieces_p + (first * std::mem::size_of::<DzSegment>()) as u64;
             let tiles = max_stored.div_ceil(kernel.stored_rows());
+            let items = u64::from(count) * u64::from(tiles);
             // v4: items (segment, tile) split over `split` warps each, 8 / split items a block (1-D grid).
             let v4_split = match kernel {
-                Kernel::V4(..) => Some(v4_sbmm_split(
-                    u64::from(count) * u64::from(tiles),
-                    resident_warps(&dev)?,
-                )),
+                Kernel::V4(..) => Some(v4_sbmm_split(items, resident_warps(&dev)?)),
                 _ => None,
             };
             // The shared-memory variant (experimental, off by default): split 1, whole blocks of 8 tiles
@@ -577,35 +575,27 @@ fn sbmm_t<T: Elem>(
                 }
                 _ => None,
             };
-            if let Some(name) = sx {
-                let func = dev
-                    .get_or_load_custom_func(name, V4_MODULE, dz_kernels::v4_ptx())?
-                    .into_cuda_function();
-                let blocks = (u64::from(count) * u64::from(tiles) / u64::from(WARPS_V4))
-                    .min(u64::from(MAX_GRID_X)) as u32;
-                let mut b = stream.launch_builder(&func);
-                b.arg(&segs_p);
-                b.arg(&count);
-                b.arg(&descs_p);
-                b.arg(&x_p);
-                b.arg(&out_p);
-                b.arg(&k32);
-                b.arg(&n32);
-                b.arg(&tiles);
-                // SAFETY: the arguments match `dz_v4_<v>_sbmm_sx_<t>_n<NT>(const DzSegment*, u32, const
-                // DzDelta*, const T*, T*, u32, u32, u32)`: as the v4 sbmm below, with `tiles` a multiple
-                // of 8 and every delta of the launch holding `tiles` tiles of stored rows (checked above).
-                unsafe { b.launch(kernel.config((blocks, 1))) }.w()?;
-                continue;
-            }
-            let func = kernel.function(op, &dev, T::KIND, Launch::Sbmm)?;
-            let grid = match v4_split {
-                Some(split) => {
-                    let items = u64::from(count) * u64::from(tiles);
+            let (func, grid) = match (sx, v4_split) {
+                // One item a warp, WARPS_V4 items (a whole number) a block.
+                (Some(name), _) => (
+                    dev.get_or_load_custom_func(name, V4_MODULE, dz_kernels::v4_ptx())?
+                        .into_cuda_function(),
+                    (
+                        (items / u64::from(WARPS_V4)).min(u64::from(MAX_GRID_X)) as u32,
+                        1,
+                    ),
+                ),
+                (None, Some(split)) => {
                     let blocks = items.div_ceil(u64::from(WARPS_V4 / split));
-                    (blocks.min(u64::from(MAX_GRID_X)) as u32, 1)
+                    (
+                        kernel.function(op, &dev, T::KIND, Launch::Sbmm)?,
+                        (blocks.min(u64::from(MAX_GRID_X)) as u32, 1),
+                    )
                 }
-                None => (tiles, count.min(MAX_GRID_Y)),
+                (None, None) => (
+                    kernel.function(op, &dev, T::KIND, Launch::Sbmm)?,
+                    (tiles, count.min(MAX_GRID_Y)),
+                ),
             };
             let mut b = stream.launch_builder(&func);
             b.arg(&segs_p);
@@ -618,14 +608,17 @@ fn sbmm_t<T: Elem>(
             let split = v4_split.unwrap_or(0);
             if v4_split.is_some() {
                 b.arg(&tiles);
+            }
+            if v4_split.is_some() && sx.is_none() {
                 b.arg(&split);
             }
             // SAFETY: the arguments match `dz_<v>_sbmm_<t>_m<MT>(const DzSegment*, u32, const DzDelta*,
             // const T*, T*, u32, u32)` (the v4 entries take two more u32: `tiles`, the 16-row tiles of the
-            // group's tallest delta, and `split`, 1, 2, 4 or 8): `count` segments of at most MT rows inside
-            // x's m rows, each naming a descriptor of this variant in `descs` (uploaded above, alive until
-            // the stream passes its free; the v4 descriptors for a v4 kernel), x is m x K and out m x
-            // N_total of T.
+            // group's tallest delta, and `split`, 1, 2, 4 or 8; the shared-memory v4 entries `tiles` only,
+            // a multiple of 8 with every delta of the launch holding that many tiles of stored rows,
+            // checked above): `count` segments of at most MT rows inside x's m rows, each naming a
+            // descriptor of this variant in `descs` (uploaded above, alive until the stream passes its
+            // free; the v4 descriptors for a v4 kernel), x is m x K and out m x N_total of T.
             unsafe { b.launch(kernel.config(grid)) }.w()?;
         }
     }

@@ -292,6 +292,42 @@ struct Tile {
     }
   }
 
+  // Points the cursor's streams at packet `first` (row tile * blocks + block), this lane's place in it.
+  static __device__ __forceinline__ void codes_at(Cursor<C, T, NT>& cur, const DzDelta& d, size_t first,
+                                                  uint32_t lane) {
+    const uint32_t g = lane / 4, c = lane % 4;
+    cur.codes = reinterpret_cast<const uint8_t*>(d.parts[0]) + first * C::PACKET +
+                (C::PIECE >= 16 ? lane * 16 : lane * C::PIECE);
+    cur.meta = reinterpret_cast<const uint8_t*>(d.parts[1]) + first * 256 + (2 * g + (c & 1)) * 16;
+    cur.scales = reinterpret_cast<const uint32_t*>(d.parts[2]) + first * 8 + g;
+  }
+
+  // Decode constants: v * 2^-within - (magic * 2^-within + z), per within = 0, 2, 4, 6.
+  static __device__ __forceinline__ void decode_constants(uint32_t bits, uint32_t (&mul)[4], uint32_t (&add)[4],
+                                                          uint32_t (&mask)[4]) {
+    const float z = float(1u << (bits - 1));
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float m = 1.f / float(1u << (2 * i));
+      mask[i] = C::MASK << (2 * i);
+      mul[i] = pair_of<T>(m, m);
+      add[i] = pair_of<T>(-(Num<T>::MAGIC_F * m + z), -(Num<T>::MAGIC_F * m + z));
+    }
+  }
+
+  // acc += a block's products `p`, scaled by its scale word (rows g and g + 8).
+  static __device__ __forceinline__ void add_scaled(float (&acc)[NT][4], const float (&p)[NT][4], uint32_t sw) {
+    const float sa = __half2float(__ushort_as_half(uint16_t(sw & 0xFFFFu)));
+    const float sb = __half2float(__ushort_as_half(uint16_t(sw >> 16)));
+#pragma unroll
+    for (int t = 0; t < NT; ++t) {
+      acc[t][0] = fmaf(sa, p[t][0], acc[t][0]);
+      acc[t][1] = fmaf(sa, p[t][1], acc[t][1]);
+      acc[t][2] = fmaf(sb, p[t][2], acc[t][2]);
+      acc[t][3] = fmaf(sb, p[t][3], acc[t][3]);
+    }
+  }
+
   // acc += sum over this warp's blocks of K (part, part + split, ...) of x[i][k] D[r][k], for the 16 stored
   // rows of tile `rt` and the `rows` (<= 8 NT) rows of x (unscaled by the global scale).
   static __device__ __forceinline__ void accumulate(const DzDelta& d, const T* x, uint32_t rows, uint32_t rt,
@@ -304,28 +340,16 @@ struct Tile {
     Cursor<C, T, NT> cur;
     cur.kb = part;
     const uint32_t wk0 = min(part, nkb - 1);  // a warp with no block of its own still loads in bounds
-    const size_t first = size_t(rt) * nkb + wk0;
-    cur.codes = reinterpret_cast<const uint8_t*>(d.parts[0]) + first * C::PACKET +
-                (C::PIECE >= 16 ? lane * 16 : lane * C::PIECE);
-    cur.meta = reinterpret_cast<const uint8_t*>(d.parts[1]) + first * 256 + (2 * g + (c & 1)) * 16;
-    cur.scales = reinterpret_cast<const uint32_t*>(d.parts[2]) + first * 8 + g;
+    codes_at(cur, d, size_t(rt) * nkb + wk0, lane);
 #pragma unroll
     for (int t = 0; t < NT; ++t) {
       const T* row = x + size_t(min(uint32_t(8 * t) + g, rows - 1)) * K + size_t(wk0) * KB;
       cur.x[t] = reinterpret_cast<const unsigned int*>(row) + (C::sparse ? c : 16 * c);
     }
 
-    // Decode constants: v * 2^-within - (magic * 2^-within + z), per within = 0, 2, 4, 6.
-    const float z = float(1u << (d.bits - 1));
     uint32_t mul[4], add[4], mask[4];
+    decode_constants(d.bits, mul, add, mask);
     const uint32_t magic = Num<T>::MAGIC;
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const float m = 1.f / float(1u << (2 * i));
-      mask[i] = C::MASK << (2 * i);
-      mul[i] = pair_of<T>(m, m);
-      add[i] = pair_of<T>(-(Num<T>::MAGIC_F * m + z), -(Num<T>::MAGIC_F * m + z));
-    }
 
     Stage<C, NT> ring[D];
 #pragma unroll
@@ -347,16 +371,7 @@ struct Tile {
 #pragma unroll
           for (int e = 0; e < 4; ++e) p[t][e] = 0.f;
         compute(ring[i], p, mul, add, mask, magic);
-        const uint32_t sw = ring[i].s;
-        const float sa = __half2float(__ushort_as_half(uint16_t(sw & 0xFFFFu)));
-        const float sb = __half2float(__ushort_as_half(uint16_t(sw >> 16)));
-#pragma unroll
-        for (int t = 0; t < NT; ++t) {
-          acc[t][0] = fmaf(sa, p[t][0], acc[t][0]);
-          acc[t][1] = fmaf(sa, p[t][1], acc[t][1]);
-          acc[t][2] = fmaf(sb, p[t][2], acc[t][2]);
-          acc[t][3] = fmaf(sb, p[t][3], acc[t][3]);
-        }
+        add_scaled(acc, p, ring[i].s);
         load(ring[i], cur, nkb, K, lane, split);
       }
     }
@@ -558,28 +573,15 @@ struct SxTile {
   static __device__ __forceinline__ void accumulate(const DzDelta& d, const T* x, uint32_t rows, uint32_t rt,
                                                     uint32_t* xs, float (&acc)[NT][4]) {
     const uint32_t lane = threadIdx.x % 32;
-    const uint32_t g = lane / 4, c = lane % 4;
     const uint32_t K = d.k;
     const uint32_t nkb = (K + KB - 1) / KB;
     const uint32_t nchunks = (nkb + XC - 1) / XC;
     Cursor<C, T, NT> cur;
     cur.kb = 0;
-    const size_t first = size_t(rt) * nkb;
-    cur.codes = reinterpret_cast<const uint8_t*>(d.parts[0]) + first * C::PACKET +
-                (C::PIECE >= 16 ? lane * 16 : lane * C::PIECE);
-    cur.meta = reinterpret_cast<const uint8_t*>(d.parts[1]) + first * 256 + (2 * g + (c & 1)) * 16;
-    cur.scales = reinterpret_cast<const uint32_t*>(d.parts[2]) + first * 8 + g;
-
-    const float z = float(1u << (d.bits - 1));
+    Tl::codes_at(cur, d, size_t(rt) * nkb, lane);
     uint32_t mul[4], add[4], mask[4];
+    Tl::decode_constants(d.bits, mul, add, mask);
     const uint32_t magic = Num<T>::MAGIC;
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const float m = 1.f / float(1u << (2 * i));
-      mask[i] = C::MASK << (2 * i);
-      mul[i] = pair_of<T>(m, m);
-      add[i] = pair_of<T>(-(Num<T>::MAGIC_F * m + z), -(Num<T>::MAGIC_F * m + z));
-    }
 
     Stage<C, NT> ring[D];
 #pragma unroll
@@ -608,16 +610,7 @@ struct SxTile {
         float p[NT][4];
         zero(p);
         Tl::compute(ring[i], p, mul, add, mask, magic);
-        const uint32_t sw = ring[i].s;
-        const float sa = __half2float(__ushort_as_half(uint16_t(sw & 0xFFFFu)));
-        const float sb = __half2float(__ushort_as_half(uint16_t(sw >> 16)));
-#pragma unroll
-        for (int t = 0; t < NT; ++t) {
-          acc[t][0] = fmaf(sa, p[t][0], acc[t][0]);
-          acc[t][1] = fmaf(sa, p[t][1], acc[t][1]);
-          acc[t][2] = fmaf(sb, p[t][2], acc[t][2]);
-          acc[t][3] = fmaf(sb, p[t][3], acc[t][3]);
-        }
+        Tl::add_scaled(acc, p, ring[i].s);
         Tl::load_codes(ring[i], cur);
         advance(cur, nkb);
       }
