@@ -28,7 +28,7 @@ done
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,clocks.max.mem --format=csv,noheader
 if [ "${MODE:-}" = v4 ]; then
   T0=$(date +%s)
-  timeout 200 "$BIN"/cuda_check --filter v4 > "$OUT/cuda_check_v4.txt" 2>&1
+  timeout 300 "$BIN"/cuda_check --filter v4 > "$OUT/cuda_check_v4.txt" 2>&1
   echo "cuda_check v4 rc=$? ($(( $(date +%s) - T0 )) s)"; tail -14 "$OUT/cuda_check_v4.txt"
   grep -m 20 -E "FAIL|panicked|error" "$OUT/cuda_check_v4.txt" | cut -c1-200
   CS=$(ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
@@ -50,7 +50,7 @@ if [ "${MODE:-}" = v4 ]; then
   echo "kernel_bench --decode rc=$? ($(( $(date +%s) - T0 )) s)"
   grep MISMATCH "$OUT/kernel_bench_v4.log" | head -5
   grep -E "copy bandwidth" "$OUT/kernel_bench_v4.log"
-  grep -E "^\| delta_matmul \| (dz|v3) \| (4096 x 4096|11008 x 4096) \| 4b|^\| sbmm \| (dz|v3) " "$OUT/kernel_bench_v4.log" | cut -c1-150
+  grep -E "^\| delta_matmul \| (dz|dz-s[1248]|v3) \| (4096 x 4096|11008 x 4096|13824 x 5120) \| 4b 2:4 \| 1 \| 1 |^\| sbmm \| (dz|v3) " "$OUT/kernel_bench_v4.log" | cut -c1-150
   # NCU=1: Nsight Compute on the --profile cases (the sbmm at split 1 and 8 among them).
   NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
   if [ "${NCU_RUN:-0}" = 1 ] && [ -n "$NCU" ]; then

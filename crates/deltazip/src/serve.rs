@@ -1153,8 +1153,9 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     let profile = state.registry.profile();
     if profile.enabled() {
         let p = profile.snapshot();
+        let seconds_help = format!("Forward-pass time by part (DZ_PROFILE mode {}).", profile.mode());
         for (metric, help, seconds) in [
-            ("seconds", "Forward-pass time by part (DZ_PROFILE=1: each part between device synchronizations).", true),
+            ("seconds", seconds_help.as_str(), true),
             ("calls", "Calls of each profiled part.", false),
         ] {
             out.push_str(&format!(

@@ -1156,7 +1156,7 @@ fn dense_family(ck: &mut Checker) {
 /// `only`: the same with deltas that keep only their v4 layout (`set_v4_keep_packed(false)`, what
 /// `deltazip serve --v4-kernels` builds), where every row count takes the v4 kernels: rows up to 64 and
 /// sbmm segments up to 40 rows (16-row tiles); each case asserts `v4_only`.
-/// The v4 sbmm splits the check runs (0: the automatic choice).
+/// The v4 splits the check runs (0: the automatic choice).
 const V4_SPLITS: [u32; 5] = [0, 1, 2, 4, 8];
 
 /// One v4 sbmm setting: the split (0: automatic) and whether the shared-memory variant may run.
@@ -1190,7 +1190,7 @@ fn v4_sbmm_cases(
         let m: usize = spec.iter().map(|s| s.0).sum();
         for &dtype in dtypes {
             for &(split, smem_x) in settings {
-                dz_candle_ops::set_v4_sbmm_split(split);
+                dz_candle_ops::set_v4_split(split);
                 dz_candle_ops::set_v4_sbmm_smem_x(smem_x);
                 let sx = if smem_x { " smem-x" } else { "" };
                 ck.case(
@@ -1205,7 +1205,7 @@ fn v4_sbmm_cases(
         }
     }
     dz_candle_ops::set_v4_sbmm_smem_x(false);
-    dz_candle_ops::set_v4_sbmm_split(0);
+    dz_candle_ops::set_v4_split(0);
 }
 
 fn v4_family(ck: &mut Checker, only: bool) {
@@ -1259,18 +1259,27 @@ fn v4_family(ck: &mut Checker, only: bool) {
                         continue;
                     }
                     let with_base = rows % 2 == 1;
-                    ck.case(
-                        format!(
-                            "v4 {} {dtype:?} rows={rows}{}",
-                            spec.label(),
-                            if with_base { " +base" } else { "" }
-                        ),
-                        |dev, ops| {
-                            let x = input(&[rows, k], dtype, (ci * 100 + rows + 7) as u64);
-                            let base = with_base.then(|| input(&[rows, n], dtype, rows as u64 + 3));
-                            matmul_case(dev, ops, &d_cpu, &d_dev, &x, base)
-                        },
-                    );
+                    // The matmul's split along K, swept on the smallest and the largest shape (the
+                    // largest has 19 tiles: split 1 leaves most warps idle, 8 fills them).
+                    let splits: &[u32] = if si == 0 || si == 3 { &V4_SPLITS } else { &[0] };
+                    for &split in splits {
+                        dz_candle_ops::set_v4_split(split);
+                        ck.case(
+                            format!(
+                                "v4 {} {dtype:?} rows={rows}{}{}",
+                                spec.label(),
+                                if with_base { " +base" } else { "" },
+                                if split > 0 { format!(" split={split}") } else { String::new() }
+                            ),
+                            |dev, ops| {
+                                let x = input(&[rows, k], dtype, (ci * 100 + rows + 7) as u64);
+                                let base =
+                                    with_base.then(|| input(&[rows, n], dtype, rows as u64 + 3));
+                                matmul_case(dev, ops, &d_cpu, &d_dev, &x, base)
+                            },
+                        );
+                    }
+                    dz_candle_ops::set_v4_split(0);
                 }
             }
         }

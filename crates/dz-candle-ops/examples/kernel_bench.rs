@@ -19,7 +19,10 @@
 //!   takes), `generic` with the tensor cores off (the earlier kernels), for a few shapes; each `dz` result
 //!   is compared with the `generic` one for agreement (max |diff| / max |value|), `v3` with `dz`;
 //! - bytes count the packed delta as the file stores it (`packed_nbytes`; the v4 layout is the same bytes
-//!   reordered, plus padding to 16 x 128 packets and 32 bytes of scales per packet).
+//!   reordered, plus padding to 16 x 128 packets and 32 bytes of scales per packet);
+//! - rows 1-16: `vs copy same bytes` = time / the driver's copy that moves the same bytes (read + write)
+//!   at that size, timed the same way: the floor launch, ramp-up and tail leave a transfer that small;
+//! - `dz-s1` .. `dz-s8`: the v4 `delta_matmul` with its split along K forced (1-4 rows; `dz` picks it).
 //!
 //! `--decode`: only rows 1-16 (1, 2, 4, 8, 16), `generic` only at 1 row, and the sbmm cases: the serving
 //! decode regime in a few minutes.
@@ -35,7 +38,7 @@ use candle_core::cuda_backend::cudarc::driver::{sys::CUevent_flags, CudaStream};
 use candle_core::{DType, Device, Tensor};
 use common::{payload, Cfg};
 use dz_candle_ops::{
-    delta_matmul, sbmm, set_dense_rows, set_tensor_cores, set_v4_kernels, set_v4_sbmm_split,
+    delta_matmul, sbmm, set_dense_rows, set_tensor_cores, set_v4_kernels, set_v4_split,
     DeviceDelta, Segment,
 };
 
@@ -121,6 +124,30 @@ impl Bench {
     }
 }
 
+impl Bench {
+    /// Median microseconds of the driver's device-to-device copy of `bytes / 2` bytes (so `bytes` move,
+    /// read + write), rotated over buffer pairs past the L2.
+    fn copy_same_bytes(&self, bytes: usize) -> Result<f64> {
+        let half = (bytes / 2).max(4) / 4;
+        let pairs = (2 * L2_BYTES / (8 * half) + 1).clamp(2, 32);
+        let mut bufs = Vec::with_capacity(pairs);
+        for _ in 0..pairs {
+            bufs.push((
+                self.stream.alloc_zeros::<f32>(half)?,
+                self.stream.alloc_zeros::<f32>(half)?,
+            ));
+        }
+        let bufs = std::cell::RefCell::new(bufs);
+        self.time(ITERS, |i| {
+            let mut b = bufs.borrow_mut();
+            let n = b.len();
+            let (src, dst) = &mut b[i % n];
+            self.stream.memcpy_dtod(src, dst)?;
+            Ok(Vec::new())
+        })
+    }
+}
+
 /// Copies of one packed delta on the device, enough to exceed twice the L2.
 fn delta_copies(cfg: Cfg, n: usize, k: usize, dev: &Device) -> Result<Vec<DeviceDelta>> {
     let host = payload(cfg, n, k, 7);
@@ -163,6 +190,9 @@ struct Row {
     copy_bw: f64,
     /// Stream-once time of the deltas' bytes (sbmm), microseconds.
     stream_once_us: Option<f64>,
+    /// The driver's device-to-device copy that moves the case's bytes (read + write) at this size,
+    /// microseconds: what launch, ramp-up and tail leave of the bandwidth for a transfer this small.
+    copy_same_us: Option<f64>,
     agree: Option<f64>,
 }
 
@@ -179,12 +209,14 @@ impl Row {
             "byte_ratio": self.cublas_bytes as f64 / self.bytes as f64,
             "stream_once_us": self.stream_once_us,
             "vs_stream_once": self.stream_once_us.map(|s| self.time_us / s),
+            "copy_same_bytes_us": self.copy_same_us,
+            "vs_copy_same_bytes": self.copy_same_us.map(|s| self.time_us / s),
             "agree_max_rel_diff": self.agree,
         })
     }
     fn md(&self) -> String {
         format!(
-            "| {} | {} | {} x {} | {} | {} | {} | {:.1} | {:.1} | {:.2} | {:.2} | {:.0} | {:.0}% | {} | {} |",
+            "| {} | {} | {} x {} | {} | {} | {} | {:.1} | {:.1} | {:.2} | {:.2} | {:.0} | {:.0}% | {} | {} | {} |",
             self.op,
             self.path,
             self.n,
@@ -199,6 +231,9 @@ impl Row {
             self.bytes as f64 / (self.time_us * 1e-6) / 1e9,
             self.pct_bw(),
             self.stream_once_us
+                .map(|s| format!("{:.2}x", self.time_us / s))
+                .unwrap_or_default(),
+            self.copy_same_us
                 .map(|s| format!("{:.2}x", self.time_us / s))
                 .unwrap_or_default(),
             self.agree.map(|a| format!("{a:.1e}")).unwrap_or_default(),
@@ -277,21 +312,21 @@ fn profile(b: &Bench) -> Result<()> {
     let base = Tensor::randn(0f32, 1.0, (32, 4096), &b.dev)?.to_dtype(DType::BF16)?;
     // Split 1 (what the automatic choice takes here) and 8 (every item over 8 warps, as session 9's kernel).
     for split in [1u32, 8] {
-        set_v4_sbmm_split(split);
+        set_v4_split(split);
         for _ in 0..2 {
             keep.push(sbmm(&x, &base, &refs, &segments)?);
         }
         eprintln!("profiled sbmm 32 deltas x 1 row, split {split}");
     }
     // And the shared-memory variant (kernel name `..._sbmm_sx_...`).
-    set_v4_sbmm_split(1);
+    set_v4_split(1);
     dz_candle_ops::set_v4_sbmm_smem_x(true);
     for _ in 0..2 {
         keep.push(sbmm(&x, &base, &refs, &segments)?);
     }
     dz_candle_ops::set_v4_sbmm_smem_x(false);
     eprintln!("profiled sbmm 32 deltas x 1 row, smem-x");
-    set_v4_sbmm_split(0);
+    set_v4_split(0);
     b.dev.synchronize()?;
     Ok(())
 }
@@ -363,6 +398,7 @@ fn sbmm_cases(b: &Bench, copy_bw: f64, rows_out: &mut Vec<Row>) -> Result<()> {
                 cublas_bytes: n * k * 2 + rows * k * 2 + rows * n * 2,
                 copy_bw,
                 stream_once_us: Some(stream_once),
+                copy_same_us: None,
                 agree: None,
             };
             let mut rs = vec![mk("sbmm", "dz", t_sbmm)];
@@ -370,19 +406,19 @@ fn sbmm_cases(b: &Bench, copy_bw: f64, rows_out: &mut Vec<Row>) -> Result<()> {
             // deltas keeping both layouts).
             if rows.div_ceil(used) <= 4 {
                 for (split, path) in [(1u32, "dz-s1"), (2, "dz-s2"), (4, "dz-s4"), (8, "dz-s8")] {
-                    set_v4_sbmm_split(split);
+                    set_v4_split(split);
                     let t = b.time(ITERS, |i| Ok(vec![sbmm(&x, &base, &set(i), &segments)?]));
-                    set_v4_sbmm_split(0);
+                    set_v4_split(0);
                     rs.push(mk("sbmm", path, t?));
                 }
                 // The shared-memory variant (experimental): split 1, x staged per block.
-                set_v4_sbmm_split(1);
+                set_v4_split(1);
                 dz_candle_ops::set_v4_sbmm_smem_x(true);
                 let t = b.time(ITERS, |i| Ok(vec![sbmm(&x, &base, &set(i), &segments)?]));
                 let y_sx = sbmm(&x, &base, &set(0), &segments)?;
                 dz_candle_ops::set_v4_sbmm_smem_x(false);
                 let y_s1 = sbmm(&x, &base, &set(0), &segments)?;
-                set_v4_sbmm_split(0);
+                set_v4_split(0);
                 let a = disagreement(&y_sx, &y_s1)?;
                 if a > 2e-2 {
                     eprintln!(
@@ -524,6 +560,13 @@ fn main() -> Result<()> {
             for (ri, &rows) in rows_list.iter().enumerate() {
                 let x = Tensor::randn(0f32, 1.0, (rows, k), &b.dev)?.to_dtype(DType::BF16)?;
                 let io = rows * k * 2 + rows * n * 2;
+                // Rows 1-16 (the bandwidth target's range): what the driver's copy of the same bytes
+                // takes at this size, the floor a kernel of that many bytes meets in this timing.
+                let copy_same = if rows <= 16 {
+                    Some(b.copy_same_bytes(d_bytes + io)?)
+                } else {
+                    None
+                };
                 let row = |path, time_us, agree| Row {
                     op: "delta_matmul",
                     path,
@@ -538,6 +581,7 @@ fn main() -> Result<()> {
                     cublas_bytes: w_bytes + io,
                     copy_bw,
                     stream_once_us: None,
+                    copy_same_us: copy_same,
                     agree,
                 };
                 set_tensor_cores(true);
@@ -575,6 +619,25 @@ fn main() -> Result<()> {
                 let r = row("dz", fast, Some(agree));
                 eprintln!("{}", r.md());
                 rows_out.push(r);
+                // The v4 kernel's warps per item, swept where it runs (1-4 rows here: these deltas
+                // keep both layouts); split 8 with a block per item is sessions 7-10's launch shape.
+                if has_v4 && rows <= 4 {
+                    for (split, path) in [(1u32, "dz-s1"), (2, "dz-s2"), (4, "dz-s4"), (8, "dz-s8")] {
+                        set_v4_split(split);
+                        let t = b.time(ITERS, |i| {
+                            Ok(vec![delta_matmul(&x, &deltas[i % deltas.len()])?])
+                        });
+                        let y = delta_matmul(&x, &deltas[0]);
+                        set_v4_split(0);
+                        let a = disagreement(&y?, &y_fast)?;
+                        if a > 2e-2 {
+                            eprintln!("MISMATCH {label} {n}x{k} rows {rows}: split {split} and auto differ by {a:.2e}");
+                        }
+                        let r = row(path, t?, Some(a));
+                        eprintln!("{}", r.md());
+                        rows_out.push(r);
+                    }
+                }
                 // The dense route (the delta formed as a bf16 weight, then cuBLAS): where it overtakes
                 // the kernels decides `DEFAULT_DENSE_ROWS`.
                 if rows >= 8 {
@@ -631,11 +694,11 @@ fn main() -> Result<()> {
     writeln!(
         md,
         "| op | path | N x K | codec | deltas | rows | time us | cuBLAS bf16 us | speedup | byte ratio | GB/s | \
-         % copy BW | vs stream once | agree |"
+         % copy BW | vs stream once | vs copy same bytes | agree |"
     )?;
     writeln!(
         md,
-        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     )?;
     for r in &rows_out {
         writeln!(md, "{}", r.md())?;

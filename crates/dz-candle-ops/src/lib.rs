@@ -157,32 +157,33 @@ pub fn v4_kernels() -> bool {
     V4_KERNELS.load(std::sync::atomic::Ordering::Relaxed)
 }
 
-static V4_SBMM_SPLIT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+static V4_SPLIT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
-/// How many warps the v4 `sbmm` kernels split each (segment, 16-row tile) item over along K: 1, 2, 4 or 8;
-/// 0 (the default) picks per launch, the fewest that still fill the device with one wave of warps. For
-/// benchmarks (`kernel_bench` sweeps it); every value computes the same sums up to f32 summation order.
+/// How many warps the v4 kernels split each item over along K (sbmm: a segment's 16-row tile of its delta;
+/// `delta_matmul`: 8 or 16 input rows' 16-row tile): 1, 2, 4 or 8; 0 (the default) picks per launch, the
+/// fewest that still fill the device with one wave of warps. For benchmarks and checks (`kernel_bench`
+/// and `cuda_check` sweep it); every value computes the same sums up to f32 summation order.
 ///
 /// # Panics
 /// If `split` is not 0, 1, 2, 4 or 8.
-pub fn set_v4_sbmm_split(split: u32) {
+pub fn set_v4_split(split: u32) {
     assert!(
         matches!(split, 0 | 1 | 2 | 4 | 8),
-        "v4 sbmm split must be 0 (auto), 1, 2, 4 or 8, not {split}"
+        "v4 split must be 0 (auto), 1, 2, 4 or 8, not {split}"
     );
-    V4_SBMM_SPLIT.store(split, std::sync::atomic::Ordering::Relaxed);
+    V4_SPLIT.store(split, std::sync::atomic::Ordering::Relaxed);
 }
 
-/// What [`set_v4_sbmm_split`] set (0: automatic).
-pub fn v4_sbmm_split() -> u32 {
-    V4_SBMM_SPLIT.load(std::sync::atomic::Ordering::Relaxed)
+/// What [`set_v4_split`] set (0: automatic).
+pub fn v4_split_setting() -> u32 {
+    V4_SPLIT.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 static V4_SBMM_SMEM_X: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Lets the v4 `sbmm` take its shared-memory variant where it applies: x staged once per block in shared
 /// memory, a deeper ring of code loads per warp (`dz_v4_<variant>_sbmm_sx_*`). It applies to launches whose
-/// items each get one warp (the automatic split chose 1, or [`set_v4_sbmm_split`]`(1)`), whose deltas all
+/// items each get one warp (the automatic split chose 1, or [`set_v4_split`]`(1)`), whose deltas all
 /// have the same stored rows, a multiple of 128. **Off by default and experimental:** written in session
 /// 10 after the last device call, not yet run on a GPU (the CUDA check covers it; `kernel_bench` times it
 /// as `dz-sx`). Either way the results are the same sums up to f32 summation order.

@@ -7,7 +7,8 @@
 //!
 //! Entry points, with the generic kernels' signatures (crate docs), the descriptor's `parts` being the v4
 //! parts `[codes, meta, scales]` (`meta` unused by quant):
-//! - `dz_v4_<variant>_matmul_add_<t>_n<NT>(DzDelta d, const T* x, const T* base, T* out, u32 m)`
+//! - `dz_v4_<variant>_matmul_add_<t>_n<NT>(DzDelta d, const T* x, const T* base, T* out, u32 m, u32 split)`:
+//!   `split` (1, 2, 4 or 8) = warps per (8 NT input rows, 16-row tile) item along K.
 //! - `dz_v4_<variant>_sbmm_<t>_n<NT>(const DzSegment* segs, u32 n_segs, const DzDelta* deltas, const T* x,
 //!   T* out, u32 k, u32 n_total, u32 tiles, u32 split)`: every segment at most `8 NT` rows; `tiles` =
 //!   16-row tiles of the tallest delta, `split` (1, 2, 4 or 8) = warps per (segment, tile) item along K.
@@ -16,9 +17,9 @@
 //!   of a delta that keeps only its v4 layout run.
 //!
 //! for `variant` in `quant2`, `quant4`, `sparse24_2`, `sparse24_4`, `t` in `f16`, `bf16`, `NT` in 1, 2.
-//! A block has [`V4_THREADS`] threads (8 warps). matmul: the 8 warps split K of one [`V4_TILE_ROWS`]-row
-//! tile; grid x = `ceil(n_stored / 16)`, y = tiles of `8 NT` input rows, at most 65535. sbmm: a 1-D grid
-//! over the `n_segs * tiles` items, `8 / split` items a block, grid-stride.
+//! A block has [`V4_THREADS`] threads (8 warps). Both launch on a 1-D grid over their items, `8 / split`
+//! items a block, grid-stride: matmul's items are `ceil(m / (8 NT)) * ceil(n_stored / 16)` (x-tile-major),
+//! sbmm's `n_segs * tiles`.
 
 use crate::{Dtype, Variant};
 

@@ -3,12 +3,17 @@
 //! embedding and norm deltas, and the CPU bookkeeping of finding each row's fine-tune. The linear parts
 //! of prompt steps (more than one token per sequence) count apart (`*_prefill`) from decode steps'.
 //!
-//! Off by default and free when off (one relaxed atomic load per layer). On, every measured part is
-//! bracketed by device synchronizations, so its time is the part's own (GPU work queued before it
-//! finishes first) at the cost of the overlap between CPU and GPU: a profiled server runs slower than an
-//! unprofiled one, and the parts say how the time splits, not how fast it can go. The step interval (one
-//! output-head call to the next, while they come less than a second apart) bounds everything else
-//! (attention, sampling, the host's scheduler): `interval - sum(parts)`.
+//! Off by default and free when off (one relaxed atomic load per layer). Two modes:
+//! - `DZ_PROFILE=1` (device): every measured part is bracketed by device synchronizations, so its time is
+//!   the part's own (GPU work queued before it finishes first) at the cost of the overlap between CPU and
+//!   GPU: a profiled server runs slower than an unprofiled one, and the parts say how the time splits, not
+//!   how fast it can go.
+//! - `DZ_PROFILE=host`: no synchronization; each part's time is the CPU's, issuing its work (lookups,
+//!   tables, launches). The server runs at its own speed. Where the parts' host time approaches the step
+//!   interval, the CPU, not the GPU, bounds the step.
+//!
+//! The step interval (one output-head call to the next, while they come less than a second apart) bounds
+//! everything else (attention, sampling, the host's scheduler): `interval - sum(parts)`.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -69,6 +74,8 @@ const MAX_STEP: Duration = Duration::from_secs(1);
 #[derive(Debug)]
 pub struct Profile {
     enabled: AtomicBool,
+    /// Host mode: parts are timed without device synchronizations.
+    host_only: AtomicBool,
     nanos: [AtomicU64; Part::ALL.len()],
     calls: [AtomicU64; Part::ALL.len()],
     steps: AtomicU64,
@@ -78,8 +85,10 @@ pub struct Profile {
 
 impl Default for Profile {
     fn default() -> Self {
+        let mode = std::env::var("DZ_PROFILE").unwrap_or_default();
         Profile {
-            enabled: AtomicBool::new(std::env::var_os("DZ_PROFILE").is_some_and(|v| v == "1")),
+            enabled: AtomicBool::new(mode == "1" || mode == "host"),
+            host_only: AtomicBool::new(mode == "host"),
             nanos: Default::default(),
             calls: Default::default(),
             steps: AtomicU64::new(0),
@@ -101,7 +110,8 @@ pub struct ProfileSnapshot {
 }
 
 impl Profile {
-    /// Whether the profile is on (`DZ_PROFILE=1` when the registry was made, or [`Profile::set_enabled`]).
+    /// Whether the profile is on (`DZ_PROFILE=1` or `host` when the registry was made, or
+    /// [`Profile::set_enabled`]).
     pub fn enabled(&self) -> bool {
         self.enabled.load(Ordering::Relaxed)
     }
@@ -111,8 +121,27 @@ impl Profile {
         self.enabled.store(on, Ordering::Relaxed);
     }
 
+    /// Whether parts are timed on the host only, without device synchronizations (`DZ_PROFILE=host`).
+    pub fn host_only(&self) -> bool {
+        self.host_only.load(Ordering::Relaxed)
+    }
+
+    /// Sets host mode (see [`Profile::host_only`]).
+    pub fn set_host_only(&self, on: bool) {
+        self.host_only.store(on, Ordering::Relaxed);
+    }
+
+    /// What the parts' seconds mean, for reports.
+    pub fn mode(&self) -> &'static str {
+        if self.host_only() {
+            "host: the CPU's time issuing each part, no device synchronization"
+        } else {
+            "device: each part between device synchronizations"
+        }
+    }
+
     /// Runs `f` as `part`: when the profile is on, after synchronizing `device` and timing until `f`'s
-    /// work has finished on it (`sync` false: CPU time only, no synchronization).
+    /// work has finished on it (`sync` false, or host mode: CPU time only, no synchronization).
     pub fn time<T>(
         &self,
         part: Part,
@@ -123,6 +152,7 @@ impl Profile {
         if !self.enabled() {
             return f();
         }
+        let sync = sync && !self.host_only();
         if sync {
             device.synchronize()?;
         }
@@ -219,6 +249,28 @@ mod tests {
         assert_eq!(get(Part::NormDelta).2, 1);
         assert!((get(Part::NormDelta).1 - 0.003).abs() < 1e-9);
         assert_eq!(get(Part::BaseLinear).2, 0);
+    }
+
+    #[test]
+    fn host_mode_times_without_synchronizing() {
+        let p = Profile::default();
+        p.set_enabled(true);
+        p.set_host_only(true);
+        assert!(p.mode().starts_with("host"));
+        // (A CPU device's synchronization is free, so this checks the mode and the count, not that no
+        // synchronization ran: that is the `sync && !host_only` in `time`.)
+        let v = p
+            .time(Part::LinearDelta, &Device::Cpu, true, || {
+                std::thread::sleep(Duration::from_millis(2));
+                Ok(3)
+            })
+            .unwrap();
+        assert_eq!(v, 3);
+        let s = p.snapshot();
+        let (_, secs, calls) = s.parts[Part::LinearDelta as usize];
+        assert!(secs >= 0.002 && calls == 1, "{secs} s, {calls} calls");
+        p.set_host_only(false);
+        assert!(p.mode().starts_with("device"));
     }
 
     #[test]

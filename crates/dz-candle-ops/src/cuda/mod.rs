@@ -338,10 +338,18 @@ fn matmul_t<T: Elem>(
                 Kernel::pick(d.variant, tc_of(&d, T::KIND), v4_of(&d, T::KIND), m32)
             };
             let func = kernel.function(op, &dev, T::KIND, Launch::Matmul)?;
-            let grid = (
-                d.desc.n_stored.div_ceil(kernel.stored_rows()),
-                m32.div_ceil(kernel.rows()).min(MAX_GRID_Y),
-            );
+            let tiles = d.desc.n_stored.div_ceil(kernel.stored_rows());
+            let x_tiles = m32.div_ceil(kernel.rows());
+            // v4: a 1-D grid over the (x tile, delta tile) items, each split over `split` warps.
+            let (grid, v4_split) = match kernel {
+                Kernel::V4(..) => {
+                    let items = u64::from(x_tiles) * u64::from(tiles);
+                    let split = v4_split(items, resident_warps(&dev)?);
+                    let blocks = items.div_ceil(u64::from(WARPS_V4 / split));
+                    ((blocks.min(u64::from(MAX_GRID_X)) as u32, 1), Some(split))
+                }
+                _ => ((tiles, x_tiles.min(MAX_GRID_Y)), None),
+            };
             let desc = DescArg(kernel.desc(&d));
             let base_arg = if in_place { out_p } else { base_p.unwrap_or(0) };
             let mut b = stream.launch_builder(&func);
@@ -350,11 +358,14 @@ fn matmul_t<T: Elem>(
             b.arg(&base_arg);
             b.arg(&out_p);
             b.arg(&m32);
+            if let Some(split) = &v4_split {
+                b.arg(split);
+            }
             // SAFETY: the arguments match `dz_<v>_matmul_add_<t>_m<MT>(DzDelta, const T*, const T*, T*,
-            // u32)` (and the tensor-core `dz_tc_<v>_matmul_add_<t>_n<NT>`, same signature): x holds m
-            // rows of K elements of T, base (0, or m x N_total) and out (m x N_total) are T buffers, and
-            // the descriptor points to the delta's parts (the v4 parts for a v4 kernel), checked by
-            // `describe`.
+            // u32)` (and the tensor-core `dz_tc_<v>_matmul_add_<t>_n<NT>`, same signature; the v4
+            // entries take one more u32, the split: 1, 2, 4 or 8): x holds m rows of K elements of T,
+            // base (0, or m x N_total) and out (m x N_total) are T buffers, and the descriptor points to
+            // the delta's parts (the v4 parts for a v4 kernel), checked by `describe`.
             unsafe { b.launch(kernel.config(grid)) }.w()?;
         }
     }
@@ -559,7 +570,7 @@ fn sbmm_t<T: Elem>(
             let items = u64::from(count) * u64::from(tiles);
             // v4: items (segment, tile) split over `split` warps each, 8 / split items a block (1-D grid).
             let v4_split = match kernel {
-                Kernel::V4(..) => Some(v4_sbmm_split(items, resident_warps(&dev)?)),
+                Kernel::V4(..) => Some(v4_split(items, resident_warps(&dev)?)),
                 _ => None,
             };
             // The shared-memory variant (experimental, off by default): split 1, whole blocks of 8 tiles
@@ -650,13 +661,13 @@ fn resident_warps(dev: &CudaDevice) -> Result<u64> {
     Ok(*RESIDENT.get_or_init(|| sms.max(1) as u64 * 2 * u64::from(WARPS_V4)))
 }
 
-/// The warps each item (segment, 16-row tile) of a v4 `sbmm` is split over along K: what
-/// [`crate::set_v4_sbmm_split`] set, else the smallest of 1, 2, 4, 8 that gives the launch at least one
-/// full wave of warps (`items * split >= resident`). Fewer warps per item means longer streams per warp
-/// (the load ring's prologue paid once per item, no shared-memory reduction); more keeps a launch of few
-/// items from leaving SMs idle.
-fn v4_sbmm_split(items: u64, resident: u64) -> u32 {
-    match crate::v4_sbmm_split() {
+/// The warps each item of a v4 launch (sbmm: segment x 16-row tile; matmul: 8 or 16 input rows x 16-row
+/// tile) is split over along K: what [`crate::set_v4_split`] set, else the smallest of 1, 2, 4, 8
+/// that gives the launch at least one full wave of warps (`items * split >= resident`). Fewer warps per
+/// item means longer streams per warp (the load ring's prologue paid once per item, no shared-memory
+/// reduction); more keeps a launch of few items from leaving SMs idle.
+fn v4_split(items: u64, resident: u64) -> u32 {
+    match crate::v4_split_setting() {
         0 => [1u32, 2, 4]
             .into_iter()
             .find(|&s| items * u64::from(s) >= resident)

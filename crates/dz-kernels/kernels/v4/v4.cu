@@ -14,11 +14,11 @@
 // tiles) blocks ahead (codes, meta, scales and x); the loop is unrolled by D so the ring is indexed by
 // constants.
 //
-// Launch: block = 8 warps (V4_THREADS). matmul: all 8 on one 16-row tile of the delta (grid x), each warp on
-// the blocks wk, wk + 8, ... of K; the 8 partial sums meet in shared memory; grid y = tiles of 8 NT input
-// rows, grid-stride. sbmm: items (segment, 16-row tile) split over `split` warps each along K (the host
-// picks 1, 2, 4 or 8 by the number of items), 8 / split items a block, grid-stride over grid x. Rows of x
-// past `rows` are read as row `rows - 1` (valid memory; their outputs are not written).
+// Launch: block = 8 warps (V4_THREADS), a 1-D grid, grid-stride. The work is items: (tile of 8 NT input
+// rows, 16-row tile of the delta) for matmul, (segment, 16-row tile) for sbmm; each item is split over
+// `split` warps along K (the host picks 1, 2, 4 or 8 by the number of items), warp p of an item taking
+// the blocks p, p + split, ... of K; a split item's partial sums meet in shared memory; 8 / split items a
+// block. Rows of x past `rows` are read as row `rows - 1` (valid memory; their outputs are not written).
 #include "dz_common.cuh"
 
 namespace dz {
@@ -439,21 +439,32 @@ __device__ __forceinline__ void zero(float (&acc)[NT][4]) {
     for (int e = 0; e < 4; ++e) acc[t][e] = 0.f;
 }
 
+// matmul: the work is `x_tiles * tiles` items (tile of 8 NT input rows, 16-row tile of the delta),
+// x-tile-major, split over `split` warps each along K as in the sbmm below, grid-stride over a 1-D grid.
+// Split 8 with one block per item is session 7-10's launch shape (8 warps on one tile); the host picks the
+// fewest warps per item that still fill one wave (a 13824 x 5120 delta has 864 tiles: split 4 runs it in
+// under two waves of 10-block streams per warp, where 8 warps a tile ran 3.3 waves of 5-block streams).
 template <class C, typename T, int NT>
-__device__ __forceinline__ void matmul_add(const DzDelta& d, const T* x, const T* base, T* out, uint32_t m) {
+__device__ __forceinline__ void matmul_add(const DzDelta& d, const T* x, const T* base, T* out, uint32_t m,
+                                           uint32_t split) {
   __shared__ float red[WK * 32 * NT * 4];
-  const uint32_t rt = blockIdx.x;
-  if (rt * 16 >= d.n_stored) return;
   const uint32_t wk = threadIdx.x / 32;
-  const uint32_t tiles = (m + 8 * NT - 1) / (8 * NT);
-  for (uint32_t t = blockIdx.y; t < tiles; t += gridDim.y) {
-    const uint32_t i0 = t * 8 * NT;
-    const size_t o = size_t(i0) * d.n_total;
+  const uint32_t per_block = WK / split;
+  const uint32_t tiles = (d.n_stored + 15) / 16;
+  const uint64_t items = uint64_t((m + 8 * NT - 1) / (8 * NT)) * tiles;
+  for (uint64_t first = uint64_t(blockIdx.x) * per_block; first < items; first += uint64_t(gridDim.x) * per_block) {
+    const uint64_t item = first + wk / split;
+    const bool live = item < items;
+    const uint32_t xt = live ? uint32_t(item / tiles) : 0, rt = live ? uint32_t(item % tiles) : 0;
+    const uint32_t i0 = xt * 8 * NT;
     const uint32_t rows = min(uint32_t(8 * NT), m - i0);
     float acc[NT][4];
     zero(acc);
-    Tile<C, T, NT>::accumulate(d, x + size_t(i0) * d.k, rows, rt, wk, WK, acc);
-    if (reduce_split<NT>(acc, WK, red)) Tile<C, T, NT>::store(d, rows, base ? base + o : nullptr, out + o, rt, acc);
+    if (live) Tile<C, T, NT>::accumulate(d, x + size_t(i0) * d.k, rows, rt, wk % split, split, acc);
+    if (reduce_split<NT>(acc, split, red) && live) {
+      const size_t o = size_t(i0) * d.n_total;
+      Tile<C, T, NT>::store(d, rows, base ? base + o : nullptr, out + o, rt, acc);
+    }
   }
 }
 
@@ -741,12 +752,13 @@ __device__ __forceinline__ void dequantize(const DzDelta& d, const T* base, T* o
   }
 
 // Entry points: dz_v4_<variant>_matmul_add_<t>_n<NT>, dz_v4_<variant>_sbmm_<t>_n<NT> (NT = 1, 2), with the
-// generic kernels' signatures; the descriptor's parts are the v4 parts (codes, meta, scales). 2 blocks of
-// 256 threads per SM: at most 128 registers.
+// generic kernels' signatures plus the split (and sbmm's tiles); the descriptor's parts are the v4 parts
+// (codes, meta, scales). 2 blocks of 256 threads per SM: at most 128 registers.
 #define DZ_V4_ENTRIES(variant, C, T, tname, NT)                                                              \
   extern "C" __global__ void __launch_bounds__(dz::v4::WK * 32, 2)                                          \
-      dz_v4_##variant##_matmul_add_##tname##_n##NT(DzDelta d, const T* x, const T* base, T* out, uint32_t m) { \
-    dz::v4::matmul_add<C, T, NT>(d, x, base, out, m);                                                        \
+      dz_v4_##variant##_matmul_add_##tname##_n##NT(DzDelta d, const T* x, const T* base, T* out, uint32_t m,  \
+                                                  uint32_t split) {                                          \
+    dz::v4::matmul_add<C, T, NT>(d, x, base, out, m, split);                                                 \
   }                                                                                                          \
   extern "C" __global__ void __launch_bounds__(dz::v4::WK * 32, 2)                                          \
       dz_v4_##variant##_sbmm_##tname##_n##NT(const DzSegment* segs, uint32_t n_segs, const DzDelta* deltas,   \
