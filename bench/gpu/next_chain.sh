@@ -8,10 +8,10 @@
 #   bench (single-delta splits, the copy of the same bytes, dz-sx beside dz-s1) with ncu, then
 #   cuda_check --filter sbmm.
 #
-# PART=srv (both GPUs of nvidia-h200-x2, ~17 minutes, detached and polled; carry [".gpu/srv"]):
-#   run:  mkdir -p /tmp/s11 && PART=srv setsid -f bash bench/gpu/next_chain.sh > /tmp/s11/chain.out 2>&1; sleep 150; <poll>
+# PART=srv (both GPUs of nvidia-h200-x2, ~17 minutes, detached and polled; carry [".gpu/srv", ".gpu/k"]):
+#   run:  mkdir -p /tmp/s11 && PART=srv COMMIT=$(git rev-parse --short HEAD) setsid -f bash bench/gpu/next_chain.sh > /tmp/s11/chain.out 2>&1; sleep 150; <poll>
 #   poll (back to back, no pause between calls): sleep N; cat /tmp/s11/s11.log; tar czf $OUT/s11.tgz -C /tmp s11
-#   GPU 0: base, then swap:32 (its INVALID_CONTEXT fix). GPU 1: dz-4b24 x 32 (v4), a DZ_PROFILE=1 run
+#   GPU 0: kernel_bench --decode (when .gpu/k has it), base, then swap:32 (its INVALID_CONTEXT fix). GPU 1: dz-4b24 x 32 (v4), a DZ_PROFILE=1 run
 #   (decode and prompt steps apart), a DZ_PROFILE=host run (the CPU's share of a step), dz with the
 #   shared-memory sbmm (SX=1, when PART=kern's check passed), engines:32 with K = 1 (the reload-loop fix;
 #   the swap-engines baseline). Then both GPUs: the 40-layer 13B with all 32 fine-tunes, TP2 (the issue's
@@ -41,7 +41,13 @@ log "srv start"
 CODECS=4b24 DISTINCT=8 OUT=$S/gen bash $R/gpu/serving.sh gen > $S/gen.log 2>&1; log "gen rc=$?"
 ( DZ_WORK=/tmp/dztp KV_CACHE=paged N=32 DISTINCT=8 OUT=$S/tp bash $R/gpu/tp_serve.sh gen > $S/tpgen.log 2>&1
   log "tp gen rc=$?"; touch $S/tpgen.done ) &
-( GPU=0 PORT_BASE=8200 OUT=$S/base RATES=4,16,64 REQS=96 bash $R/gpu/serving.sh base > $S/base.log 2>&1; log "base rc=$?"
+# GPU 0 first: the decode kernel bench again with the host's split rule of after PART=kern (.gpu/k rebuilt).
+( if [ -f .gpu/k/kernel_bench.xz ]; then
+    mkdir -p /tmp/k/bin $S/kern2 && xz -dc .gpu/k/kernel_bench.xz > /tmp/k/bin/kernel_bench && chmod +x /tmp/k/bin/kernel_bench
+    CUDA_VISIBLE_DEVICES=0 timeout 120 /tmp/k/bin/kernel_bench --decode --out $S/kern2/kernels-h200-v4 \
+        --commit "${COMMIT:-unknown}" > $S/kern2/kernel_bench_v4.log 2>&1; log "kernel_bench 2 rc=$?"
+  fi
+  GPU=0 PORT_BASE=8200 OUT=$S/base RATES=4,16,64 REQS=96 bash $R/gpu/serving.sh base > $S/base.log 2>&1; log "base rc=$?"
   GPU=0 PORT_BASE=8200 OUT=$S/swap SWAP_RATES=4 SWAP_REQS=24 timeout 300 bash $R/gpu/serving.sh swap:32 > $S/swap.log 2>&1
   log "swap rc=$?"; pkill -f "swap/swap-32.toml"; touch $S/gpu0.done ) &
 GPU=1 PORT_BASE=8300 OUT=$S/dz V4=1 RATES=4,16,64 REQS=96 bash $R/gpu/serving.sh dz:4b24:32 > $S/dz.log 2>&1; log "dz rc=$?"

@@ -100,8 +100,8 @@ pub struct ServeArgs {
     /// rows, prefill) take the faster tensor-core v3 kernels; the v4 kernels keep 1-4 rows.
     #[arg(long, requires = "v4_kernels")]
     pub v4_keep_packed: bool,
-    /// With --v4-kernels, experimental and not yet run on a GPU: the sbmm variant that stages x in
-    /// shared memory per block for a deeper load ring (see dz_candle_ops::set_v4_sbmm_smem_x).
+    /// With --v4-kernels, experimental (correct, but ~15% slower on the H200): the sbmm variant that
+    /// stages x in shared memory per block for a deeper load ring (see dz_candle_ops::set_v4_sbmm_smem_x).
     #[arg(long, requires = "v4_kernels")]
     pub v4_sbmm_smem_x: bool,
     /// From this many input rows of one fine-tune in a step (prefill), a delta is merged into a dense

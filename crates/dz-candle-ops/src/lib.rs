@@ -161,8 +161,9 @@ static V4_SPLIT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::ne
 
 /// How many warps the v4 kernels split each item over along K (sbmm: a segment's 16-row tile of its delta;
 /// `delta_matmul`: 8 or 16 input rows' 16-row tile): 1, 2, 4 or 8; 0 (the default) picks per launch, the
-/// fewest that still fill the device with one wave of warps. For benchmarks and checks (`kernel_bench`
-/// and `cuda_check` sweep it); every value computes the same sums up to f32 summation order.
+/// most that keep the launch within one wave of resident warps (1 when the items alone fill it). For
+/// benchmarks and checks (`kernel_bench` and `cuda_check` sweep it); every value computes the same sums
+/// up to f32 summation order.
 ///
 /// # Panics
 /// If `split` is not 0, 1, 2, 4 or 8.
@@ -184,9 +185,10 @@ static V4_SBMM_SMEM_X: std::sync::atomic::AtomicBool = std::sync::atomic::Atomic
 /// Lets the v4 `sbmm` take its shared-memory variant where it applies: x staged once per block in shared
 /// memory, a deeper ring of code loads per warp (`dz_v4_<variant>_sbmm_sx_*`). It applies to launches whose
 /// items each get one warp (the automatic split chose 1, or [`set_v4_split`]`(1)`), whose deltas all
-/// have the same stored rows, a multiple of 128. **Off by default and experimental:** written in session
-/// 10 after the last device call, not yet run on a GPU (the CUDA check covers it; `kernel_bench` times it
-/// as `dz-sx`). Either way the results are the same sums up to f32 summation order.
+/// have the same stored rows, a multiple of 128. **Off by default and experimental:** correct on the H200
+/// (session 11's CUDA check) but slower than the split-1 sbmm it replaces (32 deltas x 32 rows of 4096 x
+/// 4096 4b 2:4: 88-93 vs 75-77 us; ncu: barrier stalls), kept for the record and for `kernel_bench`'s
+/// `dz-sx`. Either way the results are the same sums up to f32 summation order.
 pub fn set_v4_sbmm_smem_x(enabled: bool) {
     V4_SBMM_SMEM_X.store(enabled, std::sync::atomic::Ordering::Relaxed);
 }

@@ -662,16 +662,21 @@ fn resident_warps(dev: &CudaDevice) -> Result<u64> {
 }
 
 /// The warps each item of a v4 launch (sbmm: segment x 16-row tile; matmul: 8 or 16 input rows x 16-row
-/// tile) is split over along K: what [`crate::set_v4_split`] set, else the smallest of 1, 2, 4, 8
-/// that gives the launch at least one full wave of warps (`items * split >= resident`). Fewer warps per
-/// item means longer streams per warp (the load ring's prologue paid once per item, no shared-memory
-/// reduction); more keeps a launch of few items from leaving SMs idle.
+/// tile) is split over along K: what [`crate::set_v4_split`] set, else the largest of 8, 4, 2 that keeps
+/// the launch within one wave of resident warps (`items * split <= resident`), or 1 when the items alone
+/// fill it. Fewer warps per item means longer streams per warp (the load ring's prologue paid once per
+/// item, no shared-memory reduction); more keeps a launch of few items from leaving SMs idle; past one
+/// wave, the second, partial wave costs more than the longer streams save. Measured on the H200 (session
+/// 11, `h200-s11-2026-11-30.md`): single deltas of 256 / 320 / 688 / 864 tiles ran fastest at split
+/// 8 / 4 / 2 / 2, the choice of this rule (13824 x 5120 4b 2:4, one row: 15.4 us at split 2, 17.6 at
+/// split 4, which session 10's "fewest splits that fill a wave" picked); sbmm launches of 4096 and more
+/// items at split 1.
 fn v4_split(items: u64, resident: u64) -> u32 {
     match crate::v4_split_setting() {
-        0 => [1u32, 2, 4]
+        0 => [8u32, 4, 2]
             .into_iter()
-            .find(|&s| items * u64::from(s) >= resident)
-            .unwrap_or(8),
+            .find(|&s| items * u64::from(s) <= resident)
+            .unwrap_or(1),
         s => s,
     }
 }

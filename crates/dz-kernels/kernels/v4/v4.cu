@@ -442,8 +442,9 @@ __device__ __forceinline__ void zero(float (&acc)[NT][4]) {
 // matmul: the work is `x_tiles * tiles` items (tile of 8 NT input rows, 16-row tile of the delta),
 // x-tile-major, split over `split` warps each along K as in the sbmm below, grid-stride over a 1-D grid.
 // Split 8 with one block per item is session 7-10's launch shape (8 warps on one tile); the host picks the
-// fewest warps per item that still fill one wave (a 13824 x 5120 delta has 864 tiles: split 4 runs it in
-// under two waves of 10-block streams per warp, where 8 warps a tile ran 3.3 waves of 5-block streams).
+// most warps per item that keep the launch within one wave (a 13824 x 5120 delta has 864 tiles: split 2
+// runs it in one wave of 20-block streams per warp, where 8 warps a tile ran 3.3 waves of 5-block streams:
+// 15.4 vs 21.5 us on the H200).
 template <class C, typename T, int NT>
 __device__ __forceinline__ void matmul_add(const DzDelta& d, const T* x, const T* base, T* out, uint32_t m,
                                            uint32_t split) {
@@ -505,7 +506,8 @@ __device__ __forceinline__ void sbmm(const DzSegment* segs, uint32_t n_segs, con
 // ---------------------------------------------------------------------------------------------------------
 // sbmm with x staged in shared memory (`dz_v4_<variant>_sbmm_sx_<t>_n<NT>`; the host takes it with
 // `set_v4_sbmm_smem_x(true)`, off by default). Experimental: written in session 10 after the measurements
-// (bench/kernels/V4.md), **not yet run on a GPU**.
+// (bench/kernels/V4.md). Session 11 on the H200: correct, but slower than split 1 (32 deltas x 32 rows:
+// 88-93 vs 75-77 us; ncu: 94 vs 86 us, barrier stall ratio 3100, DRAM 47% vs 51% of peak).
 //
 // Why: the split-1 sbmm keeps each K block's x words (16 a lane and n-tile) in its load ring next to the
 // codes, so the ring holds 3 blocks (25 registers a stage); ncu showed 23% warps active with long-scoreboard
