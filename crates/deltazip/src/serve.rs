@@ -1153,7 +1153,10 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     let profile = state.registry.profile();
     if profile.enabled() {
         let p = profile.snapshot();
-        let seconds_help = format!("Forward-pass time by part (DZ_PROFILE mode {}).", profile.mode());
+        let seconds_help = format!(
+            "Forward-pass time by part (DZ_PROFILE mode {}).",
+            profile.mode()
+        );
         for (metric, help, seconds) in [
             ("seconds", seconds_help.as_str(), true),
             ("calls", "Calls of each profiled part.", false),
@@ -1162,7 +1165,11 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
                 "# HELP deltazip_profile_{metric}_total {help}\n# TYPE deltazip_profile_{metric}_total counter\n"
             ));
             for (part, secs, calls) in &p.parts {
-                let value = if seconds { format!("{secs:.6}") } else { calls.to_string() };
+                let value = if seconds {
+                    format!("{secs:.6}")
+                } else {
+                    calls.to_string()
+                };
                 out.push_str(&format!(
                     "deltazip_profile_{metric}_total{{part=\"{}\"}} {value}\n",
                     part.as_str()

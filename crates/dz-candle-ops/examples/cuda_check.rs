@@ -1269,7 +1269,11 @@ fn v4_family(ck: &mut Checker, only: bool) {
                                 "v4 {} {dtype:?} rows={rows}{}{}",
                                 spec.label(),
                                 if with_base { " +base" } else { "" },
-                                if split > 0 { format!(" split={split}") } else { String::new() }
+                                if split > 0 {
+                                    format!(" split={split}")
+                                } else {
+                                    String::new()
+                                }
                             ),
                             |dev, ops| {
                                 let x = input(&[rows, k], dtype, (ci * 100 + rows + 7) as u64);

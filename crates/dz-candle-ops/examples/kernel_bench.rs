@@ -622,7 +622,8 @@ fn main() -> Result<()> {
                 // The v4 kernel's warps per item, swept where it runs (1-4 rows here: these deltas
                 // keep both layouts); split 8 with a block per item is sessions 7-10's launch shape.
                 if has_v4 && rows <= 4 {
-                    for (split, path) in [(1u32, "dz-s1"), (2, "dz-s2"), (4, "dz-s4"), (8, "dz-s8")] {
+                    for (split, path) in [(1u32, "dz-s1"), (2, "dz-s2"), (4, "dz-s4"), (8, "dz-s8")]
+                    {
                         set_v4_split(split);
                         let t = b.time(ITERS, |i| {
                             Ok(vec![delta_matmul(&x, &deltas[i % deltas.len()])?])
