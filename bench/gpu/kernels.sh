@@ -3,12 +3,8 @@
 # tensor-core family included), compute-sanitizer memcheck + racecheck on the tensor-core cases, then the
 # kernel benchmark (bench/results/kernels-h200.{md,json}) and its plot.
 #
-# Here (build machine, no GPU):
-#   source <(bash ../shared/gpu/setup-cuda-toolchain.sh)
-#   CARGO_TARGET_DIR=$HOME/.cache/dz-target-cuda cargo build --release -p dz-candle-ops --features cuda \
-#       --example cuda_check --example kernel_bench
-#   mkdir -p .gpu && cp $HOME/.cache/dz-target-cuda/release/examples/{cuda_check,kernel_bench} .gpu/ && strip .gpu/* && xz .gpu/*
-# There (device tool): command="COMMIT=$(git rev-parse --short HEAD) bash bench/gpu/kernels.sh" carry=[".gpu"]
+# Here (build machine, no GPU): `bash bench/gpu/build.sh k` (cuda_check + kernel_bench into .gpu/k).
+# There (device tool): command="BIN=.gpu/k COMMIT=$(git rev-parse --short HEAD) bash bench/gpu/kernels.sh" carry=[".gpu/k"]
 # MODE=v4 (at most ~7.5 minutes by its timeouts, typically 2-4): the v4 kernels first (cuda_check --filter v4, then memcheck on its quick
 # cases), a quick tensor-core check (v4 at rows <= 16, v3 past it), then kernel_bench --decode (rows 1-16:
 # dz = v4, v3, cuBLAS; sbmm at 32 and 256 rows) into $OUT/kernels-h200-v4.{md,json}; no ncu, no racecheck.

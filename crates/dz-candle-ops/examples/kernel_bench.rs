@@ -24,6 +24,8 @@
 //!   at that size, timed the same way: the floor launch, ramp-up and tail leave a transfer that small;
 //! - `dz-s1` .. `dz-s8`: the v4 `delta_matmul` with its split along K forced (1-4 rows; `dz` picks it).
 //!
+//! `--host`: the CPU's cost of issuing each op (no GPU waits), next to candle's matmul and add.
+//!
 //! `--decode`: only rows 1-16 (1, 2, 4, 8, 16), `generic` only at 1 row, and the sbmm cases: the serving
 //! decode regime in a few minutes.
 
@@ -277,6 +279,105 @@ const CODECS: [(&str, Cfg); 5] = [
     ("1b sign", Cfg::Sign1),
 ];
 
+/// `--host`: the CPU's cost of issuing each op (the serving profile's host mode found the CPU's share of
+/// a decode step large): `CALLS` calls queued without a synchronization, behind enough GPU work that
+/// none of them waits for the GPU, then the wall time per call until the GPU has run them all. Both per
+/// call, microseconds, with candle's own matmul and add beside them as the host's unit of cost.
+///
+/// Event tracking is turned off first, as mistral.rs does for its devices (every pipeline load calls
+/// `disable_event_tracking`): with it on (cudarc's default), each device pointer an op takes costs a
+/// stream wait and an event record, which a server never pays. Session 11's first run left it on.
+fn host_costs(b: &Bench) -> Result<()> {
+    const CALLS: usize = 100;
+    let (n, k) = (4096, 4096);
+    let dev = &b.dev;
+    // SAFETY: one stream per device here (candle's), so the cross-stream ordering that the events keep
+    // is not needed; only buffers allocated after this call go untracked.
+    unsafe { dev.as_cuda_device()?.disable_event_tracking() };
+    let host = payload(CODECS[0].1, n, k, 9);
+    let first = DeviceDelta::from_payload(&host, None, dev)?;
+    let pool: Vec<DeviceDelta> = (0..32)
+        .map(|_| first.deep_clone())
+        .collect::<dz_candle_ops::Result<_>>()?;
+    let w = Tensor::randn(0f32, 0.02, (n, k), dev)?.to_dtype(DType::BF16)?;
+    let x32 = Tensor::randn(0f32, 1.0, (32, k), dev)?.to_dtype(DType::BF16)?;
+    let x1 = x32.narrow(0, 0, 1)?.contiguous()?;
+    let y32 = Tensor::randn(0f32, 1.0, (32, n), dev)?.to_dtype(DType::BF16)?;
+    let all: Vec<&DeviceDelta> = pool.iter().collect();
+    let one_row_each: Vec<Segment> = (0..32)
+        .map(|d| Segment {
+            start: d,
+            len: 1,
+            delta: Some(d),
+        })
+        .collect();
+    let four_rows_each: Vec<Segment> = (0..8)
+        .map(|d| Segment {
+            start: 4 * d,
+            len: 4,
+            delta: Some(d),
+        })
+        .collect();
+    type Kept = Box<dyn std::any::Any>;
+    type Case<'a> = (&'a str, Box<dyn Fn() -> Result<Kept> + 'a>);
+    let kept = |t: Tensor| -> Kept { Box::new(t) };
+    let table = vec![0u8; 1536];
+    let cases: Vec<Case> = vec![
+        (
+            "candle matmul 32 x 4096 x 4096",
+            Box::new(|| Ok(kept(x32.matmul(&w.t()?)?))),
+        ),
+        (
+            "candle add 32 x 4096",
+            Box::new(|| Ok(kept((&x32 + &y32)?))),
+        ),
+        (
+            "driver: 1.5 KB host-to-device copy into a new buffer",
+            Box::new(|| Ok(Box::new(b.stream.clone_htod(&table)?) as Kept)),
+        ),
+        (
+            "delta_matmul 1 row",
+            Box::new(|| Ok(kept(delta_matmul(&x1, &pool[0])?))),
+        ),
+        (
+            "sbmm 32 deltas x 1 row",
+            Box::new(|| Ok(kept(sbmm(&x32, &y32, &all, &one_row_each)?))),
+        ),
+        (
+            "sbmm 8 deltas x 4 rows",
+            Box::new(|| Ok(kept(sbmm(&x32, &y32, &all[..8], &four_rows_each)?))),
+        ),
+    ];
+    println!("| op | host us / call | wall us / call (GPU included) |");
+    println!("|---|---:|---:|");
+    for (label, f) in &cases {
+        let mut keep = Vec::with_capacity(CALLS + 8);
+        for _ in 0..3 {
+            keep.push(f()?);
+        }
+        b.stream.synchronize()?;
+        // ~6 ms of GPU work ahead, so the calls below never wait for the GPU.
+        for _ in 0..4 {
+            keep.push(kept(b.busy.0.matmul(&b.busy.1)?));
+        }
+        let t0 = std::time::Instant::now();
+        for _ in 0..CALLS {
+            keep.push(f()?);
+        }
+        let host_us = t0.elapsed().as_secs_f64() * 1e6 / CALLS as f64;
+        b.stream.synchronize()?;
+        let t1 = std::time::Instant::now();
+        for _ in 0..CALLS {
+            keep.push(f()?);
+        }
+        b.stream.synchronize()?;
+        let wall_us = t1.elapsed().as_secs_f64() * 1e6 / CALLS as f64;
+        println!("| {label} | {host_us:.1} | {wall_us:.1} |");
+        drop(keep);
+    }
+    Ok(())
+}
+
 /// `--profile`: a few cases, each launched twice, for Nsight Compute (`ncu --kernel-name regex:...`).
 fn profile(b: &Bench) -> Result<()> {
     let (n, k) = (11008, 4096);
@@ -458,7 +559,7 @@ fn main() -> Result<()> {
     if args.iter().any(|a| a == "--help" || a == "-h") {
         println!(
             "usage: kernel_bench [--quick | --decode] [--shapes NxK,..] [--rows R,..] [--out STEM] \
-             [--commit SHA] | --profile"
+             [--commit SHA] | --profile | --host"
         );
         return Ok(());
     }
@@ -469,6 +570,9 @@ fn main() -> Result<()> {
     let b = Bench::new()?;
     if args.iter().any(|a| a == "--profile") {
         return profile(&b);
+    }
+    if args.iter().any(|a| a == "--host") {
+        return host_costs(&b);
     }
     let copy_bw = b.copy_bandwidth()?;
     eprintln!("device copy bandwidth: {:.0} GB/s", copy_bw / 1e9);
