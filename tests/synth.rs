@@ -447,3 +447,87 @@ fn cli_synth_model_and_deltas_and_one_line_errors() {
         assert!(err.contains(want), "{args:?}: {err}");
     }
 }
+
+/// `deltazip bench hook` on a synthetic base and deltas (CPU): a row per module of the layer, each with
+/// a positive time, the wrapped layer slower than the base layer alone (it adds the deltas' products),
+/// and the per-layer sum; bad numbers give one line.
+#[test]
+fn cli_bench_hook_times_every_module_of_a_layer() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let m = dir.path().join("m");
+    deltazip_ok(&[
+        "synth",
+        "model",
+        "--shape",
+        "tiny",
+        "--layers",
+        "2",
+        "--out",
+        &s(&m),
+    ]);
+    let config = dir.path().join("serve.toml");
+    deltazip_ok(&[
+        "synth",
+        "deltas",
+        "--base",
+        &s(&m),
+        "--count",
+        "2",
+        "--out-dir",
+        &s(&dir.path().join("d")),
+        "--config",
+        &s(&config),
+        "--device",
+        "cpu",
+    ]);
+    let out = deltazip_ok(&[
+        "bench",
+        "hook",
+        "--config",
+        &s(&config),
+        "--fine-tunes",
+        "3",
+        "--rows",
+        "4",
+        "--layer",
+        "1",
+        "--iters",
+        "2",
+    ]);
+    let rows: Vec<Vec<&str>> = out
+        .lines()
+        .filter(|l| l.starts_with("| model.layers.1."))
+        .map(|l| l.split('|').map(str::trim).collect())
+        .collect();
+    assert_eq!(
+        rows.len(),
+        10,
+        "7 linear layers, 2 norms, the new-pass row:\n{out}"
+    );
+    for r in &rows {
+        let host: f64 = r[3].parse().unwrap();
+        assert!(host > 0.0, "{r:?}");
+        if !r[2].is_empty() {
+            let base: f64 = r[2].parse().unwrap();
+            assert!(host > base, "the wrapped layer adds work: {r:?}");
+        }
+    }
+    assert!(
+        out.contains("Per decoder layer (7 linear layers, 2 norms)"),
+        "{out}"
+    );
+    let o = deltazip(&["bench", "hook", "--config", &s(&config), "--rows", "0"]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--rows"));
+}
+
+fn deltazip_ok(args: &[&str]) -> String {
+    let o = deltazip(args);
+    assert!(
+        o.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}

@@ -9,7 +9,9 @@
 #         tar czf $OUT/s12.tgz -C /tmp s12
 #
 # What it measures (issue #9 first: the CPU's share of a dz step was session 11's finding):
-# - GPU 0: kernel_bench --host (the ops' CPU cost), then base at 4/16/64 req/s, then dz-2b24 x 32.
+# - GPU 0: kernel_bench --host (the ops' CPU cost), `deltazip bench hook` (the hook's CPU cost per module,
+#   32 fine-tunes, 8/32/64 rows; then A/B host-side changes with it alone, ~1 minute a call), then base at
+#   4/16/64 req/s, then dz-2b24 x 32.
 # - GPU 1: dz-4b24 x 32 at 4/16/64 req/s (the per-pass RowPlan and the norm-major norm table, built after
 #   session 11's measurement), then DZ_PROFILE=host at 16/64 (session 11: 86 us of CPU per linear delta
 #   call, 75 per norm call, 43 ms of a 75.8 ms step), then N = 8 and N = 64 (4b24).
@@ -28,6 +30,12 @@ CODECS="4b24 2b24" DISTINCT=8 OUT=$S/gen bash $R/gpu/serving.sh gen > $S/gen.log
     mkdir -p /tmp/k/bin $S/kern && xz -dc .gpu/k/kernel_bench.xz > /tmp/k/bin/kernel_bench && chmod +x /tmp/k/bin/kernel_bench
     CUDA_VISIBLE_DEVICES=0 timeout 60 /tmp/k/bin/kernel_bench --host > $S/kern/host.md 2>&1; log "kernel_bench --host rc=$?"
   fi
+  # The hook's CPU cost per module, apart from a server: a 2-layer 7B-shaped base, 8 delta files, 32 names.
+  ( export CUDA_VISIBLE_DEVICES=0; H=/tmp/dzhook; rm -rf $H; mkdir -p $H $S/kern
+    $DZ synth model --shape llama-7b --layers 2 --out $H/base > $S/kern/hook-gen.log 2>&1 &&
+    $DZ synth deltas --base $H/base --count 8 --out-dir $H/d --config $H/serve.toml --device cuda >> $S/kern/hook-gen.log 2>&1 &&
+    for rows in 8 32 64; do timeout 120 $DZ bench hook --config $H/serve.toml --fine-tunes 32 --rows $rows --v4-kernels; done \
+      > $S/kern/hook.md 2>&1; log "bench hook rc=$?" )
   GPU=0 PORT_BASE=8200 OUT=$S/base RATES=4,16,64 REQS=96 bash $R/gpu/serving.sh base > $S/base.log 2>&1; log "base rc=$?"
   GPU=0 PORT_BASE=8200 OUT=$S/dz2 V4=1 RATES=4,16,64 REQS=96 bash $R/gpu/serving.sh dz:2b24:32 > $S/dz2.log 2>&1; log "dz 2b24 rc=$?"
   touch $S/gpu0.done ) &

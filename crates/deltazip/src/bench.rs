@@ -26,6 +26,8 @@ pub enum BenchCommand {
     /// Load-test an OpenAI-compatible server: Poisson arrivals over many models, throughput, TTFT, TPOT.
     #[command(long_about = crate::bench_serve::LONG_ABOUT)]
     Serve(crate::bench_serve::BenchServeArgs),
+    /// The multi-tenant hook's CPU cost per module call (one decoder layer, many fine-tunes), in seconds.
+    Hook(crate::bench_hook::BenchHookArgs),
 }
 
 /// Options of `deltazip bench quality`.

@@ -10,6 +10,7 @@ pub use dz_loader as loader;
 pub use dz_scheduler_ext as scheduler;
 
 pub mod bench;
+pub mod bench_hook;
 pub mod bench_serve;
 pub mod compress;
 pub mod demo;

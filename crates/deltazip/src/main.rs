@@ -68,6 +68,9 @@ fn main() -> ExitCode {
         Command::Bench(deltazip::bench::BenchCommand::Serve(args)) => {
             deltazip::bench_serve::run(&args).map(|s| print!("{s}"))
         }
+        Command::Bench(deltazip::bench::BenchCommand::Hook(args)) => {
+            deltazip::bench_hook::run_hook(&args).map(|s| print!("{s}"))
+        }
         Command::Synth(cmd) => {
             let bar = deltazip::synth::Bar::stderr();
             deltazip::synth::run(&cmd, &bar).map(|s| print!("{s}"))

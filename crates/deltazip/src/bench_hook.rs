@@ -1,0 +1,262 @@
+//! `deltazip bench hook`: what the multi-tenant hook costs the CPU per module call, apart from a server.
+//!
+//! Session 11's serving profile (`DZ_PROFILE=host`) found that at 16-64 req/s the CPU issuing a decode
+//! step bounds it about as much as the GPU does, and that the delta parts take 32 ms of CPU per 76 ms step.
+//! A serving run takes minutes and varies by ~10% between runs; this takes seconds. It loads a config's
+//! deltas under `--fine-tunes` names, wraps one decoder layer's linear layers and RMS norms as the
+//! server does, and calls each under row tags that spread `--rows` decode rows over the names:
+//! - `host us`: the CPU's time per call, `--iters` calls queued without a synchronization;
+//! - `wall us`: per call until the device has run them all (what the GPU adds, when it is the slower);
+//! - for each linear layer the base layer alone too, so that `delta us` is the hook's own share.
+//!
+//! Every call of the timed loop sees the same row tags, as the ~300 modules of one forward pass do (the
+//! pass's `RowPlan` is made once); `plan` is the first call of a pass, with new row tags each time.
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use dz_compress::hf::HfModel;
+use dz_loader::{Config, DeltaHook, DeltaRegistry, FineTuneDeltas};
+use mistralrs_quant::{
+    with_row_tags, LinearHook, ModuleKind, QuantMethod, QuantMethodConfig, RowTags, UnquantLinear,
+};
+
+use crate::compress::parse_device;
+
+/// Options of `deltazip bench hook`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchHookArgs {
+    /// A serve config (TOML) with multi-tenant deltas, e.g. from `deltazip synth deltas --config`.
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Fine-tune names to load: the config's deltas cycled, each name its own copy on the device.
+    #[arg(long, default_value_t = 32)]
+    pub fine_tunes: usize,
+    /// Batch rows (decode: one token each), row b for name b mod fine-tunes.
+    #[arg(long, default_value_t = 32)]
+    pub rows: usize,
+    /// The decoder layer whose modules are called.
+    #[arg(long, default_value_t = 0)]
+    pub layer: usize,
+    /// Calls timed per module (keep calls x launches under the driver's queue of ~1000 launches).
+    #[arg(long, default_value_t = 100)]
+    pub iters: usize,
+    /// cpu, cuda or cuda:N (default: the config's runtime.device).
+    #[arg(long)]
+    pub device: Option<String>,
+    /// Upload the deltas for the v4 kernels (`serve --v4-kernels`).
+    #[arg(long)]
+    pub v4_kernels: bool,
+}
+
+/// One timed module.
+struct Timed {
+    module: String,
+    base_host_us: Option<f64>,
+    host_us: f64,
+    wall_us: f64,
+}
+
+/// Host and wall microseconds per call of `f`, `iters` calls (after 3 untimed ones).
+fn time_calls(
+    device: &Device,
+    iters: usize,
+    mut f: impl FnMut() -> candle_core::Result<Tensor>,
+) -> Result<(f64, f64)> {
+    let mut keep = Vec::with_capacity(iters + 3);
+    for _ in 0..3 {
+        keep.push(f()?);
+    }
+    device.synchronize()?;
+    let t0 = Instant::now();
+    for _ in 0..iters {
+        keep.push(f()?);
+    }
+    let host = t0.elapsed().as_secs_f64();
+    device.synchronize()?;
+    let wall = t0.elapsed().as_secs_f64();
+    let per = |s: f64| s * 1e6 / iters.max(1) as f64;
+    Ok((per(host), per(wall)))
+}
+
+/// Runs `deltazip bench hook`; returns the markdown report.
+pub fn run_hook(args: &BenchHookArgs) -> Result<String> {
+    if args.fine_tunes == 0 || args.rows == 0 || args.iters == 0 {
+        bail!("--fine-tunes, --rows and --iters must be at least 1");
+    }
+    let (config, deltas) = Config::load(&args.config)?;
+    if deltas.is_empty() {
+        bail!("{}: no deltas to load", args.config.display());
+    }
+    let device = match &args.device {
+        Some(d) => parse_device(d)?,
+        None => dz_loader::device(config.runtime.device)?,
+    };
+    if device.is_cuda() {
+        dz_loader::set_v4_kernels(args.v4_kernels);
+    }
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(dev) = &device {
+        // As mistral.rs does for the devices it loads onto (a server never pays for event tracking).
+        // SAFETY: one stream per device (candle's); buffers allocated from here on go untracked.
+        unsafe { dev.disable_event_tracking() };
+    }
+    let dtype = if device.is_cuda() {
+        DType::BF16
+    } else {
+        DType::F32
+    };
+    let base = HfModel::open(&config.base.path)?;
+    let arch = base.arch().clone();
+
+    let registry = Arc::new(DeltaRegistry::new());
+    let t0 = Instant::now();
+    for i in 0..args.fine_tunes {
+        let d = &deltas[i % deltas.len()];
+        let mut ft = FineTuneDeltas::load(&d.spec.name, &d.file, &device, arch.tie_word_embeddings)
+            .with_context(|| format!("loading {} onto {device:?}", d.spec.path.display()))?;
+        ft.set_name(&format!("ft-{i:02}"));
+        registry.insert(Arc::new(ft));
+    }
+    let load_s = t0.elapsed().as_secs_f64();
+    let names: Vec<Option<Arc<str>>> = (0..args.rows)
+        .map(|b| Some(Arc::<str>::from(format!("ft-{:02}", b % args.fine_tunes))))
+        .collect();
+    let tags: RowTags = Arc::from(names.clone());
+    let hook = DeltaHook(registry.clone());
+
+    let prefix = format!("model.layers.{}", args.layer);
+    let mut timed = Vec::new();
+    // Activations of unit scale (their values do not change the time).
+    let input = |width: usize| -> Result<Tensor> {
+        let t = Tensor::randn(0f32, 1.0, (args.rows, 1, width), &Device::Cpu)?;
+        Ok(t.to_dtype(dtype)?.to_device(&device)?)
+    };
+    // Layer `module` of the base as the host builds it (an unquantized linear layer, no bias).
+    let base_linear = |module: &str| -> Result<(Arc<dyn QuantMethod>, usize)> {
+        let wname = format!("{module}.weight");
+        let info = base
+            .info(&wname)
+            .with_context(|| format!("the base has no {wname}"))?;
+        let (n, k) = (info.shape[0], info.shape[1]);
+        let w = Tensor::from_vec(base.to_f32(&wname)?, (n, k), &Device::Cpu)?
+            .to_dtype(dtype)?
+            .to_device(&device)?;
+        let linear: Arc<dyn QuantMethod> = Arc::new(<UnquantLinear as QuantMethod>::new(
+            QuantMethodConfig::Unquantized(candle_nn::Linear::new(w, None)),
+        )?);
+        Ok((linear, k))
+    };
+    for name in [
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.o_proj",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+        "mlp.down_proj",
+    ] {
+        let module = format!("{prefix}.{name}");
+        let (linear, k) = base_linear(&module)?;
+        let wrapped = hook.wrap(&module, linear.clone())?;
+        let x = input(k)?;
+        let (base_host, _) = time_calls(&device, args.iters, || linear.forward(&x))?;
+        let (host, wall) = with_row_tags(Some(tags.clone()), || {
+            time_calls(&device, args.iters, || wrapped.forward(&x))
+        })?;
+        timed.push(Timed {
+            module,
+            base_host_us: Some(base_host),
+            host_us: host,
+            wall_us: wall,
+        });
+    }
+    for name in ["input_layernorm", "post_attention_layernorm"] {
+        let module = format!("{prefix}.{name}");
+        let Some(delta) = hook.module(
+            &module,
+            ModuleKind::RmsNorm {
+                eps: arch.rms_norm_eps,
+            },
+        )?
+        else {
+            continue;
+        };
+        let x = input(arch.hidden_size)?;
+        let base_out = input(arch.hidden_size)?;
+        let (host, wall) = with_row_tags(Some(tags.clone()), || {
+            time_calls(&device, args.iters, || delta.forward(&x, base_out.clone()))
+        })?;
+        timed.push(Timed {
+            module,
+            base_host_us: None,
+            host_us: host,
+            wall_us: wall,
+        });
+    }
+    // The first module of each pass: new row tags every call, so the pass's plan is made each time.
+    let q = timed[0].module.clone();
+    let (linear, k) = base_linear(&q)?;
+    let wrapped = hook.wrap(&q, linear)?;
+    let x = input(k)?;
+    let (plan_host, plan_wall) = time_calls(&device, args.iters, || {
+        let fresh: RowTags = Arc::from(names.clone());
+        with_row_tags(Some(fresh), || wrapped.forward(&x))
+    })?;
+    timed.push(Timed {
+        module: format!("{q} (a new pass each call: its plan made)"),
+        base_host_us: None,
+        host_us: plan_host,
+        wall_us: plan_wall,
+    });
+
+    let mut md = String::new();
+    writeln!(
+        md,
+        "# `deltazip bench hook`: the multi-tenant hook's CPU cost per module call\n\n\
+         - config `{}`, {} fine-tune names over {} delta files (loaded in {load_s:.1} s), {} decode rows, \
+         layer {}, {} calls a module, {device:?}, {dtype:?}{}\n",
+        args.config.display(),
+        args.fine_tunes,
+        deltas.len(),
+        args.rows,
+        args.layer,
+        args.iters,
+        if args.v4_kernels { ", v4 kernels" } else { "" }
+    )?;
+    writeln!(
+        md,
+        "| module | base host us | host us | delta host us | wall us |\n|---|---:|---:|---:|---:|"
+    )?;
+    let (mut sum_host, mut sum_delta) = (0.0, 0.0);
+    for t in &timed {
+        let delta = t.base_host_us.map(|b| t.host_us - b);
+        if !t.module.contains("new pass") {
+            sum_host += t.host_us;
+            sum_delta += delta.unwrap_or(t.host_us);
+        }
+        writeln!(
+            md,
+            "| {} | {} | {:.1} | {} | {:.1} |",
+            t.module,
+            t.base_host_us
+                .map(|b| format!("{b:.1}"))
+                .unwrap_or_default(),
+            t.host_us,
+            delta.map(|d| format!("{d:.1}")).unwrap_or_default(),
+            t.wall_us
+        )?;
+    }
+    writeln!(
+        md,
+        "\nPer decoder layer (7 linear layers, 2 norms): {sum_host:.0} us of CPU, of which the deltas' \
+         {sum_delta:.0} us; x {} layers = {:.1} ms a decode step.",
+        arch.num_layers,
+        sum_delta * arch.num_layers as f64 / 1e3
+    )?;
+    Ok(md)
+}
