@@ -142,7 +142,9 @@ pub fn run_hook(args: &BenchHookArgs) -> Result<String> {
         let info = base
             .info(&wname)
             .with_context(|| format!("the base has no {wname}"))?;
-        let (n, k) = (info.shape[0], info.shape[1]);
+        let &[n, k] = info.shape.as_slice() else {
+            bail!("{wname}: shape {:?}, expected [out, in]", info.shape);
+        };
         let w = Tensor::from_vec(base.to_f32(&wname)?, (n, k), &Device::Cpu)?
             .to_dtype(dtype)?
             .to_device(&device)?;
@@ -151,6 +153,8 @@ pub fn run_hook(args: &BenchHookArgs) -> Result<String> {
         )?);
         Ok((linear, k))
     };
+    // The first linear layer, kept for the new-pass row below.
+    let mut first: Option<(String, Arc<dyn QuantMethod>, Tensor)> = None;
     for name in [
         "self_attn.q_proj",
         "self_attn.k_proj",
@@ -168,6 +172,9 @@ pub fn run_hook(args: &BenchHookArgs) -> Result<String> {
         let (host, wall) = with_row_tags(Some(tags.clone()), || {
             time_calls(&device, args.iters, || wrapped.forward(&x))
         })?;
+        if first.is_none() {
+            first = Some((module.clone(), wrapped, x));
+        }
         timed.push(Timed {
             module,
             base_host_us: Some(base_host),
@@ -199,10 +206,7 @@ pub fn run_hook(args: &BenchHookArgs) -> Result<String> {
         });
     }
     // The first module of each pass: new row tags every call, so the pass's plan is made each time.
-    let q = timed[0].module.clone();
-    let (linear, k) = base_linear(&q)?;
-    let wrapped = hook.wrap(&q, linear)?;
-    let x = input(k)?;
+    let (q, wrapped, x) = first.context("no linear layer was timed")?;
     let (plan_host, plan_wall) = time_calls(&device, args.iters, || {
         let fresh: RowTags = Arc::from(names.clone());
         with_row_tags(Some(fresh), || wrapped.forward(&x))

@@ -401,14 +401,18 @@ struct NormTable {
 type NormParts = (Arc<[String]>, Tensor, Tensor);
 
 impl NormTable {
-    fn serves(&self, rows: &[Option<Arc<FineTuneDeltas>>], dtype: DType) -> bool {
+    fn serves(&self, plan: &RowPlan, dtype: DType) -> bool {
         self.dtype == dtype
-            && self.rows.len() == rows.len()
-            && self.rows.iter().zip(rows).all(|(c, r)| match (c, r) {
-                (None, None) => true,
-                (Some(c), Some(r)) => std::ptr::eq(c.as_ptr(), Arc::as_ptr(r)),
-                _ => false,
-            })
+            && self.rows.len() == plan.len()
+            && self
+                .rows
+                .iter()
+                .enumerate()
+                .all(|(b, c)| match (c, plan.fine_tune(b)) {
+                    (None, None) => true,
+                    (Some(c), Some(r)) => std::ptr::eq(c.as_ptr(), Arc::as_ptr(r)),
+                    _ => false,
+                })
     }
 }
 
@@ -579,12 +583,9 @@ impl RowPlan {
         self.row_ft.get(b).copied().flatten().map(|i| i as usize)
     }
 
-    /// Each row's fine-tune (what the per-row tables are built from).
-    pub fn rows(&self) -> Vec<Option<Arc<FineTuneDeltas>>> {
-        self.row_ft
-            .iter()
-            .map(|i| i.map(|i| self.fts[i as usize].clone()))
-            .collect()
+    /// Row `b`'s fine-tune.
+    pub fn fine_tune(&self, b: usize) -> Option<&Arc<FineTuneDeltas>> {
+        self.fine_tune_of(b).map(|i| &self.fts[i])
     }
 }
 
@@ -657,16 +658,12 @@ impl DeltaRegistry {
     /// (row `i` of dim 0 is `names[i]`) and `[width]` ones: built once per batch of rows and reused by
     /// each norm of the forward pass (and by later passes over the same rows). `None` when the rows'
     /// fine-tunes do not all have the same norms stacked (then each norm call builds its own table).
-    fn norm_table(
-        &self,
-        rows: &[Option<Arc<FineTuneDeltas>>],
-        dtype: DType,
-    ) -> CResult<Option<NormParts>> {
+    fn norm_table(&self, plan: &RowPlan, dtype: DType) -> CResult<Option<NormParts>> {
         let mut cached = self.norm_table.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(c) = cached.as_ref().filter(|c| c.serves(rows, dtype)) {
+        if let Some(c) = cached.as_ref().filter(|c| c.serves(plan, dtype)) {
             return Ok(Some((c.names.clone(), c.table.clone(), c.ones.clone())));
         }
-        let mut stacks = rows.iter().flatten().map(|f| f.norms.as_ref());
+        let mut stacks = plan.fine_tunes().iter().map(|f| f.norms.as_ref());
         let Some(Some(first)) = stacks.next() else {
             return Ok(None);
         };
@@ -674,9 +671,8 @@ impl DeltaRegistry {
             return Ok(None);
         }
         let zero = first.stack.zeros_like()?;
-        let parts: Vec<Tensor> = rows
-            .iter()
-            .map(|r| match r.as_ref().and_then(|f| f.norms.as_ref()) {
+        let parts: Vec<Tensor> = (0..plan.len())
+            .map(|b| match plan.fine_tune(b).and_then(|f| f.norms.as_ref()) {
                 Some(s) => s.stack.clone(),
                 None => zero.clone(),
             })
@@ -685,9 +681,8 @@ impl DeltaRegistry {
         let ones = Tensor::ones(table.dim(2)?, dtype, table.device())?;
         let names = first.names.clone();
         *cached = Some(NormTable {
-            rows: rows
-                .iter()
-                .map(|r| r.as_ref().map(Arc::downgrade))
+            rows: (0..plan.len())
+                .map(|b| plan.fine_tune(b).map(Arc::downgrade))
                 .collect(),
             dtype,
             names: names.clone(),
@@ -838,35 +833,29 @@ impl ModuleDelta for ModuleDeltas {
         else {
             return Ok(base_out);
         };
-        let rows = plan.rows();
         let part = match self.kind {
             ModuleKind::Embedding => Part::EmbeddingDelta,
             ModuleKind::RmsNorm { .. } => Part::NormDelta,
         };
         profile.time(part, input.device(), true, || {
-            self.add_deltas(input, base_out, &rows)
+            self.add_deltas(input, base_out, &plan)
         })
     }
 }
 
 impl ModuleDeltas {
-    /// `base_out` plus the deltas of each row's fine-tune (`rows[b]` for batch row `b`).
-    fn add_deltas(
-        &self,
-        input: &Tensor,
-        base_out: Tensor,
-        rows: &[Option<Arc<FineTuneDeltas>>],
-    ) -> CResult<Tensor> {
+    /// `base_out` plus the deltas of each row's fine-tune (the plan's row `b` for batch row `b`).
+    fn add_deltas(&self, input: &Tensor, base_out: Tensor, plan: &RowPlan) -> CResult<Tensor> {
+        let rows = plan.len();
         match self.kind {
             ModuleKind::Embedding => {
-                let deltas: Vec<Option<&DeviceDelta>> = rows
-                    .iter()
-                    .map(|r| r.as_ref().and_then(|f| f.embedding.get(&self.name)))
+                let deltas: Vec<Option<&DeviceDelta>> = (0..rows)
+                    .map(|b| plan.fine_tune(b).and_then(|f| f.embedding.get(&self.name)))
                     .collect();
                 if deltas.iter().all(Option::is_none) {
                     return Ok(base_out);
                 }
-                batch_of(&self.name, input, rows.len())?;
+                batch_of(&self.name, input, rows)?;
                 // Runs of consecutive rows with the same delta: one op per run.
                 let mut pieces = Vec::new();
                 let mut start = 0;
@@ -891,16 +880,15 @@ impl ModuleDeltas {
                 let dtype = base_out.dtype();
                 // Each row's delta of this norm, `[rows, 1, width]` in `dtype` (zeros for the base): a
                 // slice of the batch's table, or (fine-tunes with differing norms) stacked here.
-                let (d, ones) = match self.registry.norm_table(rows, dtype)? {
+                let (d, ones) = match self.registry.norm_table(plan, dtype)? {
                     // `[1, rows, width]`, contiguous.
                     Some((names, table, ones)) => match names.binary_search(&self.name) {
                         Ok(i) => (table.narrow(0, i, 1)?, Some(ones)),
                         Err(_) => return Ok(base_out), // no row's fine-tune changes this norm
                     },
                     None => {
-                        let deltas: Vec<Option<&Tensor>> = rows
-                            .iter()
-                            .map(|r| r.as_ref().and_then(|f| f.norm.get(&self.name)))
+                        let deltas: Vec<Option<&Tensor>> = (0..rows)
+                            .map(|b| plan.fine_tune(b).and_then(|f| f.norm.get(&self.name)))
                             .collect();
                         let Some(width) = deltas.iter().flatten().map(|t| t.elem_count()).next()
                         else {
@@ -917,9 +905,9 @@ impl ModuleDeltas {
                         )
                     }
                 };
-                batch_of(&self.name, input, rows.len())?;
+                batch_of(&self.name, input, rows)?;
                 let width = d.dims().last().copied().unwrap_or(0);
-                let mut shape = vec![rows.len()];
+                let mut shape = vec![rows];
                 shape.extend(std::iter::repeat_n(1, input.rank().saturating_sub(2)));
                 shape.push(width);
                 let d = if d.dims() == shape.as_slice() {
@@ -1207,16 +1195,16 @@ mod tests {
             [-0.5, 1.0, 0.0, -2.0, 3.0, 0.5],
             [1.0, 1.0, -1.0, -1.0, 0.5, 0.5],
         ];
-        let stacked = vec![
+        let stacked = RowPlan::of_rows(&[
             Some(fine_tune("a", &a, true)),
             None,
             Some(fine_tune("b", &b, true)),
-        ];
-        let per_call = vec![
+        ]);
+        let per_call = RowPlan::of_rows(&[
             Some(fine_tune("a", &a, false)),
             None,
             Some(fine_tune("b", &b, false)),
-        ];
+        ]);
         let registry = Arc::new(DeltaRegistry::new());
         let xs: Vec<f32> = (0..3 * 2 * 6).map(|i| (i as f32 * 0.37).sin()).collect();
         for dims in [vec![3, 2, 6], vec![3, 6]] {
@@ -1252,7 +1240,10 @@ mod tests {
         let b = fine_tune("b", &[[3.0; 6], [4.0; 6]], true);
         let registry = DeltaRegistry::new();
         let rows = vec![Some(a.clone()), Some(b.clone())];
-        let (names, t1, ones) = registry.norm_table(&rows, DType::F32).unwrap().unwrap();
+        let (names, t1, ones) = registry
+            .norm_table(&RowPlan::of_rows(&rows), DType::F32)
+            .unwrap()
+            .unwrap();
         assert_eq!(&*names, ["model.layers.0.input_layernorm", "model.norm"]);
         // Norm-major: [norms, rows, width]; norm 1 ("model.norm") over rows a, b.
         assert_eq!(t1.dims(), [2, 2, 6]);
@@ -1268,17 +1259,23 @@ mod tests {
         );
         assert_eq!(ones.to_vec1::<f32>().unwrap(), [1.0f32; 6]);
         let (_, t2, _) = registry
-            .norm_table(&rows.clone(), DType::F32)
+            .norm_table(&RowPlan::of_rows(&rows.clone()), DType::F32)
             .unwrap()
             .unwrap();
         assert_eq!(t1.id(), t2.id(), "the same rows reuse the table");
         let (_, t3, _) = registry
-            .norm_table(&[Some(b.clone()), Some(a.clone())], DType::F32)
+            .norm_table(
+                &RowPlan::of_rows(&[Some(b.clone()), Some(a.clone())]),
+                DType::F32,
+            )
             .unwrap()
             .unwrap();
         assert_ne!(t1.id(), t3.id(), "other rows rebuild it");
         let (_, t4, _) = registry
-            .norm_table(&[Some(b.clone()), Some(a.clone())], DType::F16)
+            .norm_table(
+                &RowPlan::of_rows(&[Some(b.clone()), Some(a.clone())]),
+                DType::F16,
+            )
             .unwrap()
             .unwrap();
         assert_eq!(t4.dtype(), DType::F16);
@@ -1299,12 +1296,12 @@ mod tests {
             device: Device::Cpu,
         });
         assert!(registry
-            .norm_table(&[Some(a), Some(c)], DType::F32)
+            .norm_table(&RowPlan::of_rows(&[Some(a), Some(c)]), DType::F32)
             .unwrap()
             .is_none());
         // Only the base: nothing to add.
         assert!(registry
-            .norm_table(&[None, None], DType::F32)
+            .norm_table(&RowPlan::of_rows(&[None, None]), DType::F32)
             .unwrap()
             .is_none());
     }

@@ -343,10 +343,9 @@ fn matmul_t<T: Elem>(
             // v4: a 1-D grid over the (x tile, delta tile) items, each split over `split` warps.
             let (grid, v4_split) = match kernel {
                 Kernel::V4(..) => {
-                    let items = u64::from(x_tiles) * u64::from(tiles);
-                    let split = v4_split(items, resident_warps(&dev)?);
-                    let blocks = items.div_ceil(u64::from(WARPS_V4 / split));
-                    ((blocks.min(u64::from(MAX_GRID_X)) as u32, 1), Some(split))
+                    let (split, grid) =
+                        v4_launch(u64::from(x_tiles) * u64::from(tiles), resident_warps(&dev)?);
+                    (grid, Some(split))
                 }
                 _ => ((tiles, x_tiles.min(MAX_GRID_Y)), None),
             };
@@ -569,10 +568,11 @@ fn sbmm_t<T: Elem>(
             let tiles = max_stored.div_ceil(kernel.stored_rows());
             let items = u64::from(count) * u64::from(tiles);
             // v4: items (segment, tile) split over `split` warps each, 8 / split items a block (1-D grid).
-            let v4_split = match kernel {
-                Kernel::V4(..) => Some(v4_split(items, resident_warps(&dev)?)),
+            let v4 = match kernel {
+                Kernel::V4(..) => Some(v4_launch(items, resident_warps(&dev)?)),
                 _ => None,
             };
+            let v4_split = v4.map(|(split, _)| split);
             // The shared-memory variant (experimental, off by default): split 1, whole blocks of 8 tiles
             // of one segment, every delta with the same stored rows.
             let sx = match kernel {
@@ -586,7 +586,7 @@ fn sbmm_t<T: Elem>(
                 }
                 _ => None,
             };
-            let (func, grid) = match (sx, v4_split) {
+            let (func, grid) = match (sx, v4) {
                 // One item a warp, WARPS_V4 items (a whole number) a block.
                 (Some(name), _) => (
                     dev.get_or_load_custom_func(name, V4_MODULE, dz_kernels::v4_ptx())?
@@ -596,12 +596,8 @@ fn sbmm_t<T: Elem>(
                         1,
                     ),
                 ),
-                (None, Some(split)) => {
-                    let blocks = items.div_ceil(u64::from(WARPS_V4 / split));
-                    (
-                        kernel.function(op, &dev, T::KIND, Launch::Sbmm)?,
-                        (blocks.min(u64::from(MAX_GRID_X)) as u32, 1),
-                    )
+                (None, Some((_, grid))) => {
+                    (kernel.function(op, &dev, T::KIND, Launch::Sbmm)?, grid)
                 }
                 (None, None) => (
                     kernel.function(op, &dev, T::KIND, Launch::Sbmm)?,
@@ -679,6 +675,14 @@ fn v4_split(items: u64, resident: u64) -> u32 {
             .unwrap_or(1),
         s => s,
     }
+}
+
+/// The split ([`v4_split`]) and the 1-D grid of a v4 launch over `items` items: `8 / split` items a
+/// block, at most [`MAX_GRID_X`] blocks (the kernels stride over the rest).
+fn v4_launch(items: u64, resident: u64) -> (u32, (u32, u32)) {
+    let split = v4_split(items, resident);
+    let blocks = items.div_ceil(u64::from(WARPS_V4 / split));
+    (split, (blocks.min(u64::from(MAX_GRID_X)) as u32, 1))
 }
 
 /// Most rows per segment for which a delta that has both layouts takes the v4 kernels rather than the
