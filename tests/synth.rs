@@ -502,8 +502,8 @@ fn cli_bench_hook_times_every_module_of_a_layer() {
         .collect();
     assert_eq!(
         rows.len(),
-        10,
-        "7 linear layers, 2 norms, the new-pass row:\n{out}"
+        11,
+        "7 linear layers, 2 norms, the new-pass and new-batch rows:\n{out}"
     );
     for r in &rows {
         let host: f64 = r[3].parse().unwrap();

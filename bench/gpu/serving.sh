@@ -46,6 +46,7 @@ DISTINCT=${DISTINCT:-8}     # distinct delta files per codec; N names cycle over
 RATES=${RATES:-2,8,32}
 REQS=${REQS:-96}
 GPU_DELTAS=${GPU_DELTAS:-90GiB}
+CPU_CACHE=${CPU_CACHE:-48GiB} # [runtime] cpu_cache_bytes: 64 x 4b 2:4 7B deltas are ~170 GB (x2 machine: 256 GB RAM)
 SWAP_DISTINCT=${SWAP_DISTINCT:-4}
 SWAP_K=${SWAP_K:-4}
 KV_BYTES=${KV_BYTES:-16GiB}
@@ -76,7 +77,7 @@ config() { # config FILE CODEC N
                 "$i" "$W" "$2" $((i % DISTINCT))
         done
         echo "[runtime]"; echo 'device = "cuda"'
-        echo "gpu_delta_bytes = \"$GPU_DELTAS\""; echo 'cpu_cache_bytes = "48GiB"'
+        echo "gpu_delta_bytes = \"$GPU_DELTAS\""; echo "cpu_cache_bytes = \"$CPU_CACHE\""
         echo "kv_cache = \"$KV_CACHE\""; echo "kv_cache_bytes = \"$KV_BYTES\""
         echo "[scheduler]"; echo "max_seqs = ${MAX_SEQS:-32}"; echo "max_deltas_per_step = $MAX_DELTAS"
     } > "$1"

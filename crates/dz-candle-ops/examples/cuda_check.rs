@@ -34,7 +34,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use common::*;
 use dz_candle_ops::reference::{self, compare, Tolerance, DZ_EXACT};
-use dz_candle_ops::{poisoned, DeviceDelta, Segment};
+use dz_candle_ops::{poisoned, DeviceDelta, SbmmPlan, Segment, V4WideX};
 use dz_format::codec::{Grid, Payload, Sparse};
 use dz_format::QuantParams;
 use half::f16;
@@ -125,6 +125,21 @@ impl Ops {
             poisoned::sbmm(x, b, ds, s)
         } else {
             dz_candle_ops::sbmm(x, b, ds, s)
+        }
+    }
+
+    fn sbmm_plan(
+        &self,
+        ds: &[&DeviceDelta],
+        s: &[Segment],
+        m: usize,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<SbmmPlan> {
+        if self.poison {
+            poisoned::sbmm_plan(ds, s, m, dtype, dev)
+        } else {
+            SbmmPlan::new(ds, s, m, dtype, dev)
         }
     }
 
@@ -743,12 +758,23 @@ fn sbmm_case(
 ) -> Result<Compared> {
     let cpu_refs: Vec<&DeviceDelta> = cpu.iter().collect();
     let dev_refs: Vec<&DeviceDelta> = on_dev.iter().collect();
-    let got = ops.sbmm(
-        &x.to_device(dev)?,
-        &base.to_device(dev)?,
-        &dev_refs,
-        segments,
-    )?;
+    let (xd, bd) = (x.to_device(dev)?, base.to_device(dev)?);
+    let got = ops.sbmm(&xd, &bd, &dev_refs, segments)?;
+    // The planned sbmm (serving's path: one plan per layer and batch, run many times) launches the same
+    // kernels from the plan's uploaded tables: bit for bit the plain call's output, on each of two runs.
+    let m = x.elem_count() / x.dims().last().copied().unwrap_or(1).max(1);
+    let plan = ops.sbmm_plan(&dev_refs, segments, m, x.dtype(), dev)?;
+    for run in 0..2 {
+        let planned = dz_candle_ops::sbmm_planned(&xd, &bd, &plan)?;
+        check(
+            dev,
+            &planned,
+            &got.to_device(&Device::Cpu)?,
+            None,
+            &DZ_EXACT,
+        )
+        .map_err(|e| anyhow!("sbmm_planned run {run} against sbmm: {e}"))?;
+    }
     let want = reference::sbmm(x, base, &cpu_refs, segments)?;
     let mag = sbmm_magnitude(x, base, &cpu_refs, segments);
     check(
@@ -1149,13 +1175,17 @@ fn dense_family(ck: &mut Checker) {
 /// 128-column block and a partial 16-row tile (40 x 96, 77 x 608, 33 x 256) and a large one (300 x 4096),
 /// f16 and bf16, rows 1, 2, 7, 8, 9, 15, 16 (the 8- and 16-row tiles), with and without base_out; a row
 /// subset; sbmm over many deltas (v4 variants, a v3-only and a generic delta mixed in) with decode rows,
-/// segments up to 16 rows and base-only runs; and rows 17 (v3 takes over; with both layouts v3 takes
-/// over past 4 rows, the measured crossover, so the 16-row tile runs in `only`). On CUDA each case first
-/// asserts that the delta has a v4 layout, so the family cannot pass by checking the v3 kernels.
+/// segments up to 16 rows and base-only runs. With both layouts the matmul takes v3 at 5-16 rows (the
+/// measured crossover) and the v4 32-row tile (`set_v4_wide_tiles`, issue #5) past 16: rows 17, 31, 32,
+/// 33, 70 and 256 (partial and several 32-row x tiles; 256 on the smaller shapes, the CPU reference's
+/// cost), each with the automatic choice and with each of its kernels forced (x from global memory, every
+/// split; x in shared memory), and 33 with the wide tile off (v3). On CUDA each case first asserts that the delta has a v4
+/// layout, so the family cannot pass by checking the v3 kernels.
 ///
 /// `only`: the same with deltas that keep only their v4 layout (`set_v4_keep_packed(false)`, what
-/// `deltazip serve --v4-kernels` builds), where every row count takes the v4 kernels: rows up to 64 and
-/// sbmm segments up to 40 rows (16-row tiles); each case asserts `v4_only`.
+/// `deltazip serve --v4-kernels` builds), where every row count takes the v4 kernels: rows up to 256
+/// (the 32-row tile past 16 rows; 33 also with it off: 16-row tiles) and sbmm segments up to 40 rows
+/// (16-row tiles); each case asserts `v4_only`.
 /// The v4 splits the check runs (0: the automatic choice).
 const V4_SPLITS: [u32; 5] = [0, 1, 2, 4, 8];
 
@@ -1214,9 +1244,9 @@ fn v4_family(ck: &mut Checker, only: bool) {
     let quick = ck.opts.quick;
     let on_cuda = ck.dev.is_cuda();
     let row_counts: &[usize] = if only {
-        &[1, 2, 9, 16, 17, 33, 64]
+        &[1, 2, 9, 16, 17, 33, 64, 100, 256]
     } else {
-        &[1, 2, 7, 8, 9, 15, 16, 17]
+        &[1, 2, 7, 8, 9, 15, 16, 17, 31, 32, 33, 70, 256]
     };
     let mut cfgs = Vec::new();
     for bits in [2u8, 4] {
@@ -1255,24 +1285,57 @@ fn v4_family(ck: &mut Checker, only: bool) {
             );
             for dtype in [DType::F16, DType::BF16] {
                 for &rows in row_counts {
-                    if quick && !matches!(rows, 1 | 9 | 16 | 33) {
+                    if quick && !matches!(rows, 1 | 9 | 16 | 33 | 70) {
+                        continue;
+                    }
+                    // 256 rows of the 300 x 4096 delta: 0.3 G multiply-adds of f64 reference a case.
+                    if rows > 100 && si == 3 {
                         continue;
                     }
                     let with_base = rows % 2 == 1;
                     // The matmul's split along K, swept on the smallest and the largest shape (the
-                    // largest has 19 tiles: split 1 leaves most warps idle, 8 fills them).
+                    // largest has 19 tiles: split 1 leaves most warps idle, 8 fills them); at 33 rows
+                    // also with the 32-row tile off (v3, or 16-row v4 tiles in `only`).
                     let splits: &[u32] = if si == 0 || si == 3 { &V4_SPLITS } else { &[0] };
-                    for &split in splits {
+                    // Past 16 rows: the 32-row tile with x from global memory (each split) and from
+                    // shared memory (no split), each forced, besides the automatic choice.
+                    let wides: &[(bool, V4WideX)] = match rows {
+                        33 => &[
+                            (true, V4WideX::Auto),
+                            (true, V4WideX::Global),
+                            (true, V4WideX::Shared),
+                            (false, V4WideX::Auto),
+                        ],
+                        17.. => &[
+                            (true, V4WideX::Auto),
+                            (true, V4WideX::Global),
+                            (true, V4WideX::Shared),
+                        ],
+                        _ => &[(true, V4WideX::Auto)],
+                    };
+                    for (&split, &(wide, wx)) in splits
+                        .iter()
+                        .flat_map(|s| wides.iter().map(move |w| (s, w)))
+                        .filter(|(s, w)| **s == 0 || w.1 != V4WideX::Shared)
+                    {
                         dz_candle_ops::set_v4_split(split);
+                        dz_candle_ops::set_v4_wide_tiles(wide);
+                        dz_candle_ops::set_v4_wide_x(wx);
                         ck.case(
                             format!(
-                                "v4 {} {dtype:?} rows={rows}{}{}",
+                                "v4 {} {dtype:?} rows={rows}{}{}{}{}",
                                 spec.label(),
                                 if with_base { " +base" } else { "" },
                                 if split > 0 {
                                     format!(" split={split}")
                                 } else {
                                     String::new()
+                                },
+                                if wide { "" } else { " wide-off" },
+                                match wx {
+                                    V4WideX::Auto => "",
+                                    V4WideX::Global => " wide-x=global",
+                                    V4WideX::Shared => " wide-x=shared",
                                 }
                             ),
                             |dev, ops| {
@@ -1284,6 +1347,8 @@ fn v4_family(ck: &mut Checker, only: bool) {
                         );
                     }
                     dz_candle_ops::set_v4_split(0);
+                    dz_candle_ops::set_v4_wide_tiles(true);
+                    dz_candle_ops::set_v4_wide_x(V4WideX::Auto);
                 }
             }
         }

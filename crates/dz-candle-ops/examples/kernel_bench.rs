@@ -14,15 +14,25 @@
 //! - bytes = what must move: the packed delta (or the bf16 weight) + x + y (+ base_out for sbmm);
 //!   % BW = bytes / time against the device-to-device copy bandwidth measured at the start of the same run
 //!   (read + write bytes / time of a 1 GiB copy);
-//! - `dz` is the op as users get it (the v4 kernels at 1-16 rows where the delta has a v4 layout, the
-//!   tensor-core v3 kernels elsewhere); `v3` the same op with the v4 kernels off (rows 1-16 of the codecs v4
-//!   takes), `generic` with the tensor cores off (the earlier kernels), for a few shapes; each `dz` result
-//!   is compared with the `generic` one for agreement (max |diff| / max |value|), `v3` with `dz`;
+//! - `dz` is the op as users get it with the v4 kernels on (where the delta has a v4 layout: the v4 kernels
+//!   at 1-4 rows, the tensor-core v3 kernels at 5-16, the v4 32-row tile past 16 (`set_v4_wide_tiles`);
+//!   the tensor-core v3 kernels for the other codecs); `v3` the same op with the v4 kernels off (rows 1-16
+//!   of the codecs v4 takes) or, past 16 rows, with the 32-row tile off (what `dz` ran before it);
+//!   `v4-16` past 16 rows: the deltas keeping only their v4 layout with the 32-row tile off (16-row tiles,
+//!   what `serve --v4-kernels` ran before it); `generic` with the tensor cores off (the earlier kernels),
+//!   for a few shapes; each `dz` result is compared with the `generic` one for agreement (max |diff| /
+//!   max |value|), `v3` and `v4-16` with `dz`;
 //! - bytes count the packed delta as the file stores it (`packed_nbytes`; the v4 layout is the same bytes
 //!   reordered, plus padding to 16 x 128 packets and 32 bytes of scales per packet);
 //! - rows 1-16: `vs copy same bytes` = time / the driver's copy that moves the same bytes (read + write)
 //!   at that size, timed the same way: the floor launch, ramp-up and tail leave a transfer that small;
-//! - `dz-s1` .. `dz-s8`: the v4 `delta_matmul` with its split along K forced (1-4 rows; `dz` picks it).
+//! - `dz-s1` .. `dz-s8`: the v4 `delta_matmul` with its split along K forced (1-4 rows and past 16 rows,
+//!   there with x from global memory; `dz` picks it); past 16 rows `dz-gx` / `dz-sx`: the 32-row tile
+//!   with x read from global memory (split automatic) / staged in shared memory (`set_v4_wide_x`; `dz`
+//!   picks one per launch).
+//!
+//! Rows 32-256 of issue #5 (the 32-row tile beside cuBLAS, v3 and the dense route):
+//! `kernel_bench --rows 32,64,128,256 --out STEM` (all the 7B/13B shapes; `--shapes 4096x4096` for one).
 //!
 //! `--host`: the CPU's cost of issuing each op (no GPU waits), next to candle's matmul and add.
 //!
@@ -41,7 +51,7 @@ use candle_core::{DType, Device, Tensor};
 use common::{payload, Cfg};
 use dz_candle_ops::{
     delta_matmul, sbmm, set_dense_rows, set_tensor_cores, set_v4_kernels, set_v4_split,
-    DeviceDelta, Segment,
+    set_v4_wide_tiles, set_v4_wide_x, DeviceDelta, Segment, V4WideX,
 };
 
 const L2_BYTES: usize = 60 << 20;
@@ -692,18 +702,37 @@ fn main() -> Result<()> {
                 let fast = b.time(ITERS, |i| {
                     Ok(vec![delta_matmul(&x, &deltas[i % deltas.len()])?])
                 })?;
-                // v3: the same with the v4 kernels off, where v4 would run.
-                let v3 = if has_v4 && rows <= 16 {
-                    set_v4_kernels(false);
+                // v3: the same with the v4 kernels off, where v4 would run (past 16 rows: the 32-row
+                // tile off, so the tensor-core v3 kernels run as before it).
+                let v3 = if has_v4 {
+                    let old = |on: bool| {
+                        if rows <= 16 {
+                            set_v4_kernels(on);
+                        } else {
+                            set_v4_wide_tiles(on);
+                        }
+                    };
+                    old(false);
                     let t = b.time(ITERS, |i| {
                         Ok(vec![delta_matmul(&x, &deltas[i % deltas.len()])?])
-                    })?;
-                    let y_v3 = delta_matmul(&x, &deltas[0])?;
-                    set_v4_kernels(true);
+                    });
+                    let y_v3 = delta_matmul(&x, &deltas[0]);
+                    old(true);
                     let y_v4 = delta_matmul(&x, &deltas[0])?;
-                    Some((t, disagreement(&y_v3, &y_v4)?))
+                    Some((t?, disagreement(&y_v3?, &y_v4)?))
                 } else {
                     None
+                };
+                // v4-16: the v4-only deltas past 16 rows with the 32-row tile off (16-row tiles).
+                let v4_16 = match v4_only.as_deref() {
+                    Some(ds) if rows > 16 => {
+                        set_v4_wide_tiles(false);
+                        let t = b.time(ITERS, |i| Ok(vec![delta_matmul(&x, &ds[i % ds.len()])?]));
+                        let y = delta_matmul(&x, &ds[0]);
+                        set_v4_wide_tiles(true);
+                        Some((t?, y?))
+                    }
+                    _ => None,
                 };
                 set_tensor_cores(false);
                 let generic = if (with_generic(n, k) && !decode) || rows == 1 || rows == 256 {
@@ -723,16 +752,47 @@ fn main() -> Result<()> {
                 let r = row("dz", fast, Some(agree));
                 eprintln!("{}", r.md());
                 rows_out.push(r);
-                // The v4 kernel's warps per item, swept where it runs (1-4 rows here: these deltas
-                // keep both layouts); split 8 with a block per item is sessions 7-10's launch shape.
-                if has_v4 && rows <= 4 {
-                    for (split, path) in [(1u32, "dz-s1"), (2, "dz-s2"), (4, "dz-s4"), (8, "dz-s8")]
-                    {
-                        set_v4_split(split);
+                if let Some((t, y)) = v4_16 {
+                    let a = disagreement(&y, &y_fast)?;
+                    if a > 2e-2 {
+                        eprintln!("MISMATCH {label} {n}x{k} rows {rows}: v4 16-row tiles and dz differ by {a:.2e}");
+                    }
+                    let r = row("v4-16", t, Some(a));
+                    eprintln!("{}", r.md());
+                    rows_out.push(r);
+                }
+                // The 32-row tile's two kernels, each forced.
+                if has_v4 && rows > 16 {
+                    for (mode, path) in [(V4WideX::Global, "dz-gx"), (V4WideX::Shared, "dz-sx")] {
+                        set_v4_wide_x(mode);
                         let t = b.time(ITERS, |i| {
                             Ok(vec![delta_matmul(&x, &deltas[i % deltas.len()])?])
                         });
                         let y = delta_matmul(&x, &deltas[0]);
+                        set_v4_wide_x(V4WideX::Auto);
+                        let a = disagreement(&y?, &y_fast)?;
+                        if a > 2e-2 {
+                            eprintln!("MISMATCH {label} {n}x{k} rows {rows}: {path} and dz differ by {a:.2e}");
+                        }
+                        let r = row(path, t?, Some(a));
+                        eprintln!("{}", r.md());
+                        rows_out.push(r);
+                    }
+                }
+                // The v4 kernel's warps per item, swept where it runs (1-4 rows and past 16 here: these
+                // deltas keep both layouts); split 8 with a block per item is sessions 7-10's launch
+                // shape.
+                if has_v4 && (rows <= 4 || rows > 16) {
+                    for (split, path) in [(1u32, "dz-s1"), (2, "dz-s2"), (4, "dz-s4"), (8, "dz-s8")]
+                    {
+                        set_v4_split(split);
+                        // (the shared-memory 32-row kernel has no split)
+                        set_v4_wide_x(V4WideX::Global);
+                        let t = b.time(ITERS, |i| {
+                            Ok(vec![delta_matmul(&x, &deltas[i % deltas.len()])?])
+                        });
+                        let y = delta_matmul(&x, &deltas[0]);
+                        set_v4_wide_x(V4WideX::Auto);
                         set_v4_split(0);
                         let a = disagreement(&y?, &y_fast)?;
                         if a > 2e-2 {

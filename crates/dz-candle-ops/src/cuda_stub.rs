@@ -1,7 +1,7 @@
 //! The CUDA forward passes without the `cuda` feature: every one answers candle's
 //! `NotCompiledWithCudaSupport` (unreachable in practice: without the feature no CUDA tensor exists).
 
-use candle_core::{CudaStorage, DType, Layout, Shape};
+use candle_core::{CudaDevice, CudaStorage, DType, Layout, Shape};
 
 use crate::ops::{Fill, Segment};
 use crate::DeviceDelta;
@@ -20,16 +20,35 @@ pub(crate) fn matmul(
     Err(candle_core::Error::NotCompiledWithCudaSupport)
 }
 
-pub(crate) fn sbmm(
+/// No CUDA sbmm can be planned without the feature: this type has no values.
+pub(crate) enum SbmmLaunches {}
+
+impl SbmmLaunches {
+    pub(crate) fn len(&self) -> usize {
+        match *self {}
+    }
+}
+
+pub(crate) fn sbmm_prepare(
     _op: &'static str,
     _deltas: &[&DeviceDelta],
     _segments: &[Segment],
+    _m: usize,
     _kn: (usize, usize),
+    _dtype: DType,
+    _dev: &CudaDevice,
+) -> candle_core::Result<SbmmLaunches> {
+    Err(candle_core::Error::NotCompiledWithCudaSupport)
+}
+
+pub(crate) fn sbmm_run(
+    _op: &'static str,
+    plan: &SbmmLaunches,
     _x: Arg<'_>,
     _base: Arg<'_>,
     _fill: Fill,
 ) -> Out {
-    Err(candle_core::Error::NotCompiledWithCudaSupport)
+    match *plan {}
 }
 
 pub(crate) fn dequantize(

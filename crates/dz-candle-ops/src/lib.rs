@@ -11,7 +11,9 @@
 //!   copy ([`DeviceDelta::from_parts`], [`DeviceDelta::from_tensor_data`], [`DeviceDelta::from_payload`]),
 //!   or one tensor-parallel rank's slice of it ([`DeviceDelta::from_shard`]).
 //! - [`delta_matmul`] (`x · Dᵀ`), [`delta_matmul_add`] (`base_out + x · Dᵀ`, fused), and [`sbmm`]: the
-//!   rows of one batch grouped into [`Segment`]s, each with its own delta (or none), in one call.
+//!   rows of one batch grouped into [`Segment`]s, each with its own delta (or none), in one call;
+//!   [`SbmmPlan`] + [`sbmm_planned`]: the same, planned once for a batch layout and run many times (every
+//!   layer of a decode step, consecutive steps of one batch), without the per-call planning.
 //! - [`dequantize`] (the dense delta), [`merge`] (`W + D` in `W`'s dtype) and [`embedding_delta_add`]
 //!   (`base_emb_out + D[ids]`). An `lm_head` delta is a linear delta: use [`delta_matmul_add`].
 //!
@@ -121,7 +123,8 @@ pub use delta::{CheckedParts, DeviceDelta, PreparedDelta, RowSubset};
 pub use error::{OpError, Result};
 pub use ops::{
     delta_matmul, delta_matmul_add, dense_rows, dequantize, embedding_delta_add, merge, sbmm,
-    set_dense_rows, Segment, DEFAULT_DENSE_ROWS, V4_ONLY_DENSE_ROWS,
+    sbmm_planned, set_dense_rows, SbmmPlan, Segment, DEFAULT_DENSE_ROWS, V4_ONLY_DENSE_ROWS,
+    V4_WIDE_DENSE_ROWS,
 };
 
 static TENSOR_CORES: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
@@ -144,8 +147,8 @@ static V4_KERNELS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool
 /// Turns the v4 kernels on or off for this process. **Off by default** (issue #5; they passed the CUDA
 /// check on an H200 in session 7): a [`DeviceDelta`] made on CUDA while they are on gets the v4 layout of
 /// its codes (a CPU re-layout at upload) and, unless [`set_v4_keep_packed`], keeps only that layout on
-/// the device: every `delta_matmul` and `sbmm` of such a delta takes the v4 kernels (segments of more than
-/// 16 rows run as 16-row tiles). With them on (and the tensor cores), launches of at most 16 input rows
+/// the device: every `delta_matmul` and `sbmm` of such a delta takes the v4 kernels (more than 16 rows run
+/// as 32-row tiles in a matmul, [`set_v4_wide_tiles`], and as 16-row pieces in an sbmm). With them on (and the tensor cores), launches of at most 16 input rows
 /// per segment take the v4 kernels for deltas that have that layout ([`DeviceDelta::v4_parts`]); off,
 /// the tensor-core v3 kernels. No effect on the CPU.
 pub fn set_v4_kernels(enabled: bool) {
@@ -178,6 +181,66 @@ pub fn set_v4_split(split: u32) {
 /// What [`set_v4_split`] set (0: automatic).
 pub fn v4_split_setting() -> u32 {
     V4_SPLIT.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+static V4_WIDE_TILES: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Lets the CUDA `delta_matmul` / `delta_matmul_add` of more than 16 input rows take the v4 kernel's
+/// 32-row tile (`dz_v4_<variant>_matmul_add_<t>_n4`; more than 32 rows as several 32-row x tiles) where
+/// the v4 kernels run for the delta ([`set_v4_kernels`], f16/bf16 inputs, a v4 layout). **On by
+/// default** (issue #5's rows 17-256). Off, those calls take what they took before it: the tensor-core
+/// v3 kernels for a delta that kept its packed parts, 16-row v4 tiles for one that keeps only its v4
+/// layout (`kernel_bench`'s `v3` and `v4-16` paths time them beside it). `sbmm` is unchanged either way
+/// (its segments run as tiles of at most 16 rows). Under the default dense-route threshold, the matmul of
+/// such a delta takes the route from [`V4_WIDE_DENSE_ROWS`] (256) rows instead of [`DEFAULT_DENSE_ROWS`].
+/// Measured on the H200 (session 12, `bench/results/h200-s12-2026-11-30.md`): 1.6-4x faster than the
+/// best earlier path at 32-128 rows, faster than cuBLAS's bf16 matmul at 32 rows of the tall shapes
+/// (13824 x 5120 4b 2:4: 29.9 vs 40.2 us), 0.5-0.9x of it elsewhere. No effect on the CPU.
+pub fn set_v4_wide_tiles(enabled: bool) {
+    V4_WIDE_TILES.store(enabled, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether [`set_v4_wide_tiles`] allows the 32-row v4 matmul tile (the default).
+pub fn v4_wide_tiles() -> bool {
+    V4_WIDE_TILES.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Where the v4 32-row matmul tile ([`set_v4_wide_tiles`]) reads x from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum V4WideX {
+    /// Per launch: [`V4WideX::Shared`] for sparse 2:4 deltas, and for quant deltas when the launch's
+    /// blocks of 8 row tiles (x tiles x `ceil(tiles / 8)`) are at least a quarter of the GPU's SMs, else
+    /// [`V4WideX::Global`] (few blocks would leave SMs idle; the global kernel splits K over warps
+    /// instead). The default; both rules are session 12's H200 sweep (bench/kernels/V4.md, "Session 12").
+    Auto,
+    /// Each lane's x words from global memory (L1) right before each mma, items split over warps along K
+    /// as the 8- and 16-row tiles (`dz_v4_<variant>_matmul_add_<t>_n4`).
+    Global,
+    /// x staged in shared memory per block, 8 row tiles a block sharing it (`dz_v4_<variant>_matmul_sx_<t>_n4`).
+    Shared,
+}
+
+static V4_WIDE_X: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Sets where the v4 32-row matmul tile reads x from ([`V4WideX`]; [`V4WideX::Auto`] by default). For
+/// benchmarks and checks (`kernel_bench`'s `dz-gx` / `dz-sx` paths, `cuda_check`); both compute the same
+/// sums up to f32 summation order (the shared-memory kernel does not split K).
+pub fn set_v4_wide_x(mode: V4WideX) {
+    let v = match mode {
+        V4WideX::Auto => 0,
+        V4WideX::Global => 1,
+        V4WideX::Shared => 2,
+    };
+    V4_WIDE_X.store(v, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// What [`set_v4_wide_x`] set.
+pub fn v4_wide_x() -> V4WideX {
+    match V4_WIDE_X.load(std::sync::atomic::Ordering::Relaxed) {
+        1 => V4WideX::Global,
+        2 => V4WideX::Shared,
+        _ => V4WideX::Auto,
+    }
 }
 
 static V4_SBMM_SMEM_X: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);

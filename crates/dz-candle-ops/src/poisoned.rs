@@ -8,10 +8,10 @@
 //! `base_out`; a row-subset delta's matmul starts from `base_out` or zeros), the fill comes first and is
 //! overwritten. On the CPU, outputs are always built whole, and these are exactly the plain ops.
 
-use candle_core::Tensor;
+use candle_core::{DType, Device, Tensor};
 
 use crate::ops::{self, Fill};
-use crate::{DeviceDelta, Segment};
+use crate::{DeviceDelta, SbmmPlan, Segment};
 
 /// [`crate::delta_matmul`], output filled with NaN first.
 pub fn delta_matmul(x: &Tensor, delta: &DeviceDelta) -> candle_core::Result<Tensor> {
@@ -35,6 +35,18 @@ pub fn sbmm(
     segments: &[Segment],
 ) -> candle_core::Result<Tensor> {
     ops::sbmm_with(x, base_out, deltas, segments, Fill::Nan)
+}
+
+/// [`crate::SbmmPlan::new`] for [`crate::sbmm_planned`] with its output filled with NaN first (the plan
+/// also takes no dense route, like this module's [`sbmm`]).
+pub fn sbmm_plan(
+    deltas: &[&DeviceDelta],
+    segments: &[Segment],
+    m: usize,
+    dtype: DType,
+    device: &Device,
+) -> candle_core::Result<SbmmPlan> {
+    SbmmPlan::with_fill(deltas, segments, m, dtype, device, Fill::Nan)
 }
 
 /// [`crate::dequantize`], output filled with NaN first.

@@ -488,7 +488,8 @@ pub fn b_column(kind: V4Kind, kb: usize, c: usize, s: usize, i: usize, h: usize)
 /// metadata, sparsity selector 0, for sparse24), each block's partial sum scaled by its rows' scale, the
 /// global scale last. `x` is `m x k` row-major; the result is `m x n` row-major. Past K (and for input
 /// rows past `m`) the B fragments hold a large finite value, as the kernel's registers hold stale x there:
-/// the padding codes must make those products exactly 0.
+/// the padding codes must make those products exactly 0. Every tile of the kernels (8, 16 or 32 input
+/// rows) is 8-row n-tiles of this arithmetic, each with its own accumulators, so the twin covers them all.
 pub fn matmul_twin(v4: &V4Layout, p: &V4Params, x: &[f32], m: usize) -> Vec<f64> {
     let (n_kb, n_rt) = packets(p.n, p.k);
     let steps = match p.kind {
@@ -762,7 +763,9 @@ mod tests {
             let (n, k) = payload.dims();
             let p = V4Params::of(&payload.codec(), n, k).unwrap();
             let dense = payload.dequantize();
-            for m in [1usize, 3, 8, 9, 16] {
+            // 33 and 70: the 32-row tile's rows (its x tiles are 8-row n-tiles of the same
+            // arithmetic, one partial).
+            for m in [1usize, 3, 8, 9, 16, 33, 70] {
                 let x: Vec<f32> = (0..m * k).map(|_| rng.gen_range(-1f32..1.0)).collect();
                 let got = matmul_twin(&v4, &p, &x, m);
                 for mi in 0..m {

@@ -8,7 +8,13 @@
 //! Entry points, with the generic kernels' signatures (crate docs), the descriptor's `parts` being the v4
 //! parts `[codes, meta, scales]` (`meta` unused by quant):
 //! - `dz_v4_<variant>_matmul_add_<t>_n<NT>(DzDelta d, const T* x, const T* base, T* out, u32 m, u32 split)`:
-//!   `split` (1, 2, 4 or 8) = warps per (8 NT input rows, 16-row tile) item along K.
+//!   `split` (1, 2, 4 or 8) = warps per (8 NT input rows, 16-row tile) item along K; NT in 1, 2, 4 (the
+//!   32-row tile, issue #5's rows 17-256: any `m`, as `ceil(m / 32)` x tiles; it loads x right before each
+//!   mma instead of in the load ring).
+//! - `dz_v4_<variant>_matmul_sx_<t>_n4(DzDelta d, const T* x, const T* base, T* out, u32 m)`: the 32-row
+//!   tile with x staged in shared memory, a block's 8 warps taking 8 consecutive 16-row tiles of one
+//!   32-row x tile over the whole of K (no split): a 1-D grid of at most `ceil(m / 32) *
+//!   ceil(n_stored / 128)` blocks, grid-stride.
 //! - `dz_v4_<variant>_sbmm_<t>_n<NT>(const DzSegment* segs, u32 n_segs, const DzDelta* deltas, const T* x,
 //!   T* out, u32 k, u32 n_total, u32 tiles, u32 split)`: every segment at most `8 NT` rows; `tiles` =
 //!   16-row tiles of the tallest delta, `split` (1, 2, 4 or 8) = warps per (segment, tile) item along K.
@@ -16,7 +22,8 @@
 //!   `out = base + D` (`D` when base is 0), no row subset; what `merge`, `dequantize` and the dense route
 //!   of a delta that keeps only its v4 layout run.
 //!
-//! for `variant` in `quant2`, `quant4`, `sparse24_2`, `sparse24_4`, `t` in `f16`, `bf16`, `NT` in 1, 2.
+//! for `variant` in `quant2`, `quant4`, `sparse24_2`, `sparse24_4`, `t` in `f16`, `bf16`, `NT` in 1, 2
+//! (matmul also 4).
 //! A block has [`V4_THREADS`] threads (8 warps). Both launch on a 1-D grid over their items, `8 / split`
 //! items a block, grid-stride: matmul's items are `ceil(m / (8 NT)) * ceil(n_stored / 16)` (x-tile-major),
 //! sbmm's `n_segs * tiles`.
@@ -29,8 +36,13 @@ pub const V4_THREADS: u32 = 256;
 /// Stored rows per block (one 16-row tile of the re-laid codes).
 pub const V4_TILE_ROWS: u32 = 16;
 
-/// Most input rows a v4 launch takes per segment (the `_n2` tile).
+/// Most input rows a v4 launch takes per segment (the `_n2` tile) with the ring-fed tiles, and per sbmm
+/// segment.
 pub const V4_MAX_ROWS: u32 = 16;
+
+/// Input rows of the widest v4 matmul tile (`_n4`): a `delta_matmul` of more rows runs it over
+/// `ceil(m / 32)` x tiles (each decodes the codes again; after the first x tile they come mostly from L2).
+pub const V4_WIDE_ROWS: u32 = 32;
 
 /// The module name the v4 PTX is loaded under.
 pub const V4_MODULE: &str = "dz_v4";
@@ -40,8 +52,10 @@ pub const V4_MODULE: &str = "dz_v4";
 pub struct V4Entries {
     /// The variant's name (`quant4`, ...).
     pub variant: &'static str,
-    /// `dz_v4_<variant>_matmul_add_<t>_n<NT>`, by dtype (f16, bf16) then tile (n1, n2).
-    pub matmul_add: [[&'static str; 2]; 2],
+    /// `dz_v4_<variant>_matmul_add_<t>_n<NT>`, by dtype (f16, bf16) then tile (n1, n2, n4).
+    pub matmul_add: [[&'static str; 3]; 2],
+    /// `dz_v4_<variant>_matmul_sx_<t>_n4`, by dtype: the 32-row tile with x in shared memory.
+    pub matmul_sx: [&'static str; 2],
     /// `dz_v4_<variant>_sbmm_<t>_n<NT>`, by dtype then tile.
     pub sbmm: [[&'static str; 2]; 2],
     /// `dz_v4_<variant>_sbmm_sx_<t>_n<NT>`, by dtype then tile: the sbmm with x staged in shared memory
@@ -69,9 +83,21 @@ impl V4Entries {
         }
     }
 
-    /// The matmul entry point for segments of at most `rows` input rows; `None` for f32 or past 16 rows.
+    /// The matmul entry point whose tile is [`v4_matmul_tile_rows`]`(rows)`: the 8- or 16-row tile up to
+    /// 16 rows, else the 32-row tile (which loops over x tiles of 32 rows); `None` for f32.
     pub fn matmul_add(&self, dtype: Dtype, rows: u32) -> Option<&'static str> {
-        Self::index(dtype, rows).map(|(d, t)| self.matmul_add[d][t])
+        let d = Self::index(dtype, 1)?.0;
+        Some(match v4_matmul_tile_rows(rows) {
+            8 => self.matmul_add[d][0],
+            16 => self.matmul_add[d][1],
+            _ => self.matmul_add[d][2],
+        })
+    }
+
+    /// The 32-row matmul tile with x staged in shared memory (`(DzDelta d, const T* x, const T* base, T* out,
+    /// u32 m)`, no split); `None` for f32.
+    pub fn matmul_sx(&self, dtype: Dtype) -> Option<&'static str> {
+        Self::index(dtype, 1).map(|(d, _)| self.matmul_sx[d])
     }
 
     /// The sbmm entry point for segments of at most `rows` input rows.
@@ -102,9 +128,9 @@ impl V4Entries {
     pub fn all(&self) -> impl Iterator<Item = &'static str> + '_ {
         self.matmul_add
             .iter()
-            .chain(&self.sbmm)
-            .chain(&self.sbmm_sx)
             .flatten()
+            .chain(&self.matmul_sx)
+            .chain(self.sbmm.iter().chain(&self.sbmm_sx).flatten())
             .chain(&self.dequantize)
             .copied()
     }
@@ -119,11 +145,28 @@ pub fn v4_tile_rows(rows: u32) -> u32 {
     }
 }
 
+/// Input rows per tile of the matmul entry point for `rows` input rows: 8, 16, or [`V4_WIDE_ROWS`] past 16
+/// (more than 32 rows run as several 32-row x tiles).
+pub fn v4_matmul_tile_rows(rows: u32) -> u32 {
+    if rows <= V4_MAX_ROWS {
+        v4_tile_rows(rows)
+    } else {
+        V4_WIDE_ROWS
+    }
+}
+
 macro_rules! v4_tiles {
     ($v:literal, $op:literal, $t:literal) => {
         [
             concat!("dz_v4_", $v, "_", $op, "_", $t, "_n1"),
             concat!("dz_v4_", $v, "_", $op, "_", $t, "_n2"),
+        ]
+    };
+    ($v:literal, $op:literal, $t:literal, wide) => {
+        [
+            concat!("dz_v4_", $v, "_", $op, "_", $t, "_n1"),
+            concat!("dz_v4_", $v, "_", $op, "_", $t, "_n2"),
+            concat!("dz_v4_", $v, "_", $op, "_", $t, "_n4"),
         ]
     };
 }
@@ -133,8 +176,12 @@ macro_rules! v4_entries {
         V4Entries {
             variant: $v,
             matmul_add: [
-                v4_tiles!($v, "matmul_add", "f16"),
-                v4_tiles!($v, "matmul_add", "bf16"),
+                v4_tiles!($v, "matmul_add", "f16", wide),
+                v4_tiles!($v, "matmul_add", "bf16", wide),
+            ],
+            matmul_sx: [
+                concat!("dz_v4_", $v, "_matmul_sx_f16_n4"),
+                concat!("dz_v4_", $v, "_matmul_sx_bf16_n4"),
             ],
             sbmm: [v4_tiles!($v, "sbmm", "f16"), v4_tiles!($v, "sbmm", "bf16")],
             sbmm_sx: [
@@ -187,7 +234,12 @@ mod tests {
     #[test]
     fn names_and_support() {
         let n: usize = V4.iter().map(|e| e.all().count()).sum();
-        assert_eq!(n, 4 * 15);
+        assert_eq!(n, 4 * 19);
+        assert_eq!(
+            V4[2].matmul_sx(Dtype::Bf16),
+            Some("dz_v4_sparse24_2_matmul_sx_bf16_n4")
+        );
+        assert!(V4[2].matmul_sx(Dtype::F32).is_none());
         assert_eq!(
             V4[3].dequantize(Dtype::Bf16),
             "dz_v4_sparse24_4_dequantize_bf16"
@@ -204,14 +256,31 @@ mod tests {
             v4_entries(Variant::Quant(2)).and_then(|e| e.matmul_add(Dtype::F16, 1)),
             Some("dz_v4_quant2_matmul_add_f16_n1")
         );
-        assert!(V4[0].matmul_add(Dtype::Bf16, 17).is_none());
+        assert_eq!(
+            V4[1].matmul_add(Dtype::Bf16, 17),
+            Some("dz_v4_quant4_matmul_add_bf16_n4")
+        );
+        assert_eq!(
+            V4[3].matmul_add(Dtype::F16, 256),
+            Some("dz_v4_sparse24_4_matmul_add_f16_n4")
+        );
+        assert_eq!(
+            V4[3].matmul_add(Dtype::F16, 16),
+            Some("dz_v4_sparse24_4_matmul_add_f16_n2")
+        );
+        assert!(V4[0].sbmm(Dtype::Bf16, 17).is_none());
         assert!(V4[0].matmul_add(Dtype::F32, 1).is_none());
+        assert!(V4[0].matmul_add(Dtype::F32, 40).is_none());
         assert!(v4_supports(Variant::Quant(4), 4096, 0, true));
         assert!(!v4_supports(Variant::Quant(4), 4096, 128, false));
         assert!(!v4_supports(Variant::Quant(3), 4096, 128, true));
         assert!(!v4_supports(Variant::Sign1, 4096, 0, true));
         assert!(!v4_supports(Variant::Sparse24(2), 100, 0, true));
         assert_eq!((v4_tile_rows(1), v4_tile_rows(9)), (8, 16));
+        assert_eq!(
+            [1, 9, 16, 17, 32, 33, 256].map(v4_matmul_tile_rows),
+            [8, 16, 16, 32, 32, 32, 32]
+        );
     }
 
     /// Every v4 entry point is in the PTX, and nothing else is.

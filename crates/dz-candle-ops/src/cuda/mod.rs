@@ -9,15 +9,19 @@
 //! - [`matmul`]: one launch of `matmul_add` (tile of 1 input row when `M = 1`, else 8). A row-subset delta
 //!   writes only its stored rows' output columns, so the output first gets `base_out` (or zeros) and the
 //!   kernel adds in place; otherwise the kernel reads `base_out` and writes every element.
-//! - [`sbmm`]: `base_out` is copied to the output once, then ONE launch per variant (codec and bits, or
-//!   dense value dtype) present among the deltas covers every segment of every delta of that variant: the
-//!   segments (split into runs of at most the tile's rows) and the deltas' descriptors go to the device in
-//!   two small copies. Base-only and empty segments, and `zero` deltas, launch nothing.
+//! - `sbmm`, in two steps: [`sbmm_prepare`] groups the segments by variant (codec and bits, or dense value
+//!   dtype), picks each group's kernel, tile and grid, and uploads the segments (split into runs of at
+//!   most the tile's rows) and the deltas' descriptors in one copy; [`sbmm_run`] copies `base_out` to the
+//!   output, then makes ONE launch per variant present among the deltas, covering every segment of every
+//!   delta of that variant. The plain op runs both per call; an `SbmmPlan` keeps the first one's
+//!   [`SbmmLaunches`] and runs only the second. Base-only and empty segments, and `zero` deltas, launch
+//!   nothing.
 //! - [`dequantize`] (also `merge`) and [`embedding`]: one launch that writes every output element.
 //!
 //! The descriptors hold raw device pointers to the deltas' parts; the read locks on their storages and
-//! cudarc's stream-ordering guards ([`Ptrs`]) are held until the launches are queued, and candle runs
-//! everything on one stream, so the parts outlive the kernels that read them.
+//! cudarc's stream-ordering guards ([`Ptrs`]) are held until the launches are queued (`sbmm`: until its
+//! table is built; the caller of [`sbmm_run`] keeps the deltas alive instead), and candle runs everything
+//! on one stream, so the parts outlive the kernels that read them.
 
 mod desc;
 
@@ -33,8 +37,8 @@ use candle_core::{CudaDevice, CudaStorage, DType, Layout, Shape};
 use dz_kernels::desc::as_bytes;
 use dz_kernels::tc::{tc_entries, tc_supports, TcEntries, TcTile, TC_MODULE, TC_THREADS};
 use dz_kernels::v4::{
-    v4_entries, v4_tile_rows, V4Entries, V4_DEQUANTIZE_THREADS, V4_MAX_ROWS, V4_MODULE, V4_THREADS,
-    V4_TILE_ROWS,
+    v4_entries, v4_matmul_tile_rows, v4_tile_rows, V4Entries, V4_DEQUANTIZE_THREADS, V4_MAX_ROWS,
+    V4_MODULE, V4_THREADS, V4_TILE_ROWS, V4_WIDE_ROWS,
 };
 use dz_kernels::{DzDelta, DzSegment, Tile, Variant, ROWS_PER_BLOCK, THREADS, WARPS};
 use half::{bf16, f16};
@@ -333,15 +337,47 @@ fn matmul_t<T: Elem>(
         }
         if let (Some(d), true) = (described, m > 0) {
             let kernel = if delta.v4_only() {
-                Kernel::v4_any_rows(v4_only_entries(op, delta, &d, T::KIND)?, m32)
+                Kernel::v4_matmul_any_rows(v4_only_entries(op, delta, &d, T::KIND)?, m32)
             } else {
-                Kernel::pick(d.variant, tc_of(&d, T::KIND), v4_of(&d, T::KIND), m32)
+                Kernel::pick_matmul(d.variant, tc_of(&d, T::KIND), v4_of(&d, T::KIND), m32)
             };
-            let func = kernel.function(op, &dev, T::KIND, Launch::Matmul)?;
             let tiles = d.desc.n_stored.div_ceil(kernel.stored_rows());
             let x_tiles = m32.div_ceil(kernel.rows());
+            // The 32-row tile with x in shared memory: blocks of 8 row tiles of one x tile, no split.
+            let sx = match kernel {
+                Kernel::V4(e, V4_WIDE_ROWS) => {
+                    let blocks = u64::from(x_tiles) * u64::from(tiles.div_ceil(WARPS_V4));
+                    let shared = match crate::v4_wide_x() {
+                        // sparse24: always (measured faster at every shape and row count of session
+                        // 12's sweep, 32-256 rows: 4096 x 4096 4b 2:4 at 32 rows 23.5 vs 28.3 us); quant:
+                        // from a block per four SMs (resident warps = SMs x 2 blocks x 8 warps), below
+                        // which the split kernel won (4096 x 4096 4b g128 at 32 rows, 32 blocks: 19.5 vs
+                        // 26.2 us; 5120 x 5120, 40 blocks: 31.2 vs 33.7 shared).
+                        crate::V4WideX::Auto => {
+                            matches!(d.variant, Variant::Sparse24(_))
+                                || blocks * 8 * u64::from(WARPS_V4) >= resident_warps(&dev)?
+                        }
+                        crate::V4WideX::Global => false,
+                        crate::V4WideX::Shared => true,
+                    };
+                    e.matmul_sx(T::KIND)
+                        .filter(|_| shared)
+                        .map(|name| (name, blocks))
+                }
+                _ => None,
+            };
+            let func = match sx {
+                Some((name, _)) => dev
+                    .get_or_load_custom_func(name, V4_MODULE, dz_kernels::v4_ptx())?
+                    .into_cuda_function(),
+                None => kernel.function(op, &dev, T::KIND, Launch::Matmul)?,
+            };
             // v4: a 1-D grid over the (x tile, delta tile) items, each split over `split` warps.
             let (grid, v4_split) = match kernel {
+                Kernel::V4(..) if sx.is_some() => {
+                    let blocks = sx.map_or(1, |(_, b)| b);
+                    ((blocks.min(u64::from(MAX_GRID_X)) as u32, 1), None)
+                }
                 Kernel::V4(..) => {
                     let (split, grid) =
                         v4_launch(u64::from(x_tiles) * u64::from(tiles), resident_warps(&dev)?);
@@ -362,31 +398,110 @@ fn matmul_t<T: Elem>(
             }
             // SAFETY: the arguments match `dz_<v>_matmul_add_<t>_m<MT>(DzDelta, const T*, const T*, T*,
             // u32)` (and the tensor-core `dz_tc_<v>_matmul_add_<t>_n<NT>`, same signature; the v4
-            // entries take one more u32, the split: 1, 2, 4 or 8): x holds m rows of K elements of T,
-            // base (0, or m x N_total) and out (m x N_total) are T buffers, and the descriptor points to
-            // the delta's parts (the v4 parts for a v4 kernel), checked by `describe`.
+            // entries take one more u32, the split: 1, 2, 4 or 8; the v4 `matmul_sx` entries take none,
+            // their grid-stride loop covering ceil(m / 32) x ceil(tiles / 8) blocks): x holds m rows of
+            // K elements of T, base (0, or m x N_total) and out (m x N_total) are T buffers, and the
+            // descriptor points to the delta's parts (the v4 parts for a v4 kernel), checked by
+            // `describe`.
             unsafe { b.launch(kernel.config(grid)) }.w()?;
         }
     }
     Ok((CudaStorage::wrap_cuda_slice(out, dev), shape))
 }
 
-/// Forward pass of `sbmm`: `kn` is the deltas' `(K, N_total)`.
-pub(crate) fn sbmm(
+/// An sbmm batch planned for the CUDA kernels ([`sbmm_prepare`]): the segment and descriptor table on the
+/// device and the launches over it. It holds raw device pointers to the deltas' parts (in the table) but
+/// no reference to the deltas: whoever holds it keeps them alive (the plain `sbmm` borrows them for the
+/// call; `SbmmPlan` holds clones).
+pub(crate) struct SbmmLaunches {
+    /// The kernels' input dtype.
+    dtype: DType,
+    /// The device the table lives on and the kernels were loaded for.
+    device: CudaDevice,
+    /// The segments (16 bytes each), then the descriptors; `None` when nothing launches (base-only or
+    /// empty segments, `zero` deltas, no rows).
+    table: Option<CudaSlice<u8>>,
+    /// Byte offset of the descriptors in `table`.
+    descs_offset: u64,
+    launches: Vec<SbmmLaunch>,
+    /// The rows the segments cover.
+    m: usize,
+    k32: u32,
+    n32: u32,
+}
+
+impl SbmmLaunches {
+    /// The kernel launches of one run.
+    pub(crate) fn len(&self) -> usize {
+        self.launches.len()
+    }
+}
+
+/// One launch of an [`SbmmLaunches`].
+struct SbmmLaunch {
+    kernel: Kernel,
+    func: CudaFunction,
+    grid: (u32, u32),
+    /// Byte offset of its first segment in the table.
+    segs_offset: u64,
+    /// Its segments.
+    count: u32,
+    /// The v4 kernels' extra arguments: the 16-row tiles of the group's tallest delta, and the split
+    /// (`None` for the shared-memory entries, which take `tiles` only).
+    v4: Option<(u32, Option<u32>)>,
+}
+
+/// Plans `sbmm` over `m` rows of `dtype` on `dev` (`kn`: the deltas' `(K, N_total)`): locks and describes
+/// each distinct delta once, groups the segments by kernel variant, picks each group's kernel, tile, split
+/// and grid, and uploads the segment and descriptor table (one copy). The deltas and segments were checked
+/// by the caller (segments cover `0..m`, every delta of one shape, on `dev`).
+///
+/// The kernels are picked under the settings of this moment ([`crate::set_tensor_cores`],
+/// [`crate::set_v4_kernels`], [`crate::set_v4_split`], [`crate::set_v4_sbmm_smem_x`]).
+pub(crate) fn sbmm_prepare(
     op: &'static str,
     deltas: &[&DeviceDelta],
     segments: &[Segment],
+    m: usize,
     kn: (usize, usize),
+    dtype: DType,
+    dev: &CudaDevice,
+) -> candle_core::Result<SbmmLaunches> {
+    by_dtype!(
+        op,
+        "x",
+        dtype,
+        sbmm_prepare_t(op, deltas, segments, m, kn, dtype, dev)
+    )
+}
+
+/// Forward pass of `sbmm` over a plan: `out = base_out`, then the planned launches. `x` holds the plan's
+/// `m` rows of `K` and `base_out` `m` rows of `N_total`, in the plan's dtype (checked by the wrapper; the
+/// storages' kind, dtype and contiguity again here).
+pub(crate) fn sbmm_run(
+    op: &'static str,
+    plan: &SbmmLaunches,
     x: Arg<'_>,
     base: Arg<'_>,
     fill: Fill,
 ) -> Out {
-    by_dtype!(
-        op,
-        "x",
-        x.0.dtype(),
-        sbmm_t(op, deltas, segments, kn, x, base, fill)
-    )
+    if x.0.dtype() != plan.dtype {
+        return Err(OpError::Dtype {
+            op,
+            arg: "x",
+            got: x.0.dtype(),
+            expected: format!("{:?} (the dtype the sbmm was planned for)", plan.dtype),
+        }
+        .into());
+    }
+    if x.0.device().id() != plan.device.id() {
+        return Err(OpError::Storage {
+            op,
+            reason: "x is on another CUDA device than the one the sbmm was planned on".into(),
+        }
+        .into());
+    }
+    by_dtype!(op, "x", plan.dtype, sbmm_run_t(op, plan, x, base, fill))
 }
 
 /// The segments of one launch.
@@ -408,26 +523,30 @@ struct Group {
     min_stored: u32,
 }
 
-fn sbmm_t<T: Elem>(
+fn sbmm_prepare_t<T: Elem>(
     op: &'static str,
     deltas: &[&DeviceDelta],
     segments: &[Segment],
+    m: usize,
     (k, n): (usize, usize),
-    x: Arg<'_>,
-    base: Arg<'_>,
-    fill: Fill,
-) -> Out {
-    let dev = x.0.device().clone();
-    let shape = Shape::from(base.1.dims());
-    let (xs, x_off, _) = input::<T>(op, "x", x)?;
-    let (bs, b_off, len) = input::<T>(op, "base_out", base)?;
-    let xd = x.1.dims();
-    let m: usize = xd[..xd.len().saturating_sub(1)].iter().product();
+    dtype: DType,
+    dev: &CudaDevice,
+) -> candle_core::Result<SbmmLaunches> {
     let (m32, k32, n32) = (
-        dim(op, "x", m, xd)?,
-        dim(op, "x", k, xd)?,
-        dim(op, "base_out", n, base.1.dims())?,
+        dim(op, "x", m, &[m, k])?,
+        dim(op, "x", k, &[m, k])?,
+        dim(op, "base_out", n, &[m, n])?,
     );
+    let mut plan = SbmmLaunches {
+        dtype,
+        device: dev.clone(),
+        table: None,
+        descs_offset: 0,
+        launches: Vec::new(),
+        m,
+        k32,
+        n32,
+    };
 
     // Each distinct delta is locked and described once (a delta listed twice, or two clones sharing their
     // tensors, would otherwise take the same read lock twice). `zero` deltas have no parts and no slot.
@@ -445,7 +564,195 @@ fn sbmm_t<T: Elem>(
                 })
         }));
     }
+    // The read locks are held while the parts' device pointers are taken, not until the launches: the
+    // pointers stay valid while the deltas live (a storage's buffer is never replaced, in-place writes
+    // reuse it; a delta's tensors are private and never written after it is built), which the plan's
+    // holder guarantees; the parts were written before the delta was built (an upload completed, or
+    // queued earlier on the device's stream), and their buffers are freed on that one stream of their
+    // device (`describe` checks it is `dev`), so launches queued on it run after the writes and before
+    // the free.
     let locks: Vec<Locked<'_>> = unique.iter().map(|d| Locked::new(d)).collect();
+    let stream = dev.cuda_stream();
+    let mut ptrs = Ptrs::new(&stream);
+    let described = locks
+        .iter()
+        .map(|l| describe(op, l, dev, &mut ptrs))
+        .collect::<Result<Vec<_>>>()?;
+
+    let mut groups: Vec<Group> = Vec::new();
+    for s in segments {
+        let Some(slot) = s.delta.and_then(|d| slot_of.get(d).copied().flatten()) else {
+            continue;
+        };
+        let Some(d) = described[slot] else { continue };
+        if s.len == 0 {
+            continue;
+        }
+        let v4_only = unique[slot].v4_only();
+        let v4 = if v4_only {
+            Some(v4_only_entries(op, unique[slot], &d, T::KIND)?)
+        } else {
+            v4_of(&d, T::KIND)
+        };
+        let at = match groups
+            .iter()
+            .position(|g| g.variant == d.variant && g.v4.is_some() == v4.is_some())
+        {
+            Some(at) => at,
+            None => {
+                groups.push(Group {
+                    variant: d.variant,
+                    tc: tc_of(&d, T::KIND),
+                    v4,
+                    v4_only: false,
+                    segments: Vec::new(),
+                    max_stored: 0,
+                    min_stored: u32::MAX,
+                });
+                groups.len() - 1
+            }
+        };
+        let g = &mut groups[at];
+        if tc_of(&d, T::KIND).is_none() {
+            g.tc = None;
+        }
+        g.v4_only |= v4_only;
+        // Segments lie inside 0..m (checked by the wrapper), so they fit u32 like m.
+        g.segments.push((s.start as u32, s.len as u32, slot as u32));
+        g.max_stored = g.max_stored.max(d.desc.n_stored);
+        g.min_stored = g.min_stored.min(d.desc.n_stored);
+    }
+    if groups.is_empty() || m32 == 0 {
+        return Ok(plan);
+    }
+
+    // Per group: the tile (one row when every segment is one row: decode), the segments split into
+    // runs of at most the tile's rows, all groups' runs in one array.
+    let mut pieces: Vec<DzSegment> = Vec::new();
+    let mut launches: Vec<(Kernel, usize, u32, u32, u32)> = Vec::new();
+    // Per descriptor slot: whether its group launches a v4 kernel (then the slot gets the v4
+    // descriptor; a slot's delta belongs to one group).
+    let mut slot_v4 = vec![false; described.len()];
+    for g in &groups {
+        let longest = g.segments.iter().map(|s| s.1).max().unwrap_or(1);
+        let kernel = match (g.v4, g.v4_only) {
+            (Some(e), true) => Kernel::v4_any_rows(e, longest),
+            _ => Kernel::pick(g.variant, g.tc, g.v4, longest),
+        };
+        if matches!(kernel, Kernel::V4(..)) {
+            for &(_, _, slot) in &g.segments {
+                slot_v4[slot as usize] = true;
+            }
+        }
+        let first = pieces.len();
+        for &(start, len, slot) in &g.segments {
+            let mut r = 0;
+            while r < len {
+                let take = (len - r).min(kernel.rows());
+                pieces.push(DzSegment {
+                    start: start + r,
+                    len: take,
+                    delta: slot,
+                    reserved: 0,
+                });
+                r += take;
+            }
+        }
+        let count = (pieces.len() - first) as u32;
+        launches.push((kernel, first, count, g.max_stored, g.min_stored));
+    }
+    let descs: Vec<DzDelta> = described
+        .iter()
+        .zip(&slot_v4)
+        .map(|(d, &v4)| match d {
+            Some(d) if v4 => d.v4.unwrap_or(d.desc),
+            Some(d) => d.desc,
+            None => DzDelta::default(),
+        })
+        .collect();
+    // One upload for both tables: the segments first (16 bytes each, so the descriptors after them stay
+    // 16-byte aligned), then the descriptors.
+    let pieces_bytes = std::mem::size_of_val(pieces.as_slice());
+    let mut table = Vec::with_capacity(pieces_bytes + std::mem::size_of_val(descs.as_slice()));
+    table.extend_from_slice(as_bytes(&pieces));
+    table.extend_from_slice(as_bytes(&descs));
+    plan.table = Some(stream.clone_htod(&table).w()?);
+    plan.descs_offset = pieces_bytes as u64;
+    drop(ptrs);
+
+    for (kernel, first, count, max_stored, min_stored) in launches {
+        let tiles = max_stored.div_ceil(kernel.stored_rows());
+        let items = u64::from(count) * u64::from(tiles);
+        // v4: items (segment, tile) split over `split` warps each, 8 / split items a block (1-D grid).
+        let v4 = match kernel {
+            Kernel::V4(..) => Some(v4_launch(items, resident_warps(dev)?)),
+            _ => None,
+        };
+        let v4_split = v4.map(|(split, _)| split);
+        // The shared-memory variant (experimental, off by default): split 1, whole blocks of 8 tiles
+        // of one segment, every delta with the same stored rows.
+        let sx = match kernel {
+            Kernel::V4(e, rows)
+                if crate::v4_sbmm_smem_x()
+                    && v4_split == Some(1)
+                    && tiles.is_multiple_of(WARPS_V4)
+                    && min_stored == max_stored =>
+            {
+                e.sbmm_sx(T::KIND, rows)
+            }
+            _ => None,
+        };
+        let (func, grid) = match (sx, v4) {
+            // One item a warp, WARPS_V4 items (a whole number) a block.
+            (Some(name), _) => (
+                dev.get_or_load_custom_func(name, V4_MODULE, dz_kernels::v4_ptx())?
+                    .into_cuda_function(),
+                (
+                    (items / u64::from(WARPS_V4)).min(u64::from(MAX_GRID_X)) as u32,
+                    1,
+                ),
+            ),
+            (None, Some((_, grid))) => (kernel.function(op, dev, T::KIND, Launch::Sbmm)?, grid),
+            (None, None) => (
+                kernel.function(op, dev, T::KIND, Launch::Sbmm)?,
+                (tiles, count.min(MAX_GRID_Y)),
+            ),
+        };
+        plan.launches.push(SbmmLaunch {
+            kernel,
+            func,
+            grid,
+            segs_offset: (first * std::mem::size_of::<DzSegment>()) as u64,
+            count,
+            v4: v4_split.map(|split| (tiles, sx.is_none().then_some(split))),
+        });
+    }
+    Ok(plan)
+}
+
+fn sbmm_run_t<T: Elem>(
+    op: &'static str,
+    plan: &SbmmLaunches,
+    x: Arg<'_>,
+    base: Arg<'_>,
+    fill: Fill,
+) -> Out {
+    let dev = x.0.device().clone();
+    let shape = Shape::from(base.1.dims());
+    let (xs, x_off, x_len) = input::<T>(op, "x", x)?;
+    let (bs, b_off, len) = input::<T>(op, "base_out", base)?;
+    // The wrapper checked the shapes against the plan; the launches rely on these two.
+    let (k, n) = (plan.k32 as usize, plan.n32 as usize);
+    if !plan.launches.is_empty() && (x_len != plan.m * k || len != plan.m * n) {
+        return Err(OpError::Storage {
+            op,
+            reason: format!(
+                "x has {x_len} and base_out {len} elements, the plan takes {} rows of {k} and {n}",
+                plan.m
+            ),
+        }
+        .into());
+    }
     let stream = dev.cuda_stream();
     let mut out = alloc::<T>(&dev, len)?;
     {
@@ -455,178 +762,38 @@ fn sbmm_t<T: Elem>(
         let out_p = ptrs.write(&mut out);
         poison::<T>(&stream, out_p, len, fill)?;
         init(&stream, out_p, Some(b_p), len * std::mem::size_of::<T>())?;
-        let described = locks
-            .iter()
-            .map(|l| describe(op, l, &dev, &mut ptrs))
-            .collect::<Result<Vec<_>>>()?;
-
-        let mut groups: Vec<Group> = Vec::new();
-        for s in segments {
-            let Some(slot) = s.delta.and_then(|d| slot_of.get(d).copied().flatten()) else {
-                continue;
-            };
-            let Some(d) = described[slot] else { continue };
-            if s.len == 0 {
-                continue;
-            }
-            let v4_only = unique[slot].v4_only();
-            let v4 = if v4_only {
-                Some(v4_only_entries(op, unique[slot], &d, T::KIND)?)
-            } else {
-                v4_of(&d, T::KIND)
-            };
-            let at = match groups
-                .iter()
-                .position(|g| g.variant == d.variant && g.v4.is_some() == v4.is_some())
-            {
-                Some(at) => at,
-                None => {
-                    groups.push(Group {
-                        variant: d.variant,
-                        tc: tc_of(&d, T::KIND),
-                        v4,
-                        v4_only: false,
-                        segments: Vec::new(),
-                        max_stored: 0,
-                        min_stored: u32::MAX,
-                    });
-                    groups.len() - 1
+        if let Some(table) = &plan.table {
+            let table_p = ptrs.read(table, 0);
+            let descs_p = table_p + plan.descs_offset;
+            for l in &plan.launches {
+                let segs_p = table_p + l.segs_offset;
+                let mut b = stream.launch_builder(&l.func);
+                b.arg(&segs_p);
+                b.arg(&l.count);
+                b.arg(&descs_p);
+                b.arg(&x_p);
+                b.arg(&out_p);
+                b.arg(&plan.k32);
+                b.arg(&plan.n32);
+                if let Some((tiles, split)) = &l.v4 {
+                    b.arg(tiles);
+                    if let Some(split) = split {
+                        b.arg(split);
+                    }
                 }
-            };
-            let g = &mut groups[at];
-            if tc_of(&d, T::KIND).is_none() {
-                g.tc = None;
+                // SAFETY: the arguments match `dz_<v>_sbmm_<t>_m<MT>(const DzSegment*, u32, const
+                // DzDelta*, const T*, T*, u32, u32)` (the v4 entries take two more u32: `tiles`, the
+                // 16-row tiles of the group's tallest delta, and `split`, 1, 2, 4 or 8; the shared-memory
+                // v4 entries `tiles` only, a multiple of 8 with every delta of the launch holding that
+                // many tiles of stored rows, checked by `sbmm_prepare`): `count` segments of at most MT
+                // rows inside the plan's m rows, each naming a descriptor of this variant in the plan's
+                // table (the v4 descriptors for a v4 kernel), whose parts the plan's holder keeps alive
+                // and whose writes precede these launches (see `sbmm_prepare_t`); x is m x K and out
+                // m x N_total of T
+                // (m, K and N_total the plan's, checked by the wrapper), and the table lives as long as
+                // the plan, whose drop frees it on this stream, after these launches.
+                unsafe { b.launch(l.kernel.config(l.grid)) }.w()?;
             }
-            g.v4_only |= v4_only;
-            // Segments lie inside 0..m (checked by the wrapper), so they fit u32 like m.
-            g.segments.push((s.start as u32, s.len as u32, slot as u32));
-            g.max_stored = g.max_stored.max(d.desc.n_stored);
-            g.min_stored = g.min_stored.min(d.desc.n_stored);
-        }
-        if groups.is_empty() || m32 == 0 {
-            drop(ptrs);
-            return Ok((CudaStorage::wrap_cuda_slice(out, dev), shape));
-        }
-
-        // Per group: the tile (one row when every segment is one row: decode), the segments split into
-        // runs of at most the tile's rows, all groups' runs in one array.
-        let mut pieces: Vec<DzSegment> = Vec::new();
-        let mut launches: Vec<(Kernel, usize, u32, u32, u32)> = Vec::new();
-        // Per descriptor slot: whether its group launches a v4 kernel (then the slot gets the v4
-        // descriptor; a slot's delta belongs to one group).
-        let mut slot_v4 = vec![false; described.len()];
-        for g in &groups {
-            let longest = g.segments.iter().map(|s| s.1).max().unwrap_or(1);
-            let kernel = match (g.v4, g.v4_only) {
-                (Some(e), true) => Kernel::v4_any_rows(e, longest),
-                _ => Kernel::pick(g.variant, g.tc, g.v4, longest),
-            };
-            if matches!(kernel, Kernel::V4(..)) {
-                for &(_, _, slot) in &g.segments {
-                    slot_v4[slot as usize] = true;
-                }
-            }
-            let first = pieces.len();
-            for &(start, len, slot) in &g.segments {
-                let mut r = 0;
-                while r < len {
-                    let take = (len - r).min(kernel.rows());
-                    pieces.push(DzSegment {
-                        start: start + r,
-                        len: take,
-                        delta: slot,
-                        reserved: 0,
-                    });
-                    r += take;
-                }
-            }
-            let count = (pieces.len() - first) as u32;
-            launches.push((kernel, first, count, g.max_stored, g.min_stored));
-        }
-        let descs: Vec<DzDelta> = described
-            .iter()
-            .zip(&slot_v4)
-            .map(|(d, &v4)| match d {
-                Some(d) if v4 => d.v4.unwrap_or(d.desc),
-                Some(d) => d.desc,
-                None => DzDelta::default(),
-            })
-            .collect();
-        // One upload for both tables (a step of a 7B model makes ~224 of these calls): the segments
-        // first (16 bytes each, so the descriptors after them stay 16-byte aligned), then the
-        // descriptors.
-        let pieces_bytes = std::mem::size_of_val(pieces.as_slice());
-        let mut table = Vec::with_capacity(pieces_bytes + std::mem::size_of_val(descs.as_slice()));
-        table.extend_from_slice(as_bytes(&pieces));
-        table.extend_from_slice(as_bytes(&descs));
-        let table_dev = stream.clone_htod(&table).w()?;
-        let mut tables = Ptrs::new(&stream);
-        let pieces_p = tables.read(&table_dev, 0);
-        let descs_p = pieces_p + pieces_bytes as u64;
-        for (kernel, first, count, max_stored, min_stored) in launches {
-            let segs_p = pieces_p + (first * std::mem::size_of::<DzSegment>()) as u64;
-            let tiles = max_stored.div_ceil(kernel.stored_rows());
-            let items = u64::from(count) * u64::from(tiles);
-            // v4: items (segment, tile) split over `split` warps each, 8 / split items a block (1-D grid).
-            let v4 = match kernel {
-                Kernel::V4(..) => Some(v4_launch(items, resident_warps(&dev)?)),
-                _ => None,
-            };
-            let v4_split = v4.map(|(split, _)| split);
-            // The shared-memory variant (experimental, off by default): split 1, whole blocks of 8 tiles
-            // of one segment, every delta with the same stored rows.
-            let sx = match kernel {
-                Kernel::V4(e, rows)
-                    if crate::v4_sbmm_smem_x()
-                        && v4_split == Some(1)
-                        && tiles.is_multiple_of(WARPS_V4)
-                        && min_stored == max_stored =>
-                {
-                    e.sbmm_sx(T::KIND, rows)
-                }
-                _ => None,
-            };
-            let (func, grid) = match (sx, v4) {
-                // One item a warp, WARPS_V4 items (a whole number) a block.
-                (Some(name), _) => (
-                    dev.get_or_load_custom_func(name, V4_MODULE, dz_kernels::v4_ptx())?
-                        .into_cuda_function(),
-                    (
-                        (items / u64::from(WARPS_V4)).min(u64::from(MAX_GRID_X)) as u32,
-                        1,
-                    ),
-                ),
-                (None, Some((_, grid))) => {
-                    (kernel.function(op, &dev, T::KIND, Launch::Sbmm)?, grid)
-                }
-                (None, None) => (
-                    kernel.function(op, &dev, T::KIND, Launch::Sbmm)?,
-                    (tiles, count.min(MAX_GRID_Y)),
-                ),
-            };
-            let mut b = stream.launch_builder(&func);
-            b.arg(&segs_p);
-            b.arg(&count);
-            b.arg(&descs_p);
-            b.arg(&x_p);
-            b.arg(&out_p);
-            b.arg(&k32);
-            b.arg(&n32);
-            let split = v4_split.unwrap_or(0);
-            if v4_split.is_some() {
-                b.arg(&tiles);
-            }
-            if v4_split.is_some() && sx.is_none() {
-                b.arg(&split);
-            }
-            // SAFETY: the arguments match `dz_<v>_sbmm_<t>_m<MT>(const DzSegment*, u32, const DzDelta*,
-            // const T*, T*, u32, u32)` (the v4 entries take two more u32: `tiles`, the 16-row tiles of the
-            // group's tallest delta, and `split`, 1, 2, 4 or 8; the shared-memory v4 entries `tiles` only,
-            // a multiple of 8 with every delta of the launch holding that many tiles of stored rows,
-            // checked above): `count` segments of at most MT rows inside x's m rows, each naming a
-            // descriptor of this variant in `descs` (uploaded above, alive until the stream passes its
-            // free; the v4 descriptors for a v4 kernel), x is m x K and out m x N_total of T.
-            unsafe { b.launch(kernel.config(grid)) }.w()?;
         }
     }
     Ok((CudaStorage::wrap_cuda_slice(out, dev), shape))
@@ -657,8 +824,8 @@ fn resident_warps(dev: &CudaDevice) -> Result<u64> {
     Ok(*RESIDENT.get_or_init(|| sms.max(1) as u64 * 2 * u64::from(WARPS_V4)))
 }
 
-/// The warps each item of a v4 launch (sbmm: segment x 16-row tile; matmul: 8 or 16 input rows x 16-row
-/// tile) is split over along K: what [`crate::set_v4_split`] set, else the largest of 8, 4, 2 that keeps
+/// The warps each item of a v4 launch (sbmm: segment x 16-row tile; matmul: 8, 16 or 32 input rows x
+/// 16-row tile) is split over along K: what [`crate::set_v4_split`] set, else the largest of 8, 4, 2 that keeps
 /// the launch within one wave of resident warps (`items * split <= resident`), or 1 when the items alone
 /// fill it. Fewer warps per item means longer streams per warp (the load ring's prologue paid once per
 /// item, no shared-memory reduction); more keeps a launch of few items from leaving SMs idle; past one
@@ -698,7 +865,7 @@ const V4_OVER_V3_ROWS: u32 = 4;
 enum Kernel {
     Generic(Variant, Tile),
     Tc(&'static TcEntries, TcTile),
-    /// The v4 entries and the tile's input rows (8 or 16).
+    /// The v4 entries and the tile's input rows (8 or 16; a matmul also 32, [`Kernel::pick_matmul`]).
     V4(&'static V4Entries, u32),
 }
 
@@ -735,6 +902,35 @@ impl Kernel {
     /// as 16-row tiles (the matmul entry loops over them; sbmm splits segments into runs).
     fn v4_any_rows(e: &'static V4Entries, longest: u32) -> Kernel {
         Kernel::V4(e, v4_tile_rows(longest.min(V4_MAX_ROWS)))
+    }
+
+    /// The kernel of a `delta_matmul` of `m` input rows: past 16 rows, the v4 32-row tile where the v4
+    /// kernels run for the delta and [`crate::set_v4_wide_tiles`] allows it (predicted to beat the
+    /// tensor-core v3 kernels there: one decode of the codes per 32 rows instead of v3's decode per
+    /// 32-row tile at a third of the bytes per instruction, see bench/kernels/V4.md, "32-row tile");
+    /// else [`Kernel::pick`], as sbmm.
+    fn pick_matmul(
+        variant: Variant,
+        tc: Option<&'static TcEntries>,
+        v4: Option<&'static V4Entries>,
+        m: u32,
+    ) -> Kernel {
+        match v4 {
+            Some(e) if m > V4_MAX_ROWS && crate::v4_wide_tiles() => {
+                Kernel::V4(e, v4_matmul_tile_rows(m))
+            }
+            _ => Kernel::pick(variant, tc, v4, m),
+        }
+    }
+
+    /// [`Kernel::v4_any_rows`] for a `delta_matmul` of `m` rows: the 32-row tile past 16 rows unless
+    /// [`crate::set_v4_wide_tiles`] turned it off.
+    fn v4_matmul_any_rows(e: &'static V4Entries, m: u32) -> Kernel {
+        if crate::v4_wide_tiles() {
+            Kernel::V4(e, v4_matmul_tile_rows(m))
+        } else {
+            Kernel::v4_any_rows(e, m)
+        }
     }
 
     /// The descriptor this kernel reads: the v4 layout's for a v4 kernel.

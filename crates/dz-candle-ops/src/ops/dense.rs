@@ -41,11 +41,41 @@ static DENSE_ROWS: AtomicUsize = AtomicUsize::new(DEFAULT_DENSE_ROWS);
 /// Default [`DEFAULT_DENSE_ROWS`].
 pub fn set_dense_rows(rows: usize) {
     DENSE_ROWS.store(rows, Ordering::Relaxed);
+    DENSE_ROWS_SET.store(true, Ordering::Relaxed);
 }
+
+/// Whether [`set_dense_rows`] was called: then its threshold holds for every delta (no
+/// [`V4_WIDE_DENSE_ROWS`] floor).
+static DENSE_ROWS_SET: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// The threshold [`set_dense_rows`] set.
 pub fn dense_rows() -> usize {
     DENSE_ROWS.load(Ordering::Relaxed)
+}
+
+/// With the 32-row v4 matmul tile ([`crate::set_v4_wide_tiles`], on by default) and the default threshold
+/// (no [`set_dense_rows`] call), a `delta_matmul` of a delta that has a v4 layout takes the dense route
+/// from at least this many rows (`sbmm` segments, which
+/// run as 16-row tiles, keep [`dense_rows`]). Measured on the H200 (session 12,
+/// `bench/results/h200-s12-2026-11-30.md`): the tile was faster than the route at 32-128 rows on every
+/// 7B/13B shape and v4 codec (4096 x 4096 4b 2:4 at 64 rows: 25.1 vs 40.1 us; 13824 x 5120 at 128: 82.6
+/// vs 123.3); at 256 rows the route was 5-15% faster on the four larger shapes and 15% slower on
+/// 4096 x 4096 (43.9 vs 37.3), and past 256 the tile's time keeps growing with the rows, the route's
+/// barely.
+pub const V4_WIDE_DENSE_ROWS: usize = 256;
+
+/// [`takes_dense`] for a `delta_matmul` / `delta_matmul_add` of `rows` rows: under the default threshold
+/// (no [`set_dense_rows`] call), a delta the 32-row v4 tile takes goes dense from
+/// `max(dense_rows(), V4_WIDE_DENSE_ROWS)` rows.
+pub(crate) fn takes_dense_matmul(delta: &DeviceDelta, rows: usize, x_dtype: DType) -> bool {
+    let wide = !DENSE_ROWS_SET.load(Ordering::Relaxed)
+        && crate::v4_kernels()
+        && crate::v4_wide_tiles()
+        && delta.v4_parts().is_some();
+    if wide && rows < V4_WIDE_DENSE_ROWS {
+        return false;
+    }
+    takes_dense(delta, rows, x_dtype)
 }
 
 /// Whether `rows` input rows of `x_dtype` through `delta` take the dense route.

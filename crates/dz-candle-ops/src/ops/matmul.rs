@@ -4,7 +4,7 @@ use candle_core::{CpuStorage, CudaStorage, CustomOp1, CustomOp2, Layout, Shape, 
 
 use super::{
     check_contiguous, check_device, check_dims, check_float, check_is_delta, check_last_dim,
-    check_same_dtype, dense_matmul, takes_dense, with_last, Fill,
+    check_same_dtype, dense_matmul, takes_dense_matmul, with_last, Fill,
 };
 use crate::cpu::engine::{matmul_t, scatter_add};
 use crate::cpu::{floats, to_storage, Locked};
@@ -81,7 +81,7 @@ pub(crate) fn delta_matmul_with(
 ) -> candle_core::Result<Tensor> {
     let op = DeltaMatmul { delta, fill };
     check_x(op.name(), x, delta)?;
-    if fill == Fill::Uninit && takes_dense(delta, rows_of(x), x.dtype()) {
+    if fill == Fill::Uninit && takes_dense_matmul(delta, rows_of(x), x.dtype()) {
         return dense_matmul(x, delta);
     }
     x.apply_op1_no_bwd(&op)
@@ -166,7 +166,7 @@ pub(crate) fn delta_matmul_add_with(
         &with_last(x.dims(), delta.dims().0),
         "x's leading dims, then N_total",
     )?;
-    if fill == Fill::Uninit && takes_dense(delta, rows_of(x), x.dtype()) {
+    if fill == Fill::Uninit && takes_dense_matmul(delta, rows_of(x), x.dtype()) {
         // Rounded twice (the product, then the sum) where the fused kernel rounds once.
         return base_out + dense_matmul(x, delta)?;
     }

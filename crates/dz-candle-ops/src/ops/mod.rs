@@ -15,8 +15,10 @@ mod embedding;
 mod matmul;
 mod sbmm;
 
-pub(crate) use dense::{dense_matmul, takes_dense};
-pub use dense::{dense_rows, set_dense_rows, DEFAULT_DENSE_ROWS, V4_ONLY_DENSE_ROWS};
+pub(crate) use dense::{dense_matmul, takes_dense, takes_dense_matmul};
+pub use dense::{
+    dense_rows, set_dense_rows, DEFAULT_DENSE_ROWS, V4_ONLY_DENSE_ROWS, V4_WIDE_DENSE_ROWS,
+};
 pub use dequant::{dequantize, merge};
 pub(crate) use dequant::{dequantize_with, merge_with};
 pub use embedding::embedding_delta_add;
@@ -24,7 +26,7 @@ pub(crate) use embedding::embedding_delta_add_with;
 pub use matmul::{delta_matmul, delta_matmul_add};
 pub(crate) use matmul::{delta_matmul_add_with, delta_matmul_with};
 pub(crate) use sbmm::sbmm_with;
-pub use sbmm::{sbmm, Segment};
+pub use sbmm::{sbmm, sbmm_planned, SbmmPlan, Segment};
 
 use candle_core::{DType, Tensor};
 use dz_format::Role;

@@ -1,11 +1,11 @@
 //! `sbmm`: selective batched matmul (DeltaZip's SBMM): the rows of one batch belong to different
 //! fine-tunes, and each contiguous run of rows adds its own delta's `x · Dᵀ` to the shared base output.
 
-use candle_core::{CpuStorage, CudaStorage, CustomOp2, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CudaStorage, CustomOp2, DType, Device, Layout, Shape, Tensor};
 
 use super::{
     check_contiguous, check_device, check_dims, check_float, check_is_delta, check_last_dim,
-    check_same_dtype, dense_matmul, takes_dense, with_last, Fill,
+    check_same_dtype, dense_matmul, is_float, takes_dense, with_last, Fill,
 };
 use crate::cpu::engine::{matmul_t, scatter_add};
 use crate::cpu::{floats, to_storage, Locked};
@@ -81,12 +81,31 @@ fn check_segments(op: &'static str, segments: &[Segment], m: usize, n_deltas: us
     Ok(())
 }
 
+/// The deltas of one sbmm: the caller's (the plain op) or an [`SbmmPlan`]'s own clones.
+#[derive(Clone, Copy)]
+enum Deltas<'a> {
+    Borrowed(&'a [&'a DeviceDelta]),
+    Owned(&'a [DeviceDelta]),
+}
+
+impl<'a> Deltas<'a> {
+    fn get(self, i: usize) -> &'a DeviceDelta {
+        match self {
+            Deltas::Borrowed(d) => d[i],
+            Deltas::Owned(d) => &d[i],
+        }
+    }
+}
+
 struct Sbmm<'a> {
-    deltas: &'a [&'a DeviceDelta],
+    deltas: Deltas<'a>,
+    /// The segments the kernels compute (those of the dense route as base-only).
     segments: &'a [Segment],
     k: usize,
     n: usize,
     fill: Fill,
+    /// The CUDA launches, when planned for a CUDA device.
+    launches: Option<&'a crate::cuda::SbmmLaunches>,
 }
 
 impl CustomOp2 for Sbmm<'_> {
@@ -111,7 +130,7 @@ impl CustomOp2 for Sbmm<'_> {
                 continue;
             };
             // One delta's storages are locked at a time (a delta listed twice is never locked twice).
-            let locked = Locked::new(self.deltas[d]);
+            let locked = Locked::new(self.deltas.get(d));
             let h = locked.host(op)?;
             let xs = &x[s.start * k..(s.start + s.len) * k];
             let yt = matmul_t(&h, xs, s.len);
@@ -127,17 +146,128 @@ impl CustomOp2 for Sbmm<'_> {
         s2: &CudaStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
-        crate::cuda::sbmm(
-            self.name(),
-            self.deltas,
-            self.segments,
-            (self.k, self.n),
-            (s1, l1),
-            (s2, l2),
-            self.fill,
-        )
+        let Some(launches) = self.launches else {
+            return Err(OpError::Storage {
+                op: self.name(),
+                reason: "x is on a CUDA device but the sbmm was not planned for one".into(),
+            }
+            .into());
+        };
+        crate::cuda::sbmm_run(self.name(), launches, (s1, l1), (s2, l2), self.fill)
     }
 }
+
+/// What one batch layout (deltas, segments, rows, dtype, device) needs before any input is seen: the
+/// segments of the dense route and, on CUDA, the uploaded segment and descriptor table with the launches
+/// over it. The plain [`sbmm`] builds one per call; an [`SbmmPlan`] keeps one.
+struct Prepared {
+    m: usize,
+    /// The deltas' `(K, N_total)`; `None` without deltas (then any `K` and `N_total`).
+    kn: Option<(usize, usize)>,
+    dtype: DType,
+    device: Device,
+    fill: Fill,
+    /// The segments the kernels see when some take the dense route (those as base-only), else `None`:
+    /// the segments as given.
+    kernel_segments: Option<Vec<Segment>>,
+    /// On a CUDA device: the launches.
+    launches: Option<crate::cuda::SbmmLaunches>,
+}
+
+impl Prepared {
+    /// Plans `segments` over `deltas` (checked by the caller: segments cover `0..m`, deltas of one shape
+    /// `kn` on `device`) for inputs of `dtype`.
+    fn new(
+        deltas: &[&DeviceDelta],
+        segments: &[Segment],
+        m: usize,
+        kn: Option<(usize, usize)>,
+        dtype: DType,
+        device: &Device,
+        fill: Fill,
+    ) -> candle_core::Result<Self> {
+        // Segments with many rows (prefill) take the dense route: the kernels see them as base-only rows,
+        // then each adds its product.
+        let dense = |s: &Segment| {
+            s.delta
+                .is_some_and(|d| fill == Fill::Uninit && takes_dense(deltas[d], s.len, dtype))
+        };
+        let kernel_segments = segments.iter().any(dense).then(|| {
+            segments
+                .iter()
+                .map(|s| Segment {
+                    delta: if dense(s) { None } else { s.delta },
+                    ..*s
+                })
+                .collect::<Vec<_>>()
+        });
+        let launches = match device {
+            Device::Cuda(dev) => Some(crate::cuda::sbmm_prepare(
+                OP,
+                deltas,
+                kernel_segments.as_deref().unwrap_or(segments),
+                m,
+                // Without deltas nothing launches, and K and N_total are not read.
+                kn.unwrap_or((0, 0)),
+                dtype,
+                dev,
+            )?),
+            _ => None,
+        };
+        Ok(Prepared {
+            m,
+            kn,
+            dtype,
+            device: device.clone(),
+            fill,
+            kernel_segments,
+            launches,
+        })
+    }
+
+    /// Runs the planned sbmm on inputs checked against the plan (`x` `[.., K]` with `m` rows, `base_out`
+    /// `[.., N_total]` with the same leading dims, contiguous, of the plan's dtype, on its device).
+    fn run(
+        &self,
+        deltas: Deltas<'_>,
+        segments: &[Segment],
+        x: &Tensor,
+        base_out: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        let k = *x.dims().last().unwrap_or(&0);
+        let n = *base_out.dims().last().unwrap_or(&0);
+        let y = x.apply_op2_no_bwd(
+            base_out,
+            &Sbmm {
+                deltas,
+                segments: self.kernel_segments.as_deref().unwrap_or(segments),
+                k,
+                n,
+                fill: self.fill,
+                launches: self.launches.as_ref(),
+            },
+        )?;
+        let Some(kernel_segments) = &self.kernel_segments else {
+            return Ok(y);
+        };
+        let m = self.m;
+        let mut y = y.reshape((m, n))?;
+        let x2 = x.reshape((m, k))?;
+        for (s, _) in segments
+            .iter()
+            .zip(kernel_segments)
+            .filter(|(s, ks)| s.delta != ks.delta)
+        {
+            let d = deltas.get(s.delta.unwrap_or_default());
+            let part =
+                (y.narrow(0, s.start, s.len)? + dense_matmul(&x2.narrow(0, s.start, s.len)?, d)?)?;
+            y = y.slice_assign(&[s.start..s.start + s.len, 0..n], &part)?;
+        }
+        y.reshape(base_out.dims())
+    }
+}
+
+const OP: &str = "sbmm";
 
 /// Selective batched matmul: `y[rows of s] = base_out[rows of s] + x[rows of s] · D_sᵀ` for each
 /// segment `s` (`D_s = deltas[s.delta]`), and `y[rows] = base_out[rows]` for base-only segments.
@@ -150,6 +280,11 @@ impl CustomOp2 for Sbmm<'_> {
 /// One call serves any number of deltas (64 and more). On CUDA it is one kernel launch per codec variant
 /// (codec and bits) present among the deltas, each covering every segment of every delta of that variant,
 /// after one copy of `base_out` into the output.
+///
+/// Each call plans the batch first (on CUDA: describes every delta, groups the segments, picks the
+/// kernels and uploads a segment and descriptor table); a caller that runs the same deltas over the same
+/// segments again (every layer of a decode step, and consecutive steps of one batch) can plan once with
+/// [`SbmmPlan::new`] and call [`sbmm_planned`]: the same results, bit for bit.
 pub fn sbmm(
     x: &Tensor,
     base_out: &Tensor,
@@ -166,7 +301,6 @@ pub(crate) fn sbmm_with(
     segments: &[Segment],
     fill: Fill,
 ) -> candle_core::Result<Tensor> {
-    const OP: &str = "sbmm";
     check_float(OP, "x", x)?;
     check_same_dtype(OP, "base_out", base_out, x.dtype(), "x")?;
     check_contiguous(OP, "x", x)?;
@@ -185,17 +319,7 @@ pub(crate) fn sbmm_with(
             check_is_delta(OP, d)?;
             check_device(OP, "x", x, d)?;
             check_device(OP, "base_out", base_out, d)?;
-            if d.dims() != first.dims() {
-                return Err(OpError::DeltaShapes {
-                    op: OP,
-                    index: i,
-                    name: d.name().to_string(),
-                    got: d.dims(),
-                    first: first.name().to_string(),
-                    expected: first.dims(),
-                }
-                .into());
-            }
+            check_shape_of(i, d, first)?;
         }
     } else if !x.device().same_device(base_out.device()) {
         return Err(OpError::Device {
@@ -224,51 +348,225 @@ pub(crate) fn sbmm_with(
     )?;
     let m: usize = x.dims()[..x.rank() - 1].iter().product();
     check_segments(OP, segments, m, deltas.len())?;
-    // Segments with many rows (prefill) take the dense route: the kernels see them as base-only rows,
-    // then each adds its product.
-    let dense = |s: &Segment| {
-        s.delta
-            .is_some_and(|d| fill == Fill::Uninit && takes_dense(deltas[d], s.len, x.dtype()))
-    };
-    if !segments.iter().any(dense) {
-        return x.apply_op2_no_bwd(
-            base_out,
-            &Sbmm {
-                deltas,
-                segments,
-                k,
-                n,
-                fill,
-            },
-        );
+    Prepared::new(
+        deltas,
+        segments,
+        m,
+        Some((k, n)),
+        x.dtype(),
+        x.device(),
+        fill,
+    )?
+    .run(Deltas::Borrowed(deltas), segments, x, base_out)
+}
+
+/// Delta `i` has the shape of the first one.
+fn check_shape_of(i: usize, d: &DeviceDelta, first: &DeviceDelta) -> Result<()> {
+    if d.dims() != first.dims() {
+        return Err(OpError::DeltaShapes {
+            op: OP,
+            index: i,
+            name: d.name().to_string(),
+            got: d.dims(),
+            first: first.name().to_string(),
+            expected: first.dims(),
+        });
     }
-    let kernel_segments: Vec<Segment> = segments
-        .iter()
-        .map(|s| Segment {
-            delta: if dense(s) { None } else { s.delta },
-            ..*s
+    Ok(())
+}
+
+/// An [`sbmm`] planned once for one batch layout, to run on many inputs: the deltas (clones, which keep
+/// their device memory alive), the segments, the rows `M`, the dtype and the device, and on CUDA the
+/// uploaded segment and descriptor table and the launches (kernel, tile, split and grid of each), so that
+/// [`sbmm_planned`] only checks its inputs, copies `base_out` and launches.
+///
+/// Built for what one decode step repeats: every linear layer of a step sees the same rows of the same
+/// fine-tunes (only the layer's deltas differ), and consecutive steps of one batch the same again. A
+/// plan holds its deltas' device memory (clones share their buffers): drop it when a delta is evicted.
+///
+/// The kernels are chosen when the plan is built, under the settings of that moment
+/// ([`crate::set_tensor_cores`], [`crate::set_v4_kernels`], [`crate::set_v4_split`],
+/// [`crate::set_v4_sbmm_smem_x`], [`crate::set_dense_rows`]); a plan built later follows later settings.
+///
+/// On CUDA the plan keeps the device pointers of its deltas' parts and takes no lock on their storages
+/// when it runs (the plain [`sbmm`] locks each delta while it describes it): a delta is immutable once
+/// built (its tensors are private, never written after the upload, which completes before the delta
+/// exists or is queued ahead on the device's stream; candle never replaces a storage's buffer), the
+/// plan's clones keep the buffers allocated, and they are freed on the device's one stream, where the
+/// launches are queued too, so every launch runs after the parts were written and before their free.
+pub struct SbmmPlan {
+    deltas: Vec<DeviceDelta>,
+    segments: Vec<Segment>,
+    prepared: Prepared,
+}
+
+impl std::fmt::Debug for SbmmPlan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SbmmPlan")
+            .field(
+                "deltas",
+                &self
+                    .deltas
+                    .iter()
+                    .map(DeviceDelta::name)
+                    .collect::<Vec<_>>(),
+            )
+            .field("segments", &self.segments.len())
+            .field("rows", &self.prepared.m)
+            .field("dtype", &self.prepared.dtype)
+            .field("device", &self.prepared.device.location())
+            .field(
+                "launches",
+                &self.prepared.launches.as_ref().map(|l| l.len()),
+            )
+            .finish()
+    }
+}
+
+impl SbmmPlan {
+    /// Plans [`sbmm`] of `segments` over `deltas` for inputs of `m` rows (`x` flattened to `[m, K]`) in
+    /// `dtype` (f32, f16 or bf16) on `device`. The same checks as [`sbmm`] on what it can see: every delta
+    /// a delta (not a `full` tensor) on `device`, all of one shape; `segments` cover rows `0..m` exactly,
+    /// in order, and name existing deltas. Each is a named [`OpError`].
+    pub fn new(
+        deltas: &[&DeviceDelta],
+        segments: &[Segment],
+        m: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Self> {
+        Self::with_fill(deltas, segments, m, dtype, device, Fill::Uninit)
+    }
+
+    pub(crate) fn with_fill(
+        deltas: &[&DeviceDelta],
+        segments: &[Segment],
+        m: usize,
+        dtype: DType,
+        device: &Device,
+        fill: Fill,
+    ) -> candle_core::Result<Self> {
+        if !is_float(dtype) {
+            return Err(OpError::Dtype {
+                op: OP,
+                arg: "dtype",
+                got: dtype,
+                expected: "f32, f16 or bf16".into(),
+            }
+            .into());
+        }
+        if let Some((first, _)) = deltas.split_first() {
+            for (i, d) in deltas.iter().enumerate() {
+                check_is_delta(OP, d)?;
+                if !d.device().same_device(device) {
+                    return Err(OpError::Device {
+                        op: OP,
+                        arg: "device",
+                        got: device.location(),
+                        delta: d.name().to_string(),
+                        expected: d.device().location(),
+                    }
+                    .into());
+                }
+                check_shape_of(i, d, first)?;
+            }
+        }
+        check_segments(OP, segments, m, deltas.len())?;
+        let kn = deltas.first().map(|d| (d.dims().1, d.dims().0));
+        let prepared = Prepared::new(deltas, segments, m, kn, dtype, device, fill)?;
+        Ok(SbmmPlan {
+            deltas: deltas.iter().map(|d| (*d).clone()).collect(),
+            segments: segments.to_vec(),
+            prepared,
         })
-        .collect();
-    let mut y = x
-        .apply_op2_no_bwd(
-            base_out,
-            &Sbmm {
-                deltas,
-                segments: &kernel_segments,
-                k,
-                n,
-                fill,
-            },
-        )?
-        .reshape((m, n))?;
-    let x2 = x.reshape((m, k))?;
-    for s in segments.iter().filter(|s| dense(s)) {
-        let d = deltas[s.delta.unwrap_or_default()];
-        let part =
-            (y.narrow(0, s.start, s.len)? + dense_matmul(&x2.narrow(0, s.start, s.len)?, d)?)?;
-        y = y.slice_assign(&[s.start..s.start + s.len, 0..n], &part)?;
     }
-    y.reshape(base_out.dims())
+
+    /// The deltas (the plan's clones, in the order given).
+    pub fn deltas(&self) -> &[DeviceDelta] {
+        &self.deltas
+    }
+
+    /// The segments.
+    pub fn segments(&self) -> &[Segment] {
+        &self.segments
+    }
+
+    /// The rows `M` the plan takes.
+    pub fn rows(&self) -> usize {
+        self.prepared.m
+    }
+
+    /// The input dtype the plan takes.
+    pub fn dtype(&self) -> DType {
+        self.prepared.dtype
+    }
+
+    /// The device the plan runs on.
+    pub fn device(&self) -> &Device {
+        &self.prepared.device
+    }
+
+    /// `x` and `base_out` fit the plan: its dtype and device, contiguous, `x` `[.., K]` with the plan's
+    /// `M` rows, `base_out` `[.., N_total]` with `x`'s leading dims.
+    fn check_inputs(&self, x: &Tensor, base_out: &Tensor) -> Result<()> {
+        let p = &self.prepared;
+        check_same_dtype(OP, "x", x, p.dtype, "the sbmm plan")?;
+        check_same_dtype(OP, "base_out", base_out, p.dtype, "the sbmm plan")?;
+        check_contiguous(OP, "x", x)?;
+        check_contiguous(OP, "base_out", base_out)?;
+        let delta = self
+            .deltas
+            .first()
+            .map_or("(none: the sbmm plan's device)", DeviceDelta::name);
+        for (arg, t) in [("x", x), ("base_out", base_out)] {
+            if !t.device().same_device(&p.device) {
+                return Err(OpError::Device {
+                    op: OP,
+                    arg,
+                    got: t.device().location(),
+                    delta: delta.to_string(),
+                    expected: p.device.location(),
+                });
+            }
+        }
+        let m = match x.dims().split_last() {
+            Some((_, lead)) => lead.iter().product::<usize>(),
+            None => 0,
+        };
+        if x.rank() == 0 || m != p.m {
+            return Err(OpError::Shape {
+                op: OP,
+                arg: "x",
+                got: x.dims().to_vec(),
+                expected: format!("[.., K] with {} rows (the sbmm plan's)", p.m),
+            });
+        }
+        let n = match p.kn {
+            Some((k, n)) => {
+                check_last_dim(OP, "x", x, k, "K, the sbmm plan's deltas' columns")?;
+                n
+            }
+            None => *base_out.dims().last().unwrap_or(&0),
+        };
+        check_dims(
+            OP,
+            "base_out",
+            base_out,
+            &with_last(x.dims(), n),
+            "x's leading dims, then N_total",
+        )
+    }
+}
+
+/// [`sbmm`] over a plan ([`SbmmPlan::new`]): `y = base_out + x · D_sᵀ` per segment, with the plan's
+/// deltas and segments, bit for bit what `sbmm(x, base_out, deltas, segments)` gives. `x` and `base_out`
+/// must fit the plan (its dtype and device, `x` `[.., K]` with its `M` rows, `base_out` `[.., N_total]`
+/// with `x`'s leading dims, both contiguous), else a named [`OpError`]. On CUDA this copies `base_out` to
+/// the output and queues the planned launches: no delta is locked or described and nothing is uploaded.
+pub fn sbmm_planned(x: &Tensor, base_out: &Tensor, plan: &SbmmPlan) -> candle_core::Result<Tensor> {
+    plan.check_inputs(x, base_out)?;
+    plan.prepared
+        .run(Deltas::Owned(&plan.deltas), &plan.segments, x, base_out)
 }
 
 #[cfg(test)]

@@ -147,13 +147,21 @@ struct Codec {
   static constexpr int BITS = B;
 };
 
-// The loads of one block for one lane: codes, metadata, scale word, x.
+// Whether the load ring carries x (8- and 16-row tiles) or only the stream loads (32- and 64-row tiles,
+// whose x words would take 64 / 128 registers a stage: they load each step's x right before its mma).
+template <int NT>
+__host__ __device__ constexpr bool x_in_ring() {
+  return NT <= 2;
+}
+
+// The loads of one block for one lane: codes, metadata, scale word, x (x only where `x_in_ring`; the
+// one-word array of the wide tiles is never touched, so it takes no register).
 template <class C, int NT>
 struct Stage {
   uint32_t w[C::CW];
   uint32_t m[C::MW > 0 ? C::MW : 1];
   uint32_t s;
-  uint32_t x[NT][C::XW];
+  uint32_t x[x_in_ring<NT>() ? NT : 1][x_in_ring<NT>() ? C::XW : 1];
 };
 
 // (a & b) | c in one LOP3 (C code with two constants becomes an AND and an OR).
@@ -169,12 +177,15 @@ struct Cursor {
   const uint8_t* codes;     // this lane's first chunk in the packet
   const uint8_t* meta;      // this lane's metadata slot in the packet
   const uint32_t* scales;   // this lane's scale word
-  const unsigned int* x[NT];  // this lane's first x word of the block, per n-tile
+  const unsigned int* x[x_in_ring<NT>() ? NT : 1];  // this lane's first x word of the block, per n-tile
   uint32_t kb;              // the block
 };
 
 // Blocks of loads in flight per warp (the ring's depth): 3 for 8-row tiles, 2 for 16-row tiles (whose x
-// words take twice the registers); both fit 128 registers without spills (ptxas -v).
+// words take twice the registers); both fit 128 registers without spills (ptxas -v). The 32-row tile's
+// ring holds only the stream loads (9 registers a stage at most), 2 deep: its accumulators and partial
+// sums take 32 registers, and at 3 deep ptxas spills in the loop. (A 64-row tile, NT = 8, spilled in the
+// loop even 1 deep: 64 registers of sums; so more than 32 rows run as several 32-row x tiles.)
 template <int NT>
 constexpr int depth() {
   return NT == 1 ? 3 : 2;
@@ -221,7 +232,7 @@ struct Tile {
     const uint32_t k0 = min(cur.kb, nkb - 1) * KB;
     const bool full = k0 + KB <= K;  // uniform: only the last block of a row can be partial
 #pragma unroll
-    for (int t = 0; t < NT; ++t) {
+    for (int t = 0; t < (x_in_ring<NT>() ? NT : 0); ++t) {
       const unsigned int* xw = cur.x[t];
       if constexpr (!C::sparse) {
         // Columns 32 c .. 32 c + 31 of the block (xw points there): 4 x 16 bytes (K is a multiple of 32: all
@@ -252,7 +263,7 @@ struct Tile {
       cur.meta += split * 256;
       cur.scales += split * 8;
 #pragma unroll
-      for (int t = 0; t < NT; ++t) cur.x[t] += split * (KB / 2);
+      for (int t = 0; t < (x_in_ring<NT>() ? NT : 0); ++t) cur.x[t] += split * (KB / 2);
     }
     cur.kb += split;
   }
@@ -287,6 +298,56 @@ struct Tile {
           mma32sp<T>(part[t], a, b, st.m[s]);
         } else {
           mma16<T>(part[t], a, st.x[t][2 * s], st.x[t][2 * s + 1]);
+        }
+      }
+    }
+  }
+
+  // part += this block's products for the wide tiles (x not in the ring): each step's x words are loaded
+  // right before its mma (quant: one 16-byte load per n-tile and pair of steps; sparse24: 4 words per
+  // n-tile and step), from L1 (x is read by every row tile of the delta). `xb` points at this lane's first
+  // x word of block `kb` in input row 0 of the item; row 8 t + g is read (clamped to `rows - 1`). x words
+  // past K are not loaded but taken as 0 (the codes there are the zero point: the weights are exactly 0).
+  static __device__ __forceinline__ void compute_wide(const Stage<C, NT>& st, float (&part)[NT][4],
+                                                      const uint32_t (&mul)[4], const uint32_t (&add)[4],
+                                                      const uint32_t (&mask)[4], uint32_t magic,
+                                                      const unsigned int* xb, uint32_t rows, uint32_t K,
+                                                      uint32_t kb, uint32_t lane) {
+    const uint32_t g = lane / 4, c = lane % 4;
+    const uint32_t k0 = kb * KB, words = K / 2;
+    const bool full = k0 + KB <= K;  // uniform: only the last block of a row can be partial
+    if constexpr (!C::sparse) {
+      const bool in = full || k0 + 32 * c < K;  // the lane's 32 columns: all in or all out
+#pragma unroll
+      for (int s2 = 0; s2 < C::STEPS / 2; ++s2) {
+        uint32_t a0[4], a1[4];
+#pragma unroll
+        for (int f = 0; f < 4; ++f) {
+          a0[f] = a_pair(st, 2 * s2, f, mul, add, mask, magic);
+          a1[f] = a_pair(st, 2 * s2 + 1, f, mul, add, mask, magic);
+        }
+#pragma unroll
+        for (int t = 0; t < NT; ++t) {
+          const unsigned int* xw = xb + size_t(min(uint32_t(8 * t) + g, rows - 1)) * words;
+          const uint4 v = in ? ldg16(xw + 4 * s2) : make_uint4(0u, 0u, 0u, 0u);
+          mma16<T>(part[t], a0, v.x, v.y);
+          mma16<T>(part[t], a1, v.z, v.w);
+        }
+      }
+    } else {
+#pragma unroll
+      for (int s = 0; s < C::STEPS; ++s) {
+        uint32_t a[4];
+#pragma unroll
+        for (int f = 0; f < 4; ++f) a[f] = a_pair(st, s, f, mul, add, mask, magic);
+        const bool in = full || k0 + 32 * s < K;
+#pragma unroll
+        for (int t = 0; t < NT; ++t) {
+          const unsigned int* xw = xb + size_t(min(uint32_t(8 * t) + g, rows - 1)) * words + 16 * s;
+          uint32_t b[4];
+#pragma unroll
+          for (int i = 0; i < 4; ++i) b[i] = in ? __ldg(xw + 4 * i) : 0u;
+          mma32sp<T>(part[t], a, b, st.m[s]);
         }
       }
     }
@@ -342,10 +403,12 @@ struct Tile {
     const uint32_t wk0 = min(part, nkb - 1);  // a warp with no block of its own still loads in bounds
     codes_at(cur, d, size_t(rt) * nkb + wk0, lane);
 #pragma unroll
-    for (int t = 0; t < NT; ++t) {
+    for (int t = 0; t < (x_in_ring<NT>() ? NT : 0); ++t) {
       const T* row = x + size_t(min(uint32_t(8 * t) + g, rows - 1)) * K + size_t(wk0) * KB;
       cur.x[t] = reinterpret_cast<const unsigned int*>(row) + (C::sparse ? c : 16 * c);
     }
+    // The wide tiles' x: this lane's first word in input row 0 (compute_wide adds the row and the block).
+    const unsigned int* xl = reinterpret_cast<const unsigned int*>(x) + (C::sparse ? c : 16 * c);
 
     uint32_t mul[4], add[4], mask[4];
     decode_constants(d.bits, mul, add, mask);
@@ -355,7 +418,7 @@ struct Tile {
 #pragma unroll
     for (int i = 0; i < D; ++i) {
 #pragma unroll
-      for (int t = 0; t < NT; ++t)
+      for (int t = 0; t < (x_in_ring<NT>() ? NT : 0); ++t)
 #pragma unroll
         for (int j = 0; j < C::XW; ++j) ring[i].x[t][j] = 0;  // x words past K stay finite (zero)
       load(ring[i], cur, nkb, K, lane, split);
@@ -370,7 +433,11 @@ struct Tile {
         for (int t = 0; t < NT; ++t)
 #pragma unroll
           for (int e = 0; e < 4; ++e) p[t][e] = 0.f;
-        compute(ring[i], p, mul, add, mask, magic);
+        if constexpr (x_in_ring<NT>()) {
+          compute(ring[i], p, mul, add, mask, magic);
+        } else {
+          compute_wide(ring[i], p, mul, add, mask, magic, xl + size_t(kb) * (KB / 2), rows, K, kb, lane);
+        }
         add_scaled(acc, p, ring[i].s);
         load(ring[i], cur, nkb, K, lane, split);
       }
@@ -659,6 +726,173 @@ __device__ __forceinline__ void sbmm_sx(const DzSegment* segs, uint32_t n_segs, 
   }
 }
 
+// ---------------------------------------------------------------------------------------------------------
+// The 32-row matmul tile with x staged in shared memory (`dz_v4_<variant>_matmul_sx_<t>_n4`; issue #5, rows
+// 17-256; written in session 12 without a GPU). The 32-row tile above loads each lane's x words from global
+// memory right before its mma: every 16-row tile of the delta reads the whole x tile again through L1 (32
+// rows x 256 B a K block, 4x the code bytes), and those loads touch 8 rows (8 to 16 cache lines) an
+// instruction. Here a block's 8 warps take 8 consecutive row tiles of one x tile, each its whole K row
+// (no split, no reduction), and share x: the block copies it into shared memory a chunk of XC K blocks at a
+// time (cp.async, double-buffered, one barrier pair a chunk; as the sbmm's `SxTile`), and each mma's B
+// fragment comes from there: sparse24 with one ldmatrix.x4 (exactly the m16n8k32 B fragment: matrix i =
+// columns 8 i .. 8 i + 7 of the step), quant with one 16-byte load a pair of steps. Rows are 132 words
+// apart (4 mod 32: the 8 rows of an ldmatrix phase on distinct banks) and the 16-byte pieces of a row are
+// swizzled (piece q at q ^ 2 ((q >> 3) & 1)) so that the quant loads (lane (g, c): piece 4 c + s2) hit 8
+// distinct bank groups in each quarter warp. Rows past `rows` are staged as row `rows - 1`, columns past K
+// as zeros. Launched where there are enough blocks of 8 tiles to fill the GPU (the host's rule).
+template <class C, typename T>
+struct WideSx {
+  static constexpr int NT = 4;
+  using Tl = Tile<C, T, NT>;
+  static constexpr int XC = 2;                    // K blocks a chunk
+  static constexpr int XR = 8 * NT;               // staged x rows
+  static constexpr int PIECES = XC * KB / 8;      // 16-byte pieces a row
+  static constexpr int STRIDE = XC * KB / 2 + 4;  // words a staged row: 4 (mod 32)
+  static constexpr int BUF = XR * STRIDE;         // words a buffer
+  static constexpr int D = 2;                     // the code ring's depth; divides XC
+  static_assert(XC % D == 0, "chunk boundaries must fall on round starts");
+
+  static __device__ __forceinline__ uint32_t swz(uint32_t q) { return q ^ (((q >> 3) & 1u) << 1); }
+
+  // Chunk `ch` of the x tile into `buf` (every thread of the block takes part).
+  static __device__ __forceinline__ void stage(uint32_t* buf, const T* x, uint32_t rows, uint32_t K, uint32_t ch) {
+    for (uint32_t p = threadIdx.x; p < XR * PIECES; p += blockDim.x) {
+      const uint32_t r = p / PIECES, q = p % PIECES;
+      const uint32_t col = ch * XC * KB + q * 8;
+      const T* src = x + size_t(min(r, rows - 1)) * K + min(col, K - 8);
+      cp_async16(buf + r * STRIDE + swz(q) * 4, src, col < K ? 16u : 0u);
+    }
+  }
+
+  // part += block j (of the chunk in `buf`) of this warp's products.
+  static __device__ __forceinline__ void compute(const Stage<C, NT>& st, float (&part)[NT][4], const uint32_t (&mul)[4],
+                                                 const uint32_t (&add)[4], const uint32_t (&mask)[4], uint32_t magic,
+                                                 const uint32_t* buf, uint32_t j, uint32_t lane) {
+    const uint32_t g = lane / 4, c = lane % 4;
+    if constexpr (!C::sparse) {
+#pragma unroll
+      for (int s2 = 0; s2 < C::STEPS / 2; ++s2) {
+        uint32_t a0[4], a1[4];
+#pragma unroll
+        for (int f = 0; f < 4; ++f) {
+          a0[f] = Tl::a_pair(st, 2 * s2, f, mul, add, mask, magic);
+          a1[f] = Tl::a_pair(st, 2 * s2 + 1, f, mul, add, mask, magic);
+        }
+        // Words 16 c + 4 s2 .. + 3 of the block (the re-laid quant order: lane c's 32 columns).
+        const uint32_t* at = buf + swz(16 * j + 4 * c + s2) * 4;
+#pragma unroll
+        for (int t = 0; t < NT; ++t) {
+          const uint4 v = *reinterpret_cast<const uint4*>(at + (8 * t + g) * STRIDE);
+          mma16<T>(part[t], a0, v.x, v.y);
+          mma16<T>(part[t], a1, v.z, v.w);
+        }
+      }
+    } else {
+      const uint32_t base = static_cast<uint32_t>(__cvta_generic_to_shared(buf));
+      const uint32_t lr = lane % 8, li = lane / 8;  // the ldmatrix row this lane addresses: matrix li, row lr
+#pragma unroll
+      for (int s = 0; s < C::STEPS; ++s) {
+        uint32_t a[4];
+#pragma unroll
+        for (int f = 0; f < 4; ++f) a[f] = Tl::a_pair(st, s, f, mul, add, mask, magic);
+        const uint32_t piece = swz(16 * j + 4 * s + li);
+#pragma unroll
+        for (int t = 0; t < NT; ++t) {
+          uint32_t b[4];
+          const uint32_t addr = base + ((8 * t + lr) * STRIDE + piece * 4) * 4;
+          asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                       : "=r"(b[0]), "=r"(b[1]), "=r"(b[2]), "=r"(b[3])
+                       : "r"(addr));
+          mma32sp<T>(part[t], a, b, st.m[s]);
+        }
+      }
+    }
+  }
+
+  static __device__ __forceinline__ void advance(Cursor<C, T, NT>& cur, uint32_t nkb) {
+    if (cur.kb + 1 < nkb) {
+      cur.codes += C::PACKET;
+      cur.meta += 256;
+      cur.scales += 8;
+    }
+    cur.kb += 1;
+  }
+
+  // acc += this warp's whole K row of tile `rt` against the block's x tile (`rows` rows at `x`). Every warp
+  // of the block calls it with the same x tile and delta (the barriers).
+  static __device__ __forceinline__ void accumulate(const DzDelta& d, const T* x, uint32_t rows, uint32_t rt,
+                                                    uint32_t* xs, float (&acc)[NT][4]) {
+    const uint32_t lane = threadIdx.x % 32;
+    const uint32_t K = d.k;
+    const uint32_t nkb = (K + KB - 1) / KB;
+    const uint32_t nchunks = (nkb + XC - 1) / XC;
+    Cursor<C, T, NT> cur;
+    cur.kb = 0;
+    Tl::codes_at(cur, d, size_t(rt) * nkb, lane);
+    uint32_t mul[4], add[4], mask[4];
+    Tl::decode_constants(d.bits, mul, add, mask);
+    const uint32_t magic = Num<T>::MAGIC;
+
+    Stage<C, NT> ring[D];
+#pragma unroll
+    for (int i = 0; i < D; ++i) {
+      Tl::load_codes(ring[i], cur);
+      advance(cur, nkb);
+    }
+    __syncthreads();  // the buffers are free (an earlier x tile of this block has been read)
+    stage(xs, x, rows, K, 0);
+    cp_async_commit();
+    for (uint32_t kb0 = 0; kb0 < nkb; kb0 += D) {
+      const uint32_t ch = kb0 / XC;
+      if (kb0 % XC == 0) {
+        if (ch > 0) __syncthreads();  // chunk ch - 1 read by every warp: its buffer takes chunk ch + 1
+        if (ch + 1 < nchunks) stage(xs + ((ch + 1) % 2) * BUF, x, rows, K, ch + 1);
+        cp_async_commit();    // (an empty group past the last chunk keeps the count)
+        cp_async_wait_one();  // this thread's copies of chunk ch have landed
+        __syncthreads();      // and every thread's
+      }
+      const uint32_t* buf = xs + (ch % 2) * BUF;
+#pragma unroll
+      for (int i = 0; i < D; ++i) {
+        const uint32_t kb = kb0 + i;
+        if (kb >= nkb) break;
+        float p[NT][4];
+        zero(p);
+        compute(ring[i], p, mul, add, mask, magic, buf, kb % XC, lane);
+        Tl::add_scaled(acc, p, ring[i].s);
+        Tl::load_codes(ring[i], cur);
+        advance(cur, nkb);
+      }
+    }
+  }
+};
+
+// The launch: a 1-D grid over blocks of (x tile of 32 rows, 8 consecutive 16-row tiles), x-tile-major,
+// grid-stride. A warp past the last tile computes the last tile again (in bounds, so that it keeps the
+// block's barriers) and stores nothing.
+template <class C, typename T>
+__device__ __forceinline__ void matmul_sx(const DzDelta& d, const T* x, const T* base, T* out, uint32_t m) {
+  constexpr int NT = WideSx<C, T>::NT;
+  __shared__ __align__(16) uint32_t xs[2 * WideSx<C, T>::BUF];
+  const uint32_t wk = threadIdx.x / 32;
+  const uint32_t tiles = (d.n_stored + 15) / 16;
+  const uint32_t groups = (tiles + WK - 1) / WK;
+  const uint64_t blocks = uint64_t((m + 8 * NT - 1) / (8 * NT)) * groups;
+  for (uint64_t b = blockIdx.x; b < blocks; b += gridDim.x) {
+    const uint32_t xt = uint32_t(b / groups);
+    const uint32_t rt = uint32_t(b % groups) * WK + wk;
+    const uint32_t i0 = xt * 8 * NT;
+    const uint32_t rows = min(uint32_t(8 * NT), m - i0);
+    float acc[NT][4];
+    zero(acc);
+    WideSx<C, T>::accumulate(d, x + size_t(i0) * d.k, rows, min(rt, tiles - 1), xs, acc);
+    if (rt < tiles) {
+      const size_t o = size_t(i0) * d.n_total;
+      Tile<C, T, NT>::store(d, rows, base ? base + o : nullptr, out + o, rt, acc);
+    }
+  }
+}
+
 // out = base + D (base may be null: out = D), for a delta without a row subset: the dense delta decoded
 // from the v4 bytes, each value by the SPEC formula ((q - z) * s) * global_scale in f32, then added to base
 // and rounded once (bit-identical to the generic `dequantize` kernels). One warp per packet (rt, kb), the
@@ -753,15 +987,24 @@ __device__ __forceinline__ void dequantize(const DzDelta& d, const T* base, T* o
     dz::v4::dequantize<C, T>(d, base, out);                                                                  \
   }
 
-// Entry points: dz_v4_<variant>_matmul_add_<t>_n<NT>, dz_v4_<variant>_sbmm_<t>_n<NT> (NT = 1, 2), with the
-// generic kernels' signatures plus the split (and sbmm's tiles); the descriptor's parts are the v4 parts
-// (codes, meta, scales). 2 blocks of 256 threads per SM: at most 128 registers.
-#define DZ_V4_ENTRIES(variant, C, T, tname, NT)                                                              \
+// Entry points: dz_v4_<variant>_matmul_add_<t>_n<NT> (NT = 1, 2, 4), dz_v4_<variant>_sbmm_<t>_n<NT>
+// (NT = 1, 2), with the generic kernels' signatures plus the split (and sbmm's tiles); the descriptor's
+// parts are the v4 parts (codes, meta, scales). 2 blocks of 256 threads per SM: at most 128 registers.
+#define DZ_V4_MATMUL(variant, C, T, tname, NT)                                                               \
   extern "C" __global__ void __launch_bounds__(dz::v4::WK * 32, 2)                                          \
       dz_v4_##variant##_matmul_add_##tname##_n##NT(DzDelta d, const T* x, const T* base, T* out, uint32_t m,  \
                                                   uint32_t split) {                                          \
     dz::v4::matmul_add<C, T, NT>(d, x, base, out, m, split);                                                 \
-  }                                                                                                          \
+  }
+// dz_v4_<variant>_matmul_sx_<t>_n4(DzDelta d, const T* x, const T* base, T* out, u32 m): the 32-row tile with
+// x in shared memory; a 1-D grid of at most ceil(m / 32) * ceil(tiles / 8) blocks of 256 threads.
+#define DZ_V4_MATMUL_SX(variant, C, T, tname)                                                                \
+  extern "C" __global__ void __launch_bounds__(dz::v4::WK * 32, 2)                                          \
+      dz_v4_##variant##_matmul_sx_##tname##_n4(DzDelta d, const T* x, const T* base, T* out, uint32_t m) {   \
+    dz::v4::matmul_sx<C, T>(d, x, base, out, m);                                                             \
+  }
+#define DZ_V4_ENTRIES(variant, C, T, tname, NT)                                                              \
+  DZ_V4_MATMUL(variant, C, T, tname, NT)                                                                     \
   extern "C" __global__ void __launch_bounds__(dz::v4::WK * 32, 2)                                          \
       dz_v4_##variant##_sbmm_##tname##_n##NT(const DzSegment* segs, uint32_t n_segs, const DzDelta* deltas,   \
                                             const T* x, T* out, uint32_t k, uint32_t n_total, uint32_t tiles, \
@@ -778,8 +1021,12 @@ __device__ __forceinline__ void dequantize(const DzDelta& d, const T* base, T* o
 #define DZ_V4_VARIANT(variant, C)                   \
   DZ_V4_ENTRIES(variant, C, __half, f16, 1)         \
   DZ_V4_ENTRIES(variant, C, __half, f16, 2)         \
+  DZ_V4_MATMUL(variant, C, __half, f16, 4)          \
+  DZ_V4_MATMUL_SX(variant, C, __half, f16)          \
   DZ_V4_ENTRIES(variant, C, __nv_bfloat16, bf16, 1) \
   DZ_V4_ENTRIES(variant, C, __nv_bfloat16, bf16, 2) \
+  DZ_V4_MATMUL(variant, C, __nv_bfloat16, bf16, 4)  \
+  DZ_V4_MATMUL_SX(variant, C, __nv_bfloat16, bf16)  \
   DZ_V4_DEQUANTIZE(variant, C, float, f32)          \
   DZ_V4_DEQUANTIZE(variant, C, __half, f16)         \
   DZ_V4_DEQUANTIZE(variant, C, __nv_bfloat16, bf16)
