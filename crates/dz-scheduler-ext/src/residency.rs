@@ -100,6 +100,12 @@ pub struct ResidencyOptions {
     /// How long a failed load stays [`DeltaState::Failed`] before a [`Residency::request`] retries
     /// it (so a broken delta is not re-read every scheduling step).
     pub retry_after: Duration,
+    /// How long a delta that just reached the GPU is kept from eviction while no sequence has been
+    /// admitted for it yet. Without it, when more deltas are wanted than the GPU holds, each load
+    /// evicted the previous load's delta before its sequences could start: session 12 served 64
+    /// 7B fine-tunes on a GPU that holds 34 at 21.7 tokens/s and 1.6 s a token, most loads wasted.
+    /// With it, such a load waits ([`DeltaState::Queued`]) until a delta is used or unpinned.
+    pub fresh_grace: Duration,
 }
 
 impl Default for ResidencyOptions {
@@ -109,6 +115,7 @@ impl Default for ResidencyOptions {
             cpu_bytes: 16 << 30,
             load_threads: 2,
             retry_after: Duration::from_secs(5),
+            fresh_grace: Duration::from_secs(5),
         }
     }
 }
@@ -169,6 +176,9 @@ struct Entry<B: Backend> {
     cpu: Option<Cached<B::Host>>,
     /// Unregistered while pinned: dropped once unpinned.
     draining: bool,
+    /// Loaded onto the GPU and not yet pinned (no sequence admitted for it since): not evicted until
+    /// then or this instant, whichever comes first (see [`ResidencyOptions::fresh_grace`]).
+    fresh_until: Option<Instant>,
 }
 
 #[derive(Clone)]
@@ -321,6 +331,7 @@ impl<B: Backend> Residency<B> {
                 gpu_last_use: 0,
                 cpu: None,
                 draining: false,
+                fresh_until: None,
             },
         );
         self.shared.changed.notify_all();
@@ -427,9 +438,23 @@ impl<B: Backend> Residency<B> {
         for n in &new {
             if let Some(e) = st.entries.get_mut(n) {
                 e.gpu_last_use = tick;
+                e.fresh_until = None;
             }
         }
         st.pinned = new;
+        // A fresh delta whose grace ran out is evictable again: loads waiting for room retry.
+        let now = Instant::now();
+        let mut expired = false;
+        for e in st.entries.values_mut() {
+            if e.fresh_until.is_some_and(|t| t <= now) {
+                e.fresh_until = None;
+                expired = true;
+            }
+        }
+        let expired = expired && !st.queued.is_empty();
+        if expired && !shrank {
+            self.shared.wake_queued(st);
+        }
         if shrank {
             let done: Vec<String> = st
                 .entries
@@ -478,6 +503,7 @@ impl<B: Backend> Residency<B> {
         match st.entries.get_mut(name) {
             Some(e) if !e.draining && matches!(e.gpu, Gpu::Ready { .. }) => {
                 e.gpu_last_use = tick;
+                e.fresh_until = None;
                 st.pinned.insert(name.to_owned());
                 true
             }
@@ -762,12 +788,14 @@ impl<B: Backend> Shared<B> {
             return self.wake_queued(st);
         }
         let tick = st.bump();
+        let fresh_until = Instant::now() + self.options.fresh_grace;
         if let Some(e) = st.live(&job) {
             e.gpu = Gpu::Ready {
                 device,
                 bytes: need,
             };
             e.gpu_last_use = tick;
+            e.fresh_until = Some(fresh_until);
         }
         st.gpu_used += need;
         st.counters.gpu_loads += 1;
@@ -829,10 +857,12 @@ impl<B: Backend> Shared<B> {
         if free >= need {
             return true;
         }
+        let now = Instant::now();
         let mut candidates: Vec<(u64, String, u64)> = st
             .entries
             .iter()
             .filter(|(n, _)| !st.pinned.contains(*n))
+            .filter(|(_, e)| e.fresh_until.is_none_or(|t| t <= now))
             .filter_map(|(n, e)| match &e.gpu {
                 Gpu::Ready { bytes, .. } => Some((e.gpu_last_use, n.clone(), *bytes)),
                 _ => None,

@@ -23,6 +23,9 @@ pub struct SchedulerOptions {
     pub load_threads: usize,
     /// How long a failed load is reported before a new request retries it. Default 5 s.
     pub retry_after: Duration,
+    /// How long a delta that just reached the GPU is kept from eviction until a sequence is admitted
+    /// for it ([`ResidencyOptions::fresh_grace`]). Default 5 s.
+    pub fresh_grace: Duration,
     /// The admission order. Default [`Policy::Fair`].
     pub policy: Policy,
 }
@@ -36,6 +39,7 @@ impl Default for SchedulerOptions {
             cpu_bytes: r.cpu_bytes,
             load_threads: r.load_threads,
             retry_after: r.retry_after,
+            fresh_grace: r.fresh_grace,
             policy: Policy::Fair,
         }
     }
@@ -99,6 +103,7 @@ impl<B: Backend> Scheduler<B> {
                 cpu_bytes: options.cpu_bytes,
                 load_threads: options.load_threads,
                 retry_after: options.retry_after,
+                fresh_grace: options.fresh_grace,
             },
         )?;
         Ok(Self {

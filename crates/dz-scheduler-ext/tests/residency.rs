@@ -17,6 +17,8 @@ fn residency(fake: Fake, gpu_bytes: u64, cpu_bytes: u64, load_threads: usize) ->
             cpu_bytes,
             load_threads,
             retry_after: Duration::from_secs(3600),
+            // These tests load deltas without admitting sequences for them and check the LRU order.
+            fresh_grace: Duration::ZERO,
         },
     )
     .unwrap()
@@ -240,6 +242,7 @@ fn a_failed_load_is_reported_and_a_later_request_retries() {
             cpu_bytes: 1000,
             load_threads: 1,
             retry_after: Duration::ZERO,
+            fresh_grace: Duration::ZERO,
         },
     )
     .unwrap();
@@ -479,4 +482,69 @@ fn zero_load_threads_is_refused() {
     )
     .unwrap_err();
     assert!(matches!(e, Error::NoLoadThreads));
+}
+
+/// A residency whose loads keep their delta from eviction for `grace` until it is admitted.
+fn residency_with_grace(fake: Fake, gpu_bytes: u64, grace: Duration) -> Residency<Fake> {
+    Residency::new(
+        fake,
+        ResidencyOptions {
+            gpu_bytes,
+            cpu_bytes: 10_000,
+            load_threads: 1,
+            retry_after: Duration::from_secs(3600),
+            fresh_grace: grace,
+        },
+    )
+    .unwrap()
+}
+
+#[test]
+fn a_fresh_delta_is_not_evicted_before_its_sequences_start() {
+    // Room for two. a and b are loaded for waiting requests and not admitted yet: c's load waits
+    // instead of evicting one of them (session 12's 64 fine-tunes on room for 34: each load evicted
+    // the one before it).
+    let r = residency_with_grace(Fake::new(200), 200, Duration::from_secs(3600));
+    for n in ["a", "b", "c"] {
+        r.register(n, 100).unwrap();
+    }
+    load(&r, "a");
+    load(&r, "b");
+    r.request("c");
+    assert_eq!(r.wait("c", Duration::from_millis(100)), DeltaState::Queued);
+    assert_eq!(r.state("a"), DeltaState::Ready);
+    assert_eq!(r.state("b"), DeltaState::Ready);
+    // a's sequence starts (pinned), then ends: a is an ordinary LRU delta again and makes room.
+    assert!(r.pin("a"));
+    r.set_running([]);
+    assert_eq!(r.wait("c", BOUND), DeltaState::Ready);
+    assert_eq!(
+        r.state("a"),
+        DeltaState::Idle,
+        "a, used and unpinned, was the one evicted"
+    );
+    assert_eq!(r.state("b"), DeltaState::Ready, "b is still fresh");
+    assert_clean(&r);
+}
+
+#[test]
+fn a_fresh_delta_becomes_evictable_when_its_grace_runs_out() {
+    let r = residency_with_grace(Fake::new(200), 200, Duration::from_millis(50));
+    for n in ["a", "b", "c"] {
+        r.register(n, 100).unwrap();
+    }
+    load(&r, "a");
+    load(&r, "b");
+    r.request("c");
+    assert_eq!(r.wait("c", Duration::from_millis(10)), DeltaState::Queued);
+    std::thread::sleep(Duration::from_millis(60));
+    // The next scheduling step sees the grace gone and retries the queued load.
+    r.set_running([]);
+    assert_eq!(r.wait("c", BOUND), DeltaState::Ready);
+    assert_eq!(
+        r.state("a"),
+        DeltaState::Idle,
+        "the least recently used one went"
+    );
+    assert_clean(&r);
 }
