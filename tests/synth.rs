@@ -494,7 +494,17 @@ fn cli_bench_hook_times_every_module_of_a_layer() {
         "1",
         "--iters",
         "2",
+        "--slot-tables",
     ]);
+    let passes = out
+        .lines()
+        .filter(|l| l.starts_with("| 7 linear layers, another batch each pass"))
+        .count();
+    assert_eq!(
+        passes, 2,
+        "the plans' and the slot tables' pass rows:\n{out}"
+    );
+    assert!(out.contains("slot tables"), "{out}");
     let rows: Vec<Vec<&str>> = out
         .lines()
         .filter(|l| l.starts_with("| model.layers.1."))
@@ -502,8 +512,8 @@ fn cli_bench_hook_times_every_module_of_a_layer() {
         .collect();
     assert_eq!(
         rows.len(),
-        11,
-        "7 linear layers, 2 norms, the new-pass and new-batch rows:\n{out}"
+        12,
+        "7 linear layers, 2 norms, the new-pass, new-batch and slot-table rows:\n{out}"
     );
     for r in &rows {
         let host: f64 = r[3].parse().unwrap();

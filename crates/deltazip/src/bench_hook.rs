@@ -56,6 +56,11 @@ pub struct BenchHookArgs {
     /// Upload the deltas for the v4 kernels (`serve --v4-kernels`).
     #[arg(long)]
     pub v4_kernels: bool,
+    /// Also time the slot tables (`serve --slot-tables`, dz_loader::set_slot_tables): the layer's
+    /// deltas by fine-tune slot and one segment table per pass, beside the per-layer plans, in rows
+    /// where the batch changes every pass (the serving case).
+    #[arg(long)]
+    pub slot_tables: bool,
 }
 
 /// One timed module.
@@ -158,8 +163,10 @@ pub fn run_hook(args: &BenchHookArgs) -> Result<String> {
         )?);
         Ok((linear, k))
     };
-    // The first linear layer, kept for the new-pass row below.
+    // The first linear layer, kept for the new-pass row below; every wrapped linear layer, for the
+    // rows of a pass over all seven.
     let mut first: Option<(String, Arc<dyn QuantMethod>, Tensor)> = None;
+    let mut linears: Vec<(Arc<dyn QuantMethod>, Tensor)> = Vec::new();
     for name in [
         "self_attn.q_proj",
         "self_attn.k_proj",
@@ -177,6 +184,7 @@ pub fn run_hook(args: &BenchHookArgs) -> Result<String> {
         let (host, wall) = with_row_tags(Some(tags.clone()), || {
             time_calls(&device, args.iters, || wrapped.forward(&x))
         })?;
+        linears.push((wrapped.clone(), x.clone()));
         if first.is_none() {
             first = Some((module.clone(), wrapped, x));
         }
@@ -212,6 +220,7 @@ pub fn run_hook(args: &BenchHookArgs) -> Result<String> {
     }
     // The first module of each pass: new row tags every call, so the pass's plan is made each time.
     let (q, wrapped, x) = first.context("no linear layer was timed")?;
+    registry.force_slot_tables(Some(false));
     let (plan_host, plan_wall) = time_calls(&device, args.iters, || {
         let fresh: RowTags = Arc::from(names.clone());
         with_row_tags(Some(fresh), || wrapped.forward(&x))
@@ -243,6 +252,52 @@ pub fn run_hook(args: &BenchHookArgs) -> Result<String> {
         wall_us: build_wall,
     });
 
+    // A pass over the seven linear layers with another batch every pass (what continuous batching
+    // does): per module call, the per-layer plans (each built every pass) and, with --slot-tables, the
+    // slot tables (one segment table a pass, the layers' slot tables built once).
+    let per_pass = |label: &str| -> Result<Timed> {
+        let mut flip = false;
+        let (host, wall) = time_calls(&device, args.iters, || {
+            flip = !flip;
+            let fresh: RowTags = Arc::from(if flip { other.clone() } else { names.clone() });
+            with_row_tags(Some(fresh), || {
+                let mut last = None;
+                for (l, x) in &linears {
+                    last = Some(l.forward(x)?);
+                }
+                last.ok_or_else(|| candle_core::Error::Msg("no linear layer".into()))
+            })
+        })?;
+        let per = linears.len().max(1) as f64;
+        Ok(Timed {
+            module: format!("7 linear layers, another batch each pass, per call: {label}"),
+            base_host_us: None,
+            host_us: host / per,
+            wall_us: wall / per,
+        })
+    };
+    registry.force_slot_tables(Some(false));
+    timed.push(per_pass("the layers' plans built")?);
+    let mut slot_builds = None;
+    if args.slot_tables {
+        registry.force_slot_tables(Some(true));
+        let before = (registry.slot_segment_builds(), registry.slot_table_builds());
+        timed.push(per_pass("slot tables")?);
+        let (q, wrapped, x) = (&q, &wrapped, &x);
+        let (host, wall) = with_row_tags(Some(tags.clone()), || {
+            time_calls(&device, args.iters, || wrapped.forward(x))
+        })?;
+        timed.push(Timed {
+            module: format!("{q} (slot tables, the same pass each call)"),
+            base_host_us: None,
+            host_us: host,
+            wall_us: wall,
+        });
+        let after = (registry.slot_segment_builds(), registry.slot_table_builds());
+        slot_builds = Some((after.0 - before.0, after.1 - before.1));
+    }
+    registry.force_slot_tables(None);
+
     let mut md = String::new();
     writeln!(
         md,
@@ -257,6 +312,16 @@ pub fn run_hook(args: &BenchHookArgs) -> Result<String> {
         args.iters,
         if args.v4_kernels { ", v4 kernels" } else { "" }
     )?;
+    if args.slot_tables {
+        writeln!(
+            md,
+            "Rows marked \"slot tables\" run `dz_loader::set_slot_tables`'s path (a layer's deltas by \
+             fine-tune slot, one segment table a pass); the others the per-layer plans. While timed: \
+             {} segment tables and {} layer slot tables built.\n",
+            slot_builds.map_or(0, |b| b.0),
+            slot_builds.map_or(0, |b| b.1)
+        )?;
+    }
     writeln!(
         md,
         "| module | base host us | host us | delta host us | wall us |\n|---|---:|---:|---:|---:|"

@@ -110,6 +110,12 @@ pub struct ServeArgs {
     /// only in the v4 layout (--v4-kernels) takes the route from 64 rows at most. 0: never.
     #[arg(long, default_value_t = dz_loader::DEFAULT_DENSE_ROWS)]
     pub dense_rows: usize,
+    /// Not yet checked on a GPU (issue #9): add the linear layers' deltas through tables that survive
+    /// batch changes (each layer's deltas by fine-tune slot, rebuilt only after a load or eviction; one
+    /// segment table per forward pass shared by every layer) instead of a per-layer plan rebuilt
+    /// whenever a sequence joins or ends. The same outputs; see dz_loader::set_slot_tables.
+    #[arg(long)]
+    pub slot_tables: bool,
 }
 
 impl ServeArgs {
@@ -127,6 +133,7 @@ impl ServeArgs {
             v4_keep_packed: false,
             v4_sbmm_smem_x: false,
             dense_rows: dz_loader::DEFAULT_DENSE_ROWS,
+            slot_tables: false,
         }
     }
 }
@@ -463,6 +470,7 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
 pub fn start(args: &ServeArgs) -> Result<Running> {
     let (config, deltas) = dz_loader::Config::load(&args.config)?;
     dz_loader::set_dense_rows(args.dense_rows);
+    dz_loader::set_slot_tables(args.slot_tables);
     if args.v4_kernels {
         // Before any delta is read: the v4 layout is made when the CPU cache reads it.
         dz_loader::set_v4_kernels(true);

@@ -775,6 +775,7 @@ fn sbmm_case(
         )
         .map_err(|e| anyhow!("sbmm_planned run {run} against sbmm: {e}"))?;
     }
+    slots_case(dev, &dev_refs, segments, &xd, &bd, &got)?;
     let want = reference::sbmm(x, base, &cpu_refs, segments)?;
     let mag = sbmm_magnitude(x, base, &cpu_refs, segments);
     check(
@@ -784,6 +785,52 @@ fn sbmm_case(
         Some(&mag),
         &Tolerance::for_dtype(x.dtype()),
     )
+}
+
+/// The slot-table sbmm (`sbmm_slots`: the layer's deltas by slot, delta `i` at slot `2 i + 1` with
+/// the slots between empty, and the pass's segments by slot) against the plain sbmm's output `got`, bit
+/// for bit, twice (the second run reuses the uploaded tables); then with the first delta's slot emptied
+/// (its rows ride along in the shared launch as a slot without a delta here) against the plain sbmm
+/// with those rows base-only.
+fn slots_case(
+    dev: &Device,
+    deltas: &[&DeviceDelta],
+    segments: &[Segment],
+    xd: &Tensor,
+    bd: &Tensor,
+    got: &Tensor,
+) -> Result<()> {
+    let mut table = dz_candle_ops::SlotDeltas::new(dev);
+    for (i, d) in deltas.iter().enumerate() {
+        table.set(2 * i + 1, Some(d))?;
+    }
+    let rows: Vec<Option<usize>> = segments
+        .iter()
+        .flat_map(|s| std::iter::repeat_n(s.delta.map(|d| 2 * d + 1), s.len))
+        .collect();
+    let pass = dz_candle_ops::SlotSegments::new(&rows, dev);
+    let got_cpu = got.to_device(&Device::Cpu)?;
+    for run in 0..2 {
+        let y = dz_candle_ops::sbmm_slots(xd, bd, &pass, &table)?;
+        check(dev, &y, &got_cpu, None, &DZ_EXACT)
+            .map_err(|e| anyhow!("sbmm_slots run {run} against sbmm: {e}"))?;
+    }
+    if deltas.is_empty() {
+        return Ok(());
+    }
+    table.set(1, None)?;
+    let emptied: Vec<Segment> = segments
+        .iter()
+        .map(|s| Segment {
+            delta: s.delta.filter(|&d| d != 0),
+            ..*s
+        })
+        .collect();
+    let want = dz_candle_ops::sbmm(xd, bd, deltas, &emptied)?.to_device(&Device::Cpu)?;
+    let y = dz_candle_ops::sbmm_slots(xd, bd, &pass, &table)?;
+    check(dev, &y, &want, None, &DZ_EXACT)
+        .map_err(|e| anyhow!("sbmm_slots with an emptied slot against sbmm: {e}"))?;
+    Ok(())
 }
 
 fn dequantize_family(ck: &mut Checker) {

@@ -71,3 +71,39 @@ pub(crate) fn embedding(
 ) -> Out {
     Err(candle_core::Error::NotCompiledWithCudaSupport)
 }
+
+/// No slot tables exist without the feature: these types have no values.
+pub(crate) enum SlotDescs {}
+
+/// See [`SlotDescs`].
+pub(crate) enum SlotPieces {}
+
+/// See [`SlotDescs`].
+pub(crate) enum SlotLaunch {}
+
+pub(crate) fn slot_descs(
+    _op: &'static str,
+    _deltas: &[Option<DeviceDelta>],
+    _dev: &CudaDevice,
+) -> candle_core::Result<SlotDescs> {
+    Err(candle_core::Error::NotCompiledWithCudaSupport)
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn slot_launch(
+    _op: &'static str,
+    _segments: &[Segment],
+    _stats: &[crate::ops::SlotStat],
+    _pieces: &std::sync::Mutex<Vec<(u32, std::sync::Arc<SlotPieces>)>>,
+    descs: &SlotDescs,
+    _deltas: &[Option<DeviceDelta>],
+    _mkn: (usize, usize, usize),
+    _dtype: DType,
+    _dev: &CudaDevice,
+) -> candle_core::Result<Option<SlotLaunch>> {
+    match *descs {}
+}
+
+pub(crate) fn slot_run(_op: &'static str, launch: &SlotLaunch, _x: Arg<'_>, _base: Arg<'_>) -> Out {
+    match *launch {}
+}

@@ -84,6 +84,19 @@ pub enum OpError {
         /// What is wrong.
         reason: String,
     },
+    /// A slot-table `sbmm` ([`crate::sbmm_slots`]) names a slot past the layer's [`crate::SlotDeltas`].
+    #[error(
+        "{op}: the segments use slot {slot}, but the layer's slot table has {slots} slots \
+         (set every slot the batch uses, with None where the layer has no delta)"
+    )]
+    Slot {
+        /// The op.
+        op: &'static str,
+        /// The slot.
+        slot: usize,
+        /// Slots in the layer's table.
+        slots: usize,
+    },
     /// The deltas of one `sbmm` call differ in shape.
     #[error(
         "{op}: delta shapes differ: delta {index} ({name:?}) is {got:?} \

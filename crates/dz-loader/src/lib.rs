@@ -49,7 +49,9 @@ pub use dz_candle_ops::{set_dense_rows, DEFAULT_DENSE_ROWS};
 pub use engines::{EngineBudget, EngineLease, EngineSwap, EngineSwapStats, GpuRoom};
 pub use error::{Error, Result};
 pub use host::{Engine, GeneratedToken, Generation, KvCache};
-pub use multi_tenant::{DeltaHook, DeltaRegistry, FineTuneDeltas, HostDelta};
+pub use multi_tenant::{
+    set_slot_tables, slot_tables, DeltaHook, DeltaRegistry, FineTuneDeltas, HostDelta,
+};
 pub use swap::{MergedWeights, SwapHook, SwapModel, SwapRegistry, SwapStore};
 pub use tp::TpRank;
 

@@ -16,7 +16,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Instant;
 
@@ -24,7 +24,8 @@ use rayon::prelude::*;
 
 use candle_core::{DType, Device, Result as CResult, Tensor};
 use dz_candle_ops::{
-    embedding_delta_add, sbmm_planned, CheckedParts, DeviceDelta, PreparedDelta, SbmmPlan, Segment,
+    embedding_delta_add, sbmm_planned, try_sbmm_slots, CheckedParts, DeviceDelta, PreparedDelta,
+    SbmmPlan, Segment, SlotDeltas, SlotSegments,
 };
 use dz_format::shard::{shard_range, tensor_split, tp_layer, TpLayer};
 use dz_format::{DeltaFile, Manifest, Role, TensorData, TensorEntry};
@@ -36,6 +37,25 @@ use mistralrs_quant::{
 use crate::error::{Error, Result};
 use crate::profile::{Part, Profile};
 use crate::tp::TpRank;
+
+static SLOT_TABLES: AtomicBool = AtomicBool::new(false);
+
+/// Lets every [`DeltaLinear`] add its weight deltas through tables that survive batch changes (issue
+/// #9): a per-layer descriptor array indexed by each resident fine-tune's stable slot (rebuilt after an
+/// insert or remove, on the layer's next call) and one segment table per forward pass shared by every
+/// layer (`dz_candle_ops::try_sbmm_slots`), instead of the per-layer plan keyed by the batch layout
+/// (which misses whenever a sequence joins or ends). Layers the shared tables cannot serve (bias
+/// deltas, more than one kernel launch, the dense route of prefill) take the per-layer plan as before.
+/// The outputs are the same bit for bit. **Off by default** until a GPU run has checked and timed it
+/// (`cuda_check sbmm`, `deltazip bench hook --slot-tables`); `deltazip serve --slot-tables` turns it on.
+pub fn set_slot_tables(enabled: bool) {
+    SLOT_TABLES.store(enabled, Ordering::Relaxed);
+}
+
+/// Whether [`set_slot_tables`] turned the slot tables on.
+pub fn slot_tables() -> bool {
+    SLOT_TABLES.load(Ordering::Relaxed)
+}
 
 /// The output head's name (a tied head, the embedding table used as `lm_head`, is wrapped under it too).
 pub const TIED_HEAD: &str = "lm_head";
@@ -532,6 +552,27 @@ pub struct DeltaRegistry {
     /// Every wrapped linear layer's cached [`LayerPlan`] slot: emptied by every change of `resident`, so
     /// that no cached plan keeps a removed fine-tune's deltas on the device.
     layer_plans: Mutex<Vec<Weak<PlanSlot>>>,
+    /// The resident fine-tunes by stable slot ([`set_slot_tables`]): a fine-tune takes the lowest free
+    /// slot at `insert` (or keeps its name's), frees it at `remove`. Changed under the `resident` write
+    /// lock, with the generation bumped under this lock.
+    slots: Mutex<Vec<Option<Arc<FineTuneDeltas>>>>,
+    /// The last forward pass's segments by slot, shared by every layer of the pass.
+    slot_segments: Mutex<Option<CachedSegments>>,
+    /// Segment tables built (once per pass whose slot layout differs from the last one's).
+    segment_builds: AtomicUsize,
+    /// Per-layer slot tables built (once per layer after each insert or remove).
+    slot_table_builds: AtomicUsize,
+    /// [`DeltaRegistry::force_slot_tables`]: 0 follows [`set_slot_tables`], 1 on, 2 off.
+    slot_mode: std::sync::atomic::AtomicU8,
+}
+
+/// A pass's [`SlotSegments`], keyed by the [`RowPlan`]'s rows (by identity, then by value: a later pass
+/// with the same slot layout reuses it) and the input rows.
+struct CachedSegments {
+    row_ft: Arc<[Option<u32>]>,
+    generation: u64,
+    row_slots: Vec<Option<usize>>,
+    segments: Arc<SlotSegments>,
 }
 
 /// The fine-tunes of one batch's rows, resolved once per forward pass and shared by every layer of it
@@ -631,7 +672,16 @@ impl DeltaRegistry {
         let name = deltas.name.clone();
         let old = {
             let mut map = self.write();
-            let old = map.insert(name, deltas);
+            let old = map.insert(name.clone(), deltas.clone());
+            let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+            let at = (slots.iter())
+                .position(|s| s.as_ref().is_some_and(|f| f.name == name))
+                .or_else(|| slots.iter().position(Option::is_none))
+                .unwrap_or_else(|| {
+                    slots.push(None);
+                    slots.len() - 1
+                });
+            slots[at] = Some(deltas);
             self.generation.fetch_add(1, Ordering::Relaxed);
             old
         };
@@ -646,6 +696,12 @@ impl DeltaRegistry {
         let out = {
             let mut map = self.write();
             let out = map.remove(name);
+            let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+            for s in slots.iter_mut() {
+                if s.as_ref().is_some_and(|f| &*f.name == name) {
+                    *s = None;
+                }
+            }
             self.generation.fetch_add(1, Ordering::Relaxed);
             out
         };
@@ -671,9 +727,102 @@ impl DeltaRegistry {
             slots.iter().filter_map(Weak::upgrade).collect()
         };
         for slot in slots {
-            let old = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
+            let old = slot.plan.lock().unwrap_or_else(|e| e.into_inner()).take();
+            drop(old);
+            let old = slot.slots.lock().unwrap_or_else(|e| e.into_inner()).take();
             drop(old);
         }
+    }
+
+    /// The pass's segments by fine-tune slot for `m` input rows (`m / plan.len()` per batch row), built
+    /// once per pass (and reused by a later pass with the same slot layout); `None` when the row plan was
+    /// resolved under an older generation (its fine-tunes' slots may be gone).
+    fn slot_segments(
+        &self,
+        plan: &RowPlan,
+        m: usize,
+        device: &Device,
+    ) -> CResult<Option<Arc<SlotSegments>>> {
+        let Some(generation) = plan.generation else {
+            return Ok(None);
+        };
+        let mut cached = self.slot_segments.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = cached.as_ref().filter(|c| {
+            c.generation == generation
+                && Arc::ptr_eq(&c.row_ft, &plan.row_ft)
+                && c.segments.rows() == m
+                && c.segments.device().same_device(device)
+        }) {
+            return Ok(Some(c.segments.clone()));
+        }
+        let slot_of: Vec<usize> = {
+            let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+            if self.generation.load(Ordering::Relaxed) != generation {
+                return Ok(None);
+            }
+            let found: Option<Vec<usize>> = (plan.fts.iter())
+                .map(|f| (slots.iter()).position(|s| s.as_ref().is_some_and(|s| Arc::ptr_eq(s, f))))
+                .collect();
+            match found {
+                Some(v) => v,
+                None => return Ok(None),
+            }
+        };
+        let rows = plan.len();
+        if rows == 0 || !m.is_multiple_of(rows) {
+            candle_core::bail!("{m} input rows do not split into {rows} batch rows");
+        }
+        let per = m / rows;
+        let row_slots: Vec<Option<usize>> = (0..m)
+            .map(|i| plan.fine_tune_of(i / per).map(|f| slot_of[f]))
+            .collect();
+        if let Some(c) = cached
+            .as_mut()
+            .filter(|c| c.row_slots == row_slots && c.segments.device().same_device(device))
+        {
+            c.row_ft = plan.row_ft.clone();
+            c.generation = generation;
+            return Ok(Some(c.segments.clone()));
+        }
+        let segments = Arc::new(SlotSegments::new(&row_slots, device));
+        self.segment_builds.fetch_add(1, Ordering::Relaxed);
+        *cached = Some(CachedSegments {
+            row_ft: plan.row_ft.clone(),
+            generation,
+            row_slots,
+            segments: segments.clone(),
+        });
+        Ok(Some(segments))
+    }
+
+    /// Turns the slot tables on or off for the layers of this registry only (`None`: follow the process
+    /// setting, [`set_slot_tables`]): for tests and benchmarks that compare both paths in one process.
+    pub fn force_slot_tables(&self, on: Option<bool>) {
+        let mode = match on {
+            None => 0,
+            Some(true) => 1,
+            Some(false) => 2,
+        };
+        self.slot_mode.store(mode, Ordering::Relaxed);
+    }
+
+    /// Whether this registry's layers use the slot tables ([`DeltaRegistry::force_slot_tables`], else
+    /// [`set_slot_tables`]).
+    pub fn uses_slot_tables(&self) -> bool {
+        match self.slot_mode.load(Ordering::Relaxed) {
+            0 => slot_tables(),
+            m => m == 1,
+        }
+    }
+
+    /// Segment tables built so far by the passes ([`set_slot_tables`]; for tests and benchmarks).
+    pub fn slot_segment_builds(&self) -> usize {
+        self.segment_builds.load(Ordering::Relaxed)
+    }
+
+    /// Per-layer slot tables built so far ([`set_slot_tables`]; for tests and benchmarks).
+    pub fn slot_table_builds(&self) -> usize {
+        self.slot_table_builds.load(Ordering::Relaxed)
     }
 
     /// How many linear layers hold a cached plan (for tests and metrics).
@@ -682,7 +831,7 @@ impl DeltaRegistry {
         slots
             .iter()
             .filter_map(Weak::upgrade)
-            .filter(|s| s.lock().unwrap_or_else(|e| e.into_inner()).is_some())
+            .filter(|s| s.plan.lock().unwrap_or_else(|e| e.into_inner()).is_some())
             .count()
     }
 
@@ -1009,8 +1158,30 @@ pub struct DeltaLinear {
     plan: Arc<PlanSlot>,
 }
 
-/// One linear layer's cached [`LayerPlan`].
-type PlanSlot = Mutex<Option<Arc<LayerPlan>>>;
+/// One linear layer's caches, emptied by the registry on every insert and remove: the [`LayerPlan`] of
+/// the last batch layout, and the layer's [`LayerSlots`] ([`set_slot_tables`]).
+#[derive(Default)]
+struct PlanSlot {
+    plan: Mutex<Option<Arc<LayerPlan>>>,
+    slots: Mutex<Option<Arc<LayerSlots>>>,
+}
+
+/// One linear layer's deltas by fine-tune slot for one generation of the registry (every resident
+/// fine-tune's, so that any batch of them shares the pass's segment table), built on the layer's first
+/// call after an insert or remove. It holds the deltas (clones): the registry drops it on every change.
+struct LayerSlots {
+    generation: u64,
+    deltas: SlotDeltas,
+    /// Whether a resident fine-tune has a bias delta here (then the layer takes its [`LayerPlan`]).
+    bias: bool,
+}
+
+/// As [`LayerPlan`]'s drop: the device's context is made current first.
+impl Drop for LayerSlots {
+    fn drop(&mut self) {
+        crate::gpu_mem::bind(self.deltas.device());
+    }
+}
 
 /// What one linear layer adds for one batch layout, built once and reused while the layout repeats:
 /// every decode step calls each layer with the same rows, and consecutive steps of one batch see the same
@@ -1073,6 +1244,11 @@ impl DeltaLinear {
         let k = x.dim(candle_core::D::Minus1)?;
         let n = base_out.dim(candle_core::D::Minus1)?;
         let m = x.elem_count() / k.max(1);
+        if self.registry.uses_slot_tables() {
+            if let Some(y) = self.add_slot_deltas(x, &base_out, plan, (m, k, n))? {
+                return Ok(y);
+            }
+        }
         let lp = self.layer_plan(plan, m, n, base_out.dtype(), x.device())?;
         if lp.sbmm.is_none() && lp.bias.is_none() {
             return Ok(base_out);
@@ -1101,7 +1277,7 @@ impl DeltaLinear {
         dtype: DType,
         device: &Device,
     ) -> CResult<Arc<LayerPlan>> {
-        let mut slot = self.plan.lock().unwrap_or_else(|e| e.into_inner());
+        let mut slot = self.plan.plan.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(lp) = slot.as_ref().filter(|lp| lp.serves(plan, m, n, dtype)) {
             return Ok(lp.clone());
         }
@@ -1109,6 +1285,80 @@ impl DeltaLinear {
         let current = self.registry.generation.load(Ordering::Relaxed);
         *slot = (plan.generation == Some(current)).then(|| lp.clone());
         Ok(lp)
+    }
+
+    /// `base_out + deltas` through the slot tables, or `None` when they cannot serve this call (the pass
+    /// resolved its rows under an older generation, a bias delta, or a batch the shared launch cannot
+    /// express: `try_sbmm_slots`); the caller then takes the layer plan.
+    fn add_slot_deltas(
+        &self,
+        x: &Tensor,
+        base_out: &Tensor,
+        plan: &RowPlan,
+        (m, k, n): (usize, usize, usize),
+    ) -> CResult<Option<Tensor>> {
+        let Some(generation) = plan.generation else {
+            return Ok(None);
+        };
+        let Some(table) = self.layer_slots(generation, x.device())? else {
+            return Ok(None);
+        };
+        if table.bias {
+            return Ok(None);
+        }
+        let Some(segments) = self.registry.slot_segments(plan, m, x.device())? else {
+            return Ok(None);
+        };
+        if segments.slots().all(|s| table.deltas.get(s).is_none()) {
+            return Ok(Some(base_out.clone()));
+        }
+        let x2 = x.reshape((m, k))?.contiguous()?;
+        let b2 = base_out.reshape((m, n))?.contiguous()?;
+        try_sbmm_slots(&x2, &b2, &segments, &table.deltas)?
+            .map(|y| y.reshape(base_out.shape()))
+            .transpose()
+    }
+
+    /// This layer's slot table for `generation`: the cached one, else one built from the registry's
+    /// slots and cached, when `generation` is still the registry's (`None` otherwise: a pass that
+    /// resolved its rows before a change).
+    fn layer_slots(&self, generation: u64, device: &Device) -> CResult<Option<Arc<LayerSlots>>> {
+        let mut cached = self.plan.slots.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = cached.as_ref().filter(|t| t.generation == generation) {
+            return Ok(Some(t.clone()));
+        }
+        let mut deltas = SlotDeltas::new(device);
+        let mut bias = false;
+        {
+            let slots = self
+                .registry
+                .slots
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if self.registry.generation.load(Ordering::Relaxed) != generation {
+                return Ok(None);
+            }
+            for (i, f) in slots.iter().enumerate() {
+                let d = f.as_ref().and_then(|f| f.linear.get(&self.name));
+                deltas
+                    .set(i, d)
+                    .map_err(|e| candle_core::Error::Msg(format!("{}: {e}", self.name)))?;
+                bias |= f.as_ref().is_some_and(|f| f.bias.contains_key(&self.name));
+            }
+        }
+        self.registry
+            .slot_table_builds
+            .fetch_add(1, Ordering::Relaxed);
+        let t = Arc::new(LayerSlots {
+            generation,
+            deltas,
+            bias,
+        });
+        // Stored under the lock the registry empties after bumping the generation (as `layer_plan`).
+        if self.registry.generation.load(Ordering::Relaxed) == generation {
+            *cached = Some(t.clone());
+        }
+        Ok(Some(t))
     }
 
     fn build_plan(
@@ -1408,7 +1658,7 @@ mod tests {
     }
 
     fn cached(layer: &DeltaLinear) -> Option<Arc<LayerPlan>> {
-        layer.plan.lock().unwrap().clone()
+        layer.plan.plan.lock().unwrap().clone()
     }
 
     /// A linear layer builds its plan on the first call of a batch layout and reuses it on the next calls
@@ -1493,6 +1743,117 @@ mod tests {
         // An insert (another fine-tune's deltas) drops them too.
         registry.insert(linear_fine_tune("c", 3, false));
         assert_eq!(registry.cached_layer_plans(), 0);
+    }
+
+    /// With the slot tables on, mixed batches (base rows, a fine-tune without a delta in the layer)
+    /// give the layer-plan path's outputs bit for bit; the pass's segment table is built once for all
+    /// layers (and reused by a later pass with the same slot layout), each layer's slot table only
+    /// after an insert or remove; a removed fine-tune's slot is reused; a bias delta takes the plan.
+    #[test]
+    fn slot_tables_match_the_layer_plans_and_are_built_once() {
+        use mistralrs_quant::with_row_tags;
+        let registry = Arc::new(DeltaRegistry::new());
+        registry.force_slot_tables(Some(true));
+        let a = linear_fine_tune("a", 1, false);
+        let b = linear_fine_tune("b", 2, false);
+        let none = Arc::new(FineTuneDeltas {
+            name: "none".into(),
+            linear: HashMap::new(),
+            bias: HashMap::new(),
+            norm: HashMap::new(),
+            norms: None,
+            embedding: HashMap::new(),
+            bytes: 0,
+            device: Device::Cpu,
+        });
+        registry.insert(a.clone());
+        registry.insert(none.clone());
+        registry.insert(b.clone());
+        let layers = [linear_layer(&registry), linear_layer(&registry)];
+        let tag = |t: &str| Some(Arc::<str>::from(t));
+        let x: Vec<f32> = (0..5 * K).map(|i| (i as f32 * 0.37).sin()).collect();
+        let x = Tensor::from_vec(x, (5, 1, K), &Device::Cpu).unwrap();
+        let run = |tags: &RowTags| -> Vec<Vec<f32>> {
+            layers
+                .iter()
+                .map(|l| {
+                    with_row_tags(Some(tags.clone()), || l.forward(&x))
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1::<f32>()
+                        .unwrap()
+                })
+                .collect()
+        };
+        let plans = |tags: &RowTags| -> Vec<Vec<f32>> {
+            registry.force_slot_tables(Some(false));
+            let out = run(tags);
+            registry.force_slot_tables(Some(true));
+            out
+        };
+        let builds = || (registry.slot_segment_builds(), registry.slot_table_builds());
+
+        let tags: RowTags = Arc::from(vec![tag("a"), None, tag("none"), tag("b"), tag("a")]);
+        let want = expected(&layers[0], &x, &[Some(&a), None, None, Some(&b), Some(&a)]);
+        assert_eq!(run(&tags), vec![want.clone(), want.clone()]);
+        assert_eq!(
+            builds(),
+            (1, 2),
+            "one segment table for the pass, a slot table per layer"
+        );
+        assert_eq!(registry.cached_layer_plans(), 0, "no layer plan was needed");
+        assert_eq!(
+            run(&tags),
+            plans(&tags),
+            "the layer plans agree bit for bit"
+        );
+        assert_eq!(builds(), (1, 2));
+        // A later pass over the same rows (new tags) reuses both.
+        let again: RowTags = Arc::from(tags.to_vec());
+        assert_eq!(run(&again)[1], want);
+        assert_eq!(builds(), (1, 2));
+        // Another batch: a new segment table, the same slot tables.
+        let other: RowTags = Arc::from(vec![tag("b"), tag("b"), tag("a"), None, tag("none")]);
+        let want_other = expected(&layers[0], &x, &[Some(&b), Some(&b), Some(&a), None, None]);
+        assert_eq!(run(&other), vec![want_other.clone(), want_other]);
+        assert_eq!(builds(), (2, 2));
+
+        // b leaves: the slot tables are dropped and rebuilt on the next call; c takes b's slot.
+        let b_slot = registry
+            .slots
+            .lock()
+            .unwrap()
+            .iter()
+            .position(|s| s.as_ref().is_some_and(|f| Arc::ptr_eq(f, &b)));
+        registry.remove("b");
+        let c = linear_fine_tune("c", 3, false);
+        registry.insert(c.clone());
+        let c_slot = registry
+            .slots
+            .lock()
+            .unwrap()
+            .iter()
+            .position(|s| s.as_ref().is_some_and(|f| Arc::ptr_eq(f, &c)));
+        assert_eq!(c_slot, b_slot, "a freed slot is reused");
+        assert_eq!(builds(), (2, 2), "built lazily, on the next call");
+        let tags_c: RowTags = Arc::from(vec![tag("c"), tag("a"), tag("b"), tag("c"), None]);
+        let want_c = expected(&layers[0], &x, &[Some(&c), Some(&a), None, Some(&c), None]);
+        assert_eq!(run(&tags_c), vec![want_c.clone(), want_c]);
+        assert_eq!(builds(), (3, 4));
+        assert_eq!(run(&tags_c), plans(&tags_c));
+
+        // A bias delta in the layer: the layer plan serves (and agrees).
+        let d = linear_fine_tune("d", 4, true);
+        registry.insert(d.clone());
+        let tags_d: RowTags = Arc::from(vec![tag("d"), tag("a"), None, tag("c"), tag("d")]);
+        let want_d = expected(
+            &layers[0],
+            &x,
+            &[Some(&d), Some(&a), None, Some(&c), Some(&d)],
+        );
+        assert_eq!(run(&tags_d), vec![want_d.clone(), want_d]);
+        assert_eq!(registry.cached_layer_plans(), 2);
     }
 
     fn norm_module(registry: &Arc<DeltaRegistry>, name: &str) -> ModuleDeltas {

@@ -1255,3 +1255,453 @@ fn rows_t<T: Elem>(
     }
     Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), shape))
 }
+
+/// One layer's descriptor tables by fine-tune slot ([`crate::SlotDeltas`]): every slot's descriptor
+/// (the default one, with no stored rows, for a slot without a delta or with a `zero` delta), then every
+/// slot's v4 descriptor (the packed one where a delta has no v4 layout), in one upload. It holds raw
+/// device pointers to the deltas' parts but no reference to the deltas: the `SlotDeltas` that owns it
+/// holds them, and drops it whenever a delta changes.
+pub(crate) struct SlotDescs {
+    device: CudaDevice,
+    /// Per slot: the delta described (`None`: no delta, or `zero`).
+    described: Vec<Option<Described>>,
+    /// The packed descriptors, then (at `v4_offset`) the v4 ones; `None` when no slot has a delta.
+    table: Option<CudaSlice<u8>>,
+    v4_offset: u64,
+    /// The entry points met so far, by name (each `get_or_load_custom_func` is a driver call).
+    funcs: std::sync::Mutex<Vec<(&'static str, CudaFunction)>>,
+}
+
+/// One pass's segments split into pieces of at most `rows` rows (a kernel tile), uploaded: the runs of
+/// every slot, those whose slot has no delta in a layer included (the v4 kernels skip them).
+pub(crate) struct SlotPieces {
+    table: CudaSlice<u8>,
+    count: u32,
+}
+
+/// What one slot-table sbmm launches: the plain op's kernel, tile, split and grid for the same deltas
+/// and segments, over the shared pieces and the layer's descriptors.
+pub(crate) struct SlotLaunch {
+    dtype: DType,
+    device: CudaDevice,
+    m: usize,
+    k32: u32,
+    n32: u32,
+    /// `None` when nothing launches (no slot of the pass has a delta here, or no rows).
+    launch: Option<SlotKernel>,
+}
+
+struct SlotKernel {
+    descs: Arc<SlotDescs>,
+    pieces: Arc<SlotPieces>,
+    /// Byte offset of the descriptors this kernel reads (the v4 ones for a v4 kernel).
+    descs_offset: u64,
+    kernel: Kernel,
+    func: CudaFunction,
+    grid: (u32, u32),
+    /// As [`SbmmLaunch::v4`].
+    v4: Option<(u32, Option<u32>)>,
+}
+
+/// Describes every slot's delta (each distinct delta locked once, as [`sbmm_prepare_t`]) and uploads
+/// the descriptor tables.
+pub(crate) fn slot_descs(
+    op: &'static str,
+    deltas: &[Option<DeviceDelta>],
+    dev: &CudaDevice,
+) -> candle_core::Result<SlotDescs> {
+    let mut unique: Vec<&DeviceDelta> = Vec::new();
+    let slot_of: Vec<Option<usize>> = deltas
+        .iter()
+        .map(|d| {
+            let d = d.as_ref()?;
+            let key = d.buffer_id()?;
+            Some(
+                unique
+                    .iter()
+                    .position(|u| u.buffer_id() == Some(key))
+                    .unwrap_or_else(|| {
+                        unique.push(d);
+                        unique.len() - 1
+                    }),
+            )
+        })
+        .collect();
+    // As in `sbmm_prepare_t`: the read locks are held while the parts' pointers are taken; the holder of
+    // the table (`SlotDeltas`) keeps the deltas alive, their parts were written before they were built,
+    // and their buffers are freed on this device's one stream, after the launches queued on it.
+    let locks: Vec<Locked<'_>> = unique.iter().map(|d| Locked::new(d)).collect();
+    let stream = dev.cuda_stream();
+    let mut ptrs = Ptrs::new(&stream);
+    let described_unique = locks
+        .iter()
+        .map(|l| describe(op, l, dev, &mut ptrs))
+        .collect::<Result<Vec<_>>>()?;
+    let described: Vec<Option<Described>> = slot_of
+        .iter()
+        .map(|u| u.and_then(|u| described_unique[u]))
+        .collect();
+    let mut out = SlotDescs {
+        device: dev.clone(),
+        described,
+        table: None,
+        v4_offset: 0,
+        funcs: std::sync::Mutex::new(Vec::new()),
+    };
+    if out.described.iter().any(Option::is_some) {
+        let packed: Vec<DzDelta> = (out.described.iter())
+            .map(|d| d.map(|d| d.desc).unwrap_or_default())
+            .collect();
+        let v4: Vec<DzDelta> = (out.described.iter())
+            .map(|d| d.map(|d| d.v4.unwrap_or(d.desc)).unwrap_or_default())
+            .collect();
+        let mut table = Vec::with_capacity(2 * std::mem::size_of_val(packed.as_slice()));
+        table.extend_from_slice(as_bytes(&packed));
+        table.extend_from_slice(as_bytes(&v4));
+        out.v4_offset = std::mem::size_of_val(packed.as_slice()) as u64;
+        out.table = Some(stream.clone_htod(&table).w()?);
+    }
+    drop(ptrs);
+    Ok(out)
+}
+
+impl SlotDescs {
+    /// `kernel`'s sbmm entry point for `T` (`sx`: the shared-memory v4 entry), loaded once per table.
+    fn function<T: Elem>(
+        &self,
+        op: &'static str,
+        kernel: Kernel,
+        sx: Option<&'static str>,
+    ) -> candle_core::Result<CudaFunction> {
+        let name = match (sx, kernel) {
+            (Some(name), _) => name,
+            (None, Kernel::Generic(variant, tile)) => entries(op, variant)?.sbmm(T::KIND, tile),
+            (None, Kernel::Tc(e, tile)) => {
+                e.sbmm(T::KIND, tile).ok_or_else(|| OpError::Storage {
+                    op,
+                    reason: format!("no tensor-core kernels for {:?} inputs", T::KIND),
+                })?
+            }
+            (None, Kernel::V4(e, rows)) => {
+                e.sbmm(T::KIND, rows).ok_or_else(|| OpError::Storage {
+                    op,
+                    reason: format!("no v4 kernels for {:?} inputs", T::KIND),
+                })?
+            }
+        };
+        let mut funcs = self.funcs.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, f)) = funcs.iter().find(|(n, _)| std::ptr::eq(*n, name)) {
+            return Ok(f.clone());
+        }
+        let f = match sx {
+            Some(name) => self
+                .device
+                .get_or_load_custom_func(name, V4_MODULE, dz_kernels::v4_ptx())?
+                .into_cuda_function(),
+            None => kernel.function(op, &self.device, T::KIND, Launch::Sbmm)?,
+        };
+        funcs.push((name, f.clone()));
+        Ok(f)
+    }
+}
+
+/// The pass's pieces at `rows` rows a piece (uploaded on first use).
+fn slot_pieces(
+    segments: &[Segment],
+    cache: &std::sync::Mutex<Vec<(u32, Arc<SlotPieces>)>>,
+    rows: u32,
+    dev: &CudaDevice,
+) -> candle_core::Result<Arc<SlotPieces>> {
+    let mut cache = cache.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, p)) = cache.iter().find(|(r, _)| *r == rows) {
+        return Ok(p.clone());
+    }
+    let mut pieces: Vec<DzSegment> = Vec::new();
+    for s in segments {
+        let Some(slot) = s.delta else { continue };
+        // Rows and slots fit u32 (checked against m by the caller; slots index a table of u32 length).
+        let (start, len) = (s.start as u32, s.len as u32);
+        let mut r = 0;
+        while r < len {
+            let take = (len - r).min(rows);
+            pieces.push(DzSegment {
+                start: start + r,
+                len: take,
+                delta: slot as u32,
+                reserved: 0,
+            });
+            r += take;
+        }
+    }
+    let count = pieces.len() as u32;
+    // One element at least: CUDA cannot allocate zero bytes (a launch of no pieces never happens).
+    if pieces.is_empty() {
+        pieces.push(DzSegment::default());
+    }
+    let table = dev.cuda_stream().clone_htod(as_bytes(&pieces)).w()?;
+    let p = Arc::new(SlotPieces { table, count });
+    cache.push((rows, p.clone()));
+    Ok(p)
+}
+
+/// Plans one slot-table sbmm of `segments` (runs of slots; `stats` per distinct slot) over `descs` (of
+/// `deltas`) for `m` rows of `K` and `N_total` in `dtype`, or `None` when the plain op over the same
+/// deltas and segments would not make exactly one launch that the shared tables can express. The
+/// choice of kernel, tile, split and grid is [`sbmm_prepare_t`]'s, over the slots with a delta here.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn slot_launch(
+    op: &'static str,
+    segments: &[Segment],
+    stats: &[crate::ops::SlotStat],
+    pieces: &std::sync::Mutex<Vec<(u32, Arc<SlotPieces>)>>,
+    descs: &Arc<SlotDescs>,
+    deltas: &[Option<DeviceDelta>],
+    mkn: (usize, usize, usize),
+    dtype: DType,
+    dev: &CudaDevice,
+) -> candle_core::Result<Option<SlotLaunch>> {
+    by_dtype!(
+        op,
+        "x",
+        dtype,
+        slot_launch_t(op, segments, stats, pieces, descs, deltas, mkn, dtype, dev)
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn slot_launch_t<T: Elem>(
+    op: &'static str,
+    segments: &[Segment],
+    stats: &[crate::ops::SlotStat],
+    pieces: &std::sync::Mutex<Vec<(u32, Arc<SlotPieces>)>>,
+    descs: &Arc<SlotDescs>,
+    deltas: &[Option<DeviceDelta>],
+    (m, k, n): (usize, usize, usize),
+    dtype: DType,
+    dev: &CudaDevice,
+) -> candle_core::Result<Option<SlotLaunch>> {
+    if descs.device.id() != dev.id() {
+        return Err(OpError::Storage {
+            op,
+            reason: "x is on another CUDA device than the layer's slot table".into(),
+        }
+        .into());
+    }
+    let (m32, k32, n32) = (
+        dim(op, "x", m, &[m, k])?,
+        dim(op, "x", k, &[m, k])?,
+        dim(op, "base_out", n, &[m, n])?,
+    );
+    let mut out = SlotLaunch {
+        dtype,
+        device: dev.clone(),
+        m,
+        k32,
+        n32,
+        launch: None,
+    };
+    // The one group of `sbmm_prepare_t` (over the distinct slots instead of each segment: the same
+    // fold), or `None` when there would be two.
+    let mut group: Option<Group> = None;
+    // Runs of slots without a delta here (they ride along in the launch), and the longest run and the
+    // runs of the slots with one.
+    let (mut absent, mut longest) = (false, 0u32);
+    for s in stats {
+        let Some(d) = descs.described.get(s.slot).copied().flatten() else {
+            absent = true;
+            continue;
+        };
+        let Some(Some(delta)) = deltas.get(s.slot) else {
+            return Err(OpError::Storage {
+                op,
+                reason: format!("slot {} is described but holds no delta", s.slot),
+            }
+            .into());
+        };
+        let v4_only = delta.v4_only();
+        let v4 = if v4_only {
+            Some(v4_only_entries(op, delta, &d, T::KIND)?)
+        } else {
+            v4_of(&d, T::KIND)
+        };
+        let g = match &mut group {
+            Some(g) if g.variant == d.variant && g.v4.is_some() == v4.is_some() => g,
+            Some(_) => return Ok(None),
+            None => group.insert(Group {
+                variant: d.variant,
+                tc: tc_of(&d, T::KIND),
+                v4,
+                v4_only: false,
+                segments: Vec::new(),
+                max_stored: 0,
+                min_stored: u32::MAX,
+            }),
+        };
+        if tc_of(&d, T::KIND).is_none() {
+            g.tc = None;
+        }
+        g.v4_only |= v4_only;
+        g.max_stored = g.max_stored.max(d.desc.n_stored);
+        g.min_stored = g.min_stored.min(d.desc.n_stored);
+        longest = longest.max(s.longest as u32);
+    }
+    let Some(g) = group else {
+        return Ok(Some(out));
+    };
+    if m32 == 0 {
+        return Ok(Some(out));
+    }
+    let kernel = match (g.v4, g.v4_only) {
+        (Some(e), true) => Kernel::v4_any_rows(e, longest),
+        _ => Kernel::pick(g.variant, g.tc, g.v4, longest),
+    };
+    // Only the v4 kernels skip a descriptor with no stored rows (an item past a delta's stored tiles
+    // does nothing); the others would read its parts.
+    let is_v4 = matches!(kernel, Kernel::V4(..));
+    if absent && !is_v4 {
+        return Ok(None);
+    }
+    let rows = kernel.rows();
+    let shared = slot_pieces(segments, pieces, rows, dev)?;
+    // The pieces the plain op would launch: those of slots with a delta here.
+    let count = if absent {
+        (segments.iter())
+            .filter(|s| {
+                s.delta
+                    .is_some_and(|slot| descs.described.get(slot).copied().flatten().is_some())
+            })
+            .map(|s| (s.len as u32).div_ceil(rows))
+            .sum::<u32>()
+    } else {
+        shared.count
+    };
+    let tiles = g.max_stored.div_ceil(kernel.stored_rows());
+    let items = u64::from(count) * u64::from(tiles);
+    let v4 = match kernel {
+        Kernel::V4(..) => Some(v4_launch(items, resident_warps(dev)?)),
+        _ => None,
+    };
+    let v4_split = v4.map(|(split, _)| split);
+    let sx = match kernel {
+        Kernel::V4(e, rows)
+            if crate::v4_sbmm_smem_x()
+                && v4_split == Some(1)
+                && tiles.is_multiple_of(WARPS_V4)
+                && g.min_stored == g.max_stored =>
+        {
+            // The shared-memory entries read every item's descriptor: no absent slots.
+            if absent {
+                return Ok(None);
+            }
+            e.sbmm_sx(T::KIND, rows)
+        }
+        _ => None,
+    };
+    // With absent slots the launch covers more pieces than the plain op's: the same split (so each
+    // live item is computed exactly as there), a grid over all of them.
+    let all_items = u64::from(shared.count) * u64::from(tiles);
+    let grid = match (sx, v4_split) {
+        (Some(_), _) => (
+            (all_items / u64::from(WARPS_V4)).min(u64::from(MAX_GRID_X)) as u32,
+            1,
+        ),
+        (None, Some(split)) => (
+            all_items
+                .div_ceil(u64::from(WARPS_V4 / split))
+                .min(u64::from(MAX_GRID_X)) as u32,
+            1,
+        ),
+        (None, None) => (tiles, shared.count.min(MAX_GRID_Y)),
+    };
+    let func = descs.function::<T>(op, kernel, sx)?;
+    out.launch = Some(SlotKernel {
+        descs: descs.clone(),
+        pieces: shared,
+        descs_offset: if is_v4 { descs.v4_offset } else { 0 },
+        kernel,
+        func,
+        grid,
+        v4: v4_split.map(|split| (tiles, sx.is_none().then_some(split))),
+    });
+    Ok(Some(out))
+}
+
+/// Forward pass of a slot-table sbmm: `out = base_out`, then the planned launch.
+pub(crate) fn slot_run(op: &'static str, launch: &SlotLaunch, x: Arg<'_>, base: Arg<'_>) -> Out {
+    if x.0.dtype() != launch.dtype {
+        return Err(OpError::Dtype {
+            op,
+            arg: "x",
+            got: x.0.dtype(),
+            expected: format!("{:?} (the dtype the launch was planned for)", launch.dtype),
+        }
+        .into());
+    }
+    if x.0.device().id() != launch.device.id() {
+        return Err(OpError::Storage {
+            op,
+            reason: "x is on another CUDA device than the one the launch was planned on".into(),
+        }
+        .into());
+    }
+    by_dtype!(op, "x", launch.dtype, slot_run_t(op, launch, x, base))
+}
+
+fn slot_run_t<T: Elem>(op: &'static str, launch: &SlotLaunch, x: Arg<'_>, base: Arg<'_>) -> Out {
+    let dev = x.0.device().clone();
+    let shape = Shape::from(base.1.dims());
+    let (xs, x_off, x_len) = input::<T>(op, "x", x)?;
+    let (bs, b_off, len) = input::<T>(op, "base_out", base)?;
+    let (k, n) = (launch.k32 as usize, launch.n32 as usize);
+    if launch.launch.is_some() && (x_len != launch.m * k || len != launch.m * n) {
+        return Err(OpError::Storage {
+            op,
+            reason: format!(
+                "x has {x_len} and base_out {len} elements, the launch takes {} rows of {k} and {n}",
+                launch.m
+            ),
+        }
+        .into());
+    }
+    let stream = dev.cuda_stream();
+    let mut out = alloc::<T>(&dev, len)?;
+    {
+        let mut ptrs = Ptrs::new(&stream);
+        let x_p = ptrs.read(xs, x_off);
+        let b_p = ptrs.read(bs, b_off);
+        let out_p = ptrs.write(&mut out);
+        init(&stream, out_p, Some(b_p), len * std::mem::size_of::<T>())?;
+        if let Some(l) = &launch.launch {
+            if let Some(table) = &l.descs.table {
+                let descs_p = ptrs.read(table, 0) + l.descs_offset;
+                let segs_p = ptrs.read(&l.pieces.table, 0);
+                let mut b = stream.launch_builder(&l.func);
+                b.arg(&segs_p);
+                b.arg(&l.pieces.count);
+                b.arg(&descs_p);
+                b.arg(&x_p);
+                b.arg(&out_p);
+                b.arg(&launch.k32);
+                b.arg(&launch.n32);
+                if let Some((tiles, split)) = &l.v4 {
+                    b.arg(tiles);
+                    if let Some(split) = split {
+                        b.arg(split);
+                    }
+                }
+                // SAFETY: the arguments match the sbmm entry points as in `sbmm_run_t`: `count` pieces of
+                // at most the kernel's tile rows inside the launch's m rows (the pass's segments, checked
+                // against x by the wrapper), each naming a slot below the layer's table length (checked
+                // by the wrapper); every slot's descriptor is that of its delta, of this launch's one
+                // variant (checked by `slot_launch_t`), or, only for a v4 kernel, the default descriptor
+                // with no stored rows, which the v4 kernels skip (`live = rt * 16 < n_stored`); the v4
+                // descriptors for a v4 kernel. The deltas' parts are kept alive by the `SlotDeltas` the
+                // caller borrows for the call and were written before the deltas existed; x is m x K
+                // and out m x N_total of T; the two tables live in `l` (Arcs) and are freed on this
+                // stream, after this launch.
+                unsafe { b.launch(l.kernel.config(l.grid)) }.w()?;
+            }
+        }
+    }
+    Ok((CudaStorage::wrap_cuda_slice(out, dev), shape))
+}

@@ -14,6 +14,7 @@ mod dequant;
 mod embedding;
 mod matmul;
 mod sbmm;
+mod slots;
 
 pub(crate) use dense::{dense_matmul, takes_dense, takes_dense_matmul};
 pub use dense::{
@@ -27,6 +28,8 @@ pub use matmul::{delta_matmul, delta_matmul_add};
 pub(crate) use matmul::{delta_matmul_add_with, delta_matmul_with};
 pub(crate) use sbmm::sbmm_with;
 pub use sbmm::{sbmm, sbmm_planned, SbmmPlan, Segment};
+pub(crate) use slots::SlotStat;
+pub use slots::{sbmm_slots, try_sbmm_slots, SlotDeltas, SlotSegments};
 
 use candle_core::{DType, Tensor};
 use dz_format::Role;
