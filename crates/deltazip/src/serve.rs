@@ -1038,7 +1038,7 @@ async fn load_delta(
     }
     state.multi_tenant().insert(name.clone());
     // Start the load now (prefetch): the first request finds it on the device or on its way.
-    let st = state.scheduler.residency().request(&name);
+    let st = state.scheduler.residency().prefetch(&name);
     (
         StatusCode::CREATED,
         Json(json!({ "name": name, "state": format!("{st:?}") })),

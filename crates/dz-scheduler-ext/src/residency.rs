@@ -179,6 +179,9 @@ struct Entry<B: Backend> {
     /// Loaded onto the GPU and not yet pinned (no sequence admitted for it since): not evicted until
     /// then or this instant, whichever comes first (see [`ResidencyOptions::fresh_grace`]).
     fresh_until: Option<Instant>,
+    /// A [`Residency::request`] (a sequence waits for it) since its last load began or ended: the
+    /// load, once done, makes the delta fresh.
+    wanted: bool,
 }
 
 #[derive(Clone)]
@@ -332,6 +335,7 @@ impl<B: Backend> Residency<B> {
                 cpu: None,
                 draining: false,
                 fresh_until: None,
+                wanted: false,
             },
         );
         self.shared.changed.notify_all();
@@ -367,6 +371,18 @@ impl<B: Backend> Residency<B> {
     /// within `retry_after`). Never blocks on I/O. Counts a GPU hit when the answer is
     /// [`DeltaState::Ready`], a miss otherwise (for a registered delta).
     pub fn request(&self, name: &str) -> DeltaState {
+        self.request_as(name, true)
+    }
+
+    /// [`Residency::request`] for a delta no sequence waits for yet (a hot load's prefetch): the same
+    /// load, but once on the GPU the delta is an ordinary LRU delta, not kept by
+    /// [`ResidencyOptions::fresh_grace`] (a later `request` for a waiting sequence, before the load
+    /// ends, makes it fresh after all).
+    pub fn prefetch(&self, name: &str) -> DeltaState {
+        self.request_as(name, false)
+    }
+
+    fn request_as(&self, name: &str, wanted: bool) -> DeltaState {
         let mut guard = self.shared.lock();
         let st = &mut *guard;
         let tick = st.bump();
@@ -387,6 +403,7 @@ impl<B: Backend> Residency<B> {
             Gpu::Failed { at, .. } => at.elapsed() >= self.shared.options.retry_after,
         };
         st.counters.gpu_misses += 1;
+        e.wanted |= wanted;
         if retry {
             e.gpu = Gpu::Loading;
             st.jobs.push_back(Job {
@@ -795,7 +812,8 @@ impl<B: Backend> Shared<B> {
                 bytes: need,
             };
             e.gpu_last_use = tick;
-            e.fresh_until = Some(fresh_until);
+            e.fresh_until = e.wanted.then_some(fresh_until);
+            e.wanted = false;
         }
         st.gpu_used += need;
         st.counters.gpu_loads += 1;

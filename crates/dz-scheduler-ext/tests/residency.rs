@@ -548,3 +548,23 @@ fn a_fresh_delta_becomes_evictable_when_its_grace_runs_out() {
     );
     assert_clean(&r);
 }
+
+#[test]
+fn a_prefetched_delta_is_not_kept_fresh() {
+    // A hot load's prefetch: no sequence waits for it, so a load for waiting sequences may evict it.
+    let r = residency_with_grace(Fake::new(200), 200, Duration::from_secs(3600));
+    for n in ["a", "b", "c"] {
+        r.register(n, 100).unwrap();
+    }
+    r.prefetch("a");
+    assert_eq!(r.wait("a", BOUND), DeltaState::Ready);
+    load(&r, "b");
+    load(&r, "c");
+    assert_eq!(
+        r.state("a"),
+        DeltaState::Idle,
+        "the prefetched delta made room"
+    );
+    assert_eq!(r.state("b"), DeltaState::Ready, "b is fresh");
+    assert_clean(&r);
+}
