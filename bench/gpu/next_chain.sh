@@ -12,8 +12,7 @@
 # What it measures (session 12 built these after its last GPU run):
 # A. GPU 0: cuda_check --quick --filter sbmm, then --quick --filter v4 (the slot-table path, `sbmm_slots`,
 #    against plain sbmm bit for bit, with an emptied slot riding along; session 12's quick v4 check took
-#    137 s), then kernel_bench at 32-256 rows of three shapes (runs beside B's serving on GPU 0's
-#    neighbour: its CPU load is light). GPU 1 meanwhile: the 7B generation, then `bench hook` with --slot-tables at 8/32/64 rows
+#    137 s), then kernel_bench at 32-256 rows of three shapes. GPU 1 meanwhile: the 7B generation, then `bench hook` with --slot-tables at 8/32/64 rows
 #    (the "another batch each pass" rows: layer plans vs slot tables).
 # B. dz-4b24 x 32 at 4/16/64 req/s on both GPUs at once: GPU 0 the default path, GPU 1 --slot-tables (only
 #    when A's checks passed), the same load on the host's CPU for both.
@@ -33,10 +32,12 @@ log start
   timeout 90 /tmp/k/bin/cuda_check --quick --filter sbmm > $S/check/sbmm-quick.txt 2>&1; a=$?
   timeout 200 /tmp/k/bin/cuda_check --quick --filter v4 > $S/check/v4-quick.txt 2>&1; b=$?
   log "cuda_check sbmm rc=$a v4 rc=$b"
-  [ $a = 0 ] && [ $b = 0 ] && touch $S/check.ok; touch $S/check.done
-  # The 32-row tile's variants beside cuBLAS (dz-sx, and dz-sxd: the deeper code ring, if built).
+  [ $a = 0 ] && [ $b = 0 ] && touch $S/check.ok
+  # The 32-row tile's variants beside cuBLAS (dz-sx, and dz-sxd: the deeper code ring, if built); before
+  # B, which serves on this GPU.
   mkdir -p $S/kern; timeout 120 /tmp/k/bin/kernel_bench --shapes 4096x4096,13824x5120,4096x11008 --rows 32,64,128,256 \
-      --commit "${COMMIT:-unknown}" --out $S/kern/kernels-wide > $S/kern/bench-wide.log 2>&1; log "kernel_bench rc=$?" ) &
+      --commit "${COMMIT:-unknown}" --out $S/kern/kernels-wide > $S/kern/bench-wide.log 2>&1; log "kernel_bench rc=$?"
+  touch $S/check.done ) &
 CODECS="4b24" DISTINCT=8 OUT=$S/gen bash $R/gpu/serving.sh gen > $S/gen.log 2>&1; log "gen rc=$?"
 ( export CUDA_VISIBLE_DEVICES=1; H=/tmp/dzhook; rm -rf $H; mkdir -p $H $S/hook
   $DZ synth model --shape llama-7b --layers 2 --out $H/base > $S/hook/gen.log 2>&1 &&
