@@ -1344,26 +1344,31 @@ fn v4_family(ck: &mut Checker, only: bool) {
                     // largest has 19 tiles: split 1 leaves most warps idle, 8 fills them); at 33 rows
                     // also with the 32-row tile off (v3, or 16-row v4 tiles in `only`).
                     let splits: &[u32] = if si == 0 || si == 3 { &V4_SPLITS } else { &[0] };
-                    // Past 16 rows: the 32-row tile with x from global memory (each split) and from
-                    // shared memory (no split), each forced, besides the automatic choice.
+                    // Past 16 rows: the 32-row tile with x from global memory (each split), from
+                    // shared memory and with x and the codes in the deep shared-memory ring (no split),
+                    // each forced, besides the automatic choice.
                     let wides: &[(bool, V4WideX)] = match rows {
                         33 => &[
                             (true, V4WideX::Auto),
                             (true, V4WideX::Global),
                             (true, V4WideX::Shared),
+                            (true, V4WideX::SharedDeep),
                             (false, V4WideX::Auto),
                         ],
                         17.. => &[
                             (true, V4WideX::Auto),
                             (true, V4WideX::Global),
                             (true, V4WideX::Shared),
+                            (true, V4WideX::SharedDeep),
                         ],
                         _ => &[(true, V4WideX::Auto)],
                     };
                     for (&split, &(wide, wx)) in splits
                         .iter()
                         .flat_map(|s| wides.iter().map(move |w| (s, w)))
-                        .filter(|(s, w)| **s == 0 || w.1 != V4WideX::Shared)
+                        .filter(|(s, w)| {
+                            **s == 0 || !matches!(w.1, V4WideX::Shared | V4WideX::SharedDeep)
+                        })
                     {
                         dz_candle_ops::set_v4_split(split);
                         dz_candle_ops::set_v4_wide_tiles(wide);
@@ -1383,6 +1388,7 @@ fn v4_family(ck: &mut Checker, only: bool) {
                                     V4WideX::Auto => "",
                                     V4WideX::Global => " wide-x=global",
                                     V4WideX::Shared => " wide-x=shared",
+                                    V4WideX::SharedDeep => " wide-x=shared-deep",
                                 }
                             ),
                             |dev, ops| {

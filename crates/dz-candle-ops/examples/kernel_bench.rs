@@ -29,7 +29,7 @@
 //! - `dz-s1` .. `dz-s8`: the v4 `delta_matmul` with its split along K forced (1-4 rows and past 16 rows,
 //!   there with x from global memory; `dz` picks it); past 16 rows `dz-gx` / `dz-sx`: the 32-row tile
 //!   with x read from global memory (split automatic) / staged in shared memory (`set_v4_wide_x`; `dz`
-//!   picks one per launch).
+//!   picks one per launch); `dz-sxd`: x and the codes in the deep shared-memory ring (forced only).
 //!
 //! Rows 32-256 of issue #5 (the 32-row tile beside cuBLAS, v3 and the dense route):
 //! `kernel_bench --rows 32,64,128,256 --out STEM` (all the 7B/13B shapes; `--shapes 4096x4096` for one).
@@ -761,9 +761,13 @@ fn main() -> Result<()> {
                     eprintln!("{}", r.md());
                     rows_out.push(r);
                 }
-                // The 32-row tile's two kernels, each forced.
+                // The 32-row tile's three kernels, each forced.
                 if has_v4 && rows > 16 {
-                    for (mode, path) in [(V4WideX::Global, "dz-gx"), (V4WideX::Shared, "dz-sx")] {
+                    for (mode, path) in [
+                        (V4WideX::Global, "dz-gx"),
+                        (V4WideX::Shared, "dz-sx"),
+                        (V4WideX::SharedDeep, "dz-sxd"),
+                    ] {
                         set_v4_wide_x(mode);
                         let t = b.time(ITERS, |i| {
                             Ok(vec![delta_matmul(&x, &deltas[i % deltas.len()])?])

@@ -218,18 +218,24 @@ pub enum V4WideX {
     Global,
     /// x staged in shared memory per block, 8 row tiles a block sharing it (`dz_v4_<variant>_matmul_sx_<t>_n4`).
     Shared,
+    /// As [`V4WideX::Shared`], the codes too staged in shared memory by cp.async, in one ring of 6-8 K blocks
+    /// with x (`dz_v4_<variant>_matmul_sxd_<t>_n4`, ~100 KB of shared memory a block): 3-6x the code bytes
+    /// in flight per warp. Written in session 12 without a GPU (bench/kernels/V4.md, "a deeper code ring");
+    /// taken only when forced until measured.
+    SharedDeep,
 }
 
 static V4_WIDE_X: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
 
 /// Sets where the v4 32-row matmul tile reads x from ([`V4WideX`]; [`V4WideX::Auto`] by default). For
-/// benchmarks and checks (`kernel_bench`'s `dz-gx` / `dz-sx` paths, `cuda_check`); both compute the same
-/// sums up to f32 summation order (the shared-memory kernel does not split K).
+/// benchmarks and checks (`kernel_bench`'s `dz-gx` / `dz-sx` / `dz-sxd` paths, `cuda_check`); all compute the
+/// same sums up to f32 summation order (the shared-memory kernels do not split K).
 pub fn set_v4_wide_x(mode: V4WideX) {
     let v = match mode {
         V4WideX::Auto => 0,
         V4WideX::Global => 1,
         V4WideX::Shared => 2,
+        V4WideX::SharedDeep => 3,
     };
     V4_WIDE_X.store(v, std::sync::atomic::Ordering::Relaxed);
 }
@@ -239,6 +245,7 @@ pub fn v4_wide_x() -> V4WideX {
     match V4_WIDE_X.load(std::sync::atomic::Ordering::Relaxed) {
         1 => V4WideX::Global,
         2 => V4WideX::Shared,
+        3 => V4WideX::SharedDeep,
         _ => V4WideX::Auto,
     }
 }

@@ -15,6 +15,9 @@
 //!   tile with x staged in shared memory, a block's 8 warps taking 8 consecutive 16-row tiles of one
 //!   32-row x tile over the whole of K (no split): a 1-D grid of at most `ceil(m / 32) *
 //!   ceil(n_stored / 128)` blocks, grid-stride.
+//! - `dz_v4_<variant>_matmul_sxd_<t>_n4` (same signature and grid): as `matmul_sx`, x and the codes in a
+//!   deep ring of K blocks in dynamic shared memory; launch it with [`v4_matmul_sxd_smem`] bytes of it
+//!   (raising the function's limit past 48 KB first).
 //! - `dz_v4_<variant>_sbmm_<t>_n<NT>(const DzSegment* segs, u32 n_segs, const DzDelta* deltas, const T* x,
 //!   T* out, u32 k, u32 n_total, u32 tiles, u32 split)`: every segment at most `8 NT` rows; `tiles` =
 //!   16-row tiles of the tallest delta, `split` (1, 2, 4 or 8) = warps per (segment, tile) item along K.
@@ -56,6 +59,9 @@ pub struct V4Entries {
     pub matmul_add: [[&'static str; 3]; 2],
     /// `dz_v4_<variant>_matmul_sx_<t>_n4`, by dtype: the 32-row tile with x in shared memory.
     pub matmul_sx: [&'static str; 2],
+    /// `dz_v4_<variant>_matmul_sxd_<t>_n4`, by dtype: the 32-row tile with x and the codes in a deep
+    /// shared-memory ring ([`v4_matmul_sxd_smem`] bytes of dynamic shared memory).
+    pub matmul_sxd: [&'static str; 2],
     /// `dz_v4_<variant>_sbmm_<t>_n<NT>`, by dtype then tile.
     pub sbmm: [[&'static str; 2]; 2],
     /// `dz_v4_<variant>_sbmm_sx_<t>_n<NT>`, by dtype then tile: the sbmm with x staged in shared memory
@@ -100,6 +106,12 @@ impl V4Entries {
         Self::index(dtype, 1).map(|(d, _)| self.matmul_sx[d])
     }
 
+    /// The 32-row matmul tile with x and the codes in a deep shared-memory ring (the signature of
+    /// [`V4Entries::matmul_sx`], [`v4_matmul_sxd_smem`] bytes of dynamic shared memory); `None` for f32.
+    pub fn matmul_sxd(&self, dtype: Dtype) -> Option<&'static str> {
+        Self::index(dtype, 1).map(|(d, _)| self.matmul_sxd[d])
+    }
+
     /// The sbmm entry point for segments of at most `rows` input rows.
     pub fn sbmm(&self, dtype: Dtype, rows: u32) -> Option<&'static str> {
         Self::index(dtype, rows).map(|(d, t)| self.sbmm[d][t])
@@ -130,6 +142,7 @@ impl V4Entries {
             .iter()
             .flatten()
             .chain(&self.matmul_sx)
+            .chain(&self.matmul_sxd)
             .chain(self.sbmm.iter().chain(&self.sbmm_sx).flatten())
             .chain(&self.dequantize)
             .copied()
@@ -183,6 +196,10 @@ macro_rules! v4_entries {
                 concat!("dz_v4_", $v, "_matmul_sx_f16_n4"),
                 concat!("dz_v4_", $v, "_matmul_sx_bf16_n4"),
             ],
+            matmul_sxd: [
+                concat!("dz_v4_", $v, "_matmul_sxd_f16_n4"),
+                concat!("dz_v4_", $v, "_matmul_sxd_bf16_n4"),
+            ],
             sbmm: [v4_tiles!($v, "sbmm", "f16"), v4_tiles!($v, "sbmm", "bf16")],
             sbmm_sx: [
                 v4_tiles!($v, "sbmm_sx", "f16"),
@@ -216,6 +233,23 @@ pub fn v4_entries(variant: Variant) -> Option<&'static V4Entries> {
     }
 }
 
+/// The dynamic shared memory (bytes) a block of `dz_v4_<variant>_matmul_sxd_<t>_n4` needs: R stages of
+/// one K block each, a stage holding the 32 staged x rows (68 words apart) and each of the 8 warps' packet,
+/// metadata slots (sparse24) and scale words; R = 6 for quant4, 7 for sparse24-4, 8 for the 2-bit codecs,
+/// the most that keep two blocks on an SM of 228 KB. The kernel's `WideSxd::SMEM` (v4.cu) is the same
+/// number, and the kernel traps when launched with less. `None` for a variant without v4 kernels.
+pub fn v4_matmul_sxd_smem(variant: Variant) -> Option<u32> {
+    const X_STAGE: u32 = 32 * (128 / 2 + 4) * 4;
+    let (packet, meta, stages) = match variant {
+        Variant::Quant(2) => (512, 0, 8),
+        Variant::Quant(4) => (1024, 0, 6),
+        Variant::Sparse24(2) => (256, 256, 8),
+        Variant::Sparse24(4) => (512, 256, 7),
+        _ => return None,
+    };
+    Some(stages * (X_STAGE + 8 * (packet + meta + 32)))
+}
+
 /// Whether a delta of `variant` with `k` columns, `group_size` and `symmetric` grid has v4 kernels (and so
 /// is re-laid at upload): quant or sparse24 of 2 or 4 bits, symmetric, groups of 0 or a multiple of 128,
 /// K a positive multiple of 32.
@@ -234,7 +268,23 @@ mod tests {
     #[test]
     fn names_and_support() {
         let n: usize = V4.iter().map(|e| e.all().count()).sum();
-        assert_eq!(n, 4 * 19);
+        assert_eq!(n, 4 * 21);
+        assert_eq!(
+            V4[3].matmul_sxd(Dtype::F16),
+            Some("dz_v4_sparse24_4_matmul_sxd_f16_n4")
+        );
+        assert!(V4[3].matmul_sxd(Dtype::F32).is_none());
+        // Two blocks an SM of 228 KB (1 KB reserved a block); the numbers of V4.md.
+        let smem = [
+            Variant::Quant(2),
+            Variant::Quant(4),
+            Variant::Sparse24(2),
+            Variant::Sparse24(4),
+        ]
+        .map(|v| v4_matmul_sxd_smem(v).unwrap_or(u32::MAX));
+        assert_eq!(smem, [104_448, 102_912, 104_448, 105_728]);
+        assert!(smem.iter().all(|&b| 2 * (b + 1024) <= 228 * 1024));
+        assert!(v4_matmul_sxd_smem(Variant::Sign1).is_none());
         assert_eq!(
             V4[2].matmul_sx(Dtype::Bf16),
             Some("dz_v4_sparse24_2_matmul_sx_bf16_n4")

@@ -37,8 +37,8 @@ use candle_core::{CudaDevice, CudaStorage, DType, Layout, Shape};
 use dz_kernels::desc::as_bytes;
 use dz_kernels::tc::{tc_entries, tc_supports, TcEntries, TcTile, TC_MODULE, TC_THREADS};
 use dz_kernels::v4::{
-    v4_entries, v4_matmul_tile_rows, v4_tile_rows, V4Entries, V4_DEQUANTIZE_THREADS, V4_MAX_ROWS,
-    V4_MODULE, V4_THREADS, V4_TILE_ROWS, V4_WIDE_ROWS,
+    v4_entries, v4_matmul_sxd_smem, v4_matmul_tile_rows, v4_tile_rows, V4Entries,
+    V4_DEQUANTIZE_THREADS, V4_MAX_ROWS, V4_MODULE, V4_THREADS, V4_TILE_ROWS, V4_WIDE_ROWS,
 };
 use dz_kernels::{DzDelta, DzSegment, Tile, Variant, ROWS_PER_BLOCK, THREADS, WARPS};
 use half::{bf16, f16};
@@ -358,24 +358,42 @@ fn matmul_t<T: Elem>(
                                 || blocks * 8 * u64::from(WARPS_V4) >= resident_warps(&dev)?
                         }
                         crate::V4WideX::Global => false,
-                        crate::V4WideX::Shared => true,
+                        crate::V4WideX::Shared | crate::V4WideX::SharedDeep => true,
                     };
-                    e.matmul_sx(T::KIND)
+                    // The deep ring (x and codes in shared memory) only when forced: not yet measured.
+                    let deep = crate::v4_wide_x() == crate::V4WideX::SharedDeep;
+                    let name = if deep {
+                        e.matmul_sxd(T::KIND)
+                    } else {
+                        e.matmul_sx(T::KIND)
+                    };
+                    let smem = if deep {
+                        v4_matmul_sxd_smem(d.variant)
+                    } else {
+                        Some(0)
+                    };
+                    name.zip(smem)
                         .filter(|_| shared)
-                        .map(|name| (name, blocks))
+                        .map(|(name, smem)| (name, blocks, smem))
                 }
                 _ => None,
             };
             let func = match sx {
-                Some((name, _)) => dev
-                    .get_or_load_custom_func(name, V4_MODULE, dz_kernels::v4_ptx())?
-                    .into_cuda_function(),
+                Some((name, _, smem)) => {
+                    let f = dev
+                        .get_or_load_custom_func(name, V4_MODULE, dz_kernels::v4_ptx())?
+                        .into_cuda_function();
+                    if smem > 0 {
+                        allow_dynamic_smem(op, &f, smem)?;
+                    }
+                    f
+                }
                 None => kernel.function(op, &dev, T::KIND, Launch::Matmul)?,
             };
             // v4: a 1-D grid over the (x tile, delta tile) items, each split over `split` warps.
             let (grid, v4_split) = match kernel {
                 Kernel::V4(..) if sx.is_some() => {
-                    let blocks = sx.map_or(1, |(_, b)| b);
+                    let blocks = sx.map_or(1, |(_, b, _)| b);
                     ((blocks.min(u64::from(MAX_GRID_X)) as u32, 1), None)
                 }
                 Kernel::V4(..) => {
@@ -402,8 +420,11 @@ fn matmul_t<T: Elem>(
             // their grid-stride loop covering ceil(m / 32) x ceil(tiles / 8) blocks): x holds m rows of
             // K elements of T, base (0, or m x N_total) and out (m x N_total) are T buffers, and the
             // descriptor points to the delta's parts (the v4 parts for a v4 kernel), checked by
-            // `describe`.
-            unsafe { b.launch(kernel.config(grid)) }.w()?;
+            // `describe`. The `matmul_sxd` entries get the dynamic shared memory they need
+            // (`v4_matmul_sxd_smem`, allowed on the function above; they trap with less).
+            let mut cfg = kernel.config(grid);
+            cfg.shared_mem_bytes = sx.map_or(0, |(_, _, smem)| smem);
+            unsafe { b.launch(cfg) }.w()?;
         }
     }
     Ok((CudaStorage::wrap_cuda_slice(out, dev), shape))
@@ -807,6 +828,27 @@ const MAX_GRID_X: u32 = (1 << 31) - 1;
 
 /// Warps the v4 kernels keep resident on the device: 2 blocks of 8 warps per SM (their launch bounds).
 /// Read once per process (the lent machines have one kind of GPU).
+/// Lets `func` take `bytes` of dynamic shared memory a block (past the default 48 KB limit), preferring
+/// the largest shared-memory carveout (the v4 `matmul_sxd` entries: ~100 KB a block, two blocks an SM).
+/// Setting the attribute again costs a driver call, not a synchronization.
+fn allow_dynamic_smem(op: &'static str, func: &CudaFunction, bytes: u32) -> Result<()> {
+    use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
+    let bad = |e| OpError::Storage {
+        op,
+        reason: format!("cannot allow {bytes} bytes of dynamic shared memory: {e}"),
+    };
+    func.set_attribute(
+        CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        bytes as i32,
+    )
+    .map_err(bad)?;
+    func.set_attribute(
+        CUfunction_attribute::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
+        100,
+    )
+    .map_err(bad)
+}
+
 fn resident_warps(dev: &CudaDevice) -> Result<u64> {
     use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
     static RESIDENT: std::sync::OnceLock<u64> = std::sync::OnceLock::new();

@@ -600,6 +600,10 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, uint32_
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 __device__ __forceinline__ void cp_async_wait_one() { asm volatile("cp.async.wait_group 1;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
 
 template <class C, typename T, int NT>
 struct SxTile {
@@ -726,6 +730,60 @@ __device__ __forceinline__ void sbmm_sx(const DzSegment* segs, uint32_t n_segs, 
   }
 }
 
+// The 16-byte piece q of a staged x row sits at piece wide_swz(q) (see WideSx below: quarter warps of the quant
+// loads on 8 distinct bank groups).
+__device__ __forceinline__ uint32_t wide_swz(uint32_t q) { return q ^ (((q >> 3) & 1u) << 1); }
+
+// part += block j (of the staged x rows in `buf`, STRIDE words apart, pieces swizzled by `wide_swz`) of a
+// warp's products for the 32-row tile (NT = 4), the stage's codes already in registers: the shared-memory
+// half of WideSx (x double-buffered in chunks) and WideSxd (x and codes in one ring of K blocks).
+template <class C, typename T, int STRIDE>
+__device__ __forceinline__ void wide_compute(const Stage<C, 4>& st, float (&part)[4][4], const uint32_t (&mul)[4],
+                                             const uint32_t (&add)[4], const uint32_t (&mask)[4], uint32_t magic,
+                                             const uint32_t* buf, uint32_t j, uint32_t lane) {
+  constexpr int NT = 4;
+  using Tl = Tile<C, T, NT>;
+  const uint32_t g = lane / 4, c = lane % 4;
+  if constexpr (!C::sparse) {
+#pragma unroll
+    for (int s2 = 0; s2 < C::STEPS / 2; ++s2) {
+      uint32_t a0[4], a1[4];
+#pragma unroll
+      for (int f = 0; f < 4; ++f) {
+        a0[f] = Tl::a_pair(st, 2 * s2, f, mul, add, mask, magic);
+        a1[f] = Tl::a_pair(st, 2 * s2 + 1, f, mul, add, mask, magic);
+      }
+      // Words 16 c + 4 s2 .. + 3 of the block (the re-laid quant order: lane c's 32 columns).
+      const uint32_t* at = buf + wide_swz(16 * j + 4 * c + s2) * 4;
+#pragma unroll
+      for (int t = 0; t < NT; ++t) {
+        const uint4 v = *reinterpret_cast<const uint4*>(at + (8 * t + g) * STRIDE);
+        mma16<T>(part[t], a0, v.x, v.y);
+        mma16<T>(part[t], a1, v.z, v.w);
+      }
+    }
+  } else {
+    const uint32_t base = static_cast<uint32_t>(__cvta_generic_to_shared(buf));
+    const uint32_t lr = lane % 8, li = lane / 8;  // the ldmatrix row this lane addresses: matrix li, row lr
+#pragma unroll
+    for (int s = 0; s < C::STEPS; ++s) {
+      uint32_t a[4];
+#pragma unroll
+      for (int f = 0; f < 4; ++f) a[f] = Tl::a_pair(st, s, f, mul, add, mask, magic);
+      const uint32_t piece = wide_swz(16 * j + 4 * s + li);
+#pragma unroll
+      for (int t = 0; t < NT; ++t) {
+        uint32_t b[4];
+        const uint32_t addr = base + ((8 * t + lr) * STRIDE + piece * 4) * 4;
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                     : "=r"(b[0]), "=r"(b[1]), "=r"(b[2]), "=r"(b[3])
+                     : "r"(addr));
+        mma32sp<T>(part[t], a, b, st.m[s]);
+      }
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // The 32-row matmul tile with x staged in shared memory (`dz_v4_<variant>_matmul_sx_<t>_n4`; issue #5, rows
 // 17-256; written in session 12 without a GPU). The 32-row tile above loads each lane's x words from global
@@ -752,7 +810,7 @@ struct WideSx {
   static constexpr int D = 2;                     // the code ring's depth; divides XC
   static_assert(XC % D == 0, "chunk boundaries must fall on round starts");
 
-  static __device__ __forceinline__ uint32_t swz(uint32_t q) { return q ^ (((q >> 3) & 1u) << 1); }
+  static __device__ __forceinline__ uint32_t swz(uint32_t q) { return wide_swz(q); }
 
   // Chunk `ch` of the x tile into `buf` (every thread of the block takes part).
   static __device__ __forceinline__ void stage(uint32_t* buf, const T* x, uint32_t rows, uint32_t K, uint32_t ch) {
@@ -768,45 +826,7 @@ struct WideSx {
   static __device__ __forceinline__ void compute(const Stage<C, NT>& st, float (&part)[NT][4], const uint32_t (&mul)[4],
                                                  const uint32_t (&add)[4], const uint32_t (&mask)[4], uint32_t magic,
                                                  const uint32_t* buf, uint32_t j, uint32_t lane) {
-    const uint32_t g = lane / 4, c = lane % 4;
-    if constexpr (!C::sparse) {
-#pragma unroll
-      for (int s2 = 0; s2 < C::STEPS / 2; ++s2) {
-        uint32_t a0[4], a1[4];
-#pragma unroll
-        for (int f = 0; f < 4; ++f) {
-          a0[f] = Tl::a_pair(st, 2 * s2, f, mul, add, mask, magic);
-          a1[f] = Tl::a_pair(st, 2 * s2 + 1, f, mul, add, mask, magic);
-        }
-        // Words 16 c + 4 s2 .. + 3 of the block (the re-laid quant order: lane c's 32 columns).
-        const uint32_t* at = buf + swz(16 * j + 4 * c + s2) * 4;
-#pragma unroll
-        for (int t = 0; t < NT; ++t) {
-          const uint4 v = *reinterpret_cast<const uint4*>(at + (8 * t + g) * STRIDE);
-          mma16<T>(part[t], a0, v.x, v.y);
-          mma16<T>(part[t], a1, v.z, v.w);
-        }
-      }
-    } else {
-      const uint32_t base = static_cast<uint32_t>(__cvta_generic_to_shared(buf));
-      const uint32_t lr = lane % 8, li = lane / 8;  // the ldmatrix row this lane addresses: matrix li, row lr
-#pragma unroll
-      for (int s = 0; s < C::STEPS; ++s) {
-        uint32_t a[4];
-#pragma unroll
-        for (int f = 0; f < 4; ++f) a[f] = Tl::a_pair(st, s, f, mul, add, mask, magic);
-        const uint32_t piece = swz(16 * j + 4 * s + li);
-#pragma unroll
-        for (int t = 0; t < NT; ++t) {
-          uint32_t b[4];
-          const uint32_t addr = base + ((8 * t + lr) * STRIDE + piece * 4) * 4;
-          asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                       : "=r"(b[0]), "=r"(b[1]), "=r"(b[2]), "=r"(b[3])
-                       : "r"(addr));
-          mma32sp<T>(part[t], a, b, st.m[s]);
-        }
-      }
-    }
+    wide_compute<C, T, STRIDE>(st, part, mul, add, mask, magic, buf, j, lane);
   }
 
   static __device__ __forceinline__ void advance(Cursor<C, T, NT>& cur, uint32_t nkb) {
@@ -886,6 +906,215 @@ __device__ __forceinline__ void matmul_sx(const DzDelta& d, const T* x, const T*
     float acc[NT][4];
     zero(acc);
     WideSx<C, T>::accumulate(d, x + size_t(i0) * d.k, rows, min(rt, tiles - 1), xs, acc);
+    if (rt < tiles) {
+      const size_t o = size_t(i0) * d.n_total;
+      Tile<C, T, NT>::store(d, rows, base ? base + o : nullptr, out + o, rt, acc);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// The 32-row matmul tile with x AND the codes in shared memory, a deep ring of K blocks
+// (`dz_v4_<variant>_matmul_sxd_<t>_n4`; issue #5, written in session 12 after the `_sx` measurements,
+// without a GPU; the host takes it only when forced, `V4WideX::SharedDeep`). `_sx` ran 4096 x 4096 at
+// ~1500 cycles a K block and warp from 32 to 128 rows, flat: with one block an SM (32-128 blocks for 132
+// SMs) only 8 warps x 1-2 blocks of codes were in flight (6-13 KB for 4-bit 2:4, against ~26 KB to cover
+// DRAM latency at full bandwidth), and its register ring could not go deeper (120-128 registers).
+//
+// Here the codes, metadata and scale words of each warp's K block go to shared memory by cp.async as well,
+// next to the block's x block, in one ring of R stages of one K block each (CUTLASS's multistage shape):
+// stage = the 32 staged x rows of the block (68 words apart: 4 mod 32; pieces swizzled as WideSx's, so
+// `wide_compute` reads them unchanged with j = 0) + each warp's packet bytes, metadata slots and scale
+// words, byte for byte as in global memory (a lane then reads its piece, slot and word at the offsets of
+// the global loads: the 16-byte piece reads are 512 contiguous bytes a warp, conflict-free). At block kb a
+// thread waits for its group of block kb (cp.async.wait_group R - 2), the block meets at ONE barrier (every
+// thread's copies of kb have landed, and every warp is done with block kb - 1, whose stage is refilled
+// now), issues the copies of block kb + R - 1 (one commit group a block, empty past the last), then
+// computes kb from shared memory: R - 1 K blocks of codes and x in flight per warp, and no register ring
+// (the codes move to registers right before their decode). R is the most stages that keep 2 blocks an SM
+// (2 x (R stage bytes + 1 KB reserved) <= 228 KB): quant4 6 (17152 B a stage), sparse24-4 7 (15104 B),
+// the 2-bit codecs 8 (13056 B); ~103-106 KB of dynamic shared memory a block, which the host grants
+// (cuFuncSetAttribute) and passes at launch; the kernel traps if it gets less (`v4_matmul_sxd_smem` on the
+// host computes the same number).
+template <class C>
+constexpr int sxd_stages() {
+  return C::BITS == 4 ? (C::sparse ? 7 : 6) : 8;
+}
+
+template <class C, typename T>
+struct WideSxd {
+  static constexpr int NT = 4;
+  using Tl = Tile<C, T, NT>;
+  static constexpr int XR = 8 * NT;               // staged x rows
+  static constexpr int XPIECES = KB / 8;          // 16-byte pieces of a staged row (one K block)
+  static constexpr int STRIDE = KB / 2 + 4;       // words a staged row: 4 (mod 32)
+  static constexpr int XWORDS = XR * STRIDE;      // x words a stage
+  static constexpr int META = C::sparse ? 256 : 0;
+  static constexpr int CBYTES = C::PACKET + META + 32;  // a warp's stream bytes a block (packet, meta, scales)
+  static constexpr int CPIECES = CBYTES / 16;
+  static constexpr int CWORDS = CBYTES / 4;
+  static constexpr int STAGE = XWORDS + WK * CWORDS;  // words a stage
+  static constexpr int R = sxd_stages<C>();
+  static constexpr uint32_t SMEM = uint32_t(R) * STAGE * 4;  // dynamic shared memory bytes a block
+  static_assert(CBYTES % 16 == 0 && (XWORDS * 4) % 16 == 0, "16-byte pieces");
+  static_assert(2 * (SMEM + 1024) <= 228 * 1024, "two blocks an SM");
+  static_assert((XR * XPIECES) % (WK * 32) == 0, "x pieces split evenly over the block's threads");
+
+  static constexpr int XN = XR * XPIECES / (WK * 32);  // x pieces a thread copies a block (2)
+  static constexpr int CN = (CPIECES + 31) / 32;       // stream pieces a lane copies a block (at most)
+
+  // What a thread copies each block, worked out once an item: its x pieces (column piece q of rows
+  // r0 + 16 i; 256 threads = 16 rows x 16 pieces, so q is the same for both) and its stream pieces.
+  struct Copies {
+    const T* xsrc;            // row r0 (clamped at `rows - 1`), column 8 q of block 0 (clamped at K - 8)
+    uint32_t xrow;            // elements from row r0's source to row r0 + 16's (clamped)
+    uint32_t xdst;            // words into a stage of row r0's piece
+    uint32_t xcol;            // 8 q
+    const uint8_t* csrc[CN];  // the lane's stream pieces at the tile's block 0 (null: none)
+    uint32_t cstep[CN];       // their bytes from one block to the next (packet, 256 or 32)
+  };
+
+  static __device__ __forceinline__ Copies copies(const DzDelta& d, const T* x, uint32_t rows, uint32_t K,
+                                                  size_t packet0, uint32_t lane) {
+    static_assert(XN == 2 && XPIECES == 16, "the x copies assume 16 rows x 16 pieces a pass");
+    Copies cp;
+    const uint32_t r0 = threadIdx.x / XPIECES, q = threadIdx.x % XPIECES;
+    cp.xsrc = x + size_t(min(r0, rows - 1)) * K + min(q * 8, K - 8);  // (= 8 q wherever a piece is in)
+    cp.xrow = (min(r0 + 16, rows - 1) - min(r0, rows - 1)) * K;
+    cp.xdst = r0 * STRIDE + wide_swz(q) * 4;
+    cp.xcol = q * 8;
+    const uint8_t* codes = reinterpret_cast<const uint8_t*>(d.parts[0]) + packet0 * C::PACKET;
+    const uint8_t* meta = reinterpret_cast<const uint8_t*>(d.parts[1]) + packet0 * 256;
+    const uint8_t* scales = reinterpret_cast<const uint8_t*>(d.parts[2]) + packet0 * 32;
+#pragma unroll
+    for (int i = 0; i < CN; ++i) {
+      const uint32_t p = lane + 32 * i;
+      constexpr uint32_t P0 = C::PACKET / 16, P1 = P0 + META / 16;
+      cp.csrc[i] = p < P0                   ? codes + p * 16
+                   : p < P1                 ? meta + (p - P0) * 16
+                   : p < uint32_t(CPIECES) ? scales + (p - P1) * 16
+                                            : nullptr;
+      cp.cstep[i] = p < P0 ? C::PACKET : p < P1 ? 256 : 32;
+    }
+    return cp;
+  }
+
+  // The copies of K block kb into stage `st` (words): every thread its share of the x block (rows clamped
+  // at `rows - 1`, columns past K zero: K is a multiple of 32, so a piece is all in or all out, and an out
+  // piece copies 0 bytes from block 0's valid address), each warp its tile's packet, metadata slots and
+  // scale words, byte for byte (piece p of the lane at word 4 p of the warp's part of the stage).
+  static __device__ __forceinline__ void load(uint32_t* st, const Copies& cp, uint32_t K, uint32_t kb,
+                                              uint32_t lane) {
+    const bool in = kb * KB + cp.xcol < K;
+    const T* xs = cp.xsrc + (in ? kb * KB : 0u);
+    cp_async16(st + cp.xdst, xs, in ? 16u : 0u);
+    cp_async16(st + cp.xdst + 16 * STRIDE, xs + cp.xrow, in ? 16u : 0u);
+    uint32_t* cw = st + XWORDS + (threadIdx.x / 32) * CWORDS;
+#pragma unroll
+    for (int i = 0; i < CN; ++i) {
+      if (32 * (i + 1) <= CPIECES || cp.csrc[i] != nullptr) {
+        cp_async16(cw + 4 * (lane + 32 * i), cp.csrc[i] + size_t(kb) * cp.cstep[i], 16u);
+      }
+    }
+  }
+
+  // The lane's codes, metadata and scale word of the warp's block in stage `st`, at the offsets the global
+  // loads (Tile::load_codes, codes_at) read.
+  static __device__ __forceinline__ void codes_from(Stage<C, NT>& s, const uint32_t* st, uint32_t lane) {
+    const uint32_t g = lane / 4, c = lane % 4;
+    const uint32_t* cw = st + XWORDS + (threadIdx.x / 32) * CWORDS;
+    if constexpr (C::PIECE >= 16) {
+#pragma unroll
+      for (int i = 0; i < C::PIECE / 16; ++i) {
+        const uint4 v = *reinterpret_cast<const uint4*>(cw + i * 128 + lane * 4);
+        s.w[4 * i] = v.x;
+        s.w[4 * i + 1] = v.y;
+        s.w[4 * i + 2] = v.z;
+        s.w[4 * i + 3] = v.w;
+      }
+    } else {
+      const uint2 v = *reinterpret_cast<const uint2*>(cw + lane * 2);
+      s.w[0] = v.x;
+      s.w[1] = v.y;
+    }
+    if constexpr (C::sparse) {
+      const uint4 v = *reinterpret_cast<const uint4*>(cw + C::PACKET / 4 + (2 * g + (c & 1)) * 4);
+      s.m[0] = v.x;
+      s.m[1] = v.y;
+      s.m[2] = v.z;
+      s.m[3] = v.w;
+    }
+    s.s = cw[(C::PACKET + META) / 4 + g];
+  }
+
+  // acc += this warp's whole K row of tile `rt` against the block's x tile (`rows` rows at `x`), through
+  // the ring in `ring` (R stages). Every warp of the block calls it with the same x tile and delta (the
+  // barriers).
+  static __device__ __forceinline__ void accumulate(const DzDelta& d, const T* x, uint32_t rows, uint32_t rt,
+                                                    uint32_t* ring, float (&acc)[NT][4]) {
+    const uint32_t lane = threadIdx.x % 32;
+    const uint32_t K = d.k;
+    const uint32_t nkb = (K + KB - 1) / KB;
+    const size_t packet0 = size_t(rt) * nkb;
+    uint32_t mul[4], add[4], mask[4];
+    Tl::decode_constants(d.bits, mul, add, mask);
+    const uint32_t magic = Num<T>::MAGIC;
+
+    const Copies cp = copies(d, x, rows, K, packet0, lane);
+    __syncthreads();  // the ring is free (an earlier x tile of this block has been read)
+#pragma unroll
+    for (int i = 0; i < R - 1; ++i) {
+      if (uint32_t(i) < nkb) load(ring + i * STAGE, cp, K, i, lane);
+      cp_async_commit();  // (an empty group past the last block keeps the count)
+    }
+    uint32_t cur = 0;      // the stage of block kb
+    uint32_t nxt = R - 1;  // the stage of block kb + R - 1
+    for (uint32_t kb = 0; kb < nkb; ++kb) {
+      cp_async_wait<R - 2>();  // this thread's copies of block kb have landed
+      __syncthreads();         // and every thread's; every warp is done with block kb - 1 (stage nxt)
+      const uint32_t ahead = kb + R - 1;
+      if (ahead < nkb) load(ring + nxt * STAGE, cp, K, ahead, lane);
+      cp_async_commit();
+      const uint32_t* st = ring + cur * STAGE;
+      Stage<C, NT> s;
+      codes_from(s, st, lane);
+      float p[NT][4];
+      zero(p);
+      wide_compute<C, T, STRIDE>(s, p, mul, add, mask, magic, st, 0, lane);
+      Tl::add_scaled(acc, p, s.s);
+      cur = cur + 1 == uint32_t(R) ? 0 : cur + 1;
+      nxt = nxt + 1 == uint32_t(R) ? 0 : nxt + 1;
+    }
+  }
+};
+
+__device__ __forceinline__ uint32_t dynamic_smem_bytes() {
+  uint32_t v;
+  asm("mov.u32 %0, %%dynamic_smem_size;\n" : "=r"(v));
+  return v;
+}
+
+// The launch: as matmul_sx (blocks of 8 consecutive 16-row tiles of one 32-row x tile, x-tile-major,
+// grid-stride; a warp past the last tile computes the last tile again and stores nothing), the ring in
+// WideSxd::SMEM bytes of dynamic shared memory.
+template <class C, typename T>
+__device__ __forceinline__ void matmul_sxd(const DzDelta& d, const T* x, const T* base, T* out, uint32_t m) {
+  using W = WideSxd<C, T>;
+  constexpr int NT = W::NT;
+  extern __shared__ __align__(16) uint32_t dz_v4_dyn[];
+  if (dynamic_smem_bytes() < W::SMEM) __trap();  // the host launched it with too little (a host bug)
+  const uint32_t wk = threadIdx.x / 32;
+  const uint32_t tiles = (d.n_stored + 15) / 16;
+  const uint32_t groups = (tiles + WK - 1) / WK;
+  const uint64_t blocks = uint64_t((m + 8 * NT - 1) / (8 * NT)) * groups;
+  for (uint64_t b = blockIdx.x; b < blocks; b += gridDim.x) {
+    const uint32_t xt = uint32_t(b / groups);
+    const uint32_t rt = uint32_t(b % groups) * WK + wk;
+    const uint32_t i0 = xt * 8 * NT;
+    const uint32_t rows = min(uint32_t(8 * NT), m - i0);
+    float acc[NT][4];
+    zero(acc);
+    W::accumulate(d, x + size_t(i0) * d.k, rows, min(rt, tiles - 1), dz_v4_dyn, acc);
     if (rt < tiles) {
       const size_t o = size_t(i0) * d.n_total;
       Tile<C, T, NT>::store(d, rows, base ? base + o : nullptr, out + o, rt, acc);
@@ -1003,6 +1232,13 @@ __device__ __forceinline__ void dequantize(const DzDelta& d, const T* base, T* o
       dz_v4_##variant##_matmul_sx_##tname##_n4(DzDelta d, const T* x, const T* base, T* out, uint32_t m) {   \
     dz::v4::matmul_sx<C, T>(d, x, base, out, m);                                                             \
   }
+// dz_v4_<variant>_matmul_sxd_<t>_n4(DzDelta d, const T* x, const T* base, T* out, u32 m): as matmul_sx, x and
+// the codes in a deep ring in dynamic shared memory (v4_matmul_sxd_smem on the host: the bytes to pass).
+#define DZ_V4_MATMUL_SXD(variant, C, T, tname)                                                               \
+  extern "C" __global__ void __launch_bounds__(dz::v4::WK * 32, 2)                                          \
+      dz_v4_##variant##_matmul_sxd_##tname##_n4(DzDelta d, const T* x, const T* base, T* out, uint32_t m) {  \
+    dz::v4::matmul_sxd<C, T>(d, x, base, out, m);                                                            \
+  }
 #define DZ_V4_ENTRIES(variant, C, T, tname, NT)                                                              \
   DZ_V4_MATMUL(variant, C, T, tname, NT)                                                                     \
   extern "C" __global__ void __launch_bounds__(dz::v4::WK * 32, 2)                                          \
@@ -1023,10 +1259,12 @@ __device__ __forceinline__ void dequantize(const DzDelta& d, const T* base, T* o
   DZ_V4_ENTRIES(variant, C, __half, f16, 2)         \
   DZ_V4_MATMUL(variant, C, __half, f16, 4)          \
   DZ_V4_MATMUL_SX(variant, C, __half, f16)          \
+  DZ_V4_MATMUL_SXD(variant, C, __half, f16)         \
   DZ_V4_ENTRIES(variant, C, __nv_bfloat16, bf16, 1) \
   DZ_V4_ENTRIES(variant, C, __nv_bfloat16, bf16, 2) \
   DZ_V4_MATMUL(variant, C, __nv_bfloat16, bf16, 4)  \
   DZ_V4_MATMUL_SX(variant, C, __nv_bfloat16, bf16)  \
+  DZ_V4_MATMUL_SXD(variant, C, __nv_bfloat16, bf16) \
   DZ_V4_DEQUANTIZE(variant, C, float, f32)          \
   DZ_V4_DEQUANTIZE(variant, C, __half, f16)         \
   DZ_V4_DEQUANTIZE(variant, C, __nv_bfloat16, bf16)
