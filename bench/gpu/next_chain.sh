@@ -1,5 +1,5 @@
 #!/bin/bash
-# The device chain prepared at the end of session 12 for session 13 (nvidia-h200-x2, ~12 minutes): run it
+# The device chain prepared at the end of session 12 for session 13 (nvidia-h200-x2, ~16 minutes): run it
 # detached and poll, as sessions 10-12 did (session 12's chains: bench/results/h200-s12-2026-11-30.md).
 #
 #   build first (here): bash bench/gpu/build.sh   (.gpu/k and .gpu/srv; check their BUILT files)
@@ -12,7 +12,8 @@
 # What it measures (session 12 built these after its last GPU run):
 # A. GPU 0: cuda_check --quick --filter sbmm, then --quick --filter v4 (the slot-table path, `sbmm_slots`,
 #    against plain sbmm bit for bit, with an emptied slot riding along; session 12's quick v4 check took
-#    137 s), then kernel_bench at 32-256 rows of three shapes. GPU 1 meanwhile: the 7B generation, then `bench hook` with --slot-tables at 8/32/64 rows
+#    137 s; it includes the deeper code ring `_sxd`, forced), racecheck on `_sxd` and memcheck on the sbmm
+#    family, then kernel_bench at 32-256 rows of three shapes (dz-sxd beside dz-sx and cuBLAS). GPU 1 meanwhile: the 7B generation, then `bench hook` with --slot-tables at 8/32/64 rows
 #    (the "another batch each pass" rows: layer plans vs slot tables).
 # B. dz-4b24 x 32 at 4/16/64 req/s on both GPUs at once: GPU 0 the default path, GPU 1 --slot-tables (only
 #    when A's checks passed), the same load on the host's CPU for both.
@@ -30,9 +31,16 @@ log start
 # A
 ( export CUDA_VISIBLE_DEVICES=0; mkdir -p $S/check
   timeout 90 /tmp/k/bin/cuda_check --quick --filter sbmm > $S/check/sbmm-quick.txt 2>&1; a=$?
-  timeout 200 /tmp/k/bin/cuda_check --quick --filter v4 > $S/check/v4-quick.txt 2>&1; b=$?
+  timeout 260 /tmp/k/bin/cuda_check --quick --filter v4 > $S/check/v4-quick.txt 2>&1; b=$?
   log "cuda_check sbmm rc=$a v4 rc=$b"
   [ $a = 0 ] && [ $b = 0 ] && touch $S/check.ok
+  # The deeper code ring (_sxd) and the slot tables' no-op descriptors under the sanitizer.
+  CS=$(ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
+  if [ -n "$CS" ]; then
+    timeout 80 $CS --tool racecheck /tmp/k/bin/cuda_check --quick --filter shared-deep > $S/check/racecheck-sxd.txt 2>&1
+    timeout 80 $CS --tool memcheck /tmp/k/bin/cuda_check --quick --filter sbmm > $S/check/memcheck-sbmm.txt 2>&1
+    log "sanitizer racecheck sxd / memcheck sbmm done"
+  fi
   # The 32-row tile's variants beside cuBLAS (dz-sx, and dz-sxd: the deeper code ring, if built); before
   # B, which serves on this GPU.
   mkdir -p $S/kern; timeout 120 /tmp/k/bin/kernel_bench --shapes 4096x4096,13824x5120,4096x11008 --rows 32,64,128,256 \
