@@ -1201,8 +1201,9 @@ struct LayerPlan {
     dtype: DType,
     /// The weight deltas' sbmm, when a row's fine-tune has one for this layer.
     sbmm: Option<SbmmPlan>,
-    /// The bias deltas per input row, `[m, n]` in `dtype` (zeros for rows without one), when a row's
-    /// fine-tune has one.
+    /// The bias deltas per batch row, `[rows, 1, n]` in `dtype` (zeros for rows without one), when a
+    /// row's fine-tune has one: broadcast over each row's inputs at use, so a prefill-sized plan does
+    /// not keep an `[m, n]` table per biased layer.
     bias: Option<Tensor>,
 }
 
@@ -1260,7 +1261,11 @@ impl DeltaLinear {
             out = sbmm_planned(&x2, &out.contiguous()?, p)?;
         }
         if let Some(bias) = &lp.bias {
-            out = (out + bias)?;
+            let rows = bias.dim(0)?;
+            out = out
+                .reshape((rows, m / rows, n))?
+                .broadcast_add(bias)?
+                .reshape((m, n))?;
         }
         out.reshape(shape)
     }
@@ -1437,13 +1442,7 @@ impl DeltaLinear {
                         .unwrap_or_else(|| zero.clone())
                 })
                 .collect();
-            lp.bias = Some(
-                Tensor::stack(&table, 0)?
-                    .to_dtype(dtype)?
-                    .unsqueeze(1)?
-                    .broadcast_as((rows, per, n))?
-                    .reshape((m, n))?,
-            );
+            lp.bias = Some(Tensor::stack(&table, 0)?.to_dtype(dtype)?.unsqueeze(1)?);
         }
         Ok(lp)
     }
@@ -1741,8 +1740,22 @@ mod tests {
         );
         assert_eq!(registry.cached_layer_plans(), 1);
         // An insert (another fine-tune's deltas) drops them too.
-        registry.insert(linear_fine_tune("c", 3, false));
+        let c = linear_fine_tune("c", 3, false);
+        registry.insert(c.clone());
         assert_eq!(registry.cached_layer_plans(), 0);
+
+        // Several inputs per batch row (a prompt): each row's bias delta reaches all its inputs.
+        let x3: Vec<f32> = (0..6 * K).map(|i| (i as f32 * 0.37).sin()).collect();
+        let x3 = Tensor::from_vec(x3, (2, 3, K), &Device::Cpu).unwrap();
+        let tags3: RowTags = Arc::from(vec![tag("b"), tag("c")]);
+        let got = with_row_tags(Some(tags3.clone()), || layer.forward(&x3))
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let per_input = [Some(&b), Some(&b), Some(&b), Some(&c), Some(&c), Some(&c)];
+        assert_eq!(got, expected(&layer, &x3, &per_input));
     }
 
     /// With the slot tables on, mixed batches (base rows, a fine-tune without a delta in the layer)
