@@ -1,5 +1,5 @@
 #!/bin/bash
-# The device chain prepared at the end of session 12 for session 13 (nvidia-h200-x2, ~16 minutes): run it
+# The device chain prepared at the end of session 12 for session 13 (nvidia-h200-x2, ~19 minutes): run it
 # detached and poll, as sessions 10-12 did (session 12's chains: bench/results/h200-s12-2026-11-30.md).
 #
 #   build first (here): bash bench/gpu/build.sh   (.gpu/k and .gpu/srv; check their BUILT files)
@@ -17,7 +17,7 @@
 #    (the "another batch each pass" rows: layer plans vs slot tables).
 # B. dz-4b24 x 32 at 4/16/64 req/s on both GPUs at once: GPU 0 the default path, GPU 1 --slot-tables (only
 #    when A's checks passed), the same load on the host's CPU for both.
-# C. GPU 0: base at 4/16/64. GPU 1: 64 fine-tunes (fresh_grace and side-stream copies, CPU cache 180 GiB
+# C. GPU 0: base at 4/16/64, then dz-4b24 x 32 under Zipf(1.0) and one hot model at 4/16. GPU 1: 64 fine-tunes (fresh_grace and side-stream copies, CPU cache 180 GiB
 #    so every host form stays in memory) at 4 and 16 req/s (session 12: 21.7 tokens/s at 4, thrashing).
 set -u
 S=/tmp/s13; mkdir -p $S
@@ -56,6 +56,8 @@ until [ -f $S/check.done ]; do sleep 2; done
 # B
 ( GPU=0 PORT_BASE=8200 OUT=$S/dz V4=1 RATES=4,16,64 REQS=96 bash $R/gpu/serving.sh dz:4b24:32 > $S/dz.log 2>&1; log "dz rc=$?"
   GPU=0 PORT_BASE=8200 OUT=$S/base RATES=4,16,64 REQS=96 bash $R/gpu/serving.sh base > $S/base.log 2>&1; log "base rc=$?"
+  # Zipf(1.0) and one hot model (90% of requests), never measured yet (issue #9's other popularities).
+  GPU=0 PORT_BASE=8200 OUT=$S/pop V4=1 RATES=4,16 REQS=96 bash $R/gpu/serving.sh dz:4b24:32@zipf:1.0 dz:4b24:32@hot:0.9 > $S/pop.log 2>&1; log "zipf/hot rc=$?"
   touch $S/gpu0.done ) &
 if [ -f $S/check.ok ]; then
   GPU=1 PORT_BASE=8300 OUT=$S/slots V4=1 SLOT_TABLES=1 RATES=4,16,64 REQS=96 bash $R/gpu/serving.sh dz:4b24:32 > $S/slots.log 2>&1; log "dz slot tables rc=$?"
