@@ -1,5 +1,5 @@
 #!/bin/bash
-# The device chain prepared at the end of session 12 for session 13 (nvidia-h200-x2, ~19 minutes): run it
+# The device chain prepared at the end of session 12 for session 13 (nvidia-h200-x2, ~21 minutes): run it
 # detached and poll, as sessions 10-12 did (session 12's chains: bench/results/h200-s12-2026-11-30.md).
 #
 #   build first (here): bash bench/gpu/build.sh   (.gpu/k and .gpu/srv; check their BUILT files)
@@ -13,7 +13,8 @@
 # A. GPU 0: cuda_check --quick --filter sbmm, then --quick --filter v4 (the slot-table path, `sbmm_slots`,
 #    against plain sbmm bit for bit, with an emptied slot riding along; session 12's quick v4 check took
 #    137 s; it includes the deeper code ring `_sxd`, forced), racecheck on `_sxd` and memcheck on the sbmm
-#    family, then kernel_bench at 32-256 rows of three shapes (dz-sxd beside dz-sx and cuBLAS). GPU 1 meanwhile: the 7B generation, then `bench hook` with --slot-tables at 8/32/64 rows
+#    family, racecheck on the sbmm's code ring (`--v4-sbmm-ring`, off by default), then kernel_bench at
+#    32-256 rows of three shapes (dz-sxd beside dz-sx and cuBLAS) and `--decode` (dz-ring beside split 1). GPU 1 meanwhile: the 7B generation, then `bench hook` with --slot-tables at 8/32/64 rows
 #    (the "another batch each pass" rows: layer plans vs slot tables).
 # B. dz-4b24 x 32 at 4/16/64 req/s on both GPUs at once: GPU 0 the default path, GPU 1 --slot-tables (only
 #    when A's checks passed), the same load on the host's CPU for both.
@@ -38,6 +39,7 @@ log start
   CS=$(ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
   if [ -n "$CS" ]; then
     timeout 80 $CS --tool racecheck /tmp/k/bin/cuda_check --quick --filter shared-deep > $S/check/racecheck-sxd.txt 2>&1
+    timeout 80 $CS --tool racecheck /tmp/k/bin/cuda_check --quick --filter sbmm-ring > $S/check/racecheck-ring.txt 2>&1
     timeout 80 $CS --tool memcheck /tmp/k/bin/cuda_check --quick --filter sbmm > $S/check/memcheck-sbmm.txt 2>&1
     log "sanitizer racecheck sxd / memcheck sbmm done"
   fi
@@ -45,6 +47,9 @@ log start
   # B, which serves on this GPU.
   mkdir -p $S/kern; timeout 120 /tmp/k/bin/kernel_bench --shapes 4096x4096,13824x5120,4096x11008 --rows 32,64,128,256 \
       --commit "${COMMIT:-unknown}" --out $S/kern/kernels-wide > $S/kern/bench-wide.log 2>&1; log "kernel_bench rc=$?"
+  # The sbmm's per-warp code ring (dz-ring) beside split 1 and dz-sx: 32 deltas x 32 rows is issue #5's target.
+  timeout 150 /tmp/k/bin/kernel_bench --decode --commit "${COMMIT:-unknown}" --out $S/kern/kernels-decode > $S/kern/bench-decode.log 2>&1
+  log "kernel_bench --decode rc=$?"
   touch $S/check.done ) &
 CODECS="4b24" DISTINCT=8 OUT=$S/gen bash $R/gpu/serving.sh gen > $S/gen.log 2>&1; log "gen rc=$?"
 ( export CUDA_VISIBLE_DEVICES=1; H=/tmp/dzhook; rm -rf $H; mkdir -p $H $S/hook

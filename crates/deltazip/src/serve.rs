@@ -104,6 +104,11 @@ pub struct ServeArgs {
     /// stages x in shared memory per block for a deeper load ring (see dz_candle_ops::set_v4_sbmm_smem_x).
     #[arg(long, requires = "v4_kernels")]
     pub v4_sbmm_smem_x: bool,
+    /// With --v4-kernels, experimental (not yet measured on a GPU): the decode sbmm variant that streams
+    /// each warp's codes through its own shared-memory ring, more bytes in flight without block barriers
+    /// (see dz_candle_ops::set_v4_sbmm_ring; takes precedence over --v4-sbmm-smem-x).
+    #[arg(long, requires = "v4_kernels")]
+    pub v4_sbmm_ring: bool,
     /// From this many input rows of one fine-tune in a step (prefill), a delta is merged into a dense
     /// weight once and multiplied with one cuBLAS matmul instead of the delta kernels (CUDA, f16/bf16).
     /// The default is the crossover the H200 measured (bench/results/h200-s10-2026-11-30.md); a delta kept
@@ -132,6 +137,7 @@ impl ServeArgs {
             v4_kernels: false,
             v4_keep_packed: false,
             v4_sbmm_smem_x: false,
+            v4_sbmm_ring: false,
             dense_rows: dz_loader::DEFAULT_DENSE_ROWS,
             slot_tables: false,
         }
@@ -476,6 +482,7 @@ pub fn start(args: &ServeArgs) -> Result<Running> {
         dz_loader::set_v4_kernels(true);
         dz_loader::set_v4_keep_packed(args.v4_keep_packed);
         dz_loader::set_v4_sbmm_smem_x(args.v4_sbmm_smem_x);
+        dz_loader::set_v4_sbmm_ring(args.v4_sbmm_ring);
     }
     let api_key = args
         .api_key

@@ -1236,8 +1236,9 @@ fn dense_family(ck: &mut Checker) {
 /// The v4 splits the check runs (0: the automatic choice).
 const V4_SPLITS: [u32; 5] = [0, 1, 2, 4, 8];
 
-/// One v4 sbmm setting: the split (0: automatic) and whether the shared-memory variant may run.
-type SbmmSetting = (u32, bool);
+/// One v4 sbmm setting: the split (0: automatic), whether the shared-memory x variant may run, and
+/// whether the per-warp code ring may run (`set_v4_sbmm_ring`: the 8-row tile at split 1 only).
+type SbmmSetting = (u32, bool, bool);
 
 /// A named segment layout: `(rows, delta index or None for base-only)` per segment.
 type Layout<'a> = (&'a str, Vec<(usize, Option<usize>)>);
@@ -1266,12 +1267,14 @@ fn v4_sbmm_cases(
         let segments = segs(spec);
         let m: usize = spec.iter().map(|s| s.0).sum();
         for &dtype in dtypes {
-            for &(split, smem_x) in settings {
+            for &(split, smem_x, ring) in settings {
                 dz_candle_ops::set_v4_split(split);
                 dz_candle_ops::set_v4_sbmm_smem_x(smem_x);
+                dz_candle_ops::set_v4_sbmm_ring(ring);
                 let sx = if smem_x { " smem-x" } else { "" };
+                let ring = if ring { " sbmm-ring" } else { "" };
                 ck.case(
-                    format!("{label} {name} {dtype:?} split={split}{sx}"),
+                    format!("{label} {name} {dtype:?} split={split}{sx}{ring}"),
                     |dev, ops| {
                         let x = input(&[m, k], dtype, seed);
                         let base = input(&[m, n], dtype, seed + 1);
@@ -1282,6 +1285,7 @@ fn v4_sbmm_cases(
         }
     }
     dz_candle_ops::set_v4_sbmm_smem_x(false);
+    dz_candle_ops::set_v4_sbmm_ring(false);
     dz_candle_ops::set_v4_split(0);
 }
 
@@ -1423,7 +1427,11 @@ fn v4_family(ck: &mut Checker, only: bool) {
         }
     }
     let family = if only { "v4 only" } else { "v4" };
-    let splits: Vec<SbmmSetting> = V4_SPLITS.iter().map(|&s| (s, false)).collect();
+    // Every split, then the per-warp code ring (split 1; it runs for the decode tile's launches, the
+    // others fall back to the split-1 kernel; K = 384 is 3 blocks, shorter than the ring).
+    let splits: Vec<SbmmSetting> = (V4_SPLITS.iter().map(|&s| (s, false, false)))
+        .chain([(1, false, true)])
+        .collect();
     // sbmm: 36 deltas (the four v4 variants, a v3-only sign1 and a generic quant 3-bit), decode rows,
     // segments of 1..=16 rows with base-only runs between, and one longer than 16 (v3 for that variant);
     // every split.
@@ -1475,10 +1483,17 @@ fn v4_family(ck: &mut Checker, only: bool) {
     let long: Vec<DeltaSpec> = (0..6)
         .map(|i| DeltaSpec::full(cfgs[(i * 5) % cfgs.len()], n, k, 9700 + i as u64))
         .collect();
-    let layouts = [(
-        "1..=16 rows",
-        (0..6).map(|i| (1 + (i * 3) % 16, Some(i))).collect(),
-    )];
+    let layouts = [
+        (
+            "1..=16 rows",
+            (0..6).map(|i| (1 + (i * 3) % 16, Some(i))).collect(),
+        ),
+        // The 8-row tile (the per-warp code ring's: its ring wraps 4 times).
+        (
+            "1..=8 rows",
+            (0..6).map(|i| (1 + (i * 3) % 8, Some(i))).collect(),
+        ),
+    ];
     let (long_cpu, long_dev) = build_both(&long, &ck.dev);
     let label = format!("{family} sbmm 6 deltas 300 x 4000,");
     let both = (long_cpu.as_slice(), long_dev.as_slice());
@@ -1519,7 +1534,7 @@ fn v4_family(ck: &mut Checker, only: bool) {
         (n, k),
         &layouts,
         &dtypes,
-        &[(1, true)],
+        &[(1, true, false), (1, false, true), (1, true, true)],
         35,
     );
     if only && on_cuda {

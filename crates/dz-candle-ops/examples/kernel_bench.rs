@@ -29,7 +29,10 @@
 //! - `dz-s1` .. `dz-s8`: the v4 `delta_matmul` with its split along K forced (1-4 rows and past 16 rows,
 //!   there with x from global memory; `dz` picks it); past 16 rows `dz-gx` / `dz-sx`: the 32-row tile
 //!   with x read from global memory (split automatic) / staged in shared memory (`set_v4_wide_x`; `dz`
-//!   picks one per launch); `dz-sxd`: x and the codes in the deep shared-memory ring (forced only).
+//!   picks one per launch); `dz-sxd`: x and the codes in the deep shared-memory ring (forced only);
+//! - sbmm at 1-4 rows a delta: `dz-s1` .. `dz-s8` (the split forced), `dz-sx` (x in shared memory per
+//!   block) and `dz-ring` (each warp's codes through its own shared-memory ring, `set_v4_sbmm_ring`),
+//!   the last two compared with split 1.
 //!
 //! Rows 32-256 of issue #5 (the 32-row tile beside cuBLAS, v3 and the dense route):
 //! `kernel_bench --rows 32,64,128,256 --out STEM` (all the 7B/13B shapes; `--shapes 4096x4096` for one).
@@ -437,6 +440,13 @@ fn profile(b: &Bench) -> Result<()> {
     }
     dz_candle_ops::set_v4_sbmm_smem_x(false);
     eprintln!("profiled sbmm 32 deltas x 1 row, smem-x");
+    // And the per-warp code ring (kernel name `..._sbmm_ring_...`).
+    dz_candle_ops::set_v4_sbmm_ring(true);
+    for _ in 0..2 {
+        keep.push(sbmm(&x, &base, &refs, &segments)?);
+    }
+    dz_candle_ops::set_v4_sbmm_ring(false);
+    eprintln!("profiled sbmm 32 deltas x 1 row, ring");
     set_v4_split(0);
     b.dev.synchronize()?;
     Ok(())
@@ -537,6 +547,19 @@ fn sbmm_cases(b: &Bench, copy_bw: f64, rows_out: &mut Vec<Row>) -> Result<()> {
                     );
                 }
                 rs.push(mk("sbmm", "dz-sx", t?));
+                // The per-warp code ring (experimental): split 1, the 8-row tile, each warp's codes
+                // through its own shared-memory ring (the 16-row tile falls back to split 1).
+                set_v4_split(1);
+                dz_candle_ops::set_v4_sbmm_ring(true);
+                let t = b.time(ITERS, |i| Ok(vec![sbmm(&x, &base, &set(i), &segments)?]));
+                let y_ring = sbmm(&x, &base, &set(0), &segments)?;
+                dz_candle_ops::set_v4_sbmm_ring(false);
+                set_v4_split(0);
+                let a = disagreement(&y_ring, &y_s1)?;
+                if a > 2e-2 {
+                    eprintln!("MISMATCH sbmm {used} x {rows}: ring and split 1 differ by {a:.2e}");
+                }
+                rs.push(mk("sbmm", "dz-ring", t?));
             }
             if let Some(t) = t_v3 {
                 rs.push(mk("sbmm", "v3", t));

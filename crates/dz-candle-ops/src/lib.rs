@@ -268,6 +268,25 @@ pub fn v4_sbmm_smem_x() -> bool {
     V4_SBMM_SMEM_X.load(std::sync::atomic::Ordering::Relaxed)
 }
 
+static V4_SBMM_RING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Lets the v4 decode `sbmm` take its per-warp ring variant where it applies: each warp streams its
+/// item's codes, metadata and scale words through its own ring of 8 K blocks in shared memory (cp.async,
+/// synchronized per warp only, no block barrier), so about 2-3x the code bytes are in flight per SM
+/// (`dz_v4_<variant>_sbmm_ring_*_n1`). It applies to launches of the 8-row tile (segments of at most 8
+/// rows) whose items each get one warp (the automatic split chose 1, or [`set_v4_split`]`(1)`), and takes
+/// precedence over [`set_v4_sbmm_smem_x`]. **Off by default and experimental:** written without a GPU
+/// (bench/kernels/V4.md, "a per-warp code ring for the sbmm"). Either way the results are the same sums
+/// in the same order as the split-1 sbmm.
+pub fn set_v4_sbmm_ring(enabled: bool) {
+    V4_SBMM_RING.store(enabled, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether [`set_v4_sbmm_ring`] turned the per-warp ring sbmm on (off by default).
+pub fn v4_sbmm_ring() -> bool {
+    V4_SBMM_RING.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 static V4_KEEP_PACKED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Whether a CUDA [`DeviceDelta`] that gets the v4 layout also keeps the file's packed parts on the

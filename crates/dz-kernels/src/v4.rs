@@ -21,6 +21,10 @@
 //! - `dz_v4_<variant>_sbmm_<t>_n<NT>(const DzSegment* segs, u32 n_segs, const DzDelta* deltas, const T* x,
 //!   T* out, u32 k, u32 n_total, u32 tiles, u32 split)`: every segment at most `8 NT` rows; `tiles` =
 //!   16-row tiles of the tallest delta, `split` (1, 2, 4 or 8) = warps per (segment, tile) item along K.
+//! - `dz_v4_<variant>_sbmm_ring_<t>_n1(const DzSegment* segs, u32 n_segs, const DzDelta* deltas, const T* x,
+//!   T* out, u32 k, u32 n_total, u32 tiles)`: the decode sbmm (segments of at most 8 rows, one item a warp
+//!   over its whole K row, as `split` 1) with each warp's codes streamed through its own ring in dynamic
+//!   shared memory; launch it with [`v4_sbmm_ring_smem`] bytes of it (experimental, off by default).
 //! - `dz_v4_<variant>_dequantize_<t>(DzDelta d, const T* base, T* out)` for `t` in `f32`, `f16`, `bf16`:
 //!   `out = base + D` (`D` when base is 0), no row subset; what `merge`, `dequantize` and the dense route
 //!   of a delta that keeps only its v4 layout run.
@@ -67,6 +71,9 @@ pub struct V4Entries {
     /// `dz_v4_<variant>_sbmm_sx_<t>_n<NT>`, by dtype then tile: the sbmm with x staged in shared memory
     /// (experimental, [`V4Entries::sbmm_sx`]).
     pub sbmm_sx: [[&'static str; 2]; 2],
+    /// `dz_v4_<variant>_sbmm_ring_<t>_n1`, by dtype: the decode sbmm with a per-warp shared-memory code
+    /// ring (experimental, [`V4Entries::sbmm_ring`]).
+    pub sbmm_ring: [&'static str; 2],
     /// `dz_v4_<variant>_dequantize_<t>` (f32, f16, bf16): `out = base + D` (base 0: `D`) for a delta
     /// without a row subset, one thread per lane of a packet ([`V4_DEQUANTIZE_THREADS`] a block).
     pub dequantize: [&'static str; 3],
@@ -127,6 +134,29 @@ impl V4Entries {
         Self::index(dtype, rows).map(|(d, t)| self.sbmm_sx[d][t])
     }
 
+    /// The decode sbmm with each warp's codes in its own shared-memory ring, for segments of at most
+    /// `rows` input rows (`None` past 8, or for f32): the signature of [`V4Entries::sbmm_sx`], one item
+    /// (segment, 16-row tile) a warp over its whole K row (split 1), a 1-D grid of `ceil(n_segs * tiles /
+    /// 8)` blocks at most, grid-stride, [`v4_sbmm_ring_smem`] bytes of dynamic shared memory. Written in
+    /// session 12 without a GPU.
+    pub fn sbmm_ring(&self, dtype: Dtype, rows: u32) -> Option<&'static str> {
+        match Self::index(dtype, rows)? {
+            (d, 0) => Some(self.sbmm_ring[d]),
+            _ => None,
+        }
+    }
+
+    /// [`v4_sbmm_ring_smem`] of this variant.
+    pub fn sbmm_ring_smem(&self) -> Option<u32> {
+        v4_sbmm_ring_smem(match self.variant {
+            "quant2" => Variant::Quant(2),
+            "quant4" => Variant::Quant(4),
+            "sparse24_2" => Variant::Sparse24(2),
+            "sparse24_4" => Variant::Sparse24(4),
+            _ => return None,
+        })
+    }
+
     /// The dequantize entry point for outputs of `dtype`.
     pub fn dequantize(&self, dtype: Dtype) -> &'static str {
         self.dequantize[match dtype {
@@ -143,6 +173,7 @@ impl V4Entries {
             .flatten()
             .chain(&self.matmul_sx)
             .chain(&self.matmul_sxd)
+            .chain(&self.sbmm_ring)
             .chain(self.sbmm.iter().chain(&self.sbmm_sx).flatten())
             .chain(&self.dequantize)
             .copied()
@@ -205,6 +236,10 @@ macro_rules! v4_entries {
                 v4_tiles!($v, "sbmm_sx", "f16"),
                 v4_tiles!($v, "sbmm_sx", "bf16"),
             ],
+            sbmm_ring: [
+                concat!("dz_v4_", $v, "_sbmm_ring_f16_n1"),
+                concat!("dz_v4_", $v, "_sbmm_ring_bf16_n1"),
+            ],
             dequantize: [
                 concat!("dz_v4_", $v, "_dequantize_f32"),
                 concat!("dz_v4_", $v, "_dequantize_f16"),
@@ -250,6 +285,22 @@ pub fn v4_matmul_sxd_smem(variant: Variant) -> Option<u32> {
     Some(stages * (X_STAGE + 8 * (packet + meta + 32)))
 }
 
+/// The dynamic shared memory (bytes) a block of `dz_v4_<variant>_sbmm_ring_<t>_n1` needs: 8 warps x R = 8
+/// slots of one K block each, a slot holding the warp's packet, metadata slots (sparse24) and scale words
+/// (quant4 1056 B, sparse24-4 800 B, the 2-bit codecs 544 B). The kernel's `RingTile::SMEM` (v4.cu) is the
+/// same number, and the kernel traps when launched with less. `None` for a variant without v4 kernels.
+pub fn v4_sbmm_ring_smem(variant: Variant) -> Option<u32> {
+    const STAGES: u32 = 8;
+    let (packet, meta) = match variant {
+        Variant::Quant(2) => (512, 0),
+        Variant::Quant(4) => (1024, 0),
+        Variant::Sparse24(2) => (256, 256),
+        Variant::Sparse24(4) => (512, 256),
+        _ => return None,
+    };
+    Some(8 * STAGES * (packet + meta + 32))
+}
+
 /// Whether a delta of `variant` with `k` columns, `group_size` and `symmetric` grid has v4 kernels (and so
 /// is re-laid at upload): quant or sparse24 of 2 or 4 bits, symmetric, groups of 0 or a multiple of 128,
 /// K a positive multiple of 32.
@@ -268,7 +319,28 @@ mod tests {
     #[test]
     fn names_and_support() {
         let n: usize = V4.iter().map(|e| e.all().count()).sum();
-        assert_eq!(n, 4 * 21);
+        assert_eq!(n, 4 * 23);
+        assert_eq!(
+            V4[3].sbmm_ring(Dtype::Bf16, 1),
+            Some("dz_v4_sparse24_4_sbmm_ring_bf16_n1")
+        );
+        assert_eq!(
+            V4[1].sbmm_ring(Dtype::F16, 8),
+            Some("dz_v4_quant4_sbmm_ring_f16_n1")
+        );
+        assert!(V4[1].sbmm_ring(Dtype::F16, 9).is_none());
+        assert!(V4[1].sbmm_ring(Dtype::F32, 1).is_none());
+        let ring = [
+            Variant::Quant(2),
+            Variant::Quant(4),
+            Variant::Sparse24(2),
+            Variant::Sparse24(4),
+        ]
+        .map(|v| v4_sbmm_ring_smem(v).unwrap_or(u32::MAX));
+        assert_eq!(ring, [34_816, 67_584, 34_816, 51_200]);
+        assert!(ring.iter().all(|&b| 2 * (b + 1024) <= 228 * 1024));
+        assert!(v4_sbmm_ring_smem(Variant::Sign1).is_none());
+        assert_eq!(V4.map(|e| e.sbmm_ring_smem()), ring.map(Some));
         assert_eq!(
             V4[3].matmul_sxd(Dtype::F16),
             Some("dz_v4_sparse24_4_matmul_sxd_f16_n4")

@@ -39,6 +39,9 @@ pub use dz_candle_ops::set_v4_keep_packed;
 /// deltas uploaded while it is on keep only the v4 layout on the GPU), for servers that turn it on
 /// before any delta is uploaded.
 pub use dz_candle_ops::set_v4_kernels;
+/// The per-warp ring v4 decode sbmm (experimental, off by default; see
+/// `dz_candle_ops::set_v4_sbmm_ring`; `deltazip serve --v4-sbmm-ring`).
+pub use dz_candle_ops::set_v4_sbmm_ring;
 /// The shared-memory v4 sbmm (experimental, off by default; see `dz_candle_ops::set_v4_sbmm_smem_x`;
 /// `deltazip serve --v4-sbmm-smem-x`).
 pub use dz_candle_ops::set_v4_sbmm_smem_x;

@@ -470,6 +470,8 @@ struct SbmmLaunch {
     /// The v4 kernels' extra arguments: the 16-row tiles of the group's tallest delta, and the split
     /// (`None` for the shared-memory entries, which take `tiles` only).
     v4: Option<(u32, Option<u32>)>,
+    /// Dynamic shared memory bytes a block (the per-warp ring entries; 0 for the others).
+    smem: u32,
 }
 
 /// Plans `sbmm` over `m` rows of `dtype` on `dev` (`kn`: the deltas' `(K, N_total)`): locks and describes
@@ -710,26 +712,31 @@ fn sbmm_prepare_t<T: Elem>(
             _ => None,
         };
         let v4_split = v4.map(|(split, _)| split);
-        // The shared-memory variant (experimental, off by default): split 1, whole blocks of 8 tiles
-        // of one segment, every delta with the same stored rows.
+        // The shared-memory variants (experimental, off by default): the per-warp code ring (the 8-row
+        // tile at split 1), else x in shared memory (split 1, whole blocks of 8 tiles of one segment,
+        // every delta with the same stored rows).
         let sx = match kernel {
-            Kernel::V4(e, rows)
-                if crate::v4_sbmm_smem_x()
-                    && v4_split == Some(1)
-                    && tiles.is_multiple_of(WARPS_V4)
-                    && min_stored == max_stored =>
-            {
-                e.sbmm_sx(T::KIND, rows)
+            Kernel::V4(e, rows) if v4_split == Some(1) => {
+                v4_sbmm_shared::<T>(e, rows, tiles, min_stored == max_stored)
             }
             _ => None,
         };
         let (func, grid) = match (sx, v4) {
-            // One item a warp, WARPS_V4 items (a whole number) a block.
-            (Some(name), _) => (
-                dev.get_or_load_custom_func(name, V4_MODULE, dz_kernels::v4_ptx())?
-                    .into_cuda_function(),
+            // One item a warp, WARPS_V4 items a block (a whole number for the x variant).
+            (Some((name, smem)), _) => (
+                {
+                    let f = dev
+                        .get_or_load_custom_func(name, V4_MODULE, dz_kernels::v4_ptx())?
+                        .into_cuda_function();
+                    if smem > 0 {
+                        allow_dynamic_smem(op, &f, smem)?;
+                    }
+                    f
+                },
                 (
-                    (items / u64::from(WARPS_V4)).min(u64::from(MAX_GRID_X)) as u32,
+                    items
+                        .div_ceil(u64::from(WARPS_V4))
+                        .min(u64::from(MAX_GRID_X)) as u32,
                     1,
                 ),
             ),
@@ -746,6 +753,7 @@ fn sbmm_prepare_t<T: Elem>(
             segs_offset: (first * std::mem::size_of::<DzSegment>()) as u64,
             count,
             v4: v4_split.map(|split| (tiles, sx.is_none().then_some(split))),
+            smem: sx.map_or(0, |(_, smem)| smem),
         });
     }
     Ok(plan)
@@ -806,14 +814,19 @@ fn sbmm_run_t<T: Elem>(
                 // DzDelta*, const T*, T*, u32, u32)` (the v4 entries take two more u32: `tiles`, the
                 // 16-row tiles of the group's tallest delta, and `split`, 1, 2, 4 or 8; the shared-memory
                 // v4 entries `tiles` only, a multiple of 8 with every delta of the launch holding that
-                // many tiles of stored rows, checked by `sbmm_prepare`): `count` segments of at most MT
+                // many tiles of stored rows, checked by `sbmm_prepare`; the per-warp ring entries
+                // `tiles` only, items past a delta's stored rows skipped as in the split entries): `count` segments of at most MT
                 // rows inside the plan's m rows, each naming a descriptor of this variant in the plan's
                 // table (the v4 descriptors for a v4 kernel), whose parts the plan's holder keeps alive
                 // and whose writes precede these launches (see `sbmm_prepare_t`); x is m x K and out
                 // m x N_total of T
                 // (m, K and N_total the plan's, checked by the wrapper), and the table lives as long as
-                // the plan, whose drop frees it on this stream, after these launches.
-                unsafe { b.launch(l.kernel.config(l.grid)) }.w()?;
+                // the plan, whose drop frees it on this stream, after these launches. The ring entries
+                // get the dynamic shared memory they need (`v4_sbmm_ring_smem`, allowed on the function
+                // when it was planned; they trap with less).
+                let mut cfg = l.kernel.config(l.grid);
+                cfg.shared_mem_bytes = l.smem;
+                unsafe { b.launch(cfg) }.w()?;
             }
         }
     }
@@ -829,7 +842,8 @@ const MAX_GRID_X: u32 = (1 << 31) - 1;
 /// Warps the v4 kernels keep resident on the device: 2 blocks of 8 warps per SM (their launch bounds).
 /// Read once per process (the lent machines have one kind of GPU).
 /// Lets `func` take `bytes` of dynamic shared memory a block (past the default 48 KB limit), preferring
-/// the largest shared-memory carveout (the v4 `matmul_sxd` entries: ~100 KB a block, two blocks an SM).
+/// the largest shared-memory carveout (the v4 `matmul_sxd` entries: ~100 KB a block, two blocks an SM; the
+/// v4 `sbmm_ring` entries: 35-68 KB a block).
 /// Setting the attribute again costs a driver call, not a synchronization.
 fn allow_dynamic_smem(op: &'static str, func: &CudaFunction, bytes: u32) -> Result<()> {
     use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
@@ -892,6 +906,29 @@ fn v4_launch(items: u64, resident: u64) -> (u32, (u32, u32)) {
     let split = v4_split(items, resident);
     let blocks = items.div_ceil(u64::from(WARPS_V4 / split));
     (split, (blocks.min(u64::from(MAX_GRID_X)) as u32, 1))
+}
+
+/// The shared-memory v4 sbmm entry for a launch at split 1 of the `rows`-row tile, with its dynamic shared
+/// memory bytes, if one is turned on and applies: the per-warp code ring ([`crate::set_v4_sbmm_ring`]) for
+/// the 8-row tile, else x in shared memory ([`crate::set_v4_sbmm_smem_x`]) when `tiles` is a multiple of 8
+/// and every delta of the launch has the same stored rows (`same_stored`). Both take `tiles` and no split.
+fn v4_sbmm_shared<T: Elem>(
+    e: &'static V4Entries,
+    rows: u32,
+    tiles: u32,
+    same_stored: bool,
+) -> Option<(&'static str, u32)> {
+    let ring = crate::v4_sbmm_ring()
+        .then(|| {
+            let smem = e.sbmm_ring_smem()?;
+            e.sbmm_ring(T::KIND, rows).map(|name| (name, smem))
+        })
+        .flatten();
+    ring.or_else(|| {
+        (crate::v4_sbmm_smem_x() && tiles.is_multiple_of(WARPS_V4) && same_stored)
+            .then(|| e.sbmm_sx(T::KIND, rows).map(|name| (name, 0)))
+            .flatten()
+    })
 }
 
 /// Most rows per segment for which a delta that has both layouts takes the v4 kernels rather than the
@@ -1343,6 +1380,8 @@ struct SlotKernel {
     grid: (u32, u32),
     /// As [`SbmmLaunch::v4`].
     v4: Option<(u32, Option<u32>)>,
+    /// As [`SbmmLaunch::smem`].
+    smem: u32,
 }
 
 /// Describes every slot's delta (each distinct delta locked once, as [`sbmm_prepare_t`]) and uploads
@@ -1408,15 +1447,16 @@ pub(crate) fn slot_descs(
 }
 
 impl SlotDescs {
-    /// `kernel`'s sbmm entry point for `T` (`sx`: the shared-memory v4 entry), loaded once per table.
+    /// `kernel`'s sbmm entry point for `T` (`sx`: the shared-memory v4 entry and its dynamic shared
+    /// memory bytes, allowed on the function), loaded once per table.
     fn function<T: Elem>(
         &self,
         op: &'static str,
         kernel: Kernel,
-        sx: Option<&'static str>,
+        sx: Option<(&'static str, u32)>,
     ) -> candle_core::Result<CudaFunction> {
         let name = match (sx, kernel) {
-            (Some(name), _) => name,
+            (Some((name, _)), _) => name,
             (None, Kernel::Generic(variant, tile)) => entries(op, variant)?.sbmm(T::KIND, tile),
             (None, Kernel::Tc(e, tile)) => {
                 e.sbmm(T::KIND, tile).ok_or_else(|| OpError::Storage {
@@ -1436,10 +1476,16 @@ impl SlotDescs {
             return Ok(f.clone());
         }
         let f = match sx {
-            Some(name) => self
-                .device
-                .get_or_load_custom_func(name, V4_MODULE, dz_kernels::v4_ptx())?
-                .into_cuda_function(),
+            Some((name, smem)) => {
+                let f = self
+                    .device
+                    .get_or_load_custom_func(name, V4_MODULE, dz_kernels::v4_ptx())?
+                    .into_cuda_function();
+                if smem > 0 {
+                    allow_dynamic_smem(op, &f, smem)?;
+                }
+                f
+            }
             None => kernel.function(op, &self.device, T::KIND, Launch::Sbmm)?,
         };
         funcs.push((name, f.clone()));
@@ -1625,17 +1671,14 @@ fn slot_launch_t<T: Elem>(
     };
     let v4_split = v4.map(|(split, _)| split);
     let sx = match kernel {
-        Kernel::V4(e, rows)
-            if crate::v4_sbmm_smem_x()
-                && v4_split == Some(1)
-                && tiles.is_multiple_of(WARPS_V4)
-                && g.min_stored == g.max_stored =>
-        {
-            // The shared-memory entries read every item's descriptor: no absent slots.
-            if absent {
+        Kernel::V4(e, rows) if v4_split == Some(1) => {
+            let sx = v4_sbmm_shared::<T>(e, rows, tiles, g.min_stored == g.max_stored);
+            // The x entries read every item's descriptor: no absent slots (the ring entries skip an
+            // item past its delta's stored rows, as the split ones).
+            if absent && sx.is_some_and(|(_, smem)| smem == 0) {
                 return Ok(None);
             }
-            e.sbmm_sx(T::KIND, rows)
+            sx
         }
         _ => None,
     };
@@ -1644,7 +1687,9 @@ fn slot_launch_t<T: Elem>(
     let all_items = u64::from(shared.count) * u64::from(tiles);
     let grid = match (sx, v4_split) {
         (Some(_), _) => (
-            (all_items / u64::from(WARPS_V4)).min(u64::from(MAX_GRID_X)) as u32,
+            all_items
+                .div_ceil(u64::from(WARPS_V4))
+                .min(u64::from(MAX_GRID_X)) as u32,
             1,
         ),
         (None, Some(split)) => (
@@ -1664,6 +1709,7 @@ fn slot_launch_t<T: Elem>(
         func,
         grid,
         v4: v4_split.map(|split| (tiles, sx.is_none().then_some(split))),
+        smem: sx.map_or(0, |(_, smem)| smem),
     });
     Ok(Some(out))
 }
@@ -1740,8 +1786,11 @@ fn slot_run_t<T: Elem>(op: &'static str, launch: &SlotLaunch, x: Arg<'_>, base: 
                 // descriptors for a v4 kernel. The deltas' parts are kept alive by the `SlotDeltas` the
                 // caller borrows for the call and were written before the deltas existed; x is m x K
                 // and out m x N_total of T; the two tables live in `l` (Arcs) and are freed on this
-                // stream, after this launch.
-                unsafe { b.launch(l.kernel.config(l.grid)) }.w()?;
+                // stream, after this launch. The ring entries get their dynamic shared memory (allowed
+                // on the function when it was loaded).
+                let mut cfg = l.kernel.config(l.grid);
+                cfg.shared_mem_bytes = l.smem;
+                unsafe { b.launch(cfg) }.w()?;
             }
         }
     }

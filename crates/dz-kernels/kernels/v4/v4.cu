@@ -1122,6 +1122,219 @@ __device__ __forceinline__ void matmul_sxd(const DzDelta& d, const T* x, const T
   }
 }
 
+// ---------------------------------------------------------------------------------------------------------
+// The decode sbmm (8-row tile, split 1) with each warp's codes in its OWN ring in shared memory
+// (`dz_v4_<variant>_sbmm_ring_<t>_n1`; issue #5, written in session 12 without a GPU; the host takes it
+// only with `set_v4_sbmm_ring(true)`). Session 11's ncu of the split-1 sbmm (32 deltas x 1 row): DRAM 51% of
+// peak, 23% warps active, long-scoreboard stalls: 16 warps an SM with a 3-deep register ring of code loads
+// (512-1056 B a block) do not keep enough bytes in flight, and 120 registers leave no room for a deeper
+// ring. `_sbmm_sx_` (x in shared memory, a block-wide barrier pair a chunk) lost to barrier stalls.
+//
+// Here a warp copies its item's packet bytes, metadata slots and scale words of each K block into its own
+// region of dynamic shared memory by cp.async (byte for byte as in global memory, WideSxd's per-warp part
+// of a stage), R blocks deep, and synchronizes only with itself: at block kb a lane waits for its commit
+// group of block kb (cp.async.wait_group R - 2), the warp meets at __syncwarp (every lane's copies of kb
+// have landed; every lane is done reading block kb - 1, whose slot is refilled now with block kb + R - 1),
+// then the lane moves its codes to registers and computes kb. No block barrier anywhere in the K loop: the
+// warps of a block run unrelated items. x (1-8 rows) stays as in the register ring of the split-1 kernel:
+// loaded D = 3 blocks ahead into registers (from L1/L2), the loop unrolled by D. Every item is computed by
+// one warp over its whole K row, as the split-1 sbmm, with the same per-block sums (decode, then
+// acc += scale * block sum), so the results are bit-identical to it.
+template <class C>
+constexpr int ring_stages() {
+  return 8;  // 7 K blocks of codes in flight a warp; 8 warps x 8 x 1056 B = 66 KB a block at most
+}
+
+template <class C, typename T>
+struct RingTile {
+  static constexpr int NT = 1;
+  using Tl = Tile<C, T, NT>;
+  static constexpr int META = C::sparse ? 256 : 0;
+  static constexpr int CBYTES = C::PACKET + META + 32;  // a warp's stream bytes a block (packet, meta, scales)
+  static constexpr int CPIECES = CBYTES / 16;
+  static constexpr int CWORDS = CBYTES / 4;
+  static constexpr int R = ring_stages<C>();
+  static constexpr int WARP_WORDS = R * CWORDS;                 // a warp's ring
+  static constexpr uint32_t SMEM = uint32_t(WK) * WARP_WORDS * 4;  // dynamic shared memory bytes a block
+  static constexpr int DX = depth<NT>();                        // x blocks in registers ahead (3)
+  static constexpr int CN = (CPIECES + 31) / 32;                // stream pieces a lane copies a block (at most)
+  static_assert(CBYTES % 16 == 0, "16-byte pieces");
+  static_assert(2 * (SMEM + 1024) <= 228 * 1024, "two blocks an SM");
+
+  // The lane's stream pieces at the tile's block 0 (null: none) and their bytes from one block to the next.
+  struct Copies {
+    const uint8_t* csrc[CN];
+    uint32_t cstep[CN];
+  };
+
+  static __device__ __forceinline__ Copies copies(const DzDelta& d, size_t packet0, uint32_t lane) {
+    Copies cp;
+    const uint8_t* codes = reinterpret_cast<const uint8_t*>(d.parts[0]) + packet0 * C::PACKET;
+    const uint8_t* meta = reinterpret_cast<const uint8_t*>(d.parts[1]) + packet0 * 256;
+    const uint8_t* scales = reinterpret_cast<const uint8_t*>(d.parts[2]) + packet0 * 32;
+#pragma unroll
+    for (int i = 0; i < CN; ++i) {
+      const uint32_t p = lane + 32 * i;
+      constexpr uint32_t P0 = C::PACKET / 16, P1 = P0 + META / 16;
+      cp.csrc[i] = p < P0                   ? codes + p * 16
+                   : p < P1                 ? meta + (p - P0) * 16
+                   : p < uint32_t(CPIECES) ? scales + (p - P1) * 16
+                                            : nullptr;
+      cp.cstep[i] = p < P0 ? C::PACKET : p < P1 ? 256 : 32;
+    }
+    return cp;
+  }
+
+  // The copies of K block kb into the warp's slot `sl` (words): piece p of the lane at word 4 p.
+  static __device__ __forceinline__ void load(uint32_t* sl, const Copies& cp, uint32_t kb, uint32_t lane) {
+#pragma unroll
+    for (int i = 0; i < CN; ++i) {
+      if (32 * (i + 1) <= CPIECES || cp.csrc[i] != nullptr) {
+        cp_async16(sl + 4 * (lane + 32 * i), cp.csrc[i] + size_t(kb) * cp.cstep[i], 16u);
+      }
+    }
+  }
+
+  // The lane's codes, metadata and scale word of the block in slot `sl`, at the offsets the global loads
+  // (Tile::load_codes, codes_at) read.
+  static __device__ __forceinline__ void codes_from(Stage<C, NT>& s, const uint32_t* cw, uint32_t lane) {
+    const uint32_t g = lane / 4, c = lane % 4;
+    if constexpr (C::PIECE >= 16) {
+#pragma unroll
+      for (int i = 0; i < C::PIECE / 16; ++i) {
+        const uint4 v = *reinterpret_cast<const uint4*>(cw + i * 128 + lane * 4);
+        s.w[4 * i] = v.x;
+        s.w[4 * i + 1] = v.y;
+        s.w[4 * i + 2] = v.z;
+        s.w[4 * i + 3] = v.w;
+      }
+    } else {
+      const uint2 v = *reinterpret_cast<const uint2*>(cw + lane * 2);
+      s.w[0] = v.x;
+      s.w[1] = v.y;
+    }
+    if constexpr (C::sparse) {
+      const uint4 v = *reinterpret_cast<const uint4*>(cw + C::PACKET / 4 + (2 * g + (c & 1)) * 4);
+      s.m[0] = v.x;
+      s.m[1] = v.y;
+      s.m[2] = v.z;
+      s.m[3] = v.w;
+    }
+    s.s = cw[(C::PACKET + META) / 4 + g];
+  }
+
+  // x words of block kb (clamped at the last block) for this lane, as Tile::load reads them: `xp` is the
+  // lane's first word of block 0 in its row. Words past K are not loaded (the registers keep older finite
+  // values: the codes there are the zero point).
+  static __device__ __forceinline__ void load_x(uint32_t (&xw)[C::XW], const unsigned int* xp, uint32_t kb,
+                                                uint32_t nkb, uint32_t K, uint32_t lane) {
+    const uint32_t c = lane % 4;
+    const uint32_t kbc = min(kb, nkb - 1);
+    const uint32_t k0 = kbc * KB;
+    const bool full = k0 + KB <= K;
+    const unsigned int* w = xp + size_t(kbc) * (KB / 2);
+    if constexpr (!C::sparse) {
+      if (full || k0 + 32 * c < K) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const uint4 v = ldg16(w + 4 * i);
+          xw[4 * i] = v.x;
+          xw[4 * i + 1] = v.y;
+          xw[4 * i + 2] = v.z;
+          xw[4 * i + 3] = v.w;
+        }
+      }
+    } else {
+#pragma unroll
+      for (int s = 0; s < 4; ++s) {
+        if (full || k0 + 32 * s < K) {
+#pragma unroll
+          for (int i = 0; i < 4; ++i) xw[4 * s + i] = __ldg(w + 16 * s + 4 * i);
+        }
+      }
+    }
+  }
+
+  // acc += this warp's whole K row of tile `rt` against the `rows` (<= 8) rows of x at `x`, the codes
+  // through the warp's ring `ring` (WARP_WORDS words).
+  static __device__ __forceinline__ void accumulate(const DzDelta& d, const T* x, uint32_t rows, uint32_t rt,
+                                                    uint32_t* ring, float (&acc)[NT][4]) {
+    const uint32_t lane = threadIdx.x % 32;
+    const uint32_t g = lane / 4, c = lane % 4;
+    const uint32_t K = d.k;
+    const uint32_t nkb = (K + KB - 1) / KB;
+    uint32_t mul[4], add[4], mask[4];
+    Tl::decode_constants(d.bits, mul, add, mask);
+    const uint32_t magic = Num<T>::MAGIC;
+    const Copies cp = copies(d, size_t(rt) * nkb, lane);
+    const unsigned int* xp = reinterpret_cast<const unsigned int*>(x + size_t(min(g, rows - 1)) * K) +
+                             (C::sparse ? c : 16 * c);
+
+    __syncwarp();  // the ring is free (every lane has read the warp's previous item)
+#pragma unroll
+    for (int i = 0; i < R - 1; ++i) {
+      if (uint32_t(i) < nkb) load(ring + i * CWORDS, cp, i, lane);
+      cp_async_commit();  // (an empty group past the last block keeps the count)
+    }
+    uint32_t xr[DX][C::XW];
+#pragma unroll
+    for (int i = 0; i < DX; ++i) {
+#pragma unroll
+      for (int j = 0; j < C::XW; ++j) xr[i][j] = 0;  // x words past K stay finite (zero)
+      load_x(xr[i], xp, i, nkb, K, lane);
+    }
+    uint32_t cur = 0;      // the slot of block kb
+    uint32_t nxt = R - 1;  // the slot of block kb + R - 1
+    for (uint32_t kb0 = 0; kb0 < nkb; kb0 += DX) {
+#pragma unroll
+      for (int i = 0; i < DX; ++i) {
+        const uint32_t kb = kb0 + i;
+        if (kb >= nkb) break;
+        cp_async_wait<R - 2>();  // this lane's copies of block kb have landed
+        __syncwarp();            // and every lane's; every lane is done with block kb - 1 (slot nxt)
+        const uint32_t ahead = kb + R - 1;
+        if (ahead < nkb) load(ring + nxt * CWORDS, cp, ahead, lane);
+        cp_async_commit();
+        Stage<C, NT> s;
+        codes_from(s, ring + cur * CWORDS, lane);
+#pragma unroll
+        for (int j = 0; j < C::XW; ++j) s.x[0][j] = xr[i][j];
+        float p[NT][4];
+        zero(p);
+        Tl::compute(s, p, mul, add, mask, magic);
+        Tl::add_scaled(acc, p, s.s);
+        load_x(xr[i], xp, kb + DX, nkb, K, lane);
+        cur = cur + 1 == uint32_t(R) ? 0 : cur + 1;
+        nxt = nxt + 1 == uint32_t(R) ? 0 : nxt + 1;
+      }
+    }
+  }
+};
+
+// The launch: the split-1 sbmm's items (segment, 16-row tile), one a warp, grid-stride over a 1-D grid of
+// ceil(n_segs * tiles / 8) blocks at most; the warps of a block never wait on each other. Each warp's ring
+// is its WARP_WORDS of RingTile::SMEM bytes of dynamic shared memory.
+template <class C, typename T>
+__device__ __forceinline__ void sbmm_ring(const DzSegment* segs, uint32_t n_segs, const DzDelta* deltas, const T* x,
+                                          T* out, uint32_t k, uint32_t n_total, uint32_t tiles) {
+  using W = RingTile<C, T>;
+  extern __shared__ __align__(16) uint32_t dz_v4_dyn[];
+  if (dynamic_smem_bytes() < W::SMEM) __trap();  // the host launched it with too little (a host bug)
+  const uint32_t wk = threadIdx.x / 32;
+  uint32_t* ring = dz_v4_dyn + wk * W::WARP_WORDS;
+  const uint64_t items = uint64_t(n_segs) * tiles;
+  for (uint64_t item = uint64_t(blockIdx.x) * WK + wk; item < items; item += uint64_t(gridDim.x) * WK) {
+    const DzSegment seg = segs[item / tiles];
+    const uint32_t rt = uint32_t(item % tiles);
+    if (rt * 16 >= deltas[seg.delta].n_stored) continue;  // uniform over the warp
+    float acc[1][4];
+    zero(acc);
+    W::accumulate(deltas[seg.delta], x + size_t(seg.start) * k, seg.len, rt, ring, acc);
+    T* o = out + size_t(seg.start) * n_total;
+    Tile<C, T, 1>::store(deltas[seg.delta], seg.len, o, o, rt, acc);
+  }
+}
+
 // out = base + D (base may be null: out = D), for a delta without a row subset: the dense delta decoded
 // from the v4 bytes, each value by the SPEC formula ((q - z) * s) * global_scale in f32, then added to base
 // and rounded once (bit-identical to the generic `dequantize` kernels). One warp per packet (rt, kb), the
@@ -1239,6 +1452,15 @@ __device__ __forceinline__ void dequantize(const DzDelta& d, const T* base, T* o
       dz_v4_##variant##_matmul_sxd_##tname##_n4(DzDelta d, const T* x, const T* base, T* out, uint32_t m) {  \
     dz::v4::matmul_sxd<C, T>(d, x, base, out, m);                                                            \
   }
+// dz_v4_<variant>_sbmm_ring_<t>_n1: the sbmm_sx signature (no split), the decode tile, each warp's codes
+// in its own shared-memory ring (v4_sbmm_ring_smem on the host: the dynamic shared memory bytes to pass).
+#define DZ_V4_SBMM_RING(variant, C, T, tname)                                                                \
+  extern "C" __global__ void __launch_bounds__(dz::v4::WK * 32, 2)                                          \
+      dz_v4_##variant##_sbmm_ring_##tname##_n1(const DzSegment* segs, uint32_t n_segs, const DzDelta* deltas,  \
+                                              const T* x, T* out, uint32_t k, uint32_t n_total,              \
+                                              uint32_t tiles) {                                              \
+    dz::v4::sbmm_ring<C, T>(segs, n_segs, deltas, x, out, k, n_total, tiles);                                \
+  }
 #define DZ_V4_ENTRIES(variant, C, T, tname, NT)                                                              \
   DZ_V4_MATMUL(variant, C, T, tname, NT)                                                                     \
   extern "C" __global__ void __launch_bounds__(dz::v4::WK * 32, 2)                                          \
@@ -1260,11 +1482,13 @@ __device__ __forceinline__ void dequantize(const DzDelta& d, const T* base, T* o
   DZ_V4_MATMUL(variant, C, __half, f16, 4)          \
   DZ_V4_MATMUL_SX(variant, C, __half, f16)          \
   DZ_V4_MATMUL_SXD(variant, C, __half, f16)         \
+  DZ_V4_SBMM_RING(variant, C, __half, f16)          \
   DZ_V4_ENTRIES(variant, C, __nv_bfloat16, bf16, 1) \
   DZ_V4_ENTRIES(variant, C, __nv_bfloat16, bf16, 2) \
   DZ_V4_MATMUL(variant, C, __nv_bfloat16, bf16, 4)  \
   DZ_V4_MATMUL_SX(variant, C, __nv_bfloat16, bf16)  \
   DZ_V4_MATMUL_SXD(variant, C, __nv_bfloat16, bf16) \
+  DZ_V4_SBMM_RING(variant, C, __nv_bfloat16, bf16)  \
   DZ_V4_DEQUANTIZE(variant, C, float, f32)          \
   DZ_V4_DEQUANTIZE(variant, C, __half, f16)         \
   DZ_V4_DEQUANTIZE(variant, C, __nv_bfloat16, bf16)
