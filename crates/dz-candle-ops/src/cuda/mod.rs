@@ -795,21 +795,16 @@ fn sbmm_run_t<T: Elem>(
             let table_p = ptrs.read(table, 0);
             let descs_p = table_p + plan.descs_offset;
             for l in &plan.launches {
-                let segs_p = table_p + l.segs_offset;
-                let mut b = stream.launch_builder(&l.func);
-                b.arg(&segs_p);
-                b.arg(&l.count);
-                b.arg(&descs_p);
-                b.arg(&x_p);
-                b.arg(&out_p);
-                b.arg(&plan.k32);
-                b.arg(&plan.n32);
-                if let Some((tiles, split)) = &l.v4 {
-                    b.arg(tiles);
-                    if let Some(split) = split {
-                        b.arg(split);
-                    }
-                }
+                let args = SbmmArgs {
+                    segs: table_p + l.segs_offset,
+                    count: l.count,
+                    descs: descs_p,
+                    x: x_p,
+                    out: out_p,
+                    k: plan.k32,
+                    n: plan.n32,
+                    v4: l.v4,
+                };
                 // SAFETY: the arguments match `dz_<v>_sbmm_<t>_m<MT>(const DzSegment*, u32, const
                 // DzDelta*, const T*, T*, u32, u32)` (the v4 entries take two more u32: `tiles`, the
                 // 16-row tiles of the group's tallest delta, and `split`, 1, 2, 4 or 8; the shared-memory
@@ -826,11 +821,56 @@ fn sbmm_run_t<T: Elem>(
                 // when it was planned; they trap with less).
                 let mut cfg = l.kernel.config(l.grid);
                 cfg.shared_mem_bytes = l.smem;
-                unsafe { b.launch(cfg) }.w()?;
+                unsafe { launch_sbmm(&stream, &l.func, &args, cfg) }?;
             }
         }
     }
     Ok((CudaStorage::wrap_cuda_slice(out, dev), shape))
+}
+
+/// The arguments of an sbmm entry point (`dz_<v>_sbmm_<t>_m<MT>` and the v4 entries), in their order.
+struct SbmmArgs {
+    segs: u64,
+    count: u32,
+    descs: u64,
+    x: u64,
+    out: u64,
+    k: u32,
+    n: u32,
+    /// The v4 entries' `tiles`, then `split` (the entries without a split take `tiles` only).
+    v4: Option<(u32, Option<u32>)>,
+}
+
+/// Launches `func`, an sbmm entry point, with `args` on `stream`.
+///
+/// # Safety
+/// `func` takes exactly `args`' arguments (`split` only when given), and they satisfy its contract: the
+/// segment table's `count` pieces lie inside x's rows and name descriptors of the table at `descs` whose
+/// parts outlive the launch, x and out hold rows x K and rows x N of the kernel's element type, and
+/// `cfg` gives the entry the dynamic shared memory it needs.
+unsafe fn launch_sbmm(
+    stream: &Arc<CudaStream>,
+    func: &CudaFunction,
+    args: &SbmmArgs,
+    cfg: LaunchConfig,
+) -> candle_core::Result<()> {
+    let mut b = stream.launch_builder(func);
+    b.arg(&args.segs);
+    b.arg(&args.count);
+    b.arg(&args.descs);
+    b.arg(&args.x);
+    b.arg(&args.out);
+    b.arg(&args.k);
+    b.arg(&args.n);
+    if let Some((tiles, split)) = &args.v4 {
+        b.arg(tiles);
+        if let Some(split) = split {
+            b.arg(split);
+        }
+    }
+    // SAFETY: the caller's contract above.
+    unsafe { b.launch(cfg) }.w()?;
+    Ok(())
 }
 
 /// Warps of a v4 block.
@@ -1761,22 +1801,16 @@ fn slot_run_t<T: Elem>(op: &'static str, launch: &SlotLaunch, x: Arg<'_>, base: 
         init(&stream, out_p, Some(b_p), len * std::mem::size_of::<T>())?;
         if let Some(l) = &launch.launch {
             if let Some(table) = &l.descs.table {
-                let descs_p = ptrs.read(table, 0) + l.descs_offset;
-                let segs_p = ptrs.read(&l.pieces.table, 0);
-                let mut b = stream.launch_builder(&l.func);
-                b.arg(&segs_p);
-                b.arg(&l.pieces.count);
-                b.arg(&descs_p);
-                b.arg(&x_p);
-                b.arg(&out_p);
-                b.arg(&launch.k32);
-                b.arg(&launch.n32);
-                if let Some((tiles, split)) = &l.v4 {
-                    b.arg(tiles);
-                    if let Some(split) = split {
-                        b.arg(split);
-                    }
-                }
+                let args = SbmmArgs {
+                    segs: ptrs.read(&l.pieces.table, 0),
+                    count: l.pieces.count,
+                    descs: ptrs.read(table, 0) + l.descs_offset,
+                    x: x_p,
+                    out: out_p,
+                    k: launch.k32,
+                    n: launch.n32,
+                    v4: l.v4,
+                };
                 // SAFETY: the arguments match the sbmm entry points as in `sbmm_run_t`: `count` pieces of
                 // at most the kernel's tile rows inside the launch's m rows (the pass's segments, checked
                 // against x by the wrapper), each naming a slot below the layer's table length (checked
@@ -1790,7 +1824,7 @@ fn slot_run_t<T: Elem>(op: &'static str, launch: &SlotLaunch, x: Arg<'_>, base: 
                 // on the function when it was loaded).
                 let mut cfg = l.kernel.config(l.grid);
                 cfg.shared_mem_bytes = l.smem;
-                unsafe { b.launch(cfg) }.w()?;
+                unsafe { launch_sbmm(&stream, &l.func, &args, cfg) }?;
             }
         }
     }

@@ -936,93 +936,58 @@ __device__ __forceinline__ void matmul_sx(const DzDelta& d, const T* x, const T*
 // the 2-bit codecs 8 (13056 B); ~103-106 KB of dynamic shared memory a block, which the host grants
 // (cuFuncSetAttribute) and passes at launch; the kernel traps if it gets less (`v4_matmul_sxd_smem` on the
 // host computes the same number).
+// One warp's stream of a delta tile through shared memory (WideSxd's per-warp part of a stage, RingTile's
+// slots): each K block's packet bytes, metadata slots and scale words, byte for byte as in global memory,
+// copied by cp.async as 16-byte pieces (piece p of a block at word 4 p), then read by each lane at the
+// offsets of the global loads (Tile::load_codes, codes_at).
 template <class C>
-constexpr int sxd_stages() {
-  return C::BITS == 4 ? (C::sparse ? 7 : 6) : 8;
-}
-
-template <class C, typename T>
-struct WideSxd {
-  static constexpr int NT = 4;
-  using Tl = Tile<C, T, NT>;
-  static constexpr int XR = 8 * NT;               // staged x rows
-  static constexpr int XPIECES = KB / 8;          // 16-byte pieces of a staged row (one K block)
-  static constexpr int STRIDE = KB / 2 + 4;       // words a staged row: 4 (mod 32)
-  static constexpr int XWORDS = XR * STRIDE;      // x words a stage
+struct WarpStream {
   static constexpr int META = C::sparse ? 256 : 0;
-  static constexpr int CBYTES = C::PACKET + META + 32;  // a warp's stream bytes a block (packet, meta, scales)
-  static constexpr int CPIECES = CBYTES / 16;
-  static constexpr int CWORDS = CBYTES / 4;
-  static constexpr int STAGE = XWORDS + WK * CWORDS;  // words a stage
-  static constexpr int R = sxd_stages<C>();
-  static constexpr uint32_t SMEM = uint32_t(R) * STAGE * 4;  // dynamic shared memory bytes a block
-  static_assert(CBYTES % 16 == 0 && (XWORDS * 4) % 16 == 0, "16-byte pieces");
-  static_assert(2 * (SMEM + 1024) <= 228 * 1024, "two blocks an SM");
-  static_assert((XR * XPIECES) % (WK * 32) == 0, "x pieces split evenly over the block's threads");
+  static constexpr int BYTES = C::PACKET + META + 32;  // a block's bytes (packet, meta, scales)
+  static constexpr int PIECES = BYTES / 16;
+  static constexpr int WORDS = BYTES / 4;
+  static constexpr int N = (PIECES + 31) / 32;  // pieces a lane copies a block (at most)
+  static_assert(BYTES % 16 == 0, "16-byte pieces");
 
-  static constexpr int XN = XR * XPIECES / (WK * 32);  // x pieces a thread copies a block (2)
-  static constexpr int CN = (CPIECES + 31) / 32;       // stream pieces a lane copies a block (at most)
-
-  // What a thread copies each block, worked out once an item: its x pieces (column piece q of rows
-  // r0 + 16 i; 256 threads = 16 rows x 16 pieces, so q is the same for both) and its stream pieces.
+  // The lane's pieces at the tile's block 0 (null: none) and their bytes from one block to the next
+  // (packet, 256 or 32).
   struct Copies {
-    const T* xsrc;            // row r0 (clamped at `rows - 1`), column 8 q of block 0 (clamped at K - 8)
-    uint32_t xrow;            // elements from row r0's source to row r0 + 16's (clamped)
-    uint32_t xdst;            // words into a stage of row r0's piece
-    uint32_t xcol;            // 8 q
-    const uint8_t* csrc[CN];  // the lane's stream pieces at the tile's block 0 (null: none)
-    uint32_t cstep[CN];       // their bytes from one block to the next (packet, 256 or 32)
+    const uint8_t* src[N];
+    uint32_t step[N];
   };
 
-  static __device__ __forceinline__ Copies copies(const DzDelta& d, const T* x, uint32_t rows, uint32_t K,
-                                                  size_t packet0, uint32_t lane) {
-    static_assert(XN == 2 && XPIECES == 16, "the x copies assume 16 rows x 16 pieces a pass");
+  static __device__ __forceinline__ Copies copies(const DzDelta& d, size_t packet0, uint32_t lane) {
     Copies cp;
-    const uint32_t r0 = threadIdx.x / XPIECES, q = threadIdx.x % XPIECES;
-    cp.xsrc = x + size_t(min(r0, rows - 1)) * K + min(q * 8, K - 8);  // (= 8 q wherever a piece is in)
-    cp.xrow = (min(r0 + 16, rows - 1) - min(r0, rows - 1)) * K;
-    cp.xdst = r0 * STRIDE + wide_swz(q) * 4;
-    cp.xcol = q * 8;
     const uint8_t* codes = reinterpret_cast<const uint8_t*>(d.parts[0]) + packet0 * C::PACKET;
     const uint8_t* meta = reinterpret_cast<const uint8_t*>(d.parts[1]) + packet0 * 256;
     const uint8_t* scales = reinterpret_cast<const uint8_t*>(d.parts[2]) + packet0 * 32;
 #pragma unroll
-    for (int i = 0; i < CN; ++i) {
+    for (int i = 0; i < N; ++i) {
       const uint32_t p = lane + 32 * i;
       constexpr uint32_t P0 = C::PACKET / 16, P1 = P0 + META / 16;
-      cp.csrc[i] = p < P0                   ? codes + p * 16
-                   : p < P1                 ? meta + (p - P0) * 16
-                   : p < uint32_t(CPIECES) ? scales + (p - P1) * 16
-                                            : nullptr;
-      cp.cstep[i] = p < P0 ? C::PACKET : p < P1 ? 256 : 32;
+      cp.src[i] = p < P0                   ? codes + p * 16
+                  : p < P1                 ? meta + (p - P0) * 16
+                  : p < uint32_t(PIECES) ? scales + (p - P1) * 16
+                                           : nullptr;
+      cp.step[i] = p < P0 ? C::PACKET : p < P1 ? 256 : 32;
     }
     return cp;
   }
 
-  // The copies of K block kb into stage `st` (words): every thread its share of the x block (rows clamped
-  // at `rows - 1`, columns past K zero: K is a multiple of 32, so a piece is all in or all out, and an out
-  // piece copies 0 bytes from block 0's valid address), each warp its tile's packet, metadata slots and
-  // scale words, byte for byte (piece p of the lane at word 4 p of the warp's part of the stage).
-  static __device__ __forceinline__ void load(uint32_t* st, const Copies& cp, uint32_t K, uint32_t kb,
-                                              uint32_t lane) {
-    const bool in = kb * KB + cp.xcol < K;
-    const T* xs = cp.xsrc + (in ? kb * KB : 0u);
-    cp_async16(st + cp.xdst, xs, in ? 16u : 0u);
-    cp_async16(st + cp.xdst + 16 * STRIDE, xs + cp.xrow, in ? 16u : 0u);
-    uint32_t* cw = st + XWORDS + (threadIdx.x / 32) * CWORDS;
+  // The lane's copies of K block kb to `cw` (the warp's words for that block).
+  static __device__ __forceinline__ void load(uint32_t* cw, const Copies& cp, uint32_t kb, uint32_t lane) {
 #pragma unroll
-    for (int i = 0; i < CN; ++i) {
-      if (32 * (i + 1) <= CPIECES || cp.csrc[i] != nullptr) {
-        cp_async16(cw + 4 * (lane + 32 * i), cp.csrc[i] + size_t(kb) * cp.cstep[i], 16u);
+    for (int i = 0; i < N; ++i) {
+      if (32 * (i + 1) <= PIECES || cp.src[i] != nullptr) {
+        cp_async16(cw + 4 * (lane + 32 * i), cp.src[i] + size_t(kb) * cp.step[i], 16u);
       }
     }
   }
 
-  // The lane's codes, metadata and scale word of the warp's block in stage `st`, at the offsets the global
-  // loads (Tile::load_codes, codes_at) read.
-  static __device__ __forceinline__ void codes_from(Stage<C, NT>& s, const uint32_t* st, uint32_t lane) {
+  // The lane's codes, metadata and scale word of the block at `cw`.
+  template <int NT>
+  static __device__ __forceinline__ void codes_from(Stage<C, NT>& s, const uint32_t* cw, uint32_t lane) {
     const uint32_t g = lane / 4, c = lane % 4;
-    const uint32_t* cw = st + XWORDS + (threadIdx.x / 32) * CWORDS;
     if constexpr (C::PIECE >= 16) {
 #pragma unroll
       for (int i = 0; i < C::PIECE / 16; ++i) {
@@ -1045,6 +1010,72 @@ struct WideSxd {
       s.m[3] = v.w;
     }
     s.s = cw[(C::PACKET + META) / 4 + g];
+  }
+};
+
+template <class C>
+constexpr int sxd_stages() {
+  return C::BITS == 4 ? (C::sparse ? 7 : 6) : 8;
+}
+
+template <class C, typename T>
+struct WideSxd {
+  static constexpr int NT = 4;
+  using Tl = Tile<C, T, NT>;
+  static constexpr int XR = 8 * NT;               // staged x rows
+  static constexpr int XPIECES = KB / 8;          // 16-byte pieces of a staged row (one K block)
+  static constexpr int STRIDE = KB / 2 + 4;       // words a staged row: 4 (mod 32)
+  static constexpr int XWORDS = XR * STRIDE;      // x words a stage
+  using Stream = WarpStream<C>;
+  static constexpr int CWORDS = Stream::WORDS;        // a warp's stream words a block
+  static constexpr int STAGE = XWORDS + WK * CWORDS;  // words a stage
+  static constexpr int R = sxd_stages<C>();
+  static constexpr uint32_t SMEM = uint32_t(R) * STAGE * 4;  // dynamic shared memory bytes a block
+  static_assert((XWORDS * 4) % 16 == 0, "16-byte pieces");
+  static_assert(2 * (SMEM + 1024) <= 228 * 1024, "two blocks an SM");
+  static_assert((XR * XPIECES) % (WK * 32) == 0, "x pieces split evenly over the block's threads");
+
+  static constexpr int XN = XR * XPIECES / (WK * 32);  // x pieces a thread copies a block (2)
+
+  // What a thread copies each block, worked out once an item: its x pieces (column piece q of rows
+  // r0 + 16 i; 256 threads = 16 rows x 16 pieces, so q is the same for both) and its stream pieces.
+  struct Copies {
+    const T* xsrc;            // row r0 (clamped at `rows - 1`), column 8 q of block 0 (clamped at K - 8)
+    uint32_t xrow;            // elements from row r0's source to row r0 + 16's (clamped)
+    uint32_t xdst;            // words into a stage of row r0's piece
+    uint32_t xcol;            // 8 q
+    typename Stream::Copies stream;  // the lane's stream pieces
+  };
+
+  static __device__ __forceinline__ Copies copies(const DzDelta& d, const T* x, uint32_t rows, uint32_t K,
+                                                  size_t packet0, uint32_t lane) {
+    static_assert(XN == 2 && XPIECES == 16, "the x copies assume 16 rows x 16 pieces a pass");
+    Copies cp;
+    const uint32_t r0 = threadIdx.x / XPIECES, q = threadIdx.x % XPIECES;
+    cp.xsrc = x + size_t(min(r0, rows - 1)) * K + min(q * 8, K - 8);  // (= 8 q wherever a piece is in)
+    cp.xrow = (min(r0 + 16, rows - 1) - min(r0, rows - 1)) * K;
+    cp.xdst = r0 * STRIDE + wide_swz(q) * 4;
+    cp.xcol = q * 8;
+    cp.stream = Stream::copies(d, packet0, lane);
+    return cp;
+  }
+
+  // The copies of K block kb into stage `st` (words): every thread its share of the x block (rows clamped
+  // at `rows - 1`, columns past K zero: K is a multiple of 32, so a piece is all in or all out, and an out
+  // piece copies 0 bytes from block 0's valid address), each warp its tile's packet, metadata slots and
+  // scale words, byte for byte (piece p of the lane at word 4 p of the warp's part of the stage).
+  static __device__ __forceinline__ void load(uint32_t* st, const Copies& cp, uint32_t K, uint32_t kb,
+                                              uint32_t lane) {
+    const bool in = kb * KB + cp.xcol < K;
+    const T* xs = cp.xsrc + (in ? kb * KB : 0u);
+    cp_async16(st + cp.xdst, xs, in ? 16u : 0u);
+    cp_async16(st + cp.xdst + 16 * STRIDE, xs + cp.xrow, in ? 16u : 0u);
+    Stream::load(st + XWORDS + (threadIdx.x / 32) * CWORDS, cp.stream, kb, lane);
+  }
+
+  // The lane's codes, metadata and scale word of the warp's block in stage `st`.
+  static __device__ __forceinline__ void codes_from(Stage<C, NT>& s, const uint32_t* st, uint32_t lane) {
+    Stream::template codes_from<NT>(s, st + XWORDS + (threadIdx.x / 32) * CWORDS, lane);
   }
 
   // acc += this warp's whole K row of tile `rt` against the block's x tile (`rows` rows at `x`), through
@@ -1149,79 +1180,13 @@ template <class C, typename T>
 struct RingTile {
   static constexpr int NT = 1;
   using Tl = Tile<C, T, NT>;
-  static constexpr int META = C::sparse ? 256 : 0;
-  static constexpr int CBYTES = C::PACKET + META + 32;  // a warp's stream bytes a block (packet, meta, scales)
-  static constexpr int CPIECES = CBYTES / 16;
-  static constexpr int CWORDS = CBYTES / 4;
+  using Stream = WarpStream<C>;
+  static constexpr int CWORDS = Stream::WORDS;  // a warp's stream words a block
   static constexpr int R = ring_stages<C>();
   static constexpr int WARP_WORDS = R * CWORDS;                 // a warp's ring
   static constexpr uint32_t SMEM = uint32_t(WK) * WARP_WORDS * 4;  // dynamic shared memory bytes a block
   static constexpr int DX = depth<NT>();                        // x blocks in registers ahead (3)
-  static constexpr int CN = (CPIECES + 31) / 32;                // stream pieces a lane copies a block (at most)
-  static_assert(CBYTES % 16 == 0, "16-byte pieces");
   static_assert(2 * (SMEM + 1024) <= 228 * 1024, "two blocks an SM");
-
-  // The lane's stream pieces at the tile's block 0 (null: none) and their bytes from one block to the next.
-  struct Copies {
-    const uint8_t* csrc[CN];
-    uint32_t cstep[CN];
-  };
-
-  static __device__ __forceinline__ Copies copies(const DzDelta& d, size_t packet0, uint32_t lane) {
-    Copies cp;
-    const uint8_t* codes = reinterpret_cast<const uint8_t*>(d.parts[0]) + packet0 * C::PACKET;
-    const uint8_t* meta = reinterpret_cast<const uint8_t*>(d.parts[1]) + packet0 * 256;
-    const uint8_t* scales = reinterpret_cast<const uint8_t*>(d.parts[2]) + packet0 * 32;
-#pragma unroll
-    for (int i = 0; i < CN; ++i) {
-      const uint32_t p = lane + 32 * i;
-      constexpr uint32_t P0 = C::PACKET / 16, P1 = P0 + META / 16;
-      cp.csrc[i] = p < P0                   ? codes + p * 16
-                   : p < P1                 ? meta + (p - P0) * 16
-                   : p < uint32_t(CPIECES) ? scales + (p - P1) * 16
-                                            : nullptr;
-      cp.cstep[i] = p < P0 ? C::PACKET : p < P1 ? 256 : 32;
-    }
-    return cp;
-  }
-
-  // The copies of K block kb into the warp's slot `sl` (words): piece p of the lane at word 4 p.
-  static __device__ __forceinline__ void load(uint32_t* sl, const Copies& cp, uint32_t kb, uint32_t lane) {
-#pragma unroll
-    for (int i = 0; i < CN; ++i) {
-      if (32 * (i + 1) <= CPIECES || cp.csrc[i] != nullptr) {
-        cp_async16(sl + 4 * (lane + 32 * i), cp.csrc[i] + size_t(kb) * cp.cstep[i], 16u);
-      }
-    }
-  }
-
-  // The lane's codes, metadata and scale word of the block in slot `sl`, at the offsets the global loads
-  // (Tile::load_codes, codes_at) read.
-  static __device__ __forceinline__ void codes_from(Stage<C, NT>& s, const uint32_t* cw, uint32_t lane) {
-    const uint32_t g = lane / 4, c = lane % 4;
-    if constexpr (C::PIECE >= 16) {
-#pragma unroll
-      for (int i = 0; i < C::PIECE / 16; ++i) {
-        const uint4 v = *reinterpret_cast<const uint4*>(cw + i * 128 + lane * 4);
-        s.w[4 * i] = v.x;
-        s.w[4 * i + 1] = v.y;
-        s.w[4 * i + 2] = v.z;
-        s.w[4 * i + 3] = v.w;
-      }
-    } else {
-      const uint2 v = *reinterpret_cast<const uint2*>(cw + lane * 2);
-      s.w[0] = v.x;
-      s.w[1] = v.y;
-    }
-    if constexpr (C::sparse) {
-      const uint4 v = *reinterpret_cast<const uint4*>(cw + C::PACKET / 4 + (2 * g + (c & 1)) * 4);
-      s.m[0] = v.x;
-      s.m[1] = v.y;
-      s.m[2] = v.z;
-      s.m[3] = v.w;
-    }
-    s.s = cw[(C::PACKET + META) / 4 + g];
-  }
 
   // x words of block kb (clamped at the last block) for this lane, as Tile::load reads them: `xp` is the
   // lane's first word of block 0 in its row. Words past K are not loaded (the registers keep older finite
@@ -1266,14 +1231,14 @@ struct RingTile {
     uint32_t mul[4], add[4], mask[4];
     Tl::decode_constants(d.bits, mul, add, mask);
     const uint32_t magic = Num<T>::MAGIC;
-    const Copies cp = copies(d, size_t(rt) * nkb, lane);
+    const typename Stream::Copies cp = Stream::copies(d, size_t(rt) * nkb, lane);
     const unsigned int* xp = reinterpret_cast<const unsigned int*>(x + size_t(min(g, rows - 1)) * K) +
                              (C::sparse ? c : 16 * c);
 
     __syncwarp();  // the ring is free (every lane has read the warp's previous item)
 #pragma unroll
     for (int i = 0; i < R - 1; ++i) {
-      if (uint32_t(i) < nkb) load(ring + i * CWORDS, cp, i, lane);
+      if (uint32_t(i) < nkb) Stream::load(ring + i * CWORDS, cp, i, lane);
       cp_async_commit();  // (an empty group past the last block keeps the count)
     }
     uint32_t xr[DX][C::XW];
@@ -1293,10 +1258,10 @@ struct RingTile {
         cp_async_wait<R - 2>();  // this lane's copies of block kb have landed
         __syncwarp();            // and every lane's; every lane is done with block kb - 1 (slot nxt)
         const uint32_t ahead = kb + R - 1;
-        if (ahead < nkb) load(ring + nxt * CWORDS, cp, ahead, lane);
+        if (ahead < nkb) Stream::load(ring + nxt * CWORDS, cp, ahead, lane);
         cp_async_commit();
         Stage<C, NT> s;
-        codes_from(s, ring + cur * CWORDS, lane);
+        Stream::template codes_from<NT>(s, ring + cur * CWORDS, lane);
 #pragma unroll
         for (int j = 0; j < C::XW; ++j) s.x[0][j] = xr[i][j];
         float p[NT][4];
