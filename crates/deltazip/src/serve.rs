@@ -104,9 +104,10 @@ pub struct ServeArgs {
     /// stages x in shared memory per block for a deeper load ring (see dz_candle_ops::set_v4_sbmm_smem_x).
     #[arg(long, requires = "v4_kernels")]
     pub v4_sbmm_smem_x: bool,
-    /// With --v4-kernels, experimental (not yet measured on a GPU): the decode sbmm variant that streams
-    /// each warp's codes through its own shared-memory ring, more bytes in flight without block barriers
-    /// (see dz_candle_ops::set_v4_sbmm_ring; takes precedence over --v4-sbmm-smem-x).
+    /// With --v4-kernels, experimental (correct, but no faster on the H200: 91 us against 79 for 32
+    /// deltas x 32 rows, session 13): the decode sbmm variant that streams each warp's codes through its
+    /// own shared-memory ring (see dz_candle_ops::set_v4_sbmm_ring; takes precedence over
+    /// --v4-sbmm-smem-x).
     #[arg(long, requires = "v4_kernels")]
     pub v4_sbmm_ring: bool,
     /// From this many input rows of one fine-tune in a step (prefill), a delta is merged into a dense
@@ -115,12 +116,18 @@ pub struct ServeArgs {
     /// only in the v4 layout (--v4-kernels) takes the route from 64 rows at most. 0: never.
     #[arg(long, default_value_t = dz_loader::DEFAULT_DENSE_ROWS)]
     pub dense_rows: usize,
-    /// Not yet checked on a GPU (issue #9): add the linear layers' deltas through tables that survive
-    /// batch changes (each layer's deltas by fine-tune slot, rebuilt only after a load or eviction; one
-    /// segment table per forward pass shared by every layer) instead of a per-layer plan rebuilt
-    /// whenever a sequence joins or ends. The same outputs; see dz_loader::set_slot_tables.
+    /// Experimental: add the linear layers' deltas through tables that survive batch changes (each
+    /// layer's deltas by fine-tune slot, rebuilt only after a load or eviction; one segment table per
+    /// forward pass shared by every layer) instead of a per-layer plan rebuilt whenever a sequence joins
+    /// or ends. The H200 measured 0-4% more tokens/s with it (session 13); see
+    /// dz_loader::set_slot_tables.
     #[arg(long)]
     pub slot_tables: bool,
+    /// Leave the CPU cache's deltas pageable. By default, on a CUDA device, each delta read into CPU
+    /// memory is page-locked (within --cpu-cache's budget) so that its uploads to the GPU are direct DMA
+    /// copies; see dz_loader::set_pin_host_deltas.
+    #[arg(long)]
+    pub no_pin_host: bool,
 }
 
 impl ServeArgs {
@@ -140,6 +147,7 @@ impl ServeArgs {
             v4_sbmm_ring: false,
             dense_rows: dz_loader::DEFAULT_DENSE_ROWS,
             slot_tables: false,
+            no_pin_host: false,
         }
     }
 }
@@ -160,7 +168,15 @@ impl Backend for LoaderBackend {
     type Error = String;
 
     fn read(&self, name: &str, source: &Self::Source) -> std::result::Result<HostDelta, String> {
-        HostDelta::read_for(name, &source.file, &self.device).map_err(|e| e.to_string())
+        let host = HostDelta::read_for(name, &source.file, &self.device).map_err(|e| e.to_string())?;
+        if host.pinned_bytes() > 0 {
+            eprintln!(
+                "deltazip serve: {name} read into CPU memory, {:.2} of {:.2} GiB page-locked for uploads",
+                host.pinned_bytes() as f64 / (1u64 << 30) as f64,
+                host.bytes() as f64 / (1u64 << 30) as f64,
+            );
+        }
+        Ok(host)
     }
 
     fn host_bytes(&self, host: &HostDelta) -> u64 {
@@ -477,6 +493,7 @@ pub fn start(args: &ServeArgs) -> Result<Running> {
     let (config, deltas) = dz_loader::Config::load(&args.config)?;
     dz_loader::set_dense_rows(args.dense_rows);
     dz_loader::set_slot_tables(args.slot_tables);
+    dz_loader::set_pin_host_deltas(!args.no_pin_host);
     if args.v4_kernels {
         // Before any delta is read: the v4 layout is made when the CPU cache reads it.
         dz_loader::set_v4_kernels(true);

@@ -812,8 +812,18 @@ fn slots_case(
     let got_cpu = got.to_device(&Device::Cpu)?;
     for run in 0..2 {
         let y = dz_candle_ops::sbmm_slots(xd, bd, &pass, &table)?;
-        check(dev, &y, &got_cpu, None, &DZ_EXACT)
-            .map_err(|e| anyhow!("sbmm_slots run {run} against sbmm: {e}"))?;
+        if let Err(e) = check(dev, &y, &got_cpu, None, &DZ_EXACT) {
+            // Session 13 saw this fail in the dense-route family only: say whether the shared launch
+            // ran (it should not when a segment takes the route) and whether the plain op repeats
+            // itself bit for bit.
+            let launched = dz_candle_ops::try_sbmm_slots(xd, bd, &pass, &table)?.is_some();
+            let again = dz_candle_ops::sbmm(xd, bd, deltas, segments)?;
+            let repeats = check(dev, &again, &got_cpu, None, &DZ_EXACT).is_ok();
+            bail!(
+                "sbmm_slots run {run} against sbmm (slot launch taken: {launched}; plain sbmm \
+                 repeats bit for bit: {repeats}): {e}"
+            );
+        }
     }
     if deltas.is_empty() {
         return Ok(());
@@ -1562,6 +1572,36 @@ fn v4_family(ck: &mut Checker, only: bool) {
                     },
                 );
             }
+        }
+        // The same prepared delta uploaded from page-locked host buffers (`HostPins`, what the serving
+        // CPU tier registers): the device bytes, so the outputs, are the same bit for bit.
+        {
+            let cfg = cfgs[1];
+            let (n, k) = (4096, 4096);
+            let p = payload(cfg, n, k, 58);
+            let parts = p.pack().expect("pack");
+            let refs: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
+            let entry = entry_for(&p, dz_format::Role::Linear, None, &parts);
+            ck.case(
+                format!("v4 only: prepared {} {n}x{k} from page-locked memory", cfg.label()),
+                |dev, _| {
+                    let prepared = dz_candle_ops::PreparedDelta::prepare(&entry, &refs)?
+                        .context("not prepared: the v4 kernels take this codec")?;
+                    let plain = DeviceDelta::from_prepared(&prepared, dev)?;
+                    // SAFETY: `prepared` is not changed or dropped before `pins`.
+                    let pins =
+                        unsafe { dz_candle_ops::HostPins::register(dev, prepared.host_buffers()) };
+                    if pins.buffers() == 0 {
+                        bail!("nothing registered ({pins:?}): the case checks nothing");
+                    }
+                    let pinned = DeviceDelta::from_prepared(&prepared, dev)?;
+                    drop(pins);
+                    let x = input(&[16, k], DType::BF16, 59).to_device(dev)?;
+                    let want = dz_candle_ops::delta_matmul(&x, &plain)?.to_device(&Device::Cpu)?;
+                    let got = dz_candle_ops::delta_matmul(&x, &pinned)?;
+                    check(dev, &got, &want, None, &DZ_EXACT)
+                }
+            );
         }
         // The packed parts are not on the device: dequantize and merge run the v4 dequantize kernel over
         // the re-laid bytes (bit-exact, as the generic kernels), for every v4 variant; the dense route

@@ -38,6 +38,7 @@
 //! `kernel_bench --rows 32,64,128,256 --out STEM` (all the 7B/13B shapes; `--shapes 4096x4096` for one).
 //!
 //! `--host`: the CPU's cost of issuing each op (no GPU waits), next to candle's matmul and add.
+//! `--upload`: host-to-device copy speed of a delta's host buffers, pageable against page-locked.
 //!
 //! `--decode`: only rows 1-16 (1, 2, 4, 8, 16), `generic` only at 1 row, and the sbmm cases: the serving
 //! decode regime in a few minutes.
@@ -291,6 +292,53 @@ const CODECS: [(&str, Cfg); 5] = [
     ),
     ("1b sign", Cfg::Sign1),
 ];
+
+/// `--upload`: host-to-device copies of a 7B delta's worth of host buffers (16 x 160 MiB), from pageable
+/// memory (the driver stages them) and after `HostPins::register` (direct DMA), each buffer copied and
+/// synchronized as a delta upload does; the best of three passes each, and the registration's own cost.
+fn upload_bandwidth(b: &Bench) -> Result<()> {
+    const BUFFERS: usize = 16;
+    const LEN: usize = 160 << 20;
+    let bufs: Vec<Vec<u8>> = (0..BUFFERS)
+        .map(|i| (0..LEN).map(|j| (i * 31 + j) as u8).collect())
+        .collect();
+    let total = (BUFFERS * LEN) as f64;
+    let pass = || -> Result<f64> {
+        let mut best = f64::INFINITY;
+        for _ in 0..3 {
+            let t0 = std::time::Instant::now();
+            for buf in &bufs {
+                let d = b.stream.clone_htod(buf.as_slice())?;
+                b.stream.synchronize()?;
+                drop(d);
+            }
+            best = best.min(t0.elapsed().as_secs_f64());
+        }
+        Ok(best)
+    };
+    let pageable = pass()?;
+    let t0 = std::time::Instant::now();
+    // SAFETY: `bufs` is neither changed nor dropped before `pins` (dropped first, below).
+    let pins = unsafe { dz_candle_ops::HostPins::register(&b.dev, bufs.iter().map(Vec::as_slice)) };
+    let register = t0.elapsed().as_secs_f64();
+    let pinned = pass()?;
+    println!("| host source | GiB | s | GB/s |");
+    println!("|---|---:|---:|---:|");
+    let gib = total / (1u64 << 30) as f64;
+    println!("| pageable | {gib:.2} | {pageable:.3} | {:.1} |", total / pageable / 1e9);
+    println!(
+        "| page-locked ({} of {BUFFERS} buffers registered) | {gib:.2} | {pinned:.3} | {:.1} |",
+        pins.buffers(),
+        total / pinned / 1e9
+    );
+    println!(
+        "\nregistration: {register:.3} s ({:.1} GB/s); page-locked / pageable speed: {:.2}x",
+        pins.bytes() as f64 / register / 1e9,
+        pageable / pinned
+    );
+    drop(pins);
+    Ok(())
+}
 
 /// `--host`: the CPU's cost of issuing each op (the serving profile's host mode found the CPU's share of
 /// a decode step large): `CALLS` calls queued without a synchronization, behind enough GPU work that
@@ -592,7 +640,7 @@ fn main() -> Result<()> {
     if args.iter().any(|a| a == "--help" || a == "-h") {
         println!(
             "usage: kernel_bench [--quick | --decode] [--shapes NxK,..] [--rows R,..] [--out STEM] \
-             [--commit SHA] | --profile | --host"
+             [--commit SHA] | --profile | --host | --upload"
         );
         return Ok(());
     }
@@ -606,6 +654,9 @@ fn main() -> Result<()> {
     }
     if args.iter().any(|a| a == "--host") {
         return host_costs(&b);
+    }
+    if args.iter().any(|a| a == "--upload") {
+        return upload_bandwidth(&b);
     }
     let copy_bw = b.copy_bandwidth()?;
     eprintln!("device copy bandwidth: {:.0} GB/s", copy_bw / 1e9);

@@ -208,6 +208,13 @@ impl PreparedDelta {
         }))
     }
 
+    /// The host buffers its upload copies (codes, metadata, scales; the row index is left out: 4
+    /// bytes per stored row), for page-locking ([`crate::HostPins`]).
+    pub fn host_buffers(&self) -> [&[u8]; 3] {
+        let l = &self.layout;
+        [&l.codes, &l.meta, &l.scales]
+    }
+
     /// Bytes held (the layout and the row index): what its upload puts on the device.
     pub fn nbytes(&self) -> usize {
         let l = &self.layout;

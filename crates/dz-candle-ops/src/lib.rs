@@ -115,12 +115,14 @@ mod cuda;
 mod delta;
 mod error;
 mod ops;
+mod pinned;
 pub mod poisoned;
 pub mod reference;
 pub mod relayout;
 
 pub use delta::{CheckedParts, DeviceDelta, PreparedDelta, RowSubset};
 pub use error::{OpError, Result};
+pub use pinned::{HostPins, MIN_PINNED_BYTES};
 pub use ops::{
     delta_matmul, delta_matmul_add, dense_rows, dequantize, embedding_delta_add, merge, sbmm,
     sbmm_planned, sbmm_slots, set_dense_rows, try_sbmm_slots, SbmmPlan, Segment, SlotDeltas,

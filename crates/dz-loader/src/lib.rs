@@ -53,7 +53,8 @@ pub use engines::{EngineBudget, EngineLease, EngineSwap, EngineSwapStats, GpuRoo
 pub use error::{Error, Result};
 pub use host::{Engine, GeneratedToken, Generation, KvCache};
 pub use multi_tenant::{
-    set_slot_tables, slot_tables, DeltaHook, DeltaRegistry, FineTuneDeltas, HostDelta,
+    pin_host_deltas, set_pin_host_deltas, set_slot_tables, slot_tables, DeltaHook, DeltaRegistry,
+    FineTuneDeltas, HostDelta,
 };
 pub use swap::{MergedWeights, SwapHook, SwapModel, SwapRegistry, SwapStore};
 pub use tp::TpRank;

@@ -25,7 +25,7 @@ use rayon::prelude::*;
 use candle_core::{DType, Device, Result as CResult, Tensor};
 use dz_candle_ops::{
     embedding_delta_add, sbmm_planned, try_sbmm_slots, CheckedParts, DeviceDelta, PreparedDelta,
-    SbmmPlan, Segment, SlotDeltas, SlotSegments,
+    HostPins, SbmmPlan, Segment, SlotDeltas, SlotSegments,
 };
 use dz_format::shard::{shard_range, tensor_split, tp_layer, TpLayer};
 use dz_format::{DeltaFile, Manifest, Role, TensorData, TensorEntry};
@@ -55,6 +55,22 @@ pub fn set_slot_tables(enabled: bool) {
 /// Whether [`set_slot_tables`] turned the slot tables on.
 pub fn slot_tables() -> bool {
     SLOT_TABLES.load(Ordering::Relaxed)
+}
+
+static PIN_HOST_DELTAS: AtomicBool = AtomicBool::new(true);
+
+/// Whether [`HostDelta::read_for`] page-locks a delta's large host buffers for its CUDA device
+/// (`dz_candle_ops::HostPins`), so that each upload, the first and every one after a GPU eviction, is a
+/// direct DMA copy instead of one staged through the driver's pageable path. On by default; a server
+/// whose CPU tier should stay swappable turns it off (`deltazip serve --no-pin-host`). Locked pages are
+/// the CPU tier's own budget (`--cpu-cache`), never more.
+pub fn set_pin_host_deltas(enabled: bool) {
+    PIN_HOST_DELTAS.store(enabled, Ordering::Relaxed);
+}
+
+/// Whether [`set_pin_host_deltas`] left page-locking on.
+pub fn pin_host_deltas() -> bool {
+    PIN_HOST_DELTAS.load(Ordering::Relaxed)
 }
 
 /// The output head's name (a tied head, the embedding table used as `lm_head`, is wrapped under it too).
@@ -92,6 +108,8 @@ impl HostTensor {
 /// A fine-tune's delta in CPU memory: every non-zero tensor's packed parts, read from its file with
 /// checksums verified. Uploading it ([`HostDelta::upload`]) needs no file access.
 pub struct HostDelta {
+    /// Declared first so that it drops first: the buffers below are unregistered before they are freed.
+    pins: HostPins,
     name: Arc<str>,
     tensors: Vec<HostTensor>,
     bytes: u64,
@@ -106,6 +124,7 @@ impl fmt::Debug for HostDelta {
             .field("name", &self.name)
             .field("tensors", &self.tensors.len())
             .field("bytes", &self.bytes)
+            .field("pinned", &self.pins.bytes())
             .finish()
     }
 }
@@ -123,8 +142,29 @@ impl HostDelta {
     /// the v4 kernels on, every linear delta they take is checked and re-laid now
     /// ([`PreparedDelta`]) and its packed parts dropped, so each upload (the first and every one after
     /// a GPU eviction) is a plain copy. Elsewhere the same as `read`.
+    ///
+    /// On a CUDA device its large buffers are also page-locked ([`set_pin_host_deltas`], on by default).
     pub fn read_for(name: &str, file: &DeltaFile, device: &Device) -> Result<Self> {
-        Self::read_as(name, file, device.is_cuda() && dz_candle_ops::v4_kernels())
+        let mut d = Self::read_as(name, file, device.is_cuda() && dz_candle_ops::v4_kernels())?;
+        if device.is_cuda() && pin_host_deltas() {
+            // SAFETY: the buffers are the delta's own, never changed after this read; `pins` is
+            // declared before them in `HostDelta`, so it unregisters them before they are freed.
+            d.pins = unsafe { HostPins::register(device, d.buffers()) };
+        }
+        Ok(d)
+    }
+
+    /// Every host buffer an upload copies (packed parts and v4 layouts).
+    fn buffers(&self) -> impl Iterator<Item = &[u8]> {
+        self.tensors.iter().flat_map(|t| {
+            let prepared = t.prepared.iter().flat_map(|p| p.host_buffers());
+            t.parts.iter().map(Vec::as_slice).chain(prepared)
+        })
+    }
+
+    /// Bytes of it page-locked for uploads (0 unless read with [`HostDelta::read_for`] for a CUDA device).
+    pub fn pinned_bytes(&self) -> usize {
+        self.pins.bytes()
     }
 
     fn read_as(name: &str, file: &DeltaFile, prepare: bool) -> Result<Self> {
@@ -147,6 +187,7 @@ impl HostDelta {
         let mut manifest = file.manifest().clone();
         manifest.tensors.clear();
         Ok(Self {
+            pins: HostPins::none(),
             name: Arc::from(name),
             tensors,
             bytes,
