@@ -453,6 +453,17 @@ fn profile(b: &Bench) -> Result<()> {
             eprintln!("profiled {label} {n}x{k} rows {rows}");
         }
     }
+    // The 32-row tile (`dz_v4_sparse24_matmul_sx_bf16_n4` for 4-bit 2:4) on 4096 x 4096, whose time is
+    // flat at ~24 us over 32-128 rows (session 12) and did not move with a deeper code ring (`_sxd`,
+    // session 13): its stall reasons.
+    let d = DeviceDelta::from_payload(&payload(CODECS[0].1, 4096, 4096, 8), None, &b.dev)?;
+    for rows in [32usize, 128] {
+        let x = Tensor::randn(0f32, 1.0, (rows, 4096), &b.dev)?.to_dtype(DType::BF16)?;
+        for _ in 0..2 {
+            keep.push(delta_matmul(&x, &d)?);
+        }
+        eprintln!("profiled {} 4096x4096 rows {rows}", CODECS[0].0);
+    }
     let w = Tensor::randn(0f32, 0.02, (n, k), &b.dev)?.to_dtype(DType::BF16)?;
     for rows in [1usize, 16, 256] {
         let x = Tensor::randn(0f32, 1.0, (rows, k), &b.dev)?.to_dtype(DType::BF16)?;
