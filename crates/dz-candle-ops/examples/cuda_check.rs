@@ -810,20 +810,18 @@ fn slots_case(
         .collect();
     let pass = dz_candle_ops::SlotSegments::new(&rows, dev);
     let got_cpu = got.to_device(&Device::Cpu)?;
+    // When a segment takes the dense route the shared launch is not taken and `sbmm_slots` runs the plain
+    // op again. On the H200 (session 13) the plain op with routed segments did not repeat its own first
+    // output bit for bit (13944 of 33300 f16 elements 1-2 ulp apart; cuBLAS's product over a freshly
+    // dequantized weight), so such a call is held to the dtype's tolerance instead.
+    let launched = dz_candle_ops::try_sbmm_slots(xd, bd, &pass, &table)?.is_some();
+    let dtype_tol = Tolerance::for_dtype(xd.dtype());
+    let tol = if launched { &DZ_EXACT } else { &dtype_tol };
     for run in 0..2 {
         let y = dz_candle_ops::sbmm_slots(xd, bd, &pass, &table)?;
-        if let Err(e) = check(dev, &y, &got_cpu, None, &DZ_EXACT) {
-            // Session 13 saw this fail in the dense-route family only: say whether the shared launch
-            // ran (it should not when a segment takes the route) and whether the plain op repeats
-            // itself bit for bit.
-            let launched = dz_candle_ops::try_sbmm_slots(xd, bd, &pass, &table)?.is_some();
-            let again = dz_candle_ops::sbmm(xd, bd, deltas, segments)?;
-            let repeats = check(dev, &again, &got_cpu, None, &DZ_EXACT).is_ok();
-            bail!(
-                "sbmm_slots run {run} against sbmm (slot launch taken: {launched}; plain sbmm \
-                 repeats bit for bit: {repeats}): {e}"
-            );
-        }
+        check(dev, &y, &got_cpu, None, tol).map_err(|e| {
+            anyhow!("sbmm_slots run {run} against sbmm (shared launch taken: {launched}): {e}")
+        })?;
     }
     if deltas.is_empty() {
         return Ok(());
@@ -838,7 +836,7 @@ fn slots_case(
         .collect();
     let want = dz_candle_ops::sbmm(xd, bd, deltas, &emptied)?.to_device(&Device::Cpu)?;
     let y = dz_candle_ops::sbmm_slots(xd, bd, &pass, &table)?;
-    check(dev, &y, &want, None, &DZ_EXACT)
+    check(dev, &y, &want, None, tol)
         .map_err(|e| anyhow!("sbmm_slots with an emptied slot against sbmm: {e}"))?;
     Ok(())
 }
