@@ -168,7 +168,8 @@ impl Backend for LoaderBackend {
     type Error = String;
 
     fn read(&self, name: &str, source: &Self::Source) -> std::result::Result<HostDelta, String> {
-        let host = HostDelta::read_for(name, &source.file, &self.device).map_err(|e| e.to_string())?;
+        let host =
+            HostDelta::read_for(name, &source.file, &self.device).map_err(|e| e.to_string())?;
         if host.pinned_bytes() > 0 {
             eprintln!(
                 "deltazip serve: {name} read into CPU memory, {:.2} of {:.2} GiB page-locked for uploads",

@@ -1581,7 +1581,10 @@ fn v4_family(ck: &mut Checker, only: bool) {
             let refs: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
             let entry = entry_for(&p, dz_format::Role::Linear, None, &parts);
             ck.case(
-                format!("v4 only: prepared {} {n}x{k} from page-locked memory", cfg.label()),
+                format!(
+                    "v4 only: prepared {} {n}x{k} from page-locked memory",
+                    cfg.label()
+                ),
                 |dev, _| {
                     let prepared = dz_candle_ops::PreparedDelta::prepare(&entry, &refs)?
                         .context("not prepared: the v4 kernels take this codec")?;
@@ -1598,7 +1601,7 @@ fn v4_family(ck: &mut Checker, only: bool) {
                     let want = dz_candle_ops::delta_matmul(&x, &plain)?.to_device(&Device::Cpu)?;
                     let got = dz_candle_ops::delta_matmul(&x, &pinned)?;
                     check(dev, &got, &want, None, &DZ_EXACT)
-                }
+                },
             );
         }
         // The packed parts are not on the device: dequantize and merge run the v4 dequantize kernel over

@@ -325,7 +325,10 @@ fn upload_bandwidth(b: &Bench) -> Result<()> {
     println!("| host source | GiB | s | GB/s |");
     println!("|---|---:|---:|---:|");
     let gib = total / (1u64 << 30) as f64;
-    println!("| pageable | {gib:.2} | {pageable:.3} | {:.1} |", total / pageable / 1e9);
+    println!(
+        "| pageable | {gib:.2} | {pageable:.3} | {:.1} |",
+        total / pageable / 1e9
+    );
     println!(
         "| page-locked ({} of {BUFFERS} buffers registered) | {gib:.2} | {pinned:.3} | {:.1} |",
         pins.buffers(),

@@ -122,12 +122,12 @@ pub mod relayout;
 
 pub use delta::{CheckedParts, DeviceDelta, PreparedDelta, RowSubset};
 pub use error::{OpError, Result};
-pub use pinned::{HostPins, MIN_PINNED_BYTES};
 pub use ops::{
     delta_matmul, delta_matmul_add, dense_rows, dequantize, embedding_delta_add, merge, sbmm,
     sbmm_planned, sbmm_slots, set_dense_rows, try_sbmm_slots, SbmmPlan, Segment, SlotDeltas,
     SlotSegments, DEFAULT_DENSE_ROWS, V4_ONLY_DENSE_ROWS, V4_WIDE_DENSE_ROWS,
 };
+pub use pinned::{HostPins, MIN_PINNED_BYTES};
 
 static TENSOR_CORES: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
 

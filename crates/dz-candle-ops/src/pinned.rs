@@ -57,7 +57,10 @@ impl HostPins {
     /// Each buffer's memory must stay allocated, at the same address, until the returned value is
     /// dropped: a `Vec` that owns one may move, but must not grow, shrink or be freed before then
     /// (declare the `HostPins` before the buffers in a struct, so that it drops first).
-    pub unsafe fn register<'a>(device: &Device, buffers: impl IntoIterator<Item = &'a [u8]>) -> Self {
+    pub unsafe fn register<'a>(
+        device: &Device,
+        buffers: impl IntoIterator<Item = &'a [u8]>,
+    ) -> Self {
         let big = buffers.into_iter().filter(|b| b.len() >= MIN_PINNED_BYTES);
         match device {
             #[cfg(feature = "cuda")]
