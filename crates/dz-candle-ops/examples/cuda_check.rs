@@ -1589,14 +1589,16 @@ fn v4_family(ck: &mut Checker, only: bool) {
                     let prepared = dz_candle_ops::PreparedDelta::prepare(&entry, &refs)?
                         .context("not prepared: the v4 kernels take this codec")?;
                     let plain = DeviceDelta::from_prepared(&prepared, dev)?;
-                    // SAFETY: `prepared` is not changed or dropped before `pins`.
-                    let pins =
-                        unsafe { dz_candle_ops::HostPins::register(dev, prepared.host_buffers()) };
-                    if pins.buffers() == 0 {
-                        bail!("nothing registered ({pins:?}): the case checks nothing");
-                    }
-                    let pinned = DeviceDelta::from_prepared(&prepared, dev)?;
-                    drop(pins);
+                    let pinned = {
+                        // SAFETY: `prepared` is not changed or dropped before `pins` (this block).
+                        let pins = unsafe {
+                            dz_candle_ops::HostPins::register(dev, prepared.host_buffers())
+                        };
+                        if pins.buffers() == 0 {
+                            bail!("nothing registered ({pins:?}): the case checks nothing");
+                        }
+                        DeviceDelta::from_prepared(&prepared, dev)?
+                    };
                     let x = input(&[16, k], DType::BF16, 59).to_device(dev)?;
                     let want = dz_candle_ops::delta_matmul(&x, &plain)?.to_device(&Device::Cpu)?;
                     let got = dz_candle_ops::delta_matmul(&x, &pinned)?;
