@@ -1357,14 +1357,15 @@ fn v4_family(ck: &mut Checker, only: bool) {
                     // also with the 32-row tile off (v3, or 16-row v4 tiles in `only`).
                     let splits: &[u32] = if si == 0 || si == 3 { &V4_SPLITS } else { &[0] };
                     // Past 16 rows: the 32-row tile with x from global memory (each split), from
-                    // shared memory and with x and the codes in the deep shared-memory ring (no split),
-                    // each forced, besides the automatic choice.
+                    // shared memory, with x and the codes in the deep shared-memory ring (no split), and
+                    // with K split over a cluster of blocks, each forced, besides the automatic choice.
                     let wides: &[(bool, V4WideX)] = match rows {
                         33 => &[
                             (true, V4WideX::Auto),
                             (true, V4WideX::Global),
                             (true, V4WideX::Shared),
                             (true, V4WideX::SharedDeep),
+                            (true, V4WideX::SharedSplit),
                             (false, V4WideX::Auto),
                         ],
                         17.. => &[
@@ -1372,6 +1373,7 @@ fn v4_family(ck: &mut Checker, only: bool) {
                             (true, V4WideX::Global),
                             (true, V4WideX::Shared),
                             (true, V4WideX::SharedDeep),
+                            (true, V4WideX::SharedSplit),
                         ],
                         _ => &[(true, V4WideX::Auto)],
                     };
@@ -1379,7 +1381,11 @@ fn v4_family(ck: &mut Checker, only: bool) {
                         .iter()
                         .flat_map(|s| wides.iter().map(move |w| (s, w)))
                         .filter(|(s, w)| {
-                            **s == 0 || !matches!(w.1, V4WideX::Shared | V4WideX::SharedDeep)
+                            **s == 0
+                                || !matches!(
+                                    w.1,
+                                    V4WideX::Shared | V4WideX::SharedDeep | V4WideX::SharedSplit
+                                )
                         })
                     {
                         dz_candle_ops::set_v4_split(split);
@@ -1401,6 +1407,7 @@ fn v4_family(ck: &mut Checker, only: bool) {
                                     V4WideX::Global => " wide-x=global",
                                     V4WideX::Shared => " wide-x=shared",
                                     V4WideX::SharedDeep => " wide-x=shared-deep",
+                                    V4WideX::SharedSplit => " wide-x=shared-split",
                                 }
                             ),
                             |dev, ops| {

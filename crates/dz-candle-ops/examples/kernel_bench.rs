@@ -848,12 +848,13 @@ fn main() -> Result<()> {
                     eprintln!("{}", r.md());
                     rows_out.push(r);
                 }
-                // The 32-row tile's three kernels, each forced.
+                // The 32-row tile's four kernels, each forced.
                 if has_v4 && rows > 16 {
                     for (mode, path) in [
                         (V4WideX::Global, "dz-gx"),
                         (V4WideX::Shared, "dz-sx"),
                         (V4WideX::SharedDeep, "dz-sxd"),
+                        (V4WideX::SharedSplit, "dz-sxk"),
                     ] {
                         set_v4_wide_x(mode);
                         let t = b.time(ITERS, |i| {

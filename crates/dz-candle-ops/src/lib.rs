@@ -223,21 +223,37 @@ pub enum V4WideX {
     /// As [`V4WideX::Shared`], the codes too staged in shared memory by cp.async, in one ring of 6-8 K blocks
     /// with x (`dz_v4_<variant>_matmul_sxd_<t>_n4`, ~100 KB of shared memory a block): 3-6x the code bytes
     /// in flight per warp. Written in session 12 without a GPU (bench/kernels/V4.md, "a deeper code ring");
-    /// taken only when forced until measured.
+    /// measured in session 13: 1-7% slower than [`V4WideX::Shared`]. Taken only when forced.
     SharedDeep,
+    /// As [`V4WideX::Shared`], K split over a cluster of 2 or 4 blocks (`dz_v4_<variant>_matmul_sxk<S>_<t>_n4`)
+    /// when the launch has fewer blocks than two per SM: [`v4_wide_split`]. Written in session 13 after
+    /// Nsight Compute showed the shared kernel's time to be one block's K loop (4096 x 4096 at 32 rows: 32
+    /// blocks for 132 SMs); taken only when forced until measured.
+    SharedSplit,
+}
+
+/// The cluster size the K-split 32-row tile ([`V4WideX::SharedSplit`]) takes for a launch of `blocks`
+/// blocks (x tiles x 8-tile groups) on a GPU that keeps `resident` blocks of it at once (2 an SM): the
+/// largest of 4, 2 with `blocks x S <= resident`, else 1 (no split).
+pub fn v4_wide_split(blocks: u64, resident: u64) -> u32 {
+    [4u32, 2]
+        .into_iter()
+        .find(|&s| blocks * u64::from(s) <= resident)
+        .unwrap_or(1)
 }
 
 static V4_WIDE_X: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
 
 /// Sets where the v4 32-row matmul tile reads x from ([`V4WideX`]; [`V4WideX::Auto`] by default). For
-/// benchmarks and checks (`kernel_bench`'s `dz-gx` / `dz-sx` / `dz-sxd` paths, `cuda_check`); all compute the
-/// same sums up to f32 summation order (the shared-memory kernels do not split K).
+/// benchmarks and checks (`kernel_bench`'s `dz-gx` / `dz-sx` / `dz-sxd` / `dz-sxk` paths, `cuda_check`); all
+/// compute the same sums up to f32 summation order.
 pub fn set_v4_wide_x(mode: V4WideX) {
     let v = match mode {
         V4WideX::Auto => 0,
         V4WideX::Global => 1,
         V4WideX::Shared => 2,
         V4WideX::SharedDeep => 3,
+        V4WideX::SharedSplit => 4,
     };
     V4_WIDE_X.store(v, std::sync::atomic::Ordering::Relaxed);
 }
@@ -248,6 +264,7 @@ pub fn v4_wide_x() -> V4WideX {
         1 => V4WideX::Global,
         2 => V4WideX::Shared,
         3 => V4WideX::SharedDeep,
+        4 => V4WideX::SharedSplit,
         _ => V4WideX::Auto,
     }
 }

@@ -15,6 +15,10 @@
 //!   tile with x staged in shared memory, a block's 8 warps taking 8 consecutive 16-row tiles of one
 //!   32-row x tile over the whole of K (no split): a 1-D grid of at most `ceil(m / 32) *
 //!   ceil(n_stored / 128)` blocks, grid-stride.
+//! - `dz_v4_<variant>_matmul_sxk<S>_<t>_n4` (same signature) for `S` in 2, 4: as `matmul_sx`, K split over
+//!   clusters of `S` blocks (compile-time cluster dims; rank 0 sums the others' partials through
+//!   distributed shared memory, in rank order): a grid of `S` x (at most `matmul_sx`'s blocks), a
+//!   multiple of `S`.
 //! - `dz_v4_<variant>_matmul_sxd_<t>_n4` (same signature and grid): as `matmul_sx`, x and the codes in a
 //!   deep ring of K blocks in dynamic shared memory; launch it with [`v4_matmul_sxd_smem`] bytes of it
 //!   (raising the function's limit past 48 KB first).
@@ -66,6 +70,9 @@ pub struct V4Entries {
     /// `dz_v4_<variant>_matmul_sxd_<t>_n4`, by dtype: the 32-row tile with x and the codes in a deep
     /// shared-memory ring ([`v4_matmul_sxd_smem`] bytes of dynamic shared memory).
     pub matmul_sxd: [&'static str; 2],
+    /// `dz_v4_<variant>_matmul_sxk<S>_<t>_n4`, by dtype then `S` (2, 4): the 32-row tile with x in shared
+    /// memory, K split over a cluster of `S` blocks.
+    pub matmul_sxk: [[&'static str; 2]; 2],
     /// `dz_v4_<variant>_sbmm_<t>_n<NT>`, by dtype then tile.
     pub sbmm: [[&'static str; 2]; 2],
     /// `dz_v4_<variant>_sbmm_sx_<t>_n<NT>`, by dtype then tile: the sbmm with x staged in shared memory
@@ -117,6 +124,17 @@ impl V4Entries {
     /// [`V4Entries::matmul_sx`], [`v4_matmul_sxd_smem`] bytes of dynamic shared memory); `None` for f32.
     pub fn matmul_sxd(&self, dtype: Dtype) -> Option<&'static str> {
         Self::index(dtype, 1).map(|(d, _)| self.matmul_sxd[d])
+    }
+
+    /// The 32-row matmul tile with K split over clusters of `split` blocks (2 or 4; the signature of
+    /// [`V4Entries::matmul_sx`], a grid that is a multiple of `split`); `None` for f32 or another split.
+    pub fn matmul_sxk(&self, dtype: Dtype, split: u32) -> Option<&'static str> {
+        let s = match split {
+            2 => 0,
+            4 => 1,
+            _ => return None,
+        };
+        Self::index(dtype, 1).map(|(d, _)| self.matmul_sxk[d][s])
     }
 
     /// The sbmm entry point for segments of at most `rows` input rows.
@@ -173,6 +191,7 @@ impl V4Entries {
             .flatten()
             .chain(&self.matmul_sx)
             .chain(&self.matmul_sxd)
+            .chain(self.matmul_sxk.iter().flatten())
             .chain(&self.sbmm_ring)
             .chain(self.sbmm.iter().chain(&self.sbmm_sx).flatten())
             .chain(&self.dequantize)
@@ -230,6 +249,16 @@ macro_rules! v4_entries {
             matmul_sxd: [
                 concat!("dz_v4_", $v, "_matmul_sxd_f16_n4"),
                 concat!("dz_v4_", $v, "_matmul_sxd_bf16_n4"),
+            ],
+            matmul_sxk: [
+                [
+                    concat!("dz_v4_", $v, "_matmul_sxk2_f16_n4"),
+                    concat!("dz_v4_", $v, "_matmul_sxk4_f16_n4"),
+                ],
+                [
+                    concat!("dz_v4_", $v, "_matmul_sxk2_bf16_n4"),
+                    concat!("dz_v4_", $v, "_matmul_sxk4_bf16_n4"),
+                ],
             ],
             sbmm: [v4_tiles!($v, "sbmm", "f16"), v4_tiles!($v, "sbmm", "bf16")],
             sbmm_sx: [

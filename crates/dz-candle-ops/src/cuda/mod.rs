@@ -358,12 +358,24 @@ fn matmul_t<T: Elem>(
                                 || blocks * 8 * u64::from(WARPS_V4) >= resident_warps(&dev)?
                         }
                         crate::V4WideX::Global => false,
-                        crate::V4WideX::Shared | crate::V4WideX::SharedDeep => true,
+                        crate::V4WideX::Shared
+                        | crate::V4WideX::SharedDeep
+                        | crate::V4WideX::SharedSplit => true,
                     };
-                    // The deep ring (x and codes in shared memory) only when forced: not yet measured.
+                    // The deep ring (x and codes in shared memory; measured slower) and the K split over
+                    // clusters (not yet measured) only when forced.
                     let deep = crate::v4_wide_x() == crate::V4WideX::SharedDeep;
+                    let split = match crate::v4_wide_x() {
+                        crate::V4WideX::SharedSplit => crate::v4_wide_split(
+                            blocks,
+                            resident_warps(&dev)? / u64::from(WARPS_V4),
+                        ),
+                        _ => 1,
+                    };
                     let name = if deep {
                         e.matmul_sxd(T::KIND)
+                    } else if split > 1 {
+                        e.matmul_sxk(T::KIND, split)
                     } else {
                         e.matmul_sx(T::KIND)
                     };
@@ -374,12 +386,12 @@ fn matmul_t<T: Elem>(
                     };
                     name.zip(smem)
                         .filter(|_| shared)
-                        .map(|(name, smem)| (name, blocks, smem))
+                        .map(|(name, smem)| (name, blocks, smem, split))
                 }
                 _ => None,
             };
             let func = match sx {
-                Some((name, _, smem)) => {
+                Some((name, _, smem, _)) => {
                     let f = dev
                         .get_or_load_custom_func(name, V4_MODULE, dz_kernels::v4_ptx())?
                         .into_cuda_function();
@@ -392,9 +404,12 @@ fn matmul_t<T: Elem>(
             };
             // v4: a 1-D grid over the (x tile, delta tile) items, each split over `split` warps.
             let (grid, v4_split) = match kernel {
+                // The K-split entries take `split` consecutive blocks (a cluster) per block of the
+                // others: a grid that is a multiple of the cluster size.
                 Kernel::V4(..) if sx.is_some() => {
-                    let blocks = sx.map_or(1, |(_, b, _)| b);
-                    ((blocks.min(u64::from(MAX_GRID_X)) as u32, 1), None)
+                    let (blocks, split) = sx.map_or((1, 1), |(_, b, _, s)| (b, s));
+                    let clusters = blocks.min(u64::from(MAX_GRID_X / split)) as u32;
+                    ((clusters * split, 1), None)
                 }
                 Kernel::V4(..) => {
                     let (split, grid) =
@@ -417,13 +432,14 @@ fn matmul_t<T: Elem>(
             // SAFETY: the arguments match `dz_<v>_matmul_add_<t>_m<MT>(DzDelta, const T*, const T*, T*,
             // u32)` (and the tensor-core `dz_tc_<v>_matmul_add_<t>_n<NT>`, same signature; the v4
             // entries take one more u32, the split: 1, 2, 4 or 8; the v4 `matmul_sx` entries take none,
-            // their grid-stride loop covering ceil(m / 32) x ceil(tiles / 8) blocks): x holds m rows of
+            // their grid-stride loop covering ceil(m / 32) x ceil(tiles / 8) blocks, and `matmul_sxk<S>`
+            // takes a grid that is a multiple of its compile-time cluster size S): x holds m rows of
             // K elements of T, base (0, or m x N_total) and out (m x N_total) are T buffers, and the
             // descriptor points to the delta's parts (the v4 parts for a v4 kernel), checked by
             // `describe`. The `matmul_sxd` entries get the dynamic shared memory they need
             // (`v4_matmul_sxd_smem`, allowed on the function above; they trap with less).
             let mut cfg = kernel.config(grid);
-            cfg.shared_mem_bytes = sx.map_or(0, |(_, _, smem)| smem);
+            cfg.shared_mem_bytes = sx.map_or(0, |(_, _, smem, _)| smem);
             unsafe { b.launch(cfg) }.w()?;
         }
     }

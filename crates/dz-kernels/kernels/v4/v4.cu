@@ -21,6 +21,8 @@
 // block. Rows of x past `rows` are read as row `rows - 1` (valid memory; their outputs are not written).
 #include "dz_common.cuh"
 
+#include <cooperative_groups.h>
+
 namespace dz {
 namespace v4 {
 
@@ -838,17 +840,19 @@ struct WideSx {
     cur.kb += 1;
   }
 
-  // acc += this warp's whole K row of tile `rt` against the block's x tile (`rows` rows at `x`). Every warp
-  // of the block calls it with the same x tile and delta (the barriers).
+  // acc += this warp's K blocks `kb_lo .. kb_hi` (whole chunks: `kb_lo` a multiple of XC; `0 .. nkb` for the
+  // whole K row) of tile `rt` against the block's x tile (`rows` rows at `x`). Every warp of the block calls
+  // it with the same x tile, delta and range (the barriers).
   static __device__ __forceinline__ void accumulate(const DzDelta& d, const T* x, uint32_t rows, uint32_t rt,
-                                                    uint32_t* xs, float (&acc)[NT][4]) {
+                                                    uint32_t* xs, float (&acc)[NT][4], uint32_t kb_lo,
+                                                    uint32_t kb_hi) {
     const uint32_t lane = threadIdx.x % 32;
     const uint32_t K = d.k;
     const uint32_t nkb = (K + KB - 1) / KB;
-    const uint32_t nchunks = (nkb + XC - 1) / XC;
+    const uint32_t ch_lo = kb_lo / XC, ch_end = (kb_hi + XC - 1) / XC;
     Cursor<C, T, NT> cur;
-    cur.kb = 0;
-    Tl::codes_at(cur, d, size_t(rt) * nkb, lane);
+    cur.kb = kb_lo;
+    Tl::codes_at(cur, d, size_t(rt) * nkb + kb_lo, lane);
     uint32_t mul[4], add[4], mask[4];
     Tl::decode_constants(d.bits, mul, add, mask);
     const uint32_t magic = Num<T>::MAGIC;
@@ -857,31 +861,31 @@ struct WideSx {
 #pragma unroll
     for (int i = 0; i < D; ++i) {
       Tl::load_codes(ring[i], cur);
-      advance(cur, nkb);
+      advance(cur, kb_hi);
     }
     __syncthreads();  // the buffers are free (an earlier x tile of this block has been read)
-    stage(xs, x, rows, K, 0);
+    stage(xs, x, rows, K, ch_lo);
     cp_async_commit();
-    for (uint32_t kb0 = 0; kb0 < nkb; kb0 += D) {
+    for (uint32_t kb0 = kb_lo; kb0 < kb_hi; kb0 += D) {
       const uint32_t ch = kb0 / XC;
       if (kb0 % XC == 0) {
-        if (ch > 0) __syncthreads();  // chunk ch - 1 read by every warp: its buffer takes chunk ch + 1
-        if (ch + 1 < nchunks) stage(xs + ((ch + 1) % 2) * BUF, x, rows, K, ch + 1);
+        if (ch > ch_lo) __syncthreads();  // chunk ch - 1 read by every warp: its buffer takes chunk ch + 1
+        if (ch + 1 < ch_end) stage(xs + ((ch + 1 - ch_lo) % 2) * BUF, x, rows, K, ch + 1);
         cp_async_commit();    // (an empty group past the last chunk keeps the count)
         cp_async_wait_one();  // this thread's copies of chunk ch have landed
         __syncthreads();      // and every thread's
       }
-      const uint32_t* buf = xs + (ch % 2) * BUF;
+      const uint32_t* buf = xs + ((ch - ch_lo) % 2) * BUF;
 #pragma unroll
       for (int i = 0; i < D; ++i) {
         const uint32_t kb = kb0 + i;
-        if (kb >= nkb) break;
+        if (kb >= kb_hi) break;
         float p[NT][4];
         zero(p);
         compute(ring[i], p, mul, add, mask, magic, buf, kb % XC, lane);
         Tl::add_scaled(acc, p, ring[i].s);
         Tl::load_codes(ring[i], cur);
-        advance(cur, nkb);
+        advance(cur, kb_hi);
       }
     }
   }
@@ -905,11 +909,71 @@ __device__ __forceinline__ void matmul_sx(const DzDelta& d, const T* x, const T*
     const uint32_t rows = min(uint32_t(8 * NT), m - i0);
     float acc[NT][4];
     zero(acc);
-    WideSx<C, T>::accumulate(d, x + size_t(i0) * d.k, rows, min(rt, tiles - 1), xs, acc);
+    WideSx<C, T>::accumulate(d, x + size_t(i0) * d.k, rows, min(rt, tiles - 1), xs, acc, 0, (d.k + KB - 1) / KB);
     if (rt < tiles) {
       const size_t o = size_t(i0) * d.n_total;
       Tile<C, T, NT>::store(d, rows, base ? base + o : nullptr, out + o, rt, acc);
     }
+  }
+}
+
+// The 32-row tile split along K over a cluster of S blocks (`dz_v4_<variant>_matmul_sxk<S>_<t>_n4`; issue #5,
+// session 13). Nsight Compute on `matmul_sx` at 4096 x 4096 (session 13): 32 blocks for 132 SMs at 32 rows,
+// 12% occupancy, 7% of the DRAM bandwidth, and the same 21 us at 128 rows with 128 blocks: the time is one
+// block's K loop, not the bytes. Here the S blocks of a cluster (`__cluster_dims__`, consecutive blocks)
+// take the same x tile and 8 row tiles, each a 1/S share of the K blocks in whole chunks, and block rank 0
+// adds the others' partial sums, read from their shared memory (distributed shared memory) in rank order,
+// before the one store: the same inputs give the same bits. The grid is a multiple of S; grid-stride over
+// the blocks of `matmul_sx` with every block of a cluster on the same one (the cluster barriers).
+template <class C, typename T, int S>
+__device__ __forceinline__ void matmul_sxk(const DzDelta& d, const T* x, const T* base, T* out, uint32_t m) {
+  namespace cg = cooperative_groups;
+  constexpr int NT = WideSx<C, T>::NT;
+  constexpr int XC = WideSx<C, T>::XC;
+  __shared__ __align__(16) uint32_t xs[2 * WideSx<C, T>::BUF];
+  static_assert(2 * WideSx<C, T>::BUF >= WK * 32 * NT * 4, "the partial sums fit in the x buffers");
+  const cg::cluster_group cluster = cg::this_cluster();
+  const uint32_t rank = cluster.block_rank();
+  const uint32_t wk = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const uint32_t tiles = (d.n_stored + 15) / 16;
+  const uint32_t groups = (tiles + WK - 1) / WK;
+  const uint64_t blocks = uint64_t((m + 8 * NT - 1) / (8 * NT)) * groups;
+  const uint32_t nkb = (d.k + KB - 1) / KB;
+  const uint32_t per = ((nkb + XC - 1) / XC + S - 1) / S * XC;  // K blocks a rank: whole chunks
+  const uint32_t kb_lo = min(rank * per, nkb), kb_hi = min(kb_lo + per, nkb);
+  float* red = reinterpret_cast<float*>(xs) + (wk * 32 + lane) * NT * 4;
+  for (uint64_t b = blockIdx.x / S; b < blocks; b += gridDim.x / S) {
+    const uint32_t xt = uint32_t(b / groups);
+    const uint32_t rt = uint32_t(b % groups) * WK + wk;
+    const uint32_t i0 = xt * 8 * NT;
+    const uint32_t rows = min(uint32_t(8 * NT), m - i0);
+    float acc[NT][4];
+    zero(acc);
+    if (kb_lo < kb_hi) {
+      WideSx<C, T>::accumulate(d, x + size_t(i0) * d.k, rows, min(rt, tiles - 1), xs, acc, kb_lo, kb_hi);
+    }
+    __syncthreads();  // every warp of this block is done with the x buffers
+    if (rank > 0) {
+#pragma unroll
+      for (int t = 0; t < NT; ++t)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) red[t * 4 + e] = acc[t][e];
+    }
+    cluster.sync();  // every rank's partial sums are in its shared memory
+    if (rank == 0) {
+      for (int r = 1; r < S; ++r) {
+        const float* other = cluster.map_shared_rank(red, r);
+#pragma unroll
+        for (int t = 0; t < NT; ++t)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) acc[t][e] += other[t * 4 + e];
+      }
+      if (rt < tiles) {
+        const size_t o = size_t(i0) * d.n_total;
+        Tile<C, T, NT>::store(d, rows, base ? base + o : nullptr, out + o, rt, acc);
+      }
+    }
+    cluster.sync();  // rank 0 has read them: the buffers may take the next x tile
   }
 }
 
@@ -1410,6 +1474,14 @@ __device__ __forceinline__ void dequantize(const DzDelta& d, const T* base, T* o
       dz_v4_##variant##_matmul_sx_##tname##_n4(DzDelta d, const T* x, const T* base, T* out, uint32_t m) {   \
     dz::v4::matmul_sx<C, T>(d, x, base, out, m);                                                             \
   }
+// dz_v4_<variant>_matmul_sxk<S>_<t>_n4(DzDelta d, const T* x, const T* base, T* out, u32 m): as matmul_sx, K
+// split over clusters of S blocks (S = 2, 4); a grid of S x (at most the blocks of matmul_sx) blocks.
+#define DZ_V4_MATMUL_SXK(variant, C, T, tname, S)                                                            \
+  extern "C" __global__ void __cluster_dims__(S, 1, 1) __launch_bounds__(dz::v4::WK * 32, 2)               \
+      dz_v4_##variant##_matmul_sxk##S##_##tname##_n4(DzDelta d, const T* x, const T* base, T* out,          \
+                                                      uint32_t m) {                                          \
+    dz::v4::matmul_sxk<C, T, S>(d, x, base, out, m);                                                         \
+  }
 // dz_v4_<variant>_matmul_sxd_<t>_n4(DzDelta d, const T* x, const T* base, T* out, u32 m): as matmul_sx, x and
 // the codes in a deep ring in dynamic shared memory (v4_matmul_sxd_smem on the host: the bytes to pass).
 #define DZ_V4_MATMUL_SXD(variant, C, T, tname)                                                               \
@@ -1441,21 +1513,25 @@ __device__ __forceinline__ void dequantize(const DzDelta& d, const T* base, T* o
     dz::v4::sbmm_sx<C, T, NT>(segs, n_segs, deltas, x, out, k, n_total, tiles);                              \
   }
 
-#define DZ_V4_VARIANT(variant, C)                   \
-  DZ_V4_ENTRIES(variant, C, __half, f16, 1)         \
-  DZ_V4_ENTRIES(variant, C, __half, f16, 2)         \
-  DZ_V4_MATMUL(variant, C, __half, f16, 4)          \
-  DZ_V4_MATMUL_SX(variant, C, __half, f16)          \
-  DZ_V4_MATMUL_SXD(variant, C, __half, f16)         \
-  DZ_V4_SBMM_RING(variant, C, __half, f16)          \
-  DZ_V4_ENTRIES(variant, C, __nv_bfloat16, bf16, 1) \
-  DZ_V4_ENTRIES(variant, C, __nv_bfloat16, bf16, 2) \
-  DZ_V4_MATMUL(variant, C, __nv_bfloat16, bf16, 4)  \
-  DZ_V4_MATMUL_SX(variant, C, __nv_bfloat16, bf16)  \
-  DZ_V4_MATMUL_SXD(variant, C, __nv_bfloat16, bf16) \
-  DZ_V4_SBMM_RING(variant, C, __nv_bfloat16, bf16)  \
-  DZ_V4_DEQUANTIZE(variant, C, float, f32)          \
-  DZ_V4_DEQUANTIZE(variant, C, __half, f16)         \
+#define DZ_V4_VARIANT(variant, C)                      \
+  DZ_V4_ENTRIES(variant, C, __half, f16, 1)            \
+  DZ_V4_ENTRIES(variant, C, __half, f16, 2)            \
+  DZ_V4_MATMUL(variant, C, __half, f16, 4)             \
+  DZ_V4_MATMUL_SX(variant, C, __half, f16)             \
+  DZ_V4_MATMUL_SXK(variant, C, __half, f16, 2)         \
+  DZ_V4_MATMUL_SXK(variant, C, __half, f16, 4)         \
+  DZ_V4_MATMUL_SXD(variant, C, __half, f16)            \
+  DZ_V4_SBMM_RING(variant, C, __half, f16)             \
+  DZ_V4_ENTRIES(variant, C, __nv_bfloat16, bf16, 1)    \
+  DZ_V4_ENTRIES(variant, C, __nv_bfloat16, bf16, 2)    \
+  DZ_V4_MATMUL(variant, C, __nv_bfloat16, bf16, 4)     \
+  DZ_V4_MATMUL_SX(variant, C, __nv_bfloat16, bf16)     \
+  DZ_V4_MATMUL_SXK(variant, C, __nv_bfloat16, bf16, 2) \
+  DZ_V4_MATMUL_SXK(variant, C, __nv_bfloat16, bf16, 4) \
+  DZ_V4_MATMUL_SXD(variant, C, __nv_bfloat16, bf16)    \
+  DZ_V4_SBMM_RING(variant, C, __nv_bfloat16, bf16)     \
+  DZ_V4_DEQUANTIZE(variant, C, float, f32)             \
+  DZ_V4_DEQUANTIZE(variant, C, __half, f16)            \
   DZ_V4_DEQUANTIZE(variant, C, __nv_bfloat16, bf16)
 
 namespace dz {
