@@ -323,3 +323,22 @@ pub fn set_v4_keep_packed(keep: bool) {
 pub fn v4_keep_packed() -> bool {
     V4_KEEP_PACKED.load(std::sync::atomic::Ordering::Relaxed)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::v4_wide_split;
+
+    /// The H200: 132 SMs, 2 blocks of the tile an SM.
+    #[test]
+    fn the_k_split_fills_the_resident_blocks_without_a_second_wave() {
+        let resident = 2 * 132;
+        // 4096 x 4096 at 32 rows: 32 blocks of 8 row tiles.
+        assert_eq!(v4_wide_split(32, resident), 4);
+        assert_eq!(v4_wide_split(66, resident), 4);
+        assert_eq!(v4_wide_split(67, resident), 2);
+        // 4096 x 4096 at 128 rows.
+        assert_eq!(v4_wide_split(128, resident), 2);
+        assert_eq!(v4_wide_split(133, resident), 1);
+        assert_eq!(v4_wide_split(1, 1), 1);
+    }
+}

@@ -348,7 +348,17 @@ mod tests {
     #[test]
     fn names_and_support() {
         let n: usize = V4.iter().map(|e| e.all().count()).sum();
-        assert_eq!(n, 4 * 23);
+        assert_eq!(n, 4 * 27);
+        assert_eq!(
+            V4[3].matmul_sxk(Dtype::Bf16, 4),
+            Some("dz_v4_sparse24_4_matmul_sxk4_bf16_n4")
+        );
+        assert_eq!(
+            V4[0].matmul_sxk(Dtype::F16, 2),
+            Some("dz_v4_quant2_matmul_sxk2_f16_n4")
+        );
+        assert!(V4[0].matmul_sxk(Dtype::F16, 3).is_none());
+        assert!(V4[0].matmul_sxk(Dtype::F32, 2).is_none());
         assert_eq!(
             V4[3].sbmm_ring(Dtype::Bf16, 1),
             Some("dz_v4_sparse24_4_sbmm_ring_bf16_n1")
