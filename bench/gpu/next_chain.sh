@@ -1,45 +1,49 @@
 #!/bin/bash
-# Session 13's second device call (nvidia-h200-x2, ~7 minutes): page-locked CPU tier at N = 64, the upload
-# speed it rests on, the slot-table check's diagnosis, ncu on the 32-row tile, and dz at N = 8 beside the
-# swap baseline measured in the first call. Run detached and poll, as sessions 10-13 did.
+# The device chain prepared at the end of session 13 for session 14 (nvidia-h200-x2, ~11 minutes): run it
+# detached and poll, as sessions 10-13 did (session 13's calls: bench/results/h200-s13-2026-11-30.md).
 #
 #   build first (here): bash bench/gpu/build.sh   (.gpu/k and .gpu/srv; check their BUILT files)
-#   run:  mkdir -p /tmp/s13b && COMMIT=$(git rev-parse --short HEAD) setsid -f bash bench/gpu/next_chain.sh \
-#         > /tmp/s13b/chain.out 2>&1; sleep 200; <poll>                 carry: [".gpu/srv", ".gpu/k"]
-#   poll (back to back, no carry, at most ~30 s apart): sleep N; cat /tmp/s13b/s13b.log;
-#         tar czf $OUT/s13b.tgz --exclude=gen -C /tmp s13b
+#   run:  mkdir -p /tmp/s14 && COMMIT=$(git rev-parse --short HEAD) setsid -f bash bench/gpu/next_chain.sh \
+#         > /tmp/s14/chain.out 2>&1; sleep 200; <poll>                 carry: [".gpu/srv", ".gpu/k"]
+#   poll (back to back, no carry, at most ~30 s apart): sleep N; cat /tmp/s14/s14.log;
+#         tar czf $OUT/s14.tgz --exclude=gen -C /tmp s14
 #   Never `pkill -f deltazip` in a poll: the poll's own command line matches and is killed.
 #
-# GPU 0: cuda_check --quick --filter sbmm (session 13's first call failed the slot-table comparison in the
-#   dense-route family only; the check now says whether the shared launch ran and whether the plain op
-#   repeats itself), the page-locked upload case, kernel_bench --upload (pageable vs page-locked copies of
-#   2.5 GiB), ncu on the 32-row tile (`_matmul_sx_`, 4096 x 4096 at 32 and 128 rows), then dz-4b24 x 8 at
-#   4 / 16 req/s (the first call measured swap x 8: 85.2 tokens/s at 4 req/s).
-# GPU 1: dz-4b24 x 64 at 4 / 16 req/s with the CPU tier page-locked (the first call, pageable: 83.7 / 83.6
-#   tokens/s, 276 GPU loads taking 370 s in all).
+# What it measures:
+# A. GPU 0: kernel_bench at 32 / 64 rows on 4096 x 1024, 4096 x 2048 and 4096 x 4096: `_sx` over a
+#    quarter and a half of K = 4096 in one block, beside `_sxk` (K = 4096 split over 4 / 2 blocks), which
+#    session 13 measured slower than `_sx` (32.7 vs 23.0 us at 32 rows): what a rank costs besides its K
+#    blocks (cluster barriers, reduction). GPU 1: the 7B generation.
+# B. The N = 32 table in one call, with the page-locked CPU tier (session 13; N = 32 was last measured
+#    without it): GPU 0 base at 4 / 16 / 64, then dz-4b24 x 32 at 16 req/s with DZ_PROFILE=1 (every part
+#    between device synchronizations: the GPU's share of the step, never measured; session 12's
+#    DZ_PROFILE=host found 35 of 62 ms of CPU in the profiled parts). GPU 1: dz-4b24 x 32 at 4 / 16 / 64,
+#    then swap x 32 at 4 req/s (session 11: 7.7 tokens/s; session 13's swap x 64: 32.9).
+# C. GPU 1: N = 64 page-locked at 4 / 16 / 64 (session 13: 203.1 / 244.8 at 4 / 16). GPU 0: dz-2b24 x 32
+#    at 4 / 16 / 64 (needs CODECS to include 2b24 at gen).
 set -u
-S=/tmp/s13b; mkdir -p $S
-log() { echo "[s13b $(date +%T)] $*" >> $S/s13b.log; }
+S=/tmp/s14; mkdir -p $S
+log() { echo "[s14 $(date +%T)] $*" >> $S/s14.log; }
 mkdir -p /tmp/k && rm -rf /tmp/k/bench && cp -r bench /tmp/k/
 R=/tmp/k/bench
 mkdir -p /tmp/dzsrv && xz -dc .gpu/srv/deltazip.xz > /tmp/dzsrv/deltazip && chmod +x /tmp/dzsrv/deltazip && cp .gpu/srv/corpus.txt /tmp/dzsrv/
 mkdir -p /tmp/k/bin && for b in cuda_check kernel_bench; do xz -dc .gpu/k/$b.xz > /tmp/k/bin/$b && chmod +x /tmp/k/bin/$b; done
 export DZ_WORK=/tmp/dzsrv DZ=/tmp/dzsrv/deltazip CORPUS=/tmp/dzsrv/corpus.txt
 log start
-CODECS="4b24" DISTINCT=8 OUT=$S/gen bash $R/gpu/serving.sh gen > $S/gen.log 2>&1; log "gen rc=$?"
-( GPU=1 PORT_BASE=8300 OUT=$S/n64 V4=1 MAX_DELTAS=64 CPU_CACHE=180GiB RATES=4,16 REQS=96 timeout 400 bash $R/gpu/serving.sh dz:4b24:64 > $S/n64.log 2>&1
-  log "dz n64 (page-locked) rc=$?"; touch $S/gpu1.done ) &
-( export CUDA_VISIBLE_DEVICES=0; mkdir -p $S/check $S/kern
-  timeout 90 /tmp/k/bin/cuda_check --quick --filter sbmm > $S/check/sbmm-quick.txt 2>&1; log "cuda_check sbmm rc=$?"
-  timeout 150 /tmp/k/bin/cuda_check --quick --filter page-locked > $S/check/page-locked.txt 2>&1; log "cuda_check page-locked rc=$?"
-  timeout 90 /tmp/k/bin/kernel_bench --upload > $S/kern/upload.md 2>&1; log "kernel_bench --upload rc=$?"
-  NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
-  if [ -n "$NCU" ]; then
-    timeout 150 $NCU --clock-control none --kernel-name regex:matmul_sx_ --launch-count 4 \
-      --section SpeedOfLight --section WarpStateStats --section Occupancy --section LaunchStats \
-      --section MemoryWorkloadAnalysis --section SchedulerStats /tmp/k/bin/kernel_bench --profile > $S/kern/ncu-sx.txt 2>&1
-    log "ncu rc=$?"
-  fi )
-GPU=0 PORT_BASE=8200 OUT=$S/dz8 V4=1 RATES=4,16 REQS=96 bash $R/gpu/serving.sh dz:4b24:8 > $S/dz8.log 2>&1; log "dz8 rc=$?"
-until [ -f $S/gpu1.done ]; do sleep 2; done
+# A
+( export CUDA_VISIBLE_DEVICES=0; mkdir -p $S/kern
+  timeout 90 /tmp/k/bin/kernel_bench --shapes 4096x1024,4096x2048,4096x4096 --rows 32,64 \
+      --commit "${COMMIT:-unknown}" --out $S/kern/kernels-ksplit > $S/kern/bench-ksplit.log 2>&1
+  log "kernel_bench k-split rc=$?"; touch $S/kern.done ) &
+CODECS="4b24 2b24" DISTINCT=8 OUT=$S/gen bash $R/gpu/serving.sh gen > $S/gen.log 2>&1; log "gen rc=$?"
+until [ -f $S/kern.done ]; do sleep 2; done
+# B and C
+( GPU=0 PORT_BASE=8200 OUT=$S/base RATES=4,16,64 REQS=96 bash $R/gpu/serving.sh base > $S/base.log 2>&1; log "base rc=$?"
+  DZ_PROFILE=1 GPU=0 PORT_BASE=8200 OUT=$S/prof V4=1 RATES=16 REQS=64 bash $R/gpu/serving.sh dz:4b24:32 > $S/prof.log 2>&1; log "profile rc=$?"
+  GPU=0 PORT_BASE=8200 OUT=$S/dz2 V4=1 RATES=4,16,64 REQS=96 bash $R/gpu/serving.sh dz:2b24:32 > $S/dz2.log 2>&1; log "dz2b rc=$?"
+  touch $S/gpu0.done ) &
+GPU=1 PORT_BASE=8300 OUT=$S/dz V4=1 RATES=4,16,64 REQS=96 bash $R/gpu/serving.sh dz:4b24:32 > $S/dz.log 2>&1; log "dz rc=$?"
+GPU=1 PORT_BASE=8300 OUT=$S/swap32 SWAP_RATES=4 SWAP_REQS=48 timeout 400 bash $R/gpu/serving.sh swap:32 > $S/swap32.log 2>&1; log "swap32 rc=$?"
+GPU=1 PORT_BASE=8300 OUT=$S/n64 V4=1 MAX_DELTAS=64 CPU_CACHE=180GiB RATES=4,16,64 REQS=96 timeout 420 bash $R/gpu/serving.sh dz:4b24:64 > $S/n64.log 2>&1; log "dz n64 rc=$?"
+until [ -f $S/gpu0.done ]; do sleep 2; done
 touch $S/all.done; log done
