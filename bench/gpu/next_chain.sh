@@ -1,5 +1,5 @@
 #!/bin/bash
-# The device chain prepared at the end of session 13 for session 14 (nvidia-h200-x2, ~11 minutes): run it
+# The device chain prepared at the end of session 13 for session 14 (nvidia-h200-x2, ~14 minutes): run it
 # detached and poll, as sessions 10-13 did (session 13's calls: bench/results/h200-s13-2026-11-30.md).
 #
 #   build first (here): bash bench/gpu/build.sh   (.gpu/k and .gpu/srv; check their BUILT files)
@@ -10,7 +10,10 @@
 #   Never `pkill -f deltazip` in a poll: the poll's own command line matches and is killed.
 #
 # What it measures:
-# A. GPU 0: kernel_bench at 32 / 64 rows on 4096 x 1024, 4096 x 2048 and 4096 x 4096: `_sx` over a
+# A. GPU 0: cuda_check --quick --filter "wide segments" (sbmm's prefill segments of 17-255 rows through the
+#    32-row tile, `--sbmm-wide-segments`, built in session 13 after its last device call: never run on
+#    a GPU) and --filter "dense route" (the slot comparison's new tolerance); then kernel_bench at 32 / 64
+#    rows on 4096 x 1024, 4096 x 2048 and 4096 x 4096: `_sx` over a
 #    quarter and a half of K = 4096 in one block, beside `_sxk` (K = 4096 split over 4 / 2 blocks), which
 #    session 13 measured slower than `_sx` (32.7 vs 23.0 us at 32 rows): what a rank costs besides its K
 #    blocks (cluster barriers, reduction). GPU 1: the 7B generation.
@@ -19,8 +22,9 @@
 #    between device synchronizations: the GPU's share of the step, never measured; session 12's
 #    DZ_PROFILE=host found 35 of 62 ms of CPU in the profiled parts). GPU 1: dz-4b24 x 32 at 4 / 16 / 64,
 #    then swap x 32 at 4 req/s (session 11: 7.7 tokens/s; session 13's swap x 64: 32.9).
-# C. GPU 1: N = 64 page-locked at 4 / 16 / 64 (session 13: 203.1 / 244.8 at 4 / 16). GPU 0: dz-2b24 x 32
-#    at 4 / 16 / 64 (needs CODECS to include 2b24 at gen).
+# C. GPU 1: N = 64 page-locked at 4 / 16 / 64 (session 13: 203.1 / 244.8 at 4 / 16). GPU 0: dz-4b24 x 32
+#    with --sbmm-wide-segments at 4 / 16 / 64 (only if A's check passed; against GPU 1's default run of
+#    B), then dz-2b24 x 32 at 4 / 16 / 64 (needs CODECS to include 2b24 at gen).
 set -u
 S=/tmp/s14; mkdir -p $S
 log() { echo "[s14 $(date +%T)] $*" >> $S/s14.log; }
@@ -31,7 +35,10 @@ mkdir -p /tmp/k/bin && for b in cuda_check kernel_bench; do xz -dc .gpu/k/$b.xz 
 export DZ_WORK=/tmp/dzsrv DZ=/tmp/dzsrv/deltazip CORPUS=/tmp/dzsrv/corpus.txt
 log start
 # A
-( export CUDA_VISIBLE_DEVICES=0; mkdir -p $S/kern
+( export CUDA_VISIBLE_DEVICES=0; mkdir -p $S/kern $S/check
+  timeout 150 /tmp/k/bin/cuda_check --quick --filter "wide segments" > $S/check/wide-segments.txt 2>&1; a=$?
+  timeout 90 /tmp/k/bin/cuda_check --quick --filter "dense route" > $S/check/dense-route.txt 2>&1
+  log "cuda_check wide segments rc=$a dense route rc=$?"; [ $a = 0 ] && touch $S/wide.ok
   timeout 90 /tmp/k/bin/kernel_bench --shapes 4096x1024,4096x2048,4096x4096 --rows 32,64 \
       --commit "${COMMIT:-unknown}" --out $S/kern/kernels-ksplit > $S/kern/bench-ksplit.log 2>&1
   log "kernel_bench k-split rc=$?"; touch $S/kern.done ) &
@@ -40,6 +47,9 @@ until [ -f $S/kern.done ]; do sleep 2; done
 # B and C
 ( GPU=0 PORT_BASE=8200 OUT=$S/base RATES=4,16,64 REQS=96 bash $R/gpu/serving.sh base > $S/base.log 2>&1; log "base rc=$?"
   DZ_PROFILE=1 GPU=0 PORT_BASE=8200 OUT=$S/prof V4=1 RATES=16 REQS=64 bash $R/gpu/serving.sh dz:4b24:32 > $S/prof.log 2>&1; log "profile rc=$?"
+  if [ -f $S/wide.ok ]; then
+    GPU=0 PORT_BASE=8200 OUT=$S/wide V4=1 SBMM_WIDE=1 RATES=4,16,64 REQS=96 bash $R/gpu/serving.sh dz:4b24:32 > $S/wide.log 2>&1; log "dz wide segments rc=$?"
+  fi
   GPU=0 PORT_BASE=8200 OUT=$S/dz2 V4=1 RATES=4,16,64 REQS=96 bash $R/gpu/serving.sh dz:2b24:32 > $S/dz2.log 2>&1; log "dz2b rc=$?"
   touch $S/gpu0.done ) &
 GPU=1 PORT_BASE=8300 OUT=$S/dz V4=1 RATES=4,16,64 REQS=96 bash $R/gpu/serving.sh dz:4b24:32 > $S/dz.log 2>&1; log "dz rc=$?"

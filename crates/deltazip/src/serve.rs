@@ -123,6 +123,12 @@ pub struct ServeArgs {
     /// dz_loader::set_slot_tables.
     #[arg(long)]
     pub slot_tables: bool,
+    /// With --v4-kernels, experimental (not yet measured in serving): run each prefill segment of 17-255
+    /// rows of one fine-tune as its own matmul through the 32-row v4 tile, instead of 16-row pieces (up to
+    /// 63 rows) or the dense route (from --dense-rows); the tile was 1.4-2x faster than either at 32-128
+    /// rows on the H200 (see dz_candle_ops::set_sbmm_wide_segments).
+    #[arg(long, requires = "v4_kernels")]
+    pub sbmm_wide_segments: bool,
     /// Leave the CPU cache's deltas pageable. By default, on a CUDA device, each delta read into CPU
     /// memory is page-locked (within --cpu-cache's budget) so that its uploads to the GPU are direct DMA
     /// copies; see dz_loader::set_pin_host_deltas.
@@ -147,6 +153,7 @@ impl ServeArgs {
             v4_sbmm_ring: false,
             dense_rows: dz_loader::DEFAULT_DENSE_ROWS,
             slot_tables: false,
+            sbmm_wide_segments: false,
             no_pin_host: false,
         }
     }
@@ -501,6 +508,7 @@ pub fn start(args: &ServeArgs) -> Result<Running> {
         dz_loader::set_v4_keep_packed(args.v4_keep_packed);
         dz_loader::set_v4_sbmm_smem_x(args.v4_sbmm_smem_x);
         dz_loader::set_v4_sbmm_ring(args.v4_sbmm_ring);
+        dz_loader::set_sbmm_wide_segments(args.sbmm_wide_segments);
     }
     let api_key = args
         .api_key

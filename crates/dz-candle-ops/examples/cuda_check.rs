@@ -1492,6 +1492,39 @@ fn v4_family(ck: &mut Checker, only: bool) {
     let label = format!("{family} sbmm 36 deltas,");
     let both = (cpu.as_slice(), on_dev.as_slice());
     v4_sbmm_cases(ck, &label, both, (n, k), &layouts, &dtypes, &splits, 31);
+    // Wide segments (`set_sbmm_wide_segments`): 17-255-row segments of the v4-only deltas as their own
+    // 32-row-tile matmuls, beside short segments (the shared launch), a 256-row one (the dense route or
+    // the kernels, by the threshold), segments of the deltas without a v4 layout (sign1, 3-bit quant) and
+    // a base-only run.
+    if only {
+        dz_candle_ops::set_sbmm_wide_segments(true);
+        let wide = [(
+            "wide segments (17-256 rows)",
+            vec![
+                (17, Some(0)),
+                (3, None),
+                (40, Some(1)),
+                (1, Some(2)),
+                (100, Some(3)),
+                (33, Some(4)),
+                (20, Some(5)),
+                (256, Some(6)),
+                (5, Some(7)),
+                (64, Some(0)),
+            ],
+        )];
+        v4_sbmm_cases(
+            ck,
+            &label,
+            both,
+            (n, k),
+            &wide,
+            &dtypes,
+            &[(0, false, false)],
+            33,
+        );
+        dz_candle_ops::set_sbmm_wide_segments(false);
+    }
     // sbmm with a long K (ragged: 4000 = 31 blocks of 128 + 32): a warp's load ring wraps many times
     // under split 1 and leaves warps without blocks under split 8; 6 deltas of the four v4 variants.
     let (n, k) = (300usize, 4000usize);

@@ -78,6 +78,46 @@ pub(crate) fn takes_dense_matmul(delta: &DeviceDelta, rows: usize, x_dtype: DTyp
     takes_dense(delta, rows, x_dtype)
 }
 
+static SBMM_WIDE_SEGMENTS: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+/// Lets `sbmm` (and `sbmm_planned`, `sbmm_slots`) run each segment of more than 16 and fewer than
+/// [`V4_WIDE_DENSE_ROWS`] rows of a delta that keeps only its v4 layout (prefill) as one `delta_matmul_add`
+/// through the 32-row v4 tile, instead of 16-row pieces (each of which decodes the whole delta again) or
+/// the dense route. On the H200 (session 13, 4-bit 2:4, bf16) the tile took 25 us at 64-128 rows of
+/// 4096 x 4096 against 48-51 for the v4 dense route and 60-100 for the pieces; 55 against 106 and
+/// 123-230 on 4096 x 11008; 45-83 against 152 and 214-376 on 13824 x 5120 (`kernels-wide.md`: `dz-sx`,
+/// `dense-v4`, `v4-16`). **Off by default** until a serving run has measured it
+/// (`deltazip serve --sbmm-wide-segments`). CUDA, f16 and bf16 only, with the v4 kernels and the wide
+/// tiles on ([`crate::set_v4_wide_tiles`]).
+pub fn set_sbmm_wide_segments(enabled: bool) {
+    SBMM_WIDE_SEGMENTS.store(enabled, Ordering::Relaxed);
+}
+
+/// Whether [`set_sbmm_wide_segments`] turned the wide segments on.
+pub fn sbmm_wide_segments() -> bool {
+    SBMM_WIDE_SEGMENTS.load(Ordering::Relaxed)
+}
+
+/// Whether an sbmm segment of `rows` input rows of `x_dtype` through `delta` runs as its own
+/// `delta_matmul_add` through the 32-row tile ([`set_sbmm_wide_segments`]).
+pub(crate) fn takes_wide(delta: &DeviceDelta, rows: usize, x_dtype: DType) -> bool {
+    sbmm_wide_segments()
+        && crate::v4_kernels()
+        && crate::v4_wide_tiles()
+        && delta.device().is_cuda()
+        && delta.v4_only()
+        && rows > dz_kernels::v4::V4_MAX_ROWS as usize
+        && rows < V4_WIDE_DENSE_ROWS
+        && matches!(x_dtype, DType::F16 | DType::BF16)
+}
+
+/// Whether an sbmm segment leaves the shared kernel launch: the wide tile ([`takes_wide`]) or the dense
+/// route ([`takes_dense`]).
+pub(crate) fn takes_own_route(delta: &DeviceDelta, rows: usize, x_dtype: DType) -> bool {
+    takes_wide(delta, rows, x_dtype) || takes_dense(delta, rows, x_dtype)
+}
+
 /// Whether `rows` input rows of `x_dtype` through `delta` take the dense route.
 pub(crate) fn takes_dense(delta: &DeviceDelta, rows: usize, x_dtype: DType) -> bool {
     let t = match dense_rows() {

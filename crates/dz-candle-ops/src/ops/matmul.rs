@@ -147,6 +147,22 @@ pub fn delta_matmul_add(
     delta_matmul_add_with(x, base_out, delta, Fill::Uninit)
 }
 
+/// [`delta_matmul_add`] through the delta kernels whatever the dense route's threshold (an sbmm's wide
+/// segment, `takes_wide`); the caller has checked the inputs as `sbmm` does.
+pub(crate) fn delta_matmul_add_kernels(
+    x: &Tensor,
+    base_out: &Tensor,
+    delta: &DeviceDelta,
+) -> candle_core::Result<Tensor> {
+    x.apply_op2_no_bwd(
+        base_out,
+        &DeltaMatmulAdd {
+            delta,
+            fill: Fill::Uninit,
+        },
+    )
+}
+
 pub(crate) fn delta_matmul_add_with(
     x: &Tensor,
     base_out: &Tensor,

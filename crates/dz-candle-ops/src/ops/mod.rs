@@ -16,16 +16,17 @@ mod matmul;
 mod sbmm;
 mod slots;
 
-pub(crate) use dense::{dense_matmul, takes_dense, takes_dense_matmul};
+pub(crate) use dense::{dense_matmul, takes_dense_matmul, takes_own_route, takes_wide};
 pub use dense::{
-    dense_rows, set_dense_rows, DEFAULT_DENSE_ROWS, V4_ONLY_DENSE_ROWS, V4_WIDE_DENSE_ROWS,
+    dense_rows, sbmm_wide_segments, set_dense_rows, set_sbmm_wide_segments, DEFAULT_DENSE_ROWS,
+    V4_ONLY_DENSE_ROWS, V4_WIDE_DENSE_ROWS,
 };
 pub use dequant::{dequantize, merge};
 pub(crate) use dequant::{dequantize_with, merge_with};
 pub use embedding::embedding_delta_add;
 pub(crate) use embedding::embedding_delta_add_with;
 pub use matmul::{delta_matmul, delta_matmul_add};
-pub(crate) use matmul::{delta_matmul_add_with, delta_matmul_with};
+pub(crate) use matmul::{delta_matmul_add_kernels, delta_matmul_add_with, delta_matmul_with};
 pub(crate) use sbmm::sbmm_with;
 pub use sbmm::{sbmm, sbmm_planned, SbmmPlan, Segment};
 pub(crate) use slots::SlotStat;

@@ -5,7 +5,8 @@ use candle_core::{CpuStorage, CudaStorage, CustomOp2, DType, Device, Layout, Sha
 
 use super::{
     check_contiguous, check_device, check_dims, check_float, check_is_delta, check_last_dim,
-    check_same_dtype, dense_matmul, is_float, takes_dense, with_last, Fill,
+    check_same_dtype, delta_matmul_add_kernels, dense_matmul, is_float, takes_own_route,
+    takes_wide, with_last, Fill,
 };
 use crate::cpu::engine::{matmul_t, scatter_add};
 use crate::cpu::{floats, to_storage, Locked};
@@ -186,11 +187,11 @@ impl Prepared {
         device: &Device,
         fill: Fill,
     ) -> candle_core::Result<Self> {
-        // Segments with many rows (prefill) take the dense route: the kernels see them as base-only rows,
-        // then each adds its product.
+        // Segments with many rows (prefill) take the 32-row tile (`takes_wide`) or the dense route: the
+        // kernels see them as base-only rows, then each adds its product.
         let dense = |s: &Segment| {
             s.delta
-                .is_some_and(|d| fill == Fill::Uninit && takes_dense(deltas[d], s.len, dtype))
+                .is_some_and(|d| fill == Fill::Uninit && takes_own_route(deltas[d], s.len, dtype))
         };
         let kernel_segments = segments.iter().any(dense).then(|| {
             segments
@@ -259,8 +260,12 @@ impl Prepared {
             .filter(|(s, ks)| s.delta != ks.delta)
         {
             let d = deltas.get(s.delta.unwrap_or_default());
-            let part =
-                (y.narrow(0, s.start, s.len)? + dense_matmul(&x2.narrow(0, s.start, s.len)?, d)?)?;
+            let (xs, ys) = (x2.narrow(0, s.start, s.len)?, y.narrow(0, s.start, s.len)?);
+            let part = if takes_wide(d, s.len, self.dtype) {
+                delta_matmul_add_kernels(&xs, &ys, d)?
+            } else {
+                (ys + dense_matmul(&xs, d)?)?
+            };
             y = y.slice_assign(&[s.start..s.start + s.len, 0..n], &part)?;
         }
         y.reshape(base_out.dims())

@@ -23,8 +23,8 @@ use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, CudaStorage, CustomOp2, Device, Layout, Shape, Tensor};
 
 use super::{
-    check_contiguous, check_float, check_is_delta, check_last_dim, check_same_dtype, takes_dense,
-    with_last, Segment,
+    check_contiguous, check_float, check_is_delta, check_last_dim, check_same_dtype,
+    takes_own_route, with_last, Segment,
 };
 use crate::delta::DeviceDelta;
 use crate::error::{OpError, Result};
@@ -349,11 +349,12 @@ pub fn try_sbmm_slots(
         return plain(x, base_out, segments, deltas).map(Some);
     };
     let dtype = x.dtype();
-    // Segments with many rows (prefill) take the dense route in the plain op: not one launch.
+    // Segments with many rows (prefill) take the 32-row tile or the dense route in the plain op: not
+    // one launch.
     let dense = (segments.stats.iter()).any(|s| {
         deltas
             .get(s.slot)
-            .is_some_and(|d| takes_dense(d, s.longest, dtype))
+            .is_some_and(|d| takes_own_route(d, s.longest, dtype))
     });
     if dense {
         return Ok(None);
