@@ -252,7 +252,9 @@ impl Prepared {
             return Ok(y);
         };
         let m = self.m;
-        let mut y = y.reshape((m, n))?;
+        // `y` is this call's own buffer: each routed segment's rows are written into it in place (a
+        // `slice_assign` would copy all of `y` once per segment).
+        let y = y.reshape((m, n))?;
         let x2 = x.reshape((m, k))?;
         for (s, _) in segments
             .iter()
@@ -266,7 +268,7 @@ impl Prepared {
             } else {
                 (ys + dense_matmul(&xs, d)?)?
             };
-            y = y.slice_assign(&[s.start..s.start + s.len, 0..n], &part)?;
+            y.slice_set(&part, 0, s.start)?;
         }
         y.reshape(base_out.dims())
     }
