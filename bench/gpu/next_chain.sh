@@ -1,5 +1,5 @@
 #!/bin/bash
-# The device chain prepared at the end of session 13 for session 14 (nvidia-h200-x2, ~14 minutes): run it
+# The device chain prepared at the end of session 13 for session 14 (nvidia-h200-x2, ~17 minutes): run it
 # detached and poll, as sessions 10-13 did (session 13's calls: bench/results/h200-s13-2026-11-30.md).
 #
 #   build first (here): bash bench/gpu/build.sh   (.gpu/k and .gpu/srv; check their BUILT files)
@@ -10,9 +10,10 @@
 #   Never `pkill -f deltazip` in a poll: the poll's own command line matches and is killed.
 #
 # What it measures:
-# A. GPU 0: cuda_check --quick --filter "wide segments" (sbmm's prefill segments of 17-255 rows through the
-#    32-row tile, `--sbmm-wide-segments`, built in session 13 after its last device call: never run on
-#    a GPU) and --filter "dense route" (the slot comparison's new tolerance); then kernel_bench at 32 / 64
+# A. GPU 0: cuda_check --quick --filter v4 (~145 s; among them the "wide segments" cases: sbmm's prefill
+#    segments of 17-255 rows through the 32-row tile, `--sbmm-wide-segments`, built in session 13 after
+#    its last device call, never run on a GPU) and --filter "dense route" (routed segments now written
+#    in place; the slot comparison's new tolerance); then kernel_bench at 32 / 64
 #    rows on 4096 x 1024, 4096 x 2048 and 4096 x 4096: `_sx` over a
 #    quarter and a half of K = 4096 in one block, beside `_sxk` (K = 4096 split over 4 / 2 blocks), which
 #    session 13 measured slower than `_sx` (32.7 vs 23.0 us at 32 rows): what a rank costs besides its K
@@ -36,9 +37,12 @@ export DZ_WORK=/tmp/dzsrv DZ=/tmp/dzsrv/deltazip CORPUS=/tmp/dzsrv/corpus.txt
 log start
 # A
 ( export CUDA_VISIBLE_DEVICES=0; mkdir -p $S/kern $S/check
-  timeout 150 /tmp/k/bin/cuda_check --quick --filter "wide segments" > $S/check/wide-segments.txt 2>&1; a=$?
+  # Every v4 case (session 13 changed the 32-row tile's K loop for `_sxk`; `_sx` itself was only
+  # compared with the other paths by kernel_bench since), the wide segments among them.
+  timeout 200 /tmp/k/bin/cuda_check --quick --filter v4 > $S/check/v4-quick.txt 2>&1; v=$?
+  log "cuda_check v4 rc=$v"; [ $v = 0 ] && touch $S/wide.ok
   timeout 90 /tmp/k/bin/cuda_check --quick --filter "dense route" > $S/check/dense-route.txt 2>&1
-  log "cuda_check wide segments rc=$a dense route rc=$?"; [ $a = 0 ] && touch $S/wide.ok
+  log "cuda_check dense route rc=$?"
   timeout 90 /tmp/k/bin/kernel_bench --shapes 4096x1024,4096x2048,4096x4096 --rows 32,64 \
       --commit "${COMMIT:-unknown}" --out $S/kern/kernels-ksplit > $S/kern/bench-ksplit.log 2>&1
   log "kernel_bench k-split rc=$?"; touch $S/kern.done ) &

@@ -139,6 +139,8 @@ bench() { # bench TAG SYSTEM PORT MODELS [POPULARITY]   (RATES, REQS: this run's
     # One `bench serve` per rate: each rate's row is on disk as soon as it is measured, so a call that
     # runs out of time keeps the rates it finished. The warm-up goes with the first rate only.
     local warm=${WARMUP:+--warmup} rate
+    # A dz run with a non-default path gets its own system name in the report (dz-4b24+slots, +wide).
+    if [[ $2 == dz-* ]]; then set -- "$1" "$2${SLOT_TABLES:++slots}${SBMM_WIDE:++wide}" "${@:3}"; fi
     for rate in ${RATES//,/ }; do
         "$DZ" bench serve --url "http://127.0.0.1:$3" --models "$4" --api completions --rates "$rate" \
             --requests "$REQS" --popularity "${5:-uniform}" --corpus "$CORPUS" --prompt-words 32..160 \
