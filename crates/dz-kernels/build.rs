@@ -21,7 +21,9 @@ mod params {
 use params::{CHUNK, M_TILES, ROWS_PER_WARP, WARPS};
 
 /// The codec families: `kernels/<name>/<name>.cu` becomes `$OUT_DIR/<name>.ptx`.
-const FAMILIES: [&str; 7] = ["quant", "sparse24", "sparse", "sign1", "dense", "tc", "v4"];
+const FAMILIES: [&str; 8] = [
+    "quant", "sparse24", "sparse", "sign1", "dense", "tc", "v4", "rows",
+];
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");

@@ -208,15 +208,20 @@ pub fn run_hook(args: &BenchHookArgs) -> Result<String> {
         };
         let x = input(arch.hidden_size)?;
         let base_out = input(arch.hidden_size)?;
-        let (host, wall) = with_row_tags(Some(tags.clone()), || {
-            time_calls(&device, args.iters, || delta.forward(&x, base_out.clone()))
-        })?;
-        timed.push(Timed {
-            module,
-            base_host_us: None,
-            host_us: host,
-            wall_us: wall,
-        });
+        // The three-op path, then the one op (`dz_loader::set_fused_norm_deltas`).
+        for (fused, label) in [(false, ""), (true, " (one op)")] {
+            registry.force_fused_norm_deltas(Some(fused));
+            let (host, wall) = with_row_tags(Some(tags.clone()), || {
+                time_calls(&device, args.iters, || delta.forward(&x, base_out.clone()))
+            })?;
+            timed.push(Timed {
+                module: format!("{module}{label}"),
+                base_host_us: None,
+                host_us: host,
+                wall_us: wall,
+            });
+        }
+        registry.force_fused_norm_deltas(None);
     }
     // The first module of each pass: new row tags every call, so the pass's plan is made each time.
     let (q, wrapped, x) = first.context("no linear layer was timed")?;
@@ -329,7 +334,7 @@ pub fn run_hook(args: &BenchHookArgs) -> Result<String> {
     let (mut sum_host, mut sum_delta) = (0.0, 0.0);
     for t in &timed {
         let delta = t.base_host_us.map(|b| t.host_us - b);
-        if !t.module.contains("each call") {
+        if !t.module.contains("each call") && !t.module.ends_with("(one op)") {
             sum_host += t.host_us;
             sum_delta += delta.unwrap_or(t.host_us);
         }

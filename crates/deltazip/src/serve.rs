@@ -129,6 +129,11 @@ pub struct ServeArgs {
     /// rows on the H200 (see dz_candle_ops::set_sbmm_wide_segments).
     #[arg(long, requires = "v4_kernels")]
     pub sbmm_wide_segments: bool,
+    /// Experimental (not yet run on a GPU): add each RMS norm's weight delta in one op (one kernel
+    /// launch; the three-op path took 54 us of CPU a call on the H200), the sum rounded once; see
+    /// dz_loader::set_fused_norm_deltas.
+    #[arg(long)]
+    pub fused_norm_deltas: bool,
     /// Leave the CPU cache's deltas pageable. By default, on a CUDA device, each delta read into CPU
     /// memory is page-locked (within --cpu-cache's budget) so that its uploads to the GPU are direct DMA
     /// copies; see dz_loader::set_pin_host_deltas.
@@ -154,6 +159,7 @@ impl ServeArgs {
             dense_rows: dz_loader::DEFAULT_DENSE_ROWS,
             slot_tables: false,
             sbmm_wide_segments: false,
+            fused_norm_deltas: false,
             no_pin_host: false,
         }
     }
@@ -502,6 +508,7 @@ pub fn start(args: &ServeArgs) -> Result<Running> {
     dz_loader::set_dense_rows(args.dense_rows);
     dz_loader::set_slot_tables(args.slot_tables);
     dz_loader::set_pin_host_deltas(!args.no_pin_host);
+    dz_loader::set_fused_norm_deltas(args.fused_norm_deltas);
     if args.v4_kernels {
         // Before any delta is read: the v4 layout is made when the CPU cache reads it.
         dz_loader::set_v4_kernels(true);

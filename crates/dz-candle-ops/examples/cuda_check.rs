@@ -917,6 +917,41 @@ fn embedding_family(ck: &mut Checker) {
     }
 }
 
+/// `norm_delta_add` (the hook's RMS-norm delta in one launch, `dz_rows_norm_delta_add_<t>`) against its
+/// CPU twin: a table row per sequence of `per` tokens, widths from one warp's worth to a 7B's hidden size.
+fn norm_family(ck: &mut Checker) {
+    ck.family("norm delta");
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
+        for (b, per, width) in [
+            (1usize, 1usize, 576usize),
+            (4, 1, 4096),
+            (3, 5, 96),
+            (2, 64, 4096),
+        ] {
+            ck.case(
+                format!("norm delta {dtype:?} {b} sequences x {per} tokens, width {width}"),
+                |dev, _| {
+                    let x = input(&[b * per, width], dtype, (b + per + width) as u64);
+                    let base = input(&[b * per, width], dtype, 3);
+                    let d = (input(&[b, width], DType::F32, 4) * 0.05)?.to_dtype(dtype)?;
+                    let got = dz_candle_ops::norm_delta_add(
+                        &x.to_device(dev)?,
+                        &base.to_device(dev)?,
+                        &d.to_device(dev)?,
+                        1e-5,
+                    )?;
+                    let want = dz_candle_ops::norm_delta_add(&x, &base, &d, 1e-5)?;
+                    // |base| + |x| / rms(x) * |d|: the same op over the magnitudes.
+                    let mag =
+                        dz_candle_ops::norm_delta_add(&x.abs()?, &base.abs()?, &d.abs()?, 1e-5)?
+                            .to_dtype(DType::F32)?;
+                    check(dev, &got, &want, Some(&mag), &Tolerance::for_dtype(dtype))
+                },
+            );
+        }
+    }
+}
+
 /// Bad inputs on the device get the CPU path's named errors (never a crash).
 fn validation(ck: &mut Checker) {
     ck.family("errors");
@@ -1795,6 +1830,7 @@ fn run() -> Result<bool> {
     dequantize_family(&mut ck);
     merge_family(&mut ck);
     embedding_family(&mut ck);
+    norm_family(&mut ck);
     validation(&mut ck);
     let _ = std::panic::take_hook();
 

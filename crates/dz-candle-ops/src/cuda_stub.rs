@@ -72,6 +72,16 @@ pub(crate) fn embedding(
     Err(candle_core::Error::NotCompiledWithCudaSupport)
 }
 
+pub(crate) fn norm_delta_add(
+    _op: &'static str,
+    _x: Arg<'_>,
+    _base: Arg<'_>,
+    _deltas: Arg<'_>,
+    _dims: (usize, usize, f32),
+) -> Out {
+    Err(candle_core::Error::NotCompiledWithCudaSupport)
+}
+
 /// No slot tables exist without the feature: these types have no values.
 pub(crate) enum SlotDescs {}
 

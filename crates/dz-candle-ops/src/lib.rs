@@ -123,10 +123,10 @@ pub mod relayout;
 pub use delta::{CheckedParts, DeviceDelta, PreparedDelta, RowSubset};
 pub use error::{OpError, Result};
 pub use ops::{
-    delta_matmul, delta_matmul_add, dense_rows, dequantize, embedding_delta_add, merge, sbmm,
-    sbmm_planned, sbmm_slots, sbmm_wide_segments, set_dense_rows, set_sbmm_wide_segments,
-    try_sbmm_slots, SbmmPlan, Segment, SlotDeltas, SlotSegments, DEFAULT_DENSE_ROWS,
-    V4_ONLY_DENSE_ROWS, V4_WIDE_DENSE_ROWS,
+    delta_matmul, delta_matmul_add, dense_rows, dequantize, embedding_delta_add, merge,
+    norm_delta_add, sbmm, sbmm_planned, sbmm_slots, sbmm_wide_segments, set_dense_rows,
+    set_sbmm_wide_segments, try_sbmm_slots, SbmmPlan, Segment, SlotDeltas, SlotSegments,
+    DEFAULT_DENSE_ROWS, V4_ONLY_DENSE_ROWS, V4_WIDE_DENSE_ROWS,
 };
 pub use pinned::{HostPins, MIN_PINNED_BYTES};
 

@@ -43,6 +43,7 @@
 #![deny(missing_docs)]
 
 pub mod desc;
+pub mod rows;
 pub mod tc;
 pub mod v4;
 mod params {
@@ -54,7 +55,7 @@ mod ptx;
 pub use desc::{DzDelta, DzSegment, ValueDtype};
 pub use params::{CHUNK, MAX_DIM, M_TILES, ROWS_PER_BLOCK, ROWS_PER_WARP, THREADS, WARPS};
 #[cfg(feature = "cuda")]
-pub use ptx::{tc_ptx, v4_ptx, CUDA_COMPUTE_CAP, LINEINFO, NVCC_VERSION};
+pub use ptx::{rows_ptx, tc_ptx, v4_ptx, CUDA_COMPUTE_CAP, LINEINFO, NVCC_VERSION};
 
 /// An input dtype of the kernels, in the index order of the [`Entries`] arrays.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -18,6 +18,7 @@ const SIGN1_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/sign1.ptx"));
 const DENSE_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/dense.ptx"));
 const TC_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/tc.ptx"));
 const V4_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/v4.ptx"));
+const ROWS_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/rows.ptx"));
 
 impl Family {
     /// The family's PTX (every entry point of its variants).
@@ -40,4 +41,9 @@ pub fn tc_ptx() -> &'static str {
 /// The PTX of the v4 family (`kernels/v4/v4.cu`, every [`crate::v4`] entry point).
 pub fn v4_ptx() -> &'static str {
     V4_PTX
+}
+
+/// The PTX of the per-row ops (`kernels/rows/rows.cu`, every [`crate::rows`] entry point).
+pub fn rows_ptx() -> &'static str {
+    ROWS_PTX
 }

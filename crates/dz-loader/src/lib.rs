@@ -56,8 +56,8 @@ pub use engines::{EngineBudget, EngineLease, EngineSwap, EngineSwapStats, GpuRoo
 pub use error::{Error, Result};
 pub use host::{Engine, GeneratedToken, Generation, KvCache};
 pub use multi_tenant::{
-    pin_host_deltas, set_pin_host_deltas, set_slot_tables, slot_tables, DeltaHook, DeltaRegistry,
-    FineTuneDeltas, HostDelta,
+    fused_norm_deltas, pin_host_deltas, set_fused_norm_deltas, set_pin_host_deltas,
+    set_slot_tables, slot_tables, DeltaHook, DeltaRegistry, FineTuneDeltas, HostDelta,
 };
 pub use swap::{MergedWeights, SwapHook, SwapModel, SwapRegistry, SwapStore};
 pub use tp::TpRank;

@@ -1201,6 +1201,74 @@ pub(crate) fn embedding(
     )
 }
 
+/// Forward pass of `norm-delta-add` (`dz_rows_norm_delta_add_<t>`): `(width, per, eps)` checked by the
+/// op (`per` input rows a table row).
+pub(crate) fn norm_delta_add(
+    op: &'static str,
+    x: Arg<'_>,
+    base: Arg<'_>,
+    deltas: Arg<'_>,
+    dims: (usize, usize, f32),
+) -> Out {
+    by_dtype!(
+        op,
+        "x",
+        x.0.dtype(),
+        norm_delta_add_t(op, x, base, deltas, dims)
+    )
+}
+
+fn norm_delta_add_t<T: Elem>(
+    op: &'static str,
+    x: Arg<'_>,
+    base: Arg<'_>,
+    deltas: Arg<'_>,
+    (width, per, eps): (usize, usize, f32),
+) -> Out {
+    let dev = x.0.device().clone();
+    let shape = Shape::from(base.1.dims());
+    let (xs, x_off, x_len) = input::<T>(op, "x", x)?;
+    let (bs, b_off, _) = input::<T>(op, "base_out", base)?;
+    let (ds, d_off, _) = input::<T>(op, "deltas", deltas)?;
+    let rows = x_len / width.max(1);
+    let mut out = alloc::<T>(&dev, x_len)?;
+    if rows > 0 {
+        let stream = dev.cuda_stream();
+        let name = dz_kernels::rows::norm_delta_add(T::KIND);
+        let func = dev
+            .get_or_load_custom_func(name, dz_kernels::rows::ROWS_MODULE, dz_kernels::rows_ptx())?
+            .into_cuda_function();
+        let grid = u32::try_from(rows).map_err(|_| OpError::Storage {
+            op,
+            reason: format!("{rows} rows exceed one launch's grid"),
+        })?;
+        let (w32, per32) = (
+            dim(op, "x", width, x.1.dims())?,
+            dim(op, "deltas", per, deltas.1.dims())?,
+        );
+        let mut ptrs = Ptrs::new(&stream);
+        let (x_p, b_p, d_p) = (
+            ptrs.read(xs, x_off),
+            ptrs.read(bs, b_off),
+            ptrs.read(ds, d_off),
+        );
+        let out_p = ptrs.write(&mut out);
+        let mut b = stream.launch_builder(&func);
+        b.arg(&x_p);
+        b.arg(&b_p);
+        b.arg(&d_p);
+        b.arg(&out_p);
+        b.arg(&w32);
+        b.arg(&per32);
+        b.arg(&eps);
+        // SAFETY: the arguments match `dz_rows_norm_delta_add_<t>(const T* x, const T* base, const T* d,
+        // T* out, u32 width, u32 per, f32 eps)`: x, base and out hold `rows x width` elements of T, d
+        // `rows / per x width` (checked by the op), one block a row.
+        unsafe { b.launch(config_threads((grid, 1), dz_kernels::rows::ROWS_THREADS)) }.w()?;
+    }
+    Ok((CudaStorage::wrap_cuda_slice(out, dev), shape))
+}
+
 /// The ids as u32 row numbers on the host, each checked `< N_total` (the CPU path's check and error).
 fn host_ids(op: &'static str, delta: &DeviceDelta, (s, l): Arg<'_>) -> Result<Vec<u32>> {
     let (a, b) = l

@@ -13,6 +13,7 @@ mod dense;
 mod dequant;
 mod embedding;
 mod matmul;
+mod norm;
 mod sbmm;
 mod slots;
 
@@ -27,6 +28,7 @@ pub use embedding::embedding_delta_add;
 pub(crate) use embedding::embedding_delta_add_with;
 pub use matmul::{delta_matmul, delta_matmul_add};
 pub(crate) use matmul::{delta_matmul_add_kernels, delta_matmul_add_with, delta_matmul_with};
+pub use norm::norm_delta_add;
 pub(crate) use sbmm::sbmm_with;
 pub use sbmm::{sbmm, sbmm_planned, SbmmPlan, Segment};
 pub(crate) use slots::SlotStat;
