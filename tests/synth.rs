@@ -512,8 +512,14 @@ fn cli_bench_hook_times_every_module_of_a_layer() {
         .collect();
     assert_eq!(
         rows.len(),
-        12,
-        "7 linear layers, 2 norms, the new-pass, new-batch and slot-table rows:\n{out}"
+        14,
+        "7 linear layers, 2 norms (each also as one op), the new-pass, new-batch and slot-table \
+         rows:\n{out}"
+    );
+    assert_eq!(
+        rows.iter().filter(|r| r[1].ends_with("(one op)")).count(),
+        2,
+        "each norm also as one op:\n{out}"
     );
     for r in &rows {
         let host: f64 = r[3].parse().unwrap();
