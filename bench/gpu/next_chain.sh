@@ -47,7 +47,7 @@ log start
   log "cuda_check v4 rc=$v"; [ $v = 0 ] && touch $S/wide.ok
   timeout 90 /tmp/k/bin/cuda_check --quick --filter "dense route" > $S/check/dense-route.txt 2>&1
   log "cuda_check dense route rc=$?"
-  timeout 60 /tmp/k/bin/cuda_check --filter "norm delta" > $S/check/norm-delta.txt 2>&1; n=$?
+  timeout 90 /tmp/k/bin/cuda_check --quick --filter "norm delta" > $S/check/norm-delta.txt 2>&1; n=$?
   log "cuda_check norm delta rc=$n"; [ $n = 0 ] && touch $S/norm.ok
   timeout 90 /tmp/k/bin/kernel_bench --shapes 4096x1024,4096x2048,4096x4096 --rows 32,64 \
       --commit "${COMMIT:-unknown}" --out $S/kern/kernels-ksplit > $S/kern/bench-ksplit.log 2>&1
