@@ -2010,7 +2010,9 @@ mod tests {
     }
 
     /// The per-step table (one stack per batch of rows) gives the same outputs as building each norm's
-    /// table on its own, bit for bit, for rows of two fine-tunes and the base, at rank 3 and rank 2.
+    /// table on its own, bit for bit, for rows of two fine-tunes and the base, at rank 3 and rank 2; and
+    /// the one-op norm delta (`norm_delta_add`, `force_fused_norm_deltas`) gives the three ops' outputs
+    /// (f32: up to the order of the sums) from either table, leaving the base's row alone.
     #[test]
     fn stacked_norm_tables_match_per_call_tables() {
         let a = [
@@ -2039,6 +2041,7 @@ mod tests {
             let base_out = (&input * 0.5).unwrap();
             for norm in ["model.layers.0.input_layernorm", "model.norm"] {
                 let m = norm_module(&registry, norm);
+                registry.force_fused_norm_deltas(Some(false));
                 let got = m.add_deltas(&input, base_out.clone(), &stacked).unwrap();
                 let want = m.add_deltas(&input, base_out.clone(), &per_call).unwrap();
                 assert_eq!(got.dims(), want.dims());
@@ -2047,49 +2050,28 @@ mod tests {
                     want.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
                 );
                 assert_eq!(g, w, "{norm} at rank {}", dims.len());
-                // And the base's row is the base's output.
-                let base_row = got.narrow(0, 1, 1).unwrap().flatten_all().unwrap();
+                registry.force_fused_norm_deltas(Some(true));
+                let fused: Vec<(bool, Tensor)> = [(true, &stacked), (false, &per_call)]
+                    .into_iter()
+                    .map(|(s, plan)| (s, m.add_deltas(&input, base_out.clone(), plan).unwrap()))
+                    .collect();
+                registry.force_fused_norm_deltas(None);
+                // And the base's row is the base's output, on every path.
                 let base_want = base_out.narrow(0, 1, 1).unwrap().flatten_all().unwrap();
-                assert_eq!(
-                    base_row.to_vec1::<f32>().unwrap(),
-                    base_want.to_vec1::<f32>().unwrap()
-                );
-            }
-        }
-    }
-
-    /// The one-op norm delta (`norm_delta_add`) gives the three-op path's outputs (f32: up to the order
-    /// of the sums), stacked tables and per-call tables alike, and leaves the base's row alone.
-    #[test]
-    fn the_fused_norm_delta_matches_the_three_ops() {
-        let a = [
-            [0.5, -1.0, 0.25, 2.0, 0.0, 1.5],
-            [0.1, 0.2, 0.3, 0.4, 0.5, 0.6],
-        ];
-        let b = [
-            [-0.5, 1.0, 0.0, -2.0, 3.0, 0.5],
-            [1.0, 1.0, -1.0, -1.0, 0.5, 0.5],
-        ];
-        let xs: Vec<f32> = (0..3 * 2 * 6).map(|i| (i as f32 * 0.37).sin()).collect();
-        for stacked in [true, false] {
-            let plan = RowPlan::of_rows(&[
-                Some(fine_tune("a", &a, stacked)),
-                None,
-                Some(fine_tune("b", &b, stacked)),
-            ]);
-            let registry = Arc::new(DeltaRegistry::new());
-            for dims in [vec![3, 2, 6], vec![3, 6]] {
-                let n: usize = dims.iter().product();
-                let input = Tensor::from_slice(&xs[..n], dims.as_slice(), &Device::Cpu).unwrap();
-                let base_out = (&input * 0.5).unwrap();
-                for norm in ["model.layers.0.input_layernorm", "model.norm"] {
-                    let m = norm_module(&registry, norm);
-                    registry.force_fused_norm_deltas(Some(false));
-                    let want = m.add_deltas(&input, base_out.clone(), &plan).unwrap();
-                    registry.force_fused_norm_deltas(Some(true));
-                    let got = m.add_deltas(&input, base_out.clone(), &plan).unwrap();
-                    assert_eq!(got.dims(), want.dims());
-                    let diff = (&got - &want)
+                for (label, out) in [("three ops", &got)]
+                    .into_iter()
+                    .chain(fused.iter().map(|(_, t)| ("one op", t)))
+                {
+                    let base_row = out.narrow(0, 1, 1).unwrap().flatten_all().unwrap();
+                    assert_eq!(
+                        base_row.to_vec1::<f32>().unwrap(),
+                        base_want.to_vec1::<f32>().unwrap(),
+                        "{label}"
+                    );
+                }
+                for (stacked, f) in &fused {
+                    assert_eq!(f.dims(), want.dims());
+                    let diff = (f - &want)
                         .unwrap()
                         .abs()
                         .unwrap()
@@ -2104,12 +2086,6 @@ mod tests {
                         diff < F32_TOL,
                         "{norm} rank {} stacked {stacked}: {diff}",
                         dims.len()
-                    );
-                    let base_row = got.narrow(0, 1, 1).unwrap().flatten_all().unwrap();
-                    let base_want = base_out.narrow(0, 1, 1).unwrap().flatten_all().unwrap();
-                    assert_eq!(
-                        base_row.to_vec1::<f32>().unwrap(),
-                        base_want.to_vec1::<f32>().unwrap()
                     );
                 }
             }

@@ -88,8 +88,8 @@ static SBMM_WIDE_SEGMENTS: std::sync::atomic::AtomicBool =
 /// 4096 x 4096 against 48-51 for the v4 dense route and 60-100 for the pieces; 55 against 106 and
 /// 123-230 on 4096 x 11008; 45-83 against 152 and 214-376 on 13824 x 5120 (`kernels-wide.md`: `dz-sx`,
 /// `dense-v4`, `v4-16`). **Off by default** until a serving run has measured it
-/// (`deltazip serve --sbmm-wide-segments`). CUDA, f16 and bf16 only, with the v4 kernels and the wide
-/// tiles on ([`crate::set_v4_wide_tiles`]).
+/// (`deltazip serve --sbmm-wide-segments`). CUDA, f16 and bf16 only, deltas uploaded for the v4 kernels
+/// only (`DeviceDelta::v4_only`), with the wide tiles on ([`crate::set_v4_wide_tiles`]).
 pub fn set_sbmm_wide_segments(enabled: bool) {
     SBMM_WIDE_SEGMENTS.store(enabled, Ordering::Relaxed);
 }
@@ -103,7 +103,6 @@ pub fn sbmm_wide_segments() -> bool {
 /// `delta_matmul_add` through the 32-row tile ([`set_sbmm_wide_segments`]).
 pub(crate) fn takes_wide(delta: &DeviceDelta, rows: usize, x_dtype: DType) -> bool {
     sbmm_wide_segments()
-        && crate::v4_kernels()
         && crate::v4_wide_tiles()
         && delta.device().is_cuda()
         && delta.v4_only()

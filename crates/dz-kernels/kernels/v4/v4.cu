@@ -891,89 +891,99 @@ struct WideSx {
   }
 };
 
-// The launch: a 1-D grid over blocks of (x tile of 32 rows, 8 consecutive 16-row tiles), x-tile-major,
-// grid-stride. A warp past the last tile computes the last tile again (in bounds, so that it keeps the
-// block's barriers) and stores nothing.
-template <class C, typename T>
-__device__ __forceinline__ void matmul_sx(const DzDelta& d, const T* x, const T* base, T* out, uint32_t m) {
-  constexpr int NT = WideSx<C, T>::NT;
-  __shared__ __align__(16) uint32_t xs[2 * WideSx<C, T>::BUF];
-  const uint32_t wk = threadIdx.x / 32;
-  const uint32_t tiles = (d.n_stored + 15) / 16;
-  const uint32_t groups = (tiles + WK - 1) / WK;
-  const uint64_t blocks = uint64_t((m + 8 * NT - 1) / (8 * NT)) * groups;
-  for (uint64_t b = blockIdx.x; b < blocks; b += gridDim.x) {
-    const uint32_t xt = uint32_t(b / groups);
-    const uint32_t rt = uint32_t(b % groups) * WK + wk;
-    const uint32_t i0 = xt * 8 * NT;
-    const uint32_t rows = min(uint32_t(8 * NT), m - i0);
-    float acc[NT][4];
-    zero(acc);
-    WideSx<C, T>::accumulate(d, x + size_t(i0) * d.k, rows, min(rt, tiles - 1), xs, acc, 0, (d.k + KB - 1) / KB);
-    if (rt < tiles) {
-      const size_t o = size_t(i0) * d.n_total;
-      Tile<C, T, NT>::store(d, rows, base ? base + o : nullptr, out + o, rt, acc);
+// The 32-row tile's launch walk (`matmul_sx`, `matmul_sxd`): a 1-D grid over blocks of (x tile of 32 rows, 8
+// consecutive 16-row tiles), x-tile-major, grid-stride. A warp past the last tile computes the last tile
+// again (in bounds, so that it keeps the block's barriers) and stores nothing.
+template <int NT>
+struct WideWalk {
+  uint32_t tiles, groups;
+  uint64_t blocks;
+
+  struct Item {
+    uint32_t i0, rows, rt;  // the x tile's first row and rows, this warp's 16-row tile
+  };
+
+  __device__ __forceinline__ WideWalk(const DzDelta& d, uint32_t m)
+      : tiles((d.n_stored + 15) / 16),
+        groups((tiles + WK - 1) / WK),
+        blocks(uint64_t((m + 8 * NT - 1) / (8 * NT)) * groups) {}
+
+  // Block `b`'s item for this warp.
+  __device__ __forceinline__ Item item(uint64_t b, uint32_t m) const {
+    const uint32_t i0 = uint32_t(b / groups) * 8 * NT;
+    return {i0, min(uint32_t(8 * NT), m - i0), uint32_t(b % groups) * WK + threadIdx.x / 32};
+  }
+
+  // The tile this warp computes (its own, or the last one past the end).
+  __device__ __forceinline__ uint32_t tile(const Item& it) const { return min(it.rt, tiles - 1); }
+
+  // out (= base +) acc for the item, when this warp has a tile of its own.
+  template <class C, typename T>
+  __device__ __forceinline__ void store(const DzDelta& d, const Item& it, const T* base, T* out,
+                                        const float (&acc)[NT][4]) const {
+    if (it.rt < tiles) {
+      const size_t o = size_t(it.i0) * d.n_total;
+      Tile<C, T, NT>::store(d, it.rows, base ? base + o : nullptr, out + o, it.rt, acc);
     }
   }
-}
+};
 
-// The 32-row tile split along K over a cluster of S blocks (`dz_v4_<variant>_matmul_sxk<S>_<t>_n4`; issue #5,
-// session 13). Nsight Compute on `matmul_sx` at 4096 x 4096 (session 13): 32 blocks for 132 SMs at 32 rows,
-// 12% occupancy, 7% of the DRAM bandwidth, and the same 21 us at 128 rows with 128 blocks: the time is one
-// block's K loop, not the bytes. Here the S blocks of a cluster (`__cluster_dims__`, consecutive blocks)
-// take the same x tile and 8 row tiles, each a 1/S share of the K blocks in whole chunks, and block rank 0
-// adds the others' partial sums, read from their shared memory (distributed shared memory) in rank order,
-// before the one store: the same inputs give the same bits. The grid is a multiple of S; grid-stride over
-// the blocks of `matmul_sx` with every block of a cluster on the same one (the cluster barriers).
+// `matmul_sx` (S = 1, `dz_v4_<variant>_matmul_sx_<t>_n4`) and its K split over a cluster of S blocks
+// (`dz_v4_<variant>_matmul_sxk<S>_<t>_n4`; issue #5, session 13). Nsight Compute on the S = 1 kernel at
+// 4096 x 4096 (session 13): 32 blocks for 132 SMs at 32 rows, 12% occupancy, 7% of the DRAM bandwidth, and
+// the same 21 us at 128 rows with 128 blocks. With S > 1 the S blocks of a cluster (`__cluster_dims__`,
+// consecutive blocks) take the same x tile and 8 row tiles, each a 1/S share of the K blocks in whole
+// chunks, and block rank 0 adds the others' partial sums, read from their shared memory (distributed
+// shared memory) in rank order, before the one store: the same inputs give the same bits. The grid is a
+// multiple of S; `WideWalk`'s blocks, grid-stride, every block of a cluster on the same one (the cluster
+// barriers).
 template <class C, typename T, int S>
-__device__ __forceinline__ void matmul_sxk(const DzDelta& d, const T* x, const T* base, T* out, uint32_t m) {
-  namespace cg = cooperative_groups;
+__device__ __forceinline__ void matmul_sx(const DzDelta& d, const T* x, const T* base, T* out, uint32_t m) {
   constexpr int NT = WideSx<C, T>::NT;
   constexpr int XC = WideSx<C, T>::XC;
   __shared__ __align__(16) uint32_t xs[2 * WideSx<C, T>::BUF];
   static_assert(2 * WideSx<C, T>::BUF >= WK * 32 * NT * 4, "the partial sums fit in the x buffers");
-  const cg::cluster_group cluster = cg::this_cluster();
-  const uint32_t rank = cluster.block_rank();
-  const uint32_t wk = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const uint32_t tiles = (d.n_stored + 15) / 16;
-  const uint32_t groups = (tiles + WK - 1) / WK;
-  const uint64_t blocks = uint64_t((m + 8 * NT - 1) / (8 * NT)) * groups;
+  const WideWalk<NT> walk(d, m);
   const uint32_t nkb = (d.k + KB - 1) / KB;
-  const uint32_t per = ((nkb + XC - 1) / XC + S - 1) / S * XC;  // K blocks a rank: whole chunks
-  const uint32_t kb_lo = min(rank * per, nkb), kb_hi = min(kb_lo + per, nkb);
-  float* red = reinterpret_cast<float*>(xs) + (wk * 32 + lane) * NT * 4;
-  for (uint64_t b = blockIdx.x / S; b < blocks; b += gridDim.x / S) {
-    const uint32_t xt = uint32_t(b / groups);
-    const uint32_t rt = uint32_t(b % groups) * WK + wk;
-    const uint32_t i0 = xt * 8 * NT;
-    const uint32_t rows = min(uint32_t(8 * NT), m - i0);
+  uint32_t rank = 0, kb_lo = 0, kb_hi = nkb;
+  if constexpr (S > 1) {
+    rank = cooperative_groups::this_cluster().block_rank();
+    const uint32_t per = ((nkb + XC - 1) / XC + S - 1) / S * XC;  // K blocks a rank: whole chunks
+    kb_lo = min(rank * per, nkb);
+    kb_hi = min(kb_lo + per, nkb);
+  }
+  for (uint64_t b = blockIdx.x / S; b < walk.blocks; b += gridDim.x / S) {
+    const auto it = walk.item(b, m);
     float acc[NT][4];
     zero(acc);
-    if (kb_lo < kb_hi) {
-      WideSx<C, T>::accumulate(d, x + size_t(i0) * d.k, rows, min(rt, tiles - 1), xs, acc, kb_lo, kb_hi);
+    if (S == 1 || kb_lo < kb_hi) {
+      WideSx<C, T>::accumulate(d, x + size_t(it.i0) * d.k, it.rows, walk.tile(it), xs, acc, kb_lo, kb_hi);
     }
-    __syncthreads();  // every warp of this block is done with the x buffers
-    if (rank > 0) {
-#pragma unroll
-      for (int t = 0; t < NT; ++t)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) red[t * 4 + e] = acc[t][e];
-    }
-    cluster.sync();  // every rank's partial sums are in its shared memory
-    if (rank == 0) {
-      for (int r = 1; r < S; ++r) {
-        const float* other = cluster.map_shared_rank(red, r);
+    if constexpr (S == 1) {
+      walk.template store<C, T>(d, it, base, out, acc);
+    } else {
+      const cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
+      float* red = reinterpret_cast<float*>(xs) + threadIdx.x * NT * 4;
+      __syncthreads();  // every warp of this block is done with the x buffers
+      if (rank > 0) {
 #pragma unroll
         for (int t = 0; t < NT; ++t)
 #pragma unroll
-          for (int e = 0; e < 4; ++e) acc[t][e] += other[t * 4 + e];
+          for (int e = 0; e < 4; ++e) red[t * 4 + e] = acc[t][e];
       }
-      if (rt < tiles) {
-        const size_t o = size_t(i0) * d.n_total;
-        Tile<C, T, NT>::store(d, rows, base ? base + o : nullptr, out + o, rt, acc);
+      cluster.sync();  // every rank's partial sums are in its shared memory
+      if (rank == 0) {
+        for (int r = 1; r < S; ++r) {
+          const float* other = cluster.map_shared_rank(red, r);
+#pragma unroll
+          for (int t = 0; t < NT; ++t)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[t][e] += other[t * 4 + e];
+        }
+        walk.template store<C, T>(d, it, base, out, acc);
       }
+      cluster.sync();  // rank 0 has read them: the buffers may take the next x tile
     }
-    cluster.sync();  // rank 0 has read them: the buffers may take the next x tile
   }
 }
 
@@ -1189,31 +1199,20 @@ __device__ __forceinline__ uint32_t dynamic_smem_bytes() {
   return v;
 }
 
-// The launch: as matmul_sx (blocks of 8 consecutive 16-row tiles of one 32-row x tile, x-tile-major,
-// grid-stride; a warp past the last tile computes the last tile again and stores nothing), the ring in
-// WideSxd::SMEM bytes of dynamic shared memory.
+// The launch: `WideWalk`'s (as matmul_sx), the ring in WideSxd::SMEM bytes of dynamic shared memory.
 template <class C, typename T>
 __device__ __forceinline__ void matmul_sxd(const DzDelta& d, const T* x, const T* base, T* out, uint32_t m) {
   using W = WideSxd<C, T>;
   constexpr int NT = W::NT;
   extern __shared__ __align__(16) uint32_t dz_v4_dyn[];
   if (dynamic_smem_bytes() < W::SMEM) __trap();  // the host launched it with too little (a host bug)
-  const uint32_t wk = threadIdx.x / 32;
-  const uint32_t tiles = (d.n_stored + 15) / 16;
-  const uint32_t groups = (tiles + WK - 1) / WK;
-  const uint64_t blocks = uint64_t((m + 8 * NT - 1) / (8 * NT)) * groups;
-  for (uint64_t b = blockIdx.x; b < blocks; b += gridDim.x) {
-    const uint32_t xt = uint32_t(b / groups);
-    const uint32_t rt = uint32_t(b % groups) * WK + wk;
-    const uint32_t i0 = xt * 8 * NT;
-    const uint32_t rows = min(uint32_t(8 * NT), m - i0);
+  const WideWalk<NT> walk(d, m);
+  for (uint64_t b = blockIdx.x; b < walk.blocks; b += gridDim.x) {
+    const auto it = walk.item(b, m);
     float acc[NT][4];
     zero(acc);
-    W::accumulate(d, x + size_t(i0) * d.k, rows, min(rt, tiles - 1), dz_v4_dyn, acc);
-    if (rt < tiles) {
-      const size_t o = size_t(i0) * d.n_total;
-      Tile<C, T, NT>::store(d, rows, base ? base + o : nullptr, out + o, rt, acc);
-    }
+    W::accumulate(d, x + size_t(it.i0) * d.k, it.rows, walk.tile(it), dz_v4_dyn, acc);
+    walk.template store<C, T>(d, it, base, out, acc);
   }
 }
 
@@ -1472,15 +1471,15 @@ __device__ __forceinline__ void dequantize(const DzDelta& d, const T* base, T* o
 #define DZ_V4_MATMUL_SX(variant, C, T, tname)                                                                \
   extern "C" __global__ void __launch_bounds__(dz::v4::WK * 32, 2)                                          \
       dz_v4_##variant##_matmul_sx_##tname##_n4(DzDelta d, const T* x, const T* base, T* out, uint32_t m) {   \
-    dz::v4::matmul_sx<C, T>(d, x, base, out, m);                                                             \
+    dz::v4::matmul_sx<C, T, 1>(d, x, base, out, m);                                                          \
   }
 // dz_v4_<variant>_matmul_sxk<S>_<t>_n4(DzDelta d, const T* x, const T* base, T* out, u32 m): as matmul_sx, K
 // split over clusters of S blocks (S = 2, 4); a grid of S x (at most the blocks of matmul_sx) blocks.
 #define DZ_V4_MATMUL_SXK(variant, C, T, tname, S)                                                            \
-  extern "C" __global__ void __cluster_dims__(S, 1, 1) __launch_bounds__(dz::v4::WK * 32, 2)               \
-      dz_v4_##variant##_matmul_sxk##S##_##tname##_n4(DzDelta d, const T* x, const T* base, T* out,          \
+  extern "C" __global__ void __cluster_dims__(S, 1, 1) __launch_bounds__(dz::v4::WK * 32, 2)                 \
+      dz_v4_##variant##_matmul_sxk##S##_##tname##_n4(DzDelta d, const T* x, const T* base, T* out,           \
                                                       uint32_t m) {                                          \
-    dz::v4::matmul_sxk<C, T, S>(d, x, base, out, m);                                                         \
+    dz::v4::matmul_sx<C, T, S>(d, x, base, out, m);                                                          \
   }
 // dz_v4_<variant>_matmul_sxd_<t>_n4(DzDelta d, const T* x, const T* base, T* out, u32 m): as matmul_sx, x and
 // the codes in a deep ring in dynamic shared memory (v4_matmul_sxd_smem on the host: the bytes to pass).
