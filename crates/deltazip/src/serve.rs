@@ -123,17 +123,17 @@ pub struct ServeArgs {
     /// dz_loader::set_slot_tables.
     #[arg(long)]
     pub slot_tables: bool,
-    /// With --v4-kernels, experimental (not yet measured in serving): run each prefill segment of 17-255
-    /// rows of one fine-tune as its own matmul through the 32-row v4 tile, instead of 16-row pieces (up to
-    /// 63 rows) or the dense route (from --dense-rows); the tile was 1.4-2x faster than either at 32-128
-    /// rows on the H200 (see dz_candle_ops::set_sbmm_wide_segments).
+    /// With --v4-kernels: run each prefill segment of 17-255 rows of one fine-tune as 16-row pieces (up
+    /// to 63 rows) or through the dense route (from --dense-rows), not as its own matmul through the
+    /// 32-row v4 tile (the default; 1.4-2x faster than either at 32-128 rows on the H200, and 296 against
+    /// 227 tokens/s at 16 req/s with 32 fine-tunes; see dz_candle_ops::set_sbmm_wide_segments).
     #[arg(long, requires = "v4_kernels")]
-    pub sbmm_wide_segments: bool,
-    /// Experimental (not yet run on a GPU): add each RMS norm's weight delta in one op (one kernel
-    /// launch; the three-op path took 54 us of CPU a call on the H200), the sum rounded once; see
-    /// dz_loader::set_fused_norm_deltas.
+    pub no_sbmm_wide_segments: bool,
+    /// Add each RMS norm's weight delta in three ops (an RMS norm with unit weights, a multiply, an add),
+    /// not in one (the default: one kernel launch, 11 against 28 us of CPU a norm on the H200, the sum
+    /// rounded once); see dz_loader::set_fused_norm_deltas.
     #[arg(long)]
-    pub fused_norm_deltas: bool,
+    pub no_fused_norm_deltas: bool,
     /// Leave the CPU cache's deltas pageable. By default, on a CUDA device, each delta read into CPU
     /// memory is page-locked (within --cpu-cache's budget) so that its uploads to the GPU are direct DMA
     /// copies; see dz_loader::set_pin_host_deltas.
@@ -158,8 +158,8 @@ impl ServeArgs {
             v4_sbmm_ring: false,
             dense_rows: dz_loader::DEFAULT_DENSE_ROWS,
             slot_tables: false,
-            sbmm_wide_segments: false,
-            fused_norm_deltas: false,
+            no_sbmm_wide_segments: false,
+            no_fused_norm_deltas: false,
             no_pin_host: false,
         }
     }
@@ -508,14 +508,14 @@ pub fn start(args: &ServeArgs) -> Result<Running> {
     dz_loader::set_dense_rows(args.dense_rows);
     dz_loader::set_slot_tables(args.slot_tables);
     dz_loader::set_pin_host_deltas(!args.no_pin_host);
-    dz_loader::set_fused_norm_deltas(args.fused_norm_deltas);
+    dz_loader::set_fused_norm_deltas(!args.no_fused_norm_deltas);
     if args.v4_kernels {
         // Before any delta is read: the v4 layout is made when the CPU cache reads it.
         dz_loader::set_v4_kernels(true);
         dz_loader::set_v4_keep_packed(args.v4_keep_packed);
         dz_loader::set_v4_sbmm_smem_x(args.v4_sbmm_smem_x);
         dz_loader::set_v4_sbmm_ring(args.v4_sbmm_ring);
-        dz_loader::set_sbmm_wide_segments(args.sbmm_wide_segments);
+        dz_loader::set_sbmm_wide_segments(!args.no_sbmm_wide_segments);
     }
     let api_key = args
         .api_key

@@ -79,7 +79,7 @@ pub(crate) fn takes_dense_matmul(delta: &DeviceDelta, rows: usize, x_dtype: DTyp
 }
 
 static SBMM_WIDE_SEGMENTS: std::sync::atomic::AtomicBool =
-    std::sync::atomic::AtomicBool::new(false);
+    std::sync::atomic::AtomicBool::new(true);
 
 /// Lets `sbmm` (and `sbmm_planned`, `sbmm_slots`) run each segment of more than 16 and fewer than
 /// [`V4_WIDE_DENSE_ROWS`] rows of a delta that keeps only its v4 layout (prefill) as one `delta_matmul_add`
@@ -87,8 +87,9 @@ static SBMM_WIDE_SEGMENTS: std::sync::atomic::AtomicBool =
 /// the dense route. On the H200 (session 13, 4-bit 2:4, bf16) the tile took 25 us at 64-128 rows of
 /// 4096 x 4096 against 48-51 for the v4 dense route and 60-100 for the pieces; 55 against 106 and
 /// 123-230 on 4096 x 11008; 45-83 against 152 and 214-376 on 13824 x 5120 (`kernels-wide.md`: `dz-sx`,
-/// `dense-v4`, `v4-16`). **Off by default** until a serving run has measured it
-/// (`deltazip serve --sbmm-wide-segments`). CUDA, f16 and bf16 only, deltas uploaded for the v4 kernels
+/// `dense-v4`, `v4-16`). On by default since session 14: `cuda_check`'s "wide segments" passed and
+/// a 7B serving run with 32 fine-tunes (4-bit 2:4) gave 206.3 / 296.0 / 283.0 tokens/s at 4 / 16 / 64
+/// req/s against 203.3 / 226.6 / 316.6 without (`deltazip serve --no-sbmm-wide-segments`). CUDA, f16 and bf16 only, deltas uploaded for the v4 kernels
 /// only (`DeviceDelta::v4_only`), with the wide tiles on ([`crate::set_v4_wide_tiles`]).
 pub fn set_sbmm_wide_segments(enabled: bool) {
     SBMM_WIDE_SEGMENTS.store(enabled, Ordering::Relaxed);
