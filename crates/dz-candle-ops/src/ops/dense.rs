@@ -78,8 +78,7 @@ pub(crate) fn takes_dense_matmul(delta: &DeviceDelta, rows: usize, x_dtype: DTyp
     takes_dense(delta, rows, x_dtype)
 }
 
-static SBMM_WIDE_SEGMENTS: std::sync::atomic::AtomicBool =
-    std::sync::atomic::AtomicBool::new(true);
+static SBMM_WIDE_SEGMENTS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
 
 /// Lets `sbmm` (and `sbmm_planned`, `sbmm_slots`) run each segment of more than 16 and fewer than
 /// [`V4_WIDE_DENSE_ROWS`] rows of a delta that keeps only its v4 layout (prefill) as one `delta_matmul_add`
