@@ -1400,7 +1400,7 @@ fn v4_family(ck: &mut Checker, only: bool) {
                     let splits: &[u32] = if si == 0 || si == 3 { &V4_SPLITS } else { &[0] };
                     // Past 16 rows: the 32-row tile with x from global memory (each split), from
                     // shared memory, with x and the codes in the deep shared-memory ring (no split), and
-                    // with K split over a cluster of blocks, each forced, besides the automatic choice.
+                    // with K split over blocks, each forced, besides the automatic choice.
                     let wides: &[(bool, V4WideX)] = match rows {
                         33 => &[
                             (true, V4WideX::Auto),

@@ -226,14 +226,17 @@ pub enum V4WideX {
     /// in flight per warp. Written in session 12 without a GPU (bench/kernels/V4.md, "a deeper code ring");
     /// measured in session 13: 1-7% slower than [`V4WideX::Shared`]. Taken only when forced.
     SharedDeep,
-    /// As [`V4WideX::Shared`], K split over a cluster of 2 or 4 blocks (`dz_v4_<variant>_matmul_sxk<S>_<t>_n4`)
-    /// when the launch has fewer blocks than two per SM: [`v4_wide_split`]. Written in session 13 after
-    /// Nsight Compute showed the shared kernel's time to be one block's K loop (4096 x 4096 at 32 rows: 32
-    /// blocks for 132 SMs); taken only when forced until measured.
+    /// As [`V4WideX::Shared`], K split over 2 or 4 blocks (`dz_v4_<variant>_matmul_sxk<S>_<t>_n4`) when the
+    /// launch has fewer blocks than two per SM: [`v4_wide_split`]. Written in session 13 after Nsight
+    /// Compute showed the shared kernel's time to be one block's K loop (4096 x 4096 at 32 rows: 32 blocks
+    /// for 132 SMs). Session 13 reduced the blocks' partial sums in a cluster (distributed shared memory):
+    /// 31.2 us at 32 rows against 23.8 unsplit, though the unsplit kernel over a quarter of K takes 10.8.
+    /// Since session 14 each block writes its partial sums to a workspace (L2) and the last of an item's
+    /// blocks adds them in a fixed order. Taken only when forced until measured.
     SharedSplit,
 }
 
-/// The cluster size the K-split 32-row tile ([`V4WideX::SharedSplit`]) takes for a launch of `blocks`
+/// The split (blocks an item) the K-split 32-row tile ([`V4WideX::SharedSplit`]) takes for a launch of `blocks`
 /// blocks (x tiles x 8-tile groups) on a GPU that keeps `resident` blocks of it at once (2 an SM): the
 /// largest of 4, 2 with `blocks x S <= resident`, else 1 (no split).
 pub fn v4_wide_split(blocks: u64, resident: u64) -> u32 {

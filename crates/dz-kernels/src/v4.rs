@@ -15,10 +15,11 @@
 //!   tile with x staged in shared memory, a block's 8 warps taking 8 consecutive 16-row tiles of one
 //!   32-row x tile over the whole of K (no split): a 1-D grid of at most `ceil(m / 32) *
 //!   ceil(n_stored / 128)` blocks, grid-stride.
-//! - `dz_v4_<variant>_matmul_sxk<S>_<t>_n4` (same signature) for `S` in 2, 4: as `matmul_sx`, K split over
-//!   clusters of `S` blocks (compile-time cluster dims; rank 0 sums the others' partials through
-//!   distributed shared memory, in rank order): a grid of `S` x (at most `matmul_sx`'s blocks), a
-//!   multiple of `S`.
+//! - `dz_v4_<variant>_matmul_sxk<S>_<t>_n4(DzDelta d, const T* x, const T* base, T* out, u32 m, float* ws,
+//!   u32* counters)` for `S` in 2, 4: as `matmul_sx`, K split over `S` consecutive blocks; each writes its
+//!   partial sums to `ws` and counts itself in at its item's counter, and the last one adds the `S`
+//!   partials in rank order and stores: a grid of `S` x `matmul_sx`'s blocks, `ws` and `counters` of
+//!   [`v4_matmul_sxk_workspace`] bytes, the counters zero at launch.
 //! - `dz_v4_<variant>_matmul_sxd_<t>_n4` (same signature and grid): as `matmul_sx`, x and the codes in a
 //!   deep ring of K blocks in dynamic shared memory; launch it with [`v4_matmul_sxd_smem`] bytes of it
 //!   (raising the function's limit past 48 KB first).
@@ -71,7 +72,7 @@ pub struct V4Entries {
     /// shared-memory ring ([`v4_matmul_sxd_smem`] bytes of dynamic shared memory).
     pub matmul_sxd: [&'static str; 2],
     /// `dz_v4_<variant>_matmul_sxk<S>_<t>_n4`, by dtype then `S` (2, 4): the 32-row tile with x in shared
-    /// memory, K split over a cluster of `S` blocks.
+    /// memory, K split over `S` blocks, reduced through a workspace.
     pub matmul_sxk: [[&'static str; 2]; 2],
     /// `dz_v4_<variant>_sbmm_<t>_n<NT>`, by dtype then tile.
     pub sbmm: [[&'static str; 2]; 2],
@@ -126,8 +127,9 @@ impl V4Entries {
         Self::index(dtype, 1).map(|(d, _)| self.matmul_sxd[d])
     }
 
-    /// The 32-row matmul tile with K split over clusters of `split` blocks (2 or 4; the signature of
-    /// [`V4Entries::matmul_sx`], a grid that is a multiple of `split`); `None` for f32 or another split.
+    /// The 32-row matmul tile with K split over `split` blocks (2 or 4; the signature of
+    /// [`V4Entries::matmul_sx`] plus the workspace and counters of [`v4_matmul_sxk_workspace`], `split` x
+    /// its blocks); `None` for f32 or another split.
     pub fn matmul_sxk(&self, dtype: Dtype, split: u32) -> Option<&'static str> {
         let s = match split {
             2 => 0,
@@ -312,6 +314,18 @@ pub fn v4_matmul_sxd_smem(variant: Variant) -> Option<u32> {
         _ => return None,
     };
     Some(stages * (X_STAGE + 8 * (packet + meta + 32)))
+}
+
+/// The workspace of a `dz_v4_<variant>_matmul_sxk<S>_<t>_n4` launch over `blocks` blocks of `matmul_sx`
+/// (x tiles x 8-tile groups) split `split` ways: `(counters, total)` bytes, the counters (one `u32` a
+/// block, zero before the launch) first, padded to 256 bytes, then the partial sums (`split` x 16 `f32` a
+/// thread of 256 a block). 32 rows of 4096 x 4096 split 4 ways: 2 MiB.
+pub fn v4_matmul_sxk_workspace(blocks: u64, split: u32) -> (usize, usize) {
+    let counters = (blocks as usize * 4).div_ceil(256) * 256;
+    (
+        counters,
+        counters + blocks as usize * split as usize * 16 * 256 * 4,
+    )
 }
 
 /// The dynamic shared memory (bytes) a block of `dz_v4_<variant>_sbmm_ring_<t>_n1` needs: 8 warps x R = 8

@@ -37,8 +37,9 @@ use candle_core::{CudaDevice, CudaStorage, DType, Layout, Shape};
 use dz_kernels::desc::as_bytes;
 use dz_kernels::tc::{tc_entries, tc_supports, TcEntries, TcTile, TC_MODULE, TC_THREADS};
 use dz_kernels::v4::{
-    v4_entries, v4_matmul_sxd_smem, v4_matmul_tile_rows, v4_tile_rows, V4Entries,
-    V4_DEQUANTIZE_THREADS, V4_MAX_ROWS, V4_MODULE, V4_THREADS, V4_TILE_ROWS, V4_WIDE_ROWS,
+    v4_entries, v4_matmul_sxd_smem, v4_matmul_sxk_workspace, v4_matmul_tile_rows, v4_tile_rows,
+    V4Entries, V4_DEQUANTIZE_THREADS, V4_MAX_ROWS, V4_MODULE, V4_THREADS, V4_TILE_ROWS,
+    V4_WIDE_ROWS,
 };
 use dz_kernels::{DzDelta, DzSegment, Tile, Variant, ROWS_PER_BLOCK, THREADS, WARPS};
 use half::{bf16, f16};
@@ -323,6 +324,8 @@ fn matmul_t<T: Elem>(
     let stream = dev.cuda_stream();
     let locked = Locked::new(delta);
     let mut out = alloc::<T>(&dev, len)?;
+    // The K-split 32-row tile's workspace (`v4_matmul_sxk_workspace`), freed on the stream after the launch.
+    let mut scratch: Option<CudaSlice<u8>> = None;
     {
         let mut ptrs = Ptrs::new(&stream);
         let described = describe(op, &locked, &dev, &mut ptrs)?;
@@ -362,8 +365,8 @@ fn matmul_t<T: Elem>(
                         | crate::V4WideX::SharedDeep
                         | crate::V4WideX::SharedSplit => true,
                     };
-                    // The deep ring (x and codes in shared memory; measured slower) and the K split over
-                    // clusters (not yet measured) only when forced.
+                    // The deep ring (x and codes in shared memory; measured slower) and the K split
+                    // (reduced through L2 since session 14; not yet measured so) only when forced.
                     let deep = crate::v4_wide_x() == crate::V4WideX::SharedDeep;
                     let split = match crate::v4_wide_x() {
                         crate::V4WideX::SharedSplit => crate::v4_wide_split(
@@ -404,12 +407,12 @@ fn matmul_t<T: Elem>(
             };
             // v4: a 1-D grid over the (x tile, delta tile) items, each split over `split` warps.
             let (grid, v4_split) = match kernel {
-                // The K-split entries take `split` consecutive blocks (a cluster) per block of the
-                // others: a grid that is a multiple of the cluster size.
+                // The K-split entries take `split` consecutive blocks per block of the others, one
+                // item each (the workspace has a slot per item).
                 Kernel::V4(..) if sx.is_some() => {
                     let (blocks, split) = sx.map_or((1, 1), |(_, b, _, s)| (b, s));
-                    let clusters = blocks.min(u64::from(MAX_GRID_X / split)) as u32;
-                    ((clusters * split, 1), None)
+                    let groups = blocks.min(u64::from(MAX_GRID_X / split)) as u32;
+                    ((groups * split, 1), None)
                 }
                 Kernel::V4(..) => {
                     let (split, grid) =
@@ -417,6 +420,16 @@ fn matmul_t<T: Elem>(
                     (grid, Some(split))
                 }
                 _ => ((tiles, x_tiles.min(MAX_GRID_Y)), None),
+            };
+            // The K split's partial sums and counters (zeroed here, on the stream).
+            let sxk = match sx {
+                Some((_, blocks, _, split)) if split > 1 => {
+                    let (counters, total) = v4_matmul_sxk_workspace(blocks, split);
+                    let p = ptrs.write(scratch.insert(alloc::<u8>(&dev, total)?));
+                    memset(&stream, p, 0, counters)?;
+                    Some((p + counters as u64, p))
+                }
+                _ => None,
             };
             let desc = DescArg(kernel.desc(&d));
             let base_arg = if in_place { out_p } else { base_p.unwrap_or(0) };
@@ -429,11 +442,17 @@ fn matmul_t<T: Elem>(
             if let Some(split) = &v4_split {
                 b.arg(split);
             }
+            if let Some((ws, counters)) = &sxk {
+                b.arg(ws);
+                b.arg(counters);
+            }
             // SAFETY: the arguments match `dz_<v>_matmul_add_<t>_m<MT>(DzDelta, const T*, const T*, T*,
             // u32)` (and the tensor-core `dz_tc_<v>_matmul_add_<t>_n<NT>`, same signature; the v4
             // entries take one more u32, the split: 1, 2, 4 or 8; the v4 `matmul_sx` entries take none,
             // their grid-stride loop covering ceil(m / 32) x ceil(tiles / 8) blocks, and `matmul_sxk<S>`
-            // takes a grid that is a multiple of its compile-time cluster size S): x holds m rows of
+            // takes S times those blocks and two more pointers, its workspace of
+            // `v4_matmul_sxk_workspace` bytes with the counters zeroed, alive until the stream frees it
+            // after the launch): x holds m rows of
             // K elements of T, base (0, or m x N_total) and out (m x N_total) are T buffers, and the
             // descriptor points to the delta's parts (the v4 parts for a v4 kernel), checked by
             // `describe`. The `matmul_sxd` entries get the dynamic shared memory they need

@@ -21,7 +21,6 @@
 // block. Rows of x past `rows` are read as row `rows - 1` (valid memory; their outputs are not written).
 #include "dz_common.cuh"
 
-#include <cooperative_groups.h>
 
 namespace dz {
 namespace v4 {
@@ -928,26 +927,30 @@ struct WideWalk {
   }
 };
 
-// `matmul_sx` (S = 1, `dz_v4_<variant>_matmul_sx_<t>_n4`) and its K split over a cluster of S blocks
-// (`dz_v4_<variant>_matmul_sxk<S>_<t>_n4`; issue #5, session 13). Nsight Compute on the S = 1 kernel at
-// 4096 x 4096 (session 13): 32 blocks for 132 SMs at 32 rows, 12% occupancy, 7% of the DRAM bandwidth, and
-// the same 21 us at 128 rows with 128 blocks. With S > 1 the S blocks of a cluster (`__cluster_dims__`,
-// consecutive blocks) take the same x tile and 8 row tiles, each a 1/S share of the K blocks in whole
-// chunks, and block rank 0 adds the others' partial sums, read from their shared memory (distributed
-// shared memory) in rank order, before the one store: the same inputs give the same bits. The grid is a
-// multiple of S; `WideWalk`'s blocks, grid-stride, every block of a cluster on the same one (the cluster
-// barriers).
+// `matmul_sx` (S = 1, `dz_v4_<variant>_matmul_sx_<t>_n4`) and its K split over S blocks
+// (`dz_v4_<variant>_matmul_sxk<S>_<t>_n4`; issue #5). Nsight Compute on the S = 1 kernel at 4096 x 4096
+// (session 13): 32 blocks for 132 SMs at 32 rows, 12% occupancy, 7% of the DRAM bandwidth, and the same
+// 21 us at 128 rows with 128 blocks: the time is one block's K loop. With S > 1 the S consecutive blocks of
+// an item (ranks 0 .. S - 1) take the same x tile and 8 row tiles, each a 1/S share of the K blocks in
+// whole chunks. Session 13 reduced the shares in a cluster (distributed shared memory): 31.2 us at 32 rows,
+// though `_sx` over a quarter of K alone takes 10.8 (session 14's probe). Here each rank writes its partial
+// sums to `ws` (global memory, so L2), fences, and counts itself in at `counters[item]` (zero before the
+// launch); the block that counts last adds the S partial sums in rank order (its own from registers), so
+// the same inputs give the same bits whichever block finishes last, and stores `out` (= base +) once.
+// `ws`: S x 16 floats a thread of each item (`v4_matmul_sxk_workspace` on the host), laid out so that a
+// warp's stores are coalesced. The grid is S x the items, grid-stride.
 template <class C, typename T, int S>
-__device__ __forceinline__ void matmul_sx(const DzDelta& d, const T* x, const T* base, T* out, uint32_t m) {
+__device__ __forceinline__ void matmul_sx(const DzDelta& d, const T* x, const T* base, T* out, uint32_t m,
+                                          float* ws = nullptr, uint32_t* counters = nullptr) {
   constexpr int NT = WideSx<C, T>::NT;
   constexpr int XC = WideSx<C, T>::XC;
+  constexpr uint32_t PART = NT * 4;  // partial sums a thread
   __shared__ __align__(16) uint32_t xs[2 * WideSx<C, T>::BUF];
-  static_assert(2 * WideSx<C, T>::BUF >= WK * 32 * NT * 4, "the partial sums fit in the x buffers");
   const WideWalk<NT> walk(d, m);
   const uint32_t nkb = (d.k + KB - 1) / KB;
   uint32_t rank = 0, kb_lo = 0, kb_hi = nkb;
   if constexpr (S > 1) {
-    rank = cooperative_groups::this_cluster().block_rank();
+    rank = blockIdx.x % S;
     const uint32_t per = ((nkb + XC - 1) / XC + S - 1) / S * XC;  // K blocks a rank: whole chunks
     kb_lo = min(rank * per, nkb);
     kb_hi = min(kb_lo + per, nkb);
@@ -962,27 +965,31 @@ __device__ __forceinline__ void matmul_sx(const DzDelta& d, const T* x, const T*
     if constexpr (S == 1) {
       walk.template store<C, T>(d, it, base, out, acc);
     } else {
-      const cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
-      float* red = reinterpret_cast<float*>(xs) + threadIdx.x * NT * 4;
-      __syncthreads();  // every warp of this block is done with the x buffers
-      if (rank > 0) {
+      // Rank r's sums of item b: word e of thread t at ((b S + r) PART + e) blockDim + t.
+      const size_t item0 = size_t(b) * S * PART * blockDim.x + threadIdx.x;
+      float* mine = ws + item0 + size_t(rank) * PART * blockDim.x;
 #pragma unroll
-        for (int t = 0; t < NT; ++t)
+      for (int t = 0; t < NT; ++t)
 #pragma unroll
-          for (int e = 0; e < 4; ++e) red[t * 4 + e] = acc[t][e];
-      }
-      cluster.sync();  // every rank's partial sums are in its shared memory
-      if (rank == 0) {
-        for (int r = 1; r < S; ++r) {
-          const float* other = cluster.map_shared_rank(red, r);
+        for (int e = 0; e < 4; ++e) __stcg(mine + (t * 4 + e) * blockDim.x, acc[t][e]);
+      __threadfence();  // this thread's sums are visible GPU-wide before the block counts itself in
+      __shared__ uint32_t last;
+      __syncthreads();
+      if (threadIdx.x == 0) last = atomicAdd(counters + b, 1u) == S - 1;
+      __syncthreads();
+      if (last) {
+        __threadfence();  // the other ranks' sums, fenced before their counts, are read after ours
+        float sum[NT][4];
+        zero(sum);
+        for (uint32_t r = 0; r < S; ++r) {
+          const float* p = ws + item0 + size_t(r) * PART * blockDim.x;
 #pragma unroll
           for (int t = 0; t < NT; ++t)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) acc[t][e] += other[t * 4 + e];
+            for (int e = 0; e < 4; ++e) sum[t][e] += r == rank ? acc[t][e] : __ldcg(p + (t * 4 + e) * blockDim.x);
         }
-        walk.template store<C, T>(d, it, base, out, acc);
+        walk.template store<C, T>(d, it, base, out, sum);
       }
-      cluster.sync();  // rank 0 has read them: the buffers may take the next x tile
     }
   }
 }
@@ -1473,13 +1480,14 @@ __device__ __forceinline__ void dequantize(const DzDelta& d, const T* base, T* o
       dz_v4_##variant##_matmul_sx_##tname##_n4(DzDelta d, const T* x, const T* base, T* out, uint32_t m) {   \
     dz::v4::matmul_sx<C, T, 1>(d, x, base, out, m);                                                          \
   }
-// dz_v4_<variant>_matmul_sxk<S>_<t>_n4(DzDelta d, const T* x, const T* base, T* out, u32 m): as matmul_sx, K
-// split over clusters of S blocks (S = 2, 4); a grid of S x (at most the blocks of matmul_sx) blocks.
+// dz_v4_<variant>_matmul_sxk<S>_<t>_n4(DzDelta d, const T* x, const T* base, T* out, u32 m, float* ws,
+// u32* counters): as matmul_sx, K split over S blocks (S = 2, 4), reduced through `ws`; a grid of S x the
+// blocks of matmul_sx; `counters` (one a block of matmul_sx) zero at launch.
 #define DZ_V4_MATMUL_SXK(variant, C, T, tname, S)                                                            \
-  extern "C" __global__ void __cluster_dims__(S, 1, 1) __launch_bounds__(dz::v4::WK * 32, 2)                 \
+  extern "C" __global__ void __launch_bounds__(dz::v4::WK * 32, 2)                                          \
       dz_v4_##variant##_matmul_sxk##S##_##tname##_n4(DzDelta d, const T* x, const T* base, T* out,           \
-                                                      uint32_t m) {                                          \
-    dz::v4::matmul_sx<C, T, S>(d, x, base, out, m);                                                          \
+                                                      uint32_t m, float* ws, uint32_t* counters) {           \
+    dz::v4::matmul_sx<C, T, S>(d, x, base, out, m, ws, counters);                                            \
   }
 // dz_v4_<variant>_matmul_sxd_<t>_n4(DzDelta d, const T* x, const T* base, T* out, u32 m): as matmul_sx, x and
 // the codes in a deep ring in dynamic shared memory (v4_matmul_sxd_smem on the host: the bytes to pass).
