@@ -425,7 +425,10 @@ fn matmul_t<T: Elem>(
             let sxk = match sx {
                 Some((_, blocks, _, split)) if split > 1 => {
                     let (counters, total) = v4_matmul_sxk_workspace(blocks, split);
-                    let p = ptrs.write(scratch.insert(alloc::<u8>(&dev, total)?));
+                    // SAFETY: uninitialized: the counters are zeroed below, and the kernel reads a
+                    // partial sum only after the block that writes it has counted itself in.
+                    let buf = unsafe { dev.alloc::<u8>(total) }?;
+                    let p = ptrs.write(scratch.insert(buf));
                     memset(&stream, p, 0, counters)?;
                     Some((p + counters as u64, p))
                 }
