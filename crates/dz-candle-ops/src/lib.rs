@@ -211,10 +211,12 @@ pub fn v4_wide_tiles() -> bool {
 /// Where the v4 32-row matmul tile ([`set_v4_wide_tiles`]) reads x from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum V4WideX {
-    /// Per launch: [`V4WideX::Shared`] for sparse 2:4 deltas, and for quant deltas when the launch's
-    /// blocks of 8 row tiles (x tiles x `ceil(tiles / 8)`) are at least a quarter of the GPU's SMs, else
-    /// [`V4WideX::Global`] (few blocks would leave SMs idle; the global kernel splits K over warps
-    /// instead). The default; both rules are session 12's H200 sweep (bench/kernels/V4.md, "Session 12").
+    /// Per launch: [`V4WideX::SharedSplit`] when the launch's blocks of 8 row tiles (x tiles x
+    /// `ceil(tiles / 8)`) are at most half the GPU's SMs ([`v4_wide_split`]; session 14), else
+    /// [`V4WideX::Shared`] for sparse 2:4 deltas, and for quant deltas when those blocks are at least a
+    /// quarter of the GPU's SMs, else [`V4WideX::Global`] (few blocks would leave SMs idle; the global
+    /// kernel splits K over warps instead). The default; the rules are session 12's and 14's H200 sweeps
+    /// (bench/kernels/V4.md, "Session 12", "Session 14").
     Auto,
     /// Each lane's x words from global memory (L1) right before each mma, items split over warps along K
     /// as the 8- and 16-row tiles (`dz_v4_<variant>_matmul_add_<t>_n4`).
@@ -226,24 +228,28 @@ pub enum V4WideX {
     /// in flight per warp. Written in session 12 without a GPU (bench/kernels/V4.md, "a deeper code ring");
     /// measured in session 13: 1-7% slower than [`V4WideX::Shared`]. Taken only when forced.
     SharedDeep,
-    /// As [`V4WideX::Shared`], K split over 2 or 4 blocks (`dz_v4_<variant>_matmul_sxk<S>_<t>_n4`) when the
-    /// launch has fewer blocks than two per SM: [`v4_wide_split`]. Written in session 13 after Nsight
+    /// As [`V4WideX::Shared`], K split over 4 blocks (`dz_v4_<variant>_matmul_sxk4_<t>_n4`) when the launch
+    /// has at most a block for two SMs: [`v4_wide_split`] (else unsplit). Written in session 13 after Nsight
     /// Compute showed the shared kernel's time to be one block's K loop (4096 x 4096 at 32 rows: 32 blocks
     /// for 132 SMs). Session 13 reduced the blocks' partial sums in a cluster (distributed shared memory):
     /// 31.2 us at 32 rows against 23.8 unsplit, though the unsplit kernel over a quarter of K takes 10.8.
     /// Since session 14 each block writes its partial sums to a workspace (L2) and the last of an item's
-    /// blocks adds them in a fixed order. Taken only when forced until measured.
+    /// blocks adds them in a fixed order: 17.3 us (cuBLAS bf16 17.6), and 26.1 against 52.9 on 4096 x
+    /// 11008. [`V4WideX::Auto`] takes it where it splits.
     SharedSplit,
 }
 
-/// The split (blocks an item) the K-split 32-row tile ([`V4WideX::SharedSplit`]) takes for a launch of `blocks`
-/// blocks (x tiles x 8-tile groups) on a GPU that keeps `resident` blocks of it at once (2 an SM): the
-/// largest of 4, 2 with `blocks x S <= resident`, else 1 (no split).
+/// The split (blocks an item) the 32-row tile takes for a launch of `blocks` blocks (x tiles x 8-tile
+/// groups) on a GPU that keeps `resident` blocks of it at once (2 an SM): 4 (`matmul_sxk4`) when `4 x
+/// blocks <= resident`, i.e. at most a block for two SMs, else 1 (no split). Session 14's H200 sweep (6
+/// shapes, 4 codecs, 32-256 rows; `kernels-sxk.md`): every such launch was faster split (0.45-0.88x the
+/// time), and a 2-way split of 67-132 blocks, or a 4-way one past 66, was no faster (0.96-1.17x).
 pub fn v4_wide_split(blocks: u64, resident: u64) -> u32 {
-    [4u32, 2]
-        .into_iter()
-        .find(|&s| blocks * u64::from(s) <= resident)
-        .unwrap_or(1)
+    if blocks * 4 <= resident {
+        4
+    } else {
+        1
+    }
 }
 
 static V4_WIDE_X: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
@@ -339,10 +345,9 @@ mod tests {
         // 4096 x 4096 at 32 rows: 32 blocks of 8 row tiles.
         assert_eq!(v4_wide_split(32, resident), 4);
         assert_eq!(v4_wide_split(66, resident), 4);
-        assert_eq!(v4_wide_split(67, resident), 2);
+        assert_eq!(v4_wide_split(67, resident), 1);
         // 4096 x 4096 at 128 rows.
-        assert_eq!(v4_wide_split(128, resident), 2);
-        assert_eq!(v4_wide_split(133, resident), 1);
+        assert_eq!(v4_wide_split(128, resident), 1);
         assert_eq!(v4_wide_split(1, 1), 1);
     }
 }

@@ -15,8 +15,8 @@
 //!   tile with x staged in shared memory, a block's 8 warps taking 8 consecutive 16-row tiles of one
 //!   32-row x tile over the whole of K (no split): a 1-D grid of at most `ceil(m / 32) *
 //!   ceil(n_stored / 128)` blocks, grid-stride.
-//! - `dz_v4_<variant>_matmul_sxk<S>_<t>_n4(DzDelta d, const T* x, const T* base, T* out, u32 m, float* ws,
-//!   u32* counters)` for `S` in 2, 4: as `matmul_sx`, K split over `S` consecutive blocks; each writes its
+//! - `dz_v4_<variant>_matmul_sxk4_<t>_n4(DzDelta d, const T* x, const T* base, T* out, u32 m, float* ws,
+//!   u32* counters)`: as `matmul_sx`, K split over `S` = 4 consecutive blocks; each writes its
 //!   partial sums to `ws` and counts itself in at its item's counter, and the last one adds the `S`
 //!   partials in rank order and stores: a grid of `S` x `matmul_sx`'s blocks, `ws` and `counters` of
 //!   [`v4_matmul_sxk_workspace`] bytes, the counters zero at launch.
@@ -71,9 +71,9 @@ pub struct V4Entries {
     /// `dz_v4_<variant>_matmul_sxd_<t>_n4`, by dtype: the 32-row tile with x and the codes in a deep
     /// shared-memory ring ([`v4_matmul_sxd_smem`] bytes of dynamic shared memory).
     pub matmul_sxd: [&'static str; 2],
-    /// `dz_v4_<variant>_matmul_sxk<S>_<t>_n4`, by dtype then `S` (2, 4): the 32-row tile with x in shared
-    /// memory, K split over `S` blocks, reduced through a workspace.
-    pub matmul_sxk: [[&'static str; 2]; 2],
+    /// `dz_v4_<variant>_matmul_sxk4_<t>_n4`, by dtype: the 32-row tile with x in shared memory, K split
+    /// over 4 blocks, reduced through a workspace (S = 2 measured no faster than no split in session 14).
+    pub matmul_sxk: [&'static str; 2],
     /// `dz_v4_<variant>_sbmm_<t>_n<NT>`, by dtype then tile.
     pub sbmm: [[&'static str; 2]; 2],
     /// `dz_v4_<variant>_sbmm_sx_<t>_n<NT>`, by dtype then tile: the sbmm with x staged in shared memory
@@ -127,16 +127,14 @@ impl V4Entries {
         Self::index(dtype, 1).map(|(d, _)| self.matmul_sxd[d])
     }
 
-    /// The 32-row matmul tile with K split over `split` blocks (2 or 4; the signature of
+    /// The 32-row matmul tile with K split over `split` blocks (4 only; the signature of
     /// [`V4Entries::matmul_sx`] plus the workspace and counters of [`v4_matmul_sxk_workspace`], `split` x
     /// its blocks); `None` for f32 or another split.
     pub fn matmul_sxk(&self, dtype: Dtype, split: u32) -> Option<&'static str> {
-        let s = match split {
-            2 => 0,
-            4 => 1,
-            _ => return None,
-        };
-        Self::index(dtype, 1).map(|(d, _)| self.matmul_sxk[d][s])
+        if split != 4 {
+            return None;
+        }
+        Self::index(dtype, 1).map(|(d, _)| self.matmul_sxk[d])
     }
 
     /// The sbmm entry point for segments of at most `rows` input rows.
@@ -193,7 +191,7 @@ impl V4Entries {
             .flatten()
             .chain(&self.matmul_sx)
             .chain(&self.matmul_sxd)
-            .chain(self.matmul_sxk.iter().flatten())
+            .chain(self.matmul_sxk.iter())
             .chain(&self.sbmm_ring)
             .chain(self.sbmm.iter().chain(&self.sbmm_sx).flatten())
             .chain(&self.dequantize)
@@ -253,14 +251,8 @@ macro_rules! v4_entries {
                 concat!("dz_v4_", $v, "_matmul_sxd_bf16_n4"),
             ],
             matmul_sxk: [
-                [
-                    concat!("dz_v4_", $v, "_matmul_sxk2_f16_n4"),
-                    concat!("dz_v4_", $v, "_matmul_sxk4_f16_n4"),
-                ],
-                [
-                    concat!("dz_v4_", $v, "_matmul_sxk2_bf16_n4"),
-                    concat!("dz_v4_", $v, "_matmul_sxk4_bf16_n4"),
-                ],
+                concat!("dz_v4_", $v, "_matmul_sxk4_f16_n4"),
+                concat!("dz_v4_", $v, "_matmul_sxk4_bf16_n4"),
             ],
             sbmm: [v4_tiles!($v, "sbmm", "f16"), v4_tiles!($v, "sbmm", "bf16")],
             sbmm_sx: [
@@ -362,16 +354,16 @@ mod tests {
     #[test]
     fn names_and_support() {
         let n: usize = V4.iter().map(|e| e.all().count()).sum();
-        assert_eq!(n, 4 * 27);
+        assert_eq!(n, 4 * 25);
         assert_eq!(
             V4[3].matmul_sxk(Dtype::Bf16, 4),
             Some("dz_v4_sparse24_4_matmul_sxk4_bf16_n4")
         );
         assert_eq!(
-            V4[0].matmul_sxk(Dtype::F16, 2),
-            Some("dz_v4_quant2_matmul_sxk2_f16_n4")
+            V4[0].matmul_sxk(Dtype::F16, 4),
+            Some("dz_v4_quant2_matmul_sxk4_f16_n4")
         );
-        assert!(V4[0].matmul_sxk(Dtype::F16, 3).is_none());
+        assert!(V4[0].matmul_sxk(Dtype::F16, 2).is_none());
         assert!(V4[0].matmul_sxk(Dtype::F32, 2).is_none());
         assert_eq!(
             V4[3].sbmm_ring(Dtype::Bf16, 1),

@@ -350,14 +350,25 @@ fn matmul_t<T: Elem>(
             let sx = match kernel {
                 Kernel::V4(e, V4_WIDE_ROWS) => {
                     let blocks = u64::from(x_tiles) * u64::from(tiles.div_ceil(WARPS_V4));
+                    // 4 blocks an item where the launch has at most a block for two SMs (session 14:
+                    // 0.45-0.88x the unsplit kernel's time at every such launch of its sweep, and faster
+                    // than the global kernel there too).
+                    let split = match crate::v4_wide_x() {
+                        crate::V4WideX::Auto | crate::V4WideX::SharedSplit => crate::v4_wide_split(
+                            blocks,
+                            resident_warps(&dev)? / u64::from(WARPS_V4),
+                        ),
+                        _ => 1,
+                    };
                     let shared = match crate::v4_wide_x() {
                         // sparse24: always (measured faster at every shape and row count of session
                         // 12's sweep, 32-256 rows: 4096 x 4096 4b 2:4 at 32 rows 23.5 vs 28.3 us); quant:
                         // from a block per four SMs (resident warps = SMs x 2 blocks x 8 warps), below
                         // which the split kernel won (4096 x 4096 4b g128 at 32 rows, 32 blocks: 19.5 vs
-                        // 26.2 us; 5120 x 5120, 40 blocks: 31.2 vs 33.7 shared).
+                        // 26.2 us; 5120 x 5120, 40 blocks: 31.2 vs 33.7 shared), or split.
                         crate::V4WideX::Auto => {
-                            matches!(d.variant, Variant::Sparse24(_))
+                            split > 1
+                                || matches!(d.variant, Variant::Sparse24(_))
                                 || blocks * 8 * u64::from(WARPS_V4) >= resident_warps(&dev)?
                         }
                         crate::V4WideX::Global => false,
@@ -365,16 +376,8 @@ fn matmul_t<T: Elem>(
                         | crate::V4WideX::SharedDeep
                         | crate::V4WideX::SharedSplit => true,
                     };
-                    // The deep ring (x and codes in shared memory; measured slower) and the K split
-                    // (reduced through L2 since session 14; not yet measured so) only when forced.
+                    // The deep ring (x and codes in shared memory; measured slower) only when forced.
                     let deep = crate::v4_wide_x() == crate::V4WideX::SharedDeep;
-                    let split = match crate::v4_wide_x() {
-                        crate::V4WideX::SharedSplit => crate::v4_wide_split(
-                            blocks,
-                            resident_warps(&dev)? / u64::from(WARPS_V4),
-                        ),
-                        _ => 1,
-                    };
                     let name = if deep {
                         e.matmul_sxd(T::KIND)
                     } else if split > 1 {

@@ -1481,7 +1481,7 @@ __device__ __forceinline__ void dequantize(const DzDelta& d, const T* base, T* o
     dz::v4::matmul_sx<C, T, 1>(d, x, base, out, m);                                                          \
   }
 // dz_v4_<variant>_matmul_sxk<S>_<t>_n4(DzDelta d, const T* x, const T* base, T* out, u32 m, float* ws,
-// u32* counters): as matmul_sx, K split over S blocks (S = 2, 4), reduced through `ws`; a grid of S x the
+// u32* counters): as matmul_sx, K split over S blocks (S = 4), reduced through `ws`; a grid of S x the
 // blocks of matmul_sx; `counters` (one a block of matmul_sx) zero at launch.
 #define DZ_V4_MATMUL_SXK(variant, C, T, tname, S)                                                            \
   extern "C" __global__ void __launch_bounds__(dz::v4::WK * 32, 2)                                          \
@@ -1525,7 +1525,6 @@ __device__ __forceinline__ void dequantize(const DzDelta& d, const T* base, T* o
   DZ_V4_ENTRIES(variant, C, __half, f16, 2)            \
   DZ_V4_MATMUL(variant, C, __half, f16, 4)             \
   DZ_V4_MATMUL_SX(variant, C, __half, f16)             \
-  DZ_V4_MATMUL_SXK(variant, C, __half, f16, 2)         \
   DZ_V4_MATMUL_SXK(variant, C, __half, f16, 4)         \
   DZ_V4_MATMUL_SXD(variant, C, __half, f16)            \
   DZ_V4_SBMM_RING(variant, C, __half, f16)             \
@@ -1533,7 +1532,6 @@ __device__ __forceinline__ void dequantize(const DzDelta& d, const T* base, T* o
   DZ_V4_ENTRIES(variant, C, __nv_bfloat16, bf16, 2)    \
   DZ_V4_MATMUL(variant, C, __nv_bfloat16, bf16, 4)     \
   DZ_V4_MATMUL_SX(variant, C, __nv_bfloat16, bf16)     \
-  DZ_V4_MATMUL_SXK(variant, C, __nv_bfloat16, bf16, 2) \
   DZ_V4_MATMUL_SXK(variant, C, __nv_bfloat16, bf16, 4) \
   DZ_V4_MATMUL_SXD(variant, C, __nv_bfloat16, bf16)    \
   DZ_V4_SBMM_RING(variant, C, __nv_bfloat16, bf16)     \
