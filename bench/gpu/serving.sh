@@ -62,6 +62,7 @@ V4_SX=${V4_SX:-}              # non-empty (with V4): `serve --v4-sbmm-smem-x` (t
 SLOT_TABLES=${SLOT_TABLES:-}  # non-empty: `serve --slot-tables` (per-pass segment and per-layer descriptor tables; session 12, off by default)
 NO_FUSED_NORM=${NO_FUSED_NORM:-}  # non-empty: `serve --no-fused-norm-deltas` (each norm delta in three ops; one op is the default since session 14)
 NO_SBMM_WIDE=${NO_SBMM_WIDE:-}  # non-empty (with V4): `serve --no-sbmm-wide-segments` (prefill segments of 17-255 rows as 16-row pieces or the dense route; the 32-row tile is the default since session 14)
+POOL_KEEP=${POOL_KEEP:-}      # non-empty: `serve --pool-keep BYTES` (the CUDA memory pool keeps freed memory across synchronizations; session 14, off by default)
 DENSE_ROWS=${DENSE_ROWS:-}    # non-empty: `serve --dense-rows N` (prefill through a dense weight from N rows; 0 = never)
 PORT_BASE=${PORT_BASE:-8200}
 GPU=${GPU:-}
@@ -116,7 +117,7 @@ engines_config() { # engines_config FILE N
 serve() { # serve TAG CONFIG PORT (RUST_LOG: the host logs a failed step's error)
     RUST_LOG="${RUST_LOG:-mistralrs_core=error}" \
         "$DZ" serve --config "$2" --port "$3" ${V4:+--v4-kernels} ${V4:+${V4_BOTH:+--v4-keep-packed}} ${V4:+${V4_SX:+--v4-sbmm-smem-x}} \
-        ${DENSE_ROWS:+--dense-rows "$DENSE_ROWS"} ${SLOT_TABLES:+--slot-tables} ${NO_SBMM_WIDE:+--no-sbmm-wide-segments} ${NO_FUSED_NORM:+--no-fused-norm-deltas} > "$OUT/serve-$1.log" 2>&1 &
+        ${DENSE_ROWS:+--dense-rows "$DENSE_ROWS"} ${SLOT_TABLES:+--slot-tables} ${NO_SBMM_WIDE:+--no-sbmm-wide-segments} ${NO_FUSED_NORM:+--no-fused-norm-deltas} ${POOL_KEEP:+--pool-keep "$POOL_KEEP"} > "$OUT/serve-$1.log" 2>&1 &
     echo $! > "$OUT/serve.pid"
     local t0=$(date +%s)
     until curl -sf "http://127.0.0.1:$3/health" > /dev/null; do
@@ -140,8 +141,9 @@ bench() { # bench TAG SYSTEM PORT MODELS [POPULARITY]   (RATES, REQS: this run's
     # One `bench serve` per rate: each rate's row is on disk as soon as it is measured, so a call that
     # runs out of time keeps the rates it finished. The warm-up goes with the first rate only.
     local warm=${WARMUP:+--warmup} rate
-    # A dz run with a non-default path gets its own system name in the report (dz-4b24+slots, +nowide, +nonorm).
-    if [[ $2 == dz-* ]]; then set -- "$1" "$2${SLOT_TABLES:++slots}${NO_SBMM_WIDE:++nowide}${NO_FUSED_NORM:++nonorm}" "${@:3}"; fi
+    # A dz run with a non-default path gets its own system name in the report (dz-4b24+slots, +nowide, +nonorm, +pool; base+pool).
+    if [[ $2 == dz-* ]]; then set -- "$1" "$2${SLOT_TABLES:++slots}${NO_SBMM_WIDE:++nowide}${NO_FUSED_NORM:++nonorm}${POOL_KEEP:++pool}" "${@:3}"; fi
+    if [[ $2 == base ]]; then set -- "$1" "$2${POOL_KEEP:++pool}" "${@:3}"; fi
     for rate in ${RATES//,/ }; do
         "$DZ" bench serve --url "http://127.0.0.1:$3" --models "$4" --api completions --rates "$rate" \
             --requests "$REQS" --popularity "${5:-uniform}" --corpus "$CORPUS" --prompt-words 32..160 \

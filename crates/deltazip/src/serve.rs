@@ -139,6 +139,18 @@ pub struct ServeArgs {
     /// copies; see dz_loader::set_pin_host_deltas.
     #[arg(long)]
     pub no_pin_host: bool,
+    /// Let each CUDA device's stream-ordered memory pool keep up to this much freed memory across
+    /// synchronizations (e.g. 4GiB; 0, the default, leaves the driver's default of giving it all back
+    /// at every synchronization, so each decode step's allocations map memory again). Experimental,
+    /// not yet measured; see dz_loader::gpu_mem::set_pool_keep_bytes.
+    #[arg(long, default_value = "0", value_parser = parse_pool_keep)]
+    pub pool_keep: u64,
+}
+
+/// `--pool-keep`: bytes, with an optional unit (`4GiB`, `512MiB`).
+fn parse_pool_keep(s: &str) -> std::result::Result<u64, String> {
+    dz_loader::config::parse_bytes(s)
+        .ok_or_else(|| format!("{s:?} is not a size in bytes (e.g. 4GiB, 512MiB, 0)"))
 }
 
 impl ServeArgs {
@@ -161,6 +173,7 @@ impl ServeArgs {
             no_sbmm_wide_segments: false,
             no_fused_norm_deltas: false,
             no_pin_host: false,
+            pool_keep: 0,
         }
     }
 }
@@ -508,6 +521,7 @@ pub fn start(args: &ServeArgs) -> Result<Running> {
     dz_loader::set_dense_rows(args.dense_rows);
     dz_loader::set_slot_tables(args.slot_tables);
     dz_loader::set_pin_host_deltas(!args.no_pin_host);
+    dz_loader::gpu_mem::set_pool_keep_bytes(args.pool_keep);
     dz_loader::set_fused_norm_deltas(!args.no_fused_norm_deltas);
     if args.v4_kernels {
         // Before any delta is read: the v4 layout is made when the CPU cache reads it.
@@ -1238,6 +1252,14 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pool_keep_takes_sizes_with_units_and_names_a_bad_one() {
+        assert_eq!(parse_pool_keep("4GiB"), Ok(4 << 30));
+        assert_eq!(parse_pool_keep("0"), Ok(0));
+        let e = parse_pool_keep("lots").unwrap_err();
+        assert!(e.contains("\"lots\" is not a size"), "{e}");
+    }
     use mistralrs_core::{Admission, AdmissionHook};
 
     #[test]

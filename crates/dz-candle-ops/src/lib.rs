@@ -117,6 +117,7 @@ mod error;
 mod ops;
 mod pinned;
 pub mod poisoned;
+mod pool;
 pub mod reference;
 pub mod relayout;
 
@@ -129,6 +130,7 @@ pub use ops::{
     DEFAULT_DENSE_ROWS, V4_ONLY_DENSE_ROWS, V4_WIDE_DENSE_ROWS,
 };
 pub use pinned::{HostPins, MIN_PINNED_BYTES};
+pub use pool::{set_pool_release_threshold, trim_pool};
 
 static TENSOR_CORES: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
 

@@ -5,6 +5,40 @@
 
 use candle_core::Device;
 
+static POOL_KEEP_BYTES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// How much freed memory each CUDA device [`crate::serve`] uses keeps in its stream-ordered memory pool
+/// across synchronizations (`dz_candle_ops::set_pool_release_threshold`; `deltazip serve --pool-keep`).
+/// 0 (the default) leaves the driver's default: the pool gives freed memory back at every
+/// synchronization, and a serving step's allocations after its synchronization map memory again.
+/// Not yet measured on a GPU (session 14); [`mem_info`] trims the pool before it measures either way.
+pub fn set_pool_keep_bytes(bytes: u64) {
+    POOL_KEEP_BYTES.store(bytes, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// What [`set_pool_keep_bytes`] set.
+pub fn pool_keep_bytes() -> u64 {
+    POOL_KEEP_BYTES.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Applies [`set_pool_keep_bytes`]'s setting to `device`'s memory pool (nothing when it is 0, on the
+/// CPU, or on a device without memory pools).
+pub(crate) fn keep_pool_memory(device: &Device) -> crate::Result<()> {
+    let keep = pool_keep_bytes();
+    if keep == 0 {
+        return Ok(());
+    }
+    if dz_candle_ops::set_pool_release_threshold(device, keep)
+        .map_err(|e| crate::Error::Host(format!("{device:?}: {e}")))?
+    {
+        eprintln!(
+            "deltazip serve: {device:?}'s memory pool keeps up to {} of freed memory across synchronizations",
+            gib(keep)
+        );
+    }
+    Ok(())
+}
+
 /// A device's memory at one moment.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MemInfo {
@@ -19,8 +53,8 @@ pub struct MemInfo {
 }
 
 /// `device`'s memory now, after its queued work (frees queued on the stream count as free, and the
-/// stream-ordered allocator gives memory its pool held back to the device); `None` on the CPU. Makes
-/// the device's context current on the calling thread.
+/// stream-ordered allocator's pool is trimmed, so memory it kept under [`set_pool_keep_bytes`] counts
+/// as free); `None` on the CPU. Makes the device's context current on the calling thread.
 pub fn mem_info(device: &Device) -> Option<Result<MemInfo, String>> {
     #[cfg(feature = "cuda")]
     if let Device::Cuda(dev) = device {
@@ -77,6 +111,8 @@ mod cuda {
         };
         bind(dev).map_err(|e| format!("{e:?}"))?;
         result::ctx::synchronize().map_err(|e| format!("{e:?}"))?;
+        dz_candle_ops::trim_pool(&candle_core::Device::Cuda(dev.clone()), 0)
+            .map_err(|e| format!("{e}"))?;
         let (free, total) = result::mem_get_info().map_err(|e| format!("{e:?}"))?;
         Ok(MemInfo {
             free: free as u64,

@@ -124,6 +124,7 @@ pub fn serve_with(config: &Config, deltas: &[CheckedDelta], preload: bool) -> Re
         )));
     }
     let mut device = device(config.runtime.device)?;
+    gpu_mem::keep_pool_memory(&device)?;
     let mut engine = Engine::new(config.scheduler.max_seqs)?;
     let kv_cache = config.kv_cache();
     let base = &config.base.path;
@@ -158,6 +159,7 @@ pub fn serve_with(config: &Config, deltas: &[CheckedDelta], preload: bool) -> Re
         // The host may have made its own device for this rank (tensor parallelism): the deltas go
         // where the base's layers are.
         device = host::pipeline_device(&p)?;
+        gpu_mem::keep_pool_memory(&device)?;
         // Before the engine starts: a worker's engine never returns.
         if preload {
             preload_multi_tenant(&multi, &registry, &device, tied_head, tp)?;
