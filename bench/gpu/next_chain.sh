@@ -1,5 +1,5 @@
 #!/bin/bash
-# The device chain prepared at the end of session 14 for session 15 (nvidia-h200-x2, ~12 minutes): run it
+# The device chain prepared at the end of session 14 for session 15 (nvidia-h200-x2, ~15 minutes): run it
 # detached and poll, as sessions 10-14 did (session 14's calls: bench/results/h200-s14-2026-11-30.md).
 #
 #   build first (here): bash bench/gpu/build.sh   (.gpu/k and .gpu/srv; check their BUILT files)
@@ -18,9 +18,14 @@
 #    (kernels-h200.{md,json}; plot with bench/kernels/plot.py here), ~5 minutes.
 # B. GPU 1: the 7B generation, then dz-4b24 x 32 at 16 req/s with DZ_PROFILE=1 (every session-14 default
 #    on: is the norm delta's 238 us a synchronized call, unexplained in session 14, gone with the one op?),
-#    then with DZ_PROFILE=host (the CPU's share under the new defaults).
-# C. GPU 0 then: base and dz-2b24 x 32 at 4 / 16 / 64 (dz-2b24 not yet run with session 14's defaults);
-#    GPU 1: dz-4b24 x 32 Zipf(1.0) and one hot model at 4 / 16.
+#    again with `--pool-keep 4GiB` (session 14's hypothesis for that 238 us: the CUDA memory pool's
+#    release threshold is 0, so after each synchronization every allocation maps memory again, and a
+#    profiled part, bracketed by synchronizations, pays that for each of its allocations), then with
+#    DZ_PROFILE=host (the CPU's share under the new defaults).
+# C. GPU 0 then: base, base `--pool-keep 4GiB` (the report's base+pool), dz-2b24 x 32 at 4 / 16 / 64
+#    (dz-2b24 not yet run with session 14's defaults); GPU 1: dz-4b24 x 32 and dz-4b24+pool at 4 / 16 / 64
+#    (an A/B of the pool setting, each beside its base twin), then Zipf(1.0) and one hot model at 4 / 16.
+#    If +pool helps both, make it the default (dz_loader::gpu_mem::set_pool_keep_bytes).
 set -u
 S=/tmp/s15; mkdir -p $S
 log() { echo "[s15 $(date +%T)] $*" >> $S/s15.log; }
@@ -51,12 +56,16 @@ log start
 CODECS="4b24 2b24" DISTINCT=8 OUT=$S/gen bash $R/gpu/serving.sh gen > $S/gen.log 2>&1; log "gen rc=$?"
 # B
 DZ_PROFILE=1 GPU=1 PORT_BASE=8300 OUT=$S/prof V4=1 RATES=16 REQS=64 bash $R/gpu/serving.sh dz:4b24:32 > $S/prof.log 2>&1; log "profile rc=$?"
+DZ_PROFILE=1 POOL_KEEP=4GiB GPU=1 PORT_BASE=8300 OUT=$S/profp V4=1 RATES=16 REQS=64 bash $R/gpu/serving.sh dz:4b24:32 > $S/profp.log 2>&1; log "profile pool rc=$?"
 DZ_PROFILE=host GPU=1 PORT_BASE=8300 OUT=$S/profh V4=1 RATES=16 REQS=64 bash $R/gpu/serving.sh dz:4b24:32 > $S/profh.log 2>&1; log "profile host rc=$?"
 until [ -f $S/kern.done ]; do sleep 2; done
 # C
 ( GPU=0 PORT_BASE=8200 OUT=$S/base RATES=4,16,64 REQS=96 bash $R/gpu/serving.sh base > $S/base.log 2>&1; log "base rc=$?"
+  POOL_KEEP=4GiB GPU=0 PORT_BASE=8200 OUT=$S/basep RATES=4,16,64 REQS=96 bash $R/gpu/serving.sh base > $S/basep.log 2>&1; log "base+pool rc=$?"
   GPU=0 PORT_BASE=8200 OUT=$S/dz2 V4=1 RATES=4,16,64 REQS=96 bash $R/gpu/serving.sh dz:2b24:32 > $S/dz2.log 2>&1; log "dz2b rc=$?"
   touch $S/gpu0.done ) &
+GPU=1 PORT_BASE=8300 OUT=$S/dz V4=1 RATES=4,16,64 REQS=96 bash $R/gpu/serving.sh dz:4b24:32 > $S/dz.log 2>&1; log "dz rc=$?"
+POOL_KEEP=4GiB GPU=1 PORT_BASE=8300 OUT=$S/dzp V4=1 RATES=4,16,64 REQS=96 bash $R/gpu/serving.sh dz:4b24:32 > $S/dzp.log 2>&1; log "dz+pool rc=$?"
 GPU=1 PORT_BASE=8300 OUT=$S/pop V4=1 RATES=4,16 REQS=96 bash $R/gpu/serving.sh dz:4b24:32@zipf:1.0 dz:4b24:32@hot:0.9 > $S/pop.log 2>&1; log "zipf/hot rc=$?"
 until [ -f $S/gpu0.done ]; do sleep 2; done
 touch $S/all.done; log done
