@@ -26,14 +26,7 @@
 #    (dz-2b24 not yet run with session 14's defaults); GPU 1: dz-4b24 x 32 and dz-4b24+pool at 4 / 16 / 64
 #    (an A/B of the pool setting, each beside its base twin), then Zipf(1.0) and one hot model at 4 / 16.
 #    If +pool helps both, make it the default (dz_loader::gpu_mem::set_pool_keep_bytes).
-set -u
-S=/tmp/s15; mkdir -p $S
-log() { echo "[s15 $(date +%T)] $*" >> $S/s15.log; }
-mkdir -p /tmp/k && rm -rf /tmp/k/bench && cp -r bench /tmp/k/
-R=/tmp/k/bench
-mkdir -p /tmp/dzsrv && xz -dc .gpu/srv/deltazip.xz > /tmp/dzsrv/deltazip && chmod +x /tmp/dzsrv/deltazip && cp .gpu/srv/corpus.txt /tmp/dzsrv/
-mkdir -p /tmp/k/bin && for b in cuda_check kernel_bench; do xz -dc .gpu/k/$b.xz > /tmp/k/bin/$b && chmod +x /tmp/k/bin/$b; done
-export DZ_WORK=/tmp/dzsrv DZ=/tmp/dzsrv/deltazip CORPUS=/tmp/dzsrv/corpus.txt
+TAG=s15; W=/tmp/dzsrv; . bench/gpu/chain_env.sh
 log start
 # A
 ( export CUDA_VISIBLE_DEVICES=0; mkdir -p $S/kern $S/check

@@ -8,14 +8,9 @@
 # GPU 0: base at 4 / 16 / 64, then swap x 8 at 4 (2 distinct merged models of 26 GB in CPU memory);
 # GPU 1: dz-4b24 x 8 at 4 / 16 / 64 (all on the GPU), then x 32 at 4 / 16 (the GPU holds ~19: the rest
 # from the page-locked CPU tier, 160 GiB).
-set -u
-S=/tmp/s15b; mkdir -p $S
-log() { echo "[s15b $(date +%T)] $*" >> $S/s15b.log; }
-mkdir -p /tmp/k && rm -rf /tmp/k/bench && cp -r bench /tmp/k/
-R=/tmp/k/bench
 rm -rf /tmp/dzsrv/base /tmp/dzsrv/4b24 /tmp/dzsrv/2b24 /tmp/dzsrv/merged
-mkdir -p /tmp/dz13 && xz -dc .gpu/srv/deltazip.xz > /tmp/dz13/deltazip && chmod +x /tmp/dz13/deltazip && cp .gpu/srv/corpus.txt /tmp/dz13/
-export DZ_WORK=/tmp/dz13 DZ=/tmp/dz13/deltazip CORPUS=/tmp/dz13/corpus.txt SHAPE=llama-13b
+TAG=s15b; W=/tmp/dz13; . bench/gpu/chain_env.sh
+export SHAPE=llama-13b
 log start
 CODECS="4b24" DISTINCT=8 OUT=$S/gen bash $R/gpu/serving.sh gen > $S/gen.log 2>&1; log "gen 13b rc=$?"
 ( GPU=0 PORT_BASE=8200 OUT=$S/base RATES=4,16,64 REQS=96 bash $R/gpu/serving.sh base > $S/base.log 2>&1; log "base rc=$?"
