@@ -25,7 +25,9 @@
 # C. GPU 0 then: base, base `--pool-keep 4GiB` (the report's base+pool), dz-2b24 x 32 at 4 / 16 / 64
 #    (dz-2b24 not yet run with session 14's defaults); GPU 1: dz-4b24 x 32 and dz-4b24+pool at 4 / 16 / 64
 #    (an A/B of the pool setting, each beside its base twin), then Zipf(1.0) and one hot model at 4 / 16.
-#    If +pool helps both, make it the default (dz_loader::gpu_mem::set_pool_keep_bytes).
+#    If +pool helps both, make it the default (dz_loader::gpu_mem::set_pool_keep_bytes). Last, dz-4b24 x 32
+#    with at most 12 fine-tunes a step (`max_deltas_per_step`, the report's +md12) at 16 / 64: a step of
+#    ~20 distinct 7B deltas streams ~50 GiB of them; fewer a step, fewer bytes a token, longer waits.
 TAG=s15; W=/tmp/dzsrv; . bench/gpu/chain_env.sh
 log start
 # A
@@ -60,5 +62,6 @@ until [ -f $S/kern.done ]; do sleep 2; done
 GPU=1 PORT_BASE=8300 OUT=$S/dz V4=1 RATES=4,16,64 REQS=96 bash $R/gpu/serving.sh dz:4b24:32 > $S/dz.log 2>&1; log "dz rc=$?"
 POOL_KEEP=4GiB GPU=1 PORT_BASE=8300 OUT=$S/dzp V4=1 RATES=4,16,64 REQS=96 bash $R/gpu/serving.sh dz:4b24:32 > $S/dzp.log 2>&1; log "dz+pool rc=$?"
 GPU=1 PORT_BASE=8300 OUT=$S/pop V4=1 RATES=4,16 REQS=96 bash $R/gpu/serving.sh dz:4b24:32@zipf:1.0 dz:4b24:32@hot:0.9 > $S/pop.log 2>&1; log "zipf/hot rc=$?"
+GPU=1 PORT_BASE=8300 OUT=$S/md12 V4=1 MAX_DELTAS=12 RATES=16,64 REQS=96 bash $R/gpu/serving.sh dz:4b24:32 > $S/md12.log 2>&1; log "dz md12 rc=$?"
 until [ -f $S/gpu0.done ]; do sleep 2; done
 touch $S/all.done; log done

@@ -144,6 +144,9 @@ bench() { # bench TAG SYSTEM PORT MODELS [POPULARITY]   (RATES, REQS: this run's
     # A dz run with a non-default path gets its own system name in the report (dz-4b24+slots, +nowide, +nonorm, +pool; base+pool).
     if [[ $2 == dz-* ]]; then set -- "$1" "$2${SLOT_TABLES:++slots}${NO_SBMM_WIDE:++nowide}${NO_FUSED_NORM:++nonorm}${POOL_KEEP:++pool}" "${@:3}"; fi
     if [[ $2 == base ]]; then set -- "$1" "$2${POOL_KEEP:++pool}" "${@:3}"; fi
+    # ... and one whose steps may hold fewer fine-tunes than it serves: +mdK (max_deltas_per_step = K).
+    local n_models; n_models=$(( $(tr -cd , <<< "$4" | wc -c) + 1 ))
+    if [[ $2 == dz-* ]] && (( MAX_DELTAS < n_models )); then set -- "$1" "$2+md$MAX_DELTAS" "${@:3}"; fi
     for rate in ${RATES//,/ }; do
         "$DZ" bench serve --url "http://127.0.0.1:$3" --models "$4" --api completions --rates "$rate" \
             --requests "$REQS" --popularity "${5:-uniform}" --corpus "$CORPUS" --prompt-words 32..160 \
