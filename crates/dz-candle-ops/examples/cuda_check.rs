@@ -166,6 +166,19 @@ impl Ops {
             dz_candle_ops::embedding_delta_add(ids, b, d)
         }
     }
+
+    fn embedding_unchecked(
+        &self,
+        ids: &Tensor,
+        b: &Tensor,
+        d: &DeviceDelta,
+    ) -> candle_core::Result<Tensor> {
+        if self.poison {
+            poisoned::embedding_delta_add_unchecked(ids, b, d)
+        } else {
+            dz_candle_ops::embedding_delta_add_unchecked(ids, b, d)
+        }
+    }
 }
 
 /// What one passing case compared.
@@ -903,19 +916,33 @@ fn embedding_family(ck: &mut Checker) {
         }
         let d_cpu = case.delta.build(&Device::Cpu);
         let d_dev = case.delta.build(&ck.dev);
-        ck.case(case.label(), |dev, ops| {
-            let (ids, base) = (case.ids(), case.base());
-            let got = ops.embedding(&ids.to_device(dev)?, &base.to_device(dev)?, &d_dev)?;
-            let want = reference::embedding_delta_add(&ids, &base, &d_cpu)?;
-            let mag = embedding_magnitude(&ids, &base, &d_cpu);
-            check(
-                dev,
-                &got,
-                &want,
-                Some(&mag),
-                &Tolerance::for_dtype(case.dtype),
-            )
-        });
+        // Each case also without the host's id check (`embedding_delta_add_unchecked`: u32 ids straight
+        // from the device; i64 ids take the checked path there too).
+        for unchecked in [false, true] {
+            let label = if unchecked {
+                format!("{} unchecked", case.label())
+            } else {
+                case.label()
+            };
+            ck.case(label, |dev, ops| {
+                let (ids, base) = (case.ids(), case.base());
+                let (ids_d, base_d) = (ids.to_device(dev)?, base.to_device(dev)?);
+                let got = if unchecked {
+                    ops.embedding_unchecked(&ids_d, &base_d, &d_dev)?
+                } else {
+                    ops.embedding(&ids_d, &base_d, &d_dev)?
+                };
+                let want = reference::embedding_delta_add(&ids, &base, &d_cpu)?;
+                let mag = embedding_magnitude(&ids, &base, &d_cpu);
+                check(
+                    dev,
+                    &got,
+                    &want,
+                    Some(&mag),
+                    &Tolerance::for_dtype(case.dtype),
+                )
+            });
+        }
     }
 }
 
@@ -993,6 +1020,25 @@ fn validation(ck: &mut Checker) {
             &["embedding-delta-add", "token id 6 at position 2", "6 rows"],
         )
     });
+    // Unchecked, an id past the vocabulary adds nothing on CUDA (and is still an error on the CPU).
+    ck.case(
+        "embedding unchecked: id = N_total (u32) adds nothing".into(),
+        |dev, ops| {
+            let ids = Tensor::new(&[0u32, 5, 6, 1], dev)?;
+            let base = input(&[4, 32], DType::F32, 1).to_device(dev)?;
+            let r = ops.embedding_unchecked(&ids, &base, &d);
+            if !dev.is_cuda() {
+                return expect_err(r, &["embedding-delta-add", "token id 6 at position 2"]);
+            }
+            check(
+                dev,
+                &r?.narrow(0, 2, 1)?,
+                &base.narrow(0, 2, 1)?.to_device(&Device::Cpu)?,
+                None,
+                &DZ_EXACT,
+            )
+        },
+    );
     ck.case("embedding: negative id (i64)".into(), |dev, ops| {
         let ids = Tensor::new(&[1i64, -1], dev)?;
         let base = input(&[2, 32], DType::BF16, 1).to_device(dev)?;

@@ -68,6 +68,7 @@ pub(crate) fn embedding(
     _ids: Arg<'_>,
     _base: Arg<'_>,
     _fill: Fill,
+    _checked: bool,
 ) -> Out {
     Err(candle_core::Error::NotCompiledWithCudaSupport)
 }

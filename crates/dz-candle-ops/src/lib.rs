@@ -15,7 +15,8 @@
 //!   [`SbmmPlan`] + [`sbmm_planned`]: the same, planned once for a batch layout and run many times (every
 //!   layer of a decode step, consecutive steps of one batch), without the per-call planning.
 //! - [`dequantize`] (the dense delta), [`merge`] (`W + D` in `W`'s dtype) and [`embedding_delta_add`]
-//!   (`base_emb_out + D[ids]`). An `lm_head` delta is a linear delta: use [`delta_matmul_add`].
+//!   (`base_emb_out + D[ids]`; [`embedding_delta_add_unchecked`]: the same without reading CUDA ids back
+//!   to check them). An `lm_head` delta is a linear delta: use [`delta_matmul_add`].
 //!
 //! Codecs: `quant` (2/3/4/8 bits, any group size), `sparse24` (2:4 structured, 2/3/4/8 bits), `sparse`
 //! (unstructured), `sign1` (BitDelta), `dense` and `zero`, in the exact layouts of dz-format's SPEC.md
@@ -124,10 +125,10 @@ pub mod relayout;
 pub use delta::{CheckedParts, DeviceDelta, PreparedDelta, RowSubset};
 pub use error::{OpError, Result};
 pub use ops::{
-    delta_matmul, delta_matmul_add, dense_rows, dequantize, embedding_delta_add, merge,
-    norm_delta_add, sbmm, sbmm_planned, sbmm_slots, sbmm_wide_segments, set_dense_rows,
-    set_sbmm_wide_segments, try_sbmm_slots, SbmmPlan, Segment, SlotDeltas, SlotSegments,
-    DEFAULT_DENSE_ROWS, V4_ONLY_DENSE_ROWS, V4_WIDE_DENSE_ROWS,
+    delta_matmul, delta_matmul_add, dense_rows, dequantize, embedding_delta_add,
+    embedding_delta_add_unchecked, merge, norm_delta_add, sbmm, sbmm_planned, sbmm_slots,
+    sbmm_wide_segments, set_dense_rows, set_sbmm_wide_segments, try_sbmm_slots, SbmmPlan, Segment,
+    SlotDeltas, SlotSegments, DEFAULT_DENSE_ROWS, V4_ONLY_DENSE_ROWS, V4_WIDE_DENSE_ROWS,
 };
 pub use pinned::{HostPins, MIN_PINNED_BYTES};
 pub use pool::{set_pool_release_threshold, trim_pool};

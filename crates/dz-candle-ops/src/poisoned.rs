@@ -65,5 +65,14 @@ pub fn embedding_delta_add(
     base_emb_out: &Tensor,
     delta: &DeviceDelta,
 ) -> candle_core::Result<Tensor> {
-    ops::embedding_delta_add_with(ids, base_emb_out, delta, Fill::Nan)
+    ops::embedding_delta_add_with(ids, base_emb_out, delta, Fill::Nan, true)
+}
+
+/// [`crate::embedding_delta_add_unchecked`], output filled with NaN first.
+pub fn embedding_delta_add_unchecked(
+    ids: &Tensor,
+    base_emb_out: &Tensor,
+    delta: &DeviceDelta,
+) -> candle_core::Result<Tensor> {
+    ops::embedding_delta_add_with(ids, base_emb_out, delta, Fill::Nan, false)
 }

@@ -8,8 +8,8 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use common::*;
 use dz_candle_ops::{
-    delta_matmul, delta_matmul_add, dequantize, embedding_delta_add, merge, sbmm, DeviceDelta,
-    RowSubset, Segment,
+    delta_matmul, delta_matmul_add, dequantize, embedding_delta_add, embedding_delta_add_unchecked,
+    merge, sbmm, DeviceDelta, RowSubset, Segment,
 };
 use dz_format::codec::pack_row_index;
 use dz_format::{Codec, Role};
@@ -303,6 +303,12 @@ fn id_out_of_range() {
     fails(
         embedding_delta_add(&ids, &f32s(&[1, 8]), &emb),
         &["token id -1 at position 0"],
+    );
+    // The unchecked op skips only the CUDA path's read-back: the CPU still checks every id.
+    let ids = Tensor::new(&[3u32, 10], &Device::Cpu).unwrap();
+    fails(
+        embedding_delta_add_unchecked(&ids, &f32s(&[2, 8]), &emb),
+        &["embedding-delta-add", "token id 10 at position 1"],
     );
 }
 

@@ -24,8 +24,8 @@ use rayon::prelude::*;
 
 use candle_core::{DType, Device, Result as CResult, Tensor};
 use dz_candle_ops::{
-    embedding_delta_add, norm_delta_add, sbmm_planned, try_sbmm_slots, CheckedParts, DeviceDelta,
-    HostPins, PreparedDelta, SbmmPlan, Segment, SlotDeltas, SlotSegments,
+    embedding_delta_add_unchecked, norm_delta_add, sbmm_planned, try_sbmm_slots, CheckedParts,
+    DeviceDelta, HostPins, PreparedDelta, SbmmPlan, Segment, SlotDeltas, SlotSegments,
 };
 use dz_format::shard::{shard_range, tensor_split, tp_layer, TpLayer};
 use dz_format::{DeltaFile, Manifest, Role, TensorData, TensorEntry};
@@ -1161,7 +1161,9 @@ impl ModuleDeltas {
                         None => out,
                         Some(d) => {
                             let ids = input.narrow(0, start, end - start)?.contiguous()?;
-                            embedding_delta_add(&ids, &out.contiguous()?, d)?
+                            // The ids indexed the base embedding already: on CUDA they are not read
+                            // back to be checked again (a synchronization per run of rows).
+                            embedding_delta_add_unchecked(&ids, &out.contiguous()?, d)?
                         }
                     });
                     start = end;

@@ -1207,22 +1207,73 @@ pub(crate) fn dequantize(
     }
 }
 
-/// Forward pass of `embedding-delta-add`.
+/// The token ids of an embedding launch.
+#[derive(Clone, Copy)]
+enum Ids<'a> {
+    /// Read back and checked on the host ([`host_ids`]); uploaded for the launch.
+    Host(&'a [u32]),
+    /// u32 ids on the device, `len` of them from element `offset`, not checked (the kernel adds nothing
+    /// for an id past the stored rows).
+    Device {
+        slice: &'a CudaSlice<u32>,
+        offset: usize,
+        len: usize,
+    },
+}
+
+impl Ids<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Ids::Host(ids) => ids.len(),
+            Ids::Device { len, .. } => *len,
+        }
+    }
+}
+
+/// Forward pass of `embedding-delta-add` (`checked`: the ids read back and checked on the host; else u32
+/// ids go to the kernel from the device, without a synchronization).
 pub(crate) fn embedding(
     op: &'static str,
     delta: &DeviceDelta,
     ids: Arg<'_>,
     base: Arg<'_>,
     fill: Fill,
+    checked: bool,
 ) -> Out {
     let dev = base.0.device().clone();
-    let ids = host_ids(op, delta, ids)?;
     let shape = Shape::from(base.1.dims());
+    let host;
+    let ids = match (checked, ids.0.dtype()) {
+        (false, DType::U32) => {
+            let (s, l) = ids;
+            let (a, b) = l
+                .contiguous_offsets()
+                .ok_or_else(|| OpError::NotContiguous {
+                    op,
+                    arg: "ids",
+                    shape: l.dims().to_vec(),
+                    stride: l.stride().to_vec(),
+                })?;
+            let slice = s.as_cuda_slice::<u32>().map_err(|e| OpError::Storage {
+                op,
+                reason: format!("the ids: {e}"),
+            })?;
+            Ids::Device {
+                slice,
+                offset: a,
+                len: b - a,
+            }
+        }
+        _ => {
+            host = host_ids(op, delta, ids)?;
+            Ids::Host(&host)
+        }
+    };
     by_dtype!(
         op,
         "base_emb_out",
         base.0.dtype(),
-        rows_t(op, delta, &dev, Some(base), Some(&ids), shape, fill)
+        rows_t(op, delta, &dev, Some(base), Some(ids), shape, fill)
     )
 }
 
@@ -1413,7 +1464,7 @@ fn rows_t<T: Elem>(
     delta: &DeviceDelta,
     dev: &CudaDevice,
     base: Option<Arg<'_>>,
-    ids: Option<&[u32]>,
+    ids: Option<Ids<'_>>,
     shape: Shape,
     fill: Fill,
 ) -> Out {
@@ -1426,14 +1477,14 @@ fn rows_t<T: Elem>(
         };
     }
     let (n, k) = delta.dims();
-    let rows = ids.map_or(n, <[u32]>::len);
+    let rows = ids.map_or(n, |i| i.len());
     let rows32 = dim(op, "ids", rows, shape.dims())?;
     let len = rows * k;
     let base = base.map(|b| input::<T>(op, "base", b)).transpose()?;
     let stream = dev.cuda_stream();
     let locked = Locked::new(delta);
-    let ids_dev = match ids {
-        Some(ids) if !ids.is_empty() => Some(stream.clone_htod(ids).w()?),
+    let ids_up = match ids {
+        Some(Ids::Host(ids)) if !ids.is_empty() => Some(stream.clone_htod(ids).w()?),
         _ => None,
     };
     let mut out = alloc::<T>(dev, len)?;
@@ -1441,7 +1492,10 @@ fn rows_t<T: Elem>(
         let mut ptrs = Ptrs::new(&stream);
         let described = describe(op, &locked, dev, &mut ptrs)?;
         let base_p = base.map(|(s, o, _)| ptrs.read(s, o));
-        let ids_p = ids_dev.as_ref().map(|s| ptrs.read(s, 0));
+        let ids_p = match ids {
+            Some(Ids::Device { slice, offset, len }) if len > 0 => Some(ptrs.read(slice, offset)),
+            _ => ids_up.as_ref().map(|s| ptrs.read(s, 0)),
+        };
         let out_p = ptrs.write(&mut out);
         poison::<T>(&stream, out_p, len, fill)?;
         match described {
@@ -1472,8 +1526,10 @@ fn rows_t<T: Elem>(
                         b.arg(&base_arg);
                         b.arg(&out_p);
                         // SAFETY: the arguments match `dz_<v>_embedding_add_<t>(DzDelta, const u32*, u32,
-                        // const T*, T*)`: `rows` ids, each < N_total (checked on the host), base and out are
-                        // rows x K buffers of T; the descriptor is checked.
+                        // const T*, T*)`: `rows` ids (each < N_total checked on the host, or unchecked
+                        // device ids: the kernel looks each up with `stored_row`, which yields no row
+                        // past the stored ones, so none is read out of bounds), base and out are rows x
+                        // K buffers of T; the descriptor is checked.
                         unsafe { b.launch(config(grid)) }.w()?;
                     }
                 }

@@ -15,6 +15,8 @@ use crate::error::{OpError, Result};
 struct EmbeddingDeltaAdd<'a> {
     delta: &'a DeviceDelta,
     fill: Fill,
+    /// Whether the CUDA path reads the ids back to check them ([`embedding_delta_add_unchecked`]).
+    checked: bool,
 }
 
 impl EmbeddingDeltaAdd<'_> {
@@ -87,7 +89,14 @@ impl CustomOp2 for EmbeddingDeltaAdd<'_> {
         s2: &CudaStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
-        crate::cuda::embedding(self.name(), self.delta, (s1, l1), (s2, l2), self.fill)
+        crate::cuda::embedding(
+            self.name(),
+            self.delta,
+            (s1, l1),
+            (s2, l2),
+            self.fill,
+            self.checked,
+        )
     }
 }
 
@@ -106,7 +115,21 @@ pub fn embedding_delta_add(
     base_emb_out: &Tensor,
     delta: &DeviceDelta,
 ) -> candle_core::Result<Tensor> {
-    embedding_delta_add_with(ids, base_emb_out, delta, Fill::Uninit)
+    embedding_delta_add_with(ids, base_emb_out, delta, Fill::Uninit, true)
+}
+
+/// [`embedding_delta_add`] without reading the ids back on CUDA: there the op checks every id against
+/// `N_total` on the host, which copies the ids from the device (a synchronization, each call). Here u32
+/// ids on a CUDA device go to the kernel as they are, and an id `>= N_total` adds nothing to its row
+/// (the kernel finds no stored row for it). For callers whose ids have indexed the base embedding
+/// already (a serving step's; `dz_loader`'s hook): the same output for valid ids. i64 ids, and the CPU,
+/// are checked as [`embedding_delta_add`] checks them.
+pub fn embedding_delta_add_unchecked(
+    ids: &Tensor,
+    base_emb_out: &Tensor,
+    delta: &DeviceDelta,
+) -> candle_core::Result<Tensor> {
+    embedding_delta_add_with(ids, base_emb_out, delta, Fill::Uninit, false)
 }
 
 pub(crate) fn embedding_delta_add_with(
@@ -114,8 +137,13 @@ pub(crate) fn embedding_delta_add_with(
     base_emb_out: &Tensor,
     delta: &DeviceDelta,
     fill: Fill,
+    checked: bool,
 ) -> candle_core::Result<Tensor> {
-    let op = EmbeddingDeltaAdd { delta, fill };
+    let op = EmbeddingDeltaAdd {
+        delta,
+        fill,
+        checked,
+    };
     let name = op.name();
     check_is_delta(name, delta)?;
     if delta.role() == Some(Role::Linear) {

@@ -24,8 +24,8 @@ pub use dense::{
 };
 pub use dequant::{dequantize, merge};
 pub(crate) use dequant::{dequantize_with, merge_with};
-pub use embedding::embedding_delta_add;
 pub(crate) use embedding::embedding_delta_add_with;
+pub use embedding::{embedding_delta_add, embedding_delta_add_unchecked};
 pub use matmul::{delta_matmul, delta_matmul_add};
 pub(crate) use matmul::{delta_matmul_add_kernels, delta_matmul_add_with, delta_matmul_with};
 pub use norm::norm_delta_add;
