@@ -14,7 +14,9 @@
 #    4096 4b 2:4 among its cases; session 13 profiled only the 32-row matmul tile): occupancy, stall
 #    reasons, issue rate. Serving's GPU time is mostly this kernel at high fine-tune diversity (32 distinct
 #    deltas a decode step stream ~75 GiB; the sbmm runs at 1.56-1.64x the stream-once time). Then
-#    `cuda_check --quick --filter sbmm` and "norm delta" on the default paths, then the whole kernel_bench
+#    `cuda_check --quick --filter sbmm`, "norm delta" and "embedding" (the unchecked embedding op, session
+#    14, which the hook now takes: no id read-back, so no synchronization a run of rows) on the default
+#    paths, then the whole kernel_bench
 #    (kernels-h200.{md,json}; plot with bench/kernels/plot.py here), ~5 minutes.
 # B. GPU 1: the 7B generation, then dz-4b24 x 32 at 16 req/s with DZ_PROFILE=1 (every session-14 default
 #    on: is the norm delta's 238 us a synchronized call, unexplained in session 14, gone with the one op?),
@@ -43,6 +45,9 @@ log start
   fi
   timeout 120 /tmp/k/bin/cuda_check --quick --filter sbmm > $S/check/sbmm-quick.txt 2>&1; log "cuda_check sbmm rc=$?"
   timeout 60 /tmp/k/bin/cuda_check --quick --filter "norm delta" > $S/check/norm-delta.txt 2>&1; log "cuda_check norm rc=$?"
+  # embedding_delta_add_unchecked (session 14, never run on a GPU; the hook's embedding path now): every
+  # embedding case both ways, and the out-of-range id in the "errors" family.
+  timeout 90 /tmp/k/bin/cuda_check --quick --filter embedding > $S/check/embedding.txt 2>&1; log "cuda_check embedding rc=$?"
   # The whole benchmark with session 14's defaults (the K split at 32-64 rows), for kernels-h200.{md,json,png}
   # (last regenerated in session 9): every shape, codec and row count, sbmm included.
   timeout 420 /tmp/k/bin/kernel_bench --commit "${COMMIT:-unknown}" --out $S/kern/kernels-h200 > $S/kern/bench-full.log 2>&1
