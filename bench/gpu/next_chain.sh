@@ -1,5 +1,5 @@
 #!/bin/bash
-# The device chain prepared at the end of session 14 for session 15 (nvidia-h200-x2, ~15 minutes): run it
+# The device chain prepared at the end of session 14 for session 15 (nvidia-h200-x2, ~16 minutes): run it
 # detached and poll, as sessions 10-14 did (session 14's calls: bench/results/h200-s14-2026-11-30.md).
 #
 #   build first (here): bash bench/gpu/build.sh   (.gpu/k and .gpu/srv; check their BUILT files)
@@ -25,7 +25,8 @@
 #    profiled part, bracketed by synchronizations, pays that for each of its allocations), then with
 #    DZ_PROFILE=host (the CPU's share under the new defaults).
 # C. GPU 0 then: base, base `--pool-keep 4GiB` (the report's base+pool), dz-2b24 x 32 at 4 / 16 / 64
-#    (dz-2b24 not yet run with session 14's defaults); GPU 1: dz-4b24 x 32 and dz-4b24+pool at 4 / 16 / 64
+#    (dz-2b24 not yet run with session 14's defaults), swap x 32 at 0.25 / 0.5 / 1 req/s (16 requests
+#    each: the rates swap may sustain, for the report's "Sustained capacity" ratio); GPU 1: dz-4b24 x 32 and dz-4b24+pool at 4 / 16 / 64
 #    (an A/B of the pool setting, each beside its base twin), then Zipf(1.0) and one hot model at 4 / 16.
 #    If +pool helps both, make it the default (dz_loader::gpu_mem::set_pool_keep_bytes). Last, dz-4b24 x 32
 #    with at most 12 fine-tunes a step (`max_deltas_per_step`, the report's +md12) at 16 / 64: a step of
@@ -63,6 +64,9 @@ until [ -f $S/kern.done ]; do sleep 2; done
 ( GPU=0 PORT_BASE=8200 OUT=$S/base RATES=4,16,64 REQS=96 bash $R/gpu/serving.sh base > $S/base.log 2>&1; log "base rc=$?"
   POOL_KEEP=4GiB GPU=0 PORT_BASE=8200 OUT=$S/basep RATES=4,16,64 REQS=96 bash $R/gpu/serving.sh base > $S/basep.log 2>&1; log "base+pool rc=$?"
   GPU=0 PORT_BASE=8200 OUT=$S/dz2 V4=1 RATES=4,16,64 REQS=96 bash $R/gpu/serving.sh dz:2b24:32 > $S/dz2.log 2>&1; log "dz2b rc=$?"
+  # swap x 32 at rates it may keep up with: the report's "Sustained capacity" compares dz and swap there
+  # (session 14: at 4 req/s swap's tokens/s depend on the run's length; 32.6 over 48 requests).
+  GPU=0 PORT_BASE=8200 OUT=$S/swap32 SWAP_RATES=0.25,0.5,1 SWAP_REQS=16 timeout 420 bash $R/gpu/serving.sh swap:32 > $S/swap32.log 2>&1; log "swap32 low rates rc=$?"
   touch $S/gpu0.done ) &
 GPU=1 PORT_BASE=8300 OUT=$S/dz V4=1 RATES=4,16,64 REQS=96 bash $R/gpu/serving.sh dz:4b24:32 > $S/dz.log 2>&1; log "dz rc=$?"
 POOL_KEEP=4GiB GPU=1 PORT_BASE=8300 OUT=$S/dzp V4=1 RATES=4,16,64 REQS=96 bash $R/gpu/serving.sh dz:4b24:32 > $S/dzp.log 2>&1; log "dz+pool rc=$?"
