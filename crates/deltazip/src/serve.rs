@@ -1212,6 +1212,23 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         state.registry.bytes(),
         state.gpu_budget
     ));
+    let c = state.registry.plan_counts();
+    out.push_str(
+        "# HELP deltazip_linear_delta_calls_total Linear-layer calls with deltas, by how they found their \
+         launches: the layer's cached plan, a plan built (the batch layout changed), the slot tables' shared \
+         launch, or a fallback from the slot tables to the layer plan (counted again there).\n",
+    );
+    out.push_str("# TYPE deltazip_linear_delta_calls_total counter\n");
+    for (outcome, n) in [
+        ("plan_reused", c.plan_reused),
+        ("plan_built", c.plan_built),
+        ("slot_shared", c.slot_shared),
+        ("slot_fallback", c.slot_fallback),
+    ] {
+        out.push_str(&format!(
+            "deltazip_linear_delta_calls_total{{outcome=\"{outcome}\"}} {n}\n"
+        ));
+    }
     let profile = state.registry.profile();
     if profile.enabled() {
         let p = profile.snapshot();

@@ -57,7 +57,7 @@ pub use error::{Error, Result};
 pub use host::{Engine, GeneratedToken, Generation, KvCache};
 pub use multi_tenant::{
     fused_norm_deltas, pin_host_deltas, set_fused_norm_deltas, set_pin_host_deltas,
-    set_slot_tables, slot_tables, DeltaHook, DeltaRegistry, FineTuneDeltas, HostDelta,
+    set_slot_tables, slot_tables, DeltaHook, DeltaRegistry, FineTuneDeltas, HostDelta, PlanCounts,
 };
 pub use swap::{MergedWeights, SwapHook, SwapModel, SwapRegistry, SwapStore};
 pub use tp::TpRank;

@@ -621,10 +621,27 @@ pub struct DeltaRegistry {
     segment_builds: AtomicUsize,
     /// Per-layer slot tables built (once per layer after each insert or remove).
     slot_table_builds: AtomicUsize,
+    /// Linear-layer calls by how they found their deltas' launches ([`PlanCounts`]).
+    plan_counts: [AtomicUsize; 4],
     /// [`DeltaRegistry::force_slot_tables`]: 0 follows [`set_slot_tables`], 1 on, 2 off.
     slot_mode: std::sync::atomic::AtomicU8,
     /// [`DeltaRegistry::force_fused_norm_deltas`]: 0 follows [`set_fused_norm_deltas`], 1 on, 2 off.
     norm_mode: std::sync::atomic::AtomicU8,
+}
+
+/// Linear-layer calls by how they found their deltas' launches ([`DeltaRegistry::plan_counts`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PlanCounts {
+    /// The layer's cached plan served the batch layout.
+    pub plan_reused: usize,
+    /// The layer built a plan (the layout changed, or the layer had none).
+    pub plan_built: usize,
+    /// The slot tables served the call ([`set_slot_tables`]: one shared launch, or none where no slot has
+    /// a delta in the layer).
+    pub slot_shared: usize,
+    /// The slot tables could not serve it (a bias delta, the dense route or a wide segment, more than
+    /// one launch, an older generation); the layer plan did.
+    pub slot_fallback: usize,
 }
 
 /// A pass's [`SlotSegments`], keyed by the [`RowPlan`]'s rows (by identity, then by value: a later pass
@@ -904,6 +921,22 @@ impl DeltaRegistry {
     /// Per-layer slot tables built so far ([`set_slot_tables`]; for tests and benchmarks).
     pub fn slot_table_builds(&self) -> usize {
         self.slot_table_builds.load(Ordering::Relaxed)
+    }
+
+    /// How the linear layers' calls with deltas found their launches so far (`deltazip serve`'s
+    /// `/metrics`: `deltazip_linear_delta_calls_total`): how often a batch change cost a layer a new plan.
+    pub fn plan_counts(&self) -> PlanCounts {
+        let c = |i: usize| self.plan_counts[i].load(Ordering::Relaxed);
+        PlanCounts {
+            plan_reused: c(0),
+            plan_built: c(1),
+            slot_shared: c(2),
+            slot_fallback: c(3),
+        }
+    }
+
+    fn count_plan(&self, outcome: usize) {
+        self.plan_counts[outcome].fetch_add(1, Ordering::Relaxed);
     }
 
     /// How many linear layers hold a cached plan (for tests and metrics).
@@ -1339,8 +1372,10 @@ impl DeltaLinear {
         let m = x.elem_count() / k.max(1);
         if self.registry.uses_slot_tables() {
             if let Some(y) = self.add_slot_deltas(x, &base_out, plan, (m, k, n))? {
+                self.registry.count_plan(2);
                 return Ok(y);
             }
+            self.registry.count_plan(3);
         }
         let lp = self.layer_plan(plan, m, n, base_out.dtype(), x.device())?;
         if lp.sbmm.is_none() && lp.bias.is_none() {
@@ -1376,8 +1411,10 @@ impl DeltaLinear {
     ) -> CResult<Arc<LayerPlan>> {
         let mut slot = self.plan.plan.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(lp) = slot.as_ref().filter(|lp| lp.serves(plan, m, n, dtype)) {
+            self.registry.count_plan(0);
             return Ok(lp.clone());
         }
+        self.registry.count_plan(1);
         let lp = Arc::new(self.build_plan(plan, m, n, dtype, device)?);
         let current = self.registry.generation.load(Ordering::Relaxed);
         *slot = (plan.generation == Some(current)).then(|| lp.clone());
@@ -1766,6 +1803,8 @@ mod tests {
         registry.insert(a.clone());
         registry.insert(b.clone());
         let layer = linear_layer(&registry);
+        // The layer plans, whatever another test set the process-wide slot-table switch to.
+        registry.force_slot_tables(Some(false));
         let tag = |t: &str| Some(Arc::<str>::from(t));
         let x: Vec<f32> = (0..4 * K).map(|i| (i as f32 * 0.71).cos()).collect();
         let x = Tensor::from_vec(x, (4, 1, K), &Device::Cpu).unwrap();
@@ -1805,6 +1844,16 @@ mod tests {
         assert!(!Arc::ptr_eq(&first, &second), "another batch rebuilds it");
         drop(first);
         assert_eq!(run(&tags), want, "and the first batch again");
+        // Built for the first batch, reused by the same pass and the next one over its rows, built for
+        // the other batch and for the first one again (one plan a layer).
+        assert_eq!(
+            registry.plan_counts(),
+            PlanCounts {
+                plan_reused: 2,
+                plan_built: 3,
+                ..PlanCounts::default()
+            }
+        );
 
         // A pass that resolved its rows before a removal runs, but caches nothing after it.
         let in_flight = with_row_tags(Some(tags.clone()), || registry.rows()).unwrap();
