@@ -28,6 +28,9 @@
 #    (dz-2b24 not yet run with session 14's defaults), swap x 32 at 0.25 / 0.5 / 1 req/s (16 requests
 #    each: the rates swap may sustain, for the report's "Sustained capacity" ratio); GPU 1: dz-4b24 x 32 and dz-4b24+pool at 4 / 16 / 64
 #    (an A/B of the pool setting, each beside its base twin), then Zipf(1.0) and one hot model at 4 / 16.
+#    Every dz run's metrics-*.txt now counts `deltazip_linear_delta_calls_total{outcome=plan_reused|
+#    plan_built|...}`: how often a batch change cost the layers new plans (bench hook: ~100 against ~40 us
+#    of CPU a layer call at 32 rows), never measured in serving.
 #    If +pool helps both, make it the default (dz_loader::gpu_mem::set_pool_keep_bytes). Last, dz-4b24 x 32
 #    with at most 12 fine-tunes a step (`max_deltas_per_step`, the report's +md12) at 16 / 64: a step of
 #    ~20 distinct 7B deltas streams ~50 GiB of them; fewer a step, fewer bytes a token, longer waits.
