@@ -3,7 +3,7 @@
 //! embedding and norm deltas, and the CPU bookkeeping of finding each row's fine-tune. The linear parts
 //! of prompt steps (more than one token per sequence) count apart (`*_prefill`) from decode steps'.
 //!
-//! Off by default and free when off (one relaxed atomic load per layer). Two modes:
+//! Off by default and free when off (one relaxed atomic load per layer). Three modes:
 //! - `DZ_PROFILE=1` (device): every measured part is bracketed by device synchronizations, so its time is
 //!   the part's own (GPU work queued before it finishes first) at the cost of the overlap between CPU and
 //!   GPU: a profiled server runs slower than an unprofiled one, and the parts say how the time splits, not
@@ -11,6 +11,11 @@
 //! - `DZ_PROFILE=host`: no synchronization; each part's time is the CPU's, issuing its work (lookups,
 //!   tables, launches). The server runs at its own speed. Where the parts' host time approaches the step
 //!   interval, the CPU, not the GPU, bounds the step.
+//! - `DZ_PROFILE=events` (CUDA; elsewhere as `host`): no synchronization; each part is bracketed by two
+//!   CUDA events on the device's stream, and its time is the GPU timeline's between them, read once the
+//!   end event has completed (queried, never waited for, at later calls and at each snapshot). That is
+//!   the part's kernels plus any gap in which the GPU waited for the CPU to queue them: where a part's
+//!   event time is near its host time the CPU bounds it, where it is well above, the GPU does.
 //!
 //! The step interval (one output-head call to the next, while they come less than a second apart) bounds
 //! everything else (attention, sampling, the host's scheduler): `interval - sum(parts)`.
@@ -76,6 +81,10 @@ pub struct Profile {
     enabled: AtomicBool,
     /// Host mode: parts are timed without device synchronizations.
     host_only: AtomicBool,
+    /// Events mode (`DZ_PROFILE=events`): CUDA parts are timed by event pairs.
+    events: AtomicBool,
+    #[cfg(feature = "cuda")]
+    pending: events::Pending,
     nanos: [AtomicU64; Part::ALL.len()],
     calls: [AtomicU64; Part::ALL.len()],
     steps: AtomicU64,
@@ -87,8 +96,11 @@ impl Default for Profile {
     fn default() -> Self {
         let mode = std::env::var("DZ_PROFILE").unwrap_or_default();
         Profile {
-            enabled: AtomicBool::new(mode == "1" || mode == "host"),
+            enabled: AtomicBool::new(matches!(mode.as_str(), "1" | "host" | "events")),
             host_only: AtomicBool::new(mode == "host"),
+            events: AtomicBool::new(mode == "events"),
+            #[cfg(feature = "cuda")]
+            pending: Default::default(),
             nanos: Default::default(),
             calls: Default::default(),
             steps: AtomicU64::new(0),
@@ -131,9 +143,21 @@ impl Profile {
         self.host_only.store(on, Ordering::Relaxed);
     }
 
+    /// Whether CUDA parts are timed by event pairs (`DZ_PROFILE=events`).
+    pub fn events(&self) -> bool {
+        self.events.load(Ordering::Relaxed)
+    }
+
+    /// Sets events mode (see [`Profile::events`]).
+    pub fn set_events(&self, on: bool) {
+        self.events.store(on, Ordering::Relaxed);
+    }
+
     /// What the parts' seconds mean, for reports.
     pub fn mode(&self) -> &'static str {
-        if self.host_only() {
+        if self.events() {
+            "events: each CUDA part's span on the GPU timeline between two events, no synchronization"
+        } else if self.host_only() {
             "host: the CPU's time issuing each part, no device synchronization"
         } else {
             "device: each part between device synchronizations"
@@ -152,7 +176,13 @@ impl Profile {
         if !self.enabled() {
             return f();
         }
-        let sync = sync && !self.host_only();
+        #[cfg(feature = "cuda")]
+        if sync && self.events() {
+            if let Device::Cuda(dev) = device {
+                return self.pending.time(dev, part, f, |p, d| self.add(p, d));
+            }
+        }
+        let sync = sync && !self.host_only() && !self.events();
         if sync {
             device.synchronize()?;
         }
@@ -190,8 +220,10 @@ impl Profile {
         *last = Some(now);
     }
 
-    /// The counts so far.
+    /// The counts so far (in events mode: of the parts whose end event has completed).
     pub fn snapshot(&self) -> ProfileSnapshot {
+        #[cfg(feature = "cuda")]
+        self.pending.resolve(|p, d| self.add(p, d));
         ProfileSnapshot {
             parts: Part::ALL
                 .iter()
@@ -206,6 +238,98 @@ impl Profile {
                 .collect(),
             steps: self.steps.load(Ordering::Relaxed),
             step_seconds: self.step_nanos.load(Ordering::Relaxed) as f64 * 1e-9,
+        }
+    }
+}
+
+/// Events mode: the parts timed by CUDA event pairs, read when they complete.
+#[cfg(feature = "cuda")]
+mod events {
+    use std::collections::VecDeque;
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    use candle_core::cuda_backend::cudarc::driver::{result, sys, CudaEvent};
+    use candle_core::cuda_backend::CudaDevice;
+    use candle_core::Result as CResult;
+
+    use super::Part;
+
+    /// Parts recorded and not yet read, oldest first, and events to record again.
+    #[derive(Default)]
+    pub(super) struct Pending {
+        parts: Mutex<VecDeque<(Part, CudaEvent, CudaEvent)>>,
+        spare: Mutex<Vec<CudaEvent>>,
+    }
+
+    impl std::fmt::Debug for Pending {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            let n = self.parts.lock().map_or(0, |p| p.len());
+            f.debug_struct("Pending").field("parts", &n).finish()
+        }
+    }
+
+    fn cuda_err(what: &str, e: impl std::fmt::Debug) -> candle_core::Error {
+        candle_core::Error::Msg(format!("DZ_PROFILE=events: {what}: {e:?}"))
+    }
+
+    impl Pending {
+        /// An event recorded on `dev`'s stream now (a spare one, or a new one with timing).
+        fn record(&self, dev: &CudaDevice) -> CResult<CudaEvent> {
+            let stream = dev.cuda_stream();
+            let spare = self.spare.lock().unwrap_or_else(|e| e.into_inner()).pop();
+            let event = match spare.filter(|e| e.context() == stream.context()) {
+                Some(e) => e,
+                None => stream
+                    .context()
+                    .new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))
+                    .map_err(|e| cuda_err("creating an event", e))?,
+            };
+            event
+                .record(&stream)
+                .map_err(|e| cuda_err("recording an event", e))?;
+            Ok(event)
+        }
+
+        /// Runs `f` between two events on `dev`'s stream; reads the parts that have completed.
+        pub(super) fn time<T>(
+            &self,
+            dev: &CudaDevice,
+            part: Part,
+            f: impl FnOnce() -> CResult<T>,
+            add: impl Fn(Part, Duration),
+        ) -> CResult<T> {
+            let start = self.record(dev)?;
+            let out = f()?;
+            let end = self.record(dev)?;
+            self.parts
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push_back((part, start, end));
+            self.resolve(add);
+            Ok(out)
+        }
+
+        /// Adds the time of every part at the front whose end event has completed (queried, not
+        /// waited for: a synchronization would change what is measured).
+        pub(super) fn resolve(&self, add: impl Fn(Part, Duration)) {
+            let mut parts = self.parts.lock().unwrap_or_else(|e| e.into_inner());
+            while let Some((_, _, end)) = parts.front() {
+                if !matches!(end.try_is_complete(), Ok(true)) {
+                    break;
+                }
+                let Some((part, start, end)) = parts.pop_front() else {
+                    break;
+                };
+                // SAFETY: both events are live, of one context, recorded and complete.
+                if let Ok(ms) = unsafe { result::event::elapsed(start.cu_event(), end.cu_event()) }
+                {
+                    add(part, Duration::from_secs_f64(f64::from(ms.max(0.0)) * 1e-3));
+                }
+                let mut spare = self.spare.lock().unwrap_or_else(|e| e.into_inner());
+                spare.push(start);
+                spare.push(end);
+            }
         }
     }
 }
@@ -249,6 +373,18 @@ mod tests {
         assert_eq!(get(Part::NormDelta).2, 1);
         assert!((get(Part::NormDelta).1 - 0.003).abs() < 1e-9);
         assert_eq!(get(Part::BaseLinear).2, 0);
+
+        // Events mode on the CPU times the part on the host, as host mode does.
+        p.set_events(true);
+        assert!(p.mode().starts_with("events"));
+        p.time(Part::BaseLinear, &Device::Cpu, true, || {
+            std::thread::sleep(Duration::from_millis(1));
+            Ok(())
+        })
+        .unwrap();
+        let s = p.snapshot();
+        let get = |part| s.parts.iter().find(|(q, _, _)| *q == part).unwrap();
+        assert!(get(Part::BaseLinear).1 >= 0.001 && get(Part::BaseLinear).2 == 1);
     }
 
     #[test]
