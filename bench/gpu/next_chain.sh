@@ -23,7 +23,9 @@
 #    again with `--pool-keep 4GiB` (session 14's hypothesis for that 238 us: the CUDA memory pool's
 #    release threshold is 0, so after each synchronization every allocation maps memory again, and a
 #    profiled part, bracketed by synchronizations, pays that for each of its allocations), then with
-#    DZ_PROFILE=host (the CPU's share under the new defaults).
+#    DZ_PROFILE=host (the CPU's share under the new defaults), then DZ_PROFILE=events (session 14, never
+#    run: each part's span on the GPU timeline between two CUDA events, no synchronization; beside host
+#    mode's CPU time it says which of the two bounds each part).
 # C. GPU 0 then: base, base `--pool-keep 4GiB` (the report's base+pool), dz-2b24 x 32 at 4 / 16 / 64
 #    (dz-2b24 not yet run with session 14's defaults), swap x 32 at 0.25 / 0.5 / 1 req/s (16 requests
 #    each: the rates swap may sustain, for the report's "Sustained capacity" ratio); GPU 1: dz-4b24 x 32 and dz-4b24+pool at 4 / 16 / 64
@@ -62,6 +64,7 @@ CODECS="4b24 2b24" DISTINCT=8 OUT=$S/gen bash $R/gpu/serving.sh gen > $S/gen.log
 DZ_PROFILE=1 GPU=1 PORT_BASE=8300 OUT=$S/prof V4=1 RATES=16 REQS=64 bash $R/gpu/serving.sh dz:4b24:32 > $S/prof.log 2>&1; log "profile rc=$?"
 DZ_PROFILE=1 POOL_KEEP=4GiB GPU=1 PORT_BASE=8300 OUT=$S/profp V4=1 RATES=16 REQS=64 bash $R/gpu/serving.sh dz:4b24:32 > $S/profp.log 2>&1; log "profile pool rc=$?"
 DZ_PROFILE=host GPU=1 PORT_BASE=8300 OUT=$S/profh V4=1 RATES=16 REQS=64 bash $R/gpu/serving.sh dz:4b24:32 > $S/profh.log 2>&1; log "profile host rc=$?"
+DZ_PROFILE=events GPU=1 PORT_BASE=8300 OUT=$S/profe V4=1 RATES=16 REQS=64 bash $R/gpu/serving.sh dz:4b24:32 > $S/profe.log 2>&1; log "profile events rc=$?"
 until [ -f $S/kern.done ]; do sleep 2; done
 # C
 ( GPU=0 PORT_BASE=8200 OUT=$S/base RATES=4,16,64 REQS=96 bash $R/gpu/serving.sh base > $S/base.log 2>&1; log "base rc=$?"
