@@ -1246,14 +1246,7 @@ pub(crate) fn embedding(
     let ids = match (checked, ids.0.dtype()) {
         (false, DType::U32) => {
             let (s, l) = ids;
-            let (a, b) = l
-                .contiguous_offsets()
-                .ok_or_else(|| OpError::NotContiguous {
-                    op,
-                    arg: "ids",
-                    shape: l.dims().to_vec(),
-                    stride: l.stride().to_vec(),
-                })?;
+            let (a, b) = ids_range(op, l)?;
             let slice = s.as_cuda_slice::<u32>().map_err(|e| OpError::Storage {
                 op,
                 reason: format!("the ids: {e}"),
@@ -1345,16 +1338,20 @@ fn norm_delta_add_t<T: Elem>(
     Ok((CudaStorage::wrap_cuda_slice(out, dev), shape))
 }
 
-/// The ids as u32 row numbers on the host, each checked `< N_total` (the CPU path's check and error).
-fn host_ids(op: &'static str, delta: &DeviceDelta, (s, l): Arg<'_>) -> Result<Vec<u32>> {
-    let (a, b) = l
-        .contiguous_offsets()
+/// The element range of contiguous ids.
+fn ids_range(op: &'static str, l: &Layout) -> Result<(usize, usize)> {
+    l.contiguous_offsets()
         .ok_or_else(|| OpError::NotContiguous {
             op,
             arg: "ids",
             shape: l.dims().to_vec(),
             stride: l.stride().to_vec(),
-        })?;
+        })
+}
+
+/// The ids as u32 row numbers on the host, each checked `< N_total` (the CPU path's check and error).
+fn host_ids(op: &'static str, delta: &DeviceDelta, (s, l): Arg<'_>) -> Result<Vec<u32>> {
+    let (a, b) = ids_range(op, l)?;
     let n = delta.dims().0;
     let check = |position: usize, id: i64| -> Result<u32> {
         usize::try_from(id)
