@@ -124,7 +124,6 @@ pub fn serve_with(config: &Config, deltas: &[CheckedDelta], preload: bool) -> Re
         )));
     }
     let mut device = device(config.runtime.device)?;
-    gpu_mem::keep_pool_memory(&device)?;
     let mut engine = Engine::new(config.scheduler.max_seqs)?;
     let kv_cache = config.kv_cache();
     let base = &config.base.path;
@@ -159,7 +158,6 @@ pub fn serve_with(config: &Config, deltas: &[CheckedDelta], preload: bool) -> Re
         // The host may have made its own device for this rank (tensor parallelism): the deltas go
         // where the base's layers are.
         device = host::pipeline_device(&p)?;
-        gpu_mem::keep_pool_memory(&device)?;
         // Before the engine starts: a worker's engine never returns.
         if preload {
             preload_multi_tenant(&multi, &registry, &device, tied_head, tp)?;
@@ -198,6 +196,8 @@ pub fn serve_with(config: &Config, deltas: &[CheckedDelta], preload: bool) -> Re
         let p = host::load_pipeline(base, base, config.base.dtype, &device, kv_cache)?;
         engine.add(&base_name, p)?;
     }
+    // Once, on the device the base's layers ended up on (with tensor parallelism, the host's own).
+    gpu_mem::keep_pool_memory(&device)?;
     // Merge mode: an engine per fine-tune. A delta file that several names list is materialised once
     // and their engines load the same directory (each its own copy of the weights).
     let mut dirs: Vec<(&std::path::Path, std::path::PathBuf)> = Vec::new();
