@@ -33,7 +33,7 @@ pub use config::{
     DEFAULT_KV_CACHE_BYTES,
 };
 /// Runs prefill segments of more than 16 rows of a v4-only delta through the 32-row tile
-/// (`dz_candle_ops::set_sbmm_wide_segments`; `deltazip serve --sbmm-wide-segments`).
+/// (`dz_candle_ops::set_sbmm_wide_segments`, on by default; `deltazip serve --no-sbmm-wide-segments`).
 pub use dz_candle_ops::set_sbmm_wide_segments;
 /// Whether deltas uploaded with the v4 kernels on keep their packed parts too (see
 /// `dz_candle_ops::set_v4_keep_packed`; `deltazip serve --v4-keep-packed`).
