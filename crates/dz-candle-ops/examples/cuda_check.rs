@@ -1380,6 +1380,79 @@ fn v4_sbmm_cases(
     dz_candle_ops::set_v4_split(0);
 }
 
+/// 8-16 input rows of a 7B MLP-sized delta (11008 x 4096, at least `V4_WIDE_FROM_WEIGHTS`): the rows
+/// from which `delta_matmul` and an sbmm wide segment take the 32-row tile (`v4_wide_from_rows`; 8 for
+/// sparse 2:4, 9 for quant), and the rows just below, on the ring-fed tiles; with the delta kept packed
+/// too and only in the v4 layout.
+fn v4_wide_from_rows_family(ck: &mut Checker) {
+    ck.family("v4 wide from rows");
+    let (n, k) = (11008usize, 4096usize);
+    let cfgs = [
+        Cfg::Sparse24 {
+            bits: 4,
+            group: 0,
+            sym: true,
+        },
+        Cfg::Quant {
+            bits: 4,
+            group: 128,
+            sym: true,
+        },
+    ];
+    for only in [false, true] {
+        dz_candle_ops::set_v4_keep_packed(!only);
+        let specs: Vec<DeltaSpec> = (cfgs.iter().enumerate())
+            .map(|(i, &cfg)| DeltaSpec::full(cfg, n, k, 9900 + i as u64))
+            .collect();
+        let (cpu, on_dev) = build_both(&specs, &ck.dev);
+        let kept = if only { "v4 only" } else { "kept packed" };
+        for (i, spec) in specs.iter().enumerate() {
+            for rows in [7usize, 8, 9, 16] {
+                ck.case(
+                    format!("{} {kept} BF16 rows={rows} +base", spec.label()),
+                    |dev, ops| {
+                        let x = input(&[rows, k], DType::BF16, 60 + rows as u64);
+                        let base = input(&[rows, n], DType::BF16, 70 + rows as u64);
+                        matmul_case(dev, ops, &cpu[i], &on_dev[i], &x, Some(base))
+                    },
+                );
+            }
+        }
+        if only {
+            // Segments at and around the threshold, as their own matmuls (wide segments) or in the
+            // shared launch, beside a base-only run.
+            dz_candle_ops::set_sbmm_wide_segments(true);
+            let layout = [(
+                "segments of 7-16 rows",
+                vec![
+                    (16, Some(0)),
+                    (1, Some(1)),
+                    (8, Some(0)),
+                    (9, Some(1)),
+                    (2, None),
+                    (7, Some(0)),
+                    (8, Some(1)),
+                ],
+            )];
+            let label = format!("v4 only sbmm {n} x {k},");
+            let both = (cpu.as_slice(), on_dev.as_slice());
+            v4_sbmm_cases(
+                ck,
+                &label,
+                both,
+                (n, k),
+                &layout,
+                &[DType::BF16],
+                &[(0, false, false)],
+                37,
+            );
+        }
+    }
+    // As `v4_family` leaves them for the families after it.
+    dz_candle_ops::set_sbmm_wide_segments(false);
+    dz_candle_ops::set_v4_keep_packed(true);
+}
+
 fn v4_family(ck: &mut Checker, only: bool) {
     ck.family(if only { "v4 only" } else { "v4 kernels" });
     dz_candle_ops::set_v4_keep_packed(!only);
@@ -1857,6 +1930,7 @@ fn run() -> Result<bool> {
     tensor_core_family(&mut ck, "tensor cores");
     v4_family(&mut ck, false);
     v4_family(&mut ck, true);
+    v4_wide_from_rows_family(&mut ck);
     dense_family(&mut ck);
     if ck.opts.v3_too {
         // The tensor-core family again with the v4 kernels off: rows 1-16 on the v3 tiles.

@@ -38,8 +38,8 @@ use dz_kernels::desc::as_bytes;
 use dz_kernels::tc::{tc_entries, tc_supports, TcEntries, TcTile, TC_MODULE, TC_THREADS};
 use dz_kernels::v4::{
     v4_entries, v4_matmul_sxd_smem, v4_matmul_sxk_workspace, v4_matmul_tile_rows, v4_tile_rows,
-    V4Entries, V4_DEQUANTIZE_THREADS, V4_MAX_ROWS, V4_MODULE, V4_THREADS, V4_TILE_ROWS,
-    V4_WIDE_ROWS,
+    v4_wide_from_rows, V4Entries, V4_DEQUANTIZE_THREADS, V4_MAX_ROWS, V4_MODULE, V4_THREADS,
+    V4_TILE_ROWS, V4_WIDE_ROWS,
 };
 use dz_kernels::{DzDelta, DzSegment, Tile, Variant, ROWS_PER_BLOCK, THREADS, WARPS};
 use half::{bf16, f16};
@@ -339,10 +339,12 @@ fn matmul_t<T: Elem>(
             init(&stream, out_p, base_p, len * std::mem::size_of::<T>())?;
         }
         if let (Some(d), true) = (described, m > 0) {
+            let wide_from = v4_wide_from_rows(n, k, matches!(d.variant, Variant::Sparse24(_)));
             let kernel = if delta.v4_only() {
-                Kernel::v4_matmul_any_rows(v4_only_entries(op, delta, &d, T::KIND)?, m32)
+                Kernel::v4_matmul_any_rows(v4_only_entries(op, delta, &d, T::KIND)?, m32, wide_from)
             } else {
-                Kernel::pick_matmul(d.variant, tc_of(&d, T::KIND), v4_of(&d, T::KIND), m32)
+                let (tc, v4) = (tc_of(&d, T::KIND), v4_of(&d, T::KIND));
+                Kernel::pick_matmul(d.variant, tc, v4, m32, wide_from)
             };
             let tiles = d.desc.n_stored.div_ceil(kernel.stored_rows());
             let x_tiles = m32.div_ceil(kernel.rows());
@@ -1064,9 +1066,10 @@ impl Kernel {
         Kernel::V4(e, v4_tile_rows(longest.min(V4_MAX_ROWS)))
     }
 
-    /// The kernel of a `delta_matmul` of `m` input rows: past 16 rows, the v4 32-row tile where the v4
-    /// kernels run for the delta and [`crate::set_v4_wide_tiles`] allows it (predicted to beat the
-    /// tensor-core v3 kernels there: one decode of the codes per 32 rows instead of v3's decode per
+    /// The kernel of a `delta_matmul` of `m` input rows: from `wide_from` rows
+    /// ([`v4_wide_from_rows`]: past 16, or from 8-9 on the largest shapes), the v4 32-row tile where
+    /// the v4 kernels run for the delta and [`crate::set_v4_wide_tiles`] allows it (predicted to beat
+    /// the tensor-core v3 kernels there: one decode of the codes per 32 rows instead of v3's decode per
     /// 32-row tile at a third of the bytes per instruction, see bench/kernels/V4.md, "32-row tile");
     /// else [`Kernel::pick`], as sbmm.
     fn pick_matmul(
@@ -1074,19 +1077,20 @@ impl Kernel {
         tc: Option<&'static TcEntries>,
         v4: Option<&'static V4Entries>,
         m: u32,
+        wide_from: u32,
     ) -> Kernel {
         match v4 {
-            Some(e) if m > V4_MAX_ROWS && crate::v4_wide_tiles() => {
-                Kernel::V4(e, v4_matmul_tile_rows(m))
-            }
+            Some(e) if m >= wide_from && crate::v4_wide_tiles() => Kernel::V4(e, V4_WIDE_ROWS),
             _ => Kernel::pick(variant, tc, v4, m),
         }
     }
 
-    /// [`Kernel::v4_any_rows`] for a `delta_matmul` of `m` rows: the 32-row tile past 16 rows unless
-    /// [`crate::set_v4_wide_tiles`] turned it off.
-    fn v4_matmul_any_rows(e: &'static V4Entries, m: u32) -> Kernel {
-        if crate::v4_wide_tiles() {
+    /// [`Kernel::v4_any_rows`] for a `delta_matmul` of `m` rows: the 32-row tile from `wide_from` rows
+    /// unless [`crate::set_v4_wide_tiles`] turned it off.
+    fn v4_matmul_any_rows(e: &'static V4Entries, m: u32, wide_from: u32) -> Kernel {
+        if crate::v4_wide_tiles() && m >= wide_from {
+            Kernel::V4(e, V4_WIDE_ROWS)
+        } else if crate::v4_wide_tiles() {
             Kernel::V4(e, v4_matmul_tile_rows(m))
         } else {
             Kernel::v4_any_rows(e, m)

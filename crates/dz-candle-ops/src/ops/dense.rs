@@ -100,13 +100,17 @@ pub fn sbmm_wide_segments() -> bool {
 }
 
 /// Whether an sbmm segment of `rows` input rows of `x_dtype` through `delta` runs as its own
-/// `delta_matmul_add` through the 32-row tile ([`set_sbmm_wide_segments`]).
+/// `delta_matmul_add` through the 32-row tile ([`set_sbmm_wide_segments`]): from
+/// [`dz_kernels::v4::v4_wide_from_rows`] rows (past 16, or from 8-9 on the largest shapes, where
+/// `delta_matmul` takes that tile too).
 pub(crate) fn takes_wide(delta: &DeviceDelta, rows: usize, x_dtype: DType) -> bool {
+    let (n, k) = delta.dims();
+    let sparse = matches!(delta.codec(), dz_format::Codec::Sparse24(_));
     sbmm_wide_segments()
         && crate::v4_wide_tiles()
         && delta.device().is_cuda()
         && delta.v4_only()
-        && rows > dz_kernels::v4::V4_MAX_ROWS as usize
+        && rows >= dz_kernels::v4::v4_wide_from_rows(n, k, sparse) as usize
         && rows < V4_WIDE_DENSE_ROWS
         && matches!(x_dtype, DType::F16 | DType::BF16)
 }
