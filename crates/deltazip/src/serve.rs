@@ -515,6 +515,35 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(body)).into_response()
 }
 
+/// Refuses a GPU delta budget that leaves a serving step no room, before any request runs into the
+/// device's memory limit mid-serving (`dz_loader::gpu_mem::check_delta_budget`, against the memory free
+/// now that the base and its KV cache are loaded, and the largest multi-tenant delta file). Nothing on
+/// the CPU, or without multi-tenant deltas.
+fn check_gpu_room(
+    device: &candle_core::Device,
+    config: &dz_loader::Config,
+    deltas: &[dz_loader::CheckedDelta],
+    budget: u64,
+) -> Result<()> {
+    let largest = (deltas.iter())
+        .filter(|d| d.spec.mode == Mode::MultiTenant)
+        .filter_map(|d| std::fs::metadata(&d.spec.path).ok())
+        .map(|m| m.len())
+        .max();
+    let (Some(largest), Some(info)) = (largest, dz_loader::gpu_mem::mem_info(device)) else {
+        return Ok(());
+    };
+    let info = info.map_err(|e| anyhow::anyhow!("reading {device:?}'s free memory: {e}"))?;
+    let what = if config.runtime.gpu_delta_bytes.is_some() {
+        "runtime.gpu_delta_bytes"
+    } else {
+        "the default GPU delta budget"
+    };
+    let keep = dz_loader::gpu_mem::pool_keep_bytes();
+    dz_loader::gpu_mem::check_delta_budget(what, budget, info.free, largest, keep)
+        .map_err(anyhow::Error::msg)
+}
+
 /// Loads the config and starts serving it on `args.host:args.port` (returns once listening).
 pub fn start(args: &ServeArgs) -> Result<Running> {
     let (config, deltas) = dz_loader::Config::load(&args.config)?;
@@ -584,6 +613,9 @@ pub fn start(args: &ServeArgs) -> Result<Running> {
         ..SchedulerOptions::default()
     };
     let gpu_budget = options.gpu_bytes;
+    if !sharded {
+        check_gpu_room(&served.device, &config, &deltas, gpu_budget)?;
+    }
     let backend = LoaderBackend {
         device: served.device.clone(),
         tied_head: served.tied_head,

@@ -132,6 +132,8 @@ pub struct RuntimeSpec {
     #[serde(default)]
     pub device: DeviceSpec,
     /// GPU memory for resident deltas (multi-tenant mode), as bytes or a string such as `"8GiB"`.
+    /// `deltazip serve` checks it against the memory left after the base and its KV cache
+    /// ([`crate::gpu_mem::check_delta_budget`]).
     #[serde(default, deserialize_with = "de_opt_bytes")]
     pub gpu_delta_bytes: Option<u64>,
     /// CPU memory for the cache of deltas not on the GPU, as bytes or a string such as `"16GiB"`.

@@ -78,6 +78,49 @@ pub fn bind(device: &Device) {
     let _ = device;
 }
 
+/// GPU memory a serving step needs besides the resident deltas (activations, the host's and cuBLAS's
+/// workspaces), in [`delta_room`]'s check.
+pub const STEP_RESERVE_BYTES: u64 = 4 << 30;
+
+/// The most bytes of deltas a GPU can hold beside what serving needs, given `free` bytes after the base
+/// and its KV cache: [`STEP_RESERVE_BYTES`], the pool's kept memory (`pool_keep`), and two of the
+/// largest delta (`largest`): an evicted delta stays allocated until the step that uses it ends, so a
+/// load can overlap one (session 15: a 13B config of 90 GiB of 4.6 GiB deltas, 16 GiB of KV cache and
+/// the base in 140 GiB ran out of memory mid-serving).
+pub fn delta_room(free: u64, largest: u64, pool_keep: u64) -> u64 {
+    free.saturating_sub(STEP_RESERVE_BYTES)
+        .saturating_sub(pool_keep)
+        .saturating_sub(largest.saturating_mul(2))
+}
+
+/// Checks a GPU delta budget (`budget`, from `what`: the config key or the default) against
+/// [`delta_room`]; the error says what fits and what to change.
+pub fn check_delta_budget(
+    what: &str,
+    budget: u64,
+    free: u64,
+    largest: u64,
+    pool_keep: u64,
+) -> Result<(), String> {
+    let room = delta_room(free, largest, pool_keep);
+    if budget <= room {
+        return Ok(());
+    }
+    Err(format!(
+        "{what} ({}) does not fit this GPU: {} is free after the base and its KV cache, and serving \
+         needs {} of it besides the deltas ({} for a step, {} kept by the memory pool, and twice the \
+         largest delta, {}, for a load that overlaps an eviction); at most {} fits. Lower \
+         runtime.gpu_delta_bytes, or runtime.kv_cache_bytes, or --pool-keep",
+        gib(budget),
+        gib(free),
+        gib(free.saturating_sub(room)),
+        gib(STEP_RESERVE_BYTES),
+        gib(pool_keep),
+        gib(largest),
+        gib(room),
+    ))
+}
+
 /// Bytes in GiB, for messages.
 pub fn gib(bytes: u64) -> String {
     format!("{:.1} GiB", bytes as f64 / (1u64 << 30) as f64)
@@ -119,5 +162,30 @@ mod cuda {
             total: total as u64,
             pending_error,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GIB: u64 = 1 << 30;
+
+    #[test]
+    fn a_delta_budget_that_leaves_no_room_for_a_step_is_refused_with_what_fits() {
+        // Session 15's 13B run: ~99.6 GiB free, 4.6 GiB deltas, 4 GiB kept by the pool.
+        let (free, largest, keep) = (99 * GIB + GIB / 2, 46 * GIB / 10, 4 * GIB);
+        let room = delta_room(free, largest, keep);
+        assert_eq!(room, free - 4 * GIB - keep - 2 * largest);
+        let e = check_delta_budget("runtime.gpu_delta_bytes", 90 * GIB, free, largest, keep)
+            .unwrap_err();
+        assert!(e.contains("runtime.gpu_delta_bytes (90.0 GiB) does not fit"), "{e}");
+        assert!(e.contains(&format!("at most {} fits", gib(room))), "{e}");
+        assert!(check_delta_budget("b", room, free, largest, keep).is_ok());
+        // The 7B runs: 2.3 GiB deltas, ~111 GiB free.
+        assert!(check_delta_budget("b", 90 * GIB, 111 * GIB, 23 * GIB / 10, keep).is_ok());
+        // Nothing free: no room at all, not an underflow.
+        assert_eq!(delta_room(GIB, largest, keep), 0);
+        assert!(check_delta_budget("b", 1, GIB, largest, keep).is_err());
     }
 }
