@@ -179,7 +179,10 @@ mod tests {
         assert_eq!(room, free - 4 * GIB - keep - 2 * largest);
         let e = check_delta_budget("runtime.gpu_delta_bytes", 90 * GIB, free, largest, keep)
             .unwrap_err();
-        assert!(e.contains("runtime.gpu_delta_bytes (90.0 GiB) does not fit"), "{e}");
+        assert!(
+            e.contains("runtime.gpu_delta_bytes (90.0 GiB) does not fit"),
+            "{e}"
+        );
         assert!(e.contains(&format!("at most {} fits", gib(room))), "{e}");
         assert!(check_delta_budget("b", room, free, largest, keep).is_ok());
         // The 7B runs: 2.3 GiB deltas, ~111 GiB free.
