@@ -218,25 +218,26 @@ pub fn v4_matmul_tile_rows(rows: u32) -> u32 {
     }
 }
 
-/// Weights (`N x K`) from which 9-16 input rows (and 8, for sparse 2:4) run through the 32-row tile
-/// ([`v4_wide_from_rows`]): the 7B and 13B MLP shapes (4096 x 11008 is 45 M), not 5120 x 5120 (26 M).
+/// Weights (`N x K`) from which 16 input rows run through the 32-row tile ([`v4_wide_from_rows`]): the
+/// 7B and 13B MLP shapes (4096 x 11008 is 45 M), not 5120 x 5120 (26 M).
 pub const V4_WIDE_FROM_WEIGHTS: u64 = 40 << 20;
 
 /// The fewest input rows of one delta that take the 32-row tile ([`V4_WIDE_ROWS`]) instead of the 8- or
-/// 16-row tiles, for an `n x k` delta (`sparse`: a 2:4 codec). The 32-row tile's time hardly depends on
-/// how many of its rows are used, and its K split fills the GPU where the ring-fed tiles do not: on
-/// the H200 (session 15's full `kernel_bench`, bf16) 16 rows of 11008 x 4096 4-bit 2:4 took 45.7 us
-/// through the 16-row tile against 24.9 for 32 rows through the 32-row tile, 13824 x 5120 56.7 against
-/// 32.5, and every 2:4 and g128 codec was faster at 32 rows than at 16 on the four shapes of at least
-/// [`V4_WIDE_FROM_WEIGHTS`] (at 8 rows only the 2:4 codecs were, by 2-22%). On smaller shapes the
-/// 32-row tile loses at 16 rows (5120 x 5120 2-bit g128 28.8 against 26.9; SmolLM2's 576 x 576 14.6
-/// against 8.3), so they keep the ring-fed tiles up to [`V4_MAX_ROWS`].
+/// 16-row tiles, for an `n x k` delta (`sparse`: a 2:4 codec; the rule is the same for both families
+/// now). Measured on the H200 (session 15, bf16): on the four shapes of at least
+/// [`V4_WIDE_FROM_WEIGHTS`], 16 rows took 27-39% less time through the 32-row tile than through the
+/// 16-row tile, for every 2:4 and g128 codec (11008 x 4096 4b 2:4: 33.2 against 45.7 us; 4096 x 11008 4b
+/// g128 30.3 against 49.7). Below 16 rows it did not pay: the 32-row tile took 37-51 us for 8-12 rows of
+/// 11008 x 4096 and 13824 x 5120 (against 25-32 for 32 rows; why fewer rows cost more is open), and the
+/// 8-row tile 30-42 us at 8 rows. On smaller shapes the 32-row tile loses at 16 rows too (5120 x 5120 2b
+/// g128 28.8 against 26.9 us; 576 x 576 14.6 against 8.3), so they keep the ring-fed tiles up to
+/// [`V4_MAX_ROWS`].
 pub fn v4_wide_from_rows(n: usize, k: usize, sparse: bool) -> u32 {
-    let weights = n as u64 * k as u64;
-    match (weights >= V4_WIDE_FROM_WEIGHTS, sparse) {
-        (true, true) => 8,
-        (true, false) => 9,
-        (false, _) => V4_MAX_ROWS + 1,
+    let _ = sparse;
+    if n as u64 * k as u64 >= V4_WIDE_FROM_WEIGHTS {
+        V4_MAX_ROWS
+    } else {
+        V4_MAX_ROWS + 1
     }
 }
 
@@ -470,10 +471,10 @@ mod tests {
             [1, 9, 16, 17, 32, 33, 256].map(v4_matmul_tile_rows),
             [8, 16, 16, 32, 32, 32, 32]
         );
-        // The 32-row tile from 8 (sparse) or 9 rows on the 7B / 13B MLP shapes, past 16 elsewhere.
-        assert_eq!(v4_wide_from_rows(11008, 4096, true), 8);
-        assert_eq!(v4_wide_from_rows(4096, 11008, false), 9);
-        assert_eq!(v4_wide_from_rows(13824, 5120, false), 9);
+        // The 32-row tile from 16 rows on the 7B / 13B MLP shapes, past 16 elsewhere.
+        assert_eq!(v4_wide_from_rows(11008, 4096, true), 16);
+        assert_eq!(v4_wide_from_rows(4096, 11008, false), 16);
+        assert_eq!(v4_wide_from_rows(13824, 5120, false), 16);
         assert_eq!(v4_wide_from_rows(5120, 5120, true), 17);
         assert_eq!(v4_wide_from_rows(576, 1536, true), 17);
     }

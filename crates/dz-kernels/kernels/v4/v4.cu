@@ -797,8 +797,10 @@ __device__ __forceinline__ void wide_compute(const Stage<C, 4>& st, float (&part
 // columns 8 i .. 8 i + 7 of the step), quant with one 16-byte load a pair of steps. Rows are 132 words
 // apart (4 mod 32: the 8 rows of an ldmatrix phase on distinct banks) and the 16-byte pieces of a row are
 // swizzled (piece q at q ^ 2 ((q >> 3) & 1)) so that the quant loads (lane (g, c): piece 4 c + s2) hit 8
-// distinct bank groups in each quarter warp. Rows past `rows` are staged as row `rows - 1`, columns past K
-// as zeros. Launched where there are enough blocks of 8 tiles to fill the GPU (the host's rule).
+// distinct bank groups in each quarter warp. Rows past `rows` and columns past K are staged as zeros (a
+// 0-byte copy from a valid address: nothing is read; session 15 found 8-12 rows slower than 32 when those
+// rows copied row `rows - 1`, 24 rows of every block reading the same bytes). Launched where there are
+// enough blocks of 8 tiles to fill the GPU (the host's rule).
 template <class C, typename T>
 struct WideSx {
   static constexpr int NT = 4;
@@ -819,7 +821,7 @@ struct WideSx {
       const uint32_t r = p / PIECES, q = p % PIECES;
       const uint32_t col = ch * XC * KB + q * 8;
       const T* src = x + size_t(min(r, rows - 1)) * K + min(col, K - 8);
-      cp_async16(buf + r * STRIDE + swz(q) * 4, src, col < K ? 16u : 0u);
+      cp_async16(buf + r * STRIDE + swz(q) * 4, src, col < K && r < rows ? 16u : 0u);
     }
   }
 
