@@ -1,5 +1,5 @@
 #!/bin/bash
-# The device chain prepared at the end of session 15 for session 16 (nvidia-h200-x2, ~13 minutes): run it
+# The device chain prepared at the end of session 15 for session 16 (nvidia-h200-x2, ~15 minutes): run it
 # detached and poll WITHOUT GAPS (session 15 lost a detached job: the machine goes back 30 s after the last
 # call ends, and takes the job with it). Session 15's calls: bench/results/h200-s15-2026-11-30.md.
 #
@@ -22,7 +22,10 @@
 #    for fewer than 32 rows down to its 32-row time (session 15: 33.2 against 25.5 us on 11008 x 4096).
 # B. GPU 1 then GPU 0: the pool A/B again, interleaved and repeated (session 15's single pair could not
 #    separate +-20% from the calls' noise): dz-4b24 x 32, without / with --pool-keep 4GiB, twice, at 16
-#    and 64 req/s, 128 requests each (GPU 1); base the same way (GPU 0, after A).
+#    and 64 req/s, 128 requests each (GPU 1); base the same way (GPU 0, after A). And the slot tables
+#    (`--slot-tables`, +slots) in each round: session 15 counted 86-90% of the linear-delta calls building
+#    a new layer plan (the batch changes nearly every step); the slot tables build one segment table a
+#    pass instead (0-4% in session 12, before the other defaults changed).
 TAG=s16; W=/tmp/dzsrv; . bench/gpu/chain_env.sh
 log start
 # A
@@ -44,6 +47,7 @@ CODECS="4b24" DISTINCT=8 OUT=$S/gen bash $R/gpu/serving.sh gen > $S/gen.log 2>&1
 for i in 1 2; do
   GPU=1 PORT_BASE=8300 OUT=$S/dz$i V4=1 RATES=16,64 REQS=128 bash $R/gpu/serving.sh dz:4b24:32 > $S/dz$i.log 2>&1; log "dz $i rc=$?"
   POOL_KEEP=4GiB GPU=1 PORT_BASE=8300 OUT=$S/dzp$i V4=1 RATES=16,64 REQS=128 bash $R/gpu/serving.sh dz:4b24:32 > $S/dzp$i.log 2>&1; log "dz+pool $i rc=$?"
+  SLOT_TABLES=1 GPU=1 PORT_BASE=8300 OUT=$S/dzs$i V4=1 RATES=16,64 REQS=128 bash $R/gpu/serving.sh dz:4b24:32 > $S/dzs$i.log 2>&1; log "dz+slots $i rc=$?"
 done
 until [ -f $S/gpu0.done ]; do sleep 2; done
 touch $S/all.done; log done
