@@ -19,7 +19,8 @@
 #    WideSx staging rows past m as zeros), then the quick "v4 kernels" and "v4 only" families (3990 cases
 #    in session 14, 122 s together). Then kernel_bench over the 7B / 13B shapes at 8-40 rows: the `dz`
 #    column at 16, 24, 33 and 40 rows shows whether the zero-filled rows brought the 32-row tile's time
-#    for fewer than 32 rows down to its 32-row time (session 15: 33.2 against 25.5 us on 11008 x 4096).
+#    for fewer than 32 rows down to its 32-row time (session 15: 33.2 against 25.5 us on 11008 x 4096);
+#    then the tile forced from 8 rows (`--wide-from 8`) against the ring-fed tiles of the first run.
 # B. GPU 1 then GPU 0: the pool A/B again, interleaved and repeated (session 15's single pair could not
 #    separate +-20% from the calls' noise): dz-4b24 x 32, without / with --pool-keep 4GiB, twice, at 16
 #    and 64 req/s, 128 requests each (GPU 1); base the same way (GPU 0, after A). And the slot tables
@@ -36,6 +37,11 @@ log start
   timeout 150 /tmp/k/bin/kernel_bench --shapes 4096x4096,11008x4096,4096x11008,5120x5120,13824x5120,5120x13824 \
       --rows 8,12,16,24,32,33,40 --commit "${COMMIT:-unknown}" --out $S/kern/kernels-rows > $S/kern/bench-rows.log 2>&1
   log "kernel_bench rows rc=$?"
+  # The same below the rule's 16 rows, the 32-row tile forced from 8 (`--wide-from 8`): with the zero-filled
+  # rows, does 8-12 rows on it now beat the ring-fed tiles (then lower `v4_wide_from_rows`)?
+  timeout 100 /tmp/k/bin/kernel_bench --shapes 4096x4096,11008x4096,4096x11008,5120x5120,13824x5120,5120x13824 \
+      --rows 8,9,12 --wide-from 8 --commit "${COMMIT:-unknown}" --out $S/kern/kernels-forced > $S/kern/bench-forced.log 2>&1
+  log "kernel_bench forced rc=$?"
   until [ -f $S/gen.done ]; do sleep 2; done
   for i in 1 2; do
     GPU=0 PORT_BASE=8200 OUT=$S/base$i RATES=16,64 REQS=128 bash $R/gpu/serving.sh base > $S/base$i.log 2>&1; log "base $i rc=$?"

@@ -1383,6 +1383,7 @@ fn v4_sbmm_cases(
 /// 7-16 input rows of a 7B MLP-sized delta (11008 x 4096, at least `V4_WIDE_FROM_WEIGHTS`): 16 rows,
 /// from which `delta_matmul` and an sbmm wide segment take the 32-row tile there (`v4_wide_from_rows`),
 /// and the rows below, on the ring-fed tiles; with the delta kept packed too and only in the v4 layout.
+/// Then the tile forced from 1 row (`set_v4_wide_from`) on a small delta.
 fn v4_wide_from_rows_family(ck: &mut Checker) {
     ck.family("v4 wide from rows");
     let (n, k) = (11008usize, 4096usize);
@@ -1447,6 +1448,53 @@ fn v4_wide_from_rows_family(ck: &mut Checker) {
             );
         }
     }
+    // The tile forced from 1 row (`set_v4_wide_from`) on a small delta: 31 of the 32 staged x rows
+    // past the input's rows (zero-filled), and an sbmm whose every segment is its own matmul.
+    dz_candle_ops::set_v4_keep_packed(false);
+    dz_candle_ops::set_v4_wide_from(1);
+    let (n, k) = (300usize, 4000usize);
+    let specs: Vec<DeltaSpec> = (cfgs.iter().enumerate())
+        .map(|(i, &cfg)| DeltaSpec::full(cfg, n, k, 9910 + i as u64))
+        .collect();
+    let (cpu, on_dev) = build_both(&specs, &ck.dev);
+    for (i, spec) in specs.iter().enumerate() {
+        for rows in [1usize, 8, 12] {
+            ck.case(
+                format!(
+                    "{} v4 only BF16 rows={rows} +base, the 32-row tile from 1 row",
+                    spec.label()
+                ),
+                |dev, ops| {
+                    let x = input(&[rows, k], DType::BF16, 80 + rows as u64);
+                    let base = input(&[rows, n], DType::BF16, 90 + rows as u64);
+                    matmul_case(dev, ops, &cpu[i], &on_dev[i], &x, Some(base))
+                },
+            );
+        }
+    }
+    let layout = [(
+        "segments of 1-12 rows, each its own 32-row tile",
+        vec![
+            (12, Some(0)),
+            (1, Some(1)),
+            (3, None),
+            (8, Some(1)),
+            (5, Some(0)),
+        ],
+    )];
+    let label = format!("v4 only sbmm {n} x {k},");
+    let both = (cpu.as_slice(), on_dev.as_slice());
+    v4_sbmm_cases(
+        ck,
+        &label,
+        both,
+        (n, k),
+        &layout,
+        &[DType::BF16],
+        &[(0, false, false)],
+        39,
+    );
+    dz_candle_ops::set_v4_wide_from(0);
     // As `v4_family` leaves them for the families after it.
     dz_candle_ops::set_sbmm_wide_segments(false);
     dz_candle_ops::set_v4_keep_packed(true);

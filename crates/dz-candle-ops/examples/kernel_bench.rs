@@ -652,8 +652,8 @@ fn main() -> Result<()> {
     };
     if args.iter().any(|a| a == "--help" || a == "-h") {
         println!(
-            "usage: kernel_bench [--quick | --decode] [--shapes NxK,..] [--rows R,..] [--out STEM] \
-             [--commit SHA] | --profile | --host | --upload"
+            "usage: kernel_bench [--quick | --decode] [--shapes NxK,..] [--rows R,..] [--wide-from N] \
+             [--out STEM] [--commit SHA] | --profile | --host | --upload"
         );
         return Ok(());
     }
@@ -661,6 +661,11 @@ fn main() -> Result<()> {
     let decode = args.iter().any(|a| a == "--decode");
     let out = flag("--out");
     let commit = flag("--commit").unwrap_or_else(|| "unknown".into());
+    // `--wide-from N`: the 32-row tile from N rows whatever the shape (`set_v4_wide_from`), to time it
+    // below the rule's threshold.
+    if let Some(n) = flag("--wide-from") {
+        dz_candle_ops::set_v4_wide_from(n.parse().context("--wide-from: a row count")?);
+    }
     let b = Bench::new()?;
     if args.iter().any(|a| a == "--profile") {
         return profile(&b);

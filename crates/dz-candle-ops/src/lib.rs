@@ -211,6 +211,27 @@ pub fn v4_wide_tiles() -> bool {
     V4_WIDE_TILES.load(std::sync::atomic::Ordering::Relaxed)
 }
 
+static V4_WIDE_FROM: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// Overrides from how many input rows of one delta the 32-row tile runs ([`set_v4_wide_tiles`]; in
+/// `delta_matmul` and sbmm's wide segments): `rows` (1-17; more counts as 17, past 16 rows the tile runs
+/// anyway), or 0 (the default) for
+/// `dz_kernels::v4::v4_wide_from_rows`'s rule by shape (16 rows on deltas of at least 40 M weights, 17
+/// elsewhere). For benchmarks and checks: `kernel_bench --wide-from`, and `cuda_check`, which runs the
+/// tile at fewer rows on small shapes.
+pub fn set_v4_wide_from(rows: u32) {
+    V4_WIDE_FROM.store(rows, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The fewest input rows of an `n x k` delta (`sparse`: a 2:4 codec) that take the 32-row tile: the
+/// [`set_v4_wide_from`] override, else the rule by shape.
+pub fn v4_wide_from(n: usize, k: usize, sparse: bool) -> u32 {
+    match V4_WIDE_FROM.load(std::sync::atomic::Ordering::Relaxed) {
+        0 => dz_kernels::v4::v4_wide_from_rows(n, k, sparse),
+        rows => rows.min(dz_kernels::v4::V4_MAX_ROWS + 1),
+    }
+}
+
 /// Where the v4 32-row matmul tile ([`set_v4_wide_tiles`]) reads x from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum V4WideX {

@@ -38,8 +38,8 @@ use dz_kernels::desc::as_bytes;
 use dz_kernels::tc::{tc_entries, tc_supports, TcEntries, TcTile, TC_MODULE, TC_THREADS};
 use dz_kernels::v4::{
     v4_entries, v4_matmul_sxd_smem, v4_matmul_sxk_workspace, v4_matmul_tile_rows, v4_tile_rows,
-    v4_wide_from_rows, V4Entries, V4_DEQUANTIZE_THREADS, V4_MAX_ROWS, V4_MODULE, V4_THREADS,
-    V4_TILE_ROWS, V4_WIDE_ROWS,
+    V4Entries, V4_DEQUANTIZE_THREADS, V4_MAX_ROWS, V4_MODULE, V4_THREADS, V4_TILE_ROWS,
+    V4_WIDE_ROWS,
 };
 use dz_kernels::{DzDelta, DzSegment, Tile, Variant, ROWS_PER_BLOCK, THREADS, WARPS};
 use half::{bf16, f16};
@@ -339,7 +339,7 @@ fn matmul_t<T: Elem>(
             init(&stream, out_p, base_p, len * std::mem::size_of::<T>())?;
         }
         if let (Some(d), true) = (described, m > 0) {
-            let wide_from = v4_wide_from_rows(n, k, matches!(d.variant, Variant::Sparse24(_)));
+            let wide_from = crate::v4_wide_from(n, k, matches!(d.variant, Variant::Sparse24(_)));
             let kernel = if delta.v4_only() {
                 Kernel::v4_matmul_any_rows(v4_only_entries(op, delta, &d, T::KIND)?, m32, wide_from)
             } else {
@@ -1067,7 +1067,7 @@ impl Kernel {
     }
 
     /// The kernel of a `delta_matmul` of `m` input rows: from `wide_from` rows
-    /// ([`v4_wide_from_rows`]: past 16, or from 16 on the largest shapes), the v4 32-row tile where
+    /// ([`crate::v4_wide_from`]: past 16, or from 16 on the largest shapes), the v4 32-row tile where
     /// the v4 kernels run for the delta and [`crate::set_v4_wide_tiles`] allows it (predicted to beat
     /// the tensor-core v3 kernels there: one decode of the codes per 32 rows instead of v3's decode per
     /// 32-row tile at a third of the bytes per instruction, see bench/kernels/V4.md, "32-row tile");
