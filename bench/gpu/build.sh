@@ -2,7 +2,8 @@
 # Builds what the device calls carry, on this (GPU-less) machine, into git-ignored folders:
 #   .gpu/k    cuda_check + kernel_bench (`dz-candle-ops --features cuda`), xz-compressed
 #   .gpu/srv  deltazip (`--features nccl`: one binary for one GPU and for tensor parallelism), xz-compressed,
-#             and corpus.txt (the KJV text from ../shared/assets/corpora.tar.xz: the serving prompts)
+#             and corpus.txt.xz (the KJV text from ../shared/assets/corpora.tar.xz: the serving prompts)
+# Both xz -6: the device carries at most 64 MiB with the tracked tree (session 15: 68 MB at -3).
 # Each folder gets a BUILT file: the commit and `git status --short` of the tree it was built from.
 #
 #   bash bench/gpu/build.sh [k] [srv]        (default: both)
@@ -34,7 +35,7 @@ if has k; then
     for b in cuda_check kernel_bench; do
         strip -o ".gpu/k/$b" "$CARGO_TARGET_DIR/release/examples/$b"
         rm -f ".gpu/k/$b.xz"
-        xz -T2 -3 ".gpu/k/$b"
+        xz -T2 -6 ".gpu/k/$b"
     done
     built .gpu/k
     ls -la .gpu/k
@@ -57,10 +58,11 @@ if has srv; then
     mkdir -p .gpu/srv
     strip -o .gpu/srv/deltazip "$CARGO_TARGET_DIR/release/deltazip"
     rm -f .gpu/srv/deltazip.xz
-    xz -T2 -3 .gpu/srv/deltazip
-    if [[ ! -f .gpu/srv/corpus.txt ]]; then
-        tar -xJf ../shared/assets/corpora.tar.xz -O kjv.txt > .gpu/srv/corpus.txt
+    xz -T2 -6 .gpu/srv/deltazip
+    if [[ ! -f .gpu/srv/corpus.txt.xz ]]; then
+        tar -xJf ../shared/assets/corpora.tar.xz -O kjv.txt | xz -6 > .gpu/srv/corpus.txt.xz
     fi
+    rm -f .gpu/srv/corpus.txt
     built .gpu/srv
     ls -la .gpu/srv
 fi

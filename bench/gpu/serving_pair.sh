@@ -7,7 +7,7 @@
 #
 #   JOB0="base dz:4b24:32" JOB1="dz:2b24:32 swap:32" bash bench/gpu/serving_pair.sh
 #
-# Inputs: .gpu/srv/deltazip.xz (or $DZ) and .gpu/srv/corpus.txt (or $CORPUS). CLEAN: folders to delete
+# Inputs: .gpu/srv/deltazip.xz (or $DZ) and .gpu/srv/corpus.txt.xz (or $CORPUS). CLEAN: folders to delete
 # first (e.g. the 2-GPU run's /tmp/dztp: the machine's disk holds one set of synthetic models at a time).
 # Every other setting of serving.sh (RATES, REQS, SWAP_REQS, ...) passes through to both jobs.
 set -u
@@ -25,7 +25,7 @@ if [[ ! -x $DZ ]]; then
     xz -dc .gpu/srv/deltazip.xz > "$DZ.tmp" && chmod +x "$DZ.tmp" && mv "$DZ.tmp" "$DZ" || exit 1
 fi
 export CORPUS=${CORPUS:-$W/corpus.txt}
-[[ -f $CORPUS ]] || cp .gpu/srv/corpus.txt "$CORPUS" || exit 1
+[[ -f $CORPUS ]] || xz -dc .gpu/srv/corpus.txt.xz > "$CORPUS" || exit 1
 "$DZ" --version
 
 OUT=$OUT/gen timeout $((DEADLINE - $(date +%s))) bash "$here/serving.sh" gen
