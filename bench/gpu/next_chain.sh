@@ -10,8 +10,9 @@
 #         printed): sleep 25; tail -3 /tmp/s16/s16.log
 #   fetch: tar czf $OUT/s16.tgz --exclude=gen -C /tmp s16
 #   Never `pkill -f deltazip` in a poll: the poll's own command line matches and is killed.
-#   The carry limit is 64 MiB: tracked files (~29 MB) + .gpu/srv (31 MB) + .gpu/k (7 MB) is close to it;
-#   `du -sb` them first, and carry one folder a call if needed.
+#   The carry limit is 64 MiB: tracked files (29.1 MB) + .gpu/srv (24.9 MB) + .gpu/k (5.8 MB) = 60 MB at the
+#   end of session 15; `du -sb` them first (git ls-files | xargs du -cb), and carry one folder a call if
+#   the tree has grown past it.
 #
 # What it measures (session 15's open questions):
 # A. GPU 0, correctness first (each cuda_check prints only at its end: one filter a run, generous limits):
