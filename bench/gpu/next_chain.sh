@@ -1,5 +1,5 @@
 #!/bin/bash
-# The device chain prepared at the end of session 15 for session 16 (nvidia-h200-x2, ~15 minutes): run it
+# The device chain prepared at the end of session 15 for session 16 (nvidia-h200-x2, ~17 minutes): run it
 # detached and poll WITHOUT GAPS (session 15 lost a detached job: the machine goes back 30 s after the last
 # call ends, and takes the job with it). Session 15's calls: bench/results/h200-s15-2026-11-30.md.
 #
@@ -27,7 +27,8 @@
 #    and 64 req/s, 128 requests each (GPU 1); base the same way (GPU 0, after A). And the slot tables
 #    (`--slot-tables`, +slots) in each round: session 15 counted 86-90% of the linear-delta calls building
 #    a new layer plan (the batch changes nearly every step); the slot tables build one segment table a
-#    pass instead (0-4% in session 12, before the other defaults changed).
+#    pass instead (0-4% in session 12, before the other defaults changed). Last, the x-direct decode sbmm
+#    (+xd) at 16 / 64 when the v4 check passed.
 TAG=s16; W=/tmp/dzsrv; . bench/gpu/chain_env.sh
 log start
 # A
@@ -43,6 +44,14 @@ log start
   timeout 100 /tmp/k/bin/kernel_bench --shapes 4096x4096,11008x4096,4096x11008,5120x5120,13824x5120,5120x13824 \
       --rows 8,9,12 --wide-from 8 --commit "${COMMIT:-unknown}" --out $S/kern/kernels-forced > $S/kern/bench-forced.log 2>&1
   log "kernel_bench forced rc=$?"
+  # The x-direct decode sbmm (session 15, `set_v4_sbmm_x_direct`: x loaded before each mma, a 6-deep code
+  # ring): kernel_bench's sbmm cases (`dz-xd` beside `dz` and the others), then Nsight Compute on it.
+  timeout 120 /tmp/k/bin/kernel_bench --decode --shapes 4096x4096 --rows 1 --commit "${COMMIT:-unknown}" \
+      --out $S/kern/kernels-sbmm > $S/kern/bench-sbmm.log 2>&1; log "kernel_bench sbmm rc=$?"
+  NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
+  [ -n "$NCU" ] && timeout 150 "$NCU" --clock-control none --kernel-name regex:'sbmm_xd|sbmm_bf16_n1' --launch-count 4 \
+      --section SpeedOfLight --section Occupancy --section WarpStateStats --section SchedulerStats \
+      /tmp/k/bin/kernel_bench --profile > $S/kern/ncu-sbmm-xd.txt 2>&1; log "ncu xd rc=$?"
   until [ -f $S/gen.done ]; do sleep 2; done
   for i in 1 2; do
     GPU=0 PORT_BASE=8200 OUT=$S/base$i RATES=16,64 REQS=128 bash $R/gpu/serving.sh base > $S/base$i.log 2>&1; log "base $i rc=$?"
@@ -56,5 +65,11 @@ for i in 1 2; do
   POOL_KEEP=4GiB GPU=1 PORT_BASE=8300 OUT=$S/dzp$i V4=1 RATES=16,64 REQS=128 bash $R/gpu/serving.sh dz:4b24:32 > $S/dzp$i.log 2>&1; log "dz+pool $i rc=$?"
   SLOT_TABLES=1 GPU=1 PORT_BASE=8300 OUT=$S/dzs$i V4=1 RATES=16,64 REQS=128 bash $R/gpu/serving.sh dz:4b24:32 > $S/dzs$i.log 2>&1; log "dz+slots $i rc=$?"
 done
+# The x-direct sbmm in serving, if the v4 check (GPU 0, with its x-direct cases) passed.
+if grep -q "^[0-9]* passed, 0 failed" $S/check/v4-quick.txt 2>/dev/null; then
+  SBMM_XD=1 GPU=1 PORT_BASE=8300 OUT=$S/dzxd V4=1 RATES=16,64 REQS=128 bash $R/gpu/serving.sh dz:4b24:32 > $S/dzxd.log 2>&1; log "dz+xd rc=$?"
+else
+  log "dz+xd skipped: the v4 check did not pass (or has not finished)"
+fi
 until [ -f $S/gpu0.done ]; do sleep 2; done
 touch $S/all.done; log done

@@ -110,6 +110,11 @@ pub struct ServeArgs {
     /// --v4-sbmm-smem-x).
     #[arg(long, requires = "v4_kernels")]
     pub v4_sbmm_ring: bool,
+    /// With --v4-kernels, experimental (written in session 15 without a GPU, not yet measured): the
+    /// decode sbmm variant that loads x right before each mma and keeps a 6-deep ring of codes (see
+    /// dz_candle_ops::set_v4_sbmm_x_direct; the shared-memory variants take precedence).
+    #[arg(long, requires = "v4_kernels")]
+    pub v4_sbmm_x_direct: bool,
     /// From this many input rows of one fine-tune in a step (prefill), a delta is merged into a dense
     /// weight once and multiplied with one cuBLAS matmul instead of the delta kernels (CUDA, f16/bf16).
     /// The default is the crossover the H200 measured (bench/results/h200-s10-2026-11-30.md); a delta kept
@@ -168,6 +173,7 @@ impl ServeArgs {
             v4_keep_packed: false,
             v4_sbmm_smem_x: false,
             v4_sbmm_ring: false,
+            v4_sbmm_x_direct: false,
             dense_rows: dz_loader::DEFAULT_DENSE_ROWS,
             slot_tables: false,
             no_sbmm_wide_segments: false,
@@ -558,6 +564,7 @@ pub fn start(args: &ServeArgs) -> Result<Running> {
         dz_loader::set_v4_keep_packed(args.v4_keep_packed);
         dz_loader::set_v4_sbmm_smem_x(args.v4_sbmm_smem_x);
         dz_loader::set_v4_sbmm_ring(args.v4_sbmm_ring);
+        dz_loader::set_v4_sbmm_x_direct(args.v4_sbmm_x_direct);
         dz_loader::set_sbmm_wide_segments(!args.no_sbmm_wide_segments);
     }
     let api_key = args

@@ -340,6 +340,26 @@ pub fn v4_sbmm_ring() -> bool {
     V4_SBMM_RING.load(std::sync::atomic::Ordering::Relaxed)
 }
 
+static V4_SBMM_X_DIRECT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Lets launches of the v4 decode `sbmm` tile (segments of at most 8 rows, any split) take the x-direct
+/// variant (`dz_v4_<variant>_sbmm_xd_*_n1`): x is loaded right before each mma, as the 32-row tile does,
+/// instead of riding in the load ring, whose stages then hold only codes, metadata and the scale word and
+/// go 6 K blocks deep instead of 3 (twice the code bytes in flight a warp, in the same 128 registers).
+/// Session 15's Nsight Compute on the decode sbmm (32 deltas x 1 row, 4096 x 4096 4b 2:4): 25% occupancy
+/// (120 registers a thread), 39% of the stall cycles on global loads, 61% of DRAM bandwidth. **Off by
+/// default and experimental:** written without a GPU. The shared-memory variants
+/// ([`set_v4_sbmm_ring`], [`set_v4_sbmm_smem_x`]) take precedence where they apply. Either way the
+/// results are the same sums in the same order.
+pub fn set_v4_sbmm_x_direct(enabled: bool) {
+    V4_SBMM_X_DIRECT.store(enabled, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether [`set_v4_sbmm_x_direct`] turned the x-direct decode sbmm on (off by default).
+pub fn v4_sbmm_x_direct() -> bool {
+    V4_SBMM_X_DIRECT.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 static V4_KEEP_PACKED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Whether a CUDA [`DeviceDelta`] that gets the v4 layout also keeps the file's packed parts on the

@@ -30,6 +30,9 @@
 //!   T* out, u32 k, u32 n_total, u32 tiles)`: the decode sbmm (segments of at most 8 rows, one item a warp
 //!   over its whole K row, as `split` 1) with each warp's codes streamed through its own ring in dynamic
 //!   shared memory; launch it with [`v4_sbmm_ring_smem`] bytes of it (experimental, off by default).
+//! - `dz_v4_<variant>_sbmm_xd_<t>_n1` (the `sbmm` signature and launch): the decode tile with x loaded
+//!   right before each mma instead of in the load ring, and a 6-deep ring of codes (experimental, off by
+//!   default).
 //! - `dz_v4_<variant>_dequantize_<t>(DzDelta d, const T* base, T* out)` for `t` in `f32`, `f16`, `bf16`:
 //!   `out = base + D` (`D` when base is 0), no row subset; what `merge`, `dequantize` and the dense route
 //!   of a delta that keeps only its v4 layout run.
@@ -82,6 +85,9 @@ pub struct V4Entries {
     /// `dz_v4_<variant>_sbmm_ring_<t>_n1`, by dtype: the decode sbmm with a per-warp shared-memory code
     /// ring (experimental, [`V4Entries::sbmm_ring`]).
     pub sbmm_ring: [&'static str; 2],
+    /// `dz_v4_<variant>_sbmm_xd_<t>_n1`, by dtype: the decode sbmm with x loaded right before each mma and a
+    /// 6-deep code ring (experimental, [`V4Entries::sbmm_xd`]).
+    pub sbmm_xd: [&'static str; 2],
     /// `dz_v4_<variant>_dequantize_<t>` (f32, f16, bf16): `out = base + D` (base 0: `D`) for a delta
     /// without a row subset, one thread per lane of a packet ([`V4_DEQUANTIZE_THREADS`] a block).
     pub dequantize: [&'static str; 3],
@@ -164,6 +170,18 @@ impl V4Entries {
         }
     }
 
+    /// The decode sbmm with x loaded from global memory right before each mma (as the 32-row tile does)
+    /// instead of in the load ring, whose stages then hold only the codes, metadata and scale word and go
+    /// 6 blocks deep, for segments of at most `rows` input rows (`None` past 8, or for f32): the signature
+    /// and launch of [`V4Entries::sbmm`] (split included). Written in session 15 without a GPU, after
+    /// Nsight Compute put the decode sbmm at 25% occupancy (120 registers) with 39% of its stalls on loads.
+    pub fn sbmm_xd(&self, dtype: Dtype, rows: u32) -> Option<&'static str> {
+        match Self::index(dtype, rows)? {
+            (d, 0) => Some(self.sbmm_xd[d]),
+            _ => None,
+        }
+    }
+
     /// [`v4_sbmm_ring_smem`] of this variant.
     pub fn sbmm_ring_smem(&self) -> Option<u32> {
         v4_sbmm_ring_smem(match self.variant {
@@ -193,6 +211,7 @@ impl V4Entries {
             .chain(&self.matmul_sxd)
             .chain(self.matmul_sxk.iter())
             .chain(&self.sbmm_ring)
+            .chain(&self.sbmm_xd)
             .chain(self.sbmm.iter().chain(&self.sbmm_sx).flatten())
             .chain(&self.dequantize)
             .copied()
@@ -286,6 +305,10 @@ macro_rules! v4_entries {
                 concat!("dz_v4_", $v, "_sbmm_ring_f16_n1"),
                 concat!("dz_v4_", $v, "_sbmm_ring_bf16_n1"),
             ],
+            sbmm_xd: [
+                concat!("dz_v4_", $v, "_sbmm_xd_f16_n1"),
+                concat!("dz_v4_", $v, "_sbmm_xd_bf16_n1"),
+            ],
             dequantize: [
                 concat!("dz_v4_", $v, "_dequantize_f32"),
                 concat!("dz_v4_", $v, "_dequantize_f16"),
@@ -377,7 +400,7 @@ mod tests {
     #[test]
     fn names_and_support() {
         let n: usize = V4.iter().map(|e| e.all().count()).sum();
-        assert_eq!(n, 4 * 25);
+        assert_eq!(n, 4 * 27);
         assert_eq!(
             V4[3].matmul_sxk(Dtype::Bf16, 4),
             Some("dz_v4_sparse24_4_matmul_sxk4_bf16_n4")
@@ -397,6 +420,12 @@ mod tests {
             Some("dz_v4_quant4_sbmm_ring_f16_n1")
         );
         assert!(V4[1].sbmm_ring(Dtype::F16, 9).is_none());
+        assert_eq!(
+            V4[2].sbmm_xd(Dtype::Bf16, 8),
+            Some("dz_v4_sparse24_2_sbmm_xd_bf16_n1")
+        );
+        assert!(V4[2].sbmm_xd(Dtype::Bf16, 9).is_none());
+        assert!(V4[2].sbmm_xd(Dtype::F32, 1).is_none());
         assert!(V4[1].sbmm_ring(Dtype::F32, 1).is_none());
         let ring = [
             Variant::Quant(2),

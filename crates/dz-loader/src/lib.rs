@@ -48,6 +48,9 @@ pub use dz_candle_ops::set_v4_sbmm_ring;
 /// The shared-memory v4 sbmm (experimental, off by default; see `dz_candle_ops::set_v4_sbmm_smem_x`;
 /// `deltazip serve --v4-sbmm-smem-x`).
 pub use dz_candle_ops::set_v4_sbmm_smem_x;
+/// The x-direct v4 decode sbmm (experimental, off by default; see
+/// `dz_candle_ops::set_v4_sbmm_x_direct`; `deltazip serve --v4-sbmm-x-direct`).
+pub use dz_candle_ops::set_v4_sbmm_x_direct;
 /// From how many input rows of one delta the CUDA ops take the dense route (the delta merged into a
 /// dense weight, then one cuBLAS matmul; see `dz_candle_ops::set_dense_rows`; `deltazip serve
 /// --dense-rows`).

@@ -150,19 +150,21 @@ struct Codec {
 
 // Whether the load ring carries x (8- and 16-row tiles) or only the stream loads (32- and 64-row tiles,
 // whose x words would take 64 / 128 registers a stage: they load each step's x right before its mma).
-template <int NT>
+// `XD` (x direct, the decode sbmm's `_sbmm_xd_` entries, session 15): the 8-row tile without x in the ring
+// either, which frees its 16 registers a stage for a deeper code ring (`depth`).
+template <int NT, bool XD = false>
 __host__ __device__ constexpr bool x_in_ring() {
-  return NT <= 2;
+  return NT <= 2 && !XD;
 }
 
 // The loads of one block for one lane: codes, metadata, scale word, x (x only where `x_in_ring`; the
 // one-word array of the wide tiles is never touched, so it takes no register).
-template <class C, int NT>
+template <class C, int NT, bool XD = false>
 struct Stage {
   uint32_t w[C::CW];
   uint32_t m[C::MW > 0 ? C::MW : 1];
   uint32_t s;
-  uint32_t x[x_in_ring<NT>() ? NT : 1][x_in_ring<NT>() ? C::XW : 1];
+  uint32_t x[x_in_ring<NT, XD>() ? NT : 1][x_in_ring<NT, XD>() ? C::XW : 1];
 };
 
 // (a & b) | c in one LOP3 (C code with two constants becomes an AND and an OR).
@@ -173,12 +175,12 @@ __device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t b, uint32_t c) {
 }
 
 // Where a warp's next block of loads comes from: pointers that advance by WK blocks per load.
-template <class C, typename T, int NT>
+template <class C, typename T, int NT, bool XD = false>
 struct Cursor {
   const uint8_t* codes;     // this lane's first chunk in the packet
   const uint8_t* meta;      // this lane's metadata slot in the packet
   const uint32_t* scales;   // this lane's scale word
-  const unsigned int* x[x_in_ring<NT>() ? NT : 1];  // this lane's first x word of the block, per n-tile
+  const unsigned int* x[x_in_ring<NT, XD>() ? NT : 1];  // this lane's first x word of the block, per n-tile
   uint32_t kb;              // the block
 };
 
@@ -187,21 +189,27 @@ struct Cursor {
 // ring holds only the stream loads (9 registers a stage at most), 2 deep: its accumulators and partial
 // sums take 32 registers, and at 3 deep ptxas spills in the loop. (A 64-row tile, NT = 8, spilled in the
 // loop even 1 deep: 64 registers of sums; so more than 32 rows run as several 32-row x tiles.)
-template <int NT>
+// With `XD`, 6 blocks (the stream loads only, 9 registers a stage; 126 registers without spills for
+// sparse24-4, ptxas -v): twice the code bytes in flight a warp of the 3-deep ring with x (session 15's
+// Nsight Compute on the decode sbmm: 25% occupancy, 39% of the stall cycles waiting on global loads, 61%
+// of DRAM bandwidth).
+template <int NT, bool XD = false>
 constexpr int depth() {
-  return NT == 1 ? 3 : 2;
+  return XD ? 6 : NT == 1 ? 3 : 2;
 }
 
-template <class C, typename T, int NT>
+template <class C, typename T, int NT, bool XD = false>
 struct Tile {
-  static constexpr int D = depth<NT>();
+  static constexpr int D = depth<NT, XD>();
+  using St = Stage<C, NT, XD>;
+  using Cur = Cursor<C, T, NT, XD>;
   // Issues the loads of the cursor's block and moves the cursor `split` blocks on. The cursor never leaves the
   // row tile's last block (it stays there once `kb` passes it), so every load is in bounds without a
   // branch: the loads of a block past the last are repeats (cache hits) that nothing uses. x words past K
   // are not loaded (the registers keep older, finite x values, or the prologue's zeros): the re-laid
   // codes there are the zero point, so the weights they meet are exactly 0.
   // The stream loads (codes, metadata, scale word) of the cursor's block.
-  static __device__ __forceinline__ void load_codes(Stage<C, NT>& st, const Cursor<C, T, NT>& cur) {
+  static __device__ __forceinline__ void load_codes(St& st, const Cur& cur) {
     if constexpr (C::PIECE >= 16) {
 #pragma unroll
       for (int i = 0; i < C::PIECE / 16; ++i) {
@@ -226,14 +234,14 @@ struct Tile {
     st.s = __ldg(cur.scales);
   }
 
-  static __device__ __forceinline__ void load(Stage<C, NT>& st, Cursor<C, T, NT>& cur, uint32_t nkb, uint32_t K,
+  static __device__ __forceinline__ void load(St& st, Cur& cur, uint32_t nkb, uint32_t K,
                                               uint32_t lane, uint32_t split) {
     const uint32_t c = lane % 4;
     load_codes(st, cur);
     const uint32_t k0 = min(cur.kb, nkb - 1) * KB;
     const bool full = k0 + KB <= K;  // uniform: only the last block of a row can be partial
 #pragma unroll
-    for (int t = 0; t < (x_in_ring<NT>() ? NT : 0); ++t) {
+    for (int t = 0; t < (x_in_ring<NT, XD>() ? NT : 0); ++t) {
       const unsigned int* xw = cur.x[t];
       if constexpr (!C::sparse) {
         // Columns 32 c .. 32 c + 31 of the block (xw points there): 4 x 16 bytes (K is a multiple of 32: all
@@ -264,13 +272,13 @@ struct Tile {
       cur.meta += split * 256;
       cur.scales += split * 8;
 #pragma unroll
-      for (int t = 0; t < (x_in_ring<NT>() ? NT : 0); ++t) cur.x[t] += split * (KB / 2);
+      for (int t = 0; t < (x_in_ring<NT, XD>() ? NT : 0); ++t) cur.x[t] += split * (KB / 2);
     }
     cur.kb += split;
   }
 
   // A register f of step s: pair p = 4 s + f of the lane's piece.
-  static __device__ __forceinline__ uint32_t a_pair(const Stage<C, NT>& st, int s, int f, const uint32_t (&mul)[4],
+  static __device__ __forceinline__ uint32_t a_pair(const St& st, int s, int f, const uint32_t (&mul)[4],
                                                     const uint32_t (&add)[4], const uint32_t (&mask)[4],
                                                     uint32_t magic) {
     const int p = 4 * s + f;
@@ -284,7 +292,7 @@ struct Tile {
   }
 
   // part += this block's products.
-  static __device__ __forceinline__ void compute(const Stage<C, NT>& st, float (&part)[NT][4],
+  static __device__ __forceinline__ void compute(const St& st, float (&part)[NT][4],
                                                  const uint32_t (&mul)[4], const uint32_t (&add)[4],
                                                  const uint32_t (&mask)[4], uint32_t magic) {
 #pragma unroll
@@ -309,7 +317,7 @@ struct Tile {
   // n-tile and step), from L1 (x is read by every row tile of the delta). `xb` points at this lane's first
   // x word of block `kb` in input row 0 of the item; row 8 t + g is read (clamped to `rows - 1`). x words
   // past K are not loaded but taken as 0 (the codes there are the zero point: the weights are exactly 0).
-  static __device__ __forceinline__ void compute_wide(const Stage<C, NT>& st, float (&part)[NT][4],
+  static __device__ __forceinline__ void compute_wide(const St& st, float (&part)[NT][4],
                                                       const uint32_t (&mul)[4], const uint32_t (&add)[4],
                                                       const uint32_t (&mask)[4], uint32_t magic,
                                                       const unsigned int* xb, uint32_t rows, uint32_t K,
@@ -355,7 +363,7 @@ struct Tile {
   }
 
   // Points the cursor's streams at packet `first` (row tile * blocks + block), this lane's place in it.
-  static __device__ __forceinline__ void codes_at(Cursor<C, T, NT>& cur, const DzDelta& d, size_t first,
+  static __device__ __forceinline__ void codes_at(Cur& cur, const DzDelta& d, size_t first,
                                                   uint32_t lane) {
     const uint32_t g = lane / 4, c = lane % 4;
     cur.codes = reinterpret_cast<const uint8_t*>(d.parts[0]) + first * C::PACKET +
@@ -399,12 +407,12 @@ struct Tile {
     const uint32_t K = d.k;
     const uint32_t nkb = (K + KB - 1) / KB;
     // The cursor at this warp's first block (part), this lane's place in it.
-    Cursor<C, T, NT> cur;
+    Cur cur;
     cur.kb = part;
     const uint32_t wk0 = min(part, nkb - 1);  // a warp with no block of its own still loads in bounds
     codes_at(cur, d, size_t(rt) * nkb + wk0, lane);
 #pragma unroll
-    for (int t = 0; t < (x_in_ring<NT>() ? NT : 0); ++t) {
+    for (int t = 0; t < (x_in_ring<NT, XD>() ? NT : 0); ++t) {
       const T* row = x + size_t(min(uint32_t(8 * t) + g, rows - 1)) * K + size_t(wk0) * KB;
       cur.x[t] = reinterpret_cast<const unsigned int*>(row) + (C::sparse ? c : 16 * c);
     }
@@ -415,11 +423,11 @@ struct Tile {
     decode_constants(d.bits, mul, add, mask);
     const uint32_t magic = Num<T>::MAGIC;
 
-    Stage<C, NT> ring[D];
+    St ring[D];
 #pragma unroll
     for (int i = 0; i < D; ++i) {
 #pragma unroll
-      for (int t = 0; t < (x_in_ring<NT>() ? NT : 0); ++t)
+      for (int t = 0; t < (x_in_ring<NT, XD>() ? NT : 0); ++t)
 #pragma unroll
         for (int j = 0; j < C::XW; ++j) ring[i].x[t][j] = 0;  // x words past K stay finite (zero)
       load(ring[i], cur, nkb, K, lane, split);
@@ -434,7 +442,7 @@ struct Tile {
         for (int t = 0; t < NT; ++t)
 #pragma unroll
           for (int e = 0; e < 4; ++e) p[t][e] = 0.f;
-        if constexpr (x_in_ring<NT>()) {
+        if constexpr (x_in_ring<NT, XD>()) {
           compute(ring[i], p, mul, add, mask, magic);
         } else {
           compute_wide(ring[i], p, mul, add, mask, magic, xl + size_t(kb) * (KB / 2), rows, K, kb, lane);
@@ -543,7 +551,7 @@ __device__ __forceinline__ void matmul_add(const DzDelta& d, const T* x, const T
 // a whole tile row of K (32 blocks at K = 4096) with no barrier and no reduction: session 9's one launch
 // shape (8 warps x 4 blocks of K per item, then a shared-memory reduction) spent most of each short block
 // in its prologue and reduction (32 deltas x 1 row: 36-39% of copy bandwidth).
-template <class C, typename T, int NT>
+template <class C, typename T, int NT, bool XD = false>
 __device__ __forceinline__ void sbmm(const DzSegment* segs, uint32_t n_segs, const DzDelta* deltas, const T* x,
                                      T* out, uint32_t k, uint32_t n_total, uint32_t tiles, uint32_t split) {
   __shared__ float red[WK * 32 * NT * 4];
@@ -563,10 +571,10 @@ __device__ __forceinline__ void sbmm(const DzSegment* segs, uint32_t n_segs, con
       live = rt * 16 < deltas[seg.delta].n_stored;
     }
     // The descriptor is read where it is used (not copied and kept live across the K loop: registers).
-    if (live) Tile<C, T, NT>::accumulate(deltas[seg.delta], x + size_t(seg.start) * k, seg.len, rt, wk % split, split, acc);
+    if (live) Tile<C, T, NT, XD>::accumulate(deltas[seg.delta], x + size_t(seg.start) * k, seg.len, rt, wk % split, split, acc);
     if (reduce_split<NT>(acc, split, red) && live) {
       T* o = out + size_t(seg.start) * n_total;
-      Tile<C, T, NT>::store(deltas[seg.delta], seg.len, o, o, rt, acc);
+      Tile<C, T, NT, XD>::store(deltas[seg.delta], seg.len, o, o, rt, acc);
     }
   }
 }
@@ -1507,6 +1515,16 @@ __device__ __forceinline__ void dequantize(const DzDelta& d, const T* base, T* o
                                               uint32_t tiles) {                                              \
     dz::v4::sbmm_ring<C, T>(segs, n_segs, deltas, x, out, k, n_total, tiles);                                \
   }
+// dz_v4_<variant>_sbmm_xd_<t>_n1: the sbmm signature, the decode tile with x loaded right before each mma
+// (not in the load ring) and a 6-deep code ring (`set_v4_sbmm_x_direct` on the host; session 15, not yet
+// measured).
+#define DZ_V4_SBMM_XD(variant, C, T, tname)                                                                  \
+  extern "C" __global__ void __launch_bounds__(dz::v4::WK * 32, 2)                                          \
+      dz_v4_##variant##_sbmm_xd_##tname##_n1(const DzSegment* segs, uint32_t n_segs, const DzDelta* deltas,    \
+                                            const T* x, T* out, uint32_t k, uint32_t n_total, uint32_t tiles, \
+                                            uint32_t split) {                                                \
+    dz::v4::sbmm<C, T, 1, true>(segs, n_segs, deltas, x, out, k, n_total, tiles, split);                     \
+  }
 #define DZ_V4_ENTRIES(variant, C, T, tname, NT)                                                              \
   DZ_V4_MATMUL(variant, C, T, tname, NT)                                                                     \
   extern "C" __global__ void __launch_bounds__(dz::v4::WK * 32, 2)                                          \
@@ -1530,6 +1548,7 @@ __device__ __forceinline__ void dequantize(const DzDelta& d, const T* base, T* o
   DZ_V4_MATMUL_SXK(variant, C, __half, f16, 4)         \
   DZ_V4_MATMUL_SXD(variant, C, __half, f16)            \
   DZ_V4_SBMM_RING(variant, C, __half, f16)             \
+  DZ_V4_SBMM_XD(variant, C, __half, f16)               \
   DZ_V4_ENTRIES(variant, C, __nv_bfloat16, bf16, 1)    \
   DZ_V4_ENTRIES(variant, C, __nv_bfloat16, bf16, 2)    \
   DZ_V4_MATMUL(variant, C, __nv_bfloat16, bf16, 4)     \
@@ -1537,6 +1556,7 @@ __device__ __forceinline__ void dequantize(const DzDelta& d, const T* base, T* o
   DZ_V4_MATMUL_SXK(variant, C, __nv_bfloat16, bf16, 4) \
   DZ_V4_MATMUL_SXD(variant, C, __nv_bfloat16, bf16)    \
   DZ_V4_SBMM_RING(variant, C, __nv_bfloat16, bf16)     \
+  DZ_V4_SBMM_XD(variant, C, __nv_bfloat16, bf16)       \
   DZ_V4_DEQUANTIZE(variant, C, float, f32)             \
   DZ_V4_DEQUANTIZE(variant, C, __half, f16)            \
   DZ_V4_DEQUANTIZE(variant, C, __nv_bfloat16, bf16)
