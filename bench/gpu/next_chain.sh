@@ -21,7 +21,9 @@
 #    in session 14, 122 s together). Then kernel_bench over the 7B / 13B shapes at 8-40 rows: the `dz`
 #    column at 16, 24, 33 and 40 rows shows whether the zero-filled rows brought the 32-row tile's time
 #    for fewer than 32 rows down to its 32-row time (session 15: 33.2 against 25.5 us on 11008 x 4096);
-#    then the tile forced from 8 rows (`--wide-from 8`) against the ring-fed tiles of the first run.
+#    then the tile forced from 8 rows (`--wide-from 8`) against the ring-fed tiles of the first run. The
+#    same sweep's `dense-v4` column times the v4 dequantize's vector stores (session 15; ~100 us before
+#    for 11008 x 4096, ~3x its bytes).
 # B. GPU 1 then GPU 0: the pool A/B again, interleaved and repeated (session 15's single pair could not
 #    separate +-20% from the calls' noise): dz-4b24 x 32, without / with --pool-keep 4GiB, twice, at 16
 #    and 64 req/s, 128 requests each (GPU 1); base the same way (GPU 0, after A). And the slot tables
@@ -36,6 +38,8 @@ log start
   timeout 300 /tmp/k/bin/cuda_check --filter "wide from rows" > $S/check/wide-from.txt 2>&1; log "cuda_check wide-from rc=$?"
   timeout 200 /tmp/k/bin/cuda_check --quick --filter "v4 kernels" > $S/check/v4-quick.txt 2>&1; log "cuda_check v4 quick rc=$?"
   timeout 200 /tmp/k/bin/cuda_check --quick --filter "v4 only" > $S/check/v4-only-quick.txt 2>&1; log "cuda_check v4 only quick rc=$?"
+  # The v4 dequantize's vector stores (session 15): bit-exact against the CPU twin.
+  timeout 120 /tmp/k/bin/cuda_check --quick --filter dequantize > $S/check/dequantize.txt 2>&1; log "cuda_check dequantize rc=$?"
   timeout 150 /tmp/k/bin/kernel_bench --shapes 4096x4096,11008x4096,4096x11008,5120x5120,13824x5120,5120x13824 \
       --rows 8,12,16,24,32,33,40 --commit "${COMMIT:-unknown}" --out $S/kern/kernels-rows > $S/kern/bench-rows.log 2>&1
   log "kernel_bench rows rc=$?"
