@@ -146,8 +146,9 @@ pub struct ServeArgs {
     pub no_pin_host: bool,
     /// Let each CUDA device's stream-ordered memory pool keep up to this much freed memory across
     /// synchronizations (e.g. 4GiB; 0, the default, leaves the driver's default of giving it all back
-    /// at every synchronization, so each decode step's allocations map memory again). Experimental,
-    /// not yet measured; see dz_loader::gpu_mem::set_pool_keep_bytes.
+    /// at every synchronization, so each decode step's allocations map memory again). Experimental:
+    /// one A/B on the H200 (session 15) served 7B x 32 fine-tunes 11-18% faster with 4GiB, within the
+    /// noise between runs; see dz_loader::gpu_mem::set_pool_keep_bytes.
     #[arg(long, default_value = "0", value_parser = parse_pool_keep)]
     pub pool_keep: u64,
 }
