@@ -48,12 +48,13 @@ log start
   timeout 100 /tmp/k/bin/kernel_bench --shapes 4096x4096,11008x4096,4096x11008,5120x5120,13824x5120,5120x13824 \
       --rows 8,9,12 --wide-from 8 --commit "${COMMIT:-unknown}" --out $S/kern/kernels-forced > $S/kern/bench-forced.log 2>&1
   log "kernel_bench forced rc=$?"
-  # The x-direct decode sbmm (session 15, `set_v4_sbmm_x_direct`: x loaded before each mma, a 6-deep code
-  # ring): kernel_bench's sbmm cases (`dz-xd` beside `dz` and the others), then Nsight Compute on it.
+  # The x-direct decode sbmm tiles (session 15, `set_v4_sbmm_x_direct`: x loaded before each mma, a 6-deep
+  # code ring, or a 3-deep one at 3 blocks an SM): kernel_bench's sbmm cases (`dz-xd`, `dz-xo` beside `dz`
+  # and the others), then Nsight Compute on them.
   timeout 120 /tmp/k/bin/kernel_bench --decode --shapes 4096x4096 --rows 1 --commit "${COMMIT:-unknown}" \
       --out $S/kern/kernels-sbmm > $S/kern/bench-sbmm.log 2>&1; log "kernel_bench sbmm rc=$?"
   NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
-  [ -n "$NCU" ] && timeout 150 "$NCU" --clock-control none --kernel-name regex:'sbmm_xd|sbmm_bf16_n1' --launch-count 4 \
+  [ -n "$NCU" ] && timeout 150 "$NCU" --clock-control none --kernel-name regex:'sbmm_x[do]|sbmm_bf16_n1' --launch-count 6 \
       --section SpeedOfLight --section Occupancy --section WarpStateStats --section SchedulerStats \
       /tmp/k/bin/kernel_bench --profile > $S/kern/ncu-sbmm-xd.txt 2>&1; log "ncu xd rc=$?"
   until [ -f $S/gen.done ]; do sleep 2; done

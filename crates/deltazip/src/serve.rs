@@ -112,7 +112,8 @@ pub struct ServeArgs {
     pub v4_sbmm_ring: bool,
     /// With --v4-kernels, experimental (written in session 15 without a GPU, not yet measured): the
     /// decode sbmm variant that loads x right before each mma and keeps a 6-deep ring of codes (see
-    /// dz_candle_ops::set_v4_sbmm_x_direct; the shared-memory variants take precedence).
+    /// dz_candle_ops::set_v4_sbmm_x_direct, V4XDirect::Deep; the shared-memory variants take
+    /// precedence).
     #[arg(long, requires = "v4_kernels")]
     pub v4_sbmm_x_direct: bool,
     /// From this many input rows of one fine-tune in a step (prefill), a delta is merged into a dense
@@ -565,7 +566,11 @@ pub fn start(args: &ServeArgs) -> Result<Running> {
         dz_loader::set_v4_keep_packed(args.v4_keep_packed);
         dz_loader::set_v4_sbmm_smem_x(args.v4_sbmm_smem_x);
         dz_loader::set_v4_sbmm_ring(args.v4_sbmm_ring);
-        dz_loader::set_v4_sbmm_x_direct(args.v4_sbmm_x_direct);
+        dz_loader::set_v4_sbmm_x_direct(if args.v4_sbmm_x_direct {
+            dz_loader::V4XDirect::Deep
+        } else {
+            dz_loader::V4XDirect::Off
+        });
         dz_loader::set_sbmm_wide_segments(!args.no_sbmm_wide_segments);
     }
     let api_key = args

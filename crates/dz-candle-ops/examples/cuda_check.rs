@@ -34,7 +34,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use common::*;
 use dz_candle_ops::reference::{self, compare, Tolerance, DZ_EXACT};
-use dz_candle_ops::{poisoned, DeviceDelta, SbmmPlan, Segment, V4WideX};
+use dz_candle_ops::{poisoned, DeviceDelta, SbmmPlan, Segment, V4WideX, V4XDirect};
 use dz_format::codec::{Grid, Payload, Sparse};
 use dz_format::QuantParams;
 use half::f16;
@@ -1695,22 +1695,24 @@ fn v4_family(ck: &mut Checker, only: bool) {
     let label = format!("{family} sbmm 36 deltas,");
     let both = (cpu.as_slice(), on_dev.as_slice());
     v4_sbmm_cases(ck, &label, both, (n, k), &layouts, &dtypes, &splits, 31);
-    // The x-direct decode tile (`set_v4_sbmm_x_direct`): the same layouts at every split (segments past
+    // The x-direct decode tiles (`set_v4_sbmm_x_direct`): the same layouts at every split (segments past
     // 8 rows keep the other tiles).
     let plain_splits: Vec<SbmmSetting> = V4_SPLITS.iter().map(|&s| (s, false, false)).collect();
-    dz_candle_ops::set_v4_sbmm_x_direct(true);
-    let xd_label = format!("{family} sbmm 36 deltas, x-direct,");
-    v4_sbmm_cases(
-        ck,
-        &xd_label,
-        both,
-        (n, k),
-        &layouts,
-        &dtypes,
-        &plain_splits,
-        31,
-    );
-    dz_candle_ops::set_v4_sbmm_x_direct(false);
+    for mode in [V4XDirect::Deep, V4XDirect::Occupancy] {
+        dz_candle_ops::set_v4_sbmm_x_direct(mode);
+        let xd_label = format!("{family} sbmm 36 deltas, x-direct {mode:?},");
+        v4_sbmm_cases(
+            ck,
+            &xd_label,
+            both,
+            (n, k),
+            &layouts,
+            &dtypes,
+            &plain_splits,
+            31,
+        );
+    }
+    dz_candle_ops::set_v4_sbmm_x_direct(V4XDirect::Off);
     // Wide segments (`set_sbmm_wide_segments`): 17-255-row segments of the v4-only deltas as their own
     // 32-row-tile matmuls, beside short segments (the shared launch), a 256-row one (the dense route or
     // the kernels, by the threshold), segments of the deltas without a v4 layout (sign1, 3-bit quant) and
@@ -1774,21 +1776,23 @@ fn v4_family(ck: &mut Checker, only: bool) {
         &splits,
         33,
     );
-    // The x-direct tile over the long K: its 6-deep ring wraps 5 times at split 1, and warps go without
+    // The x-direct tiles over the long K: the 6-deep ring wraps 5 times at split 1, and warps go without
     // blocks at split 8.
-    dz_candle_ops::set_v4_sbmm_x_direct(true);
-    let xd_label = format!("{family} sbmm 6 deltas 300 x 4000, x-direct,");
-    v4_sbmm_cases(
-        ck,
-        &xd_label,
-        both,
-        (n, k),
-        &layouts,
-        &[DType::BF16],
-        &plain_splits,
-        33,
-    );
-    dz_candle_ops::set_v4_sbmm_x_direct(false);
+    for mode in [V4XDirect::Deep, V4XDirect::Occupancy] {
+        dz_candle_ops::set_v4_sbmm_x_direct(mode);
+        let xd_label = format!("{family} sbmm 6 deltas 300 x 4000, x-direct {mode:?},");
+        v4_sbmm_cases(
+            ck,
+            &xd_label,
+            both,
+            (n, k),
+            &layouts,
+            &[DType::BF16],
+            &plain_splits,
+            33,
+        );
+    }
+    dz_candle_ops::set_v4_sbmm_x_direct(V4XDirect::Off);
     // The shared-memory sbmm (experimental, `set_v4_sbmm_smem_x`): split 1, 256 stored rows (16 tiles, a
     // multiple of 8) with the same ragged K, decode rows (8-row tile) and segments up to 16 rows (16-row
     // tile: chunks of 4 blocks); 8 deltas of the four v4 variants. Its staging zero-fills past K.

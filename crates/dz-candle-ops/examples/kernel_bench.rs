@@ -32,8 +32,8 @@
 //!   picks one per launch); `dz-sxd`: x and the codes in the deep shared-memory ring (forced only);
 //! - sbmm at 1-4 rows a delta: `dz-s1` .. `dz-s8` (the split forced), `dz-sx` (x in shared memory per
 //!   block), `dz-ring` (each warp's codes through its own shared-memory ring, `set_v4_sbmm_ring`) and
-//!   `dz-xd` (x loaded before each mma, a 6-deep code ring, `set_v4_sbmm_x_direct`), the last three
-//!   compared with split 1.
+//!   `dz-xd` / `dz-xo` (x loaded before each mma; a 6-deep code ring, or a 3-deep one at 3 blocks an SM;
+//!   `set_v4_sbmm_x_direct`), the last four compared with split 1.
 //!
 //! Rows 32-256 of issue #5 (the 32-row tile beside cuBLAS, v3 and the dense route):
 //! `kernel_bench --rows 32,64,128,256 --out STEM` (all the 7B/13B shapes; `--shapes 4096x4096` for one).
@@ -56,7 +56,7 @@ use candle_core::{DType, Device, Tensor};
 use common::{payload, Cfg};
 use dz_candle_ops::{
     delta_matmul, sbmm, set_dense_rows, set_tensor_cores, set_v4_kernels, set_v4_split,
-    set_v4_wide_tiles, set_v4_wide_x, DeviceDelta, Segment, V4WideX,
+    set_v4_wide_tiles, set_v4_wide_x, DeviceDelta, Segment, V4WideX, V4XDirect,
 };
 
 const L2_BYTES: usize = 60 << 20;
@@ -509,14 +509,17 @@ fn profile(b: &Bench) -> Result<()> {
     }
     dz_candle_ops::set_v4_sbmm_ring(false);
     eprintln!("profiled sbmm 32 deltas x 1 row, ring");
-    // And the x-direct decode tile (kernel name `..._sbmm_xd_...`), the split automatic.
+    // And the x-direct decode tiles (kernel names `..._sbmm_xd_...`, `..._sbmm_xo_...`), the split
+    // automatic.
     set_v4_split(0);
-    dz_candle_ops::set_v4_sbmm_x_direct(true);
-    for _ in 0..2 {
-        keep.push(sbmm(&x, &base, &refs, &segments)?);
+    for mode in [V4XDirect::Deep, V4XDirect::Occupancy] {
+        dz_candle_ops::set_v4_sbmm_x_direct(mode);
+        for _ in 0..2 {
+            keep.push(sbmm(&x, &base, &refs, &segments)?);
+        }
+        eprintln!("profiled sbmm 32 deltas x 1 row, x-direct {mode:?}");
     }
-    dz_candle_ops::set_v4_sbmm_x_direct(false);
-    eprintln!("profiled sbmm 32 deltas x 1 row, x-direct");
+    dz_candle_ops::set_v4_sbmm_x_direct(V4XDirect::Off);
     set_v4_split(0);
     b.dev.synchronize()?;
     Ok(())
@@ -630,19 +633,22 @@ fn sbmm_cases(b: &Bench, copy_bw: f64, rows_out: &mut Vec<Row>) -> Result<()> {
                     eprintln!("MISMATCH sbmm {used} x {rows}: ring and split 1 differ by {a:.2e}");
                 }
                 rs.push(mk("sbmm", "dz-ring", t?));
-                // The x-direct decode tile (experimental): x loaded before each mma, a 6-deep code
-                // ring; the split automatic, as `dz`.
-                dz_candle_ops::set_v4_sbmm_x_direct(true);
-                let t = b.time(ITERS, |i| Ok(vec![sbmm(&x, &base, &set(i), &segments)?]));
-                let y_xd = sbmm(&x, &base, &set(0), &segments)?;
-                dz_candle_ops::set_v4_sbmm_x_direct(false);
-                let a = disagreement(&y_xd, &y_s1)?;
-                if a > 2e-2 {
-                    eprintln!(
-                        "MISMATCH sbmm {used} x {rows}: x-direct and split 1 differ by {a:.2e}"
-                    );
+                // The x-direct decode tiles (experimental): x loaded before each mma, a 6-deep code
+                // ring (`dz-xd`) or a 3-deep one at 3 blocks an SM (`dz-xo`); the split automatic,
+                // as `dz`.
+                for (mode, path) in [(V4XDirect::Deep, "dz-xd"), (V4XDirect::Occupancy, "dz-xo")] {
+                    dz_candle_ops::set_v4_sbmm_x_direct(mode);
+                    let t = b.time(ITERS, |i| Ok(vec![sbmm(&x, &base, &set(i), &segments)?]));
+                    let y_x = sbmm(&x, &base, &set(0), &segments)?;
+                    dz_candle_ops::set_v4_sbmm_x_direct(V4XDirect::Off);
+                    let a = disagreement(&y_x, &y_s1)?;
+                    if a > 2e-2 {
+                        eprintln!(
+                            "MISMATCH sbmm {used} x {rows}: {path} and split 1 differ by {a:.2e}"
+                        );
+                    }
+                    rs.push(mk("sbmm", path, t?));
                 }
-                rs.push(mk("sbmm", "dz-xd", t?));
             }
             if let Some(t) = t_v3 {
                 rs.push(mk("sbmm", "v3", t));

@@ -340,24 +340,44 @@ pub fn v4_sbmm_ring() -> bool {
     V4_SBMM_RING.load(std::sync::atomic::Ordering::Relaxed)
 }
 
-static V4_SBMM_X_DIRECT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-/// Lets launches of the v4 decode `sbmm` tile (segments of at most 8 rows, any split) take the x-direct
-/// variant (`dz_v4_<variant>_sbmm_xd_*_n1`): x is loaded right before each mma, as the 32-row tile does,
-/// instead of riding in the load ring, whose stages then hold only codes, metadata and the scale word and
-/// go 6 K blocks deep instead of 3 (twice the code bytes in flight a warp, in the same 128 registers).
-/// Session 15's Nsight Compute on the decode sbmm (32 deltas x 1 row, 4096 x 4096 4b 2:4): 25% occupancy
-/// (120 registers a thread), 39% of the stall cycles on global loads, 61% of DRAM bandwidth. **Off by
-/// default and experimental:** written without a GPU. The shared-memory variants
-/// ([`set_v4_sbmm_ring`], [`set_v4_sbmm_smem_x`]) take precedence where they apply. Either way the
-/// results are the same sums in the same order.
-pub fn set_v4_sbmm_x_direct(enabled: bool) {
-    V4_SBMM_X_DIRECT.store(enabled, std::sync::atomic::Ordering::Relaxed);
+/// Which x-direct decode sbmm tile runs ([`set_v4_sbmm_x_direct`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum V4XDirect {
+    /// The default decode tile: x rides in the load ring, 3 K blocks deep, 2 blocks an SM.
+    Off,
+    /// `dz_v4_<variant>_sbmm_xd_*_n1`: the ring holds only codes and goes 6 K blocks deep, 2 blocks an SM.
+    Deep,
+    /// `dz_v4_<variant>_sbmm_xo_*_n1`: a 3-deep ring of codes in 80 registers, 3 blocks an SM.
+    Occupancy,
 }
 
-/// Whether [`set_v4_sbmm_x_direct`] turned the x-direct decode sbmm on (off by default).
-pub fn v4_sbmm_x_direct() -> bool {
-    V4_SBMM_X_DIRECT.load(std::sync::atomic::Ordering::Relaxed)
+static V4_SBMM_X_DIRECT: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Lets launches of the v4 decode `sbmm` tile (segments of at most 8 rows, any split) take an x-direct
+/// variant ([`V4XDirect`]): x is loaded right before each mma, as the 32-row tile does, instead of riding
+/// in the load ring, whose stages then hold only codes, metadata and the scale word (9 registers instead
+/// of 25). `Deep` spends them on a 6-deep ring (twice the code bytes in flight a warp, 126 registers);
+/// `Occupancy` on a third block an SM (80 registers, a 3-deep ring). Session 15's Nsight Compute on the
+/// decode sbmm (32 deltas x 1 row, 4096 x 4096 4b 2:4): 25% occupancy (120 registers a thread), 39% of
+/// the stall cycles on global loads, 61% of DRAM bandwidth. **Off by default and experimental:** written
+/// without a GPU. The shared-memory variants ([`set_v4_sbmm_ring`], [`set_v4_sbmm_smem_x`]) take
+/// precedence where they apply. Either way the results are the same sums in the same order.
+pub fn set_v4_sbmm_x_direct(mode: V4XDirect) {
+    let v = match mode {
+        V4XDirect::Off => 0,
+        V4XDirect::Deep => 1,
+        V4XDirect::Occupancy => 2,
+    };
+    V4_SBMM_X_DIRECT.store(v, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The x-direct decode sbmm [`set_v4_sbmm_x_direct`] chose ([`V4XDirect::Off`] by default).
+pub fn v4_sbmm_x_direct() -> V4XDirect {
+    match V4_SBMM_X_DIRECT.load(std::sync::atomic::Ordering::Relaxed) {
+        1 => V4XDirect::Deep,
+        2 => V4XDirect::Occupancy,
+        _ => V4XDirect::Off,
+    }
 }
 
 static V4_KEEP_PACKED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);

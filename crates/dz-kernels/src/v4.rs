@@ -30,9 +30,9 @@
 //!   T* out, u32 k, u32 n_total, u32 tiles)`: the decode sbmm (segments of at most 8 rows, one item a warp
 //!   over its whole K row, as `split` 1) with each warp's codes streamed through its own ring in dynamic
 //!   shared memory; launch it with [`v4_sbmm_ring_smem`] bytes of it (experimental, off by default).
-//! - `dz_v4_<variant>_sbmm_xd_<t>_n1` (the `sbmm` signature and launch): the decode tile with x loaded
-//!   right before each mma instead of in the load ring, and a 6-deep ring of codes (experimental, off by
-//!   default).
+//! - `dz_v4_<variant>_sbmm_xd_<t>_n1` and `_sbmm_xo_` (the `sbmm` signature and launch): the decode tile
+//!   with x loaded right before each mma instead of in the load ring, and a 6-deep ring of codes (xd) or
+//!   a 3-deep one at 3 blocks an SM (xo) (experimental, off by default).
 //! - `dz_v4_<variant>_dequantize_<t>(DzDelta d, const T* base, T* out)` for `t` in `f32`, `f16`, `bf16`:
 //!   `out = base + D` (`D` when base is 0), no row subset; what `merge`, `dequantize` and the dense route
 //!   of a delta that keeps only its v4 layout run.
@@ -88,6 +88,9 @@ pub struct V4Entries {
     /// `dz_v4_<variant>_sbmm_xd_<t>_n1`, by dtype: the decode sbmm with x loaded right before each mma and a
     /// 6-deep code ring (experimental, [`V4Entries::sbmm_xd`]).
     pub sbmm_xd: [&'static str; 2],
+    /// `dz_v4_<variant>_sbmm_xo_<t>_n1`, by dtype: the same with a 3-deep code ring in 80 registers, 3
+    /// blocks an SM (experimental, [`V4Entries::sbmm_xo`]).
+    pub sbmm_xo: [&'static str; 2],
     /// `dz_v4_<variant>_dequantize_<t>` (f32, f16, bf16): `out = base + D` (base 0: `D`) for a delta
     /// without a row subset, one thread per lane of a packet ([`V4_DEQUANTIZE_THREADS`] a block).
     pub dequantize: [&'static str; 3],
@@ -182,6 +185,15 @@ impl V4Entries {
         }
     }
 
+    /// As [`V4Entries::sbmm_xd`], a 3-deep code ring in at most 80 registers, so 3 blocks an SM instead of
+    /// 2 (1.5x the warps and the loads in flight).
+    pub fn sbmm_xo(&self, dtype: Dtype, rows: u32) -> Option<&'static str> {
+        match Self::index(dtype, rows)? {
+            (d, 0) => Some(self.sbmm_xo[d]),
+            _ => None,
+        }
+    }
+
     /// [`v4_sbmm_ring_smem`] of this variant.
     pub fn sbmm_ring_smem(&self) -> Option<u32> {
         v4_sbmm_ring_smem(match self.variant {
@@ -212,6 +224,7 @@ impl V4Entries {
             .chain(self.matmul_sxk.iter())
             .chain(&self.sbmm_ring)
             .chain(&self.sbmm_xd)
+            .chain(&self.sbmm_xo)
             .chain(self.sbmm.iter().chain(&self.sbmm_sx).flatten())
             .chain(&self.dequantize)
             .copied()
@@ -309,6 +322,10 @@ macro_rules! v4_entries {
                 concat!("dz_v4_", $v, "_sbmm_xd_f16_n1"),
                 concat!("dz_v4_", $v, "_sbmm_xd_bf16_n1"),
             ],
+            sbmm_xo: [
+                concat!("dz_v4_", $v, "_sbmm_xo_f16_n1"),
+                concat!("dz_v4_", $v, "_sbmm_xo_bf16_n1"),
+            ],
             dequantize: [
                 concat!("dz_v4_", $v, "_dequantize_f32"),
                 concat!("dz_v4_", $v, "_dequantize_f16"),
@@ -400,7 +417,7 @@ mod tests {
     #[test]
     fn names_and_support() {
         let n: usize = V4.iter().map(|e| e.all().count()).sum();
-        assert_eq!(n, 4 * 27);
+        assert_eq!(n, 4 * 29);
         assert_eq!(
             V4[3].matmul_sxk(Dtype::Bf16, 4),
             Some("dz_v4_sparse24_4_matmul_sxk4_bf16_n4")
@@ -426,6 +443,10 @@ mod tests {
         );
         assert!(V4[2].sbmm_xd(Dtype::Bf16, 9).is_none());
         assert!(V4[2].sbmm_xd(Dtype::F32, 1).is_none());
+        assert_eq!(
+            V4[1].sbmm_xo(Dtype::F16, 1),
+            Some("dz_v4_quant4_sbmm_xo_f16_n1")
+        );
         assert!(V4[1].sbmm_ring(Dtype::F32, 1).is_none());
         let ring = [
             Variant::Quant(2),

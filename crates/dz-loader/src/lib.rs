@@ -48,13 +48,13 @@ pub use dz_candle_ops::set_v4_sbmm_ring;
 /// The shared-memory v4 sbmm (experimental, off by default; see `dz_candle_ops::set_v4_sbmm_smem_x`;
 /// `deltazip serve --v4-sbmm-smem-x`).
 pub use dz_candle_ops::set_v4_sbmm_smem_x;
-/// The x-direct v4 decode sbmm (experimental, off by default; see
-/// `dz_candle_ops::set_v4_sbmm_x_direct`; `deltazip serve --v4-sbmm-x-direct`).
-pub use dz_candle_ops::set_v4_sbmm_x_direct;
 /// From how many input rows of one delta the CUDA ops take the dense route (the delta merged into a
 /// dense weight, then one cuBLAS matmul; see `dz_candle_ops::set_dense_rows`; `deltazip serve
 /// --dense-rows`).
 pub use dz_candle_ops::{set_dense_rows, DEFAULT_DENSE_ROWS};
+/// The x-direct v4 decode sbmm (experimental, off by default; see
+/// `dz_candle_ops::set_v4_sbmm_x_direct`; `deltazip serve --v4-sbmm-x-direct`).
+pub use dz_candle_ops::{set_v4_sbmm_x_direct, V4XDirect};
 pub use engines::{EngineBudget, EngineLease, EngineSwap, EngineSwapStats, GpuRoom};
 pub use error::{Error, Result};
 pub use host::{Engine, GeneratedToken, Generation, KvCache};

@@ -851,7 +851,7 @@ fn sbmm_run_t<T: Elem>(
                 // SAFETY: the arguments match `dz_<v>_sbmm_<t>_m<MT>(const DzSegment*, u32, const
                 // DzDelta*, const T*, T*, u32, u32)` (the v4 entries take two more u32: `tiles`, the
                 // 16-row tiles of the group's tallest delta, and `split`, 1, 2, 4 or 8, the x-direct
-                // `_sbmm_xd_` entries the same; the shared-memory
+                // `_sbmm_xd_` / `_sbmm_xo_` entries the same; the shared-memory
                 // v4 entries `tiles` only, a multiple of 8 with every delta of the launch holding that
                 // many tiles of stored rows, checked by `sbmm_prepare`; the per-warp ring entries
                 // `tiles` only, items past a delta's stored rows skipped as in the split entries): `count` segments of at most MT
@@ -1147,11 +1147,13 @@ impl Kernel {
             Kernel::V4(e, rows) => {
                 let name = match launch {
                     Launch::Matmul => e.matmul_add(dtype, rows),
-                    // The x-direct decode tile (same signature and launch) where it is turned on.
-                    Launch::Sbmm => (crate::v4_sbmm_x_direct())
-                        .then(|| e.sbmm_xd(dtype, rows))
-                        .flatten()
-                        .or_else(|| e.sbmm(dtype, rows)),
+                    // An x-direct decode tile (same signature and launch) where one is turned on.
+                    Launch::Sbmm => match crate::v4_sbmm_x_direct() {
+                        crate::V4XDirect::Off => None,
+                        crate::V4XDirect::Deep => e.sbmm_xd(dtype, rows),
+                        crate::V4XDirect::Occupancy => e.sbmm_xo(dtype, rows),
+                    }
+                    .or_else(|| e.sbmm(dtype, rows)),
                 }
                 .ok_or_else(|| OpError::Storage {
                     op,

@@ -150,16 +150,17 @@ struct Codec {
 
 // Whether the load ring carries x (8- and 16-row tiles) or only the stream loads (32- and 64-row tiles,
 // whose x words would take 64 / 128 registers a stage: they load each step's x right before its mma).
-// `XD` (x direct, the decode sbmm's `_sbmm_xd_` entries, session 15): the 8-row tile without x in the ring
-// either, which frees its 16 registers a stage for a deeper code ring (`depth`).
-template <int NT, bool XD = false>
+// `XD` (x direct, session 15): the decode sbmm's 8-row tile without x in the ring either, which frees its 16
+// registers a stage: 1 = a deeper code ring (`_sbmm_xd_`, `depth`), 2 = the same 3-deep ring in 80
+// registers, 3 blocks an SM (`_sbmm_xo_`).
+template <int NT, int XD = 0>
 __host__ __device__ constexpr bool x_in_ring() {
-  return NT <= 2 && !XD;
+  return NT <= 2 && XD == 0;
 }
 
 // The loads of one block for one lane: codes, metadata, scale word, x (x only where `x_in_ring`; the
 // one-word array of the wide tiles is never touched, so it takes no register).
-template <class C, int NT, bool XD = false>
+template <class C, int NT, int XD = 0>
 struct Stage {
   uint32_t w[C::CW];
   uint32_t m[C::MW > 0 ? C::MW : 1];
@@ -175,7 +176,7 @@ __device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t b, uint32_t c) {
 }
 
 // Where a warp's next block of loads comes from: pointers that advance by WK blocks per load.
-template <class C, typename T, int NT, bool XD = false>
+template <class C, typename T, int NT, int XD = 0>
 struct Cursor {
   const uint8_t* codes;     // this lane's first chunk in the packet
   const uint8_t* meta;      // this lane's metadata slot in the packet
@@ -189,16 +190,17 @@ struct Cursor {
 // ring holds only the stream loads (9 registers a stage at most), 2 deep: its accumulators and partial
 // sums take 32 registers, and at 3 deep ptxas spills in the loop. (A 64-row tile, NT = 8, spilled in the
 // loop even 1 deep: 64 registers of sums; so more than 32 rows run as several 32-row x tiles.)
-// With `XD`, 6 blocks (the stream loads only, 9 registers a stage; 126 registers without spills for
+// With `XD` 1, 6 blocks (the stream loads only, 9 registers a stage; 126 registers without spills for
 // sparse24-4, ptxas -v): twice the code bytes in flight a warp of the 3-deep ring with x (session 15's
 // Nsight Compute on the decode sbmm: 25% occupancy, 39% of the stall cycles waiting on global loads, 61%
-// of DRAM bandwidth).
-template <int NT, bool XD = false>
+// of DRAM bandwidth). With `XD` 2, 3 blocks in 80 registers (8 bytes spilled for sparse24-4, none for the
+// others), so 3 blocks an SM: 1.5x the warps and the stages in flight.
+template <int NT, int XD = 0>
 constexpr int depth() {
-  return XD ? 6 : NT == 1 ? 3 : 2;
+  return XD == 1 ? 6 : XD == 2 ? 3 : NT == 1 ? 3 : 2;
 }
 
-template <class C, typename T, int NT, bool XD = false>
+template <class C, typename T, int NT, int XD = 0>
 struct Tile {
   static constexpr int D = depth<NT, XD>();
   using St = Stage<C, NT, XD>;
@@ -551,7 +553,7 @@ __device__ __forceinline__ void matmul_add(const DzDelta& d, const T* x, const T
 // a whole tile row of K (32 blocks at K = 4096) with no barrier and no reduction: session 9's one launch
 // shape (8 warps x 4 blocks of K per item, then a shared-memory reduction) spent most of each short block
 // in its prologue and reduction (32 deltas x 1 row: 36-39% of copy bandwidth).
-template <class C, typename T, int NT, bool XD = false>
+template <class C, typename T, int NT, int XD = 0>
 __device__ __forceinline__ void sbmm(const DzSegment* segs, uint32_t n_segs, const DzDelta* deltas, const T* x,
                                      T* out, uint32_t k, uint32_t n_total, uint32_t tiles, uint32_t split) {
   __shared__ float red[WK * 32 * NT * 4];
@@ -1544,15 +1546,21 @@ __device__ __forceinline__ void dequantize(const DzDelta& d, const T* base, T* o
                                               uint32_t tiles) {                                              \
     dz::v4::sbmm_ring<C, T>(segs, n_segs, deltas, x, out, k, n_total, tiles);                                \
   }
-// dz_v4_<variant>_sbmm_xd_<t>_n1: the sbmm signature, the decode tile with x loaded right before each mma
-// (not in the load ring) and a 6-deep code ring (`set_v4_sbmm_x_direct` on the host; session 15, not yet
-// measured).
+// dz_v4_<variant>_sbmm_xd_<t>_n1 and _sbmm_xo_: the sbmm signature, the decode tile with x loaded right
+// before each mma (not in the load ring) and a 6-deep code ring at 2 blocks an SM (xd), or a 3-deep one at
+// 3 blocks an SM (xo) (`set_v4_sbmm_x_direct` on the host; session 15, not yet measured).
 #define DZ_V4_SBMM_XD(variant, C, T, tname)                                                                  \
   extern "C" __global__ void __launch_bounds__(dz::v4::WK * 32, 2)                                          \
       dz_v4_##variant##_sbmm_xd_##tname##_n1(const DzSegment* segs, uint32_t n_segs, const DzDelta* deltas,    \
                                             const T* x, T* out, uint32_t k, uint32_t n_total, uint32_t tiles, \
                                             uint32_t split) {                                                \
-    dz::v4::sbmm<C, T, 1, true>(segs, n_segs, deltas, x, out, k, n_total, tiles, split);                     \
+    dz::v4::sbmm<C, T, 1, 1>(segs, n_segs, deltas, x, out, k, n_total, tiles, split);                        \
+  }                                                                                                          \
+  extern "C" __global__ void __launch_bounds__(dz::v4::WK * 32, 3)                                          \
+      dz_v4_##variant##_sbmm_xo_##tname##_n1(const DzSegment* segs, uint32_t n_segs, const DzDelta* deltas,    \
+                                            const T* x, T* out, uint32_t k, uint32_t n_total, uint32_t tiles, \
+                                            uint32_t split) {                                                \
+    dz::v4::sbmm<C, T, 1, 2>(segs, n_segs, deltas, x, out, k, n_total, tiles, split);                        \
   }
 #define DZ_V4_ENTRIES(variant, C, T, tname, NT)                                                              \
   DZ_V4_MATMUL(variant, C, T, tname, NT)                                                                     \
