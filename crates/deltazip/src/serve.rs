@@ -111,11 +111,12 @@ pub struct ServeArgs {
     #[arg(long, requires = "v4_kernels")]
     pub v4_sbmm_ring: bool,
     /// With --v4-kernels, experimental (written in session 15 without a GPU, not yet measured): the
-    /// decode sbmm variant that loads x right before each mma and keeps a 6-deep ring of codes (see
-    /// dz_candle_ops::set_v4_sbmm_x_direct, V4XDirect::Deep; the shared-memory variants take
-    /// precedence).
-    #[arg(long, requires = "v4_kernels")]
-    pub v4_sbmm_x_direct: bool,
+    /// decode sbmm variants that load x right before each mma instead of in the load ring: `deep` (the
+    /// default with the flag) keeps a 6-deep ring of codes, `occupancy` a 3-deep one at 3 blocks an SM
+    /// (see dz_candle_ops::set_v4_sbmm_x_direct; the shared-memory variants take precedence).
+    #[arg(long, requires = "v4_kernels", value_name = "deep|occupancy", num_args = 0..=1,
+          default_missing_value = "deep", value_parser = parse_x_direct)]
+    pub v4_sbmm_x_direct: Option<dz_loader::V4XDirect>,
     /// From this many input rows of one fine-tune in a step (prefill), a delta is merged into a dense
     /// weight once and multiplied with one cuBLAS matmul instead of the delta kernels (CUDA, f16/bf16).
     /// The default is the crossover the H200 measured (bench/results/h200-s10-2026-11-30.md); a delta kept
@@ -154,6 +155,15 @@ pub struct ServeArgs {
     pub pool_keep: u64,
 }
 
+/// `--v4-sbmm-x-direct`: `deep` or `occupancy`.
+fn parse_x_direct(s: &str) -> std::result::Result<dz_loader::V4XDirect, String> {
+    match s {
+        "deep" => Ok(dz_loader::V4XDirect::Deep),
+        "occupancy" => Ok(dz_loader::V4XDirect::Occupancy),
+        _ => Err(format!("{s:?} is not an x-direct sbmm (deep or occupancy)")),
+    }
+}
+
 /// `--pool-keep`: bytes, with an optional unit (`4GiB`, `512MiB`).
 fn parse_pool_keep(s: &str) -> std::result::Result<u64, String> {
     dz_loader::config::parse_bytes(s)
@@ -175,7 +185,7 @@ impl ServeArgs {
             v4_keep_packed: false,
             v4_sbmm_smem_x: false,
             v4_sbmm_ring: false,
-            v4_sbmm_x_direct: false,
+            v4_sbmm_x_direct: None,
             dense_rows: dz_loader::DEFAULT_DENSE_ROWS,
             slot_tables: false,
             no_sbmm_wide_segments: false,
@@ -566,11 +576,7 @@ pub fn start(args: &ServeArgs) -> Result<Running> {
         dz_loader::set_v4_keep_packed(args.v4_keep_packed);
         dz_loader::set_v4_sbmm_smem_x(args.v4_sbmm_smem_x);
         dz_loader::set_v4_sbmm_ring(args.v4_sbmm_ring);
-        dz_loader::set_v4_sbmm_x_direct(if args.v4_sbmm_x_direct {
-            dz_loader::V4XDirect::Deep
-        } else {
-            dz_loader::V4XDirect::Off
-        });
+        dz_loader::set_v4_sbmm_x_direct(args.v4_sbmm_x_direct.unwrap_or(dz_loader::V4XDirect::Off));
         dz_loader::set_sbmm_wide_segments(!args.no_sbmm_wide_segments);
     }
     let api_key = args
@@ -1314,6 +1320,39 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn x_direct_takes_its_two_names_and_names_a_bad_one() {
+        assert_eq!(parse_x_direct("deep"), Ok(dz_loader::V4XDirect::Deep));
+        assert_eq!(
+            parse_x_direct("occupancy"),
+            Ok(dz_loader::V4XDirect::Occupancy)
+        );
+        let e = parse_x_direct("fast").unwrap_err();
+        assert!(e.contains("deep or occupancy"), "{e}");
+    }
+
+    #[test]
+    fn x_direct_flag_defaults_to_deep_and_takes_a_name() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            serve: ServeArgs,
+        }
+        let parse = |extra: &[&str]| {
+            let args = ["serve", "--config", "c.toml", "--v4-kernels"]
+                .iter()
+                .chain(extra);
+            Cli::try_parse_from(args).map(|c| c.serve.v4_sbmm_x_direct)
+        };
+        assert_eq!(parse(&[]).unwrap(), None);
+        let deep = parse(&["--v4-sbmm-x-direct", "--slot-tables"]).unwrap();
+        assert_eq!(deep, Some(dz_loader::V4XDirect::Deep));
+        let occupancy = parse(&["--v4-sbmm-x-direct", "occupancy"]).unwrap();
+        assert_eq!(occupancy, Some(dz_loader::V4XDirect::Occupancy));
+        assert!(parse(&["--v4-sbmm-x-direct", "fast"]).is_err());
+    }
 
     #[test]
     fn pool_keep_takes_sizes_with_units_and_names_a_bad_one() {
