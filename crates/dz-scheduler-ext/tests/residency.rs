@@ -436,7 +436,20 @@ fn concurrent_traffic_under_small_budgets_keeps_every_invariant() {
             }
         });
     });
-    // Settle: every delta can still be loaded, one at a time.
+    // Settle: the loads the traffic queued finish first. With `fresh_grace` 0 each of them may evict a
+    // delta loaded a moment before, so a delta requested while they run can be Ready and evicted again
+    // before its waiter looks (a CI run saw d0 end Idle that way). Then every delta can still be loaded,
+    // one at a time.
+    let deadline = std::time::Instant::now() + BOUND;
+    while (r.metrics().deltas.iter())
+        .any(|d| matches!(d.state, DeltaState::Loading | DeltaState::Queued))
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the queued loads did not finish"
+        );
+        r.wait_for_change(Duration::from_millis(50));
+    }
     for i in 0..8 {
         let n = format!("d{i}");
         r.request(&n);
