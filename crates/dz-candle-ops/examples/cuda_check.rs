@@ -1401,103 +1401,99 @@ fn v4_wide_from_rows_family(ck: &mut Checker) {
     ];
     for only in [false, true] {
         dz_candle_ops::set_v4_keep_packed(!only);
-        let specs: Vec<DeltaSpec> = (cfgs.iter().enumerate())
-            .map(|(i, &cfg)| DeltaSpec::full(cfg, n, k, 9900 + i as u64))
-            .collect();
-        let (cpu, on_dev) = build_both(&specs, &ck.dev);
         let kept = if only { "v4 only" } else { "kept packed" };
-        for (i, spec) in specs.iter().enumerate() {
-            for rows in [7usize, 8, 9, 16] {
-                ck.case(
-                    format!("{} {kept} BF16 rows={rows} +base", spec.label()),
-                    |dev, ops| {
-                        let x = input(&[rows, k], DType::BF16, 60 + rows as u64);
-                        let base = input(&[rows, n], DType::BF16, 70 + rows as u64);
-                        matmul_case(dev, ops, &cpu[i], &on_dev[i], &x, Some(base))
-                    },
-                );
-            }
-        }
-        if only {
-            // Segments at and around the threshold, as their own matmuls (wide segments) or in the
-            // shared launch, beside a base-only run.
-            dz_candle_ops::set_sbmm_wide_segments(true);
-            let layout = [(
-                "segments of 7-16 rows",
-                vec![
-                    (16, Some(0)),
-                    (1, Some(1)),
-                    (8, Some(0)),
-                    (9, Some(1)),
-                    (2, None),
-                    (7, Some(0)),
-                    (8, Some(1)),
-                ],
-            )];
-            let label = format!("v4 only sbmm {n} x {k},");
-            let both = (cpu.as_slice(), on_dev.as_slice());
-            v4_sbmm_cases(
-                ck,
-                &label,
-                both,
-                (n, k),
-                &layout,
-                &[DType::BF16],
-                &[(0, false, false)],
-                37,
-            );
-        }
+        // In `only`, segments at and around the threshold, as their own matmuls (wide segments) or in
+        // the shared launch, beside a base-only run.
+        let layout = only.then(|| {
+            let segs = vec![
+                (16, Some(0)),
+                (1, Some(1)),
+                (8, Some(0)),
+                (9, Some(1)),
+                (2, None),
+                (7, Some(0)),
+                (8, Some(1)),
+            ];
+            ("segments of 7-16 rows", segs)
+        });
+        dz_candle_ops::set_sbmm_wide_segments(true);
+        let rows = [7, 8, 9, 16];
+        wide_from_cases(ck, &cfgs, (n, k), 9900, &rows, kept, layout, 60);
     }
     // The tile forced from 1 row (`set_v4_wide_from`) on a small delta: 31 of the 32 staged x rows
     // past the input's rows (zero-filled), and an sbmm whose every segment is its own matmul.
     dz_candle_ops::set_v4_keep_packed(false);
     dz_candle_ops::set_v4_wide_from(1);
-    let (n, k) = (300usize, 4000usize);
-    let specs: Vec<DeltaSpec> = (cfgs.iter().enumerate())
-        .map(|(i, &cfg)| DeltaSpec::full(cfg, n, k, 9910 + i as u64))
-        .collect();
-    let (cpu, on_dev) = build_both(&specs, &ck.dev);
-    for (i, spec) in specs.iter().enumerate() {
-        for rows in [1usize, 8, 12] {
-            ck.case(
-                format!(
-                    "{} v4 only BF16 rows={rows} +base, the 32-row tile from 1 row",
-                    spec.label()
-                ),
-                |dev, ops| {
-                    let x = input(&[rows, k], DType::BF16, 80 + rows as u64);
-                    let base = input(&[rows, n], DType::BF16, 90 + rows as u64);
-                    matmul_case(dev, ops, &cpu[i], &on_dev[i], &x, Some(base))
-                },
-            );
-        }
-    }
-    let layout = [(
-        "segments of 1-12 rows, each its own 32-row tile",
-        vec![
-            (12, Some(0)),
-            (1, Some(1)),
-            (3, None),
-            (8, Some(1)),
-            (5, Some(0)),
-        ],
-    )];
-    let label = format!("v4 only sbmm {n} x {k},");
-    let both = (cpu.as_slice(), on_dev.as_slice());
-    v4_sbmm_cases(
+    let segs = vec![
+        (12, Some(0)),
+        (1, Some(1)),
+        (3, None),
+        (8, Some(1)),
+        (5, Some(0)),
+    ];
+    let layout = ("segments of 1-12 rows, each its own 32-row tile", segs);
+    let what = "v4 only, the 32-row tile from 1 row";
+    wide_from_cases(
         ck,
-        &label,
-        both,
-        (n, k),
-        &layout,
-        &[DType::BF16],
-        &[(0, false, false)],
-        39,
+        &cfgs,
+        (300, 4000),
+        9910,
+        &[1, 8, 12],
+        what,
+        Some(layout),
+        80,
     );
     dz_candle_ops::set_v4_wide_from(0);
     // As `v4_family` leaves them for the families after it.
     dz_candle_ops::set_sbmm_wide_segments(false);
     dz_candle_ops::set_v4_keep_packed(true);
+}
+
+/// For `v4_wide_from_rows_family`: an `n x k` delta of each of `cfgs` (seeded from `seed`), its
+/// `delta_matmul` (+ base, bf16) at each of `rows` against the CPU twin, labelled with `what`, and an
+/// sbmm over the deltas in `layout`; x and base seeded from `x_seed`.
+#[allow(clippy::too_many_arguments)]
+fn wide_from_cases(
+    ck: &mut Checker,
+    cfgs: &[Cfg],
+    (n, k): (usize, usize),
+    seed: u64,
+    rows: &[usize],
+    what: &str,
+    layout: Option<Layout<'_>>,
+    x_seed: u64,
+) {
+    let specs: Vec<DeltaSpec> = (cfgs.iter().enumerate())
+        .map(|(i, &cfg)| DeltaSpec::full(cfg, n, k, seed + i as u64))
+        .collect();
+    let (cpu, on_dev) = build_both(&specs, &ck.dev);
+    for (i, spec) in specs.iter().enumerate() {
+        for &rows in rows {
+            ck.case(
+                format!("{} {what} BF16 rows={rows} +base", spec.label()),
+                |dev, ops| {
+                    let x = input(&[rows, k], DType::BF16, x_seed + rows as u64);
+                    let base = input(&[rows, n], DType::BF16, x_seed + 10 + rows as u64);
+                    matmul_case(dev, ops, &cpu[i], &on_dev[i], &x, Some(base))
+                },
+            );
+        }
+    }
+    if let Some(layout) = layout {
+        let label = format!("{what} sbmm {n} x {k},");
+        let both = (cpu.as_slice(), on_dev.as_slice());
+        let plain = [(0, false, false)];
+        v4_sbmm_cases(
+            ck,
+            &label,
+            both,
+            (n, k),
+            &[layout],
+            &[DType::BF16],
+            &plain,
+            x_seed + 20,
+        );
+    }
 }
 
 fn v4_family(ck: &mut Checker, only: bool) {
