@@ -1496,6 +1496,26 @@ fn wide_from_cases(
     }
 }
 
+/// [`v4_sbmm_cases`] under each x-direct decode tile (`set_v4_sbmm_x_direct`: Deep, then Occupancy) at
+/// every split; the tiles are off again afterwards.
+fn x_direct_cases(
+    ck: &mut Checker,
+    label: &str,
+    both: (&[DeviceDelta], &[DeviceDelta]),
+    nk: (usize, usize),
+    layouts: &[Layout<'_>],
+    dtypes: &[DType],
+    seed: u64,
+) {
+    let splits: Vec<SbmmSetting> = V4_SPLITS.iter().map(|&s| (s, false, false)).collect();
+    for mode in [V4XDirect::Deep, V4XDirect::Occupancy] {
+        dz_candle_ops::set_v4_sbmm_x_direct(mode);
+        let label = format!("{label} x-direct {mode:?},");
+        v4_sbmm_cases(ck, &label, both, nk, layouts, dtypes, &splits, seed);
+    }
+    dz_candle_ops::set_v4_sbmm_x_direct(V4XDirect::Off);
+}
+
 fn v4_family(ck: &mut Checker, only: bool) {
     ck.family(if only { "v4 only" } else { "v4 kernels" });
     dz_candle_ops::set_v4_keep_packed(!only);
@@ -1691,24 +1711,9 @@ fn v4_family(ck: &mut Checker, only: bool) {
     let label = format!("{family} sbmm 36 deltas,");
     let both = (cpu.as_slice(), on_dev.as_slice());
     v4_sbmm_cases(ck, &label, both, (n, k), &layouts, &dtypes, &splits, 31);
-    // The x-direct decode tiles (`set_v4_sbmm_x_direct`): the same layouts at every split (segments past
-    // 8 rows keep the other tiles).
-    let plain_splits: Vec<SbmmSetting> = V4_SPLITS.iter().map(|&s| (s, false, false)).collect();
-    for mode in [V4XDirect::Deep, V4XDirect::Occupancy] {
-        dz_candle_ops::set_v4_sbmm_x_direct(mode);
-        let xd_label = format!("{family} sbmm 36 deltas, x-direct {mode:?},");
-        v4_sbmm_cases(
-            ck,
-            &xd_label,
-            both,
-            (n, k),
-            &layouts,
-            &dtypes,
-            &plain_splits,
-            31,
-        );
-    }
-    dz_candle_ops::set_v4_sbmm_x_direct(V4XDirect::Off);
+    // The x-direct decode tiles: the same layouts (segments past 8 rows keep the other tiles).
+    let xd_label = format!("{family} sbmm 36 deltas,");
+    x_direct_cases(ck, &xd_label, both, (n, k), &layouts, &dtypes, 31);
     // Wide segments (`set_sbmm_wide_segments`): 17-255-row segments of the v4-only deltas as their own
     // 32-row-tile matmuls, beside short segments (the shared launch), a 256-row one (the dense route or
     // the kernels, by the threshold), segments of the deltas without a v4 layout (sign1, 3-bit quant) and
@@ -1774,21 +1779,8 @@ fn v4_family(ck: &mut Checker, only: bool) {
     );
     // The x-direct tiles over the long K: the 6-deep ring wraps 5 times at split 1, and warps go without
     // blocks at split 8.
-    for mode in [V4XDirect::Deep, V4XDirect::Occupancy] {
-        dz_candle_ops::set_v4_sbmm_x_direct(mode);
-        let xd_label = format!("{family} sbmm 6 deltas 300 x 4000, x-direct {mode:?},");
-        v4_sbmm_cases(
-            ck,
-            &xd_label,
-            both,
-            (n, k),
-            &layouts,
-            &[DType::BF16],
-            &plain_splits,
-            33,
-        );
-    }
-    dz_candle_ops::set_v4_sbmm_x_direct(V4XDirect::Off);
+    let xd_label = format!("{family} sbmm 6 deltas 300 x 4000,");
+    x_direct_cases(ck, &xd_label, both, (n, k), &layouts, &[DType::BF16], 33);
     // The shared-memory sbmm (experimental, `set_v4_sbmm_smem_x`): split 1, 256 stored rows (16 tiles, a
     // multiple of 8) with the same ragged K, decode rows (8-row tile) and segments up to 16 rows (16-row
     // tile: chunks of 4 blocks); 8 deltas of the four v4 variants. Its staging zero-fills past K.
