@@ -54,9 +54,10 @@ log start
   timeout 120 /tmp/k/bin/kernel_bench --decode --shapes 4096x4096 --rows 1 --commit "${COMMIT:-unknown}" \
       --out $S/kern/kernels-sbmm > $S/kern/bench-sbmm.log 2>&1; log "kernel_bench sbmm rc=$?"
   NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
-  [ -n "$NCU" ] && timeout 150 "$NCU" --clock-control none --kernel-name regex:'sbmm_x[do]|sbmm_bf16_n1' --launch-count 6 \
+  [ -n "$NCU" ] && timeout 150 "$NCU" --clock-control none --kernel-name regex:'sbmm_x[do]|sbmm_bf16_n1' --launch-count 8 \
       --section SpeedOfLight --section Occupancy --section WarpStateStats --section SchedulerStats \
       /tmp/k/bin/kernel_bench --profile > $S/kern/ncu-sbmm-xd.txt 2>&1; log "ncu xd rc=$?"
+  # (8 launches: `--profile` runs the default tile 4 times (split 1 and 8), then xd and xo twice each.)
   until [ -f $S/gen.done ]; do sleep 2; done
   for i in 1 2; do
     GPU=0 PORT_BASE=8200 OUT=$S/base$i RATES=16,64 REQS=128 bash $R/gpu/serving.sh base > $S/base$i.log 2>&1; log "base $i rc=$?"
