@@ -1320,6 +1320,7 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use mistralrs_core::{Admission, AdmissionHook};
 
     #[test]
     fn x_direct_takes_its_two_names_and_names_a_bad_one() {
@@ -1361,7 +1362,6 @@ mod tests {
         let e = parse_pool_keep("lots").unwrap_err();
         assert!(e.contains("\"lots\" is not a size"), "{e}");
     }
-    use mistralrs_core::{Admission, AdmissionHook};
 
     #[test]
     fn cap_admission_is_a_pure_cap_on_distinct_fine_tunes() {

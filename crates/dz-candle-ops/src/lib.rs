@@ -223,11 +223,11 @@ pub fn set_v4_wide_from(rows: u32) {
     V4_WIDE_FROM.store(rows, std::sync::atomic::Ordering::Relaxed);
 }
 
-/// The fewest input rows of an `n x k` delta (`sparse`: a 2:4 codec) that take the 32-row tile: the
-/// [`set_v4_wide_from`] override, else the rule by shape.
-pub fn v4_wide_from(n: usize, k: usize, sparse: bool) -> u32 {
+/// The fewest input rows of an `n x k` delta that take the 32-row tile: the [`set_v4_wide_from`]
+/// override, else the rule by shape.
+pub fn v4_wide_from(n: usize, k: usize) -> u32 {
     match V4_WIDE_FROM.load(std::sync::atomic::Ordering::Relaxed) {
-        0 => dz_kernels::v4::v4_wide_from_rows(n, k, sparse),
+        0 => dz_kernels::v4::v4_wide_from_rows(n, k),
         rows => rows.min(dz_kernels::v4::V4_MAX_ROWS + 1),
     }
 }

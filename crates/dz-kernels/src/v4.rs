@@ -255,8 +255,7 @@ pub fn v4_matmul_tile_rows(rows: u32) -> u32 {
 pub const V4_WIDE_FROM_WEIGHTS: u64 = 40 << 20;
 
 /// The fewest input rows of one delta that take the 32-row tile ([`V4_WIDE_ROWS`]) instead of the 8- or
-/// 16-row tiles, for an `n x k` delta (`sparse`: a 2:4 codec; the rule is the same for both families
-/// now). Measured on the H200 (session 15, bf16): on the four shapes of at least
+/// 16-row tiles, for an `n x k` delta of any v4 codec. Measured on the H200 (session 15, bf16): on the four shapes of at least
 /// [`V4_WIDE_FROM_WEIGHTS`], 16 rows took 27-39% less time through the 32-row tile than through the
 /// 16-row tile, for every 2:4 and g128 codec (11008 x 4096 4b 2:4: 33.2 against 45.7 us; 4096 x 11008 4b
 /// g128 30.3 against 49.7). Below 16 rows it did not pay: the 32-row tile took 37-51 us for 8-12 rows of
@@ -264,8 +263,7 @@ pub const V4_WIDE_FROM_WEIGHTS: u64 = 40 << 20;
 /// 8-row tile 30-42 us at 8 rows. On smaller shapes the 32-row tile loses at 16 rows too (5120 x 5120 2b
 /// g128 28.8 against 26.9 us; 576 x 576 14.6 against 8.3), so they keep the ring-fed tiles up to
 /// [`V4_MAX_ROWS`].
-pub fn v4_wide_from_rows(n: usize, k: usize, sparse: bool) -> u32 {
-    let _ = sparse;
+pub fn v4_wide_from_rows(n: usize, k: usize) -> u32 {
     if n as u64 * k as u64 >= V4_WIDE_FROM_WEIGHTS {
         V4_MAX_ROWS
     } else {
@@ -522,11 +520,11 @@ mod tests {
             [8, 16, 16, 32, 32, 32, 32]
         );
         // The 32-row tile from 16 rows on the 7B / 13B MLP shapes, past 16 elsewhere.
-        assert_eq!(v4_wide_from_rows(11008, 4096, true), 16);
-        assert_eq!(v4_wide_from_rows(4096, 11008, false), 16);
-        assert_eq!(v4_wide_from_rows(13824, 5120, false), 16);
-        assert_eq!(v4_wide_from_rows(5120, 5120, true), 17);
-        assert_eq!(v4_wide_from_rows(576, 1536, true), 17);
+        assert_eq!(v4_wide_from_rows(11008, 4096), 16);
+        assert_eq!(v4_wide_from_rows(4096, 11008), 16);
+        assert_eq!(v4_wide_from_rows(13824, 5120), 16);
+        assert_eq!(v4_wide_from_rows(5120, 5120), 17);
+        assert_eq!(v4_wide_from_rows(576, 1536), 17);
     }
 
     /// Every v4 entry point is in the PTX, and nothing else is.

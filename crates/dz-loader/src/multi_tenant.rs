@@ -621,7 +621,7 @@ pub struct DeltaRegistry {
     segment_builds: AtomicUsize,
     /// Per-layer slot tables built (once per layer after each insert or remove).
     slot_table_builds: AtomicUsize,
-    /// Linear-layer calls by how they found their deltas' launches ([`PlanCounts`]).
+    /// Linear-layer calls by how they found their deltas' launches ([`PlanCounts`]), by [`Outcome`].
     plan_counts: [AtomicUsize; 4],
     /// [`DeltaRegistry::force_slot_tables`]: 0 follows [`set_slot_tables`], 1 on, 2 off.
     slot_mode: std::sync::atomic::AtomicU8,
@@ -642,6 +642,15 @@ pub struct PlanCounts {
     /// The slot tables could not serve it (a bias delta, the dense route or a wide segment, more than
     /// one launch, an older generation); the layer plan did.
     pub slot_fallback: usize,
+}
+
+/// How a linear-layer call found its launches: the index of its count in [`DeltaRegistry::plan_counts`].
+#[derive(Clone, Copy)]
+enum Outcome {
+    PlanReused,
+    PlanBuilt,
+    SlotShared,
+    SlotFallback,
 }
 
 /// A pass's [`SlotSegments`], keyed by the [`RowPlan`]'s rows (by identity, then by value: a later pass
@@ -926,17 +935,17 @@ impl DeltaRegistry {
     /// How the linear layers' calls with deltas found their launches so far (`deltazip serve`'s
     /// `/metrics`: `deltazip_linear_delta_calls_total`): how often a batch change cost a layer a new plan.
     pub fn plan_counts(&self) -> PlanCounts {
-        let c = |i: usize| self.plan_counts[i].load(Ordering::Relaxed);
+        let c = |o: Outcome| self.plan_counts[o as usize].load(Ordering::Relaxed);
         PlanCounts {
-            plan_reused: c(0),
-            plan_built: c(1),
-            slot_shared: c(2),
-            slot_fallback: c(3),
+            plan_reused: c(Outcome::PlanReused),
+            plan_built: c(Outcome::PlanBuilt),
+            slot_shared: c(Outcome::SlotShared),
+            slot_fallback: c(Outcome::SlotFallback),
         }
     }
 
-    fn count_plan(&self, outcome: usize) {
-        self.plan_counts[outcome].fetch_add(1, Ordering::Relaxed);
+    fn count_plan(&self, outcome: Outcome) {
+        self.plan_counts[outcome as usize].fetch_add(1, Ordering::Relaxed);
     }
 
     /// How many linear layers hold a cached plan (for tests and metrics).
@@ -1372,10 +1381,10 @@ impl DeltaLinear {
         let m = x.elem_count() / k.max(1);
         if self.registry.uses_slot_tables() {
             if let Some(y) = self.add_slot_deltas(x, &base_out, plan, (m, k, n))? {
-                self.registry.count_plan(2);
+                self.registry.count_plan(Outcome::SlotShared);
                 return Ok(y);
             }
-            self.registry.count_plan(3);
+            self.registry.count_plan(Outcome::SlotFallback);
         }
         let lp = self.layer_plan(plan, m, n, base_out.dtype(), x.device())?;
         if lp.sbmm.is_none() && lp.bias.is_none() {
@@ -1411,10 +1420,10 @@ impl DeltaLinear {
     ) -> CResult<Arc<LayerPlan>> {
         let mut slot = self.plan.plan.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(lp) = slot.as_ref().filter(|lp| lp.serves(plan, m, n, dtype)) {
-            self.registry.count_plan(0);
+            self.registry.count_plan(Outcome::PlanReused);
             return Ok(lp.clone());
         }
-        self.registry.count_plan(1);
+        self.registry.count_plan(Outcome::PlanBuilt);
         let lp = Arc::new(self.build_plan(plan, m, n, dtype, device)?);
         let current = self.registry.generation.load(Ordering::Relaxed);
         *slot = (plan.generation == Some(current)).then(|| lp.clone());

@@ -339,7 +339,7 @@ fn matmul_t<T: Elem>(
             init(&stream, out_p, base_p, len * std::mem::size_of::<T>())?;
         }
         if let (Some(d), true) = (described, m > 0) {
-            let wide_from = crate::v4_wide_from(n, k, matches!(d.variant, Variant::Sparse24(_)));
+            let wide_from = crate::v4_wide_from(n, k);
             let kernel = if delta.v4_only() {
                 Kernel::v4_matmul_any_rows(v4_only_entries(op, delta, &d, T::KIND)?, m32, wide_from)
             } else {

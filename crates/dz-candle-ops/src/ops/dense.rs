@@ -105,12 +105,11 @@ pub fn sbmm_wide_segments() -> bool {
 /// `delta_matmul` takes that tile too).
 pub(crate) fn takes_wide(delta: &DeviceDelta, rows: usize, x_dtype: DType) -> bool {
     let (n, k) = delta.dims();
-    let sparse = matches!(delta.codec(), dz_format::Codec::Sparse24(_));
     sbmm_wide_segments()
         && crate::v4_wide_tiles()
         && delta.device().is_cuda()
         && delta.v4_only()
-        && rows >= crate::v4_wide_from(n, k, sparse) as usize
+        && rows >= crate::v4_wide_from(n, k) as usize
         && rows < V4_WIDE_DENSE_ROWS
         && matches!(x_dtype, DType::F16 | DType::BF16)
 }

@@ -151,8 +151,10 @@ struct Codec {
 // Whether the load ring carries x (8- and 16-row tiles) or only the stream loads (32- and 64-row tiles,
 // whose x words would take 64 / 128 registers a stage: they load each step's x right before its mma).
 // `XD` (x direct, session 15): the decode sbmm's 8-row tile without x in the ring either, which frees its 16
-// registers a stage: 1 = a deeper code ring (`_sbmm_xd_`, `depth`), 2 = the same 3-deep ring in 80
-// registers, 3 blocks an SM (`_sbmm_xo_`).
+// registers a stage: XD_DEEP = a deeper code ring (`_sbmm_xd_`, `depth`), XD_OCCUPANCY = the same 3-deep
+// ring in 80 registers, 3 blocks an SM (`_sbmm_xo_`); 0 = x in the ring.
+constexpr int XD_DEEP = 1;
+constexpr int XD_OCCUPANCY = 2;
 template <int NT, int XD = 0>
 __host__ __device__ constexpr bool x_in_ring() {
   return NT <= 2 && XD == 0;
@@ -190,14 +192,14 @@ struct Cursor {
 // ring holds only the stream loads (9 registers a stage at most), 2 deep: its accumulators and partial
 // sums take 32 registers, and at 3 deep ptxas spills in the loop. (A 64-row tile, NT = 8, spilled in the
 // loop even 1 deep: 64 registers of sums; so more than 32 rows run as several 32-row x tiles.)
-// With `XD` 1, 6 blocks (the stream loads only, 9 registers a stage; 126 registers without spills for
+// With XD_DEEP, 6 blocks (the stream loads only, 9 registers a stage; 126 registers without spills for
 // sparse24-4, ptxas -v): twice the code bytes in flight a warp of the 3-deep ring with x (session 15's
 // Nsight Compute on the decode sbmm: 25% occupancy, 39% of the stall cycles waiting on global loads, 61%
-// of DRAM bandwidth). With `XD` 2, 3 blocks in 80 registers (8 bytes spilled for sparse24-4, none for the
-// others), so 3 blocks an SM: 1.5x the warps and the stages in flight.
+// of DRAM bandwidth). With XD_OCCUPANCY, 3 blocks in 80 registers (8 bytes spilled for sparse24-4, none
+// for the others), so 3 blocks an SM: 1.5x the warps and the stages in flight.
 template <int NT, int XD = 0>
 constexpr int depth() {
-  return XD == 1 ? 6 : XD == 2 ? 3 : NT == 1 ? 3 : 2;
+  return XD == XD_DEEP ? 6 : XD == XD_OCCUPANCY ? 3 : NT == 1 ? 3 : 2;
 }
 
 template <class C, typename T, int NT, int XD = 0>
@@ -1554,13 +1556,13 @@ __device__ __forceinline__ void dequantize(const DzDelta& d, const T* base, T* o
       dz_v4_##variant##_sbmm_xd_##tname##_n1(const DzSegment* segs, uint32_t n_segs, const DzDelta* deltas,    \
                                             const T* x, T* out, uint32_t k, uint32_t n_total, uint32_t tiles, \
                                             uint32_t split) {                                                \
-    dz::v4::sbmm<C, T, 1, 1>(segs, n_segs, deltas, x, out, k, n_total, tiles, split);                        \
+    dz::v4::sbmm<C, T, 1, dz::v4::XD_DEEP>(segs, n_segs, deltas, x, out, k, n_total, tiles, split);          \
   }                                                                                                          \
   extern "C" __global__ void __launch_bounds__(dz::v4::WK * 32, 3)                                          \
       dz_v4_##variant##_sbmm_xo_##tname##_n1(const DzSegment* segs, uint32_t n_segs, const DzDelta* deltas,    \
                                             const T* x, T* out, uint32_t k, uint32_t n_total, uint32_t tiles, \
                                             uint32_t split) {                                                \
-    dz::v4::sbmm<C, T, 1, 2>(segs, n_segs, deltas, x, out, k, n_total, tiles, split);                        \
+    dz::v4::sbmm<C, T, 1, dz::v4::XD_OCCUPANCY>(segs, n_segs, deltas, x, out, k, n_total, tiles, split);     \
   }
 #define DZ_V4_ENTRIES(variant, C, T, tname, NT)                                                              \
   DZ_V4_MATMUL(variant, C, T, tname, NT)                                                                     \
