@@ -1380,9 +1380,9 @@ fn v4_sbmm_cases(
     dz_candle_ops::set_v4_split(0);
 }
 
-/// 7-16 input rows of a 7B MLP-sized delta (11008 x 4096, at least `V4_WIDE_FROM_WEIGHTS`): 16 rows,
-/// from which `delta_matmul` and an sbmm wide segment take the 32-row tile there (`v4_wide_from_rows`),
-/// and the rows below, on the ring-fed tiles; with the delta kept packed too and only in the v4 layout.
+/// 7-16 input rows of a 7B MLP-sized delta (11008 x 4096, at least `V4_WIDE_FROM_WEIGHTS`): 9 and 16
+/// rows, from which `delta_matmul` and an sbmm wide segment take the 32-row tile there
+/// (`v4_wide_from_rows`), and 7-8 rows, on the ring-fed tiles; with the delta kept packed too and only in the v4 layout.
 /// Then the tile forced from 1 row (`set_v4_wide_from`) on a small delta.
 fn v4_wide_from_rows_family(ck: &mut Checker) {
     ck.family("v4 wide from rows");

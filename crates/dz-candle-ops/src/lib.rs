@@ -216,7 +216,7 @@ static V4_WIDE_FROM: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32
 /// Overrides from how many input rows of one delta the 32-row tile runs ([`set_v4_wide_tiles`]; in
 /// `delta_matmul` and sbmm's wide segments): `rows` (1-17; more counts as 17, past 16 rows the tile runs
 /// anyway), or 0 (the default) for
-/// `dz_kernels::v4::v4_wide_from_rows`'s rule by shape (16 rows on deltas of at least 40 M weights, 17
+/// `dz_kernels::v4::v4_wide_from_rows`'s rule by shape (9 rows on deltas of at least 40 M weights, 17
 /// elsewhere). For benchmarks and checks: `kernel_bench --wide-from`, and `cuda_check`, which runs the
 /// tile at fewer rows on small shapes.
 pub fn set_v4_wide_from(rows: u32) {

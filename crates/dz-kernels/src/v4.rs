@@ -250,22 +250,29 @@ pub fn v4_matmul_tile_rows(rows: u32) -> u32 {
     }
 }
 
-/// Weights (`N x K`) from which 16 input rows run through the 32-row tile ([`v4_wide_from_rows`]): the
-/// 7B and 13B MLP shapes (4096 x 11008 is 45 M), not 5120 x 5120 (26 M).
+/// Weights (`N x K`) from which 9 or more input rows run through the 32-row tile ([`v4_wide_from_rows`]):
+/// the 7B and 13B MLP shapes (4096 x 11008 is 45 M), not 5120 x 5120 (26 M).
 pub const V4_WIDE_FROM_WEIGHTS: u64 = 40 << 20;
 
+/// The fewest input rows of a delta of at least [`V4_WIDE_FROM_WEIGHTS`] weights that take the 32-row
+/// tile ([`v4_wide_from_rows`]).
+pub const V4_WIDE_FROM_ROWS_LARGE: u32 = 9;
+
 /// The fewest input rows of one delta that take the 32-row tile ([`V4_WIDE_ROWS`]) instead of the 8- or
-/// 16-row tiles, for an `n x k` delta of any v4 codec. Measured on the H200 (session 15, bf16): on the four shapes of at least
-/// [`V4_WIDE_FROM_WEIGHTS`], 16 rows took 27-39% less time through the 32-row tile than through the
-/// 16-row tile, for every 2:4 and g128 codec (11008 x 4096 4b 2:4: 33.2 against 45.7 us; 4096 x 11008 4b
-/// g128 30.3 against 49.7). Below 16 rows it did not pay: the 32-row tile took 37-51 us for 8-12 rows of
-/// 11008 x 4096 and 13824 x 5120 (against 25-32 for 32 rows; why fewer rows cost more is open), and the
-/// 8-row tile 30-42 us at 8 rows. On smaller shapes the 32-row tile loses at 16 rows too (5120 x 5120 2b
-/// g128 28.8 against 26.9 us; 576 x 576 14.6 against 8.3), so they keep the ring-fed tiles up to
-/// [`V4_MAX_ROWS`].
+/// 16-row tiles, for an `n x k` delta of any v4 codec. Measured on the H200 (bf16):
+/// - session 15: on the four shapes of at least [`V4_WIDE_FROM_WEIGHTS`], 16 rows took 27-39% less time
+///   through the 32-row tile than through the 16-row tile, for every 2:4 and g128 codec;
+/// - session 16, after the tile's staging zero-filled the rows past `rows` (it had copied the last row
+///   there): 9-12 rows through it take about its 32-row time (11008 x 4096 4b 2:4: 24.4-26.1 us at 9-12
+///   rows against 37.7 through the 16-row tile at 12; 13824 x 5120 4b g128 31.6-35.9 against 49.9), on
+///   all four shapes and codecs. At 8 rows the 8-row tile stays: the 32-row tile gained 7-15% for 2:4
+///   codecs but lost up to 32% for g128 (5120 x 13824 4b g128 44.4 against 38.7 us).
+/// On smaller shapes the 32-row tile loses below 17 rows (session 16, 4096 x 4096 4b 2:4 at 12 rows:
+/// 17.7 against 16.8 us; 5120 x 5120 2b g128 at 16, session 15: 28.8 against 26.9; 576 x 576 14.6 against
+/// 8.3), so they keep the ring-fed tiles up to [`V4_MAX_ROWS`].
 pub fn v4_wide_from_rows(n: usize, k: usize) -> u32 {
     if n as u64 * k as u64 >= V4_WIDE_FROM_WEIGHTS {
-        V4_MAX_ROWS
+        V4_WIDE_FROM_ROWS_LARGE
     } else {
         V4_MAX_ROWS + 1
     }
@@ -520,9 +527,9 @@ mod tests {
             [8, 16, 16, 32, 32, 32, 32]
         );
         // The 32-row tile from 16 rows on the 7B / 13B MLP shapes, past 16 elsewhere.
-        assert_eq!(v4_wide_from_rows(11008, 4096), 16);
-        assert_eq!(v4_wide_from_rows(4096, 11008), 16);
-        assert_eq!(v4_wide_from_rows(13824, 5120), 16);
+        assert_eq!(v4_wide_from_rows(11008, 4096), 9);
+        assert_eq!(v4_wide_from_rows(4096, 11008), 9);
+        assert_eq!(v4_wide_from_rows(13824, 5120), 9);
         assert_eq!(v4_wide_from_rows(5120, 5120), 17);
         assert_eq!(v4_wide_from_rows(576, 1536), 17);
     }

@@ -1068,7 +1068,7 @@ impl Kernel {
     }
 
     /// The kernel of a `delta_matmul` of `m` input rows: from `wide_from` rows
-    /// ([`crate::v4_wide_from`]: past 16, or from 16 on the largest shapes), the v4 32-row tile where
+    /// ([`crate::v4_wide_from`]: past 16, or from 9 on the largest shapes), the v4 32-row tile where
     /// the v4 kernels run for the delta and [`crate::set_v4_wide_tiles`] allows it (predicted to beat
     /// the tensor-core v3 kernels there: one decode of the codes per 32 rows instead of v3's decode per
     /// 32-row tile at a third of the bytes per instruction, see bench/kernels/V4.md, "32-row tile");

@@ -101,7 +101,7 @@ pub fn sbmm_wide_segments() -> bool {
 
 /// Whether an sbmm segment of `rows` input rows of `x_dtype` through `delta` runs as its own
 /// `delta_matmul_add` through the 32-row tile ([`set_sbmm_wide_segments`]): from
-/// [`crate::v4_wide_from`] rows (past 16, or from 16 on the largest shapes, where
+/// [`crate::v4_wide_from`] rows (past 16, or from 9 on the largest shapes, where
 /// `delta_matmul` takes that tile too).
 pub(crate) fn takes_wide(delta: &DeviceDelta, rows: usize, x_dtype: DType) -> bool {
     let (n, k) = delta.dims();
