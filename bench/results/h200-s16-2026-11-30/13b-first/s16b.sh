@@ -12,7 +12,7 @@
 # GPU 1: dz-4b24 x 8 at 4 / 16, then DZ_PROFILE=events and =host at 4 (what makes its TPOT 2.5x), then
 # x 32 at 4 / 16 with GPU_DELTAS=76GiB (the GPU holds ~16 of the 4.6 GiB deltas; the rest from the
 # page-locked CPU tier, 160 GiB).
-rm -rf /tmp/dzsrv/base /tmp/dzsrv/4b24 /tmp/dzsrv/2b24 /tmp/dzsrv/merged
+until [ -f /tmp/s16/gen.done ]; do sleep 2; done
 TAG=s16b; W=/tmp/dz13; . bench/gpu/chain_env.sh
 export SHAPE=llama-13b GPU_DELTAS=76GiB
 log start
@@ -20,9 +20,9 @@ CODECS="4b24" DISTINCT=8 OUT=$S/gen bash $R/gpu/serving.sh gen > $S/gen.log 2>&1
 ( GPU=0 PORT_BASE=8200 OUT=$S/base RATES=4,16 REQS=96 bash $R/gpu/serving.sh base > $S/base.log 2>&1; log "base rc=$?"
   DZ_PROFILE=events GPU=0 PORT_BASE=8200 OUT=$S/basee RATES=4 REQS=64 bash $R/gpu/serving.sh base > $S/basee.log 2>&1; log "base events rc=$?"
   touch $S/gpu0.done ) &
-GPU=1 PORT_BASE=8300 OUT=$S/dz8 V4=1 RATES=4,16 REQS=96 bash $R/gpu/serving.sh dz:4b24:8 > $S/dz8.log 2>&1; log "dz8 rc=$?"
+until [ -f /tmp/s16/all.done ]; do sleep 2; done; GPU=1 PORT_BASE=8300 OUT=$S/dz8 V4=1 RATES=4,16 REQS=96 bash $R/gpu/serving.sh dz:4b24:8 > $S/dz8.log 2>&1; log "dz8 rc=$?"
 DZ_PROFILE=events GPU=1 PORT_BASE=8300 OUT=$S/dz8e V4=1 RATES=4 REQS=64 bash $R/gpu/serving.sh dz:4b24:8 > $S/dz8e.log 2>&1; log "dz8 events rc=$?"
 DZ_PROFILE=host GPU=1 PORT_BASE=8300 OUT=$S/dz8h V4=1 RATES=4 REQS=64 bash $R/gpu/serving.sh dz:4b24:8 > $S/dz8h.log 2>&1; log "dz8 host rc=$?"
-GPU=1 PORT_BASE=8300 OUT=$S/dz32 V4=1 CPU_CACHE=160GiB RATES=4,16 REQS=96 timeout 400 bash $R/gpu/serving.sh dz:4b24:32 > $S/dz32.log 2>&1; log "dz32 rc=$?"
+GPU=1 PORT_BASE=8300 OUT=$S/dz32 V4=1 CPU_CACHE=160GiB RATES=4 REQS=64 timeout 240 bash $R/gpu/serving.sh dz:4b24:32 > $S/dz32.log 2>&1; log "dz32 rc=$?"
 until [ -f $S/gpu0.done ]; do sleep 2; done
 touch $S/all.done; log done
