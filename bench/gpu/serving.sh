@@ -32,7 +32,8 @@
 # (deltazip_profile_*: base linear, linear delta, embedding/norm deltas, row lookup, step intervals; each
 # part between device synchronizations, so a profiled run is slower: use it for the split, not the speed).
 # DZ_PROFILE=host: the same parts timed on the CPU only (issuing their work, no synchronization): at
-# full speed, it says whether the CPU's share of a step bounds it.
+# full speed, it says whether the CPU's share of a step bounds it. `base` steps are profiled too (since
+# session 16: the base's layers are wrapped under DZ_PROFILE, only to time them).
 #
 # Two jobs can share one machine of several GPUs (bench/gpu/serving_pair.sh): GPU=i pins this job to GPU i
 # (CUDA_VISIBLE_DEVICES; GPU memory is read from that GPU), PORT_BASE moves its ports (default 8200), and

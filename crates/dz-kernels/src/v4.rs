@@ -263,10 +263,10 @@ pub const V4_WIDE_FROM_ROWS_LARGE: u32 = 9;
 /// - session 15: on the four shapes of at least [`V4_WIDE_FROM_WEIGHTS`], 16 rows took 27-39% less time
 ///   through the 32-row tile than through the 16-row tile, for every 2:4 and g128 codec;
 /// - session 16, after the tile's staging zero-filled the rows past `rows` (it had copied the last row
-///   there): 9-12 rows through it take about its 32-row time (11008 x 4096 4b 2:4: 24.4-26.1 us at 9-12
-///   rows against 37.7 through the 16-row tile at 12; 13824 x 5120 4b g128 31.6-35.9 against 49.9), on
-///   all four shapes and codecs. At 8 rows the 8-row tile stays: the 32-row tile gained 7-15% for 2:4
-///   codecs but lost up to 32% for g128 (5120 x 13824 4b g128 44.4 against 38.7 us).
+///   there): 9-12 rows through it take about its 32-row time on all four shapes and codecs (12 rows:
+///   1-35% less time than the 16-row tile; 11008 x 4096 4b 2:4 26.1 against 37.7 us). At 8 rows the
+///   8-row tile stays: the 32-row tile took 0-15% less for 2:4 codecs but up to 32% more for g128
+///   (5120 x 13824 2b g128 43.4 against 32.8 us).
 /// On smaller shapes the 32-row tile loses below 17 rows (session 16, 4096 x 4096 4b 2:4 at 12 rows:
 /// 17.7 against 16.8 us; 5120 x 5120 2b g128 at 16, session 15: 28.8 against 26.9; 576 x 576 14.6 against
 /// 8.3), so they keep the ring-fed tiles up to [`V4_MAX_ROWS`].

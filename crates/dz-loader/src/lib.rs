@@ -145,7 +145,11 @@ pub fn serve_with(config: &Config, deltas: &[CheckedDelta], preload: bool) -> Re
     let swap = Arc::new(SwapRegistry::new());
     let mut swap_store = None;
     let base_name = config.base_name();
-    if !multi.is_empty() || !swapped.is_empty() {
+    // The base's layers are wrapped for multi-tenant and swap models, and under `DZ_PROFILE` for a
+    // served base alone too, so that a base-only server's profile times its linear layers and steps
+    // (the wrapper then only times them: no row names a fine-tune).
+    let profile_base = config.base.serve && registry.profile().enabled();
+    if !multi.is_empty() || !swapped.is_empty() || profile_base {
         let delta_hook: Arc<dyn mistralrs_quant::LinearHook> =
             Arc::new(DeltaHook(registry.clone()));
         // Swap models wrap the multi-tenant layers (their rows never reach them); without swap

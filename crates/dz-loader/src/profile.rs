@@ -19,6 +19,10 @@
 //!
 //! The step interval (one output-head call to the next, while they come less than a second apart) bounds
 //! everything else (attention, sampling, the host's scheduler): `interval - sum(parts)`.
+//!
+//! A base served alone (no multi-tenant or swap model) is wrapped under `DZ_PROFILE` too
+//! ([`crate::serve_with`]), so that its profile gives the same split for comparison: its linear layers
+//! and steps, and no delta part.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;

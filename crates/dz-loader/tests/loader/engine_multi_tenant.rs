@@ -183,3 +183,55 @@ fn a_mixed_batch_gives_each_row_its_own_fine_tune() {
         "{tokens:?}"
     );
 }
+
+/// `DZ_PROFILE` on a base served alone: its layers are wrapped (as a multi-tenant server's) so that the
+/// profile times its linear layers and steps, and the wrapped base generates as a plain load does.
+#[test]
+fn a_profiled_base_alone_times_its_linear_layers_and_steps() {
+    use dz_loader::profile::Part;
+    let f = common::llama();
+    let text = format!(
+        "[base]\npath = {}\ndtype = \"f32\"\nname = \"base\"\n",
+        q(&f.family.base)
+    );
+    let (_dir, file) = write_config(&text);
+    let (config, deltas) = Config::load(&file).unwrap();
+    // Read once, when the server's registry is made. Other tests of this binary that make a registry
+    // meanwhile profile too, which changes none of their results (host mode: no synchronization).
+    std::env::set_var("DZ_PROFILE", "host");
+    let served = dz_loader::serve(&config, &deltas);
+    std::env::remove_var("DZ_PROFILE");
+    let mut served = served.unwrap();
+    assert!(served.registry.profile().enabled());
+    let plain = host::load_pipeline(
+        &f.family.base,
+        &f.family.base,
+        DtypeSpec::F32,
+        &Device::Cpu,
+        host::KvCache::Contiguous,
+    )
+    .unwrap();
+    served.engine.add("base-plain", plain).unwrap();
+    let p = ids("Hello");
+    let got = served.engine.generate_tokens("base", &p, 4).unwrap();
+    let want = served.engine.generate_tokens("base-plain", &p, 4).unwrap();
+    assert_eq!(got.token_ids(), want.token_ids());
+    let snap = served.registry.profile().snapshot();
+    let calls = |part: Part| {
+        let (_, _, calls) = snap.parts.iter().find(|(p, _, _)| *p == part).unwrap();
+        *calls
+    };
+    // The prompt step's and the decode steps' linear layers (the tiny Llama has at least 8 a pass).
+    assert!(calls(Part::BaseLinearPrefill) >= 8, "{snap:?}");
+    assert!(calls(Part::BaseLinear) >= 8 * 3, "{snap:?}");
+    for part in [
+        Part::LinearDelta,
+        Part::LinearDeltaPrefill,
+        Part::EmbeddingDelta,
+        Part::NormDelta,
+    ] {
+        assert_eq!(calls(part), 0, "{part:?}: no fine-tune, no delta work");
+    }
+    // 4 tokens: 4 output-head calls, 3 intervals between them.
+    assert!(snap.steps >= 3, "{snap:?}");
+}
