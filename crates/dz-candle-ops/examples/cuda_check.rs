@@ -1305,6 +1305,26 @@ fn dense_family(ck: &mut Checker) {
             },
         );
     }
+    // Every segment routed or base-only (a prompt step): nothing goes through the shared launch, and
+    // the output is assembled from the routes' products (session 16): one prompt alone, and two
+    // prompts around a base-only run and an empty segment.
+    for (what, layout) in [
+        ("one routed segment", vec![(64, Some(2))]),
+        (
+            "2 routed, a base-only and an empty segment",
+            vec![(40, Some(0)), (3, None), (0, Some(1)), (64, Some(2))],
+        ),
+    ] {
+        let segments = segs(&layout);
+        let m: usize = segments.iter().map(|s| s.len).sum();
+        for dtype in [DType::F16, DType::BF16] {
+            ck.case(format!("dense sbmm {what} {dtype:?}"), |dev, ops| {
+                let x = input(&[m, k], dtype, 79);
+                let base = input(&[m, n], dtype, 80);
+                sbmm_case(dev, ops, &cpu, &on_dev, &segments, &x, &base)
+            });
+        }
+    }
     dz_candle_ops::set_dense_rows(0);
 }
 
@@ -1720,21 +1740,30 @@ fn v4_family(ck: &mut Checker, only: bool) {
     // a base-only run.
     if only {
         dz_candle_ops::set_sbmm_wide_segments(true);
-        let wide = [(
-            "wide segments (17-256 rows)",
-            vec![
-                (17, Some(0)),
-                (3, None),
-                (40, Some(1)),
-                (1, Some(2)),
-                (100, Some(3)),
-                (33, Some(4)),
-                (20, Some(5)),
-                (256, Some(6)),
-                (5, Some(7)),
-                (64, Some(0)),
-            ],
-        )];
+        let wide = [
+            (
+                "wide segments (17-256 rows)",
+                vec![
+                    (17, Some(0)),
+                    (3, None),
+                    (40, Some(1)),
+                    (1, Some(2)),
+                    (100, Some(3)),
+                    (33, Some(4)),
+                    (20, Some(5)),
+                    (256, Some(6)),
+                    (5, Some(7)),
+                    (64, Some(0)),
+                ],
+            ),
+            // Every segment on the 32-row tile or base-only (session 16: the output assembled from
+            // the tile's products, no shared launch).
+            ("one wide segment (100 rows)", vec![(100, Some(3))]),
+            (
+                "wide segments and a base-only run",
+                vec![(40, Some(1)), (5, None), (33, Some(4))],
+            ),
+        ];
         v4_sbmm_cases(
             ck,
             &label,

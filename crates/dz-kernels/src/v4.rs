@@ -267,6 +267,7 @@ pub const V4_WIDE_FROM_ROWS_LARGE: u32 = 9;
 ///   1-35% less time than the 16-row tile; 11008 x 4096 4b 2:4 26.1 against 37.7 us). At 8 rows the
 ///   8-row tile stays: the 32-row tile took 0-15% less for 2:4 codecs but up to 32% more for g128
 ///   (5120 x 13824 2b g128 43.4 against 32.8 us).
+///
 /// On smaller shapes the 32-row tile loses below 17 rows (session 16, 4096 x 4096 4b 2:4 at 12 rows:
 /// 17.7 against 16.8 us; 5120 x 5120 2b g128 at 16, session 15: 28.8 against 26.9; 576 x 576 14.6 against
 /// 8.3), so they keep the ring-fed tiles up to [`V4_MAX_ROWS`].

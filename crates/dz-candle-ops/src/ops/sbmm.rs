@@ -171,7 +171,11 @@ struct Prepared {
     /// The segments the kernels see when some take the dense route (those as base-only), else `None`:
     /// the segments as given.
     kernel_segments: Option<Vec<Segment>>,
-    /// On a CUDA device: the launches.
+    /// Every segment with rows takes its own route or is base-only (a prompt step of one fine-tune):
+    /// nothing is launched over the segments, and [`Prepared::run`] assembles the output from the
+    /// routes' products and `base_out`'s rows, without the shared op's copy of `base_out`.
+    own_only: bool,
+    /// On a CUDA device: the launches (none when `own_only`).
     launches: Option<crate::cuda::SbmmLaunches>,
 }
 
@@ -202,7 +206,11 @@ impl Prepared {
                 })
                 .collect::<Vec<_>>()
         });
+        let own_only = kernel_segments
+            .as_ref()
+            .is_some_and(|ks| ks.iter().all(|s| s.delta.is_none() || s.len == 0));
         let launches = match device {
+            Device::Cuda(_) if own_only => None,
             Device::Cuda(dev) => Some(crate::cuda::sbmm_prepare(
                 OP,
                 deltas,
@@ -222,6 +230,7 @@ impl Prepared {
             device: device.clone(),
             fill,
             kernel_segments,
+            own_only,
             launches,
         })
     }
@@ -237,6 +246,9 @@ impl Prepared {
     ) -> candle_core::Result<Tensor> {
         let k = *x.dims().last().unwrap_or(&0);
         let n = *base_out.dims().last().unwrap_or(&0);
+        if self.own_only {
+            return self.run_own_routes(deltas, segments, x, base_out, (k, n));
+        }
         let y = x.apply_op2_no_bwd(
             base_out,
             &Sbmm {
@@ -263,14 +275,59 @@ impl Prepared {
         {
             let d = deltas.get(s.delta.unwrap_or_default());
             let (xs, ys) = (x2.narrow(0, s.start, s.len)?, y.narrow(0, s.start, s.len)?);
-            let part = if takes_wide(d, s.len, self.dtype) {
-                delta_matmul_add_kernels(&xs, &ys, d)?
-            } else {
-                (ys + dense_matmul(&xs, d)?)?
-            };
-            y.slice_set(&part, 0, s.start)?;
+            y.slice_set(&own_route(&xs, &ys, d, self.dtype)?, 0, s.start)?;
         }
         y.reshape(base_out.dims())
+    }
+
+    /// [`Prepared::run`] when every segment takes its own route or is base-only (`own_only`): each
+    /// routed segment's product over its rows of `base_out`, base-only rows as they are, concatenated
+    /// (one segment: its product is the output). The same values as the shared op's copy of `base_out`
+    /// followed by each route's product written over its rows.
+    fn run_own_routes(
+        &self,
+        deltas: Deltas<'_>,
+        segments: &[Segment],
+        x: &Tensor,
+        base_out: &Tensor,
+        (k, n): (usize, usize),
+    ) -> candle_core::Result<Tensor> {
+        let m = self.m;
+        let (x2, b2) = (x.reshape((m, k))?, base_out.reshape((m, n))?);
+        let mut pieces = Vec::new();
+        for s in segments.iter().filter(|s| s.len > 0) {
+            let bs = b2.narrow(0, s.start, s.len)?;
+            pieces.push(match s.delta {
+                Some(i) => own_route(
+                    &x2.narrow(0, s.start, s.len)?,
+                    &bs,
+                    deltas.get(i),
+                    self.dtype,
+                )?,
+                None => bs,
+            });
+        }
+        let y = match pieces.len() {
+            0 => b2.copy()?,
+            1 => pieces.remove(0),
+            _ => Tensor::cat(&pieces, 0)?,
+        };
+        y.reshape(base_out.dims())
+    }
+}
+
+/// `base + xs · Dᵀ` for one segment that leaves the shared launch ([`takes_own_route`]): the 32-row tile
+/// ([`takes_wide`]) or the dense route. `xs` and `base` are the segment's rows, contiguous.
+fn own_route(
+    xs: &Tensor,
+    base: &Tensor,
+    d: &DeviceDelta,
+    dtype: DType,
+) -> candle_core::Result<Tensor> {
+    if takes_wide(d, xs.dim(0)?, dtype) {
+        delta_matmul_add_kernels(xs, base, d)
+    } else {
+        base + dense_matmul(xs, d)?
     }
 }
 
