@@ -1,4 +1,4 @@
-# Sourced by the device chains (next_chain.sh, s16_13b.sh) in the checkout's root on the GPU machine:
+# Sourced by the device chains (next_chain.sh; the archived ones under bench/results) in the checkout's root on the GPU machine:
 #   TAG=s15; W=/tmp/dzsrv; . bench/gpu/chain_env.sh   (separate statements: the function log reads TAG later)
 # Sets S=/tmp/$TAG (the chain's output, created), log MSG (a timestamped line in $S/$TAG.log), R (a copy
 # of bench/, so that the scripts stay the same while the chain runs), and unpacks the carried binaries:

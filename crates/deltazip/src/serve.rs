@@ -110,8 +110,8 @@ pub struct ServeArgs {
     /// --v4-sbmm-smem-x).
     #[arg(long, requires = "v4_kernels")]
     pub v4_sbmm_ring: bool,
-    /// With --v4-kernels, experimental (written in session 15 without a GPU, not yet measured): the
-    /// decode sbmm variants that load x right before each mma instead of in the load ring: `deep` (the
+    /// With --v4-kernels, experimental (session 15; correct but slower on the H200 in session 16: 96-114
+    /// against 77-82 us for 32 deltas x 1 row of 4096 x 4096): the decode sbmm variants that load x right before each mma instead of in the load ring: `deep` (the
     /// default with the flag) keeps a 6-deep ring of codes, `occupancy` a 3-deep one at 3 blocks an SM
     /// (see dz_candle_ops::set_v4_sbmm_x_direct; the shared-memory variants take precedence).
     #[arg(long, requires = "v4_kernels", value_name = "deep|occupancy", num_args = 0..=1,

@@ -359,8 +359,11 @@ static V4_SBMM_X_DIRECT: std::sync::atomic::AtomicU8 = std::sync::atomic::Atomic
 /// of 25). `Deep` spends them on a 6-deep ring (twice the code bytes in flight a warp, 126 registers);
 /// `Occupancy` on a third block an SM (80 registers, a 3-deep ring). Session 15's Nsight Compute on the
 /// decode sbmm (32 deltas x 1 row, 4096 x 4096 4b 2:4): 25% occupancy (120 registers a thread), 39% of
-/// the stall cycles on global loads, 61% of DRAM bandwidth. **Off by default and experimental:** written
-/// without a GPU. The shared-memory variants ([`set_v4_sbmm_ring`], [`set_v4_sbmm_smem_x`]) take
+/// the stall cycles on global loads, 61% of DRAM bandwidth. **Off by default: slower.** Session 16 on the
+/// H200 (the same case): `Deep` 96-98 us, `Occupancy` 111-114, the default tile 77-82; ncu put `Deep` at
+/// 47% of DRAM bandwidth (x's loads right before each mma expose their latency in every K block) and
+/// `Occupancy` at 0.32 instructions issued a cycle. Kept for the record and checked by `cuda_check`. The
+/// shared-memory variants ([`set_v4_sbmm_ring`], [`set_v4_sbmm_smem_x`]) take
 /// precedence where they apply. Either way the results are the same sums in the same order.
 pub fn set_v4_sbmm_x_direct(mode: V4XDirect) {
     let v = match mode {

@@ -1550,7 +1550,7 @@ __device__ __forceinline__ void dequantize(const DzDelta& d, const T* base, T* o
   }
 // dz_v4_<variant>_sbmm_xd_<t>_n1 and _sbmm_xo_: the sbmm signature, the decode tile with x loaded right
 // before each mma (not in the load ring) and a 6-deep code ring at 2 blocks an SM (xd), or a 3-deep one at
-// 3 blocks an SM (xo) (`set_v4_sbmm_x_direct` on the host; session 15, not yet measured).
+// 3 blocks an SM (xo) (`set_v4_sbmm_x_direct` on the host; session 15; slower on the H200, session 16: 96 / 111 against 77 us).
 #define DZ_V4_SBMM_XD(variant, C, T, tname)                                                                  \
   extern "C" __global__ void __launch_bounds__(dz::v4::WK * 32, 2)                                          \
       dz_v4_##variant##_sbmm_xd_##tname##_n1(const DzSegment* segs, uint32_t n_segs, const DzDelta* deltas,    \
