@@ -1,5 +1,5 @@
 #!/bin/bash
-# The device chain prepared at the end of session 16 for session 17 (nvidia-h200, ONE GPU, ~20 minutes):
+# The device chain prepared at the end of session 16 for session 17 (nvidia-h200, ONE GPU, ~25 minutes):
 # every serving run alone on the machine, one server at a time (session 16: a server beside another on
 # the x2 machine shares the host's CPU, and the base ran 248-359 tokens/s there against 425-443 alone).
 # Run it detached and poll WITHOUT GAPS (the machine goes back 30 s after the last call ends, and takes a
@@ -19,11 +19,13 @@
 #    "dense route" (session 16's own-route sbmm: every segment on the dense route or base-only, no
 #    shared launch), quick "v4 only" (with its wide-segment cases of the same kind), "wide from rows".
 # B. One server at a time, 128 requests at 16 req/s, alternated (session 16 call 2: base 425.5 / 443.2,
-#    dz-4b24 x 32 334.9 / 296.9 at `6d6dee2`): the same with session 16's own-route prefill.
+#    dz-4b24 x 32 334.9 / 296.9 at `6d6dee2`): the same with session 16's own-route prefill, and dz-2b24
+#    x 32 (session 15, beside the base on the other GPU: 14% more tokens/s than dz-4b24), never measured
+#    alone.
 # C. The base's step split, now that DZ_PROFILE profiles a base served alone (session 16), beside dz's:
-#    DZ_PROFILE=host and =events at 16 req/s, 64 requests each. The difference between the two is what dz
+#    DZ_PROFILE=host and =events at 16 req/s, 48 requests each. The difference between the two is what dz
 #    adds to a step; the base's own split says how much of its step is the host engine's.
-# D. A larger batch: max_seqs 64 (KV 24 GiB) for both at 16 and 64 req/s. Both runs are saturated at 32
+# D. A larger batch: max_seqs 64 (KV 24 GiB) for both at 16 req/s. Both runs are saturated at 32
 #    sequences a step; if the host's per-step work is partly fixed, dz / base moves with the batch.
 TAG=s17; W=/tmp/dzsrv; . bench/gpu/chain_env.sh
 log start
@@ -34,18 +36,19 @@ timeout 200 /tmp/k/bin/cuda_check --quick --filter "v4 only" > $S/check/v4-only-
 timeout 120 /tmp/k/bin/cuda_check --filter "wide from rows" > $S/check/wide-from.txt 2>&1; log "cuda_check wide-from rc=$?"
 ok=1; for f in $S/check/*.txt; do grep -q "^[0-9]* passed, 0 failed" $f || ok=0; done
 [ $ok = 1 ] || log "A CHECK FAILED: the serving runs below use the failing code"
-CODECS="4b24" DISTINCT=8 OUT=$S/gen bash $R/gpu/serving.sh gen > $S/gen.log 2>&1; log "gen rc=$?"
+CODECS="4b24 2b24" DISTINCT=8 OUT=$S/gen bash $R/gpu/serving.sh gen > $S/gen.log 2>&1; log "gen rc=$?"
 # B
 for i in 1 2; do
   OUT=$S/base$i RATES=16 REQS=128 bash $R/gpu/serving.sh base > $S/base$i.log 2>&1; log "base $i rc=$?"
   OUT=$S/dz$i V4=1 RATES=16 REQS=128 bash $R/gpu/serving.sh dz:4b24:32 > $S/dz$i.log 2>&1; log "dz $i rc=$?"
+  OUT=$S/dz2b$i V4=1 RATES=16 REQS=128 bash $R/gpu/serving.sh dz:2b24:32 > $S/dz2b$i.log 2>&1; log "dz-2b24 $i rc=$?"
 done
 # C
 for mode in host events; do
-  DZ_PROFILE=$mode OUT=$S/base-$mode RATES=16 REQS=64 bash $R/gpu/serving.sh base > $S/base-$mode.log 2>&1; log "base $mode rc=$?"
-  DZ_PROFILE=$mode OUT=$S/dz-$mode V4=1 RATES=16 REQS=64 bash $R/gpu/serving.sh dz:4b24:32 > $S/dz-$mode.log 2>&1; log "dz $mode rc=$?"
+  DZ_PROFILE=$mode OUT=$S/base-$mode RATES=16 REQS=48 bash $R/gpu/serving.sh base > $S/base-$mode.log 2>&1; log "base $mode rc=$?"
+  DZ_PROFILE=$mode OUT=$S/dz-$mode V4=1 RATES=16 REQS=48 bash $R/gpu/serving.sh dz:4b24:32 > $S/dz-$mode.log 2>&1; log "dz $mode rc=$?"
 done
 # D
-MAX_SEQS=64 KV_BYTES=24GiB OUT=$S/base64 RATES=16,64 REQS=128 bash $R/gpu/serving.sh base > $S/base64.log 2>&1; log "base max_seqs 64 rc=$?"
-MAX_SEQS=64 KV_BYTES=24GiB OUT=$S/dz64 V4=1 RATES=16,64 REQS=128 bash $R/gpu/serving.sh dz:4b24:32 > $S/dz64.log 2>&1; log "dz max_seqs 64 rc=$?"
+MAX_SEQS=64 KV_BYTES=24GiB OUT=$S/base64 RATES=16 REQS=128 bash $R/gpu/serving.sh base > $S/base64.log 2>&1; log "base max_seqs 64 rc=$?"
+MAX_SEQS=64 KV_BYTES=24GiB OUT=$S/dz64 V4=1 RATES=16 REQS=128 bash $R/gpu/serving.sh dz:4b24:32 > $S/dz64.log 2>&1; log "dz max_seqs 64 rc=$?"
 touch $S/all.done; log done
