@@ -294,25 +294,38 @@ impl Prepared {
     ) -> candle_core::Result<Tensor> {
         let m = self.m;
         let (x2, b2) = (x.reshape((m, k))?, base_out.reshape((m, n))?);
-        let mut pieces = Vec::new();
-        for s in segments.iter().filter(|s| s.len > 0) {
-            let bs = b2.narrow(0, s.start, s.len)?;
-            pieces.push(match s.delta {
-                Some(i) => own_route(
-                    &x2.narrow(0, s.start, s.len)?,
-                    &bs,
-                    deltas.get(i),
-                    self.dtype,
-                )?,
-                None => bs,
-            });
-        }
-        let y = match pieces.len() {
-            0 => b2.copy()?,
-            1 => pieces.remove(0),
-            _ => Tensor::cat(&pieces, 0)?,
-        };
+        let y = assemble_rows(segments, &b2, |s, i, bs| {
+            own_route(
+                &x2.narrow(0, s.start, s.len)?,
+                bs,
+                deltas.get(i),
+                self.dtype,
+            )
+        })?;
         y.reshape(base_out.dims())
+    }
+}
+
+/// `base` (`[m, N]`) with the rows of each segment that names a delta `i` replaced by
+/// `product(segment, i, its rows of base)`: the products and the base-only rows concatenated in the
+/// segments' order (empty segments skipped); one non-empty segment's product is the output as it is.
+fn assemble_rows(
+    segments: &[Segment],
+    base: &Tensor,
+    mut product: impl FnMut(&Segment, usize, &Tensor) -> candle_core::Result<Tensor>,
+) -> candle_core::Result<Tensor> {
+    let mut pieces = Vec::new();
+    for s in segments.iter().filter(|s| s.len > 0) {
+        let bs = base.narrow(0, s.start, s.len)?;
+        pieces.push(match s.delta {
+            Some(i) => product(s, i, &bs)?,
+            None => bs,
+        });
+    }
+    match pieces.len() {
+        0 => base.copy(),
+        1 => Ok(pieces.remove(0)),
+        _ => Tensor::cat(&pieces, 0),
     }
 }
 
@@ -649,6 +662,40 @@ mod tests {
         .map(|(start, len, delta)| Segment { start, len, delta });
         assert_eq!(s, want);
         assert!(Segment::runs(&[]).is_empty());
+    }
+
+    #[test]
+    fn assemble_rows_replaces_each_named_segments_rows_in_order() {
+        let (m, n) = (6usize, 3usize);
+        let base = Tensor::arange(0f32, (m * n) as f32, &Device::Cpu)
+            .unwrap()
+            .reshape((m, n))
+            .unwrap();
+        let seg = |start, len, delta| Segment { start, len, delta };
+        // delta i adds 10 (i + 1) to its rows.
+        let add = |_: &Segment, i: usize, bs: &Tensor| bs + 10.0 * (i as f64 + 1.0);
+        let rows = |t: &Tensor| t.to_vec2::<f32>().unwrap();
+        let want = |adds: [f32; 6]| -> Vec<Vec<f32>> {
+            (0..m)
+                .map(|r| (0..n).map(|c| (r * n + c) as f32 + adds[r]).collect())
+                .collect()
+        };
+        let segments = [
+            seg(0, 2, Some(0)),
+            seg(2, 1, None),
+            seg(3, 0, Some(1)),
+            seg(3, 3, Some(1)),
+        ];
+        let y = assemble_rows(&segments, &base, add).unwrap();
+        assert_eq!(rows(&y), want([10., 10., 0., 20., 20., 20.]));
+        // One segment: its product.
+        let y = assemble_rows(&[seg(0, 6, Some(2))], &base, add).unwrap();
+        assert_eq!(rows(&y), want([30.; 6]));
+        // Only base-only rows (and an empty named segment): base's values.
+        let y = assemble_rows(&[seg(0, 0, Some(0)), seg(0, 6, None)], &base, add).unwrap();
+        assert_eq!(rows(&y), want([0.; 6]));
+        let y = assemble_rows(&[seg(0, 2, None), seg(2, 4, None)], &base, add).unwrap();
+        assert_eq!(rows(&y), want([0.; 6]));
     }
 
     #[test]
