@@ -29,6 +29,38 @@ const MAX_TILE_ROWS: usize = 256;
 const TILE_COLS: usize = 2 * CHUNK;
 const _: () = assert!(TILE_COLS.is_multiple_of(CHUNK) && CHUNK.is_multiple_of(32));
 
+/// Work (decoded weights times input rows) below which a loop runs on the calling thread instead of
+/// rayon's pool: a parallel loop entered from outside the pool queues its job and waits on a latch for
+/// the pool's threads, tens of microseconds that made most of a small call's time (a 64 x 64 delta at
+/// 32 rows: ~520 us a layer's sbmm, mostly in the kernel's thread wake-ups and yields).
+const PARALLEL_WORK: usize = 1 << 16;
+
+/// The threshold in force: [`PARALLEL_WORK`], or a test's override (every loop gives the same values
+/// either way: its chunks are independent).
+static PARALLEL_FROM: std::sync::atomic::AtomicUsize =
+    std::sync::atomic::AtomicUsize::new(PARALLEL_WORK);
+
+/// Whether a loop of `work` runs on rayon's pool.
+fn parallel(work: usize) -> bool {
+    work >= PARALLEL_FROM.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// `f(i, chunk i)` over `s` in chunks of `chunk` elements, on rayon's pool when `parallel`.
+fn for_each_chunk<T: Send>(
+    s: &mut [T],
+    chunk: usize,
+    parallel: bool,
+    f: impl Fn(usize, &mut [T]) + Sync + Send,
+) {
+    if parallel {
+        s.par_chunks_mut(chunk)
+            .enumerate()
+            .for_each(|(i, c)| f(i, c));
+    } else {
+        s.chunks_mut(chunk).enumerate().for_each(|(i, c)| f(i, c));
+    }
+}
+
 /// `yt[r * m + i] = sum_k x[i * K + k] * D[r][k]` for every stored row `r` of `h` and input row `i < m`:
 /// the product of `m` input rows with the stored rows, transposed.
 pub(crate) fn matmul_t(h: &HostDelta<'_>, x: &[f32], m: usize) -> Vec<f32> {
@@ -66,21 +98,20 @@ impl DecodeVisitor for MatmulT<'_> {
 
 /// The streaming engine: one pass over each packed row, dotted with all `m <= SMALL_M` input rows.
 fn stream<D: RowDecode>(d: &D, x: &[f32], m: usize, yt: &mut [f32], level: Level) {
-    yt.par_chunks_mut(STREAM_ROWS * m)
-        .enumerate()
-        .for_each(|(task, ys)| {
-            let r0 = task * STREAM_ROWS;
-            match m {
-                1 => dispatch(level, Stream::<D, 1> { d, x, r0, ys }),
-                2 => dispatch(level, Stream::<D, 2> { d, x, r0, ys }),
-                3 => dispatch(level, Stream::<D, 3> { d, x, r0, ys }),
-                4 => dispatch(level, Stream::<D, 4> { d, x, r0, ys }),
-                5 => dispatch(level, Stream::<D, 5> { d, x, r0, ys }),
-                6 => dispatch(level, Stream::<D, 6> { d, x, r0, ys }),
-                7 => dispatch(level, Stream::<D, 7> { d, x, r0, ys }),
-                _ => dispatch(level, Stream::<D, 8> { d, x, r0, ys }),
-            }
-        });
+    let work = d.rows() * d.cols() * m;
+    for_each_chunk(yt, STREAM_ROWS * m, parallel(work), |task, ys| {
+        let r0 = task * STREAM_ROWS;
+        match m {
+            1 => dispatch(level, Stream::<D, 1> { d, x, r0, ys }),
+            2 => dispatch(level, Stream::<D, 2> { d, x, r0, ys }),
+            3 => dispatch(level, Stream::<D, 3> { d, x, r0, ys }),
+            4 => dispatch(level, Stream::<D, 4> { d, x, r0, ys }),
+            5 => dispatch(level, Stream::<D, 5> { d, x, r0, ys }),
+            6 => dispatch(level, Stream::<D, 6> { d, x, r0, ys }),
+            7 => dispatch(level, Stream::<D, 7> { d, x, r0, ys }),
+            _ => dispatch(level, Stream::<D, 8> { d, x, r0, ys }),
+        }
+    });
 }
 
 /// Rows `r0 ..` of the streaming engine, for `M` input rows.
@@ -130,55 +161,53 @@ fn tiled<D: RowDecode>(d: &D, x: &[f32], m: usize, yt: &mut [f32], level: Level)
         .next_multiple_of(16)
         .clamp(MIN_TILE_ROWS, MAX_TILE_ROWS);
     let tile_cols = TILE_COLS;
-    yt.par_chunks_mut(tile_rows * m)
-        .enumerate()
-        .for_each(|(task, ys)| {
-            let r0 = task * tile_rows;
-            let rows = ys.len() / m;
-            let mut tile = vec![0.0f32; rows * tile_cols.min(k)];
-            for k0 in (0..k).step_by(tile_cols) {
-                let kc = tile_cols.min(k - k0);
-                let tile = &mut tile[..rows * kc];
-                dispatch(
-                    level,
-                    DecodeTile {
-                        d,
-                        r0,
-                        k0,
-                        kc,
-                        tile,
-                    },
+    for_each_chunk(yt, tile_rows * m, parallel(d.rows() * k * m), |task, ys| {
+        let r0 = task * tile_rows;
+        let rows = ys.len() / m;
+        let mut tile = vec![0.0f32; rows * tile_cols.min(k)];
+        for k0 in (0..k).step_by(tile_cols) {
+            let kc = tile_cols.min(k - k0);
+            let tile = &mut tile[..rows * kc];
+            dispatch(
+                level,
+                DecodeTile {
+                    d,
+                    r0,
+                    k0,
+                    kc,
+                    tile,
+                },
+            );
+            // ys[rows, m] (+)= tile[rows, kc] · x[:, k0..k0 + kc]ᵀ
+            // SAFETY: every pointer/stride pair addresses memory inside its slice: `ys` is
+            // rows x m with row stride m; `tile` is rows x kc with row stride kc; the rhs element
+            // (kk, i) is x[i * k + k0 + kk] with kk < kc <= k - k0 and i < m, inside `x` (m * k).
+            // The three slices do not overlap (`ys` is the only mutable one).
+            unsafe {
+                gemm::gemm(
+                    rows,
+                    m,
+                    kc,
+                    ys.as_mut_ptr(),
+                    1,
+                    m as isize,
+                    k0 > 0,
+                    tile.as_ptr(),
+                    1,
+                    kc as isize,
+                    x.as_ptr().add(k0),
+                    k as isize,
+                    1,
+                    1.0f32,
+                    1.0f32,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
                 );
-                // ys[rows, m] (+)= tile[rows, kc] · x[:, k0..k0 + kc]ᵀ
-                // SAFETY: every pointer/stride pair addresses memory inside its slice: `ys` is
-                // rows x m with row stride m; `tile` is rows x kc with row stride kc; the rhs element
-                // (kk, i) is x[i * k + k0 + kk] with kk < kc <= k - k0 and i < m, inside `x` (m * k).
-                // The three slices do not overlap (`ys` is the only mutable one).
-                unsafe {
-                    gemm::gemm(
-                        rows,
-                        m,
-                        kc,
-                        ys.as_mut_ptr(),
-                        1,
-                        m as isize,
-                        k0 > 0,
-                        tile.as_ptr(),
-                        1,
-                        kc as isize,
-                        x.as_ptr().add(k0),
-                        k as isize,
-                        1,
-                        1.0f32,
-                        1.0f32,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
-                    );
-                }
             }
-        });
+        }
+    });
 }
 
 /// Decodes columns `k0 .. k0 + kc` of stored rows `r0 ..` into `tile` (`rows x kc`, row-major).
@@ -211,21 +240,19 @@ pub(crate) fn scatter_add(h: &HostDelta<'_>, yt: &[f32], m: usize, out: &mut [f3
     if m == 0 || n == 0 {
         return;
     }
-    out.par_chunks_mut(SCATTER_ROWS * n)
-        .enumerate()
-        .for_each(|(b, o)| {
-            let i0 = b * SCATTER_ROWS;
-            let rows = o.len() / n;
-            for (r, y) in yt.chunks_exact(m).enumerate() {
-                let col = match h.row_index {
-                    None => r,
-                    Some(idx) => idx[r] as usize,
-                };
-                for (i, &v) in y[i0..i0 + rows].iter().enumerate() {
-                    o[i * n + col] += v;
-                }
+    for_each_chunk(out, SCATTER_ROWS * n, parallel(yt.len()), |b, o| {
+        let i0 = b * SCATTER_ROWS;
+        let rows = o.len() / n;
+        for (r, y) in yt.chunks_exact(m).enumerate() {
+            let col = match h.row_index {
+                None => r,
+                Some(idx) => idx[r] as usize,
+            };
+            for (i, &v) in y[i0..i0 + rows].iter().enumerate() {
+                o[i * n + col] += v;
             }
-        });
+        }
+    });
 }
 
 /// `out[row] = D[row]` for every row of the full matrix (`out` is `[N_total, K]`, zero-initialised).
@@ -278,7 +305,8 @@ impl DecodeVisitor for Rows<'_, '_, '_> {
         }
         let k = d.cols();
         let (h, add, level) = (self.h, self.add, self.level);
-        self.out.par_chunks_mut(k).enumerate().for_each(|(row, o)| {
+        let work = self.out.len();
+        for_each_chunk(self.out, k, parallel(work), |row, o| {
             if let Some(r) = h.stored_row(row) {
                 dispatch(level, AddRow { d, r, o, add });
             }
@@ -334,15 +362,13 @@ impl DecodeVisitor for Gather<'_, '_, '_, '_> {
             return;
         }
         let k = d.cols();
-        let h = self.h;
-        self.out
-            .par_chunks_mut(k)
-            .zip(self.ids.par_iter())
-            .for_each(|(o, &id)| {
-                if let Some(r) = h.stored_row(id) {
-                    dispatch(Level::detect(), AddRow { d, r, o, add: true });
-                }
-            });
+        let (h, ids) = (self.h, self.ids);
+        let work = self.out.len();
+        for_each_chunk(self.out, k, parallel(work), |t, o| {
+            if let Some(r) = ids.get(t).and_then(|&id| h.stored_row(id)) {
+                dispatch(Level::detect(), AddRow { d, r, o, add: true });
+            }
+        });
     }
 }
 
@@ -421,6 +447,51 @@ mod tests {
                 .collect(),
         }));
         out
+    }
+
+    /// Every loop gives the same bits on rayon's pool and on the calling thread ([`PARALLEL_WORK`]).
+    #[test]
+    fn the_pool_and_the_calling_thread_give_the_same_bits() {
+        use std::sync::atomic::Ordering;
+        let mut rng = StdRng::seed_from_u64(11);
+        let (n, k) = (37, 600);
+        let run = |h: &HostDelta<'_>, x: &[f32], m: usize, ids: &[usize]| {
+            let yt = matmul_t(h, x, m);
+            let mut out = vec![0.5f32; m * n];
+            scatter_add(h, &yt, m, &mut out);
+            let mut dense = vec![f32::NAN; n * k];
+            dequantize_into(h, &mut dense);
+            let mut gathered = vec![0.25f32; ids.len() * k];
+            gather_add(h, ids, &mut gathered);
+            (yt, out, dense, gathered)
+        };
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        for p in payloads(n, k, &mut rng) {
+            let parts = p.pack().unwrap();
+            let h = HostDelta {
+                codec: p.codec(),
+                n_total: n,
+                k,
+                n_stored: n,
+                row_index: None,
+                parts: parts.iter().map(Vec::as_slice).collect(),
+            };
+            let ids: Vec<usize> = (0..9).map(|_| rng.gen_range(0..n)).collect();
+            // Both engines: streaming (m <= SMALL_M) and tiled.
+            for m in [2, 20] {
+                let x: Vec<f32> = (0..m * k).map(|_| rng.gen_range(-1.0..1.0)).collect();
+                PARALLEL_FROM.store(0, Ordering::Relaxed);
+                let pool = run(&h, &x, m, &ids);
+                PARALLEL_FROM.store(usize::MAX, Ordering::Relaxed);
+                let here = run(&h, &x, m, &ids);
+                PARALLEL_FROM.store(PARALLEL_WORK, Ordering::Relaxed);
+                let what = p.codec().describe();
+                assert_eq!(bits(&pool.0), bits(&here.0), "{what} m={m}: matmul");
+                assert_eq!(bits(&pool.1), bits(&here.1), "{what} m={m}: scatter");
+                assert_eq!(bits(&pool.2), bits(&here.2), "{what}: dequantize");
+                assert_eq!(bits(&pool.3), bits(&here.3), "{what}: gather");
+            }
+        }
     }
 
     #[test]
