@@ -449,6 +449,18 @@ mod tests {
         out
     }
 
+    /// `p` (packed into `parts`) as an `n x k` delta that stores every row.
+    fn host_delta<'a>(p: &Payload, parts: &'a [Vec<u8>], n: usize, k: usize) -> HostDelta<'a> {
+        HostDelta {
+            codec: p.codec(),
+            n_total: n,
+            k,
+            n_stored: n,
+            row_index: None,
+            parts: parts.iter().map(Vec::as_slice).collect(),
+        }
+    }
+
     /// Every loop gives the same bits on rayon's pool and on the calling thread ([`PARALLEL_WORK`]).
     #[test]
     fn the_pool_and_the_calling_thread_give_the_same_bits() {
@@ -468,14 +480,7 @@ mod tests {
         let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
         for p in payloads(n, k, &mut rng) {
             let parts = p.pack().unwrap();
-            let h = HostDelta {
-                codec: p.codec(),
-                n_total: n,
-                k,
-                n_stored: n,
-                row_index: None,
-                parts: parts.iter().map(Vec::as_slice).collect(),
-            };
+            let h = host_delta(&p, &parts, n, k);
             let ids: Vec<usize> = (0..9).map(|_| rng.gen_range(0..n)).collect();
             // Both engines: streaming (m <= SMALL_M) and tiled.
             for m in [2, 20] {
@@ -502,14 +507,7 @@ mod tests {
         let mut ran = 0;
         for p in payloads(n, k, &mut rng) {
             let parts = p.pack().unwrap();
-            let h = HostDelta {
-                codec: p.codec(),
-                n_total: n,
-                k,
-                n_stored: n,
-                row_index: None,
-                parts: parts.iter().map(Vec::as_slice).collect(),
-            };
+            let h = host_delta(&p, &parts, n, k);
             let dense = p.dequantize();
             for m in [1, 3, 8, 9, 40] {
                 let x: Vec<f32> = (0..m * k).map(|_| rng.gen_range(-1.0..1.0)).collect();

@@ -6,9 +6,8 @@
 
 use crate::common;
 
-use candle_core::Device;
 use common::{assert_follows, q, write_config, LOGIT_TOL, MAX_TOKENS};
-use dz_loader::{host, Config, DtypeSpec, Served};
+use dz_loader::{Config, Served};
 
 /// Multi-tenant (x·W + x·D) vs the same delta merged (x·(W + D)), both f32: rounding only.
 const MT_VS_MERGED_TOL: f32 = 1e-3;
@@ -37,16 +36,7 @@ fn serve(f: &common::Fixture, merged_dir: &std::path::Path) -> (Served, tempfile
     let (dir, file) = write_config(&text);
     let (config, deltas) = Config::load(&file).unwrap();
     let mut served = dz_loader::serve(&config, &deltas).unwrap();
-    let load = |d: &std::path::Path| {
-        host::load_pipeline(
-            d,
-            &f.family.base,
-            DtypeSpec::F32,
-            &Device::Cpu,
-            host::KvCache::Contiguous,
-        )
-        .unwrap()
-    };
+    let load = |d: &std::path::Path| common::load_plain(d, &f.family.base);
     served
         .engine
         .add("ft-0-direct", load(&f.family.finetunes[0]))
@@ -203,14 +193,7 @@ fn a_profiled_base_alone_times_its_linear_layers_and_steps() {
     std::env::remove_var("DZ_PROFILE");
     let mut served = served.unwrap();
     assert!(served.registry.profile().enabled());
-    let plain = host::load_pipeline(
-        &f.family.base,
-        &f.family.base,
-        DtypeSpec::F32,
-        &Device::Cpu,
-        host::KvCache::Contiguous,
-    )
-    .unwrap();
+    let plain = common::load_plain(&f.family.base, &f.family.base);
     served.engine.add("base-plain", plain).unwrap();
     let p = ids("Hello");
     let got = served.engine.generate_tokens("base", &p, 4).unwrap();

@@ -119,14 +119,7 @@ fn hook_sees_every_projection_and_rows_carry_the_requested_name() {
         )
     })
     .unwrap();
-    let plain = host::load_pipeline(
-        &f.family.base,
-        &f.family.base,
-        DtypeSpec::F32,
-        &Device::Cpu,
-        host::KvCache::Contiguous,
-    )
-    .unwrap();
+    let plain = common::load_plain(&f.family.base, &f.family.base);
 
     // Seam 4: every projection of both layers and the (untied) lm_head went through the hook.
     let mut got = names.lock().unwrap().clone();

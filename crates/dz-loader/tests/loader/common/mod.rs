@@ -207,3 +207,15 @@ pub fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
         .to_scalar::<f32>()
         .unwrap()
 }
+
+/// `dir` loaded by the host as a plain model (f32, CPU, contiguous KV cache), with `base`'s tokenizer.
+pub fn load_plain(dir: &Path, base: &Path) -> dz_loader::host::SharedPipeline {
+    dz_loader::host::load_pipeline(
+        dir,
+        base,
+        dz_loader::DtypeSpec::F32,
+        &candle_core::Device::Cpu,
+        dz_loader::host::KvCache::Contiguous,
+    )
+    .unwrap()
+}
