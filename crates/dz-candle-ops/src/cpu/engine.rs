@@ -9,6 +9,9 @@
 //!   multiplied with the input by the `gemm` crate (the GEMM candle itself uses, which picks its own
 //!   SIMD kernels at run time), accumulating over the column tiles.
 //!
+//! A loop of less than [`PARALLEL_WORK`] (decoded weights times input rows) runs on the calling thread:
+//! entering rayon's pool costs more than such a loop.
+//!
 //! Both write `yt`, the result transposed (`[stored rows, M]`), so each task owns a contiguous slice;
 //! [`scatter_add`] then adds it into the `[M, N_total]` output through `row_index`.
 
