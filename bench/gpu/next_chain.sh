@@ -25,6 +25,7 @@
 # C. The base's step split, now that DZ_PROFILE profiles a base served alone (session 16), beside dz's:
 #    DZ_PROFILE=host and =events at 16 req/s, 48 requests each. The difference between the two is what dz
 #    adds to a step; the base's own split says how much of its step is the host engine's.
+# (Between A and B: `bench hook` at 32 rows, the hook's CPU a call on CUDA, for the next CPU work.)
 # D. A larger batch: max_seqs 64 (KV 24 GiB) for both at 16 req/s. Both runs are saturated at 32
 #    sequences a step; if the host's per-step work is partly fixed, dz / base moves with the batch.
 TAG=s17; W=/tmp/dzsrv; . bench/gpu/chain_env.sh
@@ -36,6 +37,13 @@ timeout 200 /tmp/k/bin/cuda_check --quick --filter "v4 only" > $S/check/v4-only-
 timeout 120 /tmp/k/bin/cuda_check --filter "wide from rows" > $S/check/wide-from.txt 2>&1; log "cuda_check wide-from rc=$?"
 ok=1; for f in $S/check/*.txt; do grep -q "^[0-9]* passed, 0 failed" $f || ok=0; done
 [ $ok = 1 ] || log "A CHECK FAILED: the serving runs below use the failing code"
+# The hook's CPU a call (`bench hook`, 2-layer 7B, 8 deltas under 32 names, 32 decode rows): the plan
+# built per batch against reused, and the slot tables (session 14 at 32 rows: 100 against 38 us).
+( H=/tmp/dzhook; rm -rf $H; mkdir -p $H $S/hook
+  $DZ synth model --shape llama-7b --layers 2 --out $H/base > $S/hook/gen.log 2>&1 &&
+    $DZ synth deltas --base $H/base --count 8 --out-dir $H/d --config $H/serve.toml --device cuda >> $S/hook/gen.log 2>&1 &&
+    timeout 120 $DZ bench hook --config $H/serve.toml --fine-tunes 32 --rows 32 --v4-kernels --slot-tables > $S/hook/hook.md 2>&1
+  log "bench hook rc=$?"; rm -rf $H )
 CODECS="4b24 2b24" DISTINCT=8 OUT=$S/gen bash $R/gpu/serving.sh gen > $S/gen.log 2>&1; log "gen rc=$?"
 # B
 for i in 1 2; do
