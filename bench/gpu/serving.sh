@@ -35,7 +35,8 @@
 # full speed, it says whether the CPU's share of a step bounds it. `base` steps are profiled too (since
 # session 16: the base's layers are wrapped under DZ_PROFILE, only to time them).
 #
-# Two jobs can share one machine of several GPUs (bench/gpu/serving_pair.sh): GPU=i pins this job to GPU i
+# Two jobs can share one machine of several GPUs (bench/gpu/serving_pair.sh; not for ratios between them:
+# they share the host's CPU, session 16): GPU=i pins this job to GPU i
 # (CUDA_VISIBLE_DEVICES; GPU memory is read from that GPU), PORT_BASE moves its ports (default 8200), and
 # each job needs its own OUT. Run `gen` once, before the jobs: two jobs must not generate at once.
 set -u

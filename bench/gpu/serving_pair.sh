@@ -5,6 +5,10 @@
 # stops by DEADLINE_S (default 560 s after the start) and $OUT is packed into one file (the device tool
 # brings back at most 8 files), so a call that runs out of time keeps what finished.
 #
+# Not for ratios between the two jobs: the two servers and their clients share the host's CPU, which
+# bounds a serving step. In session 16 the base ran at 248-359 tokens/s beside a dz job and 425-443 alone
+# (bench/results/h200-s16-2026-11-30.md). Measure dz / base one server at a time (bench/gpu/next_chain.sh).
+#
 #   JOB0="base dz:4b24:32" JOB1="dz:2b24:32 swap:32" bash bench/gpu/serving_pair.sh
 #
 # Inputs: .gpu/srv/deltazip.xz (or $DZ) and .gpu/srv/corpus.txt.xz (or $CORPUS). CLEAN: folders to delete
