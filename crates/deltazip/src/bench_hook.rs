@@ -61,6 +61,20 @@ pub struct BenchHookArgs {
     /// where the batch changes every pass (the serving case).
     #[arg(long)]
     pub slot_tables: bool,
+    /// Also time a prompt step of this many tokens (one sequence of one fine-tune) through each linear
+    /// layer, against the base layer alone: a new prompt every call (the fine-tune alternates), so the
+    /// layer's plan is built every time, as in serving. 0: off.
+    #[arg(long, default_value_t = 0)]
+    pub prefill: usize,
+}
+
+/// One linear layer of the timed decoder layer: the base layer alone and wrapped by the hook.
+struct Layer {
+    module: String,
+    base: Arc<dyn QuantMethod>,
+    wrapped: Arc<dyn QuantMethod>,
+    /// Its input width.
+    k: usize,
 }
 
 /// One timed module.
@@ -167,6 +181,8 @@ pub fn run_hook(args: &BenchHookArgs) -> Result<String> {
     // rows of a pass over all seven.
     let mut first: Option<(String, Arc<dyn QuantMethod>, Tensor)> = None;
     let mut linears: Vec<(Arc<dyn QuantMethod>, Tensor)> = Vec::new();
+    // Per linear layer, for the prompt rows.
+    let mut layers: Vec<Layer> = Vec::new();
     for name in [
         "self_attn.q_proj",
         "self_attn.k_proj",
@@ -185,6 +201,12 @@ pub fn run_hook(args: &BenchHookArgs) -> Result<String> {
             time_calls(&device, args.iters, || wrapped.forward(&x))
         })?;
         linears.push((wrapped.clone(), x.clone()));
+        layers.push(Layer {
+            module: module.clone(),
+            base: linear.clone(),
+            wrapped: wrapped.clone(),
+            k,
+        });
         if first.is_none() {
             first = Some((module.clone(), wrapped, x));
         }
@@ -303,6 +325,42 @@ pub fn run_hook(args: &BenchHookArgs) -> Result<String> {
     }
     registry.force_slot_tables(None);
 
+    // Prompt steps: one sequence of `prefill` tokens, `[1, prefill, K]`, tagged with one fine-tune that
+    // alternates between calls (with one name: tagged, then untagged).
+    if args.prefill > 0 {
+        let tag = |i: usize| -> RowTags {
+            let name = (args.fine_tunes > 1 || i == 0)
+                .then(|| Arc::<str>::from(format!("ft-{:02}", i % args.fine_tunes)));
+            Arc::from(vec![name])
+        };
+        for Layer {
+            module,
+            base: linear,
+            wrapped,
+            k,
+        } in &layers
+        {
+            let x = Tensor::randn(0f32, 1.0, (1, args.prefill, *k), &Device::Cpu)?
+                .to_dtype(dtype)?
+                .to_device(&device)?;
+            let (base_host, _) = time_calls(&device, args.iters, || linear.forward(&x))?;
+            let mut flip = 0;
+            let (host, wall) = time_calls(&device, args.iters, || {
+                flip ^= 1;
+                with_row_tags(Some(tag(flip)), || wrapped.forward(&x))
+            })?;
+            timed.push(Timed {
+                module: format!(
+                    "{module} (a prompt of {} tokens, another fine-tune each call)",
+                    args.prefill
+                ),
+                base_host_us: Some(base_host),
+                host_us: host,
+                wall_us: wall,
+            });
+        }
+    }
+
     let mut md = String::new();
     writeln!(
         md,
@@ -358,4 +416,88 @@ pub fn run_hook(args: &BenchHookArgs) -> Result<String> {
         sum_delta * arch.num_layers as f64 / 1e3
     )?;
     Ok(md)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::synth::deltas::{write_deltas, DeltasArgs, SynthCodec};
+    use crate::synth::model::{write_model, ModelArgs, Preset};
+    use crate::synth::Bar;
+
+    /// A tiny synthetic base and two deltas on the CPU: every row of the report, the prompt rows too.
+    #[test]
+    fn reports_every_module_and_the_prompt_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base");
+        write_model(
+            &ModelArgs {
+                shape: Preset::Tiny,
+                layers: Some(1),
+                hidden: Some(64),
+                intermediate: Some(128),
+                heads: Some(2),
+                kv_heads: Some(1),
+                vocab: None,
+                dtype: dz_format::Dtype::F32,
+                seed: 1,
+                tokenizer: None,
+                max_shard_bytes: dz_compress::hf::DEFAULT_MAX_SHARD_BYTES,
+                out: base.clone(),
+            },
+            &Bar::quiet(),
+        )
+        .unwrap();
+        let config = dir.path().join("serve.toml");
+        write_deltas(
+            &DeltasArgs {
+                base,
+                codec: SynthCodec::Q4S24,
+                count: 2,
+                seed: 7,
+                scale: 0.05,
+                out_dir: dir.path().join("d"),
+                config: Some(config.clone()),
+                device: "cpu".into(),
+                jobs: 1,
+            },
+            &Bar::quiet(),
+        )
+        .unwrap();
+        let md = run_hook(&BenchHookArgs {
+            config,
+            fine_tunes: 3,
+            rows: 4,
+            layer: 0,
+            iters: 2,
+            device: Some("cpu".into()),
+            v4_kernels: false,
+            slot_tables: true,
+            prefill: 5,
+        })
+        .unwrap();
+        for module in [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ] {
+            let prompt = format!("{module} (a prompt of 5 tokens, another fine-tune each call) |");
+            let row = md
+                .lines()
+                .find(|l| l.contains(&prompt))
+                .unwrap_or_else(|| panic!("no prompt row for {module}:\n{md}"));
+            // base host us, host us, delta host us, wall us: all measured.
+            let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+            for cell in &cells[2..6] {
+                let us: f64 = cell.parse().unwrap_or_else(|_| panic!("{row}"));
+                assert!(us.is_finite(), "{row}");
+            }
+        }
+        assert!(md.contains("slot tables"), "{md}");
+        assert!(md.contains("Per decoder layer"), "{md}");
+    }
 }
