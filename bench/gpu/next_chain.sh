@@ -41,8 +41,9 @@ ok=1; for f in $S/check/*.txt; do grep -q "^[0-9]* passed, 0 failed" $f || ok=0;
 [ $ok = 1 ] || log "A CHECK FAILED: the serving runs below use the failing code"
 # The hook's CPU a call (`bench hook`, 2-layer 7B, 8 deltas under 32 names, 32 decode rows): the plan
 # built per batch against reused, the slot tables (session 14 at 32 rows: 100 against 38 us), and a
-# prompt of 128 tokens per linear layer (the 32-row tile; session 16: every segment on its own route skips the shared
-# launch; 13B serving had 177 us of CPU a prefill linear-delta call against 140 of GPU).
+# prompt of 128 tokens per linear layer (the 32-row tile; since session 16 a batch whose every segment
+# takes its own route skips the shared launch; 13B serving had 177 us of CPU a prefill linear-delta
+# call against 140 of GPU).
 ( H=/tmp/dzhook; rm -rf $H; mkdir -p $H $S/hook
   $DZ synth model --shape llama-7b --layers 2 --out $H/base > $S/hook/gen.log 2>&1 &&
     $DZ synth deltas --base $H/base --count 8 --out-dir $H/d --config $H/serve.toml --device cuda >> $S/hook/gen.log 2>&1 &&
