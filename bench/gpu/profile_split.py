@@ -1,0 +1,62 @@
+#!/usr/bin/env python3
+"""Per-step split of a serving run's `DZ_PROFILE` counters (issue #9's "what bounds it").
+
+    python3 bench/gpu/profile_split.py RUN_DIR...
+
+Each RUN_DIR is a serving.sh output folder holding a `metrics-*.txt` scraped after the run with
+DZ_PROFILE=1, host or events. Prints, per folder, the step interval and each profiled part's time per
+step (ms) and per call (us), then what the parts leave for the rest of the step (the host engine's
+attention, sampling and scheduling). A base served alone is profiled too (session 16): its delta parts are 0.
+"""
+import glob
+import os
+import re
+import sys
+
+PARTS = [
+    ("base_linear", "base linear, decode"),
+    ("linear_delta", "linear delta, decode"),
+    ("base_linear_prefill", "base linear, prefill"),
+    ("linear_delta_prefill", "linear delta, prefill"),
+    ("norm_delta", "norm delta"),
+    ("embedding_delta", "embedding delta"),
+    ("row_lookup", "row lookup"),
+]
+
+
+def read(path):
+    vals = {}
+    for line in open(path):
+        m = re.match(r'^(deltazip_profile_\w+)(\{part="(\w+)"\})?\s+([0-9.eE+-]+)$', line.strip())
+        if m:
+            vals[(m.group(1), m.group(3))] = float(m.group(4))
+    return vals
+
+
+def split(folder):
+    files = sorted(glob.glob(os.path.join(folder, "metrics-*.txt")))
+    if not files:
+        return f"{folder}: no metrics-*.txt"
+    v = read(files[-1])
+    steps = v.get(("deltazip_profile_steps_total", None), 0.0)
+    step_s = v.get(("deltazip_profile_step_seconds_total", None), 0.0)
+    if steps == 0:
+        return f"{folder}: no profiled steps (was DZ_PROFILE set?)"
+    out = [f"## {folder} ({int(steps)} steps)", "", "| part | ms a step | us a call |", "|---|---:|---:|"]
+    out.append(f"| step | {1e3 * step_s / steps:.1f} | |")
+    total = 0.0
+    for key, label in PARTS:
+        s = v.get(("deltazip_profile_seconds_total", key), 0.0)
+        c = v.get(("deltazip_profile_calls_total", key), 0.0)
+        total += s
+        per_call = f"{1e6 * s / c:.1f}" if c else ""
+        out.append(f"| {label} | {1e3 * s / steps:.1f} | {per_call} |")
+    out.append(f"| rest of the step | {1e3 * (step_s - total) / steps:.1f} | |")
+    return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2:
+        sys.exit(__doc__)
+    for d in sys.argv[1:]:
+        print(split(d))
