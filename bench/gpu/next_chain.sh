@@ -48,7 +48,19 @@ ok=1; for f in $S/check/*.txt; do grep -q "^[0-9]* passed, 0 failed" $f || ok=0;
   $DZ synth model --shape llama-7b --layers 2 --out $H/base > $S/hook/gen.log 2>&1 &&
     $DZ synth deltas --base $H/base --count 8 --out-dir $H/d --config $H/serve.toml --device cuda >> $S/hook/gen.log 2>&1 &&
     timeout 120 $DZ bench hook --config $H/serve.toml --fine-tunes 32 --rows 32 --v4-kernels --slot-tables --prefill 128 > $S/hook/hook.md 2>&1
-  log "bench hook rc=$?"; rm -rf $H )
+  log "bench hook rc=$?"
+  # Which CUDA driver calls the hook's CPU time goes to (session 16: the step is CPU-bound, and a layer
+  # plan built costs ~60 us more than one reused, most of it in the CUDA-side planning: descriptors,
+  # the table's allocation and upload, the old plan's frees). Only the text summary comes back.
+  NSYS=$(command -v nsys || ls /usr/local/cuda*/bin/nsys /opt/nvidia/nsight-systems*/bin/nsys 2>/dev/null | head -1)
+  if [ -n "$NSYS" ]; then
+    timeout 180 "$NSYS" profile --trace=cuda,osrt --stats=true --force-overwrite true -o $H/nsys \
+      $DZ bench hook --config $H/serve.toml --fine-tunes 32 --rows 32 --v4-kernels --iters 100 > $S/hook/nsys.txt 2>&1
+    log "nsys bench hook rc=$?"
+  else
+    log "no nsys on the machine"
+  fi
+  rm -rf $H )
 CODECS="4b24 2b24" DISTINCT=8 OUT=$S/gen bash $R/gpu/serving.sh gen > $S/gen.log 2>&1; log "gen rc=$?"
 # B
 for i in 1 2; do
