@@ -111,9 +111,10 @@ pub struct ServeArgs {
     #[arg(long, requires = "v4_kernels")]
     pub v4_sbmm_ring: bool,
     /// With --v4-kernels, experimental (session 15; correct but slower on the H200 in session 16: 96-114
-    /// against 77-82 us for 32 deltas x 1 row of 4096 x 4096): the decode sbmm variants that load x right before each mma instead of in the load ring: `deep` (the
-    /// default with the flag) keeps a 6-deep ring of codes, `occupancy` a 3-deep one at 3 blocks an SM
-    /// (see dz_candle_ops::set_v4_sbmm_x_direct; the shared-memory variants take precedence).
+    /// against 77-82 us for 32 deltas x 1 row of 4096 x 4096): the decode sbmm variants that load x
+    /// right before each mma instead of in the load ring: `deep` (the default with the flag) keeps a
+    /// 6-deep ring of codes, `occupancy` a 3-deep one at 3 blocks an SM (see
+    /// dz_candle_ops::set_v4_sbmm_x_direct; the shared-memory variants take precedence).
     #[arg(long, requires = "v4_kernels", value_name = "deep|occupancy", num_args = 0..=1,
           default_missing_value = "deep", value_parser = parse_x_direct)]
     pub v4_sbmm_x_direct: Option<dz_loader::V4XDirect>,
@@ -149,8 +150,9 @@ pub struct ServeArgs {
     /// Let each CUDA device's stream-ordered memory pool keep up to this much freed memory across
     /// synchronizations (e.g. 4GiB; 0, the default, leaves the driver's default of giving it all back
     /// at every synchronization, so each decode step's allocations map memory again). Experimental:
-    /// one A/B on the H200 (session 15) served 7B x 32 fine-tunes 11-18% faster with 4GiB, within the
-    /// noise between runs; see dz_loader::gpu_mem::set_pool_keep_bytes.
+    /// on the H200, one A/B (session 15) served 7B x 32 fine-tunes 11-18% faster with 4GiB, two more
+    /// (session 16) +2%, both within the noise between runs; see
+    /// dz_loader::gpu_mem::set_pool_keep_bytes.
     #[arg(long, default_value = "0", value_parser = parse_pool_keep)]
     pub pool_keep: u64,
 }

@@ -176,8 +176,9 @@ impl V4Entries {
     /// The decode sbmm with x loaded from global memory right before each mma (as the 32-row tile does)
     /// instead of in the load ring, whose stages then hold only the codes, metadata and scale word and go
     /// 6 blocks deep, for segments of at most `rows` input rows (`None` past 8, or for f32): the signature
-    /// and launch of [`V4Entries::sbmm`] (split included). Written in session 15 without a GPU, after
-    /// Nsight Compute put the decode sbmm at 25% occupancy (120 registers) with 39% of its stalls on loads.
+    /// and launch of [`V4Entries::sbmm`] (split included). Written in session 15, after Nsight Compute put
+    /// the decode sbmm at 25% occupancy (120 registers) with 39% of its stalls on loads; slower on the
+    /// H200 in session 16 (96-98 against 77-82 us for 32 deltas x 1 row of 4096 x 4096).
     pub fn sbmm_xd(&self, dtype: Dtype, rows: u32) -> Option<&'static str> {
         match Self::index(dtype, rows)? {
             (d, 0) => Some(self.sbmm_xd[d]),
@@ -527,7 +528,7 @@ mod tests {
             [1, 9, 16, 17, 32, 33, 256].map(v4_matmul_tile_rows),
             [8, 16, 16, 32, 32, 32, 32]
         );
-        // The 32-row tile from 16 rows on the 7B / 13B MLP shapes, past 16 elsewhere.
+        // The 32-row tile from 9 rows on the 7B / 13B MLP shapes, past 16 elsewhere.
         assert_eq!(v4_wide_from_rows(11008, 4096), 9);
         assert_eq!(v4_wide_from_rows(4096, 11008), 9);
         assert_eq!(v4_wide_from_rows(13824, 5120), 9);

@@ -12,8 +12,9 @@ static POOL_KEEP_BYTES: std::sync::atomic::AtomicU64 = std::sync::atomic::Atomic
 /// 0 (the default) leaves the driver's default: the pool gives freed memory back at every
 /// synchronization, and a serving step's allocations after its synchronization map memory again.
 /// Session 15 on the H200: with 4 GiB kept, a synchronized embedding delta took 0.6 ms instead of 36 (the
-/// first part of a pass after a synchronization), and one serving A/B gave dz +11-18% tokens/s (within
-/// the runs' noise; repeated next). [`mem_info`] trims the pool before it measures either way.
+/// first part of a pass after a synchronization), and one serving A/B gave dz +11-18% tokens/s; session
+/// 16's two more gave +2% (dz) and -9% (the base), all within the runs' noise. [`mem_info`] trims the
+/// pool before it measures either way.
 pub fn set_pool_keep_bytes(bytes: u64) {
     POOL_KEEP_BYTES.store(bytes, std::sync::atomic::Ordering::Relaxed);
 }

@@ -1089,12 +1089,12 @@ impl Kernel {
     /// [`Kernel::v4_any_rows`] for a `delta_matmul` of `m` rows: the 32-row tile from `wide_from` rows
     /// unless [`crate::set_v4_wide_tiles`] turned it off.
     fn v4_matmul_any_rows(e: &'static V4Entries, m: u32, wide_from: u32) -> Kernel {
-        if crate::v4_wide_tiles() && m >= wide_from {
-            Kernel::V4(e, V4_WIDE_ROWS)
-        } else if crate::v4_wide_tiles() {
-            Kernel::V4(e, v4_matmul_tile_rows(m))
-        } else {
+        if !crate::v4_wide_tiles() {
             Kernel::v4_any_rows(e, m)
+        } else if m >= wide_from {
+            Kernel::V4(e, V4_WIDE_ROWS)
+        } else {
+            Kernel::V4(e, v4_matmul_tile_rows(m))
         }
     }
 
