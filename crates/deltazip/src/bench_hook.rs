@@ -66,6 +66,11 @@ pub struct BenchHookArgs {
     /// layer's plan is built every time, as in serving. 0: off.
     #[arg(long, default_value_t = 0)]
     pub prefill: usize,
+    /// Also report where each timed call's CPU goes: the named phases of the hook and the ops
+    /// (`dz_candle_ops::trace`: the layer plan's build, the deltas described, the table uploaded, the
+    /// output allocated, the launches), in microseconds per call.
+    #[arg(long)]
+    pub phases: bool,
 }
 
 /// One linear layer of the timed decoder layer: the base layer alone and wrapped by the hook.
@@ -83,28 +88,56 @@ struct Timed {
     base_host_us: Option<f64>,
     host_us: f64,
     wall_us: f64,
+    /// The ops' CPU phases over the timed calls (empty without `--phases`).
+    phases: Vec<dz_candle_ops::trace::PhaseTotal>,
 }
 
-/// Host and wall microseconds per call of `f`, `iters` calls (after 3 untimed ones).
+/// Calls queued between two synchronizations while timing: few enough that their launches stay well
+/// inside the driver's queue (~1000 launches), so that the host time is the CPU's issuing, not a wait for
+/// a full queue (a pass of seven sbmm layers queues ~30 launches a call).
+const CALLS_PER_SYNC: usize = 8;
+
+/// What [`time_calls`] measured, per call.
+struct Times {
+    /// The CPU's time issuing one call (the synchronizations every [`CALLS_PER_SYNC`] calls excluded).
+    host: f64,
+    /// Until the device has run them all (the synchronizations included).
+    wall: f64,
+    /// The ops' CPU phases (`dz_candle_ops::trace`, with `--phases`) over the timed calls.
+    phases: Vec<dz_candle_ops::trace::PhaseTotal>,
+}
+
+/// Microseconds per call of `f`, `iters` calls (after 3 untimed ones).
 fn time_calls(
     device: &Device,
     iters: usize,
     mut f: impl FnMut() -> candle_core::Result<Tensor>,
-) -> Result<(f64, f64)> {
+) -> Result<Times> {
     let mut keep = Vec::with_capacity(iters + 3);
     for _ in 0..3 {
         keep.push(f()?);
     }
     device.synchronize()?;
+    dz_candle_ops::trace::take();
+    let mut host = 0.0;
     let t0 = Instant::now();
-    for _ in 0..iters {
-        keep.push(f()?);
+    for chunk in 0..iters.div_ceil(CALLS_PER_SYNC) {
+        let calls = CALLS_PER_SYNC.min(iters - chunk * CALLS_PER_SYNC);
+        let t = Instant::now();
+        for _ in 0..calls {
+            keep.push(f()?);
+        }
+        host += t.elapsed().as_secs_f64();
+        device.synchronize()?;
     }
-    let host = t0.elapsed().as_secs_f64();
-    device.synchronize()?;
     let wall = t0.elapsed().as_secs_f64();
+    let phases = dz_candle_ops::trace::take();
     let per = |s: f64| s * 1e6 / iters.max(1) as f64;
-    Ok((per(host), per(wall)))
+    Ok(Times {
+        host: per(host),
+        wall: per(wall),
+        phases,
+    })
 }
 
 /// Runs `deltazip bench hook`; returns the markdown report.
@@ -147,6 +180,7 @@ pub fn run_hook(args: &BenchHookArgs) -> Result<String> {
         registry.insert(Arc::new(ft));
     }
     let load_s = t0.elapsed().as_secs_f64();
+    dz_candle_ops::trace::set_enabled(args.phases);
     let names: Vec<Option<Arc<str>>> = (0..args.rows)
         .map(|b| Some(Arc::<str>::from(format!("ft-{:02}", b % args.fine_tunes))))
         .collect();
@@ -196,8 +230,8 @@ pub fn run_hook(args: &BenchHookArgs) -> Result<String> {
         let (linear, k) = base_linear(&module)?;
         let wrapped = hook.wrap(&module, linear.clone())?;
         let x = input(k)?;
-        let (base_host, _) = time_calls(&device, args.iters, || linear.forward(&x))?;
-        let (host, wall) = with_row_tags(Some(tags.clone()), || {
+        let base_host = time_calls(&device, args.iters, || linear.forward(&x))?.host;
+        let t = with_row_tags(Some(tags.clone()), || {
             time_calls(&device, args.iters, || wrapped.forward(&x))
         })?;
         linears.push((wrapped.clone(), x.clone()));
@@ -213,8 +247,9 @@ pub fn run_hook(args: &BenchHookArgs) -> Result<String> {
         timed.push(Timed {
             module,
             base_host_us: Some(base_host),
-            host_us: host,
-            wall_us: wall,
+            host_us: t.host,
+            wall_us: t.wall,
+            phases: t.phases,
         });
     }
     for name in ["input_layernorm", "post_attention_layernorm"] {
@@ -233,14 +268,15 @@ pub fn run_hook(args: &BenchHookArgs) -> Result<String> {
         // The three-op path, then the one op (`dz_loader::set_fused_norm_deltas`).
         for (fused, label) in [(false, ""), (true, " (one op)")] {
             registry.force_fused_norm_deltas(Some(fused));
-            let (host, wall) = with_row_tags(Some(tags.clone()), || {
+            let t = with_row_tags(Some(tags.clone()), || {
                 time_calls(&device, args.iters, || delta.forward(&x, base_out.clone()))
             })?;
             timed.push(Timed {
                 module: format!("{module}{label}"),
                 base_host_us: None,
-                host_us: host,
-                wall_us: wall,
+                host_us: t.host,
+                wall_us: t.wall,
+                phases: t.phases,
             });
         }
         registry.force_fused_norm_deltas(None);
@@ -248,15 +284,16 @@ pub fn run_hook(args: &BenchHookArgs) -> Result<String> {
     // The first module of each pass: new row tags every call, so the pass's plan is made each time.
     let (q, wrapped, x) = first.context("no linear layer was timed")?;
     registry.force_slot_tables(Some(false));
-    let (plan_host, plan_wall) = time_calls(&device, args.iters, || {
+    let t = time_calls(&device, args.iters, || {
         let fresh: RowTags = Arc::from(names.clone());
         with_row_tags(Some(fresh), || wrapped.forward(&x))
     })?;
     timed.push(Timed {
         module: format!("{q} (a new pass each call: its row plan made, the layer's reused)"),
         base_host_us: None,
-        host_us: plan_host,
-        wall_us: plan_wall,
+        host_us: t.host,
+        wall_us: t.wall,
+        phases: t.phases,
     });
     // Another layout every call: the names rotated by one row (one name: the first row untagged), so
     // the layer's cached plan never serves and is built each time.
@@ -267,7 +304,7 @@ pub fn run_hook(args: &BenchHookArgs) -> Result<String> {
         other[0] = None;
     }
     let mut flip = false;
-    let (build_host, build_wall) = time_calls(&device, args.iters, || {
+    let t = time_calls(&device, args.iters, || {
         flip = !flip;
         let fresh: RowTags = Arc::from(if flip { other.clone() } else { names.clone() });
         with_row_tags(Some(fresh), || wrapped.forward(&x))
@@ -275,8 +312,9 @@ pub fn run_hook(args: &BenchHookArgs) -> Result<String> {
     timed.push(Timed {
         module: format!("{q} (another batch each call: the layer's plan built)"),
         base_host_us: None,
-        host_us: build_host,
-        wall_us: build_wall,
+        host_us: t.host,
+        wall_us: t.wall,
+        phases: t.phases,
     });
 
     // A pass over the seven linear layers with another batch every pass (what continuous batching
@@ -284,7 +322,7 @@ pub fn run_hook(args: &BenchHookArgs) -> Result<String> {
     // slot tables (one segment table a pass, the layers' slot tables built once).
     let per_pass = |label: &str| -> Result<Timed> {
         let mut flip = false;
-        let (host, wall) = time_calls(&device, args.iters, || {
+        let t = time_calls(&device, args.iters, || {
             flip = !flip;
             let fresh: RowTags = Arc::from(if flip { other.clone() } else { names.clone() });
             with_row_tags(Some(fresh), || {
@@ -299,8 +337,9 @@ pub fn run_hook(args: &BenchHookArgs) -> Result<String> {
         Ok(Timed {
             module: format!("7 linear layers, another batch each pass, per call: {label}"),
             base_host_us: None,
-            host_us: host / per,
-            wall_us: wall / per,
+            host_us: t.host / per,
+            wall_us: t.wall / per,
+            phases: t.phases,
         })
     };
     registry.force_slot_tables(Some(false));
@@ -311,14 +350,15 @@ pub fn run_hook(args: &BenchHookArgs) -> Result<String> {
         let before = (registry.slot_segment_builds(), registry.slot_table_builds());
         timed.push(per_pass("slot tables")?);
         let (q, wrapped, x) = (&q, &wrapped, &x);
-        let (host, wall) = with_row_tags(Some(tags.clone()), || {
+        let t = with_row_tags(Some(tags.clone()), || {
             time_calls(&device, args.iters, || wrapped.forward(x))
         })?;
         timed.push(Timed {
             module: format!("{q} (slot tables, the same pass each call)"),
             base_host_us: None,
-            host_us: host,
-            wall_us: wall,
+            host_us: t.host,
+            wall_us: t.wall,
+            phases: t.phases,
         });
         let after = (registry.slot_segment_builds(), registry.slot_table_builds());
         slot_builds = Some((after.0 - before.0, after.1 - before.1));
@@ -343,9 +383,9 @@ pub fn run_hook(args: &BenchHookArgs) -> Result<String> {
             let x = Tensor::randn(0f32, 1.0, (1, args.prefill, *k), &Device::Cpu)?
                 .to_dtype(dtype)?
                 .to_device(&device)?;
-            let (base_host, _) = time_calls(&device, args.iters, || linear.forward(&x))?;
+            let base_host = time_calls(&device, args.iters, || linear.forward(&x))?.host;
             let mut flip = 0;
-            let (host, wall) = time_calls(&device, args.iters, || {
+            let t = time_calls(&device, args.iters, || {
                 flip ^= 1;
                 with_row_tags(Some(tag(flip)), || wrapped.forward(&x))
             })?;
@@ -355,8 +395,9 @@ pub fn run_hook(args: &BenchHookArgs) -> Result<String> {
                     args.prefill
                 ),
                 base_host_us: Some(base_host),
-                host_us: host,
-                wall_us: wall,
+                host_us: t.host,
+                wall_us: t.wall,
+                phases: t.phases,
             });
         }
     }
@@ -415,7 +456,43 @@ pub fn run_hook(args: &BenchHookArgs) -> Result<String> {
         arch.num_layers,
         sum_delta * arch.num_layers as f64 / 1e3
     )?;
+    if args.phases {
+        dz_candle_ops::trace::set_enabled(false);
+        write_phases(&mut md, &timed, args.iters)?;
+    }
     Ok(md)
+}
+
+/// The `--phases` section: per timed row with phases, each phase's spans and microseconds per call
+/// (phases nest: a phase's time includes the phases inside it).
+fn write_phases(md: &mut String, timed: &[Timed], iters: usize) -> std::fmt::Result {
+    writeln!(
+        md,
+        "\n## Where a call's CPU goes (`--phases`)\n\nPer timed iteration (one module call; for the \
+         rows of a pass over the seven linear layers, one pass of seven calls): each named phase's spans \
+         and time. Phases nest (\"the whole call\" includes the rest); \"host us\" above includes what \
+         no phase names (candle's op dispatch, the output's reshape).\n"
+    )?;
+    let per = iters.max(1) as f64;
+    for t in timed.iter().filter(|t| !t.phases.is_empty()) {
+        writeln!(
+            md,
+            "### {} (host {:.1} us a call)\n\n| phase | spans an iteration | us an iteration |\n\
+             |---|---:|---:|",
+            t.module, t.host_us
+        )?;
+        for p in &t.phases {
+            writeln!(
+                md,
+                "| {} | {:.2} | {:.1} |",
+                p.name,
+                p.calls as f64 / per,
+                p.total.as_secs_f64() * 1e6 / per
+            )?;
+        }
+        writeln!(md)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -474,6 +551,7 @@ mod tests {
             v4_kernels: false,
             slot_tables: true,
             prefill: 5,
+            phases: true,
         })
         .unwrap();
         for module in [
@@ -499,5 +577,16 @@ mod tests {
         }
         assert!(md.contains("slot tables"), "{md}");
         assert!(md.contains("Per decoder layer"), "{md}");
+        // --phases: the plan-building row names the layer plan's build, once a call, with its time.
+        let (_, section) = md
+            .split_once("another batch each call: the layer's plan built) (host")
+            .unwrap_or_else(|| panic!("no phases for the plan-building row:\n{md}"));
+        let build = section
+            .lines()
+            .find(|l| l.starts_with("| layer plan: build |"))
+            .unwrap_or_else(|| panic!("no layer plan build phase:\n{md}"));
+        let cells: Vec<&str> = build.split('|').map(str::trim).collect();
+        assert_eq!(cells[2], "1.00", "{build}");
+        assert!(cells[3].parse::<f64>().unwrap() > 0.0, "{build}");
     }
 }

@@ -124,13 +124,13 @@ pub struct ServeArgs {
     /// only in the v4 layout (--v4-kernels) takes the route from 64 rows at most. 0: never.
     #[arg(long, default_value_t = dz_loader::DEFAULT_DENSE_ROWS)]
     pub dense_rows: usize,
-    /// Experimental: add the linear layers' deltas through tables that survive batch changes (each
-    /// layer's deltas by fine-tune slot, rebuilt only after a load or eviction; one segment table per
-    /// forward pass shared by every layer) instead of a per-layer plan rebuilt whenever a sequence joins
-    /// or ends. The H200 measured 0-4% more tokens/s with it (session 13); see
-    /// dz_loader::set_slot_tables.
+    /// Add the linear layers' deltas through a per-layer plan rebuilt whenever a sequence joins or ends
+    /// (as before session 17), not through the slot tables that survive batch changes (each layer's
+    /// deltas by fine-tune slot, rebuilt only after a load or eviction; one segment table per forward
+    /// pass shared by every layer). The slot tables cost 39.5 us of CPU a decode call on the H200 where
+    /// the batch changes, against 71.4 (see dz_loader::set_slot_tables).
     #[arg(long)]
-    pub slot_tables: bool,
+    pub no_slot_tables: bool,
     /// With --v4-kernels: run each prefill segment of 17-255 rows of one fine-tune as 16-row pieces (up
     /// to 63 rows) or through the dense route (from --dense-rows), not as its own matmul through the
     /// 32-row v4 tile (the default; 1.4-2x faster than either at 32-128 rows on the H200, and 296 against
@@ -189,7 +189,7 @@ impl ServeArgs {
             v4_sbmm_ring: false,
             v4_sbmm_x_direct: None,
             dense_rows: dz_loader::DEFAULT_DENSE_ROWS,
-            slot_tables: false,
+            no_slot_tables: false,
             no_sbmm_wide_segments: false,
             no_fused_norm_deltas: false,
             no_pin_host: false,
@@ -568,7 +568,7 @@ fn check_gpu_room(
 pub fn start(args: &ServeArgs) -> Result<Running> {
     let (config, deltas) = dz_loader::Config::load(&args.config)?;
     dz_loader::set_dense_rows(args.dense_rows);
-    dz_loader::set_slot_tables(args.slot_tables);
+    dz_loader::set_slot_tables(!args.no_slot_tables);
     dz_loader::set_pin_host_deltas(!args.no_pin_host);
     dz_loader::gpu_mem::set_pool_keep_bytes(args.pool_keep);
     dz_loader::set_fused_norm_deltas(!args.no_fused_norm_deltas);
@@ -1350,7 +1350,7 @@ mod tests {
             Cli::try_parse_from(args).map(|c| c.serve.v4_sbmm_x_direct)
         };
         assert_eq!(parse(&[]).unwrap(), None);
-        let deep = parse(&["--v4-sbmm-x-direct", "--slot-tables"]).unwrap();
+        let deep = parse(&["--v4-sbmm-x-direct", "--no-slot-tables"]).unwrap();
         assert_eq!(deep, Some(dz_loader::V4XDirect::Deep));
         let occupancy = parse(&["--v4-sbmm-x-direct", "occupancy"]).unwrap();
         assert_eq!(occupancy, Some(dz_loader::V4XDirect::Occupancy));

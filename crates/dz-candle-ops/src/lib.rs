@@ -121,6 +121,7 @@ pub mod poisoned;
 mod pool;
 pub mod reference;
 pub mod relayout;
+pub mod trace;
 
 pub use delta::{CheckedParts, DeviceDelta, PreparedDelta, RowSubset};
 pub use error::{OpError, Result};

@@ -24,7 +24,7 @@ use rayon::prelude::*;
 
 use candle_core::{DType, Device, Result as CResult, Tensor};
 use dz_candle_ops::{
-    embedding_delta_add_unchecked, norm_delta_add, sbmm_planned, try_sbmm_slots, CheckedParts,
+    embedding_delta_add_unchecked, norm_delta_add, sbmm_planned, trace, try_sbmm_slots, CheckedParts,
     DeviceDelta, HostPins, PreparedDelta, SbmmPlan, Segment, SlotDeltas, SlotSegments,
 };
 use dz_format::shard::{shard_range, tensor_split, tp_layer, TpLayer};
@@ -38,7 +38,7 @@ use crate::error::{Error, Result};
 use crate::profile::{Part, Profile};
 use crate::tp::TpRank;
 
-static SLOT_TABLES: AtomicBool = AtomicBool::new(false);
+static SLOT_TABLES: AtomicBool = AtomicBool::new(true);
 
 /// Lets every [`DeltaLinear`] add its weight deltas through tables that survive batch changes (issue
 /// #9): a per-layer descriptor array indexed by each resident fine-tune's stable slot (rebuilt after an
@@ -46,8 +46,12 @@ static SLOT_TABLES: AtomicBool = AtomicBool::new(false);
 /// layer (`dz_candle_ops::try_sbmm_slots`), instead of the per-layer plan keyed by the batch layout
 /// (which misses whenever a sequence joins or ends). Layers the shared tables cannot serve (bias
 /// deltas, more than one kernel launch, the dense route of prefill) take the per-layer plan as before.
-/// The outputs are the same bit for bit. **Off by default** until a GPU run has checked and timed it
-/// (`cuda_check sbmm`, `deltazip bench hook --slot-tables`); `deltazip serve --slot-tables` turns it on.
+/// The outputs are the same bit for bit. **On by default** since session 17: on the H200, `deltazip bench
+/// hook --slot-tables --phases` (7B, 32 rows over 32 fine-tunes, a pass over the seven linear layers
+/// with another batch each pass, synchronized every 8 calls so that the launch queue never fills) took
+/// 39.5 us of CPU a call against 71.4 with the per-layer plans, whose build (26 us: describing 32 deltas,
+/// uploading the table) runs on ~80% of serving's decode calls; with the same batch every pass the slot
+/// tables cost 3.5 us more (39.9 against 36.4). `deltazip serve --no-slot-tables` turns it off.
 pub fn set_slot_tables(enabled: bool) {
     SLOT_TABLES.store(enabled, Ordering::Relaxed);
 }
@@ -1386,15 +1390,22 @@ impl DeltaLinear {
             }
             self.registry.count_plan(Outcome::SlotFallback);
         }
-        let lp = self.layer_plan(plan, m, n, base_out.dtype(), x.device())?;
+        let lp = {
+            let _s = trace::span("linear delta: the layer plan");
+            self.layer_plan(plan, m, n, base_out.dtype(), x.device())?
+        };
         if lp.sbmm.is_none() && lp.bias.is_none() {
             return Ok(base_out);
         }
         let shape = base_out.shape().clone();
         let mut out = base_out.reshape((m, n))?;
         if let Some(p) = &lp.sbmm {
-            let x2 = x.reshape((m, k))?.contiguous()?;
-            out = sbmm_planned(&x2, &out.contiguous()?, p)?;
+            let x2 = {
+                let _s = trace::span("linear delta: reshape the inputs");
+                out = out.contiguous()?;
+                x.reshape((m, k))?.contiguous()?
+            };
+            out = sbmm_planned(&x2, &out, p)?;
         }
         if let Some(bias) = &lp.bias {
             let rows = bias.dim(0)?;
@@ -1424,8 +1435,12 @@ impl DeltaLinear {
             return Ok(lp.clone());
         }
         self.registry.count_plan(Outcome::PlanBuilt);
-        let lp = Arc::new(self.build_plan(plan, m, n, dtype, device)?);
+        let lp = {
+            let _s = trace::span("layer plan: build");
+            Arc::new(self.build_plan(plan, m, n, dtype, device)?)
+        };
         let current = self.registry.generation.load(Ordering::Relaxed);
+        let _s = trace::span("layer plan: store it, drop the old one");
         *slot = (plan.generation == Some(current)).then(|| lp.clone());
         Ok(lp)
     }
@@ -1617,10 +1632,18 @@ impl QuantMethod for DeltaLinear {
         } else {
             (Part::BaseLinear, Part::LinearDelta)
         };
-        let base_out = profile.time(base_part, dev, true, || self.base.forward(a))?;
-        match profile.time(Part::RowLookup, dev, false, || Ok(self.registry.rows()))? {
+        let base_out = profile.time(base_part, dev, true, || {
+            let _s = trace::span("linear: the base layer");
+            self.base.forward(a)
+        })?;
+        let rows = {
+            let _s = trace::span("linear: the row lookup");
+            profile.time(Part::RowLookup, dev, false, || Ok(self.registry.rows()))?
+        };
+        match rows {
             None => Ok(base_out),
             Some(plan) => profile.time(delta_part, dev, true, || {
+                let _s = trace::span("linear delta: the whole call");
                 self.add_deltas(a, base_out, &plan)
             }),
         }

@@ -322,6 +322,7 @@ fn matmul_t<T: Elem>(
     let m32 = dim(op, "x", m, x.1.dims())?;
     let len = m * n;
     let stream = dev.cuda_stream();
+    let _s = crate::trace::span("delta matmul (CUDA): lock, describe, allocate, launch");
     let locked = Locked::new(delta);
     let mut out = alloc::<T>(&dev, len)?;
     // The K-split 32-row tile's workspace (`v4_matmul_sxk_workspace`), freed on the stream after the launch.
@@ -637,6 +638,7 @@ fn sbmm_prepare_t<T: Elem>(
     // queued earlier on the device's stream), and their buffers are freed on that one stream of their
     // device (`describe` checks it is `dev`), so launches queued on it run after the writes and before
     // the free.
+    let describe_span = crate::trace::span("sbmm prepare: lock and describe the deltas");
     let locks: Vec<Locked<'_>> = unique.iter().map(|d| Locked::new(d)).collect();
     let stream = dev.cuda_stream();
     let mut ptrs = Ptrs::new(&stream);
@@ -644,7 +646,9 @@ fn sbmm_prepare_t<T: Elem>(
         .iter()
         .map(|l| describe(op, l, dev, &mut ptrs))
         .collect::<Result<Vec<_>>>()?;
+    drop(describe_span);
 
+    let group_span = crate::trace::span("sbmm prepare: group the segments");
     let mut groups: Vec<Group> = Vec::new();
     for s in segments {
         let Some(slot) = s.delta.and_then(|d| slot_of.get(d).copied().flatten()) else {
@@ -742,9 +746,15 @@ fn sbmm_prepare_t<T: Elem>(
     let mut table = Vec::with_capacity(pieces_bytes + std::mem::size_of_val(descs.as_slice()));
     table.extend_from_slice(as_bytes(&pieces));
     table.extend_from_slice(as_bytes(&descs));
+    drop(group_span);
+    let upload_span = crate::trace::span("sbmm prepare: allocate and upload the table");
     plan.table = Some(stream.clone_htod(&table).w()?);
     plan.descs_offset = pieces_bytes as u64;
+    drop(upload_span);
+    let release_span = crate::trace::span("sbmm prepare: release the pointers' guards");
     drop(ptrs);
+    drop(release_span);
+    let _launch_span = crate::trace::span("sbmm prepare: kernels and grids");
 
     for (kernel, first, count, max_stored, min_stored) in launches {
         let tiles = max_stored.div_ceil(kernel.stored_rows());
@@ -826,6 +836,7 @@ fn sbmm_run_t<T: Elem>(
         .into());
     }
     let stream = dev.cuda_stream();
+    let alloc_span = crate::trace::span("sbmm run: allocate the output, copy base_out");
     let mut out = alloc::<T>(&dev, len)?;
     {
         let mut ptrs = Ptrs::new(&stream);
@@ -834,6 +845,8 @@ fn sbmm_run_t<T: Elem>(
         let out_p = ptrs.write(&mut out);
         poison::<T>(&stream, out_p, len, fill)?;
         init(&stream, out_p, Some(b_p), len * std::mem::size_of::<T>())?;
+        drop(alloc_span);
+        let _launch_span = crate::trace::span("sbmm run: launch");
         if let Some(table) = &plan.table {
             let table_p = ptrs.read(table, 0);
             let descs_p = table_p + plan.descs_offset;

@@ -337,6 +337,7 @@ fn own_route(
     d: &DeviceDelta,
     dtype: DType,
 ) -> candle_core::Result<Tensor> {
+    let _s = crate::trace::span("sbmm own route: one segment's product");
     if takes_wide(d, xs.dim(0)?, dtype) {
         delta_matmul_add_kernels(xs, base, d)
     } else {
@@ -550,7 +551,11 @@ impl SbmmPlan {
         }
         check_segments(OP, segments, m, deltas.len())?;
         let kn = deltas.first().map(|d| (d.dims().1, d.dims().0));
-        let prepared = Prepared::new(deltas, segments, m, kn, dtype, device, fill)?;
+        let prepared = {
+            let _s = crate::trace::span("sbmm plan: prepare");
+            Prepared::new(deltas, segments, m, kn, dtype, device, fill)?
+        };
+        let _s = crate::trace::span("sbmm plan: keep the deltas and segments");
         Ok(SbmmPlan {
             deltas: deltas.iter().map(|d| (*d).clone()).collect(),
             segments: segments.to_vec(),
@@ -641,7 +646,11 @@ impl SbmmPlan {
 /// with `x`'s leading dims, both contiguous), else a named [`OpError`]. On CUDA this copies `base_out` to
 /// the output and queues the planned launches: no delta is locked or described and nothing is uploaded.
 pub fn sbmm_planned(x: &Tensor, base_out: &Tensor, plan: &SbmmPlan) -> candle_core::Result<Tensor> {
-    plan.check_inputs(x, base_out)?;
+    let _s = crate::trace::span("sbmm planned: the whole call");
+    {
+        let _s = crate::trace::span("sbmm planned: check the inputs");
+        plan.check_inputs(x, base_out)?;
+    }
     plan.prepared
         .run(Deltas::Owned(&plan.deltas), &plan.segments, x, base_out)
 }

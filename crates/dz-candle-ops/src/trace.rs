@@ -1,0 +1,91 @@
+//! CPU time of named phases of the ops' host-side work (planning, describing deltas, table uploads,
+//! launches), for finding where a call's CPU goes: `deltazip bench hook --phases` reports them.
+//!
+//! Off by default and free when off (one relaxed atomic load per span). When on, each span adds its
+//! wall time on the calling thread to its name's total; spans may nest (a phase's total includes the
+//! phases inside it). The CPU time of an op is what it costs the thread that issues the GPU's work: in
+//! serving, the host's CPU bounds the step (session 16's profile), so these totals are the ones to cut.
+//!
+//! ```
+//! dz_candle_ops::trace::set_enabled(true);
+//! {
+//!     let _s = dz_candle_ops::trace::span("my phase");
+//! }
+//! let totals = dz_candle_ops::trace::take();
+//! assert_eq!(totals[0].name, "my phase");
+//! assert_eq!(totals[0].calls, 1);
+//! dz_candle_ops::trace::set_enabled(false);
+//! ```
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+static ENABLED: AtomicBool = AtomicBool::new(false);
+static TOTALS: Mutex<Option<HashMap<&'static str, (u64, Duration)>>> = Mutex::new(None);
+
+/// Turns the phase timers on or off (process-wide).
+pub fn set_enabled(on: bool) {
+    ENABLED.store(on, Ordering::Relaxed);
+}
+
+/// Whether the phase timers are on.
+pub fn enabled() -> bool {
+    ENABLED.load(Ordering::Relaxed)
+}
+
+/// A running span: on drop, its time is added to its phase's total.
+#[must_use = "a span measures until it is dropped"]
+pub struct Span {
+    name: &'static str,
+    start: Instant,
+}
+
+impl Drop for Span {
+    fn drop(&mut self) {
+        let took = self.start.elapsed();
+        let mut totals = TOTALS.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = totals
+            .get_or_insert_with(HashMap::new)
+            .entry(self.name)
+            .or_default();
+        entry.0 += 1;
+        entry.1 += took;
+    }
+}
+
+/// Times the phase `name` until the returned guard drops; `None` (nothing timed) when the timers are off.
+#[inline]
+pub fn span(name: &'static str) -> Option<Span> {
+    enabled().then(|| Span {
+        name,
+        start: Instant::now(),
+    })
+}
+
+/// One phase's totals since the last [`take`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct PhaseTotal {
+    /// The phase's name, as given to [`span`].
+    pub name: &'static str,
+    /// How many spans ended.
+    pub calls: u64,
+    /// Their summed time.
+    pub total: Duration,
+}
+
+/// Every phase's totals since the last call (largest total first), and resets them.
+pub fn take() -> Vec<PhaseTotal> {
+    let totals = TOTALS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take()
+        .unwrap_or_default();
+    let mut out: Vec<PhaseTotal> = totals
+        .into_iter()
+        .map(|(name, (calls, total))| PhaseTotal { name, calls, total })
+        .collect();
+    out.sort_by(|a, b| b.total.cmp(&a.total).then(a.name.cmp(b.name)));
+    out
+}
