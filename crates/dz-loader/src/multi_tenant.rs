@@ -24,8 +24,9 @@ use rayon::prelude::*;
 
 use candle_core::{DType, Device, Result as CResult, Tensor};
 use dz_candle_ops::{
-    embedding_delta_add_unchecked, norm_delta_add, sbmm_planned, trace, try_sbmm_slots, CheckedParts,
-    DeviceDelta, HostPins, PreparedDelta, SbmmPlan, Segment, SlotDeltas, SlotSegments,
+    embedding_delta_add_unchecked, norm_delta_add, sbmm_planned, trace, try_sbmm_slots,
+    CheckedParts, DeviceDelta, HostPins, PreparedDelta, SbmmPlan, Segment, SlotDeltas,
+    SlotSegments,
 };
 use dz_format::shard::{shard_range, tensor_split, tp_layer, TpLayer};
 use dz_format::{DeltaFile, Manifest, Role, TensorData, TensorEntry};
