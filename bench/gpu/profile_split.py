@@ -7,6 +7,8 @@ Each RUN_DIR is a serving.sh output folder holding a `metrics-*.txt` scraped aft
 DZ_PROFILE=1, host or events. Prints, per folder, the step interval and each profiled part's time per
 step (ms) and per call (us), then what the parts leave for the rest of the step (the host engine's
 attention, sampling and scheduling). A base served alone is profiled too (session 16): its delta parts are 0.
+With DZ_TRACE=1 as well (session 17), a second table gives each traced CPU phase of the hook and the ops
+per step and per span (phases nest).
 """
 import glob
 import os
@@ -27,7 +29,7 @@ PARTS = [
 def read(path):
     vals = {}
     for line in open(path):
-        m = re.match(r'^(deltazip_profile_\w+)(\{part="(\w+)"\})?\s+([0-9.eE+-]+)$', line.strip())
+        m = re.match(r'^(deltazip_(?:profile|trace)_\w+)(\{(?:part|phase)="([^"]+)"\})?\s+([0-9.eE+-]+)$', line.strip())
         if m:
             vals[(m.group(1), m.group(3))] = float(m.group(4))
     return vals
@@ -52,6 +54,16 @@ def split(folder):
         per_call = f"{1e6 * s / c:.1f}" if c else ""
         out.append(f"| {label} | {1e3 * s / steps:.1f} | {per_call} |")
     out.append(f"| rest of the step | {1e3 * (step_s - total) / steps:.1f} | |")
+    phases = sorted(
+        ((k[1], s) for k, s in v.items() if k[0] == "deltazip_trace_seconds_total"),
+        key=lambda p: -p[1],
+    )
+    if phases:
+        out += ["", "| traced phase (DZ_TRACE=1) | ms a step | spans a step | us a span |", "|---|---:|---:|---:|"]
+        for name, s in phases:
+            n = v.get(("deltazip_trace_spans_total", name), 0.0)
+            per_span = f"{1e6 * s / n:.1f}" if n else ""
+            out.append(f"| {name} | {1e3 * s / steps:.2f} | {n / steps:.1f} | {per_span} |")
     return "\n".join(out) + "\n"
 
 

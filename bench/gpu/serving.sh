@@ -34,6 +34,9 @@
 # DZ_PROFILE=host: the same parts timed on the CPU only (issuing their work, no synchronization): at
 # full speed, it says whether the CPU's share of a step bounds it. `base` steps are profiled too (since
 # session 16: the base's layers are wrapped under DZ_PROFILE, only to time them).
+# DZ_TRACE=1 (passed through too): the CPU time of named phases of the hook and the ops
+# (deltazip_trace_*: the layer plans, the slot tables, the sbmm's describe / upload / launch, the
+# admission hook); bench/gpu/profile_split.py prints them per step.
 #
 # Two jobs can share one machine of several GPUs (bench/gpu/serving_pair.sh; not for ratios between them:
 # they share the host's CPU, session 16): GPU=i pins this job to GPU i

@@ -371,6 +371,7 @@ impl mistralrs_core::AdmissionHook for AdmissionSeam {
         waiting: &[Option<&str>],
         free_slots: usize,
     ) -> Vec<mistralrs_core::Admission> {
+        let _s = dz_candle_ops::trace::span("scheduler: the admission hook");
         let mut decisions = vec![Decision::Admit; waiting.len()];
         let other_engine = running
             .iter()
@@ -572,6 +573,9 @@ pub fn start(args: &ServeArgs) -> Result<Running> {
     dz_loader::set_pin_host_deltas(!args.no_pin_host);
     dz_loader::gpu_mem::set_pool_keep_bytes(args.pool_keep);
     dz_loader::set_fused_norm_deltas(!args.no_fused_norm_deltas);
+    if std::env::var_os("DZ_TRACE").is_some_and(|v| v == "1") {
+        dz_candle_ops::trace::set_enabled(true);
+    }
     if args.v4_kernels {
         // Before any delta is read: the v4 layout is made when the CPU cache reads it.
         dz_loader::set_v4_kernels(true);
@@ -1315,6 +1319,27 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
              # TYPE deltazip_profile_step_seconds_total counter\ndeltazip_profile_step_seconds_total {:.6}\n",
             p.steps, p.step_seconds
         ));
+    }
+    if dz_candle_ops::trace::enabled() {
+        let phases = dz_candle_ops::trace::snapshot();
+        for (metric, help) in [
+            ("seconds", "CPU time of named phases of the hook and the ops (DZ_TRACE=1; phases nest)."),
+            ("spans", "Spans of each traced phase."),
+        ] {
+            out.push_str(&format!(
+                "# HELP deltazip_trace_{metric}_total {help}\n# TYPE deltazip_trace_{metric}_total counter\n"
+            ));
+            for p in &phases {
+                let value = match metric {
+                    "seconds" => format!("{:.6}", p.total.as_secs_f64()),
+                    _ => p.calls.to_string(),
+                };
+                out.push_str(&format!(
+                    "deltazip_trace_{metric}_total{{phase=\"{}\"}} {value}\n",
+                    p.name
+                ));
+            }
+        }
     }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }

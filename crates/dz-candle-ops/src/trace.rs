@@ -1,5 +1,6 @@
 //! CPU time of named phases of the ops' host-side work (planning, describing deltas, table uploads,
-//! launches), for finding where a call's CPU goes: `deltazip bench hook --phases` reports them.
+//! launches), for finding where a call's CPU goes: `deltazip bench hook --phases` reports them, and a
+//! server started with `DZ_TRACE=1` adds them to its metrics (`deltazip_trace_*`).
 //!
 //! Off by default and free when off (one relaxed atomic load per span). When on, each span adds its
 //! wall time on the calling thread to its name's total; spans may nest (a phase's total includes the
@@ -11,9 +12,11 @@
 //! {
 //!     let _s = dz_candle_ops::trace::span("my phase");
 //! }
+//! assert_eq!(dz_candle_ops::trace::snapshot()[0].calls, 1);
 //! let totals = dz_candle_ops::trace::take();
 //! assert_eq!(totals[0].name, "my phase");
 //! assert_eq!(totals[0].calls, 1);
+//! assert!(dz_candle_ops::trace::snapshot().is_empty());
 //! dz_candle_ops::trace::set_enabled(false);
 //! ```
 
@@ -75,15 +78,25 @@ pub struct PhaseTotal {
     pub total: Duration,
 }
 
-/// Every phase's totals since the last call (largest total first), and resets them.
+/// Every phase's totals since the last [`take`] (largest total first), and resets them.
 pub fn take() -> Vec<PhaseTotal> {
     let totals = TOTALS
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .take()
         .unwrap_or_default();
+    sorted(totals.into_iter())
+}
+
+/// Every phase's totals since the last [`take`] (largest total first), without resetting them: for a
+/// server's metrics, read while it runs.
+pub fn snapshot() -> Vec<PhaseTotal> {
+    let totals = TOTALS.lock().unwrap_or_else(|e| e.into_inner());
+    sorted(totals.iter().flatten().map(|(&name, &entry)| (name, entry)))
+}
+
+fn sorted(totals: impl Iterator<Item = (&'static str, (u64, Duration))>) -> Vec<PhaseTotal> {
     let mut out: Vec<PhaseTotal> = totals
-        .into_iter()
         .map(|(name, (calls, total))| PhaseTotal { name, calls, total })
         .collect();
     out.sort_by(|a, b| b.total.cmp(&a.total).then(a.name.cmp(b.name)));

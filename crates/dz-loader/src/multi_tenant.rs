@@ -1177,6 +1177,10 @@ impl ModuleDelta for ModuleDeltas {
             ModuleKind::RmsNorm { .. } => Part::NormDelta,
         };
         profile.time(part, input.device(), true, || {
+            let _s = trace::span(match self.kind {
+                ModuleKind::Embedding => "embedding delta: the whole call",
+                ModuleKind::RmsNorm { .. } => "norm delta: the whole call",
+            });
             self.add_deltas(input, base_out, &plan)
         })
     }
@@ -1459,13 +1463,21 @@ impl DeltaLinear {
         let Some(generation) = plan.generation else {
             return Ok(None);
         };
-        let Some(table) = self.layer_slots(generation, x.device())? else {
+        let table = {
+            let _s = trace::span("slot tables: the layer's table");
+            self.layer_slots(generation, x.device())?
+        };
+        let Some(table) = table else {
             return Ok(None);
         };
         if table.bias {
             return Ok(None);
         }
-        let Some(segments) = self.registry.slot_segments(plan, m, x.device())? else {
+        let segments = {
+            let _s = trace::span("slot tables: the pass's segments");
+            self.registry.slot_segments(plan, m, x.device())?
+        };
+        let Some(segments) = segments else {
             return Ok(None);
         };
         if segments.slots().all(|s| table.deltas.get(s).is_none()) {
@@ -1473,6 +1485,7 @@ impl DeltaLinear {
         }
         let x2 = x.reshape((m, k))?.contiguous()?;
         let b2 = base_out.reshape((m, n))?.contiguous()?;
+        let _s = trace::span("slot tables: the shared launch");
         try_sbmm_slots(&x2, &b2, &segments, &table.deltas)?
             .map(|y| y.reshape(base_out.shape()))
             .transpose()
