@@ -32,7 +32,8 @@
 # (deltazip_profile_*: base linear, linear delta, embedding/norm deltas, row lookup, step intervals; each
 # part between device synchronizations, so a profiled run is slower: use it for the split, not the speed).
 # DZ_PROFILE=host: the same parts timed on the CPU only (issuing their work, no synchronization): at
-# full speed, it says whether the CPU's share of a step bounds it. `base` steps are profiled too (since
+# full speed, it says whether the CPU's share of a step bounds it; its `head_wait` (session 17: one
+# synchronization right after the output head, where sampling waits anyway) is the GPU's backlog then. `base` steps are profiled too (since
 # session 16: the base's layers are wrapped under DZ_PROFILE, only to time them).
 # DZ_TRACE=1 (passed through too): the CPU time of named phases of the hook and the ops
 # (deltazip_trace_*: the layer plans, the slot tables, the sbmm's describe / upload / launch, the

@@ -1654,13 +1654,17 @@ impl QuantMethod for DeltaLinear {
             let _s = trace::span("linear: the row lookup");
             profile.time(Part::RowLookup, dev, false, || Ok(self.registry.rows()))?
         };
-        match rows {
-            None => Ok(base_out),
+        let out = match rows {
+            None => base_out,
             Some(plan) => profile.time(delta_part, dev, true, || {
                 let _s = trace::span("linear delta: the whole call");
                 self.add_deltas(a, base_out, &plan)
-            }),
+            })?,
+        };
+        if self.name == TIED_HEAD {
+            profile.head_wait(dev)?;
         }
+        Ok(out)
     }
 
     fn quantized_act_type(&self) -> Option<DType> {

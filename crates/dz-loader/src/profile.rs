@@ -10,7 +10,9 @@
 //!   how fast it can go.
 //! - `DZ_PROFILE=host`: no synchronization; each part's time is the CPU's, issuing its work (lookups,
 //!   tables, launches). The server runs at its own speed. Where the parts' host time approaches the step
-//!   interval, the CPU, not the GPU, bounds the step.
+//!   interval, the CPU, not the GPU, bounds the step. One synchronization is added, where the host's
+//!   sampling waits anyway: right after the output head, timed as `head_wait` (the GPU's backlog at the
+//!   end of the forward pass: how much the GPU, not the CPU, bounds the step).
 //! - `DZ_PROFILE=events` (CUDA; elsewhere as `host`): no synchronization; each part is bracketed by two
 //!   CUDA events on the device's stream, and its time is the GPU timeline's between them, read once the
 //!   end event has completed (queried, never waited for, at later calls and at each snapshot). That is
@@ -48,11 +50,16 @@ pub enum Part {
     /// [`Part::LinearDelta`] in calls with more than one token per sequence (prompt steps: the dense
     /// route or repeated tiles), apart from the decode steps' sbmm.
     LinearDeltaPrefill,
+    /// Host mode only: a device synchronization right after the output head's work is queued, timed:
+    /// how far the GPU runs behind the CPU at the end of a step's forward pass (the host's sampling
+    /// waits there anyway, as it reads the logits). Near 0: the CPU bounds the step; large: the GPU
+    /// does, by about that much.
+    HeadWait,
 }
 
 impl Part {
     /// Every part, in the order of [`Profile::snapshot`] (and of the discriminants).
-    pub const ALL: [Part; 7] = [
+    pub const ALL: [Part; 8] = [
         Part::BaseLinear,
         Part::LinearDelta,
         Part::EmbeddingDelta,
@@ -60,6 +67,7 @@ impl Part {
         Part::RowLookup,
         Part::BaseLinearPrefill,
         Part::LinearDeltaPrefill,
+        Part::HeadWait,
     ];
 
     /// The label used in metrics.
@@ -72,6 +80,7 @@ impl Part {
             Part::RowLookup => "row_lookup",
             Part::BaseLinearPrefill => "base_linear_prefill",
             Part::LinearDeltaPrefill => "linear_delta_prefill",
+            Part::HeadWait => "head_wait",
         }
     }
 }
@@ -197,6 +206,18 @@ impl Profile {
         }
         self.add(part, start.elapsed());
         Ok(out)
+    }
+
+    /// In host mode, synchronizes `device` and adds the wait to [`Part::HeadWait`] (the output head's
+    /// work has just been queued); nothing in the other modes or when the profile is off.
+    pub fn head_wait(&self, device: &Device) -> CResult<()> {
+        if !self.enabled() || !self.host_only() {
+            return Ok(());
+        }
+        let start = Instant::now();
+        device.synchronize()?;
+        self.add(Part::HeadWait, start.elapsed());
+        Ok(())
     }
 
     /// Adds `d` to `part` (one call).
@@ -409,8 +430,13 @@ mod tests {
         let s = p.snapshot();
         let (_, secs, calls) = s.parts[Part::LinearDelta as usize];
         assert!(secs >= 0.002 && calls == 1, "{secs} s, {calls} calls");
+        // The head's wait is timed in host mode only.
+        p.head_wait(&Device::Cpu).unwrap();
+        assert_eq!(p.snapshot().parts[Part::HeadWait as usize].2, 1);
         p.set_host_only(false);
         assert!(p.mode().starts_with("device"));
+        p.head_wait(&Device::Cpu).unwrap();
+        assert_eq!(p.snapshot().parts[Part::HeadWait as usize].2, 1);
     }
 
     #[test]
