@@ -8,7 +8,8 @@ DZ_PROFILE=1, host or events. Prints, per folder, the step interval and each pro
 step (ms) and per call (us), then what the parts leave for the rest of the step (the host engine's
 attention, sampling and scheduling). A base served alone is profiled too (session 16): its delta parts are 0.
 With DZ_TRACE=1 as well (session 17), a second table gives each traced CPU phase of the hook and the ops
-per step and per span (phases nest).
+per step and per span (phases nest). A `warm-metrics-*.txt` beside it (the counters after the warm-up,
+scraped by serving.sh since session 17) is subtracted, so the split covers the measured requests only.
 """
 import glob
 import os
@@ -41,6 +42,11 @@ def split(folder):
     if not files:
         return f"{folder}: no metrics-*.txt"
     v = read(files[-1])
+    # serving.sh (session 17) scrapes the counters after a profiled server's warm-up too: subtract them.
+    warm = sorted(glob.glob(os.path.join(folder, "warm-metrics-*.txt")))
+    if warm:
+        w = read(warm[-1])
+        v = {k: x - w.get(k, 0.0) for k, x in v.items()}
     steps = v.get(("deltazip_profile_steps_total", None), 0.0)
     step_s = v.get(("deltazip_profile_step_seconds_total", None), 0.0)
     if steps == 0:

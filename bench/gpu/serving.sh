@@ -154,6 +154,16 @@ bench() { # bench TAG SYSTEM PORT MODELS [POPULARITY]   (RATES, REQS: this run's
     # ... and one whose steps may hold fewer fine-tunes than it serves: +mdK (max_deltas_per_step = K).
     local n_models; n_models=$(( $(tr -cd , <<< "$4" | wc -c) + 1 ))
     if [[ $2 == dz-* ]] && (( MAX_DELTAS < n_models )); then set -- "$1" "$2+md$MAX_DELTAS" "${@:3}"; fi
+    # Profiled (DZ_PROFILE, DZ_TRACE): the warm-up runs on its own (with one request, not reported), and
+    # the counters after it go to warm-metrics-TAG.txt, which profile_split.py subtracts (session 17: the
+    # warm-up's delta loads and first calls otherwise dominate a short run's split).
+    if [[ -n $warm && -n ${DZ_PROFILE:-}${DZ_TRACE:-} ]]; then
+        "$DZ" bench serve --url "http://127.0.0.1:$3" --models "$4" --api completions --rates 1000 \
+            --requests 1 --corpus "$CORPUS" --seed 1 --system "$2" --out "$OUT/warmup" --quiet \
+            --warmup 2>&1 | tail -2
+        curl -s "http://127.0.0.1:$3/metrics" > "$OUT/warm-metrics-$1.txt"
+        warm=
+    fi
     for rate in ${RATES//,/ }; do
         "$DZ" bench serve --url "http://127.0.0.1:$3" --models "$4" --api completions --rates "$rate" \
             --requests "$REQS" --popularity "${5:-uniform}" --corpus "$CORPUS" --prompt-words 32..160 \
