@@ -22,11 +22,14 @@
 #    against 71.4 us of CPU a decode call where the batch changes; session 16's serving A/B +4%, inside
 #    the noise; session 17's dz runs varied by up to 28%, hence three alternations).
 # D. What bounds a step, the warm-up excluded (serving.sh runs it apart; profile_split.py subtracts
-#    it): DZ_PROFILE=host (with `head_wait`, the GPU's backlog at the output head) and DZ_TRACE=1 (the
-#    hook's and the ops' CPU phases) for the base, dz and dz --no-slot-tables, 48 requests each.
-#    Session 17 (warm-up included): head_wait 8.4 ms a step for the base, 10.6 for dz. Large in dz
-#    only: the delta kernels' GPU time is the lever (the prompt tile at 64-255 rows, the decode sbmm);
-#    near 0: the CPU phases are.
+#    it), 48 requests each: DZ_PROFILE=wait (host mode plus `head_wait`, a one-byte copy to the host
+#    right after the output head, timed: the GPU's backlog at the end of the forward pass) with
+#    DZ_TRACE=1 (the hook's and the ops' CPU phases) for the base and dz; then dz in plain host mode
+#    (DZ_PROFILE=host), to see whether the wait perturbs the steps (session 17's first head_wait, a
+#    device synchronization with the warm-up counted: 8.4 ms a step for the base, 10.6 for dz, and dz's
+#    embedding delta at 46 ms a call against 0.5 in host mode). Large head_wait in dz only: the delta
+#    kernels' GPU time is the lever (the prompt tile at 64-255 rows, the decode sbmm); near 0: the CPU
+#    phases are.
 TAG=s18; W=/tmp/dzsrv; . bench/gpu/chain_env.sh
 log start
 mkdir -p $S/check
@@ -49,8 +52,8 @@ for i in 1 2 3; do
   NO_SLOT_TABLES=1 OUT=$S/dzplans$i V4=1 RATES=16 REQS=128 bash $R/gpu/serving.sh dz:4b24:32 > $S/dzplans$i.log 2>&1; log "dz --no-slot-tables $i rc=$?"
 done
 # D
-DZ_PROFILE=host DZ_TRACE=1 OUT=$S/base-prof RATES=16 REQS=48 bash $R/gpu/serving.sh base > $S/base-prof.log 2>&1; log "base profiled rc=$?"
-DZ_PROFILE=host DZ_TRACE=1 OUT=$S/dz-prof V4=1 RATES=16 REQS=48 bash $R/gpu/serving.sh dz:4b24:32 > $S/dz-prof.log 2>&1; log "dz profiled rc=$?"
-NO_SLOT_TABLES=1 DZ_PROFILE=host DZ_TRACE=1 OUT=$S/dzplans-prof V4=1 RATES=16 REQS=48 bash $R/gpu/serving.sh dz:4b24:32 > $S/dzplans-prof.log 2>&1; log "dz --no-slot-tables profiled rc=$?"
-python3 $R/gpu/profile_split.py $S/base-prof $S/dz-prof $S/dzplans-prof > $S/profile-split.md 2>&1
+DZ_PROFILE=wait DZ_TRACE=1 OUT=$S/base-wait RATES=16 REQS=48 bash $R/gpu/serving.sh base > $S/base-wait.log 2>&1; log "base wait rc=$?"
+DZ_PROFILE=wait DZ_TRACE=1 OUT=$S/dz-wait V4=1 RATES=16 REQS=48 bash $R/gpu/serving.sh dz:4b24:32 > $S/dz-wait.log 2>&1; log "dz wait rc=$?"
+DZ_PROFILE=host OUT=$S/dz-host V4=1 RATES=16 REQS=48 bash $R/gpu/serving.sh dz:4b24:32 > $S/dz-host.log 2>&1; log "dz host rc=$?"
+python3 $R/gpu/profile_split.py $S/base-wait $S/dz-wait $S/dz-host > $S/profile-split.md 2>&1
 touch $S/all.done; log done

@@ -24,7 +24,7 @@ PARTS = [
     ("norm_delta", "norm delta"),
     ("embedding_delta", "embedding delta"),
     ("row_lookup", "row lookup"),
-    ("head_wait", "GPU backlog at the head (host mode)"),
+    ("head_wait", "GPU backlog at the head (wait mode)"),
 ]
 
 

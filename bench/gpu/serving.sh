@@ -32,8 +32,9 @@
 # (deltazip_profile_*: base linear, linear delta, embedding/norm deltas, row lookup, step intervals; each
 # part between device synchronizations, so a profiled run is slower: use it for the split, not the speed).
 # DZ_PROFILE=host: the same parts timed on the CPU only (issuing their work, no synchronization): at
-# full speed, it says whether the CPU's share of a step bounds it; its `head_wait` (session 17: one
-# synchronization right after the output head, where sampling waits anyway) is the GPU's backlog then. `base` steps are profiled too (since
+# full speed, it says whether the CPU's share of a step bounds it. DZ_PROFILE=wait (session 17): host
+# mode plus `head_wait`, a one-byte copy to the host right after the output head (where sampling waits
+# anyway), timed: the GPU's backlog at the end of the forward pass. `base` steps are profiled too (since
 # session 16: the base's layers are wrapped under DZ_PROFILE, only to time them).
 # DZ_TRACE=1 (passed through too): the CPU time of named phases of the hook and the ops
 # (deltazip_trace_*: the layer plans, the slot tables, the sbmm's describe / upload / launch, the

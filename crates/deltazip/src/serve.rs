@@ -1323,7 +1323,10 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     if dz_candle_ops::trace::enabled() {
         let phases = dz_candle_ops::trace::snapshot();
         for (metric, help) in [
-            ("seconds", "CPU time of named phases of the hook and the ops (DZ_TRACE=1; phases nest)."),
+            (
+                "seconds",
+                "CPU time of named phases of the hook and the ops (DZ_TRACE=1; phases nest).",
+            ),
             ("spans", "Spans of each traced phase."),
         ] {
             out.push_str(&format!(

@@ -10,9 +10,10 @@
 //!   how fast it can go.
 //! - `DZ_PROFILE=host`: no synchronization; each part's time is the CPU's, issuing its work (lookups,
 //!   tables, launches). The server runs at its own speed. Where the parts' host time approaches the step
-//!   interval, the CPU, not the GPU, bounds the step. One synchronization is added, where the host's
-//!   sampling waits anyway: right after the output head, timed as `head_wait` (the GPU's backlog at the
-//!   end of the forward pass: how much the GPU, not the CPU, bounds the step).
+//!   interval, the CPU, not the GPU, bounds the step.
+//! - `DZ_PROFILE=wait`: host mode, plus one wait where the host's sampling waits anyway: right after
+//!   the output head, a one-byte copy to the host, timed as `head_wait` (the GPU's backlog at the end of
+//!   the forward pass: how much the GPU, not the CPU, bounds the step).
 //! - `DZ_PROFILE=events` (CUDA; elsewhere as `host`): no synchronization; each part is bracketed by two
 //!   CUDA events on the device's stream, and its time is the GPU timeline's between them, read once the
 //!   end event has completed (queried, never waited for, at later calls and at each snapshot). That is
@@ -30,7 +31,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use candle_core::{Device, Result as CResult};
+use candle_core::{DType, Device, Result as CResult, Tensor};
 
 /// A part of the forward pass that the profile times (its discriminant is its index in [`Part::ALL`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,10 +51,10 @@ pub enum Part {
     /// [`Part::LinearDelta`] in calls with more than one token per sequence (prompt steps: the dense
     /// route or repeated tiles), apart from the decode steps' sbmm.
     LinearDeltaPrefill,
-    /// Host mode only: a device synchronization right after the output head's work is queued, timed:
-    /// how far the GPU runs behind the CPU at the end of a step's forward pass (the host's sampling
-    /// waits there anyway, as it reads the logits). Near 0: the CPU bounds the step; large: the GPU
-    /// does, by about that much.
+    /// Wait mode only (`DZ_PROFILE=wait`): the wait for the GPU's queued work right after the output
+    /// head's is queued: how far the GPU runs behind the CPU at the end of a step's forward pass (the
+    /// host's sampling waits there anyway, as it reads the tokens). Near 0: the CPU bounds the step;
+    /// large: the GPU does, by about that much.
     HeadWait,
 }
 
@@ -96,6 +97,10 @@ pub struct Profile {
     host_only: AtomicBool,
     /// Events mode (`DZ_PROFILE=events`): CUDA parts are timed by event pairs.
     events: AtomicBool,
+    /// Wait mode (`DZ_PROFILE=wait`): host mode plus [`Part::HeadWait`].
+    head_wait: AtomicBool,
+    /// The one-byte tensor [`Profile::head_wait`] copies to the host (made on first use).
+    probe: Mutex<Option<Tensor>>,
     #[cfg(feature = "cuda")]
     pending: events::Pending,
     nanos: [AtomicU64; Part::ALL.len()],
@@ -109,9 +114,11 @@ impl Default for Profile {
     fn default() -> Self {
         let mode = std::env::var("DZ_PROFILE").unwrap_or_default();
         Profile {
-            enabled: AtomicBool::new(matches!(mode.as_str(), "1" | "host" | "events")),
-            host_only: AtomicBool::new(mode == "host"),
+            enabled: AtomicBool::new(matches!(mode.as_str(), "1" | "host" | "events" | "wait")),
+            host_only: AtomicBool::new(matches!(mode.as_str(), "host" | "wait")),
             events: AtomicBool::new(mode == "events"),
+            head_wait: AtomicBool::new(mode == "wait"),
+            probe: Mutex::new(None),
             #[cfg(feature = "cuda")]
             pending: Default::default(),
             nanos: Default::default(),
@@ -170,6 +177,8 @@ impl Profile {
     pub fn mode(&self) -> &'static str {
         if self.events() {
             "events: each CUDA part's span on the GPU timeline between two events, no synchronization"
+        } else if self.host_only() && self.head_wait.load(Ordering::Relaxed) {
+            "wait: the CPU's time issuing each part, and the wait for the GPU's work after the output head"
         } else if self.host_only() {
             "host: the CPU's time issuing each part, no device synchronization"
         } else {
@@ -208,14 +217,32 @@ impl Profile {
         Ok(out)
     }
 
-    /// In host mode, synchronizes `device` and adds the wait to [`Part::HeadWait`] (the output head's
-    /// work has just been queued); nothing in the other modes or when the profile is off.
+    /// Sets wait mode (host mode plus [`Part::HeadWait`]; `DZ_PROFILE=wait`).
+    pub fn set_head_wait(&self, on: bool) {
+        self.head_wait.store(on, Ordering::Relaxed);
+    }
+
+    /// In wait mode, waits for the work queued on `device` (the output head's has just been queued) and
+    /// adds the wait to [`Part::HeadWait`]; nothing in the other modes or when the profile is off.
+    ///
+    /// The wait is a one-byte copy to the host, the kind of wait the host's sampling makes at every
+    /// step when it reads the tokens, not a device synchronization: session 17's first version
+    /// synchronized the device, and that run's steps looked perturbed (its embedding deltas took 46 ms
+    /// a call, against 0.5 in host mode), possibly because a synchronization lets the stream-ordered
+    /// memory pool give its free memory back, which the next step's allocations then map again.
     pub fn head_wait(&self, device: &Device) -> CResult<()> {
-        if !self.enabled() || !self.host_only() {
+        if !self.enabled() || !self.head_wait.load(Ordering::Relaxed) {
             return Ok(());
         }
+        let probe = {
+            let mut probe = self.probe.lock().unwrap_or_else(|e| e.into_inner());
+            match probe.as_ref().filter(|t| t.device().same_device(device)) {
+                Some(t) => t.clone(),
+                None => probe.insert(Tensor::zeros(1, DType::U8, device)?).clone(),
+            }
+        };
         let start = Instant::now();
-        device.synchronize()?;
+        probe.to_vec1::<u8>()?;
         self.add(Part::HeadWait, start.elapsed());
         Ok(())
     }
@@ -430,13 +457,17 @@ mod tests {
         let s = p.snapshot();
         let (_, secs, calls) = s.parts[Part::LinearDelta as usize];
         assert!(secs >= 0.002 && calls == 1, "{secs} s, {calls} calls");
-        // The head's wait is timed in host mode only.
+        // The head's wait is timed in wait mode only.
         p.head_wait(&Device::Cpu).unwrap();
-        assert_eq!(p.snapshot().parts[Part::HeadWait as usize].2, 1);
+        assert_eq!(p.snapshot().parts[Part::HeadWait as usize].2, 0);
+        p.set_head_wait(true);
+        assert!(p.mode().starts_with("wait"));
+        p.head_wait(&Device::Cpu).unwrap();
+        p.head_wait(&Device::Cpu).unwrap();
+        assert_eq!(p.snapshot().parts[Part::HeadWait as usize].2, 2);
+        p.set_head_wait(false);
         p.set_host_only(false);
         assert!(p.mode().starts_with("device"));
-        p.head_wait(&Device::Cpu).unwrap();
-        assert_eq!(p.snapshot().parts[Part::HeadWait as usize].2, 1);
     }
 
     #[test]
