@@ -15,7 +15,12 @@
 #   .gpu/srv in the next.
 #
 # A. Checks: the "sbmm" family (every case also runs the slot tables' shared launch against the plain
-#    sbmm, bit for bit: session 17 turned the slot tables on by default).
+#    sbmm, bit for bit: session 17 turned the slot tables on by default); the 64-row tile (session 17,
+#    `dz_v4_<variant>_matmul_sx_<t>_n8`, written without a GPU, forced only: V4WideX::Shared64) against the
+#    CPU twin in every v4 case past 16 rows ("wide-x=shared-64"); then kernel_bench at 32-256 rows on the
+#    7B / 13B shapes, where `dz-sx64` sits beside `dz` (the 32-row tile) and cuBLAS. Session 15: the 32-row
+#    tile at 11008 x 4096 4b 2:4 took 36.7 / 54.2 / 97.1 us at 64 / 128 / 256 rows against cuBLAS's ~29-37.
+#    If dz-sx64 passes and is faster from some row count on, route those rows to it (V4WideX::Auto).
 # B. `bench hook --phases` at the head (the CPU phases per call, synchronized every 8 calls).
 # C. One server at a time, 128 requests at 16 req/s, alternated three times: the base, dz-4b24 x 32 with
 #    the slot tables (the default since session 17) and with --no-slot-tables (session 17's hook: 39.5
@@ -35,8 +40,13 @@ log start
 mkdir -p $S/check
 # A
 timeout 240 /tmp/k/bin/cuda_check --quick --filter sbmm > $S/check/sbmm-quick.txt 2>&1; log "cuda_check sbmm quick rc=$?"
+timeout 240 /tmp/k/bin/cuda_check --filter "shared-64" > $S/check/shared-64.txt 2>&1; log "cuda_check shared-64 rc=$?"
 ok=1; for f in $S/check/*.txt; do grep -q "^[0-9]* passed, 0 failed" $f || ok=0; done
-[ $ok = 1 ] || log "A CHECK FAILED: the serving runs below use the failing code"
+[ $ok = 1 ] || log "A CHECK FAILED (the 64-row tile is forced only; the serving runs use the sbmm family's code)"
+mkdir -p $S/kern
+timeout 240 /tmp/k/bin/kernel_bench --shapes 4096x4096,11008x4096,4096x11008,5120x5120,13824x5120,5120x13824 \
+    --rows 32,64,128,256 --commit "${COMMIT:-unknown}" --out $S/kern/kernels-64 > $S/kern/bench-64.log 2>&1
+log "kernel_bench 32-256 rows rc=$?"
 # B
 ( H=/tmp/dzhook; rm -rf $H; mkdir -p $H $S/hook
   $DZ synth model --shape llama-7b --layers 2 --out $H/base > $S/hook/gen.log 2>&1 &&

@@ -1597,7 +1597,8 @@ fn v4_family(ck: &mut Checker, only: bool) {
                     let splits: &[u32] = if si == 0 || si == 3 { &V4_SPLITS } else { &[0] };
                     // Past 16 rows: the 32-row tile with x from global memory (each split), from
                     // shared memory, with x and the codes in the deep shared-memory ring (no split), and
-                    // with K split over blocks, each forced, besides the automatic choice.
+                    // with K split over blocks, and the 64-row tile (session 17), each forced, besides the
+                    // automatic choice.
                     let wides: &[(bool, V4WideX)] = match rows {
                         33 => &[
                             (true, V4WideX::Auto),
@@ -1605,6 +1606,7 @@ fn v4_family(ck: &mut Checker, only: bool) {
                             (true, V4WideX::Shared),
                             (true, V4WideX::SharedDeep),
                             (true, V4WideX::SharedSplit),
+                            (true, V4WideX::Shared64),
                             (false, V4WideX::Auto),
                         ],
                         17.. => &[
@@ -1613,6 +1615,7 @@ fn v4_family(ck: &mut Checker, only: bool) {
                             (true, V4WideX::Shared),
                             (true, V4WideX::SharedDeep),
                             (true, V4WideX::SharedSplit),
+                            (true, V4WideX::Shared64),
                         ],
                         _ => &[(true, V4WideX::Auto)],
                     };
@@ -1623,7 +1626,10 @@ fn v4_family(ck: &mut Checker, only: bool) {
                             **s == 0
                                 || !matches!(
                                     w.1,
-                                    V4WideX::Shared | V4WideX::SharedDeep | V4WideX::SharedSplit
+                                    V4WideX::Shared
+                                        | V4WideX::SharedDeep
+                                        | V4WideX::SharedSplit
+                                        | V4WideX::Shared64
                                 )
                         })
                     {
@@ -1647,6 +1653,7 @@ fn v4_family(ck: &mut Checker, only: bool) {
                                     V4WideX::Shared => " wide-x=shared",
                                     V4WideX::SharedDeep => " wide-x=shared-deep",
                                     V4WideX::SharedSplit => " wide-x=shared-split",
+                                    V4WideX::Shared64 => " wide-x=shared-64",
                                 }
                             ),
                             |dev, ops| {

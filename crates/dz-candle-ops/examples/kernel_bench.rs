@@ -30,6 +30,7 @@
 //!   there with x from global memory; `dz` picks it); past 16 rows `dz-gx` / `dz-sx`: the 32-row tile
 //!   with x read from global memory (split automatic) / staged in shared memory (`set_v4_wide_x`; `dz`
 //!   picks one per launch); `dz-sxd`: x and the codes in the deep shared-memory ring (forced only);
+//!   `dz-sxk`: K split over 4 blocks; `dz-sx64`: the 64-row tile (session 17, forced only);
 //! - sbmm at 1-4 rows a delta: `dz-s1` .. `dz-s8` (the split forced), `dz-sx` (x in shared memory per
 //!   block), `dz-ring` (each warp's codes through its own shared-memory ring, `set_v4_sbmm_ring`) and
 //!   `dz-xd` / `dz-xo` (x loaded before each mma; a 6-deep code ring, or a 3-deep one at 3 blocks an SM;
@@ -881,13 +882,14 @@ fn main() -> Result<()> {
                     eprintln!("{}", r.md());
                     rows_out.push(r);
                 }
-                // The 32-row tile's four kernels, each forced.
+                // The 32-row tile's four kernels and the 64-row tile (session 17), each forced.
                 if has_v4 && rows > 16 {
                     for (mode, path) in [
                         (V4WideX::Global, "dz-gx"),
                         (V4WideX::Shared, "dz-sx"),
                         (V4WideX::SharedDeep, "dz-sxd"),
                         (V4WideX::SharedSplit, "dz-sxk"),
+                        (V4WideX::Shared64, "dz-sx64"),
                     ] {
                         set_v4_wide_x(mode);
                         let t = b.time(ITERS, |i| {

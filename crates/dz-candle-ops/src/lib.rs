@@ -262,6 +262,13 @@ pub enum V4WideX {
     /// blocks adds them in a fixed order: 17.3 us (cuBLAS bf16 17.6), and 26.1 against 52.9 on 4096 x
     /// 11008. [`V4WideX::Auto`] takes it where it splits.
     SharedSplit,
+    /// x staged in shared memory per block, 64 rows an x tile (`dz_v4_<variant>_matmul_sx_<t>_n8`, 67.6 KB of
+    /// dynamic shared memory), for inputs the 32-row tile takes: each decoded A fragment feeds 8 n-tiles'
+    /// mma instead of 4, halving the decode work per input row. Written in session 17 without a GPU, after
+    /// serving's profile put the prompt steps' deltas (the 32-row tile at 45-220 rows, ~2x cuBLAS at
+    /// 64-256 rows) at 10.6 ms of GPU time a step (bench/kernels/V4.md, "Session 17"). Taken only when
+    /// forced, until a GPU has checked and timed it.
+    Shared64,
 }
 
 /// The split (blocks an item) the 32-row tile takes for a launch of `blocks` blocks (x tiles x 8-tile
@@ -280,7 +287,7 @@ pub fn v4_wide_split(blocks: u64, resident: u64) -> u32 {
 static V4_WIDE_X: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
 
 /// Sets where the v4 32-row matmul tile reads x from ([`V4WideX`]; [`V4WideX::Auto`] by default). For
-/// benchmarks and checks (`kernel_bench`'s `dz-gx` / `dz-sx` / `dz-sxd` / `dz-sxk` paths, `cuda_check`); all
+/// benchmarks and checks (`kernel_bench`'s `dz-gx` / `dz-sx` / `dz-sxd` / `dz-sxk` / `dz-sx64` paths, `cuda_check`); all
 /// compute the same sums up to f32 summation order.
 pub fn set_v4_wide_x(mode: V4WideX) {
     let v = match mode {
@@ -289,6 +296,7 @@ pub fn set_v4_wide_x(mode: V4WideX) {
         V4WideX::Shared => 2,
         V4WideX::SharedDeep => 3,
         V4WideX::SharedSplit => 4,
+        V4WideX::Shared64 => 5,
     };
     V4_WIDE_X.store(v, std::sync::atomic::Ordering::Relaxed);
 }
@@ -300,6 +308,7 @@ pub fn v4_wide_x() -> V4WideX {
         2 => V4WideX::Shared,
         3 => V4WideX::SharedDeep,
         4 => V4WideX::SharedSplit,
+        5 => V4WideX::Shared64,
         _ => V4WideX::Auto,
     }
 }

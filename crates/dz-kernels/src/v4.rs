@@ -74,6 +74,9 @@ pub struct V4Entries {
     /// `dz_v4_<variant>_matmul_sxd_<t>_n4`, by dtype: the 32-row tile with x and the codes in a deep
     /// shared-memory ring ([`v4_matmul_sxd_smem`] bytes of dynamic shared memory).
     pub matmul_sxd: [&'static str; 2],
+    /// `dz_v4_<variant>_matmul_sx_<t>_n8`, by dtype: the 64-row tile with x in shared memory
+    /// ([`V4_MATMUL_SX64_SMEM`] bytes of dynamic shared memory; experimental, [`V4Entries::matmul_sx64`]).
+    pub matmul_sx64: [&'static str; 2],
     /// `dz_v4_<variant>_matmul_sxk4_<t>_n4`, by dtype: the 32-row tile with x in shared memory, K split
     /// over 4 blocks, reduced through a workspace (S = 2 measured no faster than no split in session 14).
     pub matmul_sxk: [&'static str; 2],
@@ -134,6 +137,15 @@ impl V4Entries {
     /// [`V4Entries::matmul_sx`], [`v4_matmul_sxd_smem`] bytes of dynamic shared memory); `None` for f32.
     pub fn matmul_sxd(&self, dtype: Dtype) -> Option<&'static str> {
         Self::index(dtype, 1).map(|(d, _)| self.matmul_sxd[d])
+    }
+
+    /// The 64-row matmul tile with x staged in shared memory (the signature of [`V4Entries::matmul_sx`],
+    /// [`V4_MATMUL_SX64_SMEM`] bytes of dynamic shared memory; a 1-D grid of at most `ceil(m / 64) x
+    /// ceil(tiles / 8)` blocks of 256 threads, grid-stride); `None` for f32. Written in session 17 without
+    /// a GPU: each decoded A fragment feeds 8 n-tiles' mma instead of 4, halving the decode work per input
+    /// row at 64-256 rows (bench/kernels/V4.md, "Session 17"). Taken only when forced.
+    pub fn matmul_sx64(&self, dtype: Dtype) -> Option<&'static str> {
+        Self::index(dtype, 1).map(|(d, _)| self.matmul_sx64[d])
     }
 
     /// The 32-row matmul tile with K split over `split` blocks (4 only; the signature of
@@ -222,6 +234,7 @@ impl V4Entries {
             .flatten()
             .chain(&self.matmul_sx)
             .chain(&self.matmul_sxd)
+            .chain(&self.matmul_sx64)
             .chain(self.matmul_sxk.iter())
             .chain(&self.sbmm_ring)
             .chain(&self.sbmm_xd)
@@ -312,6 +325,10 @@ macro_rules! v4_entries {
                 concat!("dz_v4_", $v, "_matmul_sxd_f16_n4"),
                 concat!("dz_v4_", $v, "_matmul_sxd_bf16_n4"),
             ],
+            matmul_sx64: [
+                concat!("dz_v4_", $v, "_matmul_sx_f16_n8"),
+                concat!("dz_v4_", $v, "_matmul_sx_bf16_n8"),
+            ],
             matmul_sxk: [
                 concat!("dz_v4_", $v, "_matmul_sxk4_f16_n4"),
                 concat!("dz_v4_", $v, "_matmul_sxk4_bf16_n4"),
@@ -378,6 +395,13 @@ pub fn v4_matmul_sxd_smem(variant: Variant) -> Option<u32> {
     Some(stages * (X_STAGE + 8 * (packet + meta + 32)))
 }
 
+/// Input rows per x tile of `dz_v4_<variant>_matmul_sx_<t>_n8` (the 64-row tile).
+pub const V4_WIDE64_ROWS: u32 = 64;
+
+/// The dynamic shared memory (bytes) a block of `dz_v4_<variant>_matmul_sx_<t>_n8` needs: x double-buffered,
+/// 2 buffers of 64 rows of 2 K blocks (132 words a row: `WideSx<C, T, 8>::BUF` in v4.cu).
+pub const V4_MATMUL_SX64_SMEM: u32 = 2 * V4_WIDE64_ROWS * (2 * 128 / 2 + 4) * 4;
+
 /// The workspace of a `dz_v4_<variant>_matmul_sxk<S>_<t>_n4` launch over `blocks` blocks of `matmul_sx`
 /// (x tiles x 8-tile groups) split `split` ways: `(counters, total)` bytes, the counters (one `u32` a
 /// block, zero before the launch) first, padded to 256 bytes, then the partial sums (`split` x 16 `f32` a
@@ -424,7 +448,12 @@ mod tests {
     #[test]
     fn names_and_support() {
         let n: usize = V4.iter().map(|e| e.all().count()).sum();
-        assert_eq!(n, 4 * 29);
+        assert_eq!(n, 4 * 31);
+        assert_eq!(
+            V4[3].matmul_sx64(Dtype::Bf16),
+            Some("dz_v4_sparse24_4_matmul_sx_bf16_n8")
+        );
+        assert!(V4[3].matmul_sx64(Dtype::F32).is_none());
         assert_eq!(
             V4[3].matmul_sxk(Dtype::Bf16, 4),
             Some("dz_v4_sparse24_4_matmul_sxk4_bf16_n4")

@@ -38,8 +38,8 @@ use dz_kernels::desc::as_bytes;
 use dz_kernels::tc::{tc_entries, tc_supports, TcEntries, TcTile, TC_MODULE, TC_THREADS};
 use dz_kernels::v4::{
     v4_entries, v4_matmul_sxd_smem, v4_matmul_sxk_workspace, v4_matmul_tile_rows, v4_tile_rows,
-    V4Entries, V4_DEQUANTIZE_THREADS, V4_MAX_ROWS, V4_MODULE, V4_THREADS, V4_TILE_ROWS,
-    V4_WIDE_ROWS,
+    V4Entries, V4_DEQUANTIZE_THREADS, V4_MATMUL_SX64_SMEM, V4_MAX_ROWS, V4_MODULE, V4_THREADS,
+    V4_TILE_ROWS, V4_WIDE64_ROWS, V4_WIDE_ROWS,
 };
 use dz_kernels::{DzDelta, DzSegment, Tile, Variant, ROWS_PER_BLOCK, THREADS, WARPS};
 use half::{bf16, f16};
@@ -351,6 +351,13 @@ fn matmul_t<T: Elem>(
             let x_tiles = m32.div_ceil(kernel.rows());
             // The 32-row tile with x in shared memory: blocks of 8 row tiles of one x tile, no split.
             let sx = match kernel {
+                // The 64-row tile (forced only): blocks of 8 row tiles of one x tile of 64 rows, no split.
+                Kernel::V4(e, V4_WIDE_ROWS) if crate::v4_wide_x() == crate::V4WideX::Shared64 => {
+                    let blocks = u64::from(m32.div_ceil(V4_WIDE64_ROWS))
+                        * u64::from(tiles.div_ceil(WARPS_V4));
+                    e.matmul_sx64(T::KIND)
+                        .map(|name| (name, blocks, V4_MATMUL_SX64_SMEM, 1))
+                }
                 Kernel::V4(e, V4_WIDE_ROWS) => {
                     let blocks = u64::from(x_tiles) * u64::from(tiles.div_ceil(WARPS_V4));
                     // 4 blocks an item where the launch has at most a block for two SMs (session 14:
@@ -377,7 +384,8 @@ fn matmul_t<T: Elem>(
                         crate::V4WideX::Global => false,
                         crate::V4WideX::Shared
                         | crate::V4WideX::SharedDeep
-                        | crate::V4WideX::SharedSplit => true,
+                        | crate::V4WideX::SharedSplit
+                        | crate::V4WideX::Shared64 => true,
                     };
                     // The deep ring (x and codes in shared memory; measured slower) only when forced.
                     let deep = crate::v4_wide_x() == crate::V4WideX::SharedDeep;
@@ -465,7 +473,9 @@ fn matmul_t<T: Elem>(
             // K elements of T, base (0, or m x N_total) and out (m x N_total) are T buffers, and the
             // descriptor points to the delta's parts (the v4 parts for a v4 kernel), checked by
             // `describe`. The `matmul_sxd` entries get the dynamic shared memory they need
-            // (`v4_matmul_sxd_smem`, allowed on the function above; they trap with less).
+            // (`v4_matmul_sxd_smem`, allowed on the function above; they trap with less), and the 64-row
+            // `matmul_sx_<t>_n8` entries (matmul_sx's arguments, ceil(m / 64) x ceil(tiles / 8) blocks)
+            // their double-buffered x (`V4_MATMUL_SX64_SMEM`, allowed above).
             let mut cfg = kernel.config(grid);
             cfg.shared_mem_bytes = sx.map_or(0, |(_, _, smem, _)| smem);
             unsafe { b.launch(cfg) }.w()?;

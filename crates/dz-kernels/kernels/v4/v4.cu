@@ -748,13 +748,13 @@ __device__ __forceinline__ void sbmm_sx(const DzSegment* segs, uint32_t n_segs, 
 __device__ __forceinline__ uint32_t wide_swz(uint32_t q) { return q ^ (((q >> 3) & 1u) << 1); }
 
 // part += block j (of the staged x rows in `buf`, STRIDE words apart, pieces swizzled by `wide_swz`) of a
-// warp's products for the 32-row tile (NT = 4), the stage's codes already in registers: the shared-memory
-// half of WideSx (x double-buffered in chunks) and WideSxd (x and codes in one ring of K blocks).
-template <class C, typename T, int STRIDE>
-__device__ __forceinline__ void wide_compute(const Stage<C, 4>& st, float (&part)[4][4], const uint32_t (&mul)[4],
+// warp's products for the 32-row tile (NT = 4) or the 64-row one (NT = 8), the stage's codes already in
+// registers: the shared-memory half of WideSx (x double-buffered in chunks) and WideSxd (x and codes in one
+// ring of K blocks).
+template <class C, typename T, int STRIDE, int NT = 4>
+__device__ __forceinline__ void wide_compute(const Stage<C, NT>& st, float (&part)[NT][4], const uint32_t (&mul)[4],
                                              const uint32_t (&add)[4], const uint32_t (&mask)[4], uint32_t magic,
                                              const uint32_t* buf, uint32_t j, uint32_t lane) {
-  constexpr int NT = 4;
   using Tl = Tile<C, T, NT>;
   const uint32_t g = lane / 4, c = lane % 4;
   if constexpr (!C::sparse) {
@@ -813,9 +813,10 @@ __device__ __forceinline__ void wide_compute(const Stage<C, 4>& st, float (&part
 // 0-byte copy from a valid address: nothing is read; session 15 found 8-12 rows slower than 32 when those
 // rows copied row `rows - 1`, 24 rows of every block reading the same bytes). Launched where there are
 // enough blocks of 8 tiles to fill the GPU (the host's rule).
-template <class C, typename T>
+// `NT_ = 8` (session 17): the 64-row tile, `dz_v4_<variant>_matmul_sx_<t>_n8` below.
+template <class C, typename T, int NT_ = 4>
 struct WideSx {
-  static constexpr int NT = 4;
+  static constexpr int NT = NT_;
   using Tl = Tile<C, T, NT>;
   static constexpr int XC = 2;                    // K blocks a chunk
   static constexpr int XR = 8 * NT;               // staged x rows
@@ -841,7 +842,7 @@ struct WideSx {
   static __device__ __forceinline__ void compute(const Stage<C, NT>& st, float (&part)[NT][4], const uint32_t (&mul)[4],
                                                  const uint32_t (&add)[4], const uint32_t (&mask)[4], uint32_t magic,
                                                  const uint32_t* buf, uint32_t j, uint32_t lane) {
-    wide_compute<C, T, STRIDE>(st, part, mul, add, mask, magic, buf, j, lane);
+    wide_compute<C, T, STRIDE, NT>(st, part, mul, add, mask, magic, buf, j, lane);
   }
 
   static __device__ __forceinline__ void advance(Cursor<C, T, NT>& cur, uint32_t nkb) {
@@ -1005,6 +1006,30 @@ __device__ __forceinline__ void matmul_sx(const DzDelta& d, const T* x, const T*
         walk.template store<C, T>(d, it, base, out, sum);
       }
     }
+  }
+}
+
+// The 64-row matmul tile (`dz_v4_<variant>_matmul_sx_<t>_n8`; session 17, written without a GPU): matmul_sx
+// (S = 1) with WideSx<C, T, 8>, a block's 8 warps on 8 consecutive 16-row tiles of one x tile of 64 rows.
+// Each A fragment a warp decodes feeds 8 n-tiles' mma instead of 4, so the decode work per input row
+// halves (the 32-row tile at 64-256 rows is bound by issue, decode and mma in the same warps; V4.md
+// "Session 17"). x is double-buffered in 2 x 64 x 132 words of dynamic shared memory
+// (`v4_matmul_sx64_smem` on the host: 67584 bytes; more than a static array may take). ptxas -v (nvcc
+// 13.0, sm_90): the sparse24 entries fit 128 registers without spills (2 blocks an SM); the quant ones
+// spilled there (24-100 bytes), so they take 1 block an SM (157-184 registers).
+template <class C, typename T>
+__device__ __forceinline__ void matmul_sx64(const DzDelta& d, const T* x, const T* base, T* out, uint32_t m) {
+  using W = WideSx<C, T, 8>;
+  constexpr int NT = W::NT;
+  extern __shared__ __align__(16) uint32_t xs64[];
+  const WideWalk<NT> walk(d, m);
+  const uint32_t nkb = (d.k + KB - 1) / KB;
+  for (uint64_t b = blockIdx.x; b < walk.blocks; b += gridDim.x) {
+    const auto it = walk.item(b, m);
+    float acc[NT][4];
+    zero(acc);
+    W::accumulate(d, x + size_t(it.i0) * d.k, it.rows, walk.tile(it), xs64, acc, 0, nkb);
+    walk.template store<C, T>(d, it, base, out, acc);
   }
 }
 
@@ -1523,6 +1548,14 @@ __device__ __forceinline__ void dequantize(const DzDelta& d, const T* base, T* o
       dz_v4_##variant##_matmul_sx_##tname##_n4(DzDelta d, const T* x, const T* base, T* out, uint32_t m) {   \
     dz::v4::matmul_sx<C, T, 1>(d, x, base, out, m);                                                          \
   }
+// dz_v4_<variant>_matmul_sx_<t>_n8(DzDelta d, const T* x, const T* base, T* out, u32 m): the 64-row tile
+// (matmul_sx64), `MINB` blocks an SM (2 for sparse24, 1 for quant: see matmul_sx64); a 1-D grid of at most
+// ceil(m / 64) * ceil(tiles / 8) blocks of 256 threads and v4_matmul_sx64_smem bytes of dynamic shared memory.
+#define DZ_V4_MATMUL_SX64(variant, C, T, tname, MINB)                                                        \
+  extern "C" __global__ void __launch_bounds__(dz::v4::WK * 32, MINB)                                       \
+      dz_v4_##variant##_matmul_sx_##tname##_n8(DzDelta d, const T* x, const T* base, T* out, uint32_t m) {   \
+    dz::v4::matmul_sx64<C, T>(d, x, base, out, m);                                                           \
+  }
 // dz_v4_<variant>_matmul_sxk<S>_<t>_n4(DzDelta d, const T* x, const T* base, T* out, u32 m, float* ws,
 // u32* counters): as matmul_sx, K split over S blocks (S = 4), reduced through `ws`; a grid of S x the
 // blocks of matmul_sx; `counters` (one a block of matmul_sx) zero at launch.
@@ -1579,11 +1612,12 @@ __device__ __forceinline__ void dequantize(const DzDelta& d, const T* base, T* o
     dz::v4::sbmm_sx<C, T, NT>(segs, n_segs, deltas, x, out, k, n_total, tiles);                              \
   }
 
-#define DZ_V4_VARIANT(variant, C)                      \
+#define DZ_V4_VARIANT(variant, C, MINB64)               \
   DZ_V4_ENTRIES(variant, C, __half, f16, 1)            \
   DZ_V4_ENTRIES(variant, C, __half, f16, 2)            \
   DZ_V4_MATMUL(variant, C, __half, f16, 4)             \
   DZ_V4_MATMUL_SX(variant, C, __half, f16)             \
+  DZ_V4_MATMUL_SX64(variant, C, __half, f16, MINB64)   \
   DZ_V4_MATMUL_SXK(variant, C, __half, f16, 4)         \
   DZ_V4_MATMUL_SXD(variant, C, __half, f16)            \
   DZ_V4_SBMM_RING(variant, C, __half, f16)             \
@@ -1592,6 +1626,7 @@ __device__ __forceinline__ void dequantize(const DzDelta& d, const T* base, T* o
   DZ_V4_ENTRIES(variant, C, __nv_bfloat16, bf16, 2)    \
   DZ_V4_MATMUL(variant, C, __nv_bfloat16, bf16, 4)     \
   DZ_V4_MATMUL_SX(variant, C, __nv_bfloat16, bf16)     \
+  DZ_V4_MATMUL_SX64(variant, C, __nv_bfloat16, bf16, MINB64) \
   DZ_V4_MATMUL_SXK(variant, C, __nv_bfloat16, bf16, 4) \
   DZ_V4_MATMUL_SXD(variant, C, __nv_bfloat16, bf16)    \
   DZ_V4_SBMM_RING(variant, C, __nv_bfloat16, bf16)     \
@@ -1609,7 +1644,7 @@ using Sparse24_4 = Codec<4, true>;
 }  // namespace v4
 }  // namespace dz
 
-DZ_V4_VARIANT(quant2, dz::v4::Quant2)
-DZ_V4_VARIANT(quant4, dz::v4::Quant4)
-DZ_V4_VARIANT(sparse24_2, dz::v4::Sparse24_2)
-DZ_V4_VARIANT(sparse24_4, dz::v4::Sparse24_4)
+DZ_V4_VARIANT(quant2, dz::v4::Quant2, 1)
+DZ_V4_VARIANT(quant4, dz::v4::Quant4, 1)
+DZ_V4_VARIANT(sparse24_2, dz::v4::Sparse24_2, 2)
+DZ_V4_VARIANT(sparse24_4, dz::v4::Sparse24_4, 2)
