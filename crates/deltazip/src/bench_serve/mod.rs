@@ -425,8 +425,8 @@ fn secs(v: Option<f64>, scale: f64, digits: usize) -> String {
 fn one_line(rate: f64, s: &stats::Summary) -> String {
     let errors: Vec<String> = s.errors.iter().map(|(k, n)| format!("{k} {n}")).collect();
     format!(
-        "rate {rate} req/s: {} sent, {} ok, {} errors{} | {:.1} tok/s, {:.2} req/s | TTFT p50 {} s, p99 {} s \
-         | TPOT p50 {} ms, p99 {} ms",
+        "rate {rate} req/s: {} sent, {} ok, {} errors{} | {:.1} tok/s (mid {}), {:.2} req/s | TTFT p50 {} s, \
+         p99 {} s | TPOT p50 {} ms, p99 {} ms",
         s.requests,
         s.completed,
         s.requests - s.completed,
@@ -436,6 +436,7 @@ fn one_line(rate: f64, s: &stats::Summary) -> String {
             format!(" ({})", errors.join(", "))
         },
         s.tokens_per_s,
+        secs(s.mid_tokens_per_s, 1.0, 1),
         s.requests_per_s,
         secs(s.ttft_p50_s, 1.0, 3),
         secs(s.ttft_p99_s, 1.0, 3),
@@ -495,16 +496,18 @@ pub fn render(rows: &[serde_json::Value]) -> String {
     }
     md.push_str(
         "\nThroughput: completed requests and their streamed tokens over each rate's window (start to \
-         last response). TTFT and end-to-end latency from each request's planned arrival; TPOT = \
+         last response); mid tokens/s: between the 10th and the 90th percentile of the completion times, \
+         each request's tokens spread evenly from its first token to its end (the ramp-up and the drain \
+         left out). TTFT and end-to-end latency from each request's planned arrival; TPOT = \
          (end - first token) / (tokens - 1).\n\n\
          | system | models | popularity | rate (req/s) | sent | ok | errors | tokens/s | req/s | TTFT p50 (s) \
-         | TTFT p99 (s) | TPOT p50 (ms) | TPOT p99 (ms) | E2E p50 (s) | E2E p99 (s) |\n\
-         |---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+         | TTFT p99 (s) | TPOT p50 (ms) | TPOT p99 (ms) | E2E p50 (s) | E2E p99 (s) | mid tokens/s |\n\
+         |---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for r in rows {
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             text(r, "system"),
             r["n_models"],
             text(r, "popularity"),
@@ -520,6 +523,7 @@ pub fn render(rows: &[serde_json::Value]) -> String {
             num(r, "tpot_p99_ms", 1),
             num(r, "e2e_p50_s", 2),
             num(r, "e2e_p99_s", 2),
+            num(r, "mid_tokens_per_s", 1),
         );
     }
     let failed: Vec<_> = rows

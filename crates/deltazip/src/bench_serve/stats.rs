@@ -3,7 +3,11 @@
 //!
 //! The measured window of a rate runs from its start to the last request's end (arrivals are open-loop,
 //! so an overloaded server shows as a long tail and a lower throughput, as in vLLM's
-//! `benchmark_serving`). Throughput counts completed requests and their tokens only. Latencies are
+//! `benchmark_serving`). Throughput counts completed requests and their tokens only. Beside it,
+//! `mid_tokens_per_s` is the throughput between the 10th and the 90th percentile of the completion
+//! times, each request's tokens taken as streamed evenly from its first token to its end: an overloaded
+//! run's ramp-up and its drain (the last requests running in ever smaller batches) left out, so that it
+//! measures the server at load and depends less on which requests happen to finish last. Latencies are
 //! measured from each request's *planned arrival*: time a request spent waiting for a `--max-inflight`
 //! slot counts, as a user would see it.
 
@@ -47,6 +51,9 @@ pub struct Summary {
     pub tokens_per_s: f64,
     /// `completed / window_s`.
     pub requests_per_s: f64,
+    /// Tokens a second between the 10th and the 90th percentile of the completion times ([`mid_rate`]);
+    /// `None` below [`MID_MIN_COMPLETED`] completed requests or for an empty window.
+    pub mid_tokens_per_s: Option<f64>,
     /// Time to first token (from the planned arrival), seconds.
     pub ttft_p50_s: Option<f64>,
     /// 99th percentile of the TTFT.
@@ -65,6 +72,39 @@ pub struct Summary {
     pub delayed: usize,
 }
 
+/// Completed requests below which [`Summary::mid_tokens_per_s`] is not given.
+pub const MID_MIN_COMPLETED: usize = 10;
+
+/// Tokens a second streamed between the 10th and the 90th percentile of the completed requests' end
+/// times, each request's `tokens` spread evenly over `first token .. end` (all at its end when that span
+/// is empty). `spans` are `(first token, end, tokens)`; `None` below [`MID_MIN_COMPLETED`] of them or when
+/// the window is empty.
+pub fn mid_rate(spans: &[(f64, f64, usize)]) -> Option<f64> {
+    if spans.len() < MID_MIN_COMPLETED {
+        return None;
+    }
+    let ends: Vec<f64> = spans.iter().map(|s| s.1).collect();
+    let (lo, hi) = (quantile(&ends, 0.1)?, quantile(&ends, 0.9)?);
+    if hi <= lo {
+        return None;
+    }
+    let tokens: f64 = spans
+        .iter()
+        .map(|&(first, end, n)| {
+            if end <= first {
+                return if (lo..=hi).contains(&end) {
+                    n as f64
+                } else {
+                    0.0
+                };
+            }
+            let overlap = (end.min(hi) - first.max(lo)).max(0.0);
+            n as f64 * overlap / (end - first)
+        })
+        .sum();
+    Some(tokens / (hi - lo))
+}
+
 /// Summarizes `outcomes` over a window of `window_s` seconds.
 pub fn summarize<'a>(outcomes: impl IntoIterator<Item = &'a Outcome>, window_s: f64) -> Summary {
     let mut s = Summary {
@@ -72,6 +112,7 @@ pub fn summarize<'a>(outcomes: impl IntoIterator<Item = &'a Outcome>, window_s: 
         ..Default::default()
     };
     let (mut ttft, mut tpot, mut e2e) = (Vec::new(), Vec::new(), Vec::new());
+    let mut spans = Vec::new();
     for o in outcomes {
         s.requests += 1;
         if o.sent_s - o.arrival_s > 0.010 {
@@ -88,6 +129,7 @@ pub fn summarize<'a>(outcomes: impl IntoIterator<Item = &'a Outcome>, window_s: 
         }
         e2e.push(o.end_s - o.arrival_s);
         if let Some(first) = o.first_token_s {
+            spans.push((first, o.end_s, o.tokens));
             ttft.push(first - o.arrival_s);
             if o.tokens >= 2 {
                 tpot.push((o.end_s - first) / (o.tokens - 1) as f64 * 1e3);
@@ -98,6 +140,7 @@ pub fn summarize<'a>(outcomes: impl IntoIterator<Item = &'a Outcome>, window_s: 
         s.tokens_per_s = s.tokens as f64 / window_s;
         s.requests_per_s = s.completed as f64 / window_s;
     }
+    s.mid_tokens_per_s = mid_rate(&spans);
     s.ttft_p50_s = quantile(&ttft, 0.5);
     s.ttft_p99_s = quantile(&ttft, 0.99);
     s.ttft_mean_s = mean(&ttft);
@@ -121,6 +164,7 @@ impl Summary {
             "window_s": self.window_s,
             "tokens_per_s": self.tokens_per_s,
             "requests_per_s": self.requests_per_s,
+            "mid_tokens_per_s": self.mid_tokens_per_s,
             "ttft_p50_s": self.ttft_p50_s,
             "ttft_p99_s": self.ttft_p99_s,
             "ttft_mean_s": self.ttft_mean_s,
@@ -179,5 +223,30 @@ mod tests {
         assert!((s.tpot_p50_ms.unwrap() - 150.0).abs() < 1e-9);
         assert!((s.e2e_p50_s.unwrap() - 1.2).abs() < 1e-12);
         assert_eq!(s.to_json()["errors"], 1);
+        // Two completed requests: too few for the mid-window rate.
+        assert_eq!(s.mid_tokens_per_s, None);
+    }
+
+    #[test]
+    fn the_mid_window_rate_leaves_out_the_ramp_and_the_drain() {
+        // 20 requests streaming 10 tokens a second each, ending at 1, 2, .. 20 s: every one started 1 s
+        // before its end. The 10th and 90th percentile ends are 2.9 and 18.1 s; inside them, one request
+        // streams at any moment (10 tokens/s), whatever the ends outside do.
+        let spans: Vec<(f64, f64, usize)> =
+            (1..=20).map(|e| (e as f64 - 1.0, e as f64, 10)).collect();
+        let r = mid_rate(&spans).unwrap();
+        assert!((r - 10.0).abs() < 1e-9, "{r}");
+        // A slow drain (the last request streaming its 10 tokens over 100 s) moves the whole-window rate,
+        // not this one.
+        let mut drained = spans.clone();
+        drained[19] = (19.0, 119.0, 10);
+        let r2 = mid_rate(&drained).unwrap();
+        assert!((r2 - 10.0).abs() < 0.5, "{r2}");
+        // Tokens of a request with no streaming span count at its end; too few requests give None.
+        assert_eq!(mid_rate(&spans[..9]), None);
+        let burst: Vec<(f64, f64, usize)> = (1..=10).map(|e| (e as f64, e as f64, 4)).collect();
+        // Ends 1..10: the window is 1.9 .. 9.1 s and holds the ends 2..9, 8 x 4 tokens.
+        let r3 = mid_rate(&burst).unwrap();
+        assert!((r3 - 32.0 / 7.2).abs() < 1e-9, "{r3}");
     }
 }
