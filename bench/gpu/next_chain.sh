@@ -1,5 +1,5 @@
 #!/bin/bash
-# The device chain prepared at the end of session 17 for session 18 (nvidia-h200, ONE GPU, ~20 minutes):
+# The device chain prepared at the end of session 17 for session 18 (nvidia-h200, ONE GPU, ~24 minutes):
 # every serving run alone on the machine, one server at a time.
 # Run it detached and poll WITHOUT GAPS (the machine goes back 30 s after the last call ends, and takes a
 # detached job with it); each poll at most ~25 s apart.
@@ -25,7 +25,11 @@
 # C. One server at a time, 128 requests at 16 req/s, alternated three times: the base, dz-4b24 x 32 with
 #    the slot tables (the default since session 17) and with --no-slot-tables (session 17's hook: 39.5
 #    against 71.4 us of CPU a decode call where the batch changes; session 16's serving A/B +4%, inside
-#    the noise; session 17's dz runs varied by up to 28%, hence three alternations).
+#    the noise; session 17's dz runs varied by up to 28%, hence three alternations). When the 64-row
+#    tile's checks passed (A), the first two alternations also run dz with `--v4-wide64-from 64` (the
+#    prompts' 64+ rows on it: session 17's profile put the prompt deltas at 10.6 ms of GPU a step).
+#    Compare tokens/s and `mid tokens/s` (session 17: the throughput between the 10th and 90th
+#    percentile of completions, the drain left out).
 # D. What bounds a step, the warm-up excluded (serving.sh runs it apart; profile_split.py subtracts
 #    it), 48 requests each: DZ_PROFILE=wait (host mode plus `head_wait`, a one-byte copy to the host
 #    right after the output head, timed: the GPU's backlog at the end of the forward pass) with
@@ -43,6 +47,7 @@ timeout 240 /tmp/k/bin/cuda_check --quick --filter sbmm > $S/check/sbmm-quick.tx
 timeout 240 /tmp/k/bin/cuda_check --filter "shared-64" > $S/check/shared-64.txt 2>&1; log "cuda_check shared-64 rc=$?"
 ok=1; for f in $S/check/*.txt; do grep -q "^[0-9]* passed, 0 failed" $f || ok=0; done
 [ $ok = 1 ] || log "A CHECK FAILED (the 64-row tile is forced only; the serving runs use the sbmm family's code)"
+w64=0; grep -q "^[0-9]* passed, 0 failed" $S/check/shared-64.txt && w64=1; log "64-row tile checked: $w64"
 mkdir -p $S/kern
 timeout 240 /tmp/k/bin/kernel_bench --shapes 4096x4096,11008x4096,4096x11008,5120x5120,13824x5120,5120x13824 \
     --rows 32,64,128,256 --commit "${COMMIT:-unknown}" --out $S/kern/kernels-64 > $S/kern/bench-64.log 2>&1
@@ -60,6 +65,9 @@ for i in 1 2 3; do
   OUT=$S/base$i RATES=16 REQS=128 bash $R/gpu/serving.sh base > $S/base$i.log 2>&1; log "base $i rc=$?"
   OUT=$S/dz$i V4=1 RATES=16 REQS=128 bash $R/gpu/serving.sh dz:4b24:32 > $S/dz$i.log 2>&1; log "dz $i rc=$?"
   NO_SLOT_TABLES=1 OUT=$S/dzplans$i V4=1 RATES=16 REQS=128 bash $R/gpu/serving.sh dz:4b24:32 > $S/dzplans$i.log 2>&1; log "dz --no-slot-tables $i rc=$?"
+  if [ $w64 = 1 ] && [ $i -le 2 ]; then
+    WIDE64_FROM=64 OUT=$S/dzw64$i V4=1 RATES=16 REQS=128 bash $R/gpu/serving.sh dz:4b24:32 > $S/dzw64$i.log 2>&1; log "dz --v4-wide64-from 64 $i rc=$?"
+  fi
 done
 # D
 DZ_PROFILE=wait DZ_TRACE=1 OUT=$S/base-wait RATES=16 REQS=48 bash $R/gpu/serving.sh base > $S/base-wait.log 2>&1; log "base wait rc=$?"

@@ -118,6 +118,17 @@ pub struct ServeArgs {
     #[arg(long, requires = "v4_kernels", value_name = "deep|occupancy", num_args = 0..=1,
           default_missing_value = "deep", value_parser = parse_x_direct)]
     pub v4_sbmm_x_direct: Option<dz_loader::V4XDirect>,
+    /// With --v4-kernels, experimental (session 17, written without a GPU; not yet checked on one): from
+    /// this many input rows of one fine-tune (a prompt), the 64-row v4 tile instead of the 32-row one,
+    /// which decodes each weight once per 64 rows instead of per 32 (see
+    /// dz_candle_ops::set_v4_wide64_from). 0 (the default): never.
+    #[arg(
+        long,
+        requires = "v4_kernels",
+        default_value_t = 0,
+        value_name = "ROWS"
+    )]
+    pub v4_wide64_from: u32,
     /// From this many input rows of one fine-tune in a step (prefill), a delta is merged into a dense
     /// weight once and multiplied with one cuBLAS matmul instead of the delta kernels (CUDA, f16/bf16).
     /// The default is the crossover the H200 measured (bench/results/h200-s10-2026-11-30.md); a delta kept
@@ -188,6 +199,7 @@ impl ServeArgs {
             v4_sbmm_smem_x: false,
             v4_sbmm_ring: false,
             v4_sbmm_x_direct: None,
+            v4_wide64_from: 0,
             dense_rows: dz_loader::DEFAULT_DENSE_ROWS,
             no_slot_tables: false,
             no_sbmm_wide_segments: false,
@@ -583,6 +595,7 @@ pub fn start(args: &ServeArgs) -> Result<Running> {
         dz_loader::set_v4_sbmm_smem_x(args.v4_sbmm_smem_x);
         dz_loader::set_v4_sbmm_ring(args.v4_sbmm_ring);
         dz_loader::set_v4_sbmm_x_direct(args.v4_sbmm_x_direct.unwrap_or(dz_loader::V4XDirect::Off));
+        dz_loader::set_v4_wide64_from(args.v4_wide64_from);
         dz_loader::set_sbmm_wide_segments(!args.no_sbmm_wide_segments);
     }
     let api_key = args
@@ -1383,6 +1396,13 @@ mod tests {
         let occupancy = parse(&["--v4-sbmm-x-direct", "occupancy"]).unwrap();
         assert_eq!(occupancy, Some(dz_loader::V4XDirect::Occupancy));
         assert!(parse(&["--v4-sbmm-x-direct", "fast"]).is_err());
+        // The 64-row tile's rows: 0 (never) by default, a count with the flag, and only with --v4-kernels.
+        let wide64 = |args: &[&str]| Cli::try_parse_from(args).map(|c| c.serve.v4_wide64_from);
+        let base = ["serve", "--config", "c.toml"];
+        assert_eq!(wide64(&[&base[..], &["--v4-kernels"]].concat()).unwrap(), 0);
+        let flag = ["--v4-kernels", "--v4-wide64-from", "64"];
+        assert_eq!(wide64(&[&base[..], &flag].concat()).unwrap(), 64);
+        assert!(wide64(&[&base[..], &flag[1..]].concat()).is_err());
     }
 
     #[test]

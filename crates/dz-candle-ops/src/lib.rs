@@ -233,6 +233,29 @@ pub fn v4_wide_from(n: usize, k: usize) -> u32 {
     }
 }
 
+static V4_WIDE64_FROM: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// From how many input rows of one delta the 64-row tile ([`V4WideX::Shared64`]) runs where the 32-row
+/// tile would, under [`V4WideX::Auto`] (in `delta_matmul` and sbmm's own-route segments: a prompt's rows
+/// of one fine-tune); 0 (the default) never. Experimental until a GPU has checked and timed the 64-row
+/// tile (session 17 wrote it without one); `deltazip serve --v4-wide64-from N`.
+pub fn set_v4_wide64_from(rows: u32) {
+    V4_WIDE64_FROM.store(rows, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether `m` input rows take the 64-row tile where the 32-row tile would: [`V4WideX::Shared64`]
+/// forced, or [`V4WideX::Auto`] with `m` at least [`set_v4_wide64_from`]'s rows.
+pub fn v4_takes_wide64(m: u32) -> bool {
+    match v4_wide_x() {
+        V4WideX::Shared64 => true,
+        V4WideX::Auto => match V4_WIDE64_FROM.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => false,
+            from => m >= from,
+        },
+        _ => false,
+    }
+}
+
 /// Where the v4 32-row matmul tile ([`set_v4_wide_tiles`]) reads x from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum V4WideX {
@@ -426,5 +449,23 @@ mod tests {
         // 4096 x 4096 at 128 rows.
         assert_eq!(v4_wide_split(128, resident), 1);
         assert_eq!(v4_wide_split(1, 1), 1);
+    }
+
+    /// The 64-row tile: never by default, from `set_v4_wide64_from`'s rows under `Auto`, always when
+    /// forced, never under another forced mode. (Only the CUDA ops read these switches.)
+    #[test]
+    fn the_64_row_tile_runs_when_forced_or_from_its_rows() {
+        use super::{set_v4_wide64_from, set_v4_wide_x, v4_takes_wide64, V4WideX};
+        assert!(!v4_takes_wide64(256));
+        set_v4_wide64_from(64);
+        assert!(!v4_takes_wide64(63));
+        assert!(v4_takes_wide64(64));
+        set_v4_wide_x(V4WideX::Shared);
+        assert!(!v4_takes_wide64(256));
+        set_v4_wide_x(V4WideX::Shared64);
+        set_v4_wide64_from(0);
+        assert!(v4_takes_wide64(17));
+        set_v4_wide_x(V4WideX::Auto);
+        assert!(!v4_takes_wide64(256));
     }
 }

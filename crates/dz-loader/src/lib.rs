@@ -48,6 +48,9 @@ pub use dz_candle_ops::set_v4_sbmm_ring;
 /// The shared-memory v4 sbmm (experimental, off by default; see `dz_candle_ops::set_v4_sbmm_smem_x`;
 /// `deltazip serve --v4-sbmm-smem-x`).
 pub use dz_candle_ops::set_v4_sbmm_smem_x;
+/// From how many rows of one delta the 64-row v4 tile runs (experimental, off by default; see
+/// `dz_candle_ops::set_v4_wide64_from`; `deltazip serve --v4-wide64-from`).
+pub use dz_candle_ops::set_v4_wide64_from;
 /// From how many input rows of one delta the CUDA ops take the dense route (the delta merged into a
 /// dense weight, then one cuBLAS matmul; see `dz_candle_ops::set_dense_rows`; `deltazip serve
 /// --dense-rows`).

@@ -351,8 +351,9 @@ fn matmul_t<T: Elem>(
             let x_tiles = m32.div_ceil(kernel.rows());
             // The 32-row tile with x in shared memory: blocks of 8 row tiles of one x tile, no split.
             let sx = match kernel {
-                // The 64-row tile (forced only): blocks of 8 row tiles of one x tile of 64 rows, no split.
-                Kernel::V4(e, V4_WIDE_ROWS) if crate::v4_wide_x() == crate::V4WideX::Shared64 => {
+                // The 64-row tile (forced, or from `set_v4_wide64_from`'s rows): blocks of 8 row tiles of
+                // one x tile of 64 rows, no split.
+                Kernel::V4(e, V4_WIDE_ROWS) if crate::v4_takes_wide64(m32) => {
                     let blocks = u64::from(m32.div_ceil(V4_WIDE64_ROWS))
                         * u64::from(tiles.div_ceil(WARPS_V4));
                     e.matmul_sx64(T::KIND)
