@@ -1014,9 +1014,9 @@ __device__ __forceinline__ void matmul_sx(const DzDelta& d, const T* x, const T*
 // Each A fragment a warp decodes feeds 8 n-tiles' mma instead of 4, so the decode work per input row
 // halves (the 32-row tile at 64-256 rows is bound by issue, decode and mma in the same warps; V4.md
 // "Session 17"). x is double-buffered in 2 x 64 x 132 words of dynamic shared memory
-// (`v4_matmul_sx64_smem` on the host: 67584 bytes; more than a static array may take). ptxas -v (nvcc
+// (`V4_MATMUL_SX64_SMEM` on the host: 67584 bytes; more than a static array may take). ptxas -v (nvcc
 // 13.0, sm_90): the sparse24 entries fit 128 registers without spills (2 blocks an SM); the quant ones
-// spilled there (24-100 bytes), so they take 1 block an SM (157-184 registers).
+// spilled there (24-100 bytes), so they take 1 block an SM (167-192 registers, no spill).
 template <class C, typename T>
 __device__ __forceinline__ void matmul_sx64(const DzDelta& d, const T* x, const T* base, T* out, uint32_t m) {
   using W = WideSx<C, T, 8>;
@@ -1550,7 +1550,7 @@ __device__ __forceinline__ void dequantize(const DzDelta& d, const T* base, T* o
   }
 // dz_v4_<variant>_matmul_sx_<t>_n8(DzDelta d, const T* x, const T* base, T* out, u32 m): the 64-row tile
 // (matmul_sx64), `MINB` blocks an SM (2 for sparse24, 1 for quant: see matmul_sx64); a 1-D grid of at most
-// ceil(m / 64) * ceil(tiles / 8) blocks of 256 threads and v4_matmul_sx64_smem bytes of dynamic shared memory.
+// ceil(m / 64) * ceil(tiles / 8) blocks of 256 threads and V4_MATMUL_SX64_SMEM bytes of dynamic shared memory.
 #define DZ_V4_MATMUL_SX64(variant, C, T, tname, MINB)                                                        \
   extern "C" __global__ void __launch_bounds__(dz::v4::WK * 32, MINB)                                       \
       dz_v4_##variant##_matmul_sx_##tname##_n8(DzDelta d, const T* x, const T* base, T* out, uint32_t m) {   \
