@@ -66,7 +66,7 @@ for i in 1 2 3; do
   OUT=$S/dz$i V4=1 RATES=16 REQS=128 bash $R/gpu/serving.sh dz:4b24:32 > $S/dz$i.log 2>&1; log "dz $i rc=$?"
   NO_SLOT_TABLES=1 OUT=$S/dzplans$i V4=1 RATES=16 REQS=128 bash $R/gpu/serving.sh dz:4b24:32 > $S/dzplans$i.log 2>&1; log "dz --no-slot-tables $i rc=$?"
   if [ $w64 = 1 ] && [ $i -le 2 ]; then
-    WIDE64_FROM=64 OUT=$S/dzw64$i V4=1 RATES=16 REQS=128 bash $R/gpu/serving.sh dz:4b24:32 > $S/dzw64$i.log 2>&1; log "dz --v4-wide64-from 64 $i rc=$?"
+    WIDE64_FROM=64 OUT=$S/dzwide$i V4=1 RATES=16 REQS=128 bash $R/gpu/serving.sh dz:4b24:32 > $S/dzwide$i.log 2>&1; log "dz --v4-wide64-from 64 $i rc=$?"
   fi
 done
 # D
@@ -74,4 +74,5 @@ DZ_PROFILE=wait DZ_TRACE=1 OUT=$S/base-wait RATES=16 REQS=48 bash $R/gpu/serving
 DZ_PROFILE=wait DZ_TRACE=1 OUT=$S/dz-wait V4=1 RATES=16 REQS=48 bash $R/gpu/serving.sh dz:4b24:32 > $S/dz-wait.log 2>&1; log "dz wait rc=$?"
 DZ_PROFILE=host OUT=$S/dz-host V4=1 RATES=16 REQS=48 bash $R/gpu/serving.sh dz:4b24:32 > $S/dz-host.log 2>&1; log "dz host rc=$?"
 python3 $R/gpu/profile_split.py $S/base-wait $S/dz-wait $S/dz-host > $S/profile-split.md 2>&1
+python3 $R/gpu/ab_table.py $S > $S/ab-table.md 2>&1
 touch $S/all.done; log done
