@@ -1599,39 +1599,27 @@ fn v4_family(ck: &mut Checker, only: bool) {
                     // shared memory, with x and the codes in the deep shared-memory ring (no split), and
                     // with K split over blocks, and the 64-row tile (session 17), each forced, besides the
                     // automatic choice.
+                    // Every mode with the tile on, then (at 33 rows only) the tile off.
+                    const WIDES: [(bool, V4WideX); 7] = [
+                        (true, V4WideX::Auto),
+                        (true, V4WideX::Global),
+                        (true, V4WideX::Shared),
+                        (true, V4WideX::SharedDeep),
+                        (true, V4WideX::SharedSplit),
+                        (true, V4WideX::Shared64),
+                        (false, V4WideX::Auto),
+                    ];
                     let wides: &[(bool, V4WideX)] = match rows {
-                        33 => &[
-                            (true, V4WideX::Auto),
-                            (true, V4WideX::Global),
-                            (true, V4WideX::Shared),
-                            (true, V4WideX::SharedDeep),
-                            (true, V4WideX::SharedSplit),
-                            (true, V4WideX::Shared64),
-                            (false, V4WideX::Auto),
-                        ],
-                        17.. => &[
-                            (true, V4WideX::Auto),
-                            (true, V4WideX::Global),
-                            (true, V4WideX::Shared),
-                            (true, V4WideX::SharedDeep),
-                            (true, V4WideX::SharedSplit),
-                            (true, V4WideX::Shared64),
-                        ],
-                        _ => &[(true, V4WideX::Auto)],
+                        33 => &WIDES,
+                        17.. => &WIDES[..WIDES.len() - 1],
+                        _ => &WIDES[..1],
                     };
+                    // A forced split applies to the kernels that split K over warps only (the automatic
+                    // choice and x from global memory).
                     for (&split, &(wide, wx)) in splits
                         .iter()
                         .flat_map(|s| wides.iter().map(move |w| (s, w)))
-                        .filter(|(s, w)| {
-                            **s == 0
-                                || !matches!(
-                                    w.1,
-                                    V4WideX::Shared
-                                        | V4WideX::SharedDeep
-                                        | V4WideX::SharedSplit
-                                        | V4WideX::Shared64
-                                )
-                        })
+                        .filter(|(s, w)| **s == 0 || matches!(w.1, V4WideX::Auto | V4WideX::Global))
                     {
                         dz_candle_ops::set_v4_split(split);
                         dz_candle_ops::set_v4_wide_tiles(wide);

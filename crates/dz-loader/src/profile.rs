@@ -231,7 +231,7 @@ impl Profile {
     /// a call, against 0.5 in host mode), possibly because a synchronization lets the stream-ordered
     /// memory pool give its free memory back, which the next step's allocations then map again.
     pub fn head_wait(&self, device: &Device) -> CResult<()> {
-        if !self.enabled() || !self.head_wait.load(Ordering::Relaxed) {
+        if !self.enabled() || !self.host_only() || !self.head_wait.load(Ordering::Relaxed) {
             return Ok(());
         }
         let probe = {
