@@ -1597,16 +1597,18 @@ fn v4_family(ck: &mut Checker, only: bool) {
                     let splits: &[u32] = if si == 0 || si == 3 { &V4_SPLITS } else { &[0] };
                     // Past 16 rows: the 32-row tile with x from global memory (each split), from
                     // shared memory, with x and the codes in the deep shared-memory ring (no split), and
-                    // with K split over blocks, and the 64-row tile (session 17), each forced, besides the
+                    // with K split over blocks, the 64-row tile (session 17) and the 32-row tile on the
+                    // balanced schedule (session 18), each forced, besides the
                     // automatic choice.
                     // Every mode with the tile on, then (at 33 rows only) the tile off.
-                    const WIDES: [(bool, V4WideX); 7] = [
+                    const WIDES: [(bool, V4WideX); 8] = [
                         (true, V4WideX::Auto),
                         (true, V4WideX::Global),
                         (true, V4WideX::Shared),
                         (true, V4WideX::SharedDeep),
                         (true, V4WideX::SharedSplit),
                         (true, V4WideX::Shared64),
+                        (true, V4WideX::SharedBalanced),
                         (false, V4WideX::Auto),
                     ];
                     let wides: &[(bool, V4WideX)] = match rows {
@@ -1642,6 +1644,7 @@ fn v4_family(ck: &mut Checker, only: bool) {
                                     V4WideX::SharedDeep => " wide-x=shared-deep",
                                     V4WideX::SharedSplit => " wide-x=shared-split",
                                     V4WideX::Shared64 => " wide-x=shared-64",
+                                    V4WideX::SharedBalanced => " wide-x=shared-balanced",
                                 }
                             ),
                             |dev, ops| {

@@ -30,7 +30,8 @@
 //!   there with x from global memory; `dz` picks it); past 16 rows `dz-gx` / `dz-sx`: the 32-row tile
 //!   with x read from global memory (split automatic) / staged in shared memory (`set_v4_wide_x`; `dz`
 //!   picks one per launch); `dz-sxd`: x and the codes in the deep shared-memory ring (forced only);
-//!   `dz-sxk`: K split over 4 blocks; `dz-sx64`: the 64-row tile (session 17, forced only);
+//!   `dz-sxk`: K split over 4 blocks; `dz-sx64`: the 64-row tile (session 17, forced only; on the
+//!   balanced schedule since session 18); `dz-sxb`: the 32-row tile on the balanced schedule (forced only);
 //! - sbmm at 1-4 rows a delta: `dz-s1` .. `dz-s8` (the split forced), `dz-sx` (x in shared memory per
 //!   block), `dz-ring` (each warp's codes through its own shared-memory ring, `set_v4_sbmm_ring`) and
 //!   `dz-xd` / `dz-xo` (x loaded before each mma; a 6-deep code ring, or a 3-deep one at 3 blocks an SM;
@@ -468,8 +469,21 @@ fn profile(b: &Bench) -> Result<()> {
         }
         eprintln!("profiled {} 4096x4096 rows {rows}", CODECS[0].0);
     }
+    // The 32-row and 64-row tiles at 128 rows of 11008 x 4096 4-bit 2:4 (session 18: the 64-row tile took the
+    // same time per SM as the 32-row one at 256 rows, so what bounds both is not the decode alone): their
+    // pipes, shared-memory traffic and stalls beside cuBLAS's at the same rows (below).
+    let d = DeviceDelta::from_payload(&payload(CODECS[0].1, n, k, 10), None, &b.dev)?;
+    let x = Tensor::randn(0f32, 1.0, (128, k), &b.dev)?.to_dtype(DType::BF16)?;
+    for wide in [V4WideX::Auto, V4WideX::Shared64, V4WideX::SharedBalanced] {
+        set_v4_wide_x(wide);
+        for _ in 0..2 {
+            keep.push(delta_matmul(&x, &d)?);
+        }
+        eprintln!("profiled {} {n}x{k} rows 128, {wide:?}", CODECS[0].0);
+    }
+    set_v4_wide_x(V4WideX::Auto);
     let w = Tensor::randn(0f32, 0.02, (n, k), &b.dev)?.to_dtype(DType::BF16)?;
-    for rows in [1usize, 16, 256] {
+    for rows in [1usize, 16, 128, 256] {
         let x = Tensor::randn(0f32, 1.0, (rows, k), &b.dev)?.to_dtype(DType::BF16)?;
         keep.push(x.matmul(&w.t()?)?);
     }
@@ -882,7 +896,8 @@ fn main() -> Result<()> {
                     eprintln!("{}", r.md());
                     rows_out.push(r);
                 }
-                // The 32-row tile's four kernels and the 64-row tile (session 17), each forced.
+                // The 32-row tile's four kernels, the 64-row tile (session 17) and the 32-row tile on the
+                // balanced schedule (session 18), each forced.
                 if has_v4 && rows > 16 {
                     for (mode, path) in [
                         (V4WideX::Global, "dz-gx"),
@@ -890,6 +905,7 @@ fn main() -> Result<()> {
                         (V4WideX::SharedDeep, "dz-sxd"),
                         (V4WideX::SharedSplit, "dz-sxk"),
                         (V4WideX::Shared64, "dz-sx64"),
+                        (V4WideX::SharedBalanced, "dz-sxb"),
                     ] {
                         set_v4_wide_x(mode);
                         let t = b.time(ITERS, |i| {

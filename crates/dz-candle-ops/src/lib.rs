@@ -290,8 +290,17 @@ pub enum V4WideX {
     /// mma instead of 4, halving the decode work per input row. Written in session 17 without a GPU, after
     /// serving's profile put the prompt steps' deltas (the 32-row tile at 45-220 rows, ~2x cuBLAS at
     /// 64-256 rows) at 10.6 ms of GPU time a step (bench/kernels/V4.md, "Session 17"). Taken only when
-    /// forced, until a GPU has checked and timed it.
+    /// forced, until a GPU has checked and timed it. Session 18 (H200): correct (1008 cases), but no faster
+    /// than the 32-row tile at 32-256 rows on the 7B / 13B shapes: its whole-item blocks filled 0.65 of a
+    /// wave at 128 rows of 11008 x 4096. Since session 18 it runs on the balanced schedule (every block the
+    /// same work to within one chunk of K, as [`V4WideX::SharedBalanced`]).
     Shared64,
+    /// The 32-row tile on the balanced schedule (`dz_v4_<variant>_matmul_sxb_<t>_n4`, session 18): the
+    /// items' chunks of K spread evenly over the resident blocks, an item cut between blocks summed through
+    /// a workspace as the K split's. Session 18's Nsight Compute run put the 32-row tile at 1.30 waves at
+    /// 128 rows of 11008 x 4096 (its 344 blocks for 264 resident: "the partial wave may account for up to
+    /// 50% of the runtime"). Taken only when forced, until a GPU has checked and timed it.
+    SharedBalanced,
 }
 
 /// The split (blocks an item) the 32-row tile takes for a launch of `blocks` blocks (x tiles x 8-tile
@@ -310,7 +319,7 @@ pub fn v4_wide_split(blocks: u64, resident: u64) -> u32 {
 static V4_WIDE_X: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
 
 /// Sets where the v4 32-row matmul tile reads x from ([`V4WideX`]; [`V4WideX::Auto`] by default). For
-/// benchmarks and checks (`kernel_bench`'s `dz-gx` / `dz-sx` / `dz-sxd` / `dz-sxk` / `dz-sx64` paths, `cuda_check`); all
+/// benchmarks and checks (`kernel_bench`'s `dz-gx` / `dz-sx` / `dz-sxd` / `dz-sxk` / `dz-sx64` / `dz-sxb` paths, `cuda_check`); all
 /// compute the same sums up to f32 summation order.
 pub fn set_v4_wide_x(mode: V4WideX) {
     let v = match mode {
@@ -320,6 +329,7 @@ pub fn set_v4_wide_x(mode: V4WideX) {
         V4WideX::SharedDeep => 3,
         V4WideX::SharedSplit => 4,
         V4WideX::Shared64 => 5,
+        V4WideX::SharedBalanced => 6,
     };
     V4_WIDE_X.store(v, std::sync::atomic::Ordering::Relaxed);
 }
@@ -332,6 +342,7 @@ pub fn v4_wide_x() -> V4WideX {
         3 => V4WideX::SharedDeep,
         4 => V4WideX::SharedSplit,
         5 => V4WideX::Shared64,
+        6 => V4WideX::SharedBalanced,
         _ => V4WideX::Auto,
     }
 }

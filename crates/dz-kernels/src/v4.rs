@@ -74,9 +74,13 @@ pub struct V4Entries {
     /// `dz_v4_<variant>_matmul_sxd_<t>_n4`, by dtype: the 32-row tile with x and the codes in a deep
     /// shared-memory ring ([`v4_matmul_sxd_smem`] bytes of dynamic shared memory).
     pub matmul_sxd: [&'static str; 2],
-    /// `dz_v4_<variant>_matmul_sx_<t>_n8`, by dtype: the 64-row tile with x in shared memory
-    /// ([`V4_MATMUL_SX64_SMEM`] bytes of dynamic shared memory; experimental, [`V4Entries::matmul_sx64`]).
+    /// `dz_v4_<variant>_matmul_sx_<t>_n8`, by dtype: the 64-row tile with x in shared memory on the balanced
+    /// schedule ([`V4_MATMUL_SX64_SMEM`] bytes of dynamic shared memory; experimental,
+    /// [`V4Entries::matmul_sx64`]).
     pub matmul_sx64: [&'static str; 2],
+    /// `dz_v4_<variant>_matmul_sxb_<t>_n4`, by dtype: the 32-row tile on the balanced schedule
+    /// ([`V4_MATMUL_SXB_SMEM`] bytes of dynamic shared memory; experimental, [`V4Entries::matmul_sxb`]).
+    pub matmul_sxb: [&'static str; 2],
     /// `dz_v4_<variant>_matmul_sxk4_<t>_n4`, by dtype: the 32-row tile with x in shared memory, K split
     /// over 4 blocks, reduced through a workspace (S = 2 measured no faster than no split in session 14).
     pub matmul_sxk: [&'static str; 2],
@@ -139,13 +143,21 @@ impl V4Entries {
         Self::index(dtype, 1).map(|(d, _)| self.matmul_sxd[d])
     }
 
-    /// The 64-row matmul tile with x staged in shared memory (the signature of [`V4Entries::matmul_sx`],
-    /// [`V4_MATMUL_SX64_SMEM`] bytes of dynamic shared memory; a 1-D grid of at most `ceil(m / 64) x
-    /// ceil(tiles / 8)` blocks of 256 threads, grid-stride); `None` for f32. Written in session 17 without
-    /// a GPU: each decoded A fragment feeds 8 n-tiles' mma instead of 4, halving the decode work per input
-    /// row at 64-256 rows (bench/kernels/V4.md, "Session 17"). Taken only when forced.
+    /// The 64-row matmul tile with x staged in shared memory, on the balanced schedule: `(DzDelta d, const T*
+    /// x, const T* base, T* out, u32 m, float* ws, u32* counters)`, [`V4_MATMUL_SX64_SMEM`] bytes of
+    /// dynamic shared memory, a 1-D grid of [`SxbPartition::new`]'s `grid` blocks of 256 threads and the workspace
+    /// of [`v4_matmul_sxb_workspace`] (counters zero); `None` for f32. Each decoded A fragment feeds 8
+    /// n-tiles' mma instead of 4 (session 17); the balanced schedule gives every block the same work to
+    /// within one chunk of K (session 18). Taken only when forced.
     pub fn matmul_sx64(&self, dtype: Dtype) -> Option<&'static str> {
         Self::index(dtype, 1).map(|(d, _)| self.matmul_sx64[d])
+    }
+
+    /// The 32-row matmul tile on the balanced schedule (the signature and launch of
+    /// [`V4Entries::matmul_sx64`] with 32-row x tiles and [`V4_MATMUL_SXB_SMEM`] bytes of dynamic shared
+    /// memory); `None` for f32. Taken only when forced.
+    pub fn matmul_sxb(&self, dtype: Dtype) -> Option<&'static str> {
+        Self::index(dtype, 1).map(|(d, _)| self.matmul_sxb[d])
     }
 
     /// The 32-row matmul tile with K split over `split` blocks (4 only; the signature of
@@ -235,6 +247,7 @@ impl V4Entries {
             .chain(&self.matmul_sx)
             .chain(&self.matmul_sxd)
             .chain(&self.matmul_sx64)
+            .chain(&self.matmul_sxb)
             .chain(self.matmul_sxk.iter())
             .chain(&self.sbmm_ring)
             .chain(&self.sbmm_xd)
@@ -329,6 +342,10 @@ macro_rules! v4_entries {
                 concat!("dz_v4_", $v, "_matmul_sx_f16_n8"),
                 concat!("dz_v4_", $v, "_matmul_sx_bf16_n8"),
             ],
+            matmul_sxb: [
+                concat!("dz_v4_", $v, "_matmul_sxb_f16_n4"),
+                concat!("dz_v4_", $v, "_matmul_sxb_bf16_n4"),
+            ],
             matmul_sxk: [
                 concat!("dz_v4_", $v, "_matmul_sxk4_f16_n4"),
                 concat!("dz_v4_", $v, "_matmul_sxk4_bf16_n4"),
@@ -402,6 +419,75 @@ pub const V4_WIDE64_ROWS: u32 = 64;
 /// 2 buffers of 64 rows of 2 K blocks (132 words a row: `WideSx<C, T, 8>::BUF` in v4.cu).
 pub const V4_MATMUL_SX64_SMEM: u32 = 2 * V4_WIDE64_ROWS * (2 * 128 / 2 + 4) * 4;
 
+/// The dynamic shared memory (bytes) a block of `dz_v4_<variant>_matmul_sxb_<t>_n4` needs: x
+/// double-buffered, 2 buffers of 32 rows of 2 K blocks (`WideSx<C, T, 4>::BUF` in v4.cu).
+pub const V4_MATMUL_SXB_SMEM: u32 = 2 * V4_WIDE_ROWS * (2 * 128 / 2 + 4) * 4;
+
+/// K blocks (of 128 columns) per unit of the balanced schedule: one chunk of staged x (`WideSx::XC`).
+const SXB_CHUNK_BLOCKS: u64 = 2;
+
+/// How the balanced schedule (`matmul_sxb` in v4.cu: the 64-row tile and `matmul_sxb_<t>_n4`) cuts a
+/// launch, with the kernel's arithmetic: `items` (x tiles x 8-tile groups) of `chunks` units each (chunks
+/// of 2 K blocks), item-major, over `grid` blocks, block `g` taking units `[g U / G, (g + 1) U / G)`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SxbPartition {
+    /// Items: x tiles x groups of 8 consecutive 16-row tiles.
+    pub items: u64,
+    /// Units (chunks of 2 K blocks) an item.
+    pub chunks: u64,
+    /// Blocks of the launch.
+    pub grid: u64,
+}
+
+impl SxbPartition {
+    /// The partition of a launch over `m` input rows of `x_rows`-row x tiles (32 or 64), a delta of
+    /// `n_stored` stored rows and `k` columns, on a GPU that keeps `resident` blocks of the kernel at once:
+    /// as many blocks as are resident, or as there are units if fewer.
+    pub fn new(m: u32, x_rows: u32, n_stored: u32, k: u32, resident: u64) -> SxbPartition {
+        let groups = u64::from(n_stored.div_ceil(16).div_ceil(8));
+        let items = u64::from(m.div_ceil(x_rows)) * groups;
+        let chunks = u64::from(k.div_ceil(128)).div_ceil(SXB_CHUNK_BLOCKS);
+        let grid = (items * chunks).min(resident.max(1)).max(1);
+        SxbPartition {
+            items,
+            chunks,
+            grid,
+        }
+    }
+
+    fn units(&self) -> u64 {
+        self.items * self.chunks
+    }
+
+    /// Block `g`'s first unit (`g` = `grid`: the end).
+    pub fn first_unit(&self, g: u64) -> u64 {
+        g * self.units() / self.grid
+    }
+
+    /// The block whose range holds unit `u`.
+    pub fn block_of(&self, u: u64) -> u64 {
+        ((u + 1) * self.grid - 1) / self.units()
+    }
+
+    /// Block `g`'s workspace slot for its partial sums of item `b`, which it shares with other blocks: 2 g
+    /// for the item its range starts in, 2 g + 1 for the one it ends in.
+    pub fn slot(&self, g: u64, b: u64) -> u64 {
+        2 * g + u64::from(self.first_unit(g) / self.chunks != b)
+    }
+}
+
+/// The workspace of a balanced-schedule launch (`matmul_sx_<t>_n8`, `matmul_sxb_<t>_n4`) of `nt` n-tiles
+/// (8 or 4): `(counters, total)` bytes, the counters (one `u32` an item, zero before the launch) first,
+/// padded to 256 bytes, then two slots a block of `nt` x 4 `f32` partial sums a thread of 256. 64 rows of
+/// 11008 x 4096 on 264 blocks: ~17 MB.
+pub fn v4_matmul_sxb_workspace(p: &SxbPartition, nt: u32) -> (usize, usize) {
+    let counters = (p.items as usize * 4).div_ceil(256) * 256;
+    (
+        counters,
+        counters + 2 * p.grid as usize * nt as usize * 4 * 256 * 4,
+    )
+}
+
 /// The workspace of a `dz_v4_<variant>_matmul_sxk<S>_<t>_n4` launch over `blocks` blocks of `matmul_sx`
 /// (x tiles x 8-tile groups) split `split` ways: `(counters, total)` bytes, the counters (one `u32` a
 /// block, zero before the launch) first, padded to 256 bytes, then the partial sums (`split` x 16 `f32` a
@@ -445,10 +531,57 @@ pub fn v4_supports(variant: Variant, k: u32, group_size: u32, symmetric: bool) -
 mod tests {
     use super::*;
 
+    /// The balanced schedule's walk as v4.cu's `matmul_sxb` takes it: every chunk of every item computed
+    /// once, an item cut between blocks reduced from distinct slots (at most two a block, below 2 G), and
+    /// no block past the resident ones or without work.
+    #[test]
+    fn sxb_partition_covers_every_chunk_once() {
+        for &(m, x_rows, n, k, resident) in &[
+            (128u32, 32u32, 11008u32, 4096u32, 264u64),
+            (128, 64, 11008, 4096, 264),
+            (64, 64, 4096, 4096, 264),
+            (256, 64, 4096, 11008, 132),
+            (33, 32, 5120, 13824, 264),
+            (1, 64, 16, 32, 264),
+            (200, 64, 13824, 5120, 7),
+        ] {
+            let p = SxbPartition::new(m, x_rows, n, k, resident);
+            assert!(p.grid <= resident && p.grid <= p.items * p.chunks && p.grid > 0);
+            let nkb = u64::from(k.div_ceil(128));
+            let mut covered = vec![vec![0u32; nkb as usize]; p.items as usize];
+            let mut slots = std::collections::HashSet::new();
+            for g in 0..p.grid {
+                let (mut u, end) = (p.first_unit(g), p.first_unit(g + 1));
+                assert!(u < end, "block {g} of {p:?} has no work");
+                while u < end {
+                    let b = u / p.chunks;
+                    let (lo, hi) = (b * p.chunks, (b + 1) * p.chunks);
+                    let e = end.min(hi);
+                    for kb in (u - lo) * 2..((e - lo) * 2).min(nkb) {
+                        covered[b as usize][kb as usize] += 1;
+                    }
+                    let (g0, g1) = (p.block_of(lo), p.block_of(hi - 1));
+                    assert!(g0 <= g && g <= g1);
+                    if g0 != g1 {
+                        let s = p.slot(g, b);
+                        assert!(
+                            s < 2 * p.grid && slots.insert(s),
+                            "slot {s} of block {g} reused"
+                        );
+                    }
+                    u = e;
+                }
+            }
+            assert!(covered.iter().flatten().all(|&c| c == 1), "{p:?}");
+            let (counters, total) = v4_matmul_sxb_workspace(&p, 8);
+            assert!(counters >= p.items as usize * 4 && total > counters);
+        }
+    }
+
     #[test]
     fn names_and_support() {
         let n: usize = V4.iter().map(|e| e.all().count()).sum();
-        assert_eq!(n, 4 * 31);
+        assert_eq!(n, 4 * 33);
         assert_eq!(
             V4[3].matmul_sx64(Dtype::Bf16),
             Some("dz_v4_sparse24_4_matmul_sx_bf16_n8")

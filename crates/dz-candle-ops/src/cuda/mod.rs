@@ -37,9 +37,10 @@ use candle_core::{CudaDevice, CudaStorage, DType, Layout, Shape};
 use dz_kernels::desc::as_bytes;
 use dz_kernels::tc::{tc_entries, tc_supports, TcEntries, TcTile, TC_MODULE, TC_THREADS};
 use dz_kernels::v4::{
-    v4_entries, v4_matmul_sxd_smem, v4_matmul_sxk_workspace, v4_matmul_tile_rows, v4_tile_rows,
-    V4Entries, V4_DEQUANTIZE_THREADS, V4_MATMUL_SX64_SMEM, V4_MAX_ROWS, V4_MODULE, V4_THREADS,
-    V4_TILE_ROWS, V4_WIDE64_ROWS, V4_WIDE_ROWS,
+    v4_entries, v4_matmul_sxb_workspace, v4_matmul_sxd_smem, v4_matmul_sxk_workspace,
+    v4_matmul_tile_rows, v4_tile_rows, SxbPartition, V4Entries, V4_DEQUANTIZE_THREADS,
+    V4_MATMUL_SX64_SMEM, V4_MATMUL_SXB_SMEM, V4_MAX_ROWS, V4_MODULE, V4_THREADS, V4_TILE_ROWS,
+    V4_WIDE64_ROWS, V4_WIDE_ROWS,
 };
 use dz_kernels::{DzDelta, DzSegment, Tile, Variant, ROWS_PER_BLOCK, THREADS, WARPS};
 use half::{bf16, f16};
@@ -350,14 +351,41 @@ fn matmul_t<T: Elem>(
             let tiles = d.desc.n_stored.div_ceil(kernel.stored_rows());
             let x_tiles = m32.div_ceil(kernel.rows());
             // The 32-row tile with x in shared memory: blocks of 8 row tiles of one x tile, no split.
+            // (name, blocks, dynamic shared memory, split, the balanced schedule's partition and n-tiles).
             let sx = match kernel {
-                // The 64-row tile (forced, or from `set_v4_wide64_from`'s rows): blocks of 8 row tiles of
-                // one x tile of 64 rows, no split.
-                Kernel::V4(e, V4_WIDE_ROWS) if crate::v4_takes_wide64(m32) => {
-                    let blocks = u64::from(m32.div_ceil(V4_WIDE64_ROWS))
-                        * u64::from(tiles.div_ceil(WARPS_V4));
-                    e.matmul_sx64(T::KIND)
-                        .map(|name| (name, blocks, V4_MATMUL_SX64_SMEM, 1))
+                // The balanced schedule: the 64-row tile (forced, or from `set_v4_wide64_from`'s rows;
+                // 2 blocks an SM for sparse24, 1 for quant: its registers) or the 32-row tile's balanced
+                // entry (forced), on as many blocks as are resident.
+                Kernel::V4(e, V4_WIDE_ROWS)
+                    if crate::v4_takes_wide64(m32)
+                        || crate::v4_wide_x() == crate::V4WideX::SharedBalanced =>
+                {
+                    let sms = resident_warps(&dev)? / u64::from(2 * WARPS_V4);
+                    let (name, x_rows, smem, per_sm, nt) = if crate::v4_takes_wide64(m32) {
+                        let per_sm = if matches!(d.variant, Variant::Sparse24(_)) {
+                            2
+                        } else {
+                            1
+                        };
+                        (
+                            e.matmul_sx64(T::KIND),
+                            V4_WIDE64_ROWS,
+                            V4_MATMUL_SX64_SMEM,
+                            per_sm,
+                            8,
+                        )
+                    } else {
+                        (
+                            e.matmul_sxb(T::KIND),
+                            V4_WIDE_ROWS,
+                            V4_MATMUL_SXB_SMEM,
+                            2,
+                            4,
+                        )
+                    };
+                    let part =
+                        SxbPartition::new(m32, x_rows, d.desc.n_stored, d.desc.k, sms * per_sm);
+                    name.map(|name| (name, part.grid, smem, 1, Some((part, nt))))
                 }
                 Kernel::V4(e, V4_WIDE_ROWS) => {
                     let blocks = u64::from(x_tiles) * u64::from(tiles.div_ceil(WARPS_V4));
@@ -386,7 +414,8 @@ fn matmul_t<T: Elem>(
                         crate::V4WideX::Shared
                         | crate::V4WideX::SharedDeep
                         | crate::V4WideX::SharedSplit
-                        | crate::V4WideX::Shared64 => true,
+                        | crate::V4WideX::Shared64
+                        | crate::V4WideX::SharedBalanced => true,
                     };
                     // The deep ring (x and codes in shared memory; measured slower) only when forced.
                     let deep = crate::v4_wide_x() == crate::V4WideX::SharedDeep;
@@ -404,12 +433,12 @@ fn matmul_t<T: Elem>(
                     };
                     name.zip(smem)
                         .filter(|_| shared)
-                        .map(|(name, smem)| (name, blocks, smem, split))
+                        .map(|(name, smem)| (name, blocks, smem, split, None))
                 }
                 _ => None,
             };
             let func = match sx {
-                Some((name, _, smem, _)) => {
+                Some((name, _, smem, _, _)) => {
                     let f = dev
                         .get_or_load_custom_func(name, V4_MODULE, dz_kernels::v4_ptx())?
                         .into_cuda_function();
@@ -425,7 +454,7 @@ fn matmul_t<T: Elem>(
                 // The K-split entries take `split` consecutive blocks per block of the others, one
                 // item each (the workspace has a slot per item).
                 Kernel::V4(..) if sx.is_some() => {
-                    let (blocks, split) = sx.map_or((1, 1), |(_, b, _, s)| (b, s));
+                    let (blocks, split) = sx.map_or((1, 1), |(_, b, _, s, _)| (b, s));
                     let groups = blocks.min(u64::from(MAX_GRID_X / split)) as u32;
                     ((groups * split, 1), None)
                 }
@@ -436,10 +465,17 @@ fn matmul_t<T: Elem>(
                 }
                 _ => ((tiles, x_tiles.min(MAX_GRID_Y)), None),
             };
-            // The K split's partial sums and counters (zeroed here, on the stream).
-            let sxk = match sx {
-                Some((_, blocks, _, split)) if split > 1 => {
-                    let (counters, total) = v4_matmul_sxk_workspace(blocks, split);
+            // The K split's (or the balanced schedule's) partial sums and counters (zeroed here, on
+            // the stream).
+            let workspace = match sx {
+                Some((.., Some((part, nt)))) => Some(v4_matmul_sxb_workspace(&part, nt)),
+                Some((_, blocks, _, split, None)) if split > 1 => {
+                    Some(v4_matmul_sxk_workspace(blocks, split))
+                }
+                _ => None,
+            };
+            let sxk = match workspace {
+                Some((counters, total)) => {
                     // SAFETY: uninitialized: the counters are zeroed below, and the kernel reads a
                     // partial sum only after the block that writes it has counted itself in.
                     let buf = unsafe { dev.alloc::<u8>(total) }?;
@@ -475,10 +511,12 @@ fn matmul_t<T: Elem>(
             // descriptor points to the delta's parts (the v4 parts for a v4 kernel), checked by
             // `describe`. The `matmul_sxd` entries get the dynamic shared memory they need
             // (`v4_matmul_sxd_smem`, allowed on the function above; they trap with less), and the 64-row
-            // `matmul_sx_<t>_n8` entries (matmul_sx's arguments, ceil(m / 64) x ceil(tiles / 8) blocks)
-            // their double-buffered x (`V4_MATMUL_SX64_SMEM`, allowed above).
+            // `matmul_sx_<t>_n8` and `matmul_sxb_<t>_n4` entries (matmul_sxk's arguments, the
+            // partition's grid, its workspace of `v4_matmul_sxb_workspace` bytes with the counters
+            // zeroed) their double-buffered x (`V4_MATMUL_SX64_SMEM` / `V4_MATMUL_SXB_SMEM`, allowed
+            // above).
             let mut cfg = kernel.config(grid);
-            cfg.shared_mem_bytes = sx.map_or(0, |(_, _, smem, _)| smem);
+            cfg.shared_mem_bytes = sx.map_or(0, |(_, _, smem, ..)| smem);
             unsafe { b.launch(cfg) }.w()?;
         }
     }

@@ -1009,27 +1009,94 @@ __device__ __forceinline__ void matmul_sx(const DzDelta& d, const T* x, const T*
   }
 }
 
-// The 64-row matmul tile (`dz_v4_<variant>_matmul_sx_<t>_n8`; session 17, written without a GPU): matmul_sx
-// (S = 1) with WideSx<C, T, 8>, a block's 8 warps on 8 consecutive 16-row tiles of one x tile of 64 rows.
-// Each A fragment a warp decodes feeds 8 n-tiles' mma instead of 4, so the decode work per input row
-// halves (the 32-row tile at 64-256 rows is bound by issue, decode and mma in the same warps; V4.md
-// "Session 17"). x is double-buffered in 2 x 64 x 132 words of dynamic shared memory
-// (`V4_MATMUL_SX64_SMEM` on the host: 67584 bytes; more than a static array may take). ptxas -v (nvcc
-// 13.0, sm_90): the sparse24 entries fit 128 registers without spills (2 blocks an SM); the quant ones
-// spilled there (24-100 bytes), so they take 1 block an SM (167-192 registers, no spill).
-template <class C, typename T>
-__device__ __forceinline__ void matmul_sx64(const DzDelta& d, const T* x, const T* base, T* out, uint32_t m) {
-  using W = WideSx<C, T, 8>;
-  constexpr int NT = W::NT;
-  extern __shared__ __align__(16) uint32_t xs64[];
+// The balanced schedule of the shared-x tiles (`matmul_sxb<NT>`; session 18, written after Nsight Compute on
+// the H200): the 64-row tile (`dz_v4_<variant>_matmul_sx_<t>_n8`, NT = 8) and the 32-row tile's balanced
+// entry (`dz_v4_<variant>_matmul_sxb_<t>_n4`, NT = 4). Session 18 measured the 64-row tile (session 17's
+// grid-stride launch of ceil(m / 64) x ceil(tiles / 8) blocks) no faster than the 32-row one: at 128 rows
+// of 11008 x 4096 4-bit 2:4 its 172 blocks filled 0.65 of a wave (40 SMs ran two blocks, 92 one: 57.6 us),
+// and the 32-row tile's 344 blocks 1.30 waves (51.2 us; ncu: "the partial wave may account for up to 50%
+// of the runtime"). Per unit of work the 64-row tile was ~15% cheaper, but the whole-item blocks left SMs
+// idle at the end.
+//
+// Here the work is cut into units of one chunk (XC = 2 K blocks) of one item (x tile, 8 consecutive
+// 16-row tiles), item-major: U = items x nch units. The grid is G blocks (the host launches at most as
+// many as are resident at once, so no block waits for another wave), and block g takes units
+// [g U / G, (g + 1) U / G): every block the same work to within one chunk. A block walks its range item by
+// item (each piece a `WideSx::accumulate` over whole chunks, all 8 warps in step as there). An item inside
+// one block's range is stored directly. An item cut between blocks g0 .. g1 is summed as the K split does
+// (`matmul_sx` with S > 1): each writes its partial sums to a slot of `ws`, fences and counts itself in
+// at `counters[item]` (zero at launch); the block that counts last adds the g1 - g0 + 1 partials in block
+// order (its own from registers), so the sum's order, and the output's bits, do not depend on which block
+// finishes last. A block cuts at most two items (the first and the last of its range), so `ws` has two
+// slots a block: slot 2 g for the item its range starts in, 2 g + 1 for the one it ends in
+// (`v4_matmul_sxb_workspace` on the host: counters for every item, then 2 G slots of NT x 4 floats a
+// thread). x is double-buffered in dynamic shared memory (`V4_MATMUL_SX64_SMEM` / `V4_MATMUL_SXB_SMEM`).
+// ptxas -v (nvcc 13.0, sm_90): the 64-row sparse24 entries fit 128 registers without spills (2 blocks an
+// SM); the 64-row quant ones spilled there (24-100 bytes), so they take 1 block an SM (167-192 registers).
+struct SxbPartition {
+  uint64_t units, grid;
+  uint32_t nch;
+  // The block whose range holds unit u: the largest g with g U / G <= u.
+  __device__ __forceinline__ uint64_t block_of(uint64_t u) const { return ((u + 1) * grid - 1) / units; }
+  __device__ __forceinline__ uint64_t first_unit(uint64_t g) const { return g * units / grid; }
+  // Block g's slot for its partial sums of item b (which it cuts).
+  __device__ __forceinline__ uint64_t slot(uint64_t g, uint64_t b) const {
+    return 2 * g + (first_unit(g) / nch == b ? 0 : 1);
+  }
+};
+
+template <class C, typename T, int NT>
+__device__ __forceinline__ void matmul_sxb(const DzDelta& d, const T* x, const T* base, T* out, uint32_t m,
+                                           float* ws, uint32_t* counters) {
+  using W = WideSx<C, T, NT>;
+  constexpr uint32_t XC = W::XC;
+  constexpr uint32_t PART = NT * 4;  // partial sums a thread
+  extern __shared__ __align__(16) uint32_t xs_dyn[];
   const WideWalk<NT> walk(d, m);
   const uint32_t nkb = (d.k + KB - 1) / KB;
-  for (uint64_t b = blockIdx.x; b < walk.blocks; b += gridDim.x) {
+  const uint32_t nch = (nkb + XC - 1) / XC;
+  const SxbPartition part{walk.blocks * nch, gridDim.x, nch};
+  const uint64_t g = blockIdx.x;
+  const uint64_t u_end = part.first_unit(g + 1);
+  for (uint64_t u = part.first_unit(g); u < u_end;) {
+    const uint64_t b = u / nch;
+    const uint64_t item_lo = b * nch, item_end = item_lo + nch;
+    const uint64_t e = min(u_end, item_end);
+    const uint32_t kb_lo = uint32_t(u - item_lo) * XC, kb_hi = min(uint32_t(e - item_lo) * XC, nkb);
     const auto it = walk.item(b, m);
     float acc[NT][4];
     zero(acc);
-    W::accumulate(d, x + size_t(it.i0) * d.k, it.rows, walk.tile(it), xs64, acc, 0, nkb);
-    walk.template store<C, T>(d, it, base, out, acc);
+    W::accumulate(d, x + size_t(it.i0) * d.k, it.rows, walk.tile(it), xs_dyn, acc, kb_lo, kb_hi);
+    const uint64_t g0 = part.block_of(item_lo), g1 = part.block_of(item_end - 1);
+    if (g0 == g1) {
+      walk.template store<C, T>(d, it, base, out, acc);
+    } else {
+      // Slot s's sums: word e of thread t at (s PART + e) blockDim + t.
+      float* mine = ws + size_t(part.slot(g, b)) * PART * blockDim.x + threadIdx.x;
+#pragma unroll
+      for (int t = 0; t < NT; ++t)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) __stcg(mine + (t * 4 + q) * blockDim.x, acc[t][q]);
+      __threadfence();  // this thread's sums are visible GPU-wide before the block counts itself in
+      __shared__ uint32_t last;
+      __syncthreads();
+      if (threadIdx.x == 0) last = atomicAdd(counters + b, 1u) == uint32_t(g1 - g0);
+      __syncthreads();
+      if (last) {
+        __threadfence();  // the other blocks' sums, fenced before their counts, are read after ours
+        float sum[NT][4];
+        zero(sum);
+        for (uint64_t r = g0; r <= g1; ++r) {
+          const float* p = ws + size_t(part.slot(r, b)) * PART * blockDim.x + threadIdx.x;
+#pragma unroll
+          for (int t = 0; t < NT; ++t)
+#pragma unroll
+            for (int q = 0; q < 4; ++q) sum[t][q] += r == g ? acc[t][q] : __ldcg(p + (t * 4 + q) * blockDim.x);
+        }
+        walk.template store<C, T>(d, it, base, out, sum);
+      }
+    }
+    u = e;
   }
 }
 
@@ -1548,13 +1615,22 @@ __device__ __forceinline__ void dequantize(const DzDelta& d, const T* base, T* o
       dz_v4_##variant##_matmul_sx_##tname##_n4(DzDelta d, const T* x, const T* base, T* out, uint32_t m) {   \
     dz::v4::matmul_sx<C, T, 1>(d, x, base, out, m);                                                          \
   }
-// dz_v4_<variant>_matmul_sx_<t>_n8(DzDelta d, const T* x, const T* base, T* out, u32 m): the 64-row tile
-// (matmul_sx64), `MINB` blocks an SM (2 for sparse24, 1 for quant: see matmul_sx64); a 1-D grid of at most
-// ceil(m / 64) * ceil(tiles / 8) blocks of 256 threads and V4_MATMUL_SX64_SMEM bytes of dynamic shared memory.
-#define DZ_V4_MATMUL_SX64(variant, C, T, tname, MINB)                                                        \
+// dz_v4_<variant>_matmul_sx_<t>_n8(DzDelta d, const T* x, const T* base, T* out, u32 m, float* ws,
+// u32* counters): the 64-row tile on the balanced schedule (matmul_sxb, NT = 8), `MINB` blocks an SM (2 for
+// sparse24, 1 for quant); a 1-D grid of at most the resident blocks and of at most its units, ws and
+// counters of v4_matmul_sxb_workspace bytes (the counters zero), V4_MATMUL_SX64_SMEM bytes of dynamic
+// shared memory. dz_v4_<variant>_matmul_sxb_<t>_n4 (same signature): the 32-row tile on it (NT = 4,
+// 2 blocks an SM, V4_MATMUL_SXB_SMEM bytes).
+#define DZ_V4_MATMUL_SXB(variant, C, T, tname, MINB)                                                         \
   extern "C" __global__ void __launch_bounds__(dz::v4::WK * 32, MINB)                                       \
-      dz_v4_##variant##_matmul_sx_##tname##_n8(DzDelta d, const T* x, const T* base, T* out, uint32_t m) {   \
-    dz::v4::matmul_sx64<C, T>(d, x, base, out, m);                                                           \
+      dz_v4_##variant##_matmul_sx_##tname##_n8(DzDelta d, const T* x, const T* base, T* out, uint32_t m,     \
+                                               float* ws, uint32_t* counters) {                              \
+    dz::v4::matmul_sxb<C, T, 8>(d, x, base, out, m, ws, counters);                                           \
+  }                                                                                                          \
+  extern "C" __global__ void __launch_bounds__(dz::v4::WK * 32, 2)                                          \
+      dz_v4_##variant##_matmul_sxb_##tname##_n4(DzDelta d, const T* x, const T* base, T* out, uint32_t m,    \
+                                                float* ws, uint32_t* counters) {                             \
+    dz::v4::matmul_sxb<C, T, 4>(d, x, base, out, m, ws, counters);                                           \
   }
 // dz_v4_<variant>_matmul_sxk<S>_<t>_n4(DzDelta d, const T* x, const T* base, T* out, u32 m, float* ws,
 // u32* counters): as matmul_sx, K split over S blocks (S = 4), reduced through `ws`; a grid of S x the
@@ -1617,7 +1693,7 @@ __device__ __forceinline__ void dequantize(const DzDelta& d, const T* base, T* o
   DZ_V4_ENTRIES(variant, C, __half, f16, 2)            \
   DZ_V4_MATMUL(variant, C, __half, f16, 4)             \
   DZ_V4_MATMUL_SX(variant, C, __half, f16)             \
-  DZ_V4_MATMUL_SX64(variant, C, __half, f16, MINB64)   \
+  DZ_V4_MATMUL_SXB(variant, C, __half, f16, MINB64)   \
   DZ_V4_MATMUL_SXK(variant, C, __half, f16, 4)         \
   DZ_V4_MATMUL_SXD(variant, C, __half, f16)            \
   DZ_V4_SBMM_RING(variant, C, __half, f16)             \
@@ -1626,7 +1702,7 @@ __device__ __forceinline__ void dequantize(const DzDelta& d, const T* base, T* o
   DZ_V4_ENTRIES(variant, C, __nv_bfloat16, bf16, 2)    \
   DZ_V4_MATMUL(variant, C, __nv_bfloat16, bf16, 4)     \
   DZ_V4_MATMUL_SX(variant, C, __nv_bfloat16, bf16)     \
-  DZ_V4_MATMUL_SX64(variant, C, __nv_bfloat16, bf16, MINB64) \
+  DZ_V4_MATMUL_SXB(variant, C, __nv_bfloat16, bf16, MINB64) \
   DZ_V4_MATMUL_SXK(variant, C, __nv_bfloat16, bf16, 4) \
   DZ_V4_MATMUL_SXD(variant, C, __nv_bfloat16, bf16)    \
   DZ_V4_SBMM_RING(variant, C, __nv_bfloat16, bf16)     \
