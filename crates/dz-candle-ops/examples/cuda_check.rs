@@ -1598,10 +1598,10 @@ fn v4_family(ck: &mut Checker, only: bool) {
                     // Past 16 rows: the 32-row tile with x from global memory (each split), from
                     // shared memory, with x and the codes in the deep shared-memory ring (no split), and
                     // with K split over blocks, the 64-row tile (session 17) and the 32-row tile on the
-                    // balanced schedule (session 18), each forced, besides the
+                    // balanced schedule and the pair tiles (session 18), each forced, besides the
                     // automatic choice.
                     // Every mode with the tile on, then (at 33 rows only) the tile off.
-                    const WIDES: [(bool, V4WideX); 8] = [
+                    const WIDES: [(bool, V4WideX); 10] = [
                         (true, V4WideX::Auto),
                         (true, V4WideX::Global),
                         (true, V4WideX::Shared),
@@ -1609,6 +1609,8 @@ fn v4_family(ck: &mut Checker, only: bool) {
                         (true, V4WideX::SharedSplit),
                         (true, V4WideX::Shared64),
                         (true, V4WideX::SharedBalanced),
+                        (true, V4WideX::SharedPair),
+                        (true, V4WideX::SharedPairDeep),
                         (false, V4WideX::Auto),
                     ];
                     let wides: &[(bool, V4WideX)] = match rows {
@@ -1645,6 +1647,8 @@ fn v4_family(ck: &mut Checker, only: bool) {
                                     V4WideX::SharedSplit => " wide-x=shared-split",
                                     V4WideX::Shared64 => " wide-x=shared-64",
                                     V4WideX::SharedBalanced => " wide-x=shared-balanced",
+                                    V4WideX::SharedPair => " wide-x=shared-pair",
+                                    V4WideX::SharedPairDeep => " wide-x=shared-pair-deep",
                                 }
                             ),
                             |dev, ops| {

@@ -31,7 +31,8 @@
 //!   with x read from global memory (split automatic) / staged in shared memory (`set_v4_wide_x`; `dz`
 //!   picks one per launch); `dz-sxd`: x and the codes in the deep shared-memory ring (forced only);
 //!   `dz-sxk`: K split over 4 blocks; `dz-sx64`: the 64-row tile (session 17, forced only; on the
-//!   balanced schedule since session 18); `dz-sxb`: the 32-row tile on the balanced schedule (forced only);
+//!   balanced schedule since session 18); `dz-sxb`: the 32-row tile on the balanced schedule; `dz-sxp` /
+//!   `dz-sxp2`: two 16-row tiles a warp on it, code rings 1 / 2 deep (session 18, forced only);
 //! - sbmm at 1-4 rows a delta: `dz-s1` .. `dz-s8` (the split forced), `dz-sx` (x in shared memory per
 //!   block), `dz-ring` (each warp's codes through its own shared-memory ring, `set_v4_sbmm_ring`) and
 //!   `dz-xd` / `dz-xo` (x loaded before each mma; a 6-deep code ring, or a 3-deep one at 3 blocks an SM;
@@ -474,7 +475,13 @@ fn profile(b: &Bench) -> Result<()> {
     // pipes, shared-memory traffic and stalls beside cuBLAS's at the same rows (below).
     let d = DeviceDelta::from_payload(&payload(CODECS[0].1, n, k, 10), None, &b.dev)?;
     let x = Tensor::randn(0f32, 1.0, (128, k), &b.dev)?.to_dtype(DType::BF16)?;
-    for wide in [V4WideX::Auto, V4WideX::Shared64, V4WideX::SharedBalanced] {
+    for wide in [
+        V4WideX::Auto,
+        V4WideX::Shared64,
+        V4WideX::SharedBalanced,
+        V4WideX::SharedPair,
+        V4WideX::SharedPairDeep,
+    ] {
         set_v4_wide_x(wide);
         for _ in 0..2 {
             keep.push(delta_matmul(&x, &d)?);
@@ -896,8 +903,8 @@ fn main() -> Result<()> {
                     eprintln!("{}", r.md());
                     rows_out.push(r);
                 }
-                // The 32-row tile's four kernels, the 64-row tile (session 17) and the 32-row tile on the
-                // balanced schedule (session 18), each forced.
+                // The 32-row tile's four kernels, the 64-row tile (session 17), and the 32-row tile and
+                // the pair tiles on the balanced schedule (session 18), each forced.
                 if has_v4 && rows > 16 {
                     for (mode, path) in [
                         (V4WideX::Global, "dz-gx"),
@@ -906,6 +913,8 @@ fn main() -> Result<()> {
                         (V4WideX::SharedSplit, "dz-sxk"),
                         (V4WideX::Shared64, "dz-sx64"),
                         (V4WideX::SharedBalanced, "dz-sxb"),
+                        (V4WideX::SharedPair, "dz-sxp"),
+                        (V4WideX::SharedPairDeep, "dz-sxp2"),
                     ] {
                         set_v4_wide_x(mode);
                         let t = b.time(ITERS, |i| {

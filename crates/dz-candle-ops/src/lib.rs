@@ -301,6 +301,14 @@ pub enum V4WideX {
     /// 128 rows of 11008 x 4096 (its 344 blocks for 264 resident: "the partial wave may account for up to
     /// 50% of the runtime"). Taken only when forced, until a GPU has checked and timed it.
     SharedBalanced,
+    /// The pair tile on the balanced schedule (`dz_v4_<variant>_matmul_sxp_<t>_n4`, session 18): each warp
+    /// takes two consecutive 16-row tiles of the delta, so every x fragment it reads from shared memory
+    /// feeds two mma. Session 18's Nsight Compute run put L1 (shared memory) at 73% of its peak in the
+    /// 32-row tile at 128 rows, the busiest unit, the x fragments ~3/4 of its traffic. Code rings 1 deep,
+    /// 2 blocks an SM (128 registers). Taken only when forced, until a GPU has checked and timed it.
+    SharedPair,
+    /// The pair tile with code rings 2 deep at 1 block an SM (`_sxp2_`, 218-255 registers). Forced only.
+    SharedPairDeep,
 }
 
 /// The split (blocks an item) the 32-row tile takes for a launch of `blocks` blocks (x tiles x 8-tile
@@ -319,7 +327,7 @@ pub fn v4_wide_split(blocks: u64, resident: u64) -> u32 {
 static V4_WIDE_X: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
 
 /// Sets where the v4 32-row matmul tile reads x from ([`V4WideX`]; [`V4WideX::Auto`] by default). For
-/// benchmarks and checks (`kernel_bench`'s `dz-gx` / `dz-sx` / `dz-sxd` / `dz-sxk` / `dz-sx64` / `dz-sxb` paths, `cuda_check`); all
+/// benchmarks and checks (`kernel_bench`'s `dz-gx` / `dz-sx` / `dz-sxd` / `dz-sxk` / `dz-sx64` / `dz-sxb` / `dz-sxp` / `dz-sxp2` paths, `cuda_check`); all
 /// compute the same sums up to f32 summation order.
 pub fn set_v4_wide_x(mode: V4WideX) {
     let v = match mode {
@@ -330,6 +338,8 @@ pub fn set_v4_wide_x(mode: V4WideX) {
         V4WideX::SharedSplit => 4,
         V4WideX::Shared64 => 5,
         V4WideX::SharedBalanced => 6,
+        V4WideX::SharedPair => 7,
+        V4WideX::SharedPairDeep => 8,
     };
     V4_WIDE_X.store(v, std::sync::atomic::Ordering::Relaxed);
 }
@@ -343,6 +353,8 @@ pub fn v4_wide_x() -> V4WideX {
         4 => V4WideX::SharedSplit,
         5 => V4WideX::Shared64,
         6 => V4WideX::SharedBalanced,
+        7 => V4WideX::SharedPair,
+        8 => V4WideX::SharedPairDeep,
         _ => V4WideX::Auto,
     }
 }

@@ -81,6 +81,10 @@ pub struct V4Entries {
     /// `dz_v4_<variant>_matmul_sxb_<t>_n4`, by dtype: the 32-row tile on the balanced schedule
     /// ([`V4_MATMUL_SXB_SMEM`] bytes of dynamic shared memory; experimental, [`V4Entries::matmul_sxb`]).
     pub matmul_sxb: [&'static str; 2],
+    /// `dz_v4_<variant>_matmul_sxp_<t>_n4` and `_sxp2_`, by dtype then entry: the 32-row tile on the
+    /// balanced schedule with two 16-row tiles a warp sharing each x fragment (code rings 1 deep, 2 blocks
+    /// an SM; 2 deep, 1 block an SM); experimental, [`V4Entries::matmul_sxp`].
+    pub matmul_sxp: [[&'static str; 2]; 2],
     /// `dz_v4_<variant>_matmul_sxk4_<t>_n4`, by dtype: the 32-row tile with x in shared memory, K split
     /// over 4 blocks, reduced through a workspace (S = 2 measured no faster than no split in session 14).
     pub matmul_sxk: [&'static str; 2],
@@ -158,6 +162,15 @@ impl V4Entries {
     /// memory); `None` for f32. Taken only when forced.
     pub fn matmul_sxb(&self, dtype: Dtype) -> Option<&'static str> {
         Self::index(dtype, 1).map(|(d, _)| self.matmul_sxb[d])
+    }
+
+    /// The pair tile on the balanced schedule: [`V4Entries::matmul_sxb`]'s signature, launch and shared
+    /// memory, with each warp on two consecutive 16-row tiles of the delta, so each x fragment a warp reads
+    /// from shared memory feeds two mma (session 18: shared memory was the busiest unit of the 32-row tile
+    /// at 128 rows). `deep`: code rings 2 blocks deep at 1 block an SM (`_sxp2_`), else 1 deep at 2 (`_sxp_`).
+    /// Its [`SxbPartition`] takes `mt` = 2. `None` for f32. Taken only when forced.
+    pub fn matmul_sxp(&self, dtype: Dtype, deep: bool) -> Option<&'static str> {
+        Self::index(dtype, 1).map(|(d, _)| self.matmul_sxp[d][usize::from(deep)])
     }
 
     /// The 32-row matmul tile with K split over `split` blocks (4 only; the signature of
@@ -248,6 +261,7 @@ impl V4Entries {
             .chain(&self.matmul_sxd)
             .chain(&self.matmul_sx64)
             .chain(&self.matmul_sxb)
+            .chain(self.matmul_sxp.iter().flatten())
             .chain(self.matmul_sxk.iter())
             .chain(&self.sbmm_ring)
             .chain(&self.sbmm_xd)
@@ -346,6 +360,16 @@ macro_rules! v4_entries {
                 concat!("dz_v4_", $v, "_matmul_sxb_f16_n4"),
                 concat!("dz_v4_", $v, "_matmul_sxb_bf16_n4"),
             ],
+            matmul_sxp: [
+                [
+                    concat!("dz_v4_", $v, "_matmul_sxp_f16_n4"),
+                    concat!("dz_v4_", $v, "_matmul_sxp2_f16_n4"),
+                ],
+                [
+                    concat!("dz_v4_", $v, "_matmul_sxp_bf16_n4"),
+                    concat!("dz_v4_", $v, "_matmul_sxp2_bf16_n4"),
+                ],
+            ],
             matmul_sxk: [
                 concat!("dz_v4_", $v, "_matmul_sxk4_f16_n4"),
                 concat!("dz_v4_", $v, "_matmul_sxk4_bf16_n4"),
@@ -426,12 +450,13 @@ pub const V4_MATMUL_SXB_SMEM: u32 = 2 * V4_WIDE_ROWS * (2 * 128 / 2 + 4) * 4;
 /// K blocks (of 128 columns) per unit of the balanced schedule: one chunk of staged x (`WideSx::XC`).
 const SXB_CHUNK_BLOCKS: u64 = 2;
 
-/// How the balanced schedule (`matmul_sxb` in v4.cu: the 64-row tile and `matmul_sxb_<t>_n4`) cuts a
-/// launch, with the kernel's arithmetic: `items` (x tiles x 8-tile groups) of `chunks` units each (chunks
-/// of 2 K blocks), item-major, over `grid` blocks, block `g` taking units `[g U / G, (g + 1) U / G)`.
+/// How the balanced schedule (`matmul_sxb` in v4.cu: the 64-row tile, `matmul_sxb_<t>_n4` and the pair
+/// tiles) cuts a launch, with the kernel's arithmetic: `items` (x tiles x groups of 8 `mt` consecutive
+/// 16-row tiles) of `chunks` units each (chunks of 2 K blocks), item-major, over `grid` blocks, block `g`
+/// taking units `[g U / G, (g + 1) U / G)`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SxbPartition {
-    /// Items: x tiles x groups of 8 consecutive 16-row tiles.
+    /// Items: x tiles x groups of 8 `mt` consecutive 16-row tiles.
     pub items: u64,
     /// Units (chunks of 2 K blocks) an item.
     pub chunks: u64,
@@ -441,10 +466,11 @@ pub struct SxbPartition {
 
 impl SxbPartition {
     /// The partition of a launch over `m` input rows of `x_rows`-row x tiles (32 or 64), a delta of
-    /// `n_stored` stored rows and `k` columns, on a GPU that keeps `resident` blocks of the kernel at once:
-    /// as many blocks as are resident, or as there are units if fewer.
-    pub fn new(m: u32, x_rows: u32, n_stored: u32, k: u32, resident: u64) -> SxbPartition {
-        let groups = u64::from(n_stored.div_ceil(16).div_ceil(8));
+    /// `n_stored` stored rows and `k` columns, `mt` 16-row tiles a warp (1, or 2 for the pair tiles), on a
+    /// GPU that keeps `resident` blocks of the kernel at once: as many blocks as are resident, or as there
+    /// are units if fewer.
+    pub fn new(m: u32, x_rows: u32, n_stored: u32, k: u32, mt: u32, resident: u64) -> SxbPartition {
+        let groups = u64::from(n_stored.div_ceil(16).div_ceil(8 * mt));
         let items = u64::from(m.div_ceil(x_rows)) * groups;
         let chunks = u64::from(k.div_ceil(128)).div_ceil(SXB_CHUNK_BLOCKS);
         let grid = (items * chunks).min(resident.max(1)).max(1);
@@ -476,15 +502,16 @@ impl SxbPartition {
     }
 }
 
-/// The workspace of a balanced-schedule launch (`matmul_sx_<t>_n8`, `matmul_sxb_<t>_n4`) of `nt` n-tiles
-/// (8 or 4): `(counters, total)` bytes, the counters (one `u32` an item, zero before the launch) first,
-/// padded to 256 bytes, then two slots a block of `nt` x 4 `f32` partial sums a thread of 256. 64 rows of
+/// The workspace of a balanced-schedule launch (`matmul_sx_<t>_n8`, `matmul_sxb_<t>_n4`, the pair tiles)
+/// whose warps each hold `sums` tiles of 8 x 16 sums (n-tiles x tiles a warp: 8, 4 or 2 x 4 = 8):
+/// `(counters, total)` bytes, the counters (one `u32` an item, zero before the launch) first, padded to
+/// 256 bytes, then two slots a block of `sums` x 4 `f32` partial sums a thread of 256. 64 rows of
 /// 11008 x 4096 on 264 blocks: ~17 MB.
-pub fn v4_matmul_sxb_workspace(p: &SxbPartition, nt: u32) -> (usize, usize) {
+pub fn v4_matmul_sxb_workspace(p: &SxbPartition, sums: u32) -> (usize, usize) {
     let counters = (p.items as usize * 4).div_ceil(256) * 256;
     (
         counters,
-        counters + 2 * p.grid as usize * nt as usize * 4 * 256 * 4,
+        counters + 2 * p.grid as usize * sums as usize * 4 * 256 * 4,
     )
 }
 
@@ -536,16 +563,17 @@ mod tests {
     /// no block past the resident ones or without work.
     #[test]
     fn sxb_partition_covers_every_chunk_once() {
-        for &(m, x_rows, n, k, resident) in &[
-            (128u32, 32u32, 11008u32, 4096u32, 264u64),
-            (128, 64, 11008, 4096, 264),
-            (64, 64, 4096, 4096, 264),
-            (256, 64, 4096, 11008, 132),
-            (33, 32, 5120, 13824, 264),
-            (1, 64, 16, 32, 264),
-            (200, 64, 13824, 5120, 7),
+        for &(m, x_rows, n, k, mt, resident) in &[
+            (128u32, 32u32, 11008u32, 4096u32, 1u32, 264u64),
+            (128, 32, 11008, 4096, 2, 264),
+            (128, 64, 11008, 4096, 1, 264),
+            (64, 64, 4096, 4096, 1, 264),
+            (256, 64, 4096, 11008, 1, 132),
+            (33, 32, 5120, 13824, 2, 264),
+            (1, 64, 16, 32, 1, 264),
+            (200, 64, 13824, 5120, 1, 7),
         ] {
-            let p = SxbPartition::new(m, x_rows, n, k, resident);
+            let p = SxbPartition::new(m, x_rows, n, k, mt, resident);
             assert!(p.grid <= resident && p.grid <= p.items * p.chunks && p.grid > 0);
             let nkb = u64::from(k.div_ceil(128));
             let mut covered = vec![vec![0u32; nkb as usize]; p.items as usize];
@@ -581,7 +609,11 @@ mod tests {
     #[test]
     fn names_and_support() {
         let n: usize = V4.iter().map(|e| e.all().count()).sum();
-        assert_eq!(n, 4 * 33);
+        assert_eq!(n, 4 * 37);
+        assert_eq!(
+            V4[3].matmul_sxp(Dtype::Bf16, true),
+            Some("dz_v4_sparse24_4_matmul_sxp2_bf16_n4")
+        );
         assert_eq!(
             V4[3].matmul_sx64(Dtype::Bf16),
             Some("dz_v4_sparse24_4_matmul_sx_bf16_n8")

@@ -354,38 +354,63 @@ fn matmul_t<T: Elem>(
             // (name, blocks, dynamic shared memory, split, the balanced schedule's partition and n-tiles).
             let sx = match kernel {
                 // The balanced schedule: the 64-row tile (forced, or from `set_v4_wide64_from`'s rows;
-                // 2 blocks an SM for sparse24, 1 for quant: its registers) or the 32-row tile's balanced
-                // entry (forced), on as many blocks as are resident.
+                // 2 blocks an SM for sparse24, 1 for quant: its registers), the 32-row tile's balanced
+                // entry or the pair tiles (forced), on as many blocks as are resident.
                 Kernel::V4(e, V4_WIDE_ROWS)
                     if crate::v4_takes_wide64(m32)
-                        || crate::v4_wide_x() == crate::V4WideX::SharedBalanced =>
+                        || matches!(
+                            crate::v4_wide_x(),
+                            crate::V4WideX::SharedBalanced
+                                | crate::V4WideX::SharedPair
+                                | crate::V4WideX::SharedPairDeep
+                        ) =>
                 {
                     let sms = resident_warps(&dev)? / u64::from(2 * WARPS_V4);
-                    let (name, x_rows, smem, per_sm, nt) = if crate::v4_takes_wide64(m32) {
-                        let per_sm = if matches!(d.variant, Variant::Sparse24(_)) {
-                            2
-                        } else {
-                            1
-                        };
-                        (
-                            e.matmul_sx64(T::KIND),
-                            V4_WIDE64_ROWS,
-                            V4_MATMUL_SX64_SMEM,
-                            per_sm,
+                    // (entry, x rows, shared memory, blocks an SM, tiles a warp, sums a lane / 4)
+                    let (name, x_rows, smem, per_sm, mt, sums) = match crate::v4_wide_x() {
+                        _ if crate::v4_takes_wide64(m32) => {
+                            let per_sm = if matches!(d.variant, Variant::Sparse24(_)) {
+                                2
+                            } else {
+                                1
+                            };
+                            (
+                                e.matmul_sx64(T::KIND),
+                                V4_WIDE64_ROWS,
+                                V4_MATMUL_SX64_SMEM,
+                                per_sm,
+                                1,
+                                8,
+                            )
+                        }
+                        crate::V4WideX::SharedPair => (
+                            e.matmul_sxp(T::KIND, false),
+                            V4_WIDE_ROWS,
+                            V4_MATMUL_SXB_SMEM,
+                            2,
+                            2,
                             8,
-                        )
-                    } else {
-                        (
+                        ),
+                        crate::V4WideX::SharedPairDeep => (
+                            e.matmul_sxp(T::KIND, true),
+                            V4_WIDE_ROWS,
+                            V4_MATMUL_SXB_SMEM,
+                            1,
+                            2,
+                            8,
+                        ),
+                        _ => (
                             e.matmul_sxb(T::KIND),
                             V4_WIDE_ROWS,
                             V4_MATMUL_SXB_SMEM,
                             2,
+                            1,
                             4,
-                        )
+                        ),
                     };
                     let part =
-                        SxbPartition::new(m32, x_rows, d.desc.n_stored, d.desc.k, sms * per_sm);
-                    name.map(|name| (name, part.grid, smem, 1, Some((part, nt))))
+                        SxbPartition::new(m32, x_rows, d.desc.n_stored, d.desc.k, mt, sms * per_sm);
+                    name.map(|name| (name, part.grid, smem, 1, Some((part, sums))))
                 }
                 Kernel::V4(e, V4_WIDE_ROWS) => {
                     let blocks = u64::from(x_tiles) * u64::from(tiles.div_ceil(WARPS_V4));
@@ -415,7 +440,9 @@ fn matmul_t<T: Elem>(
                         | crate::V4WideX::SharedDeep
                         | crate::V4WideX::SharedSplit
                         | crate::V4WideX::Shared64
-                        | crate::V4WideX::SharedBalanced => true,
+                        | crate::V4WideX::SharedBalanced
+                        | crate::V4WideX::SharedPair
+                        | crate::V4WideX::SharedPairDeep => true,
                     };
                     // The deep ring (x and codes in shared memory; measured slower) only when forced.
                     let deep = crate::v4_wide_x() == crate::V4WideX::SharedDeep;
@@ -468,7 +495,7 @@ fn matmul_t<T: Elem>(
             // The K split's (or the balanced schedule's) partial sums and counters (zeroed here, on
             // the stream).
             let workspace = match sx {
-                Some((.., Some((part, nt)))) => Some(v4_matmul_sxb_workspace(&part, nt)),
+                Some((.., Some((part, sums)))) => Some(v4_matmul_sxb_workspace(&part, sums)),
                 Some((_, blocks, _, split, None)) if split > 1 => {
                     Some(v4_matmul_sxk_workspace(blocks, split))
                 }
@@ -511,7 +538,8 @@ fn matmul_t<T: Elem>(
             // descriptor points to the delta's parts (the v4 parts for a v4 kernel), checked by
             // `describe`. The `matmul_sxd` entries get the dynamic shared memory they need
             // (`v4_matmul_sxd_smem`, allowed on the function above; they trap with less), and the 64-row
-            // `matmul_sx_<t>_n8` and `matmul_sxb_<t>_n4` entries (matmul_sxk's arguments, the
+            // `matmul_sx_<t>_n8`, `matmul_sxb_<t>_n4` and `matmul_sxp[2]_<t>_n4` entries (matmul_sxk's
+            // arguments, the
             // partition's grid, its workspace of `v4_matmul_sxb_workspace` bytes with the counters
             // zeroed) their double-buffered x (`V4_MATMUL_SX64_SMEM` / `V4_MATMUL_SXB_SMEM`, allowed
             // above).

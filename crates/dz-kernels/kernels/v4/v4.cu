@@ -747,32 +747,39 @@ __device__ __forceinline__ void sbmm_sx(const DzSegment* segs, uint32_t n_segs, 
 // loads on 8 distinct bank groups).
 __device__ __forceinline__ uint32_t wide_swz(uint32_t q) { return q ^ (((q >> 3) & 1u) << 1); }
 
-// part += block j (of the staged x rows in `buf`, STRIDE words apart, pieces swizzled by `wide_swz`) of a
-// warp's products for the 32-row tile (NT = 4) or the 64-row one (NT = 8), the stage's codes already in
-// registers: the shared-memory half of WideSx (x double-buffered in chunks) and WideSxd (x and codes in one
-// ring of K blocks).
-template <class C, typename T, int STRIDE, int NT = 4>
-__device__ __forceinline__ void wide_compute(const Stage<C, NT>& st, float (&part)[NT][4], const uint32_t (&mul)[4],
-                                             const uint32_t (&add)[4], const uint32_t (&mask)[4], uint32_t magic,
-                                             const uint32_t* buf, uint32_t j, uint32_t lane) {
+// part[i] += block j (of the staged x rows in `buf`, as `wide_compute` below) of a warp's products for
+// MT consecutive 16-row tiles of the delta, tile i's stage in `st[i]` (session 18): the tiles share every
+// B fragment of x (one ldmatrix or 16-byte load for MT mma).
+// Nsight Compute on the 32-row tile (MT = 1) at 128 rows of 11008 x 4096 put L1 (shared memory) at 73% of
+// its peak, the busiest unit, and the x fragments are ~3/4 of its traffic there.
+template <class C, typename T, int STRIDE, int NT, int MT>
+__device__ __forceinline__ void wide_compute_mt(const Stage<C, NT> (&st)[MT], float (&part)[MT][NT][4],
+                                                const uint32_t (&mul)[4], const uint32_t (&add)[4],
+                                                const uint32_t (&mask)[4], uint32_t magic, const uint32_t* buf,
+                                                uint32_t j, uint32_t lane) {
   using Tl = Tile<C, T, NT>;
   const uint32_t g = lane / 4, c = lane % 4;
   if constexpr (!C::sparse) {
 #pragma unroll
     for (int s2 = 0; s2 < C::STEPS / 2; ++s2) {
-      uint32_t a0[4], a1[4];
+      uint32_t a0[MT][4], a1[MT][4];
 #pragma unroll
-      for (int f = 0; f < 4; ++f) {
-        a0[f] = Tl::a_pair(st, 2 * s2, f, mul, add, mask, magic);
-        a1[f] = Tl::a_pair(st, 2 * s2 + 1, f, mul, add, mask, magic);
-      }
+      for (int i = 0; i < MT; ++i)
+#pragma unroll
+        for (int f = 0; f < 4; ++f) {
+          a0[i][f] = Tl::a_pair(st[i], 2 * s2, f, mul, add, mask, magic);
+          a1[i][f] = Tl::a_pair(st[i], 2 * s2 + 1, f, mul, add, mask, magic);
+        }
       // Words 16 c + 4 s2 .. + 3 of the block (the re-laid quant order: lane c's 32 columns).
       const uint32_t* at = buf + wide_swz(16 * j + 4 * c + s2) * 4;
 #pragma unroll
       for (int t = 0; t < NT; ++t) {
         const uint4 v = *reinterpret_cast<const uint4*>(at + (8 * t + g) * STRIDE);
-        mma16<T>(part[t], a0, v.x, v.y);
-        mma16<T>(part[t], a1, v.z, v.w);
+#pragma unroll
+        for (int i = 0; i < MT; ++i) {
+          mma16<T>(part[i][t], a0[i], v.x, v.y);
+          mma16<T>(part[i][t], a1[i], v.z, v.w);
+        }
       }
     }
   } else {
@@ -780,9 +787,11 @@ __device__ __forceinline__ void wide_compute(const Stage<C, NT>& st, float (&par
     const uint32_t lr = lane % 8, li = lane / 8;  // the ldmatrix row this lane addresses: matrix li, row lr
 #pragma unroll
     for (int s = 0; s < C::STEPS; ++s) {
-      uint32_t a[4];
+      uint32_t a[MT][4];
 #pragma unroll
-      for (int f = 0; f < 4; ++f) a[f] = Tl::a_pair(st, s, f, mul, add, mask, magic);
+      for (int i = 0; i < MT; ++i)
+#pragma unroll
+        for (int f = 0; f < 4; ++f) a[i][f] = Tl::a_pair(st[i], s, f, mul, add, mask, magic);
       const uint32_t piece = wide_swz(16 * j + 4 * s + li);
 #pragma unroll
       for (int t = 0; t < NT; ++t) {
@@ -791,10 +800,24 @@ __device__ __forceinline__ void wide_compute(const Stage<C, NT>& st, float (&par
         asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                      : "=r"(b[0]), "=r"(b[1]), "=r"(b[2]), "=r"(b[3])
                      : "r"(addr));
-        mma32sp<T>(part[t], a, b, st.m[s]);
+#pragma unroll
+        for (int i = 0; i < MT; ++i) mma32sp<T>(part[i][t], a[i], b, st[i].m[s]);
       }
     }
   }
+}
+
+// part += block j (of the staged x rows in `buf`, STRIDE words apart, pieces swizzled by `wide_swz`) of a
+// warp's products for the 32-row tile (NT = 4) or the 64-row one (NT = 8), the stage's codes already in
+// registers: the shared-memory half of WideSx (x double-buffered in chunks) and WideSxd (x and codes in one
+// ring of K blocks). One tile of the delta: `wide_compute_mt` with MT = 1.
+template <class C, typename T, int STRIDE, int NT = 4>
+__device__ __forceinline__ void wide_compute(const Stage<C, NT>& st, float (&part)[NT][4], const uint32_t (&mul)[4],
+                                             const uint32_t (&add)[4], const uint32_t (&mask)[4], uint32_t magic,
+                                             const uint32_t* buf, uint32_t j, uint32_t lane) {
+  wide_compute_mt<C, T, STRIDE, NT, 1>(reinterpret_cast<const Stage<C, NT>(&)[1]>(st),
+                                       reinterpret_cast<float(&)[1][NT][4]>(part), mul, add, mask, magic, buf, j,
+                                       lane);
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -838,13 +861,6 @@ struct WideSx {
     }
   }
 
-  // part += block j (of the chunk in `buf`) of this warp's products.
-  static __device__ __forceinline__ void compute(const Stage<C, NT>& st, float (&part)[NT][4], const uint32_t (&mul)[4],
-                                                 const uint32_t (&add)[4], const uint32_t (&mask)[4], uint32_t magic,
-                                                 const uint32_t* buf, uint32_t j, uint32_t lane) {
-    wide_compute<C, T, STRIDE, NT>(st, part, mul, add, mask, magic, buf, j, lane);
-  }
-
   static __device__ __forceinline__ void advance(Cursor<C, T, NT>& cur, uint32_t nkb) {
     if (cur.kb + 1 < nkb) {
       cur.codes += C::PACKET;
@@ -854,33 +870,43 @@ struct WideSx {
     cur.kb += 1;
   }
 
-  // acc += this warp's K blocks `kb_lo .. kb_hi` (whole chunks: `kb_lo` a multiple of XC; `0 .. nkb` for the
-  // whole K row) of tile `rt` against the block's x tile (`rows` rows at `x`). Every warp of the block calls
-  // it with the same x tile, delta and range (the barriers).
-  static __device__ __forceinline__ void accumulate(const DzDelta& d, const T* x, uint32_t rows, uint32_t rt,
-                                                    uint32_t* xs, float (&acc)[NT][4], uint32_t kb_lo,
-                                                    uint32_t kb_hi) {
+  // acc[i] += this warp's K blocks `kb_lo .. kb_hi` (whole chunks: `kb_lo` a multiple of XC; `0 .. nkb` for
+  // the whole K row) of tile `rt + i` (the last tile where that is past it: computed, not stored) against the
+  // block's x tile (`rows` rows at `x`), for i < MT. Every warp of the block calls it with the same x tile,
+  // delta and range (the barriers). MT > 1 (session 18): the MT tiles share each x fragment
+  // (`wide_compute_mt`), their codes in MT rings DM blocks deep.
+  template <int MT, int DM>
+  static __device__ __forceinline__ void accumulate_mt(const DzDelta& d, const T* x, uint32_t rows, uint32_t rt,
+                                                       uint32_t* xs, float (&acc)[MT][NT][4], uint32_t kb_lo,
+                                                       uint32_t kb_hi) {
+    static_assert(XC % DM == 0, "chunk boundaries must fall on round starts");
     const uint32_t lane = threadIdx.x % 32;
     const uint32_t K = d.k;
     const uint32_t nkb = (K + KB - 1) / KB;
+    const uint32_t last_tile = (d.n_stored + 15) / 16 - 1;
     const uint32_t ch_lo = kb_lo / XC, ch_end = (kb_hi + XC - 1) / XC;
-    Cursor<C, T, NT> cur;
-    cur.kb = kb_lo;
-    Tl::codes_at(cur, d, size_t(rt) * nkb + kb_lo, lane);
+    Cursor<C, T, NT> cur[MT];
+#pragma unroll
+    for (int i = 0; i < MT; ++i) {
+      cur[i].kb = kb_lo;
+      Tl::codes_at(cur[i], d, size_t(min(rt + i, last_tile)) * nkb + kb_lo, lane);
+    }
     uint32_t mul[4], add[4], mask[4];
     Tl::decode_constants(d.bits, mul, add, mask);
     const uint32_t magic = Num<T>::MAGIC;
 
-    Stage<C, NT> ring[D];
+    Stage<C, NT> ring[DM][MT];
 #pragma unroll
-    for (int i = 0; i < D; ++i) {
-      Tl::load_codes(ring[i], cur);
-      advance(cur, kb_hi);
-    }
+    for (int r = 0; r < DM; ++r)
+#pragma unroll
+      for (int i = 0; i < MT; ++i) {
+        Tl::load_codes(ring[r][i], cur[i]);
+        advance(cur[i], kb_hi);
+      }
     __syncthreads();  // the buffers are free (an earlier x tile of this block has been read)
     stage(xs, x, rows, K, ch_lo);
     cp_async_commit();
-    for (uint32_t kb0 = kb_lo; kb0 < kb_hi; kb0 += D) {
+    for (uint32_t kb0 = kb_lo; kb0 < kb_hi; kb0 += DM) {
       const uint32_t ch = kb0 / XC;
       if (kb0 % XC == 0) {
         if (ch > ch_lo) __syncthreads();  // chunk ch - 1 read by every warp: its buffer takes chunk ch + 1
@@ -891,24 +917,36 @@ struct WideSx {
       }
       const uint32_t* buf = xs + ((ch - ch_lo) % 2) * BUF;
 #pragma unroll
-      for (int i = 0; i < D; ++i) {
-        const uint32_t kb = kb0 + i;
+      for (int r = 0; r < DM; ++r) {
+        const uint32_t kb = kb0 + r;
         if (kb >= kb_hi) break;
-        float p[NT][4];
-        zero(p);
-        compute(ring[i], p, mul, add, mask, magic, buf, kb % XC, lane);
-        Tl::add_scaled(acc, p, ring[i].s);
-        Tl::load_codes(ring[i], cur);
-        advance(cur, kb_hi);
+        float p[MT][NT][4];
+#pragma unroll
+        for (int i = 0; i < MT; ++i) zero(p[i]);
+        wide_compute_mt<C, T, STRIDE, NT, MT>(ring[r], p, mul, add, mask, magic, buf, kb % XC, lane);
+#pragma unroll
+        for (int i = 0; i < MT; ++i) {
+          Tl::add_scaled(acc[i], p[i], ring[r][i].s);
+          Tl::load_codes(ring[r][i], cur[i]);
+          advance(cur[i], kb_hi);
+        }
       }
     }
+  }
+
+  // acc += this warp's K blocks `kb_lo .. kb_hi` of tile `rt`: `accumulate_mt` with MT = 1.
+  static __device__ __forceinline__ void accumulate(const DzDelta& d, const T* x, uint32_t rows, uint32_t rt,
+                                                    uint32_t* xs, float (&acc)[NT][4], uint32_t kb_lo,
+                                                    uint32_t kb_hi) {
+    accumulate_mt<1, D>(d, x, rows, rt, xs, reinterpret_cast<float(&)[1][NT][4]>(acc), kb_lo, kb_hi);
   }
 };
 
 // The 32-row tile's launch walk (`matmul_sx`, `matmul_sxd`): a 1-D grid over blocks of (x tile of 32 rows, 8
 // consecutive 16-row tiles), x-tile-major, grid-stride. A warp past the last tile computes the last tile
-// again (in bounds, so that it keeps the block's barriers) and stores nothing.
-template <int NT>
+// again (in bounds, so that it keeps the block's barriers) and stores nothing. MT > 1 (the balanced
+// schedule's pair tile, session 18): a warp takes MT consecutive tiles, a block 8 MT.
+template <int NT, int MT = 1>
 struct WideWalk {
   uint32_t tiles, groups;
   uint64_t blocks;
@@ -919,13 +957,13 @@ struct WideWalk {
 
   __device__ __forceinline__ WideWalk(const DzDelta& d, uint32_t m)
       : tiles((d.n_stored + 15) / 16),
-        groups((tiles + WK - 1) / WK),
+        groups((tiles + WK * MT - 1) / (WK * MT)),
         blocks(uint64_t((m + 8 * NT - 1) / (8 * NT)) * groups) {}
 
   // Block `b`'s item for this warp.
   __device__ __forceinline__ Item item(uint64_t b, uint32_t m) const {
     const uint32_t i0 = uint32_t(b / groups) * 8 * NT;
-    return {i0, min(uint32_t(8 * NT), m - i0), uint32_t(b % groups) * WK + threadIdx.x / 32};
+    return {i0, min(uint32_t(8 * NT), m - i0), (uint32_t(b % groups) * WK + threadIdx.x / 32) * MT};
   }
 
   // The tile this warp computes (its own, or the last one past the end).
@@ -939,6 +977,14 @@ struct WideWalk {
       const size_t o = size_t(it.i0) * d.n_total;
       Tile<C, T, NT>::store(d, it.rows, base ? base + o : nullptr, out + o, it.rt, acc);
     }
+  }
+
+  // The same for each of the warp's MT tiles (tile rt + i from acc[i]).
+  template <class C, typename T>
+  __device__ __forceinline__ void store_mt(const DzDelta& d, const Item& it, const T* base, T* out,
+                                           const float (&acc)[MT][NT][4]) const {
+#pragma unroll
+    for (int i = 0; i < MT; ++i) store<C, T>(d, {it.i0, it.rows, it.rt + i}, base, out, acc[i]);
   }
 };
 
@@ -1045,14 +1091,14 @@ struct SxbPartition {
   }
 };
 
-template <class C, typename T, int NT>
+template <class C, typename T, int NT, int MT = 1, int DM = WideSx<C, T, NT>::D>
 __device__ __forceinline__ void matmul_sxb(const DzDelta& d, const T* x, const T* base, T* out, uint32_t m,
                                            float* ws, uint32_t* counters) {
   using W = WideSx<C, T, NT>;
   constexpr uint32_t XC = W::XC;
-  constexpr uint32_t PART = NT * 4;  // partial sums a thread
+  constexpr uint32_t PART = MT * NT * 4;  // partial sums a thread
   extern __shared__ __align__(16) uint32_t xs_dyn[];
-  const WideWalk<NT> walk(d, m);
+  const WideWalk<NT, MT> walk(d, m);
   const uint32_t nkb = (d.k + KB - 1) / KB;
   const uint32_t nch = (nkb + XC - 1) / XC;
   const SxbPartition part{walk.blocks * nch, gridDim.x, nch};
@@ -1064,19 +1110,22 @@ __device__ __forceinline__ void matmul_sxb(const DzDelta& d, const T* x, const T
     const uint64_t e = min(u_end, item_end);
     const uint32_t kb_lo = uint32_t(u - item_lo) * XC, kb_hi = min(uint32_t(e - item_lo) * XC, nkb);
     const auto it = walk.item(b, m);
-    float acc[NT][4];
-    zero(acc);
-    W::accumulate(d, x + size_t(it.i0) * d.k, it.rows, walk.tile(it), xs_dyn, acc, kb_lo, kb_hi);
+    float acc[MT][NT][4];
+#pragma unroll
+    for (int i = 0; i < MT; ++i) zero(acc[i]);
+    W::template accumulate_mt<MT, DM>(d, x + size_t(it.i0) * d.k, it.rows, walk.tile(it), xs_dyn, acc, kb_lo, kb_hi);
     const uint64_t g0 = part.block_of(item_lo), g1 = part.block_of(item_end - 1);
     if (g0 == g1) {
-      walk.template store<C, T>(d, it, base, out, acc);
+      walk.template store_mt<C, T>(d, it, base, out, acc);
     } else {
       // Slot s's sums: word e of thread t at (s PART + e) blockDim + t.
       float* mine = ws + size_t(part.slot(g, b)) * PART * blockDim.x + threadIdx.x;
 #pragma unroll
-      for (int t = 0; t < NT; ++t)
+      for (int i = 0; i < MT; ++i)
 #pragma unroll
-        for (int q = 0; q < 4; ++q) __stcg(mine + (t * 4 + q) * blockDim.x, acc[t][q]);
+        for (int t = 0; t < NT; ++t)
+#pragma unroll
+          for (int q = 0; q < 4; ++q) __stcg(mine + ((i * NT + t) * 4 + q) * blockDim.x, acc[i][t][q]);
       __threadfence();  // this thread's sums are visible GPU-wide before the block counts itself in
       __shared__ uint32_t last;
       __syncthreads();
@@ -1084,16 +1133,22 @@ __device__ __forceinline__ void matmul_sxb(const DzDelta& d, const T* x, const T
       __syncthreads();
       if (last) {
         __threadfence();  // the other blocks' sums, fenced before their counts, are read after ours
-        float sum[NT][4];
-        zero(sum);
+        float sum[MT][NT][4];
+#pragma unroll
+        for (int i = 0; i < MT; ++i) zero(sum[i]);
         for (uint64_t r = g0; r <= g1; ++r) {
           const float* p = ws + size_t(part.slot(r, b)) * PART * blockDim.x + threadIdx.x;
 #pragma unroll
-          for (int t = 0; t < NT; ++t)
+          for (int i = 0; i < MT; ++i)
 #pragma unroll
-            for (int q = 0; q < 4; ++q) sum[t][q] += r == g ? acc[t][q] : __ldcg(p + (t * 4 + q) * blockDim.x);
+            for (int t = 0; t < NT; ++t)
+#pragma unroll
+              for (int q = 0; q < 4; ++q) {
+                const uint32_t e = (i * NT + t) * 4 + q;
+                sum[i][t][q] += r == g ? acc[i][t][q] : __ldcg(p + e * blockDim.x);
+              }
         }
-        walk.template store<C, T>(d, it, base, out, sum);
+        walk.template store_mt<C, T>(d, it, base, out, sum);
       }
     }
     u = e;
@@ -1631,6 +1686,16 @@ __device__ __forceinline__ void dequantize(const DzDelta& d, const T* base, T* o
       dz_v4_##variant##_matmul_sxb_##tname##_n4(DzDelta d, const T* x, const T* base, T* out, uint32_t m,    \
                                                 float* ws, uint32_t* counters) {                             \
     dz::v4::matmul_sxb<C, T, 4>(d, x, base, out, m, ws, counters);                                           \
+  }                                                                                                          \
+  extern "C" __global__ void __launch_bounds__(dz::v4::WK * 32, 2)                                          \
+      dz_v4_##variant##_matmul_sxp_##tname##_n4(DzDelta d, const T* x, const T* base, T* out, uint32_t m,    \
+                                                float* ws, uint32_t* counters) {                             \
+    dz::v4::matmul_sxb<C, T, 4, 2, 1>(d, x, base, out, m, ws, counters);                                     \
+  }                                                                                                          \
+  extern "C" __global__ void __launch_bounds__(dz::v4::WK * 32, 1)                                          \
+      dz_v4_##variant##_matmul_sxp2_##tname##_n4(DzDelta d, const T* x, const T* base, T* out, uint32_t m,   \
+                                                 float* ws, uint32_t* counters) {                            \
+    dz::v4::matmul_sxb<C, T, 4, 2, 2>(d, x, base, out, m, ws, counters);                                     \
   }
 // dz_v4_<variant>_matmul_sxk<S>_<t>_n4(DzDelta d, const T* x, const T* base, T* out, u32 m, float* ws,
 // u32* counters): as matmul_sx, K split over S blocks (S = 4), reduced through `ws`; a grid of S x the
