@@ -118,7 +118,7 @@ pub struct ServeArgs {
     #[arg(long, requires = "v4_kernels", value_name = "deep|occupancy", num_args = 0..=1,
           default_missing_value = "deep", value_parser = parse_x_direct)]
     pub v4_sbmm_x_direct: Option<dz_loader::V4XDirect>,
-    /// With --v4-kernels, experimental (session 17, written without a GPU; not yet checked on one): from
+    /// With --v4-kernels, experimental (session 17; correct on the H200 in session 18, but no faster): from
     /// this many input rows of one fine-tune (a prompt), the 64-row v4 tile instead of the 32-row one,
     /// which decodes each weight once per 64 rows instead of per 32 (see
     /// dz_candle_ops::set_v4_wide64_from). 0 (the default): never.
@@ -129,6 +129,11 @@ pub struct ServeArgs {
         value_name = "ROWS"
     )]
     pub v4_wide64_from: u32,
+    /// With --v4-kernels: keep prompts of 128 rows and more on the 32-row v4 tile instead of the pair
+    /// tile (two 16-row tiles a warp sharing each x fragment), which the H200 measured 5-19% faster on
+    /// the larger 7B / 13B shapes there (see dz_candle_ops::set_v4_pair). For A/B runs.
+    #[arg(long, requires = "v4_kernels")]
+    pub no_v4_pair: bool,
     /// From this many input rows of one fine-tune in a step (prefill), a delta is merged into a dense
     /// weight once and multiplied with one cuBLAS matmul instead of the delta kernels (CUDA, f16/bf16).
     /// The default is the crossover the H200 measured (bench/results/h200-s10-2026-11-30.md); a delta kept
@@ -200,6 +205,7 @@ impl ServeArgs {
             v4_sbmm_ring: false,
             v4_sbmm_x_direct: None,
             v4_wide64_from: 0,
+            no_v4_pair: false,
             dense_rows: dz_loader::DEFAULT_DENSE_ROWS,
             no_slot_tables: false,
             no_sbmm_wide_segments: false,
@@ -596,6 +602,7 @@ pub fn start(args: &ServeArgs) -> Result<Running> {
         dz_loader::set_v4_sbmm_ring(args.v4_sbmm_ring);
         dz_loader::set_v4_sbmm_x_direct(args.v4_sbmm_x_direct.unwrap_or(dz_loader::V4XDirect::Off));
         dz_loader::set_v4_wide64_from(args.v4_wide64_from);
+        dz_loader::set_v4_pair(!args.no_v4_pair);
         dz_loader::set_sbmm_wide_segments(!args.no_sbmm_wide_segments);
     }
     let api_key = args
@@ -1403,6 +1410,11 @@ mod tests {
         let flag = ["--v4-kernels", "--v4-wide64-from", "64"];
         assert_eq!(wide64(&[&base[..], &flag].concat()).unwrap(), 64);
         assert!(wide64(&[&base[..], &flag[1..]].concat()).is_err());
+        // The pair tile: on by default; --no-v4-pair turns it off, only with --v4-kernels.
+        let pair = |args: &[&str]| Cli::try_parse_from(args).map(|c| c.serve.no_v4_pair);
+        assert!(!pair(&[&base[..], &["--v4-kernels"]].concat()).unwrap());
+        assert!(pair(&[&base[..], &["--v4-kernels", "--no-v4-pair"]].concat()).unwrap());
+        assert!(pair(&[&base[..], &["--no-v4-pair"]].concat()).is_err());
     }
 
     #[test]

@@ -237,8 +237,9 @@ static V4_WIDE64_FROM: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU
 
 /// From how many input rows of one delta the 64-row tile ([`V4WideX::Shared64`]) runs where the 32-row
 /// tile would, under [`V4WideX::Auto`] (in `delta_matmul` and sbmm's own-route segments: a prompt's rows
-/// of one fine-tune); 0 (the default) never. Experimental until a GPU has checked and timed the 64-row
-/// tile (session 17 wrote it without one); `deltazip serve --v4-wide64-from N`.
+/// of one fine-tune); 0 (the default) never. Experimental: session 18's H200 checked it (correct) and
+/// timed it no faster than the 32-row tile at 32-256 rows (geometric mean 0.97-0.99x at 128-256 rows);
+/// `deltazip serve --v4-wide64-from N`. It takes precedence over the pair tile ([`set_v4_pair`]).
 pub fn set_v4_wide64_from(rows: u32) {
     V4_WIDE64_FROM.store(rows, std::sync::atomic::Ordering::Relaxed);
 }
@@ -254,6 +255,36 @@ pub fn v4_takes_wide64(m: u32) -> bool {
         },
         _ => false,
     }
+}
+
+static V4_PAIR: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Lets [`V4WideX::Auto`] run the 32-row tile's launches as the pair tile ([`V4WideX::SharedPair`]) where
+/// [`v4_auto_takes_pair`] says (session 18's H200 measurements). On by default;
+/// `deltazip serve --no-v4-pair` turns it off.
+pub fn set_v4_pair(enabled: bool) {
+    V4_PAIR.store(enabled, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether [`set_v4_pair`] lets the automatic choice take the pair tile.
+pub fn v4_pair() -> bool {
+    V4_PAIR.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Whether [`V4WideX::Auto`] takes the pair tile for `m` input rows of a delta of `n_stored` stored rows
+/// and `k` columns (`sparse24`: a 2:4 codec) where it would take the 32-row tile: from 128 rows on a delta
+/// larger than 4096 x 4096, the quant codecs at 128-255 rows only from 12288 stored rows. Session 18's
+/// H200 sweep (`bench/results/h200-s18-2026-11-30.md`: 4 shapes x 4 codecs x 32-256 rows, both forced
+/// beside the automatic choice): the pair tile took 0.81-0.95x the 32-row tile's time at 256 rows on
+/// every shape but 4096 x 4096 (11008 x 4096 4b 2:4: 81.9 vs 96.8 us), and at 128 rows on the 2:4
+/// codecs there (50.8 vs 54.6) and on 13824 x 5120 (65.8 vs 81.0); it was slower below 128 rows, at
+/// 4096 x 4096 (30.0 vs 26.9 at 128 rows), and for the quant codecs at 128 rows of 11008 x 4096 and
+/// 4096 x 11008 (71.2 vs 66.9).
+pub fn v4_auto_takes_pair(sparse24: bool, n_stored: u32, k: u32, m: u32) -> bool {
+    v4_pair()
+        && m >= 128
+        && u64::from(n_stored) * u64::from(k) > 4096 * 4096
+        && (m >= 256 || sparse24 || n_stored >= 12288)
 }
 
 /// Where the v4 32-row matmul tile ([`set_v4_wide_tiles`]) reads x from.
@@ -490,5 +521,24 @@ mod tests {
         assert!(v4_takes_wide64(17));
         set_v4_wide_x(V4WideX::Auto);
         assert!(!v4_takes_wide64(256));
+    }
+
+    /// The pair tile under `Auto`: the shapes and rows session 18 measured it faster on, and nothing when
+    /// turned off. (Only the CUDA ops read this switch.)
+    #[test]
+    fn the_pair_tile_takes_the_rows_and_shapes_it_won() {
+        use super::{set_v4_pair, v4_auto_takes_pair};
+        // 11008 x 4096 (gate / up of a 7B layer): 2:4 from 128 rows, quant from 256.
+        assert!(v4_auto_takes_pair(true, 11008, 4096, 128));
+        assert!(!v4_auto_takes_pair(true, 11008, 4096, 127));
+        assert!(!v4_auto_takes_pair(false, 11008, 4096, 128));
+        assert!(v4_auto_takes_pair(false, 11008, 4096, 256));
+        // 13824 x 5120: quant from 128 rows too. 4096 x 4096: never.
+        assert!(v4_auto_takes_pair(false, 13824, 5120, 128));
+        assert!(!v4_auto_takes_pair(true, 4096, 4096, 255));
+        assert!(!v4_auto_takes_pair(true, 4096, 4096, 1024));
+        set_v4_pair(false);
+        assert!(!v4_auto_takes_pair(true, 11008, 4096, 256));
+        set_v4_pair(true);
     }
 }

@@ -42,6 +42,9 @@ pub use dz_candle_ops::set_v4_keep_packed;
 /// deltas uploaded while it is on keep only the v4 layout on the GPU), for servers that turn it on
 /// before any delta is uploaded.
 pub use dz_candle_ops::set_v4_kernels;
+/// Whether the v4 kernels' automatic choice takes the pair tile where the H200 measured it faster (on by
+/// default; see `dz_candle_ops::set_v4_pair`; `deltazip serve --no-v4-pair`).
+pub use dz_candle_ops::set_v4_pair;
 /// The per-warp ring v4 decode sbmm (experimental, off by default; see
 /// `dz_candle_ops::set_v4_sbmm_ring`; `deltazip serve --v4-sbmm-ring`).
 pub use dz_candle_ops::set_v4_sbmm_ring;

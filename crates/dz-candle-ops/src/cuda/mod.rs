@@ -352,6 +352,20 @@ fn matmul_t<T: Elem>(
             let x_tiles = m32.div_ceil(kernel.rows());
             // The 32-row tile with x in shared memory: blocks of 8 row tiles of one x tile, no split.
             // (name, blocks, dynamic shared memory, split, the balanced schedule's partition and n-tiles).
+            // The automatic choice takes the pair tile where session 18 measured it faster.
+            let wide_x = match crate::v4_wide_x() {
+                crate::V4WideX::Auto
+                    if crate::v4_auto_takes_pair(
+                        matches!(d.variant, Variant::Sparse24(_)),
+                        d.desc.n_stored,
+                        d.desc.k,
+                        m32,
+                    ) =>
+                {
+                    crate::V4WideX::SharedPair
+                }
+                w => w,
+            };
             let sx = match kernel {
                 // The balanced schedule: the 64-row tile (forced, or from `set_v4_wide64_from`'s rows;
                 // 2 blocks an SM for sparse24, 1 for quant: its registers), the 32-row tile's balanced
@@ -359,7 +373,7 @@ fn matmul_t<T: Elem>(
                 Kernel::V4(e, V4_WIDE_ROWS)
                     if crate::v4_takes_wide64(m32)
                         || matches!(
-                            crate::v4_wide_x(),
+                            wide_x,
                             crate::V4WideX::SharedBalanced
                                 | crate::V4WideX::SharedPair
                                 | crate::V4WideX::SharedPairDeep
@@ -367,7 +381,7 @@ fn matmul_t<T: Elem>(
                 {
                     let sms = resident_warps(&dev)? / u64::from(2 * WARPS_V4);
                     // (entry, x rows, shared memory, blocks an SM, tiles a warp, sums a lane / 4)
-                    let (name, x_rows, smem, per_sm, mt, sums) = match crate::v4_wide_x() {
+                    let (name, x_rows, smem, per_sm, mt, sums) = match wide_x {
                         _ if crate::v4_takes_wide64(m32) => {
                             let per_sm = if matches!(d.variant, Variant::Sparse24(_)) {
                                 2
