@@ -1601,7 +1601,7 @@ fn v4_family(ck: &mut Checker, only: bool) {
                     // balanced schedule and the pair tiles (session 18), each forced, besides the
                     // automatic choice.
                     // Every mode with the tile on, then (at 33 rows only) the tile off.
-                    const WIDES: [(bool, V4WideX); 10] = [
+                    const WIDES: [(bool, V4WideX); 11] = [
                         (true, V4WideX::Auto),
                         (true, V4WideX::Global),
                         (true, V4WideX::Shared),
@@ -1611,6 +1611,7 @@ fn v4_family(ck: &mut Checker, only: bool) {
                         (true, V4WideX::SharedBalanced),
                         (true, V4WideX::SharedPair),
                         (true, V4WideX::SharedPairDeep),
+                        (true, V4WideX::SharedPairGrid),
                         (false, V4WideX::Auto),
                     ];
                     let wides: &[(bool, V4WideX)] = match rows {
@@ -1649,6 +1650,7 @@ fn v4_family(ck: &mut Checker, only: bool) {
                                     V4WideX::SharedBalanced => " wide-x=shared-balanced",
                                     V4WideX::SharedPair => " wide-x=shared-pair",
                                     V4WideX::SharedPairDeep => " wide-x=shared-pair-deep",
+                                    V4WideX::SharedPairGrid => " wide-x=shared-pair-grid",
                                 }
                             ),
                             |dev, ops| {

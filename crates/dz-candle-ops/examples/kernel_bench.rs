@@ -32,7 +32,8 @@
 //!   picks one per launch); `dz-sxd`: x and the codes in the deep shared-memory ring (forced only);
 //!   `dz-sxk`: K split over 4 blocks; `dz-sx64`: the 64-row tile (session 17, forced only; on the
 //!   balanced schedule since session 18); `dz-sxb`: the 32-row tile on the balanced schedule; `dz-sxp` /
-//!   `dz-sxp2`: two 16-row tiles a warp on it, code rings 1 / 2 deep (session 18, forced only);
+//!   `dz-sxp2`: two 16-row tiles a warp on it, code rings 1 / 2 deep; `dz-sxq`: the pair tile on the
+//!   plain grid-stride launch (session 18, forced only);
 //! - sbmm at 1-4 rows a delta: `dz-s1` .. `dz-s8` (the split forced), `dz-sx` (x in shared memory per
 //!   block), `dz-ring` (each warp's codes through its own shared-memory ring, `set_v4_sbmm_ring`) and
 //!   `dz-xd` / `dz-xo` (x loaded before each mma; a 6-deep code ring, or a 3-deep one at 3 blocks an SM;
@@ -481,6 +482,7 @@ fn profile(b: &Bench) -> Result<()> {
         V4WideX::SharedBalanced,
         V4WideX::SharedPair,
         V4WideX::SharedPairDeep,
+        V4WideX::SharedPairGrid,
     ] {
         set_v4_wide_x(wide);
         for _ in 0..2 {
@@ -915,6 +917,7 @@ fn main() -> Result<()> {
                         (V4WideX::SharedBalanced, "dz-sxb"),
                         (V4WideX::SharedPair, "dz-sxp"),
                         (V4WideX::SharedPairDeep, "dz-sxp2"),
+                        (V4WideX::SharedPairGrid, "dz-sxq"),
                     ] {
                         set_v4_wide_x(mode);
                         let t = b.time(ITERS, |i| {

@@ -340,6 +340,9 @@ pub enum V4WideX {
     SharedPair,
     /// The pair tile with code rings 2 deep at 1 block an SM (`_sxp2_`, 218-255 registers). Forced only.
     SharedPairDeep,
+    /// The pair tile on the 32-row tile's plain grid-stride launch (`_sxq_`: blocks of 16 tiles of one x
+    /// tile, whole K rows, no workspace; session 18, not yet run on a GPU). Forced only.
+    SharedPairGrid,
 }
 
 /// The split (blocks an item) the 32-row tile takes for a launch of `blocks` blocks (x tiles x 8-tile
@@ -358,7 +361,7 @@ pub fn v4_wide_split(blocks: u64, resident: u64) -> u32 {
 static V4_WIDE_X: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
 
 /// Sets where the v4 32-row matmul tile reads x from ([`V4WideX`]; [`V4WideX::Auto`] by default). For
-/// benchmarks and checks (`kernel_bench`'s `dz-gx` / `dz-sx` / `dz-sxd` / `dz-sxk` / `dz-sx64` / `dz-sxb` / `dz-sxp` / `dz-sxp2` paths, `cuda_check`); all
+/// benchmarks and checks (`kernel_bench`'s `dz-gx` / `dz-sx` / `dz-sxd` / `dz-sxk` / `dz-sx64` / `dz-sxb` / `dz-sxp` / `dz-sxp2` / `dz-sxq` paths, `cuda_check`); all
 /// compute the same sums up to f32 summation order.
 pub fn set_v4_wide_x(mode: V4WideX) {
     let v = match mode {
@@ -371,6 +374,7 @@ pub fn set_v4_wide_x(mode: V4WideX) {
         V4WideX::SharedBalanced => 6,
         V4WideX::SharedPair => 7,
         V4WideX::SharedPairDeep => 8,
+        V4WideX::SharedPairGrid => 9,
     };
     V4_WIDE_X.store(v, std::sync::atomic::Ordering::Relaxed);
 }
@@ -386,6 +390,7 @@ pub fn v4_wide_x() -> V4WideX {
         6 => V4WideX::SharedBalanced,
         7 => V4WideX::SharedPair,
         8 => V4WideX::SharedPairDeep,
+        9 => V4WideX::SharedPairGrid,
         _ => V4WideX::Auto,
     }
 }

@@ -85,6 +85,9 @@ pub struct V4Entries {
     /// balanced schedule with two 16-row tiles a warp sharing each x fragment (code rings 1 deep, 2 blocks
     /// an SM; 2 deep, 1 block an SM); experimental, [`V4Entries::matmul_sxp`].
     pub matmul_sxp: [[&'static str; 2]; 2],
+    /// `dz_v4_<variant>_matmul_sxq_<t>_n4`, by dtype: the pair tile on the plain grid-stride launch
+    /// (experimental, [`V4Entries::matmul_sxq`]).
+    pub matmul_sxq: [&'static str; 2],
     /// `dz_v4_<variant>_matmul_sxk4_<t>_n4`, by dtype: the 32-row tile with x in shared memory, K split
     /// over 4 blocks, reduced through a workspace (S = 2 measured no faster than no split in session 14).
     pub matmul_sxk: [&'static str; 2],
@@ -171,6 +174,14 @@ impl V4Entries {
     /// Its [`SxbPartition`] takes `mt` = 2. `None` for f32. Taken only when forced.
     pub fn matmul_sxp(&self, dtype: Dtype, deep: bool) -> Option<&'static str> {
         Self::index(dtype, 1).map(|(d, _)| self.matmul_sxp[d][usize::from(deep)])
+    }
+
+    /// The pair tile (code rings 1 deep, 2 blocks an SM) on [`V4Entries::matmul_sx`]'s plain launch: its
+    /// signature, a 1-D grid of at most `ceil(m / 32) x ceil(tiles / 16)` blocks (each 16 consecutive
+    /// 16-row tiles of one 32-row x tile, whole K rows), grid-stride, no workspace; `None` for f32. Written
+    /// at the end of session 18 (the balanced schedule cost 3-7% on the 32-row tile); not yet run on a GPU.
+    pub fn matmul_sxq(&self, dtype: Dtype) -> Option<&'static str> {
+        Self::index(dtype, 1).map(|(d, _)| self.matmul_sxq[d])
     }
 
     /// The 32-row matmul tile with K split over `split` blocks (4 only; the signature of
@@ -262,6 +273,7 @@ impl V4Entries {
             .chain(&self.matmul_sx64)
             .chain(&self.matmul_sxb)
             .chain(self.matmul_sxp.iter().flatten())
+            .chain(&self.matmul_sxq)
             .chain(self.matmul_sxk.iter())
             .chain(&self.sbmm_ring)
             .chain(&self.sbmm_xd)
@@ -369,6 +381,10 @@ macro_rules! v4_entries {
                     concat!("dz_v4_", $v, "_matmul_sxp_bf16_n4"),
                     concat!("dz_v4_", $v, "_matmul_sxp2_bf16_n4"),
                 ],
+            ],
+            matmul_sxq: [
+                concat!("dz_v4_", $v, "_matmul_sxq_f16_n4"),
+                concat!("dz_v4_", $v, "_matmul_sxq_bf16_n4"),
             ],
             matmul_sxk: [
                 concat!("dz_v4_", $v, "_matmul_sxk4_f16_n4"),
@@ -609,7 +625,7 @@ mod tests {
     #[test]
     fn names_and_support() {
         let n: usize = V4.iter().map(|e| e.all().count()).sum();
-        assert_eq!(n, 4 * 37);
+        assert_eq!(n, 4 * 39);
         assert_eq!(
             V4[3].matmul_sxp(Dtype::Bf16, true),
             Some("dz_v4_sparse24_4_matmul_sxp2_bf16_n4")

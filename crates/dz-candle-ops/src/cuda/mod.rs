@@ -426,6 +426,11 @@ fn matmul_t<T: Elem>(
                         SxbPartition::new(m32, x_rows, d.desc.n_stored, d.desc.k, mt, sms * per_sm);
                     name.map(|name| (name, part.grid, smem, 1, Some((part, sums))))
                 }
+                // The pair tile on the plain launch (forced): blocks of 16 row tiles of one x tile.
+                Kernel::V4(e, V4_WIDE_ROWS) if wide_x == crate::V4WideX::SharedPairGrid => {
+                    let blocks = u64::from(x_tiles) * u64::from(tiles.div_ceil(2 * WARPS_V4));
+                    e.matmul_sxq(T::KIND).map(|name| (name, blocks, 0, 1, None))
+                }
                 Kernel::V4(e, V4_WIDE_ROWS) => {
                     let blocks = u64::from(x_tiles) * u64::from(tiles.div_ceil(WARPS_V4));
                     // 4 blocks an item where the launch has at most a block for two SMs (session 14:
@@ -456,7 +461,8 @@ fn matmul_t<T: Elem>(
                         | crate::V4WideX::Shared64
                         | crate::V4WideX::SharedBalanced
                         | crate::V4WideX::SharedPair
-                        | crate::V4WideX::SharedPairDeep => true,
+                        | crate::V4WideX::SharedPairDeep
+                        | crate::V4WideX::SharedPairGrid => true,
                     };
                     // The deep ring (x and codes in shared memory; measured slower) only when forced.
                     let deep = crate::v4_wide_x() == crate::V4WideX::SharedDeep;
@@ -552,7 +558,8 @@ fn matmul_t<T: Elem>(
             // descriptor points to the delta's parts (the v4 parts for a v4 kernel), checked by
             // `describe`. The `matmul_sxd` entries get the dynamic shared memory they need
             // (`v4_matmul_sxd_smem`, allowed on the function above; they trap with less), and the 64-row
-            // `matmul_sx_<t>_n8`, `matmul_sxb_<t>_n4` and `matmul_sxp[2]_<t>_n4` entries (matmul_sxk's
+            // `matmul_sxq_<t>_n4` entries take matmul_sx's arguments on ceil(m / 32) x ceil(tiles / 16)
+            // blocks; the `matmul_sx_<t>_n8`, `matmul_sxb_<t>_n4` and `matmul_sxp[2]_<t>_n4` entries (matmul_sxk's
             // arguments, the
             // partition's grid, its workspace of `v4_matmul_sxb_workspace` bytes with the counters
             // zeroed) their double-buffered x (`V4_MATMUL_SX64_SMEM` / `V4_MATMUL_SXB_SMEM`, allowed

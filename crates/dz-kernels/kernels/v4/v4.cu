@@ -1055,6 +1055,27 @@ __device__ __forceinline__ void matmul_sx(const DzDelta& d, const T* x, const T*
   }
 }
 
+// The pair tile (MT = 2 16-row tiles a warp, code rings DM deep) on matmul_sx's plain grid-stride launch
+// (`dz_v4_<variant>_matmul_sxq_<t>_n4`; session 18, after the balanced schedule below showed a fixed cost
+// of its own on the 32-row tile): blocks of (x tile of 32 rows, 16 consecutive 16-row tiles), whole K rows,
+// no workspace.
+template <class C, typename T, int MT, int DM>
+__device__ __forceinline__ void matmul_sx_mt(const DzDelta& d, const T* x, const T* base, T* out, uint32_t m) {
+  using W = WideSx<C, T>;
+  constexpr int NT = W::NT;
+  __shared__ __align__(16) uint32_t xs[2 * W::BUF];
+  const WideWalk<NT, MT> walk(d, m);
+  const uint32_t nkb = (d.k + KB - 1) / KB;
+  for (uint64_t b = blockIdx.x; b < walk.blocks; b += gridDim.x) {
+    const auto it = walk.item(b, m);
+    float acc[MT][NT][4];
+#pragma unroll
+    for (int i = 0; i < MT; ++i) zero(acc[i]);
+    W::template accumulate_mt<MT, DM>(d, x + size_t(it.i0) * d.k, it.rows, walk.tile(it), xs, acc, 0, nkb);
+    walk.template store_mt<C, T>(d, it, base, out, acc);
+  }
+}
+
 // The balanced schedule of the shared-x tiles (`matmul_sxb<NT>`; session 18, written after Nsight Compute on
 // the H200): the 64-row tile (`dz_v4_<variant>_matmul_sx_<t>_n8`, NT = 8) and the 32-row tile's balanced
 // entry (`dz_v4_<variant>_matmul_sxb_<t>_n4`, NT = 4). Session 18 measured the 64-row tile (session 17's
@@ -1696,6 +1717,10 @@ __device__ __forceinline__ void dequantize(const DzDelta& d, const T* base, T* o
       dz_v4_##variant##_matmul_sxp2_##tname##_n4(DzDelta d, const T* x, const T* base, T* out, uint32_t m,   \
                                                  float* ws, uint32_t* counters) {                            \
     dz::v4::matmul_sxb<C, T, 4, 2, 2>(d, x, base, out, m, ws, counters);                                     \
+  }                                                                                                          \
+  extern "C" __global__ void __launch_bounds__(dz::v4::WK * 32, 2)                                          \
+      dz_v4_##variant##_matmul_sxq_##tname##_n4(DzDelta d, const T* x, const T* base, T* out, uint32_t m) {  \
+    dz::v4::matmul_sx_mt<C, T, 2, 1>(d, x, base, out, m);                                                    \
   }
 // dz_v4_<variant>_matmul_sxk<S>_<t>_n4(DzDelta d, const T* x, const T* base, T* out, u32 m, float* ws,
 // u32* counters): as matmul_sx, K split over S blocks (S = 4), reduced through `ws`; a grid of S x the
