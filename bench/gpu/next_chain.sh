@@ -31,7 +31,8 @@
 #   prompt path); then dz-2b24 x 32 twice beside the base's runs (session 17: 79.5% of the base, the byte
 #   floor of section 3 of h200-s18-2026-11-30.md is half of 4b24's). Then `DZ_PROFILE=events` for dz and dz
 #   `--no-v4-pair` (48 requests): the prompt deltas' GPU time a call (session 17: 142 us) with and
-#   without the pair tile.
+#   without the pair tile. During run 1 of the base and of dz, `nvidia-smi dmon -s u` samples the GPU's
+#   busy fraction (dmon-*.txt; the warm-up and start-up are in it too: read the rows of the timed part).
 set -u
 PART=${PART:?PART=k or PART=srv}
 TAG=s19; W=/tmp/dzsrv; . bench/gpu/chain_env.sh
@@ -51,9 +52,18 @@ if [ "$PART" = k ]; then
   exit 0
 fi
 CODECS="4b24 2b24" DISTINCT=8 OUT=$S/gen bash $R/gpu/serving.sh gen > $S/gen.log 2>&1; log "gen rc=$?"
+# The GPU's busy fraction during run 1 of the base and of dz (nvidia-smi dmon's "sm" column: the share of
+# each second in which a kernel ran). Session 18 could not tell whether the dz step is bound by the GPU
+# (13.9 ms behind the CPU at the head) or by the hook's CPU (15.3 ms more before the head): near 100% in
+# dz says the GPU, well below says the CPU.
+dmon() { nvidia-smi dmon -s u -o T > "$1" 2>&1 & echo $!; }
 for i in 1 2 3; do
+  [ $i = 1 ] && P=$(dmon $S/dmon-base1.txt)
   OUT=$S/base$i RATES=16 REQS=128 bash $R/gpu/serving.sh base > $S/base$i.log 2>&1; log "base $i rc=$?"
+  [ $i = 1 ] && kill $P
+  [ $i = 1 ] && P=$(dmon $S/dmon-dz1.txt)
   OUT=$S/dz$i V4=1 RATES=16 REQS=128 bash $R/gpu/serving.sh dz:4b24:32 > $S/dz$i.log 2>&1; log "dz $i rc=$?"
+  [ $i = 1 ] && kill $P
   NO_V4_PAIR=1 OUT=$S/dznopair$i V4=1 RATES=16 REQS=128 bash $R/gpu/serving.sh dz:4b24:32 > $S/dznopair$i.log 2>&1; log "dz --no-v4-pair $i rc=$?"
   if [ $i -le 2 ]; then
     OUT=$S/dztwo$i V4=1 RATES=16 REQS=128 bash $R/gpu/serving.sh dz:2b24:32 > $S/dztwo$i.log 2>&1; log "dz-2b24 $i rc=$?"
