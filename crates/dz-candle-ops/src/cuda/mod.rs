@@ -350,8 +350,6 @@ fn matmul_t<T: Elem>(
             };
             let tiles = d.desc.n_stored.div_ceil(kernel.stored_rows());
             let x_tiles = m32.div_ceil(kernel.rows());
-            // The 32-row tile with x in shared memory: blocks of 8 row tiles of one x tile, no split.
-            // (name, blocks, dynamic shared memory, split, the balanced schedule's partition and n-tiles).
             // The automatic choice takes the pair tile where session 18 measured it faster.
             let wide_x = match crate::v4_wide_x() {
                 crate::V4WideX::Auto
@@ -366,6 +364,8 @@ fn matmul_t<T: Elem>(
                 }
                 w => w,
             };
+            // The shared-x tiles' launch: (entry, blocks, dynamic shared memory, K split, and on the
+            // balanced schedule its partition and the partial sums a lane / 4).
             let sx = match kernel {
                 // The balanced schedule: the 64-row tile (forced, or from `set_v4_wide64_from`'s rows;
                 // 2 blocks an SM for sparse24, 1 for quant: its registers), the 32-row tile's balanced
@@ -431,6 +431,7 @@ fn matmul_t<T: Elem>(
                     let blocks = u64::from(x_tiles) * u64::from(tiles.div_ceil(2 * WARPS_V4));
                     e.matmul_sxq(T::KIND).map(|name| (name, blocks, 0, 1, None))
                 }
+                // The 32-row tile with x in shared memory: blocks of 8 row tiles of one x tile.
                 Kernel::V4(e, V4_WIDE_ROWS) => {
                     let blocks = u64::from(x_tiles) * u64::from(tiles.div_ceil(WARPS_V4));
                     // 4 blocks an item where the launch has at most a block for two SMs (session 14:
