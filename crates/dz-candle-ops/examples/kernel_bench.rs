@@ -476,8 +476,10 @@ fn profile(b: &Bench) -> Result<()> {
     // pipes, shared-memory traffic and stalls beside cuBLAS's at the same rows (below).
     let d = DeviceDelta::from_payload(&payload(CODECS[0].1, n, k, 10), None, &b.dev)?;
     let x = Tensor::randn(0f32, 1.0, (128, k), &b.dev)?.to_dtype(DType::BF16)?;
+    // (`Auto` takes the pair tile here since session 18; `Shared` keeps the 32-row tile beside it.)
     for wide in [
         V4WideX::Auto,
+        V4WideX::Shared,
         V4WideX::Shared64,
         V4WideX::SharedBalanced,
         V4WideX::SharedPair,
