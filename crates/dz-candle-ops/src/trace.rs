@@ -5,7 +5,8 @@
 //! Off by default and free when off (one relaxed atomic load per span). When on, each span adds its
 //! wall time on the calling thread to its name's total; spans may nest (a phase's total includes the
 //! phases inside it). The CPU time of an op is what it costs the thread that issues the GPU's work: in
-//! serving, the host's CPU bounds the step (session 16's profile), so these totals are the ones to cut.
+//! serving it comes before the GPU's work in every step (session 18 on the H200: a dz step spent 15.3 ms
+//! more CPU than a base step before the output head, and its GPU ended 7.1 ms further behind).
 //!
 //! ```
 //! dz_candle_ops::trace::set_enabled(true);

@@ -519,9 +519,10 @@ impl SxbPartition {
 }
 
 /// The workspace of a balanced-schedule launch (`matmul_sx_<t>_n8`, `matmul_sxb_<t>_n4`, the pair tiles)
-/// whose warps each hold `sums` tiles of 8 x 16 sums (n-tiles x tiles a warp: 8, 4 or 2 x 4 = 8):
-/// `(counters, total)` bytes, the counters (one `u32` an item, zero before the launch) first, padded to
-/// 256 bytes, then two slots a block of `sums` x 4 `f32` partial sums a thread of 256. 64 rows of
+/// whose warps each hold `sums` accumulator tiles (n-tiles x 16-row tiles a warp: 8 x 1 for the 64-row
+/// tile, 4 x 2 for the pair tiles, 4 x 1 for `_sxb_`), 4 `f32` a thread each: `(counters, total)` bytes,
+/// the counters (one `u32` an item, zero before the launch) first, padded to 256 bytes, then two slots a
+/// block of `sums` x 4 `f32` partial sums a thread of 256. 64 rows of
 /// 11008 x 4096 on 264 blocks: ~17 MB.
 pub fn v4_matmul_sxb_workspace(p: &SxbPartition, sums: u32) -> (usize, usize) {
     let counters = (p.items as usize * 4).div_ceil(256) * 256;

@@ -380,7 +380,8 @@ fn matmul_t<T: Elem>(
                         ) =>
                 {
                     let sms = resident_warps(&dev)? / u64::from(2 * WARPS_V4);
-                    // (entry, x rows, shared memory, blocks an SM, tiles a warp, sums a lane / 4)
+                    // (entry, x rows, shared memory, blocks an SM, 16-row tiles a warp, accumulator
+                    // tiles a warp: `v4_matmul_sxb_workspace`'s `sums`)
                     let (name, x_rows, smem, per_sm, mt, sums) = match wide_x {
                         _ if crate::v4_takes_wide64(m32) => {
                             let per_sm = if matches!(d.variant, Variant::Sparse24(_)) {

@@ -1096,10 +1096,11 @@ __device__ __forceinline__ void matmul_sx_mt(const DzDelta& d, const T* x, const
 // order (its own from registers), so the sum's order, and the output's bits, do not depend on which block
 // finishes last. A block cuts at most two items (the first and the last of its range), so `ws` has two
 // slots a block: slot 2 g for the item its range starts in, 2 g + 1 for the one it ends in
-// (`v4_matmul_sxb_workspace` on the host: counters for every item, then 2 G slots of NT x 4 floats a
-// thread). x is double-buffered in dynamic shared memory (`V4_MATMUL_SX64_SMEM` / `V4_MATMUL_SXB_SMEM`).
+// (`v4_matmul_sxb_workspace` on the host: counters for every item, then 2 G slots of MT x NT x 4 floats
+// a thread). x is double-buffered in dynamic shared memory (`V4_MATMUL_SX64_SMEM` / `V4_MATMUL_SXB_SMEM`).
 // ptxas -v (nvcc 13.0, sm_90): the 64-row sparse24 entries fit 128 registers without spills (2 blocks an
-// SM); the 64-row quant ones spilled there (24-100 bytes), so they take 1 block an SM (167-192 registers).
+// SM); the 64-row quant ones spilled there (24-100 bytes), so they take 1 block an SM (179-199 registers
+// on the balanced schedule).
 struct SxbPartition {
   uint64_t units, grid;
   uint32_t nch;
