@@ -260,7 +260,7 @@ pub fn v4_takes_wide64(m: u32) -> bool {
 static V4_PAIR: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
 
 /// Lets [`V4WideX::Auto`] run the 32-row tile's launches as the pair tile ([`V4WideX::SharedPair`]) where
-/// [`v4_auto_takes_pair`] says (session 18's H200 measurements). On by default;
+/// [`v4_auto_takes_pair`] says (sessions 18-19's H200 measurements). On by default;
 /// `deltazip serve --no-v4-pair` turns it off.
 pub fn set_v4_pair(enabled: bool) {
     V4_PAIR.store(enabled, std::sync::atomic::Ordering::Relaxed);
@@ -272,19 +272,40 @@ pub fn v4_pair() -> bool {
 }
 
 /// Whether [`V4WideX::Auto`] takes the pair tile for `m` input rows of a delta of `n_stored` stored rows
-/// and `k` columns (`sparse24`: a 2:4 codec) where it would take the 32-row tile: from 128 rows on a delta
-/// larger than 4096 x 4096, the quant codecs at 128-255 rows only from 12288 stored rows. Session 18's
-/// H200 sweep (`bench/results/h200-s18-2026-11-30.md`: 4 shapes x 4 codecs x 32-256 rows, both forced
-/// beside the automatic choice): the pair tile took 0.81-0.95x the 32-row tile's time at 256 rows on
-/// every shape but 4096 x 4096 (11008 x 4096 4b 2:4: 81.9 vs 96.8 us), and at 128 rows on the 2:4
-/// codecs there (50.8 vs 54.6) and on 13824 x 5120 (65.8 vs 81.0); it was slower below 128 rows, at
+/// and `k` columns (`sparse24`: a 2:4 codec) where it would take the 32-row tile, whose launch would have
+/// `blocks` blocks on a GPU of `sms` SMs: from 128 rows on a delta larger than 4096 x 4096; the quant
+/// codecs at 128-255 rows only where those blocks spread unevenly over the SMs ([`v4_grid_uneven`]).
+///
+/// Session 18's H200 sweep (`bench/results/h200-s18-2026-11-30.md`: 4 shapes x 4 codecs x 32-256 rows,
+/// both forced beside the automatic choice): the pair tile took 0.81-0.95x the 32-row tile's time at 256
+/// rows on every shape but 4096 x 4096 (11008 x 4096 4b 2:4: 81.9 vs 96.8 us), and at 128 rows on the
+/// 2:4 codecs there (50.8 vs 54.6) and on 13824 x 5120 (65.8 vs 81.0); it was slower below 128 rows, at
 /// 4096 x 4096 (30.0 vs 26.9 at 128 rows), and for the quant codecs at 128 rows of 11008 x 4096 and
-/// 4096 x 11008 (71.2 vs 66.9).
-pub fn v4_auto_takes_pair(sparse24: bool, n_stored: u32, k: u32, m: u32) -> bool {
+/// 4096 x 11008 (71.2 vs 66.9). Session 19's sweep of 6 shapes (`h200-s19-2026-12-01.md`) found the quant
+/// codecs at 128 rows 15-32% faster on the pair tile where the 32-row tile's 160 blocks put two blocks on
+/// 28 of the 132 SMs and one on the rest (5120 x 5120 4b g128: 48.8 vs 57.0 us; 5120 x 13824: 91.4 vs
+/// 133.7), and within the noise (+-6%) where its grid is even (4096 x 11008: 128 blocks) or nearly so
+/// (11008 x 4096: 344 blocks, 0.87 of 3 a SM).
+pub fn v4_auto_takes_pair(
+    sparse24: bool,
+    n_stored: u32,
+    k: u32,
+    m: u32,
+    blocks: u64,
+    sms: u64,
+) -> bool {
     v4_pair()
         && m >= 128
         && u64::from(n_stored) * u64::from(k) > 4096 * 4096
-        && (m >= 256 || sparse24 || n_stored >= 12288)
+        && (m >= 256 || sparse24 || v4_grid_uneven(blocks, sms))
+}
+
+/// Whether a launch of `blocks` blocks leaves the busiest of `sms` SMs with much more than the mean: more
+/// blocks than SMs, and the mean under 0.85 of the most any SM gets (`ceil(blocks / sms)`). 160 blocks on
+/// 132 SMs: 0.61 (uneven); 432: 0.82 (uneven); 344: 0.87; 128: one each at most (even).
+pub fn v4_grid_uneven(blocks: u64, sms: u64) -> bool {
+    let sms = sms.max(1);
+    blocks > sms && 100 * blocks < 85 * sms * blocks.div_ceil(sms)
 }
 
 /// Where the v4 32-row matmul tile ([`set_v4_wide_tiles`]) reads x from.
@@ -528,22 +549,34 @@ mod tests {
         assert!(!v4_takes_wide64(256));
     }
 
-    /// The pair tile under `Auto`: the shapes and rows session 18 measured it faster on, and nothing when
+    /// The pair tile under `Auto`: the shapes and rows sessions 18-19 measured it faster on, and nothing when
     /// turned off. (Only the CUDA ops read this switch.)
     #[test]
     fn the_pair_tile_takes_the_rows_and_shapes_it_won() {
-        use super::{set_v4_pair, v4_auto_takes_pair};
-        // 11008 x 4096 (gate / up of a 7B layer): 2:4 from 128 rows, quant from 256.
-        assert!(v4_auto_takes_pair(true, 11008, 4096, 128));
-        assert!(!v4_auto_takes_pair(true, 11008, 4096, 127));
-        assert!(!v4_auto_takes_pair(false, 11008, 4096, 128));
-        assert!(v4_auto_takes_pair(false, 11008, 4096, 256));
-        // 13824 x 5120: quant from 128 rows too. 4096 x 4096: never.
-        assert!(v4_auto_takes_pair(false, 13824, 5120, 128));
-        assert!(!v4_auto_takes_pair(true, 4096, 4096, 255));
-        assert!(!v4_auto_takes_pair(true, 4096, 4096, 1024));
+        use super::{set_v4_pair, v4_auto_takes_pair, v4_grid_uneven};
+        assert!(v4_grid_uneven(160, 132) && v4_grid_uneven(432, 132));
+        assert!(!v4_grid_uneven(344, 132) && !v4_grid_uneven(128, 132) && !v4_grid_uneven(264, 132));
+        // The 32-row tile's blocks at m rows of n stored rows: 8 row tiles of 16 a block, x tiles of 32.
+        let blocks = |n: u64, m: u64| n.div_ceil(16 * 8) * m.div_ceil(32);
+        let takes = |sparse24: bool, n: u32, k: u32, m: u32| {
+            v4_auto_takes_pair(sparse24, n, k, m, blocks(n.into(), m.into()), 132)
+        };
+        // 11008 x 4096 (gate / up of a 7B layer): 2:4 from 128 rows, quant from 256 (344 blocks at 128
+        // rows on 132 SMs: nearly even).
+        assert!(takes(true, 11008, 4096, 128));
+        assert!(!takes(true, 11008, 4096, 127));
+        assert!(!takes(false, 11008, 4096, 128));
+        assert!(takes(false, 11008, 4096, 256));
+        // Quant from 128 rows where the grid is uneven: 13824 x 5120 (432 blocks), 5120 x 5120 and
+        // 5120 x 13824 (160); not 4096 x 11008 (128: one a SM). 4096 x 4096: never.
+        assert!(takes(false, 13824, 5120, 128));
+        assert!(takes(false, 5120, 5120, 128));
+        assert!(takes(false, 5120, 13824, 128));
+        assert!(!takes(false, 4096, 11008, 128));
+        assert!(!takes(true, 4096, 4096, 255));
+        assert!(!takes(true, 4096, 4096, 1024));
         set_v4_pair(false);
-        assert!(!v4_auto_takes_pair(true, 11008, 4096, 256));
+        assert!(!takes(true, 11008, 4096, 256));
         set_v4_pair(true);
     }
 }

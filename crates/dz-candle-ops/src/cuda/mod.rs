@@ -350,15 +350,19 @@ fn matmul_t<T: Elem>(
             };
             let tiles = d.desc.n_stored.div_ceil(kernel.stored_rows());
             let x_tiles = m32.div_ceil(kernel.rows());
-            // The automatic choice takes the pair tile where session 18 measured it faster.
+            // The automatic choice takes the pair tile where sessions 18-19 measured it faster (the
+            // rule reads the 32-row tile's grid: its blocks of 8 row tiles of one x tile, and the SMs).
             let wide_x = match crate::v4_wide_x() {
                 crate::V4WideX::Auto
-                    if crate::v4_auto_takes_pair(
-                        matches!(d.variant, Variant::Sparse24(_)),
-                        d.desc.n_stored,
-                        d.desc.k,
-                        m32,
-                    ) =>
+                    if matches!(kernel, Kernel::V4(_, V4_WIDE_ROWS))
+                        && crate::v4_auto_takes_pair(
+                            matches!(d.variant, Variant::Sparse24(_)),
+                            d.desc.n_stored,
+                            d.desc.k,
+                            m32,
+                            u64::from(x_tiles) * u64::from(tiles.div_ceil(WARPS_V4)),
+                            resident_warps(&dev)? / u64::from(2 * WARPS_V4),
+                        ) =>
                 {
                     crate::V4WideX::SharedPair
                 }
