@@ -282,10 +282,10 @@ pub fn v4_pair() -> bool {
 /// 2:4 codecs there (50.8 vs 54.6) and on 13824 x 5120 (65.8 vs 81.0); it was slower below 128 rows, at
 /// 4096 x 4096 (30.0 vs 26.9 at 128 rows), and for the quant codecs at 128 rows of 11008 x 4096 and
 /// 4096 x 11008 (71.2 vs 66.9). Session 19's sweep of 6 shapes (`h200-s19-2026-12-01.md`) found the quant
-/// codecs at 128 rows 15-32% faster on the pair tile where the 32-row tile's 160 blocks put two blocks on
-/// 28 of the 132 SMs and one on the rest (5120 x 5120 4b g128: 48.8 vs 57.0 us; 5120 x 13824: 91.4 vs
-/// 133.7), and within the noise (+-6%) where its grid is even (4096 x 11008: 128 blocks) or nearly so
-/// (11008 x 4096: 344 blocks, 0.87 of 3 a SM).
+/// codecs at 128 rows at 0.67-0.87x the time on the pair tile where the 32-row tile's 160 blocks put
+/// two blocks on 28 of the 132 SMs and one on the rest (5120 x 5120 4b g128: 48.8 vs 57.0 us; 5120 x
+/// 13824: 91.4 vs 133.7), and within the noise (+-6%) where its grid is even (4096 x 11008: 128 blocks)
+/// or nearly so (11008 x 4096: 344 blocks, 0.87 of 3 a SM).
 pub fn v4_auto_takes_pair(
     sparse24: bool,
     n_stored: u32,
