@@ -215,10 +215,25 @@ thread_local! {
 
 impl Checker {
     fn family(&mut self, name: &str) {
+        self.family_done();
         self.families.push(FamilyStats {
             name: name.to_string(),
             ..Default::default()
         });
+    }
+
+    /// One line for the family just finished, as it finishes (a run stopped by a time limit still says
+    /// how far it got; the table at the end sums them all).
+    fn family_done(&self) {
+        if let Some(f) = self.families.last().filter(|f| f.cases > 0) {
+            println!(
+                "  done: {} ({} passed, {} failed, {:.1}s)",
+                f.name,
+                f.passed,
+                f.failed,
+                f.time.as_secs_f64()
+            );
+        }
     }
 
     fn wanted(&self, config: &str) -> bool {
@@ -2058,6 +2073,7 @@ fn run() -> Result<bool> {
     norm_family(&mut ck);
     validation(&mut ck);
     let _ = std::panic::take_hook();
+    ck.family_done();
 
     println!();
     println!(
