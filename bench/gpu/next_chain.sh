@@ -4,7 +4,7 @@
 #
 # The carry does not fit in one call (tracked files ~39 MB + .gpu/srv 25 MB + .gpu/k 6.6 MB > 64 MiB):
 #   build first (here): bash bench/gpu/build.sh   (.gpu/k and .gpu/srv; check their BUILT files)
-#   call 1, PART=k (~5 min, in the foreground), carry [".gpu/k"]:
+#   call 1, PART=k (~8 min, in the foreground), carry [".gpu/k"]:
 #     PART=k COMMIT=$(git rev-parse --short HEAD) bash bench/gpu/next_chain.sh; tar czf $OUT/s20k.tgz -C /tmp s20
 #   call 2, PART=srv (~15 min), carry [".gpu/srv"]: run it detached, and poll with calls that each sleep
 #   and copy what is there (a call may sleep minutes; only the GAP between calls must stay under ~25 s,
@@ -18,7 +18,11 @@
 # PART=k. The kernel routing at the head (session 19 moved the quant codecs at 128-255 rows to the pair
 #   tile where the 32-row tile's grid is uneven: `v4_grid_uneven`): `kernel_bench` at 128, 192 and 256
 #   rows of the five larger 7B / 13B shapes, `dz` beside the forced `dz-sx` / `dz-sxp`; then
-#   `cuda_check --quick --filter v4` with 280 s (session 19's 150 s stopped it before its summary).
+#   `cuda_check --filter "wide-x=shared"` (every forced shared-x mode: session 19 folded the 32-row tile's
+#   unsplit path into `matmul_sx_mt` and the K split's and balanced schedule's sums into `sum_cut_item`;
+#   ptxas gives every entry the same registers, and the same code but for the 8 `_sxk4_` entries) and
+#   `cuda_check --quick --filter v4` (200 s each; session 19's 150 s stopped the latter before its
+#   summary; it now prints a line as each family ends).
 # PART=srv. Session 19 found the dz runs in two modes: 5 of 8 at 310-338 tokens/s (82% of the base), 3 at
 #   252-276 (68%), with the same number of forward passes, each ~30% longer in the slow mode. This part
 #   runs the same configuration seven times (dz-4b24 x 32, defaults) beside three base runs, every run
@@ -39,7 +43,8 @@ if [ "$PART" = k ]; then
   timeout 150 /tmp/k/bin/kernel_bench --shapes 11008x4096,4096x11008,5120x5120,13824x5120,5120x13824 \
       --rows 128,192,256 --commit "${COMMIT:-unknown}" --out $S/kern/kernels-route > $S/kern/bench.log 2>&1
   log "kernel_bench rc=$? mismatches $(grep -c MISMATCH $S/kern/bench.log)"
-  timeout 280 /tmp/k/bin/cuda_check --quick --filter v4 > $S/check/v4-quick.txt 2>&1; log "cuda_check v4 quick rc=$? $(tail -1 $S/check/v4-quick.txt)"
+  timeout 200 /tmp/k/bin/cuda_check --filter "wide-x=shared" > $S/check/wide-shared.txt 2>&1; log "cuda_check wide-x=shared rc=$? $(tail -1 $S/check/wide-shared.txt)"
+  timeout 200 /tmp/k/bin/cuda_check --quick --filter v4 > $S/check/v4-quick.txt 2>&1; log "cuda_check v4 quick rc=$? $(tail -1 $S/check/v4-quick.txt)"
   log done
   exit 0
 fi

@@ -988,77 +988,11 @@ struct WideWalk {
   }
 };
 
-// `matmul_sx` (S = 1, `dz_v4_<variant>_matmul_sx_<t>_n4`) and its K split over S blocks
-// (`dz_v4_<variant>_matmul_sxk<S>_<t>_n4`; issue #5). Nsight Compute on the S = 1 kernel at 4096 x 4096
-// (session 13): 32 blocks for 132 SMs at 32 rows, 12% occupancy, 7% of the DRAM bandwidth, and the same
-// 21 us at 128 rows with 128 blocks: the time is one block's K loop. With S > 1 the S consecutive blocks of
-// an item (ranks 0 .. S - 1) take the same x tile and 8 row tiles, each a 1/S share of the K blocks in
-// whole chunks. Session 13 reduced the shares in a cluster (distributed shared memory): 31.2 us at 32 rows,
-// though `_sx` over a quarter of K alone takes 10.8 (session 14's probe). Here each rank writes its partial
-// sums to `ws` (global memory, so L2), fences, and counts itself in at `counters[item]` (zero before the
-// launch); the block that counts last adds the S partial sums in rank order (its own from registers), so
-// the same inputs give the same bits whichever block finishes last, and stores `out` (= base +) once.
-// `ws`: S x 16 floats a thread of each item (`v4_matmul_sxk_workspace` on the host), laid out so that a
-// warp's stores are coalesced. The grid is S x the items, grid-stride.
-template <class C, typename T, int S>
-__device__ __forceinline__ void matmul_sx(const DzDelta& d, const T* x, const T* base, T* out, uint32_t m,
-                                          float* ws = nullptr, uint32_t* counters = nullptr) {
-  constexpr int NT = WideSx<C, T>::NT;
-  constexpr int XC = WideSx<C, T>::XC;
-  constexpr uint32_t PART = NT * 4;  // partial sums a thread
-  __shared__ __align__(16) uint32_t xs[2 * WideSx<C, T>::BUF];
-  const WideWalk<NT> walk(d, m);
-  const uint32_t nkb = (d.k + KB - 1) / KB;
-  uint32_t rank = 0, kb_lo = 0, kb_hi = nkb;
-  if constexpr (S > 1) {
-    rank = blockIdx.x % S;
-    const uint32_t per = ((nkb + XC - 1) / XC + S - 1) / S * XC;  // K blocks a rank: whole chunks
-    kb_lo = min(rank * per, nkb);
-    kb_hi = min(kb_lo + per, nkb);
-  }
-  for (uint64_t b = blockIdx.x / S; b < walk.blocks; b += gridDim.x / S) {
-    const auto it = walk.item(b, m);
-    float acc[NT][4];
-    zero(acc);
-    if (S == 1 || kb_lo < kb_hi) {
-      WideSx<C, T>::accumulate(d, x + size_t(it.i0) * d.k, it.rows, walk.tile(it), xs, acc, kb_lo, kb_hi);
-    }
-    if constexpr (S == 1) {
-      walk.template store<C, T>(d, it, base, out, acc);
-    } else {
-      // Rank r's sums of item b: word e of thread t at ((b S + r) PART + e) blockDim + t.
-      const size_t item0 = size_t(b) * S * PART * blockDim.x + threadIdx.x;
-      float* mine = ws + item0 + size_t(rank) * PART * blockDim.x;
-#pragma unroll
-      for (int t = 0; t < NT; ++t)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) __stcg(mine + (t * 4 + e) * blockDim.x, acc[t][e]);
-      __threadfence();  // this thread's sums are visible GPU-wide before the block counts itself in
-      __shared__ uint32_t last;
-      __syncthreads();
-      if (threadIdx.x == 0) last = atomicAdd(counters + b, 1u) == S - 1;
-      __syncthreads();
-      if (last) {
-        __threadfence();  // the other ranks' sums, fenced before their counts, are read after ours
-        float sum[NT][4];
-        zero(sum);
-        for (uint32_t r = 0; r < S; ++r) {
-          const float* p = ws + item0 + size_t(r) * PART * blockDim.x;
-#pragma unroll
-          for (int t = 0; t < NT; ++t)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) sum[t][e] += r == rank ? acc[t][e] : __ldcg(p + (t * 4 + e) * blockDim.x);
-        }
-        walk.template store<C, T>(d, it, base, out, sum);
-      }
-    }
-  }
-}
-
-// The pair tile (MT = 2 16-row tiles a warp, code rings DM deep) on matmul_sx's plain grid-stride launch
-// (`dz_v4_<variant>_matmul_sxq_<t>_n4`; session 18, after the balanced schedule below showed a fixed cost
-// of its own on the 32-row tile): blocks of (x tile of 32 rows, 16 consecutive 16-row tiles), whole K rows,
-// no workspace.
+// MT 16-row tiles a warp (code rings DM deep) on the plain grid-stride launch: the 32-row tile unsplit
+// (MT = 1: `matmul_sx` with S = 1) and the pair tile (MT = 2, `dz_v4_<variant>_matmul_sxq_<t>_n4`; session
+// 18, after the balanced schedule below showed a fixed cost of its own on the 32-row tile; session 19:
+// slower than the balanced pair tile): blocks of (x tile of 32 rows, 8 MT consecutive 16-row tiles), whole K
+// rows, no workspace.
 template <class C, typename T, int MT, int DM>
 __device__ __forceinline__ void matmul_sx_mt(const DzDelta& d, const T* x, const T* base, T* out, uint32_t m) {
   using W = WideSx<C, T>;
@@ -1076,6 +1010,82 @@ __device__ __forceinline__ void matmul_sx_mt(const DzDelta& d, const T* x, const
   }
 }
 
+// The sum of an item cut between blocks (the K split's ranks in `matmul_sx`, the balanced schedule's blocks
+// in `matmul_sxb`): blocks `r0 .. r1` each hold the partial sums of a share of the item's K, `P` floats a
+// thread. Each writes its own to its slot (`slot(r)`: this thread's first word of block r's partials, word
+// e at `slot(r) + e blockDim.x`, so a warp's stores are coalesced), fences, and counts itself in at
+// `counter` (zero at launch). The block that counts last adds the partials in block order (its own, block
+// `me`'s, from registers) into `sum` and returns true: the same inputs give the same bits whichever block
+// finishes last. Every thread of the block calls it (barriers).
+template <int P, typename I, class SlotOf>
+__device__ __forceinline__ bool sum_cut_item(const float (&acc)[P], uint32_t* counter, I r0, I r1, I me, SlotOf slot,
+                                             float (&sum)[P]) {
+  float* mine = slot(me);
+#pragma unroll
+  for (int e = 0; e < P; ++e) __stcg(mine + e * blockDim.x, acc[e]);
+  __threadfence();  // this thread's sums are visible GPU-wide before the block counts itself in
+  __shared__ uint32_t last;
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(counter, 1u) == uint32_t(r1 - r0);
+  __syncthreads();
+  if (!last) return false;
+  __threadfence();  // the other blocks' sums, fenced before their counts, are read after ours
+#pragma unroll
+  for (int e = 0; e < P; ++e) sum[e] = 0.f;
+  for (I r = r0; r <= r1; ++r) {
+    const float* p = slot(r);
+#pragma unroll
+    for (int e = 0; e < P; ++e) sum[e] += r == me ? acc[e] : __ldcg(p + e * blockDim.x);
+  }
+  return true;
+}
+
+// `matmul_sx` (S = 1, `dz_v4_<variant>_matmul_sx_<t>_n4`: `matmul_sx_mt` with one tile a warp) and its K
+// split over S blocks (`dz_v4_<variant>_matmul_sxk<S>_<t>_n4`; issue #5). Nsight Compute on the S = 1 kernel at 4096 x 4096
+// (session 13): 32 blocks for 132 SMs at 32 rows, 12% occupancy, 7% of the DRAM bandwidth, and the same
+// 21 us at 128 rows with 128 blocks: the time is one block's K loop. With S > 1 the S consecutive blocks of
+// an item (ranks 0 .. S - 1) take the same x tile and 8 row tiles, each a 1/S share of the K blocks in
+// whole chunks. Session 13 reduced the shares in a cluster (distributed shared memory): 31.2 us at 32 rows,
+// though `_sx` over a quarter of K alone takes 10.8 (session 14's probe). Here the ranks' partial sums meet
+// through `ws` (global memory, so L2) in `sum_cut_item`: the rank that counts in last at `counters[item]`
+// (zero before the launch) adds them in rank order and stores `out` (= base +) once.
+// `ws`: S x 16 floats a thread of each item (`v4_matmul_sxk_workspace` on the host), laid out so that a
+// warp's stores are coalesced. The grid is S x the items, grid-stride.
+template <class C, typename T, int S>
+__device__ __forceinline__ void matmul_sx(const DzDelta& d, const T* x, const T* base, T* out, uint32_t m,
+                                          float* ws = nullptr, uint32_t* counters = nullptr) {
+  if constexpr (S == 1) {
+    matmul_sx_mt<C, T, 1, WideSx<C, T>::D>(d, x, base, out, m);
+  } else {
+    constexpr int NT = WideSx<C, T>::NT;
+    constexpr int XC = WideSx<C, T>::XC;
+    constexpr uint32_t PART = NT * 4;  // partial sums a thread
+    __shared__ __align__(16) uint32_t xs[2 * WideSx<C, T>::BUF];
+    const WideWalk<NT> walk(d, m);
+    const uint32_t nkb = (d.k + KB - 1) / KB;
+    const uint32_t rank = blockIdx.x % S;
+    const uint32_t per = ((nkb + XC - 1) / XC + S - 1) / S * XC;  // K blocks a rank: whole chunks
+    const uint32_t kb_lo = min(rank * per, nkb);
+    const uint32_t kb_hi = min(kb_lo + per, nkb);
+    for (uint64_t b = blockIdx.x / S; b < walk.blocks; b += gridDim.x / S) {
+      const auto it = walk.item(b, m);
+      float acc[NT][4];
+      zero(acc);
+      if (kb_lo < kb_hi) {
+        WideSx<C, T>::accumulate(d, x + size_t(it.i0) * d.k, it.rows, walk.tile(it), xs, acc, kb_lo, kb_hi);
+      }
+      // Rank r's sums of item b: word e of thread t at ((b S + r) PART + e) blockDim + t.
+      const size_t item0 = size_t(b) * S * PART * blockDim.x + threadIdx.x;
+      const auto slot = [&](uint32_t r) { return ws + item0 + size_t(r) * PART * blockDim.x; };
+      float sum[NT][4];
+      if (sum_cut_item(reinterpret_cast<const float(&)[PART]>(acc), counters + b, 0u, uint32_t(S - 1), rank, slot,
+                       reinterpret_cast<float(&)[PART]>(sum))) {
+        walk.template store<C, T>(d, it, base, out, sum);
+      }
+    }
+  }
+}
+
 // The balanced schedule of the shared-x tiles (`matmul_sxb<NT>`; session 18, written after Nsight Compute on
 // the H200): the 64-row tile (`dz_v4_<variant>_matmul_sx_<t>_n8`, NT = 8) and the 32-row tile's balanced
 // entry (`dz_v4_<variant>_matmul_sxb_<t>_n4`, NT = 4). Session 18 measured the 64-row tile (session 17's
@@ -1090,11 +1100,10 @@ __device__ __forceinline__ void matmul_sx_mt(const DzDelta& d, const T* x, const
 // many as are resident at once, so no block waits for another wave), and block g takes units
 // [g U / G, (g + 1) U / G): every block the same work to within one chunk. A block walks its range item by
 // item (each piece a `WideSx::accumulate` over whole chunks, all 8 warps in step as there). An item inside
-// one block's range is stored directly. An item cut between blocks g0 .. g1 is summed as the K split does
-// (`matmul_sx` with S > 1): each writes its partial sums to a slot of `ws`, fences and counts itself in
-// at `counters[item]` (zero at launch); the block that counts last adds the g1 - g0 + 1 partials in block
-// order (its own from registers), so the sum's order, and the output's bits, do not depend on which block
-// finishes last. A block cuts at most two items (the first and the last of its range), so `ws` has two
+// one block's range is stored directly. An item cut between blocks g0 .. g1 is summed as the K split's
+// (`sum_cut_item`: each writes its partial sums to a slot of `ws`, and the block that counts in last at
+// `counters[item]` adds them in block order), so the output's bits do not depend on which block finishes
+// last. A block cuts at most two items (the first and the last of its range), so `ws` has two
 // slots a block: slot 2 g for the item its range starts in, 2 g + 1 for the one it ends in
 // (`v4_matmul_sxb_workspace` on the host: counters for every item, then 2 G slots of MT x NT x 4 floats
 // a thread). x is double-buffered in dynamic shared memory (`V4_MATMUL_SX64_SMEM` / `V4_MATMUL_SXB_SMEM`).
@@ -1141,35 +1150,10 @@ __device__ __forceinline__ void matmul_sxb(const DzDelta& d, const T* x, const T
       walk.template store_mt<C, T>(d, it, base, out, acc);
     } else {
       // Slot s's sums: word e of thread t at (s PART + e) blockDim + t.
-      float* mine = ws + size_t(part.slot(g, b)) * PART * blockDim.x + threadIdx.x;
-#pragma unroll
-      for (int i = 0; i < MT; ++i)
-#pragma unroll
-        for (int t = 0; t < NT; ++t)
-#pragma unroll
-          for (int q = 0; q < 4; ++q) __stcg(mine + ((i * NT + t) * 4 + q) * blockDim.x, acc[i][t][q]);
-      __threadfence();  // this thread's sums are visible GPU-wide before the block counts itself in
-      __shared__ uint32_t last;
-      __syncthreads();
-      if (threadIdx.x == 0) last = atomicAdd(counters + b, 1u) == uint32_t(g1 - g0);
-      __syncthreads();
-      if (last) {
-        __threadfence();  // the other blocks' sums, fenced before their counts, are read after ours
-        float sum[MT][NT][4];
-#pragma unroll
-        for (int i = 0; i < MT; ++i) zero(sum[i]);
-        for (uint64_t r = g0; r <= g1; ++r) {
-          const float* p = ws + size_t(part.slot(r, b)) * PART * blockDim.x + threadIdx.x;
-#pragma unroll
-          for (int i = 0; i < MT; ++i)
-#pragma unroll
-            for (int t = 0; t < NT; ++t)
-#pragma unroll
-              for (int q = 0; q < 4; ++q) {
-                const uint32_t e = (i * NT + t) * 4 + q;
-                sum[i][t][q] += r == g ? acc[i][t][q] : __ldcg(p + e * blockDim.x);
-              }
-        }
+      const auto slot = [&](uint64_t r) { return ws + size_t(part.slot(r, b)) * PART * blockDim.x + threadIdx.x; };
+      float sum[MT][NT][4];
+      if (sum_cut_item(reinterpret_cast<const float(&)[PART]>(acc), counters + b, g0, g1, g, slot,
+                       reinterpret_cast<float(&)[PART]>(sum))) {
         walk.template store_mt<C, T>(d, it, base, out, sum);
       }
     }
