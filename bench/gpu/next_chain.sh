@@ -32,6 +32,8 @@
 #     - perf-*.txt: `nvidia-smi -q -d PERFORMANCE` after the run (the clock-event counters: power cap,
 #       thermal slowdown);
 #     - top-*.txt: `top -H` of the server's threads every 10 s (which threads are busy, the load).
+#   `deltazip_forward_{passes,rows,models}_total` (new in session 19) give each run's rows and distinct
+#   fine-tunes per forward pass (the log line): whether the slow mode's passes carry more deltas.
 #   Then profile-split.md per run and ab-table.md. A slow run with a larger head wait says the GPU ran
 #   slower (dmon's clocks, the perf counters say why); a larger CPU share says the host did (top says whom).
 set -u
@@ -69,7 +71,10 @@ for sys in base dz dz base dz dz base dz dz dz; do
     DZ_PROFILE=wait OUT=$S/$name V4=1 RATES=16 REQS=128 bash $R/gpu/serving.sh dz:4b24:32 > $S/$name.log 2>&1; rc=$?
   fi
   watch_stop $name
-  log "$name rc=$rc $(grep -E '^\| (dz|base)' $S/$name/serving.md 2>/dev/null | head -1 | cut -d'|' -f9,13)"
+  # tokens/s, TPOT p50, and per forward pass: rows and distinct requested models (deltazip_forward_*_total)
+  log "$name rc=$rc $(grep -E '^\| (dz|base)' $S/$name/serving.md 2>/dev/null | head -1 | cut -d'|' -f9,13) $(awk \
+      '/^deltazip_forward_passes_total/{p=$2} /^deltazip_forward_rows_total/{r=$2} /^deltazip_forward_models_total/{m=$2}
+       END{if (p) printf "rows/pass %.1f models/pass %.1f", r/p, m/p}' $S/$name/metrics-*.txt 2>/dev/null)"
 done
 for d in $S/base* $S/dz*; do
   [ -d "$d" ] && python3 $R/gpu/profile_split.py $d > $d/profile-split.md 2>&1

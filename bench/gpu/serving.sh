@@ -176,7 +176,7 @@ bench() { # bench TAG SYSTEM PORT MODELS [POPULARITY]   (RATES, REQS: this run's
     done
     gpu_mem | sed "s/^/  $1 gpu memory used: /"
     curl -s "http://127.0.0.1:$3/metrics" > "$OUT/metrics-$1.txt"
-    grep -E "^deltazip_((delta|swap)_(loads_total|hits_total|misses_total|evictions_total|load_seconds_total)|swap_copied_bytes_total|engine_swap_(loads_total|unloads_total|load_seconds_total|unload_seconds_total|load_failures_total)|gpu_delta_bytes|tokens_per_second|profile_[a-z_]+)" "$OUT/metrics-$1.txt" | head -50
+    grep -E "^deltazip_((delta|swap)_(loads_total|hits_total|misses_total|evictions_total|load_seconds_total)|swap_copied_bytes_total|engine_swap_(loads_total|unloads_total|load_seconds_total|unload_seconds_total|load_failures_total)|gpu_delta_bytes|tokens_per_second|forward_[a-z]+_total|profile_[a-z_]+)" "$OUT/metrics-$1.txt" | head -50
     # One line per server run: GPU memory in use after the run, and the server's tier counters.
     python3 - "$1" "$2" "$(echo "$4" | tr ',' '\n' | wc -l)" "${5:-uniform}" \
         "$(gpu_mem ,nounits)" \

@@ -1306,6 +1306,21 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
             "deltazip_linear_delta_calls_total{{outcome=\"{outcome}\"}} {n}\n"
         ));
     }
+    let p = state.registry.pass_counts();
+    for (name, help, n) in [
+        ("passes", "Forward passes of the multi-tenant model (output-head calls).", p.passes),
+        ("rows", "Rows (sequences) of those passes, summed.", p.rows),
+        (
+            "models",
+            "Distinct requested models (fine-tunes; the base counts as one) of those passes, summed.",
+            p.models,
+        ),
+    ] {
+        out.push_str(&format!(
+            "# HELP deltazip_forward_{name}_total {help}\n# TYPE deltazip_forward_{name}_total counter\n\
+             deltazip_forward_{name}_total {n}\n"
+        ));
+    }
     let profile = state.registry.profile();
     if profile.enabled() {
         let p = profile.snapshot();

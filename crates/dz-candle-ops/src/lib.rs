@@ -555,7 +555,9 @@ mod tests {
     fn the_pair_tile_takes_the_rows_and_shapes_it_won() {
         use super::{set_v4_pair, v4_auto_takes_pair, v4_grid_uneven};
         assert!(v4_grid_uneven(160, 132) && v4_grid_uneven(432, 132));
-        assert!(!v4_grid_uneven(344, 132) && !v4_grid_uneven(128, 132) && !v4_grid_uneven(264, 132));
+        assert!(
+            !v4_grid_uneven(344, 132) && !v4_grid_uneven(128, 132) && !v4_grid_uneven(264, 132)
+        );
         // The 32-row tile's blocks at m rows of n stored rows: 8 row tiles of 16 a block, x tiles of 32.
         let blocks = |n: u64, m: u64| n.div_ceil(16 * 8) * m.div_ceil(32);
         let takes = |sparse24: bool, n: u32, k: u32, m: u32| {

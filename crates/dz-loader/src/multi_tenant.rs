@@ -605,6 +605,9 @@ pub struct DeltaRegistry {
     widest: AtomicUsize,
     /// Tokens the output head computed, by requested model (`default` for untagged rows).
     tokens: std::sync::Mutex<HashMap<String, u64>>,
+    /// Forward passes the output head ended, their rows and their distinct requested models
+    /// ([`PassCounts`]).
+    passes: [AtomicU64; 3],
     /// Where the forward passes spend their time (`DZ_PROFILE=1`).
     profile: Profile,
     /// The last batch's RMS-norm tables (every norm of a forward pass sees the same rows).
@@ -647,6 +650,19 @@ pub struct PlanCounts {
     /// The slot tables could not serve it (a bias delta, the dense route or a wide segment, more than
     /// one launch, an older generation); the layer plan did.
     pub slot_fallback: usize,
+}
+
+/// What the forward passes served so far ([`DeltaRegistry::pass_counts`]; `deltazip serve`'s `/metrics`:
+/// `deltazip_forward_*_total`): their means per pass say how wide the batches were and how many distinct
+/// fine-tunes (so deltas to stream) a pass had.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PassCounts {
+    /// Forward passes (output-head calls with row tags).
+    pub passes: u64,
+    /// Their rows (sequences), summed.
+    pub rows: u64,
+    /// Their distinct requested models (the base, untagged rows, counts as one), summed.
+    pub models: u64,
 }
 
 /// How a linear-layer call found its launches: the index of its count in [`DeltaRegistry::plan_counts`].
@@ -1069,12 +1085,18 @@ impl DeltaRegistry {
         Some(plan)
     }
 
-    /// Counts one token for each row of the current batch under its requested model (called by the
-    /// output head, once per forward pass).
+    /// Counts one token for each row of the current batch under its requested model, and the pass
+    /// ([`PassCounts`]) (called by the output head, once per forward pass).
     fn count_tokens(&self) {
         let Some(tags) = current_row_tags() else {
             return;
         };
+        let mut names: Vec<Option<&str>> = tags.iter().map(|t| t.as_deref()).collect();
+        names.sort_unstable();
+        names.dedup();
+        for (counter, n) in self.passes.iter().zip([1, tags.len(), names.len()]) {
+            counter.fetch_add(n as u64, Ordering::Relaxed);
+        }
         let mut map = self.tokens.lock().unwrap_or_else(|e| e.into_inner());
         for t in tags.iter() {
             let name = t.as_deref().unwrap_or("default");
@@ -1092,6 +1114,17 @@ impl DeltaRegistry {
     pub fn tokens(&self) -> std::collections::BTreeMap<String, u64> {
         let map = self.tokens.lock().unwrap_or_else(|e| e.into_inner());
         map.iter().map(|(k, v)| (k.clone(), *v)).collect()
+    }
+
+    /// The forward passes the output heads wrapped over this registry have ended so far: their rows and
+    /// distinct requested models.
+    pub fn pass_counts(&self) -> PassCounts {
+        let [passes, rows, models] = &self.passes;
+        PassCounts {
+            passes: passes.load(Ordering::Relaxed),
+            rows: rows.load(Ordering::Relaxed),
+            models: models.load(Ordering::Relaxed),
+        }
     }
 
     /// The forward-pass profile of every module wrapped over this registry (on with `DZ_PROFILE=1`).

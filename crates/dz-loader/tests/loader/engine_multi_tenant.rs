@@ -141,6 +141,14 @@ fn a_mixed_batch_gives_each_row_its_own_fine_tune() {
         "the host never batched rows of different fine-tunes (widest: {})",
         served.registry.widest_batch()
     );
+    // The pass counters: 5 rows of 4 requested models at most a pass, and more than one model in some.
+    let pc = served.registry.pass_counts();
+    assert!(pc.passes > 0, "{pc:?}");
+    assert!(pc.rows >= pc.passes && pc.rows <= 5 * pc.passes, "{pc:?}");
+    assert!(
+        pc.models > pc.passes && pc.models <= 4 * pc.passes && pc.models <= pc.rows,
+        "{pc:?}"
+    );
     for ((name, p), got) in requests.iter().zip(&together) {
         let alone = engine.generate_tokens(name, p, MAX_TOKENS).unwrap();
         assert_eq!(
