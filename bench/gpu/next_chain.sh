@@ -1,10 +1,10 @@
 #!/bin/bash
-# The device chain prepared at the end of session 19 for session 20 (nvidia-h200, ONE GPU, ~22 minutes in
+# The device chain prepared at the end of session 19 for session 20 (nvidia-h200, ONE GPU, ~25 minutes in
 # two calls): every serving run alone on the machine, one server at a time.
 #
 # The carry does not fit in one call (tracked files ~39 MB + .gpu/srv 25 MB + .gpu/k 6.6 MB > 64 MiB):
 #   build first (here): bash bench/gpu/build.sh   (.gpu/k and .gpu/srv; check their BUILT files)
-#   call 1, PART=k (~8 min, in the foreground), carry [".gpu/k"]:
+#   call 1, PART=k (~9 min, in the foreground), carry [".gpu/k"]:
 #     PART=k COMMIT=$(git rev-parse --short HEAD) bash bench/gpu/next_chain.sh; tar czf $OUT/s20k.tgz -C /tmp s20
 #   call 2, PART=srv (~15 min), carry [".gpu/srv"]: run it detached, and poll with calls that each sleep
 #   and copy what is there (a call may sleep minutes; only the GAP between calls must stay under ~25 s,
@@ -18,11 +18,16 @@
 # PART=k. The kernel routing at the head (session 19 moved the quant codecs at 128-255 rows to the pair
 #   tile where the 32-row tile's grid is uneven: `v4_grid_uneven`): `kernel_bench` at 128, 192 and 256
 #   rows of the five larger 7B / 13B shapes, `dz` beside the forced `dz-sx` / `dz-sxp`; then
+#   the pair decode sbmm (`_sbmm_p2_`, session 19, never run): `cuda_check --filter sbmm-pair`, then
+#   `kernel_bench --sbmm` (4096 x 4096 4b and 2b 2:4, 1-64 deltas at 32 and 256 rows: `dz-sp` beside `dz`,
+#   the split sweep, the x-direct tiles and the ring; session 19 found 2b 2:4 serving as fast as 4b, so
+#   the decode sbmm's time is not its bytes'; if `dz-sp` wins at 32 deltas x 32 rows, serve A/B with
+#   SBMM_PAIR=1 and make it the default); then
 #   `cuda_check --filter "wide-x=shared"` (every forced shared-x mode: session 19 folded the 32-row tile's
 #   unsplit path into `matmul_sx_mt` and the K split's and balanced schedule's sums into `sum_cut_item`;
 #   ptxas gives every entry the same registers, and the same code but for the 8 `_sxk4_` entries) and
-#   `cuda_check --quick --filter v4` (200 s each; session 19's 150 s stopped the latter before its
-#   summary; it now prints a line as each family ends).
+#   `cuda_check --quick --filter v4` (200 and 150 s; session 19's 150 s stopped the latter before its
+#   summary; it now prints a line as each family ends, so a cut run says which families passed).
 # PART=srv. Session 19 found the dz runs in two modes: 5 of 8 at 310-338 tokens/s (82% of the base), 3 at
 #   252-276 (68%), with the same number of forward passes, each ~30% longer in the slow mode. This part
 #   runs the same configuration seven times (dz-4b24 x 32, defaults) beside three base runs, every run
@@ -31,7 +36,10 @@
 #     - dmon-*.txt: `nvidia-smi dmon -s puc` (power, temperatures, SM busy %, clocks) each second;
 #     - perf-*.txt: `nvidia-smi -q -d PERFORMANCE` after the run (the clock-event counters: power cap,
 #       thermal slowdown);
-#     - top-*.txt: `top -H` of the server's threads every 10 s (which threads are busy, the load).
+#     - top-*.txt: `top -H` of the server's threads every 10 s (which threads are busy, the load);
+#     - topsys-*.txt, vmstat-*.txt: the whole machine's processes every 10 s and `vmstat` every 5 s (other
+#       processes, kernel threads such as kswapd or kcompactd, swapping, the hypervisor's steal time: the
+#       VM page-locks ~2.3 GiB a delta for uploads, and its NUMA node shows 4.5 GB).
 #   `deltazip_forward_{passes,rows,models}_total` (new in session 19) give each run's rows and distinct
 #   fine-tunes per forward pass (the log line): whether the slow mode's passes carry more deltas.
 #   Then profile-split.md per run and ab-table.md. A slow run with a larger head wait says the GPU ran
@@ -45,8 +53,11 @@ if [ "$PART" = k ]; then
   timeout 150 /tmp/k/bin/kernel_bench --shapes 11008x4096,4096x11008,5120x5120,13824x5120,5120x13824 \
       --rows 128,192,256 --commit "${COMMIT:-unknown}" --out $S/kern/kernels-route > $S/kern/bench.log 2>&1
   log "kernel_bench rc=$? mismatches $(grep -c MISMATCH $S/kern/bench.log)"
+  timeout 60 /tmp/k/bin/cuda_check --filter "sbmm-pair" > $S/check/sbmm-pair.txt 2>&1; log "cuda_check sbmm-pair rc=$? $(tail -1 $S/check/sbmm-pair.txt)"
+  timeout 150 /tmp/k/bin/kernel_bench --sbmm --commit "${COMMIT:-unknown}" --out $S/kern/kernels-sbmm > $S/kern/sbmm.log 2>&1
+  log "kernel_bench --sbmm rc=$? mismatches $(grep -c MISMATCH $S/kern/sbmm.log)"
   timeout 200 /tmp/k/bin/cuda_check --filter "wide-x=shared" > $S/check/wide-shared.txt 2>&1; log "cuda_check wide-x=shared rc=$? $(tail -1 $S/check/wide-shared.txt)"
-  timeout 200 /tmp/k/bin/cuda_check --quick --filter v4 > $S/check/v4-quick.txt 2>&1; log "cuda_check v4 quick rc=$? $(tail -1 $S/check/v4-quick.txt)"
+  timeout 150 /tmp/k/bin/cuda_check --quick --filter v4 > $S/check/v4-quick.txt 2>&1; log "cuda_check v4 quick rc=$? $(tail -1 $S/check/v4-quick.txt)"
   log done
   exit 0
 fi
@@ -54,11 +65,13 @@ CODECS="4b24" DISTINCT=8 OUT=$S/gen bash $R/gpu/serving.sh gen > $S/gen.log 2>&1
 # Samples of one run: dmon and top -H in the background (top waits for the server to start).
 watch_start() { # watch_start NAME
   nvidia-smi dmon -s puc -o T > $S/dmon-$1.txt 2>&1 & DMON=$!
+  vmstat -t 5 > $S/vmstat-$1.txt 2>&1 & VMST=$!
+  top -b -d 10 -n 14 -w 160 | grep -A22 "^top -" > $S/topsys-$1.txt 2>&1 & TOPS=$!
   ( for _ in $(seq 90); do P=$(pgrep -f "deltazip serve" | head -1); [ -n "$P" ] && break; sleep 1; done
     [ -n "${P:-}" ] && top -H -b -d 10 -n 14 -w 160 -p "$P" | grep -A16 "^top -" > $S/top-$1.txt ) & TOPW=$!
 }
 watch_stop() { # watch_stop NAME
-  kill $DMON 2>/dev/null; pkill -P $TOPW 2>/dev/null; kill $TOPW 2>/dev/null
+  kill $DMON $VMST 2>/dev/null; pkill -P $TOPW 2>/dev/null; kill $TOPW 2>/dev/null; pkill -x top 2>/dev/null
   nvidia-smi -q -d PERFORMANCE > $S/perf-$1.txt 2>&1
 }
 nb=0; nd=0

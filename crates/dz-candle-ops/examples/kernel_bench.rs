@@ -37,7 +37,8 @@
 //! - sbmm at 1-4 rows a delta: `dz-s1` .. `dz-s8` (the split forced), `dz-sx` (x in shared memory per
 //!   block), `dz-ring` (each warp's codes through its own shared-memory ring, `set_v4_sbmm_ring`) and
 //!   `dz-xd` / `dz-xo` (x loaded before each mma; a 6-deep code ring, or a 3-deep one at 3 blocks an SM;
-//!   `set_v4_sbmm_x_direct`), the last four compared with split 1.
+//!   `set_v4_sbmm_x_direct`), `dz-sp` (the pair decode tile, `set_v4_sbmm_pair`; session 19), the last
+//!   five compared with split 1.
 //!
 //! Rows 32-256 of issue #5 (the 32-row tile beside cuBLAS, v3 and the dense route):
 //! `kernel_bench --rows 32,64,128,256 --out STEM` (all the 7B/13B shapes; `--shapes 4096x4096` for one).
@@ -46,7 +47,7 @@
 //! `--upload`: host-to-device copy speed of a delta's host buffers, pageable against page-locked.
 //!
 //! `--decode`: only rows 1-16 (1, 2, 4, 8, 16), `generic` only at 1 row, and the sbmm cases: the serving
-//! decode regime in a few minutes.
+//! decode regime in a few minutes. `--sbmm`: only the sbmm cases.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -546,16 +547,36 @@ fn profile(b: &Bench) -> Result<()> {
         eprintln!("profiled sbmm 32 deltas x 1 row, x-direct {mode:?}");
     }
     dz_candle_ops::set_v4_sbmm_x_direct(V4XDirect::Off);
+    // And the pair decode tile (kernel name `..._sbmm_p2_...`).
+    dz_candle_ops::set_v4_sbmm_pair(true);
+    for _ in 0..2 {
+        keep.push(sbmm(&x, &base, &refs, &segments)?);
+    }
+    dz_candle_ops::set_v4_sbmm_pair(false);
+    eprintln!("profiled sbmm 32 deltas x 1 row, pair");
     set_v4_split(0);
     b.dev.synchronize()?;
     Ok(())
 }
 
-/// sbmm: D deltas of 4096 x 4096 4b 2:4, the rows split evenly over them, against the same launch on v3, a
-/// loop of per-delta delta_matmul calls, and one dense bf16 matmul of all rows.
+/// sbmm: D deltas of 4096 x 4096 4b 2:4, then 2b 2:4 (session 19: served as fast as 4b, so the time is not
+/// the bytes'), the rows split evenly over them, against the same launch on v3, a loop of per-delta
+/// delta_matmul calls, and one dense bf16 matmul of all rows.
 fn sbmm_cases(b: &Bench, copy_bw: f64, rows_out: &mut Vec<Row>) -> Result<()> {
+    for (label, cfg) in CODECS.iter().take(2) {
+        sbmm_cases_of(b, copy_bw, rows_out, label, *cfg)?;
+    }
+    Ok(())
+}
+
+fn sbmm_cases_of(
+    b: &Bench,
+    copy_bw: f64,
+    rows_out: &mut Vec<Row>,
+    label: &str,
+    cfg: Cfg,
+) -> Result<()> {
     let (n, k) = (4096, 4096);
-    let cfg = CODECS[0].1;
     let host = payload(cfg, n, k, 9);
     let first = DeviceDelta::from_payload(&host, None, &b.dev)?;
     let pool: Vec<DeviceDelta> = (0..64)
@@ -607,7 +628,7 @@ fn sbmm_cases(b: &Bench, copy_bw: f64, rows_out: &mut Vec<Row>) -> Result<()> {
             let mk = |op, path, time_us| Row {
                 op,
                 path,
-                codec: CODECS[0].0.to_string(),
+                codec: label.to_string(),
                 rows,
                 n,
                 k,
@@ -675,6 +696,17 @@ fn sbmm_cases(b: &Bench, copy_bw: f64, rows_out: &mut Vec<Row>) -> Result<()> {
                     }
                     rs.push(mk("sbmm", path, t?));
                 }
+                // The pair decode tile (experimental, session 19): two 16-row tiles a warp sharing
+                // each x word (`dz-sp`), the split automatic, as `dz`.
+                dz_candle_ops::set_v4_sbmm_pair(true);
+                let t = b.time(ITERS, |i| Ok(vec![sbmm(&x, &base, &set(i), &segments)?]));
+                let y_p = sbmm(&x, &base, &set(0), &segments)?;
+                dz_candle_ops::set_v4_sbmm_pair(false);
+                let a = disagreement(&y_p, &y_s1)?;
+                if a > 2e-2 {
+                    eprintln!("MISMATCH sbmm {used} x {rows}: dz-sp and split 1 differ by {a:.2e}");
+                }
+                rs.push(mk("sbmm", "dz-sp", t?));
             }
             if let Some(t) = t_v3 {
                 rs.push(mk("sbmm", "v3", t));
@@ -706,13 +738,14 @@ fn main() -> Result<()> {
     };
     if args.iter().any(|a| a == "--help" || a == "-h") {
         println!(
-            "usage: kernel_bench [--quick | --decode] [--shapes NxK,..] [--rows R,..] [--wide-from N] \
+            "usage: kernel_bench [--quick | --decode | --sbmm] [--shapes NxK,..] [--rows R,..] [--wide-from N] \
              [--out STEM] [--commit SHA] | --profile | --host | --upload"
         );
         return Ok(());
     }
     let quick = args.iter().any(|a| a == "--quick");
     let decode = args.iter().any(|a| a == "--decode");
+    let sbmm_only = args.iter().any(|a| a == "--sbmm");
     let out = flag("--out");
     let commit = flag("--commit").unwrap_or_else(|| "unknown".into());
     // `--wide-from N`: the 32-row tile from N rows whatever the shape (`set_v4_wide_from`), to time it
@@ -784,11 +817,11 @@ fn main() -> Result<()> {
         &[1, 2, 4, 8, 16, 32, 64, 128, 256]
     };
     let mut rows_out: Vec<Row> = Vec::new();
-    if decode {
+    if decode || sbmm_only {
         // The serving decode regime's key case first (a run cut short still has it).
         sbmm_cases(&b, copy_bw, &mut rows_out)?;
     }
-    for &(n, k) in shapes {
+    for &(n, k) in shapes.iter().filter(|_| !sbmm_only) {
         let w_bytes = n * k * 2;
         let copies_w = (2 * L2_BYTES / w_bytes + 1).clamp(2, 32);
         let ws: Vec<Tensor> = (0..copies_w)
@@ -995,7 +1028,7 @@ fn main() -> Result<()> {
     }
 
     // (A run narrowed by --shapes or --rows leaves the sbmm cases out.)
-    if !decode && shapes_arg.is_none() && rows_arg.is_none() {
+    if !decode && !sbmm_only && shapes_arg.is_none() && rows_arg.is_none() {
         sbmm_cases(&b, copy_bw, &mut rows_out)?;
     }
 

@@ -496,6 +496,25 @@ pub fn v4_sbmm_x_direct() -> V4XDirect {
     }
 }
 
+static V4_SBMM_PAIR: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Lets launches of the v4 decode `sbmm` tile (segments of at most 8 rows, any split) take the pair
+/// variant (`dz_v4_<variant>_sbmm_p2_*_n1`): each warp takes two consecutive 16-row tiles of a segment,
+/// loads each x word once for both, and runs two independent chains of loads, decodes and mma (2 blocks
+/// of codes in flight each). Written in session 19 without a GPU, after serving found 2b 2:4 deltas as
+/// fast as 4b 2:4 ones (the decode sbmm bound by its instruction chains, not its bytes; session 15's
+/// Nsight Compute: 61% of DRAM bandwidth, 25% occupancy, long-scoreboard stalls). **Off by default and
+/// experimental** until the H200 measures it; it takes precedence over [`set_v4_sbmm_x_direct`] and the
+/// shared-memory variants. Either way the results are the same sums in the same order.
+pub fn set_v4_sbmm_pair(enabled: bool) {
+    V4_SBMM_PAIR.store(enabled, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether [`set_v4_sbmm_pair`] turned the pair decode sbmm on (off by default).
+pub fn v4_sbmm_pair() -> bool {
+    V4_SBMM_PAIR.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 static V4_KEEP_PACKED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Whether a CUDA [`DeviceDelta`] that gets the v4 layout also keeps the file's packed parts on the

@@ -33,6 +33,9 @@
 //! - `dz_v4_<variant>_sbmm_xd_<t>_n1` and `_sbmm_xo_` (the `sbmm` signature and launch): the decode tile
 //!   with x loaded right before each mma instead of in the load ring, and a 6-deep ring of codes (xd) or
 //!   a 3-deep one at 3 blocks an SM (xo) (experimental, off by default).
+//! - `dz_v4_<variant>_sbmm_p2_<t>_n1` (the `sbmm` signature): the decode tile with two consecutive 16-row
+//!   tiles a warp sharing each x word; `tiles` as for `sbmm`, the items (segment, pair of tiles):
+//!   `n_segs * ceil(tiles / 2)`, each split over `split` warps (experimental, off by default).
 //! - `dz_v4_<variant>_dequantize_<t>(DzDelta d, const T* base, T* out)` for `t` in `f32`, `f16`, `bf16`:
 //!   `out = base + D` (`D` when base is 0), no row subset; what `merge`, `dequantize` and the dense route
 //!   of a delta that keeps only its v4 layout run.
@@ -105,6 +108,9 @@ pub struct V4Entries {
     /// `dz_v4_<variant>_sbmm_xo_<t>_n1`, by dtype: the same with a 3-deep code ring in 80 registers, 3
     /// blocks an SM (experimental, [`V4Entries::sbmm_xo`]).
     pub sbmm_xo: [&'static str; 2],
+    /// `dz_v4_<variant>_sbmm_p2_<t>_n1`, by dtype: the decode sbmm with two tiles a warp (experimental,
+    /// [`V4Entries::sbmm_pair`]).
+    pub sbmm_p2: [&'static str; 2],
     /// `dz_v4_<variant>_dequantize_<t>` (f32, f16, bf16): `out = base + D` (base 0: `D`) for a delta
     /// without a row subset, one thread per lane of a packet ([`V4_DEQUANTIZE_THREADS`] a block).
     pub dequantize: [&'static str; 3],
@@ -243,6 +249,18 @@ impl V4Entries {
         }
     }
 
+    /// The decode sbmm with two consecutive 16-row tiles of a segment a warp, for segments of at most
+    /// `rows` input rows (`None` past 8, or for f32): the signature of [`V4Entries::sbmm`], launched over
+    /// `ceil(tiles / 2)` items a segment ([`V4_SBMM_PAIR_TILES`]). Each x word is loaded once for both
+    /// tiles, and each warp runs two independent chains of loads, decodes and mma. Written in session 19
+    /// without a GPU (bench/kernels/V4.md, "Session 19").
+    pub fn sbmm_pair(&self, dtype: Dtype, rows: u32) -> Option<&'static str> {
+        match Self::index(dtype, rows)? {
+            (d, 0) => Some(self.sbmm_p2[d]),
+            _ => None,
+        }
+    }
+
     /// [`v4_sbmm_ring_smem`] of this variant.
     pub fn sbmm_ring_smem(&self) -> Option<u32> {
         v4_sbmm_ring_smem(match self.variant {
@@ -278,11 +296,16 @@ impl V4Entries {
             .chain(&self.sbmm_ring)
             .chain(&self.sbmm_xd)
             .chain(&self.sbmm_xo)
+            .chain(&self.sbmm_p2)
             .chain(self.sbmm.iter().chain(&self.sbmm_sx).flatten())
             .chain(&self.dequantize)
             .copied()
     }
 }
+
+/// The 16-row tiles a warp of [`V4Entries::sbmm_pair`] takes: its launch has `ceil(tiles / 2)` items a
+/// segment.
+pub const V4_SBMM_PAIR_TILES: u32 = 2;
 
 /// Input rows per tile of the entry point taking segments of at most `rows` rows (8 or 16).
 pub fn v4_tile_rows(rows: u32) -> u32 {
@@ -406,6 +429,10 @@ macro_rules! v4_entries {
             sbmm_xo: [
                 concat!("dz_v4_", $v, "_sbmm_xo_f16_n1"),
                 concat!("dz_v4_", $v, "_sbmm_xo_bf16_n1"),
+            ],
+            sbmm_p2: [
+                concat!("dz_v4_", $v, "_sbmm_p2_f16_n1"),
+                concat!("dz_v4_", $v, "_sbmm_p2_bf16_n1"),
             ],
             dequantize: [
                 concat!("dz_v4_", $v, "_dequantize_f32"),
@@ -626,7 +653,14 @@ mod tests {
     #[test]
     fn names_and_support() {
         let n: usize = V4.iter().map(|e| e.all().count()).sum();
-        assert_eq!(n, 4 * 39);
+        assert_eq!(n, 4 * 41);
+        assert_eq!(
+            V4[0].sbmm_pair(Dtype::F16, 8),
+            Some("dz_v4_quant2_sbmm_p2_f16_n1")
+        );
+        assert!(
+            V4[0].sbmm_pair(Dtype::F16, 16).is_none() && V4[0].sbmm_pair(Dtype::F32, 8).is_none()
+        );
         assert_eq!(
             V4[3].matmul_sxp(Dtype::Bf16, true),
             Some("dz_v4_sparse24_4_matmul_sxp2_bf16_n4")

@@ -862,7 +862,8 @@ fn sbmm_prepare_t<T: Elem>(
 
     for (kernel, first, count, max_stored, min_stored) in launches {
         let tiles = max_stored.div_ceil(kernel.stored_rows());
-        let items = u64::from(count) * u64::from(tiles);
+        let per_item = sbmm_tiles_an_item(kernel, T::KIND);
+        let items = u64::from(count) * u64::from(tiles.div_ceil(per_item));
         // v4: items (segment, tile) split over `split` warps each, 8 / split items a block (1-D grid).
         let v4 = match kernel {
             Kernel::V4(..) => Some(v4_launch(items, resident_warps(dev)?)),
@@ -873,7 +874,7 @@ fn sbmm_prepare_t<T: Elem>(
         // tile at split 1), else x in shared memory (split 1, whole blocks of 8 tiles of one segment,
         // every delta with the same stored rows).
         let sx = match kernel {
-            Kernel::V4(e, rows) if v4_split == Some(1) => {
+            Kernel::V4(e, rows) if v4_split == Some(1) && per_item == 1 => {
                 v4_sbmm_shared::<T>(e, rows, tiles, min_stored == max_stored)
             }
             _ => None,
@@ -1109,6 +1110,32 @@ fn v4_launch(items: u64, resident: u64) -> (u32, (u32, u32)) {
     (split, (blocks.min(u64::from(MAX_GRID_X)) as u32, 1))
 }
 
+/// The v4 sbmm entry (the `sbmm` signature and split) a launch of the `rows`-row tile runs: the pair
+/// decode tile ([`crate::set_v4_sbmm_pair`]) or an x-direct one ([`crate::set_v4_sbmm_x_direct`]) where
+/// turned on and applicable (segments of at most 8 rows), else the plain tile.
+fn v4_sbmm_entry(e: &V4Entries, dtype: dz_kernels::Dtype, rows: u32) -> Option<&'static str> {
+    crate::v4_sbmm_pair()
+        .then(|| e.sbmm_pair(dtype, rows))
+        .flatten()
+        .or_else(|| match crate::v4_sbmm_x_direct() {
+            crate::V4XDirect::Off => None,
+            crate::V4XDirect::Deep => e.sbmm_xd(dtype, rows),
+            crate::V4XDirect::Occupancy => e.sbmm_xo(dtype, rows),
+        })
+        .or_else(|| e.sbmm(dtype, rows))
+}
+
+/// The 16-row tiles of a segment each item of an sbmm launch of `kernel` takes: 2 for the pair decode
+/// tile ([`v4_sbmm_entry`]), else 1. The launch has `ceil(tiles / this)` items a segment.
+fn sbmm_tiles_an_item(kernel: Kernel, dtype: dz_kernels::Dtype) -> u32 {
+    match kernel {
+        Kernel::V4(e, rows) if crate::v4_sbmm_pair() && e.sbmm_pair(dtype, rows).is_some() => {
+            dz_kernels::v4::V4_SBMM_PAIR_TILES
+        }
+        _ => 1,
+    }
+}
+
 /// The shared-memory v4 sbmm entry for a launch at split 1 of the `rows`-row tile, with its dynamic shared
 /// memory bytes, if one is turned on and applies: the per-warp code ring ([`crate::set_v4_sbmm_ring`]) for
 /// the 8-row tile, else x in shared memory ([`crate::set_v4_sbmm_smem_x`]) when `tiles` is a multiple of 8
@@ -1264,13 +1291,7 @@ impl Kernel {
             Kernel::V4(e, rows) => {
                 let name = match launch {
                     Launch::Matmul => e.matmul_add(dtype, rows),
-                    // An x-direct decode tile (same signature and launch) where one is turned on.
-                    Launch::Sbmm => match crate::v4_sbmm_x_direct() {
-                        crate::V4XDirect::Off => None,
-                        crate::V4XDirect::Deep => e.sbmm_xd(dtype, rows),
-                        crate::V4XDirect::Occupancy => e.sbmm_xo(dtype, rows),
-                    }
-                    .or_else(|| e.sbmm(dtype, rows)),
+                    Launch::Sbmm => v4_sbmm_entry(e, dtype, rows),
                 }
                 .ok_or_else(|| OpError::Storage {
                     op,
@@ -1795,7 +1816,7 @@ impl SlotDescs {
                 })?
             }
             (None, Kernel::V4(e, rows)) => {
-                e.sbmm(T::KIND, rows).ok_or_else(|| OpError::Storage {
+                v4_sbmm_entry(e, T::KIND, rows).ok_or_else(|| OpError::Storage {
                     op,
                     reason: format!("no v4 kernels for {:?} inputs", T::KIND),
                 })?
@@ -1994,14 +2015,15 @@ fn slot_launch_t<T: Elem>(
         shared.count
     };
     let tiles = g.max_stored.div_ceil(kernel.stored_rows());
-    let items = u64::from(count) * u64::from(tiles);
+    let per_item = sbmm_tiles_an_item(kernel, T::KIND);
+    let items = u64::from(count) * u64::from(tiles.div_ceil(per_item));
     let v4 = match kernel {
         Kernel::V4(..) => Some(v4_launch(items, resident_warps(dev)?)),
         _ => None,
     };
     let v4_split = v4.map(|(split, _)| split);
     let sx = match kernel {
-        Kernel::V4(e, rows) if v4_split == Some(1) => {
+        Kernel::V4(e, rows) if v4_split == Some(1) && per_item == 1 => {
             let sx = v4_sbmm_shared::<T>(e, rows, tiles, g.min_stored == g.max_stored);
             // The x entries read every item's descriptor: no absent slots (the ring entries skip an
             // item past its delta's stored rows, as the split ones).
@@ -2014,7 +2036,7 @@ fn slot_launch_t<T: Elem>(
     };
     // With absent slots the launch covers more pieces than the plain op's: the same split (so each
     // live item is computed exactly as there), a grid over all of them.
-    let all_items = u64::from(shared.count) * u64::from(tiles);
+    let all_items = u64::from(shared.count) * u64::from(tiles.div_ceil(per_item));
     let grid = match (sx, v4_split) {
         (Some(_), _) => (
             all_items

@@ -202,6 +202,10 @@ constexpr int depth() {
   return XD == XD_DEEP ? 6 : XD == XD_OCCUPANCY ? 3 : NT == 1 ? 3 : 2;
 }
 
+// The decode sbmm pair's code rings (`Tile::accumulate_mt`): 2 blocks deep for each of its 2 tiles, so 4
+// blocks of codes in flight a warp (the single tile's ring: 3), x in the first tile's stages only.
+constexpr int PAIR_DEPTH = 2;
+
 template <class C, typename T, int NT, int XD = 0>
 struct Tile {
   static constexpr int D = depth<NT, XD>();
@@ -295,10 +299,11 @@ struct Tile {
     return fma2<T>(v, mul[within / 2], add[within / 2]);
   }
 
-  // part += this block's products.
-  static __device__ __forceinline__ void compute(const St& st, float (&part)[NT][4],
-                                                 const uint32_t (&mul)[4], const uint32_t (&add)[4],
-                                                 const uint32_t (&mask)[4], uint32_t magic) {
+  // part += this block's products: the codes (A) of stage `st`, the x words (B) of stage `sx` (the same
+  // stage, or the stage of the warp's first tile in `accumulate_mt`).
+  static __device__ __forceinline__ void compute_ax(const St& st, const St& sx, float (&part)[NT][4],
+                                                    const uint32_t (&mul)[4], const uint32_t (&add)[4],
+                                                    const uint32_t (&mask)[4], uint32_t magic) {
 #pragma unroll
     for (int s = 0; s < C::STEPS; ++s) {
       uint32_t a[4];
@@ -307,13 +312,20 @@ struct Tile {
 #pragma unroll
       for (int t = 0; t < NT; ++t) {
         if constexpr (C::sparse) {
-          const uint32_t b[4] = {st.x[t][4 * s], st.x[t][4 * s + 1], st.x[t][4 * s + 2], st.x[t][4 * s + 3]};
+          const uint32_t b[4] = {sx.x[t][4 * s], sx.x[t][4 * s + 1], sx.x[t][4 * s + 2], sx.x[t][4 * s + 3]};
           mma32sp<T>(part[t], a, b, st.m[s]);
         } else {
-          mma16<T>(part[t], a, st.x[t][2 * s], st.x[t][2 * s + 1]);
+          mma16<T>(part[t], a, sx.x[t][2 * s], sx.x[t][2 * s + 1]);
         }
       }
     }
+  }
+
+  // part += this block's products.
+  static __device__ __forceinline__ void compute(const St& st, float (&part)[NT][4],
+                                                 const uint32_t (&mul)[4], const uint32_t (&add)[4],
+                                                 const uint32_t (&mask)[4], uint32_t magic) {
+    compute_ax(st, st, part, mul, add, mask, magic);
   }
 
   // part += this block's products for the wide tiles (x not in the ring): each step's x words are loaded
@@ -457,6 +469,86 @@ struct Tile {
     }
   }
 
+  // The decode sbmm's pair (session 19, `_sbmm_p2_`; not yet measured): acc[i] += the products of tile
+  // `rt + i` (the last tile where that is past it: computed, not stored), i < MT, as `accumulate` does for
+  // one tile, each x word loaded once for the MT tiles (it rides in the first tile's stages; the others
+  // carry codes, metadata and scale only). Two streams of codes a warp, each ring PAIR_DEPTH blocks deep.
+  // Each tile's sums are added in the order `accumulate` adds them, so the outputs are the same bits.
+  template <int MT>
+  static __device__ __forceinline__ void accumulate_mt(const DzDelta& d, const T* x, uint32_t rows, uint32_t rt,
+                                                       uint32_t part, uint32_t split, float (&acc)[MT][NT][4]) {
+    static_assert(x_in_ring<NT, XD>(), "the pair keeps x in its first tile's ring");
+    constexpr int DP = PAIR_DEPTH;
+    const uint32_t lane = threadIdx.x % 32;
+    const uint32_t g = lane / 4, c = lane % 4;
+    const uint32_t K = d.k;
+    const uint32_t nkb = (K + KB - 1) / KB;
+    const uint32_t last_tile = (d.n_stored + 15) / 16 - 1;
+    Cur cur[MT];
+    const uint32_t wk0 = min(part, nkb - 1);  // a warp with no block of its own still loads in bounds
+#pragma unroll
+    for (int i = 0; i < MT; ++i) {
+      cur[i].kb = part;
+      codes_at(cur[i], d, size_t(min(rt + i, last_tile)) * nkb + wk0, lane);
+    }
+#pragma unroll
+    for (int t = 0; t < NT; ++t) {
+      const T* row = x + size_t(min(uint32_t(8 * t) + g, rows - 1)) * K + size_t(wk0) * KB;
+      cur[0].x[t] = reinterpret_cast<const unsigned int*>(row) + (C::sparse ? c : 16 * c);
+    }
+    uint32_t mul[4], add[4], mask[4];
+    decode_constants(d.bits, mul, add, mask);
+    const uint32_t magic = Num<T>::MAGIC;
+
+    St ring[DP][MT];
+#pragma unroll
+    for (int r = 0; r < DP; ++r) {
+#pragma unroll
+      for (int t = 0; t < NT; ++t)
+#pragma unroll
+        for (int j = 0; j < C::XW; ++j) ring[r][0].x[t][j] = 0;  // x words past K stay finite (zero)
+      load(ring[r][0], cur[0], nkb, K, lane, split);
+#pragma unroll
+      for (int i = 1; i < MT; ++i) load_stream(ring[r][i], cur[i], nkb, split);
+    }
+    for (uint32_t kb0 = part; kb0 < nkb; kb0 += DP * split) {
+#pragma unroll
+      for (int r = 0; r < DP; ++r) {
+        const uint32_t kb = kb0 + r * split;
+        if (kb >= nkb) break;
+#pragma unroll
+        for (int i = 0; i < MT; ++i) {
+          float p[NT][4];
+          zero_part(p);
+          compute_ax(ring[r][i], ring[r][0], p, mul, add, mask, magic);
+          add_scaled(acc[i], p, ring[r][i].s);
+        }
+        load(ring[r][0], cur[0], nkb, K, lane, split);
+#pragma unroll
+        for (int i = 1; i < MT; ++i) load_stream(ring[r][i], cur[i], nkb, split);
+      }
+    }
+  }
+
+  // The stream loads of the cursor's block (codes, metadata, scale word; no x), then the cursor `split`
+  // blocks on (as `load` moves it).
+  static __device__ __forceinline__ void load_stream(St& st, Cur& cur, uint32_t nkb, uint32_t split) {
+    load_codes(st, cur);
+    if (cur.kb + split < nkb) {
+      cur.codes += split * C::PACKET;
+      cur.meta += split * 256;
+      cur.scales += split * 8;
+    }
+    cur.kb += split;
+  }
+
+  static __device__ __forceinline__ void zero_part(float (&p)[NT][4]) {
+#pragma unroll
+    for (int t = 0; t < NT; ++t)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) p[t][e] = 0.f;
+  }
+
   // out[i][col(r)] = base[i][col(r)] + global_scale * acc for the 16 stored rows of tile `rt` and the `rows`
   // (<= 8 NT) rows of x (base may alias out).
   static __device__ __forceinline__ void store(const DzDelta& d, uint32_t rows, const T* base, T* out, uint32_t rt,
@@ -579,6 +671,48 @@ __device__ __forceinline__ void sbmm(const DzSegment* segs, uint32_t n_segs, con
     if (reduce_split<NT>(acc, split, red) && live) {
       T* o = out + size_t(seg.start) * n_total;
       Tile<C, T, NT, XD>::store(deltas[seg.delta], seg.len, o, o, rt, acc);
+    }
+  }
+}
+
+// The decode sbmm with MT consecutive 16-row tiles of a segment a warp (`dz_v4_<variant>_sbmm_p2_<t>_n1`,
+// MT = 2; session 19, written without a GPU; the host takes it only with `set_v4_sbmm_pair(true)`). Why:
+// 2b 2:4 deltas served as fast as 4b 2:4 ones in session 19 (half the bytes, the same tokens/s), and the
+// single-tile sbmm runs at 61% of DRAM bandwidth with 25% occupancy and long-scoreboard stalls (session
+// 15's ncu): it is bound by each warp's chain of loads, decodes and mma, not by the bytes. A warp with two
+// tiles has two independent chains and loads each x word once for both (the x loads were 4 of the 7 load
+// instructions of a block). Items are (segment, pair of tiles): `n_segs * ceil(tiles / MT)`, split over
+// `split` warps along K as `sbmm`'s.
+template <class C, typename T, int MT>
+__device__ __forceinline__ void sbmm_mt(const DzSegment* segs, uint32_t n_segs, const DzDelta* deltas, const T* x,
+                                        T* out, uint32_t k, uint32_t n_total, uint32_t tiles, uint32_t split) {
+  constexpr int NT = 1;
+  __shared__ float red[WK * 32 * MT * NT * 4];
+  const uint32_t wk = threadIdx.x / 32;
+  const uint32_t per_block = WK / split;
+  const uint32_t units = (tiles + MT - 1) / MT;
+  const uint64_t items = uint64_t(n_segs) * units;
+  for (uint64_t first = uint64_t(blockIdx.x) * per_block; first < items; first += uint64_t(gridDim.x) * per_block) {
+    const uint64_t item = first + wk / split;
+    float acc[MT][NT][4];
+#pragma unroll
+    for (int i = 0; i < MT; ++i) zero(acc[i]);
+    bool live = false;
+    uint32_t rt = 0;
+    DzSegment seg{};
+    if (item < items) {
+      seg = segs[item / units];
+      rt = uint32_t(item % units) * MT;
+      live = rt * 16 < deltas[seg.delta].n_stored;
+    }
+    if (live) {
+      Tile<C, T, NT>::template accumulate_mt<MT>(deltas[seg.delta], x + size_t(seg.start) * k, seg.len, rt,
+                                                 wk % split, split, acc);
+    }
+    if (reduce_split<MT * NT>(reinterpret_cast<float(&)[MT * NT][4]>(acc), split, red) && live) {
+      T* o = out + size_t(seg.start) * n_total;
+#pragma unroll
+      for (int i = 0; i < MT; ++i) Tile<C, T, NT>::store(deltas[seg.delta], seg.len, o, o, rt + i, acc[i]);
     }
   }
 }
@@ -1748,6 +1882,15 @@ __device__ __forceinline__ void dequantize(const DzDelta& d, const T* base, T* o
                                             uint32_t split) {                                                \
     dz::v4::sbmm<C, T, 1, dz::v4::XD_OCCUPANCY>(segs, n_segs, deltas, x, out, k, n_total, tiles, split);     \
   }
+// dz_v4_<variant>_sbmm_p2_<t>_n1: the sbmm signature and launch over pairs of tiles (`sbmm_mt`, MT = 2;
+// `set_v4_sbmm_pair` on the host; session 19, not yet measured).
+#define DZ_V4_SBMM_PAIR(variant, C, T, tname)                                                                \
+  extern "C" __global__ void __launch_bounds__(dz::v4::WK * 32, 2)                                          \
+      dz_v4_##variant##_sbmm_p2_##tname##_n1(const DzSegment* segs, uint32_t n_segs, const DzDelta* deltas,    \
+                                            const T* x, T* out, uint32_t k, uint32_t n_total, uint32_t tiles, \
+                                            uint32_t split) {                                                \
+    dz::v4::sbmm_mt<C, T, 2>(segs, n_segs, deltas, x, out, k, n_total, tiles, split);                        \
+  }
 #define DZ_V4_ENTRIES(variant, C, T, tname, NT)                                                              \
   DZ_V4_MATMUL(variant, C, T, tname, NT)                                                                     \
   extern "C" __global__ void __launch_bounds__(dz::v4::WK * 32, 2)                                          \
@@ -1773,6 +1916,7 @@ __device__ __forceinline__ void dequantize(const DzDelta& d, const T* base, T* o
   DZ_V4_MATMUL_SXD(variant, C, __half, f16)            \
   DZ_V4_SBMM_RING(variant, C, __half, f16)             \
   DZ_V4_SBMM_XD(variant, C, __half, f16)               \
+  DZ_V4_SBMM_PAIR(variant, C, __half, f16) \
   DZ_V4_ENTRIES(variant, C, __nv_bfloat16, bf16, 1)    \
   DZ_V4_ENTRIES(variant, C, __nv_bfloat16, bf16, 2)    \
   DZ_V4_MATMUL(variant, C, __nv_bfloat16, bf16, 4)     \
@@ -1782,6 +1926,7 @@ __device__ __forceinline__ void dequantize(const DzDelta& d, const T* base, T* o
   DZ_V4_MATMUL_SXD(variant, C, __nv_bfloat16, bf16)    \
   DZ_V4_SBMM_RING(variant, C, __nv_bfloat16, bf16)     \
   DZ_V4_SBMM_XD(variant, C, __nv_bfloat16, bf16)       \
+  DZ_V4_SBMM_PAIR(variant, C, __nv_bfloat16, bf16) \
   DZ_V4_DEQUANTIZE(variant, C, float, f32)             \
   DZ_V4_DEQUANTIZE(variant, C, __half, f16)            \
   DZ_V4_DEQUANTIZE(variant, C, __nv_bfloat16, bf16)
