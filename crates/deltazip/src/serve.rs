@@ -134,12 +134,11 @@ pub struct ServeArgs {
     /// the larger 7B / 13B shapes there (see dz_candle_ops::set_v4_pair). For A/B runs.
     #[arg(long, requires = "v4_kernels")]
     pub no_v4_pair: bool,
-    /// With --v4-kernels, experimental (session 19, not yet measured on a GPU): the decode sbmm with two
-    /// 16-row tiles of a fine-tune's delta a warp, each x word loaded once for both (see
-    /// dz_candle_ops::set_v4_sbmm_pair; it takes precedence over --v4-sbmm-x-direct and the shared-memory
-    /// variants).
+    /// With --v4-kernels: run the decode sbmm with one 16-row tile of a fine-tune's delta a warp instead of
+    /// two (the pair, which loads each x word once for both tiles and which the H200 measured 11-37% faster
+    /// for 16-64 fine-tunes a step; see dz_candle_ops::set_v4_sbmm_pair). For A/B runs.
     #[arg(long, requires = "v4_kernels")]
-    pub v4_sbmm_pair: bool,
+    pub no_v4_sbmm_pair: bool,
     /// From this many input rows of one fine-tune in a step (prefill), a delta is merged into a dense
     /// weight once and multiplied with one cuBLAS matmul instead of the delta kernels (CUDA, f16/bf16).
     /// The default is the crossover the H200 measured (bench/results/h200-s10-2026-11-30.md); a delta kept
@@ -212,7 +211,7 @@ impl ServeArgs {
             v4_sbmm_x_direct: None,
             v4_wide64_from: 0,
             no_v4_pair: false,
-            v4_sbmm_pair: false,
+            no_v4_sbmm_pair: false,
             dense_rows: dz_loader::DEFAULT_DENSE_ROWS,
             no_slot_tables: false,
             no_sbmm_wide_segments: false,
@@ -610,7 +609,7 @@ pub fn start(args: &ServeArgs) -> Result<Running> {
         dz_loader::set_v4_sbmm_x_direct(args.v4_sbmm_x_direct.unwrap_or(dz_loader::V4XDirect::Off));
         dz_loader::set_v4_wide64_from(args.v4_wide64_from);
         dz_loader::set_v4_pair(!args.no_v4_pair);
-        dz_loader::set_v4_sbmm_pair(args.v4_sbmm_pair);
+        dz_loader::set_v4_sbmm_pair(!args.no_v4_sbmm_pair);
         dz_loader::set_sbmm_wide_segments(!args.no_sbmm_wide_segments);
     }
     let api_key = args

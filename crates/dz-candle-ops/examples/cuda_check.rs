@@ -1532,8 +1532,9 @@ fn wide_from_cases(
 }
 
 /// [`v4_sbmm_cases`] under each x-direct decode tile (`set_v4_sbmm_x_direct`: Deep, then Occupancy), then
-/// under the pair decode tile (`set_v4_sbmm_pair`: two 16-row tiles a warp; an odd number of tiles leaves
-/// the last pair's second tile past the end), at every split; the tiles are off again afterwards.
+/// with the pair decode tile off (`set_v4_sbmm_pair(false)`: one 16-row tile a warp, the default before
+/// session 19; the default cases run the pair, whose odd tile counts leave the last pair's second tile
+/// past the end), at every split; the defaults again afterwards.
 fn x_direct_cases(
     ck: &mut Checker,
     label: &str,
@@ -1550,10 +1551,10 @@ fn x_direct_cases(
         v4_sbmm_cases(ck, &label, both, nk, layouts, dtypes, &splits, seed);
     }
     dz_candle_ops::set_v4_sbmm_x_direct(V4XDirect::Off);
-    dz_candle_ops::set_v4_sbmm_pair(true);
-    let label = format!("{label} sbmm-pair,");
-    v4_sbmm_cases(ck, &label, both, nk, layouts, dtypes, &splits, seed);
     dz_candle_ops::set_v4_sbmm_pair(false);
+    let label = format!("{label} sbmm-single,");
+    v4_sbmm_cases(ck, &label, both, nk, layouts, dtypes, &splits, seed);
+    dz_candle_ops::set_v4_sbmm_pair(true);
 }
 
 fn v4_family(ck: &mut Checker, only: bool) {

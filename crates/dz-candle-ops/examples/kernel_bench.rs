@@ -37,8 +37,8 @@
 //! - sbmm at 1-4 rows a delta: `dz-s1` .. `dz-s8` (the split forced), `dz-sx` (x in shared memory per
 //!   block), `dz-ring` (each warp's codes through its own shared-memory ring, `set_v4_sbmm_ring`) and
 //!   `dz-xd` / `dz-xo` (x loaded before each mma; a 6-deep code ring, or a 3-deep one at 3 blocks an SM;
-//!   `set_v4_sbmm_x_direct`), `dz-sp` (the pair decode tile, `set_v4_sbmm_pair`; session 19), the last
-//!   five compared with split 1.
+//!   `set_v4_sbmm_x_direct`), `dz-1t` (one 16-row tile a warp: `set_v4_sbmm_pair(false)`; `dz` runs the
+//!   pair since session 19), the last five compared with split 1.
 //!
 //! Rows 32-256 of issue #5 (the 32-row tile beside cuBLAS, v3 and the dense route):
 //! `kernel_bench --rows 32,64,128,256 --out STEM` (all the 7B/13B shapes; `--shapes 4096x4096` for one).
@@ -547,13 +547,13 @@ fn profile(b: &Bench) -> Result<()> {
         eprintln!("profiled sbmm 32 deltas x 1 row, x-direct {mode:?}");
     }
     dz_candle_ops::set_v4_sbmm_x_direct(V4XDirect::Off);
-    // And the pair decode tile (kernel name `..._sbmm_p2_...`).
-    dz_candle_ops::set_v4_sbmm_pair(true);
+    // And the decode tile with one 16-row tile a warp (the pair, `..._sbmm_p2_...`, is the default).
+    dz_candle_ops::set_v4_sbmm_pair(false);
     for _ in 0..2 {
         keep.push(sbmm(&x, &base, &refs, &segments)?);
     }
-    dz_candle_ops::set_v4_sbmm_pair(false);
-    eprintln!("profiled sbmm 32 deltas x 1 row, pair");
+    dz_candle_ops::set_v4_sbmm_pair(true);
+    eprintln!("profiled sbmm 32 deltas x 1 row, one tile a warp");
     set_v4_split(0);
     b.dev.synchronize()?;
     Ok(())
@@ -696,17 +696,17 @@ fn sbmm_cases_of(
                     }
                     rs.push(mk("sbmm", path, t?));
                 }
-                // The pair decode tile (experimental, session 19): two 16-row tiles a warp sharing
-                // each x word (`dz-sp`), the split automatic, as `dz`.
-                dz_candle_ops::set_v4_sbmm_pair(true);
+                // The decode tile with one 16-row tile a warp (`dz-1t`; the default before session 19,
+                // whose pair tile `dz` now runs), the split automatic, as `dz`.
+                dz_candle_ops::set_v4_sbmm_pair(false);
                 let t = b.time(ITERS, |i| Ok(vec![sbmm(&x, &base, &set(i), &segments)?]));
                 let y_p = sbmm(&x, &base, &set(0), &segments)?;
-                dz_candle_ops::set_v4_sbmm_pair(false);
+                dz_candle_ops::set_v4_sbmm_pair(true);
                 let a = disagreement(&y_p, &y_s1)?;
                 if a > 2e-2 {
-                    eprintln!("MISMATCH sbmm {used} x {rows}: dz-sp and split 1 differ by {a:.2e}");
+                    eprintln!("MISMATCH sbmm {used} x {rows}: dz-1t and split 1 differ by {a:.2e}");
                 }
-                rs.push(mk("sbmm", "dz-sp", t?));
+                rs.push(mk("sbmm", "dz-1t", t?));
             }
             if let Some(t) = t_v3 {
                 rs.push(mk("sbmm", "v3", t));

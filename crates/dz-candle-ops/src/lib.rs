@@ -496,23 +496,34 @@ pub fn v4_sbmm_x_direct() -> V4XDirect {
     }
 }
 
-static V4_SBMM_PAIR: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+static V4_SBMM_PAIR: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
 
 /// Lets launches of the v4 decode `sbmm` tile (segments of at most 8 rows, any split) take the pair
 /// variant (`dz_v4_<variant>_sbmm_p2_*_n1`): each warp takes two consecutive 16-row tiles of a segment,
 /// loads each x word once for both, and runs two independent chains of loads, decodes and mma (2 blocks
-/// of codes in flight each). Written in session 19 without a GPU, after serving found 2b 2:4 deltas as
-/// fast as 4b 2:4 ones (the decode sbmm bound by its instruction chains, not its bytes; session 15's
-/// Nsight Compute: 61% of DRAM bandwidth, 25% occupancy, long-scoreboard stalls). **Off by default and
-/// experimental** until the H200 measures it; it takes precedence over [`set_v4_sbmm_x_direct`] and the
-/// shared-memory variants. Either way the results are the same sums in the same order.
+/// of codes in flight each). Written in session 19 after serving found 2b 2:4 deltas as fast as 4b 2:4
+/// ones (the decode sbmm bound by its instruction chains, not its bytes; session 15's Nsight Compute: 61%
+/// of DRAM bandwidth, 25% occupancy, long-scoreboard stalls). Measured on the H200 in session 19
+/// (`bench/results/h200-s19-2026-12-01.md`, 4096 x 4096): 32 deltas x 1 row 68.5 against 76.8 us (4b
+/// 2:4; 1.38x of streaming the deltas once, against 1.55x) and 61.1 against 77.1 (2b 2:4); 64 deltas x
+/// 4 rows 136.7 against 215.6; 16 deltas x 2 rows 38.0 against 44.8. **On by default**; `deltazip serve
+/// --no-v4-sbmm-pair` turns it off. The experimental variants ([`set_v4_sbmm_x_direct`],
+/// [`set_v4_sbmm_ring`], [`set_v4_sbmm_smem_x`]), when turned on, replace it. Either way the results are
+/// the same sums in the same order.
 pub fn set_v4_sbmm_pair(enabled: bool) {
     V4_SBMM_PAIR.store(enabled, std::sync::atomic::Ordering::Relaxed);
 }
 
-/// Whether [`set_v4_sbmm_pair`] turned the pair decode sbmm on (off by default).
+/// Whether [`set_v4_sbmm_pair`] lets the decode sbmm take the pair tile (on by default).
 pub fn v4_sbmm_pair() -> bool {
     V4_SBMM_PAIR.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Whether the decode sbmm's launches take the pair tile: [`v4_sbmm_pair`], and no experimental decode
+/// variant turned on.
+#[cfg(feature = "cuda")]
+pub(crate) fn v4_sbmm_pair_active() -> bool {
+    v4_sbmm_pair() && !v4_sbmm_ring() && !v4_sbmm_smem_x() && v4_sbmm_x_direct() == V4XDirect::Off
 }
 
 static V4_KEEP_PACKED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);

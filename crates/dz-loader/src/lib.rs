@@ -45,8 +45,8 @@ pub use dz_candle_ops::set_v4_kernels;
 /// Whether the v4 kernels' automatic choice takes the pair tile where the H200 measured it faster (on by
 /// default; see `dz_candle_ops::set_v4_pair`; `deltazip serve --no-v4-pair`).
 pub use dz_candle_ops::set_v4_pair;
-/// The pair v4 decode sbmm (experimental, off by default; see `dz_candle_ops::set_v4_sbmm_pair`;
-/// `deltazip serve --v4-sbmm-pair`).
+/// The pair v4 decode sbmm (on by default; see `dz_candle_ops::set_v4_sbmm_pair`; `deltazip serve
+/// --no-v4-sbmm-pair`).
 pub use dz_candle_ops::set_v4_sbmm_pair;
 /// The per-warp ring v4 decode sbmm (experimental, off by default; see
 /// `dz_candle_ops::set_v4_sbmm_ring`; `deltazip serve --v4-sbmm-ring`).

@@ -1111,10 +1111,11 @@ fn v4_launch(items: u64, resident: u64) -> (u32, (u32, u32)) {
 }
 
 /// The v4 sbmm entry (the `sbmm` signature and split) a launch of the `rows`-row tile runs: the pair
-/// decode tile ([`crate::set_v4_sbmm_pair`]) or an x-direct one ([`crate::set_v4_sbmm_x_direct`]) where
-/// turned on and applicable (segments of at most 8 rows), else the plain tile.
+/// decode tile ([`crate::set_v4_sbmm_pair`], the default) or an x-direct one
+/// ([`crate::set_v4_sbmm_x_direct`]) where turned on and applicable (segments of at most 8 rows), else
+/// the plain tile.
 fn v4_sbmm_entry(e: &V4Entries, dtype: dz_kernels::Dtype, rows: u32) -> Option<&'static str> {
-    crate::v4_sbmm_pair()
+    crate::v4_sbmm_pair_active()
         .then(|| e.sbmm_pair(dtype, rows))
         .flatten()
         .or_else(|| match crate::v4_sbmm_x_direct() {
@@ -1129,7 +1130,9 @@ fn v4_sbmm_entry(e: &V4Entries, dtype: dz_kernels::Dtype, rows: u32) -> Option<&
 /// tile ([`v4_sbmm_entry`]), else 1. The launch has `ceil(tiles / this)` items a segment.
 fn sbmm_tiles_an_item(kernel: Kernel, dtype: dz_kernels::Dtype) -> u32 {
     match kernel {
-        Kernel::V4(e, rows) if crate::v4_sbmm_pair() && e.sbmm_pair(dtype, rows).is_some() => {
+        Kernel::V4(e, rows)
+            if crate::v4_sbmm_pair_active() && e.sbmm_pair(dtype, rows).is_some() =>
+        {
             dz_kernels::v4::V4_SBMM_PAIR_TILES
         }
         _ => 1,
