@@ -4,7 +4,7 @@
 #
 # The carry does not fit in one call (tracked files ~39 MB + .gpu/srv 25 MB + .gpu/k 6.6 MB > 64 MiB):
 #   build first (here): bash bench/gpu/build.sh   (.gpu/k and .gpu/srv; check their BUILT files)
-#   call 1, PART=k (~9 min, in the foreground), carry [".gpu/k"]:
+#   call 1, PART=k (~8 min, in the foreground), carry [".gpu/k"]:
 #     PART=k COMMIT=$(git rev-parse --short HEAD) bash bench/gpu/next_chain.sh; tar czf $OUT/s20k.tgz -C /tmp s20
 #   call 2, PART=srv (~15 min), carry [".gpu/srv"]: run it detached, and poll with calls that each sleep
 #   and copy what is there (a call may sleep minutes; only the GAP between calls must stay under ~25 s,
@@ -15,22 +15,24 @@
 #   (each poll brings the results so far back: a lease that runs out loses nothing already copied)
 #   Never `pkill -f deltazip` in a poll: the poll's own command line matches and is killed.
 #
-# PART=k. The kernel routing at the head (session 19 moved the quant codecs at 128-255 rows to the pair
-#   tile where the 32-row tile's grid is uneven: `v4_grid_uneven`): `kernel_bench` at 128, 192 and 256
-#   rows of the five larger 7B / 13B shapes, `dz` beside the forced `dz-sx` / `dz-sxp`; then
-#   the pair decode sbmm (`_sbmm_p2_`, session 19, never run): `cuda_check --filter sbmm-pair`, then
-#   `kernel_bench --sbmm` (4096 x 4096 4b and 2b 2:4, 1-64 deltas at 32 and 256 rows: `dz-sp` beside `dz`,
-#   the split sweep, the x-direct tiles and the ring; session 19 found 2b 2:4 serving as fast as 4b, so
-#   the decode sbmm's time is not its bytes'; if `dz-sp` wins at 32 deltas x 32 rows, serve A/B with
-#   SBMM_PAIR=1 and make it the default); then
-#   `cuda_check --filter "wide-x=shared"` (every forced shared-x mode: session 19 folded the 32-row tile's
-#   unsplit path into `matmul_sx_mt` and the K split's and balanced schedule's sums into `sum_cut_item`;
-#   ptxas gives every entry the same registers, and the same code but for the 8 `_sxk4_` entries) and
-#   `cuda_check --quick --filter v4` (200 and 150 s; session 19's 150 s stopped the latter before its
-#   summary; it now prints a line as each family ends, so a cut run says which families passed).
+# PART=k. At the head:
+#   - `kernel_bench` at 128, 192 and 256 rows of the five larger 7B / 13B shapes, `dz` beside the forced
+#     `dz-sx` / `dz-sxp` (session 19 moved the quant codecs at 128-255 rows to the pair tile where the
+#     32-row tile's grid is uneven: `v4_grid_uneven`);
+#   - `cuda_check --quick --filter sbmm` (the decode sbmm takes two tiles a warp by default since
+#     session 19, `_sbmm_p2_`; its `sbmm-single` cases keep the one-tile kernel checked) and
+#     `kernel_bench --sbmm` (4096 x 4096 4b and 2b 2:4, 1-64 deltas at 32 and 256 rows: `dz` = the pair,
+#     `dz-1t` = one tile a warp; session 19's call 3: 68.5 vs 76.8 us at 32 x 1 row, 4b);
+#   - `cuda_check --filter "wide-x=shared"` (every forced shared-x mode: session 19 folded the 32-row
+#     tile's unsplit path into `matmul_sx_mt` and the K split's and balanced schedule's sums into
+#     `sum_cut_item`; ptxas gives every entry the same registers, and the same code but for the 8
+#     `_sxk4_` entries; cuda_check prints a line as each family ends, so a cut run says which passed);
+#   - Nsight Compute on the decode sbmm, pair and one tile (`kernel_bench --profile`): is the pair still
+#     latency-bound (eligible warps, long-scoreboard stalls, DRAM %)?
 # PART=srv. Session 19 found the dz runs in two modes: 5 of 8 at 310-338 tokens/s (82% of the base), 3 at
 #   252-276 (68%), with the same number of forward passes, each ~30% longer in the slow mode. This part
-#   runs the same configuration seven times (dz-4b24 x 32, defaults) beside three base runs, every run
+#   runs dz-4b24 x 32 seven times, four with the defaults (`dz`: the pair decode sbmm) and three with
+#   `--no-v4-sbmm-pair` (`dzone`: one tile a warp, session 19's default), beside three base runs, every run
 #   under DZ_PROFILE=wait (the step, the CPU parts and the GPU's backlog at the head, without perturbing
 #   the step: session 18), with, for every run:
 #     - dmon-*.txt: `nvidia-smi dmon -s puc` (power, temperatures, SM busy %, clocks) each second;
@@ -53,11 +55,13 @@ if [ "$PART" = k ]; then
   timeout 150 /tmp/k/bin/kernel_bench --shapes 11008x4096,4096x11008,5120x5120,13824x5120,5120x13824 \
       --rows 128,192,256 --commit "${COMMIT:-unknown}" --out $S/kern/kernels-route > $S/kern/bench.log 2>&1
   log "kernel_bench rc=$? mismatches $(grep -c MISMATCH $S/kern/bench.log)"
-  timeout 60 /tmp/k/bin/cuda_check --filter "sbmm-pair" > $S/check/sbmm-pair.txt 2>&1; log "cuda_check sbmm-pair rc=$? $(tail -1 $S/check/sbmm-pair.txt)"
+  timeout 150 /tmp/k/bin/cuda_check --quick --filter sbmm > $S/check/sbmm-quick.txt 2>&1; log "cuda_check sbmm quick rc=$? $(tail -1 $S/check/sbmm-quick.txt)"
   timeout 150 /tmp/k/bin/kernel_bench --sbmm --commit "${COMMIT:-unknown}" --out $S/kern/kernels-sbmm > $S/kern/sbmm.log 2>&1
   log "kernel_bench --sbmm rc=$? mismatches $(grep -c MISMATCH $S/kern/sbmm.log)"
   timeout 200 /tmp/k/bin/cuda_check --filter "wide-x=shared" > $S/check/wide-shared.txt 2>&1; log "cuda_check wide-x=shared rc=$? $(tail -1 $S/check/wide-shared.txt)"
-  timeout 150 /tmp/k/bin/cuda_check --quick --filter v4 > $S/check/v4-quick.txt 2>&1; log "cuda_check v4 quick rc=$? $(tail -1 $S/check/v4-quick.txt)"
+  NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
+  timeout 120 $NCU --clock-control none -k regex:'sbmm_p2_bf16|sbmm_bf16_n1' --set full \
+      /tmp/k/bin/kernel_bench --profile > $S/kern/ncu-sbmm.txt 2>&1; log "ncu rc=$?"
   log done
   exit 0
 fi
@@ -74,15 +78,15 @@ watch_stop() { # watch_stop NAME
   kill $DMON $VMST 2>/dev/null; pkill -P $TOPW 2>/dev/null; kill $TOPW 2>/dev/null; pkill -x top 2>/dev/null
   nvidia-smi -q -d PERFORMANCE > $S/perf-$1.txt 2>&1
 }
-nb=0; nd=0
-for sys in base dz dz base dz dz base dz dz dz; do
-  if [ $sys = base ]; then nb=$((nb + 1)); name=base$nb; else nd=$((nd + 1)); name=dz$nd; fi
+declare -A count=()
+for sys in base dz dzone base dz dzone base dz dzone dz; do
+  count[$sys]=$(( ${count[$sys]:-0} + 1 )); name=$sys${count[$sys]}
   watch_start $name
-  if [ $sys = base ]; then
-    DZ_PROFILE=wait OUT=$S/$name RATES=16 REQS=128 bash $R/gpu/serving.sh base > $S/$name.log 2>&1; rc=$?
-  else
-    DZ_PROFILE=wait OUT=$S/$name V4=1 RATES=16 REQS=128 bash $R/gpu/serving.sh dz:4b24:32 > $S/$name.log 2>&1; rc=$?
-  fi
+  case $sys in
+    base) DZ_PROFILE=wait OUT=$S/$name RATES=16 REQS=128 bash $R/gpu/serving.sh base > $S/$name.log 2>&1; rc=$? ;;
+    dz) DZ_PROFILE=wait OUT=$S/$name V4=1 RATES=16 REQS=128 bash $R/gpu/serving.sh dz:4b24:32 > $S/$name.log 2>&1; rc=$? ;;
+    dzone) NO_SBMM_PAIR=1 DZ_PROFILE=wait OUT=$S/$name V4=1 RATES=16 REQS=128 bash $R/gpu/serving.sh dz:4b24:32 > $S/$name.log 2>&1; rc=$? ;;
+  esac
   watch_stop $name
   # tokens/s, TPOT p50, and per forward pass: rows and distinct requested models (deltazip_forward_*_total)
   log "$name rc=$rc $(grep -E '^\| (dz|base)' $S/$name/serving.md 2>/dev/null | head -1 | cut -d'|' -f9,13) $(awk \
