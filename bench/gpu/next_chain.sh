@@ -31,8 +31,11 @@
 #     latency-bound (eligible warps, long-scoreboard stalls, DRAM %)?
 # PART=srv. Session 19 found the dz runs in two modes: 5 of 8 at 310-338 tokens/s (82% of the base), 3 at
 #   252-276 (68%), with the same number of forward passes, each ~30% longer in the slow mode. This part
-#   runs dz-4b24 x 32 seven times, four with the defaults (`dz`: the pair decode sbmm) and three with
-#   `--no-v4-sbmm-pair` (`dzone`: one tile a warp, session 19's default), beside three base runs, every run
+#   runs dz-4b24 x 32 seven times, beside three base runs: three with the defaults (`dz`), two with
+#   `--no-v4-sbmm-pair` (`dzone`: the decode sbmm with one tile a warp, session 19's call 3 measured the
+#   pair 0.61-0.89x its time) and two with DZ_DECODE_ORDER=arrival (`dzarr`: decode batches in arrival
+#   order, not grouped by model by host patch 0015; `deltazip_forward_runs_total` against `_models_total`
+#   says how many segments the grouping saves), every run
 #   under DZ_PROFILE=wait (the step, the CPU parts and the GPU's backlog at the head, without perturbing
 #   the step: session 18), with, for every run:
 #     - dmon-*.txt: `nvidia-smi dmon -s puc` (power, temperatures, SM busy %, clocks) each second;
@@ -79,19 +82,21 @@ watch_stop() { # watch_stop NAME
   nvidia-smi -q -d PERFORMANCE > $S/perf-$1.txt 2>&1
 }
 declare -A count=()
-for sys in base dz dzone base dz dzone base dz dzone dz; do
+for sys in base dz dzone dzarr base dz dzone dzarr base dz; do
   count[$sys]=$(( ${count[$sys]:-0} + 1 )); name=$sys${count[$sys]}
   watch_start $name
   case $sys in
     base) DZ_PROFILE=wait OUT=$S/$name RATES=16 REQS=128 bash $R/gpu/serving.sh base > $S/$name.log 2>&1; rc=$? ;;
     dz) DZ_PROFILE=wait OUT=$S/$name V4=1 RATES=16 REQS=128 bash $R/gpu/serving.sh dz:4b24:32 > $S/$name.log 2>&1; rc=$? ;;
     dzone) NO_SBMM_PAIR=1 DZ_PROFILE=wait OUT=$S/$name V4=1 RATES=16 REQS=128 bash $R/gpu/serving.sh dz:4b24:32 > $S/$name.log 2>&1; rc=$? ;;
+    dzarr) DZ_DECODE_ORDER=arrival DZ_PROFILE=wait OUT=$S/$name V4=1 RATES=16 REQS=128 bash $R/gpu/serving.sh dz:4b24:32 > $S/$name.log 2>&1; rc=$? ;;
   esac
   watch_stop $name
   # tokens/s, TPOT p50, and per forward pass: rows and distinct requested models (deltazip_forward_*_total)
   log "$name rc=$rc $(grep -E '^\| (dz|base)' $S/$name/serving.md 2>/dev/null | head -1 | cut -d'|' -f9,13) $(awk \
       '/^deltazip_forward_passes_total/{p=$2} /^deltazip_forward_rows_total/{r=$2} /^deltazip_forward_models_total/{m=$2}
-       END{if (p) printf "rows/pass %.1f models/pass %.1f", r/p, m/p}' $S/$name/metrics-*.txt 2>/dev/null)"
+       /^deltazip_forward_runs_total/{u=$2} END{if (p) printf "rows/pass %.1f models/pass %.1f runs/pass %.1f", r/p, m/p, u/p}' \
+      $S/$name/metrics-*.txt 2>/dev/null)"
 done
 for d in $S/base* $S/dz*; do
   [ -d "$d" ] && python3 $R/gpu/profile_split.py $d > $d/profile-split.md 2>&1

@@ -66,6 +66,7 @@ KV_CACHE=${KV_CACHE:-auto}
 V4=${V4:-}                    # non-empty: `serve --v4-kernels` (the experimental v4 delta kernels, issue #5)
 V4_BOTH=${V4_BOTH:-}          # non-empty (with V4): `serve --v4-keep-packed` (both layouts, twice the delta bytes)
 V4_SX=${V4_SX:-}              # non-empty (with V4): `serve --v4-sbmm-smem-x` (the experimental shared-memory sbmm)
+# DZ_DECODE_ORDER=arrival (passed through to the server): decode batches in arrival order, not grouped by model (host patch 0015)
 NO_SBMM_PAIR=${NO_SBMM_PAIR:-}  # non-empty, with V4: `serve --no-v4-sbmm-pair` (the decode sbmm with one tile a warp, not session 19's pair)
 SBMM_XD=${SBMM_XD:-}          # deep or occupancy (with V4): `serve --v4-sbmm-x-direct MODE` (the x-direct decode sbmm; session 15, experimental)
 WIDE64_FROM=${WIDE64_FROM:-}  # with V4: `serve --v4-wide64-from N` (session 17's 64-row v4 tile from N rows of a prompt)
@@ -153,7 +154,7 @@ bench() { # bench TAG SYSTEM PORT MODELS [POPULARITY]   (RATES, REQS: this run's
     # runs out of time keeps the rates it finished. The warm-up goes with the first rate only.
     local warm=${WARMUP:+--warmup} rate
     # A dz run with a non-default path gets its own system name in the report (dz-4b24+slots, +nowide, +nonorm, +pool, +xd-deep; base+pool).
-    if [[ $2 == dz-* ]]; then set -- "$1" "$2${NO_SLOT_TABLES:++noslots}${WIDE64_FROM:++w64-$WIDE64_FROM}${NO_V4_PAIR:++nopair}${NO_SBMM_WIDE:++nowide}${NO_FUSED_NORM:++nonorm}${POOL_KEEP:++pool}${SBMM_XD:++xd-$SBMM_XD}${NO_SBMM_PAIR:++nosp}" "${@:3}"; fi
+    if [[ $2 == dz-* ]]; then set -- "$1" "$2${NO_SLOT_TABLES:++noslots}${WIDE64_FROM:++w64-$WIDE64_FROM}${NO_V4_PAIR:++nopair}${NO_SBMM_WIDE:++nowide}${NO_FUSED_NORM:++nonorm}${POOL_KEEP:++pool}${SBMM_XD:++xd-$SBMM_XD}${NO_SBMM_PAIR:++nosp}${DZ_DECODE_ORDER:++$DZ_DECODE_ORDER}" "${@:3}"; fi
     if [[ $2 == base ]]; then set -- "$1" "$2${POOL_KEEP:++pool}" "${@:3}"; fi
     # ... and one whose steps may hold fewer fine-tunes than it serves: +mdK (max_deltas_per_step = K).
     local n_models; n_models=$(( $(tr -cd , <<< "$4" | wc -c) + 1 ))

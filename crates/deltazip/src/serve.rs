@@ -1322,6 +1322,12 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
             "Distinct requested models (fine-tunes; the base counts as one) of those passes, summed.",
             p.models,
         ),
+        (
+            "runs",
+            "Runs of consecutive rows of one requested model in those passes, summed (the segments each \
+             linear layer's sbmm launches; equal to the models when each model's rows are grouped).",
+            p.runs,
+        ),
     ] {
         out.push_str(&format!(
             "# HELP deltazip_forward_{name}_total {help}\n# TYPE deltazip_forward_{name}_total counter\n\

@@ -605,9 +605,9 @@ pub struct DeltaRegistry {
     widest: AtomicUsize,
     /// Tokens the output head computed, by requested model (`default` for untagged rows).
     tokens: std::sync::Mutex<HashMap<String, u64>>,
-    /// Forward passes the output head ended, their rows and their distinct requested models
-    /// ([`PassCounts`]).
-    passes: [AtomicU64; 3],
+    /// Forward passes the output head ended, their rows, their distinct requested models and their runs
+    /// of rows of one model ([`PassCounts`]).
+    passes: [AtomicU64; 4],
     /// Where the forward passes spend their time (`DZ_PROFILE=1`).
     profile: Profile,
     /// The last batch's RMS-norm tables (every norm of a forward pass sees the same rows).
@@ -663,6 +663,10 @@ pub struct PassCounts {
     pub rows: u64,
     /// Their distinct requested models (the base, untagged rows, counts as one), summed.
     pub models: u64,
+    /// Their runs of consecutive rows of one requested model, summed: the segments a pass's sbmm
+    /// launches (a fine-tune with rows in two runs has its delta streamed twice). Equal to `models` when
+    /// the host groups each model's rows (its patch 0015 does for decode batches).
+    pub runs: u64,
 }
 
 /// How a linear-layer call found its launches: the index of its count in [`DeltaRegistry::plan_counts`].
@@ -1092,9 +1096,10 @@ impl DeltaRegistry {
             return;
         };
         let mut names: Vec<Option<&str>> = tags.iter().map(|t| t.as_deref()).collect();
+        let runs = 1 + names.windows(2).filter(|w| w[0] != w[1]).count();
         names.sort_unstable();
         names.dedup();
-        for (counter, n) in self.passes.iter().zip([1, tags.len(), names.len()]) {
+        for (counter, n) in self.passes.iter().zip([1, tags.len(), names.len(), runs]) {
             counter.fetch_add(n as u64, Ordering::Relaxed);
         }
         let mut map = self.tokens.lock().unwrap_or_else(|e| e.into_inner());
@@ -1116,14 +1121,15 @@ impl DeltaRegistry {
         map.iter().map(|(k, v)| (k.clone(), *v)).collect()
     }
 
-    /// The forward passes the output heads wrapped over this registry have ended so far: their rows and
-    /// distinct requested models.
+    /// The forward passes the output heads wrapped over this registry have ended so far: their rows,
+    /// distinct requested models and runs of rows of one model.
     pub fn pass_counts(&self) -> PassCounts {
-        let [passes, rows, models] = &self.passes;
+        let [passes, rows, models, runs] = &self.passes;
         PassCounts {
             passes: passes.load(Ordering::Relaxed),
             rows: rows.load(Ordering::Relaxed),
             models: models.load(Ordering::Relaxed),
+            runs: runs.load(Ordering::Relaxed),
         }
     }
 
