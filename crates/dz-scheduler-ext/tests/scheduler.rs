@@ -307,6 +307,9 @@ fn an_engine_that_sets_sequences_aside_drains_an_unloaded_delta() {
     let mut started_victims = std::collections::HashSet::new();
     let mut unloaded_at: Option<usize> = None;
     let mut victim_aside_while_draining = 0;
+    // A victim sequence sent after the unload (the random arrivals may end before the unload happens:
+    // the loads run on threads, so how many steps pass before it depends on the machine's load).
+    let mut victim_after_unload = false;
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut step = 0;
     while step < 60 || !waiting.is_empty() || !running.is_empty() || !aside.is_empty() {
@@ -314,6 +317,17 @@ fn an_engine_that_sets_sequences_aside_drains_an_unloaded_delta() {
             Instant::now() < deadline,
             "the engine stopped making progress"
         );
+        if unloaded_at.is_some() && !victim_after_unload {
+            waiting.push_back(Seq {
+                name: Some("victim"),
+                id: next_id,
+                left: 2,
+                done: 0,
+            });
+            next_id += 1;
+            sent += 1;
+            victim_after_unload = true;
+        }
         if step < 60 {
             for _ in 0..rng.below(3) {
                 let name = match rng.below(6) {
