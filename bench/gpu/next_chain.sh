@@ -22,7 +22,8 @@
 #   - `cuda_check --quick --filter sbmm` (the decode sbmm takes two tiles a warp by default since
 #     session 19, `_sbmm_p2_`; its `sbmm-single` cases keep the one-tile kernel checked) and
 #     `kernel_bench --sbmm` (4096 x 4096 4b and 2b 2:4, 1-64 deltas at 32 and 256 rows: `dz` = the pair,
-#     `dz-1t` = one tile a warp; session 19's call 3: 68.5 vs 76.8 us at 32 x 1 row, 4b);
+#     `dz-1t` = one tile a warp; session 19's call 3: 68.5 vs 76.8 us at 32 x 1 row, 4b; and `dz-20a` /
+#     `dz-20g`: 32 rows over 20 deltas in arrival order and grouped, what host patch 0015 saves);
 #   - `cuda_check --filter "wide-x=shared"` (every forced shared-x mode: session 19 folded the 32-row
 #     tile's unsplit path into `matmul_sx_mt` and the K split's and balanced schedule's sums into
 #     `sum_cut_item`; ptxas gives every entry the same registers, and the same code but for the 8

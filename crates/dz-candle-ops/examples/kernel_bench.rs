@@ -561,7 +561,8 @@ fn profile(b: &Bench) -> Result<()> {
 
 /// sbmm: D deltas of 4096 x 4096 4b 2:4, then 2b 2:4 (session 19: served as fast as 4b, so the time is not
 /// the bytes'), the rows split evenly over them, against the same launch on v3, a loop of per-delta
-/// delta_matmul calls, and one dense bf16 matmul of all rows.
+/// delta_matmul calls, and one dense bf16 matmul of all rows; then a serving-like decode step of 32 rows
+/// over 20 deltas in arrival order and grouped by delta (`dz-20a`, `dz-20g`).
 fn sbmm_cases(b: &Bench, copy_bw: f64, rows_out: &mut Vec<Row>) -> Result<()> {
     for (label, cfg) in CODECS.iter().take(2) {
         sbmm_cases_of(b, copy_bw, rows_out, label, *cfg)?;
@@ -717,6 +718,57 @@ fn sbmm_cases_of(
                 rows_out.push(r);
             }
         }
+    }
+
+    // A decode step as serving sees it (session 19): 32 rows over 20 distinct deltas, 12 of them with
+    // two rows. `dz-20a`: the rows in arrival order, each its own segment, the 12 repeated deltas
+    // coming back 20 rows later (streamed twice unless L2 still holds them); `dz-20g`: each delta's
+    // rows next to one another, one segment a delta (the host's decode batch since its patch 0015).
+    // The same rows, deltas and products; the two times say what the repeats cost.
+    let (rows, used) = (32usize, 20usize);
+    let x = Tensor::randn(0f32, 1.0, (rows, k), &b.dev)?.to_dtype(DType::BF16)?;
+    let base = Tensor::randn(0f32, 1.0, (rows, n), &b.dev)?.to_dtype(DType::BF16)?;
+    let t_dense = b.time(ITERS, |_| Ok(vec![x.matmul(&w.t()?)?]))?;
+    let sets = 64 / used;
+    let set = |i: usize| -> Vec<&DeviceDelta> {
+        let s = i % sets;
+        (0..used).map(|d| &pool[s * used + d]).collect()
+    };
+    let arrival: Vec<usize> = (0..used).chain(0..rows - used).collect();
+    let mut grouped = arrival.clone();
+    grouped.sort_unstable();
+    for (order, path) in [(&arrival, "dz-20a"), (&grouped, "dz-20g")] {
+        let mut segments: Vec<Segment> = Vec::new();
+        for (r, &d) in order.iter().enumerate() {
+            match segments.last_mut() {
+                Some(s) if s.delta == Some(d) => s.len += 1,
+                _ => segments.push(Segment {
+                    start: r,
+                    len: 1,
+                    delta: Some(d),
+                }),
+            }
+        }
+        let t = b.time(ITERS, |i| Ok(vec![sbmm(&x, &base, &set(i), &segments)?]))?;
+        let row = Row {
+            op: "sbmm",
+            path,
+            codec: label.to_string(),
+            rows,
+            n,
+            k,
+            deltas: used,
+            time_us: t,
+            bytes: used * d_bytes + rows * k * 2 + 2 * rows * n * 2,
+            cublas_us: t_dense,
+            cublas_bytes: n * k * 2 + rows * k * 2 + rows * n * 2,
+            copy_bw,
+            stream_once_us: Some((used * d_bytes) as f64 / copy_bw * 1e6),
+            copy_same_us: None,
+            agree: None,
+        };
+        eprintln!("{}", row.md());
+        rows_out.push(row);
     }
 
     Ok(())
