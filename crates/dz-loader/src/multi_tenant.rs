@@ -1095,11 +1095,9 @@ impl DeltaRegistry {
         let Some(tags) = current_row_tags() else {
             return;
         };
-        let mut names: Vec<Option<&str>> = tags.iter().map(|t| t.as_deref()).collect();
-        let runs = 1 + names.windows(2).filter(|w| w[0] != w[1]).count();
-        names.sort_unstable();
-        names.dedup();
-        for (counter, n) in self.passes.iter().zip([1, tags.len(), names.len(), runs]) {
+        let names: Vec<Option<&str>> = tags.iter().map(|t| t.as_deref()).collect();
+        let (models, runs) = models_and_runs(&names);
+        for (counter, n) in self.passes.iter().zip([1, tags.len(), models, runs]) {
             counter.fetch_add(n as u64, Ordering::Relaxed);
         }
         let mut map = self.tokens.lock().unwrap_or_else(|e| e.into_inner());
@@ -1742,6 +1740,16 @@ impl QuantMethod for DeltaLinear {
     }
 }
 
+/// A pass's distinct requested models and its runs of consecutive rows of one model, from its rows'
+/// requested models in row order.
+fn models_and_runs(names: &[Option<&str>]) -> (usize, usize) {
+    let runs = names.chunk_by(|a, b| a == b).count();
+    let mut distinct = names.to_vec();
+    distinct.sort_unstable();
+    distinct.dedup();
+    (distinct.len(), runs)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1883,6 +1891,18 @@ mod tests {
     /// rebuilds it; the outputs are the plain sbmm's (and bias table's) bit for bit every time. Removing
     /// a fine-tune drops every cached plan (they hold deltas), and a pass that resolved its rows before
     /// the removal does not cache one after it.
+    /// The pass counters' models and runs: a model's rows in two places are two runs, the base (no
+    /// model) counts as a model, and an empty pass has neither.
+    #[test]
+    fn a_pass_counts_its_models_and_runs_of_rows() {
+        use super::models_and_runs;
+        let (a, b, c) = (Some("a"), Some("b"), Some("c"));
+        assert_eq!(models_and_runs(&[a, None, b, c, a]), (4, 5));
+        assert_eq!(models_and_runs(&[None, a, a, b, c]), (4, 4));
+        assert_eq!(models_and_runs(&[a, a, a]), (1, 1));
+        assert_eq!(models_and_runs(&[]), (0, 0));
+    }
+
     #[test]
     fn linear_layers_reuse_their_plan_while_the_batch_repeats() {
         use mistralrs_quant::with_row_tags;

@@ -149,9 +149,9 @@ fn a_mixed_batch_gives_each_row_its_own_fine_tune() {
         pc.models > pc.passes && pc.models <= 4 * pc.passes && pc.models <= pc.rows,
         "{pc:?}"
     );
-    // This batch's rows alternate models (ft-0, base, ft-1, ft-2, ft-0: the CPU's scheduler keeps their
-    // order), so its passes have more runs than models.
-    assert!(pc.runs > pc.models && pc.runs <= pc.rows, "{pc:?}");
+    // Each pass has at least a run a model and at most one a row (which passes split the rows into more
+    // runs than models depends on how the host's scheduler ordered them: `models_and_runs`' test).
+    assert!(pc.runs >= pc.models && pc.runs <= pc.rows, "{pc:?}");
     for ((name, p), got) in requests.iter().zip(&together) {
         let alone = engine.generate_tokens(name, p, MAX_TOKENS).unwrap();
         assert_eq!(
