@@ -135,8 +135,9 @@ pub struct ServeArgs {
     #[arg(long, requires = "v4_kernels")]
     pub no_v4_pair: bool,
     /// With --v4-kernels: run the decode sbmm with one 16-row tile of a fine-tune's delta a warp instead of
-    /// two (the pair, which loads each x word once for both tiles and which the H200 measured 11-37% faster
-    /// for 16-64 fine-tunes a step; see dz_candle_ops::set_v4_sbmm_pair). For A/B runs.
+    /// two (the pair, which loads each x word once for both tiles and which the H200 measured at 0.61-0.89x
+    /// the one-tile kernel's time for 16-64 fine-tunes a step; see dz_candle_ops::set_v4_sbmm_pair). For
+    /// A/B runs.
     #[arg(long, requires = "v4_kernels")]
     pub no_v4_sbmm_pair: bool,
     /// From this many input rows of one fine-tune in a step (prefill), a delta is merged into a dense

@@ -351,18 +351,20 @@ pub enum V4WideX {
     /// items' chunks of K spread evenly over the resident blocks, an item cut between blocks summed through
     /// a workspace as the K split's. Session 18's Nsight Compute run put the 32-row tile at 1.30 waves at
     /// 128 rows of 11008 x 4096 (its 344 blocks for 264 resident: "the partial wave may account for up to
-    /// 50% of the runtime"). Taken only when forced, until a GPU has checked and timed it.
+    /// 50% of the runtime"). Correct on the H200 but no faster (0.93-0.97x `Auto`'s speed, session 18):
+    /// taken only when forced.
     SharedBalanced,
     /// The pair tile on the balanced schedule (`dz_v4_<variant>_matmul_sxp_<t>_n4`, session 18): each warp
     /// takes two consecutive 16-row tiles of the delta, so every x fragment it reads from shared memory
     /// feeds two mma. Session 18's Nsight Compute run put L1 (shared memory) at 73% of its peak in the
     /// 32-row tile at 128 rows, the busiest unit, the x fragments ~3/4 of its traffic. Code rings 1 deep,
-    /// 2 blocks an SM (128 registers). Taken only when forced, until a GPU has checked and timed it.
+    /// 2 blocks an SM (128 registers). `Auto` takes it where [`v4_auto_takes_pair`] says.
     SharedPair,
     /// The pair tile with code rings 2 deep at 1 block an SM (`_sxp2_`, 218-255 registers). Forced only.
     SharedPairDeep,
     /// The pair tile on the 32-row tile's plain grid-stride launch (`_sxq_`: blocks of 16 tiles of one x
-    /// tile, whole K rows, no workspace; session 18, not yet run on a GPU). Forced only.
+    /// tile, whole K rows, no workspace; session 18). Session 19 on the H200: correct, but slower than
+    /// [`V4WideX::SharedPair`] on every shape but 4096 x 4096 (too few blocks). Forced only.
     SharedPairGrid,
 }
 

@@ -1101,8 +1101,8 @@ impl DeltaRegistry {
             counter.fetch_add(n as u64, Ordering::Relaxed);
         }
         let mut map = self.tokens.lock().unwrap_or_else(|e| e.into_inner());
-        for t in tags.iter() {
-            let name = t.as_deref().unwrap_or("default");
+        for t in &names {
+            let name = t.unwrap_or("default");
             match map.get_mut(name) {
                 Some(n) => *n += 1,
                 None => {
@@ -1886,11 +1886,6 @@ mod tests {
         layer.plan.plan.lock().unwrap().clone()
     }
 
-    /// A linear layer builds its plan on the first call of a batch layout and reuses it on the next calls
-    /// of the pass and of later passes over the same rows (new row tags, same fine-tunes); another layout
-    /// rebuilds it; the outputs are the plain sbmm's (and bias table's) bit for bit every time. Removing
-    /// a fine-tune drops every cached plan (they hold deltas), and a pass that resolved its rows before
-    /// the removal does not cache one after it.
     /// The pass counters' models and runs: a model's rows in two places are two runs, the base (no
     /// model) counts as a model, and an empty pass has neither.
     #[test]
@@ -1903,6 +1898,11 @@ mod tests {
         assert_eq!(models_and_runs(&[]), (0, 0));
     }
 
+    /// A linear layer builds its plan on the first call of a batch layout and reuses it on the next calls
+    /// of the pass and of later passes over the same rows (new row tags, same fine-tunes); another layout
+    /// rebuilds it; the outputs are the plain sbmm's (and bias table's) bit for bit every time. Removing
+    /// a fine-tune drops every cached plan (they hold deltas), and a pass that resolved its rows before
+    /// the removal does not cache one after it.
     #[test]
     fn linear_layers_reuse_their_plan_while_the_batch_repeats() {
         use mistralrs_quant::with_row_tags;

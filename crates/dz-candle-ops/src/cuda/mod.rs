@@ -563,13 +563,12 @@ fn matmul_t<T: Elem>(
             // K elements of T, base (0, or m x N_total) and out (m x N_total) are T buffers, and the
             // descriptor points to the delta's parts (the v4 parts for a v4 kernel), checked by
             // `describe`. The `matmul_sxd` entries get the dynamic shared memory they need
-            // (`v4_matmul_sxd_smem`, allowed on the function above; they trap with less), and the 64-row
+            // (`v4_matmul_sxd_smem`, allowed on the function above; they trap with less). The
             // `matmul_sxq_<t>_n4` entries take matmul_sx's arguments on ceil(m / 32) x ceil(tiles / 16)
-            // blocks; the `matmul_sx_<t>_n8`, `matmul_sxb_<t>_n4` and `matmul_sxp[2]_<t>_n4` entries (matmul_sxk's
-            // arguments, the
-            // partition's grid, its workspace of `v4_matmul_sxb_workspace` bytes with the counters
-            // zeroed) their double-buffered x (`V4_MATMUL_SX64_SMEM` / `V4_MATMUL_SXB_SMEM`, allowed
-            // above).
+            // blocks; the `matmul_sx_<t>_n8`, `matmul_sxb_<t>_n4` and `matmul_sxp[2]_<t>_n4` entries take
+            // matmul_sxk's arguments on the partition's grid, with its workspace of
+            // `v4_matmul_sxb_workspace` bytes (the counters zeroed) and their double-buffered x
+            // (`V4_MATMUL_SX64_SMEM` / `V4_MATMUL_SXB_SMEM`, allowed above).
             let mut cfg = kernel.config(grid);
             cfg.shared_mem_bytes = sx.map_or(0, |(_, _, smem, ..)| smem);
             unsafe { b.launch(cfg) }.w()?;

@@ -202,6 +202,14 @@ constexpr int depth() {
   return XD == XD_DEEP ? 6 : XD == XD_OCCUPANCY ? 3 : NT == 1 ? 3 : 2;
 }
 
+template <int NT>
+__device__ __forceinline__ void zero(float (&acc)[NT][4]) {
+#pragma unroll
+  for (int t = 0; t < NT; ++t)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[t][e] = 0.f;
+}
+
 // The decode sbmm pair's code rings (`Tile::accumulate_mt`): 2 blocks deep for each of its 2 tiles, so 4
 // blocks of codes in flight a warp (the single tile's ring: 3), x in the first tile's stages only.
 constexpr int PAIR_DEPTH = 2;
@@ -469,7 +477,7 @@ struct Tile {
     }
   }
 
-  // The decode sbmm's pair (session 19, `_sbmm_p2_`; not yet measured): acc[i] += the products of tile
+  // The decode sbmm's pair (session 19, `_sbmm_p2_`): acc[i] += the products of tile
   // `rt + i` (the last tile where that is past it: computed, not stored), i < MT, as `accumulate` does for
   // one tile, each x word loaded once for the MT tiles (it rides in the first tile's stages; the others
   // carry codes, metadata and scale only). Two streams of codes a warp, each ring PAIR_DEPTH blocks deep.
@@ -519,7 +527,7 @@ struct Tile {
 #pragma unroll
         for (int i = 0; i < MT; ++i) {
           float p[NT][4];
-          zero_part(p);
+          zero(p);
           compute_ax(ring[r][i], ring[r][0], p, mul, add, mask, magic);
           add_scaled(acc[i], p, ring[r][i].s);
         }
@@ -530,10 +538,9 @@ struct Tile {
     }
   }
 
-  // The stream loads of the cursor's block (codes, metadata, scale word; no x), then the cursor `split`
-  // blocks on (as `load` moves it).
-  static __device__ __forceinline__ void load_stream(St& st, Cur& cur, uint32_t nkb, uint32_t split) {
-    load_codes(st, cur);
+  // Moves the cursor's streams (codes, metadata, scale word; not x) `split` blocks on; they stay on the row
+  // tile's last block once past it (as `load` moves them).
+  static __device__ __forceinline__ void advance_stream(Cur& cur, uint32_t nkb, uint32_t split) {
     if (cur.kb + split < nkb) {
       cur.codes += split * C::PACKET;
       cur.meta += split * 256;
@@ -542,11 +549,10 @@ struct Tile {
     cur.kb += split;
   }
 
-  static __device__ __forceinline__ void zero_part(float (&p)[NT][4]) {
-#pragma unroll
-    for (int t = 0; t < NT; ++t)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) p[t][e] = 0.f;
+  // The stream loads of the cursor's block (no x), then the cursor `split` blocks on.
+  static __device__ __forceinline__ void load_stream(St& st, Cur& cur, uint32_t nkb, uint32_t split) {
+    load_codes(st, cur);
+    advance_stream(cur, nkb, split);
   }
 
   // out[i][col(r)] = base[i][col(r)] + global_scale * acc for the 16 stored rows of tile `rt` and the `rows`
@@ -603,14 +609,6 @@ __device__ __forceinline__ bool reduce_split(float (&acc)[NT][4], uint32_t split
   return true;
 }
 
-template <int NT>
-__device__ __forceinline__ void zero(float (&acc)[NT][4]) {
-#pragma unroll
-  for (int t = 0; t < NT; ++t)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) acc[t][e] = 0.f;
-}
-
 // matmul: the work is `x_tiles * tiles` items (tile of 8 NT input rows, 16-row tile of the delta),
 // x-tile-major, split over `split` warps each along K as in the sbmm below, grid-stride over a 1-D grid.
 // Split 8 with one block per item is session 7-10's launch shape (8 warps on one tile); the host picks the
@@ -647,50 +645,21 @@ __device__ __forceinline__ void matmul_add(const DzDelta& d, const T* x, const T
 // a whole tile row of K (32 blocks at K = 4096) with no barrier and no reduction: session 9's one launch
 // shape (8 warps x 4 blocks of K per item, then a shared-memory reduction) spent most of each short block
 // in its prologue and reduction (32 deltas x 1 row: 36-39% of copy bandwidth).
-template <class C, typename T, int NT, int XD = 0>
+//
+// MT > 1, the decode tile only (`dz_v4_<variant>_sbmm_p2_<t>_n1`, MT = 2; session 19, the default decode
+// sbmm since): an item is MT consecutive tiles of a segment (`n_segs * ceil(tiles / MT)` items), a warp
+// running `Tile::accumulate_mt`. Why: 2b 2:4 deltas served as fast as 4b 2:4 ones in session 19 (half the
+// bytes), and the one-tile sbmm ran at 61% of DRAM bandwidth with 25% occupancy and long-scoreboard stalls
+// (session 15's ncu): bound by each warp's chain of loads, decodes and mma, not by bytes. Two tiles a warp
+// make two independent chains and load each x word once for both (x was 4 of a block's 7 load
+// instructions). Session 19 on the H200: 0.61-0.89x the one-tile kernel's time for 16-64 deltas.
+template <class C, typename T, int NT, int XD = 0, int MT = 1>
 __device__ __forceinline__ void sbmm(const DzSegment* segs, uint32_t n_segs, const DzDelta* deltas, const T* x,
                                      T* out, uint32_t k, uint32_t n_total, uint32_t tiles, uint32_t split) {
-  __shared__ float red[WK * 32 * NT * 4];
-  const uint32_t wk = threadIdx.x / 32;
-  const uint32_t per_block = WK / split;
-  const uint64_t items = uint64_t(n_segs) * tiles;
-  for (uint64_t first = uint64_t(blockIdx.x) * per_block; first < items; first += uint64_t(gridDim.x) * per_block) {
-    const uint64_t item = first + wk / split;
-    float acc[NT][4];
-    zero(acc);
-    bool live = false;
-    uint32_t rt = 0;
-    DzSegment seg{};
-    if (item < items) {
-      seg = segs[item / tiles];
-      rt = uint32_t(item % tiles);
-      live = rt * 16 < deltas[seg.delta].n_stored;
-    }
-    // The descriptor is read where it is used (not copied and kept live across the K loop: registers).
-    if (live) Tile<C, T, NT, XD>::accumulate(deltas[seg.delta], x + size_t(seg.start) * k, seg.len, rt, wk % split, split, acc);
-    if (reduce_split<NT>(acc, split, red) && live) {
-      T* o = out + size_t(seg.start) * n_total;
-      Tile<C, T, NT, XD>::store(deltas[seg.delta], seg.len, o, o, rt, acc);
-    }
-  }
-}
-
-// The decode sbmm with MT consecutive 16-row tiles of a segment a warp (`dz_v4_<variant>_sbmm_p2_<t>_n1`,
-// MT = 2; session 19, written without a GPU; the host takes it only with `set_v4_sbmm_pair(true)`). Why:
-// 2b 2:4 deltas served as fast as 4b 2:4 ones in session 19 (half the bytes, the same tokens/s), and the
-// single-tile sbmm runs at 61% of DRAM bandwidth with 25% occupancy and long-scoreboard stalls (session
-// 15's ncu): it is bound by each warp's chain of loads, decodes and mma, not by the bytes. A warp with two
-// tiles has two independent chains and loads each x word once for both (the x loads were 4 of the 7 load
-// instructions of a block). Items are (segment, pair of tiles): `n_segs * ceil(tiles / MT)`, split over
-// `split` warps along K as `sbmm`'s.
-template <class C, typename T, int MT>
-__device__ __forceinline__ void sbmm_mt(const DzSegment* segs, uint32_t n_segs, const DzDelta* deltas, const T* x,
-                                        T* out, uint32_t k, uint32_t n_total, uint32_t tiles, uint32_t split) {
-  constexpr int NT = 1;
   __shared__ float red[WK * 32 * MT * NT * 4];
   const uint32_t wk = threadIdx.x / 32;
   const uint32_t per_block = WK / split;
-  const uint32_t units = (tiles + MT - 1) / MT;
+  const uint32_t units = (tiles + MT - 1) / MT;  // items a segment
   const uint64_t items = uint64_t(n_segs) * units;
   for (uint64_t first = uint64_t(blockIdx.x) * per_block; first < items; first += uint64_t(gridDim.x) * per_block) {
     const uint64_t item = first + wk / split;
@@ -705,14 +674,20 @@ __device__ __forceinline__ void sbmm_mt(const DzSegment* segs, uint32_t n_segs, 
       rt = uint32_t(item % units) * MT;
       live = rt * 16 < deltas[seg.delta].n_stored;
     }
+    // The descriptor is read where it is used (not copied and kept live across the K loop: registers).
     if (live) {
-      Tile<C, T, NT>::template accumulate_mt<MT>(deltas[seg.delta], x + size_t(seg.start) * k, seg.len, rt,
-                                                 wk % split, split, acc);
+      const T* xs = x + size_t(seg.start) * k;
+      if constexpr (MT == 1) {
+        Tile<C, T, NT, XD>::accumulate(deltas[seg.delta], xs, seg.len, rt, wk % split, split, acc[0]);
+      } else {
+        Tile<C, T, NT, XD>::template accumulate_mt<MT>(deltas[seg.delta], xs, seg.len, rt, wk % split, split,
+                                                       acc);
+      }
     }
     if (reduce_split<MT * NT>(reinterpret_cast<float(&)[MT * NT][4]>(acc), split, red) && live) {
       T* o = out + size_t(seg.start) * n_total;
 #pragma unroll
-      for (int i = 0; i < MT; ++i) Tile<C, T, NT>::store(deltas[seg.delta], seg.len, o, o, rt + i, acc[i]);
+      for (int i = 0; i < MT; ++i) Tile<C, T, NT, XD>::store(deltas[seg.delta], seg.len, o, o, rt + i, acc[i]);
     }
   }
 }
@@ -818,7 +793,7 @@ struct SxTile {
 #pragma unroll
     for (int i = 0; i < D; ++i) {
       Tl::load_codes(ring[i], cur);
-      advance(cur, nkb);
+      Tl::advance_stream(cur, nkb, 1);
     }
     __syncthreads();  // the buffers are free (an earlier item of this block has read them)
     stage(xs, x, rows, K, 0);
@@ -843,18 +818,9 @@ struct SxTile {
         Tl::compute(ring[i], p, mul, add, mask, magic);
         Tl::add_scaled(acc, p, ring[i].s);
         Tl::load_codes(ring[i], cur);
-        advance(cur, nkb);
+        Tl::advance_stream(cur, nkb, 1);
       }
     }
-  }
-
-  static __device__ __forceinline__ void advance(Cursor<C, T, NT>& cur, uint32_t nkb) {
-    if (cur.kb + 1 < nkb) {
-      cur.codes += C::PACKET;
-      cur.meta += 256;
-      cur.scales += 8;
-    }
-    cur.kb += 1;
   }
 };
 
@@ -995,15 +961,6 @@ struct WideSx {
     }
   }
 
-  static __device__ __forceinline__ void advance(Cursor<C, T, NT>& cur, uint32_t nkb) {
-    if (cur.kb + 1 < nkb) {
-      cur.codes += C::PACKET;
-      cur.meta += 256;
-      cur.scales += 8;
-    }
-    cur.kb += 1;
-  }
-
   // acc[i] += this warp's K blocks `kb_lo .. kb_hi` (whole chunks: `kb_lo` a multiple of XC; `0 .. nkb` for
   // the whole K row) of tile `rt + i` (the last tile where that is past it: computed, not stored) against the
   // block's x tile (`rows` rows at `x`), for i < MT. Every warp of the block calls it with the same x tile,
@@ -1035,7 +992,7 @@ struct WideSx {
 #pragma unroll
       for (int i = 0; i < MT; ++i) {
         Tl::load_codes(ring[r][i], cur[i]);
-        advance(cur[i], kb_hi);
+        Tl::advance_stream(cur[i], kb_hi, 1);
       }
     __syncthreads();  // the buffers are free (an earlier x tile of this block has been read)
     stage(xs, x, rows, K, ch_lo);
@@ -1062,7 +1019,7 @@ struct WideSx {
         for (int i = 0; i < MT; ++i) {
           Tl::add_scaled(acc[i], p[i], ring[r][i].s);
           Tl::load_codes(ring[r][i], cur[i]);
-          advance(cur[i], kb_hi);
+          Tl::advance_stream(cur[i], kb_hi, 1);
         }
       }
     }
@@ -1882,14 +1839,14 @@ __device__ __forceinline__ void dequantize(const DzDelta& d, const T* base, T* o
                                             uint32_t split) {                                                \
     dz::v4::sbmm<C, T, 1, dz::v4::XD_OCCUPANCY>(segs, n_segs, deltas, x, out, k, n_total, tiles, split);     \
   }
-// dz_v4_<variant>_sbmm_p2_<t>_n1: the sbmm signature and launch over pairs of tiles (`sbmm_mt`, MT = 2;
-// `set_v4_sbmm_pair` on the host; session 19, not yet measured).
+// dz_v4_<variant>_sbmm_p2_<t>_n1: the sbmm signature and launch over pairs of tiles (`sbmm`, MT = 2;
+// `set_v4_sbmm_pair` on the host, on by default since session 19).
 #define DZ_V4_SBMM_PAIR(variant, C, T, tname)                                                                \
   extern "C" __global__ void __launch_bounds__(dz::v4::WK * 32, 2)                                          \
       dz_v4_##variant##_sbmm_p2_##tname##_n1(const DzSegment* segs, uint32_t n_segs, const DzDelta* deltas,    \
                                             const T* x, T* out, uint32_t k, uint32_t n_total, uint32_t tiles, \
                                             uint32_t split) {                                                \
-    dz::v4::sbmm_mt<C, T, 2>(segs, n_segs, deltas, x, out, k, n_total, tiles, split);                        \
+    dz::v4::sbmm<C, T, 1, 0, 2>(segs, n_segs, deltas, x, out, k, n_total, tiles, split);                     \
   }
 #define DZ_V4_ENTRIES(variant, C, T, tname, NT)                                                              \
   DZ_V4_MATMUL(variant, C, T, tname, NT)                                                                     \
