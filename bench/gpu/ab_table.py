@@ -8,7 +8,9 @@ A chain (bench/gpu/next_chain.sh) writes one serving.sh output folder per run, n
 `serving.json` (one row per rate; other folders, such as `base64`, are left out). For
 every system this prints each run's tokens/s and mid tokens/s (the throughput between the 10th and the
 90th percentile of completions, `bench serve` since session 17; `-` in older runs), their means, and
-the means as a fraction of the base's. Only the first rate of each run is read (the chains run one).
+the means as a fraction of the base's. Each row of a run's serving.json is one pass (a rate; since
+session 20 a chain may run the same rate several times on one server): a cell lists the run's passes,
+and the means are over every pass of every run.
 """
 import glob
 import json
@@ -19,7 +21,7 @@ from collections import defaultdict
 
 
 def runs(chain):
-    """{system: {index: (tokens_per_s, mid_tokens_per_s or None)}} of the chain's run folders."""
+    """{system: {index: [(tokens_per_s, mid_tokens_per_s or None) per pass]}} of the chain's run folders."""
     out = defaultdict(dict)
     for path in sorted(glob.glob(os.path.join(chain, "*", "serving.json"))):
         name = os.path.basename(os.path.dirname(path))
@@ -29,8 +31,10 @@ def runs(chain):
         rows = json.load(open(path))
         if not rows:
             continue
-        r = rows[0]
-        out[m.group(1)][int(m.group(2))] = (r.get("tokens_per_s"), r.get("mid_tokens_per_s"))
+        # A pass without a completed request (a crashed server) has no throughput: None, left out.
+        out[m.group(1)][int(m.group(2))] = [
+            (r.get("tokens_per_s") or None, r.get("mid_tokens_per_s")) for r in rows
+        ]
     return out
 
 
@@ -49,8 +53,8 @@ def table(chain):
         return f"{chain}: no run folders with serving.json\n"
     width = max(max(v) for v in r.values())
     base = r.get("base", {})
-    base_mean = mean([t for t, _ in base.values()])
-    base_mid = mean([m for _, m in base.values()])
+    base_mean = mean([t for passes in base.values() for t, _ in passes])
+    base_mid = mean([m for passes in base.values() for _, m in passes])
     head = " | ".join(f"run {i}" for i in range(1, width + 1))
     lines = [
         f"## {chain}",
@@ -64,17 +68,18 @@ def table(chain):
             continue
         by = r[system]
         cells = [
-            "-" if i not in by else f"{fmt(by[i][0])} ({fmt(by[i][1])})" for i in range(1, width + 1)
+            "-" if i not in by else " / ".join(f"{fmt(t)} ({fmt(m)})" for t, m in by[i])
+            for i in range(1, width + 1)
         ]
-        t = mean([v[0] for v in by.values()])
-        m = mean([v[1] for v in by.values()])
+        t = mean([v[0] for passes in by.values() for v in passes])
+        m = mean([v[1] for passes in by.values() for v in passes])
         ratio = lambda a, b: None if a is None or not b else a / b
         lines.append(
             f"| {system} | {' | '.join(cells)} | {fmt(t)} | {fmt(ratio(t, base_mean), '.1%')} "
             f"| {fmt(m)} | {fmt(ratio(m, base_mid), '.1%')} |"
         )
     lines.append("")
-    lines.append("Cells: tokens/s (mid tokens/s).")
+    lines.append("Cells: tokens/s (mid tokens/s), one per pass; `-` a pass without a completed request.")
     return "\n".join(lines) + "\n"
 
 

@@ -61,6 +61,17 @@ def split(folder):
         per_call = f"{1e6 * s / c:.1f}" if c else ""
         out.append(f"| {label} | {1e3 * s / steps:.1f} | {per_call} |")
     out.append(f"| rest of the step | {1e3 * (step_s - total) / steps:.1f} | |")
+    # Since session 20: the forward pass's span (first profiled part to the end of the output head) splits
+    # the rest into what the host runs inside the pass (attention, activations, norms, launches) and
+    # between passes (sampling, responses, scheduling, the next pass's inputs).
+    passes = v.get(("deltazip_profile_passes_total", None), 0.0)
+    pass_s = v.get(("deltazip_profile_pass_seconds_total", None), 0.0)
+    if passes:
+        per_pass = 1e3 * pass_s / passes
+        in_parts = 1e3 * (total - v.get(("deltazip_profile_seconds_total", "head_wait"), 0.0)) / steps
+        head = 1e3 * v.get(("deltazip_profile_seconds_total", "head_wait"), 0.0) / steps
+        out.append(f"| - inside the pass (its span {per_pass:.1f} less the parts) | {per_pass - in_parts - head:.1f} | |")
+        out.append(f"| - between passes (the step less the span) | {1e3 * step_s / steps - per_pass:.1f} | |")
     phases = sorted(
         ((k[1], s) for k, s in v.items() if k[0] == "deltazip_trace_seconds_total"),
         key=lambda p: -p[1],

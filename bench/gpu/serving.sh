@@ -39,6 +39,13 @@
 # DZ_TRACE=1 (passed through too): the CPU time of named phases of the hook and the ops
 # (deltazip_trace_*: the layer plans, the slot tables, the sbmm's describe / upload / launch, the
 # admission hook); bench/gpu/profile_split.py prints them per step.
+# DZ_TP_TRACE=1 (passed through): a `dz-tp-trace` line and (host patch 0016) a `dz-tp-phases` line a step
+# in the server's log: batch, step time, scheduler / inputs / forward / logits / sampling, wall clock.
+# DZ_LOGITS_COPY=per-seq (passed through, system suffix +logits-per-seq): host patch 0017 off, each
+# sequence's logits copied to the host on their own. DZ_SAMPLER_SORT=always (+sort-always): host patch
+# 0018 off, the sampler sorts the vocabulary even when no top-k or top-p uses the order. PASS_METRICS=1: the counters after each rate in
+# pass-I/ (profile_split.py per pass); PROC_SAMPLE=1: the server's threads and CPUs from /proc while the
+# rates run (proc-TAG.jsonl; proc_sample.py --report lines them up with the steps).
 #
 # Two jobs can share one machine of several GPUs (bench/gpu/serving_pair.sh; not for ratios between them:
 # they share the host's CPU, session 16): GPU=i pins this job to GPU i
@@ -154,8 +161,8 @@ bench() { # bench TAG SYSTEM PORT MODELS [POPULARITY]   (RATES, REQS: this run's
     # runs out of time keeps the rates it finished. The warm-up goes with the first rate only.
     local warm=${WARMUP:+--warmup} rate
     # A dz run with a non-default path gets its own system name in the report (dz-4b24+slots, +nowide, +nonorm, +pool, +xd-deep; base+pool).
-    if [[ $2 == dz-* ]]; then set -- "$1" "$2${NO_SLOT_TABLES:++noslots}${WIDE64_FROM:++w64-$WIDE64_FROM}${NO_V4_PAIR:++nopair}${NO_SBMM_WIDE:++nowide}${NO_FUSED_NORM:++nonorm}${POOL_KEEP:++pool}${SBMM_XD:++xd-$SBMM_XD}${NO_SBMM_PAIR:++nosp}${DZ_DECODE_ORDER:++$DZ_DECODE_ORDER}" "${@:3}"; fi
-    if [[ $2 == base ]]; then set -- "$1" "$2${POOL_KEEP:++pool}" "${@:3}"; fi
+    if [[ $2 == dz-* ]]; then set -- "$1" "$2${NO_SLOT_TABLES:++noslots}${WIDE64_FROM:++w64-$WIDE64_FROM}${NO_V4_PAIR:++nopair}${NO_SBMM_WIDE:++nowide}${NO_FUSED_NORM:++nonorm}${POOL_KEEP:++pool}${SBMM_XD:++xd-$SBMM_XD}${NO_SBMM_PAIR:++nosp}${DZ_DECODE_ORDER:++$DZ_DECODE_ORDER}${DZ_LOGITS_COPY:++logits-$DZ_LOGITS_COPY}${DZ_SAMPLER_SORT:++sort-$DZ_SAMPLER_SORT}" "${@:3}"; fi
+    if [[ $2 == base ]]; then set -- "$1" "$2${POOL_KEEP:++pool}${DZ_LOGITS_COPY:++logits-$DZ_LOGITS_COPY}${DZ_SAMPLER_SORT:++sort-$DZ_SAMPLER_SORT}" "${@:3}"; fi
     # ... and one whose steps may hold fewer fine-tunes than it serves: +mdK (max_deltas_per_step = K).
     local n_models; n_models=$(( $(tr -cd , <<< "$4" | wc -c) + 1 ))
     if [[ $2 == dz-* ]] && (( MAX_DELTAS < n_models )); then set -- "$1" "$2+md$MAX_DELTAS" "${@:3}"; fi
@@ -169,13 +176,30 @@ bench() { # bench TAG SYSTEM PORT MODELS [POPULARITY]   (RATES, REQS: this run's
         curl -s "http://127.0.0.1:$3/metrics" > "$OUT/warm-metrics-$1.txt"
         warm=
     fi
+    # PASS_METRICS=1 (session 20): the counters after each rate go to pass-I/metrics-TAG.txt, with the
+    # previous ones as pass-I/warm-metrics-TAG.txt, so profile_split.py splits each pass on its own (a
+    # slow pass and a fast one can come from one server). PROC_SAMPLE=1: the server's threads and the
+    # CPUs from /proc every 0.5 s while the rates run (proc_sample.py; cuda-gdb's attach crashed or
+    # stalled the server in session 20).
+    local pass=0 prev="$OUT/warm-metrics-$1.txt" sampler=
+    if [[ -n ${PROC_SAMPLE:-} ]]; then
+        python3 "$(dirname "$0")/proc_sample.py" "$(cat "$OUT/serve.pid")" "$OUT/proc-$1.jsonl" 0.5 & sampler=$!
+    fi
     for rate in ${RATES//,/ }; do
+        pass=$((pass + 1))
         "$DZ" bench serve --url "http://127.0.0.1:$3" --models "$4" --api completions --rates "$rate" \
             --requests "$REQS" --popularity "${5:-uniform}" --corpus "$CORPUS" --prompt-words 32..160 \
             --max-tokens 32..96 --seed 1 --system "$2" --out "$OUT/serving" --append --quiet \
             $warm 2>&1 | tail -4
         warm=
+        if [[ -n ${PASS_METRICS:-} ]]; then
+            mkdir -p "$OUT/pass-$pass"
+            curl -s "http://127.0.0.1:$3/metrics" > "$OUT/pass-$pass/metrics-$1.txt"
+            [[ -f $prev ]] && cp "$prev" "$OUT/pass-$pass/warm-metrics-$1.txt"
+            prev="$OUT/pass-$pass/metrics-$1.txt"
+        fi
     done
+    if [[ -n $sampler ]]; then kill "$sampler" 2> /dev/null; wait "$sampler" 2> /dev/null; fi
     gpu_mem | sed "s/^/  $1 gpu memory used: /"
     curl -s "http://127.0.0.1:$3/metrics" > "$OUT/metrics-$1.txt"
     grep -E "^deltazip_((delta|swap)_(loads_total|hits_total|misses_total|evictions_total|load_seconds_total)|swap_copied_bytes_total|engine_swap_(loads_total|unloads_total|load_seconds_total|unload_seconds_total|load_failures_total)|gpu_delta_bytes|tokens_per_second|forward_[a-z]+_total|profile_[a-z_]+)" "$OUT/metrics-$1.txt" | head -50

@@ -1365,8 +1365,12 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
             "# HELP deltazip_profile_steps_total Steps (output-head calls under a second apart).\n\
              # TYPE deltazip_profile_steps_total counter\ndeltazip_profile_steps_total {}\n\
              # HELP deltazip_profile_step_seconds_total Seconds of those steps.\n\
-             # TYPE deltazip_profile_step_seconds_total counter\ndeltazip_profile_step_seconds_total {:.6}\n",
-            p.steps, p.step_seconds
+             # TYPE deltazip_profile_step_seconds_total counter\ndeltazip_profile_step_seconds_total {:.6}\n\
+             # HELP deltazip_profile_passes_total Forward passes timed from their first profiled part to the end of their output head.\n\
+             # TYPE deltazip_profile_passes_total counter\ndeltazip_profile_passes_total {}\n\
+             # HELP deltazip_profile_pass_seconds_total Seconds of those passes (a step minus its pass: the host's sampling, responses, scheduling and input preparation).\n\
+             # TYPE deltazip_profile_pass_seconds_total counter\ndeltazip_profile_pass_seconds_total {:.6}\n",
+            p.steps, p.step_seconds, p.passes, p.pass_seconds
         ));
     }
     if dz_candle_ops::trace::enabled() {

@@ -1700,6 +1700,7 @@ impl QuantMethod for DeltaLinear {
         };
         if self.name == TIED_HEAD {
             profile.head_wait(dev)?;
+            profile.pass_end(Instant::now());
         }
         Ok(out)
     }

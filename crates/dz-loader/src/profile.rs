@@ -108,6 +108,12 @@ pub struct Profile {
     steps: AtomicU64,
     step_nanos: AtomicU64,
     last_head: Mutex<Option<Instant>>,
+    /// When the open forward pass's first timed part began, in nanoseconds after `epoch` plus one (0: no
+    /// pass open; [`Profile::pass_end`] closes it).
+    pass_start: AtomicU64,
+    epoch: Instant,
+    passes: AtomicU64,
+    pass_nanos: AtomicU64,
 }
 
 impl Default for Profile {
@@ -126,6 +132,10 @@ impl Default for Profile {
             steps: AtomicU64::new(0),
             step_nanos: AtomicU64::new(0),
             last_head: Mutex::new(None),
+            pass_start: AtomicU64::new(0),
+            epoch: Instant::now(),
+            passes: AtomicU64::new(0),
+            pass_nanos: AtomicU64::new(0),
         }
     }
 }
@@ -139,6 +149,12 @@ pub struct ProfileSnapshot {
     pub steps: u64,
     /// Seconds of those steps.
     pub step_seconds: f64,
+    /// Forward passes timed from their first profiled part to the end of their output head (the head's
+    /// wait included), those under a second.
+    pub passes: u64,
+    /// Seconds of those passes. A step minus its pass is the host's work between passes: sampling,
+    /// responses, scheduling and the next pass's inputs.
+    pub pass_seconds: f64,
 }
 
 impl Profile {
@@ -198,6 +214,7 @@ impl Profile {
         if !self.enabled() {
             return f();
         }
+        self.pass_begin();
         #[cfg(feature = "cuda")]
         if sync && self.events() {
             if let Device::Cuda(dev) = device {
@@ -254,6 +271,34 @@ impl Profile {
         self.calls[i].fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Opens a forward pass at its first timed part (nothing while one is open).
+    fn pass_begin(&self) {
+        if self.pass_start.load(Ordering::Relaxed) == 0 {
+            let at = self.epoch.elapsed().as_nanos() as u64 + 1;
+            let _ = self
+                .pass_start
+                .compare_exchange(0, at, Ordering::Relaxed, Ordering::Relaxed);
+        }
+    }
+
+    /// Closes the open forward pass at `now` (the end of its output head's call): its span from the
+    /// first timed part counts as a pass when shorter than a second.
+    pub fn pass_end(&self, now: Instant) {
+        if !self.enabled() {
+            return;
+        }
+        let start = self.pass_start.swap(0, Ordering::Relaxed);
+        if start == 0 {
+            return;
+        }
+        let end = now.saturating_duration_since(self.epoch).as_nanos() as u64 + 1;
+        let d = end.saturating_sub(start);
+        if d < MAX_STEP.as_nanos() as u64 {
+            self.passes.fetch_add(1, Ordering::Relaxed);
+            self.pass_nanos.fetch_add(d, Ordering::Relaxed);
+        }
+    }
+
     /// Marks an output-head call at `now`: the interval since the previous one is a step when shorter
     /// than a second.
     pub fn head_at(&self, now: Instant) {
@@ -290,6 +335,8 @@ impl Profile {
                 .collect(),
             steps: self.steps.load(Ordering::Relaxed),
             step_seconds: self.step_nanos.load(Ordering::Relaxed) as f64 * 1e-9,
+            passes: self.passes.load(Ordering::Relaxed),
+            pass_seconds: self.pass_nanos.load(Ordering::Relaxed) as f64 * 1e-9,
         }
     }
 }
@@ -437,6 +484,46 @@ mod tests {
         let s = p.snapshot();
         let get = |part| s.parts.iter().find(|(q, _, _)| *q == part).unwrap();
         assert!(get(Part::BaseLinear).1 >= 0.001 && get(Part::BaseLinear).2 == 1);
+    }
+
+    #[test]
+    fn a_pass_spans_its_first_part_to_the_end_of_its_head() {
+        let p = Profile::default();
+        p.set_enabled(true);
+        p.set_host_only(true);
+        // No part timed yet: closing is a no-op.
+        p.pass_end(Instant::now());
+        assert_eq!(p.snapshot().passes, 0);
+        let before = Instant::now();
+        for _ in 0..2 {
+            p.time(Part::BaseLinear, &Device::Cpu, false, || {
+                std::thread::sleep(Duration::from_millis(2));
+                Ok(())
+            })
+            .unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(3));
+        p.pass_end(Instant::now());
+        let outer = before.elapsed().as_secs_f64();
+        let s = p.snapshot();
+        assert_eq!(s.passes, 1);
+        // Both parts and the gap after them, and no more than the whole span around them.
+        assert!(
+            s.pass_seconds >= 0.007 && s.pass_seconds <= outer,
+            "{} s of {outer}",
+            s.pass_seconds
+        );
+        // Closed: a second end adds nothing; the next part opens the next pass.
+        p.pass_end(Instant::now());
+        assert_eq!(p.snapshot().passes, 1);
+        p.time(Part::NormDelta, &Device::Cpu, false, || Ok(())).unwrap();
+        p.pass_end(Instant::now());
+        assert_eq!(p.snapshot().passes, 2);
+        // Off: nothing opens or closes.
+        p.set_enabled(false);
+        p.time(Part::NormDelta, &Device::Cpu, false, || Ok(())).unwrap();
+        p.pass_end(Instant::now());
+        assert_eq!(p.snapshot().passes, 2);
     }
 
     #[test]
