@@ -516,12 +516,14 @@ mod tests {
         // Closed: a second end adds nothing; the next part opens the next pass.
         p.pass_end(Instant::now());
         assert_eq!(p.snapshot().passes, 1);
-        p.time(Part::NormDelta, &Device::Cpu, false, || Ok(())).unwrap();
+        p.time(Part::NormDelta, &Device::Cpu, false, || Ok(()))
+            .unwrap();
         p.pass_end(Instant::now());
         assert_eq!(p.snapshot().passes, 2);
         // Off: nothing opens or closes.
         p.set_enabled(false);
-        p.time(Part::NormDelta, &Device::Cpu, false, || Ok(())).unwrap();
+        p.time(Part::NormDelta, &Device::Cpu, false, || Ok(()))
+            .unwrap();
         p.pass_end(Instant::now());
         assert_eq!(p.snapshot().passes, 2);
     }
