@@ -21,7 +21,11 @@
 //!   event time is near its host time the CPU bounds it, where it is well above, the GPU does.
 //!
 //! The step interval (one output-head call to the next, while they come less than a second apart) bounds
-//! everything else (attention, sampling, the host's scheduler): `interval - sum(parts)`.
+//! everything else (attention, sampling, the host's scheduler): `interval - sum(parts)`. Each forward
+//! pass's span, from its first timed part to the end of its output head's call ([`Profile::pass_end`]),
+//! splits that rest in two: what the host runs inside the pass (attention, activations, the other
+//! layers' launches) and between passes (sampling, responses, scheduling, the next pass's inputs; the
+//! interval less the span). Session 20 found dz's slow serving mode in the second.
 //!
 //! A base served alone (no multi-tenant or swap model) is wrapped under `DZ_PROFILE` too
 //! ([`crate::serve_with`]), so that its profile gives the same split for comparison: its linear layers
