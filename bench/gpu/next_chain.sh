@@ -1,6 +1,7 @@
 #!/bin/bash
-# The device chain prepared at the end of session 20 for session 21 (nvidia-h200, ONE GPU, ~17 minutes in
-# one call, detached and polled): what the slow serving mode is, and host patch 0017 A/B'd.
+# The device chain prepared at the end of session 20 for session 21 (nvidia-h200, ONE GPU, ~25 minutes in
+# two parts, each detached and polled): PART=ab (~17 min), what the slow serving mode is, with host
+# patches 0017 and 0018 A/B'd; PART=rates (~7 min), the highest rate dz sustains and its p99 TTFT.
 #
 # Session 20 (bench/results/h200-s20-2026-12-01.md) placed dz's slow mode between forward passes (16.4
 # ms a step against 8.8-10.1: sampling, responses, scheduling, the next pass's inputs), in runs of dozens
@@ -15,7 +16,7 @@
 #
 # Build first (here): bash bench/gpu/build.sh srv   (.gpu/srv's BUILT names the commit)
 # Run, carry [".gpu/srv"]:
-#   mkdir -p /tmp/s21 && COMMIT=$(git rev-parse --short HEAD) setsid -f bash bench/gpu/next_chain.sh \
+#   mkdir -p /tmp/s21 && PART=ab COMMIT=$(git rev-parse --short HEAD) setsid -f bash bench/gpu/next_chain.sh \
 #     > /tmp/s21/chain.out 2>&1; sleep 540; tail -3 /tmp/s21/s21.log; tar czf $OUT/s21.tgz --exclude=gen -C /tmp s21
 #   poll: sleep 170; tail -3 /tmp/s21/s21.log; tar czf $OUT/s21.tgz --exclude=gen -C /tmp s21
 #   (only the GAP between calls must stay under ~25 s; never `pkill -f deltazip` in a poll: its own
@@ -33,10 +34,27 @@
 #     waited for the GPU (logits), was faulting, was descheduled or moved.
 # Then ab-table.md (every pass of every run) and phases.md (per run: decode steps of 32 rows, median
 # step and phases, fast and slow).
+#
+# PART=rates (after PART=ab, on the same machine: the model and deltas are already generated), the same
+# way (setsid, then polls; its log is /tmp/s21/s21.log too): one dz-4b24 x 32 server and one base server,
+# each at 6, 8, 10 and 12 req/s (128 requests a rate). Issue #9 asks for p99 TTFT under 2 s at the highest
+# rate dz sustains: 4 req/s gave 0.23 s (session 12), 16 overloads every system here (up to 67 waiting).
 set -u
 TAG=s21; W=/tmp/dzsrv; . bench/gpu/chain_env.sh
 log "start at ${COMMIT:-unknown}"
 CODECS="4b24" DISTINCT=8 OUT=$S/gen bash $R/gpu/serving.sh gen > $S/gen.log 2>&1; log "gen rc=$?"
+if [ "${PART:-ab}" = rates ]; then
+  for sys in dz base; do
+    name=rates-$sys
+    case $sys in
+      base) OUT=$S/$name RATES=6,8,10,12 REQS=128 bash $R/gpu/serving.sh base > $S/$name.log 2>&1; rc=$? ;;
+      dz) OUT=$S/$name V4=1 RATES=6,8,10,12 REQS=128 bash $R/gpu/serving.sh dz:4b24:32 > $S/$name.log 2>&1; rc=$? ;;
+    esac
+    log "$name rc=$rc rate | tokens/s | TTFT p99 s: $(grep -E '^\| (dz|base)' $S/$name/serving.md 2>/dev/null | cut -d'|' -f5,9,12 | tr '\n' ' ')"
+  done
+  touch $S/rates.done; log "rates done"
+  exit 0
+fi
 declare -A count=()
 for sys in dz dzold base baseold dz dzold base baseold; do
   count[$sys]=$(( ${count[$sys]:-0} + 1 )); name=$sys${count[$sys]}
