@@ -1,7 +1,7 @@
 #!/bin/bash
 # The device chain prepared at the end of session 20 for session 21 (nvidia-h200, ONE GPU, ~25 minutes in
-# two parts, each detached and polled): PART=ab (~17 min), what the slow serving mode is, with host
-# patches 0017 and 0018 A/B'd; PART=rates (~7 min), the highest rate dz sustains and its p99 TTFT.
+# two parts, each detached and polled): PART=ab (~16 min), what the slow serving mode is, with host
+# patches 0017 and 0018 A/B'd; PART=rates (~6 min), the highest rate dz sustains and its p99 TTFT.
 #
 # Session 20 (bench/results/h200-s20-2026-12-01.md) placed dz's slow mode between forward passes (16.4
 # ms a step against 8.8-10.1: sampling, responses, scheduling, the next pass's inputs), in runs of dozens
@@ -24,7 +24,8 @@
 #
 # Eight servers, one at a time, alternating dz-4b24 x 32 and the base, each with and without patches
 # 0017 and 0018 (`dz`, `dzold`, `base`, `baseold`; old = DZ_LOGITS_COPY=per-seq DZ_SAMPLER_SORT=always,
-# the host's step as in session 20), each for three passes of 128 requests at 16 req/s, with:
+# the host's step as in session 20), each for two passes of 128 requests at 16 req/s (session 20: a dz
+# server of three passes took ~190 s, a base one ~100 s), with:
 #   - PASS_METRICS: each pass's DZ_PROFILE=wait split (profile-split.md per pass: the rest of the step
 #     inside the pass and between passes);
 #   - DZ_TP_TRACE=1: a `dz-tp-trace` and a `dz-tp-phases` line a step in serve-*.log;
@@ -62,9 +63,9 @@ for sys in dz dzold base baseold dz dzold base baseold; do
   unset DZ_LOGITS_COPY DZ_SAMPLER_SORT
   [[ $sys == *old ]] && export DZ_LOGITS_COPY=per-seq DZ_SAMPLER_SORT=always
   case $sys in
-    base*) DZ_TP_TRACE=1 PASS_METRICS=1 PROC_SAMPLE=1 DZ_PROFILE=wait OUT=$S/$name RATES=16,16,16 REQS=128 \
+    base*) DZ_TP_TRACE=1 PASS_METRICS=1 PROC_SAMPLE=1 DZ_PROFILE=wait OUT=$S/$name RATES=16,16 REQS=128 \
              bash $R/gpu/serving.sh base > $S/$name.log 2>&1; rc=$? ;;
-    dz*) DZ_TP_TRACE=1 PASS_METRICS=1 PROC_SAMPLE=1 DZ_PROFILE=wait OUT=$S/$name V4=1 RATES=16,16,16 REQS=128 \
+    dz*) DZ_TP_TRACE=1 PASS_METRICS=1 PROC_SAMPLE=1 DZ_PROFILE=wait OUT=$S/$name V4=1 RATES=16,16 REQS=128 \
            bash $R/gpu/serving.sh dz:4b24:32 > $S/$name.log 2>&1; rc=$? ;;
   esac
   unset DZ_LOGITS_COPY DZ_SAMPLER_SORT
