@@ -78,14 +78,19 @@ def sample(pid, out_path, interval):
             time.sleep(max(0.0, interval - (time.time() - t)))
 
 
+def trace_lines(path):
+    """(kind, {field: value}) of each `dz-tp-trace` and `dz-tp-phases` line of a server's log."""
+    for line in open(path, errors="replace"):
+        kind = line.split(" ", 1)[0]
+        if kind in ("dz-tp-trace", "dz-tp-phases"):
+            yield kind, {k: float(v) for k, v in (kv.split("=", 1) for kv in line.split()[1:])}
+
+
 def decode_phases(serve_log):
     """The --phases table (see the module docs)."""
     trace, phases = {}, {}
-    for line in open(serve_log, errors="replace"):
-        if line.startswith("dz-tp-trace") or line.startswith("dz-tp-phases"):
-            d = dict(kv.split("=", 1) for kv in line.split()[1:])
-            key = (d.get("rank"), d.get("step"))
-            (trace if line.startswith("dz-tp-trace") else phases)[key] = {k: float(v) for k, v in d.items()}
+    for kind, d in trace_lines(serve_log):
+        (trace if kind == "dz-tp-trace" else phases)[(d["rank"], d["step"])] = d
     decode = [(t, phases[k]) for k, t in trace.items() if k in phases and t["prompt"] == 0 and t["decode"] > 0]
     if not decode:
         return f"{serve_log}: no decode steps with phases (DZ_TP_TRACE=1 and host patch 0016?)"
@@ -105,12 +110,7 @@ def decode_phases(serve_log):
 
 
 def steps_from_log(path):
-    steps = []
-    for line in open(path, errors="replace"):
-        if line.startswith("dz-tp-phases"):
-            d = dict(kv.split("=", 1) for kv in line.split()[1:])
-            steps.append({k: float(v) for k, v in d.items()})
-    return steps
+    return [d for kind, d in trace_lines(path) if kind == "dz-tp-phases"]
 
 
 def report(jsonl, serve_log, t_from=None, t_to=None):
