@@ -1534,7 +1534,8 @@ fn wide_from_cases(
 /// [`v4_sbmm_cases`] under each x-direct decode tile (`set_v4_sbmm_x_direct`: Deep, then Occupancy), then
 /// with the pair decode tile off (`set_v4_sbmm_pair(false)`: one 16-row tile a warp, the default before
 /// session 19; the default cases run the pair, whose odd tile counts leave the last pair's second tile
-/// past the end), at every split; the defaults again afterwards.
+/// past the end), then the pair with each L2 prefetch distance (`set_v4_sbmm_prefetch`, session 21), at
+/// every split; the defaults again afterwards.
 fn x_direct_cases(
     ck: &mut Checker,
     label: &str,
@@ -1552,9 +1553,15 @@ fn x_direct_cases(
     }
     dz_candle_ops::set_v4_sbmm_x_direct(V4XDirect::Off);
     dz_candle_ops::set_v4_sbmm_pair(false);
-    let label = format!("{label} sbmm-single,");
-    v4_sbmm_cases(ck, &label, both, nk, layouts, dtypes, &splits, seed);
+    let single = format!("{label} sbmm-single,");
+    v4_sbmm_cases(ck, &single, both, nk, layouts, dtypes, &splits, seed);
     dz_candle_ops::set_v4_sbmm_pair(true);
+    for blocks in dz_kernels::v4::V4_SBMM_PREFETCH {
+        dz_candle_ops::set_v4_sbmm_prefetch(blocks);
+        let label = format!("{label} sbmm-prefetch {blocks},");
+        v4_sbmm_cases(ck, &label, both, nk, layouts, dtypes, &splits, seed);
+    }
+    dz_candle_ops::set_v4_sbmm_prefetch(0);
 }
 
 fn v4_family(ck: &mut Checker, only: bool) {

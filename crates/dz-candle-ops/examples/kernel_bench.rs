@@ -38,7 +38,8 @@
 //!   block), `dz-ring` (each warp's codes through its own shared-memory ring, `set_v4_sbmm_ring`) and
 //!   `dz-xd` / `dz-xo` (x loaded before each mma; a 6-deep code ring, or a 3-deep one at 3 blocks an SM;
 //!   `set_v4_sbmm_x_direct`), `dz-1t` (one 16-row tile a warp: `set_v4_sbmm_pair(false)`; `dz` runs the
-//!   pair since session 19), the last five compared with split 1.
+//!   pair since session 19), `dz-pf4` / `dz-pf8` (the pair with an L2 prefetch 4 / 8 blocks ahead:
+//!   `set_v4_sbmm_prefetch`; session 21), the last seven compared with split 1.
 //!
 //! Rows 32-256 of issue #5 (the 32-row tile beside cuBLAS, v3 and the dense route):
 //! `kernel_bench --rows 32,64,128,256 --out STEM` (all the 7B/13B shapes; `--shapes 4096x4096` for one).
@@ -554,6 +555,15 @@ fn profile(b: &Bench) -> Result<()> {
     }
     dz_candle_ops::set_v4_sbmm_pair(true);
     eprintln!("profiled sbmm 32 deltas x 1 row, one tile a warp");
+    // And the pair with each L2 prefetch distance (`..._sbmm_p2f<PF>_...`).
+    for blocks in dz_kernels::v4::V4_SBMM_PREFETCH {
+        dz_candle_ops::set_v4_sbmm_prefetch(blocks);
+        for _ in 0..2 {
+            keep.push(sbmm(&x, &base, &refs, &segments)?);
+        }
+        eprintln!("profiled sbmm 32 deltas x 1 row, pair with prefetch {blocks}");
+    }
+    dz_candle_ops::set_v4_sbmm_prefetch(0);
     set_v4_split(0);
     b.dev.synchronize()?;
     Ok(())
@@ -708,6 +718,20 @@ fn sbmm_cases_of(
                     eprintln!("MISMATCH sbmm {used} x {rows}: dz-1t and split 1 differ by {a:.2e}");
                 }
                 rs.push(mk("sbmm", "dz-1t", t?));
+                // The pair with an L2 prefetch (session 21), the split automatic, as `dz`.
+                for (blocks, path) in [(4u32, "dz-pf4"), (8, "dz-pf8")] {
+                    dz_candle_ops::set_v4_sbmm_prefetch(blocks);
+                    let t = b.time(ITERS, |i| Ok(vec![sbmm(&x, &base, &set(i), &segments)?]));
+                    let y_p = sbmm(&x, &base, &set(0), &segments)?;
+                    dz_candle_ops::set_v4_sbmm_prefetch(0);
+                    let a = disagreement(&y_p, &y_s1)?;
+                    if a > 2e-2 {
+                        eprintln!(
+                            "MISMATCH sbmm {used} x {rows}: {path} and split 1 differ by {a:.2e}"
+                        );
+                    }
+                    rs.push(mk("sbmm", path, t?));
+                }
             }
             if let Some(t) = t_v3 {
                 rs.push(mk("sbmm", "v3", t));
@@ -737,7 +761,13 @@ fn sbmm_cases_of(
     let arrival: Vec<usize> = (0..used).chain(0..rows - used).collect();
     let mut grouped = arrival.clone();
     grouped.sort_unstable();
-    for (order, path) in [(&arrival, "dz-20a"), (&grouped, "dz-20g")] {
+    // `dz-20g-pf4` / `-pf8`: grouped, with the pair's L2 prefetch (session 21).
+    for (order, path, prefetch) in [
+        (&arrival, "dz-20a", 0u32),
+        (&grouped, "dz-20g", 0),
+        (&grouped, "dz-20g-pf4", 4),
+        (&grouped, "dz-20g-pf8", 8),
+    ] {
         let mut segments: Vec<Segment> = Vec::new();
         for (r, &d) in order.iter().enumerate() {
             match segments.last_mut() {
@@ -749,7 +779,10 @@ fn sbmm_cases_of(
                 }),
             }
         }
-        let t = b.time(ITERS, |i| Ok(vec![sbmm(&x, &base, &set(i), &segments)?]))?;
+        dz_candle_ops::set_v4_sbmm_prefetch(prefetch);
+        let t = b.time(ITERS, |i| Ok(vec![sbmm(&x, &base, &set(i), &segments)?]));
+        dz_candle_ops::set_v4_sbmm_prefetch(0);
+        let t = t?;
         let row = Row {
             op: "sbmm",
             path,

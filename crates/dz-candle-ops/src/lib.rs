@@ -521,6 +521,34 @@ pub fn v4_sbmm_pair() -> bool {
     V4_SBMM_PAIR.load(std::sync::atomic::Ordering::Relaxed)
 }
 
+static V4_SBMM_PREFETCH: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// How far ahead (K blocks of each warp's) the pair decode sbmm ([`set_v4_sbmm_pair`]) asks L2 for its
+/// codes, metadata and scale words: 0 (the default) for no prefetch, else one of
+/// `dz_kernels::v4::V4_SBMM_PREFETCH` (4 or 8; the `dz_v4_<variant>_sbmm_p2f<PF>_*_n1` entries). Written in
+/// session 21: Nsight Compute put the pair at 70% of DRAM bandwidth with 52% of its cycles lacking an
+/// eligible warp, its loads in flight bounded by the registers of its ring; a prefetch is bounded by
+/// nothing the warp holds. Measured on the H200 the same session (`bench/results/h200-s21-2026-12-01.md`
+/// section 4): **slower**, 13-27% (32 deltas x 1 row of 4096 x 4096 4b 2:4: 84.2 and 86.2 against 68.5
+/// us; L2 hits 8% -> 35%, DRAM throughput 70% -> 60-62%), so off by default, an experiment. Every value
+/// computes the same sums in the same order.
+///
+/// # Panics
+/// If `blocks` is neither 0 nor one of `V4_SBMM_PREFETCH`.
+pub fn set_v4_sbmm_prefetch(blocks: u32) {
+    assert!(
+        blocks == 0 || dz_kernels::v4::V4_SBMM_PREFETCH.contains(&blocks),
+        "the v4 sbmm prefetch must be 0 (off) or one of {:?} blocks, not {blocks}",
+        dz_kernels::v4::V4_SBMM_PREFETCH
+    );
+    V4_SBMM_PREFETCH.store(blocks, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// What [`set_v4_sbmm_prefetch`] set (0: no prefetch).
+pub fn v4_sbmm_prefetch() -> u32 {
+    V4_SBMM_PREFETCH.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Whether the decode sbmm's launches take the pair tile: [`v4_sbmm_pair`], and no experimental decode
 /// variant turned on.
 #[cfg(feature = "cuda")]

@@ -111,6 +111,9 @@ pub struct V4Entries {
     /// `dz_v4_<variant>_sbmm_p2_<t>_n1`, by dtype: the decode sbmm with two tiles a warp (experimental,
     /// [`V4Entries::sbmm_pair`]).
     pub sbmm_p2: [&'static str; 2],
+    /// `dz_v4_<variant>_sbmm_p2f<PF>_<t>_n1`, by prefetch distance ([`V4_SBMM_PREFETCH`]) and dtype: the pair
+    /// with an L2 prefetch PF blocks ahead ([`V4Entries::sbmm_pair_prefetch`]).
+    pub sbmm_p2f: [[&'static str; 2]; 2],
     /// `dz_v4_<variant>_dequantize_<t>` (f32, f16, bf16): `out = base + D` (base 0: `D`) for a delta
     /// without a row subset, one thread per lane of a packet ([`V4_DEQUANTIZE_THREADS`] a block).
     pub dequantize: [&'static str; 3],
@@ -261,6 +264,20 @@ impl V4Entries {
         }
     }
 
+    /// The pair decode sbmm ([`V4Entries::sbmm_pair`]) with lane 0 of each warp asking L2 for each tile's
+    /// K block `blocks` blocks ahead of the one it computes (`cp.async.bulk.prefetch.L2`), so that the
+    /// ring's loads meet L2 rather than DRAM; `blocks` one of [`V4_SBMM_PREFETCH`], else `None` (as past 8
+    /// rows or for f32). The same sums as the pair. Written in session 21: Nsight Compute put the pair at
+    /// 70% of DRAM bandwidth, latency-bound (23% occupancy, 52% of cycles with no eligible warp). Measured
+    /// the same session: 13-27% slower than the pair (experimental, off by default).
+    pub fn sbmm_pair_prefetch(&self, dtype: Dtype, rows: u32, blocks: u32) -> Option<&'static str> {
+        let p = V4_SBMM_PREFETCH.iter().position(|&b| b == blocks)?;
+        match Self::index(dtype, rows)? {
+            (d, 0) => Some(self.sbmm_p2f[p][d]),
+            _ => None,
+        }
+    }
+
     /// [`v4_sbmm_ring_smem`] of this variant.
     pub fn sbmm_ring_smem(&self) -> Option<u32> {
         v4_sbmm_ring_smem(match self.variant {
@@ -297,6 +314,7 @@ impl V4Entries {
             .chain(&self.sbmm_xd)
             .chain(&self.sbmm_xo)
             .chain(&self.sbmm_p2)
+            .chain(self.sbmm_p2f.iter().flatten())
             .chain(self.sbmm.iter().chain(&self.sbmm_sx).flatten())
             .chain(&self.dequantize)
             .copied()
@@ -306,6 +324,9 @@ impl V4Entries {
 /// The 16-row tiles a warp of [`V4Entries::sbmm_pair`] takes: its launch has `ceil(tiles / 2)` items a
 /// segment.
 pub const V4_SBMM_PAIR_TILES: u32 = 2;
+
+/// The prefetch distances (K blocks ahead) [`V4Entries::sbmm_pair_prefetch`] has entries for.
+pub const V4_SBMM_PREFETCH: [u32; 2] = [4, 8];
 
 /// Input rows per tile of the entry point taking segments of at most `rows` rows (8 or 16).
 pub fn v4_tile_rows(rows: u32) -> u32 {
@@ -433,6 +454,16 @@ macro_rules! v4_entries {
             sbmm_p2: [
                 concat!("dz_v4_", $v, "_sbmm_p2_f16_n1"),
                 concat!("dz_v4_", $v, "_sbmm_p2_bf16_n1"),
+            ],
+            sbmm_p2f: [
+                [
+                    concat!("dz_v4_", $v, "_sbmm_p2f4_f16_n1"),
+                    concat!("dz_v4_", $v, "_sbmm_p2f4_bf16_n1"),
+                ],
+                [
+                    concat!("dz_v4_", $v, "_sbmm_p2f8_f16_n1"),
+                    concat!("dz_v4_", $v, "_sbmm_p2f8_bf16_n1"),
+                ],
             ],
             dequantize: [
                 concat!("dz_v4_", $v, "_dequantize_f32"),
@@ -653,11 +684,22 @@ mod tests {
     #[test]
     fn names_and_support() {
         let n: usize = V4.iter().map(|e| e.all().count()).sum();
-        assert_eq!(n, 4 * 41);
+        assert_eq!(n, 4 * 45);
         assert_eq!(
             V4[0].sbmm_pair(Dtype::F16, 8),
             Some("dz_v4_quant2_sbmm_p2_f16_n1")
         );
+        assert_eq!(
+            V4[3].sbmm_pair_prefetch(Dtype::Bf16, 1, 8),
+            Some("dz_v4_sparse24_4_sbmm_p2f8_bf16_n1")
+        );
+        assert_eq!(
+            V4[0].sbmm_pair_prefetch(Dtype::F16, 8, 4),
+            Some("dz_v4_quant2_sbmm_p2f4_f16_n1")
+        );
+        assert!(V4[0].sbmm_pair_prefetch(Dtype::F16, 8, 6).is_none());
+        assert!(V4[0].sbmm_pair_prefetch(Dtype::F16, 16, 4).is_none());
+        assert!(V4[0].sbmm_pair_prefetch(Dtype::F32, 1, 4).is_none());
         assert!(
             V4[0].sbmm_pair(Dtype::F16, 16).is_none() && V4[0].sbmm_pair(Dtype::F32, 8).is_none()
         );

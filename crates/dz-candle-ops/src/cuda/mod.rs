@@ -1110,12 +1110,16 @@ fn v4_launch(items: u64, resident: u64) -> (u32, (u32, u32)) {
 }
 
 /// The v4 sbmm entry (the `sbmm` signature and split) a launch of the `rows`-row tile runs: the pair
-/// decode tile ([`crate::set_v4_sbmm_pair`], the default) or an x-direct one
+/// decode tile ([`crate::set_v4_sbmm_pair`], the default; with its L2 prefetch where
+/// [`crate::set_v4_sbmm_prefetch`] turned it on) or an x-direct one
 /// ([`crate::set_v4_sbmm_x_direct`]) where turned on and applicable (segments of at most 8 rows), else
 /// the plain tile.
 fn v4_sbmm_entry(e: &V4Entries, dtype: dz_kernels::Dtype, rows: u32) -> Option<&'static str> {
     crate::v4_sbmm_pair_active()
-        .then(|| e.sbmm_pair(dtype, rows))
+        .then(|| match crate::v4_sbmm_prefetch() {
+            0 => e.sbmm_pair(dtype, rows),
+            blocks => e.sbmm_pair_prefetch(dtype, rows, blocks),
+        })
         .flatten()
         .or_else(|| match crate::v4_sbmm_x_direct() {
             crate::V4XDirect::Off => None,

@@ -127,6 +127,12 @@ __device__ __forceinline__ uint4 ldg16_stream(const void* p) {
                : "l"(p));
   return v;
 }
+// Asks L2 to fetch `bytes` (a multiple of 16) from `p` (16-byte aligned) ahead of the loads that read them: one
+// instruction, no register and no completion to wait for (sm_90 `cp.async.bulk.prefetch.L2`).
+__device__ __forceinline__ void prefetch_l2(const void* p, uint32_t bytes) {
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" : : "l"(p), "r"(bytes) : "memory");
+}
+
 __device__ __forceinline__ uint2 ldg8_stream(const void* p) {
   uint2 v;
   asm("ld.global.nc.L1::no_allocate.v2.u32 {%0,%1}, [%2];\n" : "=r"(v.x), "=r"(v.y) : "l"(p));
@@ -482,11 +488,18 @@ struct Tile {
   // one tile, each x word loaded once for the MT tiles (it rides in the first tile's stages; the others
   // carry codes, metadata and scale only). Two streams of codes a warp, each ring PAIR_DEPTH blocks deep.
   // Each tile's sums are added in the order `accumulate` adds them, so the outputs are the same bits.
-  template <int MT>
+  //
+  // PF > 0 (`_sbmm_p2f<PF>_`, session 21): lane 0 also asks L2 for each tile's block PF blocks (of this warp's)
+  // ahead of the one computed, so the ring's loads meet L2 instead of DRAM: the loads in flight a warp are
+  // bounded by the ring's registers, the prefetches by nothing the warp holds. The sums are the same.
+  // Measured on the H200 (session 21): 13-27% slower than PF = 0 (L2 hits 8% -> 35%, DRAM 70% -> 60-62%
+  // of peak): an experiment, off by default.
+  template <int MT, int PF = 0>
   static __device__ __forceinline__ void accumulate_mt(const DzDelta& d, const T* x, uint32_t rows, uint32_t rt,
                                                        uint32_t part, uint32_t split, float (&acc)[MT][NT][4]) {
     static_assert(x_in_ring<NT, XD>(), "the pair keeps x in its first tile's ring");
     constexpr int DP = PAIR_DEPTH;
+    static_assert(PF == 0 || PF > DP, "a prefetch reaches past the ring");
     const uint32_t lane = threadIdx.x % 32;
     const uint32_t g = lane / 4, c = lane % 4;
     const uint32_t K = d.k;
@@ -519,6 +532,15 @@ struct Tile {
 #pragma unroll
       for (int i = 1; i < MT; ++i) load_stream(ring[r][i], cur[i], nkb, split);
     }
+    // The cursors are at block part + DP split now: prefetch blocks DP .. PF - 1 of the warp's.
+    if constexpr (PF > 0) {
+      if (lane == 0) {
+        for (uint32_t j = DP; j < PF && part + j * split < nkb; ++j) {
+#pragma unroll
+          for (int i = 0; i < MT; ++i) prefetch_block(cur[i], (j - DP) * split);
+        }
+      }
+    }
     for (uint32_t kb0 = part; kb0 < nkb; kb0 += DP * split) {
 #pragma unroll
       for (int r = 0; r < DP; ++r) {
@@ -534,8 +556,24 @@ struct Tile {
         load(ring[r][0], cur[0], nkb, K, lane, split);
 #pragma unroll
         for (int i = 1; i < MT; ++i) load_stream(ring[r][i], cur[i], nkb, split);
+        // Block kb + PF split; the cursors are at kb + (DP + 1) split (moved on, not held at the last
+        // block, whenever the prefetched block exists).
+        if constexpr (PF > 0) {
+          if (lane == 0 && kb + PF * split < nkb) {
+#pragma unroll
+            for (int i = 0; i < MT; ++i) prefetch_block(cur[i], (PF - DP - 1) * split);
+          }
+        }
       }
     }
+  }
+
+  // Lane 0 only (its stream pointers are the block's first bytes): L2 prefetch of the codes, metadata and
+  // scale words of the block `ahead` blocks past the cursor's.
+  static __device__ __forceinline__ void prefetch_block(const Cur& cur, uint32_t ahead) {
+    prefetch_l2(cur.codes + size_t(ahead) * C::PACKET, C::PACKET);
+    if constexpr (C::sparse) prefetch_l2(cur.meta + size_t(ahead) * 256, 256);
+    prefetch_l2(cur.scales + size_t(ahead) * 8, 32);
   }
 
   // Moves the cursor's streams (codes, metadata, scale word; not x) `split` blocks on; they stay on the row
@@ -653,7 +691,7 @@ __device__ __forceinline__ void matmul_add(const DzDelta& d, const T* x, const T
 // (session 15's ncu): bound by each warp's chain of loads, decodes and mma, not by bytes. Two tiles a warp
 // make two independent chains and load each x word once for both (x was 4 of a block's 7 load
 // instructions). Session 19 on the H200: 0.61-0.89x the one-tile kernel's time for 16-64 deltas.
-template <class C, typename T, int NT, int XD = 0, int MT = 1>
+template <class C, typename T, int NT, int XD = 0, int MT = 1, int PF = 0>
 __device__ __forceinline__ void sbmm(const DzSegment* segs, uint32_t n_segs, const DzDelta* deltas, const T* x,
                                      T* out, uint32_t k, uint32_t n_total, uint32_t tiles, uint32_t split) {
   __shared__ float red[WK * 32 * MT * NT * 4];
@@ -680,8 +718,8 @@ __device__ __forceinline__ void sbmm(const DzSegment* segs, uint32_t n_segs, con
       if constexpr (MT == 1) {
         Tile<C, T, NT, XD>::accumulate(deltas[seg.delta], xs, seg.len, rt, wk % split, split, acc[0]);
       } else {
-        Tile<C, T, NT, XD>::template accumulate_mt<MT>(deltas[seg.delta], xs, seg.len, rt, wk % split, split,
-                                                       acc);
+        Tile<C, T, NT, XD>::template accumulate_mt<MT, PF>(deltas[seg.delta], xs, seg.len, rt, wk % split,
+                                                           split, acc);
       }
     }
     if (reduce_split<MT * NT>(reinterpret_cast<float(&)[MT * NT][4]>(acc), split, red) && live) {
@@ -1847,6 +1885,17 @@ __device__ __forceinline__ void dequantize(const DzDelta& d, const T* base, T* o
                                             const T* x, T* out, uint32_t k, uint32_t n_total, uint32_t tiles, \
                                             uint32_t split) {                                                \
     dz::v4::sbmm<C, T, 1, 0, 2>(segs, n_segs, deltas, x, out, k, n_total, tiles, split);                     \
+  }                                                                                                          \
+  DZ_V4_SBMM_PAIR_PF(variant, C, T, tname, 4)                                                                \
+  DZ_V4_SBMM_PAIR_PF(variant, C, T, tname, 8)
+// dz_v4_<variant>_sbmm_p2f<PF>_<t>_n1: the pair with an L2 prefetch PF blocks ahead (session 21;
+// `set_v4_sbmm_prefetch` on the host).
+#define DZ_V4_SBMM_PAIR_PF(variant, C, T, tname, PF)                                                         \
+  extern "C" __global__ void __launch_bounds__(dz::v4::WK * 32, 2)                                          \
+      dz_v4_##variant##_sbmm_p2f##PF##_##tname##_n1(const DzSegment* segs, uint32_t n_segs,                    \
+                                                   const DzDelta* deltas, const T* x, T* out, uint32_t k,     \
+                                                   uint32_t n_total, uint32_t tiles, uint32_t split) {        \
+    dz::v4::sbmm<C, T, 1, 0, 2, PF>(segs, n_segs, deltas, x, out, k, n_total, tiles, split);                 \
   }
 #define DZ_V4_ENTRIES(variant, C, T, tname, NT)                                                              \
   DZ_V4_MATMUL(variant, C, T, tname, NT)                                                                     \
