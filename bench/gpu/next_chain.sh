@@ -1,81 +1,95 @@
 #!/bin/bash
-# The device chain prepared at the end of session 20 for session 21 (nvidia-h200, ONE GPU, ~25 minutes in
-# two parts, each detached and polled): PART=ab (~16 min), what the slow serving mode is, with host
-# patches 0017 and 0018 A/B'd; PART=rates (~6 min), the highest rate dz sustains and its p99 TTFT.
+# The device chain prepared at the end of session 21 for session 22 (nvidia-h200, ONE GPU, ~20 minutes in
+# two calls): the decode sbmm's tail split, checked and timed (PART=k), then A/B'd in serving (PART=srv).
 #
-# Session 20 (bench/results/h200-s20-2026-12-01.md) placed dz's slow mode between forward passes (16.4
-# ms a step against 8.8-10.1: sampling, responses, scheduling, the next pass's inputs), in runs of dozens
-# of decode steps (median 74.8 against 54.4 ms for 32 rows), switching within one server. Reading the
-# host's step found each sequence's logits copied to the host on its own as a view, and candle's
-# `to_device` copies a view's whole storage: 32 x 2 MiB of pageable copies a decode step. Host patch 0017
-# copies once (`DZ_LOGITS_COPY=per-seq` keeps the old copies). And the sampler sorted the whole
-# vocabulary for every sequence at every step though no top-k or top-p used the order (the requests'
-# defaults): host patch 0018 draws without sorting (`DZ_SAMPLER_SORT=always` sorts; on a 2-core CPU
-# server, 2.7-3.0 against 8.2-10.0 ms of sampling a decode step of 23 sequences). Host patch 0016 times
-# the step's phases (`dz-tp-phases` lines: sched, inputs, fwd, logits, sample, other, unix_s).
+# Session 21 (bench/results/h200-s21-2026-12-01.md) found host patches 0017/0018 removing the slow mode
+# and making the base 52% faster (588.8 tokens/s), dz-4b24 x 32 24% (385.7): dz / base 65.5%. dz-2b24
+# (half the bytes) serves only ~5% faster, and the kernel table shows why: the decode sbmm's time follows
+# its rounds of whole K chains, not its bytes (4096 x 4096 4b 2:4, one row a delta: 16 deltas, one wave
+# of pair items, 38.5 us; 32, two waves, 68.5; 20, 1.21 waves, 58.4 = 1.90x of streaming them once; a
+# decode step of 32 sequences over 32 fine-tunes holds ~20 deltas). Built after the calls: the tail
+# split (`set_v4_sbmm_tail_split`, `serve --v4-sbmm-tail-split`, off by default): the whole waves' items
+# at split 1, the last, partial wave's items split along K 2, 4 or 8 ways (`v4_sbmm_tail` in dz-kernels;
+# the kernels read it from their split word). Predicted: 20 deltas ~42-48 us instead of 58.4.
 #
-# Build first (here): bash bench/gpu/build.sh srv   (.gpu/srv's BUILT names the commit)
-# Run, carry [".gpu/srv"]:
-#   mkdir -p /tmp/s21 && PART=ab COMMIT=$(git rev-parse --short HEAD) setsid -f bash bench/gpu/next_chain.sh \
-#     > /tmp/s21/chain.out 2>&1; sleep 540; tail -3 /tmp/s21/s21.log; tar czf $OUT/s21.tgz --exclude=gen -C /tmp s21
-#   poll: sleep 170; tail -3 /tmp/s21/s21.log; tar czf $OUT/s21.tgz --exclude=gen -C /tmp s21
-#   (only the GAP between calls must stay under ~25 s; never `pkill -f deltazip` in a poll: its own
-#   command line matches)
+# Build first (here): bash bench/gpu/build.sh   (.gpu/k and .gpu/srv; each BUILT names the commit)
 #
-# Eight servers, one at a time, alternating dz-4b24 x 32 and the base, each with and without patches
-# 0017 and 0018 (`dz`, `dzold`, `base`, `baseold`; old = DZ_LOGITS_COPY=per-seq DZ_SAMPLER_SORT=always,
-# the host's step as in session 20), each for two passes of 128 requests at 16 req/s (session 20: a dz
-# server of three passes took ~190 s, a base one ~100 s), with:
-#   - PASS_METRICS: each pass's DZ_PROFILE=wait split (profile-split.md per pass: the rest of the step
-#     inside the pass and between passes);
-#   - DZ_TP_TRACE=1: a `dz-tp-trace` and a `dz-tp-phases` line a step in serve-*.log;
-#   - PROC_SAMPLE: proc-*.jsonl, the server's threads and CPUs every 0.5 s; proc_sample.py --report lines
-#     them up with the steps (the engine thread's CPU share, system share, minor faults, context switches,
-#     CPUs and their steal, each second beside its steps' phases): a slow second says whether the thread
-#     waited for the GPU (logits), was faulting, was descheduled or moved.
-# Then ab-table.md (every pass of every run) and phases.md (per run: decode steps of 32 rows, median
-# step and phases, fast and slow).
+# PART=k, carry [".gpu/k"] (~4 min, in the foreground; never carry .gpu/k and .gpu/srv together: 64 MiB):
+#   PART=k COMMIT=$(git rev-parse --short HEAD) bash bench/gpu/next_chain.sh; tar czf $OUT/s22k.tgz -C /tmp s22k
+#   - cuda_check --filter "tail split" (new family: 17-40 one-row segments over 4096-row deltas, tails
+#     split 8/4/2 ways on an H200, K 256 and 512, 3 codecs, both dtypes; plain, planned and slot-table
+#     launches) and --quick --filter sbmm (session 21: 691 passed);
+#   - kernel_bench --sbmm: `dz-tail` beside `dz` in every case, `dz-20g-tail`, and the waves sweep
+#     (`dz-1r` / `dz-1r-tail`: 8-64 deltas x 1 row at 4096 x 4096 for 4b and 2b 2:4, and 11008 x 4096 and
+#     4096 x 11008 for 4b 2:4). The table's last lines (waves.md) say where the tail wins.
 #
-# PART=rates (after PART=ab, on the same machine: the model and deltas are already generated), the same
-# way (setsid, then polls; its log is /tmp/s21/s21.log too): one dz-4b24 x 32 server and one base server,
-# each at 6, 8, 10 and 12 req/s (128 requests a rate). Issue #9 asks for p99 TTFT under 2 s at the highest
-# rate dz sustains: 4 req/s gave 0.23 s (session 12), 16 overloads every system here (up to 67 waiting).
+# PART=srv, carry [".gpu/srv"] (~15 min, detached, then polled; its log /tmp/s22/s22.log):
+#   mkdir -p /tmp/s22 && PART=srv COMMIT=$(git rev-parse --short HEAD) setsid -f bash bench/gpu/next_chain.sh \
+#     > /tmp/s22/chain.out 2>&1; sleep 540; tail -3 /tmp/s22/s22.log; tar czf $OUT/s22.tgz --exclude=gen -C /tmp s22
+#   poll: sleep 170; tail -3 /tmp/s22/s22.log; tar czf $OUT/s22.tgz --exclude=gen -C /tmp s22
+#   (keep the gap between calls under ~25 s; never `pkill -f deltazip` in a poll: its own command line matches)
+#   Six servers, alternating dz-4b24 x 32, dz-4b24 x 32 with the tail split (`dztail`), the base, twice;
+#   two passes each at 16 req/s (128 requests), PASS_METRICS and DZ_PROFILE=wait (profile-split.md per
+#   pass), DZ_TP_TRACE=1 (phases.md: decode steps of 32 rows); then dz-2b24 x 32 with the tail split (one
+#   server, two passes) and, if time is left, dztail at 7 and 8 req/s (session 21: dz 7 req/s p99 TTFT 0.77
+#   s; 8 req/s 3.2 s).
 set -u
-TAG=s21; W=/tmp/dzsrv; . bench/gpu/chain_env.sh
-log "start at ${COMMIT:-unknown}"
-CODECS="4b24" DISTINCT=8 OUT=$S/gen bash $R/gpu/serving.sh gen > $S/gen.log 2>&1; log "gen rc=$?"
-if [ "${PART:-ab}" = rates ]; then
-  for sys in dz base; do
-    name=rates-$sys
-    case $sys in
-      base) OUT=$S/$name RATES=6,8,10,12 REQS=128 bash $R/gpu/serving.sh base > $S/$name.log 2>&1; rc=$? ;;
-      dz) OUT=$S/$name V4=1 RATES=6,8,10,12 REQS=128 bash $R/gpu/serving.sh dz:4b24:32 > $S/$name.log 2>&1; rc=$? ;;
-    esac
-    log "$name rc=$rc rate | tokens/s | TTFT p99 s: $(grep -E '^\| (dz|base)' $S/$name/serving.md 2>/dev/null | cut -d'|' -f5,9,12 | tr '\n' ' ')"
-  done
-  touch $S/rates.done; log "rates done"
+PART=${PART:?PART=k or PART=srv}
+if [ "$PART" = k ]; then
+  S=/tmp/s22k; mkdir -p $S
+  log() { echo "[s22k $(date +%T)] $*" | tee -a $S/s22k.log; }
+  mkdir -p /tmp/k/bin && for b in cuda_check kernel_bench; do xz -dc .gpu/k/$b.xz > /tmp/k/bin/$b && chmod +x /tmp/k/bin/$b; done
+  log "start at ${COMMIT:-unknown}"
+  nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv > $S/gpu.txt 2>&1
+  timeout 200 /tmp/k/bin/cuda_check --filter "tail split" > $S/tail-check.txt 2>&1; log "cuda_check tail split rc=$? $(tail -1 $S/tail-check.txt)"
+  timeout 150 /tmp/k/bin/cuda_check --quick --filter sbmm > $S/sbmm-quick.txt 2>&1; log "cuda_check sbmm quick rc=$? $(tail -1 $S/sbmm-quick.txt)"
+  timeout 200 /tmp/k/bin/kernel_bench --sbmm --commit "${COMMIT:-unknown}" --out $S/kernels-sbmm > $S/sbmm.log 2>&1
+  log "kernel_bench --sbmm rc=$? mismatches $(grep -c MISMATCH $S/sbmm.log)"
+  python3 - $S/kernels-sbmm.md <<'PY' | tee $S/waves.md
+import sys
+print('| path | N x K | codec | deltas | rows | us | x stream once |')
+print('|---|---|---|---:|---:|---:|---:|')
+for l in open(sys.argv[1]):
+    if not l.startswith('| sbmm'):
+        continue
+    c = [x.strip() for x in l.strip().strip('|').split('|')]
+    if c[1] in ('dz', 'dz-tail', 'dz-1r', 'dz-1r-tail', 'dz-20g', 'dz-20g-tail'):
+        print('| ' + ' | '.join([c[1], c[2], c[3], c[4], c[5], c[6], c[-3]]) + ' |')
+PY
+  log done
   exit 0
 fi
+TAG=s22; W=/tmp/dzsrv; . bench/gpu/chain_env.sh
+T0=$(date +%s)
+log "start at ${COMMIT:-unknown}"
+CODECS="4b24 2b24" DISTINCT=8 OUT=$S/gen bash $R/gpu/serving.sh gen > $S/gen.log 2>&1; log "gen rc=$?"
+summary() { # NAME: tokens/s and TPOT p50 by pass
+  grep -E '^\| (dz|base)' $S/$1/serving.md 2>/dev/null | cut -d'|' -f5,9,12,13 | tr '\n' ' '
+}
 declare -A count=()
-for sys in dz dzold base baseold dz dzold base baseold; do
+for sys in dz dztail base dz dztail base dz2tail; do
   count[$sys]=$(( ${count[$sys]:-0} + 1 )); name=$sys${count[$sys]}
   nvidia-smi dmon -s puc -o T > $S/dmon-$name.txt 2>&1 & DMON=$!
-  unset DZ_LOGITS_COPY DZ_SAMPLER_SORT
-  [[ $sys == *old ]] && export DZ_LOGITS_COPY=per-seq DZ_SAMPLER_SORT=always
+  unset SBMM_TAIL
+  [[ $sys == *tail ]] && export SBMM_TAIL=1
   case $sys in
-    base*) DZ_TP_TRACE=1 PASS_METRICS=1 PROC_SAMPLE=1 DZ_PROFILE=wait OUT=$S/$name RATES=16,16 REQS=128 \
-             bash $R/gpu/serving.sh base > $S/$name.log 2>&1; rc=$? ;;
-    dz*) DZ_TP_TRACE=1 PASS_METRICS=1 PROC_SAMPLE=1 DZ_PROFILE=wait OUT=$S/$name V4=1 RATES=16,16 REQS=128 \
+    base) DZ_TP_TRACE=1 PASS_METRICS=1 DZ_PROFILE=wait OUT=$S/$name RATES=16,16 REQS=128 \
+            bash $R/gpu/serving.sh base > $S/$name.log 2>&1; rc=$? ;;
+    dz2tail) DZ_TP_TRACE=1 PASS_METRICS=1 DZ_PROFILE=wait OUT=$S/$name V4=1 RATES=16,16 REQS=128 \
+            bash $R/gpu/serving.sh dz:2b24:32 > $S/$name.log 2>&1; rc=$? ;;
+    dz*) DZ_TP_TRACE=1 PASS_METRICS=1 DZ_PROFILE=wait OUT=$S/$name V4=1 RATES=16,16 REQS=128 \
            bash $R/gpu/serving.sh dz:4b24:32 > $S/$name.log 2>&1; rc=$? ;;
   esac
-  unset DZ_LOGITS_COPY DZ_SAMPLER_SORT
+  unset SBMM_TAIL
   kill $DMON 2>/dev/null
   for p in $S/$name/pass-*; do [ -d "$p" ] && python3 $R/gpu/profile_split.py $p > $p/profile-split.md 2>&1; done
-  for j in $S/$name/proc-*.jsonl; do
-    [ -f "$j" ] && python3 $R/gpu/proc_sample.py --report "$j" $S/$name/serve-*.log > $S/$name/proc-report.md 2>&1
-  done
   python3 $R/gpu/proc_sample.py --phases $S/$name/serve-*.log > $S/$name/phases.md 2>&1
-  log "$name rc=$rc tokens/s | TPOT p50 by pass: $(grep -E '^\| (dz|base)' $S/$name/serving.md 2>/dev/null | cut -d'|' -f9,13 | tr '\n' ' ')"
+  log "$name rc=$rc rate | tokens/s | TTFT p99 | TPOT p50 by pass: $(summary $name)"
 done
 python3 $R/gpu/ab_table.py $S > $S/ab-table.md 2>&1
+touch $S/ab.done
+if (( $(date +%s) - T0 < ${LAST_START:-780} )); then
+  SBMM_TAIL=1 OUT=$S/rates-dztail V4=1 RATES=7,8 REQS=128 bash $R/gpu/serving.sh dz:4b24:32 > $S/rates-dztail.log 2>&1
+  log "rates-dztail rc=$? rate | tokens/s | TTFT p99 | TPOT p50: $(summary rates-dztail)"
+fi
 touch $S/all.done; log done

@@ -75,6 +75,7 @@ V4_BOTH=${V4_BOTH:-}          # non-empty (with V4): `serve --v4-keep-packed` (b
 V4_SX=${V4_SX:-}              # non-empty (with V4): `serve --v4-sbmm-smem-x` (the experimental shared-memory sbmm)
 # DZ_DECODE_ORDER=arrival (passed through to the server): decode batches in arrival order, not grouped by model (host patch 0015)
 NO_SBMM_PAIR=${NO_SBMM_PAIR:-}  # non-empty, with V4: `serve --no-v4-sbmm-pair` (the decode sbmm with one tile a warp, not session 19's pair)
+SBMM_TAIL=${SBMM_TAIL:-}      # non-empty, with V4: `serve --v4-sbmm-tail-split` (session 21: the last, partial wave's items split along K)
 SBMM_XD=${SBMM_XD:-}          # deep or occupancy (with V4): `serve --v4-sbmm-x-direct MODE` (the x-direct decode sbmm; session 15, experimental)
 WIDE64_FROM=${WIDE64_FROM:-}  # with V4: `serve --v4-wide64-from N` (session 17's 64-row v4 tile from N rows of a prompt)
 NO_V4_PAIR=${NO_V4_PAIR:-}  # non-empty, with V4: `serve --no-v4-pair` (prompts of 128+ rows on the 32-row v4 tile, not session 18's pair tile)
@@ -135,7 +136,7 @@ engines_config() { # engines_config FILE N
 
 serve() { # serve TAG CONFIG PORT (RUST_LOG: the host logs a failed step's error)
     RUST_LOG="${RUST_LOG:-mistralrs_core=error}" \
-        "$DZ" serve --config "$2" --port "$3" ${V4:+--v4-kernels} ${V4:+${V4_BOTH:+--v4-keep-packed}} ${V4:+${V4_SX:+--v4-sbmm-smem-x}} ${V4:+${SBMM_XD:+--v4-sbmm-x-direct $SBMM_XD}} ${V4:+${WIDE64_FROM:+--v4-wide64-from $WIDE64_FROM}} ${V4:+${NO_V4_PAIR:+--no-v4-pair}} ${V4:+${NO_SBMM_PAIR:+--no-v4-sbmm-pair}} \
+        "$DZ" serve --config "$2" --port "$3" ${V4:+--v4-kernels} ${V4:+${V4_BOTH:+--v4-keep-packed}} ${V4:+${V4_SX:+--v4-sbmm-smem-x}} ${V4:+${SBMM_XD:+--v4-sbmm-x-direct $SBMM_XD}} ${V4:+${WIDE64_FROM:+--v4-wide64-from $WIDE64_FROM}} ${V4:+${NO_V4_PAIR:+--no-v4-pair}} ${V4:+${NO_SBMM_PAIR:+--no-v4-sbmm-pair}} ${V4:+${SBMM_TAIL:+--v4-sbmm-tail-split}} \
         ${DENSE_ROWS:+--dense-rows "$DENSE_ROWS"} ${NO_SLOT_TABLES:+--no-slot-tables} ${NO_SBMM_WIDE:+--no-sbmm-wide-segments} ${NO_FUSED_NORM:+--no-fused-norm-deltas} ${POOL_KEEP:+--pool-keep "$POOL_KEEP"} > "$OUT/serve-$1.log" 2>&1 &
     echo $! > "$OUT/serve.pid"
     local t0=$(date +%s)
@@ -161,7 +162,7 @@ bench() { # bench TAG SYSTEM PORT MODELS [POPULARITY]   (RATES, REQS: this run's
     # runs out of time keeps the rates it finished. The warm-up goes with the first rate only.
     local warm=${WARMUP:+--warmup} rate
     # A dz run with a non-default path gets its own system name in the report (dz-4b24+slots, +nowide, +nonorm, +pool, +xd-deep; base+pool).
-    if [[ $2 == dz-* ]]; then set -- "$1" "$2${NO_SLOT_TABLES:++noslots}${WIDE64_FROM:++w64-$WIDE64_FROM}${NO_V4_PAIR:++nopair}${NO_SBMM_WIDE:++nowide}${NO_FUSED_NORM:++nonorm}${POOL_KEEP:++pool}${SBMM_XD:++xd-$SBMM_XD}${NO_SBMM_PAIR:++nosp}${DZ_DECODE_ORDER:++$DZ_DECODE_ORDER}${DZ_LOGITS_COPY:++logits-$DZ_LOGITS_COPY}${DZ_SAMPLER_SORT:++sort-$DZ_SAMPLER_SORT}" "${@:3}"; fi
+    if [[ $2 == dz-* ]]; then set -- "$1" "$2${NO_SLOT_TABLES:++noslots}${WIDE64_FROM:++w64-$WIDE64_FROM}${NO_V4_PAIR:++nopair}${NO_SBMM_WIDE:++nowide}${NO_FUSED_NORM:++nonorm}${POOL_KEEP:++pool}${SBMM_XD:++xd-$SBMM_XD}${NO_SBMM_PAIR:++nosp}${SBMM_TAIL:++tail}${DZ_DECODE_ORDER:++$DZ_DECODE_ORDER}${DZ_LOGITS_COPY:++logits-$DZ_LOGITS_COPY}${DZ_SAMPLER_SORT:++sort-$DZ_SAMPLER_SORT}" "${@:3}"; fi
     if [[ $2 == base ]]; then set -- "$1" "$2${POOL_KEEP:++pool}${DZ_LOGITS_COPY:++logits-$DZ_LOGITS_COPY}${DZ_SAMPLER_SORT:++sort-$DZ_SAMPLER_SORT}" "${@:3}"; fi
     # ... and one whose steps may hold fewer fine-tunes than it serves: +mdK (max_deltas_per_step = K).
     local n_models; n_models=$(( $(tr -cd , <<< "$4" | wc -c) + 1 ))

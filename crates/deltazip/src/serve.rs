@@ -140,6 +140,11 @@ pub struct ServeArgs {
     /// A/B runs.
     #[arg(long, requires = "v4_kernels")]
     pub no_v4_sbmm_pair: bool,
+    /// With --v4-kernels: when a delta sbmm launch's last wave of work would run part-empty (e.g. ~20
+    /// fine-tunes in a decode step of 32 sequences), split only that wave's work along K so that it
+    /// finishes sooner (see dz_candle_ops::set_v4_sbmm_tail_split). Experimental, for A/B runs.
+    #[arg(long, requires = "v4_kernels")]
+    pub v4_sbmm_tail_split: bool,
     /// From this many input rows of one fine-tune in a step (prefill), a delta is merged into a dense
     /// weight once and multiplied with one cuBLAS matmul instead of the delta kernels (CUDA, f16/bf16).
     /// The default is the crossover the H200 measured (bench/results/h200-s10-2026-11-30.md); a delta kept
@@ -213,6 +218,7 @@ impl ServeArgs {
             v4_wide64_from: 0,
             no_v4_pair: false,
             no_v4_sbmm_pair: false,
+            v4_sbmm_tail_split: false,
             dense_rows: dz_loader::DEFAULT_DENSE_ROWS,
             no_slot_tables: false,
             no_sbmm_wide_segments: false,
@@ -611,6 +617,7 @@ pub fn start(args: &ServeArgs) -> Result<Running> {
         dz_loader::set_v4_wide64_from(args.v4_wide64_from);
         dz_loader::set_v4_pair(!args.no_v4_pair);
         dz_loader::set_v4_sbmm_pair(!args.no_v4_sbmm_pair);
+        dz_loader::set_v4_sbmm_tail_split(args.v4_sbmm_tail_split);
         dz_loader::set_sbmm_wide_segments(!args.no_sbmm_wide_segments);
     }
     let api_key = args

@@ -39,7 +39,10 @@
 //!   `dz-xd` / `dz-xo` (x loaded before each mma; a 6-deep code ring, or a 3-deep one at 3 blocks an SM;
 //!   `set_v4_sbmm_x_direct`), `dz-1t` (one 16-row tile a warp: `set_v4_sbmm_pair(false)`; `dz` runs the
 //!   pair since session 19), `dz-pf4` / `dz-pf8` (the pair with an L2 prefetch 4 / 8 blocks ahead:
-//!   `set_v4_sbmm_prefetch`; session 21), the last seven compared with split 1.
+//!   `set_v4_sbmm_prefetch`; session 21), `dz-tail` (the last partial wave's items split along K:
+//!   `set_v4_sbmm_tail_split`; session 21), the last eight compared with split 1; `dz-1r` / `dz-1r-tail`:
+//!   8-64 deltas x 1 row each, without and with the tail split (the waves; 4096 x 4096 and, for 4b 2:4,
+//!   the MLP's 11008 x 4096 and 4096 x 11008).
 //!
 //! Rows 32-256 of issue #5 (the 32-row tile beside cuBLAS, v3 and the dense route):
 //! `kernel_bench --rows 32,64,128,256 --out STEM` (all the 7B/13B shapes; `--shapes 4096x4096` for one).
@@ -577,6 +580,91 @@ fn sbmm_cases(b: &Bench, copy_bw: f64, rows_out: &mut Vec<Row>) -> Result<()> {
     for (label, cfg) in CODECS.iter().take(2) {
         sbmm_cases_of(b, copy_bw, rows_out, label, *cfg)?;
     }
+    // The waves (session 21): the 2:4 codecs at 4096 x 4096, 4b 2:4 at the MLP's shapes.
+    for (i, (label, cfg)) in CODECS.iter().take(2).enumerate() {
+        let shapes: &[(usize, usize)] = if i == 0 {
+            &[(4096, 4096), (11008, 4096), (4096, 11008)]
+        } else {
+            &[(4096, 4096)]
+        };
+        for &(n, k) in shapes {
+            sbmm_waves(b, copy_bw, rows_out, label, *cfg, (n, k))?;
+        }
+    }
+    Ok(())
+}
+
+/// The decode sbmm's time against its waves (session 21): D deltas x 1 row each (a decode step's
+/// grouped batch) for D from 8 to 64, `dz-1r` with the defaults and `dz-1r-tail` with the tail split
+/// (`set_v4_sbmm_tail_split`; the same launch where no partial wave has a tail to split), the pair's
+/// items D x ceil(N / 32) against the device's resident warps (2112 on an H200).
+fn sbmm_waves(
+    b: &Bench,
+    copy_bw: f64,
+    rows_out: &mut Vec<Row>,
+    label: &str,
+    cfg: Cfg,
+    (n, k): (usize, usize),
+) -> Result<()> {
+    let host = payload(cfg, n, k, 9);
+    let first = DeviceDelta::from_payload(&host, None, &b.dev)?;
+    let pool: Vec<DeviceDelta> = (0..64)
+        .map(|_| first.deep_clone())
+        .collect::<dz_candle_ops::Result<_>>()?;
+    drop(first);
+    let d_bytes = pool[0].packed_nbytes();
+    let w = Tensor::randn(0f32, 0.02, (n, k), &b.dev)?.to_dtype(DType::BF16)?;
+    for used in [8usize, 16, 17, 20, 24, 28, 32, 40, 48, 64] {
+        let rows = used;
+        let x = Tensor::randn(0f32, 1.0, (rows, k), &b.dev)?.to_dtype(DType::BF16)?;
+        let base = Tensor::randn(0f32, 1.0, (rows, n), &b.dev)?.to_dtype(DType::BF16)?;
+        let t_dense = b.time(ITERS, |_| Ok(vec![x.matmul(&w.t()?)?]))?;
+        let segments: Vec<Segment> = (0..used)
+            .map(|d| Segment {
+                start: d,
+                len: 1,
+                delta: Some(d),
+            })
+            .collect();
+        let sets = (64 / used).max(1);
+        let set = |i: usize| -> Vec<&DeviceDelta> {
+            let s = i % sets;
+            (0..used).map(|d| &pool[(s * used + d) % 64]).collect()
+        };
+        let t_plain = b.time(ITERS, |i| Ok(vec![sbmm(&x, &base, &set(i), &segments)?]))?;
+        let y_plain = sbmm(&x, &base, &set(0), &segments)?;
+        dz_candle_ops::set_v4_sbmm_tail_split(true);
+        let t_tail = b.time(ITERS, |i| Ok(vec![sbmm(&x, &base, &set(i), &segments)?]));
+        let y_tail = sbmm(&x, &base, &set(0), &segments);
+        dz_candle_ops::set_v4_sbmm_tail_split(false);
+        let a = disagreement(&y_tail?, &y_plain)?;
+        if a > 2e-2 {
+            eprintln!(
+                "MISMATCH sbmm waves {used} x 1 {n}x{k}: dz-1r-tail and dz-1r differ by {a:.2e}"
+            );
+        }
+        for (path, t) in [("dz-1r", t_plain), ("dz-1r-tail", t_tail?)] {
+            let row = Row {
+                op: "sbmm",
+                path,
+                codec: label.to_string(),
+                rows,
+                n,
+                k,
+                deltas: used,
+                time_us: t,
+                bytes: used * d_bytes + rows * k * 2 + 2 * rows * n * 2,
+                cublas_us: t_dense,
+                cublas_bytes: n * k * 2 + rows * k * 2 + rows * n * 2,
+                copy_bw,
+                stream_once_us: Some((used * d_bytes) as f64 / copy_bw * 1e6),
+                copy_same_us: None,
+                agree: None,
+            };
+            eprintln!("{}", row.md());
+            rows_out.push(row);
+        }
+    }
     Ok(())
 }
 
@@ -732,6 +820,19 @@ fn sbmm_cases_of(
                     }
                     rs.push(mk("sbmm", path, t?));
                 }
+                // The tail split (session 21): the split automatic, the last partial wave's items
+                // split along K (where a launch has one; else the same launch as `dz`).
+                dz_candle_ops::set_v4_sbmm_tail_split(true);
+                let t = b.time(ITERS, |i| Ok(vec![sbmm(&x, &base, &set(i), &segments)?]));
+                let y_t = sbmm(&x, &base, &set(0), &segments)?;
+                dz_candle_ops::set_v4_sbmm_tail_split(false);
+                let a = disagreement(&y_t, &y_s1)?;
+                if a > 2e-2 {
+                    eprintln!(
+                        "MISMATCH sbmm {used} x {rows}: dz-tail and split 1 differ by {a:.2e}"
+                    );
+                }
+                rs.push(mk("sbmm", "dz-tail", t?));
             }
             if let Some(t) = t_v3 {
                 rs.push(mk("sbmm", "v3", t));
@@ -762,11 +863,12 @@ fn sbmm_cases_of(
     let mut grouped = arrival.clone();
     grouped.sort_unstable();
     // `dz-20g-pf4` / `-pf8`: grouped, with the pair's L2 prefetch (session 21).
-    for (order, path, prefetch) in [
-        (&arrival, "dz-20a", 0u32),
-        (&grouped, "dz-20g", 0),
-        (&grouped, "dz-20g-pf4", 4),
-        (&grouped, "dz-20g-pf8", 8),
+    for (order, path, prefetch, tail) in [
+        (&arrival, "dz-20a", 0u32, false),
+        (&grouped, "dz-20g", 0, false),
+        (&grouped, "dz-20g-pf4", 4, false),
+        (&grouped, "dz-20g-pf8", 8, false),
+        (&grouped, "dz-20g-tail", 0, true),
     ] {
         let mut segments: Vec<Segment> = Vec::new();
         for (r, &d) in order.iter().enumerate() {
@@ -780,8 +882,10 @@ fn sbmm_cases_of(
             }
         }
         dz_candle_ops::set_v4_sbmm_prefetch(prefetch);
+        dz_candle_ops::set_v4_sbmm_tail_split(tail);
         let t = b.time(ITERS, |i| Ok(vec![sbmm(&x, &base, &set(i), &segments)?]));
         dz_candle_ops::set_v4_sbmm_prefetch(0);
+        dz_candle_ops::set_v4_sbmm_tail_split(false);
         let t = t?;
         let row = Row {
             op: "sbmm",

@@ -521,6 +521,27 @@ pub fn v4_sbmm_pair() -> bool {
     V4_SBMM_PAIR.load(std::sync::atomic::Ordering::Relaxed)
 }
 
+static V4_SBMM_TAIL_SPLIT: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+/// Lets a v4 `sbmm` launch at split 1 whose last wave of items would run part-empty split only that
+/// wave's items along K (`dz_kernels::v4::v4_sbmm_tail`: the whole waves' items at split 1, the rest at
+/// the largest of 8, 4 and 2 warps an item that fits one wave; the entries read it from their `split`
+/// word). Written in session 21 after the kernel benchmark found the decode sbmm's time following its
+/// rounds of whole K chains: 20 deltas x 1 row of 4096 x 4096 4b 2:4 (1.21 waves of pair items, a decode
+/// step's usual count at 32 sequences over 32 fine-tunes) took 58.4 us, 16 deltas (one wave) 38.5.
+/// **Off by default** until measured on a GPU; `deltazip serve --v4-sbmm-tail-split` turns it on. The
+/// tail's items sum their K blocks in another order (f32 partial sums of each warp, then added), so
+/// results differ from split 1 by rounding only.
+pub fn set_v4_sbmm_tail_split(enabled: bool) {
+    V4_SBMM_TAIL_SPLIT.store(enabled, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether [`set_v4_sbmm_tail_split`] turned the tail split on (off by default).
+pub fn v4_sbmm_tail_split() -> bool {
+    V4_SBMM_TAIL_SPLIT.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 static V4_SBMM_PREFETCH: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
 /// How far ahead (K blocks of each warp's) the pair decode sbmm ([`set_v4_sbmm_pair`]) asks L2 for its

@@ -328,6 +328,59 @@ pub const V4_SBMM_PAIR_TILES: u32 = 2;
 /// The prefetch distances (K blocks ahead) [`V4Entries::sbmm_pair_prefetch`] has entries for.
 pub const V4_SBMM_PREFETCH: [u32; 2] = [4, 8];
 
+/// A v4 sbmm launch whose last, partial wave of items is split along K (session 21): the split word the
+/// sbmm entries take in their `split` argument and the launch's blocks (a 1-D grid of
+/// [`V4_THREADS`]-thread blocks).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct V4SbmmTail {
+    /// Bits 0-3: the split of items `[0, head)` (1); bits 4-7: the tail's split (2, 4 or 8); bits 8-31:
+    /// `head`, a multiple of the items a block takes at split 1.
+    pub word: u32,
+    /// The launch's blocks: the head's, one item a warp, then the tail's, `8 / split` items a block.
+    pub blocks: u64,
+    /// The items at split 1 (whole waves of `resident` warps).
+    pub head: u64,
+    /// The tail's split.
+    pub split: u32,
+}
+
+/// Where an sbmm launch of `items` items (segment x tile, or pair of tiles) at `split` warps an item
+/// would run its last wave part-empty, the launch that splits only that wave's items along K: the items
+/// of the whole waves (`resident` warps each, one item a warp) stay at split 1, the rest take the largest
+/// of 8, 4 and 2 warps an item that keeps them within one wave. `None` where that does not apply: a split
+/// other than 1 (the launch fits one wave already), no partial wave, a tail of at least half a wave, or a
+/// head past the word's 24 bits.
+///
+/// Why (H200, session 21, `bench/results/h200-s21-2026-12-01.md` section 4): the decode sbmm's time
+/// follows its rounds of whole K chains, not its bytes. 4096 x 4096 4b 2:4 pair items, 1 row a delta:
+/// 16 deltas (one wave) 38.5 us, 32 (two) 68.5, and 20 (1.21 waves, serving's case at 32 sequences over
+/// 32 fine-tunes) 58.4 us, 1.90x of streaming its bytes once. A forced split on every item costs 15-43%
+/// (16 deltas: split 2 45.7 us, split 4 56.8), so only the tail is split.
+pub fn v4_sbmm_tail(items: u64, resident: u64, split: u32) -> Option<V4SbmmTail> {
+    let per_block = u64::from(V4_THREADS / 32);
+    if split != 1 || resident < per_block || items <= resident {
+        return None;
+    }
+    let waves = items / resident;
+    let head = waves * resident - (waves * resident) % per_block;
+    let tail = items - head;
+    if tail == 0 {
+        return None;
+    }
+    let t = [8u32, 4, 2]
+        .into_iter()
+        .find(|&t| tail * u64::from(t) <= resident)?;
+    if head >= 1 << 24 {
+        return None;
+    }
+    Some(V4SbmmTail {
+        word: 1 | (t << 4) | ((head as u32) << 8),
+        blocks: head / per_block + tail.div_ceil(per_block / u64::from(t)),
+        head,
+        split: t,
+    })
+}
+
 /// Input rows per tile of the entry point taking segments of at most `rows` rows (8 or 16).
 pub fn v4_tile_rows(rows: u32) -> u32 {
     if rows <= 8 {
@@ -679,6 +732,33 @@ mod tests {
             let (counters, total) = v4_matmul_sxb_workspace(&p, 8);
             assert!(counters >= p.items as usize * 4 && total > counters);
         }
+    }
+
+    #[test]
+    fn sbmm_tail_splits_only_a_partial_last_wave() {
+        let resident = 132 * 16;
+        // 20 deltas x 128 pairs: one whole wave (2112 items) and 448 more, split 4 (1792 warps).
+        let t = v4_sbmm_tail(2560, resident, 1).expect("a tail");
+        assert_eq!((t.head, t.split), (2112, 4));
+        assert_eq!(t.word, 1 | (4 << 4) | (2112 << 8));
+        assert_eq!(t.blocks, 2112 / 8 + 448 / 2);
+        // Each item covered once: the head's blocks take 8 items each, the tail's 8 / split.
+        assert_eq!(t.head + (t.blocks - t.head / 8) * 2, 2560);
+        // A small tail takes split 8; 4096 items (two whole waves less 128) leave 1984: past half a wave.
+        assert_eq!(
+            v4_sbmm_tail(2112 + 100, resident, 1).map(|t| t.split),
+            Some(8)
+        );
+        assert!(v4_sbmm_tail(4096, resident, 1).is_none());
+        // Within one wave, at a split past 1, or with no partial wave: nothing to do.
+        assert!(v4_sbmm_tail(2000, resident, 1).is_none());
+        assert!(v4_sbmm_tail(2560, resident, 2).is_none());
+        assert!(v4_sbmm_tail(2 * resident, resident, 1).is_none());
+        // A head past 24 bits does not fit the word.
+        assert!(v4_sbmm_tail((1 << 24) + 10, 1 << 20, 1).is_none());
+        // Resident warps not a multiple of a block's: the head is rounded down to whole blocks.
+        let t = v4_sbmm_tail(110, 100, 1).expect("a tail");
+        assert_eq!((t.head, t.split, t.blocks), (96, 4, 12 + 7));
     }
 
     #[test]

@@ -54,6 +54,9 @@ pub use dz_candle_ops::set_v4_sbmm_ring;
 /// The shared-memory v4 sbmm (experimental, off by default; see `dz_candle_ops::set_v4_sbmm_smem_x`;
 /// `deltazip serve --v4-sbmm-smem-x`).
 pub use dz_candle_ops::set_v4_sbmm_smem_x;
+/// The v4 sbmm's tail split (experimental, off by default; see `dz_candle_ops::set_v4_sbmm_tail_split`;
+/// `deltazip serve --v4-sbmm-tail-split`).
+pub use dz_candle_ops::set_v4_sbmm_tail_split;
 /// From how many rows of one delta the 64-row v4 tile runs (experimental, off by default; see
 /// `dz_candle_ops::set_v4_wide64_from`; `deltazip serve --v4-wide64-from`).
 pub use dz_candle_ops::set_v4_wide64_from;

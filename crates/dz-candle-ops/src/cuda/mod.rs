@@ -38,9 +38,9 @@ use dz_kernels::desc::as_bytes;
 use dz_kernels::tc::{tc_entries, tc_supports, TcEntries, TcTile, TC_MODULE, TC_THREADS};
 use dz_kernels::v4::{
     v4_entries, v4_matmul_sxb_workspace, v4_matmul_sxd_smem, v4_matmul_sxk_workspace,
-    v4_matmul_tile_rows, v4_tile_rows, SxbPartition, V4Entries, V4_DEQUANTIZE_THREADS,
-    V4_MATMUL_SX64_SMEM, V4_MATMUL_SXB_SMEM, V4_MAX_ROWS, V4_MODULE, V4_THREADS, V4_TILE_ROWS,
-    V4_WIDE64_ROWS, V4_WIDE_ROWS,
+    v4_matmul_tile_rows, v4_sbmm_tail, v4_tile_rows, SxbPartition, V4Entries,
+    V4_DEQUANTIZE_THREADS, V4_MATMUL_SX64_SMEM, V4_MATMUL_SXB_SMEM, V4_MAX_ROWS, V4_MODULE,
+    V4_THREADS, V4_TILE_ROWS, V4_WIDE64_ROWS, V4_WIDE_ROWS,
 };
 use dz_kernels::{DzDelta, DzSegment, Tile, Variant, ROWS_PER_BLOCK, THREADS, WARPS};
 use half::{bf16, f16};
@@ -865,7 +865,10 @@ fn sbmm_prepare_t<T: Elem>(
         let items = u64::from(count) * u64::from(tiles.div_ceil(per_item));
         // v4: items (segment, tile) split over `split` warps each, 8 / split items a block (1-D grid).
         let v4 = match kernel {
-            Kernel::V4(..) => Some(v4_launch(items, resident_warps(dev)?)),
+            Kernel::V4(..) => {
+                let resident = resident_warps(dev)?;
+                Some(v4_sbmm_launch(v4_split(items, resident), items, resident))
+            }
             _ => None,
         };
         let v4_split = v4.map(|(split, _)| split);
@@ -1107,6 +1110,29 @@ fn v4_launch(items: u64, resident: u64) -> (u32, (u32, u32)) {
     let split = v4_split(items, resident);
     let blocks = items.div_ceil(u64::from(WARPS_V4 / split));
     (split, (blocks.min(u64::from(MAX_GRID_X)) as u32, 1))
+}
+
+/// The split word ([`v4_sbmm_tail`]'s, or a plain split) and the 1-D grid of a v4 sbmm launch over
+/// `items` items, `all_items` with the slots a slot-table launch carries without a delta here (the grid
+/// covers them; the split follows `items`, as the plain op's): [`v4_launch`]'s, or with
+/// [`crate::set_v4_sbmm_tail_split`] the launch that splits only the last, partial wave's items along K.
+fn v4_sbmm_launch(split: u32, all_items: u64, resident: u64) -> (u32, (u32, u32)) {
+    let tail = crate::v4_sbmm_tail_split()
+        .then(|| v4_sbmm_tail(all_items, resident, split))
+        .flatten()
+        .filter(|t| t.blocks <= u64::from(MAX_GRID_X));
+    match tail {
+        Some(t) => (t.word, (t.blocks as u32, 1)),
+        None => (
+            split,
+            (
+                all_items
+                    .div_ceil(u64::from(WARPS_V4 / split))
+                    .min(u64::from(MAX_GRID_X)) as u32,
+                1,
+            ),
+        ),
+    }
 }
 
 /// The v4 sbmm entry (the `sbmm` signature and split) a launch of the `rows`-row tile runs: the pair
@@ -2023,8 +2049,19 @@ fn slot_launch_t<T: Elem>(
     let tiles = g.max_stored.div_ceil(kernel.stored_rows());
     let per_item = sbmm_tiles_an_item(kernel, T::KIND);
     let items = u64::from(count) * u64::from(tiles.div_ceil(per_item));
+    // With absent slots the launch covers more pieces than the plain op's: the same split (so each
+    // live item is computed exactly as there, unless a tail split applies: it follows the launch's
+    // items), a grid over all of them.
+    let all_items = u64::from(shared.count) * u64::from(tiles.div_ceil(per_item));
     let v4 = match kernel {
-        Kernel::V4(..) => Some(v4_launch(items, resident_warps(dev)?)),
+        Kernel::V4(..) => {
+            let resident = resident_warps(dev)?;
+            Some(v4_sbmm_launch(
+                v4_split(items, resident),
+                all_items,
+                resident,
+            ))
+        }
         _ => None,
     };
     let v4_split = v4.map(|(split, _)| split);
@@ -2040,22 +2077,14 @@ fn slot_launch_t<T: Elem>(
         }
         _ => None,
     };
-    // With absent slots the launch covers more pieces than the plain op's: the same split (so each
-    // live item is computed exactly as there), a grid over all of them.
-    let all_items = u64::from(shared.count) * u64::from(tiles.div_ceil(per_item));
-    let grid = match (sx, v4_split) {
+    let grid = match (sx, v4) {
         (Some(_), _) => (
             all_items
                 .div_ceil(u64::from(WARPS_V4))
                 .min(u64::from(MAX_GRID_X)) as u32,
             1,
         ),
-        (None, Some(split)) => (
-            all_items
-                .div_ceil(u64::from(WARPS_V4 / split))
-                .min(u64::from(MAX_GRID_X)) as u32,
-            1,
-        ),
+        (None, Some((_, grid))) => grid,
         (None, None) => (tiles, shared.count.min(MAX_GRID_Y)),
     };
     let func = descs.function::<T>(op, kernel, sx)?;

@@ -691,15 +691,36 @@ __device__ __forceinline__ void matmul_add(const DzDelta& d, const T* x, const T
 // (session 15's ncu): bound by each warp's chain of loads, decodes and mma, not by bytes. Two tiles a warp
 // make two independent chains and load each x word once for both (x was 4 of a block's 7 load
 // instructions). Session 19 on the H200: 0.61-0.89x the one-tile kernel's time for 16-64 deltas.
+//
+// The split word `sw` (session 21's tail split): bits 0-3 the split of items [0, head), bits 4-7 the split of
+// items [head, items) (0: every item at the first split, grid-stride), bits 8-31 `head`. With a tail split,
+// blocks [0, head / (WK / split)) take the head's items at its split and the rest the tail's at the tail's,
+// one round (the host's grid covers every item; `head` a multiple of WK / the head's split). Why: a launch
+// of 1.2 waves of items ran as two rounds of whole K chains (20 deltas x 1 row of 4096 x 4096: 58.4 us
+// against 38.5 for 16 deltas, one wave); splitting only the last, partial wave's items along K shortens
+// that second round.
 template <class C, typename T, int NT, int XD = 0, int MT = 1, int PF = 0>
 __device__ __forceinline__ void sbmm(const DzSegment* segs, uint32_t n_segs, const DzDelta* deltas, const T* x,
-                                     T* out, uint32_t k, uint32_t n_total, uint32_t tiles, uint32_t split) {
+                                     T* out, uint32_t k, uint32_t n_total, uint32_t tiles, uint32_t sw) {
   __shared__ float red[WK * 32 * MT * NT * 4];
   const uint32_t wk = threadIdx.x / 32;
-  const uint32_t per_block = WK / split;
   const uint32_t units = (tiles + MT - 1) / MT;  // items a segment
   const uint64_t items = uint64_t(n_segs) * units;
-  for (uint64_t first = uint64_t(blockIdx.x) * per_block; first < items; first += uint64_t(gridDim.x) * per_block) {
+  const uint32_t head_split = sw & 15u, tail_split = (sw >> 4) & 15u;
+  uint32_t split = head_split;
+  uint64_t start = uint64_t(blockIdx.x) * (WK / split), end = items;
+  uint64_t stride = uint64_t(gridDim.x) * (WK / split);
+  if (tail_split != 0) {
+    const uint32_t head = sw >> 8, head_blocks = head / (WK / head_split);
+    if (blockIdx.x < head_blocks) {
+      end = head;
+    } else {
+      split = tail_split;
+      start = head + uint64_t(blockIdx.x - head_blocks) * (WK / split);
+    }
+    stride = items;  // one round
+  }
+  for (uint64_t first = start; first < end; first += stride) {
     const uint64_t item = first + wk / split;
     float acc[MT][NT][4];
 #pragma unroll
@@ -707,7 +728,7 @@ __device__ __forceinline__ void sbmm(const DzSegment* segs, uint32_t n_segs, con
     bool live = false;
     uint32_t rt = 0;
     DzSegment seg{};
-    if (item < items) {
+    if (item < end) {
       seg = segs[item / units];
       rt = uint32_t(item % units) * MT;
       live = rt * 16 < deltas[seg.delta].n_stored;
