@@ -594,6 +594,65 @@ fn sbmm_cases(b: &Bench, copy_bw: f64, rows_out: &mut Vec<Row>) -> Result<()> {
     Ok(())
 }
 
+/// The sbmm cases' 64 device copies of one N x K delta of `cfg` (rotated so that L2 does not hold
+/// them), its packed bytes, and a dense bf16 weight of the shape for cuBLAS.
+fn sbmm_pool(
+    b: &Bench,
+    cfg: Cfg,
+    (n, k): (usize, usize),
+) -> Result<(Vec<DeviceDelta>, usize, Tensor)> {
+    let host = payload(cfg, n, k, 9);
+    let first = DeviceDelta::from_payload(&host, None, &b.dev)?;
+    let pool: Vec<DeviceDelta> = (0..64)
+        .map(|_| first.deep_clone())
+        .collect::<dz_candle_ops::Result<_>>()?;
+    drop(first);
+    let d_bytes = pool[0].packed_nbytes();
+    let w = Tensor::randn(0f32, 0.02, (n, k), &b.dev)?.to_dtype(DType::BF16)?;
+    Ok((pool, d_bytes, w))
+}
+
+/// An sbmm case of `deltas` deltas of `d_bytes` packed bytes each over `rows` rows of an N x K shape.
+struct SbmmShape<'a> {
+    label: &'a str,
+    rows: usize,
+    n: usize,
+    k: usize,
+    deltas: usize,
+    d_bytes: usize,
+}
+
+impl SbmmShape<'_> {
+    /// The table row of `path` at `time_us`, beside cuBLAS's `cublas_us` for the dense weight.
+    fn row(&self, path: &'static str, time_us: f64, cublas_us: f64, copy_bw: f64) -> Row {
+        let Self {
+            label,
+            rows,
+            n,
+            k,
+            deltas,
+            d_bytes,
+        } = *self;
+        Row {
+            op: "sbmm",
+            path,
+            codec: label.to_string(),
+            rows,
+            n,
+            k,
+            deltas,
+            time_us,
+            bytes: deltas * d_bytes + rows * k * 2 + 2 * rows * n * 2,
+            cublas_us,
+            cublas_bytes: n * k * 2 + rows * k * 2 + rows * n * 2,
+            copy_bw,
+            stream_once_us: Some((deltas * d_bytes) as f64 / copy_bw * 1e6),
+            copy_same_us: None,
+            agree: None,
+        }
+    }
+}
+
 /// The decode sbmm's time against its waves (session 21): D deltas x 1 row each (a decode step's
 /// grouped batch) for D from 8 to 64, `dz-1r` with the defaults and `dz-1r-tail` with the tail split
 /// (`set_v4_sbmm_tail_split`; the same launch where no partial wave has a tail to split), the pair's
@@ -606,14 +665,7 @@ fn sbmm_waves(
     cfg: Cfg,
     (n, k): (usize, usize),
 ) -> Result<()> {
-    let host = payload(cfg, n, k, 9);
-    let first = DeviceDelta::from_payload(&host, None, &b.dev)?;
-    let pool: Vec<DeviceDelta> = (0..64)
-        .map(|_| first.deep_clone())
-        .collect::<dz_candle_ops::Result<_>>()?;
-    drop(first);
-    let d_bytes = pool[0].packed_nbytes();
-    let w = Tensor::randn(0f32, 0.02, (n, k), &b.dev)?.to_dtype(DType::BF16)?;
+    let (pool, d_bytes, w) = sbmm_pool(b, cfg, (n, k))?;
     for used in [8usize, 16, 17, 20, 24, 28, 32, 40, 48, 64] {
         let rows = used;
         let x = Tensor::randn(0f32, 1.0, (rows, k), &b.dev)?.to_dtype(DType::BF16)?;
@@ -644,23 +696,15 @@ fn sbmm_waves(
             );
         }
         for (path, t) in [("dz-1r", t_plain), ("dz-1r-tail", t_tail?)] {
-            let row = Row {
-                op: "sbmm",
-                path,
-                codec: label.to_string(),
+            let shape = SbmmShape {
+                label,
                 rows,
                 n,
                 k,
                 deltas: used,
-                time_us: t,
-                bytes: used * d_bytes + rows * k * 2 + 2 * rows * n * 2,
-                cublas_us: t_dense,
-                cublas_bytes: n * k * 2 + rows * k * 2 + rows * n * 2,
-                copy_bw,
-                stream_once_us: Some((used * d_bytes) as f64 / copy_bw * 1e6),
-                copy_same_us: None,
-                agree: None,
+                d_bytes,
             };
+            let row = shape.row(path, t, t_dense, copy_bw);
             eprintln!("{}", row.md());
             rows_out.push(row);
         }
@@ -676,14 +720,7 @@ fn sbmm_cases_of(
     cfg: Cfg,
 ) -> Result<()> {
     let (n, k) = (4096, 4096);
-    let host = payload(cfg, n, k, 9);
-    let first = DeviceDelta::from_payload(&host, None, &b.dev)?;
-    let pool: Vec<DeviceDelta> = (0..64)
-        .map(|_| first.deep_clone())
-        .collect::<dz_candle_ops::Result<_>>()?;
-    drop(first);
-    let d_bytes = pool[0].packed_nbytes();
-    let w = Tensor::randn(0f32, 0.02, (n, k), &b.dev)?.to_dtype(DType::BF16)?;
+    let (pool, d_bytes, w) = sbmm_pool(b, cfg, (n, k))?;
     for &rows in &[32usize, 256] {
         let x = Tensor::randn(0f32, 1.0, (rows, k), &b.dev)?.to_dtype(DType::BF16)?;
         let base = Tensor::randn(0f32, 1.0, (rows, n), &b.dev)?.to_dtype(DType::BF16)?;
@@ -779,60 +816,60 @@ fn sbmm_cases_of(
                     eprintln!("MISMATCH sbmm {used} x {rows}: ring and split 1 differ by {a:.2e}");
                 }
                 rs.push(mk("sbmm", "dz-ring", t?));
+                // The decode variants below, each turned on by `on` and off again by `off`, timed and
+                // compared with split 1 (the split automatic, as `dz`).
+                let mut variant =
+                    |path: &'static str, on: &dyn Fn(), off: &dyn Fn()| -> Result<()> {
+                        on();
+                        let t = b.time(ITERS, |i| Ok(vec![sbmm(&x, &base, &set(i), &segments)?]));
+                        let y = sbmm(&x, &base, &set(0), &segments);
+                        off();
+                        let a = disagreement(&y?, &y_s1)?;
+                        if a > 2e-2 {
+                            eprintln!(
+                            "MISMATCH sbmm {used} x {rows}: {path} and split 1 differ by {a:.2e}"
+                        );
+                        }
+                        rs.push(mk("sbmm", path, t?));
+                        Ok(())
+                    };
                 // The x-direct decode tiles (experimental): x loaded before each mma, a 6-deep code
-                // ring (`dz-xd`) or a 3-deep one at 3 blocks an SM (`dz-xo`); the split automatic,
-                // as `dz`.
-                for (mode, path) in [(V4XDirect::Deep, "dz-xd"), (V4XDirect::Occupancy, "dz-xo")] {
-                    dz_candle_ops::set_v4_sbmm_x_direct(mode);
-                    let t = b.time(ITERS, |i| Ok(vec![sbmm(&x, &base, &set(i), &segments)?]));
-                    let y_x = sbmm(&x, &base, &set(0), &segments)?;
-                    dz_candle_ops::set_v4_sbmm_x_direct(V4XDirect::Off);
-                    let a = disagreement(&y_x, &y_s1)?;
-                    if a > 2e-2 {
-                        eprintln!(
-                            "MISMATCH sbmm {used} x {rows}: {path} and split 1 differ by {a:.2e}"
-                        );
-                    }
-                    rs.push(mk("sbmm", path, t?));
-                }
+                // ring (`dz-xd`) or a 3-deep one at 3 blocks an SM (`dz-xo`).
+                let xd_off = || dz_candle_ops::set_v4_sbmm_x_direct(V4XDirect::Off);
+                variant(
+                    "dz-xd",
+                    &|| dz_candle_ops::set_v4_sbmm_x_direct(V4XDirect::Deep),
+                    &xd_off,
+                )?;
+                variant(
+                    "dz-xo",
+                    &|| dz_candle_ops::set_v4_sbmm_x_direct(V4XDirect::Occupancy),
+                    &xd_off,
+                )?;
                 // The decode tile with one 16-row tile a warp (`dz-1t`; the default before session 19,
-                // whose pair tile `dz` now runs), the split automatic, as `dz`.
-                dz_candle_ops::set_v4_sbmm_pair(false);
-                let t = b.time(ITERS, |i| Ok(vec![sbmm(&x, &base, &set(i), &segments)?]));
-                let y_p = sbmm(&x, &base, &set(0), &segments)?;
-                dz_candle_ops::set_v4_sbmm_pair(true);
-                let a = disagreement(&y_p, &y_s1)?;
-                if a > 2e-2 {
-                    eprintln!("MISMATCH sbmm {used} x {rows}: dz-1t and split 1 differ by {a:.2e}");
-                }
-                rs.push(mk("sbmm", "dz-1t", t?));
-                // The pair with an L2 prefetch (session 21), the split automatic, as `dz`.
-                for (blocks, path) in [(4u32, "dz-pf4"), (8, "dz-pf8")] {
-                    dz_candle_ops::set_v4_sbmm_prefetch(blocks);
-                    let t = b.time(ITERS, |i| Ok(vec![sbmm(&x, &base, &set(i), &segments)?]));
-                    let y_p = sbmm(&x, &base, &set(0), &segments)?;
-                    dz_candle_ops::set_v4_sbmm_prefetch(0);
-                    let a = disagreement(&y_p, &y_s1)?;
-                    if a > 2e-2 {
-                        eprintln!(
-                            "MISMATCH sbmm {used} x {rows}: {path} and split 1 differ by {a:.2e}"
-                        );
-                    }
-                    rs.push(mk("sbmm", path, t?));
-                }
-                // The tail split (session 21): the split automatic, the last partial wave's items
-                // split along K (where a launch has one; else the same launch as `dz`).
-                dz_candle_ops::set_v4_sbmm_tail_split(true);
-                let t = b.time(ITERS, |i| Ok(vec![sbmm(&x, &base, &set(i), &segments)?]));
-                let y_t = sbmm(&x, &base, &set(0), &segments)?;
-                dz_candle_ops::set_v4_sbmm_tail_split(false);
-                let a = disagreement(&y_t, &y_s1)?;
-                if a > 2e-2 {
-                    eprintln!(
-                        "MISMATCH sbmm {used} x {rows}: dz-tail and split 1 differ by {a:.2e}"
-                    );
-                }
-                rs.push(mk("sbmm", "dz-tail", t?));
+                // whose pair tile `dz` now runs).
+                variant("dz-1t", &|| dz_candle_ops::set_v4_sbmm_pair(false), &|| {
+                    dz_candle_ops::set_v4_sbmm_pair(true)
+                })?;
+                // The pair with an L2 prefetch (session 21).
+                let pf_off = || dz_candle_ops::set_v4_sbmm_prefetch(0);
+                variant(
+                    "dz-pf4",
+                    &|| dz_candle_ops::set_v4_sbmm_prefetch(4),
+                    &pf_off,
+                )?;
+                variant(
+                    "dz-pf8",
+                    &|| dz_candle_ops::set_v4_sbmm_prefetch(8),
+                    &pf_off,
+                )?;
+                // The tail split (session 21): the last partial wave's items split along K (where a
+                // launch has one; else the same launch as `dz`).
+                variant(
+                    "dz-tail",
+                    &|| dz_candle_ops::set_v4_sbmm_tail_split(true),
+                    &|| dz_candle_ops::set_v4_sbmm_tail_split(false),
+                )?;
             }
             if let Some(t) = t_v3 {
                 rs.push(mk("sbmm", "v3", t));
@@ -886,24 +923,15 @@ fn sbmm_cases_of(
         let t = b.time(ITERS, |i| Ok(vec![sbmm(&x, &base, &set(i), &segments)?]));
         dz_candle_ops::set_v4_sbmm_prefetch(0);
         dz_candle_ops::set_v4_sbmm_tail_split(false);
-        let t = t?;
-        let row = Row {
-            op: "sbmm",
-            path,
-            codec: label.to_string(),
+        let shape = SbmmShape {
+            label,
             rows,
             n,
             k,
             deltas: used,
-            time_us: t,
-            bytes: used * d_bytes + rows * k * 2 + 2 * rows * n * 2,
-            cublas_us: t_dense,
-            cublas_bytes: n * k * 2 + rows * k * 2 + rows * n * 2,
-            copy_bw,
-            stream_once_us: Some((used * d_bytes) as f64 / copy_bw * 1e6),
-            copy_same_us: None,
-            agree: None,
+            d_bytes,
         };
+        let row = shape.row(path, t?, t_dense, copy_bw);
         eprintln!("{}", row.md());
         rows_out.push(row);
     }
