@@ -25,7 +25,8 @@
 //!   (raising the function's limit past 48 KB first).
 //! - `dz_v4_<variant>_sbmm_<t>_n<NT>(const DzSegment* segs, u32 n_segs, const DzDelta* deltas, const T* x,
 //!   T* out, u32 k, u32 n_total, u32 tiles, u32 split)`: every segment at most `8 NT` rows; `tiles` =
-//!   16-row tiles of the tallest delta, `split` (1, 2, 4 or 8) = warps per (segment, tile) item along K.
+//!   16-row tiles of the tallest delta, `split` (1, 2, 4 or 8) = warps per (segment, tile) item along K,
+//!   or a tail-split word from [`v4_sbmm_tail`] (with its grid) for every sbmm entry that takes a split.
 //! - `dz_v4_<variant>_sbmm_ring_<t>_n1(const DzSegment* segs, u32 n_segs, const DzDelta* deltas, const T* x,
 //!   T* out, u32 k, u32 n_total, u32 tiles)`: the decode sbmm (segments of at most 8 rows, one item a warp
 //!   over its whole K row, as `split` 1) with each warp's codes streamed through its own ring in dynamic

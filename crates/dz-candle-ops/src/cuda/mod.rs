@@ -970,7 +970,8 @@ fn sbmm_run_t<T: Elem>(
                 };
                 // SAFETY: the arguments match `dz_<v>_sbmm_<t>_m<MT>(const DzSegment*, u32, const
                 // DzDelta*, const T*, T*, u32, u32)` (the v4 entries take two more u32: `tiles`, the
-                // 16-row tiles of the group's tallest delta, and `split`, 1, 2, 4 or 8, the x-direct
+                // 16-row tiles of the group's tallest delta, and `split`, 1, 2, 4 or 8 or a tail-split
+                // word from `v4_sbmm_tail` whose grid `v4_sbmm_launch` gave, the x-direct
                 // `_sbmm_xd_` / `_sbmm_xo_` entries the same; the shared-memory
                 // v4 entries `tiles` only, a multiple of 8 with every delta of the launch holding that
                 // many tiles of stored rows, checked by `sbmm_prepare`; the per-warp ring entries
