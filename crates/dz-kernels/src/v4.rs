@@ -339,10 +339,18 @@ pub struct V4SbmmTail {
     pub word: u32,
     /// The launch's blocks: the head's, one item a warp, then the tail's, `8 / split` items a block.
     pub blocks: u64,
-    /// The items at split 1 (whole waves of `resident` warps).
-    pub head: u64,
-    /// The tail's split.
-    pub split: u32,
+}
+
+impl V4SbmmTail {
+    /// The items at split 1 (whole waves of resident warps), as the kernels read them from the word.
+    pub fn head(&self) -> u64 {
+        u64::from(self.word >> 8)
+    }
+
+    /// The tail's split, as the kernels read it from the word.
+    pub fn split(&self) -> u32 {
+        (self.word >> 4) & 15
+    }
 }
 
 /// Where an sbmm launch of `items` items (segment x tile, or pair of tiles) at `split` warps an item
@@ -377,8 +385,6 @@ pub fn v4_sbmm_tail(items: u64, resident: u64, split: u32) -> Option<V4SbmmTail>
     Some(V4SbmmTail {
         word: 1 | (t << 4) | ((head as u32) << 8),
         blocks: head / per_block + tail.div_ceil(per_block / u64::from(t)),
-        head,
-        split: t,
     })
 }
 
@@ -740,14 +746,14 @@ mod tests {
         let resident = 132 * 16;
         // 20 deltas x 128 pairs: one whole wave (2112 items) and 448 more, split 4 (1792 warps).
         let t = v4_sbmm_tail(2560, resident, 1).expect("a tail");
-        assert_eq!((t.head, t.split), (2112, 4));
+        assert_eq!((t.head(), t.split()), (2112, 4));
         assert_eq!(t.word, 1 | (4 << 4) | (2112 << 8));
         assert_eq!(t.blocks, 2112 / 8 + 448 / 2);
         // Each item covered once: the head's blocks take 8 items each, the tail's 8 / split.
-        assert_eq!(t.head + (t.blocks - t.head / 8) * 2, 2560);
+        assert_eq!(t.head() + (t.blocks - t.head() / 8) * 2, 2560);
         // A small tail takes split 8; 4096 items (two whole waves less 128) leave 1984: past half a wave.
         assert_eq!(
-            v4_sbmm_tail(2112 + 100, resident, 1).map(|t| t.split),
+            v4_sbmm_tail(2112 + 100, resident, 1).map(|t| t.split()),
             Some(8)
         );
         assert!(v4_sbmm_tail(4096, resident, 1).is_none());
@@ -759,7 +765,7 @@ mod tests {
         assert!(v4_sbmm_tail((1 << 24) + 10, 1 << 20, 1).is_none());
         // Resident warps not a multiple of a block's: the head is rounded down to whole blocks.
         let t = v4_sbmm_tail(110, 100, 1).expect("a tail");
-        assert_eq!((t.head, t.split, t.blocks), (96, 4, 12 + 7));
+        assert_eq!((t.head(), t.split(), t.blocks), (96, 4, 12 + 7));
     }
 
     #[test]
